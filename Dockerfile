@@ -1,0 +1,21 @@
+# Multi-stage build: compile with the Rust toolchain, run on a slim Debian as a non-root user.
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev cmake \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin pgcdc
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /var/lib/pgcdc --create-home pgcdc
+COPY --from=build /src/target/release/pgcdc /usr/local/bin/pgcdc
+COPY config/ /etc/pgcdc/
+USER pgcdc
+WORKDIR /var/lib/pgcdc
+
+ENTRYPOINT ["pgcdc"]
+CMD ["--config", "/etc/pgcdc/docker.toml", "run"]

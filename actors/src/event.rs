@@ -1,0 +1,86 @@
+//! The change event that flows from the replication (and snapshot) actors to Kafka.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::lsn::Lsn;
+
+/// The kind of change, with Debezium's one-letter codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A row was inserted (`c`).
+    Create,
+    /// A row was updated in place (`u`).
+    Update,
+    /// A row was deleted (`d`).
+    Delete,
+    /// A row read by a snapshot (`r`).
+    Read,
+    /// The table was truncated (`t`).
+    Truncate,
+}
+
+impl Op {
+    /// Debezium's code for the op.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+/// A published table: its name and the columns that make its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRef {
+    /// Schema name, unquoted.
+    pub schema: String,
+    /// Table name, unquoted.
+    pub name: String,
+    /// Columns of the key, in order (the primary key, or every column for a
+    /// table with REPLICA IDENTITY FULL and no primary key).
+    pub key_columns: Vec<String>,
+}
+
+/// Where and when a change was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxMeta {
+    /// Transaction id.
+    pub xid: u32,
+    /// LSN of the transaction's commit record (pgoutput Begin's `final_lsn`),
+    /// known from the first change on: the version of every change in the
+    /// transaction, in Kafka headers and as the Elasticsearch `_version`.
+    pub commit_lsn: Lsn,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+}
+
+/// One row change (or truncate) ready to be encoded for Kafka.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// What happened.
+    pub op: Op,
+    /// Which table.
+    pub table: Arc<TableRef>,
+    /// The key columns and their values; `None` for a truncate.
+    pub key: Option<Map<String, Value>>,
+    /// The row before the change, as far as the replica identity tells.
+    pub before: Option<Map<String, Value>>,
+    /// The row after the change.
+    pub after: Option<Map<String, Value>>,
+    /// Columns whose TOASTed value did not change and was not sent: absent
+    /// from `after`, never replaced by a placeholder.
+    pub unchanged_toast: Vec<String>,
+    /// LSN of the change record itself.
+    pub lsn: Lsn,
+    /// Position of the change inside its transaction, from 0.
+    pub seq: u32,
+    /// The transaction the change belongs to.
+    pub tx: TxMeta,
+    /// Whether the row came from a snapshot rather than the stream.
+    pub snapshot: bool,
+}

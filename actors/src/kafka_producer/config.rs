@@ -1,0 +1,152 @@
+//! `[kafka]`: where and how change events are published.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// How events are routed to topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicMode {
+    /// Every event to `kafka.topic`.
+    Single,
+    /// Each table to `<topic_prefix>.<schema>.<table>`.
+    PerTable,
+}
+
+/// `[kafka]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// `single` (all events to `topic`) or `per_table` (`<topic_prefix>.<schema>.<table>`).
+    pub topic_mode: TopicMode,
+    /// The topic in `single` mode.
+    pub topic: String,
+    /// Topic name prefix in `per_table` mode.
+    pub topic_prefix: String,
+    /// Follow each delete with a tombstone (same key, null value) so compacted topics forget the row.
+    pub tombstones: bool,
+    /// Create missing topics at start (with the partition and replication counts below).
+    pub create_topics: bool,
+    /// Partitions of topics pgcdc creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics pgcdc creates.
+    pub topic_replication_factor: i32,
+    /// How long librdkafka keeps retrying one record before the stream restarts from the checkpoint, in ms.
+    pub delivery_timeout_ms: u64,
+    /// Records queued or in flight before reading the WAL pauses (the memory bound).
+    pub max_inflight_records: usize,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`). Values are never logged.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            topic_mode: TopicMode::Single,
+            topic: "cdc-events".into(),
+            topic_prefix: "pgcdc".into(),
+            tombstones: true,
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: 1,
+            delivery_timeout_ms: 300_000,
+            max_inflight_records: 50_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Properties pgcdc's guarantees depend on; users may not override them.
+const PINNED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers", "message.timeout.ms"];
+
+impl KafkaConfig {
+    /// Every invalid field, by path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.brokers.trim().is_empty() {
+            errors.push("kafka.brokers: must not be empty".into());
+        }
+        let bad_topic = |t: &str| {
+            t.is_empty() || t.len() > 200 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        };
+        if self.topic_mode == TopicMode::Single && bad_topic(&self.topic) {
+            errors.push(format!("kafka.topic: {:?} is not a valid topic name", self.topic));
+        }
+        if self.topic_mode == TopicMode::PerTable && bad_topic(&self.topic_prefix) {
+            errors.push(format!("kafka.topic_prefix: {:?} is not a valid topic name", self.topic_prefix));
+        }
+        if self.topic_partitions < 1 {
+            errors.push("kafka.topic_partitions: must be at least 1".into());
+        }
+        if self.topic_replication_factor < 1 {
+            errors.push("kafka.topic_replication_factor: must be at least 1".into());
+        }
+        if self.delivery_timeout_ms < 1000 {
+            errors.push("kafka.delivery_timeout_ms: must be at least 1000".into());
+        }
+        if self.max_inflight_records < 1 {
+            errors.push("kafka.max_inflight_records: must be at least 1".into());
+        }
+        for key in self.properties.keys().filter(|k| PINNED.contains(&k.as_str())) {
+            errors.push(format!("kafka.properties.{key}: set by pgcdc (its guarantees depend on it)"));
+        }
+    }
+
+    /// The librdkafka client configuration for the producer.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut cfg = rdkafka::ClientConfig::new();
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        let queue = (self.max_inflight_records * 2 + 10_000).to_string();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
+            .set("queue.buffering.max.messages", queue)
+            .set("client.id", "pgcdc");
+        cfg
+    }
+
+    /// The topic of events of `schema.table`.
+    pub fn topic_for(&self, schema: &str, table: &str) -> String {
+        match self.topic_mode {
+            TopicMode::Single => self.topic.clone(),
+            TopicMode::PerTable => format!("{}.{}.{}", self.topic_prefix, schema, table),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut errors = Vec::new();
+        KafkaConfig::default().validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn pinned_properties_and_bad_names_are_refused() {
+        let mut c = KafkaConfig { topic: "bad topic".into(), ..Default::default() };
+        c.properties.insert("acks".into(), "1".into());
+        let mut errors = Vec::new();
+        c.validate(&mut errors);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("kafka.topic:")));
+        assert!(errors.iter().any(|e| e.starts_with("kafka.properties.acks")));
+    }
+
+    #[test]
+    fn routing_follows_topic_mode() {
+        let mut c = KafkaConfig::default();
+        assert_eq!(c.topic_for("public", "users"), "cdc-events");
+        c.topic_mode = TopicMode::PerTable;
+        assert_eq!(c.topic_for("public", "users"), "pgcdc.public.users");
+    }
+}

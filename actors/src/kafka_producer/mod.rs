@@ -1,0 +1,358 @@
+//! KafkaProducerActor: publishes change batches with an idempotent, acks=all
+//! producer and reports, strictly in order, which commit LSNs are fully
+//! acknowledged so the checkpoint can advance.
+//!
+//! Batches are tracked in a queue in session order. A batch is *done* when
+//! every one of its records is acknowledged; the checkpoint only ever moves to
+//! the `commit_end` of the last batch of a done prefix, so an LSN is never
+//! persisted while anything before it is still unacknowledged.
+
+mod config;
+mod envelope;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio::sync::oneshot;
+
+pub use config::{KafkaConfig, TopicMode};
+pub use envelope::{encode, EncodedRecord};
+
+use crate::checkpoint::CheckpointActor;
+use crate::error::{exit_fatal, ErrorClass, ExitCode};
+use crate::lsn::Lsn;
+use crate::messages::{DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBroken};
+use crate::supervision::{task_outcome, RestartBudget};
+
+/// Producer failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// The session is not (or no longer) open here.
+    #[error("replication session {0} is closed (producer restarted or a delivery failed)")]
+    SessionClosed(u64),
+    /// A batch number was skipped or repeated.
+    #[error("batch {got} of session {session} is out of order, expected {expected}")]
+    OutOfOrder {
+        /// The session.
+        session: u64,
+        /// The batch number received.
+        got: u64,
+        /// The batch number expected.
+        expected: u64,
+    },
+    /// librdkafka refused or failed a record.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+impl ProducerError {
+    /// The one classification point for producer errors.
+    pub fn class(&self) -> ErrorClass {
+        let code = match self {
+            ProducerError::Kafka(e) => e.rdkafka_error_code(),
+            _ => None,
+        };
+        match code {
+            Some(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidConfig,
+            ) => ErrorClass::Fatal(ExitCode::Upstream),
+            _ => ErrorClass::Transient,
+        }
+    }
+}
+
+/// The open replication session.
+struct Session {
+    id: u64,
+    next_seq: u64,
+    on_broken: Recipient<SessionBroken>,
+    on_persisted: Recipient<LsnPersisted>,
+}
+
+/// A published batch awaiting acknowledgement.
+struct Inflight {
+    seq: u64,
+    commit_end: Option<Lsn>,
+    records: usize,
+    done: bool,
+}
+
+/// A batch finished delivering (or failed to).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BatchDelivered {
+    session: u64,
+    seq: u64,
+    outcome: Result<(), String>,
+    fatal: Option<String>,
+}
+
+/// The Kafka producer actor (supervised).
+pub struct KafkaProducerActor {
+    config: Arc<KafkaConfig>,
+    database: Arc<str>,
+    checkpoint: Addr<CheckpointActor>,
+    budget: RestartBudget,
+    producer: Option<FutureProducer>,
+    session: Option<Session>,
+    inflight: VecDeque<Inflight>,
+    inflight_records: usize,
+    capacity_waiters: Vec<oneshot::Sender<()>>,
+    drain_waiters: Vec<oneshot::Sender<Option<Lsn>>>,
+    last_persist: Option<Lsn>,
+}
+
+impl KafkaProducerActor {
+    /// A producer publishing for `database`, checkpointing through `checkpoint`.
+    pub fn new(config: Arc<KafkaConfig>, database: &str, checkpoint: Addr<CheckpointActor>, budget: RestartBudget) -> Self {
+        Self {
+            config,
+            database: database.into(),
+            checkpoint,
+            budget,
+            producer: None,
+            session: None,
+            inflight: VecDeque::new(),
+            inflight_records: 0,
+            capacity_waiters: Vec::new(),
+            drain_waiters: Vec::new(),
+            last_persist: None,
+        }
+    }
+
+    /// Forget the session and everything in flight; tell the stream.
+    fn break_session(&mut self, reason: &str) {
+        if let Some(s) = self.session.take() {
+            s.on_broken.do_send(SessionBroken { session: s.id, reason: reason.to_owned() });
+        }
+        self.inflight.clear();
+        self.inflight_records = 0;
+        self.capacity_waiters.clear();
+        self.drain_waiters.clear();
+    }
+
+    /// Mark `seq` done and move the checkpoint over the done prefix.
+    fn complete(&mut self, seq: u64) {
+        let Some(front) = self.inflight.front().map(|b| b.seq) else { return };
+        let Some(batch) = seq.checked_sub(front).and_then(|i| self.inflight.get_mut(i as usize)) else {
+            return;
+        };
+        batch.done = true;
+        let mut advanced = None;
+        while self.inflight.front().is_some_and(|b| b.done) {
+            if let Some(b) = self.inflight.pop_front() {
+                self.inflight_records -= b.records;
+                advanced = b.commit_end.or(advanced);
+            }
+        }
+        if let (Some(lsn), Some(s)) = (advanced, &self.session) {
+            self.last_persist = Some(lsn);
+            self.checkpoint.do_send(PersistLsn { lsn, notify: s.on_persisted.clone() });
+        }
+        if self.inflight_records < self.config.max_inflight_records {
+            self.capacity_waiters.drain(..).for_each(|w| drop(w.send(())));
+        }
+        if self.inflight.is_empty() {
+            let last = self.last_persist;
+            self.drain_waiters.drain(..).for_each(|w| drop(w.send(last)));
+        }
+    }
+
+    /// Check the batch belongs to the open session, in order; register it.
+    fn admit(&mut self, msg: &PublishBatch, records: usize) -> Result<(), ProducerError> {
+        let session = self.session.as_mut().filter(|s| s.id == msg.session);
+        let Some(session) = session else { return Err(ProducerError::SessionClosed(msg.session)) };
+        if session.next_seq != msg.seq {
+            let expected = session.next_seq;
+            return Err(ProducerError::OutOfOrder { session: msg.session, got: msg.seq, expected });
+        }
+        session.next_seq += 1;
+        self.inflight.push_back(Inflight { seq: msg.seq, commit_end: msg.commit_end, records, done: false });
+        self.inflight_records += records;
+        Ok(())
+    }
+}
+
+impl Actor for KafkaProducerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        if self.producer.is_none() {
+            let producer = self
+                .config
+                .client_config()
+                .create()
+                .unwrap_or_else(|e| exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e));
+            self.producer = Some(producer);
+        }
+    }
+}
+
+impl Supervised for KafkaProducerActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.budget.record();
+        self.producer = None;
+        self.break_session("kafka producer restarted");
+    }
+}
+
+impl Handler<OpenSession> for KafkaProducerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: OpenSession, _ctx: &mut Self::Context) {
+        self.break_session("superseded by a new session");
+        self.session = Some(Session {
+            id: msg.session,
+            next_seq: 0,
+            on_broken: msg.on_broken,
+            on_persisted: msg.on_persisted,
+        });
+    }
+}
+
+impl Handler<PublishBatch> for KafkaProducerActor {
+    type Result = ResponseActFuture<Self, Result<(), ProducerError>>;
+
+    fn handle(&mut self, msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
+        let now_ms = now_ms();
+        let records: Vec<EncodedRecord> = msg
+            .events
+            .iter()
+            .flat_map(|e| {
+                let topic = self.config.topic_for(&e.table.schema, &e.table.name);
+                encode(e, topic, &self.database, self.config.tombstones, now_ms)
+            })
+            .collect();
+        if let Err(e) = self.admit(&msg, records.len()) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let Some(producer) = self.producer.clone() else {
+            return Box::pin(fut::ready(Err(ProducerError::SessionClosed(msg.session))));
+        };
+        let (session, seq, me) = (msg.session, msg.seq, ctx.address());
+        let enqueue = async move {
+            let deliveries = enqueue_all(&producer, &records).await?;
+            actix::spawn(async move {
+                let handle = actix::spawn(await_deliveries(deliveries));
+                let (outcome, fatal) = match handle.await {
+                    Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => (Err(e.to_string()), Some(e.to_string())),
+                    other => (task_outcome("kafka_producer", other), None),
+                };
+                me.do_send(BatchDelivered { session, seq, outcome, fatal });
+            });
+            Ok::<(), ProducerError>(())
+        };
+        Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
+            let wait = (res.is_ok() && act.inflight_records >= act.config.max_inflight_records).then(|| {
+                let (tx, rx) = oneshot::channel();
+                act.capacity_waiters.push(tx);
+                rx
+            });
+            async move {
+                res?;
+                if let Some(rx) = wait {
+                    rx.await.map_err(|_| ProducerError::SessionClosed(session))?;
+                }
+                Ok(())
+            }
+            .into_actor(act)
+        }))
+    }
+}
+
+impl Handler<BatchDelivered> for KafkaProducerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BatchDelivered, ctx: &mut Self::Context) {
+        if self.session.as_ref().map(|s| s.id) != Some(msg.session) {
+            return; // a batch of a session already abandoned
+        }
+        if let Some(fatal) = msg.fatal {
+            exit_fatal(ExitCode::Upstream, "kafka refused a record permanently", &fatal);
+        }
+        match msg.outcome {
+            Ok(()) => self.complete(msg.seq),
+            Err(reason) => {
+                tracing::warn!(session = msg.session, seq = msg.seq, error = %reason, "delivery failed; restarting from checkpoint");
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl Handler<DrainProducer> for KafkaProducerActor {
+    type Result = ResponseFuture<Result<Option<Lsn>, ProducerError>>;
+
+    fn handle(&mut self, _msg: DrainProducer, _ctx: &mut Self::Context) -> Self::Result {
+        let session = self.session.as_ref().map_or(0, |s| s.id);
+        if self.inflight.is_empty() {
+            let last = self.last_persist;
+            return Box::pin(async move { Ok(last) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        Box::pin(async move { rx.await.map_err(|_| ProducerError::SessionClosed(session)) })
+    }
+}
+
+/// Hand every record to librdkafka, waiting out a full local queue.
+async fn enqueue_all(producer: &FutureProducer, records: &[EncodedRecord]) -> Result<Vec<DeliveryFuture>, ProducerError> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for r in records {
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header { key: "pgcdc.table", value: Some(r.table.as_str()) })
+            .insert(Header { key: "pgcdc.op", value: Some(r.op) })
+            .insert(Header { key: "pgcdc.commit_lsn", value: Some(r.commit_lsn.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_slice());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(deliveries)
+}
+
+/// Wait for every acknowledgement of one batch, in order.
+async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<(), ProducerError> {
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e.into()),
+            Err(_) => return Err(KafkaError::Canceled.into()),
+        }
+    }
+    fail::fail_point!("producer-after-ack");
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,33 @@
+//! The pgcdc engine: actors that move committed PostgreSQL changes into Kafka
+//! without losing any.
+//!
+//! ```text
+//! PostgreSQL ──pgoutput──▶ ReplicationActor ──PublishBatch──▶ KafkaProducerActor ──▶ Kafka
+//!     ▲                          ▲                                   │ all acks of a prefix
+//!     │ standby status           │ LsnPersisted                      ▼
+//!     └──────────────────────────┴──────────────────────────── CheckpointActor (RocksDB)
+//! ```
+//!
+//! # The LSN / acknowledgement protocol
+//!
+//! 1. The replication actor numbers its batches within a *session* (one per
+//!    start); a batch that ends a transaction carries the commit's end LSN.
+//! 2. The producer accepts only the next batch of the open session, sends its
+//!    records (idempotent, `acks=all`) and tracks batches in order. When a
+//!    prefix of batches is fully acknowledged, it asks the checkpoint actor to
+//!    persist the last commit LSN in that prefix.
+//! 3. The checkpoint actor writes it with a synced RocksDB write, then tells
+//!    the replication actor, which only then reports it to PostgreSQL as
+//!    flushed.
+//! 4. Any failure breaks the session; the replication actor restarts from the
+//!    checkpoint. Records after the checkpoint may be sent twice, never lost.
+
+pub mod checkpoint;
+pub mod error;
+pub mod event;
+pub mod kafka_producer;
+pub mod lsn;
+pub mod messages;
+pub mod replication;
+pub mod secret;
+pub mod supervision;

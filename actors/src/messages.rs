@@ -1,0 +1,99 @@
+//! Typed messages between actors. Commands are verb-noun, notifications past
+//! tense, queries `Get*`.
+//!
+//! The replication → producer protocol is a *session*: each start of the
+//! replication stream opens a new session (from the checkpoint LSN) and numbers
+//! its batches 0, 1, 2, … The producer accepts only the next number of the
+//! current session, so a producer restart or a failed delivery can never be
+//! skipped over: the stream is told the session broke and restarts from the
+//! checkpoint.
+
+use actix::prelude::*;
+
+use crate::checkpoint::{Checkpoint, CheckpointError, SlotIdentity};
+use crate::event::ChangeEvent;
+use crate::kafka_producer::ProducerError;
+use crate::lsn::Lsn;
+
+/// Start a new replication session on the producer, dropping any older one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OpenSession {
+    /// Session number, increasing with every stream start.
+    pub session: u64,
+    /// Told when the session can no longer deliver (producer restart, failed delivery).
+    pub on_broken: Recipient<SessionBroken>,
+    /// Told each time a commit LSN is durably checkpointed.
+    pub on_persisted: Recipient<LsnPersisted>,
+}
+
+/// Publish these events; the response comes once they are queued in the
+/// producer and the in-flight bound allows more (backpressure).
+#[derive(Message)]
+#[rtype(result = "Result<(), ProducerError>")]
+pub struct PublishBatch {
+    /// Session the batch belongs to.
+    pub session: u64,
+    /// Position of the batch in the session, from 0, without gaps.
+    pub seq: u64,
+    /// Events in commit order; may be empty (a pure position marker).
+    pub events: Vec<ChangeEvent>,
+    /// Set on the batch that ends a transaction (or marks an idle position):
+    /// once this batch and all before it are acknowledged, this LSN may be
+    /// checkpointed and confirmed.
+    pub commit_end: Option<Lsn>,
+}
+
+/// The session can no longer deliver; the stream must restart from the checkpoint.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SessionBroken {
+    /// The session that broke.
+    pub session: u64,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// Wait until everything published so far is acknowledged and checkpointed;
+/// returns the last LSN handed to the checkpoint.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Lsn>, ProducerError>")]
+pub struct DrainProducer;
+
+/// Persist `lsn` (a commit end LSN, every record before it acknowledged) with a synced write.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PersistLsn {
+    /// The LSN to store.
+    pub lsn: Lsn,
+    /// Told after the write is synced.
+    pub notify: Recipient<LsnPersisted>,
+}
+
+/// `lsn` is durably checkpointed: PostgreSQL may be told it is flushed.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct LsnPersisted {
+    /// The checkpointed LSN.
+    pub lsn: Lsn,
+}
+
+/// Read the checkpoint.
+#[derive(Message)]
+#[rtype(result = "Result<Checkpoint, CheckpointError>")]
+pub struct GetCheckpoint;
+
+/// Record the slot pgcdc streams from and the LSN it starts at (first start only).
+#[derive(Message)]
+#[rtype(result = "Result<(), CheckpointError>")]
+pub struct PersistSlotIdentity {
+    /// Which slot on which server.
+    pub identity: SlotIdentity,
+    /// The slot's consistent point.
+    pub lsn: Lsn,
+}
+
+/// Stop reading the replication stream (graceful shutdown); replies once stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopStreaming;

@@ -1,0 +1,176 @@
+//! `[postgres]`: the source database, its slot, publication and tables.
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// `[postgres]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Host name, IP address, or a Unix socket directory (starting with `/`).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Role with the REPLICATION attribute (and SELECT on the tables).
+    pub user: String,
+    /// Password of `user`; never logged.
+    pub password: Secret,
+    /// Database to capture.
+    pub database: String,
+    /// Logical replication slot (created with pgoutput if missing).
+    pub slot: String,
+    /// Publication (created for `tables` if missing, extended if it lacks some).
+    pub publication: String,
+    /// Tables to capture: `schema.table` or `table` (schema `public`); quote
+    /// mixed-case names as in SQL: `"Sales"."Order"`.
+    pub tables: Vec<String>,
+    /// Seconds to wait for a connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds between standby status updates to the server.
+    pub status_interval_secs: u64,
+    /// Most change events in one batch handed to Kafka (large transactions are split).
+    pub max_batch_events: usize,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: Secret::default(),
+            database: "postgres".into(),
+            slot: "pgcdc".into(),
+            publication: "pgcdc".into(),
+            tables: Vec::new(),
+            connect_timeout_secs: 10,
+            status_interval_secs: 10,
+            max_batch_events: 1000,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// Every invalid field, by path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.host.is_empty() {
+            errors.push("postgres.host: must not be empty".into());
+        }
+        if self.port == 0 {
+            errors.push("postgres.port: must not be 0".into());
+        }
+        let bad_name = |n: &str| {
+            n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if bad_name(&self.slot) {
+            errors.push(format!("postgres.slot: {:?} must be 1-63 of [a-z0-9_]", self.slot));
+        }
+        if self.publication.is_empty() {
+            errors.push("postgres.publication: must not be empty".into());
+        }
+        if self.tables.is_empty() {
+            errors.push("postgres.tables: list at least one table to capture".into());
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            if let Err(e) = parse_table_name(t) {
+                errors.push(format!("postgres.tables[{i}]: {e}"));
+            }
+        }
+        if self.connect_timeout_secs == 0 {
+            errors.push("postgres.connect_timeout_secs: must be at least 1".into());
+        }
+        if self.status_interval_secs == 0 {
+            errors.push("postgres.status_interval_secs: must be at least 1".into());
+        }
+        if self.max_batch_events == 0 {
+            errors.push("postgres.max_batch_events: must be at least 1".into());
+        }
+    }
+}
+
+/// Split `schema.table` into its two identifiers, folding unquoted names to
+/// lower case and unescaping quoted ones, as PostgreSQL does.
+pub fn parse_table_name(s: &str) -> Result<(String, String), String> {
+    let mut parts = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        let mut ident = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        ident.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => ident.push(c),
+                    None => return Err(format!("{s:?}: unterminated quoted identifier")),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek().copied().filter(|c| *c != '.') {
+                if !(c.is_alphanumeric() || c == '_' || c == '$') {
+                    return Err(format!("{s:?}: {c:?} needs a quoted identifier"));
+                }
+                ident.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+        }
+        if ident.is_empty() {
+            return Err(format!("{s:?}: empty identifier"));
+        }
+        parts.push(ident);
+        match chars.next() {
+            None => break,
+            Some('.') => continue,
+            Some(c) => return Err(format!("{s:?}: unexpected {c:?}")),
+        }
+    }
+    match <[String; 2]>::try_from(parts) {
+        Ok([schema, table]) => Ok((schema, table)),
+        Err(parts) if parts.len() == 1 => Ok(("public".into(), parts.into_iter().next().unwrap_or_default())),
+        Err(_) => Err(format!("{s:?}: expected schema.table")),
+    }
+}
+
+/// Quote an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_parse_like_postgres() {
+        let p = |s: &str| parse_table_name(s).unwrap();
+        assert_eq!(p("users"), ("public".into(), "users".into()));
+        assert_eq!(p("Shop.Users"), ("shop".into(), "users".into()));
+        assert_eq!(p(r#""Sales"."Order ""x""""#), ("Sales".into(), r#"Order "x""#.into()));
+        assert_eq!(p(r#"public."a.b""#), ("public".into(), "a.b".into()));
+    }
+
+    #[test]
+    fn bad_table_names_are_refused() {
+        for bad in ["", "a.b.c", "a..b", "\"open", "bad name", "a.\"\""] {
+            assert!(parse_table_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+    }
+
+    #[test]
+    fn validation_names_every_bad_key() {
+        let c = PostgresConfig { slot: "Bad-Slot".into(), tables: vec!["x.y.z".into()], port: 0, ..Default::default() };
+        let mut errors = Vec::new();
+        c.validate(&mut errors);
+        let keys: Vec<_> = errors.iter().map(|e| e.split(':').next().unwrap_or("")).collect();
+        assert_eq!(keys, ["postgres.port", "postgres.slot", "postgres.tables[0]"]);
+    }
+}

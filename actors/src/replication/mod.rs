@@ -1,0 +1,386 @@
+//! ReplicationActor: owns the replication connection, decodes pgoutput and
+//! hands whole transactions (in bounded batches) to the Kafka producer.
+//!
+//! Every start (first start or supervised restart) re-reads the checkpoint,
+//! re-checks the slot against it and opens a new producer session, so a
+//! restarted stream resumes exactly at the last durably acknowledged commit.
+
+mod assembler;
+mod config;
+pub mod decode;
+pub mod slot;
+pub mod values;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use tokio::sync::{oneshot, watch};
+
+pub use assembler::{AssembleError, Assembler};
+pub use config::{parse_table_name, quote_ident, PostgresConfig};
+
+use crate::checkpoint::{CheckpointActor, CheckpointError, SlotIdentity};
+use crate::error::{exit_fatal, ErrorClass, ExitCode};
+use crate::event::{ChangeEvent, TableRef};
+use crate::kafka_producer::{KafkaProducerActor, ProducerError};
+use crate::lsn::Lsn;
+use crate::messages::{GetCheckpoint, LsnPersisted, OpenSession, PersistSlotIdentity, PublishBatch, SessionBroken, StopStreaming};
+use crate::supervision::{task_outcome, RestartBudget};
+
+/// Session settings pinned on the replication connection so values are
+/// rendered the way the value converter expects.
+const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3";
+
+/// Replication failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// PostgreSQL is not set up for pgcdc; the message says how to fix it.
+    #[error("postgresql is not ready: {0}")]
+    NotReady(String),
+    /// Streaming would leave a gap; refused.
+    #[error("refusing to stream: {0}. Recreate the slot and re-snapshot (delete the state dir) only if a gap is acceptable")]
+    SlotGap(String),
+    /// Could not connect.
+    #[error("cannot connect to postgresql: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A SQL statement failed.
+    #[error("postgresql: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    /// The replication connection failed.
+    #[error("replication stream: {0}")]
+    Stream(#[from] pgwire_replication::PgWireError),
+    /// The server ended the stream.
+    #[error("replication stream ended by the server")]
+    StreamEnded,
+    /// A pgoutput message could not be decoded.
+    #[error("undecodable pgoutput message at {lsn}: {source}")]
+    Decode {
+        /// Where.
+        lsn: Lsn,
+        /// Why.
+        #[source]
+        source: decode::DecodeError,
+    },
+    /// A decoded message does not fit the stream state.
+    #[error("inconsistent stream at {lsn}: {source}")]
+    Assemble {
+        /// Where.
+        lsn: Lsn,
+        /// Why.
+        #[source]
+        source: AssembleError,
+    },
+    /// The checkpoint store failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The producer refused a batch (session broken).
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+    /// Another actor is gone.
+    #[error("actor mailbox: {0}")]
+    Mailbox(#[from] MailboxError),
+}
+
+impl ReplicationError {
+    /// The one classification point for replication errors.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::NotReady(_) => ErrorClass::Fatal(ExitCode::SourceNotReady),
+            Self::SlotGap(_) => ErrorClass::Fatal(ExitCode::SlotGap),
+            Self::Decode { .. } | Self::Assemble { .. } => ErrorClass::Fatal(ExitCode::Internal),
+            Self::Checkpoint(e) => e.class(),
+            Self::Producer(e) => e.class(),
+            Self::Connect(_) | Self::Sql(_) | Self::Stream(_) | Self::StreamEnded | Self::Mailbox(_) => {
+                ErrorClass::Transient
+            }
+        }
+    }
+
+    /// Whether the error means PostgreSQL could not be reached.
+    fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Stream(pgwire_replication::PgWireError::Io(_)))
+    }
+}
+
+/// The replication actor (supervised).
+pub struct ReplicationActor {
+    config: Arc<PostgresConfig>,
+    producer: Addr<KafkaProducerActor>,
+    checkpoint: Addr<CheckpointActor>,
+    budget: RestartBudget,
+    session: u64,
+    confirm: Option<watch::Sender<Lsn>>,
+    stop: Option<watch::Sender<bool>>,
+    stopped: Vec<oneshot::Sender<()>>,
+    unreachable: bool,
+}
+
+impl ReplicationActor {
+    /// A replication actor streaming `config`'s tables into `producer`.
+    pub fn new(
+        config: Arc<PostgresConfig>,
+        producer: Addr<KafkaProducerActor>,
+        checkpoint: Addr<CheckpointActor>,
+        budget: RestartBudget,
+    ) -> Self {
+        Self { config, producer, checkpoint, budget, session: 0, confirm: None, stop: None, stopped: Vec::new(), unreachable: false }
+    }
+}
+
+impl Actor for ReplicationActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.session += 1;
+        let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        self.confirm = Some(confirm_tx);
+        self.stop = Some(stop_tx);
+        let stream = Stream {
+            config: self.config.clone(),
+            producer: self.producer.clone(),
+            checkpoint: self.checkpoint.clone(),
+            me: ctx.address(),
+            session: self.session,
+            confirm: confirm_rx,
+            stop: stop_rx,
+        };
+        let backoff = self.budget.backoff();
+        let work = async move {
+            tokio::time::sleep(backoff).await;
+            let handle = actix::spawn(stream.run());
+            handle.await
+        };
+        ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
+            let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
+            if let Ok(Err(e)) = &res {
+                if let ErrorClass::Fatal(code) = e.class() {
+                    exit_fatal(code, "replication cannot continue", e);
+                }
+            }
+            act.unreachable = unreachable;
+            match task_outcome("replication", res) {
+                Ok(()) => act.stopped.drain(..).for_each(|w| drop(w.send(()))),
+                Err(_) => ctx.stop(),
+            }
+        }));
+    }
+}
+
+impl Supervised for ReplicationActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        if self.unreachable && self.budget.recent() >= self.budget_limit() {
+            exit_fatal(ExitCode::Upstream, "postgresql stayed unreachable", &"restart budget spent");
+        }
+        self.budget.record();
+        self.confirm = None;
+        self.stop = None;
+    }
+}
+
+impl ReplicationActor {
+    fn budget_limit(&self) -> usize {
+        self.budget.limit()
+    }
+}
+
+impl Handler<LsnPersisted> for ReplicationActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LsnPersisted, _ctx: &mut Self::Context) {
+        if let Some(c) = &self.confirm {
+            c.send_if_modified(|cur| {
+                let newer = msg.lsn > *cur;
+                if newer {
+                    *cur = msg.lsn;
+                }
+                newer
+            });
+        }
+    }
+}
+
+impl Handler<SessionBroken> for ReplicationActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionBroken, ctx: &mut Self::Context) {
+        if msg.session == self.session {
+            tracing::warn!(session = msg.session, reason = %msg.reason, "producer session broke; restarting stream from checkpoint");
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<StopStreaming> for ReplicationActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: StopStreaming, _ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.stopped.push(tx);
+        if let Some(stop) = &self.stop {
+            let _ = stop.send(true);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+/// Everything the streaming task needs; it runs detached from the actor so a
+/// panic surfaces as a `JoinError`.
+struct Stream {
+    config: Arc<PostgresConfig>,
+    producer: Addr<KafkaProducerActor>,
+    checkpoint: Addr<CheckpointActor>,
+    me: Addr<ReplicationActor>,
+    session: u64,
+    confirm: watch::Receiver<Lsn>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Batches being built and the position marker bookkeeping.
+struct Outbox {
+    session: u64,
+    seq: u64,
+    batch: Vec<ChangeEvent>,
+    max: usize,
+    last_marker: (Lsn, Instant),
+}
+
+impl Stream {
+    /// Prepare, then stream until stopped or failed.
+    async fn run(mut self) -> Result<(), ReplicationError> {
+        let (start, tables) = self.prepare().await?;
+        tracing::info!(session = self.session, lsn = %start, "streaming");
+        let mut client = ReplicationClient::connect(self.replication_config(start)).await?;
+        let mut asm = Assembler::new(&tables);
+        let mut out = Outbox {
+            session: self.session,
+            seq: 0,
+            batch: Vec::new(),
+            max: self.config.max_batch_events,
+            last_marker: (start, Instant::now()),
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => {
+                    client.stop();
+                    tracing::info!(session = self.session, "replication stream stopped");
+                    return Ok(());
+                }
+                Ok(()) = self.confirm.changed() => {
+                    let lsn = *self.confirm.borrow_and_update();
+                    client.update_applied_lsn(lsn.into());
+                }
+                ev = client.recv() => {
+                    let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
+                    self.on_event(ev, &mut asm, &mut out).await?;
+                }
+            }
+        }
+    }
+
+    /// Check the server, tables, publication and slot; decide the start LSN.
+    async fn prepare(&self) -> Result<(Lsn, Vec<Arc<TableRef>>), ReplicationError> {
+        let cfg = &self.config;
+        let sql = slot::connect(cfg).await?;
+        slot::check_server(&sql).await?;
+        let tables = slot::resolve_tables(&sql, &cfg.tables).await?;
+        slot::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let identity = SlotIdentity {
+            system_id: slot::system_id(&sql).await?,
+            database: cfg.database.clone(),
+            slot_name: cfg.slot.clone(),
+        };
+        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
+        let state = slot::inspect_slot(&sql, &cfg.slot).await?;
+        let start = match slot::decide_start(&checkpoint, state.as_ref(), &identity)? {
+            slot::StartPoint::Resume(lsn) => lsn,
+            slot::StartPoint::CreateSlot => {
+                let lsn = slot::create_slot(&sql, &cfg.slot).await?;
+                self.checkpoint.send(PersistSlotIdentity { identity, lsn }).await??;
+                lsn
+            }
+            slot::StartPoint::AdoptSlot(lsn) => {
+                tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
+                self.checkpoint.send(PersistSlotIdentity { identity, lsn }).await??;
+                lsn
+            }
+        };
+        let me = self.me.clone();
+        let open = OpenSession { session: self.session, on_broken: me.clone().recipient(), on_persisted: me.recipient() };
+        self.producer.send(open).await?;
+        Ok((start, tables))
+    }
+
+    fn replication_config(&self, start: Lsn) -> ReplicationConfig {
+        let c = &self.config;
+        ReplicationConfig::new(
+            c.host.clone(),
+            c.user.clone(),
+            c.password.expose(),
+            c.database.clone(),
+            c.slot.clone(),
+            c.publication.as_str(),
+        )
+        .with_port(c.port)
+        .with_tls(TlsConfig::disabled())
+        .with_start_lsn(start.into())
+        .with_ack_lsn(start.into())
+        .with_status_interval(Duration::from_secs(c.status_interval_secs))
+        .with_wakeup_interval(Duration::from_secs(c.status_interval_secs))
+        .with_buffer_size(4096)
+        .with_options(SESSION_OPTIONS)
+        .with_max_message_size(256 << 20)
+        .with_application_name("pgcdc")
+    }
+
+    async fn on_event(&self, ev: ReplicationEvent, asm: &mut Assembler, out: &mut Outbox) -> Result<(), ReplicationError> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                asm.begin(xid, final_lsn.into(), commit_time_micros);
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let lsn = Lsn::from(wal_start);
+                let msg = decode::decode(&data).map_err(|source| ReplicationError::Decode { lsn, source })?;
+                asm.apply(msg, lsn, &mut out.batch).map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                if out.batch.len() >= out.max {
+                    self.publish(out, None).await?;
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                // A transaction with no published change only moves the
+                // position; such markers are sent at most once a second.
+                let empty = asm.commit() == 0;
+                if !empty || out.last_marker.1.elapsed() >= Duration::from_secs(1) {
+                    self.publish(out, Some(end_lsn.into())).await?;
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let wal_end = Lsn::from(wal_end);
+                let quiet = !asm.in_transaction() && out.batch.is_empty();
+                if quiet && wal_end > out.last_marker.0 && out.last_marker.1.elapsed() >= Duration::from_secs(1) {
+                    self.publish(out, Some(wal_end)).await?;
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Hand the current batch to the producer; waits while it is full.
+    async fn publish(&self, out: &mut Outbox, commit_end: Option<Lsn>) -> Result<(), ReplicationError> {
+        let events = std::mem::replace(&mut out.batch, Vec::with_capacity(out.max.min(1024)));
+        let msg = PublishBatch { session: out.session, seq: out.seq, events, commit_end };
+        out.seq += 1;
+        if let Some(lsn) = commit_end {
+            out.last_marker = (lsn, Instant::now());
+        }
+        self.producer.send(msg).await??;
+        fail::fail_point!("replication-publish");
+        Ok(())
+    }
+}

@@ -1,0 +1,253 @@
+//! Preparing PostgreSQL (server checks, tables, publication, slot) and
+//! deciding where streaming may start without a gap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::config::{parse_table_name, quote_ident, PostgresConfig};
+use super::ReplicationError;
+use crate::checkpoint::{Checkpoint, SlotIdentity};
+use crate::event::TableRef;
+use crate::lsn::Lsn;
+
+/// Open a SQL connection; the connection task runs in the background.
+pub async fn connect(cfg: &PostgresConfig) -> Result<Client, ReplicationError> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&cfg.host)
+        .port(cfg.port)
+        .user(&cfg.user)
+        .dbname(&cfg.database)
+        .application_name("pgcdc")
+        .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs));
+    if !cfg.password.expose().is_empty() {
+        pg.password(cfg.password.expose());
+    }
+    let (client, conn) = pg.connect(NoTls).await.map_err(ReplicationError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "sql connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `wal_level` must be `logical` and the role must be allowed to replicate.
+pub async fn check_server(sql: &Client) -> Result<(), ReplicationError> {
+    let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        return Err(ReplicationError::NotReady(format!(
+            "wal_level is {wal_level:?}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
+        )));
+    }
+    let row = sql
+        .query_one("SELECT rolreplication OR rolsuper, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        let user: String = row.get(1);
+        return Err(ReplicationError::NotReady(format!(
+            "role {user:?} lacks the REPLICATION attribute; run ALTER ROLE {} REPLICATION",
+            quote_ident(&user)
+        )));
+    }
+    Ok(())
+}
+
+/// Look up each configured table and its key; refuse tables that do not
+/// exist, or have neither a primary key nor REPLICA IDENTITY FULL.
+pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<TableRef>>, ReplicationError> {
+    let query = "SELECT c.relreplident::text, \
+           (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+              FROM pg_index i \
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = c.oid AND i.indisprimary), \
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
+    let mut tables = Vec::with_capacity(names.len());
+    for name in names {
+        let (schema, table) = parse_table_name(name).map_err(ReplicationError::NotReady)?;
+        let Some(row) = sql.query_opt(query, &[&schema, &table]).await? else {
+            return Err(ReplicationError::NotReady(format!("table {schema}.{table} does not exist")));
+        };
+        let identity: String = row.get(0);
+        let pk: Option<Vec<String>> = row.get(1);
+        let all: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
+        let key_columns = match (pk, identity.as_str()) {
+            (Some(pk), _) => pk,
+            (None, "f") => all,
+            (None, _) => {
+                return Err(ReplicationError::NotReady(format!(
+                    "table {schema}.{table} has no primary key: add one, or run ALTER TABLE {}.{} REPLICA IDENTITY FULL",
+                    quote_ident(&schema),
+                    quote_ident(&table)
+                )))
+            }
+        };
+        tables.push(Arc::new(TableRef { schema, name: table, key_columns }));
+    }
+    Ok(tables)
+}
+
+/// Create the publication, or add the tables it lacks.
+pub async fn ensure_publication(sql: &Client, name: &str, tables: &[Arc<TableRef>]) -> Result<(), ReplicationError> {
+    let exists = sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name]).await?.is_some();
+    let list = |ts: &[&Arc<TableRef>]| {
+        ts.iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))).collect::<Vec<_>>().join(", ")
+    };
+    if !exists {
+        let all: Vec<_> = tables.iter().collect();
+        sql.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list(&all))).await?;
+        tracing::info!(publication = name, tables = all.len(), "created publication");
+        return Ok(());
+    }
+    let rows = sql
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
+        .await?;
+    let published: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let missing: Vec<_> =
+        tables.iter().filter(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name)).collect();
+    if !missing.is_empty() {
+        sql.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), list(&missing))).await?;
+        tracing::warn!(publication = name, added = %list(&missing), "added tables to the publication; their earlier rows are not snapshotted");
+    }
+    Ok(())
+}
+
+/// What `pg_replication_slots` says about our slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    /// Output plugin.
+    pub plugin: String,
+    /// Database the slot decodes.
+    pub database: String,
+    /// Everything before this is confirmed by the consumer.
+    pub confirmed_flush: Lsn,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: String,
+}
+
+/// The slot's row, if the slot exists.
+pub async fn inspect_slot(sql: &Client, slot: &str) -> Result<Option<SlotState>, ReplicationError> {
+    let row = sql
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, coalesce(wal_status, '') \
+               FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'logical'",
+            &[&slot],
+        )
+        .await?;
+    row.map(|r| {
+        let lsn: Option<String> = r.get(2);
+        let confirmed_flush = lsn.as_deref().unwrap_or("0/0").parse().map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
+        Ok(SlotState { plugin: r.get(0), database: r.get(1), confirmed_flush, wal_status: r.get(3) })
+    })
+    .transpose()
+}
+
+/// Create the slot; returns its consistent point.
+pub async fn create_slot(sql: &Client, slot: &str) -> Result<Lsn, ReplicationError> {
+    let row = sql.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+    let lsn: String = row.get(0);
+    tracing::info!(slot, lsn = %lsn, "created replication slot");
+    lsn.parse().map_err(|e| ReplicationError::NotReady(format!("{e}")))
+}
+
+/// The cluster's system identifier, to tell one server from another.
+pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
+    let row = sql.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await?;
+    Ok(row.get(0))
+}
+
+/// Where streaming starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPoint {
+    /// First start and no slot: create it and start at its consistent point.
+    CreateSlot,
+    /// First start and the slot exists: take it over at its confirmed position.
+    AdoptSlot(Lsn),
+    /// Resume at the checkpoint.
+    Resume(Lsn),
+}
+
+/// Compare the checkpoint with the slot; anything that could hide a gap is refused.
+pub fn decide_start(checkpoint: &Checkpoint, slot: Option<&SlotState>, identity: &SlotIdentity) -> Result<StartPoint, ReplicationError> {
+    let gap = |what: String| Err(ReplicationError::SlotGap(what));
+    if let Some(s) = slot {
+        if s.plugin != "pgoutput" {
+            return Err(ReplicationError::NotReady(format!(
+                "slot {:?} uses plugin {:?}, not pgoutput; drop it or configure another slot name",
+                identity.slot_name, s.plugin
+            )));
+        }
+        if s.wal_status == "lost" {
+            return gap(format!("slot {:?} has wal_status = lost: PostgreSQL removed WAL it still needed", identity.slot_name));
+        }
+    }
+    let Some(ours) = &checkpoint.slot else {
+        return Ok(slot.map_or(StartPoint::CreateSlot, |s| StartPoint::AdoptSlot(s.confirmed_flush)));
+    };
+    if ours != identity {
+        return gap(format!("checkpoint belongs to slot {ours:?}, but this is {identity:?}"));
+    }
+    match slot {
+        None => gap(format!("slot {:?} is missing (dropped?) though a checkpoint exists at {}", identity.slot_name, checkpoint.lsn)),
+        Some(s) if s.confirmed_flush > checkpoint.lsn => gap(format!(
+            "slot {:?} was advanced to {} beyond our checkpoint {} (recreated or used by another consumer)",
+            identity.slot_name, s.confirmed_flush, checkpoint.lsn
+        )),
+        Some(_) => Ok(StartPoint::Resume(checkpoint.lsn)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> SlotIdentity {
+        SlotIdentity { system_id: "1".into(), database: "db".into(), slot_name: "pgcdc".into() }
+    }
+
+    fn slot(lsn: u64, status: &str) -> SlotState {
+        SlotState { plugin: "pgoutput".into(), database: "db".into(), confirmed_flush: Lsn(lsn), wal_status: status.into() }
+    }
+
+    fn checkpoint(lsn: u64) -> Checkpoint {
+        Checkpoint { lsn: Lsn(lsn), slot: Some(identity()) }
+    }
+
+    #[test]
+    fn first_start_creates_or_adopts() {
+        let fresh = Checkpoint::default();
+        assert_eq!(decide_start(&fresh, None, &identity()).unwrap(), StartPoint::CreateSlot);
+        let s = slot(500, "reserved");
+        assert_eq!(decide_start(&fresh, Some(&s), &identity()).unwrap(), StartPoint::AdoptSlot(Lsn(500)));
+    }
+
+    #[test]
+    fn resume_when_slot_trails_or_equals_checkpoint() {
+        let s = slot(90, "reserved");
+        assert_eq!(decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(), StartPoint::Resume(Lsn(100)));
+        let s = slot(100, "extended");
+        assert_eq!(decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(), StartPoint::Resume(Lsn(100)));
+    }
+
+    #[test]
+    fn gaps_are_refused() {
+        let is_gap = |r: Result<StartPoint, ReplicationError>| matches!(r, Err(ReplicationError::SlotGap(_)));
+        assert!(is_gap(decide_start(&checkpoint(100), None, &identity())));
+        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(101, "reserved")), &identity())));
+        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(50, "lost")), &identity())));
+        let other = SlotIdentity { system_id: "2".into(), ..identity() };
+        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(50, "reserved")), &other)));
+    }
+
+    #[test]
+    fn foreign_plugin_is_refused() {
+        let mut s = slot(1, "reserved");
+        s.plugin = "wal2json".into();
+        assert!(matches!(decide_start(&checkpoint(1), Some(&s), &identity()), Err(ReplicationError::NotReady(_))));
+    }
+}

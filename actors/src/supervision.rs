@@ -1,0 +1,187 @@
+//! Restart budget and backoff shared by the supervised actors.
+//!
+//! actix's `Supervisor` restarts a stopped actor with the same value; each
+//! actor calls [`RestartBudget::record`] from `restarting()` and waits
+//! [`RestartBudget::backoff`] before starting its work again. More than
+//! `max_restarts` in `window` escalates to a fatal exit, so a crash loop ends in
+//! a documented exit code instead of spinning forever.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::error::{exit_fatal, ExitCode};
+
+/// `[supervision]`: how often actors may restart before pgcdc gives up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Restarts of one actor allowed within `window_secs` before the process exits (code 7).
+    pub max_restarts: u32,
+    /// Length of the restart window, in seconds.
+    pub window_secs: u64,
+    /// First restart delay, in milliseconds; doubles with each recent restart.
+    pub backoff_initial_ms: u64,
+    /// Largest restart delay, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self { max_restarts: 10, window_secs: 60, backoff_initial_ms: 200, backoff_max_ms: 10_000 }
+    }
+}
+
+impl SupervisionConfig {
+    /// Every invalid field, by path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_restarts == 0 {
+            errors.push("supervision.max_restarts: must be at least 1".into());
+        }
+        if self.window_secs == 0 {
+            errors.push("supervision.window_secs: must be at least 1".into());
+        }
+        if self.backoff_initial_ms > self.backoff_max_ms {
+            errors.push("supervision.backoff_initial_ms: must not exceed backoff_max_ms".into());
+        }
+    }
+}
+
+/// Restart history of one actor.
+#[derive(Debug, Clone)]
+pub struct RestartBudget {
+    actor: &'static str,
+    config: SupervisionConfig,
+    history: Arc<Mutex<VecDeque<Instant>>>,
+}
+
+impl RestartBudget {
+    /// A fresh budget for the actor named `actor`.
+    pub fn new(actor: &'static str, config: SupervisionConfig) -> Self {
+        Self { actor, config, history: Arc::default() }
+    }
+
+    /// Count one restart now; exits the process if the budget is spent.
+    pub fn record(&self) {
+        let restarts = self.record_at(Instant::now());
+        tracing::warn!(actor = self.actor, restarts, "actor restarting");
+        if restarts > self.config.max_restarts as usize {
+            let msg = format!(
+                "{} restarts within {}s (max {})",
+                restarts, self.config.window_secs, self.config.max_restarts
+            );
+            exit_fatal(ExitCode::RestartBudget, &format!("{} keeps crashing", self.actor), &msg);
+        }
+    }
+
+    /// Record a restart at `now`; returns how many fall in the window.
+    fn record_at(&self, now: Instant) -> usize {
+        let window = Duration::from_secs(self.config.window_secs);
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.push_back(now);
+        while history.front().is_some_and(|t| now.duration_since(*t) > window) {
+            history.pop_front();
+        }
+        history.len()
+    }
+
+    /// Delay before the next start: zero before any restart, then doubling.
+    pub fn backoff(&self) -> Duration {
+        let recent = self.history.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if recent == 0 {
+            return Duration::ZERO;
+        }
+        let exp = (recent - 1).min(16) as u32;
+        let ms = self.config.backoff_initial_ms.saturating_mul(1 << exp);
+        Duration::from_millis(ms.min(self.config.backoff_max_ms))
+    }
+
+    /// Restarts allowed in one window.
+    pub fn limit(&self) -> usize {
+        self.config.max_restarts as usize
+    }
+
+    /// Number of restarts recorded in the current window.
+    pub fn recent(&self) -> usize {
+        self.history.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Turn a finished worker task into "keep running" or "crash": a panic
+/// (`JoinError`) counts as a crash exactly like an error, which actix alone does
+/// not give us.
+pub fn task_outcome<E: std::fmt::Display>(
+    actor: &'static str,
+    res: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), String> {
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(actor, error = %e, "actor work failed");
+            Err(e.to_string())
+        }
+        Err(join) => {
+            let why = if join.is_panic() { "panicked" } else { "was cancelled" };
+            tracing::error!(actor, error = %join, "actor work {why}");
+            Err(format!("{why}: {join}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> RestartBudget {
+        let config = SupervisionConfig {
+            max_restarts: 3,
+            window_secs: 10,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 350,
+        };
+        RestartBudget::new("test", config)
+    }
+
+    #[test]
+    fn old_restarts_leave_the_window() {
+        let b = budget();
+        let t0 = Instant::now();
+        assert_eq!(b.record_at(t0), 1);
+        assert_eq!(b.record_at(t0 + Duration::from_secs(5)), 2);
+        assert_eq!(b.record_at(t0 + Duration::from_secs(11)), 2);
+        assert_eq!(b.record_at(t0 + Duration::from_secs(30)), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let b = budget();
+        assert_eq!(b.backoff(), Duration::ZERO);
+        let t0 = Instant::now();
+        b.record_at(t0);
+        assert_eq!(b.backoff(), Duration::from_millis(100));
+        b.record_at(t0);
+        assert_eq!(b.backoff(), Duration::from_millis(200));
+        b.record_at(t0);
+        assert_eq!(b.backoff(), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn invalid_config_is_reported_by_path() {
+        let mut errors = Vec::new();
+        let c = SupervisionConfig { max_restarts: 0, window_secs: 0, backoff_initial_ms: 5, backoff_max_ms: 1 };
+        c.validate(&mut errors);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("supervision.max_restarts"));
+    }
+
+    #[tokio::test]
+    async fn panics_count_as_crashes() {
+        let res = tokio::spawn(async { panic!("boom") }).await;
+        let res: Result<Result<(), String>, _> = res.map(|()| Ok(()));
+        assert!(task_outcome("t", res).unwrap_err().starts_with("panicked"));
+        let ok: Result<Result<(), String>, tokio::task::JoinError> = Ok(Ok(()));
+        assert!(task_outcome("t", ok).is_ok());
+    }
+}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# pgcdc end to end on this machine, no Docker: a throwaway PostgreSQL cluster,
+# a tansu Kafka broker and the pgcdc daemon; writes sample rows, prints the
+# change events from Kafka and `pgcdc status`, then cleans everything up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
+
+bindir="${PG_BINDIR:-$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}"
+[ -x "$bindir/initdb" ] || { echo "demo: PostgreSQL server binaries not found; apt-get install postgresql" >&2; exit 1; }
+command -v tansu >/dev/null || { echo "demo: installing tansu"; cargo install tansu --locked --features dynostore,libsql; }
+echo "demo: building pgcdc"
+cargo build --quiet --bin pgcdc
+pgcdc="$CARGO_TARGET_DIR/debug/pgcdc"
+
+work="$(mktemp -d /tmp/pgcdc-demo.XXXXXX)"
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cleanup() {
+  [ -n "${daemon_pid:-}" ] && kill -9 "$daemon_pid" 2>/dev/null || true
+  [ -n "${tansu_pid:-}" ] && kill "$tansu_pid" 2>/dev/null || true
+  as_pg "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+
+pg_port="$(free_port)"; kafka_port="$(free_port)"
+echo "demo: postgresql on 127.0.0.1:$pg_port, kafka (tansu) on 127.0.0.1:$kafka_port, files in $work"
+as_pg "$bindir/initdb" -D "$work/data" -U postgres -A trust --no-sync >/dev/null
+cat >> "$work/data/postgresql.conf" <<CONF
+port = $pg_port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$work'
+wal_level = logical
+CONF
+as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
+tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+tansu_pid=$!
+
+psql() { "$bindir/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres "$@"; }
+psql -c "CREATE TABLE users (id serial PRIMARY KEY, name text NOT NULL, email text, created timestamptz DEFAULT now())"
+
+mkdir -p "$work/state"
+cat > "$work/pgcdc.toml" <<CONF
+state_dir = "$work/state"
+[postgres]
+host = "127.0.0.1"
+port = $pg_port
+tables = ["public.users"]
+[kafka]
+brokers = "127.0.0.1:$kafka_port"
+topic_partitions = 1
+CONF
+
+"$pgcdc" --config "$work/pgcdc.toml" check
+"$pgcdc" --config "$work/pgcdc.toml" run 2>"$work/pgcdc.log" &
+daemon_pid=$!
+for _ in $(seq 1 100); do
+  [ "$(psql -tAc "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active")" = 1 ] && break
+  kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/pgcdc.log"; exit 1; }
+  sleep 0.2
+done
+
+echo "demo: writing sample rows"
+psql <<'SQL'
+INSERT INTO users (name, email) VALUES ('ann', 'ann@example.com'), ('bob', 'bob@example.com');
+UPDATE users SET email = 'ann@example.org' WHERE name = 'ann';
+DELETE FROM users WHERE name = 'bob';
+SQL
+
+echo "demo: change events on topic cdc-events:"
+tansu cat consume cdc-events --broker "tcp://127.0.0.1:$kafka_port" --max-wait-time-ms 3000 | tee "$work/events.json"
+count="$(grep -o '"op":"[cud]"' "$work/events.json" | wc -l)"
+echo "demo: $count change events (expected 4)"
+echo "demo: pgcdc status:"
+"$pgcdc" --config "$work/pgcdc.toml" status
+kill -TERM "$daemon_pid"
+wait "$daemon_pid" && code=0 || code=$?
+daemon_pid=""
+echo "demo: pgcdc stopped with exit code $code"
+[ "$count" -ge 4 ] && [ "$code" = 0 ]

@@ -1,0 +1,155 @@
+//! Builds the supervision tree, runs it, and shuts it down in order:
+//! stop reading WAL → drain Kafka acknowledgements → checkpoint → confirm the
+//! slot → exit 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use pgcdc_actors::checkpoint::CheckpointActor;
+use pgcdc_actors::kafka_producer::KafkaProducerActor;
+use pgcdc_actors::lsn::Lsn;
+use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
+use pgcdc_actors::replication::{parse_table_name, slot, ReplicationActor};
+use pgcdc_actors::supervision::RestartBudget;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::error::{AppError, ExitCode};
+use crate::settings::Settings;
+
+/// Run the daemon until SIGTERM/SIGINT; `Ok` after a clean shutdown.
+pub fn run(settings: Settings) -> Result<(), AppError> {
+    let system = actix::System::new();
+    let result = system.block_on(run_async(settings));
+    System::current().stop();
+    result
+}
+
+async fn run_async(settings: Settings) -> Result<(), AppError> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| AppError::LocalIo(format!("{}: {e}", settings.state_dir.display())))?;
+    if settings.kafka.create_topics {
+        create_topics(&settings).await?;
+    }
+    let sup = &settings.supervision;
+    let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), RestartBudget::new("checkpoint", sup.clone()));
+    let kafka = Arc::new(settings.kafka.clone());
+    let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
+    let producer_budget = RestartBudget::new("kafka_producer", sup.clone());
+    let producer = Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
+    let pg = Arc::new(settings.postgres.clone());
+    let (p, cp) = (producer.clone(), checkpoint.clone());
+    let repl_budget = RestartBudget::new("replication", sup.clone());
+    let replication = Supervisor::start(move |_| ReplicationActor::new(pg, p, cp, repl_budget));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: stopping the stream and draining kafka");
+    shutdown(&settings, replication, producer, checkpoint).await
+}
+
+async fn wait_for_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn shutdown(
+    settings: &Settings,
+    replication: Addr<ReplicationActor>,
+    producer: Addr<KafkaProducerActor>,
+    checkpoint: Addr<CheckpointActor>,
+) -> Result<(), AppError> {
+    let timeout = Duration::from_secs(settings.shutdown_timeout_secs);
+    let drained = tokio::time::timeout(timeout, async {
+        replication.send(StopStreaming).await.ok();
+        producer.send(DrainProducer).await
+    })
+    .await;
+    if !matches!(drained, Ok(Ok(Ok(_)))) {
+        return Err(AppError::Upstream(format!(
+            "shutdown: kafka did not acknowledge everything within {}s; unacknowledged changes will be re-sent on restart",
+            settings.shutdown_timeout_secs
+        )));
+    }
+    let persisted = match checkpoint.send(GetCheckpoint).await {
+        Ok(Ok(c)) => c.lsn,
+        other => return Err(AppError::LocalIo(format!("shutdown: reading the checkpoint failed: {other:?}"))),
+    };
+    confirm_slot(settings, persisted).await;
+    tracing::info!(lsn = %persisted, "shutdown complete");
+    Ok(())
+}
+
+/// Tell PostgreSQL everything up to `lsn` is flushed, once the walsender has
+/// let go of the slot. Best effort: the checkpoint is what restarts use.
+async fn confirm_slot(settings: &Settings, lsn: Lsn) {
+    if lsn == Lsn::ZERO {
+        return;
+    }
+    let pg = &settings.postgres;
+    let Ok(sql) = slot::connect(pg).await else { return };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let q = "SELECT active, confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1";
+        match sql.query_opt(q, &[&pg.slot, &lsn.to_string()]).await {
+            Ok(Some(row)) if !row.get::<_, bool>(0) => {
+                if row.get::<_, Option<bool>>(1) == Some(true) {
+                    let advance = "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)";
+                    if let Err(e) = sql.execute(advance, &[&pg.slot, &lsn.to_string()]).await {
+                        tracing::warn!(error = %e, "could not confirm the final lsn to postgresql");
+                    }
+                }
+                return;
+            }
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => return,
+        }
+    }
+    tracing::warn!("slot still active after shutdown; final lsn not confirmed (it will be on next start)");
+}
+
+/// Create the topics events go to; existing ones are left alone.
+async fn create_topics(settings: &Settings) -> Result<(), AppError> {
+    let k = &settings.kafka;
+    let mut names: Vec<String> = settings
+        .postgres
+        .tables
+        .iter()
+        .filter_map(|t| parse_table_name(t).ok())
+        .map(|(s, t)| k.topic_for(&s, &t))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, v) in &k.properties {
+        config.set(key, v);
+    }
+    config.set("bootstrap.servers", &k.brokers);
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(|e| AppError::Config(vec![format!("kafka.properties: {e}")]))?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, k.topic_partitions, TopicReplication::Fixed(k.topic_replication_factor)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&topics, &opts)
+        .await
+        .map_err(|e| AppError::Upstream(format!("kafka at {}: cannot create topics: {e}", k.brokers)))?;
+    for r in results {
+        match r {
+            Ok(topic) => tracing::info!(topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(AppError::Upstream(format!("kafka: cannot create topic {topic}: {code}"))),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! Errors at the binary's edge and the exit codes they map to.
+
+pub use pgcdc_actors::error::ExitCode;
+
+/// Why the daemon (or a subcommand) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The configuration is invalid; one line per problem.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// Kafka or PostgreSQL could not be reached.
+    #[error("{0}")]
+    Upstream(String),
+    /// The state directory could not be used.
+    #[error("state directory: {0}")]
+    LocalIo(String),
+    /// Anything classified by an engine error.
+    #[error("{message}")]
+    Classified {
+        /// Exit code from the engine's classification.
+        code: ExitCode,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl AppError {
+    /// The documented exit code.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            AppError::Config(_) => ExitCode::Config,
+            AppError::Upstream(_) => ExitCode::Upstream,
+            AppError::LocalIo(_) => ExitCode::LocalIo,
+            AppError::Classified { code, .. } => *code,
+        }
+    }
+}

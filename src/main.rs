@@ -1,0 +1,32 @@
+//! The `pgcdc` binary: parses flags, loads configuration, runs a subcommand
+//! and turns its outcome into a documented exit code.
+
+use clap::Parser;
+use pgcdc::cli::{Cli, Command};
+use pgcdc::settings::{Overrides, Settings};
+
+fn main() {
+    // Failpoints (compiled in only with the `failpoints` feature) are set via FAILPOINTS=name=action.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
+    let cli = Cli::parse();
+    let overrides = Overrides { state_dir: cli.state_dir.clone(), log_level: cli.log_level.clone() };
+    let settings = match Settings::load(Some(&cli.config), &overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pgcdc: {e}");
+            std::process::exit(e.exit_code().code());
+        }
+    };
+    pgcdc::telemetry::init(&settings.log);
+    let result = match cli.command {
+        Command::Run => pgcdc::app::run(settings),
+        Command::Check => pgcdc::check::run(settings),
+        Command::Status => pgcdc::check::status(settings),
+    };
+    if let Err(e) = result {
+        tracing::error!(exit_code = e.exit_code().code(), "{e}");
+        eprintln!("pgcdc: {e}");
+        std::process::exit(e.exit_code().code());
+    }
+}

@@ -1,0 +1,192 @@
+//! Layered configuration: the TOML file, then `PGCDC_*` environment
+//! variables (`PGCDC_POSTGRES__HOST` sets `postgres.host`), then flags.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use pgcdc_actors::kafka_producer::KafkaConfig;
+use pgcdc_actors::replication::PostgresConfig;
+use pgcdc_actors::supervision::SupervisionConfig;
+use serde::Deserialize;
+
+use crate::error::AppError;
+
+/// Console log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+/// `[log]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level filter, e.g. `info` or `info,pgcdc_actors=debug`.
+    pub level: String,
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Human }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory of local state (`checkpoint/` RocksDB).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Seconds a graceful shutdown waits for Kafka to acknowledge what is in flight.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
+    /// The source database.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    /// The Kafka destination.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Restart budget and backoff.
+    #[serde(default)]
+    pub supervision: SupervisionConfig,
+    /// Console logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+
+fn default_shutdown_timeout() -> u64 {
+    30
+}
+
+/// Values given as command-line flags (highest precedence).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+}
+
+impl Settings {
+    /// Load from `path` (must exist if given), the environment and `overrides`; validate.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, AppError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(AppError::Config(vec![format!("config file {} does not exist", path.display())]));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let figment = figment.merge(Env::prefixed("PGCDC_").split("__").ignore(&["config"]));
+        let mut settings: Settings = figment.extract().map_err(|e| AppError::Config(e.into_iter().map(|e| e.to_string()).collect()))?;
+        if let Some(dir) = &overrides.state_dir {
+            settings.state_dir = dir.clone();
+        }
+        if let Some(level) = &overrides.log_level {
+            settings.log.level = level.clone();
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every invalid field, reported together.
+    fn validate(&self) -> Result<(), AppError> {
+        let mut errors = Vec::new();
+        self.postgres.validate(&mut errors);
+        self.kafka.validate(&mut errors);
+        self.supervision.validate(&mut errors);
+        if self.shutdown_timeout_secs == 0 {
+            errors.push("shutdown_timeout_secs: must be at least 1".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(format!("log.level: {:?} is not a valid filter", self.log.level));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AppError::Config(errors))
+        }
+    }
+
+    /// Where the RocksDB checkpoint lives.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.state_dir.join("checkpoint")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("pgcdc.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn errors(res: Result<Settings, AppError>) -> Vec<String> {
+        match res {
+            Err(AppError::Config(e)) => e,
+            other => panic!("expected config errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgcdc.toml");
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(s.postgres.tables, ["public.users"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\nhots = \"x\"\ntables = [\"t\"]\n");
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(e[0].contains("hots") && e[0].contains("postgres"), "{e:?}");
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\ntables = []\nslot = \"Bad Slot\"\n[kafka]\ntopic_partitions = 0\n");
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("kafka.topic_partitions")));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\nport = \"high\"\ntables = [\"t\"]\n");
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(e[0].contains("postgres.port"), "{e:?}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = errors(Settings::load(Some(Path::new("/nonexistent/pgcdc.toml")), &Overrides::default()));
+        assert!(e[0].contains("does not exist"));
+    }
+
+    #[test]
+    fn password_is_redacted_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\npassword = \"hunter2\"\ntables = [\"t\"]\n");
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.postgres.password.expose(), "hunter2");
+    }
+}

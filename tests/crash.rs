@@ -1,0 +1,189 @@
+//! Crash safety: `kill -9` and injected panics in the middle of a stream of
+//! numbered transactions. The oracle: no committed change is missing from
+//! Kafka, and the slot's confirmed_flush_lsn never passes acknowledged data
+//! and never moves backwards.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{config, wait_until, Daemon, PgCluster, Tansu};
+use tokio_postgres::Client;
+
+const TOPIC: &str = "cdc-events";
+const ROWS_PER_TX: i64 = 3;
+
+/// Transactions committed so far: (n, WAL position right after the commit returned).
+type Committed = Arc<Mutex<Vec<(i64, u64)>>>;
+
+/// Commit `count` numbered transactions, pausing `pause` between them.
+async fn write_numbered(db: Client, count: i64, pause: Duration, committed: Committed) {
+    for n in 0..count {
+        let sql = format!(
+            "BEGIN; INSERT INTO numbered SELECT {n} * {ROWS_PER_TX} + g, {n}, repeat('x', 50) FROM generate_series(0, {}) g; COMMIT;",
+            ROWS_PER_TX - 1
+        );
+        db.batch_execute(&sql).await.expect("write");
+        let after: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.expect("lsn").get(0);
+        committed.lock().unwrap().push((n, after as u64));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Ids seen on Kafka, with how often each was seen.
+fn seen_ids(tansu: &Tansu) -> HashMap<i64, usize> {
+    let mut seen = HashMap::new();
+    for r in tansu.read_all(TOPIC) {
+        if r.op() == "c" {
+            let id = r.key.as_ref().and_then(|k| k["id"].as_i64()).expect("key");
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    seen
+}
+
+/// Every transaction known to be at or below `confirmed` must be on Kafka.
+fn assert_confirmed_is_acknowledged(confirmed: u64, committed: &[(i64, u64)], seen: &HashMap<i64, usize>) {
+    for &(n, after) in committed.iter().filter(|(_, after)| *after <= confirmed) {
+        for id in n * ROWS_PER_TX..(n + 1) * ROWS_PER_TX {
+            assert!(seen.contains_key(&id), "slot confirmed {confirmed:x} but tx {n} (ended by {after:x}) is not on kafka");
+        }
+    }
+}
+
+/// Poll the slot in the background; fail if confirmed_flush_lsn ever moves backwards.
+fn watch_slot(pg_url: String) -> (tokio::task::JoinHandle<u64>, Arc<std::sync::atomic::AtomicBool>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.expect("poller");
+        tokio::spawn(conn);
+        let mut last = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            let row = db
+                .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'pgcdc'", &[])
+                .await
+                .expect("poll");
+            if let Some(v) = row.and_then(|r| r.get::<_, Option<i64>>(0)) {
+                assert!(v as u64 >= last, "confirmed_flush_lsn moved backwards: {last:x} -> {v:x}");
+                last = v as u64;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        last
+    });
+    (task, stop)
+}
+
+async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)").await.expect("ddl");
+    (pg, tansu, dir, db)
+}
+
+async fn wait_active(db: &Client, daemon: &mut Daemon) {
+    wait_until(Duration::from_secs(60), "the slot to be active", || async {
+        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
+        db.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+}
+
+/// Wait until every committed row is on Kafka; returns the duplicate count.
+fn assert_nothing_lost(tansu: &Tansu, total_tx: i64) -> usize {
+    let want = (total_tx * ROWS_PER_TX) as usize;
+    let records = tansu.read_until(TOPIC, Duration::from_secs(120), |rs| {
+        let mut ids: Vec<i64> = rs.iter().filter(|r| r.op() == "c").filter_map(|r| r.key.as_ref()?["id"].as_i64()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len() >= want
+    });
+    let creates = records.iter().filter(|r| r.op() == "c").count();
+    creates - want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_no_committed_change() {
+    let (pg, tansu, dir, db) = setup().await;
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    wait_active(&db, &mut daemon).await;
+    let (poller, stop_poller) = watch_slot(pg.url());
+
+    let total = 300;
+    let committed: Committed = Arc::default();
+    let writer = tokio::spawn(write_numbered(pg.client().await, total, Duration::from_millis(5), committed.clone()));
+    let mut last_confirmed = 0;
+    for round in 0..4 {
+        // Let a few more transactions commit, then kill mid-stream.
+        let target = (round + 1) * total as usize / 6;
+        wait_until(Duration::from_secs(60), "the writer to progress", || async { committed.lock().unwrap().len() >= target }).await;
+        daemon.kill9();
+        let confirmed = pg.confirmed_flush(&db, "pgcdc").await.expect("slot");
+        assert!(confirmed >= last_confirmed, "confirmed moved backwards across a kill");
+        last_confirmed = confirmed;
+        let snapshot = committed.lock().unwrap().clone();
+        assert_confirmed_is_acknowledged(confirmed, &snapshot, &seen_ids(&tansu));
+        daemon.spawn();
+        wait_active(&db, &mut daemon).await;
+    }
+    writer.await.expect("writer");
+    let duplicates = assert_nothing_lost(&tansu, total);
+    eprintln!("kill -9 x4: {total} transactions, {duplicates} duplicate records");
+    stop_poller.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(poller.await.expect("slot poller") > 0);
+    assert!(daemon.is_running());
+}
+
+#[cfg(feature = "failpoints")]
+async fn panic_in_actor_is_restarted(failpoint: &str) {
+    let (pg, tansu, dir, db) = setup().await;
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "");
+    let action = format!("{failpoint}=30*off->1*panic");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[("FAILPOINTS", &action)]);
+    wait_active(&db, &mut daemon).await;
+    let (poller, stop_poller) = watch_slot(pg.url());
+    let total = 150;
+    let committed: Committed = Arc::default();
+    write_numbered(pg.client().await, total, Duration::from_millis(2), committed.clone()).await;
+    assert_nothing_lost(&tansu, total);
+    let log = daemon.log_text();
+    assert!(log.contains("panicked"), "failpoint {failpoint} never fired:\n{log}");
+    assert!(log.contains("actor restarting"), "no supervised restart:\n{log}");
+    assert!(daemon.is_running(), "a panic ended the process:\n{log}");
+    // The slot catches up once the stream runs again.
+    let end = committed.lock().unwrap().last().map(|c| c.1).unwrap_or(0);
+    wait_until(Duration::from_secs(60), "the slot to confirm the last transaction", || async {
+        pg.confirmed_flush(&db, "pgcdc").await.unwrap_or(0) + 200 >= end
+    })
+    .await;
+    stop_poller.store(true, std::sync::atomic::Ordering::SeqCst);
+    poller.await.expect("slot poller");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_in_kafka_producer_restarts_it_without_loss() {
+    panic_in_actor_is_restarted("producer-after-ack").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_in_replication_restarts_it_without_loss() {
+    panic_in_actor_is_restarted("replication-publish").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_in_checkpoint_restarts_it_without_loss() {
+    panic_in_actor_is_restarted("checkpoint-before-confirm").await;
+}

@@ -1,0 +1,284 @@
+//! End-to-end: the pgcdc daemon against a real PostgreSQL cluster and a real
+//! tansu broker, every event checked on Kafka.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{config, wait_until, Daemon, PgCluster, Record, Tansu};
+
+const TOPIC: &str = "cdc-events";
+
+struct Stack {
+    pg: PgCluster,
+    tansu: Tansu,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    fn start() -> Stack {
+        Stack { pg: PgCluster::start(), tansu: Tansu::start(), dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    fn daemon(&self, tables: &[&str], extra_kafka: &str) -> Daemon {
+        let state = self.dir.path().join("state");
+        Daemon::start(self.dir.path(), &config(&self.pg, &self.tansu, &state, tables, extra_kafka), &[])
+    }
+}
+
+/// Wait until the daemon has created its slot (it streams from then on).
+async fn wait_streaming(pg: &PgCluster, client: &tokio_postgres::Client, daemon: &mut Daemon) {
+    wait_until(Duration::from_secs(60), "the slot to be active", || async {
+        assert!(daemon.is_running(), "pgcdc exited early:\n{}", daemon.log_text());
+        let _ = pg;
+        client
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+}
+
+fn ops(records: &[Record]) -> Vec<(String, Option<Value>)> {
+    records.iter().map(|r| (r.op().to_string(), r.key.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_changes_arrive_in_commit_order_field_by_field() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL, email text);
+         CREATE TABLE orders (id bigint PRIMARY KEY, user_id int, total numeric(12,2));",
+    )
+    .await
+    .unwrap();
+    let mut daemon = s.daemon(&["public.users", "orders"], "");
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+
+    db.batch_execute("INSERT INTO users VALUES (1, 'ann', 'ann@example.com')").await.unwrap();
+    db.batch_execute("UPDATE users SET name = 'anne' WHERE id = 1").await.unwrap();
+    db.batch_execute("UPDATE users SET id = 2 WHERE id = 1").await.unwrap();
+    db.batch_execute(
+        "BEGIN; INSERT INTO users VALUES (3, 'bob', NULL); INSERT INTO orders VALUES (10, 3, 99.95); \
+         UPDATE orders SET total = 100.00 WHERE id = 10; COMMIT;",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("BEGIN; INSERT INTO users VALUES (4, 'rolled back', NULL); ROLLBACK;").await.unwrap();
+    db.batch_execute("DELETE FROM users WHERE id = 3").await.unwrap();
+    db.batch_execute("TRUNCATE orders").await.unwrap();
+
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.iter().any(|r| r.op() == "t"));
+    let k = |id: i64| Some(json!({ "id": id }));
+    let expected = vec![
+        ("c".to_string(), k(1)),
+        ("u".into(), k(1)),
+        ("d".into(), k(1)), // primary-key change: delete of the old key …
+        ("".into(), k(1)),  // … its tombstone …
+        ("c".into(), k(2)), // … and a create of the new one
+        ("c".into(), k(3)),
+        ("c".into(), k(10)),
+        ("u".into(), k(10)),
+        ("d".into(), k(3)),
+        ("".into(), k(3)),
+        ("t".into(), None),
+    ];
+    assert_eq!(ops(&records), expected);
+
+    let first = records[0].value.as_ref().unwrap();
+    assert_eq!(first["after"], json!({"id": 1, "name": "ann", "email": "ann@example.com"}));
+    assert_eq!(first["before"], Value::Null);
+    let src = &first["source"];
+    assert_eq!((src["connector"].as_str(), src["db"].as_str()), (Some("pgcdc"), Some("postgres")));
+    assert_eq!((src["schema"].as_str(), src["table"].as_str()), (Some("public"), Some("users")));
+    assert_eq!(src["snapshot"], json!(false));
+    assert!(src["txId"].as_u64().unwrap() > 0 && src["lsn"].as_u64().unwrap() > 0);
+    assert_eq!(records[0].headers["pgcdc.table"], "public.users");
+    assert_eq!(records[0].headers["pgcdc.op"], "c");
+    assert_eq!(records[1].after()["name"], json!("anne"));
+    assert_eq!(records[2].value.as_ref().unwrap()["before"], json!({"id": 1}));
+    assert_eq!(records[7].after()["total"], json!("100.00"));
+
+    // One transaction: one commit LSN, increasing positions.
+    let tx: Vec<&Record> = records[5..8].iter().collect();
+    let commit: Vec<&str> = tx.iter().map(|r| r.headers["pgcdc.commit_lsn"].as_str()).collect();
+    assert!(commit.windows(2).all(|w| w[0] == w[1]), "{commit:?}");
+    let seqs: Vec<u64> = tx.iter().map(|r| r.value.as_ref().unwrap()["source"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [0, 1, 2]);
+    // Commit LSNs never go backwards across transactions.
+    let lsns: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r.value.as_ref())
+        .map(|v| v["source"]["commit_lsn"].as_u64().unwrap())
+        .collect();
+    assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "{lsns:?}");
+
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_common_type_becomes_faithful_json() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE types (
+            id int PRIMARY KEY, i2 smallint, i8 bigint, n numeric, nn numeric, f4 real, f8 double precision,
+            fnan double precision, finf double precision, b boolean, t text, vc varchar(10), c char(3),
+            ts timestamp, tstz timestamptz, d date, tm time, iv interval, j json, jb jsonb, by bytea,
+            u uuid, ai int[], at text[], a2 int[][], m mood, nul text, big text);",
+    )
+    .await
+    .unwrap();
+    let mut daemon = s.daemon(&["types"], "");
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute(
+        "INSERT INTO types VALUES (1, -32768, 9223372036854775807, 12345678901234567890.123456789, 'NaN', 1.5, \
+         0.1, 'NaN', '-Infinity', true, 'héllo \"q\"', 'vc', 'ab', '2024-01-02 03:04:05.678', \
+         '2024-01-02 03:04:05.5+02', '2024-02-29', '13:14:15', '1 day 2 hours', '{\"a\": [1, 2]}', \
+         '{\"b\": {\"c\": null}}', '\\x00ff10', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{1,NULL,3}', \
+         '{\"x y\",\"NULL\",NULL,\"q\\\"\"}', '{{1,2},{3,4}}', 'happy', NULL, repeat('x', 100000))",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("UPDATE types SET i2 = 7 WHERE id = 1").await.unwrap();
+
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
+    let a = records[0].after();
+    let expect = [
+        ("id", json!(1)),
+        ("i2", json!(-32768)),
+        ("i8", json!(9223372036854775807i64)),
+        ("n", json!("12345678901234567890.123456789")),
+        ("nn", json!("NaN")),
+        ("f4", json!(1.5)),
+        ("f8", json!(0.1)),
+        ("fnan", json!("NaN")),
+        ("finf", json!("-Infinity")),
+        ("b", json!(true)),
+        ("t", json!("héllo \"q\"")),
+        ("vc", json!("vc")),
+        ("c", json!("ab ")),
+        ("ts", json!("2024-01-02T03:04:05.678")),
+        ("tstz", json!("2024-01-02T01:04:05.5Z")),
+        ("d", json!("2024-02-29")),
+        ("tm", json!("13:14:15")),
+        ("iv", json!("P1DT2H")),
+        ("j", json!({"a": [1, 2]})),
+        ("jb", json!({"b": {"c": null}})),
+        ("by", json!("AP8Q")),
+        ("u", json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+        ("ai", json!([1, null, 3])),
+        ("at", json!(["x y", "NULL", null, "q\""])),
+        ("a2", json!([[1, 2], [3, 4]])),
+        ("m", json!("happy")),
+        ("nul", Value::Null),
+    ];
+    for (col, want) in expect {
+        assert_eq!(a[col], want, "column {col}");
+    }
+    assert_eq!(a["big"].as_str().map(str::len), Some(100_000));
+    // The update did not touch the TOASTed column: it is absent and listed, never a fake value.
+    let upd = records[1].value.as_ref().unwrap();
+    assert_eq!(upd["after"]["i2"], json!(7));
+    assert!(upd["after"].get("big").is_none(), "unchanged toast leaked a value");
+    assert_eq!(upd["unchanged_toast"], json!(["big"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_key_are_refused_unless_replica_identity_full() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute("CREATE TABLE nokey (a int, b text); CREATE TABLE full_id (a int, b text); \
+                      ALTER TABLE full_id REPLICA IDENTITY FULL;")
+        .await
+        .unwrap();
+    let mut daemon = s.daemon(&["nokey"], "");
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(3), "log:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("REPLICA IDENTITY FULL"), "{}", daemon.log_text());
+
+    let state = s.dir.path().join("state2");
+    let cfg = config(&s.pg, &s.tansu, &state, &["full_id"], "");
+    let mut daemon = Daemon::start(s.dir.path(), &cfg, &[]);
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute("INSERT INTO full_id VALUES (1, 'x'); DELETE FROM full_id;").await.unwrap();
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
+    assert_eq!(records[0].key, Some(json!({"a": 1, "b": "x"})));
+    assert_eq!(records[1].value.as_ref().unwrap()["before"], json!({"a": 1, "b": "x"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let mut daemon = s.daemon(&["t"], "");
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0), "{}", daemon.log_text());
+
+    // Dropped: a checkpoint exists but the slot is gone.
+    db.batch_execute("SELECT pg_drop_replication_slot('pgcdc')").await.unwrap();
+    daemon.spawn();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(60)).code(), Some(5), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("missing"));
+
+    // Recreated: a slot with the same name whose position is past our checkpoint.
+    db.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')").await.unwrap();
+    daemon.spawn();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(60)).code(), Some(5), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("beyond our checkpoint"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_confirms_everything() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").await.unwrap();
+    let mut daemon = s.daemon(&["t"], "");
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g").await.unwrap();
+    let end: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
+    s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 5000);
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0), "{}", daemon.log_text());
+    // After a clean stop the slot is confirmed up to the last transaction.
+    let confirmed = s.pg.confirmed_flush(&db, "pgcdc").await.unwrap();
+    assert!(confirmed >= end as u64 - 200, "confirmed {confirmed:x} far behind {end:x}");
+
+    // A restart resends nothing already confirmed.
+    daemon.spawn();
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute("INSERT INTO t VALUES (6000, 'after')").await.unwrap();
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.iter().any(|r| r.key == Some(json!({"id": 6000}))));
+    assert_eq!(records.len(), 5001, "records were re-sent after a clean restart");
+}
+
+#[test]
+fn bad_configuration_fails_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[postgres]\ntables = [\"t\"]\nprot = 5432\n[kafka]\ntopic_partitions = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args(["--config", path.to_str().unwrap(), "run"])
+        .env("PGCDC_POSTGRES__PASSWORD", "hunter2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("prot"), "{err}");
+    assert!(!err.contains("hunter2"));
+
+    std::fs::write(&path, "[postgres]\ntables = []\n[kafka]\ntopic_partitions = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc")).args(["--config", path.to_str().unwrap(), "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("postgres.tables") && err.contains("kafka.topic_partitions"), "{err}");
+}

@@ -1,0 +1,134 @@
+//! A tansu broker on a free port, and a reader of whole topics.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+/// A tansu broker with in-memory storage, killed on drop.
+pub struct Tansu {
+    child: Child,
+    pub port: u16,
+}
+
+impl Tansu {
+    /// Start tansu and wait until it answers metadata requests.
+    pub fn start() -> Tansu {
+        let port = super::free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(std::env::var("TANSU").unwrap_or_else(|_| "tansu".into()))
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start tansu: install it with `cargo install tansu --locked --features dynostore,libsql`");
+        let tansu = Tansu { child, port };
+        let consumer = tansu.consumer();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while consumer.fetch_metadata(None, Duration::from_secs(1)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not come up");
+        }
+        tansu
+    }
+
+    /// Bootstrap servers.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn consumer(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "pgcdc-tests")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer")
+    }
+
+    /// Read `topic` from the beginning until `done(records)` holds; panics after `timeout`.
+    pub fn read_until(&self, topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+        let consumer = self.consumer();
+        let deadline = Instant::now() + timeout;
+        let partitions = loop {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+            let n = md.ok().and_then(|m| m.topics().first().map(|t| t.partitions().len())).unwrap_or(0);
+            if n > 0 {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning).expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut records = Vec::new();
+        while !done(&records) {
+            assert!(Instant::now() < deadline, "timed out reading {topic}: {} records so far", records.len());
+            if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+                let msg = msg.expect("kafka error while reading");
+                records.push(Record::from(&msg));
+            }
+        }
+        records
+    }
+
+    /// Read everything currently in `topic` (until a quiet second after the last record).
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
+        let consumer = self.consumer();
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
+        let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let mut total = 0i64;
+        for p in 0..partitions {
+            let (lo, hi) = consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(5)).expect("watermarks");
+            total += hi - lo;
+        }
+        self.read_until(topic, Duration::from_secs(60), |r| r.len() as i64 >= total)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A consumed record, decoded.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<Value>,
+    pub value: Option<Value>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    /// `value.op`.
+    pub fn op(&self) -> &str {
+        self.value.as_ref().and_then(|v| v["op"].as_str()).unwrap_or("")
+    }
+
+    /// `value.after`.
+    pub fn after(&self) -> &Value {
+        self.value.as_ref().map_or(&Value::Null, |v| &v["after"])
+    }
+}
+
+impl<M: Message> From<&M> for Record {
+    fn from(m: &M) -> Self {
+        let json = |b: Option<&[u8]>| b.map(|b| serde_json::from_slice(b).expect("record is not json"));
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for i in 0..h.count() {
+                let h = h.get(i);
+                headers.insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
+            }
+        }
+        Record { key: json(m.key()), value: json(m.payload()), headers }
+    }
+}
