@@ -21,10 +21,16 @@ const ROWS: u64 = TXS * ROWS_PER_TX;
 
 /// Records currently in `topic` (sum of high watermarks).
 fn topic_len(consumer: &BaseConsumer, topic: &str) -> u64 {
-    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else { return 0 };
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return 0;
+    };
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
     (0..partitions)
-        .filter_map(|p| consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(5)).ok())
+        .filter_map(|p| {
+            consumer
+                .fetch_watermarks(topic, p as i32, Duration::from_secs(5))
+                .ok()
+        })
         .map(|(lo, hi)| (hi - lo) as u64)
         .sum()
 }
@@ -38,15 +44,36 @@ fn process_usage(pid: u32) -> (f64, f64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     (hwm_kb / 1024.0, ticks / 100.0)
 }
 
 /// Start pgcdc and wait until `expected` records are in `topic`; returns (seconds, rss MiB, cpu s).
-async fn drain_with_pgcdc(dir: &std::path::Path, cfg: &str, tansu: &Tansu, topic: &str, expected: u64, before: impl std::future::Future<Output = ()>) -> (f64, f64, f64) {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", tansu.brokers()).create().expect("consumer");
+async fn drain_with_pgcdc(
+    dir: &std::path::Path,
+    cfg: &str,
+    tansu: &Tansu,
+    topic: &str,
+    expected: u64,
+    before: impl std::future::Future<Output = ()>,
+) -> (f64, f64, f64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .create()
+        .expect("consumer");
     let started = Instant::now();
     let mut daemon = Daemon::start(dir, cfg, &[]);
     before.await;
@@ -85,48 +112,118 @@ async fn main() {
         );
         db.batch_execute(&sql).await.expect("insert");
     }
-    let end: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
 
     // Baseline: pg_recvlogical (pgoutput, proto 1) into /dev/null, up to the same LSN.
-    let bindir = String::from_utf8(Command::new("pg_config").arg("--bindir").output().expect("pg_config").stdout).unwrap_or_default();
+    let bindir = String::from_utf8(
+        Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .expect("pg_config")
+            .stdout,
+    )
+    .unwrap_or_default();
     let recv = std::path::Path::new(bindir.trim()).join("pg_recvlogical");
     let t0 = Instant::now();
     let status = Command::new(&recv)
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres", "--slot", "recv", "--start"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=pgcdc", "--endpos", &end, "-f", "/dev/null", "--no-loop"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "--slot",
+            "recv",
+            "--start",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=pgcdc",
+            "--endpos",
+            &end,
+            "-f",
+            "/dev/null",
+            "--no-loop",
+        ])
         .status()
         .expect("pg_recvlogical");
     assert!(status.success(), "pg_recvlogical failed");
     let recv_secs = t0.elapsed().as_secs_f64();
 
     let state = dir.path().join("state");
-    let cfg = config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
-    let (secs, rss, cpu) = drain_with_pgcdc(dir.path(), &cfg, &tansu, "cdc-events", ROWS, async {}).await;
+    let cfg =
+        config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
+    let (secs, rss, cpu) =
+        drain_with_pgcdc(dir.path(), &cfg, &tansu, "cdc-events", ROWS, async {}).await;
 
     // One transaction of 1,000,000 rows, streamed by a fresh daemon.
-    db.batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, a text, n int)").await.expect("big");
+    db.batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, a text, n int)")
+        .await
+        .expect("big");
     let dir2 = tempfile::tempdir().expect("tempdir");
-    let cfg2 = config(&pg, &tansu, &dir2.path().join("state"), &["big"], "topic = \"cdc-big\"")
-        .replace("info,pgcdc_actors=debug", "warn")
-        .replace("[postgres]\n", "[postgres]\nslot = \"big\"\npublication = \"big\"\n");
+    let cfg2 = config(
+        &pg,
+        &tansu,
+        &dir2.path().join("state"),
+        &["big"],
+        "topic = \"cdc-big\"",
+    )
+    .replace("info,pgcdc_actors=debug", "warn")
+    .replace(
+        "[postgres]\n",
+        "[postgres]\nslot = \"big\"\npublication = \"big\"\n",
+    );
     let writer = async {
         support::wait_until(Duration::from_secs(60), "the big slot", || async {
-            db.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'big' AND active", &[]).await.ok().flatten().is_some()
+            db.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'big' AND active",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
         })
         .await;
-        db.batch_execute("INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 1000000) g").await.expect("big insert");
+        db.batch_execute(
+            "INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 1000000) g",
+        )
+        .await
+        .expect("big insert");
     };
-    let (big_secs, big_rss, _) = drain_with_pgcdc(dir2.path(), &cfg2, &tansu, "cdc-big", ROWS, writer).await;
+    let (big_secs, big_rss, _) =
+        drain_with_pgcdc(dir2.path(), &cfg2, &tansu, "cdc-big", ROWS, writer).await;
 
     let rate = ROWS as f64 / secs;
     let recv_rate = ROWS as f64 / recv_secs;
     println!();
     println!("backlog of {ROWS} rows in {TXS} transactions, on this machine in one run:");
     println!("{:<44} {:>12} {:>10}", "", "rows/s", "seconds");
-    println!("{:<44} {:>12.0} {:>10.2}", "pg_recvlogical (pgoutput, proto 1) > /dev/null", recv_rate, recv_secs);
-    println!("{:<44} {:>12.0} {:>10.2}", "pgcdc -> tansu, to the last ack", rate, secs);
-    println!("ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.7)", rate / recv_rate);
-    println!("pgcdc CPU seconds per million rows: {:.2}", cpu / (ROWS as f64 / 1e6));
+    println!(
+        "{:<44} {:>12.0} {:>10.2}",
+        "pg_recvlogical (pgoutput, proto 1) > /dev/null", recv_rate, recv_secs
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10.2}",
+        "pgcdc -> tansu, to the last ack", rate, secs
+    );
+    println!(
+        "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.7)",
+        rate / recv_rate
+    );
+    println!(
+        "pgcdc CPU seconds per million rows: {:.2}",
+        cpu / (ROWS as f64 / 1e6)
+    );
     println!("pgcdc peak RSS, backlog: {rss:.1} MiB (target <= 150)");
     println!("pgcdc peak RSS, one 1,000,000-row transaction: {big_rss:.1} MiB in {big_secs:.1} s (target <= 150)");
 }

@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::error::{AppError, ExitCode};
+use crate::error::AppError;
 use crate::settings::Settings;
 
 /// Run the daemon until SIGTERM/SIGINT; `Ok` after a clean shutdown.
@@ -35,11 +35,15 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         create_topics(&settings).await?;
     }
     let sup = &settings.supervision;
-    let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), RestartBudget::new("checkpoint", sup.clone()));
+    let checkpoint = CheckpointActor::start(
+        settings.checkpoint_dir(),
+        RestartBudget::new("checkpoint", sup.clone()),
+    );
     let kafka = Arc::new(settings.kafka.clone());
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
     let producer_budget = RestartBudget::new("kafka_producer", sup.clone());
-    let producer = Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
+    let producer =
+        Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
     let pg = Arc::new(settings.postgres.clone());
     let (p, cp) = (producer.clone(), checkpoint.clone());
     let repl_budget = RestartBudget::new("replication", sup.clone());
@@ -51,7 +55,10 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
 }
 
 async fn wait_for_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -81,7 +88,11 @@ async fn shutdown(
     }
     let persisted = match checkpoint.send(GetCheckpoint).await {
         Ok(Ok(c)) => c.lsn,
-        other => return Err(AppError::LocalIo(format!("shutdown: reading the checkpoint failed: {other:?}"))),
+        other => {
+            return Err(AppError::LocalIo(format!(
+                "shutdown: reading the checkpoint failed: {other:?}"
+            )))
+        }
     };
     confirm_slot(settings, persisted).await;
     tracing::info!(lsn = %persisted, "shutdown complete");
@@ -95,7 +106,9 @@ async fn confirm_slot(settings: &Settings, lsn: Lsn) {
         return;
     }
     let pg = &settings.postgres;
-    let Ok(sql) = slot::connect(pg).await else { return };
+    let Ok(sql) = slot::connect(pg).await else {
+        return;
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let q = "SELECT active, confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1";
@@ -113,7 +126,9 @@ async fn confirm_slot(settings: &Settings, lsn: Lsn) {
             _ => return,
         }
     }
-    tracing::warn!("slot still active after shutdown; final lsn not confirmed (it will be on next start)");
+    tracing::warn!(
+        "slot still active after shutdown; final lsn not confirmed (it will be on next start)"
+    );
 }
 
 /// Create the topics events go to; existing ones are left alone.
@@ -133,22 +148,34 @@ async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         config.set(key, v);
     }
     config.set("bootstrap.servers", &k.brokers);
-    let admin: AdminClient<DefaultClientContext> =
-        config.create().map_err(|e| AppError::Config(vec![format!("kafka.properties: {e}")]))?;
+    let admin: AdminClient<DefaultClientContext> = config
+        .create()
+        .map_err(|e| AppError::Config(vec![format!("kafka.properties: {e}")]))?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, k.topic_partitions, TopicReplication::Fixed(k.topic_replication_factor)))
+        .map(|n| {
+            NewTopic::new(
+                n,
+                k.topic_partitions,
+                TopicReplication::Fixed(k.topic_replication_factor),
+            )
+        })
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&topics, &opts)
-        .await
-        .map_err(|e| AppError::Upstream(format!("kafka at {}: cannot create topics: {e}", k.brokers)))?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(30)))
+        .request_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(&topics, &opts).await.map_err(|e| {
+        AppError::Upstream(format!("kafka at {}: cannot create topics: {e}", k.brokers))
+    })?;
     for r in results {
         match r {
             Ok(topic) => tracing::info!(topic, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(AppError::Upstream(format!("kafka: cannot create topic {topic}: {code}"))),
+            Err((topic, code)) => {
+                return Err(AppError::Upstream(format!(
+                    "kafka: cannot create topic {topic}: {code}"
+                )))
+            }
         }
     }
     Ok(())

@@ -13,7 +13,10 @@ use crate::settings::Settings;
 
 /// Check configuration (already loaded), PostgreSQL, the slot against the checkpoint, and Kafka.
 pub fn run(settings: Settings) -> Result<(), AppError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::LocalIo(e.to_string()))?;
     println!("ok    configuration");
     let mut first_failure = None;
     let mut report = |what: &str, res: Result<String, AppError>| match res {
@@ -33,23 +36,36 @@ fn classified(e: ReplicationError) -> AppError {
         ErrorClass::Fatal(code) => code,
         ErrorClass::Transient => ExitCode::Upstream,
     };
-    AppError::Classified { code, message: e.to_string() }
+    AppError::Classified {
+        code,
+        message: e.to_string(),
+    }
 }
 
 async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     let pg = &settings.postgres;
     let sql = slot::connect(pg).await.map_err(classified)?;
     slot::check_server(&sql).await.map_err(classified)?;
-    let tables = slot::resolve_tables(&sql, &pg.tables).await.map_err(classified)?;
+    let tables = slot::resolve_tables(&sql, &pg.tables)
+        .await
+        .map_err(classified)?;
     let identity = SlotIdentity {
         system_id: slot::system_id(&sql).await.map_err(classified)?,
         database: pg.database.clone(),
         slot_name: pg.slot.clone(),
     };
     let checkpoint = read_checkpoint(settings)?;
-    let state = slot::inspect_slot(&sql, &pg.slot).await.map_err(classified)?;
+    let state = slot::inspect_slot(&sql, &pg.slot)
+        .await
+        .map_err(classified)?;
     let start = slot::decide_start(&checkpoint, state.as_ref(), &identity).map_err(classified)?;
-    Ok(format!("{}:{}/{}, {} tables with keys, start: {start:?}", pg.host, pg.port, pg.database, tables.len()))
+    Ok(format!(
+        "{}:{}/{}, {} tables with keys, start: {start:?}",
+        pg.host,
+        pg.port,
+        pg.database,
+        tables.len()
+    ))
 }
 
 fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
@@ -57,7 +73,8 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
     if !dir.join("CURRENT").exists() {
         return Ok(Checkpoint::default());
     }
-    let store = CheckpointStore::open_read_only(&dir).map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let store =
+        CheckpointStore::open_read_only(&dir).map_err(|e| AppError::LocalIo(e.to_string()))?;
     store.load().map_err(|e| AppError::LocalIo(e.to_string()))
 }
 
@@ -70,7 +87,11 @@ fn check_kafka(settings: &Settings) -> Result<String, AppError> {
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
-    Ok(format!("{} brokers, {} topics", md.brokers().len(), md.topics().len()))
+    Ok(format!(
+        "{} brokers, {} topics",
+        md.brokers().len(),
+        md.topics().len()
+    ))
 }
 
 /// Print the checkpoint and the slot.
@@ -78,14 +99,28 @@ pub fn status(settings: Settings) -> Result<(), AppError> {
     let checkpoint = read_checkpoint(&settings)?;
     println!("checkpoint lsn:      {}", checkpoint.lsn);
     match &checkpoint.slot {
-        Some(s) => println!("checkpoint slot:     {} on system {} database {}", s.slot_name, s.system_id, s.database),
+        Some(s) => println!(
+            "checkpoint slot:     {} on system {} database {}",
+            s.slot_name, s.system_id, s.database
+        ),
         None => println!("checkpoint slot:     none (never started)"),
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
-        let sql = slot::connect(&settings.postgres).await.map_err(classified)?;
-        match slot::inspect_slot(&sql, &settings.postgres.slot).await.map_err(classified)? {
-            Some(s) => println!("slot confirmed lsn:  {} (wal_status {})", s.confirmed_flush, s.wal_status),
+        let sql = slot::connect(&settings.postgres)
+            .await
+            .map_err(classified)?;
+        match slot::inspect_slot(&sql, &settings.postgres.slot)
+            .await
+            .map_err(classified)?
+        {
+            Some(s) => println!(
+                "slot confirmed lsn:  {} (wal_status {})",
+                s.confirmed_flush, s.wal_status
+            ),
             None => println!("slot:                missing"),
         }
         Ok(())

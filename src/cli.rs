@@ -9,7 +9,13 @@ use clap::{Parser, Subcommand};
 #[command(name = "pgcdc", version, about)]
 pub struct Cli {
     /// Configuration file (TOML). Environment variables PGCDC_<SECTION>__<KEY> override it.
-    #[arg(long, short, global = true, env = "PGCDC_CONFIG", default_value = "config/pgcdc.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PGCDC_CONFIG",
+        default_value = "config/pgcdc.toml"
+    )]
     pub config: PathBuf,
     /// Directory of local state; overrides `state_dir`.
     #[arg(long, global = true)]

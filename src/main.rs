@@ -10,7 +10,10 @@ fn main() {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let overrides = Overrides { state_dir: cli.state_dir.clone(), log_level: cli.log_level.clone() };
+    let overrides = Overrides {
+        state_dir: cli.state_dir.clone(),
+        log_level: cli.log_level.clone(),
+    };
     let settings = match Settings::load(Some(&cli.config), &overrides) {
         Ok(s) => s,
         Err(e) => {

@@ -34,7 +34,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Human }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
     }
 }
 
@@ -85,12 +88,17 @@ impl Settings {
         let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.is_file() {
-                return Err(AppError::Config(vec![format!("config file {} does not exist", path.display())]));
+                return Err(AppError::Config(vec![format!(
+                    "config file {} does not exist",
+                    path.display()
+                )]));
             }
             figment = figment.merge(Toml::file(path));
         }
         let figment = figment.merge(Env::prefixed("PGCDC_").split("__").ignore(&["config"]));
-        let mut settings: Settings = figment.extract().map_err(|e| AppError::Config(e.into_iter().map(|e| e.to_string()).collect()))?;
+        let mut settings: Settings = figment
+            .extract()
+            .map_err(|e| AppError::Config(e.into_iter().map(|e| e.to_string()).collect()))?;
         if let Some(dir) = &overrides.state_dir {
             settings.state_dir = dir.clone();
         }
@@ -111,7 +119,10 @@ impl Settings {
             errors.push("shutdown_timeout_secs: must be at least 1".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push(format!("log.level: {:?} is not a valid filter", self.log.level));
+            errors.push(format!(
+                "log.level: {:?} is not a valid filter",
+                self.log.level
+            ));
         }
         if errors.is_empty() {
             Ok(())
@@ -161,7 +172,10 @@ mod tests {
     #[test]
     fn invalid_values_are_all_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(&dir, "[postgres]\ntables = []\nslot = \"Bad Slot\"\n[kafka]\ntopic_partitions = 0\n");
+        let path = write(
+            &dir,
+            "[postgres]\ntables = []\nslot = \"Bad Slot\"\n[kafka]\ntopic_partitions = 0\n",
+        );
         let e = errors(Settings::load(Some(&path), &Overrides::default()));
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e.iter().any(|m| m.starts_with("kafka.topic_partitions")));
@@ -177,14 +191,20 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let e = errors(Settings::load(Some(Path::new("/nonexistent/pgcdc.toml")), &Overrides::default()));
+        let e = errors(Settings::load(
+            Some(Path::new("/nonexistent/pgcdc.toml")),
+            &Overrides::default(),
+        ));
         assert!(e[0].contains("does not exist"));
     }
 
     #[test]
     fn password_is_redacted_in_debug() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(&dir, "[postgres]\npassword = \"hunter2\"\ntables = [\"t\"]\n");
+        let path = write(
+            &dir,
+            "[postgres]\npassword = \"hunter2\"\ntables = [\"t\"]\n",
+        );
         let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.postgres.password.expose(), "hunter2");

@@ -26,7 +26,11 @@ async fn write_numbered(db: Client, count: i64, pause: Duration, committed: Comm
             ROWS_PER_TX - 1
         );
         db.batch_execute(&sql).await.expect("write");
-        let after: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.expect("lsn").get(0);
+        let after: i64 = db
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("lsn")
+            .get(0);
         committed.lock().unwrap().push((n, after as u64));
         tokio::time::sleep(pause).await;
     }
@@ -45,20 +49,34 @@ fn seen_ids(tansu: &Tansu) -> HashMap<i64, usize> {
 }
 
 /// Every transaction known to be at or below `confirmed` must be on Kafka.
-fn assert_confirmed_is_acknowledged(confirmed: u64, committed: &[(i64, u64)], seen: &HashMap<i64, usize>) {
+fn assert_confirmed_is_acknowledged(
+    confirmed: u64,
+    committed: &[(i64, u64)],
+    seen: &HashMap<i64, usize>,
+) {
     for &(n, after) in committed.iter().filter(|(_, after)| *after <= confirmed) {
         for id in n * ROWS_PER_TX..(n + 1) * ROWS_PER_TX {
-            assert!(seen.contains_key(&id), "slot confirmed {confirmed:x} but tx {n} (ended by {after:x}) is not on kafka");
+            assert!(
+                seen.contains_key(&id),
+                "slot confirmed {confirmed:x} but tx {n} (ended by {after:x}) is not on kafka"
+            );
         }
     }
 }
 
 /// Poll the slot in the background; fail if confirmed_flush_lsn ever moves backwards.
-fn watch_slot(pg_url: String) -> (tokio::task::JoinHandle<u64>, Arc<std::sync::atomic::AtomicBool>) {
+fn watch_slot(
+    pg_url: String,
+) -> (
+    tokio::task::JoinHandle<u64>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let task = tokio::spawn(async move {
-        let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.expect("poller");
+        let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("poller");
         tokio::spawn(conn);
         let mut last = 0u64;
         while !flag.load(std::sync::atomic::Ordering::SeqCst) {
@@ -67,7 +85,10 @@ fn watch_slot(pg_url: String) -> (tokio::task::JoinHandle<u64>, Arc<std::sync::a
                 .await
                 .expect("poll");
             if let Some(v) = row.and_then(|r| r.get::<_, Option<i64>>(0)) {
-                assert!(v as u64 >= last, "confirmed_flush_lsn moved backwards: {last:x} -> {v:x}");
+                assert!(
+                    v as u64 >= last,
+                    "confirmed_flush_lsn moved backwards: {last:x} -> {v:x}"
+                );
                 last = v as u64;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -82,18 +103,23 @@ async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
     let tansu = Tansu::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let db = pg.client().await;
-    db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)").await.expect("ddl");
+    db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)")
+        .await
+        .expect("ddl");
     (pg, tansu, dir, db)
 }
 
 async fn wait_active(db: &Client, daemon: &mut Daemon) {
     wait_until(Duration::from_secs(60), "the slot to be active", || async {
         assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
-        db.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active", &[])
-            .await
-            .ok()
-            .flatten()
-            .is_some()
+        db.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
     })
     .await;
 }
@@ -102,7 +128,11 @@ async fn wait_active(db: &Client, daemon: &mut Daemon) {
 fn assert_nothing_lost(tansu: &Tansu, total_tx: i64) -> usize {
     let want = (total_tx * ROWS_PER_TX) as usize;
     let records = tansu.read_until(TOPIC, Duration::from_secs(120), |rs| {
-        let mut ids: Vec<i64> = rs.iter().filter(|r| r.op() == "c").filter_map(|r| r.key.as_ref()?["id"].as_i64()).collect();
+        let mut ids: Vec<i64> = rs
+            .iter()
+            .filter(|r| r.op() == "c")
+            .filter_map(|r| r.key.as_ref()?["id"].as_i64())
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids.len() >= want
@@ -121,15 +151,28 @@ async fn kill_9_mid_stream_loses_no_committed_change() {
 
     let total = 300;
     let committed: Committed = Arc::default();
-    let writer = tokio::spawn(write_numbered(pg.client().await, total, Duration::from_millis(5), committed.clone()));
+    let writer = tokio::spawn(write_numbered(
+        pg.client().await,
+        total,
+        Duration::from_millis(5),
+        committed.clone(),
+    ));
     let mut last_confirmed = 0;
     for round in 0..4 {
         // Let a few more transactions commit, then kill mid-stream.
         let target = (round + 1) * total as usize / 6;
-        wait_until(Duration::from_secs(60), "the writer to progress", || async { committed.lock().unwrap().len() >= target }).await;
+        wait_until(
+            Duration::from_secs(60),
+            "the writer to progress",
+            || async { committed.lock().unwrap().len() >= target },
+        )
+        .await;
         daemon.kill9();
         let confirmed = pg.confirmed_flush(&db, "pgcdc").await.expect("slot");
-        assert!(confirmed >= last_confirmed, "confirmed moved backwards across a kill");
+        assert!(
+            confirmed >= last_confirmed,
+            "confirmed moved backwards across a kill"
+        );
         last_confirmed = confirmed;
         let snapshot = committed.lock().unwrap().clone();
         assert_confirmed_is_acknowledged(confirmed, &snapshot, &seen_ids(&tansu));
@@ -154,17 +197,31 @@ async fn panic_in_actor_is_restarted(failpoint: &str) {
     let (poller, stop_poller) = watch_slot(pg.url());
     let total = 150;
     let committed: Committed = Arc::default();
-    write_numbered(pg.client().await, total, Duration::from_millis(2), committed.clone()).await;
+    write_numbered(
+        pg.client().await,
+        total,
+        Duration::from_millis(2),
+        committed.clone(),
+    )
+    .await;
     assert_nothing_lost(&tansu, total);
     let log = daemon.log_text();
-    assert!(log.contains("panicked"), "failpoint {failpoint} never fired:\n{log}");
-    assert!(log.contains("actor restarting"), "no supervised restart:\n{log}");
+    assert!(
+        log.contains("panicked"),
+        "failpoint {failpoint} never fired:\n{log}"
+    );
+    assert!(
+        log.contains("actor restarting"),
+        "no supervised restart:\n{log}"
+    );
     assert!(daemon.is_running(), "a panic ended the process:\n{log}");
     // The slot catches up once the stream runs again.
     let end = committed.lock().unwrap().last().map(|c| c.1).unwrap_or(0);
-    wait_until(Duration::from_secs(60), "the slot to confirm the last transaction", || async {
-        pg.confirmed_flush(&db, "pgcdc").await.unwrap_or(0) + 200 >= end
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the slot to confirm the last transaction",
+        || async { pg.confirmed_flush(&db, "pgcdc").await.unwrap_or(0) + 200 >= end },
+    )
     .await;
     stop_poller.store(true, std::sync::atomic::Ordering::SeqCst);
     poller.await.expect("slot poller");

@@ -18,22 +18,37 @@ struct Stack {
 
 impl Stack {
     fn start() -> Stack {
-        Stack { pg: PgCluster::start(), tansu: Tansu::start(), dir: tempfile::tempdir().expect("tempdir") }
+        Stack {
+            pg: PgCluster::start(),
+            tansu: Tansu::start(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     fn daemon(&self, tables: &[&str], extra_kafka: &str) -> Daemon {
         let state = self.dir.path().join("state");
-        Daemon::start(self.dir.path(), &config(&self.pg, &self.tansu, &state, tables, extra_kafka), &[])
+        Daemon::start(
+            self.dir.path(),
+            &config(&self.pg, &self.tansu, &state, tables, extra_kafka),
+            &[],
+        )
     }
 }
 
 /// Wait until the daemon has created its slot (it streams from then on).
 async fn wait_streaming(pg: &PgCluster, client: &tokio_postgres::Client, daemon: &mut Daemon) {
     wait_until(Duration::from_secs(60), "the slot to be active", || async {
-        assert!(daemon.is_running(), "pgcdc exited early:\n{}", daemon.log_text());
+        assert!(
+            daemon.is_running(),
+            "pgcdc exited early:\n{}",
+            daemon.log_text()
+        );
         let _ = pg;
         client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active",
+                &[],
+            )
             .await
             .ok()
             .flatten()
@@ -43,7 +58,10 @@ async fn wait_streaming(pg: &PgCluster, client: &tokio_postgres::Client, daemon:
 }
 
 fn ops(records: &[Record]) -> Vec<(String, Option<Value>)> {
-    records.iter().map(|r| (r.op().to_string(), r.key.clone())).collect()
+    records
+        .iter()
+        .map(|r| (r.op().to_string(), r.key.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,20 +77,32 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
     let mut daemon = s.daemon(&["public.users", "orders"], "");
     wait_streaming(&s.pg, &db, &mut daemon).await;
 
-    db.batch_execute("INSERT INTO users VALUES (1, 'ann', 'ann@example.com')").await.unwrap();
-    db.batch_execute("UPDATE users SET name = 'anne' WHERE id = 1").await.unwrap();
-    db.batch_execute("UPDATE users SET id = 2 WHERE id = 1").await.unwrap();
+    db.batch_execute("INSERT INTO users VALUES (1, 'ann', 'ann@example.com')")
+        .await
+        .unwrap();
+    db.batch_execute("UPDATE users SET name = 'anne' WHERE id = 1")
+        .await
+        .unwrap();
+    db.batch_execute("UPDATE users SET id = 2 WHERE id = 1")
+        .await
+        .unwrap();
     db.batch_execute(
         "BEGIN; INSERT INTO users VALUES (3, 'bob', NULL); INSERT INTO orders VALUES (10, 3, 99.95); \
          UPDATE orders SET total = 100.00 WHERE id = 10; COMMIT;",
     )
     .await
     .unwrap();
-    db.batch_execute("BEGIN; INSERT INTO users VALUES (4, 'rolled back', NULL); ROLLBACK;").await.unwrap();
-    db.batch_execute("DELETE FROM users WHERE id = 3").await.unwrap();
+    db.batch_execute("BEGIN; INSERT INTO users VALUES (4, 'rolled back', NULL); ROLLBACK;")
+        .await
+        .unwrap();
+    db.batch_execute("DELETE FROM users WHERE id = 3")
+        .await
+        .unwrap();
     db.batch_execute("TRUNCATE orders").await.unwrap();
 
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.iter().any(|r| r.op() == "t"));
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.op() == "t")
+    });
     let k = |id: i64| Some(json!({ "id": id }));
     let expected = vec![
         ("c".to_string(), k(1)),
@@ -90,24 +120,42 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
     assert_eq!(ops(&records), expected);
 
     let first = records[0].value.as_ref().unwrap();
-    assert_eq!(first["after"], json!({"id": 1, "name": "ann", "email": "ann@example.com"}));
+    assert_eq!(
+        first["after"],
+        json!({"id": 1, "name": "ann", "email": "ann@example.com"})
+    );
     assert_eq!(first["before"], Value::Null);
     let src = &first["source"];
-    assert_eq!((src["connector"].as_str(), src["db"].as_str()), (Some("pgcdc"), Some("postgres")));
-    assert_eq!((src["schema"].as_str(), src["table"].as_str()), (Some("public"), Some("users")));
+    assert_eq!(
+        (src["connector"].as_str(), src["db"].as_str()),
+        (Some("pgcdc"), Some("postgres"))
+    );
+    assert_eq!(
+        (src["schema"].as_str(), src["table"].as_str()),
+        (Some("public"), Some("users"))
+    );
     assert_eq!(src["snapshot"], json!(false));
     assert!(src["txId"].as_u64().unwrap() > 0 && src["lsn"].as_u64().unwrap() > 0);
     assert_eq!(records[0].headers["pgcdc.table"], "public.users");
     assert_eq!(records[0].headers["pgcdc.op"], "c");
     assert_eq!(records[1].after()["name"], json!("anne"));
-    assert_eq!(records[2].value.as_ref().unwrap()["before"], json!({"id": 1}));
+    assert_eq!(
+        records[2].value.as_ref().unwrap()["before"],
+        json!({"id": 1})
+    );
     assert_eq!(records[7].after()["total"], json!("100.00"));
 
     // One transaction: one commit LSN, increasing positions.
     let tx: Vec<&Record> = records[5..8].iter().collect();
-    let commit: Vec<&str> = tx.iter().map(|r| r.headers["pgcdc.commit_lsn"].as_str()).collect();
+    let commit: Vec<&str> = tx
+        .iter()
+        .map(|r| r.headers["pgcdc.commit_lsn"].as_str())
+        .collect();
     assert!(commit.windows(2).all(|w| w[0] == w[1]), "{commit:?}");
-    let seqs: Vec<u64> = tx.iter().map(|r| r.value.as_ref().unwrap()["source"]["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = tx
+        .iter()
+        .map(|r| r.value.as_ref().unwrap()["source"]["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, [0, 1, 2]);
     // Commit LSNs never go backwards across transactions.
     let lsns: Vec<u64> = records
@@ -146,9 +194,13 @@ async fn every_common_type_becomes_faithful_json() {
     )
     .await
     .unwrap();
-    db.batch_execute("UPDATE types SET i2 = 7 WHERE id = 1").await.unwrap();
+    db.batch_execute("UPDATE types SET i2 = 7 WHERE id = 1")
+        .await
+        .unwrap();
 
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
+    let records = s
+        .tansu
+        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
     let a = records[0].after();
     let expect = [
         ("id", json!(1)),
@@ -186,7 +238,10 @@ async fn every_common_type_becomes_faithful_json() {
     // The update did not touch the TOASTed column: it is absent and listed, never a fake value.
     let upd = records[1].value.as_ref().unwrap();
     assert_eq!(upd["after"]["i2"], json!(7));
-    assert!(upd["after"].get("big").is_none(), "unchanged toast leaked a value");
+    assert!(
+        upd["after"].get("big").is_none(),
+        "unchanged toast leaked a value"
+    );
     assert_eq!(upd["unchanged_toast"], json!(["big"]));
 }
 
@@ -194,47 +249,82 @@ async fn every_common_type_becomes_faithful_json() {
 async fn tables_without_key_are_refused_unless_replica_identity_full() {
     let s = Stack::start();
     let db = s.pg.client().await;
-    db.batch_execute("CREATE TABLE nokey (a int, b text); CREATE TABLE full_id (a int, b text); \
-                      ALTER TABLE full_id REPLICA IDENTITY FULL;")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "CREATE TABLE nokey (a int, b text); CREATE TABLE full_id (a int, b text); \
+                      ALTER TABLE full_id REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
     let mut daemon = s.daemon(&["nokey"], "");
     let status = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(3), "log:\n{}", daemon.log_text());
-    assert!(daemon.log_text().contains("REPLICA IDENTITY FULL"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("REPLICA IDENTITY FULL"),
+        "{}",
+        daemon.log_text()
+    );
 
     let state = s.dir.path().join("state2");
     let cfg = config(&s.pg, &s.tansu, &state, &["full_id"], "");
     let mut daemon = Daemon::start(s.dir.path(), &cfg, &[]);
     wait_streaming(&s.pg, &db, &mut daemon).await;
-    db.batch_execute("INSERT INTO full_id VALUES (1, 'x'); DELETE FROM full_id;").await.unwrap();
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
+    db.batch_execute("INSERT INTO full_id VALUES (1, 'x'); DELETE FROM full_id;")
+        .await
+        .unwrap();
+    let records = s
+        .tansu
+        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
     assert_eq!(records[0].key, Some(json!({"a": 1, "b": "x"})));
-    assert_eq!(records[1].value.as_ref().unwrap()["before"], json!({"a": 1, "b": "x"}));
+    assert_eq!(
+        records[1].value.as_ref().unwrap()["before"],
+        json!({"a": 1, "b": "x"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     let s = Stack::start();
     let db = s.pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     let mut daemon = s.daemon(&["t"], "");
     wait_streaming(&s.pg, &db, &mut daemon).await;
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
-    s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| !r.is_empty());
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0), "{}", daemon.log_text());
+    s.tansu
+        .read_until(TOPIC, Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
 
     // Dropped: a checkpoint exists but the slot is gone.
-    db.batch_execute("SELECT pg_drop_replication_slot('pgcdc')").await.unwrap();
+    db.batch_execute("SELECT pg_drop_replication_slot('pgcdc')")
+        .await
+        .unwrap();
     daemon.spawn();
-    assert_eq!(daemon.wait_exit(Duration::from_secs(60)).code(), Some(5), "{}", daemon.log_text());
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(60)).code(),
+        Some(5),
+        "{}",
+        daemon.log_text()
+    );
     assert!(daemon.log_text().contains("missing"));
 
     // Recreated: a slot with the same name whose position is past our checkpoint.
     db.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
-    db.batch_execute("SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')").await.unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')")
+        .await
+        .unwrap();
     daemon.spawn();
-    assert_eq!(daemon.wait_exit(Duration::from_secs(60)).code(), Some(5), "{}", daemon.log_text());
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(60)).code(),
+        Some(5),
+        "{}",
+        daemon.log_text()
+    );
     assert!(daemon.log_text().contains("beyond our checkpoint"));
 }
 
@@ -242,30 +332,59 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
 async fn sigterm_drains_and_confirms_everything() {
     let s = Stack::start();
     let db = s.pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").await.unwrap();
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
     let mut daemon = s.daemon(&["t"], "");
     wait_streaming(&s.pg, &db, &mut daemon).await;
-    db.batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g").await.unwrap();
-    let end: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.unwrap().get(0);
-    s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 5000);
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0), "{}", daemon.log_text());
+    db.batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    let end: i64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.tansu
+        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 5000);
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
     // After a clean stop the slot is confirmed up to the last transaction.
     let confirmed = s.pg.confirmed_flush(&db, "pgcdc").await.unwrap();
-    assert!(confirmed >= end as u64 - 200, "confirmed {confirmed:x} far behind {end:x}");
+    assert!(
+        confirmed >= end as u64 - 200,
+        "confirmed {confirmed:x} far behind {end:x}"
+    );
 
     // A restart resends nothing already confirmed.
     daemon.spawn();
     wait_streaming(&s.pg, &db, &mut daemon).await;
-    db.batch_execute("INSERT INTO t VALUES (6000, 'after')").await.unwrap();
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| r.iter().any(|r| r.key == Some(json!({"id": 6000}))));
-    assert_eq!(records.len(), 5001, "records were re-sent after a clean restart");
+    db.batch_execute("INSERT INTO t VALUES (6000, 'after')")
+        .await
+        .unwrap();
+    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.key == Some(json!({"id": 6000})))
+    });
+    assert_eq!(
+        records.len(),
+        5001,
+        "records were re-sent after a clean restart"
+    );
 }
 
 #[test]
 fn bad_configuration_fails_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[postgres]\ntables = [\"t\"]\nprot = 5432\n[kafka]\ntopic_partitions = 0\n").unwrap();
+    std::fs::write(
+        &path,
+        "[postgres]\ntables = [\"t\"]\nprot = 5432\n[kafka]\ntopic_partitions = 0\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
         .args(["--config", path.to_str().unwrap(), "run"])
         .env("PGCDC_POSTGRES__PASSWORD", "hunter2")
@@ -276,9 +395,19 @@ fn bad_configuration_fails_naming_the_key() {
     assert!(err.contains("prot"), "{err}");
     assert!(!err.contains("hunter2"));
 
-    std::fs::write(&path, "[postgres]\ntables = []\n[kafka]\ntopic_partitions = 0\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc")).args(["--config", path.to_str().unwrap(), "check"]).output().unwrap();
+    std::fs::write(
+        &path,
+        "[postgres]\ntables = []\n[kafka]\ntopic_partitions = 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("postgres.tables") && err.contains("kafka.topic_partitions"), "{err}");
+    assert!(
+        err.contains("postgres.tables") && err.contains("kafka.topic_partitions"),
+        "{err}"
+    );
 }

@@ -30,7 +30,12 @@ pub struct SupervisionConfig {
 
 impl Default for SupervisionConfig {
     fn default() -> Self {
-        Self { max_restarts: 10, window_secs: 60, backoff_initial_ms: 200, backoff_max_ms: 10_000 }
+        Self {
+            max_restarts: 10,
+            window_secs: 60,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 10_000,
+        }
     }
 }
 
@@ -60,7 +65,11 @@ pub struct RestartBudget {
 impl RestartBudget {
     /// A fresh budget for the actor named `actor`.
     pub fn new(actor: &'static str, config: SupervisionConfig) -> Self {
-        Self { actor, config, history: Arc::default() }
+        Self {
+            actor,
+            config,
+            history: Arc::default(),
+        }
     }
 
     /// Count one restart now; exits the process if the budget is spent.
@@ -72,7 +81,11 @@ impl RestartBudget {
                 "{} restarts within {}s (max {})",
                 restarts, self.config.window_secs, self.config.max_restarts
             );
-            exit_fatal(ExitCode::RestartBudget, &format!("{} keeps crashing", self.actor), &msg);
+            exit_fatal(
+                ExitCode::RestartBudget,
+                &format!("{} keeps crashing", self.actor),
+                &msg,
+            );
         }
     }
 
@@ -81,7 +94,10 @@ impl RestartBudget {
         let window = Duration::from_secs(self.config.window_secs);
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         history.push_back(now);
-        while history.front().is_some_and(|t| now.duration_since(*t) > window) {
+        while history
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
             history.pop_front();
         }
         history.len()
@@ -123,7 +139,11 @@ pub fn task_outcome<E: std::fmt::Display>(
             Err(e.to_string())
         }
         Err(join) => {
-            let why = if join.is_panic() { "panicked" } else { "was cancelled" };
+            let why = if join.is_panic() {
+                "panicked"
+            } else {
+                "was cancelled"
+            };
             tracing::error!(actor, error = %join, "actor work {why}");
             Err(format!("{why}: {join}"))
         }
@@ -170,7 +190,12 @@ mod tests {
     #[test]
     fn invalid_config_is_reported_by_path() {
         let mut errors = Vec::new();
-        let c = SupervisionConfig { max_restarts: 0, window_secs: 0, backoff_initial_ms: 5, backoff_max_ms: 1 };
+        let c = SupervisionConfig {
+            max_restarts: 0,
+            window_secs: 0,
+            backoff_initial_ms: 5,
+            backoff_max_ms: 1,
+        };
         c.validate(&mut errors);
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors[0].starts_with("supervision.max_restarts"));

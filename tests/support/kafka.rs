@@ -29,7 +29,10 @@ impl Tansu {
         let tansu = Tansu { child, port };
         let consumer = tansu.consumer();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while consumer.fetch_metadata(None, Duration::from_secs(1)).is_err() {
+        while consumer
+            .fetch_metadata(None, Duration::from_secs(1))
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "tansu did not come up");
         }
         tansu
@@ -50,12 +53,20 @@ impl Tansu {
     }
 
     /// Read `topic` from the beginning until `done(records)` holds; panics after `timeout`.
-    pub fn read_until(&self, topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    pub fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        done: impl Fn(&[Record]) -> bool,
+    ) -> Vec<Record> {
         let consumer = self.consumer();
         let deadline = Instant::now() + timeout;
         let partitions = loop {
             let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
-            let n = md.ok().and_then(|m| m.topics().first().map(|t| t.partitions().len())).unwrap_or(0);
+            let n = md
+                .ok()
+                .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+                .unwrap_or(0);
             if n > 0 {
                 break n;
             }
@@ -64,12 +75,17 @@ impl Tansu {
         };
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p as i32, Offset::Beginning).expect("tpl");
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+                .expect("tpl");
         }
         consumer.assign(&tpl).expect("assign");
         let mut records = Vec::new();
         while !done(&records) {
-            assert!(Instant::now() < deadline, "timed out reading {topic}: {} records so far", records.len());
+            assert!(
+                Instant::now() < deadline,
+                "timed out reading {topic}: {} records so far",
+                records.len()
+            );
             if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
                 let msg = msg.expect("kafka error while reading");
                 records.push(Record::from(&msg));
@@ -81,11 +97,19 @@ impl Tansu {
     /// Read everything currently in `topic` (until a quiet second after the last record).
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
         let consumer = self.consumer();
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
-        let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .expect("metadata");
+        let partitions = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
         let mut total = 0i64;
         for p in 0..partitions {
-            let (lo, hi) = consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(5)).expect("watermarks");
+            let (lo, hi) = consumer
+                .fetch_watermarks(topic, p as i32, Duration::from_secs(5))
+                .expect("watermarks");
             total += hi - lo;
         }
         self.read_until(topic, Duration::from_secs(60), |r| r.len() as i64 >= total)
@@ -110,7 +134,10 @@ pub struct Record {
 impl Record {
     /// `value.op`.
     pub fn op(&self) -> &str {
-        self.value.as_ref().and_then(|v| v["op"].as_str()).unwrap_or("")
+        self.value
+            .as_ref()
+            .and_then(|v| v["op"].as_str())
+            .unwrap_or("")
     }
 
     /// `value.after`.
@@ -121,14 +148,22 @@ impl Record {
 
 impl<M: Message> From<&M> for Record {
     fn from(m: &M) -> Self {
-        let json = |b: Option<&[u8]>| b.map(|b| serde_json::from_slice(b).expect("record is not json"));
+        let json =
+            |b: Option<&[u8]>| b.map(|b| serde_json::from_slice(b).expect("record is not json"));
         let mut headers = HashMap::new();
         if let Some(h) = m.headers() {
             for i in 0..h.count() {
                 let h = h.get(i);
-                headers.insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
+                headers.insert(
+                    h.key.to_string(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
             }
         }
-        Record { key: json(m.key()), value: json(m.payload()), headers }
+        Record {
+            key: json(m.key()),
+            value: json(m.payload()),
+            headers,
+        }
     }
 }

@@ -15,7 +15,10 @@ pub use pg::PgCluster;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
 }
 
 /// Poll `cond` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -26,7 +29,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !cond().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -49,7 +55,10 @@ impl Daemon {
             child: None,
             config,
             log: dir.join("pgcdc.log"),
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             features_env: Vec::new(),
         };
         d.spawn();
@@ -58,7 +67,11 @@ impl Daemon {
 
     /// Start the process again (after a kill or exit), appending to the same log.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
             .args(["--config", self.config.to_str().unwrap_or_default(), "run"])
             .envs(self.envs.iter().cloned())
@@ -89,7 +102,9 @@ impl Daemon {
     /// Send SIGTERM and wait for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
         }
         self.wait_exit(timeout)
     }
@@ -103,7 +118,11 @@ impl Daemon {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "pgcdc did not exit within {timeout:?}; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "pgcdc did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -115,7 +134,9 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Everything the daemon logged so far.
@@ -131,7 +152,13 @@ impl Drop for Daemon {
 }
 
 /// Config text for a daemon streaming `tables` from `pg` into `tansu`.
-pub fn config(pg: &PgCluster, tansu: &Tansu, state_dir: &Path, tables: &[&str], extra_kafka: &str) -> String {
+pub fn config(
+    pg: &PgCluster,
+    tansu: &Tansu,
+    state_dir: &Path,
+    tables: &[&str],
+    extra_kafka: &str,
+) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
     format!(
         "state_dir = {state:?}\nshutdown_timeout_secs = 20\n\

@@ -14,7 +14,10 @@ pub struct PgCluster {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 /// Run a PostgreSQL program, as user `postgres` when we are root (initdb refuses root).
@@ -27,29 +30,62 @@ fn pg_command(bindir: &Path, program: &str, args: &[&str]) -> Output {
     } else {
         Command::new(&exe)
     };
-    cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()))
+    cmd.args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()))
 }
 
 fn bindir() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return dir.into();
     }
-    let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config not found: install postgresql");
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .expect("pg_config not found: install postgresql");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 impl PgCluster {
     /// initdb and start a cluster configured for logical replication.
     pub fn start() -> PgCluster {
-        let dir = tempfile::Builder::new().prefix("pgcdc-pg-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pgcdc-pg-")
+            .tempdir()
+            .expect("tempdir");
         if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
-            assert!(ok.is_ok_and(|s| s.success()), "chown of the cluster dir failed");
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+            assert!(
+                ok.is_ok_and(|s| s.success()),
+                "chown of the cluster dir failed"
+            );
         }
         let bindir = bindir();
         let data = dir.path().join("data");
-        let out = pg_command(&bindir, "initdb", &["-D", data.to_str().unwrap_or_default(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pg_command(
+            &bindir,
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = super::free_port();
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\n\
@@ -57,7 +93,8 @@ impl PgCluster {
              wal_sender_timeout = 60s\nshared_buffers = 64MB\n",
             dir.path().display()
         );
-        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
+        let mut existing =
+            std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
         existing.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), existing).expect("write postgresql.conf");
         let cluster = PgCluster { dir, port, bindir };
@@ -71,19 +108,34 @@ impl PgCluster {
 
     fn pg_ctl_start(&self) {
         let log = self.dir.path().join("postgres.log").display().to_string();
-        let out = pg_command(&self.bindir, "pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "start"]);
-        assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pg_command(
+            &self.bindir,
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stop with the given mode (`fast`, `immediate`) and start again.
     pub fn restart(&self, mode: &str) {
-        pg_command(&self.bindir, "pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "stop"]);
+        pg_command(
+            &self.bindir,
+            "pg_ctl",
+            &["-D", &self.data(), "-m", mode, "-w", "stop"],
+        );
         self.pg_ctl_start();
     }
 
     /// A connection string for tools.
     pub fn url(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     /// A SQL client (its connection runs in the background).
@@ -116,6 +168,10 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        pg_command(&self.bindir, "pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"]);
+        pg_command(
+            &self.bindir,
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "stop"],
+        );
     }
 }

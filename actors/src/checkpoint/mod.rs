@@ -84,24 +84,44 @@ impl CheckpointStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_paranoid_checks(true);
-        let db = DB::open(&opts, path).map_err(|source| CheckpointError::Store { path: path.into(), source })?;
-        Ok(Self { db, path: path.into() })
+        let db = DB::open(&opts, path).map_err(|source| CheckpointError::Store {
+            path: path.into(),
+            source,
+        })?;
+        Ok(Self {
+            db,
+            path: path.into(),
+        })
     }
 
     /// Open an existing store read-only (works while the daemon holds it).
     pub fn open_read_only(path: &Path) -> Result<Self, CheckpointError> {
         let opts = Options::default();
-        let db = DB::open_for_read_only(&opts, path, false)
-            .map_err(|source| CheckpointError::Store { path: path.into(), source })?;
-        Ok(Self { db, path: path.into() })
+        let db = DB::open_for_read_only(&opts, path, false).map_err(|source| {
+            CheckpointError::Store {
+                path: path.into(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            db,
+            path: path.into(),
+        })
     }
 
     fn store_err(&self, source: rocksdb::Error) -> CheckpointError {
-        CheckpointError::Store { path: self.path.clone(), source }
+        CheckpointError::Store {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn corrupt(&self, key: &'static str, detail: String) -> CheckpointError {
-        CheckpointError::Corrupt { path: self.path.clone(), key, detail }
+        CheckpointError::Corrupt {
+            path: self.path.clone(),
+            key,
+            detail,
+        }
     }
 
     /// Read the checkpoint; a missing key reads as "none yet".
@@ -109,16 +129,18 @@ impl CheckpointStore {
         let lsn = match self.db.get(KEY_LSN).map_err(|e| self.store_err(e))? {
             None => Lsn::ZERO,
             Some(v) => {
-                let bytes: [u8; 8] = v
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| self.corrupt("confirmed_lsn", format!("{} bytes, expected 8", v.len())))?;
+                let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                    self.corrupt("confirmed_lsn", format!("{} bytes, expected 8", v.len()))
+                })?;
                 Lsn(u64::from_be_bytes(bytes))
             }
         };
         let slot = match self.db.get(KEY_SLOT).map_err(|e| self.store_err(e))? {
             None => None,
-            Some(v) => Some(serde_json::from_slice(&v).map_err(|e| self.corrupt("slot_identity", e.to_string()))?),
+            Some(v) => Some(
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.corrupt("slot_identity", e.to_string()))?,
+            ),
         };
         if slot.is_none() && lsn != Lsn::ZERO {
             return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
@@ -129,7 +151,9 @@ impl CheckpointStore {
     fn write_synced(&self, batch: WriteBatch) -> Result<(), CheckpointError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts).map_err(|e| self.store_err(e))
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| self.store_err(e))
     }
 
     /// Store `lsn` as the confirmed LSN (synced).
@@ -141,7 +165,8 @@ impl CheckpointStore {
 
     /// Store the slot identity and its starting LSN in one synced write.
     pub fn put_identity(&self, identity: &SlotIdentity, lsn: Lsn) -> Result<(), CheckpointError> {
-        let json = serde_json::to_vec(identity).map_err(|e| self.corrupt("slot_identity", e.to_string()))?;
+        let json = serde_json::to_vec(identity)
+            .map_err(|e| self.corrupt("slot_identity", e.to_string()))?;
         let mut batch = WriteBatch::default();
         batch.put(KEY_SLOT, json);
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
@@ -167,14 +192,19 @@ impl CheckpointActor {
                 budget.record();
                 std::thread::sleep(budget.backoff());
             }
-            CheckpointActor { store: None, path: path.clone(), persisted: Lsn::ZERO }
+            CheckpointActor {
+                store: None,
+                path: path.clone(),
+                persisted: Lsn::ZERO,
+            }
         })
     }
 
     fn store(&mut self) -> &CheckpointStore {
         if self.store.is_none() {
-            let store = CheckpointStore::open(&self.path)
-                .unwrap_or_else(|e| exit_fatal(ExitCode::LocalIo, "cannot open the checkpoint store", &e));
+            let store = CheckpointStore::open(&self.path).unwrap_or_else(|e| {
+                exit_fatal(ExitCode::LocalIo, "cannot open the checkpoint store", &e)
+            });
             self.persisted = store
                 .load()
                 .unwrap_or_else(|e| exit_fatal(ExitCode::LocalIo, "cannot read the checkpoint", &e))
@@ -185,7 +215,11 @@ impl CheckpointActor {
     }
 
     /// Run `work`; a panic stops this instance so the arbiter restarts it.
-    fn guarded<R>(&mut self, ctx: &mut SyncContext<Self>, work: impl FnOnce(&mut Self) -> R) -> Option<R> {
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut SyncContext<Self>,
+        work: impl FnOnce(&mut Self) -> R,
+    ) -> Option<R> {
         match catch_unwind(AssertUnwindSafe(|| work(self))) {
             Ok(r) => Some(r),
             Err(_) => {
@@ -248,7 +282,11 @@ mod tests {
     use super::*;
 
     fn identity() -> SlotIdentity {
-        SlotIdentity { system_id: "7".into(), database: "db".into(), slot_name: "s".into() }
+        SlotIdentity {
+            system_id: "7".into(),
+            database: "db".into(),
+            slot_name: "s".into(),
+        }
     }
 
     #[test]
@@ -267,7 +305,13 @@ mod tests {
             store.put_lsn(Lsn(250)).unwrap();
         }
         let store = CheckpointStore::open_read_only(dir.path()).unwrap();
-        assert_eq!(store.load().unwrap(), Checkpoint { lsn: Lsn(250), slot: Some(identity()) });
+        assert_eq!(
+            store.load().unwrap(),
+            Checkpoint {
+                lsn: Lsn(250),
+                slot: Some(identity())
+            }
+        );
     }
 
     #[test]
@@ -277,7 +321,16 @@ mod tests {
         store.put_identity(&identity(), Lsn(100)).unwrap();
         store.db.put(KEY_LSN, b"xyz").unwrap();
         let err = store.load().unwrap_err();
-        assert!(matches!(err, CheckpointError::Corrupt { key: "confirmed_lsn", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CheckpointError::Corrupt {
+                    key: "confirmed_lsn",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

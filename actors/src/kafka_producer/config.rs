@@ -61,7 +61,12 @@ impl Default for KafkaConfig {
 }
 
 /// Properties pgcdc's guarantees depend on; users may not override them.
-const PINNED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers", "message.timeout.ms"];
+const PINNED: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "bootstrap.servers",
+    "message.timeout.ms",
+];
 
 impl KafkaConfig {
     /// Every invalid field, by path.
@@ -70,13 +75,23 @@ impl KafkaConfig {
             errors.push("kafka.brokers: must not be empty".into());
         }
         let bad_topic = |t: &str| {
-            t.is_empty() || t.len() > 200 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            t.is_empty()
+                || t.len() > 200
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         };
         if self.topic_mode == TopicMode::Single && bad_topic(&self.topic) {
-            errors.push(format!("kafka.topic: {:?} is not a valid topic name", self.topic));
+            errors.push(format!(
+                "kafka.topic: {:?} is not a valid topic name",
+                self.topic
+            ));
         }
         if self.topic_mode == TopicMode::PerTable && bad_topic(&self.topic_prefix) {
-            errors.push(format!("kafka.topic_prefix: {:?} is not a valid topic name", self.topic_prefix));
+            errors.push(format!(
+                "kafka.topic_prefix: {:?} is not a valid topic name",
+                self.topic_prefix
+            ));
         }
         if self.topic_partitions < 1 {
             errors.push("kafka.topic_partitions: must be at least 1".into());
@@ -90,8 +105,14 @@ impl KafkaConfig {
         if self.max_inflight_records < 1 {
             errors.push("kafka.max_inflight_records: must be at least 1".into());
         }
-        for key in self.properties.keys().filter(|k| PINNED.contains(&k.as_str())) {
-            errors.push(format!("kafka.properties.{key}: set by pgcdc (its guarantees depend on it)"));
+        for key in self
+            .properties
+            .keys()
+            .filter(|k| PINNED.contains(&k.as_str()))
+        {
+            errors.push(format!(
+                "kafka.properties.{key}: set by pgcdc (its guarantees depend on it)"
+            ));
         }
     }
 
@@ -133,13 +154,18 @@ mod tests {
 
     #[test]
     fn pinned_properties_and_bad_names_are_refused() {
-        let mut c = KafkaConfig { topic: "bad topic".into(), ..Default::default() };
+        let mut c = KafkaConfig {
+            topic: "bad topic".into(),
+            ..Default::default()
+        };
         c.properties.insert("acks".into(), "1".into());
         let mut errors = Vec::new();
         c.validate(&mut errors);
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("kafka.topic:")));
-        assert!(errors.iter().any(|e| e.starts_with("kafka.properties.acks")));
+        assert!(errors
+            .iter()
+            .any(|e| e.starts_with("kafka.properties.acks")));
     }
 
     #[test]

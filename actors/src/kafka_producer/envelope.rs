@@ -51,8 +51,17 @@ struct Source<'a> {
 
 /// Encode `event` into its record(s): the change, and after a delete a
 /// tombstone when `tombstones` is set.
-pub fn encode(event: &ChangeEvent, topic: String, db: &str, tombstones: bool, now_ms: i64) -> Vec<EncodedRecord> {
-    let key = event.key.as_ref().map(|k| serde_json::to_vec(k).unwrap_or_default());
+pub fn encode(
+    event: &ChangeEvent,
+    topic: String,
+    db: &str,
+    tombstones: bool,
+    now_ms: i64,
+) -> Vec<EncodedRecord> {
+    let key = event
+        .key
+        .as_ref()
+        .map(|k| serde_json::to_vec(k).unwrap_or_default());
     let envelope = Envelope {
         before: event.before.as_ref(),
         after: event.after.as_ref(),
@@ -83,7 +92,11 @@ pub fn encode(event: &ChangeEvent, topic: String, db: &str, tombstones: bool, no
         commit_lsn: event.tx.commit_lsn.to_string(),
     };
     if event.op == Op::Delete && tombstones && record.key.is_some() {
-        let tombstone = EncodedRecord { value: None, op: "", ..record.clone() };
+        let tombstone = EncodedRecord {
+            value: None,
+            op: "",
+            ..record.clone()
+        };
         vec![record, tombstone]
     } else {
         vec![record]
@@ -104,14 +117,26 @@ mod tests {
         let obj = |v: Value| v.as_object().cloned();
         ChangeEvent {
             op,
-            table: Arc::new(TableRef { schema: "public".into(), name: "users".into(), key_columns: vec!["id".into()] }),
+            table: Arc::new(TableRef {
+                schema: "public".into(),
+                name: "users".into(),
+                key_columns: vec!["id".into()],
+            }),
             key: obj(json!({"id": 42})),
             before: obj(json!({"id": 42, "name": "old"})),
-            after: if op == Op::Delete { None } else { obj(json!({"id": 42, "name": "new"})) },
+            after: if op == Op::Delete {
+                None
+            } else {
+                obj(json!({"id": 42, "name": "new"}))
+            },
             unchanged_toast: vec![],
             lsn: Lsn(0x100),
             seq: 3,
-            tx: TxMeta { xid: 777, commit_lsn: Lsn(0x1_0000_0200), commit_time_us: 1_700_000_000_123_456 },
+            tx: TxMeta {
+                xid: 777,
+                commit_lsn: Lsn(0x1_0000_0200),
+                commit_time_us: 1_700_000_000_123_456,
+            },
             snapshot: false,
         }
     }
@@ -122,7 +147,10 @@ mod tests {
         assert_eq!(recs.len(), 1);
         let r = &recs[0];
         assert_eq!(r.key.as_deref(), Some(br#"{"id":42}"#.as_slice()));
-        assert_eq!((r.table.as_str(), r.op, r.commit_lsn.as_str()), ("public.users", "u", "1/200"));
+        assert_eq!(
+            (r.table.as_str(), r.op, r.commit_lsn.as_str()),
+            ("public.users", "u", "1/200")
+        );
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
         assert_eq!(
             v,
@@ -144,7 +172,10 @@ mod tests {
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].value, None);
         assert_eq!(recs[1].key, recs[0].key);
-        assert_eq!(encode(&event(Op::Delete), "t".into(), "shop", false, 5).len(), 1);
+        assert_eq!(
+            encode(&event(Op::Delete), "t".into(), "shop", false, 5).len(),
+            1
+        );
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub use envelope::{encode, EncodedRecord};
 use crate::checkpoint::CheckpointActor;
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
 use crate::lsn::Lsn;
-use crate::messages::{DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBroken};
+use crate::messages::{
+    DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBroken,
+};
 use crate::supervision::{task_outcome, RestartBudget};
 
 /// Producer failures.
@@ -115,7 +117,12 @@ pub struct KafkaProducerActor {
 
 impl KafkaProducerActor {
     /// A producer publishing for `database`, checkpointing through `checkpoint`.
-    pub fn new(config: Arc<KafkaConfig>, database: &str, checkpoint: Addr<CheckpointActor>, budget: RestartBudget) -> Self {
+    pub fn new(
+        config: Arc<KafkaConfig>,
+        database: &str,
+        checkpoint: Addr<CheckpointActor>,
+        budget: RestartBudget,
+    ) -> Self {
         Self {
             config,
             database: database.into(),
@@ -134,7 +141,10 @@ impl KafkaProducerActor {
     /// Forget the session and everything in flight; tell the stream.
     fn break_session(&mut self, reason: &str) {
         if let Some(s) = self.session.take() {
-            s.on_broken.do_send(SessionBroken { session: s.id, reason: reason.to_owned() });
+            s.on_broken.do_send(SessionBroken {
+                session: s.id,
+                reason: reason.to_owned(),
+            });
         }
         self.inflight.clear();
         self.inflight_records = 0;
@@ -144,8 +154,13 @@ impl KafkaProducerActor {
 
     /// Mark `seq` done and move the checkpoint over the done prefix.
     fn complete(&mut self, seq: u64) {
-        let Some(front) = self.inflight.front().map(|b| b.seq) else { return };
-        let Some(batch) = seq.checked_sub(front).and_then(|i| self.inflight.get_mut(i as usize)) else {
+        let Some(front) = self.inflight.front().map(|b| b.seq) else {
+            return;
+        };
+        let Some(batch) = seq
+            .checked_sub(front)
+            .and_then(|i| self.inflight.get_mut(i as usize))
+        else {
             return;
         };
         batch.done = true;
@@ -158,27 +173,45 @@ impl KafkaProducerActor {
         }
         if let (Some(lsn), Some(s)) = (advanced, &self.session) {
             self.last_persist = Some(lsn);
-            self.checkpoint.do_send(PersistLsn { lsn, notify: s.on_persisted.clone() });
+            self.checkpoint.do_send(PersistLsn {
+                lsn,
+                notify: s.on_persisted.clone(),
+            });
         }
         if self.inflight_records < self.config.max_inflight_records {
-            self.capacity_waiters.drain(..).for_each(|w| drop(w.send(())));
+            self.capacity_waiters.drain(..).for_each(|w| {
+                let _ = w.send(());
+            });
         }
         if self.inflight.is_empty() {
             let last = self.last_persist;
-            self.drain_waiters.drain(..).for_each(|w| drop(w.send(last)));
+            self.drain_waiters.drain(..).for_each(|w| {
+                let _ = w.send(last);
+            });
         }
     }
 
     /// Check the batch belongs to the open session, in order; register it.
     fn admit(&mut self, msg: &PublishBatch, records: usize) -> Result<(), ProducerError> {
         let session = self.session.as_mut().filter(|s| s.id == msg.session);
-        let Some(session) = session else { return Err(ProducerError::SessionClosed(msg.session)) };
+        let Some(session) = session else {
+            return Err(ProducerError::SessionClosed(msg.session));
+        };
         if session.next_seq != msg.seq {
             let expected = session.next_seq;
-            return Err(ProducerError::OutOfOrder { session: msg.session, got: msg.seq, expected });
+            return Err(ProducerError::OutOfOrder {
+                session: msg.session,
+                got: msg.seq,
+                expected,
+            });
         }
         session.next_seq += 1;
-        self.inflight.push_back(Inflight { seq: msg.seq, commit_end: msg.commit_end, records, done: false });
+        self.inflight.push_back(Inflight {
+            seq: msg.seq,
+            commit_end: msg.commit_end,
+            records,
+            done: false,
+        });
         self.inflight_records += records;
         Ok(())
     }
@@ -189,11 +222,9 @@ impl Actor for KafkaProducerActor {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         if self.producer.is_none() {
-            let producer = self
-                .config
-                .client_config()
-                .create()
-                .unwrap_or_else(|e| exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e));
+            let producer = self.config.client_config().create().unwrap_or_else(|e| {
+                exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e)
+            });
             self.producer = Some(producer);
         }
     }
@@ -246,23 +277,32 @@ impl Handler<PublishBatch> for KafkaProducerActor {
             actix::spawn(async move {
                 let handle = actix::spawn(await_deliveries(deliveries));
                 let (outcome, fatal) = match handle.await {
-                    Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => (Err(e.to_string()), Some(e.to_string())),
+                    Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => {
+                        (Err(e.to_string()), Some(e.to_string()))
+                    }
                     other => (task_outcome("kafka_producer", other), None),
                 };
-                me.do_send(BatchDelivered { session, seq, outcome, fatal });
+                me.do_send(BatchDelivered {
+                    session,
+                    seq,
+                    outcome,
+                    fatal,
+                });
             });
             Ok::<(), ProducerError>(())
         };
         Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
-            let wait = (res.is_ok() && act.inflight_records >= act.config.max_inflight_records).then(|| {
-                let (tx, rx) = oneshot::channel();
-                act.capacity_waiters.push(tx);
-                rx
-            });
+            let wait = (res.is_ok() && act.inflight_records >= act.config.max_inflight_records)
+                .then(|| {
+                    let (tx, rx) = oneshot::channel();
+                    act.capacity_waiters.push(tx);
+                    rx
+                });
             async move {
                 res?;
                 if let Some(rx) = wait {
-                    rx.await.map_err(|_| ProducerError::SessionClosed(session))?;
+                    rx.await
+                        .map_err(|_| ProducerError::SessionClosed(session))?;
                 }
                 Ok(())
             }
@@ -279,7 +319,11 @@ impl Handler<BatchDelivered> for KafkaProducerActor {
             return; // a batch of a session already abandoned
         }
         if let Some(fatal) = msg.fatal {
-            exit_fatal(ExitCode::Upstream, "kafka refused a record permanently", &fatal);
+            exit_fatal(
+                ExitCode::Upstream,
+                "kafka refused a record permanently",
+                &fatal,
+            );
         }
         match msg.outcome {
             Ok(()) => self.complete(msg.seq),
@@ -307,13 +351,25 @@ impl Handler<DrainProducer> for KafkaProducerActor {
 }
 
 /// Hand every record to librdkafka, waiting out a full local queue.
-async fn enqueue_all(producer: &FutureProducer, records: &[EncodedRecord]) -> Result<Vec<DeliveryFuture>, ProducerError> {
+async fn enqueue_all(
+    producer: &FutureProducer,
+    records: &[EncodedRecord],
+) -> Result<Vec<DeliveryFuture>, ProducerError> {
     let mut deliveries = Vec::with_capacity(records.len());
     for r in records {
         let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header { key: "pgcdc.table", value: Some(r.table.as_str()) })
-            .insert(Header { key: "pgcdc.op", value: Some(r.op) })
-            .insert(Header { key: "pgcdc.commit_lsn", value: Some(r.commit_lsn.as_str()) });
+            .insert(Header {
+                key: "pgcdc.table",
+                value: Some(r.table.as_str()),
+            })
+            .insert(Header {
+                key: "pgcdc.op",
+                value: Some(r.op),
+            })
+            .insert(Header {
+                key: "pgcdc.commit_lsn",
+                value: Some(r.commit_lsn.as_str()),
+            });
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());

@@ -53,14 +53,26 @@ impl Assembler {
     /// An assembler that takes keys from `tables` (falling back to the
     /// relation's key flags for tables it does not know).
     pub fn new(tables: &[Arc<TableRef>]) -> Self {
-        let known = tables.iter().map(|t| ((t.schema.clone(), t.name.clone()), t.clone())).collect();
-        Self { known, relations: HashMap::new(), tx: None, seq: 0 }
+        let known = tables
+            .iter()
+            .map(|t| ((t.schema.clone(), t.name.clone()), t.clone()))
+            .collect();
+        Self {
+            known,
+            relations: HashMap::new(),
+            tx: None,
+            seq: 0,
+        }
     }
 
     /// A transaction began.
     pub fn begin(&mut self, xid: u32, final_lsn: Lsn, commit_time_pg_us: i64) {
         let commit_time_us = commit_time_pg_us.saturating_add(PG_EPOCH_OFFSET_US);
-        self.tx = Some(TxMeta { xid, commit_lsn: final_lsn, commit_time_us });
+        self.tx = Some(TxMeta {
+            xid,
+            commit_lsn: final_lsn,
+            commit_time_us,
+        });
         self.seq = 0;
     }
 
@@ -76,11 +88,18 @@ impl Assembler {
     }
 
     /// Apply one message at WAL position `lsn`, appending resulting events to `out`.
-    pub fn apply(&mut self, msg: PgOutputMessage, lsn: Lsn, out: &mut Vec<ChangeEvent>) -> Result<(), AssembleError> {
+    pub fn apply(
+        &mut self,
+        msg: PgOutputMessage,
+        lsn: Lsn,
+        out: &mut Vec<ChangeEvent>,
+    ) -> Result<(), AssembleError> {
         match msg {
-            PgOutputMessage::Begin { final_lsn, commit_time_micros, xid } => {
-                self.begin(xid, Lsn(final_lsn), commit_time_micros)
-            }
+            PgOutputMessage::Begin {
+                final_lsn,
+                commit_time_micros,
+                xid,
+            } => self.begin(xid, Lsn(final_lsn), commit_time_micros),
             PgOutputMessage::Commit { .. } => {
                 self.commit();
             }
@@ -89,14 +108,36 @@ impl Assembler {
                 let (rel, table) = self.lookup(relation_oid)?;
                 let (after, unchanged) = row(rel, &new)?;
                 let key = key_of(&table, &after);
-                self.push(out, Op::Create, table, key, None, Some(after), unchanged, lsn)?;
+                self.push(
+                    out,
+                    Op::Create,
+                    table,
+                    key,
+                    None,
+                    Some(after),
+                    unchanged,
+                    lsn,
+                )?;
             }
-            PgOutputMessage::Update { relation_oid, old, new } => self.update(relation_oid, old, new, lsn, out)?,
+            PgOutputMessage::Update {
+                relation_oid,
+                old,
+                new,
+            } => self.update(relation_oid, old, new, lsn, out)?,
             PgOutputMessage::Delete { relation_oid, old } => {
                 let (rel, table) = self.lookup(relation_oid)?;
                 let before = old_row(rel, &table, &old)?;
                 let key = key_of(&table, &before);
-                self.push(out, Op::Delete, table, key, Some(before), None, Vec::new(), lsn)?;
+                self.push(
+                    out,
+                    Op::Delete,
+                    table,
+                    key,
+                    Some(before),
+                    None,
+                    Vec::new(),
+                    lsn,
+                )?;
             }
             PgOutputMessage::Truncate { relation_oids, .. } => {
                 for oid in relation_oids {
@@ -104,7 +145,9 @@ impl Assembler {
                     self.push(out, Op::Truncate, table, None, None, None, Vec::new(), lsn)?;
                 }
             }
-            PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } | PgOutputMessage::Message { .. } => {}
+            PgOutputMessage::Origin { .. }
+            | PgOutputMessage::Type { .. }
+            | PgOutputMessage::Message { .. } => {}
         }
         Ok(())
     }
@@ -112,16 +155,32 @@ impl Assembler {
     fn relation(&mut self, relation: Relation) {
         let name = (relation.namespace.clone(), relation.name.clone());
         let table = self.known.get(&name).cloned().unwrap_or_else(|| {
-            let flagged: Vec<String> = relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
-            let key_columns =
-                if flagged.is_empty() { relation.columns.iter().map(|c| c.name.clone()).collect() } else { flagged };
-            Arc::new(TableRef { schema: name.0, name: name.1, key_columns })
+            let flagged: Vec<String> = relation
+                .columns
+                .iter()
+                .filter(|c| c.is_key)
+                .map(|c| c.name.clone())
+                .collect();
+            let key_columns = if flagged.is_empty() {
+                relation.columns.iter().map(|c| c.name.clone()).collect()
+            } else {
+                flagged
+            };
+            Arc::new(TableRef {
+                schema: name.0,
+                name: name.1,
+                key_columns,
+            })
         });
-        self.relations.insert(relation.oid, RelationInfo { relation, table });
+        self.relations
+            .insert(relation.oid, RelationInfo { relation, table });
     }
 
     fn lookup(&self, oid: u32) -> Result<(&Relation, Arc<TableRef>), AssembleError> {
-        let info = self.relations.get(&oid).ok_or(AssembleError::UnknownRelation(oid))?;
+        let info = self
+            .relations
+            .get(&oid)
+            .ok_or(AssembleError::UnknownRelation(oid))?;
         Ok((&info.relation, info.table.clone()))
     }
 
@@ -151,10 +210,37 @@ impl Assembler {
         let old_key = before.as_ref().and_then(|b| key_of(&table, b));
         match old_key {
             Some(old_key) if Some(&old_key) != new_key.as_ref() => {
-                self.push(out, Op::Delete, table.clone(), Some(old_key), before, None, Vec::new(), lsn)?;
-                self.push(out, Op::Create, table, new_key, None, Some(after), unchanged, lsn)
+                self.push(
+                    out,
+                    Op::Delete,
+                    table.clone(),
+                    Some(old_key),
+                    before,
+                    None,
+                    Vec::new(),
+                    lsn,
+                )?;
+                self.push(
+                    out,
+                    Op::Create,
+                    table,
+                    new_key,
+                    None,
+                    Some(after),
+                    unchanged,
+                    lsn,
+                )
             }
-            _ => self.push(out, Op::Update, table, new_key, before, Some(after), unchanged, lsn),
+            _ => self.push(
+                out,
+                Op::Update,
+                table,
+                new_key,
+                before,
+                Some(after),
+                unchanged,
+                lsn,
+            ),
         }
     }
 
@@ -171,7 +257,18 @@ impl Assembler {
         lsn: Lsn,
     ) -> Result<(), AssembleError> {
         let tx = self.tx.ok_or(AssembleError::NoTransaction)?;
-        out.push(ChangeEvent { op, table, key, before, after, unchanged_toast, lsn, seq: self.seq, tx, snapshot: false });
+        out.push(ChangeEvent {
+            op,
+            table,
+            key,
+            before,
+            after,
+            unchanged_toast,
+            lsn,
+            seq: self.seq,
+            tx,
+            snapshot: false,
+        });
         self.seq += 1;
         Ok(())
     }
@@ -181,13 +278,21 @@ impl Assembler {
 fn row(rel: &Relation, tuple: &Tuple) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
     if tuple.0.len() != rel.columns.len() {
         let table = format!("{}.{}", rel.namespace, rel.name);
-        return Err(AssembleError::ColumnCount { table, got: tuple.0.len(), expected: rel.columns.len() });
+        return Err(AssembleError::ColumnCount {
+            table,
+            got: tuple.0.len(),
+            expected: rel.columns.len(),
+        });
     }
     Ok(tuple_to_json(rel, tuple))
 }
 
 /// The old row: the whole row for `O`, only the key columns for `K` (the rest are not sent).
-fn old_row(rel: &Relation, table: &TableRef, old: &OldTuple) -> Result<Map<String, Value>, AssembleError> {
+fn old_row(
+    rel: &Relation,
+    table: &TableRef,
+    old: &OldTuple,
+) -> Result<Map<String, Value>, AssembleError> {
     match old {
         OldTuple::Full(t) => Ok(row(rel, t)?.0),
         OldTuple::Key(t) => {
@@ -200,7 +305,11 @@ fn old_row(rel: &Relation, table: &TableRef, old: &OldTuple) -> Result<Map<Strin
 
 /// The key columns of `row` as an object; `None` if any is missing.
 fn key_of(table: &TableRef, row: &Map<String, Value>) -> Option<Map<String, Value>> {
-    table.key_columns.iter().map(|c| row.get(c).map(|v| (c.clone(), v.clone()))).collect()
+    table
+        .key_columns
+        .iter()
+        .map(|c| row.get(c).map(|v| (c.clone(), v.clone())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -215,13 +324,22 @@ mod tests {
     const TEXT: u32 = 25;
 
     fn relation() -> Relation {
-        let col = |name: &str, type_oid, is_key| Column { is_key, name: name.into(), type_oid, type_modifier: -1 };
+        let col = |name: &str, type_oid, is_key| Column {
+            is_key,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
         Relation {
             oid: 16384,
             namespace: "public".into(),
             name: "users".into(),
             replica_identity: b'd',
-            columns: vec![col("id", INT4, true), col("name", TEXT, false), col("bio", TEXT, false)],
+            columns: vec![
+                col("id", INT4, true),
+                col("name", TEXT, false),
+                col("bio", TEXT, false),
+            ],
         }
     }
 
@@ -239,7 +357,12 @@ mod tests {
 
     fn assembler() -> Assembler {
         let mut a = Assembler::new(&[]);
-        a.apply(PgOutputMessage::Relation(relation()), Lsn(1), &mut Vec::new()).unwrap();
+        a.apply(
+            PgOutputMessage::Relation(relation()),
+            Lsn(1),
+            &mut Vec::new(),
+        )
+        .unwrap();
         a.begin(9, Lsn(500), 0);
         a
     }
@@ -253,9 +376,20 @@ mod tests {
         let mut a = assembler();
         let mut out = Vec::new();
         let new = tuple(&[Some("1"), Some("ann"), None]);
-        a.apply(PgOutputMessage::Insert { relation_oid: 16384, new }, Lsn(400), &mut out).unwrap();
+        a.apply(
+            PgOutputMessage::Insert {
+                relation_oid: 16384,
+                new,
+            },
+            Lsn(400),
+            &mut out,
+        )
+        .unwrap();
         let e = &out[0];
-        assert_eq!((e.op, e.seq, e.lsn, e.tx.commit_lsn, e.tx.xid), (Op::Create, 0, Lsn(400), Lsn(500), 9));
+        assert_eq!(
+            (e.op, e.seq, e.lsn, e.tx.commit_lsn, e.tx.xid),
+            (Op::Create, 0, Lsn(400), Lsn(500), 9)
+        );
         assert_eq!(e.key, obj(json!({"id": 1})));
         assert_eq!(e.after, obj(json!({"id": 1, "name": "ann", "bio": null})));
         assert_eq!(e.tx.commit_time_us, PG_EPOCH_OFFSET_US);
@@ -267,9 +401,24 @@ mod tests {
         let mut out = Vec::new();
         let old = Some(OldTuple::Key(tuple(&[Some("1"), None, None])));
         let new = tuple(&[Some("2"), Some("ann"), Some("x")]);
-        a.apply(PgOutputMessage::Update { relation_oid: 16384, old, new }, Lsn(400), &mut out).unwrap();
+        a.apply(
+            PgOutputMessage::Update {
+                relation_oid: 16384,
+                old,
+                new,
+            },
+            Lsn(400),
+            &mut out,
+        )
+        .unwrap();
         let ops: Vec<_> = out.iter().map(|e| (e.op, e.key.clone(), e.seq)).collect();
-        assert_eq!(ops, [(Op::Delete, obj(json!({"id": 1})), 0), (Op::Create, obj(json!({"id": 2})), 1)]);
+        assert_eq!(
+            ops,
+            [
+                (Op::Delete, obj(json!({"id": 1})), 0),
+                (Op::Create, obj(json!({"id": 2})), 1)
+            ]
+        );
         assert_eq!(out[0].before, obj(json!({"id": 1})));
     }
 
@@ -278,7 +427,16 @@ mod tests {
         let mut a = assembler();
         let mut out = Vec::new();
         let new = tuple(&[Some("1"), Some("bob"), Some("<u>")]);
-        a.apply(PgOutputMessage::Update { relation_oid: 16384, old: None, new }, Lsn(400), &mut out).unwrap();
+        a.apply(
+            PgOutputMessage::Update {
+                relation_oid: 16384,
+                old: None,
+                new,
+            },
+            Lsn(400),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out[0].op, Op::Update);
         assert_eq!(out[0].after, obj(json!({"id": 1, "name": "bob"})));
         assert_eq!(out[0].unchanged_toast, ["bio"]);
@@ -288,10 +446,26 @@ mod tests {
     fn full_identity_fills_unchanged_toast_from_old_row() {
         let mut a = assembler();
         let mut out = Vec::new();
-        let old = Some(OldTuple::Full(tuple(&[Some("1"), Some("bob"), Some("long")])));
+        let old = Some(OldTuple::Full(tuple(&[
+            Some("1"),
+            Some("bob"),
+            Some("long"),
+        ])));
         let new = tuple(&[Some("1"), Some("bobby"), Some("<u>")]);
-        a.apply(PgOutputMessage::Update { relation_oid: 16384, old, new }, Lsn(400), &mut out).unwrap();
-        assert_eq!(out[0].after, obj(json!({"id": 1, "name": "bobby", "bio": "long"})));
+        a.apply(
+            PgOutputMessage::Update {
+                relation_oid: 16384,
+                old,
+                new,
+            },
+            Lsn(400),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out[0].after,
+            obj(json!({"id": 1, "name": "bobby", "bio": "long"}))
+        );
         assert!(out[0].unchanged_toast.is_empty());
     }
 
@@ -299,22 +473,58 @@ mod tests {
     fn changes_outside_transactions_and_unknown_relations_are_errors() {
         let mut a = assembler();
         let new = tuple(&[Some("1"), None, None]);
-        let err = a.apply(PgOutputMessage::Insert { relation_oid: 7, new: new.clone() }, Lsn(1), &mut Vec::new());
+        let err = a.apply(
+            PgOutputMessage::Insert {
+                relation_oid: 7,
+                new: new.clone(),
+            },
+            Lsn(1),
+            &mut Vec::new(),
+        );
         assert!(matches!(err, Err(AssembleError::UnknownRelation(7))));
         a.commit();
-        let err = a.apply(PgOutputMessage::Insert { relation_oid: 16384, new }, Lsn(1), &mut Vec::new());
+        let err = a.apply(
+            PgOutputMessage::Insert {
+                relation_oid: 16384,
+                new,
+            },
+            Lsn(1),
+            &mut Vec::new(),
+        );
         assert!(matches!(err, Err(AssembleError::NoTransaction)));
         let short = tuple(&[Some("1")]);
         a.begin(1, Lsn(2), 0);
-        let err = a.apply(PgOutputMessage::Insert { relation_oid: 16384, new: short }, Lsn(1), &mut Vec::new());
-        assert!(matches!(err, Err(AssembleError::ColumnCount { got: 1, expected: 3, .. })));
+        let err = a.apply(
+            PgOutputMessage::Insert {
+                relation_oid: 16384,
+                new: short,
+            },
+            Lsn(1),
+            &mut Vec::new(),
+        );
+        assert!(matches!(
+            err,
+            Err(AssembleError::ColumnCount {
+                got: 1,
+                expected: 3,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn truncate_emits_one_event_per_table() {
         let mut a = assembler();
         let mut out = Vec::new();
-        a.apply(PgOutputMessage::Truncate { options: 0, relation_oids: vec![16384] }, Lsn(3), &mut out).unwrap();
+        a.apply(
+            PgOutputMessage::Truncate {
+                options: 0,
+                relation_oids: vec![16384],
+            },
+            Lsn(3),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!((out[0].op, out[0].key.clone()), (Op::Truncate, None));
     }
 }

@@ -61,10 +61,17 @@ impl PostgresConfig {
             errors.push("postgres.port: must not be 0".into());
         }
         let bad_name = |n: &str| {
-            n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            n.is_empty()
+                || n.len() > 63
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
         if bad_name(&self.slot) {
-            errors.push(format!("postgres.slot: {:?} must be 1-63 of [a-z0-9_]", self.slot));
+            errors.push(format!(
+                "postgres.slot: {:?} must be 1-63 of [a-z0-9_]",
+                self.slot
+            ));
         }
         if self.publication.is_empty() {
             errors.push("postgres.publication: must not be empty".into());
@@ -130,7 +137,10 @@ pub fn parse_table_name(s: &str) -> Result<(String, String), String> {
     }
     match <[String; 2]>::try_from(parts) {
         Ok([schema, table]) => Ok((schema, table)),
-        Err(parts) if parts.len() == 1 => Ok(("public".into(), parts.into_iter().next().unwrap_or_default())),
+        Err(parts) if parts.len() == 1 => Ok((
+            "public".into(),
+            parts.into_iter().next().unwrap_or_default(),
+        )),
         Err(_) => Err(format!("{s:?}: expected schema.table")),
     }
 }
@@ -149,7 +159,10 @@ mod tests {
         let p = |s: &str| parse_table_name(s).unwrap();
         assert_eq!(p("users"), ("public".into(), "users".into()));
         assert_eq!(p("Shop.Users"), ("shop".into(), "users".into()));
-        assert_eq!(p(r#""Sales"."Order ""x""""#), ("Sales".into(), r#"Order "x""#.into()));
+        assert_eq!(
+            p(r#""Sales"."Order ""x""""#),
+            ("Sales".into(), r#"Order "x""#.into())
+        );
         assert_eq!(p(r#"public."a.b""#), ("public".into(), "a.b".into()));
     }
 
@@ -167,10 +180,21 @@ mod tests {
 
     #[test]
     fn validation_names_every_bad_key() {
-        let c = PostgresConfig { slot: "Bad-Slot".into(), tables: vec!["x.y.z".into()], port: 0, ..Default::default() };
+        let c = PostgresConfig {
+            slot: "Bad-Slot".into(),
+            tables: vec!["x.y.z".into()],
+            port: 0,
+            ..Default::default()
+        };
         let mut errors = Vec::new();
         c.validate(&mut errors);
-        let keys: Vec<_> = errors.iter().map(|e| e.split(':').next().unwrap_or("")).collect();
-        assert_eq!(keys, ["postgres.port", "postgres.slot", "postgres.tables[0]"]);
+        let keys: Vec<_> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            ["postgres.port", "postgres.slot", "postgres.tables[0]"]
+        );
     }
 }

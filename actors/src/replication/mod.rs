@@ -26,12 +26,16 @@ use crate::error::{exit_fatal, ErrorClass, ExitCode};
 use crate::event::{ChangeEvent, TableRef};
 use crate::kafka_producer::{KafkaProducerActor, ProducerError};
 use crate::lsn::Lsn;
-use crate::messages::{GetCheckpoint, LsnPersisted, OpenSession, PersistSlotIdentity, PublishBatch, SessionBroken, StopStreaming};
+use crate::messages::{
+    GetCheckpoint, LsnPersisted, OpenSession, PersistSlotIdentity, PublishBatch, SessionBroken,
+    StopStreaming,
+};
 use crate::supervision::{task_outcome, RestartBudget};
 
 /// Session settings pinned on the replication connection so values are
 /// rendered the way the value converter expects.
-const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3";
+const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3";
 
 /// Replication failures.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +96,20 @@ impl ReplicationError {
             Self::Decode { .. } | Self::Assemble { .. } => ErrorClass::Fatal(ExitCode::Internal),
             Self::Checkpoint(e) => e.class(),
             Self::Producer(e) => e.class(),
-            Self::Connect(_) | Self::Sql(_) | Self::Stream(_) | Self::StreamEnded | Self::Mailbox(_) => {
-                ErrorClass::Transient
-            }
+            Self::Connect(_)
+            | Self::Sql(_)
+            | Self::Stream(_)
+            | Self::StreamEnded
+            | Self::Mailbox(_) => ErrorClass::Transient,
         }
     }
 
     /// Whether the error means PostgreSQL could not be reached.
     fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Connect(_) | Self::Stream(pgwire_replication::PgWireError::Io(_)))
+        matches!(
+            self,
+            Self::Connect(_) | Self::Stream(pgwire_replication::PgWireError::Io(_))
+        )
     }
 }
 
@@ -115,6 +124,7 @@ pub struct ReplicationActor {
     stop: Option<watch::Sender<bool>>,
     stopped: Vec<oneshot::Sender<()>>,
     unreachable: bool,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl ReplicationActor {
@@ -125,7 +135,18 @@ impl ReplicationActor {
         checkpoint: Addr<CheckpointActor>,
         budget: RestartBudget,
     ) -> Self {
-        Self { config, producer, checkpoint, budget, session: 0, confirm: None, stop: None, stopped: Vec::new(), unreachable: false }
+        Self {
+            config,
+            producer,
+            checkpoint,
+            budget,
+            session: 0,
+            confirm: None,
+            stop: None,
+            stopped: Vec::new(),
+            unreachable: false,
+            task: None,
+        }
     }
 }
 
@@ -148,12 +169,12 @@ impl Actor for ReplicationActor {
             stop: stop_rx,
         };
         let backoff = self.budget.backoff();
-        let work = async move {
+        let handle = actix::spawn(async move {
             tokio::time::sleep(backoff).await;
-            let handle = actix::spawn(stream.run());
-            handle.await
-        };
-        ctx.spawn(work.into_actor(self).map(|res, act, ctx| {
+            stream.run().await
+        });
+        self.task = Some(handle.abort_handle());
+        ctx.spawn(handle.into_actor(self).map(|res, act, ctx| {
             let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
             if let Ok(Err(e)) = &res {
                 if let ErrorClass::Fatal(code) = e.class() {
@@ -162,7 +183,9 @@ impl Actor for ReplicationActor {
             }
             act.unreachable = unreachable;
             match task_outcome("replication", res) {
-                Ok(()) => act.stopped.drain(..).for_each(|w| drop(w.send(()))),
+                Ok(()) => act.stopped.drain(..).for_each(|w| {
+                    let _ = w.send(());
+                }),
                 Err(_) => ctx.stop(),
             }
         }));
@@ -172,9 +195,18 @@ impl Actor for ReplicationActor {
 impl Supervised for ReplicationActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         if self.unreachable && self.budget.recent() >= self.budget_limit() {
-            exit_fatal(ExitCode::Upstream, "postgresql stayed unreachable", &"restart budget spent");
+            exit_fatal(
+                ExitCode::Upstream,
+                "postgresql stayed unreachable",
+                &"restart budget spent",
+            );
         }
         self.budget.record();
+        // The old stream task (and its replication connection) must be gone
+        // before a new one claims the slot.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
         self.confirm = None;
         self.stop = None;
     }
@@ -301,17 +333,25 @@ impl Stream {
             slot::StartPoint::Resume(lsn) => lsn,
             slot::StartPoint::CreateSlot => {
                 let lsn = slot::create_slot(&sql, &cfg.slot).await?;
-                self.checkpoint.send(PersistSlotIdentity { identity, lsn }).await??;
+                self.checkpoint
+                    .send(PersistSlotIdentity { identity, lsn })
+                    .await??;
                 lsn
             }
             slot::StartPoint::AdoptSlot(lsn) => {
                 tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
-                self.checkpoint.send(PersistSlotIdentity { identity, lsn }).await??;
+                self.checkpoint
+                    .send(PersistSlotIdentity { identity, lsn })
+                    .await??;
                 lsn
             }
         };
         let me = self.me.clone();
-        let open = OpenSession { session: self.session, on_broken: me.clone().recipient(), on_persisted: me.recipient() };
+        let open = OpenSession {
+            session: self.session,
+            on_broken: me.clone().recipient(),
+            on_persisted: me.recipient(),
+        };
         self.producer.send(open).await?;
         Ok((start, tables))
     }
@@ -338,15 +378,28 @@ impl Stream {
         .with_application_name("pgcdc")
     }
 
-    async fn on_event(&self, ev: ReplicationEvent, asm: &mut Assembler, out: &mut Outbox) -> Result<(), ReplicationError> {
+    async fn on_event(
+        &self,
+        ev: ReplicationEvent,
+        asm: &mut Assembler,
+        out: &mut Outbox,
+    ) -> Result<(), ReplicationError> {
         match ev {
-            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
                 asm.begin(xid, final_lsn.into(), commit_time_micros);
             }
-            ReplicationEvent::XLogData { wal_start, data, .. } => {
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
                 let lsn = Lsn::from(wal_start);
-                let msg = decode::decode(&data).map_err(|source| ReplicationError::Decode { lsn, source })?;
-                asm.apply(msg, lsn, &mut out.batch).map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                let msg = decode::decode(&data)
+                    .map_err(|source| ReplicationError::Decode { lsn, source })?;
+                asm.apply(msg, lsn, &mut out.batch)
+                    .map_err(|source| ReplicationError::Assemble { lsn, source })?;
                 if out.batch.len() >= out.max {
                     self.publish(out, None).await?;
                 }
@@ -362,7 +415,10 @@ impl Stream {
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 let wal_end = Lsn::from(wal_end);
                 let quiet = !asm.in_transaction() && out.batch.is_empty();
-                if quiet && wal_end > out.last_marker.0 && out.last_marker.1.elapsed() >= Duration::from_secs(1) {
+                if quiet
+                    && wal_end > out.last_marker.0
+                    && out.last_marker.1.elapsed() >= Duration::from_secs(1)
+                {
                     self.publish(out, Some(wal_end)).await?;
                 }
             }
@@ -372,9 +428,18 @@ impl Stream {
     }
 
     /// Hand the current batch to the producer; waits while it is full.
-    async fn publish(&self, out: &mut Outbox, commit_end: Option<Lsn>) -> Result<(), ReplicationError> {
+    async fn publish(
+        &self,
+        out: &mut Outbox,
+        commit_end: Option<Lsn>,
+    ) -> Result<(), ReplicationError> {
         let events = std::mem::replace(&mut out.batch, Vec::with_capacity(out.max.min(1024)));
-        let msg = PublishBatch { session: out.session, seq: out.seq, events, commit_end };
+        let msg = PublishBatch {
+            session: out.session,
+            seq: out.seq,
+            events,
+            commit_end,
+        };
         out.seq += 1;
         if let Some(lsn) = commit_end {
             out.last_marker = (lsn, Instant::now());

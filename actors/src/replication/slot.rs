@@ -56,7 +56,10 @@ pub async fn check_server(sql: &Client) -> Result<(), ReplicationError> {
 
 /// Look up each configured table and its key; refuse tables that do not
 /// exist, or have neither a primary key nor REPLICA IDENTITY FULL.
-pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<TableRef>>, ReplicationError> {
+pub async fn resolve_tables(
+    sql: &Client,
+    names: &[String],
+) -> Result<Vec<Arc<TableRef>>, ReplicationError> {
     let query = "SELECT c.relreplident::text, \
            (SELECT array_agg(a.attname::text ORDER BY k.ord) \
               FROM pg_index i \
@@ -71,7 +74,9 @@ pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<Ta
     for name in names {
         let (schema, table) = parse_table_name(name).map_err(ReplicationError::NotReady)?;
         let Some(row) = sql.query_opt(query, &[&schema, &table]).await? else {
-            return Err(ReplicationError::NotReady(format!("table {schema}.{table} does not exist")));
+            return Err(ReplicationError::NotReady(format!(
+                "table {schema}.{table} does not exist"
+            )));
         };
         let identity: String = row.get(0);
         let pk: Option<Vec<String>> = row.get(1);
@@ -87,31 +92,65 @@ pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<Ta
                 )))
             }
         };
-        tables.push(Arc::new(TableRef { schema, name: table, key_columns }));
+        tables.push(Arc::new(TableRef {
+            schema,
+            name: table,
+            key_columns,
+        }));
     }
     Ok(tables)
 }
 
 /// Create the publication, or add the tables it lacks.
-pub async fn ensure_publication(sql: &Client, name: &str, tables: &[Arc<TableRef>]) -> Result<(), ReplicationError> {
-    let exists = sql.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name]).await?.is_some();
+pub async fn ensure_publication(
+    sql: &Client,
+    name: &str,
+    tables: &[Arc<TableRef>],
+) -> Result<(), ReplicationError> {
+    let exists = sql
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some();
     let list = |ts: &[&Arc<TableRef>]| {
-        ts.iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))).collect::<Vec<_>>().join(", ")
+        ts.iter()
+            .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     if !exists {
         let all: Vec<_> = tables.iter().collect();
-        sql.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list(&all))).await?;
-        tracing::info!(publication = name, tables = all.len(), "created publication");
+        sql.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(name),
+            list(&all)
+        ))
+        .await?;
+        tracing::info!(
+            publication = name,
+            tables = all.len(),
+            "created publication"
+        );
         return Ok(());
     }
     let rows = sql
         .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
         .await?;
     let published: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let missing: Vec<_> =
-        tables.iter().filter(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name)).collect();
+    let missing: Vec<_> = tables
+        .iter()
+        .filter(|t| {
+            !published
+                .iter()
+                .any(|(s, n)| *s == t.schema && *n == t.name)
+        })
+        .collect();
     if !missing.is_empty() {
-        sql.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), list(&missing))).await?;
+        sql.batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(name),
+            list(&missing)
+        ))
+        .await?;
         tracing::warn!(publication = name, added = %list(&missing), "added tables to the publication; their earlier rows are not snapshotted");
     }
     Ok(())
@@ -141,23 +180,43 @@ pub async fn inspect_slot(sql: &Client, slot: &str) -> Result<Option<SlotState>,
         .await?;
     row.map(|r| {
         let lsn: Option<String> = r.get(2);
-        let confirmed_flush = lsn.as_deref().unwrap_or("0/0").parse().map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
-        Ok(SlotState { plugin: r.get(0), database: r.get(1), confirmed_flush, wal_status: r.get(3) })
+        let confirmed_flush = lsn
+            .as_deref()
+            .unwrap_or("0/0")
+            .parse()
+            .map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
+        Ok(SlotState {
+            plugin: r.get(0),
+            database: r.get(1),
+            confirmed_flush,
+            wal_status: r.get(3),
+        })
     })
     .transpose()
 }
 
 /// Create the slot; returns its consistent point.
 pub async fn create_slot(sql: &Client, slot: &str) -> Result<Lsn, ReplicationError> {
-    let row = sql.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+    let row = sql
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
     let lsn: String = row.get(0);
     tracing::info!(slot, lsn = %lsn, "created replication slot");
-    lsn.parse().map_err(|e| ReplicationError::NotReady(format!("{e}")))
+    lsn.parse()
+        .map_err(|e| ReplicationError::NotReady(format!("{e}")))
 }
 
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
-    let row = sql.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await?;
+    let row = sql
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await?;
     Ok(row.get(0))
 }
 
@@ -173,7 +232,11 @@ pub enum StartPoint {
 }
 
 /// Compare the checkpoint with the slot; anything that could hide a gap is refused.
-pub fn decide_start(checkpoint: &Checkpoint, slot: Option<&SlotState>, identity: &SlotIdentity) -> Result<StartPoint, ReplicationError> {
+pub fn decide_start(
+    checkpoint: &Checkpoint,
+    slot: Option<&SlotState>,
+    identity: &SlotIdentity,
+) -> Result<StartPoint, ReplicationError> {
     let gap = |what: String| Err(ReplicationError::SlotGap(what));
     if let Some(s) = slot {
         if s.plugin != "pgoutput" {
@@ -183,14 +246,21 @@ pub fn decide_start(checkpoint: &Checkpoint, slot: Option<&SlotState>, identity:
             )));
         }
         if s.wal_status == "lost" {
-            return gap(format!("slot {:?} has wal_status = lost: PostgreSQL removed WAL it still needed", identity.slot_name));
+            return gap(format!(
+                "slot {:?} has wal_status = lost: PostgreSQL removed WAL it still needed",
+                identity.slot_name
+            ));
         }
     }
     let Some(ours) = &checkpoint.slot else {
-        return Ok(slot.map_or(StartPoint::CreateSlot, |s| StartPoint::AdoptSlot(s.confirmed_flush)));
+        return Ok(slot.map_or(StartPoint::CreateSlot, |s| {
+            StartPoint::AdoptSlot(s.confirmed_flush)
+        }));
     };
     if ours != identity {
-        return gap(format!("checkpoint belongs to slot {ours:?}, but this is {identity:?}"));
+        return gap(format!(
+            "checkpoint belongs to slot {ours:?}, but this is {identity:?}"
+        ));
     }
     match slot {
         None => gap(format!("slot {:?} is missing (dropped?) though a checkpoint exists at {}", identity.slot_name, checkpoint.lsn)),
@@ -207,47 +277,91 @@ mod tests {
     use super::*;
 
     fn identity() -> SlotIdentity {
-        SlotIdentity { system_id: "1".into(), database: "db".into(), slot_name: "pgcdc".into() }
+        SlotIdentity {
+            system_id: "1".into(),
+            database: "db".into(),
+            slot_name: "pgcdc".into(),
+        }
     }
 
     fn slot(lsn: u64, status: &str) -> SlotState {
-        SlotState { plugin: "pgoutput".into(), database: "db".into(), confirmed_flush: Lsn(lsn), wal_status: status.into() }
+        SlotState {
+            plugin: "pgoutput".into(),
+            database: "db".into(),
+            confirmed_flush: Lsn(lsn),
+            wal_status: status.into(),
+        }
     }
 
     fn checkpoint(lsn: u64) -> Checkpoint {
-        Checkpoint { lsn: Lsn(lsn), slot: Some(identity()) }
+        Checkpoint {
+            lsn: Lsn(lsn),
+            slot: Some(identity()),
+        }
     }
 
     #[test]
     fn first_start_creates_or_adopts() {
         let fresh = Checkpoint::default();
-        assert_eq!(decide_start(&fresh, None, &identity()).unwrap(), StartPoint::CreateSlot);
+        assert_eq!(
+            decide_start(&fresh, None, &identity()).unwrap(),
+            StartPoint::CreateSlot
+        );
         let s = slot(500, "reserved");
-        assert_eq!(decide_start(&fresh, Some(&s), &identity()).unwrap(), StartPoint::AdoptSlot(Lsn(500)));
+        assert_eq!(
+            decide_start(&fresh, Some(&s), &identity()).unwrap(),
+            StartPoint::AdoptSlot(Lsn(500))
+        );
     }
 
     #[test]
     fn resume_when_slot_trails_or_equals_checkpoint() {
         let s = slot(90, "reserved");
-        assert_eq!(decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(), StartPoint::Resume(Lsn(100)));
+        assert_eq!(
+            decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(),
+            StartPoint::Resume(Lsn(100))
+        );
         let s = slot(100, "extended");
-        assert_eq!(decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(), StartPoint::Resume(Lsn(100)));
+        assert_eq!(
+            decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(),
+            StartPoint::Resume(Lsn(100))
+        );
     }
 
     #[test]
     fn gaps_are_refused() {
-        let is_gap = |r: Result<StartPoint, ReplicationError>| matches!(r, Err(ReplicationError::SlotGap(_)));
+        let is_gap = |r: Result<StartPoint, ReplicationError>| {
+            matches!(r, Err(ReplicationError::SlotGap(_)))
+        };
         assert!(is_gap(decide_start(&checkpoint(100), None, &identity())));
-        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(101, "reserved")), &identity())));
-        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(50, "lost")), &identity())));
-        let other = SlotIdentity { system_id: "2".into(), ..identity() };
-        assert!(is_gap(decide_start(&checkpoint(100), Some(&slot(50, "reserved")), &other)));
+        assert!(is_gap(decide_start(
+            &checkpoint(100),
+            Some(&slot(101, "reserved")),
+            &identity()
+        )));
+        assert!(is_gap(decide_start(
+            &checkpoint(100),
+            Some(&slot(50, "lost")),
+            &identity()
+        )));
+        let other = SlotIdentity {
+            system_id: "2".into(),
+            ..identity()
+        };
+        assert!(is_gap(decide_start(
+            &checkpoint(100),
+            Some(&slot(50, "reserved")),
+            &other
+        )));
     }
 
     #[test]
     fn foreign_plugin_is_refused() {
         let mut s = slot(1, "reserved");
         s.plugin = "wal2json".into();
-        assert!(matches!(decide_start(&checkpoint(1), Some(&s), &identity()), Err(ReplicationError::NotReady(_))));
+        assert!(matches!(
+            decide_start(&checkpoint(1), Some(&s), &identity()),
+            Err(ReplicationError::NotReady(_))
+        ));
     }
 }
