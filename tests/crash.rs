@@ -110,18 +110,7 @@ async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
 }
 
 async fn wait_active(db: &Client, daemon: &mut Daemon) {
-    wait_until(Duration::from_secs(60), "the slot to be active", || async {
-        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
-        db.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc' AND active",
-            &[],
-        )
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    })
-    .await;
+    support::wait_slot_active(db, daemon, "pgcdc").await;
 }
 
 /// Wait until every committed row is on Kafka; returns the duplicate count.

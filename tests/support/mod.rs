@@ -37,6 +37,20 @@ where
     }
 }
 
+/// Wait until the daemon holds `slot` with an active walsender; panics if it exits first.
+pub async fn wait_slot_active(db: &tokio_postgres::Client, daemon: &mut Daemon, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
+        let q = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active";
+        if db.query_opt(q, &[&slot]).await.ok().flatten().is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} never became active; log:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A pgcdc daemon process with its own config and state directory.
 pub struct Daemon {
     child: Option<Child>,
