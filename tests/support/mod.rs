@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use kafka::{Record, Tansu};
 pub use pg::PgCluster;
 
@@ -46,7 +47,11 @@ pub async fn wait_slot_active(db: &tokio_postgres::Client, daemon: &mut Daemon, 
         if db.query_opt(q, &[&slot]).await.ok().flatten().is_some() {
             return;
         }
-        assert!(Instant::now() < deadline, "slot {slot} never became active; log:\n{}", daemon.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} never became active; log:\n{}",
+            daemon.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
