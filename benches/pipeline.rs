@@ -5,6 +5,8 @@
 //!
 //! Run with `cargo bench --bench pipeline` (scripts/bench.sh).
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

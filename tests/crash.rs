@@ -3,6 +3,8 @@
 //! Kafka, and the slot's confirmed_flush_lsn never passes acknowledged data
 //! and never moves backwards.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::HashMap;

@@ -1,6 +1,8 @@
 //! End-to-end: the pgcdc daemon against a real PostgreSQL cluster and a real
 //! tansu broker, every event checked on Kafka.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! outage pauses acknowledgements (the checkpoint does not move), nothing is
 //! lost, and delivery resumes when the brokers return.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
