@@ -13,28 +13,21 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use support::{config, Daemon, PgCluster, Tansu};
 
 const TXS: u64 = 1_000;
 const ROWS_PER_TX: u64 = 1_000;
 const ROWS: u64 = TXS * ROWS_PER_TX;
 
-/// Records currently in `topic` (sum of high watermarks).
-fn topic_len(consumer: &BaseConsumer, topic: &str) -> u64 {
-    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-        return 0;
-    };
-    let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
-    (0..partitions)
-        .filter_map(|p| {
-            consumer
-                .fetch_watermarks(topic, p as i32, Duration::from_secs(5))
-                .ok()
-        })
-        .map(|(lo, hi)| (hi - lo) as u64)
-        .sum()
+/// The slot's confirmed_flush_lsn as text-comparable number, 0 if unknown.
+async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
+    let q = "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1";
+    db.query_opt(q, &[&slot])
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get::<_, Option<i64>>(0))
+        .unwrap_or(0)
 }
 
 /// (peak RSS in MiB, CPU seconds) of a live process.
@@ -63,27 +56,23 @@ fn process_usage(pid: u32) -> (f64, f64) {
     (hwm_kb / 1024.0, ticks / 100.0)
 }
 
-/// Start pgcdc and wait until `expected` records are in `topic`; returns (seconds, rss MiB, cpu s).
+/// Start pgcdc and wait until its slot confirms `end` (every record before it
+/// acknowledged by Kafka and checkpointed); returns (seconds, rss MiB, cpu s).
 async fn drain_with_pgcdc(
     dir: &std::path::Path,
     cfg: &str,
-    tansu: &Tansu,
-    topic: &str,
-    expected: u64,
-    before: impl std::future::Future<Output = ()>,
+    db: &tokio_postgres::Client,
+    slot: &str,
+    before: impl std::future::Future<Output = i64>,
 ) -> (f64, f64, f64) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
-        .create()
-        .expect("consumer");
     let started = Instant::now();
     let mut daemon = Daemon::start(dir, cfg, &[]);
-    before.await;
+    let end = before.await;
     let deadline = Instant::now() + Duration::from_secs(1800);
-    while topic_len(&consumer, topic) < expected {
+    while confirmed(db, slot).await < end {
         assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
         assert!(Instant::now() < deadline, "pgcdc did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
     let (rss, cpu) = process_usage(daemon.pid().expect("pid"));
@@ -97,14 +86,14 @@ async fn main() {
     let tansu = Tansu::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let db = pg.client().await;
-    db.batch_execute(
-        "CREATE TABLE bench (id bigint PRIMARY KEY, a text, b text, n int, ts timestamptz);
-         CREATE PUBLICATION pgcdc FOR TABLE bench;
-         SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput');
-         SELECT pg_create_logical_replication_slot('recv', 'pgoutput');",
-    )
-    .await
-    .expect("setup");
+    for sql in [
+        "CREATE TABLE bench (id bigint PRIMARY KEY, a text, b text, n int, ts timestamptz)",
+        "CREATE PUBLICATION pgcdc FOR TABLE bench",
+        "SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
+    ] {
+        db.batch_execute(sql).await.expect("setup");
+    }
     eprintln!("bench: writing {ROWS} rows in {TXS} transactions");
     for t in 0..TXS {
         let lo = t * ROWS_PER_TX;
@@ -116,6 +105,11 @@ async fn main() {
     }
     let end: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let end_num: i64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
         .await
         .expect("lsn")
         .get(0);
@@ -165,7 +159,7 @@ async fn main() {
     let cfg =
         config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
     let (secs, rss, cpu) =
-        drain_with_pgcdc(dir.path(), &cfg, &tansu, "cdc-events", ROWS, async {}).await;
+        drain_with_pgcdc(dir.path(), &cfg, &db, "pgcdc", async { end_num }).await;
 
     // One transaction of 1,000,000 rows, streamed by a fresh daemon.
     db.batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, a text, n int)")
@@ -201,9 +195,12 @@ async fn main() {
         )
         .await
         .expect("big insert");
+        let end = db
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await;
+        end.expect("lsn").get::<_, i64>(0)
     };
-    let (big_secs, big_rss, _) =
-        drain_with_pgcdc(dir2.path(), &cfg2, &tansu, "cdc-big", ROWS, writer).await;
+    let (big_secs, big_rss, _) = drain_with_pgcdc(dir2.path(), &cfg2, &db, "big", writer).await;
 
     let rate = ROWS as f64 / secs;
     let recv_rate = ROWS as f64 / recv_secs;
@@ -216,7 +213,7 @@ async fn main() {
     );
     println!(
         "{:<44} {:>12.0} {:>10.2}",
-        "pgcdc -> tansu, to the last ack", rate, secs
+        "pgcdc -> tansu, to the slot confirming the end", rate, secs
     );
     println!(
         "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.7)",

@@ -396,3 +396,72 @@ fn bad_configuration_fails_naming_the_key() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
+    let s = Stack::start();
+    let db = s.pg.client().await;
+    db.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE TABLE nokey (x int);")
+        .await
+        .unwrap();
+    let state = s.dir.path().join("state");
+    let check = |tables: &[&str]| {
+        let cfg = config(
+            &s.pg,
+            &s.tansu,
+            &state,
+            tables,
+            "topic_mode = \"per_table\"",
+        );
+        let path = s.dir.path().join("check.toml");
+        std::fs::write(&path, cfg).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+            .args(["--config", path.to_str().unwrap(), "check"])
+            .output()
+            .unwrap()
+    };
+    let bad = check(&["a", "nokey"]);
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("FAIL  postgresql")
+            && out.contains("no primary key")
+            && out.contains("ok    kafka"),
+        "{out}"
+    );
+    let good = check(&["a", "b"]);
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert_eq!(good.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("ok    postgresql") && out.contains("CreateSlot"),
+        "{out}"
+    );
+
+    let cfg = config(
+        &s.pg,
+        &s.tansu,
+        &state,
+        &["a", "b"],
+        "topic_mode = \"per_table\"\ntombstones = false",
+    );
+    let mut daemon = Daemon::start(s.dir.path(), &cfg, &[]);
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    db.batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2); DELETE FROM b; INSERT INTO b VALUES (3);").await.unwrap();
+    let a = s
+        .tansu
+        .read_until("pgcdc.public.a", Duration::from_secs(60), |r| !r.is_empty());
+    assert_eq!(ops(&a), [("c".to_string(), Some(json!({"id": 1})))]);
+    let b = s
+        .tansu
+        .read_until("pgcdc.public.b", Duration::from_secs(60), |r| r.len() >= 3);
+    // Tombstones disabled: no null record between the delete and the next insert.
+    let (c, d) = ("c".to_string(), "d".to_string());
+    assert_eq!(
+        ops(&b),
+        [
+            (c.clone(), Some(json!({"id": 2}))),
+            (d, Some(json!({"id": 2}))),
+            (c, Some(json!({"id": 3})))
+        ]
+    );
+}

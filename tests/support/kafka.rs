@@ -94,7 +94,9 @@ impl Tansu {
         records
     }
 
-    /// Read everything currently in `topic` (until a quiet second after the last record).
+    /// Read everything in `topic`: at least the high watermarks' worth, then
+    /// until nothing new arrives for a second. (tansu's reported high
+    /// watermark can lag what a fetch returns, so it is only a lower bound.)
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
         let consumer = self.consumer();
         let md = consumer
@@ -112,7 +114,26 @@ impl Tansu {
                 .expect("watermarks");
             total += hi - lo;
         }
-        self.read_until(topic, Duration::from_secs(60), |r| r.len() as i64 >= total)
+        let mut records =
+            self.read_until(topic, Duration::from_secs(60), |r| r.len() as i64 >= total);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+                .expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let (mut n, mut quiet_since) = (0usize, Instant::now());
+        while quiet_since.elapsed() < Duration::from_secs(1) {
+            if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+                let msg = msg.expect("kafka error while reading");
+                n += 1;
+                if n > records.len() {
+                    records.push(Record::from(&msg));
+                }
+                quiet_since = Instant::now();
+            }
+        }
+        records
     }
 }
 
