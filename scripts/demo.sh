@@ -71,6 +71,13 @@ UPDATE users SET email = 'ann@example.org' WHERE name = 'ann';
 DELETE FROM users WHERE name = 'bob';
 SQL
 
+# Wait until pgcdc has checkpointed past the writes: every event is then acknowledged by Kafka.
+target="$(psql -tAc "SELECT pg_current_wal_lsn()")"
+for _ in $(seq 1 100); do
+  ckpt="$("$pgcdc" --config "$work/pgcdc.toml" status 2>/dev/null | awk '/^checkpoint lsn:/ {print $3}')"
+  [ -n "$ckpt" ] && [ "$(psql -tAc "SELECT '$ckpt'::pg_lsn >= '$target'::pg_lsn")" = t ] && break
+  sleep 0.2
+done
 echo "demo: change events on topic cdc-events:"
 tansu cat consume cdc-events --broker "tcp://127.0.0.1:$kafka_port" --max-wait-time-ms 3000 | tee "$work/events.json"
 count="$(grep -o '"op":"[cud]"' "$work/events.json" | wc -l)"
