@@ -254,3 +254,49 @@ async fn panic_in_replication_restarts_it_without_loss() {
 async fn panic_in_checkpoint_restarts_it_without_loss() {
     panic_in_actor_is_restarted("checkpoint-before-confirm").await;
 }
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
+    let (pg, tansu, dir, db) = setup().await;
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
+        .replace("max_restarts = 20", "max_restarts = 2");
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &cfg,
+        &[("FAILPOINTS", "producer-after-ack=panic")],
+    );
+    wait_active(&db, &mut daemon).await;
+    write_numbered(
+        pg.client().await,
+        20,
+        Duration::from_millis(20),
+        Committed::default(),
+    )
+    .await;
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("keeps crashing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_postgres_ends_with_the_upstream_code_after_retries() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed_port = support::free_port();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
+        .replace(
+            &format!("port = {}", pg.port),
+            &format!("port = {closed_port}"),
+        )
+        .replace("max_restarts = 20", "max_restarts = 3");
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(
+        log.contains("cannot connect to postgresql") && log.contains("actor restarting"),
+        "{log}"
+    );
+}
