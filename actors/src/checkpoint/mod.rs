@@ -84,29 +84,23 @@ impl CheckpointStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_paranoid_checks(true);
-        let db = DB::open(&opts, path).map_err(|source| CheckpointError::Store {
-            path: path.into(),
-            source,
-        })?;
-        Ok(Self {
-            db,
-            path: path.into(),
-        })
+        Self::wrap(path, DB::open(&opts, path))
     }
 
     /// Open an existing store read-only (works while the daemon holds it).
     pub fn open_read_only(path: &Path) -> Result<Self, CheckpointError> {
-        let opts = Options::default();
-        let db = DB::open_for_read_only(&opts, path, false).map_err(|source| {
-            CheckpointError::Store {
-                path: path.into(),
-                source,
-            }
-        })?;
-        Ok(Self {
-            db,
-            path: path.into(),
-        })
+        Self::wrap(
+            path,
+            DB::open_for_read_only(&Options::default(), path, false),
+        )
+    }
+
+    fn wrap(path: &Path, db: Result<DB, rocksdb::Error>) -> Result<Self, CheckpointError> {
+        let path = path.to_path_buf();
+        match db {
+            Ok(db) => Ok(Self { db, path }),
+            Err(source) => Err(CheckpointError::Store { path, source }),
+        }
     }
 
     fn store_err(&self, source: rocksdb::Error) -> CheckpointError {
