@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use pgcdc_actors::checkpoint::CheckpointActor;
+use pgcdc_actors::es_writer::EsWriterActor;
 use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
@@ -48,10 +49,38 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let (p, cp) = (producer.clone(), checkpoint.clone());
     let repl_budget = RestartBudget::new("replication", sup.clone());
     let replication = Supervisor::start(move |_| ReplicationActor::new(pg, p, cp, repl_budget));
+    // The sink stops with the process: its offsets are committed after every written batch.
+    let _sink = settings
+        .elasticsearch
+        .run_in_daemon
+        .then(|| start_es_sink(&settings));
 
     wait_for_signal().await;
     tracing::info!("shutting down: stopping the stream and draining kafka");
     shutdown(&settings, replication, producer, checkpoint).await
+}
+
+/// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT.
+pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
+    let system = actix::System::new();
+    let result = system.block_on(async {
+        if settings.kafka.create_topics {
+            create_topics(&settings).await?;
+        }
+        let _sink = start_es_sink(&settings);
+        wait_for_signal().await;
+        tracing::info!("es sink stopping; uncommitted records are read again on restart");
+        Ok(())
+    });
+    System::current().stop();
+    result
+}
+
+fn start_es_sink(settings: &Settings) -> Addr<EsWriterActor> {
+    let es = Arc::new(settings.elasticsearch.clone());
+    let kafka = Arc::new(settings.kafka.clone());
+    let budget = RestartBudget::new("es_writer", settings.supervision.clone());
+    Supervisor::start(move |_| EsWriterActor::new(es, kafka, budget))
 }
 
 async fn wait_for_signal() {
@@ -141,6 +170,7 @@ async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         .filter_map(|t| parse_table_name(t).ok())
         .map(|(s, t)| k.topic_for(&s, &t))
         .collect();
+    names.push(settings.elasticsearch.dead_letter_topic.clone());
     names.sort();
     names.dedup();
     let mut config = rdkafka::ClientConfig::new();

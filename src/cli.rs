@@ -33,6 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Stream changes from PostgreSQL to Kafka until SIGTERM or SIGINT.
     Run,
+    /// Consume the change topics and keep Elasticsearch/OpenSearch mirror indices in step.
+    EsSink,
     /// Validate the configuration and check PostgreSQL, the slot and Kafka; print what is wrong.
     Check,
     /// Print the checkpoint and the replication slot's state.

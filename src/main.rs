@@ -24,6 +24,7 @@ fn main() {
     pgcdc::telemetry::init(&settings.log);
     let result = match cli.command {
         Command::Run => pgcdc::app::run(settings),
+        Command::EsSink => pgcdc::app::run_es_sink(settings),
         Command::Check => pgcdc::check::run(settings),
         Command::Status => pgcdc::check::status(settings),
     };

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
+use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::replication::PostgresConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
@@ -57,6 +58,9 @@ pub struct Settings {
     /// The Kafka destination.
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// The Elasticsearch/OpenSearch sink (`pgcdc es-sink`).
+    #[serde(default)]
+    pub elasticsearch: EsConfig,
     /// Restart budget and backoff.
     #[serde(default)]
     pub supervision: SupervisionConfig,
@@ -114,6 +118,7 @@ impl Settings {
         let mut errors = Vec::new();
         self.postgres.validate(&mut errors);
         self.kafka.validate(&mut errors);
+        self.elasticsearch.validate(&mut errors);
         self.supervision.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push("shutdown_timeout_secs: must be at least 1".into());

@@ -44,6 +44,10 @@ pub struct TableRef {
     /// Columns of the key, in order (the primary key, or every column for a
     /// table with REPLICA IDENTITY FULL and no primary key).
     pub key_columns: Vec<String>,
+    /// Column name → PostgreSQL type name as a JSON object text, e.g.
+    /// `{"id":"int4","name":"text"}` (empty before a Relation message is seen).
+    /// Sent as the `pgcdc.types` header so sinks can derive index mappings.
+    pub column_types: String,
 }
 
 /// Where and when a change was committed.

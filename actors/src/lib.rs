@@ -24,6 +24,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod es_writer;
 pub mod event;
 pub mod kafka_producer;
 pub mod lsn;

@@ -64,6 +64,7 @@ fn events(from: u64, n: u64, commit: Lsn) -> Vec<ChangeEvent> {
         schema: "public".into(),
         name: "t".into(),
         key_columns: vec!["id".into()],
+        column_types: String::new(),
     });
     (from..from + n)
         .map(|id| ChangeEvent {

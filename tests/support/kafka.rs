@@ -38,6 +38,20 @@ impl Tansu {
         tansu
     }
 
+    /// Create `topic` with one partition (tests that produce before pgcdc runs).
+    pub async fn create_topic(&self, topic: &str) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .create()
+            .expect("admin");
+        let t = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+        admin
+            .create_topics([&t], &AdminOptions::new())
+            .await
+            .expect("create topic");
+    }
+
     /// Bootstrap servers.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -2,6 +2,7 @@
 //! cluster, a tansu Kafka broker) and the pgcdc daemon as a child process.
 #![allow(dead_code)]
 
+pub mod es;
 pub mod kafka;
 pub mod pg;
 
@@ -62,12 +63,23 @@ pub struct Daemon {
     pub config: PathBuf,
     pub log: PathBuf,
     envs: Vec<(String, String)>,
-    features_env: Vec<(String, String)>,
+    command: &'static str,
 }
 
 impl Daemon {
     /// Write `config_toml` into `dir` and start `pgcdc run` with it.
     pub fn start(dir: &Path, config_toml: &str, envs: &[(&str, &str)]) -> Daemon {
+        Self::start_command(dir, config_toml, envs, "run")
+    }
+
+    /// Write `config_toml` into `dir` and start `pgcdc <command>` with it.
+    pub fn start_command(
+        dir: &Path,
+        config_toml: &str,
+        envs: &[(&str, &str)],
+        command: &'static str,
+    ) -> Daemon {
+        std::fs::create_dir_all(dir).expect("daemon dir");
         let config = dir.join("pgcdc.toml");
         std::fs::write(&config, config_toml).expect("write config");
         let mut d = Daemon {
@@ -78,7 +90,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            features_env: Vec::new(),
+            command,
         };
         d.spawn();
         d
@@ -92,7 +104,11 @@ impl Daemon {
             .open(&self.log)
             .expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .args(["--config", self.config.to_str().unwrap_or_default(), "run"])
+            .args([
+                "--config",
+                self.config.to_str().unwrap_or_default(),
+                self.command,
+            ])
             .envs(self.envs.iter().cloned())
             .env("RUST_BACKTRACE", "1")
             .stdout(Stdio::null())

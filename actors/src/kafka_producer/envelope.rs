@@ -21,6 +21,8 @@ pub struct EncodedRecord {
     pub op: &'static str,
     /// Commit LSN in PostgreSQL notation.
     pub commit_lsn: String,
+    /// Column types of the table, JSON object text.
+    pub types: String,
 }
 
 #[derive(Serialize)]
@@ -90,6 +92,7 @@ pub fn encode(
         table: format!("{}.{}", event.table.schema, event.table.name),
         op: event.op.code(),
         commit_lsn: event.tx.commit_lsn.to_string(),
+        types: event.table.column_types.clone(),
     };
     if event.op == Op::Delete && tombstones && record.key.is_some() {
         let tombstone = EncodedRecord {
@@ -121,6 +124,7 @@ mod tests {
                 schema: "public".into(),
                 name: "users".into(),
                 key_columns: vec!["id".into()],
+                column_types: String::new(),
             }),
             key: obj(json!({"id": 42})),
             before: obj(json!({"id": 42, "name": "old"})),

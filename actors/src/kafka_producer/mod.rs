@@ -357,7 +357,7 @@ async fn enqueue_all(
 ) -> Result<Vec<DeliveryFuture>, ProducerError> {
     let mut deliveries = Vec::with_capacity(records.len());
     for r in records {
-        let headers = OwnedHeaders::new_with_capacity(3)
+        let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: "pgcdc.table",
                 value: Some(r.table.as_str()),
@@ -369,6 +369,10 @@ async fn enqueue_all(
             .insert(Header {
                 key: "pgcdc.commit_lsn",
                 value: Some(r.commit_lsn.as_str()),
+            })
+            .insert(Header {
+                key: "pgcdc.types",
+                value: Some(r.types.as_str()),
             });
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
         if let Some(k) = &r.key {

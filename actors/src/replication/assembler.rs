@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
-use super::values::tuple_to_json;
+use super::values::{tuple_to_json, type_name};
 use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 
@@ -154,23 +154,38 @@ impl Assembler {
 
     fn relation(&mut self, relation: Relation) {
         let name = (relation.namespace.clone(), relation.name.clone());
-        let table = self.known.get(&name).cloned().unwrap_or_else(|| {
-            let flagged: Vec<String> = relation
-                .columns
-                .iter()
-                .filter(|c| c.is_key)
-                .map(|c| c.name.clone())
-                .collect();
-            let key_columns = if flagged.is_empty() {
-                relation.columns.iter().map(|c| c.name.clone()).collect()
-            } else {
-                flagged
-            };
-            Arc::new(TableRef {
-                schema: name.0,
-                name: name.1,
-                key_columns,
+        let key_columns = match self.known.get(&name) {
+            Some(t) => t.key_columns.clone(),
+            None => {
+                let flagged: Vec<String> = relation
+                    .columns
+                    .iter()
+                    .filter(|c| c.is_key)
+                    .map(|c| c.name.clone())
+                    .collect();
+                if flagged.is_empty() {
+                    relation.columns.iter().map(|c| c.name.clone()).collect()
+                } else {
+                    flagged
+                }
+            }
+        };
+        let types: Map<String, Value> = relation
+            .columns
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Value::from(type_name(c.type_oid).unwrap_or("unknown")),
+                )
             })
+            .collect();
+        let column_types = Value::Object(types).to_string();
+        let table = Arc::new(TableRef {
+            schema: name.0,
+            name: name.1,
+            key_columns,
+            column_types,
         });
         self.relations
             .insert(relation.oid, RelationInfo { relation, table });

@@ -1,8 +1,14 @@
 //! pgoutput (logical replication protocol version 1) message decoder.
 //!
 //! Pure and total: any byte string decodes to a message or an error, never a
-//! panic, and allocations are bounded by the input's length. Tuple values are
-//! zero-copy slices of the input.
+//! panic, and allocations are bounded by the input's length (a count read from
+//! the wire only ever reserves what the remaining bytes could hold). Tuple
+//! values and message contents are zero-copy slices of the input.
+//!
+//! Layouts follow PostgreSQL's "Logical Replication Message Formats"; all
+//! integers are big-endian, strings are NUL-terminated UTF-8. One call decodes
+//! exactly one message (the payload of one XLogData): bytes left over are an
+//! error, because they mean the layout was misread.
 
 use bytes::Bytes;
 
@@ -11,16 +17,16 @@ use bytes::Bytes;
 pub enum PgOutputMessage {
     /// `B`: a transaction begins.
     Begin {
-        /// LSN of the commit record.
+        /// LSN of the transaction's commit record.
         final_lsn: u64,
-        /// Commit time, microseconds since 2000-01-01.
+        /// Commit time, microseconds since 2000-01-01 (the PostgreSQL epoch).
         commit_time_micros: i64,
         /// Transaction id.
         xid: u32,
     },
     /// `C`: the transaction committed.
     Commit {
-        /// Flags (unused, 0).
+        /// Flags (currently unused, 0).
         flags: u8,
         /// LSN of the commit record.
         commit_lsn: u64,
@@ -29,7 +35,7 @@ pub enum PgOutputMessage {
         /// Commit time, microseconds since 2000-01-01.
         commit_time_micros: i64,
     },
-    /// `O`: the transaction came from another origin.
+    /// `O`: the transaction came from another replication origin.
     Origin {
         /// Commit LSN on the origin server.
         commit_lsn: u64,
@@ -38,34 +44,35 @@ pub enum PgOutputMessage {
     },
     /// `R`: describes a relation before its first change (and after DDL).
     Relation(Relation),
-    /// `Y`: describes a non-built-in type.
+    /// `Y`: describes a non-built-in type used by a relation.
     Type {
         /// Type OID.
         oid: u32,
-        /// Schema of the type.
+        /// Schema of the type (empty for `pg_catalog`).
         namespace: String,
         /// Type name.
         name: String,
     },
     /// `I`: a row was inserted.
     Insert {
-        /// Relation OID.
+        /// Relation OID, as in a preceding `Relation` message.
         relation_oid: u32,
         /// The new row.
         new: Tuple,
     },
     /// `U`: a row was updated.
     Update {
-        /// Relation OID.
+        /// Relation OID, as in a preceding `Relation` message.
         relation_oid: u32,
-        /// The old key (`K`) or old row (`O`), when sent.
+        /// The old key (`K`, when the key changed) or old row (`O`, REPLICA
+        /// IDENTITY FULL); absent otherwise.
         old: Option<OldTuple>,
         /// The new row.
         new: Tuple,
     },
     /// `D`: a row was deleted.
     Delete {
-        /// Relation OID.
+        /// Relation OID, as in a preceding `Relation` message.
         relation_oid: u32,
         /// The old key (`K`) or old row (`O`).
         old: OldTuple,
@@ -79,13 +86,13 @@ pub enum PgOutputMessage {
     },
     /// `M`: a logical decoding message (`pg_logical_emit_message`).
     Message {
-        /// Emitted inside a transaction.
+        /// Emitted inside a transaction (flag bit 1).
         transactional: bool,
         /// LSN of the message.
         lsn: u64,
         /// Application prefix.
         prefix: String,
-        /// Payload.
+        /// Payload, a zero-copy slice of the input.
         content: Bytes,
     },
 }
@@ -95,33 +102,33 @@ pub enum PgOutputMessage {
 pub struct Relation {
     /// Relation OID.
     pub oid: u32,
-    /// Schema name.
+    /// Schema name (empty for `pg_catalog`).
     pub namespace: String,
     /// Table name.
     pub name: String,
-    /// Replica identity: `d` default, `n` nothing, `f` full, `i` index.
+    /// Replica identity (`relreplident`): `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: u8,
-    /// Columns in order.
+    /// Columns in order (generated columns are not sent).
     pub columns: Vec<Column>,
 }
 
 /// One column of a relation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Column {
-    /// Part of the replica identity key.
+    /// Part of the replica identity key (column flag bit 1).
     pub is_key: bool,
     /// Column name.
     pub name: String,
     /// Type OID.
     pub type_oid: u32,
-    /// Type modifier (`atttypmod`).
+    /// Type modifier (`atttypmod`, -1 when none).
     pub type_modifier: i32,
 }
 
 /// The old side of an update or delete.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OldTuple {
-    /// `K`: only the key columns are set.
+    /// `K`: only the key columns are set; the others are sent as NULL.
     Key(Tuple),
     /// `O`: the whole old row (REPLICA IDENTITY FULL).
     Full(Tuple),
@@ -156,7 +163,7 @@ pub enum DecodeError {
     /// An unknown message tag.
     #[error("unknown message tag {0:#04x}")]
     UnknownTag(u8),
-    /// An unknown tuple or sub-message marker.
+    /// An unknown tuple, old-tuple or new-tuple marker.
     #[error("unexpected {what} marker {marker:#04x}")]
     BadMarker {
         /// Where.
@@ -164,7 +171,7 @@ pub enum DecodeError {
         /// The byte found.
         marker: u8,
     },
-    /// A negative length or count.
+    /// A negative length.
     #[error("invalid length {len} for {what}")]
     BadLength {
         /// Where.
@@ -172,7 +179,7 @@ pub enum DecodeError {
         /// The value found.
         len: i64,
     },
-    /// A name that is not UTF-8.
+    /// A string that is not UTF-8.
     #[error("{what} is not valid utf-8")]
     InvalidUtf8 {
         /// Which field.
@@ -183,65 +190,261 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-/// A cursor over the message bytes.
+/// Decode one pgoutput message (the payload of one XLogData).
+pub fn decode(buf: &Bytes) -> Result<PgOutputMessage, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    let msg = match r.u8("message tag")? {
+        b'B' => begin(&mut r)?,
+        b'C' => commit(&mut r)?,
+        b'O' => origin(&mut r)?,
+        b'R' => PgOutputMessage::Relation(relation(&mut r)?),
+        b'Y' => type_message(&mut r)?,
+        b'I' => insert(&mut r)?,
+        b'U' => update(&mut r)?,
+        b'D' => delete(&mut r)?,
+        b'T' => truncate(&mut r)?,
+        b'M' => logical_message(&mut r)?,
+        tag => return Err(DecodeError::UnknownTag(tag)),
+    };
+    match r.remaining() {
+        0 => Ok(msg),
+        n => Err(DecodeError::Trailing(n)),
+    }
+}
+
+/// `B`: final LSN, commit time, xid.
+fn begin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Begin {
+        final_lsn: r.u64("begin final lsn")?,
+        commit_time_micros: r.i64("begin timestamp")?,
+        xid: r.u32("begin xid")?,
+    })
+}
+
+/// `C`: flags, commit LSN, end LSN, commit time.
+fn commit(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Commit {
+        flags: r.u8("commit flags")?,
+        commit_lsn: r.u64("commit lsn")?,
+        end_lsn: r.u64("commit end lsn")?,
+        commit_time_micros: r.i64("commit timestamp")?,
+    })
+}
+
+/// `O`: origin commit LSN, origin name.
+fn origin(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Origin {
+        commit_lsn: r.u64("origin lsn")?,
+        name: r.cstr("origin name")?,
+    })
+}
+
+/// `R`: oid, namespace, name, replica identity, column count, then per column
+/// flags, name, type oid and type modifier.
+fn relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
+    let oid = r.u32("relation oid")?;
+    let namespace = r.cstr("relation namespace")?;
+    let name = r.cstr("relation name")?;
+    let replica_identity = r.u8("replica identity")?;
+    let n = usize::from(r.u16("relation column count")?);
+    // A column takes at least 10 bytes (flags, NUL, oid, typmod).
+    let mut columns = Vec::with_capacity(n.min(r.remaining() / 10));
+    for _ in 0..n {
+        columns.push(Column {
+            is_key: r.u8("column flags")? & 1 == 1,
+            name: r.cstr("column name")?,
+            type_oid: r.u32("column type")?,
+            type_modifier: r.i32("column type modifier")?,
+        });
+    }
+    Ok(Relation {
+        oid,
+        namespace,
+        name,
+        replica_identity,
+        columns,
+    })
+}
+
+/// `Y`: oid, namespace, name.
+fn type_message(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    Ok(PgOutputMessage::Type {
+        oid: r.u32("type oid")?,
+        namespace: r.cstr("type namespace")?,
+        name: r.cstr("type name")?,
+    })
+}
+
+/// `I`: relation oid, `N`, new tuple.
+fn insert(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    let relation_oid = r.u32("insert relation")?;
+    let marker = r.u8("insert new marker")?;
+    expect_new(marker)?;
+    Ok(PgOutputMessage::Insert {
+        relation_oid,
+        new: r.tuple()?,
+    })
+}
+
+/// `U`: relation oid, optional `K`/`O` old tuple, `N`, new tuple.
+fn update(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    let relation_oid = r.u32("update relation")?;
+    let mut marker = r.u8("update marker")?;
+    let old = match marker {
+        b'N' => None,
+        _ => {
+            let old = old_tuple(r, marker)?;
+            marker = r.u8("update new marker")?;
+            Some(old)
+        }
+    };
+    expect_new(marker)?;
+    Ok(PgOutputMessage::Update {
+        relation_oid,
+        old,
+        new: r.tuple()?,
+    })
+}
+
+/// `D`: relation oid, `K`/`O` old tuple.
+fn delete(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    let relation_oid = r.u32("delete relation")?;
+    let marker = r.u8("delete marker")?;
+    Ok(PgOutputMessage::Delete {
+        relation_oid,
+        old: old_tuple(r, marker)?,
+    })
+}
+
+/// `T`: relation count, options, relation oids.
+fn truncate(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    let n = r.u32("truncate relation count")?;
+    let options = r.u8("truncate options")?;
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    let mut relation_oids = Vec::with_capacity(n.min(r.remaining() / 4));
+    for _ in 0..n {
+        relation_oids.push(r.u32("truncate relation")?);
+    }
+    Ok(PgOutputMessage::Truncate {
+        options,
+        relation_oids,
+    })
+}
+
+/// `M`: flags, LSN, prefix, content length, content.
+fn logical_message(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
+    let transactional = r.u8("message flags")? & 1 == 1;
+    let lsn = r.u64("message lsn")?;
+    let prefix = r.cstr("message prefix")?;
+    let len = r.len("message content")?;
+    Ok(PgOutputMessage::Message {
+        transactional,
+        lsn,
+        prefix,
+        content: r.bytes(len, "message content")?,
+    })
+}
+
+/// The old tuple announced by `marker` (`K` or `O`).
+fn old_tuple(r: &mut Reader<'_>, marker: u8) -> Result<OldTuple, DecodeError> {
+    match marker {
+        b'K' => Ok(OldTuple::Key(r.tuple()?)),
+        b'O' => Ok(OldTuple::Full(r.tuple()?)),
+        marker => Err(DecodeError::BadMarker {
+            what: "old tuple",
+            marker,
+        }),
+    }
+}
+
+/// Checks the `N` marker that precedes a new tuple.
+fn expect_new(marker: u8) -> Result<(), DecodeError> {
+    match marker {
+        b'N' => Ok(()),
+        marker => Err(DecodeError::BadMarker {
+            what: "new tuple",
+            marker,
+        }),
+    }
+}
+
+/// A bounds-checked cursor over the message bytes.
 struct Reader<'a> {
+    /// The whole message.
     buf: &'a Bytes,
+    /// Next byte to read; never beyond `buf.len()`.
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
+    /// The next `n` bytes, or `Truncated` if fewer are left.
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let end = self
+        let buf: &'a [u8] = self.buf;
+        let slice = self
             .pos
             .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
+            .and_then(|end| buf.get(self.pos..end))
             .ok_or(DecodeError::Truncated { what })?;
-        let slice = &self.buf[self.pos..end];
-        self.pos = end;
+        self.pos += n;
         Ok(slice)
     }
 
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+
+    /// An `Int8`/`Byte1`.
     fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, what)?[0])
+        Ok(u8::from_be_bytes(self.array(what)?))
     }
 
+    /// An `Int16`.
     fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(u16::from_be_bytes(self.array(what)?))
     }
 
+    /// An unsigned `Int32` (OIDs, xids, counts).
     fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        let b = self.take(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_be_bytes(self.array(what)?))
     }
 
+    /// A signed `Int32`.
     fn i32(&mut self, what: &'static str) -> Result<i32, DecodeError> {
-        Ok(self.u32(what)? as i32)
+        Ok(i32::from_be_bytes(self.array(what)?))
     }
 
+    /// An unsigned `Int64` (LSNs).
     fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        let b = self.take(8, what)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_be_bytes(a))
+        Ok(u64::from_be_bytes(self.array(what)?))
     }
 
+    /// A signed `Int64` (timestamps).
     fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
-        Ok(self.u64(what)? as i64)
+        Ok(i64::from_be_bytes(self.array(what)?))
     }
 
-    /// A NUL-terminated string.
+    /// An `Int32` length that must not be negative.
+    fn len(&mut self, what: &'static str) -> Result<usize, DecodeError> {
+        let len = self.i32(what)?;
+        usize::try_from(len).map_err(|_| DecodeError::BadLength {
+            what,
+            len: len.into(),
+        })
+    }
+
+    /// A NUL-terminated UTF-8 string.
     fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let rest = &self.buf[self.pos..];
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
         let nul = rest
             .iter()
             .position(|b| *b == 0)
             .ok_or(DecodeError::Truncated { what })?;
-        let s = std::str::from_utf8(&rest[..nul])
-            .map_err(|_| DecodeError::InvalidUtf8 { what })?
-            .to_owned();
-        self.pos += nul + 1;
-        Ok(s)
+        let text = self.take(nul + 1, what)?;
+        let s = std::str::from_utf8(&text[..nul]).map_err(|_| DecodeError::InvalidUtf8 { what })?;
+        Ok(s.to_owned())
     }
 
     /// `n` bytes as a zero-copy slice of the input.
@@ -251,187 +454,41 @@ impl<'a> Reader<'a> {
         Ok(self.buf.slice(start..self.pos))
     }
 
+    /// Bytes not yet read.
     fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.buf.len().saturating_sub(self.pos)
     }
 
+    /// TupleData: column count, then per column a kind byte and, for `t`/`b`,
+    /// a length and the value bytes.
     fn tuple(&mut self) -> Result<Tuple, DecodeError> {
-        let n = self.u16("tuple column count")? as usize;
-        // Each column takes at least one byte: never reserve more than the input can hold.
+        let n = usize::from(self.u16("tuple column count")?);
+        // A column takes at least its kind byte.
         let mut values = Vec::with_capacity(n.min(self.remaining()));
         for _ in 0..n {
-            let v = match self.u8("tuple value kind")? {
-                b'n' => TupleValue::Null,
-                b'u' => TupleValue::UnchangedToast,
-                kind @ (b't' | b'b') => {
-                    let len = self.i32("value length")?;
-                    let len = usize::try_from(len).map_err(|_| DecodeError::BadLength {
-                        what: "value",
-                        len: len.into(),
-                    })?;
-                    let data = self.bytes(len, "value")?;
-                    if kind == b't' {
-                        TupleValue::Text(data)
-                    } else {
-                        TupleValue::Binary(data)
-                    }
-                }
-                marker => {
-                    return Err(DecodeError::BadMarker {
-                        what: "tuple value",
-                        marker,
-                    })
-                }
-            };
-            values.push(v);
+            values.push(self.tuple_value()?);
         }
         Ok(Tuple(values))
     }
 
-    fn relation(&mut self) -> Result<Relation, DecodeError> {
-        let oid = self.u32("relation oid")?;
-        let namespace = self.cstr("relation namespace")?;
-        let name = self.cstr("relation name")?;
-        let replica_identity = self.u8("replica identity")?;
-        let n = self.u16("relation column count")? as usize;
-        let mut columns = Vec::with_capacity(n.min(self.remaining() / 10));
-        for _ in 0..n {
-            let flags = self.u8("column flags")?;
-            let name = self.cstr("column name")?;
-            let type_oid = self.u32("column type")?;
-            let type_modifier = self.i32("column type modifier")?;
-            columns.push(Column {
-                is_key: flags & 1 == 1,
-                name,
-                type_oid,
-                type_modifier,
-            });
-        }
-        Ok(Relation {
-            oid,
-            namespace,
-            name,
-            replica_identity,
-            columns,
-        })
-    }
-
-    fn old_tuple(&mut self, marker: u8) -> Result<OldTuple, DecodeError> {
-        match marker {
-            b'K' => Ok(OldTuple::Key(self.tuple()?)),
-            b'O' => Ok(OldTuple::Full(self.tuple()?)),
+    /// One TupleData column.
+    fn tuple_value(&mut self) -> Result<TupleValue, DecodeError> {
+        match self.u8("tuple value kind")? {
+            b'n' => Ok(TupleValue::Null),
+            b'u' => Ok(TupleValue::UnchangedToast),
+            b't' => {
+                let len = self.len("text value length")?;
+                Ok(TupleValue::Text(self.bytes(len, "text value")?))
+            }
+            b'b' => {
+                let len = self.len("binary value length")?;
+                Ok(TupleValue::Binary(self.bytes(len, "binary value")?))
+            }
             marker => Err(DecodeError::BadMarker {
-                what: "old tuple",
+                what: "tuple value",
                 marker,
             }),
         }
-    }
-
-    fn new_marker(&mut self, marker: u8) -> Result<(), DecodeError> {
-        if marker == b'N' {
-            Ok(())
-        } else {
-            Err(DecodeError::BadMarker {
-                what: "new tuple",
-                marker,
-            })
-        }
-    }
-}
-
-/// Decode one pgoutput message (the payload of an XLogData).
-pub fn decode(buf: &Bytes) -> Result<PgOutputMessage, DecodeError> {
-    let mut r = Reader { buf, pos: 0 };
-    let msg = match r.u8("message tag")? {
-        b'B' => PgOutputMessage::Begin {
-            final_lsn: r.u64("begin final lsn")?,
-            commit_time_micros: r.i64("begin timestamp")?,
-            xid: r.u32("begin xid")?,
-        },
-        b'C' => PgOutputMessage::Commit {
-            flags: r.u8("commit flags")?,
-            commit_lsn: r.u64("commit lsn")?,
-            end_lsn: r.u64("commit end lsn")?,
-            commit_time_micros: r.i64("commit timestamp")?,
-        },
-        b'O' => PgOutputMessage::Origin {
-            commit_lsn: r.u64("origin lsn")?,
-            name: r.cstr("origin name")?,
-        },
-        b'R' => PgOutputMessage::Relation(r.relation()?),
-        b'Y' => PgOutputMessage::Type {
-            oid: r.u32("type oid")?,
-            namespace: r.cstr("type namespace")?,
-            name: r.cstr("type name")?,
-        },
-        b'I' => {
-            let relation_oid = r.u32("insert relation")?;
-            let marker = r.u8("insert marker")?;
-            r.new_marker(marker)?;
-            PgOutputMessage::Insert {
-                relation_oid,
-                new: r.tuple()?,
-            }
-        }
-        b'U' => {
-            let relation_oid = r.u32("update relation")?;
-            let marker = r.u8("update marker")?;
-            let old = if marker == b'N' {
-                None
-            } else {
-                Some(r.old_tuple(marker)?)
-            };
-            if old.is_some() {
-                let marker = r.u8("update new marker")?;
-                r.new_marker(marker)?;
-            }
-            PgOutputMessage::Update {
-                relation_oid,
-                old,
-                new: r.tuple()?,
-            }
-        }
-        b'D' => {
-            let relation_oid = r.u32("delete relation")?;
-            let marker = r.u8("delete marker")?;
-            PgOutputMessage::Delete {
-                relation_oid,
-                old: r.old_tuple(marker)?,
-            }
-        }
-        b'T' => {
-            let n = r.u32("truncate relation count")? as usize;
-            let options = r.u8("truncate options")?;
-            let mut relation_oids = Vec::with_capacity(n.min(r.remaining() / 4));
-            for _ in 0..n {
-                relation_oids.push(r.u32("truncate relation")?);
-            }
-            PgOutputMessage::Truncate {
-                options,
-                relation_oids,
-            }
-        }
-        b'M' => {
-            let transactional = r.u8("message flags")? & 1 == 1;
-            let lsn = r.u64("message lsn")?;
-            let prefix = r.cstr("message prefix")?;
-            let len = r.i32("message length")?;
-            let len = usize::try_from(len).map_err(|_| DecodeError::BadLength {
-                what: "message",
-                len: len.into(),
-            })?;
-            PgOutputMessage::Message {
-                transactional,
-                lsn,
-                prefix,
-                content: r.bytes(len, "message content")?,
-            }
-        }
-        tag => return Err(DecodeError::UnknownTag(tag)),
-    };
-    match r.remaining() {
-        0 => Ok(msg),
-        n => Err(DecodeError::Trailing(n)),
     }
 }
 
@@ -444,38 +501,6 @@ pub(crate) mod tests {
     /// A test-only encoder: the inverse of `decode`.
     pub(crate) fn encode(msg: &PgOutputMessage) -> Bytes {
         let mut b = Vec::new();
-        let cstr = |b: &mut Vec<u8>, s: &str| {
-            b.extend_from_slice(s.as_bytes());
-            b.push(0);
-        };
-        let tuple = |b: &mut Vec<u8>, t: &Tuple| {
-            b.extend_from_slice(&(t.0.len() as u16).to_be_bytes());
-            for v in &t.0 {
-                match v {
-                    TupleValue::Null => b.push(b'n'),
-                    TupleValue::UnchangedToast => b.push(b'u'),
-                    TupleValue::Text(d) | TupleValue::Binary(d) => {
-                        b.push(if matches!(v, TupleValue::Text(_)) {
-                            b't'
-                        } else {
-                            b'b'
-                        });
-                        b.extend_from_slice(&(d.len() as i32).to_be_bytes());
-                        b.extend_from_slice(d);
-                    }
-                }
-            }
-        };
-        let old = |b: &mut Vec<u8>, o: &OldTuple| match o {
-            OldTuple::Key(t) => {
-                b.push(b'K');
-                tuple(b, t);
-            }
-            OldTuple::Full(t) => {
-                b.push(b'O');
-                tuple(b, t);
-            }
-        };
         match msg {
             PgOutputMessage::Begin {
                 final_lsn,
@@ -502,22 +527,9 @@ pub(crate) mod tests {
             PgOutputMessage::Origin { commit_lsn, name } => {
                 b.push(b'O');
                 b.extend_from_slice(&commit_lsn.to_be_bytes());
-                cstr(&mut b, name);
+                put_cstr(&mut b, name);
             }
-            PgOutputMessage::Relation(r) => {
-                b.push(b'R');
-                b.extend_from_slice(&r.oid.to_be_bytes());
-                cstr(&mut b, &r.namespace);
-                cstr(&mut b, &r.name);
-                b.push(r.replica_identity);
-                b.extend_from_slice(&(r.columns.len() as u16).to_be_bytes());
-                for c in &r.columns {
-                    b.push(u8::from(c.is_key));
-                    cstr(&mut b, &c.name);
-                    b.extend_from_slice(&c.type_oid.to_be_bytes());
-                    b.extend_from_slice(&c.type_modifier.to_be_bytes());
-                }
-            }
+            PgOutputMessage::Relation(r) => put_relation(&mut b, r),
             PgOutputMessage::Type {
                 oid,
                 namespace,
@@ -525,36 +537,12 @@ pub(crate) mod tests {
             } => {
                 b.push(b'Y');
                 b.extend_from_slice(&oid.to_be_bytes());
-                cstr(&mut b, namespace);
-                cstr(&mut b, name);
+                put_cstr(&mut b, namespace);
+                put_cstr(&mut b, name);
             }
-            PgOutputMessage::Insert { relation_oid, new } => {
-                b.push(b'I');
-                b.extend_from_slice(&relation_oid.to_be_bytes());
-                b.push(b'N');
-                tuple(&mut b, new);
-            }
-            PgOutputMessage::Update {
-                relation_oid,
-                old: o,
-                new,
-            } => {
-                b.push(b'U');
-                b.extend_from_slice(&relation_oid.to_be_bytes());
-                if let Some(o) = o {
-                    old(&mut b, o);
-                }
-                b.push(b'N');
-                tuple(&mut b, new);
-            }
-            PgOutputMessage::Delete {
-                relation_oid,
-                old: o,
-            } => {
-                b.push(b'D');
-                b.extend_from_slice(&relation_oid.to_be_bytes());
-                old(&mut b, o);
-            }
+            PgOutputMessage::Insert { .. }
+            | PgOutputMessage::Update { .. }
+            | PgOutputMessage::Delete { .. } => put_change(&mut b, msg),
             PgOutputMessage::Truncate {
                 options,
                 relation_oids,
@@ -575,7 +563,7 @@ pub(crate) mod tests {
                 b.push(b'M');
                 b.push(u8::from(*transactional));
                 b.extend_from_slice(&lsn.to_be_bytes());
-                cstr(&mut b, prefix);
+                put_cstr(&mut b, prefix);
                 b.extend_from_slice(&(content.len() as i32).to_be_bytes());
                 b.extend_from_slice(content);
             }
@@ -583,10 +571,119 @@ pub(crate) mod tests {
         Bytes::from(b)
     }
 
+    /// Appends a NUL-terminated string.
+    fn put_cstr(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(s.as_bytes());
+        b.push(0);
+    }
+
+    /// Appends a Relation message.
+    fn put_relation(b: &mut Vec<u8>, r: &Relation) {
+        b.push(b'R');
+        b.extend_from_slice(&r.oid.to_be_bytes());
+        put_cstr(b, &r.namespace);
+        put_cstr(b, &r.name);
+        b.push(r.replica_identity);
+        b.extend_from_slice(&(r.columns.len() as u16).to_be_bytes());
+        for c in &r.columns {
+            b.push(u8::from(c.is_key));
+            put_cstr(b, &c.name);
+            b.extend_from_slice(&c.type_oid.to_be_bytes());
+            b.extend_from_slice(&c.type_modifier.to_be_bytes());
+        }
+    }
+
+    /// Appends an Insert, Update or Delete message.
+    fn put_change(b: &mut Vec<u8>, msg: &PgOutputMessage) {
+        match msg {
+            PgOutputMessage::Insert { relation_oid, new } => {
+                b.push(b'I');
+                b.extend_from_slice(&relation_oid.to_be_bytes());
+                b.push(b'N');
+                put_tuple(b, new);
+            }
+            PgOutputMessage::Update {
+                relation_oid,
+                old,
+                new,
+            } => {
+                b.push(b'U');
+                b.extend_from_slice(&relation_oid.to_be_bytes());
+                if let Some(old) = old {
+                    put_old(b, old);
+                }
+                b.push(b'N');
+                put_tuple(b, new);
+            }
+            PgOutputMessage::Delete { relation_oid, old } => {
+                b.push(b'D');
+                b.extend_from_slice(&relation_oid.to_be_bytes());
+                put_old(b, old);
+            }
+            _ => unreachable!("not a row change"),
+        }
+    }
+
+    /// Appends a `K`/`O` marker and its tuple.
+    fn put_old(b: &mut Vec<u8>, old: &OldTuple) {
+        let (marker, t) = match old {
+            OldTuple::Key(t) => (b'K', t),
+            OldTuple::Full(t) => (b'O', t),
+        };
+        b.push(marker);
+        put_tuple(b, t);
+    }
+
+    /// Appends TupleData.
+    fn put_tuple(b: &mut Vec<u8>, t: &Tuple) {
+        b.extend_from_slice(&(t.0.len() as u16).to_be_bytes());
+        for v in &t.0 {
+            let (kind, data) = match v {
+                TupleValue::Null => (b'n', None),
+                TupleValue::UnchangedToast => (b'u', None),
+                TupleValue::Text(d) => (b't', Some(d)),
+                TupleValue::Binary(d) => (b'b', Some(d)),
+            };
+            b.push(kind);
+            if let Some(d) = data {
+                b.extend_from_slice(&(d.len() as i32).to_be_bytes());
+                b.extend_from_slice(d);
+            }
+        }
+    }
+
     fn text(s: &str) -> TupleValue {
         TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
     }
 
+    fn bad(b: &[u8]) -> DecodeError {
+        decode(&Bytes::copy_from_slice(b)).unwrap_err()
+    }
+
+    fn users() -> Relation {
+        Relation {
+            oid: 16384,
+            namespace: "public".into(),
+            name: "users".into(),
+            replica_identity: b'd',
+            columns: vec![
+                Column {
+                    is_key: true,
+                    name: "id".into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                },
+                Column {
+                    is_key: false,
+                    name: "name".into(),
+                    type_oid: 1043,
+                    type_modifier: 14,
+                },
+            ],
+        }
+    }
+
+    /// One message of every kind and every optional shape.
     fn samples() -> Vec<PgOutputMessage> {
         let t = Tuple(vec![
             text("1"),
@@ -610,26 +707,7 @@ pub(crate) mod tests {
                 commit_lsn: 9,
                 name: "node_a".into(),
             },
-            PgOutputMessage::Relation(Relation {
-                oid: 16384,
-                namespace: "public".into(),
-                name: "users".into(),
-                replica_identity: b'd',
-                columns: vec![
-                    Column {
-                        is_key: true,
-                        name: "id".into(),
-                        type_oid: 23,
-                        type_modifier: -1,
-                    },
-                    Column {
-                        is_key: false,
-                        name: "name".into(),
-                        type_oid: 1043,
-                        type_modifier: 14,
-                    },
-                ],
-            }),
+            PgOutputMessage::Relation(users()),
             PgOutputMessage::Type {
                 oid: 99999,
                 namespace: "public".into(),
@@ -683,6 +761,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hand_built_bytes_decode_to_the_documented_fields() {
+        let begin = b"B\0\0\0\x16\xb3\x74\xd8\x48\0\0\0\0\0\0\0\x07\0\0\0\x2a";
+        assert_eq!(
+            decode(&Bytes::from_static(begin)),
+            Ok(PgOutputMessage::Begin {
+                final_lsn: 0x16_B374_D848,
+                commit_time_micros: 7,
+                xid: 42
+            })
+        );
+        let rel = b"R\0\0\x40\0public\0users\0d\0\x02\
+            \x01id\0\0\0\0\x17\xff\xff\xff\xff\
+            \0name\0\0\0\x04\x13\0\0\0\x0e";
+        assert_eq!(
+            decode(&Bytes::from_static(rel)),
+            Ok(PgOutputMessage::Relation(users()))
+        );
+        let upd = b"U\0\0\x40\0K\0\x02t\0\0\0\x011nN\0\x02t\0\0\0\x012u";
+        assert_eq!(
+            decode(&Bytes::from_static(upd)),
+            Ok(PgOutputMessage::Update {
+                relation_oid: 16384,
+                old: Some(OldTuple::Key(Tuple(vec![text("1"), TupleValue::Null]))),
+                new: Tuple(vec![text("2"), TupleValue::UnchangedToast]),
+            })
+        );
+    }
+
+    #[test]
+    fn column_flags_other_than_the_key_bit_are_ignored() {
+        let rel = b"R\0\0\0\x01\0t\0f\0\x01\x03c\0\0\0\0\x17\0\0\0\0";
+        let Ok(PgOutputMessage::Relation(r)) = decode(&Bytes::from_static(rel)) else {
+            panic!("not a relation")
+        };
+        assert!(r.columns[0].is_key);
+        assert_eq!(r.namespace, "", "pg_catalog is sent as an empty namespace");
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         for msg in samples() {
             let full = encode(&msg);
@@ -711,25 +828,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn malformed_input_is_refused() {
-        let bad = |b: &[u8]| decode(&Bytes::copy_from_slice(b)).unwrap_err();
+    fn unknown_tags_and_markers_are_refused() {
         assert_eq!(bad(b"Z"), DecodeError::UnknownTag(b'Z'));
+        assert_eq!(bad(b""), DecodeError::Truncated { what: "message tag" });
         assert!(matches!(
             bad(b"I\0\0\0\x01X\0\0"),
             DecodeError::BadMarker { .. }
         ));
         assert!(matches!(
+            bad(b"I\0\0\0\x01N\0\x01x"),
+            DecodeError::BadMarker { .. }
+        ));
+        // An update's old tuple must be followed by `N`.
+        assert!(matches!(
+            bad(b"U\0\0\0\x01K\0\0K\0\0"),
+            DecodeError::BadMarker { .. }
+        ));
+        assert!(matches!(
+            bad(b"D\0\0\0\x01N\0\0"),
+            DecodeError::BadMarker { .. }
+        ));
+    }
+
+    #[test]
+    fn negative_lengths_bad_utf8_and_trailing_bytes_are_refused() {
+        assert!(matches!(
             bad(b"I\0\0\0\x01N\0\x01t\xff\xff\xff\xff"),
             DecodeError::BadLength { .. }
         ));
-        // A huge column count with no data must fail, not allocate.
         assert!(matches!(
-            bad(b"I\0\0\0\x01N\xff\xff"),
-            DecodeError::Truncated { .. }
-        ));
-        assert!(matches!(
-            bad(b"T\xff\xff\xff\xff\0"),
-            DecodeError::Truncated { .. }
+            bad(b"M\x01\0\0\0\0\0\0\0\x01p\0\x80\0\0\0"),
+            DecodeError::BadLength { .. }
         ));
         assert!(matches!(
             bad(b"Y\0\0\0\x01\xff\0x\0"),
@@ -739,6 +868,23 @@ pub(crate) mod tests {
             bad(b"B\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\x02\0\0\0\x03!"),
             DecodeError::Trailing(1)
         );
+    }
+
+    #[test]
+    fn huge_counts_in_short_input_fail_without_reserving() {
+        // Counts of 65535 columns or 4 billion relations in a few bytes must
+        // fail on the missing data, not allocate for the claimed count.
+        for input in [
+            &b"I\0\0\0\x01N\xff\xff"[..],
+            b"R\0\0\0\x01s\0t\0d\xff\xff\x01",
+            b"T\xff\xff\xff\xff\0",
+            b"I\0\0\0\x01N\xff\xfft\x7f\xff\xff\xff",
+        ] {
+            assert!(
+                matches!(bad(input), DecodeError::Truncated { .. }),
+                "{input:?}"
+            );
+        }
     }
 
     fn arb_value() -> impl Strategy<Value = TupleValue> {
@@ -756,9 +902,18 @@ pub(crate) mod tests {
         proptest::collection::vec(arb_value(), 0..8).prop_map(Tuple)
     }
 
-    fn arb_message() -> impl Strategy<Value = PgOutputMessage> {
-        let name = "[a-zA-Z_é ]{0,12}";
-        let column = (any::<bool>(), name, any::<u32>(), any::<i32>()).prop_map(
+    fn arb_old() -> impl Strategy<Value = OldTuple> {
+        prop_oneof![
+            arb_tuple().prop_map(OldTuple::Key),
+            arb_tuple().prop_map(OldTuple::Full)
+        ]
+    }
+
+    /// Names as PostgreSQL may send them: any UTF-8 without NUL.
+    const NAME: &str = "[^\u{0}]{0,12}";
+
+    fn arb_relation() -> impl Strategy<Value = PgOutputMessage> {
+        let column = (any::<bool>(), NAME, any::<u32>(), any::<i32>()).prop_map(
             |(is_key, name, type_oid, type_modifier)| Column {
                 is_key,
                 name,
@@ -766,38 +921,39 @@ pub(crate) mod tests {
                 type_modifier,
             },
         );
-        let old = prop_oneof![
-            arb_tuple().prop_map(OldTuple::Key),
-            arb_tuple().prop_map(OldTuple::Full)
-        ];
+        let parts = (
+            any::<u32>(),
+            NAME,
+            NAME,
+            prop::sample::select(b"dnfi".to_vec()),
+        );
+        (parts, proptest::collection::vec(column, 0..6)).prop_map(
+            |((oid, namespace, name, replica_identity), columns)| {
+                PgOutputMessage::Relation(Relation {
+                    oid,
+                    namespace,
+                    name,
+                    replica_identity,
+                    columns,
+                })
+            },
+        )
+    }
+
+    fn arb_message() -> impl Strategy<Value = PgOutputMessage> {
         prop_oneof![
             (any::<u32>(), arb_tuple())
                 .prop_map(|(relation_oid, new)| PgOutputMessage::Insert { relation_oid, new }),
-            (any::<u32>(), proptest::option::of(old.clone()), arb_tuple()).prop_map(
+            (any::<u32>(), proptest::option::of(arb_old()), arb_tuple()).prop_map(
                 |(relation_oid, old, new)| PgOutputMessage::Update {
                     relation_oid,
                     old,
                     new
                 }
             ),
-            (any::<u32>(), old)
+            (any::<u32>(), arb_old())
                 .prop_map(|(relation_oid, old)| PgOutputMessage::Delete { relation_oid, old }),
-            (
-                any::<u32>(),
-                name,
-                name,
-                any::<u8>(),
-                proptest::collection::vec(column, 0..6)
-            )
-                .prop_map(|(oid, namespace, name, replica_identity, columns)| {
-                    PgOutputMessage::Relation(Relation {
-                        oid,
-                        namespace,
-                        name,
-                        replica_identity,
-                        columns,
-                    })
-                }),
+            arb_relation(),
         ]
     }
 
@@ -820,6 +976,13 @@ pub(crate) mod tests {
         #[test]
         fn generated_messages_round_trip(msg in arb_message()) {
             prop_assert_eq!(decode(&encode(&msg)), Ok(msg));
+        }
+
+        #[test]
+        fn generated_messages_cut_short_never_decode(msg in arb_message(), cut in any::<prop::sample::Index>()) {
+            let full = encode(&msg);
+            let cut = cut.index(full.len());
+            prop_assert!(decode(&full.slice(..cut)).is_err());
         }
     }
 }

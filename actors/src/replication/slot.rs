@@ -96,6 +96,7 @@ pub async fn resolve_tables(
             schema,
             name: table,
             key_columns,
+            column_types: String::new(),
         }));
     }
     Ok(tables)

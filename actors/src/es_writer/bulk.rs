@@ -1,0 +1,413 @@
+//! Pure planning of Elasticsearch writes from change records, and
+//! classification of `_bulk` responses. No I/O here.
+
+use serde_json::{json, Map, Value};
+
+use super::config::EsConfig;
+
+/// One `_bulk` action (its metadata line and optional source line).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    /// Target index.
+    pub index: String,
+    /// The action line.
+    pub meta: String,
+    /// The source line (absent for deletes).
+    pub doc: Option<String>,
+    /// Which record of the batch it came from.
+    pub origin: usize,
+}
+
+impl Action {
+    /// Bytes this action adds to a bulk body.
+    pub fn len(&self) -> usize {
+        self.meta.len() + 1 + self.doc.as_ref().map_or(0, |d| d.len() + 1)
+    }
+
+    /// Whether the action is empty (never: there is always a metadata line).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// What one Kafka record asks of Elasticsearch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Planned {
+    /// Nothing (a tombstone).
+    Skip,
+    /// Index, update or delete documents.
+    Actions(Vec<Action>),
+    /// Empty a table's mirror index of everything older than `below_lsn`.
+    Truncate {
+        /// The mirror index.
+        index: String,
+        /// Commit LSN of the truncate.
+        below_lsn: u64,
+    },
+    /// The record cannot be indexed; why.
+    Poison(String),
+}
+
+/// The mirror index of `schema.table`.
+pub fn mirror_index(cfg: &EsConfig, schema: &str, table: &str) -> String {
+    format!("{}{}_{}", cfg.index_prefix, schema, table).to_lowercase()
+}
+
+/// The document id of a key: the value of a one-column key, else a JSON array of the values.
+pub fn doc_id(key: &Map<String, Value>) -> String {
+    match key.values().collect::<Vec<_>>().as_slice() {
+        [Value::String(s)] => s.clone(),
+        [v] => v.to_string(),
+        values => Value::Array(values.iter().map(|v| (*v).clone()).collect()).to_string(),
+    }
+}
+
+/// Plan the writes for one record (`origin` is its position in the batch).
+pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: usize) -> Planned {
+    let Some(value) = value else {
+        return Planned::Skip;
+    };
+    let env: Value = match serde_json::from_slice(value) {
+        Ok(v) => v,
+        Err(e) => return Planned::Poison(format!("value is not json: {e}")),
+    };
+    let src = &env["source"];
+    let (Some(op), Some(schema), Some(table), Some(lsn)) = (
+        env["op"].as_str(),
+        src["schema"].as_str(),
+        src["table"].as_str(),
+        src["commit_lsn"].as_u64(),
+    ) else {
+        return Planned::Poison(
+            "not a pgcdc change envelope (op, source.schema/table/commit_lsn)".into(),
+        );
+    };
+    let index = mirror_index(cfg, schema, table);
+    if op == "t" {
+        return Planned::Truncate {
+            index,
+            below_lsn: lsn,
+        };
+    }
+    let key: Option<Map<String, Value>> = key.and_then(|k| serde_json::from_slice(k).ok());
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Planned::Poison("record key is not a json object of the primary key".into());
+    };
+    let id = doc_id(&key);
+    let cdc = json!({"op": op, "lsn": lsn, "ts_ms": src["ts_ms"]});
+    let mut actions = Vec::with_capacity(2);
+    let meta = |action: &str, versioned: bool| {
+        let mut m = json!({"_index": index, "_id": id});
+        if versioned {
+            m["version"] = json!(lsn);
+            m["version_type"] = json!("external_gte");
+        }
+        json!({ action: m }).to_string()
+    };
+    match (op, env["after"].as_object()) {
+        ("d", _) => actions.push(Action {
+            index: index.clone(),
+            meta: meta("delete", true),
+            doc: None,
+            origin,
+        }),
+        ("c" | "u" | "r", Some(after)) => {
+            let mut doc = after.clone();
+            doc.insert("_cdc".into(), cdc);
+            let partial = env["unchanged_toast"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty());
+            let (meta, doc) = if partial {
+                // Unchanged TOAST columns were not sent: merge instead of replacing the document.
+                (
+                    meta("update", false),
+                    json!({"doc": doc, "doc_as_upsert": true}).to_string(),
+                )
+            } else {
+                (meta("index", true), Value::Object(doc).to_string())
+            };
+            actions.push(Action {
+                index: index.clone(),
+                meta,
+                doc: Some(doc),
+                origin,
+            });
+        }
+        _ => return Planned::Poison(format!("op {op:?} without an after image")),
+    }
+    if cfg.history {
+        let history = format!("{index}_history");
+        let hid = format!("{}-{}", lsn, src["seq"].as_u64().unwrap_or(0));
+        let mut doc = env.as_object().cloned().unwrap_or_default();
+        doc.insert("@timestamp".into(), src["ts_ms"].clone());
+        doc.insert("key".into(), Value::Object(key));
+        let meta = json!({"index": {"_index": history, "_id": hid}}).to_string();
+        actions.push(Action {
+            index: history,
+            meta,
+            doc: Some(Value::Object(doc).to_string()),
+            origin,
+        });
+    }
+    Planned::Actions(actions)
+}
+
+/// The NDJSON body of a bulk request.
+pub fn render(actions: &[Action]) -> String {
+    let mut body = String::with_capacity(actions.iter().map(Action::len).sum());
+    for a in actions {
+        body.push_str(&a.meta);
+        body.push('\n');
+        if let Some(d) = &a.doc {
+            body.push_str(d);
+            body.push('\n');
+        }
+    }
+    body
+}
+
+/// What happened to one bulk item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written (or a delete of an absent document).
+    Done,
+    /// 409: an equal or newer version is already there — also done.
+    Conflict,
+    /// 429 or 5xx: try again.
+    Retry(String),
+    /// Refused for good (mapping, parse errors): dead-letter it.
+    Reject(String),
+}
+
+/// Classify every item of a `_bulk` response with `n` actions.
+pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
+    let items = resp["items"]
+        .as_array()
+        .ok_or("bulk response without items")?;
+    if items.len() != n {
+        return Err(format!(
+            "bulk response has {} items for {n} actions",
+            items.len()
+        ));
+    }
+    Ok(items
+        .iter()
+        .map(|item| {
+            let (action, body) = item
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .map_or(("", &Value::Null), |(k, v)| (k.as_str(), v));
+            let status = body["status"].as_u64().unwrap_or(0);
+            let reason = || body["error"].to_string();
+            match status {
+                200..=299 => Outcome::Done,
+                404 if action == "delete" => Outcome::Done,
+                409 => Outcome::Conflict,
+                429 | 500..=599 | 0 => Outcome::Retry(reason()),
+                _ => Outcome::Reject(reason()),
+            }
+        })
+        .collect())
+}
+
+/// Index settings and mappings from the table's column types (`pgcdc.types` header).
+pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
+    let settings = json!({"index": {
+        "gc_deletes": cfg.gc_deletes,
+        "number_of_shards": cfg.number_of_shards,
+        "number_of_replicas": cfg.number_of_replicas,
+    }});
+    if history {
+        return json!({"settings": settings, "mappings": {"properties": {
+            "@timestamp": {"type": "date"}, "op": {"type": "keyword"}}}});
+    }
+    let columns: Map<String, Value> = types
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    let mut props: Map<String, Value> = columns
+        .iter()
+        .map(|(c, t)| (c.clone(), field_mapping(t.as_str().unwrap_or(""))))
+        .collect();
+    props.insert(
+        "_cdc".into(),
+        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "ts_ms": {"type": "date"}}}),
+    );
+    json!({"settings": settings, "mappings": {"properties": props}})
+}
+
+/// The mapping of one PostgreSQL type (array types map like their element).
+pub fn field_mapping(pg_type: &str) -> Value {
+    let t = pg_type.strip_prefix('_').unwrap_or(pg_type);
+    let number = |ty: &str| json!({"type": ty, "ignore_malformed": true});
+    match t {
+        "int2" | "int4" => number("integer"),
+        "int8" | "oid" | "xid" => number("long"),
+        "float4" => number("float"),
+        "float8" | "numeric" | "money" => number("double"),
+        "bool" => json!({"type": "boolean"}),
+        "timestamptz" | "timestamp" | "date" => json!({"type": "date", "ignore_malformed": true}),
+        "text" | "varchar" | "bpchar" | "name" | "char" | "xml" => {
+            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}})
+        }
+        "bytea" => json!({"type": "binary"}),
+        "json" | "jsonb" => json!({"type": "object", "enabled": false}),
+        _ => json!({"type": "keyword", "ignore_above": 1024}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(history: bool) -> EsConfig {
+        EsConfig {
+            history,
+            ..Default::default()
+        }
+    }
+
+    fn envelope(op: &str, after: Value) -> Vec<u8> {
+        json!({"before": null, "after": after, "op": op, "ts_ms": 1,
+               "source": {"schema": "public", "table": "Users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn lines(p: Planned) -> Vec<(Value, Option<Value>)> {
+        let Planned::Actions(a) = p else {
+            panic!("{p:?}")
+        };
+        a.iter()
+            .map(|a| {
+                (
+                    serde_json::from_str(&a.meta).unwrap(),
+                    a.doc.as_ref().map(|d| serde_json::from_str(d).unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upserts_are_versioned_by_commit_lsn() {
+        let p = plan(
+            &cfg(false),
+            Some(br#"{"id":7}"#),
+            Some(&envelope("u", json!({"id": 7, "n": "x"}))),
+            0,
+        );
+        let l = lines(p);
+        assert_eq!(
+            l[0].0,
+            json!({"index": {"_index": "cdc_public_users", "_id": "7", "version": 500, "version_type": "external_gte"}})
+        );
+        assert_eq!(
+            l[0].1,
+            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "ts_ms": 9}}))
+        );
+    }
+
+    #[test]
+    fn deletes_are_versioned_and_history_is_appended() {
+        let l = lines(plan(
+            &cfg(true),
+            Some(br#"{"a":1,"b":"x"}"#),
+            Some(&envelope("d", Value::Null)),
+            3,
+        ));
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].0["delete"]["_id"], json!("[1,\"x\"]"));
+        assert_eq!(l[0].0["delete"]["version"], json!(500));
+        assert_eq!(
+            l[1].0,
+            json!({"index": {"_index": "cdc_public_users_history", "_id": "500-2"}})
+        );
+        assert_eq!(l[1].1.as_ref().unwrap()["@timestamp"], json!(9));
+    }
+
+    #[test]
+    fn unchanged_toast_merges_instead_of_replacing() {
+        let mut env: Value = serde_json::from_slice(&envelope("u", json!({"id": 1}))).unwrap();
+        env["unchanged_toast"] = json!(["blob"]);
+        let l = lines(plan(
+            &cfg(false),
+            Some(br#"{"id":1}"#),
+            Some(env.to_string().as_bytes()),
+            0,
+        ));
+        assert!(l[0].0.get("update").is_some());
+        assert_eq!(l[0].1.as_ref().unwrap()["doc_as_upsert"], json!(true));
+    }
+
+    #[test]
+    fn tombstones_truncates_and_poison() {
+        assert_eq!(plan(&cfg(false), Some(b"{}"), None, 0), Planned::Skip);
+        let t = plan(&cfg(false), None, Some(&envelope("t", Value::Null)), 0);
+        assert_eq!(
+            t,
+            Planned::Truncate {
+                index: "cdc_public_users".into(),
+                below_lsn: 500
+            }
+        );
+        assert!(matches!(
+            plan(&cfg(false), None, Some(b"nope"), 0),
+            Planned::Poison(_)
+        ));
+        assert!(matches!(
+            plan(&cfg(false), None, Some(b"{\"op\":\"c\"}"), 0),
+            Planned::Poison(_)
+        ));
+        assert!(matches!(
+            plan(&cfg(false), None, Some(&envelope("c", json!({"id": 1}))), 0),
+            Planned::Poison(_)
+        ));
+    }
+
+    #[test]
+    fn bulk_items_are_classified() {
+        let resp = json!({"items": [
+            {"index": {"status": 201}}, {"index": {"status": 409}}, {"index": {"status": 429, "error": "busy"}},
+            {"delete": {"status": 404}}, {"index": {"status": 400, "error": {"type": "mapper_parsing_exception"}}},
+            {"index": {"status": 503}}]});
+        let o = outcomes(&resp, 6).unwrap();
+        assert_eq!(o[0], Outcome::Done);
+        assert_eq!(o[1], Outcome::Conflict);
+        assert!(matches!(o[2], Outcome::Retry(_)));
+        assert_eq!(o[3], Outcome::Done);
+        assert!(matches!(&o[4], Outcome::Reject(r) if r.contains("mapper_parsing")));
+        assert!(matches!(o[5], Outcome::Retry(_)));
+        assert!(outcomes(&resp, 5).is_err());
+    }
+
+    #[test]
+    fn mappings_follow_column_types() {
+        let body = index_body(
+            &cfg(false),
+            Some(r#"{"id":"int4","name":"text","at":"timestamptz","tags":"_text"}"#),
+            false,
+        );
+        let p = &body["mappings"]["properties"];
+        assert_eq!(p["id"]["type"], json!("integer"));
+        assert_eq!(p["name"]["fields"]["keyword"]["type"], json!("keyword"));
+        assert_eq!(p["at"]["type"], json!("date"));
+        assert_eq!(p["tags"]["type"], json!("text"));
+        assert_eq!(body["settings"]["index"]["gc_deletes"], json!("30d"));
+    }
+
+    #[test]
+    fn render_is_ndjson() {
+        let a = Action {
+            index: "i".into(),
+            meta: "{\"delete\":{}}".into(),
+            doc: None,
+            origin: 0,
+        };
+        let b = Action {
+            index: "i".into(),
+            meta: "{\"index\":{}}".into(),
+            doc: Some("{}".into()),
+            origin: 1,
+        };
+        assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");
+    }
+}

@@ -1,0 +1,166 @@
+//! `[elasticsearch]`: where the ES sink writes and how.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// `[elasticsearch]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EsConfig {
+    /// Also run the ES sink inside `pgcdc run` (one process for the whole pipeline).
+    pub run_in_daemon: bool,
+    /// Base URL of Elasticsearch or OpenSearch.
+    pub url: String,
+    /// Basic-auth user (with `password`).
+    pub username: Option<String>,
+    /// Basic-auth password; never logged.
+    pub password: Secret,
+    /// API key (`Authorization: ApiKey …`), instead of basic auth; never logged.
+    pub api_key: Secret,
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Mirror index name prefix: `<index_prefix><schema>_<table>`.
+    pub index_prefix: String,
+    /// Also keep a history index (`<mirror>_history`, one document per change).
+    pub history: bool,
+    /// `index.gc_deletes` of indices pgcdc creates: how long a delete's version
+    /// is remembered. Replays older than this could resurrect deleted rows, so
+    /// keep it above the Kafka topic's retention.
+    pub gc_deletes: String,
+    /// Shards of indices pgcdc creates.
+    pub number_of_shards: u32,
+    /// Replicas of indices pgcdc creates.
+    pub number_of_replicas: u32,
+    /// Most actions in one `_bulk` request.
+    pub bulk_max_actions: usize,
+    /// Most bytes in one `_bulk` request.
+    pub bulk_max_bytes: usize,
+    /// Longest wait for a bulk request to fill, in ms.
+    pub flush_interval_ms: u64,
+    /// First retry delay for 429/5xx/connection errors, in ms (doubles, with jitter).
+    pub retry_initial_ms: u64,
+    /// Largest retry delay, in ms.
+    pub retry_max_ms: u64,
+    /// Timeout of one HTTP request, in seconds.
+    pub request_timeout_secs: u64,
+    /// Kafka consumer group of the sink.
+    pub consumer_group: String,
+    /// Topic for records that cannot be indexed (with the reason).
+    pub dead_letter_topic: String,
+}
+
+impl Default for EsConfig {
+    fn default() -> Self {
+        Self {
+            run_in_daemon: false,
+            url: "http://localhost:9200".into(),
+            username: None,
+            password: Secret::default(),
+            api_key: Secret::default(),
+            ca_file: None,
+            index_prefix: "cdc_".into(),
+            history: false,
+            gc_deletes: "30d".into(),
+            number_of_shards: 1,
+            number_of_replicas: 1,
+            bulk_max_actions: 1000,
+            bulk_max_bytes: 5 << 20,
+            flush_interval_ms: 200,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            request_timeout_secs: 30,
+            consumer_group: "pgcdc-es-sink".into(),
+            dead_letter_topic: "pgcdc-dead-letters".into(),
+        }
+    }
+}
+
+impl EsConfig {
+    /// Every invalid field, by path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            errors.push(format!(
+                "elasticsearch.url: {:?} must start with http:// or https://",
+                self.url
+            ));
+        }
+        if self.username.is_some() && !self.api_key.expose().is_empty() {
+            errors.push(
+                "elasticsearch.api_key: set either username/password or api_key, not both".into(),
+            );
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                errors.push(format!(
+                    "elasticsearch.ca_file: {} does not exist",
+                    ca.display()
+                ));
+            }
+        }
+        let lower = |s: &str| {
+            s.chars()
+                .all(|c| !c.is_ascii_uppercase() && !" \"*\\<|,>/?".contains(c))
+        };
+        if !lower(&self.index_prefix) {
+            errors.push(
+                "elasticsearch.index_prefix: must be lowercase without spaces or \"*\\<|,>/?"
+                    .into(),
+            );
+        }
+        for (key, v) in [
+            ("bulk_max_actions", self.bulk_max_actions),
+            ("bulk_max_bytes", self.bulk_max_bytes),
+        ] {
+            if v == 0 {
+                errors.push(format!("elasticsearch.{key}: must be at least 1"));
+            }
+        }
+        if self.retry_initial_ms == 0 || self.retry_initial_ms > self.retry_max_ms {
+            errors
+                .push("elasticsearch.retry_initial_ms: must be between 1 and retry_max_ms".into());
+        }
+        if self.consumer_group.is_empty() {
+            errors.push("elasticsearch.consumer_group: must not be empty".into());
+        }
+        if self.dead_letter_topic.is_empty() {
+            errors.push("elasticsearch.dead_letter_topic: must not be empty".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_named() {
+        let mut errors = Vec::new();
+        EsConfig::default().validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let bad = EsConfig {
+            url: "localhost:9200".into(),
+            index_prefix: "CDC_".into(),
+            bulk_max_actions: 0,
+            username: Some("u".into()),
+            api_key: Secret::new("k"),
+            ..Default::default()
+        };
+        bad.validate(&mut errors);
+        let keys: Vec<_> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "elasticsearch.url",
+                "elasticsearch.api_key",
+                "elasticsearch.index_prefix",
+                "elasticsearch.bulk_max_actions"
+            ]
+        );
+    }
+}
