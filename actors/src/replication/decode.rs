@@ -830,7 +830,12 @@ pub(crate) mod tests {
     #[test]
     fn unknown_tags_and_markers_are_refused() {
         assert_eq!(bad(b"Z"), DecodeError::UnknownTag(b'Z'));
-        assert_eq!(bad(b""), DecodeError::Truncated { what: "message tag" });
+        assert_eq!(
+            bad(b""),
+            DecodeError::Truncated {
+                what: "message tag"
+            }
+        );
         assert!(matches!(
             bad(b"I\0\0\0\x01X\0\0"),
             DecodeError::BadMarker { .. }

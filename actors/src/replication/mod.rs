@@ -35,7 +35,7 @@ use crate::supervision::{task_outcome, RestartBudget};
 /// Session settings pinned on the replication connection so values are
 /// rendered the way the value converter expects.
 const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3";
+    "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex";
 
 /// Replication failures.
 #[derive(Debug, thiserror::Error)]

@@ -2,285 +2,235 @@
 //!
 //! The replication session pins `DateStyle=ISO`, `TimeZone=UTC`,
 //! `IntervalStyle=iso_8601` and `extra_float_digits=3`, so the text forms are
-//! predictable. Numbers that JSON cannot hold exactly (numeric, money) become
-//! strings; NaN and infinities become strings; nothing panics on odd input —
-//! the fallback is always the original text as a string.
+//! predictable. Numbers JSON cannot hold exactly (numeric, money) become
+//! strings with every digit; NaN and infinities become strings; timestamps
+//! become RFC 3339; bytea becomes base64; arrays become (nested) JSON arrays.
+//! Nothing panics on odd input: the fallback is always the original text as a
+//! JSON string.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{Map, Number, Value};
 
 use super::decode::{Relation, Tuple, TupleValue};
 
-/// Built-in type OIDs (pg_type.dat).
+/// Built-in type OIDs, from PostgreSQL's `pg_type.dat`.
 pub mod oid {
-    #![allow(missing_docs)]
+    /// `bool`.
     pub const BOOL: u32 = 16;
+    /// `bytea`.
     pub const BYTEA: u32 = 17;
+    /// `"char"` (single byte).
     pub const CHAR: u32 = 18;
+    /// `name`.
     pub const NAME: u32 = 19;
+    /// `int8` (bigint).
     pub const INT8: u32 = 20;
+    /// `int2` (smallint).
     pub const INT2: u32 = 21;
+    /// `int4` (integer).
     pub const INT4: u32 = 23;
+    /// `text`.
     pub const TEXT: u32 = 25;
+    /// `oid`.
     pub const OID: u32 = 26;
+    /// `xid`.
     pub const XID: u32 = 28;
+    /// `json`.
     pub const JSON: u32 = 114;
+    /// `xml`.
     pub const XML: u32 = 142;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const MONEY: u32 = 790;
-    pub const MACADDR: u32 = 829;
-    pub const INET: u32 = 869;
+    /// `cidr`.
     pub const CIDR: u32 = 650;
+    /// `float4` (real).
+    pub const FLOAT4: u32 = 700;
+    /// `float8` (double precision).
+    pub const FLOAT8: u32 = 701;
+    /// `money`.
+    pub const MONEY: u32 = 790;
+    /// `macaddr`.
+    pub const MACADDR: u32 = 829;
+    /// `inet`.
+    pub const INET: u32 = 869;
+    /// `bpchar` (char(n)).
     pub const BPCHAR: u32 = 1042;
+    /// `varchar`.
     pub const VARCHAR: u32 = 1043;
+    /// `date`.
     pub const DATE: u32 = 1082;
+    /// `time`.
     pub const TIME: u32 = 1083;
+    /// `timestamp` (without time zone).
     pub const TIMESTAMP: u32 = 1114;
+    /// `timestamptz`.
     pub const TIMESTAMPTZ: u32 = 1184;
+    /// `interval`.
     pub const INTERVAL: u32 = 1186;
+    /// `timetz`.
     pub const TIMETZ: u32 = 1266;
+    /// `numeric`.
     pub const NUMERIC: u32 = 1700;
+    /// `uuid`.
     pub const UUID: u32 = 2950;
+    /// `jsonb`.
     pub const JSONB: u32 = 3802;
+
+    /// `_bool`.
+    pub const BOOL_ARRAY: u32 = 1000;
+    /// `_bytea`.
+    pub const BYTEA_ARRAY: u32 = 1001;
+    /// `_char`.
+    pub const CHAR_ARRAY: u32 = 1002;
+    /// `_name`.
+    pub const NAME_ARRAY: u32 = 1003;
+    /// `_int2`.
+    pub const INT2_ARRAY: u32 = 1005;
+    /// `_int4`.
+    pub const INT4_ARRAY: u32 = 1007;
+    /// `_text`.
+    pub const TEXT_ARRAY: u32 = 1009;
+    /// `_xid`.
+    pub const XID_ARRAY: u32 = 1011;
+    /// `_bpchar`.
+    pub const BPCHAR_ARRAY: u32 = 1014;
+    /// `_varchar`.
+    pub const VARCHAR_ARRAY: u32 = 1015;
+    /// `_int8`.
+    pub const INT8_ARRAY: u32 = 1016;
+    /// `_float4`.
+    pub const FLOAT4_ARRAY: u32 = 1021;
+    /// `_float8`.
+    pub const FLOAT8_ARRAY: u32 = 1022;
+    /// `_oid`.
+    pub const OID_ARRAY: u32 = 1028;
+    /// `_macaddr`.
+    pub const MACADDR_ARRAY: u32 = 1040;
+    /// `_inet`.
+    pub const INET_ARRAY: u32 = 1041;
+    /// `_timestamp`.
+    pub const TIMESTAMP_ARRAY: u32 = 1115;
+    /// `_date`.
+    pub const DATE_ARRAY: u32 = 1182;
+    /// `_time`.
+    pub const TIME_ARRAY: u32 = 1183;
+    /// `_timestamptz`.
+    pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
+    /// `_interval`.
+    pub const INTERVAL_ARRAY: u32 = 1187;
+    /// `_numeric`.
+    pub const NUMERIC_ARRAY: u32 = 1231;
+    /// `_timetz`.
+    pub const TIMETZ_ARRAY: u32 = 1270;
+    /// `_xml`.
+    pub const XML_ARRAY: u32 = 143;
+    /// `_json`.
+    pub const JSON_ARRAY: u32 = 199;
+    /// `_cidr`.
+    pub const CIDR_ARRAY: u32 = 651;
+    /// `_money`.
+    pub const MONEY_ARRAY: u32 = 791;
+    /// `_uuid`.
+    pub const UUID_ARRAY: u32 = 2951;
+    /// `_jsonb`.
+    pub const JSONB_ARRAY: u32 = 3807;
 }
 
-/// (array type OID, element type OID, array type name).
-const ARRAYS: &[(u32, u32, &str)] = &[
-    (1000, oid::BOOL, "_bool"),
-    (1001, oid::BYTEA, "_bytea"),
-    (1002, oid::CHAR, "_char"),
-    (1003, oid::NAME, "_name"),
-    (1005, oid::INT2, "_int2"),
-    (1007, oid::INT4, "_int4"),
-    (1009, oid::TEXT, "_text"),
-    (1014, oid::BPCHAR, "_bpchar"),
-    (1015, oid::VARCHAR, "_varchar"),
-    (1016, oid::INT8, "_int8"),
-    (1021, oid::FLOAT4, "_float4"),
-    (1022, oid::FLOAT8, "_float8"),
-    (1028, oid::OID, "_oid"),
-    (1115, oid::TIMESTAMP, "_timestamp"),
-    (1182, oid::DATE, "_date"),
-    (1183, oid::TIME, "_time"),
-    (1185, oid::TIMESTAMPTZ, "_timestamptz"),
-    (1187, oid::INTERVAL, "_interval"),
-    (1231, oid::NUMERIC, "_numeric"),
-    (199, oid::JSON, "_json"),
-    (2951, oid::UUID, "_uuid"),
-    (3807, oid::JSONB, "_jsonb"),
-    (1041, oid::INET, "_inet"),
-    (791, oid::MONEY, "_money"),
+/// Built-in scalar types: (OID, name).
+const SCALARS: &[(u32, &str)] = &[
+    (oid::BOOL, "bool"),
+    (oid::BYTEA, "bytea"),
+    (oid::CHAR, "char"),
+    (oid::NAME, "name"),
+    (oid::INT8, "int8"),
+    (oid::INT2, "int2"),
+    (oid::INT4, "int4"),
+    (oid::TEXT, "text"),
+    (oid::OID, "oid"),
+    (oid::XID, "xid"),
+    (oid::JSON, "json"),
+    (oid::XML, "xml"),
+    (oid::CIDR, "cidr"),
+    (oid::FLOAT4, "float4"),
+    (oid::FLOAT8, "float8"),
+    (oid::MONEY, "money"),
+    (oid::MACADDR, "macaddr"),
+    (oid::INET, "inet"),
+    (oid::BPCHAR, "bpchar"),
+    (oid::VARCHAR, "varchar"),
+    (oid::DATE, "date"),
+    (oid::TIME, "time"),
+    (oid::TIMESTAMP, "timestamp"),
+    (oid::TIMESTAMPTZ, "timestamptz"),
+    (oid::INTERVAL, "interval"),
+    (oid::TIMETZ, "timetz"),
+    (oid::NUMERIC, "numeric"),
+    (oid::UUID, "uuid"),
+    (oid::JSONB, "jsonb"),
 ];
 
-/// Name of a built-in type, or `None` for unknown OIDs.
+/// Built-in array types: (array OID, element OID, name).
+const ARRAYS: &[(u32, u32, &str)] = &[
+    (oid::BOOL_ARRAY, oid::BOOL, "_bool"),
+    (oid::BYTEA_ARRAY, oid::BYTEA, "_bytea"),
+    (oid::CHAR_ARRAY, oid::CHAR, "_char"),
+    (oid::NAME_ARRAY, oid::NAME, "_name"),
+    (oid::INT2_ARRAY, oid::INT2, "_int2"),
+    (oid::INT4_ARRAY, oid::INT4, "_int4"),
+    (oid::TEXT_ARRAY, oid::TEXT, "_text"),
+    (oid::XID_ARRAY, oid::XID, "_xid"),
+    (oid::BPCHAR_ARRAY, oid::BPCHAR, "_bpchar"),
+    (oid::VARCHAR_ARRAY, oid::VARCHAR, "_varchar"),
+    (oid::INT8_ARRAY, oid::INT8, "_int8"),
+    (oid::FLOAT4_ARRAY, oid::FLOAT4, "_float4"),
+    (oid::FLOAT8_ARRAY, oid::FLOAT8, "_float8"),
+    (oid::OID_ARRAY, oid::OID, "_oid"),
+    (oid::MACADDR_ARRAY, oid::MACADDR, "_macaddr"),
+    (oid::INET_ARRAY, oid::INET, "_inet"),
+    (oid::TIMESTAMP_ARRAY, oid::TIMESTAMP, "_timestamp"),
+    (oid::DATE_ARRAY, oid::DATE, "_date"),
+    (oid::TIME_ARRAY, oid::TIME, "_time"),
+    (oid::TIMESTAMPTZ_ARRAY, oid::TIMESTAMPTZ, "_timestamptz"),
+    (oid::INTERVAL_ARRAY, oid::INTERVAL, "_interval"),
+    (oid::NUMERIC_ARRAY, oid::NUMERIC, "_numeric"),
+    (oid::TIMETZ_ARRAY, oid::TIMETZ, "_timetz"),
+    (oid::XML_ARRAY, oid::XML, "_xml"),
+    (oid::JSON_ARRAY, oid::JSON, "_json"),
+    (oid::CIDR_ARRAY, oid::CIDR, "_cidr"),
+    (oid::MONEY_ARRAY, oid::MONEY, "_money"),
+    (oid::UUID_ARRAY, oid::UUID, "_uuid"),
+    (oid::JSONB_ARRAY, oid::JSONB, "_jsonb"),
+];
+
+/// PostgreSQL's limit on array dimensions (`MAXDIM`); deeper literals are malformed.
+const MAX_ARRAY_DEPTH: usize = 6;
+
+/// Name of a built-in type (e.g. `int4`, `_text`, `timestamptz`), or `None`
+/// for unknown OIDs (enums, domains, extension types).
 pub fn type_name(type_oid: u32) -> Option<&'static str> {
-    let scalar = match type_oid {
-        oid::BOOL => "bool",
-        oid::BYTEA => "bytea",
-        oid::CHAR => "char",
-        oid::NAME => "name",
-        oid::INT8 => "int8",
-        oid::INT2 => "int2",
-        oid::INT4 => "int4",
-        oid::TEXT => "text",
-        oid::OID => "oid",
-        oid::XID => "xid",
-        oid::JSON => "json",
-        oid::XML => "xml",
-        oid::FLOAT4 => "float4",
-        oid::FLOAT8 => "float8",
-        oid::MONEY => "money",
-        oid::MACADDR => "macaddr",
-        oid::INET => "inet",
-        oid::CIDR => "cidr",
-        oid::BPCHAR => "bpchar",
-        oid::VARCHAR => "varchar",
-        oid::DATE => "date",
-        oid::TIME => "time",
-        oid::TIMESTAMP => "timestamp",
-        oid::TIMESTAMPTZ => "timestamptz",
-        oid::INTERVAL => "interval",
-        oid::TIMETZ => "timetz",
-        oid::NUMERIC => "numeric",
-        oid::UUID => "uuid",
-        oid::JSONB => "jsonb",
-        _ => {
-            return ARRAYS
-                .iter()
-                .find(|(a, _, _)| *a == type_oid)
-                .map(|(_, _, n)| *n)
-        }
-    };
-    Some(scalar)
+    let scalar = SCALARS.iter().find(|(o, _)| *o == type_oid);
+    let array = || ARRAYS.iter().find(|(o, _, _)| *o == type_oid);
+    scalar
+        .map(|(_, name)| *name)
+        .or_else(|| array().map(|(_, _, name)| *name))
 }
 
-/// Convert one text-format value of a column of type `type_oid` to JSON.
+/// Convert one text-format value of a column of PostgreSQL type `type_oid` to JSON.
 pub fn text_to_json(type_oid: u32, text: &[u8]) -> Value {
     let s = String::from_utf8_lossy(text);
-    if let Some((_, elem, _)) = ARRAYS.iter().find(|(a, _, _)| *a == type_oid) {
-        return parse_array(&s).map_or_else(
-            || Value::String(s.clone().into_owned()),
-            |a| array_to_json(*elem, a),
-        );
-    }
-    scalar_to_json(type_oid, &s)
-}
-
-fn scalar_to_json(type_oid: u32, s: &str) -> Value {
-    let string = || Value::String(s.to_owned());
-    match type_oid {
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::XID => {
-            s.parse::<i64>().map_or_else(|_| string(), Value::from)
-        }
-        oid::FLOAT4 | oid::FLOAT8 => match s.parse::<f64>().ok().and_then(Number::from_f64) {
-            Some(n) => Value::Number(n),
-            None => string(),
+    match ARRAYS.iter().find(|(o, _, _)| *o == type_oid) {
+        Some((_, elem, _)) => match parse_array(&s) {
+            Some(node) => node_to_json(*elem, node),
+            None => Value::String(s.into_owned()),
         },
-        oid::BOOL => match s {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
-            _ => string(),
-        },
-        oid::JSON | oid::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
-        oid::BYTEA => bytea(s).unwrap_or_else(string),
-        oid::TIMESTAMPTZ => Value::String(timestamptz(s)),
-        oid::TIMESTAMP => Value::String(timestamp(s)),
-        _ => string(),
+        None => scalar_to_json(type_oid, &s),
     }
 }
 
-/// `\x0aff` → base64.
-fn bytea(s: &str) -> Option<Value> {
-    let hex = s.strip_prefix("\\x")?;
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    Some(Value::String(
-        base64::engine::general_purpose::STANDARD.encode(bytes?),
-    ))
-}
-
-/// `2024-01-02 03:04:05.5` → `2024-01-02T03:04:05.5` (no zone: it has none).
-fn timestamp(s: &str) -> String {
-    if s.ends_with(" BC") || !s.is_char_boundary(10) || s.as_bytes().get(10) != Some(&b' ') {
-        return s.to_owned();
-    }
-    format!("{}T{}", &s[..10], &s[11..])
-}
-
-/// `2024-01-02 03:04:05.5+00` → `2024-01-02T03:04:05.5Z`; `-08` → `-08:00`.
-fn timestamptz(s: &str) -> String {
-    let t = timestamp(s);
-    if t == s {
-        return t; // infinity, BC, or an unexpected shape: keep PostgreSQL's text
-    }
-    let Some(pos) = t[11..].rfind(['+', '-']).map(|p| p + 11) else {
-        return t;
-    };
-    let (base, offset) = t.split_at(pos);
-    match offset {
-        "+00" | "+00:00" | "-00" => format!("{base}Z"),
-        o if o.len() == 3 => format!("{base}{o}:00"),
-        o => format!("{base}{o}"),
-    }
-}
-
-/// A parsed array literal: nested lists of optional element texts.
-#[derive(Debug, Clone, PartialEq)]
-enum ArrayNode {
-    Elem(Option<String>),
-    List(Vec<ArrayNode>),
-}
-
-fn array_to_json(elem: u32, node: ArrayNode) -> Value {
-    match node {
-        ArrayNode::Elem(None) => Value::Null,
-        ArrayNode::Elem(Some(s)) => scalar_to_json(elem, &s),
-        ArrayNode::List(items) => {
-            Value::Array(items.into_iter().map(|n| array_to_json(elem, n)).collect())
-        }
-    }
-}
-
-/// Parse `{…}` (optionally prefixed by dimensions `[1:3]=`); `None` if malformed.
-fn parse_array(s: &str) -> Option<ArrayNode> {
-    let s = match s.strip_prefix('[') {
-        Some(_) => &s[s.find('=')? + 1..],
-        None => s,
-    };
-    let chars: Vec<char> = s.chars().collect();
-    let mut pos = 0;
-    let node = parse_list(&chars, &mut pos, 0)?;
-    (pos == chars.len()).then_some(node)
-}
-
-fn parse_list(c: &[char], pos: &mut usize, depth: usize) -> Option<ArrayNode> {
-    if depth > 16 || c.get(*pos) != Some(&'{') {
-        return None;
-    }
-    *pos += 1;
-    let mut items = Vec::new();
-    if c.get(*pos) == Some(&'}') {
-        *pos += 1;
-        return Some(ArrayNode::List(items));
-    }
-    loop {
-        let item = match c.get(*pos)? {
-            '{' => parse_list(c, pos, depth + 1)?,
-            '"' => ArrayNode::Elem(Some(parse_quoted(c, pos)?)),
-            _ => {
-                let start = *pos;
-                while !matches!(c.get(*pos), Some(',' | '}') | None) {
-                    *pos += 1;
-                }
-                let raw: String = c[start..*pos].iter().collect();
-                let raw = raw.trim();
-                ArrayNode::Elem((!raw.eq_ignore_ascii_case("NULL")).then(|| raw.to_owned()))
-            }
-        };
-        items.push(item);
-        match c.get(*pos)? {
-            ',' => *pos += 1,
-            '}' => {
-                *pos += 1;
-                return Some(ArrayNode::List(items));
-            }
-            _ => return None,
-        }
-    }
-}
-
-fn parse_quoted(c: &[char], pos: &mut usize) -> Option<String> {
-    *pos += 1;
-    let mut out = String::new();
-    loop {
-        match c.get(*pos)? {
-            '\\' => {
-                out.push(*c.get(*pos + 1)?);
-                *pos += 2;
-            }
-            '"' => {
-                *pos += 1;
-                return Some(out);
-            }
-            ch => {
-                out.push(*ch);
-                *pos += 1;
-            }
-        }
-    }
-}
-
-/// A tuple as a JSON object keyed by column name. Unchanged TOAST columns are
-/// left out and returned by name, so no marker can pass for a real value.
+/// Convert a whole tuple to a JSON object keyed by column name, using the
+/// relation's columns. Unchanged-TOAST columns are left out of the object and
+/// returned by name, so a marker can never masquerade as a real value.
+/// Columns and values are paired in order; the caller checks that the
+/// tuple's width matches the relation's.
 pub fn tuple_to_json(relation: &Relation, tuple: &Tuple) -> (Map<String, Value>, Vec<String>) {
     let mut row = Map::new();
     let mut unchanged = Vec::new();
@@ -292,20 +242,267 @@ pub fn tuple_to_json(relation: &Relation, tuple: &Tuple) -> (Map<String, Value>,
                 continue;
             }
             TupleValue::Text(t) => text_to_json(col.type_oid, t),
-            TupleValue::Binary(b) => {
-                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-            }
+            // Never requested, but must not be lost or misread.
+            TupleValue::Binary(b) => Value::String(BASE64.encode(b)),
         };
         row.insert(col.name.clone(), v);
     }
     (row, unchanged)
 }
 
+/// A non-array value by its type's rule.
+fn scalar_to_json(type_oid: u32, s: &str) -> Value {
+    let string = || Value::String(s.to_owned());
+    match type_oid {
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::XID => {
+            s.parse::<i64>().map_or_else(|_| string(), Value::from)
+        }
+        oid::FLOAT4 | oid::FLOAT8 => float(s).unwrap_or_else(string),
+        oid::BOOL => match s {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => string(),
+        },
+        oid::JSON | oid::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
+        oid::BYTEA => bytea(s).unwrap_or_else(string),
+        oid::TIMESTAMPTZ => Value::String(timestamptz(s)),
+        oid::TIMESTAMP => Value::String(timestamp(s)),
+        // numeric and money keep every digit; the rest are strings by nature.
+        _ => string(),
+    }
+}
+
+/// A finite float as a JSON number; `None` for `NaN`, infinities and garbage.
+fn float(s: &str) -> Option<Value> {
+    let f = s.parse::<f64>().ok().filter(|f| f.is_finite())?;
+    Number::from_f64(f).map(Value::Number)
+}
+
+/// Hex bytea text (`\x0aff`) → base64; `None` if it is not hex format.
+fn bytea(s: &str) -> Option<Value> {
+    let hex = s.strip_prefix("\\x")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = hex
+        .chunks_exact(2)
+        .map(|pair| match pair {
+            [hi, lo] => Some(nibble(*hi)? << 4 | nibble(*lo)?),
+            _ => None,
+        })
+        .collect::<Option<Vec<u8>>>()?;
+    Some(Value::String(BASE64.encode(bytes)))
+}
+
+/// The value of one hex digit.
+fn nibble(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Splits `date time` at the space, if `s` looks like an ISO timestamp of an
+/// AD year (BC years and `infinity` are not RFC 3339 and stay as they are).
+fn split_timestamp(s: &str) -> Option<(&str, &str)> {
+    if s.ends_with(" BC") {
+        return None;
+    }
+    s.split_once(' ')
+        .filter(|(date, _)| date.len() >= 10 && date.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// `2024-01-02 03:04:05.5` → `2024-01-02T03:04:05.5` (no zone: it has none).
+fn timestamp(s: &str) -> String {
+    match split_timestamp(s) {
+        Some((date, time)) => format!("{date}T{time}"),
+        None => s.to_owned(),
+    }
+}
+
+/// `2024-01-02 03:04:05.5+00` → `2024-01-02T03:04:05.5Z`; `-08` → `-08:00`;
+/// `+05:30` and second offsets like `+05:53:28` are kept.
+fn timestamptz(s: &str) -> String {
+    let Some((date, time)) = split_timestamp(s) else {
+        return s.to_owned();
+    };
+    let Some(at) = time.rfind(['+', '-']) else {
+        return format!("{date}T{time}");
+    };
+    let (clock, zone) = time.split_at(at);
+    match zone {
+        "+00" | "+00:00" => format!("{date}T{clock}Z"),
+        z if z.len() == 3 => format!("{date}T{clock}{z}:00"),
+        z => format!("{date}T{clock}{z}"),
+    }
+}
+
+/// A parsed array literal: nested lists of optional element texts.
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    /// An element; `None` for an unquoted `NULL`.
+    Elem(Option<String>),
+    /// A (sub-)array.
+    List(Vec<Node>),
+}
+
+/// Converts a parsed array, each element by the element type's rule.
+fn node_to_json(elem: u32, node: Node) -> Value {
+    match node {
+        Node::Elem(None) => Value::Null,
+        Node::Elem(Some(s)) => scalar_to_json(elem, &s),
+        Node::List(items) => {
+            Value::Array(items.into_iter().map(|n| node_to_json(elem, n)).collect())
+        }
+    }
+}
+
+/// Parses an array literal `{…}`, optionally prefixed by dimensions like
+/// `[0:2]=` or `[1:2][1:3]=`; `None` if malformed.
+fn parse_array(s: &str) -> Option<Node> {
+    let mut p = ArrayParser {
+        s: strip_dimensions(s)?.as_bytes(),
+        pos: 0,
+    };
+    p.skip_ws();
+    let node = p.list(1)?;
+    p.skip_ws();
+    (p.pos == p.s.len()).then_some(node)
+}
+
+/// The literal without its `[lo:hi]…=` dimension prefix, if any.
+fn strip_dimensions(s: &str) -> Option<&str> {
+    let mut rest = s.trim_start();
+    if !rest.starts_with('[') {
+        return Some(rest);
+    }
+    while let Some(after) = rest.strip_prefix('[') {
+        let (bounds, tail) = after.split_once(']')?;
+        let (lo, hi) = bounds.split_once(':')?;
+        lo.trim().parse::<i32>().ok()?;
+        hi.trim().parse::<i32>().ok()?;
+        rest = tail;
+    }
+    rest.strip_prefix('=')
+}
+
+/// A cursor over an array literal. Delimiters are ASCII, so element bytes
+/// between them are whole UTF-8 sequences.
+struct ArrayParser<'a> {
+    /// The literal (without dimensions).
+    s: &'a [u8],
+    /// Next byte to read.
+    pos: usize,
+}
+
+impl ArrayParser<'_> {
+    /// The next byte, without consuming it.
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+
+    /// The next byte, consumed.
+    fn next(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    /// Skips whitespace, which PostgreSQL allows around elements.
+    fn skip_ws(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+    }
+
+    /// `{item, …}` at nesting `depth`; sub-arrays and elements may not be mixed.
+    fn list(&mut self, depth: usize) -> Option<Node> {
+        if depth > MAX_ARRAY_DEPTH || self.next()? != b'{' {
+            return None;
+        }
+        self.skip_ws();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Some(Node::List(Vec::new()));
+        }
+        let mut items = Vec::new();
+        loop {
+            self.skip_ws();
+            items.push(self.item(depth)?);
+            self.skip_ws();
+            match self.next()? {
+                b',' => {}
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        let lists = items.iter().filter(|i| matches!(i, Node::List(_))).count();
+        (lists == 0 || lists == items.len()).then_some(Node::List(items))
+    }
+
+    /// One item: a sub-array, a quoted element or an unquoted element.
+    fn item(&mut self, depth: usize) -> Option<Node> {
+        match self.peek()? {
+            b'{' => self.list(depth + 1),
+            b'"' => self.quoted().map(|s| Node::Elem(Some(s))),
+            _ => self.unquoted(),
+        }
+    }
+
+    /// `"…"` with backslash escapes; always a string, even `"NULL"`.
+    fn quoted(&mut self) -> Option<String> {
+        self.pos += 1;
+        let mut out = Vec::new();
+        loop {
+            match self.next()? {
+                b'\\' => out.push(self.next()?),
+                b'"' => return String::from_utf8(out).ok(),
+                b => out.push(b),
+            }
+        }
+    }
+
+    /// An unquoted element up to `,` or `}`: trailing whitespace dropped,
+    /// backslash escapes honoured, a bare `NULL` (any case) is SQL NULL.
+    fn unquoted(&mut self) -> Option<Node> {
+        let mut out = Vec::new();
+        let (mut keep, mut escaped) = (0, false);
+        while let Some(b) = self.peek() {
+            match b {
+                b',' | b'}' => break,
+                b'{' | b'"' => return None,
+                b'\\' => {
+                    self.pos += 1;
+                    out.push(self.next()?);
+                    (keep, escaped) = (out.len(), true);
+                    continue;
+                }
+                b => out.push(b),
+            }
+            self.pos += 1;
+            if !b.is_ascii_whitespace() {
+                keep = out.len();
+            }
+        }
+        out.truncate(keep);
+        if out.is_empty() && !escaped {
+            return None;
+        }
+        let s = String::from_utf8(out).ok()?;
+        let null = !escaped && s.eq_ignore_ascii_case("NULL");
+        Some(Node::Elem((!null).then_some(s)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use proptest::prelude::*;
     use serde_json::json;
 
+    use super::super::decode::Column;
     use super::*;
 
     fn j(type_oid: u32, s: &str) -> Value {
@@ -313,115 +510,364 @@ mod tests {
     }
 
     #[test]
-    fn integers_and_floats() {
-        assert_eq!(
-            j(oid::INT8, "9223372036854775807"),
-            json!(9223372036854775807i64)
-        );
+    fn integers_become_json_integers() {
         assert_eq!(j(oid::INT2, "-7"), json!(-7));
+        assert_eq!(j(oid::INT4, "2147483647"), json!(2147483647));
+        assert_eq!(j(oid::INT8, "-9223372036854775808"), json!(i64::MIN));
+        assert_eq!(j(oid::OID, "4294967295"), json!(4294967295u32));
+        assert_eq!(j(oid::XID, "731"), json!(731));
+    }
+
+    #[test]
+    fn unparseable_integers_fall_back_to_the_string() {
+        assert_eq!(
+            j(oid::INT8, "9223372036854775808"),
+            json!("9223372036854775808")
+        );
+        assert_eq!(j(oid::INT4, "12abc"), json!("12abc"));
+        assert_eq!(j(oid::INT4, ""), json!(""));
+    }
+
+    #[test]
+    fn floats_become_numbers_and_specials_become_strings() {
         assert_eq!(j(oid::FLOAT8, "0.1"), json!(0.1));
+        assert_eq!(j(oid::FLOAT8, "-1.5e+300"), json!(-1.5e300));
+        assert_eq!(j(oid::FLOAT4, "1.10000002"), json!(1.10000002));
         for special in ["NaN", "Infinity", "-Infinity"] {
             assert_eq!(j(oid::FLOAT4, special), json!(special));
+            assert_eq!(j(oid::FLOAT8, special), json!(special));
+        }
+        assert_eq!(j(oid::FLOAT8, "1e999"), json!("1e999"));
+        assert_eq!(j(oid::FLOAT8, "abc"), json!("abc"));
+    }
+
+    #[test]
+    fn numeric_and_money_keep_every_digit_as_strings() {
+        assert_eq!(
+            j(oid::NUMERIC, "12345678901234567890.123456789000"),
+            json!("12345678901234567890.123456789000")
+        );
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(j(oid::NUMERIC, special), json!(special));
+        }
+        assert_eq!(j(oid::MONEY, "$1,000.00"), json!("$1,000.00"));
+    }
+
+    #[test]
+    fn booleans_come_from_t_and_f() {
+        assert_eq!(j(oid::BOOL, "t"), json!(true));
+        assert_eq!(j(oid::BOOL, "f"), json!(false));
+        assert_eq!(j(oid::BOOL, "yes"), json!("yes"));
+    }
+
+    #[test]
+    fn string_like_types_stay_strings() {
+        let cases = [
+            (oid::TEXT, "héllo"),
+            (oid::VARCHAR, "v"),
+            (oid::BPCHAR, "ab   "),
+            (oid::NAME, "pg_class"),
+            (oid::CHAR, "x"),
+            (oid::UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (oid::INET, "192.168.0.1/24"),
+            (oid::CIDR, "10.0.0.0/8"),
+            (oid::MACADDR, "08:00:2b:01:02:03"),
+            (oid::XML, "<a>1</a>"),
+            (99_999, "happy"),
+        ];
+        for (type_oid, text) in cases {
+            assert_eq!(j(type_oid, text), json!(text), "type {type_oid}");
         }
     }
 
     #[test]
-    fn numeric_keeps_every_digit() {
-        assert_eq!(
-            j(oid::NUMERIC, "12345678901234567890.123456789"),
-            json!("12345678901234567890.123456789")
-        );
-        assert_eq!(j(oid::NUMERIC, "NaN"), json!("NaN"));
-        assert_eq!(j(oid::MONEY, "$1.00"), json!("$1.00"));
+    fn invalid_utf8_becomes_a_lossy_string() {
+        assert_eq!(text_to_json(oid::TEXT, b"a\xffb"), json!("a\u{fffd}b"));
+        assert_eq!(text_to_json(99_999, b"\xc3"), json!("\u{fffd}"));
     }
 
     #[test]
-    fn booleans_text_json_bytea() {
-        assert_eq!(j(oid::BOOL, "t"), json!(true));
-        assert_eq!(j(oid::BOOL, "f"), json!(false));
-        assert_eq!(j(oid::TEXT, "héllo"), json!("héllo"));
-        assert_eq!(
-            j(oid::JSONB, r#"{"a": [1, null]}"#),
-            json!({"a": [1, null]})
-        );
-        assert_eq!(j(oid::JSON, "not json"), json!("not json"));
-        assert_eq!(j(oid::BYTEA, "\\x00ff10"), json!("AP8Q"));
-        assert_eq!(j(oid::BYTEA, "\\x0"), json!("\\x0"));
-        assert_eq!(text_to_json(oid::TEXT, b"\xff"), json!("\u{fffd}"));
+    fn timestamptz_becomes_rfc3339() {
+        let cases = [
+            (
+                "2024-01-02 03:04:05.123456+00",
+                "2024-01-02T03:04:05.123456Z",
+            ),
+            ("2024-01-02 03:04:05+05:30", "2024-01-02T03:04:05+05:30"),
+            ("2024-01-02 03:04:05-08", "2024-01-02T03:04:05-08:00"),
+            (
+                "1883-11-18 12:00:00+05:53:28",
+                "1883-11-18T12:00:00+05:53:28",
+            ),
+            ("12024-01-02 03:04:05+00", "12024-01-02T03:04:05Z"),
+            ("infinity", "infinity"),
+            ("-infinity", "-infinity"),
+            ("0044-03-15 12:00:00+00 BC", "0044-03-15 12:00:00+00 BC"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(j(oid::TIMESTAMPTZ, text), json!(want), "{text}");
+        }
     }
 
     #[test]
-    fn timestamps_become_rfc3339() {
-        assert_eq!(
-            j(oid::TIMESTAMPTZ, "2024-01-02 03:04:05.123456+00"),
-            json!("2024-01-02T03:04:05.123456Z")
-        );
-        assert_eq!(
-            j(oid::TIMESTAMPTZ, "2024-01-02 03:04:05+05:30"),
-            json!("2024-01-02T03:04:05+05:30")
-        );
-        assert_eq!(
-            j(oid::TIMESTAMPTZ, "2024-01-02 03:04:05-08"),
-            json!("2024-01-02T03:04:05-08:00")
-        );
-        assert_eq!(j(oid::TIMESTAMPTZ, "infinity"), json!("infinity"));
-        assert_eq!(
-            j(oid::TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"),
-            json!("0044-03-15 12:00:00+00 BC")
-        );
+    fn timestamp_gets_a_t_and_no_zone() {
         assert_eq!(
             j(oid::TIMESTAMP, "2024-01-02 03:04:05.5"),
             json!("2024-01-02T03:04:05.5")
         );
-        assert_eq!(j(oid::DATE, "2024-02-29"), json!("2024-02-29"));
-        assert_eq!(j(oid::INTERVAL, "P1DT2H"), json!("P1DT2H"));
-    }
-
-    #[test]
-    fn arrays_nest_and_convert_elements() {
-        assert_eq!(j(1007, "{1,NULL,3}"), json!([1, null, 3]));
-        assert_eq!(j(1007, "{}"), json!([]));
+        assert_eq!(j(oid::TIMESTAMP, "infinity"), json!("infinity"));
         assert_eq!(
-            j(1009, r#"{"x y","NULL",NULL,"q\"",plain}"#),
-            json!(["x y", "NULL", null, "q\"", "plain"])
+            j(oid::TIMESTAMP, "0001-01-01 00:00:00 BC"),
+            json!("0001-01-01 00:00:00 BC")
         );
-        assert_eq!(j(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
-        assert_eq!(j(1007, "[0:2]={1,2,3}"), json!([1, 2, 3]));
-        assert_eq!(j(1231, "{1.10,NaN}"), json!(["1.10", "NaN"]));
-        assert_eq!(j(1000, "{t,f}"), json!([true, false]));
-        assert_eq!(j(1007, "{1,2"), json!("{1,2"));
     }
 
     #[test]
-    fn type_names() {
-        assert_eq!(type_name(oid::INT4), Some("int4"));
-        assert_eq!(type_name(1009), Some("_text"));
-        assert_eq!(type_name(123_456), None);
+    fn dates_times_and_intervals_stay_as_is() {
+        assert_eq!(j(oid::DATE, "2024-02-29"), json!("2024-02-29"));
+        assert_eq!(j(oid::TIME, "03:04:05.5"), json!("03:04:05.5"));
+        assert_eq!(j(oid::TIMETZ, "03:04:05+02"), json!("03:04:05+02"));
+        assert_eq!(j(oid::INTERVAL, "P1Y2M3DT4H5M6S"), json!("P1Y2M3DT4H5M6S"));
     }
 
+    #[test]
+    fn json_and_jsonb_are_parsed() {
+        assert_eq!(
+            j(oid::JSONB, r#"{"a": [1, null, "x"]}"#),
+            json!({"a": [1, null, "x"]})
+        );
+        assert_eq!(j(oid::JSON, "42"), json!(42));
+        assert_eq!(j(oid::JSON, "not json"), json!("not json"));
+    }
+
+    #[test]
+    fn bytea_hex_becomes_base64() {
+        assert_eq!(j(oid::BYTEA, "\\x00ff10"), json!("AP8Q"));
+        assert_eq!(j(oid::BYTEA, "\\x00FF10"), json!("AP8Q"));
+        assert_eq!(j(oid::BYTEA, "\\x61"), json!("YQ=="));
+        assert_eq!(j(oid::BYTEA, "\\x"), json!(""));
+    }
+
+    #[test]
+    fn bytea_that_is_not_hex_stays_a_string() {
+        for text in ["\\x0", "\\x0g", "\\x+f", "abc\\000", ""] {
+            assert_eq!(j(oid::BYTEA, text), json!(text));
+        }
+    }
+
+    #[test]
+    fn arrays_convert_each_element_by_its_type() {
+        assert_eq!(j(oid::INT4_ARRAY, "{1,2,3}"), json!([1, 2, 3]));
+        assert_eq!(j(oid::INT2_ARRAY, "{-1,NULL}"), json!([-1, null]));
+        assert_eq!(
+            j(oid::INT8_ARRAY, "{9223372036854775807}"),
+            json!([i64::MAX])
+        );
+        assert_eq!(j(oid::NUMERIC_ARRAY, "{1.10,NaN}"), json!(["1.10", "NaN"]));
+        assert_eq!(j(oid::BOOL_ARRAY, "{t,f}"), json!([true, false]));
+        assert_eq!(
+            j(oid::FLOAT8_ARRAY, "{0.5,Infinity}"),
+            json!([0.5, "Infinity"])
+        );
+        assert_eq!(j(oid::FLOAT4_ARRAY, "{-0.25}"), json!([-0.25]));
+        assert_eq!(j(oid::VARCHAR_ARRAY, "{a,b}"), json!(["a", "b"]));
+        assert_eq!(j(oid::BPCHAR_ARRAY, r#"{"a  "}"#), json!(["a  "]));
+        assert_eq!(j(oid::DATE_ARRAY, "{2024-01-02}"), json!(["2024-01-02"]));
+        assert_eq!(
+            j(oid::UUID_ARRAY, "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}"),
+            json!(["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"])
+        );
+    }
+
+    #[test]
+    fn arrays_of_timestamps_json_and_bytea_unescape_then_convert() {
+        assert_eq!(
+            j(
+                oid::TIMESTAMPTZ_ARRAY,
+                r#"{"2024-01-02 03:04:05+00",infinity}"#
+            ),
+            json!(["2024-01-02T03:04:05Z", "infinity"])
+        );
+        assert_eq!(
+            j(oid::TIMESTAMP_ARRAY, r#"{"2024-01-02 03:04:05"}"#),
+            json!(["2024-01-02T03:04:05"])
+        );
+        assert_eq!(
+            j(oid::JSONB_ARRAY, r#"{"{\"a\": 1}",NULL,"[2]"}"#),
+            json!([{"a": 1}, null, [2]])
+        );
+        assert_eq!(j(oid::JSON_ARRAY, r#"{"\"s\""}"#), json!(["s"]));
+        assert_eq!(j(oid::BYTEA_ARRAY, r#"{"\\x6162"}"#), json!(["YWI="]));
+    }
+
+    #[test]
+    fn array_quoting_escapes_and_nulls() {
+        assert_eq!(j(oid::INT4_ARRAY, "{}"), json!([]));
+        assert_eq!(
+            j(
+                oid::TEXT_ARRAY,
+                r#"{"a b","x\"y","NULL",NULL,null,plain,"","a\\b"}"#
+            ),
+            json!(["a b", "x\"y", "NULL", null, null, "plain", "", "a\\b"])
+        );
+        assert_eq!(
+            j(oid::TEXT_ARRAY, r"{\NULL, a b ,x\ }"),
+            json!(["NULL", "a b", "x "])
+        );
+        assert_eq!(j(oid::TEXT_ARRAY, r#"{"é,}"}"#), json!(["é,}"]));
+    }
+
+    #[test]
+    fn nested_arrays_and_dimension_prefixes() {
+        assert_eq!(j(oid::INT4_ARRAY, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(j(oid::INT4_ARRAY, "[0:2]={1,2,3}"), json!([1, 2, 3]));
+        assert_eq!(
+            j(oid::TEXT_ARRAY, "[1:2][-1:0]={{a,b},{c,d}}"),
+            json!([["a", "b"], ["c", "d"]])
+        );
+        assert_eq!(j(oid::INT4_ARRAY, "{{{{{{1}}}}}}"), json!([[[[[[1]]]]]]));
+    }
+
+    #[test]
+    fn malformed_arrays_fall_back_to_the_whole_string() {
+        for text in [
+            "{1,2",
+            "{1,,2}",
+            "{,}",
+            "{1}x",
+            "1,2",
+            "",
+            "{\"a}",
+            "{a\"b}",
+            "{1,{2}}",
+            "{{1},2}",
+            "{{{{{{{1}}}}}}}",
+            "[0:2]{1}",
+            "[x:2]={1}",
+            "{a\\",
+        ] {
+            assert_eq!(j(oid::INT4_ARRAY, text), json!(text), "{text}");
+        }
+    }
+
+    fn relation(types: &[(&str, u32)]) -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: types
+                .iter()
+                .map(|(name, type_oid)| Column {
+                    is_key: false,
+                    name: (*name).into(),
+                    type_oid: *type_oid,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tuples_become_objects_without_unchanged_toast() {
+        let rel = relation(&[
+            ("id", oid::INT4),
+            ("note", oid::TEXT),
+            ("big", oid::TEXT),
+            ("raw", oid::BYTEA),
+        ]);
+        let tuple = Tuple(vec![
+            TupleValue::Text(Bytes::from_static(b"7")),
+            TupleValue::Null,
+            TupleValue::UnchangedToast,
+            TupleValue::Binary(Bytes::from_static(b"ab")),
+        ]);
+        let (row, unchanged) = tuple_to_json(&rel, &tuple);
+        assert_eq!(
+            Value::Object(row),
+            json!({"id": 7, "note": null, "raw": "YWI="})
+        );
+        assert_eq!(unchanged, vec!["big".to_owned()]);
+    }
+
+    #[test]
+    fn type_names_cover_scalars_and_arrays() {
+        assert_eq!(type_name(oid::INT4), Some("int4"));
+        assert_eq!(type_name(oid::TIMESTAMPTZ), Some("timestamptz"));
+        assert_eq!(type_name(oid::TEXT_ARRAY), Some("_text"));
+        assert_eq!(type_name(oid::JSON_ARRAY), Some("_json"));
+        assert_eq!(type_name(123_456), None);
+        for (o, name) in SCALARS {
+            assert_eq!(type_name(*o), Some(*name));
+        }
+        for (o, _, name) in ARRAYS {
+            assert_eq!(type_name(*o), Some(*name));
+        }
+    }
+
+    /// Renders elements the way `array_out` does: quoted only when needed.
     fn literal(items: &[Option<String>]) -> String {
-        let quoted: Vec<String> = items
+        let rendered: Vec<String> = items
             .iter()
-            .map(|i| match i {
+            .map(|item| match item {
                 None => "NULL".into(),
-                Some(s) => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+                Some(s) if needs_quotes(s) => {
+                    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+                }
+                Some(s) => s.clone(),
             })
             .collect();
-        format!("{{{}}}", quoted.join(","))
+        format!("{{{}}}", rendered.join(","))
+    }
+
+    fn needs_quotes(s: &str) -> bool {
+        s.is_empty()
+            || s.eq_ignore_ascii_case("NULL")
+            || s.bytes()
+                .any(|b| b"{},\"\\".contains(&b) || b.is_ascii_whitespace())
+    }
+
+    fn all_oids() -> Vec<u32> {
+        let scalars = SCALARS.iter().map(|(o, _)| *o);
+        scalars
+            .chain(ARRAYS.iter().map(|(o, _, _)| *o))
+            .chain([0, 99_999])
+            .collect()
     }
 
     proptest! {
         #[test]
-        fn any_text_for_any_known_type_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64), idx in 0usize..60) {
-            let oids: Vec<u32> = [16, 17, 18, 19, 20, 21, 23, 25, 26, 28, 114, 142, 700, 701, 790, 829, 869, 650, 1042, 1043,
-                1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950, 3802].into_iter().chain(ARRAYS.iter().map(|a| a.0)).collect();
-            let _ = text_to_json(oids[idx % oids.len()], &data);
+        fn any_bytes_for_any_type_never_panic(
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+            type_oid in prop::sample::select(all_oids()),
+        ) {
+            let _ = text_to_json(type_oid, &data);
         }
 
         #[test]
-        fn array_literals_round_trip(items in proptest::collection::vec(proptest::option::of("[ -~é]{0,8}"), 0..8)) {
+        fn array_shaped_text_never_panics(
+            text in r#"(\[[0-9:-]{0,4}\]=)?[{}",\\ a-zé1NUL]{0,40}"#,
+            type_oid in prop::sample::select(ARRAYS.iter().map(|a| a.0).collect::<Vec<_>>()),
+        ) {
+            let _ = j(type_oid, &text);
+        }
+
+        #[test]
+        fn array_literals_round_trip(
+            items in proptest::collection::vec(proptest::option::of(r#"[ -~é\t]{0,8}|NULL|null"#), 0..8),
+        ) {
             let want: Vec<Value> = items.iter().map(|i| i.clone().map_or(Value::Null, Value::String)).collect();
-            prop_assert_eq!(j(1009, &literal(&items)), Value::Array(want));
+            prop_assert_eq!(j(oid::TEXT_ARRAY, &literal(&items)), Value::Array(want));
+        }
+
+        #[test]
+        fn nested_integer_arrays_round_trip(rows in proptest::collection::vec(proptest::collection::vec(any::<i64>(), 1..4), 1..4)) {
+            let text = rows
+                .iter()
+                .map(|r| format!("{{{}}}", r.iter().map(i64::to_string).collect::<Vec<_>>().join(",")))
+                .collect::<Vec<_>>()
+                .join(",");
+            prop_assert_eq!(j(oid::INT8_ARRAY, &format!("{{{text}}}")), json!(rows));
         }
     }
 }

@@ -1,0 +1,168 @@
+//! ES sink throughput (not a timed test): 500,000 change events already in
+//! Kafka, timed until the mirror index holds them all; in the same run the same
+//! documents posted by a plain bulk loader (pre-built NDJSON, equal-size
+//! `_bulk` requests) into a fresh index of the same server.
+//!
+//! Run with `cargo bench --bench es_sink`.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use support::es::SearchServer;
+use support::{config, Daemon, PgCluster, Tansu};
+
+const EVENTS: u64 = 500_000;
+const BULK: usize = 1000;
+const TYPES: &str = r#"{"id":"int8","name":"text","n":"int4","at":"timestamptz"}"#;
+
+fn row(i: u64) -> serde_json::Value {
+    json!({"id": i, "name": format!("item {i}"), "n": i % 1000, "at": "2026-11-24T10:00:00.123456Z"})
+}
+
+/// The document the mirror stores for row `i` (the row plus `_cdc`), for the baseline.
+fn mirror_doc(i: u64) -> serde_json::Value {
+    let mut doc = row(i);
+    doc["_cdc"] = json!({"op": "c", "lsn": 1000 + i, "ts_ms": 1});
+    doc
+}
+
+async fn count(http: &reqwest::Client, url: &str, index: &str) -> u64 {
+    let _ = http.post(format!("{url}/{index}/_refresh")).send().await;
+    let Ok(resp) = http.get(format!("{url}/{index}/_count")).send().await else {
+        return 0;
+    };
+    resp.json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| v["count"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    tansu.create_topic("cdc-events").await;
+    let es = SearchServer::start();
+    let http = reqwest::Client::new();
+
+    eprintln!("bench: producing {EVENTS} change events");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("linger.ms", "20")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..EVENTS {
+        let lsn = 1000 + i;
+        let value = json!({"before": null, "after": row(i), "op": "c", "ts_ms": 1,
+            "source": {"connector": "pgcdc", "db": "db", "schema": "public", "table": "bench", "lsn": lsn,
+                       "commit_lsn": lsn, "seq": 0, "txId": 1, "ts_ms": 1, "snapshot": false}})
+        .to_string();
+        let key = json!({"id": i}).to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "pgcdc.types",
+            value: Some(TYPES),
+        });
+        let record = FutureRecord::to("cdc-events")
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        if pending.len() >= 10_000 {
+            for d in pending.drain(..) {
+                d.await.unwrap().unwrap();
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.unwrap().unwrap();
+    }
+
+    // Baseline: pre-built NDJSON, equal-size bulk requests, one at a time.
+    let bodies: Vec<String> = (0..EVENTS)
+        .collect::<Vec<_>>()
+        .chunks(BULK)
+        .map(|chunk| {
+            let mut body = String::new();
+            for i in chunk {
+                body.push_str(
+                    &json!({"index": {"_index": "plain", "_id": i.to_string()}}).to_string(),
+                );
+                body.push('\n');
+                body.push_str(&mirror_doc(*i).to_string());
+                body.push('\n');
+            }
+            body
+        })
+        .collect();
+    http.put(format!("{}/plain", es.url))
+        .json(&json!({"settings": {"index": {"number_of_replicas": 0}}}))
+        .send()
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    for body in bodies {
+        let resp = http
+            .post(format!("{}/_bulk", es.url))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+    while count(&http, &es.url, "plain").await < EVENTS {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let plain = t0.elapsed().as_secs_f64();
+    // Free the server's memory so both runs start from the same state.
+    http.delete(format!("{}/plain", es.url))
+        .send()
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["bench"], "")
+        .replace("info,pgcdc_actors=debug", "warn")
+        + &format!(
+            "\n[elasticsearch]\nurl = {:?}\nnumber_of_replicas = 0\nbulk_max_actions = {BULK}\n",
+            es.url
+        );
+    let t0 = Instant::now();
+    let mut sink = Daemon::start_command(dir.path(), &cfg, &[], "es-sink");
+    while count(&http, &es.url, "cdc_public_bench").await < EVENTS {
+        assert!(sink.is_running(), "sink exited:\n{}", sink.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    sink.terminate(Duration::from_secs(30));
+
+    println!();
+    println!("{EVENTS} documents into osmem-server on this machine, one run:");
+    println!("{:<52} {:>10} {:>9}", "", "docs/s", "seconds");
+    println!(
+        "{:<52} {:>10.0} {:>9.2}",
+        "plain bulk loader (pre-built NDJSON, 1000/request)",
+        EVENTS as f64 / plain,
+        plain
+    );
+    println!(
+        "{:<52} {:>10.0} {:>9.2}",
+        "pgcdc es-sink (from Kafka, versioned, offsets)",
+        EVENTS as f64 / secs,
+        secs
+    );
+    println!(
+        "ratio es-sink / plain loader: {:.2} (target >= 0.7)",
+        plain / secs
+    );
+}
