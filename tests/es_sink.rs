@@ -425,6 +425,17 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
         &mut daemon,
     )
     .await;
+    // The defence against resurrection after a delete: indices remember deletes for gc_deletes.
+    let settings: Value = reqwest::get(format!("{}/cdc_public_items/_settings", r.es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        settings["cdc_public_items"]["settings"]["index"]["gc_deletes"],
+        json!("30d")
+    );
     let after_truncate: BTreeMap<String, (u64, Value)> = r.es.documents("cdc_public_gone").await;
     assert_eq!(
         after_truncate.keys().collect::<Vec<_>>(),

@@ -16,6 +16,9 @@ pub struct Action {
     pub doc: Option<String>,
     /// Which record of the batch it came from.
     pub origin: usize,
+    /// Hash of index and document id: actions on one document share a lane,
+    /// so they are sent in order even with several requests in flight.
+    pub lane: u64,
 }
 
 impl Action {
@@ -94,6 +97,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
         return Planned::Poison("record key is not a json object of the primary key".into());
     };
     let id = doc_id(&key);
+    let lane = lane_of(&index, &id);
     let cdc = json!({"op": op, "lsn": lsn, "ts_ms": src["ts_ms"]});
     let mut actions = Vec::with_capacity(2);
     let meta = |action: &str, versioned: bool| {
@@ -110,6 +114,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
             meta: meta("delete", true),
             doc: None,
             origin,
+            lane,
         }),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
@@ -131,6 +136,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
                 meta,
                 doc: Some(doc),
                 origin,
+                lane,
             });
         }
         _ => return Planned::Poison(format!("op {op:?} without an after image")),
@@ -142,14 +148,24 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
         doc.insert("@timestamp".into(), src["ts_ms"].clone());
         doc.insert("key".into(), Value::Object(key));
         let meta = json!({"index": {"_index": history, "_id": hid}}).to_string();
+        let lane = lane_of(&history, &hid);
         actions.push(Action {
             index: history,
             meta,
             doc: Some(Value::Object(doc).to_string()),
             origin,
+            lane,
         });
     }
     Planned::Actions(actions)
+}
+
+/// A stable hash of a document's index and id.
+fn lane_of(index: &str, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (index, id).hash(&mut h);
+    h.finish()
 }
 
 /// The NDJSON body of a bulk request.
@@ -401,12 +417,14 @@ mod tests {
             meta: "{\"delete\":{}}".into(),
             doc: None,
             origin: 0,
+            lane: 0,
         };
         let b = Action {
             index: "i".into(),
             meta: "{\"index\":{}}".into(),
             doc: Some("{}".into()),
             origin: 1,
+            lane: 0,
         };
         assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");
     }

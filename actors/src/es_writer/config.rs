@@ -38,6 +38,9 @@ pub struct EsConfig {
     pub bulk_max_actions: usize,
     /// Most bytes in one `_bulk` request.
     pub bulk_max_bytes: usize,
+    /// Bulk requests in flight at once. Actions on one document always go
+    /// through the same request lane, so per-document order is kept.
+    pub max_in_flight: usize,
     /// Longest wait for a bulk request to fill, in ms.
     pub flush_interval_ms: u64,
     /// First retry delay for 429/5xx/connection errors, in ms (doubles, with jitter).
@@ -68,6 +71,7 @@ impl Default for EsConfig {
             number_of_replicas: 1,
             bulk_max_actions: 1000,
             bulk_max_bytes: 5 << 20,
+            max_in_flight: 2,
             flush_interval_ms: 200,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,

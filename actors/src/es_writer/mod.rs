@@ -250,8 +250,30 @@ impl Sink {
         Ok(())
     }
 
-    /// Send actions until each is done, superseded, or dead-lettered.
+    /// Send actions in `max_in_flight` concurrent lanes (by document), each until
+    /// every action is done, superseded, or dead-lettered.
     async fn flush(
+        &self,
+        c: &Clients,
+        pending: Vec<Action>,
+        batch: &[OwnedMessage],
+    ) -> Result<(), EsError> {
+        let lanes = self.es.max_in_flight.max(1);
+        if lanes == 1 || pending.len() < 2 * lanes {
+            return self.flush_lane(c, pending, batch).await;
+        }
+        let mut split: Vec<Vec<Action>> = (0..lanes).map(|_| Vec::new()).collect();
+        for a in pending {
+            split[(a.lane % lanes as u64) as usize].push(a);
+        }
+        let results =
+            futures::future::join_all(split.into_iter().map(|p| self.flush_lane(c, p, batch)))
+                .await;
+        results.into_iter().collect()
+    }
+
+    /// Send one lane's actions, in order, until each is handled.
+    async fn flush_lane(
         &self,
         c: &Clients,
         mut pending: Vec<Action>,
