@@ -71,7 +71,7 @@ impl Default for EsConfig {
             number_of_replicas: 1,
             bulk_max_actions: 1000,
             bulk_max_bytes: 5 << 20,
-            max_in_flight: 2,
+            max_in_flight: 1,
             flush_interval_ms: 200,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
