@@ -46,9 +46,11 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let producer =
         Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
     let pg = Arc::new(settings.postgres.clone());
+    let snapshot = Arc::new(settings.snapshot.clone());
     let (p, cp) = (producer.clone(), checkpoint.clone());
     let repl_budget = RestartBudget::new("replication", sup.clone());
-    let replication = Supervisor::start(move |_| ReplicationActor::new(pg, p, cp, repl_budget));
+    let replication =
+        Supervisor::start(move |_| ReplicationActor::new(pg, snapshot, p, cp, repl_budget));
     // The sink stops with the process: its offsets are committed after every written batch.
     let _sink = settings
         .elasticsearch

@@ -58,7 +58,13 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     let state = slot::inspect_slot(&sql, &pg.slot)
         .await
         .map_err(classified)?;
-    let start = slot::decide_start(&checkpoint, state.as_ref(), &identity).map_err(classified)?;
+    let start = slot::decide_start(
+        &checkpoint,
+        state.as_ref(),
+        &identity,
+        settings.snapshot.mode == pgcdc_actors::snapshot::SnapshotMode::Initial,
+    )
+    .map_err(classified)?;
     Ok(format!(
         "{}:{}/{}, {} tables with keys, start: {start:?}",
         pg.host,

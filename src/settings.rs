@@ -8,6 +8,7 @@ use figment::Figment;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::replication::PostgresConfig;
+use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
 use serde::Deserialize;
 
@@ -58,6 +59,9 @@ pub struct Settings {
     /// The Kafka destination.
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// The initial snapshot.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     /// The Elasticsearch/OpenSearch sink (`pgcdc es-sink`).
     #[serde(default)]
     pub elasticsearch: EsConfig,
@@ -119,6 +123,7 @@ impl Settings {
         self.postgres.validate(&mut errors);
         self.kafka.validate(&mut errors);
         self.elasticsearch.validate(&mut errors);
+        self.snapshot.validate(&mut errors);
         self.supervision.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push("shutdown_timeout_secs: must be at least 1".into());

@@ -31,4 +31,5 @@ pub mod lsn;
 pub mod messages;
 pub mod replication;
 pub mod secret;
+pub mod snapshot;
 pub mod supervision;

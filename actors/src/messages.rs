@@ -91,6 +91,8 @@ pub struct PersistSlotIdentity {
     pub identity: SlotIdentity,
     /// The slot's consistent point.
     pub lsn: Lsn,
+    /// An initial snapshot at `lsn` starts now: pending until it is acknowledged.
+    pub snapshot: bool,
 }
 
 /// Stop reading the replication stream (graceful shutdown); replies once stopped.

@@ -94,15 +94,20 @@ impl Tansu {
         }
         consumer.assign(&tpl).expect("assign");
         let mut records = Vec::new();
-        while !done(&records) {
+        // `done` is checked when the topic is drained for now, or every 4096 records.
+        let mut check = true;
+        while !(check && done(&records)) {
             assert!(
                 Instant::now() < deadline,
                 "timed out reading {topic}: {} records so far",
                 records.len()
             );
-            if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-                let msg = msg.expect("kafka error while reading");
-                records.push(Record::from(&msg));
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(msg) => {
+                    records.push(Record::from(&msg.expect("kafka error while reading")));
+                    check = records.len() % 4096 == 0;
+                }
+                None => check = true,
             }
         }
         records

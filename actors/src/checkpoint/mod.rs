@@ -20,6 +20,7 @@ use crate::supervision::RestartBudget;
 
 const KEY_LSN: &[u8] = b"confirmed_lsn";
 const KEY_SLOT: &[u8] = b"slot_identity";
+const KEY_SNAPSHOT: &[u8] = b"snapshot_pending";
 
 /// Which slot on which server the checkpoint belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct Checkpoint {
     pub lsn: Lsn,
     /// The slot the LSN refers to; `None` before the first start.
     pub slot: Option<SlotIdentity>,
+    /// Set while an initial snapshot taken at this LSN is not fully
+    /// acknowledged; a restart then redoes the snapshot.
+    pub snapshot_pending: Option<Lsn>,
 }
 
 /// Checkpoint store failures. All are fatal: local state we cannot trust.
@@ -136,10 +140,20 @@ impl CheckpointStore {
                     .map_err(|e| self.corrupt("slot_identity", e.to_string()))?,
             ),
         };
+        let snapshot_pending = match self.db.get(KEY_SNAPSHOT).map_err(|e| self.store_err(e))? {
+            None => None,
+            Some(v) => Some(Lsn(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| self.corrupt("snapshot_pending", format!("{} bytes", v.len())),
+            )?))),
+        };
         if slot.is_none() && lsn != Lsn::ZERO {
             return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
         }
-        Ok(Checkpoint { lsn, slot })
+        Ok(Checkpoint {
+            lsn,
+            slot,
+            snapshot_pending,
+        })
     }
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), CheckpointError> {
@@ -150,20 +164,34 @@ impl CheckpointStore {
             .map_err(|e| self.store_err(e))
     }
 
-    /// Store `lsn` as the confirmed LSN (synced).
-    pub fn put_lsn(&self, lsn: Lsn) -> Result<(), CheckpointError> {
+    /// Store `lsn` as the confirmed LSN (synced); `snapshot_done` also clears the pending snapshot.
+    pub fn put_lsn(&self, lsn: Lsn, snapshot_done: bool) -> Result<(), CheckpointError> {
         let mut batch = WriteBatch::default();
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
+        if snapshot_done {
+            batch.delete(KEY_SNAPSHOT);
+        }
         self.write_synced(batch)
     }
 
-    /// Store the slot identity and its starting LSN in one synced write.
-    pub fn put_identity(&self, identity: &SlotIdentity, lsn: Lsn) -> Result<(), CheckpointError> {
+    /// Store the slot identity and its starting LSN in one synced write; with
+    /// `snapshot`, mark an initial snapshot at `lsn` as pending.
+    pub fn put_identity(
+        &self,
+        identity: &SlotIdentity,
+        lsn: Lsn,
+        snapshot: bool,
+    ) -> Result<(), CheckpointError> {
         let json = serde_json::to_vec(identity)
             .map_err(|e| self.corrupt("slot_identity", e.to_string()))?;
         let mut batch = WriteBatch::default();
         batch.put(KEY_SLOT, json);
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
+        if snapshot {
+            batch.put(KEY_SNAPSHOT, lsn.0.to_be_bytes());
+        } else {
+            batch.delete(KEY_SNAPSHOT);
+        }
         self.write_synced(batch)
     }
 }
@@ -175,6 +203,7 @@ pub struct CheckpointActor {
     store: Option<CheckpointStore>,
     path: PathBuf,
     persisted: Lsn,
+    snapshot_pending: Option<Lsn>,
 }
 
 impl CheckpointActor {
@@ -190,6 +219,7 @@ impl CheckpointActor {
                 store: None,
                 path: path.clone(),
                 persisted: Lsn::ZERO,
+                snapshot_pending: None,
             }
         })
     }
@@ -199,10 +229,11 @@ impl CheckpointActor {
             let store = CheckpointStore::open(&self.path).unwrap_or_else(|e| {
                 exit_fatal(ExitCode::LocalIo, "cannot open the checkpoint store", &e)
             });
-            self.persisted = store
-                .load()
-                .unwrap_or_else(|e| exit_fatal(ExitCode::LocalIo, "cannot read the checkpoint", &e))
-                .lsn;
+            let checkpoint = store.load().unwrap_or_else(|e| {
+                exit_fatal(ExitCode::LocalIo, "cannot read the checkpoint", &e)
+            });
+            self.persisted = checkpoint.lsn;
+            self.snapshot_pending = checkpoint.snapshot_pending;
             self.store = Some(store);
         }
         self.store.as_ref().unwrap_or_else(|| unreachable!())
@@ -238,11 +269,17 @@ impl Handler<PersistLsn> for CheckpointActor {
 
     fn handle(&mut self, msg: PersistLsn, ctx: &mut Self::Context) {
         let done = self.guarded(ctx, |act| {
-            if msg.lsn > act.persisted {
-                if let Err(e) = act.store().put_lsn(msg.lsn) {
+            act.store();
+            let snapshot_done = act.snapshot_pending.is_some_and(|at| msg.lsn >= at);
+            if msg.lsn > act.persisted || snapshot_done {
+                if let Err(e) = act.store().put_lsn(msg.lsn, snapshot_done) {
                     exit_fatal(ExitCode::LocalIo, "checkpoint write failed", &e);
                 }
                 act.persisted = msg.lsn;
+                if snapshot_done {
+                    act.snapshot_pending = None;
+                    tracing::info!(lsn = %msg.lsn, "initial snapshot fully acknowledged");
+                }
             }
             fail::fail_point!("checkpoint-before-confirm");
             act.persisted
@@ -265,8 +302,10 @@ impl Handler<PersistSlotIdentity> for CheckpointActor {
     type Result = Result<(), CheckpointError>;
 
     fn handle(&mut self, msg: PersistSlotIdentity, _ctx: &mut Self::Context) -> Self::Result {
-        self.store().put_identity(&msg.identity, msg.lsn)?;
+        self.store()
+            .put_identity(&msg.identity, msg.lsn, msg.snapshot)?;
         self.persisted = msg.lsn;
+        self.snapshot_pending = msg.snapshot.then_some(msg.lsn);
         Ok(())
     }
 }
@@ -295,15 +334,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = CheckpointStore::open(dir.path()).unwrap();
-            store.put_identity(&identity(), Lsn(100)).unwrap();
-            store.put_lsn(Lsn(250)).unwrap();
+            store.put_identity(&identity(), Lsn(100), true).unwrap();
+            store.put_lsn(Lsn(250), true).unwrap();
         }
         let store = CheckpointStore::open_read_only(dir.path()).unwrap();
         assert_eq!(
             store.load().unwrap(),
             Checkpoint {
                 lsn: Lsn(250),
-                slot: Some(identity())
+                slot: Some(identity()),
+                snapshot_pending: None
             }
         );
     }
@@ -312,7 +352,7 @@ mod tests {
     fn corrupt_lsn_is_refused_not_read_as_zero() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
-        store.put_identity(&identity(), Lsn(100)).unwrap();
+        store.put_identity(&identity(), Lsn(100), false).unwrap();
         store.db.put(KEY_LSN, b"xyz").unwrap();
         let err = store.load().unwrap_err();
         assert!(
@@ -331,7 +371,7 @@ mod tests {
     fn lsn_without_identity_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
-        store.put_lsn(Lsn(5)).unwrap();
+        store.put_lsn(Lsn(5), false).unwrap();
         assert!(store.load().is_err());
     }
 }

@@ -30,6 +30,7 @@ use crate::messages::{
     GetCheckpoint, LsnPersisted, OpenSession, PersistSlotIdentity, PublishBatch, SessionBroken,
     StopStreaming,
 };
+use crate::snapshot::{SnapshotConfig, SnapshotMode};
 use crate::supervision::{task_outcome, RestartBudget};
 
 /// Session settings pinned on the replication connection so values are
@@ -116,6 +117,7 @@ impl ReplicationError {
 /// The replication actor (supervised).
 pub struct ReplicationActor {
     config: Arc<PostgresConfig>,
+    snapshot: Arc<SnapshotConfig>,
     producer: Addr<KafkaProducerActor>,
     checkpoint: Addr<CheckpointActor>,
     budget: RestartBudget,
@@ -131,12 +133,14 @@ impl ReplicationActor {
     /// A replication actor streaming `config`'s tables into `producer`.
     pub fn new(
         config: Arc<PostgresConfig>,
+        snapshot: Arc<SnapshotConfig>,
         producer: Addr<KafkaProducerActor>,
         checkpoint: Addr<CheckpointActor>,
         budget: RestartBudget,
     ) -> Self {
         Self {
             config,
+            snapshot,
             producer,
             checkpoint,
             budget,
@@ -161,6 +165,7 @@ impl Actor for ReplicationActor {
         self.stop = Some(stop_tx);
         let stream = Stream {
             config: self.config.clone(),
+            snapshot: self.snapshot.clone(),
             producer: self.producer.clone(),
             checkpoint: self.checkpoint.clone(),
             me: ctx.address(),
@@ -264,6 +269,7 @@ impl Handler<StopStreaming> for ReplicationActor {
 /// panic surfaces as a `JoinError`.
 struct Stream {
     config: Arc<PostgresConfig>,
+    snapshot: Arc<SnapshotConfig>,
     producer: Addr<KafkaProducerActor>,
     checkpoint: Addr<CheckpointActor>,
     me: Addr<ReplicationActor>,
@@ -284,17 +290,33 @@ struct Outbox {
 impl Stream {
     /// Prepare, then stream until stopped or failed.
     async fn run(mut self) -> Result<(), ReplicationError> {
-        let (start, tables) = self.prepare().await?;
-        tracing::info!(session = self.session, lsn = %start, "streaming");
-        let mut client = ReplicationClient::connect(self.replication_config(start)).await?;
-        let mut asm = Assembler::new(&tables);
+        let (plan, tables, identity) = self.prepare().await?;
         let mut out = Outbox {
             session: self.session,
             seq: 0,
             batch: Vec::new(),
             max: self.config.max_batch_events,
-            last_marker: (start, Instant::now()),
+            last_marker: (Lsn::ZERO, Instant::now()),
         };
+        let client = match plan {
+            Some(start) => {
+                out.last_marker.0 = start;
+                ReplicationClient::connect(self.replication_config(start)).await?
+            }
+            None => self.snapshot(&tables, identity, &mut out).await?,
+        };
+        tracing::info!(session = self.session, lsn = %out.last_marker.0, "streaming");
+        self.stream(client, &tables, &mut out).await
+    }
+
+    /// Read the replication stream until stopped or failed.
+    async fn stream(
+        &mut self,
+        mut client: ReplicationClient,
+        tables: &[Arc<TableRef>],
+        out: &mut Outbox,
+    ) -> Result<(), ReplicationError> {
+        let mut asm = Assembler::new(tables);
         loop {
             tokio::select! {
                 biased;
@@ -309,14 +331,73 @@ impl Stream {
                 }
                 ev = client.recv() => {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
-                    self.on_event(ev, &mut asm, &mut out).await?;
+                    self.on_event(ev, &mut asm, out).await?;
                 }
             }
         }
     }
 
-    /// Check the server, tables, publication and slot; decide the start LSN.
-    async fn prepare(&self) -> Result<(Lsn, Vec<Arc<TableRef>>), ReplicationError> {
+    /// Create the slot with an exported snapshot on a gated replication
+    /// session, copy every table as of that snapshot, then start replication on
+    /// the same session at the consistent point.
+    async fn snapshot(
+        &self,
+        tables: &[Arc<TableRef>],
+        identity: SlotIdentity,
+        out: &mut Outbox,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let cfg = &self.config;
+        let mut client =
+            ReplicationClient::connect_gated(self.replication_config(Lsn::ZERO)).await?;
+        let create = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(&cfg.slot)
+        );
+        let rows = client.simple_query(&create).await?;
+        let col = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .ok_or_else(|| {
+                    ReplicationError::NotReady(
+                        "CREATE_REPLICATION_SLOT returned no snapshot".into(),
+                    )
+                })
+        };
+        let at: Lsn = col(1)?
+            .parse()
+            .map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
+        let name = col(2)?;
+        self.checkpoint
+            .send(PersistSlotIdentity {
+                identity,
+                lsn: at,
+                snapshot: true,
+            })
+            .await??;
+        tracing::info!(slot = %cfg.slot, lsn = %at, snapshot = %name, tables = tables.len(), "snapshot started");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let copy = crate::snapshot::copy_tables(cfg, &self.snapshot, tables, &name, at, tx);
+        let publish = async {
+            while let Some(events) = rx.recv().await {
+                out.batch = events;
+                self.publish(out, None).await?;
+            }
+            Ok::<(), ReplicationError>(())
+        };
+        let (rows, ()) = tokio::try_join!(copy, publish)?;
+        self.publish(out, Some(at)).await?;
+        tracing::info!(rows, lsn = %at, "snapshot copied; starting the stream");
+        client.start().await?;
+        client.wait_started().await?;
+        Ok(client)
+    }
+
+    /// Check the server, tables, publication and slot; decide where to start
+    /// (`None`: take an initial snapshot first).
+    async fn prepare(
+        &self,
+    ) -> Result<(Option<Lsn>, Vec<Arc<TableRef>>, SlotIdentity), ReplicationError> {
         let cfg = &self.config;
         let sql = slot::connect(cfg).await?;
         slot::check_server(&sql).await?;
@@ -329,21 +410,36 @@ impl Stream {
         };
         let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
         let state = slot::inspect_slot(&sql, &cfg.slot).await?;
-        let start = match slot::decide_start(&checkpoint, state.as_ref(), &identity)? {
-            slot::StartPoint::Resume(lsn) => lsn,
+        let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
+        let start = match slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?
+        {
+            slot::StartPoint::Resume(lsn) => Some(lsn),
             slot::StartPoint::CreateSlot => {
                 let lsn = slot::create_slot(&sql, &cfg.slot).await?;
-                self.checkpoint
-                    .send(PersistSlotIdentity { identity, lsn })
-                    .await??;
-                lsn
+                let persist = PersistSlotIdentity {
+                    identity: identity.clone(),
+                    lsn,
+                    snapshot: false,
+                };
+                self.checkpoint.send(persist).await??;
+                Some(lsn)
             }
             slot::StartPoint::AdoptSlot(lsn) => {
                 tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
-                self.checkpoint
-                    .send(PersistSlotIdentity { identity, lsn })
-                    .await??;
-                lsn
+                let persist = PersistSlotIdentity {
+                    identity: identity.clone(),
+                    lsn,
+                    snapshot: false,
+                };
+                self.checkpoint.send(persist).await??;
+                Some(lsn)
+            }
+            slot::StartPoint::Snapshot => {
+                if checkpoint.snapshot_pending.is_some() {
+                    tracing::warn!(slot = %cfg.slot, "initial snapshot was interrupted; taking it again from a new slot");
+                }
+                slot::drop_slot(&sql, &cfg.slot).await?;
+                None
             }
         };
         let me = self.me.clone();
@@ -353,7 +449,7 @@ impl Stream {
             on_persisted: me.recipient(),
         };
         self.producer.send(open).await?;
-        Ok((start, tables))
+        Ok((start, tables, identity))
     }
 
     fn replication_config(&self, start: Lsn) -> ReplicationConfig {

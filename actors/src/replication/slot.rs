@@ -210,6 +210,14 @@ pub async fn create_slot(sql: &Client, slot: &str) -> Result<Lsn, ReplicationErr
         .map_err(|e| ReplicationError::NotReady(format!("{e}")))
 }
 
+/// Drop the slot if it exists (to redo an unfinished snapshot).
+pub async fn drop_slot(sql: &Client, slot: &str) -> Result<(), ReplicationError> {
+    let q =
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+    sql.execute(q, &[&slot]).await?;
+    Ok(())
+}
+
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
     let row = sql
@@ -230,6 +238,11 @@ pub enum StartPoint {
     AdoptSlot(Lsn),
     /// Resume at the checkpoint.
     Resume(Lsn),
+    /// (Re)create the slot with an exported snapshot, copy the tables, then
+    /// stream. Also after a crash during an unfinished snapshot: nothing past
+    /// its consistent point was confirmed, so the slot is dropped and the
+    /// snapshot taken again.
+    Snapshot,
 }
 
 /// Compare the checkpoint with the slot; anything that could hide a gap is refused.
@@ -237,8 +250,12 @@ pub fn decide_start(
     checkpoint: &Checkpoint,
     slot: Option<&SlotState>,
     identity: &SlotIdentity,
+    snapshot: bool,
 ) -> Result<StartPoint, ReplicationError> {
     let gap = |what: String| Err(ReplicationError::SlotGap(what));
+    if checkpoint.snapshot_pending.is_some() && checkpoint.slot.as_ref() == Some(identity) {
+        return Ok(StartPoint::Snapshot);
+    }
     if let Some(s) = slot {
         if s.plugin != "pgoutput" {
             return Err(ReplicationError::NotReady(format!(
@@ -254,9 +271,11 @@ pub fn decide_start(
         }
     }
     let Some(ours) = &checkpoint.slot else {
-        return Ok(slot.map_or(StartPoint::CreateSlot, |s| {
-            StartPoint::AdoptSlot(s.confirmed_flush)
-        }));
+        return Ok(match slot {
+            Some(s) => StartPoint::AdoptSlot(s.confirmed_flush),
+            None if snapshot => StartPoint::Snapshot,
+            None => StartPoint::CreateSlot,
+        });
     };
     if ours != identity {
         return gap(format!(
@@ -298,6 +317,7 @@ mod tests {
         Checkpoint {
             lsn: Lsn(lsn),
             slot: Some(identity()),
+            snapshot_pending: None,
         }
     }
 
@@ -305,12 +325,12 @@ mod tests {
     fn first_start_creates_or_adopts() {
         let fresh = Checkpoint::default();
         assert_eq!(
-            decide_start(&fresh, None, &identity()).unwrap(),
+            decide_start(&fresh, None, &identity(), false).unwrap(),
             StartPoint::CreateSlot
         );
         let s = slot(500, "reserved");
         assert_eq!(
-            decide_start(&fresh, Some(&s), &identity()).unwrap(),
+            decide_start(&fresh, Some(&s), &identity(), false).unwrap(),
             StartPoint::AdoptSlot(Lsn(500))
         );
     }
@@ -319,13 +339,35 @@ mod tests {
     fn resume_when_slot_trails_or_equals_checkpoint() {
         let s = slot(90, "reserved");
         assert_eq!(
-            decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(),
+            decide_start(&checkpoint(100), Some(&s), &identity(), false).unwrap(),
             StartPoint::Resume(Lsn(100))
         );
         let s = slot(100, "extended");
         assert_eq!(
-            decide_start(&checkpoint(100), Some(&s), &identity()).unwrap(),
+            decide_start(&checkpoint(100), Some(&s), &identity(), false).unwrap(),
             StartPoint::Resume(Lsn(100))
+        );
+    }
+
+    #[test]
+    fn snapshot_on_first_start_and_redo_when_unfinished() {
+        let fresh = Checkpoint::default();
+        assert_eq!(
+            decide_start(&fresh, None, &identity(), true).unwrap(),
+            StartPoint::Snapshot
+        );
+        let pending = Checkpoint {
+            snapshot_pending: Some(Lsn(100)),
+            ..checkpoint(100)
+        };
+        let s = slot(100, "reserved");
+        assert_eq!(
+            decide_start(&pending, Some(&s), &identity(), true).unwrap(),
+            StartPoint::Snapshot
+        );
+        assert_eq!(
+            decide_start(&pending, None, &identity(), false).unwrap(),
+            StartPoint::Snapshot
         );
     }
 
@@ -334,16 +376,23 @@ mod tests {
         let is_gap = |r: Result<StartPoint, ReplicationError>| {
             matches!(r, Err(ReplicationError::SlotGap(_)))
         };
-        assert!(is_gap(decide_start(&checkpoint(100), None, &identity())));
+        assert!(is_gap(decide_start(
+            &checkpoint(100),
+            None,
+            &identity(),
+            false
+        )));
         assert!(is_gap(decide_start(
             &checkpoint(100),
             Some(&slot(101, "reserved")),
-            &identity()
+            &identity(),
+            false
         )));
         assert!(is_gap(decide_start(
             &checkpoint(100),
             Some(&slot(50, "lost")),
-            &identity()
+            &identity(),
+            false
         )));
         let other = SlotIdentity {
             system_id: "2".into(),
@@ -352,7 +401,8 @@ mod tests {
         assert!(is_gap(decide_start(
             &checkpoint(100),
             Some(&slot(50, "reserved")),
-            &other
+            &other,
+            false
         )));
     }
 
@@ -361,7 +411,7 @@ mod tests {
         let mut s = slot(1, "reserved");
         s.plugin = "wal2json".into();
         assert!(matches!(
-            decide_start(&checkpoint(1), Some(&s), &identity()),
+            decide_start(&checkpoint(1), Some(&s), &identity(), false),
             Err(ReplicationError::NotReady(_))
         ));
     }
