@@ -117,6 +117,7 @@ async fn rig(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext
         .send(PersistSlotIdentity {
             identity,
             lsn: Lsn(1),
+            snapshot: false,
         })
         .await
         .unwrap()
