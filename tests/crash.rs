@@ -258,7 +258,7 @@ async fn panic_in_checkpoint_restarts_it_without_loss() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
-    let (pg, tansu, dir, db) = setup().await;
+    let (pg, tansu, dir, _db) = setup().await;
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
         .replace("max_restarts = 20", "max_restarts = 2");
     let mut daemon = Daemon::start(
@@ -266,14 +266,7 @@ async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
         &cfg,
         &[("FAILPOINTS", "producer-after-ack=panic")],
     );
-    wait_active(&db, &mut daemon).await;
-    write_numbered(
-        pg.client().await,
-        20,
-        Duration::from_millis(20),
-        Committed::default(),
-    )
-    .await;
+    // The first acknowledged batch (the end of the initial snapshot) trips it, at every restart.
     let status = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
     assert!(daemon.log_text().contains("keeps crashing"));
