@@ -433,7 +433,7 @@ async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
     let out = String::from_utf8_lossy(&good.stdout);
     assert_eq!(good.status.code(), Some(0), "{out}");
     assert!(
-        out.contains("ok    postgresql") && out.contains("CreateSlot"),
+        out.contains("ok    postgresql") && out.contains("start: Snapshot"),
         "{out}"
     );
 
