@@ -125,6 +125,19 @@ impl RestartBudget {
     }
 }
 
+/// Run an actor's work in its own task after the restart backoff, so a panic
+/// in it surfaces as a `JoinError` (a crash) instead of unwinding the actor.
+pub fn spawn_after_backoff<E: 'static>(
+    budget: &RestartBudget,
+    work: impl std::future::Future<Output = Result<(), E>> + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
+    let backoff = budget.backoff();
+    actix::spawn(async move {
+        tokio::time::sleep(backoff).await;
+        work.await
+    })
+}
+
 /// Turn a finished worker task into "keep running" or "crash": a panic
 /// (`JoinError`) counts as a crash exactly like an error, which actix alone does
 /// not give us.

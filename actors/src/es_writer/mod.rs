@@ -32,7 +32,7 @@ pub use config::EsConfig;
 
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
 use crate::kafka_producer::{KafkaConfig, TopicMode};
-use crate::supervision::{task_outcome, RestartBudget};
+use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 
 /// ES sink failures.
 #[derive(Debug, thiserror::Error)]
@@ -106,11 +106,7 @@ impl Actor for EsWriterActor {
             es: self.es.clone(),
             kafka: self.kafka.clone(),
         };
-        let backoff = self.budget.backoff();
-        let handle = actix::spawn(async move {
-            tokio::time::sleep(backoff).await;
-            sink.run().await
-        });
+        let handle = spawn_after_backoff(&self.budget, sink.run());
         self.task = Some(handle.abort_handle());
         ctx.spawn(handle.into_actor(self).map(|res, _act, ctx| {
             if let Ok(Err(e)) = &res {

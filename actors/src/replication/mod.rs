@@ -31,7 +31,7 @@ use crate::messages::{
     StopStreaming,
 };
 use crate::snapshot::{SnapshotConfig, SnapshotMode};
-use crate::supervision::{task_outcome, RestartBudget};
+use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 
 /// Session settings pinned on the replication connection so values are
 /// rendered the way the value converter expects.
@@ -173,11 +173,7 @@ impl Actor for ReplicationActor {
             confirm: confirm_rx,
             stop: stop_rx,
         };
-        let backoff = self.budget.backoff();
-        let handle = actix::spawn(async move {
-            tokio::time::sleep(backoff).await;
-            stream.run().await
-        });
+        let handle = spawn_after_backoff(&self.budget, stream.run());
         self.task = Some(handle.abort_handle());
         ctx.spawn(handle.into_actor(self).map(|res, act, ctx| {
             let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
@@ -199,7 +195,7 @@ impl Actor for ReplicationActor {
 
 impl Supervised for ReplicationActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        if self.unreachable && self.budget.recent() >= self.budget_limit() {
+        if self.unreachable && self.budget.recent() >= self.budget.limit() {
             exit_fatal(
                 ExitCode::Upstream,
                 "postgresql stayed unreachable",
@@ -214,12 +210,6 @@ impl Supervised for ReplicationActor {
         }
         self.confirm = None;
         self.stop = None;
-    }
-}
-
-impl ReplicationActor {
-    fn budget_limit(&self) -> usize {
-        self.budget.limit()
     }
 }
 
@@ -411,21 +401,18 @@ impl Stream {
         let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
         let state = slot::inspect_slot(&sql, &cfg.slot).await?;
         let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
-        let start = match slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?
-        {
+        let start_point =
+            slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?;
+        let start = match start_point {
             slot::StartPoint::Resume(lsn) => Some(lsn),
-            slot::StartPoint::CreateSlot => {
-                let lsn = slot::create_slot(&sql, &cfg.slot).await?;
-                let persist = PersistSlotIdentity {
-                    identity: identity.clone(),
-                    lsn,
-                    snapshot: false,
+            slot::StartPoint::CreateSlot | slot::StartPoint::AdoptSlot(_) => {
+                let lsn = match start_point {
+                    slot::StartPoint::AdoptSlot(lsn) => {
+                        tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
+                        lsn
+                    }
+                    _ => slot::create_slot(&sql, &cfg.slot).await?,
                 };
-                self.checkpoint.send(persist).await??;
-                Some(lsn)
-            }
-            slot::StartPoint::AdoptSlot(lsn) => {
-                tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
                 let persist = PersistSlotIdentity {
                     identity: identity.clone(),
                     lsn,
