@@ -293,3 +293,54 @@ async fn unreachable_postgres_ends_with_the_upstream_code_after_retries() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
+    let pg = PgCluster::start_with("wal_sender_timeout = 2s\n");
+    let mut tansu = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)")
+        .await
+        .expect("ddl");
+    let cfg = config(
+        &pg,
+        &tansu,
+        &dir.path().join("state"),
+        &["numbered"],
+        "max_inflight_records = 50",
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    wait_active(&db, &mut daemon).await;
+    let walsender = || async {
+        let q = "SELECT pid FROM pg_stat_replication WHERE application_name = 'pgcdc'";
+        db.query_opt(q, &[])
+            .await
+            .expect("pg_stat_replication")
+            .map(|r| r.get::<_, i32>(0))
+    };
+    let pid = walsender().await.expect("walsender");
+    tansu.stop();
+    let q = "SELECT (pg_current_wal_lsn() - '0/0')::bigint";
+    let down_at = db.query_one(q, &[]).await.expect("lsn").get::<_, i64>(0) as u64;
+    // Far more than max_inflight_records: WAL reading must pause (backpressure).
+    write_numbered(pg.client().await, 400, Duration::ZERO, Committed::default()).await;
+    // For four times wal_sender_timeout the same walsender must stay connected.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            walsender().await,
+            Some(pid),
+            "the walsender timed out while kafka was down:\n{}",
+            daemon.log_text()
+        );
+        assert!(daemon.is_running(), "{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing written after the broker went down can have been confirmed.
+    let confirmed = pg.confirmed_flush(&db, "pgcdc").await.expect("slot");
+    assert!(
+        confirmed <= down_at,
+        "confirmed {confirmed:x} past the outage at {down_at:x}"
+    );
+}

@@ -52,6 +52,12 @@ impl Tansu {
             .expect("create topic");
     }
 
+    /// Kill the broker (an outage; its in-memory data is gone).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Bootstrap servers.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)

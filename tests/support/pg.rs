@@ -49,6 +49,11 @@ fn bindir() -> PathBuf {
 impl PgCluster {
     /// initdb and start a cluster configured for logical replication.
     pub fn start() -> PgCluster {
+        Self::start_with("")
+    }
+
+    /// Like [`PgCluster::start`], with extra `postgresql.conf` lines.
+    pub fn start_with(extra_conf: &str) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pgcdc-pg-")
             .tempdir()
@@ -96,6 +101,7 @@ impl PgCluster {
         let mut existing =
             std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
         existing.push_str(&conf);
+        existing.push_str(extra_conf);
         std::fs::write(data.join("postgresql.conf"), existing).expect("write postgresql.conf");
         let cluster = PgCluster { dir, port, bindir };
         cluster.pg_ctl_start();
