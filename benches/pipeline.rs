@@ -223,6 +223,7 @@ async fn main() {
         "{:<44} {:>12.0} {:>10.2}",
         "pgcdc -> tansu, to the slot confirming the end", rate, secs
     );
+    println!("(pg_recvlogical ran before and after pgcdc: {recv_first:.2} s and {recv_second:.2} s; the faster is shown)");
     println!(
         "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.7)",
         rate / recv_rate
