@@ -165,10 +165,12 @@ mod tests {
     }
 
     #[test]
-    fn shipped_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgcdc.toml");
-        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let s = Settings::load(Some(&dir.join("pgcdc.toml")), &Overrides::default()).unwrap();
         assert_eq!(s.postgres.tables, ["public.users"]);
+        let d = Settings::load(Some(&dir.join("docker.toml")), &Overrides::default()).unwrap();
+        assert_eq!(d.kafka.brokers, "kafka:9092");
     }
 
     #[test]
