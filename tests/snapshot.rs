@@ -293,3 +293,65 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
         "the update committed after the consistent point was lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_again() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100000) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
+        + "\n[snapshot]\nfetch_rows = 1000\n";
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !daemon.log_text().contains("snapshot started") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(60)).code(),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("stopped during the initial snapshot"),
+        "{}",
+        daemon.log_text()
+    );
+
+    daemon.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !daemon
+        .log_text()
+        .contains("initial snapshot fully acknowledged")
+    {
+        assert!(
+            daemon.is_running() && std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(daemon
+        .log_text()
+        .contains("initial snapshot was interrupted"));
+    let ids: BTreeSet<i64> = tansu
+        .read_all(TOPIC)
+        .iter()
+        .filter(|r| r.op() == "r")
+        .map(|r| r.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 100_000);
+}

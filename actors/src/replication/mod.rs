@@ -293,7 +293,16 @@ impl Stream {
                 out.last_marker.0 = start;
                 ReplicationClient::connect(self.replication_config(start)).await?
             }
-            None => self.snapshot(&tables, identity, &mut out).await?,
+            None => {
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    client = self.snapshot(&tables, identity, &mut out) => client?,
+                    _ = stop.changed() => {
+                        tracing::info!("stopped during the initial snapshot; it is taken again on the next start");
+                        return Ok(());
+                    }
+                }
+            }
         };
         tracing::info!(session = self.session, lsn = %out.last_marker.0, "streaming");
         self.stream(client, &tables, &mut out).await
