@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
 
-bindir="${PG_BINDIR:-$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}"
-[ -x "$bindir/initdb" ] || { echo "demo: PostgreSQL server binaries not found; apt-get install postgresql" >&2; exit 1; }
-command -v tansu >/dev/null || { echo "demo: installing tansu"; cargo install tansu --locked --features dynostore,libsql; }
+bash scripts/install-deps.sh
+bindir="${PG_BINDIR:-$(pg_config --bindir 2>/dev/null || true)}"
+[ -x "$bindir/initdb" ] || bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 echo "demo: building pgcdc"
 cargo build --quiet --bin pgcdc
 pgcdc="$CARGO_TARGET_DIR/debug/pgcdc"
