@@ -77,18 +77,12 @@ async fn main() {
             + &format!("\n[snapshot]\nparallelism = {parallelism}\n");
         let t0 = Instant::now();
         let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        while !daemon
-            .log_text()
-            .contains("initial snapshot fully acknowledged")
-        {
-            assert!(
-                daemon.is_running() && Instant::now() < deadline,
-                "snapshot failed:\n{}",
-                daemon.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        daemon
+            .wait_log(
+                "initial snapshot fully acknowledged",
+                Duration::from_secs(1800),
+            )
+            .await;
         results.push((parallelism, t0.elapsed().as_secs_f64()));
         daemon.terminate(Duration::from_secs(60));
     }

@@ -248,15 +248,9 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
     };
     tokio::join!(wait_slot, commit_early);
     // Crash in the middle of the copy: the restart must take the snapshot again, not skip it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !daemon.log_text().contains("snapshot started") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "snapshot never started:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    daemon
+        .wait_log("snapshot started", Duration::from_secs(60))
+        .await;
     assert!(
         !daemon.log_text().contains("snapshot copied"),
         "the copy finished before the kill"
@@ -308,15 +302,9 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_a
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
         + "\n[snapshot]\nfetch_rows = 1000\n";
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !daemon.log_text().contains("snapshot started") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    daemon
+        .wait_log("snapshot started", Duration::from_secs(60))
+        .await;
     assert_eq!(
         daemon.terminate(Duration::from_secs(60)).code(),
         Some(0),
@@ -332,18 +320,12 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_a
     );
 
     daemon.spawn();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !daemon
-        .log_text()
-        .contains("initial snapshot fully acknowledged")
-    {
-        assert!(
-            daemon.is_running() && std::time::Instant::now() < deadline,
-            "{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_log(
+            "initial snapshot fully acknowledged",
+            Duration::from_secs(120),
+        )
+        .await;
     assert!(daemon
         .log_text()
         .contains("initial snapshot was interrupted"));

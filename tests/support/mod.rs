@@ -174,6 +174,24 @@ impl Daemon {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Wait until the log contains `text`; panics if the daemon exits or `timeout` passes first.
+    pub async fn wait_log(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(text) {
+            assert!(
+                self.is_running(),
+                "pgcdc exited before logging {text:?}:\n{}",
+                self.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "pgcdc did not log {text:?} within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
