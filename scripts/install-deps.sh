@@ -18,7 +18,7 @@ done
 if [ ${#packages[@]} -gt 0 ]; then
   echo "deps: installing ${packages[*]}"
   $SUDO apt-get update -q
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
 fi
 
 if ! command -v tansu >/dev/null; then
