@@ -12,6 +12,8 @@ use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
 use pgcdc_actors::replication::{parse_table_name, slot, ReplicationActor};
+use pgcdc_actors::snapshot::watermark::Watermarks;
+use pgcdc_actors::snapshot::SnapshotActor;
 use pgcdc_actors::supervision::RestartBudget;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -35,6 +37,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     if settings.kafka.create_topics {
         create_topics(&settings).await?;
     }
+    serve_metrics(&settings).await?;
     let sup = &settings.supervision;
     let checkpoint = CheckpointActor::start(
         settings.checkpoint_dir(),
@@ -46,11 +49,25 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let producer =
         Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
     let pg = Arc::new(settings.postgres.clone());
+    actix::spawn(pgcdc_actors::wal_monitor::run(
+        pg.clone(),
+        settings.wal.clone(),
+    ));
     let snapshot = Arc::new(settings.snapshot.clone());
+    let marks = Watermarks::default();
+    let (pg2, snap2, m, cp) = (
+        pg.clone(),
+        snapshot.clone(),
+        marks.clone(),
+        checkpoint.clone(),
+    );
+    let snap_budget = RestartBudget::new("snapshot", sup.clone());
+    let snapshots = Supervisor::start(move |_| SnapshotActor::new(pg2, snap2, m, cp, snap_budget));
     let (p, cp) = (producer.clone(), checkpoint.clone());
     let repl_budget = RestartBudget::new("replication", sup.clone());
-    let replication =
-        Supervisor::start(move |_| ReplicationActor::new(pg, snapshot, p, cp, repl_budget));
+    let replication = Supervisor::start(move |_| {
+        ReplicationActor::new(pg, snapshot, (snapshots, marks), p, cp, repl_budget)
+    });
     // The sink stops with the process: its offsets are committed after every written batch.
     let _sink = settings
         .elasticsearch
@@ -69,6 +86,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
         if settings.kafka.create_topics {
             create_topics(&settings).await?;
         }
+        serve_metrics(&settings).await?;
         let _sink = start_es_sink(&settings);
         wait_for_signal().await;
         tracing::info!("es sink stopping; uncommitted records are read again on restart");
@@ -76,6 +94,16 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
     });
     System::current().stop();
     result
+}
+
+async fn serve_metrics(settings: &Settings) -> Result<(), AppError> {
+    match settings.metrics.addr() {
+        Some(addr) => {
+            let window = Duration::from_secs(settings.metrics.ready_window_secs);
+            crate::http::serve(addr, window).await
+        }
+        None => Ok(()),
+    }
 }
 
 fn start_es_sink(settings: &Settings) -> Addr<EsWriterActor> {

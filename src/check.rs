@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
-use pgcdc_actors::replication::{slot, ReplicationError};
+use pgcdc_actors::replication::{parse_table_name, slot, ReplicationError};
+use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::{AppError, ExitCode};
@@ -100,7 +101,8 @@ fn check_kafka(settings: &Settings) -> Result<String, AppError> {
     ))
 }
 
-/// Print the checkpoint and the slot.
+/// Print the checkpoint, copy progress, the slot and (from a running
+/// daemon's metrics endpoint) per-table counts and lag.
 pub fn status(settings: Settings) -> Result<(), AppError> {
     let checkpoint = read_checkpoint(&settings)?;
     println!("checkpoint lsn:      {}", checkpoint.lsn);
@@ -111,6 +113,15 @@ pub fn status(settings: Settings) -> Result<(), AppError> {
         ),
         None => println!("checkpoint slot:     none (never started)"),
     }
+    for p in &checkpoint.progress {
+        let ranges = p.ranges.len();
+        let done = p.ranges.iter().filter(|r| r.done).count();
+        let state = if p.done() { "copied" } else { "copying" };
+        println!(
+            "copy {}.{}: {state}, {} rows, {done}/{ranges} key ranges done",
+            p.schema, p.name, p.rows
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -119,15 +130,152 @@ pub fn status(settings: Settings) -> Result<(), AppError> {
         let sql = slot::connect(&settings.postgres)
             .await
             .map_err(classified)?;
-        match slot::inspect_slot(&sql, &settings.postgres.slot)
-            .await
-            .map_err(classified)?
-        {
-            Some(s) => println!(
-                "slot confirmed lsn:  {} (wal_status {})",
-                s.confirmed_flush, s.wal_status
-            ),
-            None => println!("slot:                missing"),
+        let q = "SELECT confirmed_flush_lsn::text, wal_status, active, \
+                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                        (pg_current_wal_lsn() - restart_lsn)::bigint \
+                   FROM pg_replication_slots WHERE slot_name = $1";
+        match sql.query_opt(q, &[&settings.postgres.slot]).await {
+            Ok(Some(r)) => {
+                println!(
+                    "slot confirmed lsn:  {} (wal_status {}, {})",
+                    r.get::<_, Option<String>>(0).unwrap_or_default(),
+                    r.get::<_, Option<String>>(1).unwrap_or_default(),
+                    if r.get::<_, bool>(2) {
+                        "active"
+                    } else {
+                        "inactive"
+                    }
+                );
+                println!(
+                    "slot lag:            {} bytes behind the server's WAL",
+                    r.get::<_, Option<i64>>(3).unwrap_or(0)
+                );
+                println!(
+                    "slot retained wal:   {} bytes",
+                    r.get::<_, Option<i64>>(4).unwrap_or(0)
+                );
+            }
+            Ok(None) => println!("slot:                missing"),
+            Err(e) => return Err(classified(e.into())),
+        }
+        Ok::<(), AppError>(())
+    })?;
+    if let Some(addr) = settings.metrics.addr() {
+        match rt.block_on(scrape(addr)) {
+            Ok(text) => print_live(&text),
+            Err(e) => println!("daemon:              not reachable at http://{addr}/metrics ({e})"),
+        }
+    }
+    Ok(())
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut conn = tokio::time::timeout(Duration::from_secs(3), connect)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: pgcdc\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(3), conn.read_to_string(&mut buf))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    buf.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .ok_or_else(|| "not an HTTP response".into())
+}
+
+/// Per-table counts and lag from the daemon's metrics.
+fn print_live(text: &str) {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let Ok(scrape) = prometheus_parse::Scrape::parse(lines) else {
+        println!("daemon:              metrics did not parse");
+        return;
+    };
+    let mut tables: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for s in &scrape.samples {
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        match s.metric.as_str() {
+            "pgcdc_replication_lag_bytes" => println!("daemon lag:          {value} bytes"),
+            "pgcdc_replication_lag_seconds" => println!("daemon lag:          {value} s"),
+            "pgcdc_events_in_total" | "pgcdc_events_out_total" => {
+                let dir = if s.metric.contains("_in_") {
+                    "in"
+                } else {
+                    "out"
+                };
+                let table = s.labels.get("table").unwrap_or("?").to_owned();
+                let op = s.labels.get("op").unwrap_or("?");
+                tables
+                    .entry(table)
+                    .or_default()
+                    .push(format!("{dir} {op}={value}"));
+            }
+            _ => {}
+        }
+    }
+    for (table, counts) in tables {
+        println!("events {table}: {}", counts.join(" "));
+    }
+}
+
+/// `pgcdc snapshot --table …`: write one signal per table into the WAL
+/// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
+pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
+    let pg = &settings.postgres;
+    let mut wanted = Vec::new();
+    let mut errors = Vec::new();
+    for t in tables {
+        match parse_table_name(t) {
+            Ok((schema, name)) => {
+                let configured = pg
+                    .tables
+                    .iter()
+                    .filter_map(|c| parse_table_name(c).ok())
+                    .any(|(s, n)| (s.as_str(), n.as_str()) == (schema.as_str(), name.as_str()));
+                if configured {
+                    wanted.push((schema, name));
+                } else {
+                    errors.push(format!("--table {t}: not in postgres.tables"));
+                }
+            }
+            Err(e) => errors.push(format!("--table {t}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(AppError::Config(errors));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::LocalIo(e.to_string()))?;
+    rt.block_on(async {
+        let sql = slot::connect(pg).await.map_err(classified)?;
+        for (schema, table) in wanted {
+            let signal = Signal {
+                slot: pg.slot.clone(),
+                schema: schema.clone(),
+                table: table.clone(),
+            };
+            let content = serde_json::to_string(&signal).unwrap_or_default();
+            let row = sql
+                .query_one(
+                    "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                    &[&SIGNAL_PREFIX, &content],
+                )
+                .await
+                .map_err(|e| classified(e.into()))?;
+            let lsn: String = row.get(0);
+            println!("requested backfill of {schema}.{table} at {lsn}; the daemon on slot {} copies it while streaming", pg.slot);
         }
         Ok(())
     })

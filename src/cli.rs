@@ -37,6 +37,13 @@ pub enum Command {
     EsSink,
     /// Validate the configuration and check PostgreSQL, the slot and Kafka; print what is wrong.
     Check,
-    /// Print the checkpoint and the replication slot's state.
+    /// Print the checkpoint, copy progress and the replication slot's state.
     Status,
+    /// Copy tables again while streaming continues (watermark backfill); the
+    /// running daemon picks the request up from the WAL.
+    Snapshot {
+        /// A configured table, `schema.table` (repeatable).
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+    },
 }

@@ -27,6 +27,7 @@ fn main() {
         Command::EsSink => pgcdc::app::run_es_sink(settings),
         Command::Check => pgcdc::check::run(settings),
         Command::Status => pgcdc::check::status(settings),
+        Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, &tables),
     };
     if let Err(e) = result {
         tracing::error!(exit_code = e.exit_code().code(), "{e}");

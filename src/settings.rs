@@ -10,6 +10,7 @@ use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::replication::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
+use pgcdc_actors::wal_monitor::WalConfig;
 use serde::Deserialize;
 
 use crate::error::AppError;
@@ -43,6 +44,45 @@ impl Default for LogConfig {
     }
 }
 
+/// `[metrics]` configuration section: the HTTP endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/health` and `/ready`; empty disables the endpoint.
+    pub listen: String,
+    /// `/ready` answers 200 while confirmed progress (or, caught up, a
+    /// keepalive) is at most this many seconds old.
+    pub ready_window_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            ready_window_secs: 60,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address to bind, if enabled.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !self.listen.is_empty() && self.addr().is_none() {
+            errors.push(format!(
+                "metrics.listen: {:?} is not an address like 127.0.0.1:9187 (empty disables)",
+                self.listen
+            ));
+        }
+        if self.ready_window_secs == 0 {
+            errors.push("metrics.ready_window_secs: must be at least 1".into());
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +111,12 @@ pub struct Settings {
     /// Console logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The metrics and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Retained-WAL budget and heartbeats.
+    #[serde(default)]
+    pub wal: WalConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -125,6 +171,8 @@ impl Settings {
         self.elasticsearch.validate(&mut errors);
         self.snapshot.validate(&mut errors);
         self.supervision.validate(&mut errors);
+        self.metrics.validate(&mut errors);
+        self.wal.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push("shutdown_timeout_secs: must be at least 1".into());
         }

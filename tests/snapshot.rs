@@ -1,6 +1,8 @@
 //! The initial snapshot: existing rows are copied inside the slot's exported
 //! snapshot and streaming continues from its consistent point — no gap, no
-//! overlap — also under concurrent writes and after `kill -9`.
+//! overlap — also under concurrent writes and after `kill -9`, which resumes
+//! the copy instead of starting over. Backfills (`pgcdc snapshot --table`,
+//! tables added to the configuration) copy tables while a writer changes them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -46,7 +48,7 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
         &dir.path().join("state"),
         &["empty", "one", "big", "pair"],
         "",
-    ) + "\n[snapshot]\nparallelism = 3\nfetch_rows = 7000\n";
+    ) + "\n[snapshot]\nparallelism = 3\nchunk_rows = 7000\n";
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -125,13 +127,15 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
             .as_u64()
             .unwrap()
             > *points.first().unwrap()));
+    // The big table was split into key ranges read in parallel.
     assert!(
-        daemon
-            .log_text()
-            .contains("initial snapshot fully acknowledged"),
+        daemon.log_text().contains("ranges=6"),
         "{}",
         daemon.log_text()
     );
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(30))
+        .await;
 
     // A restart after a completed snapshot does not copy again.
     assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0));
@@ -186,10 +190,13 @@ async fn assert_mirror_equals_table(
                 .filter(|k| !want.contains_key(*k))
                 .take(5)
                 .collect();
+            let log = daemon.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             panic!(
-                "mirror differs from the table: {} vs {} rows; wrong {wrong:?}; extra {extra:?}",
+                "mirror differs from the table: {} vs {} rows; wrong {wrong:?}; extra {extra:?}\nlog tail (newest first):\n{}",
                 got.len(),
-                want.len()
+                want.len(),
+                tail.join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -218,7 +225,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
 
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "")
         + &format!(
-            "\n[snapshot]\nfetch_rows = 2000\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
+            "\n[snapshot]\nchunk_rows = 2000\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
             es.url
         );
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
@@ -247,7 +254,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
         early.batch_execute("COMMIT").await.unwrap();
     };
     tokio::join!(wait_slot, commit_early);
-    // Crash in the middle of the copy: the restart must take the snapshot again, not skip it.
+    // Crash in the middle of the copy: the restart must copy the rest, not skip it.
     daemon
         .wait_log("snapshot started", Duration::from_secs(60))
         .await;
@@ -258,7 +265,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
     daemon.kill9();
     daemon.spawn();
 
-    // Concurrent writer while the second snapshot copies.
+    // Concurrent writer while the rest is copied by backfill.
     let writer = pg.client().await;
     for i in 0..200 {
         let id = 1 + (i * 7919) % 60000;
@@ -276,7 +283,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
     assert!(
         daemon
             .log_text()
-            .contains("initial snapshot was interrupted"),
+            .contains("resuming interrupted table copies by backfill"),
         "{}",
         daemon.log_text()
     );
@@ -289,7 +296,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_again() {
+async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_it() {
     let pg = PgCluster::start();
     let tansu = Tansu::start();
     let dir = tempfile::tempdir().unwrap();
@@ -300,7 +307,7 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_a
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
-        + "\n[snapshot]\nfetch_rows = 1000\n";
+        + "\n[snapshot]\nchunk_rows = 1000\n";
     let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
     daemon
         .wait_log("snapshot started", Duration::from_secs(60))
@@ -321,14 +328,11 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_a
 
     daemon.spawn();
     daemon
-        .wait_log(
-            "initial snapshot fully acknowledged",
-            Duration::from_secs(120),
-        )
+        .wait_log("table copy fully acknowledged", Duration::from_secs(120))
         .await;
     assert!(daemon
         .log_text()
-        .contains("initial snapshot was interrupted"));
+        .contains("resuming interrupted table copies by backfill"));
     let ids: BTreeSet<i64> = tansu
         .read_all(TOPIC)
         .iter()
@@ -336,4 +340,159 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_takes_it_a
         .map(|r| r.key.as_ref().unwrap()["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids.len(), 100_000);
+}
+
+/// The `rows_before` of the first "backfill started" line after `from` in the log.
+fn resumed_rows(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("backfill started"))
+        .unwrap_or_else(|| panic!("no backfill started:\n{log}"));
+    let at = line.find("rows_before=").unwrap() + "rows_before=".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() {
+    const ROWS: usize = 200_000;
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, repeat('v', 100) FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
+        + "\n[snapshot]\nparallelism = 1\nchunk_rows = 1000\n";
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let before_kill = tansu
+        .read_until(TOPIC, Duration::from_secs(120), |rs| rs.len() >= ROWS / 4)
+        .len();
+    daemon.kill9();
+    assert!(
+        !daemon.log_text().contains("snapshot copied"),
+        "the copy finished before the kill"
+    );
+    daemon.spawn();
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(180))
+        .await;
+    let rows_before = resumed_rows(&daemon.log_text());
+    assert!(rows_before > 0, "the copy started over");
+    let copied: Vec<i64> = tansu
+        .read_all(TOPIC)
+        .iter()
+        .filter(|r| r.op() == "r")
+        .map(|r| r.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    let distinct: BTreeSet<i64> = copied.iter().copied().collect();
+    assert_eq!(distinct.len(), ROWS, "a row is missing");
+    let duplicates = copied.len() - ROWS;
+    assert!(
+        duplicates < before_kill,
+        "{duplicates} rows copied twice: the copy started over (had {before_kill} before the kill)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let es = SearchServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 10000) g;
+         CREATE TABLE added (id int PRIMARY KEY, v text);
+         INSERT INTO added SELECT g, 'a' || g FROM generate_series(1, 5000) g;",
+    )
+    .await
+    .unwrap();
+    // Stream only: the mirror gets rows only from the stream and the backfills.
+    let es_cfg = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
+        es.url
+    );
+    let snapshot = "\n[snapshot]\nmode = \"initial\"\nchunk_rows = 200\n";
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["items"], "") + snapshot + &es_cfg;
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(120))
+        .await;
+
+    // Re-copy items on request while a writer keeps changing it.
+    let out = support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requested backfill of public.items"));
+    let bad = support::pgcdc(&daemon.config, &["snapshot", "--table", "public.nope"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "unconfigured table must be refused"
+    );
+    let writer = pg.client().await;
+    let mut i = 0;
+    while !daemon.log_text().contains("backfill copied") || i < 300 {
+        let id = 1 + (i * 7919) % 10000;
+        let sql = match i % 5 {
+            0 => format!("DELETE FROM items WHERE id = {id}"),
+            1 => format!("INSERT INTO items VALUES ({}, 'new', {i})", 10000 + i),
+            2 => format!("UPDATE items SET id = {} WHERE id = {id}", 100_000 + i),
+            _ => format!("UPDATE items SET name = 'w{i}', n = n + 1 WHERE id = {id}"),
+        };
+        writer.batch_execute(&sql).await.unwrap();
+        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
+        assert!(
+            i < 20_000,
+            "backfill never finished:\n{}",
+            daemon.log_text()
+        );
+        // A steady writer, not a flood: the copy must make progress beside it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        i += 1;
+    }
+    assert_mirror_equals_table(&es, &db, &mut daemon).await;
+    let log = daemon.log_text();
+    assert!(log.contains("backfill requested"), "{log}");
+
+    // A table added to the configuration is copied on the next start.
+    assert_eq!(daemon.terminate(Duration::from_secs(60)).code(), Some(0));
+    let cfg = config(&pg, &tansu, &state, &["items", "added"], "") + snapshot + &es_cfg;
+    std::fs::write(&daemon.config, cfg).unwrap();
+    daemon.spawn();
+    daemon
+        .wait_log("table added to the configuration", Duration::from_secs(60))
+        .await;
+    db.batch_execute("UPDATE added SET v = 'changed' WHERE id = 4999")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let docs = es.documents("cdc_public_added").await;
+        if docs.len() == 5000 && docs.get("4999").map(|d| &d.1["v"]) == Some(&json!("changed")) {
+            assert_eq!(docs["1"].1, json!({"id": 1, "v": "a1"}));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "added table not mirrored: {} docs\n{}",
+            docs.len(),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -10,7 +10,7 @@
 
 use actix::prelude::*;
 
-use crate::checkpoint::{Checkpoint, CheckpointError, SlotIdentity};
+use crate::checkpoint::{Checkpoint, CheckpointError, SlotIdentity, TableProgress};
 use crate::event::ChangeEvent;
 use crate::kafka_producer::ProducerError;
 use crate::lsn::Lsn;
@@ -42,6 +42,9 @@ pub struct PublishBatch {
     /// once this batch and all before it are acknowledged, this LSN may be
     /// checkpointed and confirmed.
     pub commit_end: Option<Lsn>,
+    /// Copy progress made by this batch's rows, checkpointed with `commit_end`
+    /// (only set on batches that have one).
+    pub progress: Vec<TableProgress>,
 }
 
 /// The session can no longer deliver; the stream must restart from the checkpoint.
@@ -66,6 +69,8 @@ pub struct DrainProducer;
 pub struct PersistLsn {
     /// The LSN to store.
     pub lsn: Lsn,
+    /// Copy progress to store in the same write.
+    pub progress: Vec<TableProgress>,
     /// Told after the write is synced.
     pub notify: Recipient<LsnPersisted>,
 }
@@ -91,8 +96,8 @@ pub struct PersistSlotIdentity {
     pub identity: SlotIdentity,
     /// The slot's consistent point.
     pub lsn: Lsn,
-    /// An initial snapshot at `lsn` starts now: pending until it is acknowledged.
-    pub snapshot: bool,
+    /// Each table's starting copy progress (fresh when a snapshot starts now).
+    pub progress: Vec<TableProgress>,
 }
 
 /// Stop reading the replication stream (graceful shutdown); replies once stopped.

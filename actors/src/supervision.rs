@@ -75,6 +75,10 @@ impl RestartBudget {
     /// Count one restart now; exits the process if the budget is spent.
     pub fn record(&self) {
         let restarts = self.record_at(Instant::now());
+        crate::metrics::metrics()
+            .restarts
+            .with_label_values(&[self.actor])
+            .inc();
         tracing::warn!(actor = self.actor, restarts, "actor restarting");
         if restarts > self.config.max_restarts as usize {
             let msg = format!(

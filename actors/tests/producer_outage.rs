@@ -117,7 +117,7 @@ async fn rig(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext
         .send(PersistSlotIdentity {
             identity,
             lsn: Lsn(1),
-            snapshot: false,
+            progress: vec![],
         })
         .await
         .unwrap()
@@ -154,6 +154,7 @@ async fn publish(rig: &Rig, seq: u64) -> Result<(), ProducerError> {
         seq,
         events: events(seq * 100, 100, commit),
         commit_end: Some(commit),
+        progress: vec![],
     };
     rig.producer.send(msg).await.unwrap()
 }
@@ -258,6 +259,7 @@ async fn batches_out_of_order_or_of_another_session_are_refused() {
         seq: 1,
         events: vec![],
         commit_end: None,
+        progress: vec![],
     };
     let res = rig.producer.send(other).await.unwrap();
     assert!(

@@ -58,6 +58,26 @@ impl Tansu {
         let _ = self.child.wait();
     }
 
+    /// Freeze the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Thaw a paused broker (SIGCONT).
+    pub fn resume(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// Bootstrap servers.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -204,6 +204,16 @@ impl Drop for Daemon {
     }
 }
 
+/// Run a one-shot `pgcdc` subcommand with `config`; its output.
+pub fn pgcdc(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run pgcdc")
+}
+
 /// Config text for a daemon streaming `tables` from `pg` into `tansu`.
 pub fn config(
     pg: &PgCluster,
@@ -219,7 +229,7 @@ pub fn config(
          tables = [{tables}]\nstatus_interval_secs = 1\n\
          [kafka]\nbrokers = {brokers:?}\ntopic_partitions = 1\ndelivery_timeout_ms = 30000\n{extra_kafka}\n\
          [supervision]\nmax_restarts = 20\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n\
-         [log]\nlevel = \"info,pgcdc_actors=debug\"\n",
+         [log]\nlevel = \"info,pgcdc_actors=debug\"\n[metrics]\nlisten = \"\"\n",
         state = state_dir.display().to_string(),
         port = pg.port,
         tables = tables.join(", "),

@@ -20,7 +20,8 @@ use crate::supervision::RestartBudget;
 
 const KEY_LSN: &[u8] = b"confirmed_lsn";
 const KEY_SLOT: &[u8] = b"slot_identity";
-const KEY_SNAPSHOT: &[u8] = b"snapshot_pending";
+/// Prefix of the per-table snapshot progress keys: `progress\0<schema>\0<table>`.
+const PREFIX_PROGRESS: &[u8] = b"progress\0";
 
 /// Which slot on which server the checkpoint belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,72 @@ pub struct SlotIdentity {
     pub slot_name: String,
 }
 
+/// A primary-key value as PostgreSQL prints it: one text per key column.
+pub type KeyText = Vec<String>;
+
+/// One key range of a table's copy: rows with `after < key <= upto`
+/// (`None`: unbounded on that side) still to be copied unless `done`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    /// Last key copied (exclusive lower bound of what is left).
+    pub after: Option<KeyText>,
+    /// Inclusive upper bound of the range.
+    pub upto: Option<KeyText>,
+    /// Every row of the range is copied.
+    pub done: bool,
+}
+
+/// How far the copy (initial snapshot or backfill) of one table has come.
+/// Stored in the same synced write as the LSN of the commit that carried the
+/// copied rows, so it never runs ahead of what Kafka acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableProgress {
+    /// Schema name, unquoted.
+    pub schema: String,
+    /// Table name, unquoted.
+    pub name: String,
+    /// The key ranges the copy is split into.
+    pub ranges: Vec<KeyRange>,
+    /// Rows copied so far.
+    pub rows: u64,
+}
+
+impl TableProgress {
+    /// A copy of `schema.name` not started yet: one unbounded range.
+    pub fn fresh(schema: &str, name: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+            ranges: vec![KeyRange {
+                after: None,
+                upto: None,
+                done: false,
+            }],
+            rows: 0,
+        }
+    }
+
+    /// A table whose copy is complete (or never wanted).
+    pub fn finished(schema: &str, name: &str) -> Self {
+        let mut p = Self::fresh(schema, name);
+        p.ranges[0].done = true;
+        p
+    }
+
+    /// Whether every range is copied.
+    pub fn done(&self) -> bool {
+        self.ranges.iter().all(|r| r.done)
+    }
+
+    fn key(&self) -> Vec<u8> {
+        let mut k = PREFIX_PROGRESS.to_vec();
+        k.extend_from_slice(self.schema.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.name.as_bytes());
+        k
+    }
+}
+
 /// What the checkpoint holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -40,9 +107,15 @@ pub struct Checkpoint {
     pub lsn: Lsn,
     /// The slot the LSN refers to; `None` before the first start.
     pub slot: Option<SlotIdentity>,
-    /// Set while an initial snapshot taken at this LSN is not fully
-    /// acknowledged; a restart then redoes the snapshot.
-    pub snapshot_pending: Option<Lsn>,
+    /// Copy progress of every table pgcdc has seen (ordered by schema, table).
+    pub progress: Vec<TableProgress>,
+}
+
+impl Checkpoint {
+    /// Tables whose copy is not complete.
+    pub fn pending(&self) -> impl Iterator<Item = &TableProgress> {
+        self.progress.iter().filter(|p| !p.done())
+    }
 }
 
 /// Checkpoint store failures. All are fatal: local state we cannot trust.
@@ -140,19 +213,29 @@ impl CheckpointStore {
                     .map_err(|e| self.corrupt("slot_identity", e.to_string()))?,
             ),
         };
-        let snapshot_pending = match self.db.get(KEY_SNAPSHOT).map_err(|e| self.store_err(e))? {
-            None => None,
-            Some(v) => Some(Lsn(u64::from_be_bytes(v.as_slice().try_into().map_err(
-                |_| self.corrupt("snapshot_pending", format!("{} bytes", v.len())),
-            )?))),
-        };
+        let mut progress = Vec::new();
+        for item in self.db.prefix_iterator(PREFIX_PROGRESS) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            if !k.starts_with(PREFIX_PROGRESS) {
+                break;
+            }
+            let p: TableProgress =
+                serde_json::from_slice(&v).map_err(|e| self.corrupt("progress", e.to_string()))?;
+            if p.key().as_slice() != &*k || p.ranges.is_empty() {
+                return Err(self.corrupt(
+                    "progress",
+                    format!("entry for {}.{} does not match its key", p.schema, p.name),
+                ));
+            }
+            progress.push(p);
+        }
         if slot.is_none() && lsn != Lsn::ZERO {
             return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
         }
         Ok(Checkpoint {
             lsn,
             slot,
-            snapshot_pending,
+            progress,
         })
     }
 
@@ -164,34 +247,42 @@ impl CheckpointStore {
             .map_err(|e| self.store_err(e))
     }
 
-    /// Store `lsn` as the confirmed LSN (synced); `snapshot_done` also clears the pending snapshot.
-    pub fn put_lsn(&self, lsn: Lsn, snapshot_done: bool) -> Result<(), CheckpointError> {
+    fn put_progress(
+        &self,
+        batch: &mut WriteBatch,
+        progress: &[TableProgress],
+    ) -> Result<(), CheckpointError> {
+        for p in progress {
+            let json =
+                serde_json::to_vec(p).map_err(|e| self.corrupt("progress", e.to_string()))?;
+            batch.put(p.key(), json);
+        }
+        Ok(())
+    }
+
+    /// Store `lsn` as the confirmed LSN and the copy progress that came with
+    /// it, in one synced write.
+    pub fn put_lsn(&self, lsn: Lsn, progress: &[TableProgress]) -> Result<(), CheckpointError> {
         let mut batch = WriteBatch::default();
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
-        if snapshot_done {
-            batch.delete(KEY_SNAPSHOT);
-        }
+        self.put_progress(&mut batch, progress)?;
         self.write_synced(batch)
     }
 
-    /// Store the slot identity and its starting LSN in one synced write; with
-    /// `snapshot`, mark an initial snapshot at `lsn` as pending.
+    /// Store the slot identity, its starting LSN and the tables' starting
+    /// progress in one synced write.
     pub fn put_identity(
         &self,
         identity: &SlotIdentity,
         lsn: Lsn,
-        snapshot: bool,
+        progress: &[TableProgress],
     ) -> Result<(), CheckpointError> {
         let json = serde_json::to_vec(identity)
             .map_err(|e| self.corrupt("slot_identity", e.to_string()))?;
         let mut batch = WriteBatch::default();
         batch.put(KEY_SLOT, json);
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
-        if snapshot {
-            batch.put(KEY_SNAPSHOT, lsn.0.to_be_bytes());
-        } else {
-            batch.delete(KEY_SNAPSHOT);
-        }
+        self.put_progress(&mut batch, progress)?;
         self.write_synced(batch)
     }
 }
@@ -203,7 +294,8 @@ pub struct CheckpointActor {
     store: Option<CheckpointStore>,
     path: PathBuf,
     persisted: Lsn,
-    snapshot_pending: Option<Lsn>,
+    /// Tables whose copy is not finished (for the metric).
+    copying: std::collections::BTreeSet<(String, String)>,
 }
 
 impl CheckpointActor {
@@ -219,7 +311,7 @@ impl CheckpointActor {
                 store: None,
                 path: path.clone(),
                 persisted: Lsn::ZERO,
-                snapshot_pending: None,
+                copying: Default::default(),
             }
         })
     }
@@ -233,7 +325,13 @@ impl CheckpointActor {
                 exit_fatal(ExitCode::LocalIo, "cannot read the checkpoint", &e)
             });
             self.persisted = checkpoint.lsn;
-            self.snapshot_pending = checkpoint.snapshot_pending;
+            self.copying = checkpoint
+                .pending()
+                .map(|p| (p.schema.clone(), p.name.clone()))
+                .collect();
+            crate::metrics::metrics()
+                .snapshot_pending
+                .set(self.copying.len() as i64);
             self.store = Some(store);
         }
         self.store.as_ref().unwrap_or_else(|| unreachable!())
@@ -270,16 +368,24 @@ impl Handler<PersistLsn> for CheckpointActor {
     fn handle(&mut self, msg: PersistLsn, ctx: &mut Self::Context) {
         let done = self.guarded(ctx, |act| {
             act.store();
-            let snapshot_done = act.snapshot_pending.is_some_and(|at| msg.lsn >= at);
-            if msg.lsn > act.persisted || snapshot_done {
-                if let Err(e) = act.store().put_lsn(msg.lsn, snapshot_done) {
+            if msg.lsn > act.persisted || !msg.progress.is_empty() {
+                let lsn = msg.lsn.max(act.persisted);
+                if let Err(e) = act.store().put_lsn(lsn, &msg.progress) {
                     exit_fatal(ExitCode::LocalIo, "checkpoint write failed", &e);
                 }
-                act.persisted = msg.lsn;
-                if snapshot_done {
-                    act.snapshot_pending = None;
-                    tracing::info!(lsn = %msg.lsn, "initial snapshot fully acknowledged");
+                act.persisted = lsn;
+                for p in &msg.progress {
+                    let key = (p.schema.clone(), p.name.clone());
+                    if !p.done() {
+                        act.copying.insert(key);
+                    } else {
+                        act.copying.remove(&key);
+                        tracing::info!(table = %format!("{}.{}", p.schema, p.name), rows = p.rows, "table copy fully acknowledged");
+                    }
                 }
+                crate::metrics::metrics()
+                    .snapshot_pending
+                    .set(act.copying.len() as i64);
             }
             fail::fail_point!("checkpoint-before-confirm");
             act.persisted
@@ -303,9 +409,11 @@ impl Handler<PersistSlotIdentity> for CheckpointActor {
 
     fn handle(&mut self, msg: PersistSlotIdentity, _ctx: &mut Self::Context) -> Self::Result {
         self.store()
-            .put_identity(&msg.identity, msg.lsn, msg.snapshot)?;
+            .put_identity(&msg.identity, msg.lsn, &msg.progress)?;
         self.persisted = msg.lsn;
-        self.snapshot_pending = msg.snapshot.then_some(msg.lsn);
+        for p in msg.progress.iter().filter(|p| !p.done()) {
+            self.copying.insert((p.schema.clone(), p.name.clone()));
+        }
         Ok(())
     }
 }
@@ -334,25 +442,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = CheckpointStore::open(dir.path()).unwrap();
-            store.put_identity(&identity(), Lsn(100), true).unwrap();
-            store.put_lsn(Lsn(250), true).unwrap();
+            let fresh = [
+                TableProgress::fresh("public", "a"),
+                TableProgress::fresh("public", "b"),
+            ];
+            store.put_identity(&identity(), Lsn(100), &fresh).unwrap();
+            let mut a = TableProgress::fresh("public", "a");
+            a.ranges[0].after = Some(vec!["42".into()]);
+            a.rows = 42;
+            store.put_lsn(Lsn(250), &[a]).unwrap();
         }
         let store = CheckpointStore::open_read_only(dir.path()).unwrap();
-        assert_eq!(
-            store.load().unwrap(),
-            Checkpoint {
-                lsn: Lsn(250),
-                slot: Some(identity()),
-                snapshot_pending: None
-            }
-        );
+        let cp = store.load().unwrap();
+        assert_eq!((cp.lsn, cp.slot.clone()), (Lsn(250), Some(identity())));
+        assert_eq!(cp.progress.len(), 2);
+        assert_eq!(cp.progress[0].ranges[0].after, Some(vec!["42".to_string()]));
+        assert_eq!((cp.progress[0].rows, cp.progress[1].rows), (42, 0));
+        assert_eq!(cp.pending().count(), 2);
     }
 
     #[test]
     fn corrupt_lsn_is_refused_not_read_as_zero() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
-        store.put_identity(&identity(), Lsn(100), false).unwrap();
+        store.put_identity(&identity(), Lsn(100), &[]).unwrap();
         store.db.put(KEY_LSN, b"xyz").unwrap();
         let err = store.load().unwrap_err();
         assert!(
@@ -371,7 +484,7 @@ mod tests {
     fn lsn_without_identity_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
-        store.put_lsn(Lsn(5), false).unwrap();
+        store.put_lsn(Lsn(5), &[]).unwrap();
         assert!(store.load().is_err());
     }
 }

@@ -224,7 +224,10 @@ impl Sink {
                     with_retry(&self.es, || c.es.delete_older_than(&index, below_lsn)).await?;
                     tracing::info!(index, lsn = below_lsn, "truncate applied");
                 }
-                Planned::Poison(reason) => dead_letter(c, msg, &reason).await?,
+                Planned::Poison(reason) => {
+                    crate::metrics::metrics().dead_letters.inc();
+                    dead_letter(c, msg, &reason).await?
+                }
             }
         }
         self.flush(c, pending, batch).await
@@ -296,6 +299,15 @@ impl Sink {
                 }
             }
             tracing::debug!(?counts, retry = retry.len(), "bulk written");
+            let m = crate::metrics::metrics();
+            for (outcome, n) in &counts {
+                m.es_items.with_label_values(&[outcome]).inc_by(*n as u64);
+            }
+            m.es_items
+                .with_label_values(&["retried"])
+                .inc_by(retry.len() as u64);
+            m.dead_letters
+                .inc_by(counts.get("dead_lettered").copied().unwrap_or(0) as u64);
             if !retry.is_empty() {
                 attempt += 1;
                 tracing::warn!(
@@ -399,6 +411,9 @@ fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) -> Result<(), EsErr
     for ((topic, partition), offset) in next {
         tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     }
-    consumer.commit(&tpl, CommitMode::Sync)?;
+    // Asynchronous: a synchronous commit would block the actor thread (the
+    // whole pipeline when the sink runs in the daemon) for a broker round
+    // trip. A commit that fails only means these records are written again.
+    consumer.commit(&tpl, CommitMode::Async)?;
     Ok(())
 }

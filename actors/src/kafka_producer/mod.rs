@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 pub use config::{KafkaConfig, TopicMode};
 pub use envelope::{encode, EncodedRecord};
 
-use crate::checkpoint::CheckpointActor;
+use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
 use crate::lsn::Lsn;
 use crate::messages::{
@@ -86,6 +86,9 @@ struct Session {
 struct Inflight {
     seq: u64,
     commit_end: Option<Lsn>,
+    progress: Vec<TableProgress>,
+    /// Events per table and op, counted out once acknowledged.
+    counts: Vec<((String, &'static str), u64)>,
     records: usize,
     done: bool,
 }
@@ -165,16 +168,26 @@ impl KafkaProducerActor {
         };
         batch.done = true;
         let mut advanced = None;
+        let mut progress: Vec<TableProgress> = Vec::new();
         while self.inflight.front().is_some_and(|b| b.done) {
             if let Some(b) = self.inflight.pop_front() {
                 self.inflight_records -= b.records;
+                let out = &crate::metrics::metrics().events_out;
+                for ((table, op), n) in &b.counts {
+                    out.with_label_values(&[table.as_str(), op]).inc_by(*n);
+                }
                 advanced = b.commit_end.or(advanced);
+                for p in b.progress {
+                    progress.retain(|q| (&q.schema, &q.name) != (&p.schema, &p.name));
+                    progress.push(p);
+                }
             }
         }
         if let (Some(lsn), Some(s)) = (advanced, &self.session) {
             self.last_persist = Some(lsn);
             self.checkpoint.do_send(PersistLsn {
                 lsn,
+                progress,
                 notify: s.on_persisted.clone(),
             });
         }
@@ -192,7 +205,7 @@ impl KafkaProducerActor {
     }
 
     /// Check the batch belongs to the open session, in order; register it.
-    fn admit(&mut self, msg: &PublishBatch, records: usize) -> Result<(), ProducerError> {
+    fn admit(&mut self, msg: &mut PublishBatch, records: usize) -> Result<(), ProducerError> {
         let session = self.session.as_mut().filter(|s| s.id == msg.session);
         let Some(session) = session else {
             return Err(ProducerError::SessionClosed(msg.session));
@@ -209,6 +222,8 @@ impl KafkaProducerActor {
         self.inflight.push_back(Inflight {
             seq: msg.seq,
             commit_end: msg.commit_end,
+            progress: std::mem::take(&mut msg.progress),
+            counts: crate::metrics::count_events(&msg.events),
             records,
             done: false,
         });
@@ -255,7 +270,7 @@ impl Handler<OpenSession> for KafkaProducerActor {
 impl Handler<PublishBatch> for KafkaProducerActor {
     type Result = ResponseActFuture<Self, Result<(), ProducerError>>;
 
-    fn handle(&mut self, msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, mut msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
         let now_ms = now_ms();
         let records: Vec<EncodedRecord> = msg
             .events
@@ -265,7 +280,7 @@ impl Handler<PublishBatch> for KafkaProducerActor {
                 encode(e, topic, &self.database, self.config.tombstones, now_ms)
             })
             .collect();
-        if let Err(e) = self.admit(&msg, records.len()) {
+        if let Err(e) = self.admit(&mut msg, records.len()) {
             return Box::pin(fut::ready(Err(e)));
         }
         let Some(producer) = self.producer.clone() else {
@@ -328,6 +343,7 @@ impl Handler<BatchDelivered> for KafkaProducerActor {
         match msg.outcome {
             Ok(()) => self.complete(msg.seq),
             Err(reason) => {
+                crate::metrics::metrics().kafka_errors.inc();
                 tracing::warn!(session = msg.session, seq = msg.seq, error = %reason, "delivery failed; restarting from checkpoint");
                 ctx.stop();
             }

@@ -12,7 +12,7 @@ use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// A stream message that cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +257,19 @@ impl Assembler {
                 lsn,
             ),
         }
+    }
+
+    /// Place copied rows (a backfill chunk) in the open transaction at
+    /// `lsn`: they take its commit as their version and the next positions.
+    pub fn place(&mut self, rows: &mut [ChangeEvent], lsn: Lsn) -> Result<(), AssembleError> {
+        let tx = self.tx.ok_or(AssembleError::NoTransaction)?;
+        for e in rows {
+            e.tx = tx;
+            e.lsn = lsn;
+            e.seq = self.seq;
+            self.seq += 1;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

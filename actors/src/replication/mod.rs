@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 pub use assembler::{AssembleError, Assembler};
 pub use config::{parse_table_name, quote_ident, PostgresConfig};
 
-use crate::checkpoint::{CheckpointActor, CheckpointError, SlotIdentity};
+use crate::checkpoint::{CheckpointActor, CheckpointError, SlotIdentity, TableProgress};
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
 use crate::event::{ChangeEvent, TableRef};
 use crate::kafka_producer::{KafkaProducerActor, ProducerError};
@@ -30,7 +30,8 @@ use crate::messages::{
     GetCheckpoint, LsnPersisted, OpenSession, PersistSlotIdentity, PublishBatch, SessionBroken,
     StopStreaming,
 };
-use crate::snapshot::{SnapshotConfig, SnapshotMode};
+use crate::snapshot::watermark::{MessageAction, Watermarks, Windows};
+use crate::snapshot::{BackfillTable, SnapshotActor, SnapshotConfig, SnapshotMode, StreamStarted};
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 
 /// Session settings pinned on the replication connection so values are
@@ -118,6 +119,8 @@ impl ReplicationError {
 pub struct ReplicationActor {
     config: Arc<PostgresConfig>,
     snapshot: Arc<SnapshotConfig>,
+    snapshots: Addr<SnapshotActor>,
+    marks: Watermarks,
     producer: Addr<KafkaProducerActor>,
     checkpoint: Addr<CheckpointActor>,
     budget: RestartBudget,
@@ -130,10 +133,12 @@ pub struct ReplicationActor {
 }
 
 impl ReplicationActor {
-    /// A replication actor streaming `config`'s tables into `producer`.
+    /// A replication actor streaming `config`'s tables into `producer`;
+    /// backfills run on `snapshots`, meeting the stream at `marks`.
     pub fn new(
         config: Arc<PostgresConfig>,
         snapshot: Arc<SnapshotConfig>,
+        (snapshots, marks): (Addr<SnapshotActor>, Watermarks),
         producer: Addr<KafkaProducerActor>,
         checkpoint: Addr<CheckpointActor>,
         budget: RestartBudget,
@@ -141,6 +146,8 @@ impl ReplicationActor {
         Self {
             config,
             snapshot,
+            snapshots,
+            marks,
             producer,
             checkpoint,
             budget,
@@ -166,6 +173,8 @@ impl Actor for ReplicationActor {
         let stream = Stream {
             config: self.config.clone(),
             snapshot: self.snapshot.clone(),
+            snapshots: self.snapshots.clone(),
+            marks: self.marks.clone(),
             producer: self.producer.clone(),
             checkpoint: self.checkpoint.clone(),
             me: ctx.address(),
@@ -260,6 +269,8 @@ impl Handler<StopStreaming> for ReplicationActor {
 struct Stream {
     config: Arc<PostgresConfig>,
     snapshot: Arc<SnapshotConfig>,
+    snapshots: Addr<SnapshotActor>,
+    marks: Watermarks,
     producer: Addr<KafkaProducerActor>,
     checkpoint: Addr<CheckpointActor>,
     me: Addr<ReplicationActor>,
@@ -268,11 +279,24 @@ struct Stream {
     stop: watch::Receiver<bool>,
 }
 
+/// What `prepare` decided: where to start (`None`: snapshot first), the
+/// tables, the slot identity, and the table copies to finish by backfill.
+type Prepared = (
+    Option<Lsn>,
+    Vec<Arc<TableRef>>,
+    SlotIdentity,
+    Vec<TableProgress>,
+);
+
 /// Batches being built and the position marker bookkeeping.
 struct Outbox {
     session: u64,
     seq: u64,
     batch: Vec<ChangeEvent>,
+    /// Copy progress to checkpoint with the next commit.
+    progress: Vec<TableProgress>,
+    /// Published commits (end LSN, commit time µs) not yet confirmed, for the lag metric.
+    commits: std::collections::VecDeque<(Lsn, i64)>,
     max: usize,
     last_marker: (Lsn, Instant),
 }
@@ -280,11 +304,13 @@ struct Outbox {
 impl Stream {
     /// Prepare, then stream until stopped or failed.
     async fn run(mut self) -> Result<(), ReplicationError> {
-        let (plan, tables, identity) = self.prepare().await?;
+        let (plan, tables, identity, mut pending) = self.prepare().await?;
         let mut out = Outbox {
             session: self.session,
             seq: 0,
             batch: Vec::new(),
+            progress: Vec::new(),
+            commits: std::collections::VecDeque::new(),
             max: self.config.max_batch_events,
             last_marker: (Lsn::ZERO, Instant::now()),
         };
@@ -294,6 +320,7 @@ impl Stream {
                 ReplicationClient::connect(self.replication_config(start)).await?
             }
             None => {
+                pending.clear(); // the snapshot copies everything
                 let mut stop = self.stop.clone();
                 tokio::select! {
                     client = self.snapshot(&tables, identity, &mut out) => client?,
@@ -305,6 +332,13 @@ impl Stream {
             }
         };
         tracing::info!(session = self.session, lsn = %out.last_marker.0, "streaming");
+        let epoch = self.marks.new_epoch();
+        let tables_now = tables.clone();
+        self.snapshots.do_send(StreamStarted {
+            epoch,
+            tables: tables_now,
+            pending,
+        });
         self.stream(client, &tables, &mut out).await
     }
 
@@ -316,6 +350,7 @@ impl Stream {
         out: &mut Outbox,
     ) -> Result<(), ReplicationError> {
         let mut asm = Assembler::new(tables);
+        let mut windows = Windows::new(&self.config.slot, self.marks.clone());
         loop {
             tokio::select! {
                 biased;
@@ -327,10 +362,15 @@ impl Stream {
                 Ok(()) = self.confirm.changed() => {
                     let lsn = *self.confirm.borrow_and_update();
                     client.update_applied_lsn(lsn.into());
+                    let mut time = None;
+                    while out.commits.front().is_some_and(|(end, _)| *end <= lsn) {
+                        time = out.commits.pop_front().map(|(_, t)| t);
+                    }
+                    crate::metrics::metrics().confirmed(lsn, time);
                 }
                 ev = client.recv() => {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
-                    self.on_event(ev, &mut asm, out).await?;
+                    self.on_event(ev, &mut asm, &mut windows, out).await?;
                 }
             }
         }
@@ -367,25 +407,37 @@ impl Stream {
             .parse()
             .map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
         let name = col(2)?;
+        let readers = crate::snapshot::import_snapshot(cfg, &self.snapshot, &name).await?;
+        let plan = readers.plan(tables, &self.snapshot).await?;
+        let mut progress: Vec<TableProgress> = plan.iter().map(|(_, p)| p.clone()).collect();
         self.checkpoint
             .send(PersistSlotIdentity {
                 identity,
                 lsn: at,
-                snapshot: true,
+                progress: progress.clone(),
             })
             .await??;
-        tracing::info!(slot = %cfg.slot, lsn = %at, snapshot = %name, tables = tables.len(), "snapshot started");
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let copy = crate::snapshot::copy_tables(cfg, &self.snapshot, tables, &name, at, tx);
+        let ranges: usize = progress.iter().map(|p| p.ranges.len()).sum();
+        tracing::info!(slot = %cfg.slot, lsn = %at, snapshot = %name, tables = tables.len(), ranges, "snapshot started");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2 * self.snapshot.parallelism);
+        let copy = readers.copy(&plan, self.snapshot.chunk_rows, at, tx);
         let publish = async {
-            while let Some(events) = rx.recv().await {
-                out.batch = events;
-                self.publish(out, None).await?;
+            while let Some(chunk) = rx.recv().await {
+                let p = &mut progress[chunk.table];
+                p.ranges[chunk.range].after = chunk.after;
+                p.ranges[chunk.range].done = chunk.done;
+                p.rows += chunk.events.len() as u64;
+                crate::metrics::metrics()
+                    .snapshot_rows
+                    .with_label_values(&[&format!("{}.{}", p.schema, p.name)])
+                    .inc_by(chunk.events.len() as u64);
+                out.batch = chunk.events;
+                out.progress.push(p.clone());
+                self.publish(out, Some(at)).await?;
             }
             Ok::<(), ReplicationError>(())
         };
         let (rows, ()) = tokio::try_join!(copy, publish)?;
-        self.publish(out, Some(at)).await?;
         tracing::info!(rows, lsn = %at, "snapshot copied; starting the stream");
         client.start().await?;
         client.wait_started().await?;
@@ -393,10 +445,9 @@ impl Stream {
     }
 
     /// Check the server, tables, publication and slot; decide where to start
-    /// (`None`: take an initial snapshot first).
-    async fn prepare(
-        &self,
-    ) -> Result<(Option<Lsn>, Vec<Arc<TableRef>>, SlotIdentity), ReplicationError> {
+    /// (`None`: take an initial snapshot first) and which table
+    /// copies are left to finish by backfill.
+    async fn prepare(&self) -> Result<Prepared, ReplicationError> {
         let cfg = &self.config;
         let sql = slot::connect(cfg).await?;
         slot::check_server(&sql).await?;
@@ -412,31 +463,61 @@ impl Stream {
         let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
         let start_point =
             slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?;
+        let progress_of = |copy: bool| -> Vec<TableProgress> {
+            tables
+                .iter()
+                .map(|t| match copy {
+                    true => TableProgress::fresh(&t.schema, &t.name),
+                    false => TableProgress::finished(&t.schema, &t.name),
+                })
+                .collect()
+        };
+        let mut pending: Vec<TableProgress> = Vec::new();
         let start = match start_point {
-            slot::StartPoint::Resume(lsn) => Some(lsn),
+            slot::StartPoint::Resume(lsn) => {
+                pending.extend(checkpoint.pending().cloned());
+                if !pending.is_empty() {
+                    tracing::info!(
+                        tables = pending.len(),
+                        "resuming interrupted table copies by backfill"
+                    );
+                }
+                if want_snapshot {
+                    let extra: Vec<TableProgress> = progress_of(true)
+                        .into_iter()
+                        .filter(|t| {
+                            !checkpoint
+                                .progress
+                                .iter()
+                                .any(|p| (&p.schema, &p.name) == (&t.schema, &t.name))
+                        })
+                        .collect();
+                    for t in &extra {
+                        tracing::info!(table = %format!("{}.{}", t.schema, t.name), "table added to the configuration; copying it by backfill");
+                    }
+                    pending.extend(extra);
+                }
+                Some(lsn)
+            }
             slot::StartPoint::CreateSlot | slot::StartPoint::AdoptSlot(_) => {
                 let lsn = match start_point {
                     slot::StartPoint::AdoptSlot(lsn) => {
-                        tracing::warn!(slot = %cfg.slot, lsn = %lsn, "no checkpoint: taking over the existing slot at its confirmed position");
+                        tracing::warn!(slot = %cfg.slot, lsn = %lsn, backfill = want_snapshot, "no checkpoint: taking over the existing slot at its confirmed position");
                         lsn
                     }
                     _ => slot::create_slot(&sql, &cfg.slot).await?,
                 };
+                let progress = progress_of(want_snapshot);
+                pending.extend(progress.iter().filter(|p| !p.done()).cloned());
                 let persist = PersistSlotIdentity {
                     identity: identity.clone(),
                     lsn,
-                    snapshot: false,
+                    progress,
                 };
                 self.checkpoint.send(persist).await??;
                 Some(lsn)
             }
-            slot::StartPoint::Snapshot => {
-                if checkpoint.snapshot_pending.is_some() {
-                    tracing::warn!(slot = %cfg.slot, "initial snapshot was interrupted; taking it again from a new slot");
-                }
-                slot::drop_slot(&sql, &cfg.slot).await?;
-                None
-            }
+            slot::StartPoint::Snapshot => None,
         };
         let me = self.me.clone();
         let open = OpenSession {
@@ -445,7 +526,7 @@ impl Stream {
             on_persisted: me.recipient(),
         };
         self.producer.send(open).await?;
-        Ok((start, tables, identity))
+        Ok((start, tables, identity, pending))
     }
 
     fn replication_config(&self, start: Lsn) -> ReplicationConfig {
@@ -474,6 +555,7 @@ impl Stream {
         &self,
         ev: ReplicationEvent,
         asm: &mut Assembler,
+        windows: &mut Windows,
         out: &mut Outbox,
     ) -> Result<(), ReplicationError> {
         match ev {
@@ -485,27 +567,42 @@ impl Stream {
                 asm.begin(xid, final_lsn.into(), commit_time_micros);
             }
             ReplicationEvent::XLogData {
-                wal_start, data, ..
+                wal_start,
+                wal_end,
+                data,
+                ..
             } => {
                 let lsn = Lsn::from(wal_start);
+                crate::metrics::metrics().server_wal_end(Lsn::from(wal_end));
                 let msg = decode::decode(&data)
                     .map_err(|source| ReplicationError::Decode { lsn, source })?;
+                let from = out.batch.len();
                 asm.apply(msg, lsn, &mut out.batch)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                windows.observe(&out.batch[from..]);
                 if out.batch.len() >= out.max {
                     self.publish(out, None).await?;
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                if out.commits.len() < 100_000 {
+                    let unix_us = commit_time_micros.saturating_add(assembler::PG_EPOCH_OFFSET_US);
+                    out.commits.push_back((end_lsn.into(), unix_us));
+                }
                 // A transaction with no published change only moves the
                 // position; such markers are sent at most once a second.
-                let empty = asm.commit() == 0;
+                let empty = asm.commit() == 0 && out.progress.is_empty();
                 if !empty || out.last_marker.1.elapsed() >= Duration::from_secs(1) {
                     self.publish(out, Some(end_lsn.into())).await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 let wal_end = Lsn::from(wal_end);
+                crate::metrics::metrics().server_wal_end(wal_end);
                 let quiet = !asm.in_transaction() && out.batch.is_empty();
                 if quiet
                     && wal_end > out.last_marker.0
@@ -514,7 +611,33 @@ impl Stream {
                     self.publish(out, Some(wal_end)).await?;
                 }
             }
-            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                ..
+            } => match windows.on_message(&prefix, &content) {
+                MessageAction::Ignore => {}
+                MessageAction::Emit(mut rows, progress) => {
+                    crate::metrics::metrics()
+                        .snapshot_rows
+                        .with_label_values(&[&format!("{}.{}", progress.schema, progress.name)])
+                        .inc_by(rows.len() as u64);
+                    let lsn = Lsn::from(lsn);
+                    asm.place(&mut rows, lsn)
+                        .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                    out.batch.extend(rows);
+                    out.progress.push(progress);
+                    if out.batch.len() >= out.max {
+                        self.publish(out, None).await?;
+                    }
+                }
+                MessageAction::Backfill(progress) => {
+                    out.progress.push(progress.clone());
+                    self.snapshots.do_send(BackfillTable { progress });
+                }
+            },
+            ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
     }
@@ -526,11 +649,20 @@ impl Stream {
         commit_end: Option<Lsn>,
     ) -> Result<(), ReplicationError> {
         let events = std::mem::replace(&mut out.batch, Vec::with_capacity(out.max.min(1024)));
+        let counted = &crate::metrics::metrics().events_in;
+        for ((table, op), n) in crate::metrics::count_events(&events) {
+            counted.with_label_values(&[table.as_str(), op]).inc_by(n);
+        }
+        let progress = match commit_end {
+            Some(_) => std::mem::take(&mut out.progress),
+            None => Vec::new(),
+        };
         let msg = PublishBatch {
             session: out.session,
             seq: out.seq,
             events,
             commit_end,
+            progress,
         };
         out.seq += 1;
         if let Some(lsn) = commit_end {

@@ -210,14 +210,6 @@ pub async fn create_slot(sql: &Client, slot: &str) -> Result<Lsn, ReplicationErr
         .map_err(|e| ReplicationError::NotReady(format!("{e}")))
 }
 
-/// Drop the slot if it exists (to redo an unfinished snapshot).
-pub async fn drop_slot(sql: &Client, slot: &str) -> Result<(), ReplicationError> {
-    let q =
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
-    sql.execute(q, &[&slot]).await?;
-    Ok(())
-}
-
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
     let row = sql
@@ -234,14 +226,13 @@ pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
 pub enum StartPoint {
     /// First start and no slot: create it and start at its consistent point.
     CreateSlot,
-    /// First start and the slot exists: take it over at its confirmed position.
+    /// First start and the slot exists: take it over at its confirmed
+    /// position (copying the tables by backfill when snapshots are on).
     AdoptSlot(Lsn),
-    /// Resume at the checkpoint.
+    /// Resume at the checkpoint (an interrupted snapshot goes on by backfill).
     Resume(Lsn),
-    /// (Re)create the slot with an exported snapshot, copy the tables, then
-    /// stream. Also after a crash during an unfinished snapshot: nothing past
-    /// its consistent point was confirmed, so the slot is dropped and the
-    /// snapshot taken again.
+    /// First start and no slot: create the slot with an exported snapshot,
+    /// copy the tables, then stream.
     Snapshot,
 }
 
@@ -253,9 +244,6 @@ pub fn decide_start(
     snapshot: bool,
 ) -> Result<StartPoint, ReplicationError> {
     let gap = |what: String| Err(ReplicationError::SlotGap(what));
-    if checkpoint.snapshot_pending.is_some() && checkpoint.slot.as_ref() == Some(identity) {
-        return Ok(StartPoint::Snapshot);
-    }
     if let Some(s) = slot {
         if s.plugin != "pgoutput" {
             return Err(ReplicationError::NotReady(format!(
@@ -317,7 +305,7 @@ mod tests {
         Checkpoint {
             lsn: Lsn(lsn),
             slot: Some(identity()),
-            snapshot_pending: None,
+            progress: Vec::new(),
         }
     }
 
@@ -350,25 +338,25 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_on_first_start_and_redo_when_unfinished() {
+    fn snapshot_on_first_start_resume_when_unfinished() {
         let fresh = Checkpoint::default();
         assert_eq!(
             decide_start(&fresh, None, &identity(), true).unwrap(),
             StartPoint::Snapshot
         );
         let pending = Checkpoint {
-            snapshot_pending: Some(Lsn(100)),
+            progress: vec![crate::checkpoint::TableProgress::fresh("public", "t")],
             ..checkpoint(100)
         };
         let s = slot(100, "reserved");
         assert_eq!(
             decide_start(&pending, Some(&s), &identity(), true).unwrap(),
-            StartPoint::Snapshot
+            StartPoint::Resume(Lsn(100))
         );
-        assert_eq!(
-            decide_start(&pending, None, &identity(), false).unwrap(),
-            StartPoint::Snapshot
-        );
+        assert!(matches!(
+            decide_start(&pending, None, &identity(), true),
+            Err(ReplicationError::SlotGap(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,303 @@
+//! Process-wide metrics in the Prometheus text format, and the readiness rule.
+//!
+//! Every actor updates the one [`Metrics`] instance ([`metrics()`]); the HTTP
+//! endpoint renders it. Gauges derived from several sources (lag) are computed
+//! when rendered.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::lsn::Lsn;
+
+/// Every metric pgcdc exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Changes decoded from the stream or copied by snapshots, per table and op.
+    pub events_in: IntCounterVec,
+    /// Changes acknowledged by Kafka, per table and op.
+    pub events_out: IntCounterVec,
+    /// Kafka delivery errors.
+    pub kafka_errors: IntCounter,
+    /// Elasticsearch bulk items, per outcome (done, superseded, retried, dead_lettered).
+    pub es_items: IntCounterVec,
+    /// Records parked on the dead-letter topic.
+    pub dead_letters: IntCounter,
+    /// Supervised restarts, per actor.
+    pub restarts: IntCounterVec,
+    /// Rows copied by snapshots and backfills, per table.
+    pub snapshot_rows: IntCounterVec,
+    /// Tables whose copy is not finished.
+    pub snapshot_pending: IntGauge,
+    /// WAL the slot keeps on the server (`pg_current_wal_lsn() - restart_lsn`).
+    pub slot_retained_wal: IntGauge,
+    /// Whether retained WAL is over `wal.budget_bytes` (0/1).
+    pub wal_over_budget: IntGauge,
+    /// Heartbeat messages written.
+    pub heartbeats: IntCounter,
+    /// Audit log records dropped (never data).
+    pub audit_dropped: IntGauge,
+    lag_bytes: IntGauge,
+    lag_seconds: IntGauge,
+    confirmed: IntGaugeVec,
+    server_wal_end: AtomicU64,
+    confirmed_lsn: AtomicU64,
+    /// Commit time (µs since epoch) of the newest checkpointed transaction.
+    confirmed_commit_us: AtomicI64,
+    progress: Mutex<Progress>,
+}
+
+/// When the stream last showed life.
+struct Progress {
+    confirmed_at: Option<SystemTime>,
+    keepalive_at: Option<SystemTime>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("{e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    g
+}
+
+/// Events per (`schema.table`, op code), in first-seen order.
+pub fn count_events(events: &[crate::event::ChangeEvent]) -> Vec<((String, &'static str), u64)> {
+    let mut counts: Vec<((String, &'static str), u64)> = Vec::new();
+    let mut last: Option<(&str, &str, &'static str, usize)> = None;
+    for e in events {
+        let op = e.op.code();
+        let i = match last {
+            Some((s, n, o, i)) if s == e.table.schema && n == e.table.name && o == op => i,
+            _ => {
+                let name = format!("{}.{}", e.table.schema, e.table.name);
+                match counts.iter().position(|((t, o), _)| *t == name && *o == op) {
+                    Some(i) => i,
+                    None => {
+                        counts.push(((name, op), 0));
+                        counts.len() - 1
+                    }
+                }
+            }
+        };
+        counts[i].1 += 1;
+        last = Some((&e.table.schema, &e.table.name, op, i));
+    }
+    counts
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new_custom(Some("pgcdc".into()), None).unwrap_or_else(|e| panic!("{e}"));
+        let confirmed = IntGaugeVec::new(
+            Opts::new(
+                "lsn",
+                "LSN positions: server WAL end and checkpointed (confirmed)",
+            ),
+            &["position"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(confirmed.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            events_in: counter_vec(
+                &r,
+                "events_in_total",
+                "Changes read from PostgreSQL",
+                &["table", "op"],
+            ),
+            events_out: counter_vec(
+                &r,
+                "events_out_total",
+                "Changes acknowledged by Kafka",
+                &["table", "op"],
+            ),
+            kafka_errors: counter(&r, "kafka_errors_total", "Kafka delivery errors"),
+            es_items: counter_vec(
+                &r,
+                "es_bulk_items_total",
+                "Elasticsearch bulk items by outcome",
+                &["outcome"],
+            ),
+            dead_letters: counter(
+                &r,
+                "dead_letters_total",
+                "Records parked on the dead-letter topic",
+            ),
+            restarts: counter_vec(
+                &r,
+                "actor_restarts_total",
+                "Supervised actor restarts",
+                &["actor"],
+            ),
+            snapshot_rows: counter_vec(
+                &r,
+                "snapshot_rows_total",
+                "Rows copied by snapshots and backfills",
+                &["table"],
+            ),
+            snapshot_pending: gauge(
+                &r,
+                "snapshot_tables_pending",
+                "Tables whose copy is not finished",
+            ),
+            slot_retained_wal: gauge(
+                &r,
+                "slot_retained_wal_bytes",
+                "WAL retained on the server by the slot",
+            ),
+            wal_over_budget: gauge(
+                &r,
+                "slot_retained_wal_over_budget",
+                "1 while retained WAL exceeds wal.budget_bytes",
+            ),
+            heartbeats: counter(
+                &r,
+                "heartbeats_total",
+                "Heartbeat messages written to the WAL",
+            ),
+            audit_dropped: gauge(
+                &r,
+                "audit_dropped_total",
+                "Audit log records dropped (data is never dropped)",
+            ),
+            lag_bytes: gauge(
+                &r,
+                "replication_lag_bytes",
+                "Server WAL end minus the checkpointed (confirmed) LSN",
+            ),
+            lag_seconds: gauge(
+                &r,
+                "replication_lag_seconds",
+                "Now minus the commit time of the newest checkpointed change, while behind",
+            ),
+            confirmed,
+            server_wal_end: AtomicU64::new(0),
+            confirmed_lsn: AtomicU64::new(0),
+            confirmed_commit_us: AtomicI64::new(0),
+            progress: Mutex::new(Progress {
+                confirmed_at: None,
+                keepalive_at: None,
+            }),
+            registry: r,
+        }
+    }
+
+    /// The server reported its WAL end (keepalive or data).
+    pub fn server_wal_end(&self, lsn: Lsn) {
+        self.server_wal_end.fetch_max(lsn.0, Ordering::Relaxed);
+        if let Ok(mut p) = self.progress.lock() {
+            p.keepalive_at = Some(SystemTime::now());
+        }
+    }
+
+    /// A commit (or position) is checkpointed and confirmed.
+    pub fn confirmed(&self, lsn: Lsn, commit_time_us: Option<i64>) {
+        let before = self.confirmed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        if let Some(t) = commit_time_us {
+            self.confirmed_commit_us.fetch_max(t, Ordering::Relaxed);
+        }
+        if lsn.0 > before {
+            if let Ok(mut p) = self.progress.lock() {
+                p.confirmed_at = Some(SystemTime::now());
+            }
+        }
+    }
+
+    /// Replication lag in bytes.
+    pub fn lag_bytes(&self) -> u64 {
+        let end = self.server_wal_end.load(Ordering::Relaxed);
+        end.saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Ready: confirmed progress within `window`, or caught up with a
+    /// keepalive within `window`.
+    pub fn ready(&self, window: Duration) -> bool {
+        let recent = |t: Option<SystemTime>| {
+            t.and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age <= window)
+        };
+        let Ok(p) = self.progress.lock() else {
+            return false;
+        };
+        recent(p.confirmed_at) || (recent(p.keepalive_at) && self.lag_bytes() == 0)
+    }
+
+    /// Everything, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let lag = self.lag_bytes();
+        self.lag_bytes.set(lag as i64);
+        let commit = self.confirmed_commit_us.load(Ordering::Relaxed);
+        let seconds = if lag > 0 && commit > 0 {
+            (now_us() - commit).max(0) / 1_000_000
+        } else {
+            0
+        };
+        self.lag_seconds.set(seconds);
+        self.confirmed
+            .with_label_values(&["server_wal_end"])
+            .set(self.server_wal_end.load(Ordering::Relaxed) as i64);
+        self.confirmed
+            .with_label_values(&["confirmed"])
+            .set(self.confirmed_lsn.load(Ordering::Relaxed) as i64);
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_wal_end_minus_confirmed_and_readiness_follows_it() {
+        let m = Metrics::new();
+        assert!(!m.ready(Duration::from_secs(30)), "no life seen yet");
+        m.server_wal_end(Lsn(1000));
+        assert_eq!(m.lag_bytes(), 1000);
+        assert!(
+            !m.ready(Duration::from_secs(30)),
+            "behind, nothing confirmed"
+        );
+        m.confirmed(Lsn(1000), Some(now_us()));
+        assert_eq!(m.lag_bytes(), 0);
+        assert!(m.ready(Duration::from_secs(30)));
+        let text = m.render();
+        assert!(text.contains("pgcdc_replication_lag_bytes 0"), "{text}");
+        assert!(
+            text.contains("pgcdc_lsn{position=\"confirmed\"} 1000"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! The metrics endpoint of a running daemon: `/metrics` parses as Prometheus
+//! text, counts what flowed, and lag and `/ready` follow a stalled Kafka.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{config, Daemon, PgCluster, Tansu};
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// The value of `metric` with every label in `labels`, if present.
+fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .find_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+struct Probe {
+    base: String,
+}
+
+impl Probe {
+    async fn metrics(&self) -> String {
+        get(&format!("{}/metrics", self.base)).await.unwrap().1
+    }
+
+    async fn ready(&self) -> u16 {
+        get(&format!("{}/ready", self.base)).await.unwrap().0
+    }
+
+    /// Poll until `cond(metrics text, /ready status)` holds.
+    async fn until(&self, what: &str, daemon: &mut Daemon, cond: impl Fn(&str, u16) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (text, ready) = (self.metrics().await, self.ready().await);
+            if cond(&text, ready) {
+                return;
+            }
+            assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; /ready {ready}; metrics:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let port = support::free_port();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
+        "[metrics]\nlisten = \"\"\n",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_window_secs = 3\n"),
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let probe = Probe {
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    assert_eq!(
+        get(&format!("{}/health", probe.base)).await,
+        Some((200, "ok\n".into()))
+    );
+    assert_eq!(get(&format!("{}/nope", probe.base)).await.unwrap().0, 404);
+
+    db.batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    probe
+        .until(
+            "100 inserts acknowledged, caught up, ready",
+            &mut daemon,
+            |text, ready| {
+                sample(
+                    text,
+                    "pgcdc_events_out_total",
+                    &[("table", "public.t"), ("op", "c")],
+                ) == Some(100.0)
+                    && sample(
+                        text,
+                        "pgcdc_events_in_total",
+                        &[("table", "public.t"), ("op", "c")],
+                    ) == Some(100.0)
+                    && sample(text, "pgcdc_replication_lag_bytes", &[]) == Some(0.0)
+                    && ready == 200
+            },
+        )
+        .await;
+
+    // Kafka stops answering: lag builds up and /ready turns 503.
+    tansu.pause();
+    db.batch_execute("INSERT INTO t SELECT g, 'y' FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    probe
+        .until(
+            "lag and not ready while kafka is stalled",
+            &mut daemon,
+            |text, ready| {
+                sample(text, "pgcdc_replication_lag_bytes", &[]).unwrap_or(0.0) > 0.0
+                    && ready == 503
+            },
+        )
+        .await;
+    assert_eq!(
+        sample(
+            &probe.metrics().await,
+            "pgcdc_events_out_total",
+            &[("table", "public.t"), ("op", "c")]
+        ),
+        Some(100.0),
+        "nothing can be acknowledged while kafka is stalled"
+    );
+
+    // Kafka back: everything flows, lag falls back to zero, ready again.
+    tansu.resume();
+    probe
+        .until(
+            "caught up again after kafka returned",
+            &mut daemon,
+            |text, ready| {
+                sample(
+                    text,
+                    "pgcdc_events_out_total",
+                    &[("table", "public.t"), ("op", "c")],
+                )
+                .is_some_and(|n| n >= 200.0)
+                    && sample(text, "pgcdc_replication_lag_bytes", &[]) == Some(0.0)
+                    && ready == 200
+            },
+        )
+        .await;
+    let text = probe.metrics().await;
+    assert!(
+        sample(&text, "pgcdc_slot_retained_wal_bytes", &[]).is_some(),
+        "{text}"
+    );
+
+    // `pgcdc status` shows the same picture for a person.
+    let out = support::pgcdc(&daemon.config, &["status"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("slot lag:"), "{shown}");
+    assert!(
+        shown.contains("events public.t:") && shown.contains("out c="),
+        "{shown}"
+    );
+}
