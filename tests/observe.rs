@@ -171,3 +171,48 @@ async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wal_over_budget_warns_and_heartbeats_are_written() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let port = support::free_port();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
+        "[metrics]\nlisten = \"\"\n",
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+             [wal]\nbudget_bytes = 1\ncheck_interval_secs = 1\nheartbeat_secs = 1\n"
+        ),
+    );
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    // Some WAL the slot must keep until pgcdc confirms it.
+    db.batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    daemon
+        .wait_log(
+            "retains more WAL than wal.budget_bytes",
+            Duration::from_secs(30),
+        )
+        .await;
+    let probe = Probe {
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    probe
+        .until(
+            "over-budget gauge and heartbeats",
+            &mut daemon,
+            |text, _| {
+                sample(text, "pgcdc_slot_retained_wal_over_budget", &[]) == Some(1.0)
+                    && sample(text, "pgcdc_slot_retained_wal_bytes", &[]).unwrap_or(0.0) > 1.0
+                    && sample(text, "pgcdc_heartbeats_total", &[]).unwrap_or(0.0) >= 2.0
+            },
+        )
+        .await;
+}
