@@ -333,7 +333,10 @@ async fn kill_9_of_the_sink_mid_stream_loses_nothing() {
     let r = rig().await;
     let changes = workload(300, 3000);
     produce(&r.tansu, &changes).await;
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "");
+    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "").replace(
+        "\n[supervision]",
+        &format!("\n{}[supervision]", support::FAST_REBALANCE),
+    );
     let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     for _ in 0..2 {
         let deadline = Instant::now() + Duration::from_secs(60);

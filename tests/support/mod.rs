@@ -214,6 +214,11 @@ pub fn pgcdc(config: &Path, args: &[&str]) -> std::process::Output {
         .expect("run pgcdc")
 }
 
+/// `[kafka.properties]` for tests that kill a consumer: the group coordinator
+/// then waits at most this long for the dead member during a rebalance
+/// (librdkafka's default `max.poll.interval.ms` is 5 minutes).
+pub const FAST_REBALANCE: &str = "[kafka.properties]\n\"max.poll.interval.ms\" = \"15000\"\n";
+
 /// Config text for a daemon streaming `tables` from `pg` into `tansu`.
 pub fn config(
     pg: &PgCluster,
