@@ -5,5 +5,6 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod error;
+pub mod logs;
 pub mod settings;
 pub mod telemetry;
