@@ -267,6 +267,8 @@ impl LogActor {
                         let _ = ack.send(());
                     }
                     Some(Control::Stop(ack)) => {
+                        // Refuse new records first (they count as dropped), then write the rest.
+                        self.rx.close();
                         self.drain().await;
                         break Some(ack);
                     }
