@@ -1,8 +1,12 @@
 //! Command-line interface.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use tracing::Level;
+
+use crate::logs::{parse_level_arg, parse_since};
 
 /// pgcdc: stream committed PostgreSQL changes into Kafka, crash-safe.
 #[derive(Debug, Parser)]
@@ -46,4 +50,23 @@ pub enum Command {
         #[arg(long = "table", required = true)]
         tables: Vec<String>,
     },
+    /// Print the audit log (`<state_dir>/audit.db`), oldest first; works while pgcdc runs.
+    Logs(LogsArgs),
+}
+
+/// Flags of `pgcdc logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Least severe level shown: trace, debug, info, warn or error (default: all).
+    #[arg(long, value_parser = parse_level_arg)]
+    pub level: Option<Level>,
+    /// Only records from this recent past: a number and s, m, h or d (`90s`, `15m`, `1h`, `7d`).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Duration>,
+    /// Print at most this many records: the newest ones.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+    /// Print the dead letters (records the ES sink could not index) instead.
+    #[arg(long)]
+    pub dead_letters: bool,
 }

@@ -6,5 +6,6 @@ pub mod check;
 pub mod cli;
 pub mod error;
 pub mod http;
+pub mod logs;
 pub mod settings;
 pub mod telemetry;

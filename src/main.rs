@@ -21,17 +21,28 @@ fn main() {
             std::process::exit(e.exit_code().code());
         }
     };
-    pgcdc::telemetry::init(&settings.log);
-    let result = match cli.command {
+    // The daemon commands also keep the audit log.
+    let audit = matches!(cli.command, Command::Run | Command::EsSink);
+    let telemetry = match pgcdc::telemetry::init(&settings, audit) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pgcdc: {e}");
+            std::process::exit(e.exit_code().code());
+        }
+    };
+    let result = match &cli.command {
         Command::Run => pgcdc::app::run(settings),
         Command::EsSink => pgcdc::app::run_es_sink(settings),
         Command::Check => pgcdc::check::run(settings),
         Command::Status => pgcdc::check::status(settings),
-        Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, &tables),
+        Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, tables),
+        Command::Logs(args) => pgcdc::logs::run(&settings, args),
     };
     if let Err(e) = result {
         tracing::error!(exit_code = e.exit_code().code(), "{e}");
         eprintln!("pgcdc: {e}");
+        telemetry.finish();
         std::process::exit(e.exit_code().code());
     }
+    telemetry.finish();
 }

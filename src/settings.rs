@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
+use pgcdc_actors::audit::AuditConfig;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::replication::PostgresConfig;
@@ -87,7 +88,7 @@ impl MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Directory of local state (`checkpoint/` RocksDB).
+    /// Directory of local state (`checkpoint/` RocksDB, `audit.db`).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Seconds a graceful shutdown waits for Kafka to acknowledge what is in flight.
@@ -117,6 +118,9 @@ pub struct Settings {
     /// Retained-WAL budget and heartbeats.
     #[serde(default)]
     pub wal: WalConfig,
+    /// The SQLite audit log (`<state_dir>/audit.db`).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -173,6 +177,7 @@ impl Settings {
         self.supervision.validate(&mut errors);
         self.metrics.validate(&mut errors);
         self.wal.validate(&mut errors);
+        self.audit.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push("shutdown_timeout_secs: must be at least 1".into());
         }
@@ -192,6 +197,11 @@ impl Settings {
     /// Where the RocksDB checkpoint lives.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.state_dir.join("checkpoint")
+    }
+
+    /// Where the SQLite audit log lives.
+    pub fn audit_db(&self) -> PathBuf {
+        self.state_dir.join(pgcdc_actors::audit::FILE_NAME)
     }
 }
 
@@ -247,6 +257,31 @@ mod tests {
         let path = write(&dir, "[postgres]\nport = \"high\"\ntables = [\"t\"]\n");
         let e = errors(Settings::load(Some(&path), &Overrides::default()));
         assert!(e[0].contains("postgres.port"), "{e:?}");
+    }
+
+    #[test]
+    fn audit_section_is_validated_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[audit]\nlevel = \"loud\"\nmax_rows = 0\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("audit.level") && e[1].starts_with("audit.max_rows"));
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[audit]\nretention = 3\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(
+            e[0].contains("retention") && e[0].contains("audit"),
+            "{e:?}"
+        );
+        let path = write(&dir, "[postgres]\ntables = [\"t\"]\n");
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert!(s.audit.enabled);
+        assert_eq!((s.audit.retention_days, s.audit.max_rows), (14, 1_000_000));
     }
 
     #[test]

@@ -326,6 +326,42 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
         json!("public.items")
     );
     assert!(dead[1].value.as_ref().unwrap()["offset"].as_i64().is_some());
+    assert_dead_letters_audited(&sink).await;
+}
+
+/// `pgcdc logs --dead-letters` (the audit log) lists both poison records with table, key and reason.
+async fn assert_dead_letters_audited(sink: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+            .args(["--config", sink.config.to_str().unwrap()])
+            .args(["logs", "--dead-letters"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        if out.status.success() && lines.len() >= 2 {
+            assert!(
+                lines[0].contains(r#"public.items key={"id":500}"#)
+                    && lines[0].contains("not json")
+                    && lines[0].ends_with("payload=this is not json"),
+                "{text}"
+            );
+            assert!(
+                lines[1].contains(r#"public.items key={"id":501}"#)
+                    && lines[1].contains("parse")
+                    && lines[1].contains("object where text is mapped"),
+                "{text}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters not in the audit log: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,5 +41,7 @@ impl ExitCode {
 /// fatal conditions found inside actors.
 pub fn exit_fatal(code: ExitCode, what: &str, error: &dyn std::fmt::Display) -> ! {
     tracing::error!(exit_code = code.code(), error = %error, "fatal: {what}");
+    // `exit` runs no destructors: write this line and what precedes it to the audit log first.
+    crate::audit::flush_before_exit();
     std::process::exit(code.code())
 }

@@ -6,6 +6,8 @@
 //!     ▲                          ▲                                   │ all acks of a prefix
 //!     │ standby status           │ LsnPersisted                      ▼
 //!     └──────────────────────────┴──────────────────────────── CheckpointActor (RocksDB)
+//!
+//! every actor ──tracing──▶ LogActor (audit.db: logs, dead_letters)
 //! ```
 //!
 //! # The LSN / acknowledgement protocol
@@ -22,6 +24,7 @@
 //! 4. Any failure breaks the session; the replication actor restarts from the
 //!    checkpoint. Records after the checkpoint may be sent twice, never lost.
 
+pub mod audit;
 pub mod checkpoint;
 pub mod error;
 pub mod es_writer;

@@ -374,13 +374,26 @@ async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<()
         reason,
         "record dead-lettered"
     );
+    // The audit log's `dead_letters` table (this target never reaches the console: row values).
+    let key = msg.key().map(String::from_utf8_lossy);
+    let lsn = header(msg, "pgcdc.commit_lsn");
+    let payload = msg.payload().map(String::from_utf8_lossy);
+    tracing::warn!(
+        target: crate::audit::DEAD_LETTER_TARGET,
+        table,
+        key = key.as_deref(),
+        lsn = lsn.as_deref(),
+        reason,
+        payload = payload.as_deref(),
+        "record dead-lettered"
+    );
     let value = json!({
         "reason": reason,
         "table": table,
         "topic": msg.topic(),
         "partition": msg.partition(),
         "offset": msg.offset(),
-        "payload": msg.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+        "payload": payload,
     })
     .to_string();
     let headers = OwnedHeaders::new().insert(Header {
