@@ -216,3 +216,97 @@ async fn retained_wal_over_budget_warns_and_heartbeats_are_written() {
         )
         .await;
 }
+
+/// Hold an exclusive lock on the SQLite file at `path` until dropped.
+struct SqliteLock(std::process::Child);
+
+impl SqliteLock {
+    fn take(path: &std::path::Path) -> SqliteLock {
+        use std::io::BufRead;
+        let script = "import sqlite3, sys\n\
+                      c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
+                      c.execute('BEGIN EXCLUSIVE')\n\
+                      print('locked', flush=True)\n\
+                      sys.stdin.read()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script, path.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        SqliteLock(child)
+    }
+}
+
+impl Drop for SqliteLock {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_pipeline() {
+    let pg = PgCluster::start();
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["t"], "")
+        + "[wal]\nbudget_bytes = 1\ncheck_interval_secs = 1\nheartbeat_secs = 0\n";
+    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+
+    // The audit log is locked by another process: changes must keep flowing.
+    let lock = SqliteLock::take(&state.join("audit.db"));
+    for n in 0..20 {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g FROM generate_series({}, {}) g",
+            n * 100,
+            n * 100 + 99
+        ))
+        .await
+        .unwrap();
+    }
+    let records = tansu.read_until("cdc-events", Duration::from_secs(60), |rs| {
+        rs.iter().filter(|r| r.op() == "c").count() >= 2000
+    });
+    assert!(records.iter().filter(|r| r.op() == "c").count() >= 2000);
+    assert!(daemon.is_running(), "{}", daemon.log_text());
+    drop(lock);
+
+    // Once the lock is gone, warnings are written with their fields.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = support::pgcdc(
+            &daemon.config,
+            &["logs", "--level", "warn", "--since", "1h"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success()
+            && text.contains("retains more WAL than wal.budget_bytes")
+            && text.contains("retained_bytes")
+            && text.contains("pgcdc_actors::wal_monitor")
+        {
+            assert!(
+                !text.contains(" INFO "),
+                "--level warn shows only warnings and errors:\n{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audited warning; pgcdc logs said:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
