@@ -374,9 +374,16 @@ async fn kill_9_of_the_sink_mid_stream_loses_nothing() {
         &format!("\n{}[supervision]", support::FAST_REBALANCE),
     );
     let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    // Kill it twice, each time after it wrote something since its last start.
+    let mut seen = BTreeMap::new();
     for _ in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while r.es.documents("cdc_public_items").await.len() < 100 {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let now = r.es.documents("cdc_public_items").await;
+            if !now.is_empty() && now != seen {
+                seen = now;
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "sink made no progress:\n{}",
