@@ -196,7 +196,7 @@ async fn recover(url: &str, model: &mut Model) -> Option<Client> {
 
 /// Commit numbered transactions until `stop` is set, recording each commit in `journal`.
 pub async fn run(url: String, seed: u64, stop: Arc<AtomicBool>, journal: Arc<Mutex<Journal>>) {
-    let mut rng = Rng::new(seed ^ 0x5eed_0f_c4a0);
+    let mut rng = Rng::new(seed ^ 0x005e_ed0f_c4a0);
     let mut model = Model {
         live: Vec::new(),
         next_id: 0,
