@@ -1,6 +1,7 @@
 //! The faults of each scenario, injected at seeded random times while the
 //! workload runs, and the checks some scenarios add after the clean stop.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -48,6 +49,7 @@ pub(crate) async fn inject(
             "panic" => arm_failpoint(FAILPOINTS[(first_fp + i) % FAILPOINTS.len()], w).await?,
             "pg-restart" => {
                 let mode = if i % 2 == 0 { "immediate" } else { "fast" };
+                w.pg_restarted.store(true, Ordering::SeqCst);
                 block_in_place(|| w.pg.restart(mode))?;
                 1
             }

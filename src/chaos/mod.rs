@@ -136,6 +136,8 @@ pub(crate) struct World {
     pub(crate) pg: PgCluster,
     pub(crate) db: Client,
     pub(crate) daemon: Daemon,
+    /// Set when PostgreSQL is restarted on purpose (see [`oracle::watch_slot`]).
+    pub(crate) pg_restarted: Arc<AtomicBool>,
     tansu: Tansu,
     es: SearchServer,
     _dir: tempfile::TempDir,
@@ -177,6 +179,7 @@ async fn start_world(seed: u64) -> Result<World> {
         pg,
         db,
         daemon,
+        pg_restarted: Arc::default(),
         tansu,
         es,
         _dir: dir,
@@ -249,7 +252,7 @@ async fn drive(
     o: &mut Outcome,
 ) -> Verdict {
     let stop_poll = Arc::new(AtomicBool::new(false));
-    let poller = oracle::watch_slot(w.pg.url(), stop_poll.clone());
+    let poller = oracle::watch_slot(w.pg.url(), stop_poll.clone(), w.pg_restarted.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let journal = Arc::new(Mutex::new(Journal::default()));
     let writer = tokio::spawn(workload::run(

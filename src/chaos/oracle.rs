@@ -123,24 +123,46 @@ pub struct SlotWatch {
     pub backwards: Option<(u64, u64)>,
 }
 
-/// Poll `pg_replication_slots` every 100 ms until `stop`; reconnects when PostgreSQL restarts.
-pub fn watch_slot(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<SlotWatch> {
+/// Poll `pg_replication_slots` every 100 ms until `stop`; reconnects when
+/// PostgreSQL restarts. PostgreSQL itself may report an older position after
+/// a restart: the slot is written to disk only when it is dirty, and before
+/// PostgreSQL 17 an advance of `confirmed_flush` alone does not make it dirty
+/// (not even for the shutdown checkpoint of `-m fast`). So after a restart
+/// announced through `restarted`, the first value becomes the new baseline;
+/// a move back at any other time counts.
+pub fn watch_slot(
+    url: String,
+    stop: Arc<AtomicBool>,
+    restarted: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<SlotWatch> {
     tokio::spawn(async move {
         let mut w = SlotWatch::default();
+        let (mut last, mut started) = (0u64, 0f64);
         let mut client: Option<Client> = None;
-        let q = "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'pgcdc'";
+        let q = "SELECT (confirmed_flush_lsn - '0/0')::bigint, \
+                 extract(epoch FROM pg_postmaster_start_time())::float8 \
+                 FROM pg_replication_slots WHERE slot_name = 'pgcdc'";
         while !stop.load(Ordering::SeqCst) {
             if client.as_ref().is_none_or(Client::is_closed) {
                 client = connect(&url, Duration::from_millis(500)).await.ok();
             }
-            if let Some(db) = &client {
-                if let Ok(Some(row)) = db.query_opt(q, &[]).await {
-                    if let Some(v) = row.get::<_, Option<i64>>(0).map(|v| v as u64) {
-                        if v < w.max_confirmed && w.backwards.is_none() {
-                            w.backwards = Some((w.max_confirmed, v));
-                        }
-                        w.max_confirmed = w.max_confirmed.max(v);
+            let row = match &client {
+                Some(db) => db.query_opt(q, &[]).await.ok().flatten(),
+                None => None,
+            };
+            if let Some(row) = row {
+                let start: f64 = row.get(1);
+                if let Some(v) = row.get::<_, Option<i64>>(0).map(|v| v as u64) {
+                    if start != started && started != 0.0 && restarted.swap(false, Ordering::SeqCst)
+                    {
+                        last = v;
                     }
+                    started = start;
+                    if v < last && w.backwards.is_none() {
+                        w.backwards = Some((last, v));
+                    }
+                    last = last.max(v);
+                    w.max_confirmed = w.max_confirmed.max(v);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
