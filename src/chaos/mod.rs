@@ -289,11 +289,14 @@ async fn drive(
         Err(e) => checks.check(false, || format!("sigterm: {e}")),
     }
     let brokers = w.tansu.brokers();
+    let mut kafka_versions = std::collections::HashMap::new();
     match block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
-        Ok((seen, records)) => {
-            o.events = records;
-            o.duplicates = oracle::duplicates(&seen);
-            let missing = oracle::missing(&committed, &seen);
+        Ok(scan) => {
+            let seen = &scan.seen;
+            o.events = scan.records;
+            kafka_versions.clone_from(&scan.versions);
+            o.duplicates = oracle::duplicates(seen);
+            let missing = oracle::missing(&committed, seen);
             checks.check(missing.is_empty(), || {
                 let first: Vec<i64> = missing.iter().take(5).map(|c| c.n).collect();
                 format!(
@@ -304,7 +307,7 @@ async fn drive(
             checks.check(slot.backwards.is_none(), || {
                 format!("confirmed_flush_lsn moved backwards {:x?}", slot.backwards)
             });
-            let unacked = oracle::confirmed_but_missing(slot.max_confirmed, &committed, &seen);
+            let unacked = oracle::confirmed_but_missing(slot.max_confirmed, &committed, seen);
             checks.check(unacked.is_empty(), || {
                 format!(
                     "slot confirmed {:x} past transactions not on kafka {unacked:?}",
@@ -314,9 +317,15 @@ async fn drive(
         }
         Err(e) => checks.check(false, || format!("kafka read: {e:#}")),
     }
-    checks.check(es.is_ok(), || {
-        format!("es mirror: {}", es.clone().err().unwrap_or_default())
-    });
+    match &es {
+        Ok(versions) => {
+            let stale = oracle::stale_versions(versions, &kafka_versions);
+            checks.check(stale == 0, || {
+                format!("es: {stale} documents' _version is not their last commit lsn")
+            });
+        }
+        Err(e) => checks.check(false, || format!("es mirror: {e}")),
+    }
     let log = w.daemon.log_text();
     checks.check(!log.contains(&w.pg.password), || {
         "the postgres password appears in the log".into()

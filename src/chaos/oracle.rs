@@ -58,10 +58,37 @@ fn shape(key: Option<&[u8]>, payload: Option<&[u8]>) -> Option<Expect> {
     })
 }
 
+/// What a read of the whole topic found.
+#[derive(Debug, Default)]
+pub struct TopicScan {
+    /// How often each change was seen.
+    pub seen: Seen,
+    /// Records read (tombstones included).
+    pub records: usize,
+    /// Per id, the highest `source.commit_lsn` of a change that wrote the row:
+    /// the `_version` its mirror document must have.
+    pub versions: HashMap<i64, u64>,
+}
+
+impl TopicScan {
+    fn add(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        self.records += 1;
+        let Some(s) = shape(key, payload) else { return };
+        *self.seen.entry(s).or_default() += 1;
+        let lsn = payload
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .and_then(|v| v["source"]["commit_lsn"].as_u64());
+        if let (Expect::After { id, .. }, Some(lsn)) = (s, lsn) {
+            let v = self.versions.entry(id).or_default();
+            *v = (*v).max(lsn);
+        }
+    }
+}
+
 /// Read `topic` from the beginning with a fresh consumer: at least the high
 /// watermarks' worth, then until nothing new arrives for 2 s (tansu's high
-/// watermark can lag what a fetch returns). Returns the shapes and the record count.
-pub fn read_topic(brokers: &str, topic: &str) -> Result<(Seen, usize)> {
+/// watermark can lag what a fetch returns).
+pub fn read_topic(brokers: &str, topic: &str) -> Result<TopicScan> {
     let c = consumer(brokers)?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
@@ -73,23 +100,28 @@ pub fn read_topic(brokers: &str, topic: &str) -> Result<(Seen, usize)> {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
-    let (mut seen, mut records) = (Seen::new(), 0usize);
+    let mut scan = TopicScan::default();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut quiet_since = Instant::now();
-    while (records as i64) < want || quiet_since.elapsed() < Duration::from_secs(2) {
+    while (scan.records as i64) < want || quiet_since.elapsed() < Duration::from_secs(2) {
         if Instant::now() >= deadline {
-            return Err(anyhow!("reading {topic} timed out after {records} records"));
+            return Err(anyhow!(
+                "reading {topic} timed out after {} records",
+                scan.records
+            ));
         }
         if let Some(msg) = c.poll(Duration::from_millis(100)) {
             let msg = msg?;
-            records += 1;
-            if let Some(s) = shape(msg.key(), msg.payload()) {
-                *seen.entry(s).or_default() += 1;
-            }
+            scan.add(msg.key(), msg.payload());
             quiet_since = Instant::now();
         }
     }
-    Ok((seen, records))
+    Ok(scan)
+}
+
+/// Mirror documents whose `_version` is not the commit LSN of their row's last change.
+pub fn stale_versions(es: &Versions, kafka: &HashMap<i64, u64>) -> usize {
+    es.iter().filter(|(id, v)| kafka.get(id) != Some(v)).count()
 }
 
 /// Committed transactions with an expected event missing from `seen`.
@@ -183,14 +215,17 @@ pub async fn pg_rows(db: &Client) -> Result<Rows> {
         .collect())
 }
 
-/// Every document of `index` as [`Rows`], paged with `search_after`.
-pub async fn es_rows(url: &str, index: &str) -> Result<Rows> {
+/// Mirror documents' `_version`s by id.
+pub type Versions = BTreeMap<i64, u64>;
+
+/// Every document of `index` as [`Rows`] and their versions, paged with `search_after`.
+pub async fn es_rows(url: &str, index: &str) -> Result<(Rows, Versions)> {
     let http = reqwest::Client::new();
     let _ = http.post(format!("{url}/{index}/_refresh")).send().await;
-    let mut docs = Rows::new();
+    let (mut docs, mut versions) = (Rows::new(), Versions::new());
     let mut after: Option<Value> = None;
     loop {
-        let mut body = json!({"size": 5000, "sort": [{"_id": "asc"}], "query": {"match_all": {}}});
+        let mut body = json!({"size": 5000, "version": true, "sort": [{"_id": "asc"}], "query": {"match_all": {}}});
         if let Some(a) = &after {
             body["search_after"] = a.clone();
         }
@@ -200,12 +235,12 @@ pub async fn es_rows(url: &str, index: &str) -> Result<Rows> {
             .send()
             .await?;
         if resp.status().as_u16() == 404 {
-            return Ok(docs);
+            return Ok((docs, versions));
         }
         let v: Value = resp.json().await?;
         let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
         let Some(last) = hits.last() else {
-            return Ok(docs);
+            return Ok((docs, versions));
         };
         after = Some(last["sort"].clone());
         for h in &hits {
@@ -213,6 +248,7 @@ pub async fn es_rows(url: &str, index: &str) -> Result<Rows> {
             let id = s["id"].as_i64().unwrap_or(i64::MIN);
             let v = s["v"].as_str().map(str::to_owned);
             docs.insert(id, (s["n"].as_i64().unwrap_or(i64::MIN), v));
+            versions.insert(id, h["_version"].as_u64().unwrap_or(0));
         }
     }
 }
@@ -235,18 +271,25 @@ pub fn diff(want: &Rows, got: &Rows) -> Option<String> {
     ))
 }
 
-/// Poll until the mirror index equals the table, or `timeout` passes.
-pub async fn es_converges(db: &Client, es_url: &str, timeout: Duration) -> Result<(), String> {
+/// Poll until the mirror index equals the table, or `timeout` passes; the documents' versions.
+pub async fn es_converges(
+    db: &Client,
+    es_url: &str,
+    timeout: Duration,
+) -> Result<Versions, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let want = pg_rows(db).await.map_err(|e| format!("read table: {e}"))?;
         let got = es_rows(es_url, "cdc_public_chaos_items").await;
         let problem = match got {
-            Ok(got) => diff(&want, &got),
+            Ok((got, versions)) => match diff(&want, &got) {
+                None => return Ok(versions),
+                d => d,
+            },
             Err(e) => Some(format!("read index: {e}")),
         };
         match problem {
-            None => return Ok(()),
+            None => return Err("no difference and no documents".into()),
             Some(p) if Instant::now() >= deadline => return Err(p),
             Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -303,6 +346,26 @@ mod tests {
         );
         assert_eq!(shape(Some(key), Some(d)), Some(Expect::Delete { id: 7 }));
         assert_eq!(shape(Some(key), None), None, "tombstone");
+    }
+
+    #[test]
+    fn a_document_version_must_be_the_last_commit_lsn_of_its_row() {
+        let mut scan = TopicScan::default();
+        let key = br#"{"id":1}"#;
+        let change = |n: i64, lsn: u64| {
+            format!(r#"{{"op":"u","after":{{"id":1,"n":{n}}},"source":{{"commit_lsn":{lsn}}}}}"#)
+        };
+        scan.add(Some(key), Some(change(2, 900).as_bytes()));
+        scan.add(Some(key), Some(change(1, 500).as_bytes()));
+        scan.add(Some(key), None);
+        assert_eq!(scan.records, 3);
+        assert_eq!(scan.versions.get(&1), Some(&900));
+        let mut es = Versions::new();
+        es.insert(1, 900);
+        assert_eq!(stale_versions(&es, &scan.versions), 0);
+        es.insert(1, 500);
+        es.insert(2, 7);
+        assert_eq!(stale_versions(&es, &scan.versions), 2);
     }
 
     #[test]
