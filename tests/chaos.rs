@@ -1,0 +1,36 @@
+//! `pgcdc chaos` end to end: one short kill -9 scenario must pass, and its
+//! output must carry the seed (for replay) and the result table. It runs in a
+//! directory without `config/pgcdc.toml`: chaos needs no configuration file.
+
+use std::process::Command;
+
+#[test]
+fn chaos_kill9_smoke_run_passes_and_prints_the_seed_and_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args(["chaos", "--seed", "7", "--scenarios", "kill9"])
+        .args(["--kills", "2", "--duration-secs", "10"])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run pgcdc chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("chaos seed: 7"), "{stdout}");
+    assert!(
+        stdout.contains("pgcdc chaos --seed 7 --scenarios kill9"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("scenario") && stdout.contains("verdict"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("kill9 "))
+        .unwrap_or_default();
+    assert!(line.contains("PASS"), "{stdout}");
+}
