@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use pgcdc_actors::checkpoint::CheckpointActor;
 use pgcdc_actors::es_writer::EsWriterActor;
-use pgcdc_actors::kafka_producer::KafkaProducerActor;
+use pgcdc_actors::kafka_producer::{KafkaProducerActor, ProducerError};
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
 use pgcdc_actors::replication::{parse_table_name, slot, ReplicationActor};
@@ -135,8 +135,19 @@ async fn shutdown(
 ) -> Result<(), AppError> {
     let timeout = Duration::from_secs(settings.shutdown_timeout_secs);
     let drained = tokio::time::timeout(timeout, async {
-        replication.send(StopStreaming).await.ok();
-        producer.send(DrainProducer).await
+        loop {
+            replication.send(StopStreaming).await.ok();
+            match producer.send(DrainProducer).await {
+                // The session broke while draining (an actor restarted): what
+                // it had in flight is not checkpointed and is sent again on
+                // the next start. Stop and drain what is left.
+                Ok(Err(ProducerError::SessionClosed(_))) => {
+                    tracing::warn!("a restart during shutdown dropped unacknowledged records; they are sent again on the next start");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     })
     .await;
     if !matches!(drained, Ok(Ok(Ok(_)))) {

@@ -1,13 +1,15 @@
-//! `pgcdc chaos` end to end: one short kill -9 scenario must pass, and its
+//! `pgcdc chaos` end to end: short kill -9 and injected-panic scenarios must
+//! pass (the panic scenario stops the daemon with SIGTERM right after its
+//! restarts, so a shutdown racing a restart is covered), and the
 //! output must carry the seed (for replay) and the result table. It runs in a
 //! directory without `config/pgcdc.toml`: chaos needs no configuration file.
 
 use std::process::Command;
 
 #[test]
-fn chaos_kill9_smoke_run_passes_and_prints_the_seed_and_table() {
+fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
     let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .args(["chaos", "--seed", "7", "--scenarios", "kill9"])
+        .args(["chaos", "--seed", "7", "--scenarios", "kill9,panic"])
         .args(["--kills", "2", "--duration-secs", "10"])
         .current_dir(std::env::temp_dir())
         .output()
@@ -21,16 +23,18 @@ fn chaos_kill9_smoke_run_passes_and_prints_the_seed_and_table() {
     );
     assert!(stdout.contains("chaos seed: 7"), "{stdout}");
     assert!(
-        stdout.contains("pgcdc chaos --seed 7 --scenarios kill9"),
+        stdout.contains("pgcdc chaos --seed 7 --scenarios kill9,panic"),
         "{stdout}"
     );
     assert!(
         stdout.contains("scenario") && stdout.contains("verdict"),
         "{stdout}"
     );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("kill9 "))
-        .unwrap_or_default();
-    assert!(line.contains("PASS"), "{stdout}");
+    for scenario in ["kill9 ", "panic "] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(scenario))
+            .unwrap_or_default();
+        assert!(line.contains("PASS"), "{stdout}");
+    }
 }

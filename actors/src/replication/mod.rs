@@ -129,6 +129,8 @@ pub struct ReplicationActor {
     stop: Option<watch::Sender<bool>>,
     stopped: Vec<oneshot::Sender<()>>,
     unreachable: bool,
+    /// Shutting down: a restart must not start a new stream.
+    stopping: bool,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -156,6 +158,7 @@ impl ReplicationActor {
             stop: None,
             stopped: Vec::new(),
             unreachable: false,
+            stopping: false,
             task: None,
         }
     }
@@ -165,6 +168,12 @@ impl Actor for ReplicationActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        if self.stopping {
+            self.stopped.drain(..).for_each(|w| {
+                let _ = w.send(());
+            });
+            return;
+        }
         self.session += 1;
         let (confirm_tx, confirm_rx) = watch::channel(Lsn::ZERO);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -255,8 +264,14 @@ impl Handler<StopStreaming> for ReplicationActor {
     fn handle(&mut self, _msg: StopStreaming, _ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.stopped.push(tx);
-        if let Some(stop) = &self.stop {
-            let _ = stop.send(true);
+        self.stopping = true;
+        match &self.stop {
+            Some(stop) => {
+                let _ = stop.send(true);
+            }
+            None => self.stopped.drain(..).for_each(|w| {
+                let _ = w.send(());
+            }),
         }
         Box::pin(async move {
             let _ = rx.await;
