@@ -371,7 +371,10 @@ async fn kill_9_of_the_sink_mid_stream_loses_nothing() {
     produce(&r.tansu, &changes).await;
     let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "").replace(
         "\n[supervision]",
-        &format!("\n{}[supervision]", support::FAST_REBALANCE),
+        &format!(
+            "\n{}\"group.instance.id\" = \"sink-under-test\"\n[supervision]",
+            support::FAST_REBALANCE
+        ),
     );
     let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     // Kill it twice, each time after it wrote something since its last start.
