@@ -63,25 +63,62 @@ impl Probe {
     }
 }
 
+/// PostgreSQL with table `t (id int PRIMARY KEY[, columns])`, tansu, and a
+/// daemon streaming `t` whose metrics endpoint listens on a free port;
+/// `extra` follows `listen` in the `[metrics]` section (and may open others).
+struct Rig {
+    _pg: PgCluster,
+    tansu: Tansu,
+    _dir: tempfile::TempDir,
+    db: tokio_postgres::Client,
+    daemon: Daemon,
+    probe: Probe,
+}
+
+impl Rig {
+    async fn start(columns: &str, extra: &str) -> Rig {
+        let pg = PgCluster::start();
+        let tansu = Tansu::start();
+        let dir = tempfile::tempdir().unwrap();
+        let db = pg.client().await;
+        let columns = match columns {
+            "" => String::new(),
+            c => format!(", {c}"),
+        };
+        db.batch_execute(&format!("CREATE TABLE t (id int PRIMARY KEY{columns})"))
+            .await
+            .unwrap();
+        let port = support::free_port();
+        let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
+            "[metrics]\nlisten = \"\"\n",
+            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
+        );
+        let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+        support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+        let probe = Probe {
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        Rig {
+            _pg: pg,
+            tansu,
+            _dir: dir,
+            db,
+            daemon,
+            probe,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let port = support::free_port();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
-        "[metrics]\nlisten = \"\"\n",
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_window_secs = 3\n"),
-    );
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let probe = Probe {
-        base: format!("http://127.0.0.1:{port}"),
-    };
+    let Rig {
+        _pg,
+        tansu,
+        _dir,
+        db,
+        mut daemon,
+        probe,
+    } = Rig::start("v text", "ready_window_secs = 3\n").await;
     assert_eq!(
         get(&format!("{}/health", probe.base)).await,
         Some((200, "ok\n".into()))
@@ -174,23 +211,18 @@ async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_wal_over_budget_warns_and_heartbeats_are_written() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    let port = support::free_port();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
-        "[metrics]\nlisten = \"\"\n",
-        &format!(
-            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
-             [wal]\nbudget_bytes = 1\ncheck_interval_secs = 1\nheartbeat_secs = 1\n"
-        ),
-    );
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let Rig {
+        _pg,
+        tansu: _tansu,
+        _dir,
+        db,
+        mut daemon,
+        probe,
+    } = Rig::start(
+        "",
+        "[wal]\nbudget_bytes = 1\ncheck_interval_secs = 1\nheartbeat_secs = 1\n",
+    )
+    .await;
     // Some WAL the slot must keep until pgcdc confirms it.
     db.batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
         .await
@@ -201,9 +233,6 @@ async fn retained_wal_over_budget_warns_and_heartbeats_are_written() {
             Duration::from_secs(30),
         )
         .await;
-    let probe = Probe {
-        base: format!("http://127.0.0.1:{port}"),
-    };
     probe
         .until(
             "over-budget gauge and heartbeats",

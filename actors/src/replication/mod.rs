@@ -348,10 +348,9 @@ impl Stream {
         };
         tracing::info!(session = self.session, lsn = %out.last_marker.0, "streaming");
         let epoch = self.marks.new_epoch();
-        let tables_now = tables.clone();
         self.snapshots.do_send(StreamStarted {
             epoch,
-            tables: tables_now,
+            tables: tables.clone(),
             pending,
         });
         self.stream(client, &tables, &mut out).await
