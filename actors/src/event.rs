@@ -88,3 +88,18 @@ pub struct ChangeEvent {
     /// Whether the row came from a snapshot rather than the stream.
     pub snapshot: bool,
 }
+
+/// Rows a snapshot copied, still in PostgreSQL's text format: published as
+/// `op=r` events and encoded straight from the text.
+pub struct CopiedRows {
+    /// Which table.
+    pub table: Arc<TableRef>,
+    /// The table's columns (name, type OID), in the rows' order.
+    pub columns: Arc<[(String, u32)]>,
+    /// The rows.
+    pub rows: Vec<tokio_postgres::SimpleQueryRow>,
+    /// The snapshot's version: `commit_lsn` is the slot's consistent point.
+    pub tx: TxMeta,
+    /// Position of the first row, counting on per reader.
+    pub first_seq: u32,
+}

@@ -11,7 +11,7 @@
 use actix::prelude::*;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, SlotIdentity, TableProgress};
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, CopiedRows};
 use crate::kafka_producer::ProducerError;
 use crate::lsn::Lsn;
 
@@ -38,6 +38,8 @@ pub struct PublishBatch {
     pub seq: u64,
     /// Events in commit order; may be empty (a pure position marker).
     pub events: Vec<ChangeEvent>,
+    /// Rows a snapshot copied, published after `events`.
+    pub rows: Option<CopiedRows>,
     /// Set on the batch that ends a transaction (or marks an idle position):
     /// once this batch and all before it are acknowledged, this LSN may be
     /// checkpointed and confirmed.
@@ -45,6 +47,18 @@ pub struct PublishBatch {
     /// Copy progress made by this batch's rows, checkpointed with `commit_end`
     /// (only set on batches that have one).
     pub progress: Vec<TableProgress>,
+}
+
+impl PublishBatch {
+    /// Events per (`schema.table`, op), for the metrics.
+    pub fn counts(&self) -> Vec<((String, &'static str), u64)> {
+        let mut counts = crate::metrics::count_events(&self.events);
+        if let Some(r) = self.rows.as_ref().filter(|r| !r.rows.is_empty()) {
+            let table = format!("{}.{}", r.table.schema, r.table.name);
+            counts.push(((table, crate::event::Op::Read.code()), r.rows.len() as u64));
+        }
+        counts
+    }
 }
 
 /// The session can no longer deliver; the stream must restart from the checkpoint.

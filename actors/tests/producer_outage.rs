@@ -153,6 +153,7 @@ async fn publish(rig: &Rig, seq: u64) -> Result<(), ProducerError> {
         session: 1,
         seq,
         events: events(seq * 100, 100, commit),
+        rows: None,
         commit_end: Some(commit),
         progress: vec![],
     };
@@ -258,6 +259,7 @@ async fn batches_out_of_order_or_of_another_session_are_refused() {
         session: 9,
         seq: 1,
         events: vec![],
+        rows: None,
         commit_end: None,
         progress: vec![],
     };

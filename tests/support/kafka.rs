@@ -193,6 +193,8 @@ impl Drop for Tansu {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub key: Option<Value>,
+    /// The key as sent (partitioning and compaction go by these bytes).
+    pub key_bytes: Option<Vec<u8>>,
     pub value: Option<Value>,
     pub headers: HashMap<String, String>,
 }
@@ -228,6 +230,7 @@ impl<M: Message> From<&M> for Record {
         }
         Record {
             key: json(m.key()),
+            key_bytes: m.key().map(<[u8]>::to_vec),
             value: json(m.payload()),
             headers,
         }

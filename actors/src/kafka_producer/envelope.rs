@@ -1,28 +1,37 @@
 //! Kafka record encoding: key = the row's key as JSON, value = a
 //! Debezium-shaped envelope, headers = table, op and commit LSN.
+//!
+//! Snapshot rows are encoded straight from PostgreSQL's text format
+//! ([`Encoder::rows`]), byte for byte as [`Encoder::event`] would encode the
+//! same row as a [`ChangeEvent`], without building JSON values first.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::event::{ChangeEvent, Op};
+use super::KafkaConfig;
+use crate::event::{ChangeEvent, CopiedRows, Op, TableRef};
+use crate::lsn::Lsn;
+use crate::replication::values::{to_json_bytes, write_json};
 
 /// One record ready for the producer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedRecord {
     /// Destination topic.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// JSON key; `None` for a truncate, which has no row key.
     pub key: Option<Vec<u8>>,
     /// JSON envelope; `None` for a tombstone.
     pub value: Option<Vec<u8>>,
     /// `schema.table`.
-    pub table: String,
+    pub table: Arc<str>,
     /// Debezium op code (`c`, `u`, `d`, `r`, `t`), or empty for a tombstone.
     pub op: &'static str,
     /// Commit LSN in PostgreSQL notation.
-    pub commit_lsn: String,
+    pub commit_lsn: Arc<str>,
     /// Column types of the table, JSON object text.
-    pub types: String,
+    pub types: Arc<str>,
 }
 
 #[derive(Serialize)]
@@ -51,58 +60,197 @@ struct Source<'a> {
     snapshot: bool,
 }
 
-/// Encode `event` into its record(s): the change, and after a delete a
-/// tombstone when `tombstones` is set.
-pub fn encode(
-    event: &ChangeEvent,
-    topic: String,
-    db: &str,
-    tombstones: bool,
+/// What every record of one table shares.
+#[derive(Clone)]
+struct Names {
+    topic: Arc<str>,
+    table: Arc<str>,
+    types: Arc<str>,
+}
+
+/// Encodes one batch: shares topic, table and LSN texts between records.
+pub struct Encoder<'a> {
+    kafka: &'a KafkaConfig,
+    db: &'a str,
     now_ms: i64,
-) -> Vec<EncodedRecord> {
-    let key = event
-        .key
-        .as_ref()
-        .map(|k| serde_json::to_vec(k).unwrap_or_default());
-    let envelope = Envelope {
-        before: event.before.as_ref(),
-        after: event.after.as_ref(),
-        op: event.op.code(),
-        ts_ms: now_ms,
-        source: Source {
-            connector: "pgcdc",
+    names: Option<(Arc<TableRef>, Names)>,
+    lsn: Option<(Lsn, Arc<str>)>,
+}
+
+impl<'a> Encoder<'a> {
+    /// An encoder for database `db`, stamping records with `now_ms`.
+    pub fn new(kafka: &'a KafkaConfig, db: &'a str, now_ms: i64) -> Self {
+        Self {
+            kafka,
             db,
-            schema: &event.table.schema,
-            table: &event.table.name,
-            lsn: event.lsn.0,
-            commit_lsn: event.tx.commit_lsn.0,
-            seq: event.seq,
-            tx_id: event.tx.xid,
-            ts_ms: event.tx.commit_time_us.div_euclid(1000),
-            snapshot: event.snapshot,
-        },
-        unchanged_toast: &event.unchanged_toast,
-    };
-    // Serializing maps of JSON values to a Vec cannot fail.
-    let value = serde_json::to_vec(&envelope).unwrap_or_default();
-    let record = EncodedRecord {
-        topic,
-        key,
-        value: Some(value),
-        table: format!("{}.{}", event.table.schema, event.table.name),
-        op: event.op.code(),
-        commit_lsn: event.tx.commit_lsn.to_string(),
-        types: event.table.column_types.clone(),
-    };
-    if event.op == Op::Delete && tombstones && record.key.is_some() {
-        let tombstone = EncodedRecord {
-            value: None,
-            op: "",
-            ..record.clone()
+            now_ms,
+            names: None,
+            lsn: None,
+        }
+    }
+
+    fn names(&mut self, table: &Arc<TableRef>) -> Names {
+        match &self.names {
+            Some((t, n)) if Arc::ptr_eq(t, table) => n.clone(),
+            _ => {
+                let names = Names {
+                    topic: self.kafka.topic_for(&table.schema, &table.name).into(),
+                    table: format!("{}.{}", table.schema, table.name).into(),
+                    types: table.column_types.as_str().into(),
+                };
+                self.names = Some((table.clone(), names.clone()));
+                names
+            }
+        }
+    }
+
+    fn lsn(&mut self, lsn: Lsn) -> Arc<str> {
+        match &self.lsn {
+            Some((l, text)) if *l == lsn => text.clone(),
+            _ => {
+                let text: Arc<str> = lsn.to_string().into();
+                self.lsn = Some((lsn, text.clone()));
+                text
+            }
+        }
+    }
+
+    /// Append `event`'s record(s) to `out`: the change, and after a delete
+    /// a tombstone when tombstones are on.
+    pub fn event(&mut self, event: &ChangeEvent, out: &mut Vec<EncodedRecord>) {
+        let key = event.key.as_ref().map(|k| {
+            let mut buf = Vec::new();
+            to_json_bytes(k, &mut buf);
+            buf
+        });
+        let envelope = Envelope {
+            before: event.before.as_ref(),
+            after: event.after.as_ref(),
+            op: event.op.code(),
+            ts_ms: self.now_ms,
+            source: Source {
+                connector: "pgcdc",
+                db: self.db,
+                schema: &event.table.schema,
+                table: &event.table.name,
+                lsn: event.lsn.0,
+                commit_lsn: event.tx.commit_lsn.0,
+                seq: event.seq,
+                tx_id: event.tx.xid,
+                ts_ms: event.tx.commit_time_us.div_euclid(1000),
+                snapshot: event.snapshot,
+            },
+            unchanged_toast: &event.unchanged_toast,
         };
-        vec![record, tombstone]
-    } else {
-        vec![record]
+        let mut value = Vec::new();
+        to_json_bytes(&envelope, &mut value);
+        let names = self.names(&event.table);
+        let record = EncodedRecord {
+            topic: names.topic,
+            key,
+            value: Some(value),
+            table: names.table,
+            op: event.op.code(),
+            commit_lsn: self.lsn(event.tx.commit_lsn),
+            types: names.types,
+        };
+        if event.op == Op::Delete && self.kafka.tombstones && record.key.is_some() {
+            let tombstone = EncodedRecord {
+                value: None,
+                op: "",
+                ..record.clone()
+            };
+            out.push(record);
+            out.push(tombstone);
+        } else {
+            out.push(record);
+        }
+    }
+
+    /// Append one `op=r` record per copied row to `out`.
+    pub fn rows(&mut self, copied: &CopiedRows, out: &mut Vec<EncodedRecord>) {
+        let table = &copied.table;
+        let tx = copied.tx;
+        // Objects are written with their keys in name order, as a
+        // `serde_json::Map` (a BTreeMap) serializes them.
+        let mut after: Vec<usize> = (0..copied.columns.len()).collect();
+        after.sort_by(|a, b| copied.columns[*a].0.cmp(&copied.columns[*b].0));
+        let mut key: Vec<usize> = table
+            .key_columns
+            .iter()
+            .filter_map(|k| copied.columns.iter().position(|(c, _)| c == k))
+            .collect();
+        key.sort_by(|a, b| copied.columns[*a].0.cmp(&copied.columns[*b].0));
+        key.dedup();
+        let label = |i: usize, first: bool| {
+            let mut l = if first { Vec::new() } else { vec![b','] };
+            to_json_bytes(&copied.columns[i].0, &mut l);
+            l.push(b':');
+            l
+        };
+        let after: Vec<(usize, Vec<u8>)> = after
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| (i, label(i, n == 0)))
+            .collect();
+        let key: Vec<(usize, Vec<u8>)> = key
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| (i, label(i, n == 0)))
+            .collect();
+        let mut source = Vec::new();
+        to_json_bytes(self.db, &mut source);
+        source.extend_from_slice(b",\"schema\":");
+        to_json_bytes(&table.schema, &mut source);
+        source.extend_from_slice(b",\"table\":");
+        to_json_bytes(&table.name, &mut source);
+        let lsn = tx.commit_lsn.0;
+        let head = format!(
+            ",\"op\":\"r\",\"ts_ms\":{},\"source\":{{\"connector\":\"pgcdc\",\"db\":{},\"lsn\":{lsn},\"commit_lsn\":{lsn},\"seq\":",
+            self.now_ms,
+            String::from_utf8_lossy(&source),
+        );
+        let tail = format!(
+            ",\"txId\":{},\"ts_ms\":{},\"snapshot\":true}}}}",
+            tx.xid,
+            tx.commit_time_us.div_euclid(1000)
+        );
+        let names = self.names(table);
+        let commit_lsn = self.lsn(tx.commit_lsn);
+        let object =
+            |row: &tokio_postgres::SimpleQueryRow, cols: &[(usize, Vec<u8>)], buf: &mut Vec<u8>| {
+                buf.push(b'{');
+                for (i, label) in cols {
+                    buf.extend_from_slice(label);
+                    match row.get(*i) {
+                        Some(text) => write_json(copied.columns[*i].1, text.as_bytes(), buf),
+                        None => buf.extend_from_slice(b"null"),
+                    }
+                }
+                buf.push(b'}');
+            };
+        out.reserve(copied.rows.len());
+        let mut seq = copied.first_seq;
+        for row in &copied.rows {
+            let mut k = Vec::with_capacity(16);
+            object(row, &key, &mut k);
+            let mut v = Vec::with_capacity(256);
+            v.extend_from_slice(b"{\"before\":null,\"after\":");
+            object(row, &after, &mut v);
+            v.extend_from_slice(head.as_bytes());
+            to_json_bytes(&seq, &mut v);
+            v.extend_from_slice(tail.as_bytes());
+            seq = seq.wrapping_add(1);
+            out.push(EncodedRecord {
+                topic: names.topic.clone(),
+                key: Some(k),
+                value: Some(v),
+                table: names.table.clone(),
+                op: Op::Read.code(),
+                commit_lsn: commit_lsn.clone(),
+                types: names.types.clone(),
+            });
+        }
     }
 }
 
@@ -115,6 +263,17 @@ mod tests {
     use super::*;
     use crate::event::{TableRef, TxMeta};
     use crate::lsn::Lsn;
+
+    /// Encode with `tombstones` on or off, at time 5, for database `shop`.
+    fn encode(event: &ChangeEvent, tombstones: bool) -> Vec<EncodedRecord> {
+        let kafka = KafkaConfig {
+            tombstones,
+            ..KafkaConfig::default()
+        };
+        let mut out = Vec::new();
+        Encoder::new(&kafka, "shop", 5).event(event, &mut out);
+        out
+    }
 
     fn event(op: Op) -> ChangeEvent {
         let obj = |v: Value| v.as_object().cloned();
@@ -147,12 +306,12 @@ mod tests {
 
     #[test]
     fn update_envelope_has_debezium_shape() {
-        let recs = encode(&event(Op::Update), "t".into(), "shop", true, 5);
+        let recs = encode(&event(Op::Update), true);
         assert_eq!(recs.len(), 1);
         let r = &recs[0];
         assert_eq!(r.key.as_deref(), Some(br#"{"id":42}"#.as_slice()));
         assert_eq!(
-            (r.table.as_str(), r.op, r.commit_lsn.as_str()),
+            (&*r.table, r.op, &*r.commit_lsn),
             ("public.users", "u", "1/200")
         );
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
@@ -172,21 +331,18 @@ mod tests {
 
     #[test]
     fn delete_is_followed_by_a_tombstone_unless_disabled() {
-        let recs = encode(&event(Op::Delete), "t".into(), "shop", true, 5);
+        let recs = encode(&event(Op::Delete), true);
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].value, None);
         assert_eq!(recs[1].key, recs[0].key);
-        assert_eq!(
-            encode(&event(Op::Delete), "t".into(), "shop", false, 5).len(),
-            1
-        );
+        assert_eq!(encode(&event(Op::Delete), false).len(), 1);
     }
 
     #[test]
     fn unchanged_toast_columns_are_listed() {
         let mut e = event(Op::Update);
         e.unchanged_toast = vec!["blob".into()];
-        let recs = encode(&e, "t".into(), "shop", true, 5);
+        let recs = encode(&e, true);
         let v: Value = serde_json::from_slice(recs[0].value.as_ref().unwrap()).unwrap();
         assert_eq!(v["unchanged_toast"], json!(["blob"]));
     }

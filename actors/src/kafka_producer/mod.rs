@@ -21,7 +21,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::oneshot;
 
 pub use config::{KafkaConfig, TopicMode};
-pub use envelope::{encode, EncodedRecord};
+pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
@@ -223,7 +223,7 @@ impl KafkaProducerActor {
             seq: msg.seq,
             commit_end: msg.commit_end,
             progress: std::mem::take(&mut msg.progress),
-            counts: crate::metrics::count_events(&msg.events),
+            counts: msg.counts(),
             records,
             done: false,
         });
@@ -271,15 +271,14 @@ impl Handler<PublishBatch> for KafkaProducerActor {
     type Result = ResponseActFuture<Self, Result<(), ProducerError>>;
 
     fn handle(&mut self, mut msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
-        let now_ms = now_ms();
-        let records: Vec<EncodedRecord> = msg
-            .events
-            .iter()
-            .flat_map(|e| {
-                let topic = self.config.topic_for(&e.table.schema, &e.table.name);
-                encode(e, topic, &self.database, self.config.tombstones, now_ms)
-            })
-            .collect();
+        let mut encoder = Encoder::new(&self.config, &self.database, now_ms());
+        let mut records = Vec::with_capacity(msg.events.len());
+        for e in &msg.events {
+            encoder.event(e, &mut records);
+        }
+        if let Some(rows) = &msg.rows {
+            encoder.rows(rows, &mut records);
+        }
         if let Err(e) = self.admit(&mut msg, records.len()) {
             return Box::pin(fut::ready(Err(e)));
         }
@@ -376,7 +375,7 @@ async fn enqueue_all(
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: "pgcdc.table",
-                value: Some(r.table.as_str()),
+                value: Some(&*r.table),
             })
             .insert(Header {
                 key: "pgcdc.op",
@@ -384,13 +383,13 @@ async fn enqueue_all(
             })
             .insert(Header {
                 key: "pgcdc.commit_lsn",
-                value: Some(r.commit_lsn.as_str()),
+                value: Some(&*r.commit_lsn),
             })
             .insert(Header {
                 key: "pgcdc.types",
-                value: Some(r.types.as_str()),
+                value: Some(&*r.types),
             });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&*r.topic).headers(headers);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }

@@ -23,7 +23,7 @@ pub use config::{parse_table_name, quote_ident, PostgresConfig};
 
 use crate::checkpoint::{CheckpointActor, CheckpointError, SlotIdentity, TableProgress};
 use crate::error::{exit_fatal, ErrorClass, ExitCode};
-use crate::event::{ChangeEvent, TableRef};
+use crate::event::{ChangeEvent, CopiedRows, TableRef};
 use crate::kafka_producer::{KafkaProducerActor, ProducerError};
 use crate::lsn::Lsn;
 use crate::messages::{
@@ -308,6 +308,8 @@ struct Outbox {
     session: u64,
     seq: u64,
     batch: Vec<ChangeEvent>,
+    /// Rows of the initial snapshot, published after `batch`.
+    rows: Option<CopiedRows>,
     /// Copy progress to checkpoint with the next commit.
     progress: Vec<TableProgress>,
     /// Published commits (end LSN, commit time µs) not yet confirmed, for the lag metric.
@@ -324,6 +326,7 @@ impl Stream {
             session: self.session,
             seq: 0,
             batch: Vec::new(),
+            rows: None,
             progress: Vec::new(),
             commits: std::collections::VecDeque::new(),
             max: self.config.max_batch_events,
@@ -440,12 +443,12 @@ impl Stream {
                 let p = &mut progress[chunk.table];
                 p.ranges[chunk.range].after = chunk.after;
                 p.ranges[chunk.range].done = chunk.done;
-                p.rows += chunk.events.len() as u64;
+                p.rows += chunk.rows.rows.len() as u64;
                 crate::metrics::metrics()
                     .snapshot_rows
                     .with_label_values(&[&format!("{}.{}", p.schema, p.name)])
-                    .inc_by(chunk.events.len() as u64);
-                out.batch = chunk.events;
+                    .inc_by(chunk.rows.rows.len() as u64);
+                out.rows = Some(chunk.rows);
                 out.progress.push(p.clone());
                 self.publish(out, Some(at)).await?;
             }
@@ -663,10 +666,6 @@ impl Stream {
         commit_end: Option<Lsn>,
     ) -> Result<(), ReplicationError> {
         let events = std::mem::replace(&mut out.batch, Vec::with_capacity(out.max.min(1024)));
-        let counted = &crate::metrics::metrics().events_in;
-        for ((table, op), n) in crate::metrics::count_events(&events) {
-            counted.with_label_values(&[table.as_str(), op]).inc_by(n);
-        }
         let progress = match commit_end {
             Some(_) => std::mem::take(&mut out.progress),
             None => Vec::new(),
@@ -675,9 +674,14 @@ impl Stream {
             session: out.session,
             seq: out.seq,
             events,
+            rows: out.rows.take(),
             commit_end,
             progress,
         };
+        let counted = &crate::metrics::metrics().events_in;
+        for ((table, op), n) in msg.counts() {
+            counted.with_label_values(&[table.as_str(), op]).inc_by(n);
+        }
         out.seq += 1;
         if let Some(lsn) = commit_end {
             out.last_marker = (lsn, Instant::now());

@@ -226,6 +226,39 @@ pub fn text_to_json(type_oid: u32, text: &[u8]) -> Value {
     }
 }
 
+/// Append the JSON of one text-format value to `out`: the same bytes as
+/// serializing [`text_to_json`]'s result, without building a [`Value`] for
+/// the common scalar types (the snapshot's hot path).
+pub fn write_json(type_oid: u32, text: &[u8], out: &mut Vec<u8>) {
+    let Ok(s) = std::str::from_utf8(text) else {
+        return to_json_bytes(&text_to_json(type_oid, text), out);
+    };
+    match type_oid {
+        oid::TEXT
+        | oid::VARCHAR
+        | oid::BPCHAR
+        | oid::NAME
+        | oid::UUID
+        | oid::NUMERIC
+        | oid::DATE => to_json_bytes(s, out),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::XID => match s.parse::<i64>() {
+            Ok(n) => to_json_bytes(&n, out),
+            Err(_) => to_json_bytes(s, out),
+        },
+        oid::BOOL if s == "t" || s == "f" => {
+            out.extend_from_slice(if s == "t" { b"true" } else { b"false" })
+        }
+        oid::TIMESTAMPTZ => to_json_bytes(&timestamptz(s), out),
+        oid::TIMESTAMP => to_json_bytes(&timestamp(s), out),
+        _ => to_json_bytes(&text_to_json(type_oid, text), out),
+    }
+}
+
+/// Serialize into `out`; writing JSON to a `Vec` cannot fail.
+pub fn to_json_bytes<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(out, value);
+}
+
 /// Convert a whole tuple to a JSON object keyed by column name, using the
 /// relation's columns. Unchanged-TOAST columns are left out of the object and
 /// returned by name, so a marker can never masquerade as a real value.
@@ -842,6 +875,26 @@ mod tests {
             type_oid in prop::sample::select(all_oids()),
         ) {
             let _ = text_to_json(type_oid, &data);
+        }
+
+        #[test]
+        fn direct_writer_matches_the_value_path(
+            text in r#"[-+0-9 :.tfTZa-z"\\é{},]{0,24}|-?[0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]{8,12}[+-][0-9]{2}"#,
+            type_oid in prop::sample::select(all_oids()),
+        ) {
+            let mut direct = Vec::new();
+            write_json(type_oid, text.as_bytes(), &mut direct);
+            prop_assert_eq!(direct, serde_json::to_vec(&j(type_oid, &text)).unwrap());
+        }
+
+        #[test]
+        fn direct_writer_matches_on_any_bytes(
+            data in proptest::collection::vec(any::<u8>(), 0..32),
+            type_oid in prop::sample::select(all_oids()),
+        ) {
+            let mut direct = Vec::new();
+            write_json(type_oid, &data, &mut direct);
+            prop_assert_eq!(direct, serde_json::to_vec(&text_to_json(type_oid, &data)).unwrap());
         }
 
         #[test]

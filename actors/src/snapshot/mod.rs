@@ -29,7 +29,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 pub use actor::{BackfillTable, SnapshotActor, StreamStarted};
 
 use crate::checkpoint::{KeyRange, KeyText, TableProgress};
-use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
+use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::replication::values::{text_to_json, type_name};
 use crate::replication::{quote_ident, slot, PostgresConfig, ReplicationError};
@@ -97,7 +97,7 @@ pub(crate) struct Shape {
     /// The table, with `column_types` filled in.
     pub table: Arc<TableRef>,
     qualified: String,
-    columns: Vec<(String, u32)>,
+    columns: Arc<[(String, u32)]>,
     key: Vec<(usize, String)>,
     keyless: bool,
 }
@@ -144,7 +144,7 @@ impl Shape {
         Ok(Self {
             table,
             qualified,
-            columns,
+            columns: columns.into(),
             key,
             keyless,
         })
@@ -279,6 +279,14 @@ impl Shape {
         Ok(ranges)
     }
 
+    /// The key text of a row (for the last key and watermark filtering).
+    fn key_of(&self, row: &SimpleQueryRow) -> KeyText {
+        self.key
+            .iter()
+            .map(|(i, _)| row.get(*i).unwrap_or("").to_owned())
+            .collect()
+    }
+
     /// Turn query rows into `op=r` events of transaction `tx`, positions from
     /// `seq`; also returns each row's key text (for the last key and for
     /// watermark filtering).
@@ -297,12 +305,7 @@ impl Shape {
             .map(|row| {
                 let event = self.event(row, tx, lsn, *seq);
                 *seq = seq.wrapping_add(1);
-                let key = self
-                    .key
-                    .iter()
-                    .map(|(i, _)| row.get(*i).unwrap_or("").to_owned())
-                    .collect();
-                (key, event)
+                (self.key_of(row), event)
             })
             .collect()
     }
@@ -346,8 +349,8 @@ pub struct CopiedChunk {
     pub table: usize,
     /// Index of the key range in the table's progress.
     pub range: usize,
-    /// The rows, as events.
-    pub events: Vec<ChangeEvent>,
+    /// The rows.
+    pub rows: CopiedRows,
     /// The last key copied in the range.
     pub after: Option<KeyText>,
     /// Whether the range is now fully copied.
@@ -471,19 +474,34 @@ async fn copy_range(
         } else {
             shape.chunk_query(&range, chunk_rows)
         };
-        let rows = sql.simple_query(&q).await?;
-        let keyed = shape.events(&rows, tx, tx.commit_lsn, seq);
-        let done = keyed.len() < chunk_rows;
+        let rows: Vec<SimpleQueryRow> = sql
+            .simple_query(&q)
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        let done = rows.len() < chunk_rows;
         if !shape.keyless {
-            if let Some((k, _)) = keyed.last() {
-                range.after = Some(k.clone());
+            if let Some(row) = rows.last() {
+                range.after = Some(shape.key_of(row));
             }
         }
-        copied += keyed.len() as u64;
+        copied += rows.len() as u64;
+        let first_seq = *seq;
+        *seq = seq.wrapping_add(rows.len() as u32);
         let chunk = CopiedChunk {
             table,
             range: range_ix,
-            events: keyed.into_iter().map(|(_, e)| e).collect(),
+            rows: CopiedRows {
+                table: shape.table.clone(),
+                columns: shape.columns.clone(),
+                rows,
+                tx,
+                first_seq,
+            },
             after: range.after.clone(),
             done,
         };
@@ -522,7 +540,7 @@ mod tests {
     }
 
     fn shape(keys: &[(&str, &str)]) -> Shape {
-        let columns: Vec<(String, u32)> = keys.iter().map(|(c, _)| (c.to_string(), 25)).collect();
+        let columns: Arc<[(String, u32)]> = keys.iter().map(|(c, _)| (c.to_string(), 25)).collect();
         Shape {
             table: Arc::new(TableRef {
                 schema: "public".into(),
