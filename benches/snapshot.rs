@@ -3,6 +3,9 @@
 //! snapshot row is acknowledged and checkpointed, for parallelism 1 and 4; in
 //! the same run `COPY (SELECT …) TO STDOUT` of the table into /dev/null.
 //!
+//! Also prints the CPU seconds each side spent (pgcdc, PostgreSQL, tansu;
+//! psql and PostgreSQL for COPY): on 2 cores the services share the machine.
+//!
 //! Run with `cargo bench --bench snapshot`.
 
 #![allow(clippy::unwrap_used)]
@@ -40,6 +43,7 @@ async fn main() {
     )
     .unwrap();
     let psql = std::path::Path::new(psql.trim()).join("psql");
+    let (pg_cpu, self_cpu) = (pg_cpu_secs(&pg), cpu_secs(std::process::id(), true));
     let t0 = Instant::now();
     let status = Command::new(psql)
         .args([
@@ -60,6 +64,10 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let copy = t0.elapsed().as_secs_f64();
+    let copy_cpu = (
+        cpu_secs(std::process::id(), true) - self_cpu,
+        pg_cpu_secs(&pg) - pg_cpu,
+    );
 
     let mut results = Vec::new();
     for parallelism in [1, 4] {
@@ -75,12 +83,19 @@ async fn main() {
                 &format!("[postgres]\nslot = \"{name}\"\npublication = \"{name}\"\n"),
             )
             + &format!("\n[snapshot]\nparallelism = {parallelism}\n");
+        let (pg_cpu, tansu_cpu) = (pg_cpu_secs(&pg), cpu_secs(tansu.pid(), false));
         let t0 = Instant::now();
         let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
         daemon
             .wait_log("table copy fully acknowledged", Duration::from_secs(1800))
             .await;
-        results.push((parallelism, t0.elapsed().as_secs_f64()));
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = (
+            cpu_secs(daemon.pid().unwrap(), false),
+            pg_cpu_secs(&pg) - pg_cpu,
+            cpu_secs(tansu.pid(), false) - tansu_cpu,
+        );
+        results.push((parallelism, secs, cpu));
         daemon.terminate(Duration::from_secs(60));
     }
 
@@ -89,25 +104,77 @@ async fn main() {
         "snapshot of a {ROWS}-row table (id, two text, int, timestamptz) on this machine, one run:"
     );
     println!(
-        "{:<48} {:>10} {:>9} {:>10}",
-        "", "rows/s", "seconds", "vs COPY"
+        "{:<44} {:>9} {:>8} {:>8} {:>26}",
+        "", "rows/s", "seconds", "vs COPY", "CPU s: client / pg / tansu"
     );
     println!(
-        "{:<48} {:>10.0} {:>9.2} {:>10}",
+        "{:<44} {:>9.0} {:>8.2} {:>8} {:>12.2} / {:.2} / -",
         "COPY (SELECT ...) TO STDOUT > /dev/null",
         ROWS as f64 / copy,
         copy,
-        "1.00"
+        "1.00",
+        copy_cpu.0,
+        copy_cpu.1
     );
-    for (p, secs) in results {
+    for (p, secs, (own, pg, tansu)) in results {
         let label = format!("pgcdc snapshot -> tansu, parallelism {p}");
         println!(
-            "{:<48} {:>10.0} {:>9.2} {:>10.2}",
+            "{:<44} {:>9.0} {:>8.2} {:>8.2} {:>12.2} / {pg:.2} / {tansu:.2}",
             label,
             ROWS as f64 / secs,
             secs,
-            copy / secs
+            copy / secs,
+            own
         );
     }
     println!("(target >= 0.3 of COPY; with parallelism > 1 the table is split into key ranges read in parallel)");
+}
+
+/// CPU seconds (user + system) process `pid` used so far; with `children`,
+/// also those of its children that were waited for.
+fn cpu_secs(pid: u32, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name: state is the first, utime the 12th.
+    let fields: Vec<f64> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').map(|f| f.parse().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    let take = if children { 4 } else { 2 };
+    let ticks: f64 = fields.iter().skip(11).take(take).sum();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds of the whole cluster: the postmaster, the backends it waited
+/// for, and the live ones.
+fn pg_cpu_secs(pg: &PgCluster) -> f64 {
+    let postmaster = pg.postmaster_pid();
+    let mut total = cpu_secs(postmaster, true);
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            total += cpu_secs(pid, true);
+        }
+    }
+    total
 }

@@ -348,6 +348,8 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
     );
 }
 
+/// Slowed down by the same failpoint as the kill test, so SIGTERM lands mid-copy.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_it() {
     let pg = PgCluster::start();
@@ -361,7 +363,7 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
         + "\n[snapshot]\nchunk_rows = 1000\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &SLOW_COPY);
     daemon
         .wait_log("snapshot started", Duration::from_secs(60))
         .await;
@@ -395,7 +397,12 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     assert_eq!(ids.len(), 100_000);
 }
 
+/// Every chunk of the initial copy waits 20 ms.
+#[cfg(feature = "failpoints")]
+const SLOW_COPY: [(&str, &str); 1] = [("FAILPOINTS", "snapshot-copy-chunk=sleep(20)")];
+
 /// The `rows_before` of the first "backfill started" line after `from` in the log.
+#[cfg(feature = "failpoints")]
 fn resumed_rows(log: &str) -> u64 {
     let line = log
         .lines()
@@ -410,6 +417,9 @@ fn resumed_rows(log: &str) -> u64 {
         .unwrap()
 }
 
+/// Each 1,000-row chunk waits 20 ms (a failpoint), so the kill at a quarter
+/// of the rows lands mid-copy however fast the machine is.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() {
     const ROWS: usize = 200_000;
@@ -425,7 +435,7 @@ async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() 
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
         + "\n[snapshot]\nparallelism = 1\nchunk_rows = 1000\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = Daemon::start(dir.path(), &cfg, &SLOW_COPY);
     let before_kill = tansu
         .read_until(TOPIC, Duration::from_secs(120), |rs| rs.len() >= ROWS / 4)
         .len();

@@ -79,6 +79,10 @@ impl Tansu {
     }
 
     /// Bootstrap servers.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

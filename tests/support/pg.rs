@@ -137,6 +137,16 @@ impl PgCluster {
     }
 
     /// A connection string for tools.
+    /// The postmaster's process id (its children are the backends).
+    pub fn postmaster_pid(&self) -> u32 {
+        let pidfile = self.dir.path().join("data/postmaster.pid");
+        let text = std::fs::read_to_string(pidfile).expect("postmaster.pid");
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("pid in postmaster.pid")
+    }
+
     pub fn url(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",

@@ -271,22 +271,36 @@ impl Handler<PublishBatch> for KafkaProducerActor {
     type Result = ResponseActFuture<Self, Result<(), ProducerError>>;
 
     fn handle(&mut self, mut msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
-        let mut encoder = Encoder::new(&self.config, &self.database, now_ms());
+        let now = now_ms();
         let mut records = Vec::with_capacity(msg.events.len());
+        let mut encoder = Encoder::new(&self.config, &self.database, now);
         for e in &msg.events {
             encoder.event(e, &mut records);
         }
-        if let Some(rows) = &msg.rows {
-            encoder.rows(rows, &mut records);
-        }
-        if let Err(e) = self.admit(&mut msg, records.len()) {
+        // Snapshot rows (one `op=r` record each) are encoded on the blocking
+        // pool, off this thread, while the readers fetch the next chunks.
+        let count = records.len() + msg.rows.as_ref().map_or(0, |r| r.rows.len());
+        if let Err(e) = self.admit(&mut msg, count) {
             return Box::pin(fut::ready(Err(e)));
         }
+        let rows = msg.rows.take();
         let Some(producer) = self.producer.clone() else {
             return Box::pin(fut::ready(Err(ProducerError::SessionClosed(msg.session))));
         };
+        let (config, database) = (self.config.clone(), self.database.clone());
         let (session, seq, me) = (msg.session, msg.seq, ctx.address());
         let enqueue = async move {
+            if let Some(rows) = rows {
+                records = tokio::task::spawn_blocking(move || {
+                    Encoder::new(&config, &database, now).rows(&rows, &mut records);
+                    records
+                })
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "encoding snapshot rows failed");
+                    ProducerError::SessionClosed(session)
+                })?;
+            }
             let deliveries = enqueue_all(&producer, &records).await?;
             actix::spawn(async move {
                 let handle = actix::spawn(await_deliveries(deliveries));

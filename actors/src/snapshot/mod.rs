@@ -508,6 +508,8 @@ async fn copy_range(
         out.send(chunk)
             .await
             .map_err(|_| ReplicationError::StreamEnded)?;
+        // Tests slow the copy down here (`sleep(ms)`) to interrupt it midway.
+        fail::fail_point!("snapshot-copy-chunk");
         if done {
             break;
         }
