@@ -224,7 +224,9 @@ impl AuditLayer {
     pub fn filter(&self) -> Targets {
         Targets::new()
             .with_default(self.min_level)
-            .with_target(DEAD_LETTER_TARGET, Level::TRACE)
+            // Dead letters are warnings; a TRACE here would let every
+            // `log::trace!` of the libraries reach the subscriber.
+            .with_target(DEAD_LETTER_TARGET, Level::WARN)
             .with_target(SELF_TARGET, LevelFilter::OFF)
             .with_target("sqlx", LevelFilter::OFF)
     }

@@ -248,8 +248,15 @@ pub fn write_json(type_oid: u32, text: &[u8], out: &mut Vec<u8>) {
         oid::BOOL if s == "t" || s == "f" => {
             out.extend_from_slice(if s == "t" { b"true" } else { b"false" })
         }
-        oid::TIMESTAMPTZ => to_json_bytes(&timestamptz(s), out),
-        oid::TIMESTAMP => to_json_bytes(&timestamp(s), out),
+        // PostgreSQL's timestamp text needs no JSON escaping.
+        oid::TIMESTAMPTZ | oid::TIMESTAMP
+            if s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ') =>
+        {
+            out.push(b'"');
+            rfc3339(s, type_oid == oid::TIMESTAMPTZ, out);
+            out.push(b'"');
+        }
         _ => to_json_bytes(&text_to_json(type_oid, text), out),
     }
 }
@@ -349,26 +356,39 @@ fn split_timestamp(s: &str) -> Option<(&str, &str)> {
 
 /// `2024-01-02 03:04:05.5` → `2024-01-02T03:04:05.5` (no zone: it has none).
 fn timestamp(s: &str) -> String {
-    match split_timestamp(s) {
-        Some((date, time)) => format!("{date}T{time}"),
-        None => s.to_owned(),
-    }
+    let mut out = Vec::with_capacity(s.len() + 3);
+    rfc3339(s, false, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `2024-01-02 03:04:05.5+00` → `2024-01-02T03:04:05.5Z`; `-08` → `-08:00`;
 /// `+05:30` and second offsets like `+05:53:28` are kept.
 fn timestamptz(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 3);
+    rfc3339(s, true, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Append the RFC 3339 form of timestamp text `s` (with a zone when
+/// `zoned`) to `out`; text that is not an AD timestamp is appended as is.
+fn rfc3339(s: &str, zoned: bool, out: &mut Vec<u8>) {
     let Some((date, time)) = split_timestamp(s) else {
-        return s.to_owned();
+        return out.extend_from_slice(s.as_bytes());
     };
-    let Some(at) = time.rfind(['+', '-']) else {
-        return format!("{date}T{time}");
+    let (clock, zone) = match time.rfind(['+', '-']).filter(|_| zoned) {
+        Some(at) => time.split_at(at),
+        None => (time, ""),
     };
-    let (clock, zone) = time.split_at(at);
+    for part in [date, "T", clock] {
+        out.extend_from_slice(part.as_bytes());
+    }
     match zone {
-        "+00" | "+00:00" => format!("{date}T{clock}Z"),
-        z if z.len() == 3 => format!("{date}T{clock}{z}:00"),
-        z => format!("{date}T{clock}{z}"),
+        "+00" | "+00:00" => out.push(b'Z'),
+        z if z.len() == 3 => {
+            out.extend_from_slice(z.as_bytes());
+            out.extend_from_slice(b":00");
+        }
+        z => out.extend_from_slice(z.as_bytes()),
     }
 }
 
