@@ -185,47 +185,141 @@ impl Drop for PgCluster {
     }
 }
 
-/// A tansu broker with in-memory storage, killed on drop.
+/// A tansu broker, killed on drop. Its storage is in memory, or with
+/// [`Tansu::start_persistent`] a SQLite file, so it can be killed and started
+/// again on the same port without losing records.
 pub struct Tansu {
-    child: Child,
-    /// TCP port on 127.0.0.1.
+    child: Option<Child>,
+    /// TCP port on 127.0.0.1 it listens on.
     pub port: u16,
+    /// The port it advertises in metadata (a proxy's, or `port`).
+    pub advertised: u16,
+    /// Where a SQLite store lives (`None`: memory storage).
+    data: Option<tempfile::TempDir>,
 }
 
 impl Tansu {
-    /// Start tansu; [`crate::chaos::oracle`] waits for it to answer.
+    /// Start tansu with memory storage; [`crate::chaos::oracle`] waits for it to answer.
     pub fn start() -> Result<Tansu> {
         let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
+        Tansu::start_with(port, port, false)
+    }
+
+    /// Start tansu on `port`, advertising `advertised`; with a SQLite store if `persistent`.
+    pub fn start_with(port: u16, advertised: u16, persistent: bool) -> Result<Tansu> {
+        let data = if persistent {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("pgcdc-chaos-tansu-")
+                    .tempdir()?,
+            )
+        } else {
+            None
+        };
+        let mut t = Tansu {
+            child: None,
+            port,
+            advertised,
+            data,
+        };
+        t.spawn()?;
+        Ok(t)
+    }
+
+    /// Start the process (again) on the same port and store.
+    pub fn spawn(&mut self) -> Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let bin = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &advertised]);
+        match &self.data {
+            // tansu resolves a sqlite:// path against its working directory.
+            Some(dir) => cmd
+                .current_dir(dir.path())
+                .args(["--storage-engine", "sqlite://tansu.db"]),
+            None => cmd.args(["--storage-engine", "memory://tansu/"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context(
                 "cannot start tansu: cargo install tansu --locked --features dynostore,libsql",
             )?;
-        Ok(Tansu { child, port })
+        self.child = Some(child);
+        Ok(())
     }
 
-    /// Bootstrap servers.
+    /// `kill -9` the broker (its SQLite store survives).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send `signal` (`STOP`, `CONT`) to the broker.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let Some(c) = &self.child else {
+            bail!("tansu is not running");
+        };
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &c.id().to_string()])
+            .status()?;
+        if !ok.success() {
+            bail!("kill -{signal} tansu failed");
+        }
+        Ok(())
+    }
+
+    /// Bootstrap servers (the advertised address).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 }
 
 impl Drop for Tansu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.signal("CONT");
+        self.kill();
+    }
+}
+
+/// A small tmpfs mounted over a directory (root only), unmounted on drop.
+pub struct TmpfsMount {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mount a tmpfs of `size_mb` MiB on `path` (created if missing).
+    pub fn mount(path: &Path, size_mb: u64) -> Result<TmpfsMount> {
+        if !is_root() {
+            bail!("mounting a small filesystem needs root");
+        }
+        std::fs::create_dir_all(path)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(TmpfsMount {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 
