@@ -57,7 +57,7 @@ pub(crate) async fn inject(
             "walsender-kill" => terminate_walsender(w).await?,
             "proxy" => proxy_fault(rng, w).await?,
             "es-errors" => arm_es_faults(rng, w)?,
-            "kafka-down" => kafka_down(i, rng, w).await?,
+            "kafka-down" => kafka_down(rng, w).await?,
             "disk-full" => disk_full(rng, w).await?,
             "checkpoint-corrupt" => checkpoint_fault(i, rng, w, Damage::Corrupt).await?,
             "checkpoint-missing" => checkpoint_fault(i, rng, w, Damage::Delete).await?,
@@ -107,20 +107,15 @@ fn arm_es_faults(rng: &mut Rng, w: &World) -> Result<usize> {
     Ok(0)
 }
 
-/// Freeze the broker (SIGSTOP) for a while, or kill it and start it again
-/// on the same port and SQLite store; alternating.
-async fn kafka_down(i: usize, rng: &mut Rng, w: &mut World) -> Result<usize> {
-    if i % 2 == 0 {
-        w.tansu.signal("STOP")?;
-        tokio::time::sleep(Duration::from_millis(2000 + rng.below(3000))).await;
-        w.tansu.signal("CONT")?;
-    } else {
-        w.tansu.kill();
-        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
-        w.tansu.spawn()?;
-        let brokers = w.tansu.brokers();
-        block_in_place(|| super::oracle::wait_broker(&brokers, Duration::from_secs(30)))?;
-    }
+/// Freeze the broker (SIGSTOP) for a few seconds, then let it go on (SIGCONT):
+/// every connection stays open but nothing is answered. (Killing tansu and
+/// starting it again is not done: with memory storage it loses its records,
+/// and with its SQLite storage (tansu 0.6) the sink's consumer group never
+/// got an assignment, not even before the first fault.)
+async fn kafka_down(rng: &mut Rng, w: &mut World) -> Result<usize> {
+    w.tansu.signal("STOP")?;
+    tokio::time::sleep(Duration::from_millis(2000 + rng.below(6000))).await;
+    w.tansu.signal("CONT")?;
     Ok(1)
 }
 

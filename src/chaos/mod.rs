@@ -230,15 +230,11 @@ async fn start_world(name: &str, seed: u64, run_seed: u64) -> Result<World> {
         "proxy" => {
             // Kafka clients reconnect to the advertised address: tansu must advertise the proxy.
             let front = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let tansu = Tansu::start_with(free_port()?, front.local_addr()?.port(), false)?;
+            let tansu = Tansu::start_with(free_port()?, front.local_addr()?.port())?;
             proxies.push(("postgres", proxy_to(pg.port)?));
             proxies.push(("kafka", TcpProxy::start(front, tansu.port)?));
             proxies.push(("elasticsearch", proxy_to(url_port(&es.url)?)?));
             tansu
-        }
-        "kafka-down" => {
-            let port = free_port()?;
-            Tansu::start_with(port, port, true)?
         }
         _ => Tansu::start()?,
     };

@@ -185,88 +185,48 @@ impl Drop for PgCluster {
     }
 }
 
-/// A tansu broker, killed on drop. Its storage is in memory, or with
-/// [`Tansu::start_persistent`] a SQLite file, so it can be killed and started
-/// again on the same port without losing records.
+/// A tansu broker with memory storage, killed on drop.
 pub struct Tansu {
-    child: Option<Child>,
+    child: Child,
     /// TCP port on 127.0.0.1 it listens on.
     pub port: u16,
     /// The port it advertises in metadata (a proxy's, or `port`).
     pub advertised: u16,
-    /// Where a SQLite store lives (`None`: memory storage).
-    data: Option<tempfile::TempDir>,
 }
 
 impl Tansu {
-    /// Start tansu with memory storage; [`crate::chaos::oracle`] waits for it to answer.
+    /// Start tansu; [`crate::chaos::oracle`] waits for it to answer.
     pub fn start() -> Result<Tansu> {
         let port = free_port()?;
-        Tansu::start_with(port, port, false)
+        Tansu::start_with(port, port)
     }
 
-    /// Start tansu on `port`, advertising `advertised`; with a SQLite store if `persistent`.
-    pub fn start_with(port: u16, advertised: u16, persistent: bool) -> Result<Tansu> {
-        let data = if persistent {
-            Some(
-                tempfile::Builder::new()
-                    .prefix("pgcdc-chaos-tansu-")
-                    .tempdir()?,
-            )
-        } else {
-            None
-        };
-        let mut t = Tansu {
-            child: None,
-            port,
-            advertised,
-            data,
-        };
-        t.spawn()?;
-        Ok(t)
-    }
-
-    /// Start the process (again) on the same port and store.
-    pub fn spawn(&mut self) -> Result<()> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
+    /// Start tansu on `port`, advertising `advertised` to clients.
+    pub fn start_with(port: u16, advertised: u16) -> Result<Tansu> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let front = format!("tcp://127.0.0.1:{advertised}");
         let bin = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
-        let mut cmd = Command::new(bin);
-        cmd.args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &advertised]);
-        match &self.data {
-            // tansu resolves a sqlite:// path against its working directory.
-            Some(dir) => cmd
-                .current_dir(dir.path())
-                .args(["--storage-engine", "sqlite://tansu.db"]),
-            None => cmd.args(["--storage-engine", "memory://tansu/"]),
-        };
-        let child = cmd
+        let child = Command::new(bin)
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &front])
+            .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context(
                 "cannot start tansu: cargo install tansu --locked --features dynostore,libsql",
             )?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// `kill -9` the broker (its SQLite store survives).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        Ok(Tansu {
+            child,
+            port,
+            advertised,
+        })
     }
 
     /// Send `signal` (`STOP`, `CONT`) to the broker.
     pub fn signal(&self, signal: &str) -> Result<()> {
-        let Some(c) = &self.child else {
-            bail!("tansu is not running");
-        };
         let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &c.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()?;
         if !ok.success() {
             bail!("kill -{signal} tansu failed");
@@ -283,7 +243,8 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.signal("CONT");
-        self.kill();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
