@@ -162,6 +162,13 @@ pub(crate) struct World {
     _dir: tempfile::TempDir,
 }
 
+impl World {
+    /// The search server's own URL (not a proxy's).
+    pub(crate) fn es_url(&self) -> &str {
+        &self.es.url
+    }
+}
+
 /// Why a scenario cannot run here (reported `SKIPPED`, never `PASS`).
 #[derive(Debug)]
 struct Skip(String);
@@ -369,7 +376,15 @@ async fn drive(
     if let Ok(db) = w.pg.client().await {
         w.db = db;
     }
-    let es = oracle::es_converges(&w.db, &w.es.url, Duration::from_secs(90)).await;
+    let mut es = oracle::es_converges(&w.db, &w.es.url, Duration::from_secs(90)).await;
+    let brokers = w.tansu.brokers();
+    if es.is_ok() {
+        // Equal rows are not the end of the sink's work; wait for the versions too.
+        if let Ok(scan) = block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
+            let settle = Duration::from_secs(60);
+            es = oracle::es_versions_settle(&w.es.url, &scan.versions, settle).await;
+        }
+    }
     let status = block_in_place(|| w.daemon.terminate(Duration::from_secs(60)));
     stop_poll.store(true, Ordering::SeqCst);
     let slot = poller.await.unwrap_or_default();
@@ -380,7 +395,6 @@ async fn drive(
         }),
         Err(e) => checks.check(false, || format!("sigterm: {e}")),
     }
-    let brokers = w.tansu.brokers();
     let mut kafka_versions = std::collections::HashMap::new();
     match block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
         Ok(scan) => {
