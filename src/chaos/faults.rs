@@ -417,7 +417,7 @@ async fn advance_slot(w: &World) -> Result<()> {
 /// --duration-secs 5`, the mirror stuck at a third of the rows).
 async fn wait_sink_joined(w: &World) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let url = format!("{}/cdc_public_chaos_items/_count", w.es_url());
+    let url = format!("{}/cdc_public_chaos_items/_count", w.es.url);
     let http = reqwest::Client::new();
     loop {
         let count = match http.get(&url).send().await {

@@ -3,7 +3,9 @@
 //! executable, `run`), drives a workload of numbered transactions, injects
 //! faults on a schedule drawn from a seeded PRNG, stops the daemon cleanly
 //! and checks the oracle ([`oracle`]). The seed is printed first, so any run
-//! can be replayed.
+//! can be replayed. Some scenarios put the daemon behind fault proxies
+//! ([`proxy`] for TCP, [`es_proxy`] for `_bulk`) or its state on a small
+//! filesystem ([`services::TmpfsMount`]).
 
 mod es_proxy;
 mod faults;
@@ -157,16 +159,9 @@ pub(crate) struct World {
     pub(crate) es_proxy: Option<EsFaultProxy>,
     /// `disk-full`: the small filesystem `state_dir` lives on.
     _disk: Option<TmpfsMount>,
-    pub(crate) tansu: Tansu,
+    tansu: Tansu,
     es: SearchServer,
     _dir: tempfile::TempDir,
-}
-
-impl World {
-    /// The search server's own URL (not a proxy's).
-    pub(crate) fn es_url(&self) -> &str {
-        &self.es.url
-    }
 }
 
 /// Why a scenario cannot run here (reported `SKIPPED`, never `PASS`).
@@ -221,8 +216,8 @@ fn url_port(url: &str) -> Result<u16> {
         .ok_or_else(|| anyhow!("no port in {url}"))
 }
 
-/// Start the services (with the scenario's proxies, broker storage or small
-/// filesystem) and the daemon, and wait until it streams.
+/// Start the services (with the scenario's proxies or small filesystem) and
+/// the daemon, and wait until it streams.
 async fn start_world(name: &str, seed: u64, run_seed: u64) -> Result<World> {
     let dir = tempfile::Builder::new().prefix("pgcdc-chaos-").tempdir()?;
     let state_dir = dir.path().join("state");
