@@ -38,3 +38,42 @@ fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
         assert!(line.contains("PASS"), "{stdout}");
     }
 }
+
+/// The ES fault proxy (429/500/dropped connections/partial bulk failures) and
+/// a deleted checkpoint (slot taken over at its confirmed position) must
+/// pass too; about 55 s.
+#[test]
+fn chaos_es_errors_and_a_deleted_checkpoint_pass() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args([
+            "chaos",
+            "--seed",
+            "7",
+            "--scenarios",
+            "es-errors,checkpoint-missing",
+        ])
+        .args(["--kills", "1", "--duration-secs", "5"])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run pgcdc chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for scenario in ["es-errors ", "checkpoint-missing "] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(scenario))
+            .unwrap_or_default();
+        assert!(line.contains("PASS"), "{stdout}");
+        let injections: usize = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(injections > 0, "a fault must have fired: {line}");
+    }
+}

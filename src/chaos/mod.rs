@@ -3,15 +3,19 @@
 //! executable, `run`), drives a workload of numbered transactions, injects
 //! faults on a schedule drawn from a seeded PRNG, stops the daemon cleanly
 //! and checks the oracle ([`oracle`]). The seed is printed first, so any run
-//! can be replayed.
+//! can be replayed. Some scenarios put the daemon behind fault proxies
+//! ([`proxy`] for TCP, [`es_proxy`] for `_bulk`) or its state on a small
+//! filesystem ([`services::TmpfsMount`]).
 
+mod es_proxy;
 mod faults;
 mod oracle;
+mod proxy;
 mod report;
 mod services;
 mod workload;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,17 +24,26 @@ use anyhow::{anyhow, Result};
 use tokio::task::block_in_place;
 use tokio_postgres::Client;
 
+use es_proxy::EsFaultProxy;
+use proxy::TcpProxy;
 pub use report::{Outcome, Verdict, HEADER};
-use services::{Daemon, PgCluster, SearchServer, Tansu};
+use services::{free_port, Daemon, PgCluster, SearchServer, Tansu, TmpfsMount};
 use workload::{lock, Journal};
 
 /// Every scenario, in the default order.
-pub const SCENARIOS: [&str; 5] = [
+pub const SCENARIOS: [&str; 12] = [
     "kill9",
     "panic",
     "pg-restart",
     "walsender-kill",
     "slot-dropped",
+    "proxy",
+    "es-errors",
+    "kafka-down",
+    "disk-full",
+    "checkpoint-corrupt",
+    "checkpoint-missing",
+    "slot-advanced",
 ];
 
 /// What `pgcdc chaos` was asked to do.
@@ -138,16 +151,42 @@ pub(crate) struct World {
     pub(crate) daemon: Daemon,
     /// Set when PostgreSQL is restarted on purpose (see [`oracle::watch_slot`]).
     pub(crate) pg_restarted: Arc<AtomicBool>,
+    /// The daemon's `state_dir`.
+    pub(crate) state_dir: PathBuf,
+    /// `proxy`: the TCP proxies in front of PostgreSQL, Kafka and ES, by service.
+    pub(crate) proxies: Vec<(&'static str, TcpProxy)>,
+    /// `es-errors`: the HTTP fault proxy in front of ES.
+    pub(crate) es_proxy: Option<EsFaultProxy>,
+    /// `disk-full`: the small filesystem `state_dir` lives on.
+    _disk: Option<TmpfsMount>,
     tansu: Tansu,
     es: SearchServer,
     _dir: tempfile::TempDir,
 }
 
+/// Why a scenario cannot run here (reported `SKIPPED`, never `PASS`).
+#[derive(Debug)]
+struct Skip(String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
+
 /// The daemon's configuration. The ES sink's consumer uses static group
 /// membership (`group.instance.id`): with dynamic membership, two `kill -9`s
 /// within one rebalance left tansu's group without an assignment for minutes
 /// (ES never converged; replay: seed 7, kill9, --kills 2 --duration-secs 10).
-fn daemon_config(w_dir: &Path, pg: &PgCluster, tansu: &Tansu, es: &SearchServer) -> String {
+fn daemon_config(
+    w_dir: &Path,
+    pg_port: u16,
+    password: &str,
+    brokers: &str,
+    es_url: &str,
+) -> String {
     format!(
         "state_dir = {state:?}\nshutdown_timeout_secs = 20\n\
          [postgres]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword = {pw:?}\n\
@@ -158,28 +197,80 @@ fn daemon_config(w_dir: &Path, pg: &PgCluster, tansu: &Tansu, es: &SearchServer)
          [supervision]\nmax_restarts = 50\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n\
          [log]\nlevel = \"info\"\n[metrics]\nlisten = \"\"\n",
         state = w_dir.join("state").display().to_string(),
-        port = pg.port,
-        pw = pg.password,
-        brokers = tansu.brokers(),
-        url = es.url,
+        port = pg_port,
+        pw = password,
+        url = es_url,
     )
 }
 
-async fn start_world(seed: u64) -> Result<World> {
-    let pg = block_in_place(|| PgCluster::start(&format!("chaos-secret-{seed}")))?;
-    let tansu = Tansu::start()?;
+/// A proxy on a fresh port in front of `127.0.0.1:upstream`.
+fn proxy_to(upstream: u16) -> Result<TcpProxy> {
+    TcpProxy::start(std::net::TcpListener::bind("127.0.0.1:0")?, upstream)
+}
+
+/// The port of a base URL such as `http://127.0.0.1:9200`.
+fn url_port(url: &str) -> Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| anyhow!("no port in {url}"))
+}
+
+/// Start the services (with the scenario's proxies or small filesystem) and
+/// the daemon, and wait until it streams.
+async fn start_world(name: &str, seed: u64, run_seed: u64) -> Result<World> {
+    let dir = tempfile::Builder::new().prefix("pgcdc-chaos-").tempdir()?;
+    let state_dir = dir.path().join("state");
+    let disk = match name {
+        "disk-full" => Some(TmpfsMount::mount(&state_dir, 64).map_err(|e| Skip(format!("{e:#}")))?),
+        _ => None,
+    };
+    let pg = block_in_place(|| PgCluster::start(&format!("chaos-secret-{run_seed}")))?;
     let es = SearchServer::start()?;
+    let mut proxies = Vec::new();
+    let tansu = match name {
+        "proxy" => {
+            // Kafka clients reconnect to the advertised address: tansu must advertise the proxy.
+            let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let tansu = Tansu::start_with(free_port()?, front.local_addr()?.port())?;
+            proxies.push(("postgres", proxy_to(pg.port)?));
+            proxies.push(("kafka", TcpProxy::start(front, tansu.port)?));
+            proxies.push(("elasticsearch", proxy_to(url_port(&es.url)?)?));
+            tansu
+        }
+        _ => Tansu::start()?,
+    };
+    let es_proxy = match name {
+        "es-errors" => Some(EsFaultProxy::start(&es.url, seed).await?),
+        _ => None,
+    };
     let brokers = tansu.brokers();
     block_in_place(|| oracle::wait_broker(&brokers, Duration::from_secs(30)))?;
     let db = pg.client().await?;
     db.batch_execute(workload::DDL).await?;
-    let dir = tempfile::Builder::new().prefix("pgcdc-chaos-").tempdir()?;
-    let daemon = Daemon::start(dir.path(), &daemon_config(dir.path(), &pg, &tansu, &es))?;
+    let proxied = |service: &str| {
+        proxies
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, p)| p.port)
+    };
+    let pg_port = proxied("postgres").unwrap_or(pg.port);
+    let es_url = match (&es_proxy, proxied("elasticsearch")) {
+        (Some(p), _) => p.url.clone(),
+        (None, Some(port)) => format!("http://127.0.0.1:{port}"),
+        (None, None) => es.url.clone(),
+    };
+    let config = daemon_config(dir.path(), pg_port, &pg.password, &brokers, &es_url);
+    let daemon = Daemon::start(dir.path(), &config)?;
     let mut w = World {
         pg,
         db,
         daemon,
         pg_restarted: Arc::default(),
+        state_dir,
+        proxies,
+        es_proxy,
+        _disk: disk,
         tansu,
         es,
         _dir: dir,
@@ -221,7 +312,7 @@ async fn run_scenario(name: &str, seed: u64, run_seed: u64, opts: &ChaosOptions)
         outcome.verdict = Verdict::Skipped("built without --features failpoints".into());
         return outcome;
     }
-    outcome.verdict = match start_world(run_seed).await {
+    outcome.verdict = match start_world(name, seed, run_seed).await {
         Ok(mut w) => {
             let v = drive(name, seed, opts, &mut w, &mut outcome).await;
             if v.failed() {
@@ -229,7 +320,10 @@ async fn run_scenario(name: &str, seed: u64, run_seed: u64, opts: &ChaosOptions)
             }
             v
         }
-        Err(e) => Verdict::Fail(format!("setup: {e:#}")),
+        Err(e) => match e.downcast_ref::<Skip>() {
+            Some(skip) => Verdict::Skipped(skip.0.clone()),
+            None => Verdict::Fail(format!("setup: {e:#}")),
+        },
     };
     outcome.seconds = started.elapsed().as_secs_f64();
     outcome
@@ -277,7 +371,15 @@ async fn drive(
     if let Ok(db) = w.pg.client().await {
         w.db = db;
     }
-    let es = oracle::es_converges(&w.db, &w.es.url, Duration::from_secs(90)).await;
+    let mut es = oracle::es_converges(&w.db, &w.es.url, Duration::from_secs(90)).await;
+    let brokers = w.tansu.brokers();
+    if es.is_ok() {
+        // Equal rows are not the end of the sink's work; wait for the versions too.
+        if let Ok(scan) = block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
+            let settle = Duration::from_secs(60);
+            es = oracle::es_versions_settle(&w.es.url, &scan.versions, settle).await;
+        }
+    }
     let status = block_in_place(|| w.daemon.terminate(Duration::from_secs(60)));
     stop_poll.store(true, Ordering::SeqCst);
     let slot = poller.await.unwrap_or_default();
@@ -288,7 +390,6 @@ async fn drive(
         }),
         Err(e) => checks.check(false, || format!("sigterm: {e}")),
     }
-    let brokers = w.tansu.brokers();
     let mut kafka_versions = std::collections::HashMap::new();
     match block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
         Ok(scan) => {

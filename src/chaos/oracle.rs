@@ -296,6 +296,28 @@ pub async fn es_converges(
     }
 }
 
+/// Poll until every mirror document's `_version` is its row's last commit
+/// LSN on Kafka, or `timeout` passes; the last versions read. The rows can
+/// already be equal while the sink still works through records that only
+/// repeat values (a backfill after a slot takeover), so equality of values
+/// alone does not mean the sink is done.
+pub async fn es_versions_settle(
+    es_url: &str,
+    kafka: &HashMap<i64, u64>,
+    timeout: Duration,
+) -> Result<Versions, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, versions) = es_rows(es_url, "cdc_public_chaos_items")
+            .await
+            .map_err(|e| format!("read index: {e}"))?;
+        if stale_versions(&versions, kafka) == 0 || Instant::now() >= deadline {
+            return Ok(versions);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

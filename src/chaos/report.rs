@@ -49,7 +49,7 @@ pub struct Outcome {
 
 /// The table header.
 pub const HEADER: &str =
-    "scenario         injections  transactions  events  duplicates  seconds  verdict";
+    "scenario           injections  transactions  events  duplicates  seconds  verdict";
 
 /// The whole table.
 pub fn table(outcomes: &[Outcome]) -> String {
@@ -57,7 +57,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
     for o in outcomes {
         let _ = writeln!(
             out,
-            "{:<16} {:>10}  {:>12}  {:>6}  {:>10}  {:>7.1}  {}",
+            "{:<18} {:>10}  {:>12}  {:>6}  {:>10}  {:>7.1}  {}",
             o.scenario,
             o.injections,
             o.transactions,

@@ -185,27 +185,30 @@ impl Drop for PgCluster {
     }
 }
 
-/// A tansu broker with in-memory storage, killed on drop.
+/// A tansu broker with memory storage, killed on drop.
 pub struct Tansu {
     child: Child,
-    /// TCP port on 127.0.0.1.
+    /// TCP port on 127.0.0.1 it listens on.
     pub port: u16,
+    /// The port it advertises in metadata (a proxy's, or `port`).
+    pub advertised: u16,
 }
 
 impl Tansu {
     /// Start tansu; [`crate::chaos::oracle`] waits for it to answer.
     pub fn start() -> Result<Tansu> {
         let port = free_port()?;
+        Tansu::start_with(port, port)
+    }
+
+    /// Start tansu on `port`, advertising `advertised` to clients.
+    pub fn start_with(port: u16, advertised: u16) -> Result<Tansu> {
         let url = format!("tcp://127.0.0.1:{port}");
+        let front = format!("tcp://127.0.0.1:{advertised}");
         let bin = std::env::var("TANSU").unwrap_or_else(|_| "tansu".into());
         let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &front])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -213,19 +216,71 @@ impl Tansu {
             .context(
                 "cannot start tansu: cargo install tansu --locked --features dynostore,libsql",
             )?;
-        Ok(Tansu { child, port })
+        Ok(Tansu {
+            child,
+            port,
+            advertised,
+        })
     }
 
-    /// Bootstrap servers.
+    /// Send `signal` (`STOP`, `CONT`) to the broker.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?;
+        if !ok.success() {
+            bail!("kill -{signal} tansu failed");
+        }
+        Ok(())
+    }
+
+    /// Bootstrap servers (the advertised address).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 }
 
 impl Drop for Tansu {
     fn drop(&mut self) {
+        let _ = self.signal("CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A small tmpfs mounted over a directory (root only), unmounted on drop.
+pub struct TmpfsMount {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mount a tmpfs of `size_mb` MiB on `path` (created if missing).
+    pub fn mount(path: &Path, size_mb: u64) -> Result<TmpfsMount> {
+        if !is_root() {
+            bail!("mounting a small filesystem needs root");
+        }
+        std::fs::create_dir_all(path)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(TmpfsMount {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 

@@ -1,0 +1,304 @@
+//! An HTTP proxy in front of the search server for the `es-errors`
+//! scenario. Armed with a burst of faults, it answers that many `_bulk`
+//! requests badly, one fault each, drawn from a seeded PRNG: 429 or 500 for
+//! the whole request, a dropped connection, or a partial failure (some items
+//! are not forwarded and answered with 429 or 503). Everything else is
+//! forwarded unchanged. One request per connection (`connection: close`).
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::workload::lock;
+use super::Rng;
+
+/// A fault for one `_bulk` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// 429 for the whole request.
+    Reject429,
+    /// 500 for the whole request.
+    Reject500,
+    /// Close the connection without an answer.
+    Drop,
+    /// Every `every`-th item (from the first) fails with `status`, not applied.
+    Partial { every: usize, status: u16 },
+}
+
+#[derive(Debug)]
+struct State {
+    rng: Rng,
+    armed: usize,
+    fired: usize,
+}
+
+impl State {
+    fn next_fault(&mut self) -> Option<Fault> {
+        if self.armed == 0 {
+            return None;
+        }
+        self.armed -= 1;
+        self.fired += 1;
+        Some(match self.rng.below(4) {
+            0 => Fault::Reject429,
+            1 => Fault::Reject500,
+            2 => Fault::Drop,
+            _ => Fault::Partial {
+                every: 2 + self.rng.below(3) as usize,
+                status: if self.rng.below(2) == 0 { 429 } else { 503 },
+            },
+        })
+    }
+}
+
+/// The running proxy; its accept loop ends when it is dropped.
+pub struct EsFaultProxy {
+    /// Base URL the daemon uses.
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl EsFaultProxy {
+    /// Proxy to `upstream` (a base URL) on a free port; faults drawn from `seed`.
+    pub async fn start(upstream: &str, seed: u64) -> Result<EsFaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(Mutex::new(State {
+            rng: Rng::new(seed),
+            armed: 0,
+            fired: 0,
+        }));
+        let (st, upstream) = (state.clone(), upstream.to_owned());
+        let http = reqwest::Client::new();
+        let accept = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn, upstream.clone(), http.clone(), st.clone()));
+            }
+        });
+        Ok(EsFaultProxy { url, state, accept })
+    }
+
+    /// Fail the next `n` bulk requests (one fault each).
+    pub fn arm(&self, n: usize) {
+        lock(&self.state).armed += n;
+    }
+
+    /// Faults fired so far.
+    pub fn fired(&self) -> usize {
+        lock(&self.state).fired
+    }
+}
+
+impl Drop for EsFaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Read one request (head + content-length body): method, path, body.
+async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut first = head.lines().next()?.split_whitespace();
+    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some((method, path, buf[head_end..head_end + len].to_vec()))
+}
+
+async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body).await;
+    let _ = conn.shutdown().await;
+}
+
+async fn forward(
+    http: &reqwest::Client,
+    upstream: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let ct = if path.contains("_bulk") {
+        "application/x-ndjson"
+    } else {
+        "application/json"
+    };
+    let resp = http
+        .request(method, format!("{upstream}{path}"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await;
+    match resp {
+        Ok(r) => (
+            r.status().as_u16(),
+            r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+        ),
+        Err(_) => (502, b"{}".to_vec()),
+    }
+}
+
+/// Split an NDJSON bulk body into items (action line + source line unless a delete).
+fn bulk_items(body: &[u8]) -> Vec<Vec<String>> {
+    let text = String::from_utf8_lossy(body);
+    let mut lines = text.lines().filter(|l| !l.is_empty());
+    let mut items = Vec::new();
+    while let Some(meta) = lines.next() {
+        let mut item = vec![meta.to_owned()];
+        if !meta.trim_start().starts_with("{\"delete\"") {
+            item.extend(lines.next().map(str::to_owned));
+        }
+        items.push(item);
+    }
+    items
+}
+
+/// The action name of an item's first line (`index`, `delete`, ...).
+fn action(item: &[String]) -> String {
+    item.first()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|v| v.as_object().and_then(|o| o.keys().next().cloned()))
+        .unwrap_or_else(|| "index".into())
+}
+
+/// Forward only the items not chosen to fail; splice failures into the answer.
+async fn partial(
+    http: &reqwest::Client,
+    upstream: &str,
+    path: &str,
+    body: &[u8],
+    every: usize,
+    status: u16,
+) -> (u16, Vec<u8>) {
+    let items = bulk_items(body);
+    let fails = |i: usize| i % every == 0;
+    let mut kept: String = items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !fails(*i))
+        .flat_map(|(_, it)| it.clone())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut answers = Vec::new().into_iter();
+    let mut code = 200;
+    if !kept.is_empty() {
+        kept.push('\n');
+        let (s, resp) = forward(http, upstream, "POST", path, kept.into_bytes()).await;
+        if s != 200 {
+            return (s, resp);
+        }
+        code = s;
+        let resp: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
+        answers = resp["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter();
+    }
+    let reason = if status == 429 {
+        "es_rejected_execution_exception"
+    } else {
+        "unavailable_shards_exception"
+    };
+    let spliced: Vec<Value> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            if fails(i) {
+                json!({ action(it): {"status": status, "error": {"type": reason, "reason": "chaos"}}})
+            } else {
+                answers.next().unwrap_or(Value::Null)
+            }
+        })
+        .collect();
+    let body = json!({"took": 1, "errors": true, "items": spliced}).to_string();
+    (code, body.into_bytes())
+}
+
+async fn serve(
+    mut conn: TcpStream,
+    upstream: String,
+    http: reqwest::Client,
+    state: Arc<Mutex<State>>,
+) {
+    let Some((method, path, body)) = read_request(&mut conn).await else {
+        return;
+    };
+    let fault = if path.contains("_bulk") {
+        lock(&state).next_fault()
+    } else {
+        None
+    };
+    let (status, resp) = match fault {
+        None => forward(&http, &upstream, &method, &path, body).await,
+        Some(Fault::Drop) => return drop(conn),
+        Some(Fault::Reject429) => (429, br#"{"error":"chaos","status":429}"#.to_vec()),
+        Some(Fault::Reject500) => (500, br#"{"error":"chaos","status":500}"#.to_vec()),
+        Some(Fault::Partial { every, status }) => {
+            partial(&http, &upstream, &path, &body, every, status).await
+        }
+    };
+    respond(&mut conn, status, &resp).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_bodies_split_into_items_and_deletes_have_no_source() {
+        let body = b"{\"index\":{\"_id\":\"1\"}}\n{\"id\":1}\n{\"delete\":{\"_id\":\"2\"}}\n{\"index\":{\"_id\":\"3\"}}\n{\"id\":3}\n";
+        let items = bulk_items(body);
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[1].len(), 1);
+        assert_eq!(action(&items[1]), "delete");
+        assert_eq!(action(&items[2]), "index");
+    }
+
+    #[test]
+    fn an_armed_burst_fires_exactly_its_faults() {
+        let mut s = State {
+            rng: Rng::new(3),
+            armed: 3,
+            fired: 0,
+        };
+        let faults: Vec<_> = (0..5).map(|_| s.next_fault()).collect();
+        assert_eq!(faults.iter().filter(|f| f.is_some()).count(), 3);
+        assert_eq!(s.fired, 3);
+        assert!(faults[3].is_none() && faults[4].is_none());
+    }
+}
