@@ -10,11 +10,17 @@ use tokio::task::block_in_place;
 use super::es_proxy::EsFaultProxy;
 use super::{wait_streaming, ChaosOptions, Rng, World};
 
-/// Failpoints the `panic` scenario arms, one per restart.
-const FAILPOINTS: [&str; 3] = [
+/// Failpoints the `panic` scenario arms, one per restart: after Kafka
+/// acknowledged a batch (before the checkpoint), after the checkpoint
+/// (before the confirm), after a batch was handed to the producer, after an
+/// ES bulk was written (before the offsets are committed), and in the middle
+/// of a backfill chunk (a backfill is requested with `pgcdc snapshot`).
+const FAILPOINTS: [&str; 5] = [
     "producer-after-ack=1*panic",
     "checkpoint-before-confirm=1*panic",
     "replication-publish=1*panic",
+    "es-after-bulk=1*panic",
+    "snapshot-chunk=1*panic",
 ];
 
 /// `count` sorted offsets within the middle 80% of `duration`.
@@ -144,6 +150,18 @@ async fn arm_failpoint(failpoint: &str, w: &mut World) -> Result<usize> {
     w.daemon.set_env("FAILPOINTS", Some(failpoint));
     w.daemon.spawn()?;
     wait_streaming(w).await?;
+    if failpoint.starts_with("snapshot-chunk") {
+        let out = block_in_place(|| {
+            w.daemon
+                .command(&["snapshot", "--table", "public.chaos_items"])
+        })?;
+        if !out.status.success() {
+            bail!(
+                "pgcdc snapshot failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     Ok(1)
 }
 

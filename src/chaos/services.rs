@@ -381,6 +381,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// Run another pgcdc command (`pgcdc --config <the daemon's> args…`).
+    pub fn command(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .context("run pgcdc")
+    }
+
     /// Set (or with `None` remove) an environment variable for the next `spawn`.
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {
         self.envs.retain(|(k, _)| k != key);

@@ -151,6 +151,7 @@ impl Sink {
         loop {
             let batch = self.collect(&c.consumer).await?;
             self.write_batch(&mut c, &batch).await?;
+            fail::fail_point!("es-after-bulk");
             commit(&c.consumer, &batch)?;
         }
     }
