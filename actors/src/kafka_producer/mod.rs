@@ -403,7 +403,7 @@ async fn enqueue_all(
                 key: "pgcdc.types",
                 value: Some(&*r.types),
             });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&*r.topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }
