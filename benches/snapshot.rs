@@ -1,7 +1,8 @@
 //! Snapshot throughput (not a timed test): a 2,000,000-row table copied into
 //! Kafka (tansu on loopback) by the initial snapshot, timed to the moment every
 //! snapshot row is acknowledged and checkpointed, for parallelism 1 and 4; in
-//! the same run `COPY (SELECT …) TO STDOUT` of the table into /dev/null.
+//! the same run `COPY (SELECT …) TO STDOUT` of the table into /dev/null (the
+//! fastest of three runs).
 //!
 //! Also prints the CPU seconds each side spent (pgcdc, PostgreSQL, tansu;
 //! psql and PostgreSQL for COPY): on 2 cores the services share the machine.
@@ -43,37 +44,44 @@ async fn main() {
     )
     .unwrap();
     let psql = std::path::Path::new(psql.trim()).join("psql");
-    let backends = pg_children(&pg).len();
-    let (pg_cpu, self_cpu) = (pg_cpu_secs(&pg), cpu_secs(std::process::id(), true));
-    let t0 = Instant::now();
-    let status = Command::new(psql)
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
-        .args(["-c", "COPY (SELECT id, a, b, n, ts FROM snap) TO STDOUT"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let copy = t0.elapsed().as_secs_f64();
-    // The COPY backend's CPU is counted once the postmaster has reaped it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pg_children(&pg).len() > backends && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    // COPY is timed three times and the fastest run is the baseline.
+    let (mut copy, mut copy_cpu) = (f64::MAX, (0.0, 0.0));
+    for _ in 0..3 {
+        let backends = pg_children(&pg).len();
+        let (pg_cpu, self_cpu) = (pg_cpu_secs(&pg), cpu_secs(std::process::id(), true));
+        let t0 = Instant::now();
+        let status = Command::new(&psql)
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-c", "COPY (SELECT id, a, b, n, ts FROM snap) TO STDOUT"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let secs = t0.elapsed().as_secs_f64();
+        // The COPY backend's CPU is counted once the postmaster has reaped it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pg_children(&pg).len() > backends && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if secs < copy {
+            copy = secs;
+            copy_cpu = (
+                cpu_secs(std::process::id(), true) - self_cpu,
+                pg_cpu_secs(&pg) - pg_cpu,
+            );
+        }
     }
-    let copy_cpu = (
-        cpu_secs(std::process::id(), true) - self_cpu,
-        pg_cpu_secs(&pg) - pg_cpu,
-    );
 
     let mut results = Vec::new();
     for parallelism in [1, 4] {
@@ -110,12 +118,12 @@ async fn main() {
         "snapshot of a {ROWS}-row table (id, two text, int, timestamptz) on this machine, one run:"
     );
     println!(
-        "{:<44} {:>9} {:>8} {:>8} {:>26}",
+        "{:<52} {:>9} {:>8} {:>8} {:>26}",
         "", "rows/s", "seconds", "vs COPY", "CPU s: client / pg / tansu"
     );
     println!(
-        "{:<44} {:>9.0} {:>8.2} {:>8} {:>12.2} / {:.2} / -",
-        "COPY (SELECT ...) TO STDOUT > /dev/null",
+        "{:<52} {:>9.0} {:>8.2} {:>8} {:>12.2} / {:.2} / -",
+        "COPY (SELECT ...) TO STDOUT > /dev/null, best of 3",
         ROWS as f64 / copy,
         copy,
         "1.00",
@@ -125,7 +133,7 @@ async fn main() {
     for (p, secs, (own, pg, tansu)) in results {
         let label = format!("pgcdc snapshot -> tansu, parallelism {p}");
         println!(
-            "{:<44} {:>9.0} {:>8.2} {:>8.2} {:>12.2} / {pg:.2} / {tansu:.2}",
+            "{:<52} {:>9.0} {:>8.2} {:>8.2} {:>12.2} / {pg:.2} / {tansu:.2}",
             label,
             ROWS as f64 / secs,
             secs,

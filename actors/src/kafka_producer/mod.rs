@@ -301,7 +301,7 @@ impl Handler<PublishBatch> for KafkaProducerActor {
                     ProducerError::SessionClosed(session)
                 })?;
             }
-            let deliveries = enqueue_all(&producer, &records).await?;
+            let deliveries = enqueue_all(&producer, &records, now).await?;
             actix::spawn(async move {
                 let handle = actix::spawn(await_deliveries(deliveries));
                 let (outcome, fatal) = match handle.await {
@@ -379,10 +379,13 @@ impl Handler<DrainProducer> for KafkaProducerActor {
     }
 }
 
-/// Hand every record to librdkafka, waiting out a full local queue.
+/// Hand every record to librdkafka, waiting out a full local queue. The
+/// records' timestamp is `now_ms`, when the batch was encoded (librdkafka
+/// would otherwise read the clock once per record).
 async fn enqueue_all(
     producer: &FutureProducer,
     records: &[EncodedRecord],
+    now_ms: i64,
 ) -> Result<Vec<DeliveryFuture>, ProducerError> {
     let mut deliveries = Vec::with_capacity(records.len());
     for r in records {
@@ -403,7 +406,9 @@ async fn enqueue_all(
                 key: "pgcdc.types",
                 value: Some(&*r.types),
             });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
+            .headers(headers)
+            .timestamp(now_ms);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }
