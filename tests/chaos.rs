@@ -6,21 +6,47 @@
 
 use std::process::Command;
 
-#[test]
-fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
+/// Run `pgcdc chaos` with `args` in a directory without a configuration
+/// file; it must exit 0. Returns its stdout.
+fn chaos(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .args(["chaos", "--seed", "7", "--scenarios", "kill9,panic"])
-        .args(["--kills", "2", "--duration-secs", "10"])
+        .arg("chaos")
+        .args(args)
         .current_dir(std::env::temp_dir())
         .output()
         .expect("run pgcdc chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(0),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    stdout
+}
+
+/// The result line of `scenario`; it must say PASS.
+fn passed<'a>(stdout: &'a str, scenario: &str) -> &'a str {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{scenario} ")))
+        .unwrap_or_default();
+    assert!(line.contains("PASS"), "{stdout}");
+    line
+}
+
+#[test]
+fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
+    let stdout = chaos(&[
+        "--seed",
+        "7",
+        "--scenarios",
+        "kill9,panic",
+        "--kills",
+        "2",
+        "--duration-secs",
+        "10",
+    ]);
     assert!(stdout.contains("chaos seed: 7"), "{stdout}");
     assert!(
         stdout.contains("pgcdc chaos --seed 7 --scenarios kill9,panic"),
@@ -30,12 +56,8 @@ fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
         stdout.contains("scenario") && stdout.contains("verdict"),
         "{stdout}"
     );
-    for scenario in ["kill9 ", "panic "] {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(scenario))
-            .unwrap_or_default();
-        assert!(line.contains("PASS"), "{stdout}");
+    for scenario in ["kill9", "panic"] {
+        passed(&stdout, scenario);
     }
 }
 
@@ -44,31 +66,18 @@ fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
 /// pass too; about 55 s.
 #[test]
 fn chaos_es_errors_and_a_deleted_checkpoint_pass() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .args([
-            "chaos",
-            "--seed",
-            "7",
-            "--scenarios",
-            "es-errors,checkpoint-missing",
-        ])
-        .args(["--kills", "1", "--duration-secs", "5"])
-        .current_dir(std::env::temp_dir())
-        .output()
-        .expect("run pgcdc chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    for scenario in ["es-errors ", "checkpoint-missing "] {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(scenario))
-            .unwrap_or_default();
-        assert!(line.contains("PASS"), "{stdout}");
+    let stdout = chaos(&[
+        "--seed",
+        "7",
+        "--scenarios",
+        "es-errors,checkpoint-missing",
+        "--kills",
+        "1",
+        "--duration-secs",
+        "5",
+    ]);
+    for scenario in ["es-errors", "checkpoint-missing"] {
+        let line = passed(&stdout, scenario);
         let injections: usize = line
             .split_whitespace()
             .nth(1)

@@ -99,8 +99,9 @@ impl Drop for EsFaultProxy {
     }
 }
 
-/// Read one request (head + content-length body): method, path, body.
-async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+/// Read one HTTP/1.1 request (head + content-length body): method, path,
+/// body. Also used by the tests' ES fault proxy.
+pub async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 65536];
     let head_end = loop {
@@ -134,7 +135,8 @@ async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)>
     Some((method, path, buf[head_end..head_end + len].to_vec()))
 }
 
-async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
+/// Answer with `status` and a JSON `body`, then close the connection.
+pub async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
     let head = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

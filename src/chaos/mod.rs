@@ -7,7 +7,7 @@
 //! ([`proxy`] for TCP, [`es_proxy`] for `_bulk`) or its state on a small
 //! filesystem ([`services::TmpfsMount`]).
 
-mod es_proxy;
+pub mod es_proxy;
 mod faults;
 mod oracle;
 mod proxy;
