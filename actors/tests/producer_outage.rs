@@ -185,6 +185,20 @@ fn consume_ids(bootstrap: &str, expected: usize) -> Vec<u64> {
     ids
 }
 
+/// After 2,000 records were checkpointed: the checkpoint only moved forward,
+/// the session never broke; the ids on the topic, sorted.
+fn delivered(rig: &Rig, bootstrap: &str) -> Vec<u64> {
+    let persisted = rig.seen.persisted.lock().unwrap().clone();
+    assert!(
+        persisted.windows(2).all(|w| w[0] <= w[1]),
+        "checkpoint went backwards: {persisted:?}"
+    );
+    assert!(rig.seen.broken.lock().unwrap().is_empty());
+    let mut ids = consume_ids(bootstrap, 2000);
+    ids.sort_unstable();
+    ids
+}
+
 #[actix_rt::test]
 async fn broker_outage_pauses_the_checkpoint_and_loses_nothing() {
     let cluster = MockCluster::new(3).unwrap();
@@ -226,16 +240,9 @@ async fn broker_outage_pauses_the_checkpoint_and_loses_nothing() {
     )
     .await;
 
-    let persisted = rig.seen.persisted.lock().unwrap().clone();
-    assert!(
-        persisted.windows(2).all(|w| w[0] <= w[1]),
-        "checkpoint went backwards: {persisted:?}"
-    );
-    let mut ids = consume_ids(&cluster.bootstrap_servers(), 2000);
-    ids.sort_unstable();
+    let mut ids = delivered(&rig, &cluster.bootstrap_servers());
     ids.dedup();
     assert_eq!(ids, (0..2000).collect::<Vec<_>>());
-    assert!(rig.seen.broken.lock().unwrap().is_empty());
     drop(rig.probe);
 }
 
@@ -268,15 +275,8 @@ async fn produce_request_errors_are_retried_without_loss_or_duplicates() {
         || rig.seen.last() == Lsn(2000),
     )
     .await;
-    let persisted = rig.seen.persisted.lock().unwrap().clone();
-    assert!(
-        persisted.windows(2).all(|w| w[0] <= w[1]),
-        "checkpoint went backwards: {persisted:?}"
-    );
-    let mut ids = consume_ids(&cluster.bootstrap_servers(), 2000);
-    ids.sort_unstable();
+    let ids = delivered(&rig, &cluster.bootstrap_servers());
     assert_eq!(ids, (0..2000).collect::<Vec<_>>(), "lost or duplicated");
-    assert!(rig.seen.broken.lock().unwrap().is_empty());
     drop(rig.probe);
 }
 

@@ -146,7 +146,8 @@ pub async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
     let _ = conn.shutdown().await;
 }
 
-async fn forward(
+/// Pass a request on to `upstream`; a failed request answers 502.
+pub async fn forward(
     http: &reqwest::Client,
     upstream: &str,
     method: &str,
@@ -175,7 +176,7 @@ async fn forward(
 }
 
 /// Split an NDJSON bulk body into items (action line + source line unless a delete).
-fn bulk_items(body: &[u8]) -> Vec<Vec<String>> {
+pub fn bulk_items(body: &[u8]) -> Vec<Vec<String>> {
     let text = String::from_utf8_lossy(body);
     let mut lines = text.lines().filter(|l| !l.is_empty());
     let mut items = Vec::new();

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use pgcdc::chaos::es_proxy::{read_request, respond};
+use pgcdc::chaos::es_proxy::{bulk_items, forward, read_request, respond};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -140,53 +140,13 @@ impl FaultProxy {
     }
 }
 
-async fn forward(upstream: &str, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-    let ct = if path.contains("_bulk") {
-        "application/x-ndjson"
-    } else {
-        "application/json"
-    };
-    let resp = reqwest::Client::new()
-        .request(method, format!("{upstream}{path}"))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .await;
-    match resp {
-        Ok(r) => (
-            r.status().as_u16(),
-            r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
-        ),
-        Err(_) => (502, b"{}".to_vec()),
-    }
-}
-
-/// Split an NDJSON bulk body into items (action line + optional source line).
-fn bulk_items(body: &[u8]) -> Vec<Vec<String>> {
-    let mut items: Vec<Vec<String>> = Vec::new();
-    let mut lines = String::from_utf8_lossy(body)
-        .lines()
-        .map(str::to_owned)
-        .collect::<Vec<_>>()
-        .into_iter();
-    while let Some(meta) = lines.next() {
-        let has_doc = !meta.starts_with("{\"delete\"");
-        let mut item = vec![meta];
-        if has_doc {
-            item.extend(lines.next());
-        }
-        items.push(item);
-    }
-    items
-}
-
 async fn serve(mut conn: TcpStream, upstream: String, faults: Arc<Mutex<Faults>>) {
     let Some((method, path, body)) = read_request(&mut conn).await else {
         return;
     };
+    let http = reqwest::Client::new();
     if !path.contains("_bulk") {
-        let (status, resp) = forward(&upstream, &method, &path, body).await;
+        let (status, resp) = forward(&http, &upstream, &method, &path, body).await;
         return respond(&mut conn, status, &resp).await;
     }
     let fault = {
@@ -234,7 +194,8 @@ async fn serve(mut conn: TcpStream, upstream: String, faults: Arc<Mutex<Faults>>
                 .collect();
             let mut forwarded = kept.join("\n");
             forwarded.push('\n');
-            let (status, resp) = forward(&upstream, &method, &path, forwarded.into_bytes()).await;
+            let (status, resp) =
+                forward(&http, &upstream, &method, &path, forwarded.into_bytes()).await;
             let resp: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
             let mut answers = resp["items"]
                 .as_array()
@@ -254,7 +215,7 @@ async fn serve(mut conn: TcpStream, upstream: String, faults: Arc<Mutex<Faults>>
             respond(&mut conn, status, body.as_bytes()).await;
         }
         _ => {
-            let (status, resp) = forward(&upstream, &method, &path, body).await;
+            let (status, resp) = forward(&http, &upstream, &method, &path, body).await;
             respond(&mut conn, status, &resp).await;
         }
     }
