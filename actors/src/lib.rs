@@ -38,3 +38,12 @@ pub mod secret;
 pub mod snapshot;
 pub mod supervision;
 pub mod wal_monitor;
+
+/// The config key each validation error names (the text before its `:`).
+#[cfg(test)]
+pub(crate) fn error_keys(errors: &[String]) -> Vec<&str> {
+    errors
+        .iter()
+        .map(|e| e.split(':').next().unwrap_or(""))
+        .collect()
+}

@@ -9,7 +9,7 @@
 
 pub mod es_proxy;
 mod faults;
-mod oracle;
+pub mod oracle;
 mod proxy;
 mod report;
 mod services;

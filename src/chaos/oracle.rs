@@ -218,11 +218,12 @@ pub async fn pg_rows(db: &Client) -> Result<Rows> {
 /// Mirror documents' `_version`s by id.
 pub type Versions = BTreeMap<i64, u64>;
 
-/// Every document of `index` as [`Rows`] and their versions, paged with `search_after`.
-pub async fn es_rows(url: &str, index: &str) -> Result<(Rows, Versions)> {
+/// Every hit of `index` (with `_version`), paged with `search_after`; none
+/// if the index does not exist. Also used by the tests' search server.
+pub async fn all_hits(url: &str, index: &str) -> Result<Vec<Value>> {
     let http = reqwest::Client::new();
     let _ = http.post(format!("{url}/{index}/_refresh")).send().await;
-    let (mut docs, mut versions) = (Rows::new(), Versions::new());
+    let mut all = Vec::new();
     let mut after: Option<Value> = None;
     loop {
         let mut body = json!({"size": 5000, "version": true, "sort": [{"_id": "asc"}], "query": {"match_all": {}}});
@@ -235,22 +236,29 @@ pub async fn es_rows(url: &str, index: &str) -> Result<(Rows, Versions)> {
             .send()
             .await?;
         if resp.status().as_u16() == 404 {
-            return Ok((docs, versions));
+            return Ok(all);
         }
         let v: Value = resp.json().await?;
         let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
         let Some(last) = hits.last() else {
-            return Ok((docs, versions));
+            return Ok(all);
         };
         after = Some(last["sort"].clone());
-        for h in &hits {
-            let s = &h["_source"];
-            let id = s["id"].as_i64().unwrap_or(i64::MIN);
-            let v = s["v"].as_str().map(str::to_owned);
-            docs.insert(id, (s["n"].as_i64().unwrap_or(i64::MIN), v));
-            versions.insert(id, h["_version"].as_u64().unwrap_or(0));
-        }
+        all.extend(hits);
     }
+}
+
+/// Every document of `index` as [`Rows`] and their versions.
+pub async fn es_rows(url: &str, index: &str) -> Result<(Rows, Versions)> {
+    let (mut docs, mut versions) = (Rows::new(), Versions::new());
+    for h in all_hits(url, index).await? {
+        let s = &h["_source"];
+        let id = s["id"].as_i64().unwrap_or(i64::MIN);
+        let v = s["v"].as_str().map(str::to_owned);
+        docs.insert(id, (s["n"].as_i64().unwrap_or(i64::MIN), v));
+        versions.insert(id, h["_version"].as_u64().unwrap_or(0));
+    }
+    Ok((docs, versions))
 }
 
 /// How two row sets differ, or `None` if they are equal.

@@ -53,44 +53,23 @@ impl SearchServer {
         SearchServer { child, url }
     }
 
-    /// Every document of `index`: id → (version, source without `_cdc`), paged with `search_after`.
+    /// Every document of `index`: id → (version, source without `_cdc`).
     pub async fn documents(&self, index: &str) -> BTreeMap<String, (u64, Value)> {
-        let http = reqwest::Client::new();
-        let _ = http
-            .post(format!("{}/{index}/_refresh", self.url))
-            .send()
-            .await;
+        let hits = pgcdc::chaos::oracle::all_hits(&self.url, index)
+            .await
+            .expect("search");
         let mut docs = BTreeMap::new();
-        let mut after: Option<Value> = None;
-        loop {
-            let mut body = json!({"size": 5000, "version": true, "sort": [{"_id": "asc"}], "query": {"match_all": {}}});
-            if let Some(a) = &after {
-                body["search_after"] = a.clone();
+        for h in hits {
+            let mut src = h["_source"].clone();
+            if let Some(o) = src.as_object_mut() {
+                o.remove("_cdc");
             }
-            let resp = http
-                .post(format!("{}/{index}/_search", self.url))
-                .json(&body)
-                .send()
-                .await
-                .expect("search");
-            if resp.status().as_u16() == 404 {
-                return docs;
-            }
-            let v: Value = resp.json().await.expect("search json");
-            let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
-            let Some(last) = hits.last() else { return docs };
-            after = Some(last["sort"].clone());
-            for h in &hits {
-                let mut src = h["_source"].clone();
-                if let Some(o) = src.as_object_mut() {
-                    o.remove("_cdc");
-                }
-                docs.insert(
-                    h["_id"].as_str().unwrap_or("").to_owned(),
-                    (h["_version"].as_u64().unwrap_or(0), src),
-                );
-            }
+            docs.insert(
+                h["_id"].as_str().unwrap_or("").to_owned(),
+                (h["_version"].as_u64().unwrap_or(0), src),
+            );
         }
+        docs
     }
 }
 

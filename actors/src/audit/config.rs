@@ -82,10 +82,7 @@ mod tests {
             ..Default::default()
         };
         bad.validate(&mut errors);
-        let keys: Vec<_> = errors
-            .iter()
-            .map(|e| e.split(':').next().unwrap_or(""))
-            .collect();
+        let keys = crate::error_keys(&errors);
         assert_eq!(
             keys,
             ["audit.level", "audit.retention_days", "audit.max_rows"]

@@ -153,10 +153,7 @@ mod tests {
             ..Default::default()
         };
         bad.validate(&mut errors);
-        let keys: Vec<_> = errors
-            .iter()
-            .map(|e| e.split(':').next().unwrap_or(""))
-            .collect();
+        let keys = crate::error_keys(&errors);
         assert_eq!(
             keys,
             [

@@ -188,10 +188,7 @@ mod tests {
         };
         let mut errors = Vec::new();
         c.validate(&mut errors);
-        let keys: Vec<_> = errors
-            .iter()
-            .map(|e| e.split(':').next().unwrap_or(""))
-            .collect();
+        let keys = crate::error_keys(&errors);
         assert_eq!(
             keys,
             ["postgres.port", "postgres.slot", "postgres.tables[0]"]
