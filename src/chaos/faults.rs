@@ -5,6 +5,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::block_in_place;
 
 use super::es_proxy::EsFaultProxy;
@@ -426,28 +428,50 @@ async fn advance_slot(w: &World) -> Result<()> {
     Ok(())
 }
 
-/// Wait (60 s at most) until the ES sink has indexed something, i.e. its
-/// consumer has joined the group. tansu 0.6 mishandles a static member that
-/// stops during its first join and comes back with the same
-/// `group.instance.id`: the new incarnation is assigned one of the three
-/// partitions and the others stay unconsumed (replay without this wait:
-/// `pgcdc chaos --seed 7 --scenarios checkpoint-missing --kills 1
-/// --duration-secs 5`, the mirror stuck at a third of the rows).
+/// Wait (60 s at most) until the running ES sink has joined its group:
+/// until the group's committed offsets grow past what they were at the call
+/// (the workload keeps writing while faults fire, and only the live
+/// incarnation commits). tansu 0.6 mishandles a static member that stops
+/// during its first join and comes back with the same `group.instance.id`:
+/// the new incarnation is assigned one of the three partitions and the
+/// others stay unconsumed (replay without this wait: `pgcdc chaos --seed 7
+/// --scenarios checkpoint-missing --kills 1 --duration-secs 5`, the mirror
+/// stuck at a third of the rows). Checking only that the index holds
+/// documents is not enough: a previous incarnation may have written them
+/// (seen with `--seed 7 --scenarios panic --kills 2`, two restarts seconds
+/// apart).
 async fn wait_sink_joined(w: &World) -> Result<()> {
+    let brokers = w.tansu.brokers();
+    let committed = || block_in_place(|| sink_committed(&brokers));
+    let before = committed()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let url = format!("{}/cdc_public_chaos_items/_count", w.es.url);
-    let http = reqwest::Client::new();
-    loop {
-        let count = match http.get(&url).send().await {
-            Ok(r) => r.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        if count.and_then(|c| c["count"].as_u64()).unwrap_or(0) > 0 {
-            return Ok(());
-        }
+    while committed()? <= before {
         if Instant::now() >= deadline {
-            bail!("the es sink indexed nothing within 60 s");
+            bail!("the es sink committed nothing within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// The sum of the ES sink group's committed offsets on `cdc-events` (read
+/// with an OffsetFetch; the reader does not join the group).
+fn sink_committed(brokers: &str) -> Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pgcdc-es-sink")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition("cdc-events", p);
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum())
 }
