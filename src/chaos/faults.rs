@@ -132,7 +132,9 @@ async fn kafka_down(rng: &mut Rng, w: &mut World) -> Result<usize> {
     Ok(1)
 }
 
+/// `kill -9` once the live sink has joined its group (see [`wait_sink_joined`]).
 async fn kill9(rng: &mut Rng, w: &mut World) -> Result<usize> {
+    wait_sink_joined(w).await?;
     w.daemon.kill9();
     tokio::time::sleep(Duration::from_millis(rng.below(500))).await;
     w.daemon.spawn()?;
