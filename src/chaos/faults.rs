@@ -5,12 +5,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::block_in_place;
 
 use super::es_proxy::EsFaultProxy;
-use super::{wait_streaming, ChaosOptions, Rng, World};
+use super::{oracle, wait_streaming, ChaosOptions, Rng, World};
 
 /// Failpoints the `panic` scenario arms, one per restart: after Kafka
 /// acknowledged a batch (before the checkpoint), after the checkpoint
@@ -444,7 +442,10 @@ async fn advance_slot(w: &World) -> Result<()> {
 /// apart).
 async fn wait_sink_joined(w: &World) -> Result<()> {
     let brokers = w.tansu.brokers();
-    let committed = || block_in_place(|| sink_committed(&brokers));
+    let committed = || {
+        block_in_place(|| oracle::sink_offsets(&brokers, "cdc-events", 3))
+            .map(|o| o.iter().map(|&o| o.max(0)).sum::<i64>())
+    };
     let before = committed()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while committed()? <= before {
@@ -454,26 +455,4 @@ async fn wait_sink_joined(w: &World) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
-}
-
-/// The sum of the ES sink group's committed offsets on `cdc-events` (read
-/// with an OffsetFetch; the reader does not join the group).
-fn sink_committed(brokers: &str) -> Result<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "pgcdc-es-sink")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition("cdc-events", p);
-    }
-    let got = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
-    Ok(got
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum())
 }

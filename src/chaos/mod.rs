@@ -391,7 +391,11 @@ async fn drive(
         Err(e) => checks.check(false, || format!("sigterm: {e}")),
     }
     let mut kafka_versions = std::collections::HashMap::new();
-    match block_in_place(|| oracle::read_topic(&brokers, "cdc-events")) {
+    let scan = block_in_place(|| oracle::read_topic(&brokers, "cdc-events"));
+    if let (Err(e), Ok(scan)) = (&mut es, &scan) {
+        e.push_str(&oracle::explain_mirror(&w.db, &w.es.url, scan, &brokers).await);
+    }
+    match scan {
         Ok(scan) => {
             let seen = &scan.seen;
             o.events = scan.records;

@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use tokio::task::block_in_place;
 use tokio_postgres::Client;
 
 use super::services::connect;
@@ -68,13 +69,19 @@ pub struct TopicScan {
     /// Per id, the highest `source.commit_lsn` of a change that wrote the row:
     /// the `_version` its mirror document must have.
     pub versions: HashMap<i64, u64>,
+    /// Per id, the partition and highest offset of its records (an id's
+    /// records all go to one partition): where a missing document's change was.
+    pub last_at: HashMap<i64, (i32, i64)>,
 }
 
 impl TopicScan {
-    fn add(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+    fn add(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>, at: (i32, i64)) {
         self.records += 1;
         let Some(s) = shape(key, payload) else { return };
         *self.seen.entry(s).or_default() += 1;
+        let (Expect::After { id, .. } | Expect::Delete { id }) = s;
+        let last = self.last_at.entry(id).or_insert(at);
+        last.1 = last.1.max(at.1);
         let lsn = payload
             .and_then(|p| serde_json::from_slice::<Value>(p).ok())
             .and_then(|v| v["source"]["commit_lsn"].as_u64());
@@ -112,11 +119,70 @@ pub fn read_topic(brokers: &str, topic: &str) -> Result<TopicScan> {
         }
         if let Some(msg) = c.poll(Duration::from_millis(100)) {
             let msg = msg?;
-            scan.add(msg.key(), msg.payload());
+            scan.add(msg.key(), msg.payload(), (msg.partition(), msg.offset()));
             quiet_since = Instant::now();
         }
     }
     Ok(scan)
+}
+
+/// The ES sink group's committed offsets on `topic`, one per partition
+/// (`-1` where it committed none); an OffsetFetch, the reader does not join
+/// the group.
+pub fn sink_offsets(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pgcdc-es-sink")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect())
+}
+
+/// Where the changes of documents missing from (or different in) the mirror
+/// sit on Kafka, per partition, beside the sink's committed offsets: tells a
+/// sink that skipped records from one that stopped consuming.
+pub async fn explain_mirror(db: &Client, es_url: &str, scan: &TopicScan, brokers: &str) -> String {
+    let (Ok(want), Ok((got, _))) = (
+        pg_rows(db).await,
+        es_rows(es_url, "cdc_public_chaos_items").await,
+    ) else {
+        return String::new();
+    };
+    let wrong = want
+        .iter()
+        .filter(|(id, row)| got.get(id) != Some(row))
+        .map(|(id, _)| *id)
+        .chain(got.keys().filter(|id| !want.contains_key(id)).copied());
+    let mut at: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
+    let mut first = Vec::new();
+    for id in wrong {
+        if first.len() < 5 {
+            first.push(id);
+        }
+        let (p, o) = scan.last_at.get(&id).copied().unwrap_or((-1, -1));
+        let e = at.entry(p).or_insert((0, i64::MAX, i64::MIN));
+        *e = (e.0 + 1, e.1.min(o), e.2.max(o));
+    }
+    let committed = block_in_place(|| sink_offsets(brokers, "cdc-events", 3)).unwrap_or_default();
+    let parts: Vec<String> = at
+        .iter()
+        .map(|(p, (n, lo, hi))| format!("partition {p}: {n} at offsets {lo}..={hi}"))
+        .collect();
+    format!(
+        "; first ids {first:?}; their last changes: {}; sink committed {committed:?}",
+        parts.join(", ")
+    )
 }
 
 /// Mirror documents whose `_version` is not the commit LSN of their row's last change.
@@ -385,11 +451,12 @@ mod tests {
         let change = |n: i64, lsn: u64| {
             format!(r#"{{"op":"u","after":{{"id":1,"n":{n}}},"source":{{"commit_lsn":{lsn}}}}}"#)
         };
-        scan.add(Some(key), Some(change(2, 900).as_bytes()));
-        scan.add(Some(key), Some(change(1, 500).as_bytes()));
-        scan.add(Some(key), None);
+        scan.add(Some(key), Some(change(2, 900).as_bytes()), (1, 40));
+        scan.add(Some(key), Some(change(1, 500).as_bytes()), (1, 41));
+        scan.add(Some(key), None, (1, 42));
         assert_eq!(scan.records, 3);
         assert_eq!(scan.versions.get(&1), Some(&900));
+        assert_eq!(scan.last_at.get(&1), Some(&(1, 41)));
         let mut es = Versions::new();
         es.insert(1, 900);
         assert_eq!(stale_versions(&es, &scan.versions), 0);

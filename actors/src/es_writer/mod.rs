@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -136,9 +139,43 @@ struct Sink {
     kafka: Arc<KafkaConfig>,
 }
 
+/// Logs the sink's partition assignments and failed offset commits: which
+/// partitions this sink owns is the first question when a mirror lags.
+struct SinkContext;
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = parts(tpl), "es sink assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = parts(tpl), "es sink revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "es sink rebalance failed"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // The records are written again after a restart: no loss, but worth seeing.
+            tracing::warn!(error = %e, "es sink offset commit failed");
+        }
+    }
+}
+
 /// Per-batch clients and caches.
 struct Clients {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<SinkContext>,
     dlq: FutureProducer,
     dlq_topic: String,
     es: EsClient,
@@ -169,7 +206,7 @@ impl Sink {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("client.id", "pgcdc-es-sink");
-        let consumer: StreamConsumer = cc.create()?;
+        let consumer: StreamConsumer<SinkContext> = cc.create_with_context(SinkContext)?;
         match self.kafka.topic_mode {
             TopicMode::Single => consumer.subscribe(&[self.kafka.topic.as_str()])?,
             TopicMode::PerTable => {
@@ -189,7 +226,10 @@ impl Sink {
     }
 
     /// Wait for one record, then gather more until the batch is full or the flush interval passes.
-    async fn collect(&self, consumer: &StreamConsumer) -> Result<Vec<OwnedMessage>, EsError> {
+    async fn collect(
+        &self,
+        consumer: &StreamConsumer<SinkContext>,
+    ) -> Result<Vec<OwnedMessage>, EsError> {
         let first = consumer.recv().await?.detach();
         let deadline = Instant::now() + Duration::from_millis(self.es.flush_interval_ms);
         let mut bytes = first.payload().map_or(0, <[u8]>::len);
@@ -415,7 +455,7 @@ async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<()
 }
 
 /// Commit the offset after the last record of each partition in the batch.
-fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) -> Result<(), EsError> {
+fn commit(consumer: &StreamConsumer<SinkContext>, batch: &[OwnedMessage]) -> Result<(), EsError> {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
     for m in batch {
         let e = next.entry((m.topic(), m.partition())).or_insert(0);
