@@ -27,6 +27,8 @@ pub struct Metrics {
     pub es_items: IntCounterVec,
     /// Records parked on the dead-letter topic.
     pub dead_letters: IntCounter,
+    /// Offsets the ES sink never received (see the sink's continuity check).
+    pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
     pub restarts: IntCounterVec,
     /// Rows copied by snapshots and backfills, per table.
@@ -153,6 +155,11 @@ impl Metrics {
                 &r,
                 "dead_letters_total",
                 "Records parked on the dead-letter topic",
+            ),
+            es_skipped_offsets: counter(
+                &r,
+                "es_skipped_offsets_total",
+                "Kafka offsets the ES sink never received (retention, compaction or a broker fault)",
             ),
             restarts: counter_vec(
                 &r,

@@ -180,6 +180,12 @@ impl std::error::Error for Skip {}
 /// membership (`group.instance.id`): with dynamic membership, two `kill -9`s
 /// within one rebalance left tansu's group without an assignment for minutes
 /// (ES never converged; replay: seed 7, kill9, --kills 2 --duration-secs 10).
+/// The producer writes one record per batch (`batch.num.messages = 1`):
+/// tansu 0.6 answers a fetch from the middle of a record batch with the
+/// next batch, so a sink resuming at a committed offset inside a batch never
+/// got the rest of it (seen under load with `--seed 7 --scenarios kill9
+/// --kills 2 --duration-secs 10`: documents missing, the sink's continuity
+/// check reporting skipped offsets). Real Kafka returns the whole batch.
 fn daemon_config(
     w_dir: &Path,
     pg_port: u16,
@@ -192,7 +198,7 @@ fn daemon_config(
          [postgres]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword = {pw:?}\n\
          database = \"postgres\"\ntables = [\"public.chaos_items\"]\nstatus_interval_secs = 1\n\
          [kafka]\nbrokers = {brokers:?}\ntopic_partitions = 3\ndelivery_timeout_ms = 30000\n\
-         [kafka.properties]\n\"group.instance.id\" = \"pgcdc-chaos-sink\"\n\
+         [kafka.properties]\n\"group.instance.id\" = \"pgcdc-chaos-sink\"\n\"batch.num.messages\" = \"1\"\n\
          [elasticsearch]\nrun_in_daemon = true\nurl = {url:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n\
          [supervision]\nmax_restarts = 50\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n\
          [log]\nlevel = \"info\"\n[metrics]\nlisten = \"\"\n",
@@ -432,6 +438,9 @@ async fn drive(
         Err(e) => checks.check(false, || format!("es mirror: {e}")),
     }
     let log = w.daemon.log_text();
+    checks.check(!log.contains("kafka skipped offsets"), || {
+        "the es sink reported offsets kafka never delivered".into()
+    });
     checks.check(!log.contains(&w.pg.password), || {
         "the postgres password appears in the log".into()
     });

@@ -13,6 +13,7 @@ mod client;
 mod config;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,7 +142,11 @@ struct Sink {
 
 /// Logs the sink's partition assignments and failed offset commits: which
 /// partitions this sink owns is the first question when a mirror lags.
-struct SinkContext;
+/// Counts rebalances, so the continuity check knows when to start over.
+#[derive(Default)]
+struct SinkContext {
+    rebalances: AtomicU64,
+}
 
 impl ClientContext for SinkContext {}
 
@@ -154,6 +159,7 @@ impl ConsumerContext for SinkContext {
                 .collect::<Vec<_>>()
                 .join(",")
         };
+        self.rebalances.fetch_add(1, Ordering::SeqCst);
         match rebalance {
             Rebalance::Assign(tpl) => tracing::info!(partitions = parts(tpl), "es sink assigned"),
             Rebalance::Revoke(tpl) => tracing::info!(partitions = parts(tpl), "es sink revoked"),
@@ -175,7 +181,11 @@ impl ConsumerContext for SinkContext {
 
 /// Per-batch clients and caches.
 struct Clients {
-    consumer: StreamConsumer<SinkContext>,
+    consumer: Arc<StreamConsumer<SinkContext>>,
+    /// The offset each partition's next record must have, since the last rebalance.
+    next: HashMap<(String, i32), i64>,
+    /// The rebalance count `next` belongs to.
+    rebalances: u64,
     dlq: FutureProducer,
     dlq_topic: String,
     es: EsClient,
@@ -187,6 +197,7 @@ impl Sink {
         let mut c = self.connect()?;
         loop {
             let batch = self.collect(&c.consumer).await?;
+            check_continuity(&mut c, &batch).await;
             self.write_batch(&mut c, &batch).await?;
             fail::fail_point!("es-after-bulk");
             commit(&c.consumer, &batch)?;
@@ -206,7 +217,8 @@ impl Sink {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("client.id", "pgcdc-es-sink");
-        let consumer: StreamConsumer<SinkContext> = cc.create_with_context(SinkContext)?;
+        let consumer: StreamConsumer<SinkContext> =
+            cc.create_with_context(SinkContext::default())?;
         match self.kafka.topic_mode {
             TopicMode::Single => consumer.subscribe(&[self.kafka.topic.as_str()])?,
             TopicMode::PerTable => {
@@ -217,7 +229,9 @@ impl Sink {
         let dlq = self.kafka.client_config().create()?;
         let dlq_topic = self.es.dead_letter_topic.clone();
         Ok(Clients {
-            consumer,
+            consumer: Arc::new(consumer),
+            next: HashMap::new(),
+            rebalances: 0,
             dlq,
             dlq_topic,
             es: EsClient::new(&self.es)?,
@@ -454,6 +468,104 @@ async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<()
     Ok(())
 }
 
+/// Every record of a partition must follow the previous one, and the first
+/// after a (re)assignment must be at the group's committed offset: pgcdc's
+/// topics have no gaps (no transactions, no compaction unless the operator
+/// set it). A jump means records were never delivered: deleted by retention
+/// before the sink read them, compacted away, or skipped by the broker
+/// (tansu 0.6 answers a fetch from the middle of a record batch with the
+/// next batch). The mirror may then miss changes, so it is logged as an
+/// error and counted; a backfill (`pgcdc snapshot --table`) repairs it.
+async fn check_continuity(c: &mut Clients, batch: &[OwnedMessage]) {
+    let rebalances = c.consumer.context().rebalances.load(Ordering::SeqCst);
+    if rebalances != c.rebalances {
+        c.next.clear();
+        c.rebalances = rebalances;
+    }
+    let unseen: HashSet<(String, i32)> = batch
+        .iter()
+        .map(|m| (m.topic().to_owned(), m.partition()))
+        .filter(|k| !c.next.contains_key(k))
+        .collect();
+    if !unseen.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in &unseen {
+            tpl.add_partition(topic, *partition);
+        }
+        let consumer = c.consumer.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(5))
+        })
+        .await;
+        match committed {
+            Ok(Ok(tpl)) => {
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        c.next.insert((e.topic().to_owned(), e.partition()), o);
+                    }
+                }
+            }
+            // Unchecked this time; the records themselves are still written.
+            other => tracing::debug!(?other, "es sink: no committed offsets to check against"),
+        }
+    }
+    let at: Vec<(&str, i32, i64)> = batch
+        .iter()
+        .map(|m| (m.topic(), m.partition(), m.offset()))
+        .collect();
+    for g in skipped_offsets(&mut c.next, &at) {
+        crate::metrics::metrics()
+            .es_skipped_offsets
+            .inc_by(g.skipped() as u64);
+        tracing::error!(
+            topic = g.topic,
+            partition = g.partition,
+            expected = g.expected,
+            got = g.got,
+            skipped = g.skipped(),
+            "es sink: kafka skipped offsets; the mirror may miss changes (backfill the table with `pgcdc snapshot --table`)"
+        );
+    }
+}
+
+/// A jump in one partition's offsets.
+#[derive(Debug, PartialEq, Eq)]
+struct Gap {
+    topic: String,
+    partition: i32,
+    expected: i64,
+    got: i64,
+}
+
+impl Gap {
+    fn skipped(&self) -> i64 {
+        self.got - self.expected
+    }
+}
+
+/// Walk `(topic, partition, offset)`s in delivery order against `next` (the
+/// offset each partition's next record must have) and update it. A record
+/// later than expected is a gap; an earlier one is a re-delivery (no gap);
+/// a partition `next` does not know is taken as it comes.
+fn skipped_offsets(next: &mut HashMap<(String, i32), i64>, at: &[(&str, i32, i64)]) -> Vec<Gap> {
+    let mut gaps = Vec::new();
+    for &(topic, partition, offset) in at {
+        let key = (topic.to_owned(), partition);
+        if let Some(&expected) = next.get(&key) {
+            if offset > expected {
+                gaps.push(Gap {
+                    topic: topic.to_owned(),
+                    partition,
+                    expected,
+                    got: offset,
+                });
+            }
+        }
+        next.insert(key, offset + 1);
+    }
+    gaps
+}
+
 /// Commit the offset after the last record of each partition in the batch.
 fn commit(consumer: &StreamConsumer<SinkContext>, batch: &[OwnedMessage]) -> Result<(), EsError> {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
@@ -470,4 +582,36 @@ fn commit(consumer: &StreamConsumer<SinkContext>, batch: &[OwnedMessage]) -> Res
     // trip. A commit that fails only means these records are written again.
     consumer.commit(&tpl, CommitMode::Async)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_forward_jumps_in_one_partition_are_gaps() {
+        let mut next = HashMap::new();
+        next.insert(("t".to_owned(), 0), 10);
+        let at = [
+            ("t", 0, 10),
+            ("t", 0, 11),
+            ("t", 1, 500), // unknown partition: taken as it comes
+            ("t", 1, 501),
+            ("t", 0, 15), // 12..=14 never delivered
+            ("t", 0, 3),  // re-delivery after a rebalance
+            ("t", 0, 4),
+            ("t", 1, 503), // 502 never delivered
+        ];
+        let gaps = skipped_offsets(&mut next, &at);
+        let g = |partition, expected, got| Gap {
+            topic: "t".into(),
+            partition,
+            expected,
+            got,
+        };
+        assert_eq!(gaps, vec![g(0, 12, 15), g(1, 502, 503)]);
+        assert_eq!(gaps[0].skipped(), 3);
+        assert_eq!(next[&("t".to_owned(), 0)], 5);
+        assert_eq!(next[&("t".to_owned(), 1)], 504);
+    }
 }
