@@ -11,14 +11,16 @@ mod config;
 mod envelope;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tokio::sync::oneshot;
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use tokio::sync::{oneshot, Notify};
 
 pub use config::{KafkaConfig, TopicMode};
 pub use envelope::{EncodedRecord, Encoder};
@@ -103,13 +105,75 @@ struct BatchDelivered {
     fatal: Option<String>,
 }
 
+/// The acknowledgements one batch still waits for. Every record of the batch
+/// carries the same `Arc` as its delivery opaque, so an acknowledgement costs
+/// a counter decrement instead of a channel per record.
+struct BatchAck {
+    remaining: AtomicUsize,
+    /// The first delivery error of the batch.
+    error: Mutex<Option<KafkaError>>,
+    done: Notify,
+}
+
+impl BatchAck {
+    fn new(records: usize) -> Arc<Self> {
+        let ack = Arc::new(Self {
+            remaining: AtomicUsize::new(records),
+            error: Mutex::new(None),
+            done: Notify::new(),
+        });
+        if records == 0 {
+            ack.done.notify_one();
+        }
+        ack
+    }
+
+    /// One record's delivery report; the last one wakes [`BatchAck::wait`].
+    fn delivered(&self, error: Option<&KafkaError>) {
+        if let Some(e) = error {
+            if let Ok(mut first) = self.error.lock() {
+                first.get_or_insert_with(|| e.clone());
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Wait until every record is acknowledged; the first error, if any.
+    async fn wait(&self) -> Result<(), KafkaError> {
+        self.done.notified().await;
+        match self.error.lock().map(|mut e| e.take()) {
+            Ok(Some(e)) => Err(e),
+            Ok(None) => Ok(()),
+            Err(_) => Err(KafkaError::Canceled),
+        }
+    }
+}
+
+/// Counts each batch's acknowledgements down (librdkafka's delivery
+/// callback, on the producer's polling thread).
+struct AckContext;
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Arc<BatchAck>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Arc<BatchAck>) {
+        ack.delivered(result.as_ref().err().map(|(e, _)| e));
+    }
+}
+
+type Producer = ThreadedProducer<AckContext>;
+
 /// The Kafka producer actor (supervised).
 pub struct KafkaProducerActor {
     config: Arc<KafkaConfig>,
     database: Arc<str>,
     checkpoint: Addr<CheckpointActor>,
     budget: RestartBudget,
-    producer: Option<FutureProducer>,
+    producer: Option<Arc<Producer>>,
     session: Option<Session>,
     inflight: VecDeque<Inflight>,
     inflight_records: usize,
@@ -237,9 +301,14 @@ impl Actor for KafkaProducerActor {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         if self.producer.is_none() {
-            let producer = self.config.client_config().create().unwrap_or_else(|e| {
-                exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e)
-            });
+            let producer = self
+                .config
+                .client_config()
+                .create_with_context(AckContext)
+                .map(Arc::new)
+                .unwrap_or_else(|e| {
+                    exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e)
+                });
             self.producer = Some(producer);
         }
     }
@@ -301,9 +370,9 @@ impl Handler<PublishBatch> for KafkaProducerActor {
                     ProducerError::SessionClosed(session)
                 })?;
             }
-            let deliveries = enqueue_all(&producer, &records, now).await?;
+            let ack = enqueue_all(&producer, &records, now).await?;
             actix::spawn(async move {
-                let handle = actix::spawn(await_deliveries(deliveries));
+                let handle = actix::spawn(await_deliveries(ack));
                 let (outcome, fatal) = match handle.await {
                     Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => {
                         (Err(e.to_string()), Some(e.to_string()))
@@ -383,11 +452,11 @@ impl Handler<DrainProducer> for KafkaProducerActor {
 /// records' timestamp is `now_ms`, when the batch was encoded (librdkafka
 /// would otherwise read the clock once per record).
 async fn enqueue_all(
-    producer: &FutureProducer,
+    producer: &Producer,
     records: &[EncodedRecord],
     now_ms: i64,
-) -> Result<Vec<DeliveryFuture>, ProducerError> {
-    let mut deliveries = Vec::with_capacity(records.len());
+) -> Result<Arc<BatchAck>, ProducerError> {
+    let ack = BatchAck::new(records.len());
     for r in records {
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
@@ -406,9 +475,10 @@ async fn enqueue_all(
                 key: "pgcdc.types",
                 value: Some(&*r.types),
             });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
-            .headers(headers)
-            .timestamp(now_ms);
+        let mut record: BaseRecord<'_, [u8], [u8], Arc<BatchAck>> =
+            BaseRecord::with_opaque_to(&r.topic, ack.clone())
+                .headers(headers)
+                .timestamp(now_ms);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }
@@ -416,11 +486,8 @@ async fn enqueue_all(
             record = record.payload(v.as_slice());
         }
         loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
+            match producer.send(record) {
+                Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -429,18 +496,12 @@ async fn enqueue_all(
             }
         }
     }
-    Ok(deliveries)
+    Ok(ack)
 }
 
-/// Wait for every acknowledgement of one batch, in order.
-async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<(), ProducerError> {
-    for d in deliveries {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e.into()),
-            Err(_) => return Err(KafkaError::Canceled.into()),
-        }
-    }
+/// Wait for every acknowledgement of one batch.
+async fn await_deliveries(ack: Arc<BatchAck>) -> Result<(), ProducerError> {
+    ack.wait().await?;
     fail::fail_point!("producer-after-ack");
     Ok(())
 }
@@ -449,4 +510,28 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn a_batch_is_done_at_its_last_report_with_its_first_error() {
+        assert_eq!(BatchAck::new(0).wait().now_or_never(), Some(Ok(())));
+
+        let ack = BatchAck::new(3);
+        ack.delivered(None);
+        ack.delivered(Some(&KafkaError::Canceled));
+        assert!(ack.wait().now_or_never().is_none(), "one report missing");
+        ack.delivered(Some(&KafkaError::NoMessageReceived));
+        assert_eq!(ack.wait().now_or_never(), Some(Err(KafkaError::Canceled)));
+
+        let ok = BatchAck::new(2);
+        ok.delivered(None);
+        ok.delivered(None);
+        assert_eq!(ok.wait().now_or_never(), Some(Ok(())));
+    }
 }
