@@ -183,7 +183,7 @@ impl ConsumerContext for SinkContext {
 struct Clients {
     consumer: Arc<StreamConsumer<SinkContext>>,
     /// The offset each partition's next record must have, since the last rebalance.
-    next: HashMap<(String, i32), i64>,
+    next: NextOffsets,
     /// The rebalance count `next` belongs to.
     rebalances: u64,
     dlq: FutureProducer,
@@ -482,10 +482,14 @@ async fn check_continuity(c: &mut Clients, batch: &[OwnedMessage]) {
         c.next.clear();
         c.rebalances = rebalances;
     }
-    let unseen: HashSet<(String, i32)> = batch
+    let unseen: HashSet<(&str, i32)> = batch
         .iter()
-        .map(|m| (m.topic().to_owned(), m.partition()))
-        .filter(|k| !c.next.contains_key(k))
+        .map(|m| (m.topic(), m.partition()))
+        .filter(|&(topic, partition)| {
+            c.next
+                .get(topic)
+                .is_none_or(|parts| !parts.contains_key(&partition))
+        })
         .collect();
     if !unseen.is_empty() {
         let mut tpl = TopicPartitionList::new();
@@ -501,7 +505,10 @@ async fn check_continuity(c: &mut Clients, batch: &[OwnedMessage]) {
             Ok(Ok(tpl)) => {
                 for e in tpl.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        c.next.insert((e.topic().to_owned(), e.partition()), o);
+                        c.next
+                            .entry(e.topic().to_owned())
+                            .or_default()
+                            .insert(e.partition(), o);
                     }
                 }
             }
@@ -509,11 +516,8 @@ async fn check_continuity(c: &mut Clients, batch: &[OwnedMessage]) {
             other => tracing::debug!(?other, "es sink: no committed offsets to check against"),
         }
     }
-    let at: Vec<(&str, i32, i64)> = batch
-        .iter()
-        .map(|m| (m.topic(), m.partition(), m.offset()))
-        .collect();
-    for g in skipped_offsets(&mut c.next, &at) {
+    let at = batch.iter().map(|m| (m.topic(), m.partition(), m.offset()));
+    for g in skipped_offsets(&mut c.next, at) {
         crate::metrics::metrics()
             .es_skipped_offsets
             .inc_by(g.skipped() as u64);
@@ -543,15 +547,26 @@ impl Gap {
     }
 }
 
-/// Walk `(topic, partition, offset)`s in delivery order against `next` (the
-/// offset each partition's next record must have) and update it. A record
-/// later than expected is a gap; an earlier one is a re-delivery (no gap);
-/// a partition `next` does not know is taken as it comes.
-fn skipped_offsets(next: &mut HashMap<(String, i32), i64>, at: &[(&str, i32, i64)]) -> Vec<Gap> {
+/// Topic → partition → the offset its next record must have. Keyed by topic
+/// first so a record is looked up by `&str`, without allocating.
+type NextOffsets = HashMap<String, HashMap<i32, i64>>;
+
+/// Walk `(topic, partition, offset)`s in delivery order against `next` and
+/// update it. A record later than expected is a gap; an earlier one is a
+/// re-delivery (no gap); a partition `next` does not know is taken as it comes.
+fn skipped_offsets<'a>(
+    next: &mut NextOffsets,
+    at: impl IntoIterator<Item = (&'a str, i32, i64)>,
+) -> Vec<Gap> {
     let mut gaps = Vec::new();
-    for &(topic, partition, offset) in at {
-        let key = (topic.to_owned(), partition);
-        if let Some(&expected) = next.get(&key) {
+    for (topic, partition, offset) in at {
+        if !next.contains_key(topic) {
+            next.insert(topic.to_owned(), HashMap::new());
+        }
+        let Some(parts) = next.get_mut(topic) else {
+            continue;
+        };
+        if let Some(&expected) = parts.get(&partition) {
             if offset > expected {
                 gaps.push(Gap {
                     topic: topic.to_owned(),
@@ -561,7 +576,7 @@ fn skipped_offsets(next: &mut HashMap<(String, i32), i64>, at: &[(&str, i32, i64
                 });
             }
         }
-        next.insert(key, offset + 1);
+        parts.insert(partition, offset + 1);
     }
     gaps
 }
@@ -590,8 +605,8 @@ mod tests {
 
     #[test]
     fn only_forward_jumps_in_one_partition_are_gaps() {
-        let mut next = HashMap::new();
-        next.insert(("t".to_owned(), 0), 10);
+        let mut next = NextOffsets::new();
+        next.entry("t".to_owned()).or_default().insert(0, 10);
         let at = [
             ("t", 0, 10),
             ("t", 0, 11),
@@ -602,7 +617,7 @@ mod tests {
             ("t", 0, 4),
             ("t", 1, 503), // 502 never delivered
         ];
-        let gaps = skipped_offsets(&mut next, &at);
+        let gaps = skipped_offsets(&mut next, at);
         let g = |partition, expected, got| Gap {
             topic: "t".into(),
             partition,
@@ -611,7 +626,7 @@ mod tests {
         };
         assert_eq!(gaps, vec![g(0, 12, 15), g(1, 502, 503)]);
         assert_eq!(gaps[0].skipped(), 3);
-        assert_eq!(next[&("t".to_owned(), 0)], 5);
-        assert_eq!(next[&("t".to_owned(), 1)], 504);
+        assert_eq!(next["t"][&0], 5);
+        assert_eq!(next["t"][&1], 504);
     }
 }
