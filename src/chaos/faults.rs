@@ -167,6 +167,17 @@ async fn arm_failpoint(failpoint: &str, w: &mut World) -> Result<usize> {
     Ok(1)
 }
 
+/// Start the daemon again; it must exit with code 5 (the slot cannot be
+/// trusted) within 60 s.
+fn restart_refused(w: &mut World, what: &str) -> Result<()> {
+    w.daemon.spawn()?;
+    let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(60)))?;
+    if status.code() != Some(5) {
+        bail!("{what}: exit code {:?}, want 5", status.code());
+    }
+    Ok(())
+}
+
 async fn terminate_walsender(w: &mut World) -> Result<usize> {
     let q = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication";
     let n: i64 = w.db.query_one(q, &[]).await?.get(0);
@@ -194,26 +205,12 @@ pub(crate) async fn after_stop(name: &str, injections: usize, w: &mut World) -> 
         }
         "slot-advanced" => {
             advance_slot(w).await?;
-            w.daemon.spawn()?;
-            let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(60)))?;
-            if status.code() != Some(5) {
-                bail!(
-                    "restart with the slot advanced past the checkpoint: exit code {:?}, want 5",
-                    status.code()
-                );
-            }
+            restart_refused(w, "restart with the slot advanced past the checkpoint")?;
             return Ok(1);
         }
         "slot-dropped" => {
             drop_slot(w).await?;
-            w.daemon.spawn()?;
-            let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(60)))?;
-            if status.code() != Some(5) {
-                bail!(
-                    "restart without the slot: exit code {:?}, want 5",
-                    status.code()
-                );
-            }
+            restart_refused(w, "restart without the slot")?;
             return Ok(1);
         }
         _ => {}
