@@ -440,7 +440,7 @@ async fn advance_slot(w: &World) -> Result<()> {
 async fn wait_sink_joined(w: &World) -> Result<()> {
     let brokers = w.tansu.brokers();
     let committed = || {
-        block_in_place(|| oracle::sink_offsets(&brokers, "cdc-events", 3))
+        block_in_place(|| oracle::sink_offsets(&brokers))
             .map(|o| o.iter().map(|&o| o.max(0)).sum::<i64>())
     };
     let before = committed()?;

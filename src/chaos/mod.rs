@@ -164,6 +164,9 @@ pub(crate) struct World {
     _dir: tempfile::TempDir,
 }
 
+/// Partitions of the `cdc-events` topic in the daemon's configuration.
+pub(crate) const PARTITIONS: i32 = 3;
+
 /// Why a scenario cannot run here (reported `SKIPPED`, never `PASS`).
 #[derive(Debug)]
 struct Skip(String);
@@ -197,7 +200,7 @@ fn daemon_config(
         "state_dir = {state:?}\nshutdown_timeout_secs = 20\n\
          [postgres]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"postgres\"\npassword = {pw:?}\n\
          database = \"postgres\"\ntables = [\"public.chaos_items\"]\nstatus_interval_secs = 1\n\
-         [kafka]\nbrokers = {brokers:?}\ntopic_partitions = 3\ndelivery_timeout_ms = 30000\n\
+         [kafka]\nbrokers = {brokers:?}\ntopic_partitions = {partitions}\ndelivery_timeout_ms = 30000\n\
          [kafka.properties]\n\"group.instance.id\" = \"pgcdc-chaos-sink\"\n\"batch.num.messages\" = \"1\"\n\
          [elasticsearch]\nrun_in_daemon = true\nurl = {url:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n\
          [supervision]\nmax_restarts = 50\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n\
@@ -206,6 +209,7 @@ fn daemon_config(
         port = pg_port,
         pw = password,
         url = es_url,
+        partitions = PARTITIONS,
     )
 }
 

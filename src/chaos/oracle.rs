@@ -126,17 +126,17 @@ pub fn read_topic(brokers: &str, topic: &str) -> Result<TopicScan> {
     Ok(scan)
 }
 
-/// The ES sink group's committed offsets on `topic`, one per partition
+/// The ES sink group's committed offsets on `cdc-events`, one per partition
 /// (`-1` where it committed none); an OffsetFetch, the reader does not join
 /// the group.
-pub fn sink_offsets(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> {
+pub fn sink_offsets(brokers: &str) -> Result<Vec<i64>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "pgcdc-es-sink")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
+    for p in 0..super::PARTITIONS {
+        tpl.add_partition("cdc-events", p);
     }
     let got = c.committed_offsets(tpl, Duration::from_secs(5))?;
     Ok(got
@@ -174,7 +174,7 @@ pub async fn explain_mirror(db: &Client, es_url: &str, scan: &TopicScan, brokers
         let e = at.entry(p).or_insert((0, i64::MAX, i64::MIN));
         *e = (e.0 + 1, e.1.min(o), e.2.max(o));
     }
-    let committed = block_in_place(|| sink_offsets(brokers, "cdc-events", 3)).unwrap_or_default();
+    let committed = block_in_place(|| sink_offsets(brokers)).unwrap_or_default();
     let parts: Vec<String> = at
         .iter()
         .map(|(p, (n, lo, hi))| format!("partition {p}: {n} at offsets {lo}..={hi}"))
