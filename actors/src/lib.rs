@@ -38,6 +38,7 @@ pub mod secret;
 pub mod snapshot;
 pub mod supervision;
 pub mod wal_monitor;
+pub mod wire;
 
 /// The config key each validation error names (the text before its `:`).
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::metrics::metrics;
 use crate::replication::{slot, PostgresConfig, ReplicationError};
 
 /// Prefix of heartbeat messages (ignored by the stream apart from their position).
-pub const HEARTBEAT_PREFIX: &str = "pgcdc.heartbeat";
+pub const HEARTBEAT_PREFIX: &str = crate::wire::message::HEARTBEAT;
 
 /// `[wal]` configuration section.
 #[derive(Debug, Clone, Deserialize)]

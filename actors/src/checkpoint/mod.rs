@@ -387,7 +387,7 @@ impl Handler<PersistLsn> for CheckpointActor {
                     .snapshot_pending
                     .set(act.copying.len() as i64);
             }
-            fail::fail_point!("checkpoint-before-confirm");
+            fail::fail_point!(crate::wire::failpoint::CHECKPOINT_BEFORE_CONFIRM);
             act.persisted
         });
         if let Some(lsn) = done {

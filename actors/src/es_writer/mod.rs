@@ -199,7 +199,7 @@ impl Sink {
             let batch = self.collect(&c.consumer).await?;
             check_continuity(&mut c, &batch).await;
             self.write_batch(&mut c, &batch).await?;
-            fail::fail_point!("es-after-bulk");
+            fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
         }
     }
@@ -297,7 +297,7 @@ impl Sink {
         if c.indices.contains(index) {
             return Ok(());
         }
-        let types = header(msg, "pgcdc.types");
+        let types = header(msg, crate::wire::header::TYPES);
         let body = index_body(&self.es, types.as_deref(), index.ends_with("_history"));
         with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
         c.indices.insert(index.to_owned());
@@ -420,7 +420,7 @@ fn header(msg: &OwnedMessage, key: &str) -> Option<String> {
 
 /// Park a record on the dead-letter topic with the reason; waits for the acknowledgement.
 async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<(), EsError> {
-    let table = header(msg, "pgcdc.table").unwrap_or_default();
+    let table = header(msg, crate::wire::header::TABLE).unwrap_or_default();
     tracing::warn!(
         topic = msg.topic(),
         partition = msg.partition(),
@@ -431,7 +431,7 @@ async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<()
     );
     // The audit log's `dead_letters` table (this target never reaches the console: row values).
     let key = msg.key().map(String::from_utf8_lossy);
-    let lsn = header(msg, "pgcdc.commit_lsn");
+    let lsn = header(msg, crate::wire::header::COMMIT_LSN);
     let payload = msg.payload().map(String::from_utf8_lossy);
     tracing::warn!(
         target: crate::audit::DEAD_LETTER_TARGET,
@@ -452,7 +452,7 @@ async fn dead_letter(c: &Clients, msg: &OwnedMessage, reason: &str) -> Result<()
     })
     .to_string();
     let headers = OwnedHeaders::new().insert(Header {
-        key: "pgcdc.reason",
+        key: crate::wire::header::REASON,
         value: Some(reason),
     });
     let mut record: FutureRecord<'_, [u8], str> = FutureRecord::to(&c.dlq_topic)

@@ -460,19 +460,19 @@ async fn enqueue_all(
     for r in records {
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
-                key: "pgcdc.table",
+                key: crate::wire::header::TABLE,
                 value: Some(&*r.table),
             })
             .insert(Header {
-                key: "pgcdc.op",
+                key: crate::wire::header::OP,
                 value: Some(r.op),
             })
             .insert(Header {
-                key: "pgcdc.commit_lsn",
+                key: crate::wire::header::COMMIT_LSN,
                 value: Some(&*r.commit_lsn),
             })
             .insert(Header {
-                key: "pgcdc.types",
+                key: crate::wire::header::TYPES,
                 value: Some(&*r.types),
             });
         let mut record: BaseRecord<'_, [u8], [u8], Arc<BatchAck>> =
@@ -502,7 +502,7 @@ async fn enqueue_all(
 /// Wait for every acknowledgement of one batch.
 async fn await_deliveries(ack: Arc<BatchAck>) -> Result<(), ProducerError> {
     ack.wait().await?;
-    fail::fail_point!("producer-after-ack");
+    fail::fail_point!(crate::wire::failpoint::PRODUCER_AFTER_ACK);
     Ok(())
 }
 

@@ -687,7 +687,7 @@ impl Stream {
             out.last_marker = (lsn, Instant::now());
         }
         self.producer.send(msg).await??;
-        fail::fail_point!("replication-publish");
+        fail::fail_point!(crate::wire::failpoint::REPLICATION_PUBLISH);
         Ok(())
     }
 }

@@ -237,7 +237,7 @@ impl Backfill {
                     self.mark(sql, id, false).await?;
                     let q = shape.chunk_query(&progress.ranges[r], self.cfg.chunk_rows);
                     let rows = sql.simple_query(&q).await?;
-                    fail::fail_point!("snapshot-chunk");
+                    fail::fail_point!(crate::wire::failpoint::SNAPSHOT_CHUNK);
                     let keyed = shape.events(&rows, placeholder, Lsn::ZERO, &mut 0);
                     let range = &mut progress.ranges[r];
                     range.done = keyed.len() < self.cfg.chunk_rows;

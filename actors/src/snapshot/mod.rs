@@ -509,7 +509,7 @@ async fn copy_range(
             .await
             .map_err(|_| ReplicationError::StreamEnded)?;
         // Tests slow the copy down here (`sleep(ms)`) to interrupt it midway.
-        fail::fail_point!("snapshot-copy-chunk");
+        fail::fail_point!(crate::wire::failpoint::SNAPSHOT_COPY_CHUNK);
         if done {
             break;
         }

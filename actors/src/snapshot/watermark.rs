@@ -25,9 +25,9 @@ use crate::checkpoint::TableProgress;
 use crate::event::{ChangeEvent, Op};
 
 /// Prefix of watermark messages.
-pub const WATERMARK_PREFIX: &str = "pgcdc.watermark";
+pub const WATERMARK_PREFIX: &str = crate::wire::message::WATERMARK;
 /// Prefix of signal messages (`pgcdc snapshot --table`).
-pub const SIGNAL_PREFIX: &str = "pgcdc.signal";
+pub const SIGNAL_PREFIX: &str = crate::wire::message::SIGNAL;
 
 /// A watermark message's content.
 #[derive(Debug, Serialize, Deserialize)]

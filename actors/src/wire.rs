@@ -1,0 +1,52 @@
+//! The contract between pgcdc's parts and its consumers: Kafka header names,
+//! the prefixes of the logical messages pgcdc writes into the WAL, and the
+//! failpoint names the engine, the fault-injection harness and the tests share.
+
+/// Kafka record headers written by the producer and read by the sink.
+pub mod header {
+    /// `schema.table` of the row.
+    pub const TABLE: &str = "pgcdc.table";
+    /// The envelope's `op` (`c`, `u`, `d`, `r`, `t`).
+    pub const OP: &str = "pgcdc.op";
+    /// The commit LSN of the record's transaction (`X/Y`).
+    pub const COMMIT_LSN: &str = "pgcdc.commit_lsn";
+    /// The table's column types as JSON (`{"column": "type"}`).
+    pub const TYPES: &str = "pgcdc.types";
+    /// Why a record went to the dead-letter topic.
+    pub const REASON: &str = "pgcdc.reason";
+}
+
+/// Prefixes of the logical messages (`pg_logical_emit_message`) pgcdc writes.
+pub mod message {
+    /// Low/high marks around a backfill chunk.
+    pub const WATERMARK: &str = "pgcdc.watermark";
+    /// A request to copy tables again (`pgcdc snapshot --table`).
+    pub const SIGNAL: &str = "pgcdc.signal";
+    /// Heartbeats that move the confirmed position of an idle database.
+    pub const HEARTBEAT: &str = "pgcdc.heartbeat";
+}
+
+/// Failpoints compiled in with the `failpoints` feature.
+pub mod failpoint {
+    /// The replication stream, before it hands a batch to the producer.
+    pub const REPLICATION_PUBLISH: &str = "replication-publish";
+    /// The producer, after a batch was acknowledged by Kafka.
+    pub const PRODUCER_AFTER_ACK: &str = "producer-after-ack";
+    /// The checkpoint actor, after the synced write and before it confirms the LSN.
+    pub const CHECKPOINT_BEFORE_CONFIRM: &str = "checkpoint-before-confirm";
+    /// The ES sink, after a bulk request succeeded and before the offset commit.
+    pub const ES_AFTER_BULK: &str = "es-after-bulk";
+    /// The snapshot actor, between backfill chunks.
+    pub const SNAPSHOT_CHUNK: &str = "snapshot-chunk";
+    /// The initial copy, between chunks.
+    pub const SNAPSHOT_COPY_CHUNK: &str = "snapshot-copy-chunk";
+    /// Every failpoint, for harnesses that list or configure them.
+    pub const ALL: [&str; 6] = [
+        REPLICATION_PUBLISH,
+        PRODUCER_AFTER_ACK,
+        CHECKPOINT_BEFORE_CONFIRM,
+        ES_AFTER_BULK,
+        SNAPSHOT_CHUNK,
+        SNAPSHOT_COPY_CHUNK,
+    ];
+}
