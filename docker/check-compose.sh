@@ -215,11 +215,10 @@ elif check(os.path.exists(cfg_path), "config/docker.toml missing"):
         return set(re.findall(r"^\s*pub (\w+):", m.group(1), re.M)) if m else None
 
     top = struct_fields("src/settings.rs", "Settings")
-    if top is not None:
+    if check(top is not None, "Settings not found in src/settings.rs"):
         for key in cfg:
-            if key not in top:
-                warn(f"config/docker.toml: [{key}] is not a field of Settings in src/settings.rs yet; "
-                     "a binary built from this tree refuses it (deny_unknown_fields)")
+            check(key in top, f"config/docker.toml: [{key}] is not a field of Settings in src/settings.rs "
+                  "(pgcdc refuses unknown keys)")
     es_fields = struct_fields("actors/src/es_writer/config.rs", "EsConfig")
     es = cfg.get("elasticsearch", {})
     if check(es_fields is not None, "EsConfig not found in actors/src/es_writer/config.rs"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throughput benchmark: pgcdc vs pg_recvlogical on a 1M-row backlog (see README).
+# Throughput benchmark: pgcdc vs pg_recvlogical on a 1M-row backlog (see docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

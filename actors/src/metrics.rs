@@ -271,6 +271,8 @@ impl Metrics {
             0
         };
         self.lag_seconds.set(seconds);
+        self.audit_dropped
+            .set(crate::audit::dropped_total().try_into().unwrap_or(i64::MAX));
         self.confirmed
             .with_label_values(&["server_wal_end"])
             .set(self.server_wal_end.load(Ordering::Relaxed) as i64);
@@ -286,6 +288,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn render_reports_the_audit_records_dropped() {
+        crate::audit::count_drops(3);
+        let before = crate::audit::dropped_total();
+        let text = metrics().render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pgcdc_audit_dropped_total "))
+            .expect("audit_dropped_total rendered");
+        let shown: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number");
+        assert!(shown >= before, "{line} < {before}");
+    }
 
     #[test]
     fn lag_is_wal_end_minus_confirmed_and_readiness_follows_it() {

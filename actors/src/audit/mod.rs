@@ -87,6 +87,12 @@ pub fn flush_before_exit() {
     }
 }
 
+/// Count `n` dropped records in the process total, as a writer would.
+#[cfg(test)]
+pub(crate) fn count_drops(n: u64) {
+    Drops::default().add(n);
+}
+
 /// A drop counter of one writer that also adds to the process total.
 #[derive(Debug, Clone, Default)]
 struct Drops(Arc<AtomicU64>);
