@@ -1,8 +1,11 @@
 //! pgoutput text-format column values to faithful JSON.
 //!
-//! The replication session pins `DateStyle=ISO`, `TimeZone=UTC`,
-//! `IntervalStyle=iso_8601` and `extra_float_digits=3`, so the text forms are
-//! predictable. Numbers JSON cannot hold exactly (numeric, money) become
+//! Both the replication session and the snapshot readers pin the settings of
+//! [`super::session`] (`DateStyle=ISO`, `TimeZone=UTC`,
+//! `IntervalStyle=iso_8601`, `extra_float_digits=3`, hex bytea), so the text
+//! forms are predictable. Types are known by `postgres-types`' [`Type`]
+//! (OIDs, names, array elements); the types converted by their own rule are
+//! listed in [`SCALARS`] and [`ARRAYS`]. Numbers JSON cannot hold exactly (numeric, money) become
 //! strings with every digit; NaN and infinities become strings; timestamps
 //! become RFC 3339; bytea becomes base64; arrays become (nested) JSON arrays.
 //! Nothing panics on odd input: the fallback is always the original text as a
@@ -10,196 +13,92 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
-use super::decode::{Relation, Tuple, TupleValue};
+use tokio_postgres::types::{Kind, Type};
 
-/// Built-in type OIDs, from PostgreSQL's `pg_type.dat`.
-pub mod oid {
-    /// `bool`.
-    pub const BOOL: u32 = 16;
-    /// `bytea`.
-    pub const BYTEA: u32 = 17;
-    /// `"char"` (single byte).
-    pub const CHAR: u32 = 18;
-    /// `name`.
-    pub const NAME: u32 = 19;
-    /// `int8` (bigint).
-    pub const INT8: u32 = 20;
-    /// `int2` (smallint).
-    pub const INT2: u32 = 21;
-    /// `int4` (integer).
-    pub const INT4: u32 = 23;
-    /// `text`.
-    pub const TEXT: u32 = 25;
-    /// `oid`.
-    pub const OID: u32 = 26;
-    /// `xid`.
-    pub const XID: u32 = 28;
-    /// `json`.
-    pub const JSON: u32 = 114;
-    /// `xml`.
-    pub const XML: u32 = 142;
-    /// `cidr`.
-    pub const CIDR: u32 = 650;
-    /// `float4` (real).
-    pub const FLOAT4: u32 = 700;
-    /// `float8` (double precision).
-    pub const FLOAT8: u32 = 701;
-    /// `money`.
-    pub const MONEY: u32 = 790;
-    /// `macaddr`.
-    pub const MACADDR: u32 = 829;
-    /// `inet`.
-    pub const INET: u32 = 869;
-    /// `bpchar` (char(n)).
-    pub const BPCHAR: u32 = 1042;
-    /// `varchar`.
-    pub const VARCHAR: u32 = 1043;
-    /// `date`.
-    pub const DATE: u32 = 1082;
-    /// `time`.
-    pub const TIME: u32 = 1083;
-    /// `timestamp` (without time zone).
-    pub const TIMESTAMP: u32 = 1114;
-    /// `timestamptz`.
-    pub const TIMESTAMPTZ: u32 = 1184;
-    /// `interval`.
-    pub const INTERVAL: u32 = 1186;
-    /// `timetz`.
-    pub const TIMETZ: u32 = 1266;
-    /// `numeric`.
-    pub const NUMERIC: u32 = 1700;
-    /// `uuid`.
-    pub const UUID: u32 = 2950;
-    /// `jsonb`.
-    pub const JSONB: u32 = 3802;
+/// The built-in scalar types pgcdc names and converts by their own rule;
+/// every other type is named `unknown` and rendered as its text.
+const SCALARS: &[Type] = &[
+    Type::BOOL,
+    Type::BYTEA,
+    Type::CHAR,
+    Type::NAME,
+    Type::INT8,
+    Type::INT2,
+    Type::INT4,
+    Type::TEXT,
+    Type::OID,
+    Type::XID,
+    Type::JSON,
+    Type::XML,
+    Type::CIDR,
+    Type::FLOAT4,
+    Type::FLOAT8,
+    Type::MONEY,
+    Type::MACADDR,
+    Type::INET,
+    Type::BPCHAR,
+    Type::VARCHAR,
+    Type::DATE,
+    Type::TIME,
+    Type::TIMESTAMP,
+    Type::TIMESTAMPTZ,
+    Type::INTERVAL,
+    Type::TIMETZ,
+    Type::NUMERIC,
+    Type::UUID,
+    Type::JSONB,
+];
 
-    /// `_bool`.
-    pub const BOOL_ARRAY: u32 = 1000;
-    /// `_bytea`.
-    pub const BYTEA_ARRAY: u32 = 1001;
-    /// `_char`.
-    pub const CHAR_ARRAY: u32 = 1002;
-    /// `_name`.
-    pub const NAME_ARRAY: u32 = 1003;
-    /// `_int2`.
-    pub const INT2_ARRAY: u32 = 1005;
-    /// `_int4`.
-    pub const INT4_ARRAY: u32 = 1007;
-    /// `_text`.
-    pub const TEXT_ARRAY: u32 = 1009;
-    /// `_xid`.
-    pub const XID_ARRAY: u32 = 1011;
-    /// `_bpchar`.
-    pub const BPCHAR_ARRAY: u32 = 1014;
-    /// `_varchar`.
-    pub const VARCHAR_ARRAY: u32 = 1015;
-    /// `_int8`.
-    pub const INT8_ARRAY: u32 = 1016;
-    /// `_float4`.
-    pub const FLOAT4_ARRAY: u32 = 1021;
-    /// `_float8`.
-    pub const FLOAT8_ARRAY: u32 = 1022;
-    /// `_oid`.
-    pub const OID_ARRAY: u32 = 1028;
-    /// `_macaddr`.
-    pub const MACADDR_ARRAY: u32 = 1040;
-    /// `_inet`.
-    pub const INET_ARRAY: u32 = 1041;
-    /// `_timestamp`.
-    pub const TIMESTAMP_ARRAY: u32 = 1115;
-    /// `_date`.
-    pub const DATE_ARRAY: u32 = 1182;
-    /// `_time`.
-    pub const TIME_ARRAY: u32 = 1183;
-    /// `_timestamptz`.
-    pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
-    /// `_interval`.
-    pub const INTERVAL_ARRAY: u32 = 1187;
-    /// `_numeric`.
-    pub const NUMERIC_ARRAY: u32 = 1231;
-    /// `_timetz`.
-    pub const TIMETZ_ARRAY: u32 = 1270;
-    /// `_xml`.
-    pub const XML_ARRAY: u32 = 143;
-    /// `_json`.
-    pub const JSON_ARRAY: u32 = 199;
-    /// `_cidr`.
-    pub const CIDR_ARRAY: u32 = 651;
-    /// `_money`.
-    pub const MONEY_ARRAY: u32 = 791;
-    /// `_uuid`.
-    pub const UUID_ARRAY: u32 = 2951;
-    /// `_jsonb`.
-    pub const JSONB_ARRAY: u32 = 3807;
+/// The arrays of [`SCALARS`] pgcdc names and converts element by element.
+const ARRAYS: &[Type] = &[
+    Type::BOOL_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::CHAR_ARRAY,
+    Type::NAME_ARRAY,
+    Type::INT2_ARRAY,
+    Type::INT4_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::XID_ARRAY,
+    Type::BPCHAR_ARRAY,
+    Type::VARCHAR_ARRAY,
+    Type::INT8_ARRAY,
+    Type::FLOAT4_ARRAY,
+    Type::FLOAT8_ARRAY,
+    Type::OID_ARRAY,
+    Type::MACADDR_ARRAY,
+    Type::INET_ARRAY,
+    Type::TIMESTAMP_ARRAY,
+    Type::DATE_ARRAY,
+    Type::TIME_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::INTERVAL_ARRAY,
+    Type::NUMERIC_ARRAY,
+    Type::TIMETZ_ARRAY,
+    Type::XML_ARRAY,
+    Type::JSON_ARRAY,
+    Type::CIDR_ARRAY,
+    Type::MONEY_ARRAY,
+    Type::UUID_ARRAY,
+    Type::JSONB_ARRAY,
+];
+
+/// One of [`SCALARS`] or [`ARRAYS`] by OID; `None` for any other type.
+fn known(type_oid: u32) -> Option<&'static Type> {
+    SCALARS.iter().chain(ARRAYS).find(|t| t.oid() == type_oid)
 }
 
-/// Built-in scalar types: (OID, name).
-const SCALARS: &[(u32, &str)] = &[
-    (oid::BOOL, "bool"),
-    (oid::BYTEA, "bytea"),
-    (oid::CHAR, "char"),
-    (oid::NAME, "name"),
-    (oid::INT8, "int8"),
-    (oid::INT2, "int2"),
-    (oid::INT4, "int4"),
-    (oid::TEXT, "text"),
-    (oid::OID, "oid"),
-    (oid::XID, "xid"),
-    (oid::JSON, "json"),
-    (oid::XML, "xml"),
-    (oid::CIDR, "cidr"),
-    (oid::FLOAT4, "float4"),
-    (oid::FLOAT8, "float8"),
-    (oid::MONEY, "money"),
-    (oid::MACADDR, "macaddr"),
-    (oid::INET, "inet"),
-    (oid::BPCHAR, "bpchar"),
-    (oid::VARCHAR, "varchar"),
-    (oid::DATE, "date"),
-    (oid::TIME, "time"),
-    (oid::TIMESTAMP, "timestamp"),
-    (oid::TIMESTAMPTZ, "timestamptz"),
-    (oid::INTERVAL, "interval"),
-    (oid::TIMETZ, "timetz"),
-    (oid::NUMERIC, "numeric"),
-    (oid::UUID, "uuid"),
-    (oid::JSONB, "jsonb"),
-];
-
-/// Built-in array types: (array OID, element OID, name).
-const ARRAYS: &[(u32, u32, &str)] = &[
-    (oid::BOOL_ARRAY, oid::BOOL, "_bool"),
-    (oid::BYTEA_ARRAY, oid::BYTEA, "_bytea"),
-    (oid::CHAR_ARRAY, oid::CHAR, "_char"),
-    (oid::NAME_ARRAY, oid::NAME, "_name"),
-    (oid::INT2_ARRAY, oid::INT2, "_int2"),
-    (oid::INT4_ARRAY, oid::INT4, "_int4"),
-    (oid::TEXT_ARRAY, oid::TEXT, "_text"),
-    (oid::XID_ARRAY, oid::XID, "_xid"),
-    (oid::BPCHAR_ARRAY, oid::BPCHAR, "_bpchar"),
-    (oid::VARCHAR_ARRAY, oid::VARCHAR, "_varchar"),
-    (oid::INT8_ARRAY, oid::INT8, "_int8"),
-    (oid::FLOAT4_ARRAY, oid::FLOAT4, "_float4"),
-    (oid::FLOAT8_ARRAY, oid::FLOAT8, "_float8"),
-    (oid::OID_ARRAY, oid::OID, "_oid"),
-    (oid::MACADDR_ARRAY, oid::MACADDR, "_macaddr"),
-    (oid::INET_ARRAY, oid::INET, "_inet"),
-    (oid::TIMESTAMP_ARRAY, oid::TIMESTAMP, "_timestamp"),
-    (oid::DATE_ARRAY, oid::DATE, "_date"),
-    (oid::TIME_ARRAY, oid::TIME, "_time"),
-    (oid::TIMESTAMPTZ_ARRAY, oid::TIMESTAMPTZ, "_timestamptz"),
-    (oid::INTERVAL_ARRAY, oid::INTERVAL, "_interval"),
-    (oid::NUMERIC_ARRAY, oid::NUMERIC, "_numeric"),
-    (oid::TIMETZ_ARRAY, oid::TIMETZ, "_timetz"),
-    (oid::XML_ARRAY, oid::XML, "_xml"),
-    (oid::JSON_ARRAY, oid::JSON, "_json"),
-    (oid::CIDR_ARRAY, oid::CIDR, "_cidr"),
-    (oid::MONEY_ARRAY, oid::MONEY, "_money"),
-    (oid::UUID_ARRAY, oid::UUID, "_uuid"),
-    (oid::JSONB_ARRAY, oid::JSONB, "_jsonb"),
-];
+/// The element type of one of [`ARRAYS`]; `None` for anything else.
+fn array_element(type_oid: u32) -> Option<&'static Type> {
+    ARRAYS
+        .iter()
+        .find(|t| t.oid() == type_oid)
+        .and_then(|t| match t.kind() {
+            Kind::Array(elem) => Some(elem),
+            _ => None,
+        })
+}
 
 /// PostgreSQL's limit on array dimensions (`MAXDIM`); deeper literals are malformed.
 const MAX_ARRAY_DEPTH: usize = 6;
@@ -207,22 +106,18 @@ const MAX_ARRAY_DEPTH: usize = 6;
 /// Name of a built-in type (e.g. `int4`, `_text`, `timestamptz`), or `None`
 /// for unknown OIDs (enums, domains, extension types).
 pub fn type_name(type_oid: u32) -> Option<&'static str> {
-    let scalar = SCALARS.iter().find(|(o, _)| *o == type_oid);
-    let array = || ARRAYS.iter().find(|(o, _, _)| *o == type_oid);
-    scalar
-        .map(|(_, name)| *name)
-        .or_else(|| array().map(|(_, _, name)| *name))
+    known(type_oid).map(Type::name)
 }
 
 /// Convert one text-format value of a column of PostgreSQL type `type_oid` to JSON.
 pub fn text_to_json(type_oid: u32, text: &[u8]) -> Value {
     let s = String::from_utf8_lossy(text);
-    match ARRAYS.iter().find(|(o, _, _)| *o == type_oid) {
-        Some((_, elem, _)) => match parse_array(&s) {
-            Some(node) => node_to_json(*elem, node),
+    match array_element(type_oid) {
+        Some(elem) => match parse_array(&s) {
+            Some(node) => node_to_json(elem, node),
             None => Value::String(s.into_owned()),
         },
-        None => scalar_to_json(type_oid, &s),
+        None => scalar_to_json(known(type_oid), &s),
     }
 }
 
@@ -233,28 +128,32 @@ pub fn write_json(type_oid: u32, text: &[u8], out: &mut Vec<u8>) {
     let Ok(s) = std::str::from_utf8(text) else {
         return to_json_bytes(&text_to_json(type_oid, text), out);
     };
-    match type_oid {
-        oid::TEXT
-        | oid::VARCHAR
-        | oid::BPCHAR
-        | oid::NAME
-        | oid::UUID
-        | oid::NUMERIC
-        | oid::DATE => to_json_bytes(s, out),
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::XID => match s.parse::<i64>() {
-            Ok(n) => to_json_bytes(&n, out),
-            Err(_) => to_json_bytes(s, out),
-        },
-        oid::BOOL if s == "t" || s == "f" => {
+    match known(type_oid) {
+        Some(
+            &Type::TEXT
+            | &Type::VARCHAR
+            | &Type::BPCHAR
+            | &Type::NAME
+            | &Type::UUID
+            | &Type::NUMERIC
+            | &Type::DATE,
+        ) => to_json_bytes(s, out),
+        Some(&Type::INT2 | &Type::INT4 | &Type::INT8 | &Type::OID | &Type::XID) => {
+            match s.parse::<i64>() {
+                Ok(n) => to_json_bytes(&n, out),
+                Err(_) => to_json_bytes(s, out),
+            }
+        }
+        Some(&Type::BOOL) if s == "t" || s == "f" => {
             out.extend_from_slice(if s == "t" { b"true" } else { b"false" })
         }
         // PostgreSQL's timestamp text needs no JSON escaping.
-        oid::TIMESTAMPTZ | oid::TIMESTAMP
+        Some(ty @ (&Type::TIMESTAMPTZ | &Type::TIMESTAMP))
             if s.bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ') =>
         {
             out.push(b'"');
-            rfc3339(s, type_oid == oid::TIMESTAMPTZ, out);
+            rfc3339(s, *ty == Type::TIMESTAMPTZ, out);
             out.push(b'"');
         }
         _ => to_json_bytes(&text_to_json(type_oid, text), out),
@@ -266,47 +165,26 @@ pub fn to_json_bytes<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>)
     let _ = serde_json::to_writer(out, value);
 }
 
-/// Convert a whole tuple to a JSON object keyed by column name, using the
-/// relation's columns. Unchanged-TOAST columns are left out of the object and
-/// returned by name, so a marker can never masquerade as a real value.
-/// Columns and values are paired in order; the caller checks that the
-/// tuple's width matches the relation's.
-pub fn tuple_to_json(relation: &Relation, tuple: &Tuple) -> (Map<String, Value>, Vec<String>) {
-    let mut row = Map::new();
-    let mut unchanged = Vec::new();
-    for (col, val) in relation.columns.iter().zip(&tuple.0) {
-        let v = match val {
-            TupleValue::Null => Value::Null,
-            TupleValue::UnchangedToast => {
-                unchanged.push(col.name.clone());
-                continue;
-            }
-            TupleValue::Text(t) => text_to_json(col.type_oid, t),
-            // Never requested, but must not be lost or misread.
-            TupleValue::Binary(b) => Value::String(BASE64.encode(b)),
-        };
-        row.insert(col.name.clone(), v);
-    }
-    (row, unchanged)
-}
-
 /// A non-array value by its type's rule.
-fn scalar_to_json(type_oid: u32, s: &str) -> Value {
+fn scalar_to_json(ty: Option<&Type>, s: &str) -> Value {
     let string = || Value::String(s.to_owned());
-    match type_oid {
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID | oid::XID => {
+    let Some(ty) = ty else {
+        return string();
+    };
+    match *ty {
+        Type::INT2 | Type::INT4 | Type::INT8 | Type::OID | Type::XID => {
             s.parse::<i64>().map_or_else(|_| string(), Value::from)
         }
-        oid::FLOAT4 | oid::FLOAT8 => float(s).unwrap_or_else(string),
-        oid::BOOL => match s {
+        Type::FLOAT4 | Type::FLOAT8 => float(s).unwrap_or_else(string),
+        Type::BOOL => match s {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
             _ => string(),
         },
-        oid::JSON | oid::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
-        oid::BYTEA => bytea(s).unwrap_or_else(string),
-        oid::TIMESTAMPTZ => Value::String(timestamptz(s)),
-        oid::TIMESTAMP => Value::String(timestamp(s)),
+        Type::JSON | Type::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
+        Type::BYTEA => bytea(s).unwrap_or_else(string),
+        Type::TIMESTAMPTZ => Value::String(timestamptz(s)),
+        Type::TIMESTAMP => Value::String(timestamp(s)),
         // numeric and money keep every digit; the rest are strings by nature.
         _ => string(),
     }
@@ -402,10 +280,10 @@ enum Node {
 }
 
 /// Converts a parsed array, each element by the element type's rule.
-fn node_to_json(elem: u32, node: Node) -> Value {
+fn node_to_json(elem: &Type, node: Node) -> Value {
     match node {
         Node::Elem(None) => Value::Null,
-        Node::Elem(Some(s)) => scalar_to_json(elem, &s),
+        Node::Elem(Some(s)) => scalar_to_json(Some(elem), &s),
         Node::List(items) => {
             Value::Array(items.into_iter().map(|n| node_to_json(elem, n)).collect())
         }
@@ -551,12 +429,200 @@ impl ArrayParser<'_> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use proptest::prelude::*;
     use serde_json::json;
 
-    use super::super::decode::Column;
     use super::*;
+
+    // The reference: built-in type OIDs and names as PostgreSQL's `pg_type.dat`
+    // lists them, kept apart from `postgres-types` so the tests check it.
+
+    /// Built-in type OIDs, from PostgreSQL's `pg_type.dat`.
+    mod oid {
+        /// `bool`.
+        pub const BOOL: u32 = 16;
+        /// `bytea`.
+        pub const BYTEA: u32 = 17;
+        /// `"char"` (single byte).
+        pub const CHAR: u32 = 18;
+        /// `name`.
+        pub const NAME: u32 = 19;
+        /// `int8` (bigint).
+        pub const INT8: u32 = 20;
+        /// `int2` (smallint).
+        pub const INT2: u32 = 21;
+        /// `int4` (integer).
+        pub const INT4: u32 = 23;
+        /// `text`.
+        pub const TEXT: u32 = 25;
+        /// `oid`.
+        pub const OID: u32 = 26;
+        /// `xid`.
+        pub const XID: u32 = 28;
+        /// `json`.
+        pub const JSON: u32 = 114;
+        /// `xml`.
+        pub const XML: u32 = 142;
+        /// `cidr`.
+        pub const CIDR: u32 = 650;
+        /// `float4` (real).
+        pub const FLOAT4: u32 = 700;
+        /// `float8` (double precision).
+        pub const FLOAT8: u32 = 701;
+        /// `money`.
+        pub const MONEY: u32 = 790;
+        /// `macaddr`.
+        pub const MACADDR: u32 = 829;
+        /// `inet`.
+        pub const INET: u32 = 869;
+        /// `bpchar` (char(n)).
+        pub const BPCHAR: u32 = 1042;
+        /// `varchar`.
+        pub const VARCHAR: u32 = 1043;
+        /// `date`.
+        pub const DATE: u32 = 1082;
+        /// `time`.
+        pub const TIME: u32 = 1083;
+        /// `timestamp` (without time zone).
+        pub const TIMESTAMP: u32 = 1114;
+        /// `timestamptz`.
+        pub const TIMESTAMPTZ: u32 = 1184;
+        /// `interval`.
+        pub const INTERVAL: u32 = 1186;
+        /// `timetz`.
+        pub const TIMETZ: u32 = 1266;
+        /// `numeric`.
+        pub const NUMERIC: u32 = 1700;
+        /// `uuid`.
+        pub const UUID: u32 = 2950;
+        /// `jsonb`.
+        pub const JSONB: u32 = 3802;
+
+        /// `_bool`.
+        pub const BOOL_ARRAY: u32 = 1000;
+        /// `_bytea`.
+        pub const BYTEA_ARRAY: u32 = 1001;
+        /// `_char`.
+        pub const CHAR_ARRAY: u32 = 1002;
+        /// `_name`.
+        pub const NAME_ARRAY: u32 = 1003;
+        /// `_int2`.
+        pub const INT2_ARRAY: u32 = 1005;
+        /// `_int4`.
+        pub const INT4_ARRAY: u32 = 1007;
+        /// `_text`.
+        pub const TEXT_ARRAY: u32 = 1009;
+        /// `_xid`.
+        pub const XID_ARRAY: u32 = 1011;
+        /// `_bpchar`.
+        pub const BPCHAR_ARRAY: u32 = 1014;
+        /// `_varchar`.
+        pub const VARCHAR_ARRAY: u32 = 1015;
+        /// `_int8`.
+        pub const INT8_ARRAY: u32 = 1016;
+        /// `_float4`.
+        pub const FLOAT4_ARRAY: u32 = 1021;
+        /// `_float8`.
+        pub const FLOAT8_ARRAY: u32 = 1022;
+        /// `_oid`.
+        pub const OID_ARRAY: u32 = 1028;
+        /// `_macaddr`.
+        pub const MACADDR_ARRAY: u32 = 1040;
+        /// `_inet`.
+        pub const INET_ARRAY: u32 = 1041;
+        /// `_timestamp`.
+        pub const TIMESTAMP_ARRAY: u32 = 1115;
+        /// `_date`.
+        pub const DATE_ARRAY: u32 = 1182;
+        /// `_time`.
+        pub const TIME_ARRAY: u32 = 1183;
+        /// `_timestamptz`.
+        pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
+        /// `_interval`.
+        pub const INTERVAL_ARRAY: u32 = 1187;
+        /// `_numeric`.
+        pub const NUMERIC_ARRAY: u32 = 1231;
+        /// `_timetz`.
+        pub const TIMETZ_ARRAY: u32 = 1270;
+        /// `_xml`.
+        pub const XML_ARRAY: u32 = 143;
+        /// `_json`.
+        pub const JSON_ARRAY: u32 = 199;
+        /// `_cidr`.
+        pub const CIDR_ARRAY: u32 = 651;
+        /// `_money`.
+        pub const MONEY_ARRAY: u32 = 791;
+        /// `_uuid`.
+        pub const UUID_ARRAY: u32 = 2951;
+        /// `_jsonb`.
+        pub const JSONB_ARRAY: u32 = 3807;
+    }
+
+    /// Built-in scalar types: (OID, name).
+    const SCALARS: &[(u32, &str)] = &[
+        (oid::BOOL, "bool"),
+        (oid::BYTEA, "bytea"),
+        (oid::CHAR, "char"),
+        (oid::NAME, "name"),
+        (oid::INT8, "int8"),
+        (oid::INT2, "int2"),
+        (oid::INT4, "int4"),
+        (oid::TEXT, "text"),
+        (oid::OID, "oid"),
+        (oid::XID, "xid"),
+        (oid::JSON, "json"),
+        (oid::XML, "xml"),
+        (oid::CIDR, "cidr"),
+        (oid::FLOAT4, "float4"),
+        (oid::FLOAT8, "float8"),
+        (oid::MONEY, "money"),
+        (oid::MACADDR, "macaddr"),
+        (oid::INET, "inet"),
+        (oid::BPCHAR, "bpchar"),
+        (oid::VARCHAR, "varchar"),
+        (oid::DATE, "date"),
+        (oid::TIME, "time"),
+        (oid::TIMESTAMP, "timestamp"),
+        (oid::TIMESTAMPTZ, "timestamptz"),
+        (oid::INTERVAL, "interval"),
+        (oid::TIMETZ, "timetz"),
+        (oid::NUMERIC, "numeric"),
+        (oid::UUID, "uuid"),
+        (oid::JSONB, "jsonb"),
+    ];
+
+    /// Built-in array types: (array OID, element OID, name).
+    const ARRAYS: &[(u32, u32, &str)] = &[
+        (oid::BOOL_ARRAY, oid::BOOL, "_bool"),
+        (oid::BYTEA_ARRAY, oid::BYTEA, "_bytea"),
+        (oid::CHAR_ARRAY, oid::CHAR, "_char"),
+        (oid::NAME_ARRAY, oid::NAME, "_name"),
+        (oid::INT2_ARRAY, oid::INT2, "_int2"),
+        (oid::INT4_ARRAY, oid::INT4, "_int4"),
+        (oid::TEXT_ARRAY, oid::TEXT, "_text"),
+        (oid::XID_ARRAY, oid::XID, "_xid"),
+        (oid::BPCHAR_ARRAY, oid::BPCHAR, "_bpchar"),
+        (oid::VARCHAR_ARRAY, oid::VARCHAR, "_varchar"),
+        (oid::INT8_ARRAY, oid::INT8, "_int8"),
+        (oid::FLOAT4_ARRAY, oid::FLOAT4, "_float4"),
+        (oid::FLOAT8_ARRAY, oid::FLOAT8, "_float8"),
+        (oid::OID_ARRAY, oid::OID, "_oid"),
+        (oid::MACADDR_ARRAY, oid::MACADDR, "_macaddr"),
+        (oid::INET_ARRAY, oid::INET, "_inet"),
+        (oid::TIMESTAMP_ARRAY, oid::TIMESTAMP, "_timestamp"),
+        (oid::DATE_ARRAY, oid::DATE, "_date"),
+        (oid::TIME_ARRAY, oid::TIME, "_time"),
+        (oid::TIMESTAMPTZ_ARRAY, oid::TIMESTAMPTZ, "_timestamptz"),
+        (oid::INTERVAL_ARRAY, oid::INTERVAL, "_interval"),
+        (oid::NUMERIC_ARRAY, oid::NUMERIC, "_numeric"),
+        (oid::TIMETZ_ARRAY, oid::TIMETZ, "_timetz"),
+        (oid::XML_ARRAY, oid::XML, "_xml"),
+        (oid::JSON_ARRAY, oid::JSON, "_json"),
+        (oid::CIDR_ARRAY, oid::CIDR, "_cidr"),
+        (oid::MONEY_ARRAY, oid::MONEY, "_money"),
+        (oid::UUID_ARRAY, oid::UUID, "_uuid"),
+        (oid::JSONB_ARRAY, oid::JSONB, "_jsonb"),
+    ];
 
     fn j(type_oid: u32, s: &str) -> Value {
         text_to_json(type_oid, s.as_bytes())
@@ -803,44 +869,28 @@ mod tests {
         }
     }
 
-    fn relation(types: &[(&str, u32)]) -> Relation {
-        Relation {
-            oid: 1,
-            namespace: "public".into(),
-            name: "t".into(),
-            replica_identity: b'd',
-            columns: types
-                .iter()
-                .map(|(name, type_oid)| Column {
-                    is_key: false,
-                    name: (*name).into(),
-                    type_oid: *type_oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        }
-    }
-
     #[test]
-    fn tuples_become_objects_without_unchanged_toast() {
-        let rel = relation(&[
-            ("id", oid::INT4),
-            ("note", oid::TEXT),
-            ("big", oid::TEXT),
-            ("raw", oid::BYTEA),
-        ]);
-        let tuple = Tuple(vec![
-            TupleValue::Text(Bytes::from_static(b"7")),
-            TupleValue::Null,
-            TupleValue::UnchangedToast,
-            TupleValue::Binary(Bytes::from_static(b"ab")),
-        ]);
-        let (row, unchanged) = tuple_to_json(&rel, &tuple);
-        assert_eq!(
-            Value::Object(row),
-            json!({"id": 7, "note": null, "raw": "YWI="})
-        );
-        assert_eq!(unchanged, vec!["big".to_owned()]);
+    fn the_supported_types_are_exactly_the_reference_list() {
+        let mut scalars: Vec<(u32, &str)> =
+            super::SCALARS.iter().map(|t| (t.oid(), t.name())).collect();
+        let mut want = SCALARS.to_vec();
+        scalars.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(scalars, want);
+        let mut arrays: Vec<(u32, u32, &str)> = super::ARRAYS
+            .iter()
+            .map(|t| {
+                (
+                    t.oid(),
+                    array_element(t.oid()).map_or(0, Type::oid),
+                    t.name(),
+                )
+            })
+            .collect();
+        let mut want = ARRAYS.to_vec();
+        arrays.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(arrays, want);
     }
 
     #[test]
