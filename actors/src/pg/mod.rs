@@ -1,9 +1,9 @@
 //! The PostgreSQL layer: everything the engine says to PostgreSQL that is
 //! not specific to one actor.
 //!
-//! - [`config`]: the `[postgres]` section every connection is built from;
-//! - [`connect`]: SQL and replication connections (the one place TLS goes);
-//! - [`session`]: the settings the value renderer and the quoting rely on,
+//! - `config`: the `[postgres]` section every connection is built from ([`PostgresConfig`]);
+//! - `connect`: SQL and replication connections (the one place TLS goes);
+//! - `session`: the settings the value renderer and the quoting rely on,
 //!   applied to both connection kinds from one list;
 //! - [`catalog`]: server checks and table, key and column lookups;
 //! - [`values`]: text-format values to JSON, by `postgres-types`' [`Type`];
@@ -11,25 +11,28 @@
 //!
 //! # Dependency direction
 //!
+//! Arrows read "uses"; there are no cycles:
+//!
 //! ```text
-//! pg ◀── snapshot ◀── replication
-//! ▲ ▲
-//! │ └── wal_monitor
-//! └──── src/check.rs (and replication::slot for the start decision)
+//! replication ──▶ snapshot ──▶ pg
+//!      └───────────────────────▲
+//! wal_monitor ─────────────────┤
+//! src/check.rs ────────────────┘  (plus replication::slot for the start decision)
 //! ```
 //!
-//! `pg` depends on no actor module; the snapshot module uses only `pg`; the
-//! replication actor uses both (it runs the initial copy and hands backfills
-//! to the snapshot actor). Nothing points back up.
+//! `pg` uses none of the actor modules. `snapshot` uses `pg` and never
+//! `replication`; `replication` uses both (it runs the initial copy and
+//! hands backfills to the snapshot actor). The WAL monitor and `pgcdc
+//! check` reach PostgreSQL through `pg` only.
 //!
 //! [`Type`]: tokio_postgres::types::Type
 
 pub mod catalog;
 mod config;
 mod connect;
-pub mod quote;
+pub(crate) mod quote;
 pub(crate) mod session;
-pub mod values;
+pub(crate) mod values;
 
 pub use config::{parse_table_name, PostgresConfig};
 pub use connect::connect;

@@ -28,8 +28,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-/// The value renderer, kept at this path for the Kafka envelope encoder.
-pub use crate::pg::values;
+/// The value renderer, kept at this path for the Kafka envelope encoder
+/// (which should move to `crate::pg::values`).
+pub(crate) use crate::pg::values;
 /// The `[postgres]` section, kept at this path for the daemon's settings.
 pub use crate::pg::{parse_table_name, PostgresConfig};
 pub use assembler::{AssembleError, Assembler};

@@ -16,7 +16,7 @@
 //! backfill ([`watermark`], [`SnapshotActor`]) while the stream runs from the
 //! consistent point.
 //!
-//! This file holds the actor (it runs the backfills); [`config`] is the
+//! This file holds the actor (it runs the backfills); `config` is the
 //! `[snapshot]` section, `shape` a table's columns and keyset SQL, `copy`
 //! the initial copy (run by the replication stream on the readers it opens
 //! with [`import_snapshot`]), `backfill` the watermark copy work.
