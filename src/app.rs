@@ -49,10 +49,11 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let producer =
         Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
     let pg = Arc::new(settings.postgres.clone());
-    actix::spawn(pgcdc_actors::wal_monitor::run(
-        pg.clone(),
-        settings.wal.clone(),
-    ));
+    let (wal_pg, wal) = (pg.clone(), settings.wal.clone());
+    let wal_budget = RestartBudget::new("wal_monitor", sup.clone());
+    let _wal_monitor = Supervisor::start(move |_| {
+        pgcdc_actors::wal_monitor::WalMonitorActor::new(wal_pg, wal, wal_budget)
+    });
     let snapshot = Arc::new(settings.snapshot.clone());
     let marks = Watermarks::default();
     let (pg2, snap2, m, cp) = (

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
-use pgcdc_actors::replication::{parse_table_name, slot, ReplicationError};
+use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
+use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -32,7 +33,10 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
     first_failure.map_or(Ok(()), Err)
 }
 
-fn classified(e: ReplicationError) -> AppError {
+/// An engine error as the daemon's error, keeping its exit code (a
+/// transient one becomes "upstream unreachable").
+fn classified(e: impl Into<ReplicationError>) -> AppError {
+    let e = e.into();
     let code = match e.class() {
         ErrorClass::Fatal(code) => code,
         ErrorClass::Transient => ExitCode::Upstream,
@@ -45,13 +49,13 @@ fn classified(e: ReplicationError) -> AppError {
 
 async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     let pg = &settings.postgres;
-    let sql = slot::connect(pg).await.map_err(classified)?;
-    slot::check_server(&sql).await.map_err(classified)?;
-    let tables = slot::resolve_tables(&sql, &pg.tables)
+    let sql = pg_connect(pg).await.map_err(classified)?;
+    catalog::check_server(&sql).await.map_err(classified)?;
+    let tables = catalog::resolve_tables(&sql, &pg.tables)
         .await
         .map_err(classified)?;
     let identity = SlotIdentity {
-        system_id: slot::system_id(&sql).await.map_err(classified)?,
+        system_id: catalog::system_id(&sql).await.map_err(classified)?,
         database: pg.database.clone(),
         slot_name: pg.slot.clone(),
     };
@@ -127,9 +131,7 @@ pub fn status(settings: Settings) -> Result<(), AppError> {
         .build()
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
-        let sql = slot::connect(&settings.postgres)
-            .await
-            .map_err(classified)?;
+        let sql = pg_connect(&settings.postgres).await.map_err(classified)?;
         let q = "SELECT confirmed_flush_lsn::text, wal_status, active, \
                         (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
                         (pg_current_wal_lsn() - restart_lsn)::bigint \
@@ -156,7 +158,7 @@ pub fn status(settings: Settings) -> Result<(), AppError> {
                 );
             }
             Ok(None) => println!("slot:                missing"),
-            Err(e) => return Err(classified(e.into())),
+            Err(e) => return Err(classified(PgError::from(e))),
         }
         Ok::<(), AppError>(())
     })?;
@@ -259,7 +261,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         .build()
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
-        let sql = slot::connect(pg).await.map_err(classified)?;
+        let sql = pg_connect(pg).await.map_err(classified)?;
         for (schema, table) in wanted {
             let signal = Signal {
                 slot: pg.slot.clone(),
@@ -273,7 +275,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
                     &[&SIGNAL_PREFIX, &content],
                 )
                 .await
-                .map_err(|e| classified(e.into()))?;
+                .map_err(|e| classified(PgError::from(e)))?;
             let lsn: String = row.get(0);
             println!("requested backfill of {schema}.{table} at {lsn}; the daemon on slot {} copies it while streaming", pg.slot);
         }

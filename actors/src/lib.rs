@@ -33,6 +33,7 @@ pub mod kafka_producer;
 pub mod lsn;
 pub mod messages;
 pub mod metrics;
+pub mod pg;
 pub mod replication;
 pub mod secret;
 pub mod snapshot;

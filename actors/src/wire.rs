@@ -40,13 +40,16 @@ pub mod failpoint {
     pub const SNAPSHOT_CHUNK: &str = "snapshot-chunk";
     /// The initial copy, between chunks.
     pub const SNAPSHOT_COPY_CHUNK: &str = "snapshot-copy-chunk";
+    /// The WAL monitor, at the start of each check.
+    pub const WAL_MONITOR_PASS: &str = "wal-monitor-pass";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
         ES_AFTER_BULK,
         SNAPSHOT_CHUNK,
         SNAPSHOT_COPY_CHUNK,
+        WAL_MONITOR_PASS,
     ];
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
-use super::values::{tuple_to_json, type_name};
+use super::tuple::tuple_to_json;
 use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
+use crate::pg::values::type_name;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub(crate) const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;

@@ -1,106 +1,19 @@
-//! Preparing PostgreSQL (server checks, tables, publication, slot) and
-//! deciding where streaming may start without a gap.
+//! The publication and the slot: make sure they exist, and decide where
+//! streaming may start without a gap. (Server checks and table lookups are
+//! in [`crate::pg::catalog`].)
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use super::config::{parse_table_name, quote_ident, PostgresConfig};
 use super::ReplicationError;
 use crate::checkpoint::{Checkpoint, SlotIdentity};
 use crate::event::TableRef;
 use crate::lsn::Lsn;
+use crate::pg::quote::{qualified, quote_ident};
 
-/// Open a SQL connection; the connection task runs in the background.
-pub async fn connect(cfg: &PostgresConfig) -> Result<Client, ReplicationError> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&cfg.host)
-        .port(cfg.port)
-        .user(&cfg.user)
-        .dbname(&cfg.database)
-        .application_name("pgcdc")
-        .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs));
-    if !cfg.password.expose().is_empty() {
-        pg.password(cfg.password.expose());
-    }
-    let (client, conn) = pg.connect(NoTls).await.map_err(ReplicationError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "sql connection closed");
-        }
-    });
-    Ok(client)
-}
-
-/// `wal_level` must be `logical` and the role must be allowed to replicate.
-pub async fn check_server(sql: &Client) -> Result<(), ReplicationError> {
-    let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
-    if wal_level != "logical" {
-        return Err(ReplicationError::NotReady(format!(
-            "wal_level is {wal_level:?}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
-        )));
-    }
-    let row = sql
-        .query_one("SELECT rolreplication OR rolsuper, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
-        .await?;
-    if !row.get::<_, bool>(0) {
-        let user: String = row.get(1);
-        return Err(ReplicationError::NotReady(format!(
-            "role {user:?} lacks the REPLICATION attribute; run ALTER ROLE {} REPLICATION",
-            quote_ident(&user)
-        )));
-    }
-    Ok(())
-}
-
-/// Look up each configured table and its key; refuse tables that do not
-/// exist, or have neither a primary key nor REPLICA IDENTITY FULL.
-pub async fn resolve_tables(
-    sql: &Client,
-    names: &[String],
-) -> Result<Vec<Arc<TableRef>>, ReplicationError> {
-    let query = "SELECT c.relreplident::text, \
-           (SELECT array_agg(a.attname::text ORDER BY k.ord) \
-              FROM pg_index i \
-              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
-              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = c.oid AND i.indisprimary), \
-           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-        WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
-    let mut tables = Vec::with_capacity(names.len());
-    for name in names {
-        let (schema, table) = parse_table_name(name).map_err(ReplicationError::NotReady)?;
-        let Some(row) = sql.query_opt(query, &[&schema, &table]).await? else {
-            return Err(ReplicationError::NotReady(format!(
-                "table {schema}.{table} does not exist"
-            )));
-        };
-        let identity: String = row.get(0);
-        let pk: Option<Vec<String>> = row.get(1);
-        let all: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
-        let key_columns = match (pk, identity.as_str()) {
-            (Some(pk), _) => pk,
-            (None, "f") => all,
-            (None, _) => {
-                return Err(ReplicationError::NotReady(format!(
-                    "table {schema}.{table} has no primary key: add one, or run ALTER TABLE {}.{} REPLICA IDENTITY FULL",
-                    quote_ident(&schema),
-                    quote_ident(&table)
-                )))
-            }
-        };
-        tables.push(Arc::new(TableRef {
-            schema,
-            name: table,
-            key_columns,
-            column_types: String::new(),
-        }));
-    }
-    Ok(tables)
-}
+/// Kept at this path for callers not yet moved to [`crate::pg::connect`].
+pub use crate::pg::connect;
 
 /// Create the publication, or add the tables it lacks.
 pub async fn ensure_publication(
@@ -114,7 +27,7 @@ pub async fn ensure_publication(
         .is_some();
     let list = |ts: &[&Arc<TableRef>]| {
         ts.iter()
-            .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+            .map(|t| qualified(&t.schema, &t.name))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -208,17 +121,6 @@ pub async fn create_slot(sql: &Client, slot: &str) -> Result<Lsn, ReplicationErr
     tracing::info!(slot, lsn = %lsn, "created replication slot");
     lsn.parse()
         .map_err(|e| ReplicationError::NotReady(format!("{e}")))
-}
-
-/// The cluster's system identifier, to tell one server from another.
-pub async fn system_id(sql: &Client) -> Result<String, ReplicationError> {
-    let row = sql
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 /// Where streaming starts.

@@ -1,8 +1,25 @@
 //! `[postgres]`: the source database, its slot, publication and tables.
+//!
+//! It lives in the PostgreSQL layer because every connection (replication,
+//! snapshot readers, the WAL monitor, `pgcdc check`) is built from it.
 
 use serde::Deserialize;
 
 use crate::secret::Secret;
+
+/// PostgreSQL's default port.
+const DEFAULT_PORT: u16 = 5432;
+/// Default seconds to wait for a connection: long enough for a busy server,
+/// short enough that a dead one is reported promptly.
+const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Default seconds between standby status updates: well inside PostgreSQL's
+/// default `wal_sender_timeout` of 60 s.
+const DEFAULT_STATUS_INTERVAL_SECS: u64 = 10;
+/// Default most events per batch: big enough to amortise a hand-over to the
+/// producer, small enough to bound memory for huge transactions.
+const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+/// Longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`).
+const IDENTIFIER_MAX_LEN: usize = 63;
 
 /// `[postgres]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,16 +54,16 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             host: "localhost".into(),
-            port: 5432,
+            port: DEFAULT_PORT,
             user: "postgres".into(),
             password: Secret::default(),
             database: "postgres".into(),
             slot: "pgcdc".into(),
             publication: "pgcdc".into(),
             tables: Vec::new(),
-            connect_timeout_secs: 10,
-            status_interval_secs: 10,
-            max_batch_events: 1000,
+            connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
+            status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
+            max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
         }
     }
 }
@@ -62,14 +79,14 @@ impl PostgresConfig {
         }
         let bad_name = |n: &str| {
             n.is_empty()
-                || n.len() > 63
+                || n.len() > IDENTIFIER_MAX_LEN
                 || !n
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
         if bad_name(&self.slot) {
             errors.push(format!(
-                "postgres.slot: {:?} must be 1-63 of [a-z0-9_]",
+                "postgres.slot: {:?} must be 1-{IDENTIFIER_MAX_LEN} of [a-z0-9_]",
                 self.slot
             ));
         }
@@ -145,11 +162,6 @@ pub fn parse_table_name(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Quote an identifier for SQL.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,11 +183,6 @@ mod tests {
         for bad in ["", "a.b.c", "a..b", "\"open", "bad name", "a.\"\""] {
             assert!(parse_table_name(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
     }
 
     #[test]

@@ -1,0 +1,71 @@
+//! The PostgreSQL layer: everything the engine says to PostgreSQL that is
+//! not specific to one actor.
+//!
+//! - `config`: the `[postgres]` section every connection is built from ([`PostgresConfig`]);
+//! - `connect`: SQL and replication connections (the one place TLS goes);
+//! - `session`: the settings the value renderer and the quoting rely on,
+//!   applied to both connection kinds from one list;
+//! - [`catalog`]: server checks and table, key and column lookups;
+//! - [`values`]: text-format values to JSON, by `postgres-types`' [`Type`];
+//! - [`quote`]: identifier and literal quoting.
+//!
+//! # Dependency direction
+//!
+//! Arrows read "uses"; there are no cycles:
+//!
+//! ```text
+//! replication ──▶ snapshot ──▶ pg
+//!      └───────────────────────▲
+//! wal_monitor ─────────────────┤
+//! src/check.rs ────────────────┘  (plus replication::slot for the start decision)
+//! ```
+//!
+//! `pg` uses none of the actor modules. `snapshot` uses `pg` and never
+//! `replication`; `replication` uses both (it runs the initial copy and
+//! hands backfills to the snapshot actor). The WAL monitor and `pgcdc
+//! check` reach PostgreSQL through `pg` only.
+//!
+//! [`Type`]: tokio_postgres::types::Type
+
+pub mod catalog;
+mod config;
+mod connect;
+pub(crate) mod quote;
+pub(crate) mod session;
+pub(crate) mod values;
+
+pub use config::{parse_table_name, PostgresConfig};
+pub use connect::connect;
+pub(crate) use connect::replication_config;
+
+use crate::error::{ErrorClass, ExitCode};
+
+/// What can go wrong talking to PostgreSQL outside the replication stream.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// PostgreSQL is not set up for pgcdc; the message says how to fix it.
+    #[error("postgresql is not ready: {0}")]
+    NotReady(String),
+    /// Could not connect.
+    #[error("cannot connect to postgresql: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A SQL statement failed.
+    #[error("postgresql: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+impl PgError {
+    /// The one classification point for PostgreSQL errors: a setup problem
+    /// ends the process, anything else is worth a retry.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::NotReady(_) => ErrorClass::Fatal(ExitCode::SourceNotReady),
+            Self::Connect(_) | Self::Sql(_) => ErrorClass::Transient,
+        }
+    }
+
+    /// Whether the error means PostgreSQL could not be reached.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+}

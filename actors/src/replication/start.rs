@@ -1,0 +1,210 @@
+//! Where a stream session starts: check the server, tables, publication and
+//! slot against the checkpoint, then either resume, create or adopt the
+//! slot, or take the initial snapshot on a new slot.
+
+use std::sync::Arc;
+
+use pgwire_replication::ReplicationClient;
+
+use super::slot::{self, StartPoint};
+use super::stream::{Outbox, Stream};
+use super::ReplicationError;
+use crate::checkpoint::{Checkpoint, SlotIdentity, TableProgress};
+use crate::event::TableRef;
+use crate::lsn::Lsn;
+use crate::messages::{GetCheckpoint, OpenSession, PersistSlotIdentity};
+use crate::metrics::metrics;
+use crate::pg::{catalog, quote::quote_ident};
+use crate::snapshot::{import_snapshot, SnapshotMode};
+
+/// Copied chunks queued per snapshot reader while the previous ones go to
+/// Kafka: keeps every reader busy without holding many chunks in memory.
+const CHUNKS_IN_FLIGHT_PER_READER: usize = 2;
+
+/// What `prepare` decided: where to start (`None`: snapshot first), the
+/// tables, the slot identity, and the table copies to finish by backfill.
+pub(super) type Prepared = (
+    Option<Lsn>,
+    Vec<Arc<TableRef>>,
+    SlotIdentity,
+    Vec<TableProgress>,
+);
+
+impl Stream {
+    /// Check the server, tables, publication and slot; decide where to start
+    /// (`None`: take an initial snapshot first) and which table
+    /// copies are left to finish by backfill.
+    pub(super) async fn prepare(&self) -> Result<Prepared, ReplicationError> {
+        let cfg = &self.config;
+        let sql = crate::pg::connect(cfg).await?;
+        catalog::check_server(&sql).await?;
+        let tables = catalog::resolve_tables(&sql, &cfg.tables).await?;
+        slot::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let identity = SlotIdentity {
+            system_id: catalog::system_id(&sql).await?,
+            database: cfg.database.clone(),
+            slot_name: cfg.slot.clone(),
+        };
+        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
+        let state = slot::inspect_slot(&sql, &cfg.slot).await?;
+        let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
+        let start_point =
+            slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?;
+        let mut pending: Vec<TableProgress> = Vec::new();
+        let start = match start_point {
+            StartPoint::Resume(lsn) => {
+                pending = resumed_copies(&checkpoint, &tables, want_snapshot);
+                Some(lsn)
+            }
+            StartPoint::CreateSlot | StartPoint::AdoptSlot(_) => {
+                let lsn = match start_point {
+                    StartPoint::AdoptSlot(lsn) => {
+                        tracing::warn!(slot = %cfg.slot, lsn = %lsn, backfill = want_snapshot, "no checkpoint: taking over the existing slot at its confirmed position");
+                        lsn
+                    }
+                    _ => slot::create_slot(&sql, &cfg.slot).await?,
+                };
+                let progress = progress_of(&tables, want_snapshot);
+                pending.extend(progress.iter().filter(|p| !p.done()).cloned());
+                let persist = PersistSlotIdentity {
+                    identity: identity.clone(),
+                    lsn,
+                    progress,
+                };
+                self.checkpoint.send(persist).await??;
+                Some(lsn)
+            }
+            StartPoint::Snapshot => None,
+        };
+        let me = self.me.clone();
+        let open = OpenSession {
+            session: self.session,
+            on_broken: me.clone().recipient(),
+            on_persisted: me.recipient(),
+        };
+        self.producer.send(open).await?;
+        Ok((start, tables, identity, pending))
+    }
+
+    /// Create the slot with an exported snapshot on a gated replication
+    /// session, copy every table as of that snapshot, then start replication on
+    /// the same session at the consistent point.
+    pub(super) async fn initial_snapshot(
+        &self,
+        tables: &[Arc<TableRef>],
+        identity: SlotIdentity,
+        out: &mut Outbox,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let cfg = &self.config;
+        let mut client =
+            ReplicationClient::connect_gated(self.replication_config(Lsn::ZERO)).await?;
+        let (at, name) = create_exporting_slot(&mut client, &cfg.slot).await?;
+        let readers = import_snapshot(cfg, &self.snapshot, &name).await?;
+        let plan = readers.plan(tables, &self.snapshot).await?;
+        let mut progress: Vec<TableProgress> = plan.iter().map(|(_, p)| p.clone()).collect();
+        self.checkpoint
+            .send(PersistSlotIdentity {
+                identity,
+                lsn: at,
+                progress: progress.clone(),
+            })
+            .await??;
+        let ranges: usize = progress.iter().map(|p| p.ranges.len()).sum();
+        tracing::info!(slot = %cfg.slot, lsn = %at, snapshot = %name, tables = tables.len(), ranges, "snapshot started");
+        let in_flight = CHUNKS_IN_FLIGHT_PER_READER * self.snapshot.parallelism;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(in_flight);
+        let copy = async {
+            let copied = readers.copy(&plan, self.snapshot.chunk_rows, at, tx).await;
+            copied.map_err(ReplicationError::from)
+        };
+        let publish = async {
+            while let Some(chunk) = rx.recv().await {
+                let p = &mut progress[chunk.table];
+                p.ranges[chunk.range].after = chunk.after;
+                p.ranges[chunk.range].done = chunk.done;
+                p.rows += chunk.rows.rows.len() as u64;
+                metrics()
+                    .snapshot_rows
+                    .with_label_values(&[&format!("{}.{}", p.schema, p.name)])
+                    .inc_by(chunk.rows.rows.len() as u64);
+                out.rows = Some(chunk.rows);
+                out.progress.push(p.clone());
+                self.publish(out, Some(at)).await?;
+            }
+            Ok::<(), ReplicationError>(())
+        };
+        let (rows, ()) = tokio::try_join!(copy, publish)?;
+        tracing::info!(rows, lsn = %at, "snapshot copied; starting the stream");
+        client.start().await?;
+        client.wait_started().await?;
+        Ok(client)
+    }
+}
+
+/// `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')` on the gated session:
+/// the slot's consistent point and the exported snapshot's name.
+async fn create_exporting_slot(
+    client: &mut ReplicationClient,
+    slot: &str,
+) -> Result<(Lsn, String), ReplicationError> {
+    let create = format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+        quote_ident(slot)
+    );
+    let rows = client.simple_query(&create).await?;
+    let col = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok_or_else(|| {
+                ReplicationError::NotReady("CREATE_REPLICATION_SLOT returned no snapshot".into())
+            })
+    };
+    let at: Lsn = col(1)?
+        .parse()
+        .map_err(|e| ReplicationError::NotReady(format!("{e}")))?;
+    Ok((at, col(2)?))
+}
+
+/// Every configured table, as fresh progress (`copy`) or as already copied.
+fn progress_of(tables: &[Arc<TableRef>], copy: bool) -> Vec<TableProgress> {
+    tables
+        .iter()
+        .map(|t| match copy {
+            true => TableProgress::fresh(&t.schema, &t.name),
+            false => TableProgress::finished(&t.schema, &t.name),
+        })
+        .collect()
+}
+
+/// On resume: the copies the checkpoint left unfinished, plus (with
+/// snapshots on) tables added to the configuration since.
+fn resumed_copies(
+    checkpoint: &Checkpoint,
+    tables: &[Arc<TableRef>],
+    want_snapshot: bool,
+) -> Vec<TableProgress> {
+    let mut pending: Vec<TableProgress> = checkpoint.pending().cloned().collect();
+    if !pending.is_empty() {
+        tracing::info!(
+            tables = pending.len(),
+            "resuming interrupted table copies by backfill"
+        );
+    }
+    if want_snapshot {
+        let extra: Vec<TableProgress> = progress_of(tables, true)
+            .into_iter()
+            .filter(|t| {
+                !checkpoint
+                    .progress
+                    .iter()
+                    .any(|p| (&p.schema, &p.name) == (&t.schema, &t.name))
+            })
+            .collect();
+        for t in &extra {
+            tracing::info!(table = %format!("{}.{}", t.schema, t.name), "table added to the configuration; copying it by backfill");
+        }
+        pending.extend(extra);
+    }
+    pending
+}

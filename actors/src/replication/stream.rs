@@ -1,0 +1,286 @@
+//! The streaming task of one replication session: reads pgoutput, assembles
+//! transactions, hands batches to the producer and reports persisted
+//! positions back to PostgreSQL (by the policy in [`super::flush`]). It runs
+//! detached from the actor, so a panic surfaces as a `JoinError`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Addr;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+
+use super::assembler::{self, Assembler};
+use super::flush::FlushPolicy;
+use super::{decode, ReplicationActor, ReplicationError};
+use crate::checkpoint::{CheckpointActor, TableProgress};
+use crate::event::{ChangeEvent, CopiedRows, TableRef};
+use crate::kafka_producer::KafkaProducerActor;
+use crate::lsn::Lsn;
+use crate::messages::PublishBatch;
+use crate::metrics::metrics;
+use crate::pg::PostgresConfig;
+use crate::snapshot::watermark::{MessageAction, Watermarks, Windows};
+use crate::snapshot::{BackfillTable, SnapshotActor, SnapshotConfig, StreamStarted};
+
+/// Largest batch buffer allocated up front: a large `max_batch_events`
+/// should not reserve memory that small transactions never use.
+const BATCH_CAPACITY_MAX: usize = 1024;
+
+/// Everything the streaming task needs.
+pub(super) struct Stream {
+    /// The `[postgres]` section.
+    pub config: Arc<PostgresConfig>,
+    /// The `[snapshot]` section.
+    pub snapshot: Arc<SnapshotConfig>,
+    /// The snapshot actor, for backfills.
+    pub snapshots: Addr<SnapshotActor>,
+    /// Backfill chunks between their watermarks.
+    pub marks: Watermarks,
+    /// Where batches go.
+    pub producer: Addr<KafkaProducerActor>,
+    /// The checkpoint store.
+    pub checkpoint: Addr<CheckpointActor>,
+    /// The actor, for the producer session's notifications.
+    pub me: Addr<ReplicationActor>,
+    /// This stream's producer session.
+    pub session: u64,
+    /// Persisted positions, from the actor.
+    pub confirm: watch::Receiver<Lsn>,
+    /// Set when the stream must stop.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Batches being built and the flush/marker policy.
+pub(super) struct Outbox {
+    session: u64,
+    seq: u64,
+    batch: Vec<ChangeEvent>,
+    /// Rows of the initial snapshot, published after `batch`.
+    pub rows: Option<CopiedRows>,
+    /// Copy progress to checkpoint with the next commit.
+    pub progress: Vec<TableProgress>,
+    max: usize,
+    /// What to report and when.
+    pub flush: FlushPolicy,
+}
+
+impl Outbox {
+    /// An empty outbox for `session`, whose position starts at `start`.
+    fn new(session: u64, max: usize, start: Lsn) -> Self {
+        Self {
+            session,
+            seq: 0,
+            batch: Vec::new(),
+            rows: None,
+            progress: Vec::new(),
+            max,
+            flush: FlushPolicy::new(start, Instant::now()),
+        }
+    }
+}
+
+impl Stream {
+    /// Prepare, then stream until stopped or failed.
+    pub async fn run(mut self) -> Result<(), ReplicationError> {
+        let (plan, tables, identity, mut pending) = self.prepare().await?;
+        let mut out = Outbox::new(
+            self.session,
+            self.config.max_batch_events,
+            plan.unwrap_or(Lsn::ZERO),
+        );
+        let client = match plan {
+            Some(start) => ReplicationClient::connect(self.replication_config(start)).await?,
+            None => {
+                pending.clear(); // the snapshot copies everything
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    client = self.initial_snapshot(&tables, identity, &mut out) => client?,
+                    _ = stop.changed() => {
+                        tracing::info!("stopped during the initial snapshot; it is taken again on the next start");
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        tracing::info!(session = self.session, lsn = %out.flush.position(), "streaming");
+        let epoch = self.marks.new_epoch();
+        self.snapshots.do_send(StreamStarted {
+            epoch,
+            tables: tables.clone(),
+            pending,
+        });
+        self.stream(client, &tables, &mut out).await
+    }
+
+    /// Read the replication stream until stopped or failed.
+    async fn stream(
+        &mut self,
+        mut client: ReplicationClient,
+        tables: &[Arc<TableRef>],
+        out: &mut Outbox,
+    ) -> Result<(), ReplicationError> {
+        let mut asm = Assembler::new(tables);
+        let mut windows = Windows::new(&self.config.slot, self.marks.clone());
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => {
+                    client.stop();
+                    tracing::info!(session = self.session, "replication stream stopped");
+                    return Ok(());
+                }
+                Ok(()) = self.confirm.changed() => {
+                    let lsn = *self.confirm.borrow_and_update();
+                    if let Some(c) = out.flush.persisted(lsn) {
+                        client.update_applied_lsn(c.lsn.into());
+                        metrics().confirmed(c.lsn, c.commit_time_us);
+                    }
+                }
+                ev = client.recv() => {
+                    let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
+                    self.on_event(ev, &mut asm, &mut windows, out).await?;
+                }
+            }
+        }
+    }
+
+    /// Handle one replication event.
+    async fn on_event(
+        &self,
+        ev: ReplicationEvent,
+        asm: &mut Assembler,
+        windows: &mut Windows,
+        out: &mut Outbox,
+    ) -> Result<(), ReplicationError> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => asm.begin(xid, final_lsn.into(), commit_time_micros),
+            ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
+                let lsn = Lsn::from(wal_start);
+                metrics().server_wal_end(Lsn::from(wal_end));
+                let msg = decode::decode(&data)
+                    .map_err(|source| ReplicationError::Decode { lsn, source })?;
+                let from = out.batch.len();
+                asm.apply(msg, lsn, &mut out.batch)
+                    .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                windows.observe(&out.batch[from..]);
+                self.publish_if_full(out).await?;
+            }
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let unix_us = commit_time_micros.saturating_add(assembler::PG_EPOCH_OFFSET_US);
+                let empty = asm.commit() == 0 && out.progress.is_empty();
+                let end = Lsn::from(end_lsn);
+                if out.flush.committed(end, unix_us, empty, Instant::now()) {
+                    self.publish(out, Some(end)).await?;
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let wal_end = Lsn::from(wal_end);
+                metrics().server_wal_end(wal_end);
+                let idle = !asm.in_transaction() && out.batch.is_empty();
+                if let Some(at) = out.flush.keepalive(wal_end, idle, Instant::now()) {
+                    self.publish(out, Some(at)).await?;
+                }
+            }
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                ..
+            } => {
+                let action = windows.on_message(&prefix, &content);
+                self.on_message(action, Lsn::from(lsn), asm, out).await?;
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Act on a logical message: emit a backfill chunk or start a backfill.
+    async fn on_message(
+        &self,
+        action: MessageAction,
+        lsn: Lsn,
+        asm: &mut Assembler,
+        out: &mut Outbox,
+    ) -> Result<(), ReplicationError> {
+        match action {
+            MessageAction::Ignore => {}
+            MessageAction::Emit(mut rows, progress) => {
+                metrics()
+                    .snapshot_rows
+                    .with_label_values(&[&format!("{}.{}", progress.schema, progress.name)])
+                    .inc_by(rows.len() as u64);
+                asm.place(&mut rows, lsn)
+                    .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                out.batch.extend(rows);
+                out.progress.push(progress);
+                self.publish_if_full(out).await?;
+            }
+            MessageAction::Backfill(progress) => {
+                out.progress.push(progress.clone());
+                self.snapshots.do_send(BackfillTable { progress });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand the batch over mid-transaction once it reached its size limit.
+    async fn publish_if_full(&self, out: &mut Outbox) -> Result<(), ReplicationError> {
+        if out.batch.len() >= out.max {
+            self.publish(out, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Hand the current batch to the producer; waits while it is full.
+    pub(super) async fn publish(
+        &self,
+        out: &mut Outbox,
+        commit_end: Option<Lsn>,
+    ) -> Result<(), ReplicationError> {
+        let capacity = out.max.min(BATCH_CAPACITY_MAX);
+        let events = std::mem::replace(&mut out.batch, Vec::with_capacity(capacity));
+        let progress = match commit_end {
+            Some(_) => std::mem::take(&mut out.progress),
+            None => Vec::new(),
+        };
+        let msg = PublishBatch {
+            session: out.session,
+            seq: out.seq,
+            events,
+            rows: out.rows.take(),
+            commit_end,
+            progress,
+        };
+        let counted = &metrics().events_in;
+        for ((table, op), n) in msg.counts() {
+            counted.with_label_values(&[table.as_str(), op]).inc_by(n);
+        }
+        out.seq += 1;
+        if let Some(lsn) = commit_end {
+            out.flush.published(lsn, Instant::now());
+        }
+        self.producer.send(msg).await??;
+        fail::fail_point!(crate::wire::failpoint::REPLICATION_PUBLISH);
+        Ok(())
+    }
+
+    /// The replication session starting at `start`.
+    pub(super) fn replication_config(&self, start: Lsn) -> pgwire_replication::ReplicationConfig {
+        crate::pg::replication_config(&self.config, start)
+    }
+}

@@ -1,0 +1,83 @@
+//! `[snapshot]`: whether and how existing rows are copied.
+
+use serde::Deserialize;
+
+/// Most reader connections a snapshot may open: each holds a transaction on
+/// the exported snapshot, so more would mostly load the server.
+const PARALLELISM_MAX: usize = 32;
+/// Most rows per chunk: one chunk's rows are held in memory at once.
+const CHUNK_ROWS_MAX: usize = 1_000_000;
+/// Default reader connections: parallel, yet gentle on the server.
+const DEFAULT_PARALLELISM: usize = 2;
+/// Default rows per chunk: large enough to amortise a keyset query, small
+/// enough to keep a chunk's memory and its progress step modest.
+const DEFAULT_CHUNK_ROWS: usize = 10_000;
+
+/// Whether pgcdc copies existing rows before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Copy every table on first start (and tables added later), then stream.
+    Initial,
+    /// Only stream changes made after the slot is created.
+    Never,
+}
+
+/// `[snapshot]` configuration section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// `initial` (snapshot then stream) or `never` (stream only).
+    pub mode: SnapshotMode,
+    /// Reader connections copying key ranges in parallel (initial snapshot).
+    pub parallelism: usize,
+    /// Rows per chunk: one keyset query, one progress step.
+    pub chunk_rows: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            mode: SnapshotMode::Initial,
+            parallelism: DEFAULT_PARALLELISM,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// Every invalid field, by path.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if !(1..=PARALLELISM_MAX).contains(&self.parallelism) {
+            errors.push(format!(
+                "snapshot.parallelism: must be between 1 and {PARALLELISM_MAX}"
+            ));
+        }
+        if !(1..=CHUNK_ROWS_MAX).contains(&self.chunk_rows) {
+            errors.push(format!(
+                "snapshot.chunk_rows: must be between 1 and {CHUNK_ROWS_MAX}"
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated_by_path() {
+        let mut errors = Vec::new();
+        SnapshotConfig::default().validate(&mut errors);
+        assert!(errors.is_empty());
+        SnapshotConfig {
+            parallelism: 0,
+            chunk_rows: 0,
+            ..Default::default()
+        }
+        .validate(&mut errors);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("snapshot.parallelism"));
+        assert!(errors[1].starts_with("snapshot.chunk_rows"));
+    }
+}

@@ -1,0 +1,202 @@
+//! The initial copy: reader connections that imported the slot's exported
+//! snapshot copy every table's key ranges in parallel, in keyset chunks,
+//! and hand each chunk to the replication stream for Kafka.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+use super::shape::Shape;
+use super::{SnapshotConfig, SnapshotError};
+use crate::checkpoint::{KeyRange, KeyText, TableProgress};
+use crate::event::{CopiedRows, TableRef, TxMeta};
+use crate::lsn::Lsn;
+use crate::pg::quote::quote_literal;
+use crate::pg::{session, PostgresConfig};
+
+/// A SQL connection for reading rows, with the session settings applied.
+pub(super) async fn reader(pg: &PostgresConfig) -> Result<Client, SnapshotError> {
+    let sql = crate::pg::connect(pg).await?;
+    session::apply(&sql).await?;
+    Ok(sql)
+}
+
+/// A copied chunk on its way to Kafka.
+pub(crate) struct CopiedChunk {
+    /// Index of the table in the copy plan.
+    pub table: usize,
+    /// Index of the key range in the table's progress.
+    pub range: usize,
+    /// The rows.
+    pub rows: CopiedRows,
+    /// The last key copied in the range.
+    pub after: Option<KeyText>,
+    /// Whether the range is now fully copied.
+    pub done: bool,
+}
+
+/// Reader connections that imported the exported snapshot.
+pub(crate) struct SnapshotReaders {
+    /// One connection per reader, each inside the imported snapshot's transaction.
+    conns: Vec<Client>,
+}
+
+/// Open `cfg.parallelism` connections and import `snapshot` on each. Must
+/// finish before the replication session runs its next command.
+pub(crate) async fn import_snapshot(
+    pg: &PostgresConfig,
+    cfg: &SnapshotConfig,
+    snapshot: &str,
+) -> Result<SnapshotReaders, SnapshotError> {
+    let mut conns = Vec::with_capacity(cfg.parallelism);
+    for _ in 0..cfg.parallelism {
+        let sql = reader(pg).await?;
+        let import = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        );
+        sql.batch_execute(&import).await?;
+        conns.push(sql);
+    }
+    Ok(SnapshotReaders { conns })
+}
+
+impl SnapshotReaders {
+    /// Plan the copy: each table's shape and key ranges.
+    pub(crate) async fn plan(
+        &self,
+        tables: &[Arc<TableRef>],
+        cfg: &SnapshotConfig,
+    ) -> Result<Vec<(Shape, TableProgress)>, SnapshotError> {
+        let sql = &self.conns[0];
+        let mut plan = Vec::with_capacity(tables.len());
+        for t in tables {
+            let shape = Shape::load(sql, t).await?;
+            let ranges = shape.split(sql, cfg.parallelism, cfg.chunk_rows).await?;
+            let progress = TableProgress {
+                ranges,
+                ..TableProgress::fresh(&t.schema, &t.name)
+            };
+            plan.push((shape, progress));
+        }
+        Ok(plan)
+    }
+
+    /// Copy every range of `plan` as of the imported snapshot (taken at
+    /// `at`), sending chunks to `out`. Returns the number of rows copied.
+    pub(crate) async fn copy(
+        self,
+        plan: &[(Shape, TableProgress)],
+        chunk_rows: usize,
+        at: Lsn,
+        out: mpsc::Sender<CopiedChunk>,
+    ) -> Result<u64, SnapshotError> {
+        let work: Vec<(usize, usize)> = plan
+            .iter()
+            .enumerate()
+            .flat_map(|(t, (_, p))| (0..p.ranges.len()).map(move |r| (t, r)))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let tx = TxMeta {
+            xid: 0,
+            commit_lsn: at,
+            commit_time_us: now_us,
+        };
+        let readers = self.conns.into_iter().map(|sql| {
+            let (work, next, out) = (&work, &next, out.clone());
+            async move {
+                let mut rows = 0u64;
+                let mut seq = 0u32;
+                while let Some(&(t, r)) =
+                    work.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    let shape = &plan[t].0;
+                    let range = plan[t].1.ranges[r].clone();
+                    rows += copy_range(&sql, shape, (t, r), range, chunk_rows, tx, &mut seq, &out)
+                        .await?;
+                }
+                sql.batch_execute("COMMIT").await?;
+                Ok::<u64, SnapshotError>(rows)
+            }
+        });
+        let counts = futures::future::try_join_all(readers).await?;
+        Ok(counts.into_iter().sum())
+    }
+}
+
+/// Copy one key range in keyset chunks (a keyless table through a cursor).
+#[allow(clippy::too_many_arguments)]
+async fn copy_range(
+    sql: &Client,
+    shape: &Shape,
+    (table, range_ix): (usize, usize),
+    mut range: KeyRange,
+    chunk_rows: usize,
+    tx: TxMeta,
+    seq: &mut u32,
+    out: &mpsc::Sender<CopiedChunk>,
+) -> Result<u64, SnapshotError> {
+    let mut copied = 0u64;
+    if shape.keyless() {
+        sql.batch_execute(&format!(
+            "DECLARE pgcdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {}",
+            shape.qualified
+        ))
+        .await?;
+    }
+    loop {
+        let q = if shape.keyless() {
+            format!("FETCH {chunk_rows} FROM pgcdc_snapshot")
+        } else {
+            shape.chunk_query(&range, chunk_rows)
+        };
+        let rows: Vec<SimpleQueryRow> = sql
+            .simple_query(&q)
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        let done = rows.len() < chunk_rows;
+        if !shape.keyless() {
+            if let Some(row) = rows.last() {
+                range.after = Some(shape.key_of(row));
+            }
+        }
+        copied += rows.len() as u64;
+        let first_seq = *seq;
+        *seq = seq.wrapping_add(rows.len() as u32);
+        let chunk = CopiedChunk {
+            table,
+            range: range_ix,
+            rows: CopiedRows {
+                table: shape.table.clone(),
+                columns: shape.columns.clone(),
+                rows,
+                tx,
+                first_seq,
+            },
+            after: range.after.clone(),
+            done,
+        };
+        out.send(chunk)
+            .await
+            .map_err(|_| SnapshotError::CopyAbandoned)?;
+        // Tests slow the copy down here (`sleep(ms)`) to interrupt it midway.
+        fail::fail_point!(crate::wire::failpoint::SNAPSHOT_COPY_CHUNK);
+        if done {
+            break;
+        }
+    }
+    if shape.keyless() {
+        sql.batch_execute("CLOSE pgcdc_snapshot").await?;
+    }
+    tracing::debug!(table = %shape.qualified, range = range_ix, rows = copied, "key range copied");
+    Ok(copied)
+}

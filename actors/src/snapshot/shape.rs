@@ -1,0 +1,347 @@
+//! A table's shape as a copy sees it (columns, key, casts) and the SQL
+//! built from it: keyset chunk queries, key-range splits, rows to events.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+use super::SnapshotError;
+use crate::checkpoint::{KeyRange, KeyText};
+use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
+use crate::lsn::Lsn;
+use crate::pg::catalog;
+use crate::pg::quote::{qualified, quote_ident, quote_literal};
+use crate::pg::values::{text_to_json, type_name};
+
+/// A table estimated below this many chunks is copied as one range: splitting
+/// it would not pay for the queries that find the split keys.
+const SPLIT_MIN_CHUNKS: usize = 2;
+
+/// What a copy needs to know about a table: its columns in order, which of
+/// them form the key, and how to cast key literals.
+pub(crate) struct Shape {
+    /// The table, with `column_types` filled in.
+    pub table: Arc<TableRef>,
+    /// `"schema"."name"`, quoted for SQL.
+    pub(super) qualified: String,
+    /// Every column in table order: (name, type OID).
+    pub(super) columns: Arc<[(String, u32)]>,
+    /// The key columns: (index in `columns`, SQL type to cast literals to).
+    key: Vec<(usize, String)>,
+    /// No usable primary key: copied whole, never by key range.
+    keyless: bool,
+}
+
+impl Shape {
+    /// Read the table's columns and key from the catalog.
+    pub async fn load(sql: &Client, table: &TableRef) -> Result<Self, SnapshotError> {
+        let qualified = qualified(&table.schema, &table.name);
+        let found = catalog::table_columns(sql, &qualified).await?;
+        let has_pk = found.iter().any(|c| c.in_primary_key);
+        let key = table
+            .key_columns
+            .iter()
+            .filter_map(|k| {
+                let i = found.iter().position(|c| &c.name == k)?;
+                Some((i, found[i].sql_type.clone()))
+            })
+            .collect::<Vec<_>>();
+        let keyless = !has_pk || key.len() != table.key_columns.len();
+        let columns: Vec<(String, u32)> = found.into_iter().map(|c| (c.name, c.type_oid)).collect();
+        let types: Map<String, Value> = columns
+            .iter()
+            .map(|(c, oid)| (c.clone(), Value::from(type_name(*oid).unwrap_or("unknown"))))
+            .collect();
+        let table = Arc::new(TableRef {
+            column_types: Value::Object(types).to_string(),
+            ..table.clone()
+        });
+        Ok(Self {
+            table,
+            qualified,
+            columns: columns.into(),
+            key,
+            keyless,
+        })
+    }
+
+    /// Whether the table has no primary key (REPLICA IDENTITY FULL): it can
+    /// only be copied whole, in one pass, and not backfilled by key.
+    pub fn keyless(&self) -> bool {
+        self.keyless
+    }
+
+    fn key_list(&self) -> String {
+        let names: Vec<String> = self
+            .key
+            .iter()
+            .map(|(i, _)| quote_ident(&self.columns[*i].0))
+            .collect();
+        names.join(", ")
+    }
+
+    fn key_literal(&self, key: &KeyText) -> String {
+        let items: Vec<String> = self
+            .key
+            .iter()
+            .zip(key)
+            .map(|((_, cast), v)| format!("{}::{cast}", quote_literal(v)))
+            .collect();
+        format!("({})", items.join(", "))
+    }
+
+    fn range_filter(&self, after: Option<&KeyText>, upto: Option<&KeyText>) -> String {
+        let cols = self.key_list();
+        let mut conds = Vec::new();
+        if let Some(a) = after {
+            conds.push(format!("({cols}) > {}", self.key_literal(a)));
+        }
+        if let Some(u) = upto {
+            conds.push(format!("({cols}) <= {}", self.key_literal(u)));
+        }
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    }
+
+    /// The keyset query for the next `limit` rows of `range`.
+    pub fn chunk_query(&self, range: &KeyRange, limit: usize) -> String {
+        format!(
+            "SELECT * FROM {}{} ORDER BY {} LIMIT {limit}",
+            self.qualified,
+            self.range_filter(range.after.as_ref(), range.upto.as_ref()),
+            self.key_list()
+        )
+    }
+
+    /// Split the table into at most `parts` key ranges of similar size
+    /// (one range for small or keyless tables).
+    pub async fn split(
+        &self,
+        sql: &Client,
+        parts: usize,
+        chunk_rows: usize,
+    ) -> Result<Vec<KeyRange>, SnapshotError> {
+        if self.keyless || parts < 2 {
+            return Ok(ranges_between(Vec::new()));
+        }
+        let estimate = self.estimate_rows(sql).await?;
+        if estimate < (SPLIT_MIN_CHUNKS * chunk_rows) as f64 {
+            return Ok(ranges_between(Vec::new()));
+        }
+        let step = (estimate / parts as f64).ceil().max(1.0) as u64;
+        let bounds = self.bounds(sql, parts, step).await?;
+        Ok(ranges_between(bounds))
+    }
+
+    /// The planner's row estimate, or a count if the table was never analyzed.
+    async fn estimate_rows(&self, sql: &Client) -> Result<f64, SnapshotError> {
+        let estimate = catalog::row_estimate(sql, &self.qualified).await?;
+        if estimate >= 0.0 {
+            return Ok(estimate);
+        }
+        // Never analyzed: count (cheaper than copying unsplit).
+        let row = sql
+            .query_one(
+                &format!("SELECT count(*)::float8 FROM {}", self.qualified),
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, f64>(0))
+    }
+
+    /// Up to `parts - 1` keys, `step` rows apart: the upper bounds of the
+    /// ranges (fewer if the table ends first).
+    async fn bounds(
+        &self,
+        sql: &Client,
+        parts: usize,
+        step: u64,
+    ) -> Result<Vec<KeyText>, SnapshotError> {
+        let mut bounds: Vec<KeyText> = Vec::new();
+        for _ in 1..parts {
+            let q = format!(
+                "SELECT {} FROM {}{} ORDER BY {} OFFSET {} LIMIT 1",
+                self.key_list(),
+                self.qualified,
+                self.range_filter(bounds.last(), None),
+                self.key_list(),
+                step - 1
+            );
+            let rows = sql.simple_query(&q).await?;
+            let Some(row) = rows.iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            }) else {
+                break;
+            };
+            bounds.push(
+                (0..self.key.len())
+                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            );
+        }
+        Ok(bounds)
+    }
+
+    /// The key text of a row (for the last key and watermark filtering).
+    pub(super) fn key_of(&self, row: &SimpleQueryRow) -> KeyText {
+        self.key
+            .iter()
+            .map(|(i, _)| row.get(*i).unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// Turn query rows into `op=r` events of transaction `tx`, positions from
+    /// `seq`; also returns each row's key text (for the last key and for
+    /// watermark filtering).
+    pub fn events(
+        &self,
+        rows: &[SimpleQueryMessage],
+        tx: TxMeta,
+        lsn: Lsn,
+        seq: &mut u32,
+    ) -> Vec<(KeyText, ChangeEvent)> {
+        rows.iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .map(|row| {
+                let event = self.event(row, tx, lsn, *seq);
+                *seq = seq.wrapping_add(1);
+                (self.key_of(row), event)
+            })
+            .collect()
+    }
+
+    fn event(&self, row: &SimpleQueryRow, tx: TxMeta, lsn: Lsn, seq: u32) -> ChangeEvent {
+        let after: Map<String, Value> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (c, oid))| {
+                let v = row
+                    .get(i)
+                    .map_or(Value::Null, |s| text_to_json(*oid, s.as_bytes()));
+                (c.clone(), v)
+            })
+            .collect();
+        let key = self
+            .table
+            .key_columns
+            .iter()
+            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        ChangeEvent {
+            op: Op::Read,
+            table: self.table.clone(),
+            key,
+            before: None,
+            after: Some(after),
+            unchanged_toast: Vec::new(),
+            lsn,
+            seq,
+            tx,
+            snapshot: true,
+        }
+    }
+}
+
+/// The key ranges between consecutive `bounds`: from the start up to the
+/// first bound, …, after the last bound to the end (one open range if none).
+fn ranges_between(bounds: Vec<KeyText>) -> Vec<KeyRange> {
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut after = None;
+    for b in bounds {
+        ranges.push(KeyRange {
+            after: after.clone(),
+            upto: Some(b.clone()),
+            done: false,
+        });
+        after = Some(b);
+    }
+    ranges.push(KeyRange {
+        after,
+        upto: None,
+        done: false,
+    });
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(keys: &[(&str, &str)]) -> Shape {
+        let columns: Arc<[(String, u32)]> = keys.iter().map(|(c, _)| (c.to_string(), 25)).collect();
+        Shape {
+            table: Arc::new(TableRef {
+                schema: "public".into(),
+                name: "t".into(),
+                key_columns: keys.iter().map(|(c, _)| c.to_string()).collect(),
+                column_types: String::new(),
+            }),
+            qualified: "public.t".into(),
+            key: keys
+                .iter()
+                .enumerate()
+                .map(|(i, (_, cast))| (i, cast.to_string()))
+                .collect(),
+            columns,
+            keyless: false,
+        }
+    }
+
+    #[test]
+    fn keyset_queries_compare_rows_and_quote_literals() {
+        let s = shape(&[("Id", "integer"), ("name", "text")]);
+        let range = KeyRange {
+            after: Some(vec!["5".into(), "o'k".into()]),
+            upto: Some(vec!["9".into(), "z".into()]),
+            done: false,
+        };
+        assert_eq!(
+            s.chunk_query(&range, 100),
+            "SELECT * FROM public.t WHERE (\"Id\", \"name\") > ('5'::integer, 'o''k'::text) \
+             AND (\"Id\", \"name\") <= ('9'::integer, 'z'::text) ORDER BY \"Id\", \"name\" LIMIT 100"
+        );
+        let open = KeyRange {
+            after: None,
+            upto: None,
+            done: false,
+        };
+        assert_eq!(
+            s.chunk_query(&open, 7),
+            "SELECT * FROM public.t ORDER BY \"Id\", \"name\" LIMIT 7"
+        );
+    }
+
+    #[test]
+    fn split_keys_make_adjacent_ranges_covering_the_table() {
+        let whole = ranges_between(Vec::new());
+        assert_eq!(whole.len(), 1);
+        assert_eq!(
+            (whole[0].after.clone(), whole[0].upto.clone()),
+            (None, None)
+        );
+        let key = |k: &str| vec![k.to_owned()];
+        let ranges = ranges_between(vec![key("10"), key("20")]);
+        let bounds: Vec<_> = ranges
+            .iter()
+            .map(|r| (r.after.clone(), r.upto.clone()))
+            .collect();
+        assert_eq!(
+            bounds,
+            [
+                (None, Some(key("10"))),
+                (Some(key("10")), Some(key("20"))),
+                (Some(key("20")), None),
+            ]
+        );
+        assert!(ranges.iter().all(|r| !r.done));
+    }
+}
