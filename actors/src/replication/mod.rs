@@ -22,7 +22,7 @@ pub use assembler::{AssembleError, Assembler};
 pub use config::{parse_table_name, quote_ident, PostgresConfig};
 
 use crate::checkpoint::{CheckpointActor, CheckpointError, SlotIdentity, TableProgress};
-use crate::error::{exit_fatal, ErrorClass, ExitCode};
+use crate::error::{ErrorClass, ExitCode};
 use crate::event::{ChangeEvent, CopiedRows, TableRef};
 use crate::kafka_producer::{KafkaProducerActor, ProducerError};
 use crate::lsn::Lsn;
@@ -197,7 +197,8 @@ impl Actor for ReplicationActor {
             let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
             if let Ok(Err(e)) = &res {
                 if let ErrorClass::Fatal(code) = e.class() {
-                    exit_fatal(code, "replication cannot continue", e);
+                    act.budget.fatal(code, "replication cannot continue", e);
+                    return;
                 }
             }
             act.unreachable = unreachable;
@@ -214,7 +215,7 @@ impl Actor for ReplicationActor {
 impl Supervised for ReplicationActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         if self.unreachable && self.budget.recent() >= self.budget.limit() {
-            exit_fatal(
+            self.budget.fatal(
                 ExitCode::Upstream,
                 "postgresql stayed unreachable",
                 &"restart budget spent",

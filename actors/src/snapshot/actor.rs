@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use super::watermark::{ChunkOutcome, Mark, Watermarks, WATERMARK_PREFIX};
 use super::{reader, Shape, SnapshotConfig};
 use crate::checkpoint::{CheckpointActor, TableProgress};
-use crate::error::{exit_fatal, ErrorClass};
+use crate::error::ErrorClass;
 use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::messages::GetCheckpoint;
@@ -106,7 +106,8 @@ impl SnapshotActor {
             }
             if let Ok(Err(e)) = &res {
                 if let ErrorClass::Fatal(code) = e.class() {
-                    exit_fatal(code, "snapshot cannot continue", e);
+                    act.budget.fatal(code, "snapshot cannot continue", e);
+                    return;
                 }
             }
             match task_outcome("snapshot", res) {
