@@ -67,6 +67,21 @@ pub fn doc_id(key: &Map<String, Value>) -> String {
     }
 }
 
+/// Status of a delete of a document that is not there: the goal is reached.
+const NOT_FOUND: u64 = 404;
+/// Status of a versioned write older than the document: a newer change is already there.
+const CONFLICT: u64 = 409;
+/// Status of an item the cluster is too busy for: retry.
+const TOO_MANY_REQUESTS: u64 = 429;
+/// An item without a status: treated as a transient failure and retried.
+const NO_STATUS: u64 = 0;
+/// Text fields also get a `keyword` sub-field for exact matches up to this length
+/// (Elasticsearch's own dynamic-mapping default).
+const TEXT_KEYWORD_MAX: u32 = 256;
+/// Values of types pgcdc does not map are indexed as keywords up to this length;
+/// longer ones are kept in `_source` but not indexed.
+const KEYWORD_MAX: u32 = 1024;
+
 /// A change envelope as the sink reads it.
 type ReadEnvelope = Envelope<'static, Map<String, Value>>;
 
@@ -236,9 +251,9 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
             let reason = || body["error"].to_string();
             match status {
                 200..=299 => Outcome::Done,
-                404 if action == "delete" => Outcome::Done,
-                409 => Outcome::Conflict,
-                429 | 500..=599 | 0 => Outcome::Retry(reason()),
+                NOT_FOUND if action == "delete" => Outcome::Done,
+                CONFLICT => Outcome::Conflict,
+                TOO_MANY_REQUESTS | 500..=599 | NO_STATUS => Outcome::Retry(reason()),
                 _ => Outcome::Reject(reason()),
             }
         })
@@ -282,11 +297,11 @@ pub fn field_mapping(pg_type: &str) -> Value {
         "bool" => json!({"type": "boolean"}),
         "timestamptz" | "timestamp" | "date" => json!({"type": "date", "ignore_malformed": true}),
         "text" | "varchar" | "bpchar" | "name" | "char" | "xml" => {
-            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}})
+            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": TEXT_KEYWORD_MAX}}})
         }
         "bytea" => json!({"type": "binary"}),
         "json" | "jsonb" => json!({"type": "object", "enabled": false}),
-        _ => json!({"type": "keyword", "ignore_above": 1024}),
+        _ => json!({"type": "keyword", "ignore_above": KEYWORD_MAX}),
     }
 }
 
