@@ -52,8 +52,11 @@ impl Sink {
     pub(super) async fn run(self) -> Result<(), EsError> {
         let mut c = self.connect()?;
         loop {
-            let batch = self.collect(&c.consumer).await?;
-            c.continuity.check(&c.consumer, &batch).await;
+            let mut batch = self.collect(&c.consumer).await?;
+            c.continuity.check(&c.consumer, &mut batch).await;
+            if batch.is_empty() {
+                continue; // every record is to be read again (a seek back)
+            }
             self.write_batch(&mut c, &batch).await?;
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;

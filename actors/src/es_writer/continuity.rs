@@ -4,9 +4,10 @@
 //! compaction unless the operator set it). A jump means records were never
 //! delivered: deleted by retention before the sink read them, compacted away,
 //! or skipped by the broker (tansu 0.6 answers a fetch from the middle of a
-//! record batch with the next batch). The mirror may then miss changes, so it
-//! is logged as an error and counted; a backfill (`pgcdc snapshot --table`)
-//! repairs it.
+//! record batch with the next batch). A jump at the first record after an
+//! assignment is healed by seeking back (see `heal`); a jump that cannot be
+//! healed means the mirror may miss changes, so it is logged as an error and
+//! counted; a backfill (`pgcdc snapshot --table`) repairs it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,10 +18,18 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::context::SinkContext;
+use super::error::EsError;
+use super::heal::{Decision, Healer};
 
 /// Longest wait for the group's committed offsets; past it the batch is
 /// written unchecked (the check is a diagnostic, not a gate).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a seek back to be accepted; past it the gap is reported
+/// instead of healed.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A partition's committed offset, looked up when it was (re)assigned.
+type Assigned = (String, i32, i64);
 
 /// What the check knows of each partition since the last rebalance.
 #[derive(Default)]
@@ -29,21 +38,97 @@ pub(super) struct Continuity {
     next: NextOffsets,
     /// The rebalance count `next` belongs to.
     rebalances: u64,
+    /// Partitions being read again after the broker skipped records.
+    healer: Healer,
 }
 
 impl Continuity {
-    /// Check `batch` against what came before; log and count every gap.
+    /// Check `batch` against what came before: heal skips at the start of a
+    /// partition (dropping records from `batch` and seeking back), then log
+    /// and count every gap left.
     pub(super) async fn check(
         &mut self,
         consumer: &Arc<StreamConsumer<SinkContext>>,
-        batch: &[OwnedMessage],
+        batch: &mut Vec<OwnedMessage>,
     ) {
         let rebalances = consumer.context().rebalances();
         if rebalances != self.rebalances {
             self.next.clear();
+            self.healer.clear();
             self.rebalances = rebalances;
         }
-        self.learn_committed(consumer, batch).await;
+        let assigned = self.learn_committed(consumer, batch).await;
+        self.heal(consumer, batch, &assigned).await;
+        self.report_gaps(batch);
+    }
+
+    /// Decide for every partition that was just assigned or is being healed;
+    /// seek back and drop the records that are to be read again.
+    async fn heal(
+        &mut self,
+        consumer: &Arc<StreamConsumer<SinkContext>>,
+        batch: &mut Vec<OwnedMessage>,
+        assigned: &[Assigned],
+    ) {
+        if assigned.is_empty() && self.healer.is_idle() {
+            return;
+        }
+        let mut decisions = self.decide(batch, assigned);
+        for (topic, partition, decision) in &mut decisions {
+            if let Decision::Rewind(to) = *decision {
+                if let Err(e) = seek(consumer, topic.clone(), *partition, to).await {
+                    // Keep the records: the gap is reported, as without healing.
+                    tracing::warn!(topic = %topic, partition = *partition, error = %e, "es sink: cannot seek back; reporting the gap instead");
+                    self.healer.forget(topic, *partition);
+                    *decision = Decision::GiveUp;
+                }
+            }
+        }
+        batch.retain(|m| {
+            let decision = decisions
+                .iter()
+                .find(|d| (d.0.as_str(), d.1) == (m.topic(), m.partition()));
+            match decision.map(|d| d.2) {
+                Some(Decision::Rewind(_)) => false,
+                Some(Decision::KeepFrom(committed)) => m.offset() >= committed,
+                _ => true,
+            }
+        });
+    }
+
+    /// The healer's decision for each partition of `batch`, by its first
+    /// record; partitions whose records are all kept are left out.
+    fn decide(
+        &mut self,
+        batch: &[OwnedMessage],
+        assigned: &[Assigned],
+    ) -> Vec<(String, i32, Decision)> {
+        let mut firsts: Vec<(&str, i32, i64)> = Vec::new();
+        for m in batch {
+            if !firsts
+                .iter()
+                .any(|f| (f.0, f.1) == (m.topic(), m.partition()))
+            {
+                firsts.push((m.topic(), m.partition(), m.offset()));
+            }
+        }
+        let mut decisions = Vec::new();
+        for (topic, partition, first) in firsts {
+            let at = assigned
+                .iter()
+                .find(|a| (a.0.as_str(), a.1) == (topic, partition))
+                .map(|a| a.2);
+            let decision = self.healer.decide(topic, partition, first, at);
+            log_decision(topic, partition, first, decision);
+            if !matches!(decision, Decision::Keep | Decision::GiveUp) {
+                decisions.push((topic.to_owned(), partition, decision));
+            }
+        }
+        decisions
+    }
+
+    /// Log and count the gaps in `batch`.
+    fn report_gaps(&mut self, batch: &[OwnedMessage]) {
         let at = batch.iter().map(|m| (m.topic(), m.partition(), m.offset()));
         for g in skipped_offsets(&mut self.next, at) {
             crate::metrics::metrics()
@@ -61,12 +146,12 @@ impl Continuity {
     }
 
     /// Look up the committed offset of every partition of `batch` not seen
-    /// since the last rebalance.
+    /// since the last rebalance; those found.
     async fn learn_committed(
         &mut self,
         consumer: &Arc<StreamConsumer<SinkContext>>,
         batch: &[OwnedMessage],
-    ) {
+    ) -> Vec<Assigned> {
         let unseen: HashSet<(&str, i32)> = batch
             .iter()
             .map(|m| (m.topic(), m.partition()))
@@ -77,7 +162,7 @@ impl Continuity {
             })
             .collect();
         if unseen.is_empty() {
-            return;
+            return Vec::new();
         }
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in &unseen {
@@ -87,6 +172,7 @@ impl Continuity {
         let committed =
             tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, COMMITTED_TIMEOUT))
                 .await;
+        let mut assigned = Vec::new();
         match committed {
             Ok(Ok(tpl)) => {
                 for e in tpl.elements() {
@@ -95,13 +181,52 @@ impl Continuity {
                             .entry(e.topic().to_owned())
                             .or_default()
                             .insert(e.partition(), o);
+                        assigned.push((e.topic().to_owned(), e.partition(), o));
                     }
                 }
             }
             // Unchecked this time; the records themselves are still written.
             other => tracing::debug!(?other, "es sink: no committed offsets to check against"),
         }
+        assigned
     }
+}
+
+/// One line per healing step (a gap given up on is reported by the gap check).
+fn log_decision(topic: &str, partition: i32, first: i64, decision: Decision) {
+    match decision {
+        Decision::Rewind(to) => tracing::warn!(
+            topic,
+            partition,
+            got = first,
+            seek_to = to,
+            "es sink: the broker skipped records after the committed offset; seeking back to read them"
+        ),
+        Decision::KeepFrom(committed) => tracing::info!(
+            topic,
+            partition,
+            committed,
+            got = first,
+            "es sink: reading from the committed offset again after the broker skipped records"
+        ),
+        Decision::Keep | Decision::GiveUp => {}
+    }
+}
+
+/// Move `partition`'s fetch position to `offset` (records fetched before are discarded).
+async fn seek(
+    consumer: &Arc<StreamConsumer<SinkContext>>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+) -> Result<(), EsError> {
+    let consumer = consumer.clone();
+    tokio::task::spawn_blocking(move || {
+        consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+    })
+    .await
+    .map_err(|_| EsError::Kafka(rdkafka::error::KafkaError::Canceled))??;
+    Ok(())
 }
 
 /// A jump in one partition's offsets.

@@ -10,7 +10,8 @@
 //!
 //! This file holds the actor only; the loop is in `consume`, retries in
 //! `retry`, dead letters in `dead_letter`, the offset-continuity check in
-//! `continuity`, and the pure planning of writes in `bulk`.
+//! `continuity` (healing a broker's skipped records with `heal`), and the
+//! pure planning of writes in `bulk`.
 
 mod bulk;
 mod client;
@@ -20,6 +21,7 @@ mod context;
 mod continuity;
 mod dead_letter;
 mod error;
+mod heal;
 mod retry;
 
 use std::sync::Arc;
