@@ -184,7 +184,8 @@ impl FatalReporter {
             reason: error.to_string(),
         };
         if self.reported.swap(true, Ordering::SeqCst) {
-            tracing::debug!(exit_code = code.code(), error = %fatal.reason, "already stopping; also fatal: {what}");
+            // Not a second `fatal: …` line: exactly one names the exit code.
+            tracing::debug!(exit_code = code.code(), error = %fatal.reason, "already stopping; {what} also cannot continue");
             return;
         }
         tracing::error!(exit_code = code.code(), error = %fatal.reason, "fatal: {what}");
