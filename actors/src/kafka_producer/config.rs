@@ -14,6 +14,16 @@ pub enum TopicMode {
     PerTable,
 }
 
+/// Default `topic_partitions`: lets up to three sinks share the load without
+/// spreading a small database's changes thin.
+const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
+/// Default `delivery_timeout_ms` (5 min): rides out a broker restart or a
+/// leader election before the stream restarts from the checkpoint.
+const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
+/// Default `max_inflight_records`: enough to keep Kafka busy at high change
+/// rates, a bounded amount of memory (a few hundred bytes each).
+const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
+
 /// `[kafka]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,10 +61,10 @@ impl Default for KafkaConfig {
             topic_prefix: "pgcdc".into(),
             tombstones: true,
             create_topics: true,
-            topic_partitions: 3,
+            topic_partitions: DEFAULT_TOPIC_PARTITIONS,
             topic_replication_factor: 1,
-            delivery_timeout_ms: 300_000,
-            max_inflight_records: 50_000,
+            delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
+            max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
             properties: BTreeMap::new(),
         }
     }
