@@ -1,14 +1,21 @@
 //! Builds the supervision tree, runs it, and shuts it down in order:
 //! stop reading WAL → drain Kafka acknowledgements → checkpoint → confirm the
 //! slot → exit 0.
+//!
+//! Actors never exit the process: a fatal condition is reported on the
+//! [`FatalReporter`] every actor's restart budget carries. The first report
+//! ends the run like a signal does, with a shorter stop (stop reading WAL,
+//! drain what Kafka still acknowledges, no slot confirmation), and its exit
+//! code becomes the process's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use pgcdc_actors::checkpoint::CheckpointActor;
+use pgcdc_actors::error::{Fatal, FatalReceiver, FatalReporter, ProducerError};
 use pgcdc_actors::es_writer::EsWriterActor;
-use pgcdc_actors::kafka_producer::{KafkaProducerActor, ProducerError};
+use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
 use pgcdc_actors::replication::{parse_table_name, slot, ReplicationActor};
@@ -23,7 +30,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::error::AppError;
 use crate::settings::Settings;
 
-/// Run the daemon until SIGTERM/SIGINT; `Ok` after a clean shutdown.
+/// Longest stop after a fatal report: what Kafka acknowledges by then is
+/// checkpointed, the rest is sent again on the next start.
+const FATAL_STOP_MAX: Duration = Duration::from_secs(5);
+
+/// Why the daemon stops.
+enum Stop {
+    /// SIGTERM or SIGINT: the full, orderly shutdown.
+    Signal,
+    /// An actor reported a condition the process cannot continue from.
+    Fatal(Fatal),
+}
+
+/// Run the daemon until SIGTERM/SIGINT or a fatal report; `Ok` after a clean shutdown.
 pub fn run(settings: Settings) -> Result<(), AppError> {
     let system = actix::System::new();
     let result = system.block_on(run_async(settings));
@@ -38,19 +57,17 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         create_topics(&settings).await?;
     }
     serve_metrics(&settings).await?;
-    let sup = &settings.supervision;
-    let checkpoint = CheckpointActor::start(
-        settings.checkpoint_dir(),
-        RestartBudget::new("checkpoint", sup.clone()),
-    );
+    let (fatal, mut fatal_rx) = FatalReporter::channel();
+    let budget_of = |actor| budget(&settings, actor, &fatal);
+    let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), budget_of("checkpoint"));
     let kafka = Arc::new(settings.kafka.clone());
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
-    let producer_budget = RestartBudget::new("kafka_producer", sup.clone());
+    let producer_budget = budget_of("kafka_producer");
     let producer =
         Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
     let pg = Arc::new(settings.postgres.clone());
     let (wal_pg, wal) = (pg.clone(), settings.wal.clone());
-    let wal_budget = RestartBudget::new("wal_monitor", sup.clone());
+    let wal_budget = budget_of("wal_monitor");
     let _wal_monitor = Supervisor::start(move |_| {
         pgcdc_actors::wal_monitor::WalMonitorActor::new(wal_pg, wal, wal_budget)
     });
@@ -62,10 +79,10 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         marks.clone(),
         checkpoint.clone(),
     );
-    let snap_budget = RestartBudget::new("snapshot", sup.clone());
+    let snap_budget = budget_of("snapshot");
     let snapshots = Supervisor::start(move |_| SnapshotActor::new(pg2, snap2, m, cp, snap_budget));
     let (p, cp) = (producer.clone(), checkpoint.clone());
-    let repl_budget = RestartBudget::new("replication", sup.clone());
+    let repl_budget = budget_of("replication");
     let replication = Supervisor::start(move |_| {
         ReplicationActor::new(pg, snapshot, (snapshots, marks), p, cp, repl_budget)
     });
@@ -73,14 +90,21 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let _sink = settings
         .elasticsearch
         .run_in_daemon
-        .then(|| start_es_sink(&settings));
+        .then(|| start_es_sink(&settings, &fatal));
 
-    wait_for_signal().await;
-    tracing::info!("shutting down: stopping the stream and draining kafka");
-    shutdown(&settings, replication, producer, checkpoint).await
+    match wait_for_stop(&mut fatal_rx).await {
+        Stop::Signal => {
+            tracing::info!("shutting down: stopping the stream and draining kafka");
+            shutdown(&settings, replication, producer, checkpoint).await
+        }
+        Stop::Fatal(f) => {
+            stop_after_fatal(&settings, replication, producer).await;
+            Err(AppError::Fatal(f))
+        }
+    }
 }
 
-/// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT.
+/// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.
 pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
     let system = actix::System::new();
     let result = system.block_on(async {
@@ -88,13 +112,22 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
             create_topics(&settings).await?;
         }
         serve_metrics(&settings).await?;
-        let _sink = start_es_sink(&settings);
-        wait_for_signal().await;
+        let (fatal, mut fatal_rx) = FatalReporter::channel();
+        let _sink = start_es_sink(&settings, &fatal);
+        let stop = wait_for_stop(&mut fatal_rx).await;
         tracing::info!("es sink stopping; uncommitted records are read again on restart");
-        Ok(())
+        match stop {
+            Stop::Signal => Ok(()),
+            Stop::Fatal(f) => Err(AppError::Fatal(f)),
+        }
     });
     System::current().stop();
     result
+}
+
+/// The restart budget of `actor`, reporting fatal conditions to `fatal`.
+fn budget(settings: &Settings, actor: &'static str, fatal: &FatalReporter) -> RestartBudget {
+    RestartBudget::new(actor, settings.supervision.clone()).reporting_to(fatal.clone())
 }
 
 async fn serve_metrics(settings: &Settings) -> Result<(), AppError> {
@@ -107,11 +140,26 @@ async fn serve_metrics(settings: &Settings) -> Result<(), AppError> {
     }
 }
 
-fn start_es_sink(settings: &Settings) -> Addr<EsWriterActor> {
+fn start_es_sink(settings: &Settings, fatal: &FatalReporter) -> Addr<EsWriterActor> {
     let es = Arc::new(settings.elasticsearch.clone());
     let kafka = Arc::new(settings.kafka.clone());
-    let budget = RestartBudget::new("es_writer", settings.supervision.clone());
+    let budget = budget(settings, "es_writer", fatal);
     Supervisor::start(move |_| EsWriterActor::new(es, kafka, budget))
+}
+
+/// Wait for SIGTERM/SIGINT or the first fatal report, whichever comes first.
+async fn wait_for_stop(fatal: &mut FatalReceiver) -> Stop {
+    let reported = async {
+        match fatal.recv().await {
+            Some(f) => f,
+            // Every reporter is gone without a report: only a signal can stop us.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = wait_for_signal() => Stop::Signal,
+        f = reported => Stop::Fatal(f),
+    }
 }
 
 async fn wait_for_signal() {
@@ -125,6 +173,29 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// After a fatal report: stop reading WAL and give Kafka a short while to
+/// acknowledge what is in flight, so it is checkpointed. Bounded, best
+/// effort: the actor that failed may be the one we would wait for.
+async fn stop_after_fatal(
+    settings: &Settings,
+    replication: Addr<ReplicationActor>,
+    producer: Addr<KafkaProducerActor>,
+) {
+    tracing::info!("stopping after a fatal error: stopping the stream and draining kafka");
+    let limit = Duration::from_secs(settings.shutdown_timeout_secs).min(FATAL_STOP_MAX);
+    let stopped = tokio::time::timeout(limit, async {
+        replication.send(StopStreaming).await.ok();
+        producer.send(DrainProducer).await.ok();
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(
+            timeout_secs = limit.as_secs(),
+            "the stream did not stop in time; unacknowledged changes are sent again on the next start"
+        );
     }
 }
 

@@ -1,6 +1,6 @@
 //! Errors at the binary's edge and the exit codes they map to.
 
-pub use pgcdc_actors::error::ExitCode;
+pub use pgcdc_actors::error::{ExitCode, Fatal};
 
 /// Why the daemon (or a subcommand) stopped.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +14,10 @@ pub enum AppError {
     /// The state directory could not be used.
     #[error("state directory: {0}")]
     LocalIo(String),
+    /// An actor reported a condition the process cannot continue from
+    /// (already logged as `fatal: …` when it was reported).
+    #[error("{0}")]
+    Fatal(Fatal),
     /// Anything classified by an engine error.
     #[error("{message}")]
     Classified {
@@ -31,6 +35,7 @@ impl AppError {
             AppError::Config(_) => ExitCode::Config,
             AppError::Upstream(_) => ExitCode::Upstream,
             AppError::LocalIo(_) => ExitCode::LocalIo,
+            AppError::Fatal(f) => f.code,
             AppError::Classified { code, .. } => *code,
         }
     }

@@ -63,8 +63,11 @@ fn main() {
         Command::Chaos { .. } => unreachable!("handled before the settings are loaded"),
     };
     if let Err(e) = result {
-        tracing::error!(exit_code = e.exit_code().code(), "{e}");
-        eprintln!("pgcdc: {e}");
+        // A fatal report was logged (`fatal: …`) by the actor that made it.
+        if !matches!(e, pgcdc::error::AppError::Fatal(_)) {
+            tracing::error!(exit_code = e.exit_code().code(), "{e}");
+            eprintln!("pgcdc: {e}");
+        }
         telemetry.finish();
         std::process::exit(e.exit_code().code());
     }

@@ -23,6 +23,22 @@
 //!    flushed.
 //! 4. Any failure breaks the session; the replication actor restarts from the
 //!    checkpoint. Records after the checkpoint may be sent twice, never lost.
+//!
+//! # Stopping
+//!
+//! Nothing in this crate exits the process. An actor that meets a fatal
+//! condition (`ErrorClass::Fatal`, or a spent restart budget) reports an
+//! [`error::Fatal`] (exit code and reason) through the
+//! [`error::FatalReporter`] its [`supervision::RestartBudget`] carries, and
+//! stops working; no supervised work starts after that. The daemon waits for
+//! the first report (or a signal), stops the pipeline in order and exits with
+//! the report's code.
+//!
+//! # Module dependencies
+//!
+//! Types the actors exchange live in the leaf modules `messages`, `event`,
+//! `lsn` and `error` (errors returned in message replies); actor modules
+//! depend on them, never the other way round.
 
 pub mod audit;
 pub mod checkpoint;

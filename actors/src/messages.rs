@@ -9,10 +9,10 @@
 //! checkpoint.
 
 use actix::prelude::*;
+use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, CheckpointError, SlotIdentity, TableProgress};
+use crate::error::{CheckpointError, ProducerError};
 use crate::event::{ChangeEvent, CopiedRows};
-use crate::kafka_producer::ProducerError;
 use crate::lsn::Lsn;
 
 /// Start a new replication session on the producer, dropping any older one.
@@ -67,8 +67,22 @@ impl PublishBatch {
 pub struct SessionBroken {
     /// The session that broke.
     pub session: u64,
-    /// Why, for the log.
-    pub reason: String,
+    /// Why.
+    pub reason: SessionBreak,
+}
+
+/// Why a producer session broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionBreak {
+    /// The producer restarted (a delivery failed or it crashed): what was in flight is gone.
+    #[error("kafka producer restarted")]
+    ProducerRestarted,
+    /// The stream opened a newer session.
+    #[error("superseded by a new session")]
+    Superseded,
+    /// Kafka refused a record for good; the process is stopping.
+    #[error("kafka refused a record permanently")]
+    Refused,
 }
 
 /// Wait until everything published so far is acknowledged and checkpointed;
@@ -118,3 +132,90 @@ pub struct PersistSlotIdentity {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StopStreaming;
+
+/// Which slot on which server the checkpoint belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotIdentity {
+    /// `IDENTIFY_SYSTEM`'s system identifier of the PostgreSQL cluster.
+    pub system_id: String,
+    /// Database name.
+    pub database: String,
+    /// Replication slot name.
+    pub slot_name: String,
+}
+
+/// A primary-key value as PostgreSQL prints it: one text per key column.
+pub type KeyText = Vec<String>;
+
+/// One key range of a table's copy: rows with `after < key <= upto`
+/// (`None`: unbounded on that side) still to be copied unless `done`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    /// Last key copied (exclusive lower bound of what is left).
+    pub after: Option<KeyText>,
+    /// Inclusive upper bound of the range.
+    pub upto: Option<KeyText>,
+    /// Every row of the range is copied.
+    pub done: bool,
+}
+
+/// How far the copy (initial snapshot or backfill) of one table has come.
+/// Stored in the same synced write as the LSN of the commit that carried the
+/// copied rows, so it never runs ahead of what Kafka acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableProgress {
+    /// Schema name, unquoted.
+    pub schema: String,
+    /// Table name, unquoted.
+    pub name: String,
+    /// The key ranges the copy is split into.
+    pub ranges: Vec<KeyRange>,
+    /// Rows copied so far.
+    pub rows: u64,
+}
+
+impl TableProgress {
+    /// A copy of `schema.name` not started yet: one unbounded range.
+    pub fn fresh(schema: &str, name: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+            ranges: vec![KeyRange {
+                after: None,
+                upto: None,
+                done: false,
+            }],
+            rows: 0,
+        }
+    }
+
+    /// A table whose copy is complete (or never wanted).
+    pub fn finished(schema: &str, name: &str) -> Self {
+        let mut p = Self::fresh(schema, name);
+        p.ranges[0].done = true;
+        p
+    }
+
+    /// Whether every range is copied.
+    pub fn done(&self) -> bool {
+        self.ranges.iter().all(|r| r.done)
+    }
+}
+
+/// What the checkpoint holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Highest commit end LSN whose records are all acknowledged by Kafka; zero if none yet.
+    pub lsn: Lsn,
+    /// The slot the LSN refers to; `None` before the first start.
+    pub slot: Option<SlotIdentity>,
+    /// Copy progress of every table pgcdc has seen (ordered by schema, table).
+    pub progress: Vec<TableProgress>,
+}
+
+impl Checkpoint {
+    /// Tables whose copy is not complete.
+    pub fn pending(&self) -> impl Iterator<Item = &TableProgress> {
+        self.progress.iter().filter(|p| !p.done())
+    }
+}

@@ -3,8 +3,12 @@
 //! actix's `Supervisor` restarts a stopped actor with the same value; each
 //! actor calls [`RestartBudget::record`] from `restarting()` and waits
 //! [`RestartBudget::backoff`] before starting its work again. More than
-//! `max_restarts` in `window` escalates to a fatal exit, so a crash loop ends in
-//! a documented exit code instead of spinning forever.
+//! `max_restarts` in `window` escalates to a fatal report (exit code 7), so a
+//! crash loop ends in a documented exit code instead of spinning forever.
+//!
+//! The budget also carries the process's [`FatalReporter`]: an actor reports
+//! its fatal conditions through [`RestartBudget::fatal`], and once anything was
+//! reported no supervised work starts again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::error::{exit_fatal, ExitCode};
+use crate::error::{ExitCode, FatalReporter};
 
 /// `[supervision]`: how often actors may restart before pgcdc gives up.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,26 +58,45 @@ impl SupervisionConfig {
     }
 }
 
-/// Restart history of one actor.
+/// Restart history of one actor, and where it reports fatal conditions.
 #[derive(Debug, Clone)]
 pub struct RestartBudget {
     actor: &'static str,
     config: SupervisionConfig,
     history: Arc<Mutex<VecDeque<Instant>>>,
+    fatal: FatalReporter,
 }
 
 impl RestartBudget {
-    /// A fresh budget for the actor named `actor`.
+    /// A fresh budget for the actor named `actor`, reporting fatal conditions
+    /// nowhere but the log until [`RestartBudget::reporting_to`] is called.
     pub fn new(actor: &'static str, config: SupervisionConfig) -> Self {
         Self {
             actor,
             config,
             history: Arc::default(),
+            fatal: FatalReporter::detached(),
         }
     }
 
-    /// Count one restart now; exits the process if the budget is spent.
-    pub fn record(&self) {
+    /// The same budget, reporting fatal conditions (its own and its actor's) to `fatal`.
+    pub fn reporting_to(self, fatal: FatalReporter) -> Self {
+        Self { fatal, ..self }
+    }
+
+    /// Report that the actor cannot continue; the caller stops its work.
+    pub fn fatal(&self, code: ExitCode, what: &str, error: &dyn std::fmt::Display) {
+        self.fatal.report(code, what, error);
+    }
+
+    /// Whether a fatal condition was reported anywhere: no work should start.
+    pub fn is_stopping(&self) -> bool {
+        self.fatal.is_reported()
+    }
+
+    /// Count one restart now. Over the budget it reports a fatal
+    /// `RestartBudget` condition and returns `false`: do not restart.
+    pub fn record(&self) -> bool {
         let restarts = self.record_at(Instant::now());
         crate::metrics::metrics()
             .restarts
@@ -85,12 +108,14 @@ impl RestartBudget {
                 "{} restarts within {}s (max {})",
                 restarts, self.config.window_secs, self.config.max_restarts
             );
-            exit_fatal(
+            self.fatal(
                 ExitCode::RestartBudget,
                 &format!("{} keeps crashing", self.actor),
                 &msg,
             );
+            return false;
         }
+        !self.is_stopping()
     }
 
     /// Record a restart at `now`; returns how many fall in the window.
@@ -131,15 +156,55 @@ impl RestartBudget {
 
 /// Run an actor's work in its own task after the restart backoff, so a panic
 /// in it surfaces as a `JoinError` (a crash) instead of unwinding the actor.
+/// Once a fatal condition was reported the work never starts: the process is
+/// stopping.
 pub fn spawn_after_backoff<E: 'static>(
     budget: &RestartBudget,
     work: impl std::future::Future<Output = Result<(), E>> + 'static,
 ) -> tokio::task::JoinHandle<Result<(), E>> {
     let backoff = budget.backoff();
+    let budget = budget.clone();
     actix::spawn(async move {
         tokio::time::sleep(backoff).await;
+        if budget.is_stopping() {
+            tracing::debug!(
+                actor = budget.actor,
+                "not restarting: the process is stopping"
+            );
+            std::future::pending::<()>().await;
+        }
         work.await
     })
+}
+
+/// Why an actor's worker task ended badly.
+#[derive(Debug)]
+pub enum TaskError<E> {
+    /// The work returned an error.
+    Failed(E),
+    /// The work panicked.
+    Panicked(tokio::task::JoinError),
+    /// The task was aborted.
+    Cancelled(tokio::task::JoinError),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for TaskError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::Failed(e) => e.fmt(f),
+            TaskError::Panicked(j) => write!(f, "panicked: {j}"),
+            TaskError::Cancelled(j) => write!(f, "was cancelled: {j}"),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for TaskError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TaskError::Failed(e) => Some(e),
+            TaskError::Panicked(j) | TaskError::Cancelled(j) => Some(j),
+        }
+    }
 }
 
 /// Turn a finished worker task into "keep running" or "crash": a panic
@@ -148,21 +213,20 @@ pub fn spawn_after_backoff<E: 'static>(
 pub fn task_outcome<E: std::fmt::Display>(
     actor: &'static str,
     res: Result<Result<(), E>, tokio::task::JoinError>,
-) -> Result<(), String> {
+) -> Result<(), TaskError<E>> {
     match res {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
             tracing::error!(actor, error = %e, "actor work failed");
-            Err(e.to_string())
+            Err(TaskError::Failed(e))
+        }
+        Err(join) if join.is_panic() => {
+            tracing::error!(actor, error = %join, "actor work panicked");
+            Err(TaskError::Panicked(join))
         }
         Err(join) => {
-            let why = if join.is_panic() {
-                "panicked"
-            } else {
-                "was cancelled"
-            };
-            tracing::error!(actor, error = %join, "actor work {why}");
-            Err(format!("{why}: {join}"))
+            tracing::error!(actor, error = %join, "actor work was cancelled");
+            Err(TaskError::Cancelled(join))
         }
     }
 }
@@ -222,8 +286,45 @@ mod tests {
     async fn panics_count_as_crashes() {
         let res = tokio::spawn(async { panic!("boom") }).await;
         let res: Result<Result<(), String>, _> = res.map(|()| Ok(()));
-        assert!(task_outcome("t", res).unwrap_err().starts_with("panicked"));
+        let err = task_outcome("t", res).unwrap_err();
+        assert!(matches!(err, TaskError::Panicked(_)), "{err}");
+        assert!(err.to_string().starts_with("panicked"));
         let ok: Result<Result<(), String>, tokio::task::JoinError> = Ok(Ok(()));
         assert!(task_outcome("t", ok).is_ok());
+        let failed: Result<Result<(), String>, tokio::task::JoinError> = Ok(Err("x".into()));
+        assert!(matches!(task_outcome("t", failed), Err(TaskError::Failed(e)) if e == "x"));
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_reports_a_restart_budget_fatal() {
+        let (reporter, mut rx) = FatalReporter::channel();
+        let b = budget().reporting_to(reporter);
+        for _ in 0..3 {
+            assert!(b.record(), "within the budget");
+        }
+        assert_eq!(rx.try_recv(), None);
+        assert!(!b.record(), "the fourth restart is over the budget");
+        let fatal = rx.recv().await.expect("a fatal report");
+        assert_eq!(fatal.code, ExitCode::RestartBudget);
+        assert_eq!(fatal.code.code(), 7);
+        assert_eq!(fatal.what, "test keeps crashing");
+        assert!(b.is_stopping());
+    }
+
+    #[actix::test]
+    async fn no_work_starts_once_the_process_is_stopping() {
+        let (reporter, _rx) = FatalReporter::channel();
+        let b = budget().reporting_to(reporter);
+        b.fatal(ExitCode::LocalIo, "disk", &"gone");
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let handle = spawn_after_backoff(&b, async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<(), String>(())
+        });
+        // A started task would finish at once; this one must still be parked.
+        let waited = tokio::time::timeout(Duration::from_millis(200), handle).await;
+        assert!(waited.is_err(), "the work must not run");
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -1,6 +1,70 @@
-//! The contract between pgcdc's parts and its consumers: Kafka header names,
-//! the prefixes of the logical messages pgcdc writes into the WAL, and the
-//! failpoint names the engine, the fault-injection harness and the tests share.
+//! The contract between pgcdc's parts and its consumers: the Kafka record
+//! envelope, Kafka header names, the prefixes of the logical messages pgcdc
+//! writes into the WAL, and the failpoint names the engine, the
+//! fault-injection harness and the tests share.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+/// The value of a change record: a Debezium-shaped envelope. The producer
+/// writes it (`R` = a borrowed row), the ES sink reads it (`R` = an owned
+/// row). Field order is the order on the wire.
+///
+/// Reading is lenient where the sink does not need a field: only `op`,
+/// `source.schema`, `source.table` and `source.commit_lsn` are required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<'a, R> {
+    /// The row before the change (key columns only unless `REPLICA IDENTITY FULL`).
+    pub before: Option<R>,
+    /// The row after the change; `None` for deletes and truncates.
+    pub after: Option<R>,
+    /// `c` insert, `u` update, `d` delete, `r` snapshot read, `t` truncate.
+    pub op: Cow<'a, str>,
+    /// When pgcdc encoded the record (ms since the epoch).
+    #[serde(default)]
+    pub ts_ms: i64,
+    /// Where the change comes from.
+    pub source: Source<'a>,
+    /// Columns left out because their TOAST value did not change (omitted when none).
+    #[serde(default, skip_serializing_if = "<[String]>::is_empty")]
+    pub unchanged_toast: Cow<'a, [String]>,
+}
+
+/// The `source` block of an [`Envelope`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source<'a> {
+    /// Always [`CONNECTOR`] for records pgcdc writes.
+    #[serde(default)]
+    pub connector: Cow<'a, str>,
+    /// Database name.
+    #[serde(default)]
+    pub db: Cow<'a, str>,
+    /// Schema name, unquoted.
+    pub schema: Cow<'a, str>,
+    /// Table name, unquoted.
+    pub table: Cow<'a, str>,
+    /// LSN of the change itself.
+    #[serde(default)]
+    pub lsn: u64,
+    /// End LSN of the transaction's commit: the document version in the sink.
+    pub commit_lsn: u64,
+    /// Position of the change in its transaction.
+    #[serde(default)]
+    pub seq: u32,
+    /// Transaction id.
+    #[serde(default, rename = "txId")]
+    pub tx_id: u32,
+    /// Commit time (ms since the epoch).
+    #[serde(default)]
+    pub ts_ms: i64,
+    /// Whether the record comes from a snapshot copy.
+    #[serde(default)]
+    pub snapshot: bool,
+}
+
+/// `source.connector` of every record pgcdc writes.
+pub const CONNECTOR: &str = "pgcdc";
 
 /// Kafka record headers written by the producer and read by the sink.
 pub mod header {

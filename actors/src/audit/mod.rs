@@ -79,8 +79,8 @@ pub fn dropped_total() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Flush the audit log (waiting at most two seconds) before
-/// `std::process::exit`, which runs no destructors.
+/// Flush the audit log (waiting at most two seconds) before the process ends
+/// without running destructors (a panic hook or an abort path).
 pub fn flush_before_exit() {
     if let Some(handle) = EXIT_HANDLE.get() {
         handle.flush(EXIT_FLUSH);

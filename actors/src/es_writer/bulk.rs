@@ -1,9 +1,11 @@
 //! Pure planning of Elasticsearch writes from change records, and
 //! classification of `_bulk` responses. No I/O here.
 
+use serde_json::error::Category;
 use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
+use crate::wire::Envelope;
 
 /// One `_bulk` action (its metadata line and optional source line).
 #[derive(Debug, Clone, PartialEq)]
@@ -65,28 +67,47 @@ pub fn doc_id(key: &Map<String, Value>) -> String {
     }
 }
 
+/// Status of a delete of a document that is not there: the goal is reached.
+const NOT_FOUND: u64 = 404;
+/// Status of a versioned write older than the document: a newer change is already there.
+const CONFLICT: u64 = 409;
+/// Status of an item the cluster is too busy for: retry.
+const TOO_MANY_REQUESTS: u64 = 429;
+/// An item without a status: treated as a transient failure and retried.
+const NO_STATUS: u64 = 0;
+/// Text fields also get a `keyword` sub-field for exact matches up to this length
+/// (Elasticsearch's own dynamic-mapping default).
+const TEXT_KEYWORD_MAX: u32 = 256;
+/// Values of types pgcdc does not map are indexed as keywords up to this length;
+/// longer ones are kept in `_source` but not indexed.
+const KEYWORD_MAX: u32 = 1024;
+
+/// A change envelope as the sink reads it.
+type ReadEnvelope = Envelope<'static, Map<String, Value>>;
+
+/// Read a record value as a change envelope; why not, as a dead-letter reason.
+fn read_envelope(value: &[u8]) -> Result<ReadEnvelope, String> {
+    serde_json::from_slice(value).map_err(|e| match e.classify() {
+        Category::Data => {
+            format!("not a pgcdc change envelope (op, source.schema/table/commit_lsn): {e}")
+        }
+        Category::Io | Category::Syntax | Category::Eof => format!("value is not json: {e}"),
+    })
+}
+
 /// Plan the writes for one record (`origin` is its position in the batch).
 pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: usize) -> Planned {
     let Some(value) = value else {
         return Planned::Skip;
     };
-    let env: Value = match serde_json::from_slice(value) {
-        Ok(v) => v,
-        Err(e) => return Planned::Poison(format!("value is not json: {e}")),
+    let env = match read_envelope(value) {
+        Ok(env) => env,
+        Err(reason) => return Planned::Poison(reason),
     };
-    let src = &env["source"];
-    let (Some(op), Some(schema), Some(table), Some(lsn)) = (
-        env["op"].as_str(),
-        src["schema"].as_str(),
-        src["table"].as_str(),
-        src["commit_lsn"].as_u64(),
-    ) else {
-        return Planned::Poison(
-            "not a pgcdc change envelope (op, source.schema/table/commit_lsn)".into(),
-        );
-    };
-    let index = mirror_index(cfg, schema, table);
-    if op == "t" {
+    let src = &env.source;
+    let index = mirror_index(cfg, &src.schema, &src.table);
+    let lsn = src.commit_lsn;
+    if env.op == "t" {
         return Planned::Truncate {
             index,
             below_lsn: lsn,
@@ -97,9 +118,22 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
         return Planned::Poison("record key is not a json object of the primary key".into());
     };
     let id = doc_id(&key);
-    let lane = lane_of(&index, &id);
-    let cdc = json!({"op": op, "lsn": lsn, "ts_ms": src["ts_ms"]});
     let mut actions = Vec::with_capacity(2);
+    match current_action(&env, &index, &id, origin) {
+        Some(action) => actions.push(action),
+        None => return Planned::Poison(format!("op {:?} without an after image", env.op)),
+    }
+    if cfg.history {
+        actions.push(history_action(&env, &index, key, origin));
+    }
+    Planned::Actions(actions)
+}
+
+/// The write that keeps the mirror index current: a versioned delete, a
+/// versioned index, or (unchanged TOAST columns) a merge; `None` when the op
+/// needs an after image and has none, or is unknown.
+fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> Option<Action> {
+    let lsn = env.source.commit_lsn;
     let meta = |action: &str, versioned: bool| {
         let mut m = json!({"_index": index, "_id": id});
         if versioned {
@@ -108,56 +142,56 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
         }
         json!({ action: m }).to_string()
     };
-    match (op, env["after"].as_object()) {
-        ("d", _) => actions.push(Action {
-            index: index.clone(),
-            meta: meta("delete", true),
-            doc: None,
-            origin,
-            lane,
-        }),
+    let (meta, doc) = match (&*env.op, &env.after) {
+        ("d", _) => (meta("delete", true), None),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
+            let cdc = json!({"op": env.op, "lsn": lsn, "ts_ms": env.source.ts_ms});
             doc.insert("_cdc".into(), cdc);
-            let partial = env["unchanged_toast"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty());
-            let (meta, doc) = if partial {
-                // Unchanged TOAST columns were not sent: merge instead of replacing the document.
-                (
-                    meta("update", false),
-                    json!({"doc": doc, "doc_as_upsert": true}).to_string(),
-                )
+            if env.unchanged_toast.is_empty() {
+                (meta("index", true), Some(Value::Object(doc).to_string()))
             } else {
-                (meta("index", true), Value::Object(doc).to_string())
-            };
-            actions.push(Action {
-                index: index.clone(),
-                meta,
-                doc: Some(doc),
-                origin,
-                lane,
-            });
+                // Unchanged TOAST columns were not sent: merge instead of replacing the document.
+                let merge = json!({"doc": doc, "doc_as_upsert": true}).to_string();
+                (meta("update", false), Some(merge))
+            }
         }
-        _ => return Planned::Poison(format!("op {op:?} without an after image")),
+        _ => return None,
+    };
+    Some(Action {
+        index: index.to_owned(),
+        meta,
+        doc,
+        origin,
+        lane: lane_of(index, id),
+    })
+}
+
+/// The history index entry of a change: the whole envelope with `@timestamp`
+/// (the commit time) and the row `key`, one document per change.
+fn history_action(
+    env: &ReadEnvelope,
+    index: &str,
+    key: Map<String, Value>,
+    origin: usize,
+) -> Action {
+    let history = format!("{index}_history");
+    let hid = format!("{}-{}", env.source.commit_lsn, env.source.seq);
+    let mut doc = match serde_json::to_value(env) {
+        Ok(Value::Object(doc)) => doc,
+        _ => Map::new(),
+    };
+    doc.insert("@timestamp".into(), json!(env.source.ts_ms));
+    doc.insert("key".into(), Value::Object(key));
+    let meta = json!({"index": {"_index": history, "_id": hid}}).to_string();
+    let lane = lane_of(&history, &hid);
+    Action {
+        index: history,
+        meta,
+        doc: Some(Value::Object(doc).to_string()),
+        origin,
+        lane,
     }
-    if cfg.history {
-        let history = format!("{index}_history");
-        let hid = format!("{}-{}", lsn, src["seq"].as_u64().unwrap_or(0));
-        let mut doc = env.as_object().cloned().unwrap_or_default();
-        doc.insert("@timestamp".into(), src["ts_ms"].clone());
-        doc.insert("key".into(), Value::Object(key));
-        let meta = json!({"index": {"_index": history, "_id": hid}}).to_string();
-        let lane = lane_of(&history, &hid);
-        actions.push(Action {
-            index: history,
-            meta,
-            doc: Some(Value::Object(doc).to_string()),
-            origin,
-            lane,
-        });
-    }
-    Planned::Actions(actions)
 }
 
 /// A stable hash of a document's index and id.
@@ -217,9 +251,9 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
             let reason = || body["error"].to_string();
             match status {
                 200..=299 => Outcome::Done,
-                404 if action == "delete" => Outcome::Done,
-                409 => Outcome::Conflict,
-                429 | 500..=599 | 0 => Outcome::Retry(reason()),
+                NOT_FOUND if action == "delete" => Outcome::Done,
+                CONFLICT => Outcome::Conflict,
+                TOO_MANY_REQUESTS | 500..=599 | NO_STATUS => Outcome::Retry(reason()),
                 _ => Outcome::Reject(reason()),
             }
         })
@@ -263,11 +297,11 @@ pub fn field_mapping(pg_type: &str) -> Value {
         "bool" => json!({"type": "boolean"}),
         "timestamptz" | "timestamp" | "date" => json!({"type": "date", "ignore_malformed": true}),
         "text" | "varchar" | "bpchar" | "name" | "char" | "xml" => {
-            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}})
+            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": TEXT_KEYWORD_MAX}}})
         }
         "bytea" => json!({"type": "binary"}),
         "json" | "jsonb" => json!({"type": "object", "enabled": false}),
-        _ => json!({"type": "keyword", "ignore_above": 1024}),
+        _ => json!({"type": "keyword", "ignore_above": KEYWORD_MAX}),
     }
 }
 

@@ -8,6 +8,12 @@ use serde_json::{json, Value};
 use super::config::EsConfig;
 use super::EsError;
 
+/// Characters of an error response body kept in the error: enough for
+/// Elasticsearch's reason, short enough for one log line.
+const ERROR_BODY_CHARS: usize = 500;
+/// Status of a delete-by-query on an index that does not exist yet: nothing to delete.
+const NOT_FOUND: u16 = 404;
+
 /// A configured HTTP client for one cluster.
 #[derive(Clone)]
 pub struct EsClient {
@@ -72,7 +78,7 @@ impl EsClient {
             let text = resp.text().await.unwrap_or_default();
             return Err(EsError::Status {
                 status: status.as_u16(),
-                body: text.chars().take(500).collect(),
+                body: text.chars().take(ERROR_BODY_CHARS).collect(),
             });
         }
         Ok(resp.json().await?)
@@ -96,7 +102,7 @@ impl EsClient {
         }
         Err(EsError::Status {
             status: status.as_u16(),
-            body: text.chars().take(500).collect(),
+            body: text.chars().take(ERROR_BODY_CHARS).collect(),
         })
     }
 
@@ -110,13 +116,13 @@ impl EsClient {
             .send()
             .await?;
         let status = resp.status();
-        if status.is_success() || status.as_u16() == 404 {
+        if status.is_success() || status.as_u16() == NOT_FOUND {
             return Ok(());
         }
         let text = resp.text().await.unwrap_or_default();
         Err(EsError::Status {
             status: status.as_u16(),
-            body: text.chars().take(500).collect(),
+            body: text.chars().take(ERROR_BODY_CHARS).collect(),
         })
     }
 }

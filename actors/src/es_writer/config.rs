@@ -6,6 +6,22 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+/// Default `bulk_max_actions`: Elastic's sizing advice starts around a
+/// thousand documents per request.
+const DEFAULT_BULK_MAX_ACTIONS: usize = 1000;
+/// Default `bulk_max_bytes` (5 MiB): inside Elastic's recommended 5–15 MB per request.
+const DEFAULT_BULK_MAX_BYTES: usize = 5 << 20;
+/// Default `flush_interval_ms`: a change reaches the mirror within a fifth of
+/// a second even when traffic is too light to fill a request.
+const DEFAULT_FLUSH_INTERVAL_MS: u64 = 200;
+/// Default `retry_initial_ms`: a busy cluster gets a moment before the retry.
+const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
+/// Default `retry_max_ms`: retries never wait more than ten seconds apart.
+const DEFAULT_RETRY_MAX_MS: u64 = 10_000;
+/// Default `request_timeout_secs`: longer than a large bulk request takes on
+/// a loaded cluster, short enough to notice a hung connection.
+const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+
 /// `[elasticsearch]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,13 +85,13 @@ impl Default for EsConfig {
             gc_deletes: "30d".into(),
             number_of_shards: 1,
             number_of_replicas: 1,
-            bulk_max_actions: 1000,
-            bulk_max_bytes: 5 << 20,
+            bulk_max_actions: DEFAULT_BULK_MAX_ACTIONS,
+            bulk_max_bytes: DEFAULT_BULK_MAX_BYTES,
             max_in_flight: 1,
-            flush_interval_ms: 200,
-            retry_initial_ms: 100,
-            retry_max_ms: 10_000,
-            request_timeout_secs: 30,
+            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             consumer_group: "pgcdc-es-sink".into(),
             dead_letter_topic: "pgcdc-dead-letters".into(),
         }

@@ -14,6 +14,16 @@ pub enum TopicMode {
     PerTable,
 }
 
+/// Default `topic_partitions`: lets up to three sinks share the load without
+/// spreading a small database's changes thin.
+const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
+/// Default `delivery_timeout_ms` (5 min): rides out a broker restart or a
+/// leader election before the stream restarts from the checkpoint.
+const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
+/// Default `max_inflight_records`: enough to keep Kafka busy at high change
+/// rates, a bounded amount of memory (a few hundred bytes each).
+const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
+
 /// `[kafka]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,14 +61,24 @@ impl Default for KafkaConfig {
             topic_prefix: "pgcdc".into(),
             tombstones: true,
             create_topics: true,
-            topic_partitions: 3,
+            topic_partitions: DEFAULT_TOPIC_PARTITIONS,
             topic_replication_factor: 1,
-            delivery_timeout_ms: 300_000,
-            max_inflight_records: 50_000,
+            delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
+            max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
             properties: BTreeMap::new(),
         }
     }
 }
+
+/// Kafka's longest topic name is 249 characters; pgcdc keeps well under it,
+/// leaving room for a suffix an operator may add (mirrors, retries).
+const MAX_TOPIC_LEN: usize = 200;
+/// Shortest `delivery_timeout_ms` accepted: below a second, ordinary broker
+/// latency would already fail deliveries.
+const MIN_DELIVERY_TIMEOUT_MS: u64 = 1000;
+/// librdkafka's local queue holds twice the in-flight bound plus this much
+/// slack, so `max_inflight_records` (not librdkafka) is what applies backpressure.
+const QUEUE_SLACK: usize = 10_000;
 
 /// Properties pgcdc's guarantees depend on; users may not override them.
 const PINNED: &[&str] = &[
@@ -76,7 +96,7 @@ impl KafkaConfig {
         }
         let bad_topic = |t: &str| {
             t.is_empty()
-                || t.len() > 200
+                || t.len() > MAX_TOPIC_LEN
                 || !t
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
@@ -99,8 +119,10 @@ impl KafkaConfig {
         if self.topic_replication_factor < 1 {
             errors.push("kafka.topic_replication_factor: must be at least 1".into());
         }
-        if self.delivery_timeout_ms < 1000 {
-            errors.push("kafka.delivery_timeout_ms: must be at least 1000".into());
+        if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS {
+            errors.push(format!(
+                "kafka.delivery_timeout_ms: must be at least {MIN_DELIVERY_TIMEOUT_MS}"
+            ));
         }
         if self.max_inflight_records < 1 {
             errors.push("kafka.max_inflight_records: must be at least 1".into());
@@ -122,7 +144,7 @@ impl KafkaConfig {
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }
-        let queue = (self.max_inflight_records * 2 + 10_000).to_string();
+        let queue = (self.max_inflight_records * 2 + QUEUE_SLACK).to_string();
         cfg.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")

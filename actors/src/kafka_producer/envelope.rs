@@ -5,15 +5,19 @@
 //! ([`Encoder::rows`]), byte for byte as [`Encoder::event`] would encode the
 //! same row as a [`ChangeEvent`], without building JSON values first.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::KafkaConfig;
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef};
 use crate::lsn::Lsn;
 use crate::replication::values::{to_json_bytes, write_json};
+use crate::wire::{Envelope, Source, CONNECTOR};
+
+/// Microseconds per millisecond (commit times are µs, the envelope's ms).
+const US_PER_MS: i64 = 1000;
 
 /// One record ready for the producer.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,32 +36,6 @@ pub struct EncodedRecord {
     pub commit_lsn: Arc<str>,
     /// Column types of the table, JSON object text.
     pub types: Arc<str>,
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    before: Option<&'a Map<String, Value>>,
-    after: Option<&'a Map<String, Value>>,
-    op: &'static str,
-    ts_ms: i64,
-    source: Source<'a>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    unchanged_toast: &'a [String],
-}
-
-#[derive(Serialize)]
-struct Source<'a> {
-    connector: &'static str,
-    db: &'a str,
-    schema: &'a str,
-    table: &'a str,
-    lsn: u64,
-    commit_lsn: u64,
-    seq: u32,
-    #[serde(rename = "txId")]
-    tx_id: u32,
-    ts_ms: i64,
-    snapshot: bool,
 }
 
 /// What every record of one table shares.
@@ -123,24 +101,24 @@ impl<'a> Encoder<'a> {
             to_json_bytes(k, &mut buf);
             buf
         });
-        let envelope = Envelope {
+        let envelope: Envelope<'_, &Map<String, Value>> = Envelope {
             before: event.before.as_ref(),
             after: event.after.as_ref(),
-            op: event.op.code(),
+            op: Cow::Borrowed(event.op.code()),
             ts_ms: self.now_ms,
             source: Source {
-                connector: "pgcdc",
-                db: self.db,
-                schema: &event.table.schema,
-                table: &event.table.name,
+                connector: Cow::Borrowed(CONNECTOR),
+                db: Cow::Borrowed(self.db),
+                schema: Cow::Borrowed(&event.table.schema),
+                table: Cow::Borrowed(&event.table.name),
                 lsn: event.lsn.0,
                 commit_lsn: event.tx.commit_lsn.0,
                 seq: event.seq,
                 tx_id: event.tx.xid,
-                ts_ms: event.tx.commit_time_us.div_euclid(1000),
+                ts_ms: event.tx.commit_time_us.div_euclid(US_PER_MS),
                 snapshot: event.snapshot,
             },
-            unchanged_toast: &event.unchanged_toast,
+            unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
         };
         let mut value = Vec::new();
         to_json_bytes(&envelope, &mut value);
@@ -205,15 +183,16 @@ impl<'a> Encoder<'a> {
         source.extend_from_slice(b",\"table\":");
         to_json_bytes(&table.name, &mut source);
         let lsn = tx.commit_lsn.0;
+        // The fields of `wire::Envelope` in its order, as it would serialize them.
         let head = format!(
-            ",\"op\":\"r\",\"ts_ms\":{},\"source\":{{\"connector\":\"pgcdc\",\"db\":{},\"lsn\":{lsn},\"commit_lsn\":{lsn},\"seq\":",
+            ",\"op\":\"r\",\"ts_ms\":{},\"source\":{{\"connector\":\"{CONNECTOR}\",\"db\":{},\"lsn\":{lsn},\"commit_lsn\":{lsn},\"seq\":",
             self.now_ms,
             String::from_utf8_lossy(&source),
         );
         let tail = format!(
             ",\"txId\":{},\"ts_ms\":{},\"snapshot\":true}}}}",
             tx.xid,
-            tx.commit_time_us.div_euclid(1000)
+            tx.commit_time_us.div_euclid(US_PER_MS)
         );
         let names = self.names(table);
         let commit_lsn = self.lsn(tx.commit_lsn);
@@ -326,6 +305,59 @@ mod tests {
                            "lsn": 256, "commit_lsn": 0x1_0000_0200u64, "seq": 3, "txId": 777,
                            "ts_ms": 1_700_000_000_123i64, "snapshot": false}
             })
+        );
+    }
+
+    #[test]
+    fn envelope_bytes_are_pinned() {
+        let recs = encode(&event(Op::Update), true);
+        let value = std::str::from_utf8(recs[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            value,
+            concat!(
+                r#"{"before":{"id":42,"name":"old"},"after":{"id":42,"name":"new"},"op":"u","ts_ms":5,"#,
+                r#""source":{"connector":"pgcdc","db":"shop","schema":"public","table":"users","#,
+                r#""lsn":256,"commit_lsn":4294967808,"seq":3,"txId":777,"ts_ms":1700000000123,"#,
+                r#""snapshot":false}}"#
+            )
+        );
+        let mut e = event(Op::Delete);
+        e.unchanged_toast = vec!["blob".into()];
+        e.snapshot = true;
+        let recs = encode(&e, true);
+        let value = std::str::from_utf8(recs[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            value,
+            concat!(
+                r#"{"before":{"id":42,"name":"old"},"after":null,"op":"d","ts_ms":5,"#,
+                r#""source":{"connector":"pgcdc","db":"shop","schema":"public","table":"users","#,
+                r#""lsn":256,"commit_lsn":4294967808,"seq":3,"txId":777,"ts_ms":1700000000123,"#,
+                r#""snapshot":true},"unchanged_toast":["blob"]}"#
+            )
+        );
+    }
+
+    #[test]
+    fn the_sink_reads_back_what_the_producer_writes() {
+        let mut e = event(Op::Update);
+        e.unchanged_toast = vec!["blob".into()];
+        let recs = encode(&e, true);
+        let read: Envelope<'_, Map<String, Value>> =
+            serde_json::from_slice(recs[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(read.op, "u");
+        assert_eq!(read.after.as_ref(), e.after.as_ref());
+        assert_eq!(read.before.as_ref(), e.before.as_ref());
+        assert_eq!(
+            (&*read.source.schema, &*read.source.table),
+            ("public", "users")
+        );
+        assert_eq!(read.source.commit_lsn, 0x1_0000_0200);
+        assert_eq!((read.source.seq, read.source.tx_id), (3, 777));
+        assert_eq!(&*read.unchanged_toast, ["blob".to_string()]);
+        // Written again, it is the same bytes.
+        assert_eq!(
+            serde_json::to_vec(&read).unwrap(),
+            *recs[0].value.as_ref().unwrap()
         );
     }
 

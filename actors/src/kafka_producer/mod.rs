@@ -7,10 +7,10 @@
 //! the `commit_end` of the last batch of a done prefix, so an LSN is never
 //! persisted while anything before it is still unacknowledged.
 
+mod acks;
 mod config;
 mod envelope;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,59 +22,25 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use tokio::sync::{oneshot, Notify};
 
+pub use crate::error::ProducerError;
 pub use config::{KafkaConfig, TopicMode};
 pub use envelope::{EncodedRecord, Encoder};
 
-use crate::checkpoint::{CheckpointActor, TableProgress};
-use crate::error::{exit_fatal, ErrorClass, ExitCode};
+use crate::checkpoint::CheckpointActor;
+use crate::error::{ErrorClass, ExitCode};
 use crate::lsn::Lsn;
 use crate::messages::{
-    DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBroken,
+    DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBreak, SessionBroken,
 };
-use crate::supervision::{task_outcome, RestartBudget};
+use crate::supervision::{task_outcome, RestartBudget, TaskError};
+use acks::{AckPrefix, PendingBatch};
 
-/// Producer failures.
-#[derive(Debug, thiserror::Error)]
-pub enum ProducerError {
-    /// The session is not (or no longer) open here.
-    #[error("replication session {0} is closed (producer restarted or a delivery failed)")]
-    SessionClosed(u64),
-    /// A batch number was skipped or repeated.
-    #[error("batch {got} of session {session} is out of order, expected {expected}")]
-    OutOfOrder {
-        /// The session.
-        session: u64,
-        /// The batch number received.
-        got: u64,
-        /// The batch number expected.
-        expected: u64,
-    },
-    /// librdkafka refused or failed a record.
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-}
-
-impl ProducerError {
-    /// The one classification point for producer errors.
-    pub fn class(&self) -> ErrorClass {
-        let code = match self {
-            ProducerError::Kafka(e) => e.rdkafka_error_code(),
-            _ => None,
-        };
-        match code {
-            Some(
-                RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidConfig,
-            ) => ErrorClass::Fatal(ExitCode::Upstream),
-            _ => ErrorClass::Transient,
-        }
-    }
-}
+/// Headers on every record: table, op, commit LSN, column types.
+const HEADERS_PER_RECORD: usize = 4;
+/// How long to wait before offering a record again when librdkafka's local
+/// queue is full: long enough for its I/O thread to drain some, short enough
+/// not to idle the pipeline.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
 /// The open replication session.
 struct Session {
@@ -84,25 +50,13 @@ struct Session {
     on_persisted: Recipient<LsnPersisted>,
 }
 
-/// A published batch awaiting acknowledgement.
-struct Inflight {
-    seq: u64,
-    commit_end: Option<Lsn>,
-    progress: Vec<TableProgress>,
-    /// Events per table and op, counted out once acknowledged.
-    counts: Vec<((String, &'static str), u64)>,
-    records: usize,
-    done: bool,
-}
-
 /// A batch finished delivering (or failed to).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct BatchDelivered {
     session: u64,
     seq: u64,
-    outcome: Result<(), String>,
-    fatal: Option<String>,
+    outcome: Result<(), TaskError<ProducerError>>,
 }
 
 /// The acknowledgements one batch still waits for. Every record of the batch
@@ -175,8 +129,7 @@ pub struct KafkaProducerActor {
     budget: RestartBudget,
     producer: Option<Arc<Producer>>,
     session: Option<Session>,
-    inflight: VecDeque<Inflight>,
-    inflight_records: usize,
+    inflight: AckPrefix,
     capacity_waiters: Vec<oneshot::Sender<()>>,
     drain_waiters: Vec<oneshot::Sender<Option<Lsn>>>,
     last_persist: Option<Lsn>,
@@ -197,8 +150,7 @@ impl KafkaProducerActor {
             budget,
             producer: None,
             session: None,
-            inflight: VecDeque::new(),
-            inflight_records: 0,
+            inflight: AckPrefix::default(),
             capacity_waiters: Vec::new(),
             drain_waiters: Vec::new(),
             last_persist: None,
@@ -206,56 +158,34 @@ impl KafkaProducerActor {
     }
 
     /// Forget the session and everything in flight; tell the stream.
-    fn break_session(&mut self, reason: &str) {
+    fn break_session(&mut self, reason: SessionBreak) {
         if let Some(s) = self.session.take() {
             s.on_broken.do_send(SessionBroken {
                 session: s.id,
-                reason: reason.to_owned(),
+                reason,
             });
         }
         self.inflight.clear();
-        self.inflight_records = 0;
         self.capacity_waiters.clear();
         self.drain_waiters.clear();
     }
 
     /// Mark `seq` done and move the checkpoint over the done prefix.
     fn complete(&mut self, seq: u64) {
-        let Some(front) = self.inflight.front().map(|b| b.seq) else {
-            return;
-        };
-        let Some(batch) = seq
-            .checked_sub(front)
-            .and_then(|i| self.inflight.get_mut(i as usize))
-        else {
-            return;
-        };
-        batch.done = true;
-        let mut advanced = None;
-        let mut progress: Vec<TableProgress> = Vec::new();
-        while self.inflight.front().is_some_and(|b| b.done) {
-            if let Some(b) = self.inflight.pop_front() {
-                self.inflight_records -= b.records;
-                let out = &crate::metrics::metrics().events_out;
-                for ((table, op), n) in &b.counts {
-                    out.with_label_values(&[table.as_str(), op]).inc_by(*n);
-                }
-                advanced = b.commit_end.or(advanced);
-                for p in b.progress {
-                    progress.retain(|q| (&q.schema, &q.name) != (&p.schema, &p.name));
-                    progress.push(p);
-                }
-            }
+        let released = self.inflight.acked(seq);
+        let out = &crate::metrics::metrics().events_out;
+        for ((table, op), n) in released.counts.iter().flatten() {
+            out.with_label_values(&[table.as_str(), op]).inc_by(*n);
         }
-        if let (Some(lsn), Some(s)) = (advanced, &self.session) {
-            self.last_persist = Some(lsn);
+        if let (Some(persist), Some(s)) = (released.persist, &self.session) {
+            self.last_persist = Some(persist.lsn);
             self.checkpoint.do_send(PersistLsn {
-                lsn,
-                progress,
+                lsn: persist.lsn,
+                progress: persist.progress,
                 notify: s.on_persisted.clone(),
             });
         }
-        if self.inflight_records < self.config.max_inflight_records {
+        if self.inflight.records() < self.config.max_inflight_records {
             self.capacity_waiters.drain(..).for_each(|w| {
                 let _ = w.send(());
             });
@@ -271,7 +201,7 @@ impl KafkaProducerActor {
     /// Check the batch belongs to the open session, in order; register it.
     fn admit(&mut self, msg: &mut PublishBatch, records: usize) -> Result<(), ProducerError> {
         let session = self.session.as_mut().filter(|s| s.id == msg.session);
-        let Some(session) = session else {
+        let Some(session) = session.filter(|_| !self.budget.is_stopping()) else {
             return Err(ProducerError::SessionClosed(msg.session));
         };
         if session.next_seq != msg.seq {
@@ -283,15 +213,13 @@ impl KafkaProducerActor {
             });
         }
         session.next_seq += 1;
-        self.inflight.push_back(Inflight {
+        self.inflight.push(PendingBatch {
             seq: msg.seq,
             commit_end: msg.commit_end,
             progress: std::mem::take(&mut msg.progress),
             counts: msg.counts(),
             records,
-            done: false,
         });
-        self.inflight_records += records;
         Ok(())
     }
 }
@@ -301,15 +229,14 @@ impl Actor for KafkaProducerActor {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         if self.producer.is_none() {
-            let producer = self
-                .config
-                .client_config()
-                .create_with_context(AckContext)
-                .map(Arc::new)
-                .unwrap_or_else(|e| {
-                    exit_fatal(ExitCode::Config, "invalid kafka producer configuration", &e)
-                });
-            self.producer = Some(producer);
+            match self.config.client_config().create_with_context(AckContext) {
+                Ok(producer) => self.producer = Some(Arc::new(producer)),
+                // Without a producer every batch is refused (`SessionClosed`).
+                Err(e) => {
+                    self.budget
+                        .fatal(ExitCode::Config, "invalid kafka producer configuration", &e)
+                }
+            }
         }
     }
 }
@@ -318,7 +245,7 @@ impl Supervised for KafkaProducerActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.budget.record();
         self.producer = None;
-        self.break_session("kafka producer restarted");
+        self.break_session(SessionBreak::ProducerRestarted);
     }
 }
 
@@ -326,7 +253,7 @@ impl Handler<OpenSession> for KafkaProducerActor {
     type Result = ();
 
     fn handle(&mut self, msg: OpenSession, _ctx: &mut Self::Context) {
-        self.break_session("superseded by a new session");
+        self.break_session(SessionBreak::Superseded);
         self.session = Some(Session {
             id: msg.session,
             next_seq: 0,
@@ -373,23 +300,23 @@ impl Handler<PublishBatch> for KafkaProducerActor {
             let ack = enqueue_all(&producer, &records, now).await?;
             actix::spawn(async move {
                 let handle = actix::spawn(await_deliveries(ack));
-                let (outcome, fatal) = match handle.await {
+                let outcome = match handle.await {
+                    // Reported as fatal by the actor; not logged as a crash here.
                     Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => {
-                        (Err(e.to_string()), Some(e.to_string()))
+                        Err(TaskError::Failed(e))
                     }
-                    other => (task_outcome("kafka_producer", other), None),
+                    other => task_outcome("kafka_producer", other),
                 };
                 me.do_send(BatchDelivered {
                     session,
                     seq,
                     outcome,
-                    fatal,
                 });
             });
             Ok::<(), ProducerError>(())
         };
         Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
-            let wait = (res.is_ok() && act.inflight_records >= act.config.max_inflight_records)
+            let wait = (res.is_ok() && act.inflight.records() >= act.config.max_inflight_records)
                 .then(|| {
                     let (tx, rx) = oneshot::channel();
                     act.capacity_waiters.push(tx);
@@ -415,21 +342,24 @@ impl Handler<BatchDelivered> for KafkaProducerActor {
         if self.session.as_ref().map(|s| s.id) != Some(msg.session) {
             return; // a batch of a session already abandoned
         }
-        if let Some(fatal) = msg.fatal {
-            exit_fatal(
-                ExitCode::Upstream,
-                "kafka refused a record permanently",
-                &fatal,
-            );
-        }
-        match msg.outcome {
-            Ok(()) => self.complete(msg.seq),
-            Err(reason) => {
-                crate::metrics::metrics().kafka_errors.inc();
-                tracing::warn!(session = msg.session, seq = msg.seq, error = %reason, "delivery failed; restarting from checkpoint");
-                ctx.stop();
+        let err = match msg.outcome {
+            Ok(()) => return self.complete(msg.seq),
+            Err(err) => err,
+        };
+        // Nothing after a failed batch may be checkpointed.
+        self.inflight.fail();
+        if let TaskError::Failed(e) = &err {
+            if let ErrorClass::Fatal(code) = e.class() {
+                self.budget
+                    .fatal(code, "kafka refused a record permanently", e);
+                // The stream is told; no new work starts once a fatal is reported.
+                self.break_session(SessionBreak::Refused);
+                return;
             }
         }
+        crate::metrics::metrics().kafka_errors.inc();
+        tracing::warn!(session = msg.session, seq = msg.seq, error = %err, "delivery failed; restarting from checkpoint");
+        ctx.stop();
     }
 }
 
@@ -458,7 +388,7 @@ async fn enqueue_all(
 ) -> Result<Arc<BatchAck>, ProducerError> {
     let ack = BatchAck::new(records.len());
     for r in records {
-        let headers = OwnedHeaders::new_with_capacity(4)
+        let headers = OwnedHeaders::new_with_capacity(HEADERS_PER_RECORD)
             .insert(Header {
                 key: crate::wire::header::TABLE,
                 value: Some(&*r.table),
@@ -490,7 +420,7 @@ async fn enqueue_all(
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
                 }
                 Err((e, _)) => return Err(e.into()),
             }

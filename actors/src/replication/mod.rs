@@ -37,7 +37,7 @@ pub use assembler::{AssembleError, Assembler};
 pub use error::ReplicationError;
 
 use crate::checkpoint::CheckpointActor;
-use crate::error::{exit_fatal, ErrorClass, ExitCode};
+use crate::error::{ErrorClass, ExitCode};
 use crate::kafka_producer::KafkaProducerActor;
 use crate::lsn::Lsn;
 use crate::messages::{LsnPersisted, SessionBroken, StopStreaming};
@@ -141,7 +141,8 @@ impl Actor for ReplicationActor {
             let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
             if let Ok(Err(e)) = &res {
                 if let ErrorClass::Fatal(code) = e.class() {
-                    exit_fatal(code, "replication cannot continue", e);
+                    act.budget.fatal(code, "replication cannot continue", e);
+                    return;
                 }
             }
             act.unreachable = unreachable;
@@ -158,7 +159,7 @@ impl Actor for ReplicationActor {
 impl Supervised for ReplicationActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         if self.unreachable && self.budget.recent() >= self.budget.limit() {
-            exit_fatal(
+            self.budget.fatal(
                 ExitCode::Upstream,
                 "postgresql stayed unreachable",
                 &"restart budget spent",

@@ -40,7 +40,7 @@ pub(crate) use copy::import_snapshot;
 pub use error::SnapshotError;
 
 use crate::checkpoint::{CheckpointActor, TableProgress};
-use crate::error::{exit_fatal, ErrorClass};
+use crate::error::ErrorClass;
 use crate::event::TableRef;
 use crate::pg::PostgresConfig;
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
@@ -144,7 +144,8 @@ impl SnapshotActor {
             }
             if let Ok(Err(e)) = &res {
                 if let ErrorClass::Fatal(code) = e.class() {
-                    exit_fatal(code, "snapshot cannot continue", e);
+                    act.budget.fatal(code, "snapshot cannot continue", e);
+                    return;
                 }
             }
             match task_outcome("snapshot", res) {

@@ -1,0 +1,236 @@
+//! The RocksDB checkpoint store: the confirmed commit LSN, the slot identity
+//! and each table's copy progress. Blocking; used by the checkpoint actor on
+//! its own thread and read-only by `pgcdc status`.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{Options, WriteBatch, WriteOptions, DB};
+
+use crate::error::CheckpointError;
+use crate::lsn::Lsn;
+use crate::messages::{Checkpoint, SlotIdentity, TableProgress};
+
+/// Key of the confirmed commit LSN (8 bytes, big-endian).
+const KEY_LSN: &[u8] = b"confirmed_lsn";
+/// Key of the slot identity (JSON).
+const KEY_SLOT: &[u8] = b"slot_identity";
+/// Prefix of the per-table snapshot progress keys: `progress\0<schema>\0<table>`.
+const PREFIX_PROGRESS: &[u8] = b"progress\0";
+
+/// The key a table's progress is stored under.
+fn progress_key(p: &TableProgress) -> Vec<u8> {
+    let mut k = PREFIX_PROGRESS.to_vec();
+    k.extend_from_slice(p.schema.as_bytes());
+    k.push(0);
+    k.extend_from_slice(p.name.as_bytes());
+    k
+}
+
+/// The RocksDB checkpoint store, usable without an actor (status, tests).
+pub struct CheckpointStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl CheckpointStore {
+    /// Open (creating if missing) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_paranoid_checks(true);
+        Self::wrap(path, DB::open(&opts, path))
+    }
+
+    /// Open an existing store read-only (works while the daemon holds it).
+    pub fn open_read_only(path: &Path) -> Result<Self, CheckpointError> {
+        Self::wrap(
+            path,
+            DB::open_for_read_only(&Options::default(), path, false),
+        )
+    }
+
+    fn wrap(path: &Path, db: Result<DB, rocksdb::Error>) -> Result<Self, CheckpointError> {
+        let path = path.to_path_buf();
+        match db {
+            Ok(db) => Ok(Self { db, path }),
+            Err(source) => Err(CheckpointError::Store { path, source }),
+        }
+    }
+
+    fn store_err(&self, source: rocksdb::Error) -> CheckpointError {
+        CheckpointError::Store {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, key: &'static str, detail: String) -> CheckpointError {
+        CheckpointError::Corrupt {
+            path: self.path.clone(),
+            key,
+            detail,
+        }
+    }
+
+    /// Read the checkpoint; a missing key reads as "none yet".
+    pub fn load(&self) -> Result<Checkpoint, CheckpointError> {
+        let lsn = match self.db.get(KEY_LSN).map_err(|e| self.store_err(e))? {
+            None => Lsn::ZERO,
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                    self.corrupt("confirmed_lsn", format!("{} bytes, expected 8", v.len()))
+                })?;
+                Lsn(u64::from_be_bytes(bytes))
+            }
+        };
+        let slot = match self.db.get(KEY_SLOT).map_err(|e| self.store_err(e))? {
+            None => None,
+            Some(v) => Some(
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.corrupt("slot_identity", e.to_string()))?,
+            ),
+        };
+        let mut progress = Vec::new();
+        for item in self.db.prefix_iterator(PREFIX_PROGRESS) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            if !k.starts_with(PREFIX_PROGRESS) {
+                break;
+            }
+            let p: TableProgress =
+                serde_json::from_slice(&v).map_err(|e| self.corrupt("progress", e.to_string()))?;
+            if progress_key(&p).as_slice() != &*k || p.ranges.is_empty() {
+                return Err(self.corrupt(
+                    "progress",
+                    format!("entry for {}.{} does not match its key", p.schema, p.name),
+                ));
+            }
+            progress.push(p);
+        }
+        if slot.is_none() && lsn != Lsn::ZERO {
+            return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
+        }
+        Ok(Checkpoint {
+            lsn,
+            slot,
+            progress,
+        })
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), CheckpointError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| self.store_err(e))
+    }
+
+    fn put_progress(
+        &self,
+        batch: &mut WriteBatch,
+        progress: &[TableProgress],
+    ) -> Result<(), CheckpointError> {
+        for p in progress {
+            let json =
+                serde_json::to_vec(p).map_err(|e| self.corrupt("progress", e.to_string()))?;
+            batch.put(progress_key(p), json);
+        }
+        Ok(())
+    }
+
+    /// Store `lsn` as the confirmed LSN and the copy progress that came with
+    /// it, in one synced write.
+    pub fn put_lsn(&self, lsn: Lsn, progress: &[TableProgress]) -> Result<(), CheckpointError> {
+        let mut batch = WriteBatch::default();
+        batch.put(KEY_LSN, lsn.0.to_be_bytes());
+        self.put_progress(&mut batch, progress)?;
+        self.write_synced(batch)
+    }
+
+    /// Store the slot identity, its starting LSN and the tables' starting
+    /// progress in one synced write.
+    pub fn put_identity(
+        &self,
+        identity: &SlotIdentity,
+        lsn: Lsn,
+        progress: &[TableProgress],
+    ) -> Result<(), CheckpointError> {
+        let json = serde_json::to_vec(identity)
+            .map_err(|e| self.corrupt("slot_identity", e.to_string()))?;
+        let mut batch = WriteBatch::default();
+        batch.put(KEY_SLOT, json);
+        batch.put(KEY_LSN, lsn.0.to_be_bytes());
+        self.put_progress(&mut batch, progress)?;
+        self.write_synced(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> SlotIdentity {
+        SlotIdentity {
+            system_id: "7".into(),
+            database: "db".into(),
+            slot_name: "s".into(),
+        }
+    }
+
+    #[test]
+    fn empty_store_reads_as_no_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), Checkpoint::default());
+    }
+
+    #[test]
+    fn checkpoint_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = CheckpointStore::open(dir.path()).unwrap();
+            let fresh = [
+                TableProgress::fresh("public", "a"),
+                TableProgress::fresh("public", "b"),
+            ];
+            store.put_identity(&identity(), Lsn(100), &fresh).unwrap();
+            let mut a = TableProgress::fresh("public", "a");
+            a.ranges[0].after = Some(vec!["42".into()]);
+            a.rows = 42;
+            store.put_lsn(Lsn(250), &[a]).unwrap();
+        }
+        let store = CheckpointStore::open_read_only(dir.path()).unwrap();
+        let cp = store.load().unwrap();
+        assert_eq!((cp.lsn, cp.slot.clone()), (Lsn(250), Some(identity())));
+        assert_eq!(cp.progress.len(), 2);
+        assert_eq!(cp.progress[0].ranges[0].after, Some(vec!["42".to_string()]));
+        assert_eq!((cp.progress[0].rows, cp.progress[1].rows), (42, 0));
+        assert_eq!(cp.pending().count(), 2);
+    }
+
+    #[test]
+    fn corrupt_lsn_is_refused_not_read_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.put_identity(&identity(), Lsn(100), &[]).unwrap();
+        store.db.put(KEY_LSN, b"xyz").unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CheckpointError::Corrupt {
+                    key: "confirmed_lsn",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lsn_without_identity_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.put_lsn(Lsn(5), &[]).unwrap();
+        assert!(store.load().is_err());
+    }
+}

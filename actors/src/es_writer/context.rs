@@ -1,0 +1,54 @@
+//! The sink's Kafka consumer context: logs assignments and failed offset
+//! commits, and counts rebalances for the continuity check.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::TopicPartitionList;
+
+/// Logs the sink's partition assignments and failed offset commits: which
+/// partitions this sink owns is the first question when a mirror lags.
+/// Counts rebalances, so the continuity check knows when to start over.
+#[derive(Default)]
+pub(super) struct SinkContext {
+    rebalances: AtomicU64,
+}
+
+impl SinkContext {
+    /// Rebalances seen so far.
+    pub(super) fn rebalances(&self) -> u64 {
+        self.rebalances.load(Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        self.rebalances.fetch_add(1, Ordering::SeqCst);
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = parts(tpl), "es sink assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = parts(tpl), "es sink revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "es sink rebalance failed"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // The records are written again after a restart: no loss, but worth seeing.
+            tracing::warn!(error = %e, "es sink offset commit failed");
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Records Elasticsearch refuses for good go to the dead-letter topic (with
+//! the reason) and the audit log's `dead_letters` table, so the batch can be
+//! committed without losing them.
+
+use std::time::Duration;
+
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use super::error::EsError;
+
+/// Longest wait for the dead-letter topic to acknowledge one record; the
+/// batch is not committed before it, so a failure only replays it.
+const DLQ_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where dead letters go.
+pub(super) struct DeadLetters {
+    /// The producer writing them.
+    pub(super) producer: FutureProducer,
+    /// The dead-letter topic.
+    pub(super) topic: String,
+}
+
+/// The value of header `key` of `msg`, as text.
+pub(super) fn header(msg: &OwnedMessage, key: &str) -> Option<String> {
+    let headers = msg.headers()?;
+    (0..headers.count())
+        .map(|i| headers.get(i))
+        .find(|h| h.key == key)
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+impl DeadLetters {
+    /// Park a record on the dead-letter topic with the reason; waits for the acknowledgement.
+    pub(super) async fn send(&self, msg: &OwnedMessage, reason: &str) -> Result<(), EsError> {
+        let table = header(msg, crate::wire::header::TABLE).unwrap_or_default();
+        tracing::warn!(
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            table,
+            reason,
+            "record dead-lettered"
+        );
+        // The audit log's `dead_letters` table (this target never reaches the console: row values).
+        let key = msg.key().map(String::from_utf8_lossy);
+        let lsn = header(msg, crate::wire::header::COMMIT_LSN);
+        let payload = msg.payload().map(String::from_utf8_lossy);
+        tracing::warn!(
+            target: crate::audit::DEAD_LETTER_TARGET,
+            table,
+            key = key.as_deref(),
+            lsn = lsn.as_deref(),
+            reason,
+            payload = payload.as_deref(),
+            "record dead-lettered"
+        );
+        let value = json!({
+            "reason": reason,
+            "table": table,
+            "topic": msg.topic(),
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "payload": payload,
+        })
+        .to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: crate::wire::header::REASON,
+            value: Some(reason),
+        });
+        let mut record: FutureRecord<'_, [u8], str> = FutureRecord::to(&self.topic)
+            .payload(value.as_str())
+            .headers(headers);
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        self.producer
+            .send(record, DLQ_SEND_TIMEOUT)
+            .await
+            .map_err(|(e, _)| EsError::Kafka(e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! The sink's errors and their one classification point.
+
+use crate::error::{ErrorClass, ExitCode};
+
+/// HTTP status of a request refused for bad credentials or missing rights.
+const UNAUTHORIZED: u16 = 401;
+/// HTTP status of a request refused for missing rights.
+const FORBIDDEN: u16 = 403;
+/// HTTP status of "too many requests": the cluster asks us to slow down.
+const TOO_MANY_REQUESTS: u16 = 429;
+/// First HTTP status of a server-side failure (5xx), worth retrying.
+const SERVER_ERROR: u16 = 500;
+
+/// ES sink failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EsError {
+    /// Invalid settings found while building clients.
+    #[error("{0}")]
+    Config(String),
+    /// Kafka consumer or dead-letter producer failure.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// HTTP transport failure (connection refused, reset, timeout).
+    #[error("elasticsearch request: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A whole request was refused.
+    #[error("elasticsearch answered {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Start of the body.
+        body: String,
+    },
+}
+
+impl EsError {
+    /// The one classification point for sink errors.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            EsError::Config(_) => ErrorClass::Fatal(ExitCode::Config),
+            EsError::Status {
+                status: UNAUTHORIZED | FORBIDDEN,
+                ..
+            } => ErrorClass::Fatal(ExitCode::Upstream),
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    /// Whether retrying the same request can help.
+    pub(super) fn retryable(&self) -> bool {
+        match self {
+            EsError::Http(_) => true,
+            EsError::Status { status, .. } => {
+                *status == TOO_MANY_REQUESTS || *status >= SERVER_ERROR
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> EsError {
+        EsError::Status {
+            status,
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn refused_credentials_are_fatal_and_overload_is_retried() {
+        assert_eq!(status(403).class(), ErrorClass::Fatal(ExitCode::Upstream));
+        assert_eq!(status(401).class(), ErrorClass::Fatal(ExitCode::Upstream));
+        assert_eq!(status(503).class(), ErrorClass::Transient);
+        assert!(status(429).retryable() && status(502).retryable());
+        assert!(!status(400).retryable() && !status(403).retryable());
+        assert_eq!(
+            EsError::Config("x".into()).class(),
+            ErrorClass::Fatal(ExitCode::Config)
+        );
+    }
+}
