@@ -18,7 +18,8 @@ use pgcdc_actors::es_writer::EsWriterActor;
 use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
-use pgcdc_actors::replication::{parse_table_name, slot, ReplicationActor};
+use pgcdc_actors::pg::{self, parse_table_name};
+use pgcdc_actors::replication::ReplicationActor;
 use pgcdc_actors::snapshot::watermark::Watermarks;
 use pgcdc_actors::snapshot::SnapshotActor;
 use pgcdc_actors::supervision::RestartBudget;
@@ -247,18 +248,18 @@ async fn confirm_slot(settings: &Settings, lsn: Lsn) {
     if lsn == Lsn::ZERO {
         return;
     }
-    let pg = &settings.postgres;
-    let Ok(sql) = slot::connect(pg).await else {
+    let cfg = &settings.postgres;
+    let Ok(sql) = pg::connect(cfg).await else {
         return;
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let q = "SELECT active, confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1";
-        match sql.query_opt(q, &[&pg.slot, &lsn.to_string()]).await {
+        match sql.query_opt(q, &[&cfg.slot, &lsn.to_string()]).await {
             Ok(Some(row)) if !row.get::<_, bool>(0) => {
                 if row.get::<_, Option<bool>>(1) == Some(true) {
                     let advance = "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)";
-                    if let Err(e) = sql.execute(advance, &[&pg.slot, &lsn.to_string()]).await {
+                    if let Err(e) = sql.execute(advance, &[&cfg.slot, &lsn.to_string()]).await {
                         tracing::warn!(error = %e, "could not confirm the final lsn to postgresql");
                     }
                 }

@@ -8,7 +8,7 @@ use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::KafkaConfig;
-use pgcdc_actors::replication::PostgresConfig;
+use pgcdc_actors::pg::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
 use pgcdc_actors::wal_monitor::WalConfig;

@@ -298,7 +298,11 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("pgcdc_audit_dropped_total "))
             .expect("audit_dropped_total rendered");
-        let shown: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number");
+        let shown: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a number");
         assert!(shown >= before, "{line} < {before}");
     }
 

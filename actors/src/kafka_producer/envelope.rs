@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::KafkaConfig;
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef};
 use crate::lsn::Lsn;
-use crate::replication::values::{to_json_bytes, write_json};
+use crate::pg::values::{to_json_bytes, write_json};
 use crate::wire::{Envelope, Source, CONNECTOR};
 
 /// Microseconds per millisecond (commit times are µs, the envelope's ms).

@@ -28,11 +28,6 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-/// The value renderer, kept at this path for the Kafka envelope encoder
-/// (which should move to `crate::pg::values`).
-pub(crate) use crate::pg::values;
-/// The `[postgres]` section, kept at this path for the daemon's settings.
-pub use crate::pg::{parse_table_name, PostgresConfig};
 pub use assembler::{AssembleError, Assembler};
 pub use error::ReplicationError;
 
@@ -41,6 +36,7 @@ use crate::error::{ErrorClass, ExitCode};
 use crate::kafka_producer::KafkaProducerActor;
 use crate::lsn::Lsn;
 use crate::messages::{LsnPersisted, SessionBroken, StopStreaming};
+use crate::pg::PostgresConfig;
 use crate::snapshot::watermark::Watermarks;
 use crate::snapshot::{SnapshotActor, SnapshotConfig};
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
