@@ -66,6 +66,7 @@ fn events(from: u64, n: u64, commit: Lsn) -> Vec<ChangeEvent> {
         schema: "public".into(),
         name: "t".into(),
         key_columns: vec!["id".into()],
+        key_source: Default::default(),
         column_types: String::new(),
     });
     (from..from + n)

@@ -297,6 +297,7 @@ mod tests {
                 schema: "public".into(),
                 name: "t".into(),
                 key_columns: vec!["id".into()],
+                key_source: Default::default(),
                 column_types: String::new(),
             }),
             key: if op == Op::Truncate {
