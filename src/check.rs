@@ -29,6 +29,11 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         }
     };
     report("postgresql", rt.block_on(check_postgres(&settings)));
+    match rt.block_on(check_publication(&settings)) {
+        Ok(Scope::Matches(detail)) => println!("ok    publication: {detail}"),
+        Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
+        Err(e) => report("publication", Err(e)),
+    }
     report("kafka", check_kafka(&settings));
     first_failure.map_or(Ok(()), Err)
 }
@@ -77,6 +82,62 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
         pg.database,
         tables.len()
     ))
+}
+
+/// How the publication's tables compare with `postgres.tables`.
+enum Scope {
+    /// Nothing to report beyond this detail.
+    Matches(String),
+    /// Tables missing (added at start) or extra (not emitted).
+    Mismatch(String),
+}
+
+/// Compare the publication with the configured tables: partitions under
+/// their root, missing tables, tables that are published but not configured.
+async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
+    let pg = &settings.postgres;
+    let sql = pg_connect(pg).await.map_err(classified)?;
+    let tables = catalog::resolve_tables(&sql, &pg.tables)
+        .await
+        .map_err(classified)?;
+    let Some(state) = slot::inspect_publication(&sql, &pg.publication)
+        .await
+        .map_err(classified)?
+    else {
+        return Ok(Scope::Matches(format!(
+            "{:?} does not exist yet; created at start",
+            pg.publication
+        )));
+    };
+    slot::check_partition_root(&sql, &pg.publication, &state, &tables)
+        .await
+        .map_err(classified)?;
+    let missing: Vec<String> = state
+        .missing(&tables)
+        .iter()
+        .map(|t| format!("{}.{}", t.schema, t.name))
+        .collect();
+    let extra = state.extra(&tables);
+    let mut notes = Vec::new();
+    if !missing.is_empty() {
+        notes.push(format!(
+            "lacks {} (added at start, earlier rows not snapshotted)",
+            missing.join(", ")
+        ));
+    }
+    if !extra.is_empty() {
+        notes.push(format!(
+            "has {}, which postgres.tables does not (their changes are not emitted)",
+            extra.join(", ")
+        ));
+    }
+    Ok(match notes.is_empty() {
+        true => Scope::Matches(format!(
+            "{:?} publishes exactly postgres.tables",
+            pg.publication
+        )),
+        false => Scope::Mismatch(format!("{:?} {}", pg.publication, notes.join("; "))),
+    })
 }
 
 fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
