@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
+use pgcdc_actors::event::KeySource;
 use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
 use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
@@ -291,6 +292,32 @@ fn print_live(text: &str) {
     }
 }
 
+/// Refuse a backfill of a table without a unique key (it can only be copied
+/// whole, by an initial snapshot): signalled, every restart would find a copy
+/// it cannot finish.
+async fn refuse_keyless(
+    sql: &tokio_postgres::Client,
+    wanted: &[(String, String)],
+) -> Result<(), AppError> {
+    let mut errors = Vec::new();
+    for (schema, table) in wanted {
+        match catalog::table_key(sql, schema, table).await {
+            Ok(t) if t.key_source == KeySource::WholeRow => errors.push(format!(
+                "--table {schema}.{table}: has no unique key (REPLICA IDENTITY FULL without a primary key), so it cannot be copied by key while streaming; add a primary key or a REPLICA IDENTITY USING INDEX"
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("--table {schema}.{table}: {e}")),
+        }
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(AppError::Classified {
+            code: ExitCode::SourceNotReady,
+            message: errors.join("; "),
+        }),
+    }
+}
+
 /// `pgcdc snapshot --table …`: write one signal per table into the WAL
 /// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
 pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
@@ -323,6 +350,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
         let sql = pg_connect(pg).await.map_err(classified)?;
+        refuse_keyless(&sql, &wanted).await?;
         for (schema, table) in wanted {
             let signal = Signal {
                 slot: pg.slot.clone(),

@@ -108,11 +108,7 @@ pub(crate) fn key_rule(
 /// The key of the table `schema.table` by [`key_rule`], as a [`TableRef`]
 /// (without column types); a missing or keyless table is
 /// [`PgError::NotReady`].
-pub(crate) async fn table_key(
-    sql: &Client,
-    schema: &str,
-    table: &str,
-) -> Result<TableRef, PgError> {
+pub async fn table_key(sql: &Client, schema: &str, table: &str) -> Result<TableRef, PgError> {
     let Some(row) = sql.query_opt(TABLE_KEYS, &[&schema, &table]).await? else {
         return Err(PgError::NotReady(format!(
             "table {schema}.{table} does not exist"

@@ -121,7 +121,7 @@ impl Stream {
         out: &mut Outbox,
     ) -> Result<(), ReplicationError> {
         let mut asm = Assembler::new(tables);
-        let mut windows = Windows::new(&self.config.slot, self.marks.clone());
+        let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
         loop {
             tokio::select! {
                 biased;
