@@ -134,14 +134,22 @@ async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
     );
     let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
     let status = daemon.wait_exit(EXIT);
-    assert_eq!(status.code(), Some(SOURCE_NOT_READY), "{}", daemon.log_text());
+    assert_eq!(
+        status.code(),
+        Some(SOURCE_NOT_READY),
+        "{}",
+        daemon.log_text()
+    );
     let fix = r#"ALTER TABLE "public"."nada" REPLICA IDENTITY DEFAULT"#;
     assert!(daemon.log_text().contains(fix), "{}", daemon.log_text());
     db.batch_execute("UPDATE nada SET v = 'changed' WHERE id = 1; DELETE FROM nada WHERE id = 2;")
         .await
         .expect("the refused table's writes still succeed");
     let published = db
-        .query("SELECT 1 FROM pg_publication_tables WHERE tablename = 'nada'", &[])
+        .query(
+            "SELECT 1 FROM pg_publication_tables WHERE tablename = 'nada'",
+            &[],
+        )
         .await
         .unwrap();
     assert!(published.is_empty(), "the refused table was published");
@@ -255,7 +263,12 @@ async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
     let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
     let status = daemon.wait_exit(EXIT);
-    assert_eq!(status.code(), Some(SOURCE_NOT_READY), "{}", daemon.log_text());
+    assert_eq!(
+        status.code(),
+        Some(SOURCE_NOT_READY),
+        "{}",
+        daemon.log_text()
+    );
     let fix = r#"ALTER PUBLICATION "pgcdc" SET (publish_via_partition_root = true)"#;
     assert!(daemon.log_text().contains(fix), "{}", daemon.log_text());
 }
@@ -315,7 +328,13 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
     )
     .await
     .unwrap();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["keyed", "bag"], "");
+    let cfg = config(
+        &pg,
+        &tansu,
+        &dir.path().join("state"),
+        &["keyed", "bag"],
+        "",
+    );
     let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
     support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     let refused = one_shot(dir.path(), &cfg, &["snapshot", "--table", "bag"]);
@@ -331,16 +350,21 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
         .await
         .unwrap();
     }
-    db.batch_execute("INSERT INTO keyed VALUES (1)").await.unwrap();
+    db.batch_execute("INSERT INTO keyed VALUES (1)")
+        .await
+        .unwrap();
     read_until_key(&tansu, "public.keyed", json!({"id": 1}));
-    let ignored = "ignoring a backfill signal for a table that is not configured or has no unique key";
+    let ignored =
+        "ignoring a backfill signal for a table that is not configured or has no unique key";
     let log = daemon.log_text();
     assert_eq!(log.matches(ignored).count(), 2, "{}", daemon.log_text());
     // Nothing was persisted: a restart streams on instead of finding a copy it cannot finish.
     daemon.terminate(EXIT);
     daemon.spawn();
     support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    db.batch_execute("INSERT INTO keyed VALUES (2)").await.unwrap();
+    db.batch_execute("INSERT INTO keyed VALUES (2)")
+        .await
+        .unwrap();
     read_until_key(&tansu, "public.keyed", json!({"id": 2}));
     let status = one_shot(dir.path(), &cfg, &["status"]);
     let printed = String::from_utf8_lossy(&status.stdout);
