@@ -100,6 +100,14 @@ async fn slot_never_moved_back(watcher: SlotWatcher) -> u64 {
     seen.last
 }
 
+/// The slot's confirmed position (the slot must exist).
+async fn confirmed(db: &Client) -> u64 {
+    pgcdc_testkit::pg::confirmed_flush(db, "pgcdc")
+        .await
+        .unwrap()
+        .expect("slot")
+}
+
 async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
     let pg = PgCluster::start().unwrap();
     let tansu = Tansu::start().unwrap();
@@ -160,11 +168,7 @@ async fn kill_9_mid_stream_loses_no_committed_change() {
         .await
         .unwrap();
         daemon.kill9();
-        let confirmed = pg
-            .confirmed_flush(&db, "pgcdc")
-            .await
-            .unwrap()
-            .expect("slot");
+        let confirmed = confirmed(&db).await;
         assert!(
             confirmed >= last_confirmed,
             "confirmed moved backwards across a kill"
@@ -341,11 +345,7 @@ async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
     .await
     .unwrap();
     // Nothing written after the broker went down can have been confirmed.
-    let confirmed = pg
-        .confirmed_flush(&db, "pgcdc")
-        .await
-        .unwrap()
-        .expect("slot");
+    let confirmed = confirmed(&db).await;
     assert!(
         confirmed <= down_at,
         "confirmed {confirmed:x} past the outage at {down_at:x}"

@@ -42,6 +42,13 @@ async fn wait_streaming(_pg: &PgCluster, client: &tokio_postgres::Client, daemon
     crate::support::wait_slot_active(client, daemon, "pgcdc").await;
 }
 
+/// Start the daemon again: it must refuse the slot and exit with code 5.
+fn restart_is_refused_with_code_5(daemon: &mut Daemon) {
+    daemon.spawn().unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(5), "{}", daemon.log_text());
+}
+
 fn ops(records: &[Record]) -> Vec<(String, Option<Value>)> {
     records
         .iter()
@@ -283,13 +290,7 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     db.batch_execute("SELECT pg_drop_replication_slot('pgcdc')")
         .await
         .unwrap();
-    daemon.spawn().unwrap();
-    assert_eq!(
-        daemon.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(5),
-        "{}",
-        daemon.log_text()
-    );
+    restart_is_refused_with_code_5(&mut daemon);
     assert!(daemon.log_text().contains("missing"));
 
     // Recreated: a slot with the same name whose position is past our checkpoint.
@@ -297,13 +298,7 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     db.batch_execute("SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')")
         .await
         .unwrap();
-    daemon.spawn().unwrap();
-    assert_eq!(
-        daemon.wait_exit(Duration::from_secs(60)).unwrap().code(),
-        Some(5),
-        "{}",
-        daemon.log_text()
-    );
+    restart_is_refused_with_code_5(&mut daemon);
     assert!(daemon.log_text().contains("beyond our checkpoint"));
 }
 

@@ -37,15 +37,34 @@ pub trait Broker: Send + Sync {
     fn name(&self) -> &'static str;
 }
 
-/// Send `signal` to the process `pid`.
-fn kill(pid: u32, signal: &str) -> Result<()> {
-    let ok = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()?;
-    if !ok.success() {
-        bail!("kill -{signal} {pid} failed");
+/// A broker's process: signalled on request, thawed and killed on drop.
+struct Process(Child);
+
+impl Process {
+    /// Send `signal` (`STOP`, `CONT`, …) to the process.
+    fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.0.id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?;
+        if !ok.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Thaw it (it may be frozen) and kill it.
+    fn stop(&mut self) {
+        let _ = self.signal("CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A consumer of `brokers` in `group` that never commits.
@@ -72,7 +91,7 @@ pub fn wait_broker(brokers: &str, timeout: Duration) -> Result<()> {
 
 /// A tansu broker with memory storage, killed on drop.
 pub struct Tansu {
-    child: Child,
+    process: Process,
     /// TCP port on 127.0.0.1 it listens on.
     pub port: u16,
     /// The port it advertises in metadata (a proxy's, or `port`).
@@ -108,7 +127,7 @@ impl Tansu {
                 "cannot start tansu: cargo install tansu --locked --features dynostore,libsql",
             )?;
         let tansu = Tansu {
-            child,
+            process: Process(child),
             port,
             advertised,
         };
@@ -120,13 +139,12 @@ impl Tansu {
 
     /// Kill the broker (an outage; its in-memory data is gone).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.stop();
     }
 
     /// The broker's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.0.id()
     }
 }
 
@@ -154,7 +172,7 @@ impl Broker for Tansu {
     }
 
     fn signal(&self, signal: &str) -> Result<()> {
-        kill(self.child.id(), signal)
+        self.process.signal(signal)
     }
 
     fn name(&self) -> &'static str {
@@ -162,17 +180,10 @@ impl Broker for Tansu {
     }
 }
 
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.signal("CONT");
-        self.stop();
-    }
-}
-
 /// librdkafka's mock cluster in a `kafka-mock` process (see its source):
 /// topics are created through its stdin (the mock has no CreateTopics).
 pub struct MockBroker {
-    child: Child,
+    process: Process,
     stdin: Mutex<ChildStdin>,
     replies: Mutex<Lines<BufReader<ChildStdout>>>,
     bootstrap: String,
@@ -193,7 +204,7 @@ impl MockBroker {
         let mut replies = BufReader::new(stdout).lines();
         let bootstrap = replies.next().context("kafka-mock printed nothing")??;
         let mock = MockBroker {
-            child,
+            process: Process(child),
             stdin: Mutex::new(stdin),
             replies: Mutex::new(replies),
             bootstrap,
@@ -223,19 +234,11 @@ impl Broker for MockBroker {
     }
 
     fn signal(&self, signal: &str) -> Result<()> {
-        kill(self.child.id(), signal)
+        self.process.signal(signal)
     }
 
     fn name(&self) -> &'static str {
         "mock"
-    }
-}
-
-impl Drop for MockBroker {
-    fn drop(&mut self) {
-        let _ = self.signal("CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -13,8 +13,8 @@ use crate::daemon::Daemon;
 use crate::search::{documents, Documents};
 use crate::wait::{self, Poll, WaitError};
 
-/// Pause between two reads of the mirror.
-const EVERY: Duration = Duration::from_millis(200);
+/// Pause between two reads of the mirror (each reads the whole index: not too often).
+const EVERY: Duration = Duration::from_millis(300);
 /// Ids named in a difference report.
 const SHOWN: usize = 5;
 
@@ -23,7 +23,8 @@ const SHOWN: usize = 5;
 pub enum Want<'a> {
     /// Exactly these documents, `_version`s included.
     Documents(&'a Documents),
-    /// The rows of a table with an `id` key, as JSON (`to_jsonb`); versions not compared.
+    /// The rows of a table with an `id` key, as JSON (`to_jsonb`), read once
+    /// when the wait starts (the table must not change meanwhile); versions not compared.
     Table {
         /// A client of the database.
         db: &'a Client,
@@ -91,18 +92,20 @@ fn sources(docs: &Documents) -> BTreeMap<String, Value> {
 }
 
 /// One look at the mirror: the documents if they match, else what differs.
-async fn compare(es_url: &str, index: &str, want: Want<'_>) -> Result<Documents, String> {
+/// `rows`: the table's rows when comparing sources only.
+async fn compare(
+    es_url: &str,
+    index: &str,
+    want: Want<'_>,
+    rows: Option<&BTreeMap<String, Value>>,
+) -> Result<Documents, String> {
     let got = documents(es_url, index)
         .await
         .map_err(|e| format!("read {index}: {e:#}"))?;
-    let problem = match want {
-        Want::Documents(want) => diff(want, &got),
-        Want::Table { db, table } => {
-            let rows = table_rows(db, table)
-                .await
-                .map_err(|e| format!("read {table}: {e:#}"))?;
-            diff(&rows, &sources(&got))
-        }
+    let problem = match (want, rows) {
+        (Want::Documents(want), _) => diff(want, &got),
+        (Want::Table { .. }, Some(rows)) => diff(rows, &sources(&got)),
+        (Want::Table { table, .. }, None) => Some(format!("{table} not read")),
     };
     problem.map_or(Ok(got), Err)
 }
@@ -117,12 +120,25 @@ pub async fn mirror_equals(
     daemon: Option<&Daemon>,
 ) -> Result<Documents, WaitError> {
     let what = format!("mirror {index} to equal what it mirrors");
+    let rows = match want {
+        Want::Table { db, table } => {
+            Some(
+                table_rows(db, table)
+                    .await
+                    .map_err(|e| WaitError::Aborted {
+                        what: what.clone(),
+                        why: format!("read {table}: {e:#}"),
+                    })?,
+            )
+        }
+        Want::Documents(_) => None,
+    };
     let log = |why: String| match daemon {
         Some(d) => format!("{why}\npgcdc log tail:\n{}", d.log_tail()),
         None => why,
     };
     wait::poll(&what, timeout, EVERY, || async {
-        match compare(es_url, index, want).await {
+        match compare(es_url, index, want, rows.as_ref()).await {
             Ok(docs) => Poll::Ready(docs),
             Err(why) if daemon.is_some_and(|d| !d.is_running()) => {
                 Poll::Abort(log(format!("pgcdc exited; {why}")))
