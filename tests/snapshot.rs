@@ -211,6 +211,28 @@ async fn snapshot_rows_encode_exactly_as_streamed_changes() {
     );
 }
 
+/// PostgreSQL with `items (id, name, n)` holding `rows` rows, tansu,
+/// osmem-server, a temp dir and a client.
+async fn with_items(
+    rows: i64,
+) -> (
+    PgCluster,
+    Tansu,
+    SearchServer,
+    tempfile::TempDir,
+    tokio_postgres::Client,
+) {
+    let pg = PgCluster::start().unwrap();
+    let db = pg.client().await.unwrap();
+    let sql = format!(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, {rows}) g;"
+    );
+    db.batch_execute(&sql).await.unwrap();
+    let (tansu, es) = (Tansu::start().unwrap(), SearchServer::start().unwrap());
+    (pg, tansu, es, tempfile::tempdir().unwrap(), db)
+}
+
 /// The ES mirror of `items` must equal the table, row for row.
 async fn assert_mirror_equals_table(
     es: &SearchServer,
@@ -226,17 +248,7 @@ async fn assert_mirror_equals_table(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let es = SearchServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
-    db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 60000) g;",
-    )
-    .await
-    .unwrap();
+    let (pg, tansu, es, dir, db) = with_items(60000).await;
     // A transaction that begins before the slot exists and commits after its consistent point.
     let early = pg.client().await.unwrap();
     early
@@ -446,15 +458,9 @@ async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let es = SearchServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, es, dir, db) = with_items(10000).await;
     db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 10000) g;
-         CREATE TABLE added (id int PRIMARY KEY, v text);
+        "CREATE TABLE added (id int PRIMARY KEY, v text);
          INSERT INTO added SELECT g, 'a' || g FROM generate_series(1, 5000) g;",
     )
     .await
