@@ -52,25 +52,6 @@ pub enum Command {
     },
     /// Print the audit log (`<state_dir>/audit.db`), oldest first; works while pgcdc runs.
     Logs(LogsArgs),
-    /// Fault-injection harness: private PostgreSQL, tansu and osmem-server, a
-    /// pgcdc daemon, a workload, seeded faults and the oracle. Needs no config file.
-    Chaos {
-        /// PRNG seed (printed first, so a run can be replayed); default: from the clock.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Comma-separated scenarios: kill9, panic, pg-restart, walsender-kill, slot-dropped (default: all).
-        #[arg(long, value_delimiter = ',')]
-        scenarios: Vec<String>,
-        /// Faults per scenario (kills, restarts, walsender terminations).
-        #[arg(long, default_value_t = 3)]
-        kills: usize,
-        /// Seconds the workload runs in each scenario.
-        #[arg(long, default_value_t = 20)]
-        duration_secs: u64,
-        /// Peak RSS allowed for the daemon, in MiB.
-        #[arg(long, default_value_t = 300)]
-        rss_limit_mb: u64,
-    },
 }
 
 /// Flags of `pgcdc logs`.
