@@ -1,6 +1,7 @@
 //! `pgcdc check` and `pgcdc status`: what a person needs to see before and
 //! while pgcdc runs.
 
+use pgcdc_actors::error::ConfigError;
 use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
@@ -156,7 +157,7 @@ fn check_kafka(settings: &Settings) -> Result<String, AppError> {
         .kafka
         .client_config()
         .create()
-        .map_err(|e| AppError::Config(vec![format!("kafka: {e}")]))?;
+        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka", e.to_string())]))?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
@@ -335,10 +336,13 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
                 if configured {
                     wanted.push((schema, name));
                 } else {
-                    errors.push(format!("--table {t}: not in postgres.tables"));
+                    errors.push(ConfigError::new(
+                        format!("--table {t}"),
+                        "not in postgres.tables",
+                    ));
                 }
             }
-            Err(e) => errors.push(format!("--table {t}: {e}")),
+            Err(e) => errors.push(ConfigError::new(format!("--table {t}"), e.to_string())),
         }
     }
     if !errors.is_empty() {
