@@ -9,3 +9,4 @@ mod observe;
 mod producer_outage;
 mod snapshot;
 mod support;
+mod table_shapes;

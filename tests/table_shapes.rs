@@ -12,13 +12,7 @@ use std::time::Duration;
 use pgcdc_actors::wire::{header, message};
 use serde_json::{json, Value};
 
-mod support;
-
-use support::{config, PgCluster, Record, Tansu};
-
-fn hdr(r: &Record) -> &str {
-    r.headers.get(header::TABLE).map_or("", String::as_str)
-}
+use crate::support::{config, PgCluster, Record, Tansu};
 
 const TOPIC: &str = "cdc-events";
 /// How long a topic read may wait for the records a test expects.
@@ -35,7 +29,7 @@ fn changes(records: &[Record]) -> Vec<(String, String, Value)> {
         .filter(|r| r.value.is_some())
         .map(|r| {
             let key = r.key.clone().unwrap_or(Value::Null);
-            (r.op().to_owned(), hdr(r).to_owned(), key)
+            (r.op().to_owned(), r.header(header::TABLE).to_owned(), key)
         })
         .collect()
 }
@@ -46,9 +40,9 @@ fn change(op: &str, table: &str, key: Value) -> (String, String, Value) {
 
 /// Read the topic until a record of `table` keyed `key` arrived.
 fn read_until_key(tansu: &Tansu, table: &str, key: Value) -> Vec<Record> {
-    tansu.read_until(TOPIC, READ, |rs| {
+    crate::support::read_until(tansu, TOPIC, READ, |rs| {
         rs.iter()
-            .any(|r| hdr(r) == table && r.key.as_ref() == Some(&key))
+            .any(|r| r.header(header::TABLE) == table && r.key.as_ref() == Some(&key))
     })
 }
 
@@ -56,15 +50,15 @@ fn read_until_key(tansu: &Tansu, table: &str, key: Value) -> Vec<Record> {
 fn one_shot(dir: &Path, cfg: &str, args: &[&str]) -> std::process::Output {
     let path = dir.join("one-shot.toml");
     std::fs::write(&path, cfg).unwrap();
-    support::pgcdc(&path, args)
+    crate::support::pgcdc(&path, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE by_index (id int PRIMARY KEY, code text NOT NULL, v text);
          CREATE UNIQUE INDEX by_index_code ON by_index (code);
@@ -81,8 +75,8 @@ async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
     .unwrap();
     let tables = ["by_index", "full_pk", "full_bag"];
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &tables, "");
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "DELETE FROM by_index WHERE id = 1;
          UPDATE by_index SET v = 'z' WHERE id = 2;
@@ -114,10 +108,10 @@ async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE nada (id int PRIMARY KEY, v text);
          ALTER TABLE nada REPLICA IDENTITY NOTHING;
@@ -132,16 +126,16 @@ async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
         printed.contains("REPLICA IDENTITY NOTHING"),
         "check: {printed}"
     );
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    let status = daemon.wait_exit(EXIT);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(EXIT).unwrap();
     assert_eq!(
         status.code(),
         Some(SOURCE_NOT_READY),
         "{}",
-        daemon.log_text()
+        daemon.log_tail()
     );
     let fix = r#"ALTER TABLE "public"."nada" REPLICA IDENTITY DEFAULT"#;
-    assert!(daemon.log_text().contains(fix), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains(fix), "{}", daemon.log_tail());
     db.batch_execute("UPDATE nada SET v = 'changed' WHERE id = 1; DELETE FROM nada WHERE id = 2;")
         .await
         .expect("the refused table's writes still succeed");
@@ -157,16 +151,16 @@ async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE ren (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["ren"], "");
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO ren VALUES (1, 'one');
          ALTER TABLE ren RENAME COLUMN id TO uid;
@@ -182,7 +176,7 @@ async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
     )
     .await
     .unwrap();
-    let records = tansu.read_until(TOPIC, READ, |rs| {
+    let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| {
         rs.iter()
             .any(|r| r.op() == "d" && r.key == Some(json!({"code": "k1"})))
     });
@@ -197,15 +191,15 @@ async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
         change("d", t, json!({"code": "k1"})),
     ];
     assert_eq!(changes(&records), want);
-    assert!(daemon.is_running(), "{}", daemon.log_text());
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detach() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
          CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
@@ -216,8 +210,8 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO m VALUES (3, 'eu', 'c'), (4, 'us', 'd');
          UPDATE m_us SET v = 'bb' WHERE id = 2;
@@ -249,10 +243,10 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
          CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);
@@ -261,24 +255,24 @@ async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    let status = daemon.wait_exit(EXIT);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(EXIT).unwrap();
     assert_eq!(
         status.code(),
         Some(SOURCE_NOT_READY),
         "{}",
-        daemon.log_text()
+        daemon.log_tail()
     );
     let fix = r#"ALTER PUBLICATION "pgcdc" SET (publish_via_partition_root = true)"#;
-    assert!(daemon.log_text().contains(fix), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains(fix), "{}", daemon.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE wanted (id int PRIMARY KEY);
          CREATE TABLE extra (id int PRIMARY KEY);
@@ -293,8 +287,8 @@ async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
         printed.contains("WARN  publication") && printed.contains("public.extra"),
         "check: {printed}"
     );
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO extra VALUES (1); INSERT INTO wanted VALUES (1);
          INSERT INTO extra VALUES (2); TRUNCATE extra; INSERT INTO wanted VALUES (2);",
@@ -311,15 +305,15 @@ async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
         .log_text()
         .matches("the publication has a table that postgres.tables does not")
         .count();
-    assert_eq!(warned, 1, "{}", daemon.log_text());
+    assert_eq!(warned, 1, "{}", daemon.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE keyed (id int PRIMARY KEY);
          CREATE TABLE bag (v text);
@@ -335,8 +329,8 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
         &["keyed", "bag"],
         "",
     );
-    let mut daemon = support::Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     let refused = one_shot(dir.path(), &cfg, &["snapshot", "--table", "bag"]);
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(SOURCE_NOT_READY), "{said}");
@@ -357,11 +351,11 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
     let ignored =
         "ignoring a backfill signal for a table that is not configured or has no unique key";
     let log = daemon.log_text();
-    assert_eq!(log.matches(ignored).count(), 2, "{}", daemon.log_text());
+    assert_eq!(log.matches(ignored).count(), 2, "{}", daemon.log_tail());
     // Nothing was persisted: a restart streams on instead of finding a copy it cannot finish.
-    daemon.terminate(EXIT);
-    daemon.spawn();
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    daemon.terminate(EXIT).unwrap();
+    daemon.spawn().unwrap();
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("INSERT INTO keyed VALUES (2)")
         .await
         .unwrap();
@@ -369,5 +363,5 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
     let status = one_shot(dir.path(), &cfg, &["status"]);
     let printed = String::from_utf8_lossy(&status.stdout);
     assert!(!printed.contains("copying"), "status: {printed}");
-    assert!(daemon.is_running(), "{}", daemon.log_text());
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
 }
