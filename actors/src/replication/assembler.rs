@@ -172,7 +172,7 @@ impl Assembler {
         let name = (relation.namespace.clone(), relation.name.clone());
         let Some(start) = self.known.get(&name) else {
             if self.ignored.insert(name.clone()) {
-                tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not: its changes are not emitted");
+                tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
             }
             let table = None;
             self.relations
