@@ -380,8 +380,15 @@ async fn assert_dead_letters_audited(sink: &Daemon) {
 async fn kill_9_of_the_sink_mid_stream_loses_nothing() {
     let r = rig().await;
     let changes = workload(300, 3000);
-    produce(&*r.broker, &changes).await;
-    kill_9_twice_loses_nothing(&r, &changes, crate::support::FAST_REBALANCE_ONE_PER_BATCH).await;
+    // Multi-record batches: a sink killed mid-batch resumes inside one, where
+    // tansu 0.6 answers with the next batch; the sink must seek back.
+    produce_batched(&*r.broker, &changes).await;
+    let sink = kill_9_twice_loses_nothing(&r, &changes, crate::support::FAST_REBALANCE).await;
+    let log = sink.log_text();
+    assert!(
+        !log.contains("kafka skipped offsets"),
+        "a gap the sink did not heal:\n{log}"
+    );
 }
 
 /// The same on librdkafka's mock cluster, with the changes in multi-record

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-pub use pgcdc_testkit::config::{
-    daemon_config as config, FAST_REBALANCE, FAST_REBALANCE_ONE_PER_BATCH,
-};
+pub use pgcdc_testkit::config::{daemon_config as config, FAST_REBALANCE};
 pub use pgcdc_testkit::{
     wait, Broker, Daemon, MockBroker, PgCluster, Record, SearchServer, Tansu, TopicReader,
 };

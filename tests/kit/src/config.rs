@@ -12,13 +12,6 @@ use crate::pg::PgCluster;
 /// sometimes never reassigns the partitions of a killed member otherwise.
 pub const FAST_REBALANCE: &str = "[kafka.properties]\n\"max.poll.interval.ms\" = \"15000\"\n";
 
-/// [`FAST_REBALANCE`] plus one record per producer batch, for tansu: tansu
-/// 0.6 answers a fetch from the middle of a batch with the next batch, so a
-/// restarted sink resuming inside one would miss the rest of it (real Kafka
-/// and the mock cluster return the whole batch).
-pub const FAST_REBALANCE_ONE_PER_BATCH: &str =
-    "[kafka.properties]\n\"max.poll.interval.ms\" = \"15000\"\n\"batch.num.messages\" = \"1\"\n";
-
 /// Config text for a daemon streaming `tables` from `pg` into `broker`;
 /// `extra_kafka` is appended to the `[kafka]` section.
 pub fn daemon_config(
