@@ -10,6 +10,7 @@ use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
 use super::tuple::tuple_to_json;
 use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
+use crate::pg::types::{Rule, TypeMap};
 use crate::pg::values::type_name;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -36,9 +37,11 @@ pub enum AssembleError {
     },
 }
 
-/// A cached relation and the table (with key) it maps to.
-struct RelationInfo {
+/// A cached relation, its columns' rendering rules and the table (with
+/// key) it maps to.
+pub(super) struct RelationInfo {
     relation: Relation,
+    rules: Vec<Rule>,
     table: Arc<TableRef>,
 }
 
@@ -46,6 +49,8 @@ struct RelationInfo {
 pub struct Assembler {
     known: HashMap<(String, String), Arc<TableRef>>,
     relations: HashMap<u32, RelationInfo>,
+    /// Rendering rules of the non-built-in types seen so far.
+    types: TypeMap,
     tx: Option<TxMeta>,
     seq: u32,
 }
@@ -61,9 +66,23 @@ impl Assembler {
         Self {
             known,
             relations: HashMap::new(),
+            types: TypeMap::default(),
             tx: None,
             seq: 0,
         }
+    }
+
+    /// The column types of `relation` whose rendering rule is not known
+    /// yet: the caller resolves them ([`crate::pg::types::resolve`] into
+    /// [`Self::types_mut`]) before applying the Relation message.
+    pub fn missing_types(&self, relation: &Relation) -> Vec<u32> {
+        self.types
+            .missing(relation.columns.iter().map(|c| c.type_oid))
+    }
+
+    /// The rendering rules, to add resolved types to.
+    pub fn types_mut(&mut self) -> &mut TypeMap {
+        &mut self.types
     }
 
     /// A transaction began.
@@ -146,9 +165,10 @@ impl Assembler {
                     self.push(out, Op::Truncate, table, None, None, None, Vec::new(), lsn)?;
                 }
             }
-            PgOutputMessage::Origin { .. }
-            | PgOutputMessage::Type { .. }
-            | PgOutputMessage::Message { .. } => {}
+            // A Type message precedes a Relation that uses the type: its
+            // definition may have changed, so it is looked up again.
+            PgOutputMessage::Type { oid, .. } => self.types.forget(oid),
+            PgOutputMessage::Origin { .. } | PgOutputMessage::Message { .. } => {}
         }
         Ok(())
     }
@@ -182,22 +202,33 @@ impl Assembler {
             })
             .collect();
         let column_types = Value::Object(types).to_string();
+        let rules = relation
+            .columns
+            .iter()
+            .map(|c| self.types.rule(c.type_oid))
+            .collect();
         let table = Arc::new(TableRef {
             schema: name.0,
             name: name.1,
             key_columns,
             column_types,
         });
-        self.relations
-            .insert(relation.oid, RelationInfo { relation, table });
+        self.relations.insert(
+            relation.oid,
+            RelationInfo {
+                relation,
+                rules,
+                table,
+            },
+        );
     }
 
-    fn lookup(&self, oid: u32) -> Result<(&Relation, Arc<TableRef>), AssembleError> {
+    fn lookup(&self, oid: u32) -> Result<(&RelationInfo, Arc<TableRef>), AssembleError> {
         let info = self
             .relations
             .get(&oid)
             .ok_or(AssembleError::UnknownRelation(oid))?;
-        Ok((&info.relation, info.table.clone()))
+        Ok((info, info.table.clone()))
     }
 
     fn update(
@@ -304,7 +335,11 @@ impl Assembler {
 }
 
 /// A tuple as a JSON row, checked against the relation's width.
-fn row(rel: &Relation, tuple: &Tuple) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
+fn row(
+    info: &RelationInfo,
+    tuple: &Tuple,
+) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
+    let rel = &info.relation;
     if tuple.0.len() != rel.columns.len() {
         let table = format!("{}.{}", rel.namespace, rel.name);
         return Err(AssembleError::ColumnCount {
@@ -313,12 +348,12 @@ fn row(rel: &Relation, tuple: &Tuple) -> Result<(Map<String, Value>, Vec<String>
             expected: rel.columns.len(),
         });
     }
-    Ok(tuple_to_json(rel, tuple))
+    Ok(tuple_to_json(rel, &info.rules, tuple))
 }
 
 /// The old row: the whole row for `O`, only the key columns for `K` (the rest are not sent).
 fn old_row(
-    rel: &Relation,
+    rel: &RelationInfo,
     table: &TableRef,
     old: &OldTuple,
 ) -> Result<Map<String, Value>, AssembleError> {

@@ -12,7 +12,8 @@ use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
-use crate::pg::values::{text_to_json, type_name};
+use crate::pg::types::{self, Rule, TypeMap};
+use crate::pg::values::{render, type_name};
 
 /// A table estimated below this many chunks is copied as one range: splitting
 /// it would not pay for the queries that find the split keys.
@@ -25,8 +26,8 @@ pub(crate) struct Shape {
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
     pub(super) qualified: String,
-    /// Every column in table order: (name, type OID).
-    pub(super) columns: Arc<[(String, u32)]>,
+    /// Every column in table order: (name, how its values render).
+    pub(super) columns: Arc<[(String, Rule)]>,
     /// The key columns: (index in `columns`, SQL type to cast literals to).
     key: Vec<(usize, String)>,
     /// No usable primary key: copied whole, never by key range.
@@ -48,13 +49,22 @@ impl Shape {
             })
             .collect::<Vec<_>>();
         let keyless = !has_pk || key.len() != table.key_columns.len();
-        let columns: Vec<(String, u32)> = found.into_iter().map(|c| (c.name, c.type_oid)).collect();
-        let types: Map<String, Value> = columns
+        let names: Map<String, Value> = found
             .iter()
-            .map(|(c, oid)| (c.clone(), Value::from(type_name(*oid).unwrap_or("unknown"))))
+            .map(|c| {
+                let name = type_name(c.type_oid).unwrap_or("unknown");
+                (c.name.clone(), Value::from(name))
+            })
+            .collect();
+        let mut known = TypeMap::default();
+        let oids: Vec<u32> = found.iter().map(|c| c.type_oid).collect();
+        types::resolve(sql, &oids, &mut known).await?;
+        let columns: Vec<(String, Rule)> = found
+            .into_iter()
+            .map(|c| (c.name, known.rule(c.type_oid)))
             .collect();
         let table = Arc::new(TableRef {
-            column_types: Value::Object(types).to_string(),
+            column_types: Value::Object(names).to_string(),
             ..table.clone()
         });
         Ok(Self {
@@ -180,7 +190,7 @@ impl Shape {
             };
             bounds.push(
                 (0..self.key.len())
-                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .map(|i| text(row, i).unwrap_or("").to_owned())
                     .collect(),
             );
         }
@@ -191,7 +201,7 @@ impl Shape {
     pub(super) fn key_of(&self, row: &SimpleQueryRow) -> KeyText {
         self.key
             .iter()
-            .map(|(i, _)| row.get(*i).unwrap_or("").to_owned())
+            .map(|(i, _)| text(row, *i).unwrap_or("").to_owned())
             .collect()
     }
 
@@ -223,10 +233,8 @@ impl Shape {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, (c, oid))| {
-                let v = row
-                    .get(i)
-                    .map_or(Value::Null, |s| text_to_json(*oid, s.as_bytes()));
+            .map(|(i, (c, rule))| {
+                let v = text(row, i).map_or(Value::Null, |s| render(rule, s.as_bytes()));
                 (c.clone(), v)
             })
             .collect();
@@ -250,6 +258,20 @@ impl Shape {
         }
     }
 }
+
+/// The text of column `i` of `row`; `None` for SQL NULL.
+///
+/// `SimpleQueryRow::get` panics on text that is not valid UTF-8, which a
+/// `SQL_ASCII` database can hold. Its bytes are not reachable through
+/// `tokio-postgres`, so such a value reads as the replacement character
+/// U+FFFD — the same as the stream renders each invalid sequence of it
+/// when the whole value is invalid (see `docs/events.md`).
+pub(crate) fn text(row: &SimpleQueryRow, i: usize) -> Option<&str> {
+    row.try_get(i).unwrap_or(Some(INVALID_TEXT))
+}
+
+/// What a value that is not valid UTF-8 reads as in the snapshot.
+const INVALID_TEXT: &str = "\u{FFFD}";
 
 /// The key ranges between consecutive `bounds`: from the start up to the
 /// first bound, …, after the last bound to the end (one open range if none).
@@ -277,7 +299,10 @@ mod tests {
     use super::*;
 
     fn shape(keys: &[(&str, &str)]) -> Shape {
-        let columns: Arc<[(String, u32)]> = keys.iter().map(|(c, _)| (c.to_string(), 25)).collect();
+        let columns: Arc<[(String, Rule)]> = keys
+            .iter()
+            .map(|(c, _)| (c.to_string(), Rule::Text))
+            .collect();
         Shape {
             table: Arc::new(TableRef {
                 schema: "public".into(),
