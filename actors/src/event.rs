@@ -97,6 +97,8 @@ pub struct CopiedRows {
     pub table: Arc<TableRef>,
     /// The table's columns (name, how its values render), in the rows' order.
     pub columns: Arc<[(String, Rule)]>,
+    /// Values are hex bytes, not text (a `SQL_ASCII` database).
+    pub raw: bool,
     /// The rows.
     pub rows: Vec<tokio_postgres::SimpleQueryRow>,
     /// The snapshot's version: `commit_lsn` is the slot's consistent point.

@@ -240,7 +240,7 @@ fn scalar_to_json(ty: Option<&Type>, s: &str) -> Value {
             "f" => Value::Bool(false),
             _ => string(),
         },
-        Type::JSON | Type::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
+        Type::JSON | Type::JSONB => json(s).unwrap_or_else(string),
         Type::BYTEA => bytea(s).unwrap_or_else(string),
         Type::TIMESTAMPTZ => Value::String(timestamptz(s)),
         Type::TIMESTAMP => Value::String(timestamp(s)),
@@ -265,6 +265,24 @@ fn money(s: &str) -> Option<String> {
     (digits > 0 && out.matches('.').count() <= 1).then_some(out)
 }
 
+/// json/jsonb text as a JSON value, numbers with every digit
+/// (`arbitrary_precision`). `None` when serde_json refuses it: PostgreSQL
+/// only sends valid JSON, so that means nesting deeper than serde_json's
+/// limit ([`JSON_DEPTH_LIMIT`]); the value is then sent as its text.
+fn json(s: &str) -> Option<Value> {
+    match serde_json::from_str(s) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, limit = JSON_DEPTH_LIMIT, "json value not parsed (nested too deep?); sent as its text");
+            None
+        }
+    }
+}
+
+/// The deepest nesting serde_json parses (its limit of 128 counts the
+/// level that fails): JSON nested deeper is sent as its text.
+pub(crate) const JSON_DEPTH_LIMIT: usize = 127;
+
 /// A finite float as a JSON number; `None` for `NaN`, infinities and garbage.
 fn float(s: &str) -> Option<Value> {
     let f = s.parse::<f64>().ok().filter(|f| f.is_finite())?;
@@ -273,18 +291,21 @@ fn float(s: &str) -> Option<Value> {
 
 /// Hex bytea text (`\x0aff`) → base64; `None` if it is not hex format.
 fn bytea(s: &str) -> Option<Value> {
+    hex_bytes(s).map(|bytes| Value::String(BASE64.encode(bytes)))
+}
+
+/// The bytes of hex bytea text (`\x0aff`); `None` if it is not hex format.
+pub(crate) fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     let hex = s.strip_prefix("\\x")?.as_bytes();
     if hex.len() % 2 != 0 {
         return None;
     }
-    let bytes = hex
-        .chunks_exact(2)
+    hex.chunks_exact(2)
         .map(|pair| match pair {
             [hi, lo] => Some(nibble(*hi)? << 4 | nibble(*lo)?),
             _ => None,
         })
-        .collect::<Option<Vec<u8>>>()?;
-    Some(Value::String(BASE64.encode(bytes)))
+        .collect()
 }
 
 /// The value of one hex digit.

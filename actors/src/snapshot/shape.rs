@@ -1,6 +1,7 @@
 //! A table's shape as a copy sees it (columns, key, casts) and the SQL
 //! built from it: keyset chunk queries, key-range splits, rows to events.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -13,7 +14,7 @@ use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
 use crate::pg::types::{self, Rule, TypeMap};
-use crate::pg::values::{render, type_name};
+use crate::pg::values::{hex_bytes, render, type_name};
 
 /// A table estimated below this many chunks is copied as one range: splitting
 /// it would not pay for the queries that find the split keys.
@@ -32,6 +33,9 @@ pub(crate) struct Shape {
     key: Vec<(usize, String)>,
     /// No usable primary key: copied whole, never by key range.
     keyless: bool,
+    /// The database is `SQL_ASCII`: values are read as their bytes (hex),
+    /// since their text need not be UTF-8 (see [`cell`]).
+    pub(super) raw: bool,
 }
 
 impl Shape {
@@ -39,6 +43,8 @@ impl Shape {
     pub async fn load(sql: &Client, table: &TableRef) -> Result<Self, SnapshotError> {
         let qualified = qualified(&table.schema, &table.name);
         let found = catalog::table_columns(sql, &qualified).await?;
+        let encoding = sql.query_one("SHOW server_encoding", &[]).await?;
+        let raw = encoding.get::<_, String>(0) == "SQL_ASCII";
         let has_pk = found.iter().any(|c| c.in_primary_key);
         let key = table
             .key_columns
@@ -73,7 +79,27 @@ impl Shape {
             columns: columns.into(),
             key,
             keyless,
+            raw,
         })
+    }
+
+    /// The SELECT list of a copy: `*`, or in a `SQL_ASCII` database each
+    /// column's text form as bytes (`textsend` of its output, NULL kept).
+    pub(super) fn select_list(&self) -> String {
+        if !self.raw {
+            return "*".to_owned();
+        }
+        let items: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, _)| {
+                let c = quote_ident(c);
+                format!(
+                    "CASE WHEN num_nulls({c}) = 1 THEN NULL ELSE textsend(format('%s', {c})) END"
+                )
+            })
+            .collect();
+        items.join(", ")
     }
 
     /// Whether the table has no primary key (REPLICA IDENTITY FULL): it can
@@ -120,7 +146,8 @@ impl Shape {
     /// The keyset query for the next `limit` rows of `range`.
     pub fn chunk_query(&self, range: &KeyRange, limit: usize) -> String {
         format!(
-            "SELECT * FROM {}{} ORDER BY {} LIMIT {limit}",
+            "SELECT {} FROM {}{} ORDER BY {} LIMIT {limit}",
+            self.select_list(),
             self.qualified,
             self.range_filter(range.after.as_ref(), range.upto.as_ref()),
             self.key_list()
@@ -201,7 +228,10 @@ impl Shape {
     pub(super) fn key_of(&self, row: &SimpleQueryRow) -> KeyText {
         self.key
             .iter()
-            .map(|(i, _)| text(row, *i).unwrap_or("").to_owned())
+            .map(|(i, _)| {
+                cell(row, *i, self.raw)
+                    .map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
+            })
             .collect()
     }
 
@@ -234,7 +264,7 @@ impl Shape {
             .iter()
             .enumerate()
             .map(|(i, (c, rule))| {
-                let v = text(row, i).map_or(Value::Null, |s| render(rule, s.as_bytes()));
+                let v = cell(row, i, self.raw).map_or(Value::Null, |b| render(rule, &b));
                 (c.clone(), v)
             })
             .collect();
@@ -261,17 +291,29 @@ impl Shape {
 
 /// The text of column `i` of `row`; `None` for SQL NULL.
 ///
-/// `SimpleQueryRow::get` panics on text that is not valid UTF-8, which a
-/// `SQL_ASCII` database can hold. Its bytes are not reachable through
-/// `tokio-postgres`, so such a value reads as the replacement character
-/// U+FFFD — the same as the stream renders each invalid sequence of it
-/// when the whole value is invalid (see `docs/events.md`).
-pub(crate) fn text(row: &SimpleQueryRow, i: usize) -> Option<&str> {
+/// `SimpleQueryRow::get` panics on text that is not valid UTF-8, which only
+/// a `SQL_ASCII` database sends; there the copy reads bytes instead
+/// ([`Shape::select_list`]), so this fallback (U+FFFD) is never expected.
+fn text(row: &SimpleQueryRow, i: usize) -> Option<&str> {
     row.try_get(i).unwrap_or(Some(INVALID_TEXT))
 }
 
-/// What a value that is not valid UTF-8 reads as in the snapshot.
+/// What a value that cannot be read as text reads as (never expected).
 const INVALID_TEXT: &str = "\u{FFFD}";
+
+/// The bytes of column `i` of `row` (`None` for SQL NULL): its text, or
+/// with `raw` (a `SQL_ASCII` database) the bytes its hex text spells. The
+/// renderer decodes them as the stream does, each invalid UTF-8 sequence
+/// becoming U+FFFD.
+pub(crate) fn cell(row: &SimpleQueryRow, i: usize, raw: bool) -> Option<Cow<'_, [u8]>> {
+    let text = text(row, i)?;
+    if raw {
+        if let Some(bytes) = hex_bytes(text) {
+            return Some(Cow::Owned(bytes));
+        }
+    }
+    Some(Cow::Borrowed(text.as_bytes()))
+}
 
 /// The key ranges between consecutive `bounds`: from the start up to the
 /// first bound, …, after the last bound to the end (one open range if none).
@@ -318,6 +360,7 @@ mod tests {
                 .collect(),
             columns,
             keyless: false,
+            raw: false,
         }
     }
 

@@ -684,3 +684,28 @@ fn special_values_keep_their_text_inside_composites_and_arrays() {
         json!({"d": "infinity", "ts": "-infinity", "f": ["NaN", "Infinity", "-Infinity", 1.0], "m": "-1000.50"})
     );
 }
+
+#[test]
+fn json_numbers_keep_every_digit_and_deep_nesting_is_sent_as_text() {
+    // jsonb prints numbers as numeric does: plain digits, never an exponent.
+    let huge = format!("1{}", "0".repeat(400));
+    let text = format!(r#"{{"big": 123456789012345678901234567890, "e": {huge}, "f": 1.50}}"#);
+    let mut direct = Vec::new();
+    write_json(oid::JSONB, text.as_bytes(), &mut direct);
+    assert_eq!(
+        String::from_utf8(direct).unwrap(),
+        format!(r#"{{"big":123456789012345678901234567890,"e":{huge},"f":1.50}}"#)
+    );
+    let deep = format!(
+        "{}{}",
+        "[".repeat(JSON_DEPTH_LIMIT + 1),
+        "]".repeat(JSON_DEPTH_LIMIT + 1)
+    );
+    assert_eq!(j(oid::JSONB, &deep), json!(deep));
+    let fits = format!(
+        "{}{}",
+        "[".repeat(JSON_DEPTH_LIMIT),
+        "]".repeat(JSON_DEPTH_LIMIT)
+    );
+    assert!(j(oid::JSONB, &fits).is_array());
+}
