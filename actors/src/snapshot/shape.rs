@@ -84,7 +84,10 @@ impl Shape {
     }
 
     /// The SELECT list of a copy: `*`, or in a `SQL_ASCII` database each
-    /// column's text form as bytes (`textsend` of its output, NULL kept).
+    /// column's text form as bytes, unconverted and unchecked (`format`
+    /// prints it by its output function, `convert_to` to `SQL_ASCII` keeps
+    /// the bytes; `textsend` would check them against the client encoding),
+    /// NULL kept (`num_nulls`: a composite of NULL fields is not NULL).
     pub(super) fn select_list(&self) -> String {
         if !self.raw {
             return "*".to_owned();
@@ -95,7 +98,8 @@ impl Shape {
             .map(|(c, _)| {
                 let c = quote_ident(c);
                 format!(
-                    "CASE WHEN num_nulls({c}) = 1 THEN NULL ELSE textsend(format('%s', {c})) END"
+                    "CASE WHEN num_nulls({c}) = 1 THEN NULL \
+                     ELSE convert_to(format('%s', {c}), 'SQL_ASCII') END"
                 )
             })
             .collect();
