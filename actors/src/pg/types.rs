@@ -227,6 +227,19 @@ impl TypeSource {
     }
 }
 
+/// A catalog row of a domain over `base`, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn tests_row_domain(base: u32) -> TypeRow {
+    TypeRow {
+        typtype: b'd',
+        name: "domain".into(),
+        base,
+        elem: 0,
+        delim: b',',
+        fields: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
