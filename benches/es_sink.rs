@@ -7,20 +7,23 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use pgcdc_testkit::config::daemon_config as config;
+use pgcdc_testkit::wait::{self, Poll};
+use pgcdc_testkit::{Broker, Daemon, PgCluster, SearchServer, Tansu};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::json;
-use support::es::SearchServer;
-use support::{config, Daemon, PgCluster, Tansu};
+
+/// The daemon under test.
+const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 
 const EVENTS: u64 = 500_000;
 const BULK: usize = 1000;
+/// How long either loader may take (a stuck run fails instead of hanging).
+const TIMEOUT: Duration = Duration::from_secs(1800);
 const TYPES: &str = r#"{"id":"int8","name":"text","n":"int4","at":"timestamptz"}"#;
 
 fn row(i: u64) -> serde_json::Value {
@@ -48,10 +51,10 @@ async fn count(http: &reqwest::Client, url: &str, index: &str) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    tansu.create_topic("cdc-events").await;
-    let es = SearchServer::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    tansu.create_topic("cdc-events", 1).unwrap();
+    let es = SearchServer::start().unwrap();
     let http = reqwest::Client::new();
 
     eprintln!("bench: producing {EVENTS} change events");
@@ -69,7 +72,7 @@ async fn main() {
         .to_string();
         let key = json!({"id": i}).to_string();
         let headers = OwnedHeaders::new().insert(Header {
-            key: "pgcdc.types",
+            key: pgcdc_actors::wire::header::TYPES,
             value: Some(TYPES),
         });
         let record = FutureRecord::to("cdc-events")
@@ -120,9 +123,12 @@ async fn main() {
             .unwrap();
         assert!(resp.status().is_success());
     }
-    while count(&http, &es.url, "plain").await < EVENTS {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let every = Duration::from_millis(500);
+    wait::until("the plain loader's documents", TIMEOUT, || async {
+        count(&http, &es.url, "plain").await >= EVENTS
+    })
+    .await
+    .unwrap();
     let plain = t0.elapsed().as_secs_f64();
     // Free the server's memory so both runs start from the same state.
     http.delete(format!("{}/plain", es.url))
@@ -138,13 +144,25 @@ async fn main() {
             es.url
         );
     let t0 = Instant::now();
-    let mut sink = Daemon::start_command(dir.path(), &cfg, &[], "es-sink");
-    while count(&http, &es.url, "cdc_public_bench").await < EVENTS {
-        assert!(sink.is_running(), "sink exited:\n{}", sink.log_text());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let mut sink = Daemon::start(
+        std::path::Path::new(PGCDC),
+        dir.path(),
+        &cfg,
+        "es-sink",
+        &[],
+    )
+    .unwrap();
+    wait::poll("the sink's documents", TIMEOUT, every, || async {
+        if !sink.is_running() {
+            return Poll::Abort(format!("sink exited:\n{}", sink.log_text()));
+        }
+        let n = count(&http, &es.url, "cdc_public_bench").await;
+        Poll::when(n >= EVENTS, (), || format!("{n} of {EVENTS}"))
+    })
+    .await
+    .unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    sink.terminate(Duration::from_secs(30));
+    sink.terminate(Duration::from_secs(30)).unwrap();
 
     println!();
     println!("{EVENTS} documents into osmem-server on this machine, one run:");

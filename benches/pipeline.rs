@@ -7,13 +7,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{config, Daemon, PgCluster, Tansu};
+use pgcdc_testkit::config::daemon_config as config;
+use pgcdc_testkit::wait::{self, Poll};
+use pgcdc_testkit::{Daemon, PgCluster, Tansu};
+
+/// The daemon under test.
+const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 
 const TXS: u64 = 1_000;
 const ROWS_PER_TX: u64 = 1_000;
@@ -66,26 +68,35 @@ async fn drain_with_pgcdc(
     before: impl std::future::Future<Output = i64>,
 ) -> (f64, f64, f64) {
     let started = Instant::now();
-    let mut daemon = Daemon::start(dir, cfg, &[]);
+    let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, cfg, "run", &[]).unwrap();
     let end = before.await;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while confirmed(db, slot).await < end {
-        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
-        assert!(Instant::now() < deadline, "pgcdc did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let every = Duration::from_millis(20);
+    wait::poll(
+        "pgcdc to confirm the backlog",
+        Duration::from_secs(1800),
+        every,
+        || async {
+            if !daemon.is_running() {
+                return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
+            }
+            let at = confirmed(db, slot).await;
+            Poll::when(at >= end, (), || format!("confirmed {at} of {end}"))
+        },
+    )
+    .await
+    .unwrap();
     let secs = started.elapsed().as_secs_f64();
     let (rss, cpu) = process_usage(daemon.pid().expect("pid"));
-    daemon.terminate(Duration::from_secs(60));
+    daemon.terminate(Duration::from_secs(60)).unwrap();
     (secs, rss, cpu)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     for sql in [
         "CREATE TABLE bench (id bigint PRIMARY KEY, a text, b text, n int, ts timestamptz)",
         "CREATE PUBLICATION pgcdc FOR TABLE bench",
@@ -187,7 +198,7 @@ async fn main() {
         "[postgres]\nslot = \"big\"\npublication = \"big\"\n",
     );
     let writer = async {
-        support::wait_until(Duration::from_secs(60), "the big slot", || async {
+        wait::until("the big slot", Duration::from_secs(60), || async {
             db.query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'big' AND active",
                 &[],
@@ -197,7 +208,8 @@ async fn main() {
             .flatten()
             .is_some()
         })
-        .await;
+        .await
+        .unwrap();
         db.batch_execute(
             "INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 1000000) g",
         )

@@ -11,21 +11,23 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{config, Daemon, PgCluster, Tansu};
+use pgcdc_testkit::config::daemon_config as config;
+use pgcdc_testkit::wait::{self, Poll};
+use pgcdc_testkit::{Daemon, PgCluster, Tansu};
+
+/// The daemon under test.
+const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 
 const ROWS: u64 = 2_000_000;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    let db = pg.client().await;
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let db = pg.client().await.unwrap();
     eprintln!("bench: writing {ROWS} rows");
     db.batch_execute(&format!(
         "CREATE TABLE snap (id bigint PRIMARY KEY, a text, b text, n int, ts timestamptz);
@@ -70,10 +72,17 @@ async fn main() {
         assert!(status.success());
         let secs = t0.elapsed().as_secs_f64();
         // The COPY backend's CPU is counted once the postmaster has reaped it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pg_children(&pg).len() > backends && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let reaped = wait::poll_blocking(
+            "the copy backends to exit",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || {
+                let n = pg_children(&pg).len();
+                Poll::when(n <= backends, (), || format!("{n} backends"))
+            },
+        );
+        // Still running after the wait: their CPU so far is all that is counted.
+        drop(reaped);
         if secs < copy {
             copy = secs;
             copy_cpu = (
@@ -99,10 +108,12 @@ async fn main() {
             + &format!("\n[snapshot]\nparallelism = {parallelism}\n");
         let (pg_cpu, tansu_cpu) = (pg_cpu_secs(&pg), cpu_secs(tansu.pid(), false));
         let t0 = Instant::now();
-        let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+        let mut daemon =
+            Daemon::start(std::path::Path::new(PGCDC), dir.path(), &cfg, "run", &[]).unwrap();
         daemon
             .wait_log("table copy fully acknowledged", Duration::from_secs(1800))
-            .await;
+            .await
+            .unwrap();
         let secs = t0.elapsed().as_secs_f64();
         let cpu = (
             cpu_secs(daemon.pid().unwrap(), false),
@@ -110,7 +121,7 @@ async fn main() {
             cpu_secs(tansu.pid(), false) - tansu_cpu,
         );
         results.push((parallelism, secs, cpu));
-        daemon.terminate(Duration::from_secs(60));
+        daemon.terminate(Duration::from_secs(60)).unwrap();
     }
 
     println!();
@@ -171,7 +182,7 @@ fn clock_ticks() -> f64 {
 /// CPU seconds of the whole cluster: the postmaster, the backends it waited
 /// for, and the live ones.
 fn pg_cpu_secs(pg: &PgCluster) -> f64 {
-    let postmaster = pg.postmaster_pid();
+    let postmaster = pg.postmaster_pid().unwrap();
     cpu_secs(postmaster, true)
         + pg_children(pg)
             .into_iter()
@@ -181,7 +192,7 @@ fn pg_cpu_secs(pg: &PgCluster) -> f64 {
 
 /// The postmaster's live child processes.
 fn pg_children(pg: &PgCluster) -> Vec<u32> {
-    let postmaster = pg.postmaster_pid();
+    let postmaster = pg.postmaster_pid().unwrap();
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry

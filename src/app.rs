@@ -8,6 +8,7 @@
 //! drain what Kafka still acknowledges, no slot confirmation), and its exit
 //! code becomes the process's.
 
+use pgcdc_actors::error::ConfigError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -294,7 +295,7 @@ async fn create_topics(settings: &Settings) -> Result<(), AppError> {
     config.set("bootstrap.servers", &k.brokers);
     let admin: AdminClient<DefaultClientContext> = config
         .create()
-        .map_err(|e| AppError::Config(vec![format!("kafka.properties: {e}")]))?;
+        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka.properties", e.to_string())]))?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|n| {

@@ -1,10 +1,12 @@
 //! `pgcdc check` and `pgcdc status`: what a person needs to see before and
 //! while pgcdc runs.
 
+use pgcdc_actors::error::ConfigError;
 use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
+use pgcdc_actors::event::KeySource;
 use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
 use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
@@ -29,6 +31,11 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         }
     };
     report("postgresql", rt.block_on(check_postgres(&settings)));
+    match rt.block_on(check_publication(&settings)) {
+        Ok(Scope::Matches(detail)) => println!("ok    publication: {detail}"),
+        Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
+        Err(e) => report("publication", Err(e)),
+    }
     report("kafka", check_kafka(&settings));
     first_failure.map_or(Ok(()), Err)
 }
@@ -79,6 +86,62 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     ))
 }
 
+/// How the publication's tables compare with `postgres.tables`.
+enum Scope {
+    /// Nothing to report beyond this detail.
+    Matches(String),
+    /// Tables missing (added at start) or extra (not emitted).
+    Mismatch(String),
+}
+
+/// Compare the publication with the configured tables: partitions under
+/// their root, missing tables, tables that are published but not configured.
+async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
+    let pg = &settings.postgres;
+    let sql = pg_connect(pg).await.map_err(classified)?;
+    let tables = catalog::resolve_tables(&sql, &pg.tables)
+        .await
+        .map_err(classified)?;
+    let Some(state) = slot::inspect_publication(&sql, &pg.publication)
+        .await
+        .map_err(classified)?
+    else {
+        return Ok(Scope::Matches(format!(
+            "{:?} does not exist yet; created at start",
+            pg.publication
+        )));
+    };
+    slot::check_partition_root(&sql, &pg.publication, &state, &tables)
+        .await
+        .map_err(classified)?;
+    let missing: Vec<String> = state
+        .missing(&tables)
+        .iter()
+        .map(|t| format!("{}.{}", t.schema, t.name))
+        .collect();
+    let extra = state.extra(&tables);
+    let mut notes = Vec::new();
+    if !missing.is_empty() {
+        notes.push(format!(
+            "lacks {} (added at start, earlier rows not snapshotted)",
+            missing.join(", ")
+        ));
+    }
+    if !extra.is_empty() {
+        notes.push(format!(
+            "has {}, which postgres.tables does not (their changes are not emitted)",
+            extra.join(", ")
+        ));
+    }
+    Ok(match notes.is_empty() {
+        true => Scope::Matches(format!(
+            "{:?} publishes exactly postgres.tables",
+            pg.publication
+        )),
+        false => Scope::Mismatch(format!("{:?} {}", pg.publication, notes.join("; "))),
+    })
+}
+
 fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
     let dir = settings.checkpoint_dir();
     if !dir.join("CURRENT").exists() {
@@ -94,7 +157,7 @@ fn check_kafka(settings: &Settings) -> Result<String, AppError> {
         .kafka
         .client_config()
         .create()
-        .map_err(|e| AppError::Config(vec![format!("kafka: {e}")]))?;
+        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka", e.to_string())]))?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
@@ -230,6 +293,32 @@ fn print_live(text: &str) {
     }
 }
 
+/// Refuse a backfill of a table without a unique key (it can only be copied
+/// whole, by an initial snapshot): signalled, every restart would find a copy
+/// it cannot finish.
+async fn refuse_keyless(
+    sql: &tokio_postgres::Client,
+    wanted: &[(String, String)],
+) -> Result<(), AppError> {
+    let mut errors = Vec::new();
+    for (schema, table) in wanted {
+        match catalog::table_key(sql, schema, table).await {
+            Ok(t) if t.key_source == KeySource::WholeRow => errors.push(format!(
+                "--table {schema}.{table}: has no unique key (REPLICA IDENTITY FULL without a primary key), so it cannot be copied by key while streaming; add a primary key or a REPLICA IDENTITY USING INDEX"
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("--table {schema}.{table}: {e}")),
+        }
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(AppError::Classified {
+            code: ExitCode::SourceNotReady,
+            message: errors.join("; "),
+        }),
+    }
+}
+
 /// `pgcdc snapshot --table …`: write one signal per table into the WAL
 /// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
 pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
@@ -247,10 +336,13 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
                 if configured {
                     wanted.push((schema, name));
                 } else {
-                    errors.push(format!("--table {t}: not in postgres.tables"));
+                    errors.push(ConfigError::new(
+                        format!("--table {t}"),
+                        "not in postgres.tables",
+                    ));
                 }
             }
-            Err(e) => errors.push(format!("--table {t}: {e}")),
+            Err(e) => errors.push(ConfigError::new(format!("--table {t}"), e.to_string())),
         }
     }
     if !errors.is_empty() {
@@ -262,6 +354,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
         let sql = pg_connect(pg).await.map_err(classified)?;
+        refuse_keyless(&sql, &wanted).await?;
         for (schema, table) in wanted {
             let signal = Signal {
                 slot: pg.slot.clone(),

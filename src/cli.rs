@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tracing::Level;
 
-use crate::logs::{parse_level_arg, parse_since};
+use pgcdc_actors::audit::parse_level;
 
 /// pgcdc: stream committed PostgreSQL changes into Kafka, crash-safe.
 #[derive(Debug, Parser)]
@@ -52,25 +52,6 @@ pub enum Command {
     },
     /// Print the audit log (`<state_dir>/audit.db`), oldest first; works while pgcdc runs.
     Logs(LogsArgs),
-    /// Fault-injection harness: private PostgreSQL, tansu and osmem-server, a
-    /// pgcdc daemon, a workload, seeded faults and the oracle. Needs no config file.
-    Chaos {
-        /// PRNG seed (printed first, so a run can be replayed); default: from the clock.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Comma-separated scenarios: kill9, panic, pg-restart, walsender-kill, slot-dropped (default: all).
-        #[arg(long, value_delimiter = ',')]
-        scenarios: Vec<String>,
-        /// Faults per scenario (kills, restarts, walsender terminations).
-        #[arg(long, default_value_t = 3)]
-        kills: usize,
-        /// Seconds the workload runs in each scenario.
-        #[arg(long, default_value_t = 20)]
-        duration_secs: u64,
-        /// Peak RSS allowed for the daemon, in MiB.
-        #[arg(long, default_value_t = 300)]
-        rss_limit_mb: u64,
-    },
 }
 
 /// Flags of `pgcdc logs`.
@@ -88,4 +69,35 @@ pub struct LogsArgs {
     /// Print the dead letters (records the ES sink could not index) instead.
     #[arg(long)]
     pub dead_letters: bool,
+}
+
+/// `--since`: a whole number followed by `s`, `m`, `h` or `d`.
+pub fn parse_since(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a duration: use a whole number and s, m, h or d (90s, 15m, 1h, 7d)"
+        )
+    };
+    let unit_secs: u64 = match text.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        Some('d') => 86_400,
+        _ => return Err(bad()),
+    };
+    // The unit is one ASCII byte.
+    let digits = &text[..text.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(bad)
+}
+
+/// `--level`: a level name, any case.
+pub fn parse_level_arg(text: &str) -> Result<Level, String> {
+    parse_level(text)
+        .ok_or_else(|| format!("{text:?} is not one of trace, debug, info, warn, error"))
 }

@@ -1,13 +1,13 @@
 //! Errors at the binary's edge and the exit codes they map to.
 
-pub use pgcdc_actors::error::{ExitCode, Fatal};
+pub use pgcdc_actors::error::{ConfigError, ExitCode, Fatal};
 
 /// Why the daemon (or a subcommand) stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// The configuration is invalid; one line per problem.
-    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
-    Config(Vec<String>),
+    #[error("invalid configuration:{}", .0.iter().map(|e| format!("\n  {e}")).collect::<String>())]
+    Config(Vec<ConfigError>),
     /// Kafka or PostgreSQL could not be reached.
     #[error("{0}")]
     Upstream(String),

@@ -4,6 +4,7 @@
 //! routes on a local address do not need a web framework; each request is
 //! read with a size and time limit and answered with `Connection: close`.
 
+use pgcdc_actors::error::ConfigError;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,9 +16,12 @@ use crate::error::AppError;
 
 /// Bind `addr` and serve until the process ends.
 pub async fn serve(addr: SocketAddr, ready_window: Duration) -> Result<(), AppError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| AppError::Config(vec![format!("metrics.listen: cannot bind {addr}: {e}")]))?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        AppError::Config(vec![ConfigError::new(
+            "metrics.listen",
+            format!("cannot bind {addr}: {e}"),
+        )])
+    })?;
     tracing::info!(%addr, "metrics endpoint listening");
     actix::spawn(async move {
         loop {

@@ -2,7 +2,6 @@
 //! around the engine in `pgcdc-actors`.
 
 pub mod app;
-pub mod chaos;
 pub mod check;
 pub mod cli;
 pub mod error;

@@ -5,10 +5,9 @@
 use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
+use pgcdc_actors::audit::now_ms;
 use pgcdc_actors::audit::store::{self, DeadLetterRow, LogQuery, LogRow};
-use pgcdc_actors::audit::{now_ms, parse_level};
 use tracing::Level;
 
 use crate::cli::LogsArgs;
@@ -108,37 +107,6 @@ fn one_line(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// `--since`: a whole number followed by `s`, `m`, `h` or `d`.
-pub fn parse_since(text: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!(
-            "{text:?} is not a duration: use a whole number and s, m, h or d (90s, 15m, 1h, 7d)"
-        )
-    };
-    let unit_secs: u64 = match text.chars().last() {
-        Some('s') => 1,
-        Some('m') => 60,
-        Some('h') => 3600,
-        Some('d') => 86_400,
-        _ => return Err(bad()),
-    };
-    // The unit is one ASCII byte.
-    let digits = &text[..text.len() - 1];
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(unit_secs)
-        .map(Duration::from_secs)
-        .ok_or_else(bad)
-}
-
-/// `--level`: a level name, any case.
-pub fn parse_level_arg(text: &str) -> Result<Level, String> {
-    parse_level(text)
-        .ok_or_else(|| format!("{text:?} is not one of trace, debug, info, warn, error"))
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -146,7 +114,9 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::cli::{Cli, Command};
+    use std::time::Duration;
+
+    use crate::cli::{parse_since, Cli, Command};
 
     #[test]
     fn since_takes_seconds_minutes_hours_days() {

@@ -16,23 +16,6 @@ fn main() {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    if let Command::Chaos {
-        seed,
-        scenarios,
-        kills,
-        duration_secs,
-        rss_limit_mb,
-    } = cli.command
-    {
-        let opts = pgcdc::chaos::ChaosOptions {
-            seed,
-            scenarios,
-            kills,
-            duration_secs,
-            rss_limit_mb,
-        };
-        std::process::exit(pgcdc::chaos::run(opts));
-    }
     let overrides = Overrides {
         state_dir: cli.state_dir.clone(),
         log_level: cli.log_level.clone(),
@@ -60,7 +43,6 @@ fn main() {
         Command::Status => pgcdc::check::status(settings),
         Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, tables),
         Command::Logs(args) => pgcdc::logs::run(&settings, args),
-        Command::Chaos { .. } => unreachable!("handled before the settings are loaded"),
     };
     if let Err(e) = result {
         // A fatal report was logged (`fatal: …`) by the actor that made it.

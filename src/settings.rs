@@ -1,6 +1,7 @@
 //! Layered configuration: the TOML file, then `PGCDC_*` environment
 //! variables (`PGCDC_POSTGRES__HOST` sets `postgres.host`), then flags.
 
+use pgcdc_actors::error::ConfigError;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
@@ -71,15 +72,21 @@ impl MetricsConfig {
         self.listen.parse().ok()
     }
 
-    fn validate(&self, errors: &mut Vec<String>) {
+    fn validate(&self, errors: &mut Vec<ConfigError>) {
         if !self.listen.is_empty() && self.addr().is_none() {
-            errors.push(format!(
-                "metrics.listen: {:?} is not an address like 127.0.0.1:9187 (empty disables)",
-                self.listen
+            errors.push(ConfigError::new(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9187 (empty disables)",
+                    self.listen
+                ),
             ));
         }
         if self.ready_window_secs == 0 {
-            errors.push("metrics.ready_window_secs: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "metrics.ready_window_secs",
+                "must be at least 1",
+            ));
         }
     }
 }
@@ -146,9 +153,9 @@ impl Settings {
         let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.is_file() {
-                return Err(AppError::Config(vec![format!(
-                    "config file {} does not exist",
-                    path.display()
+                return Err(AppError::Config(vec![ConfigError::new(
+                    "--config",
+                    format!("config file {} does not exist", path.display()),
                 )]));
             }
             figment = figment.merge(Toml::file(path));
@@ -156,7 +163,7 @@ impl Settings {
         let figment = figment.merge(Env::prefixed("PGCDC_").split("__").ignore(&["config"]));
         let mut settings: Settings = figment
             .extract()
-            .map_err(|e| AppError::Config(e.into_iter().map(|e| e.to_string()).collect()))?;
+            .map_err(|e| AppError::Config(e.into_iter().map(figment_error).collect()))?;
         if let Some(dir) = &overrides.state_dir {
             settings.state_dir = dir.clone();
         }
@@ -179,12 +186,15 @@ impl Settings {
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
-            errors.push("shutdown_timeout_secs: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "shutdown_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push(format!(
-                "log.level: {:?} is not a valid filter",
-                self.log.level
+            errors.push(ConfigError::new(
+                "log.level",
+                format!("{:?} is not a valid filter", self.log.level),
             ));
         }
         if errors.is_empty() {
@@ -205,6 +215,17 @@ impl Settings {
     }
 }
 
+/// A figment error as a configuration error naming the key it is about
+/// (`config` when it concerns the file as a whole).
+fn figment_error(e: figment::Error) -> ConfigError {
+    let key = if e.path.is_empty() {
+        "config".to_string()
+    } else {
+        e.path.join(".")
+    };
+    ConfigError::new(key, e.kind.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +238,7 @@ mod tests {
 
     fn errors(res: Result<Settings, AppError>) -> Vec<String> {
         match res {
-            Err(AppError::Config(e)) => e,
+            Err(AppError::Config(e)) => e.iter().map(ToString::to_string).collect(),
             other => panic!("expected config errors, got {other:?}"),
         }
     }

@@ -1,27 +1,34 @@
-//! `pgcdc chaos` end to end: short kill -9 and injected-panic scenarios must
-//! pass (the panic scenario stops the daemon with SIGTERM right after its
-//! restarts, so a shutdown racing a restart is covered), and the
-//! output must carry the seed (for replay) and the result table. It runs in a
-//! directory without `config/pgcdc.toml`: chaos needs no configuration file.
+//! The chaos harness (`pgcdc_testkit::chaos`) against the `pgcdc` binary:
+//! short kill -9 and injected-panic scenarios must pass (the panic scenario
+//! stops the daemon with SIGTERM right after its restarts, so a shutdown
+//! racing a restart is covered), also on librdkafka's mock cluster with
+//! multi-record batches, and the output must carry the seed (for replay)
+//! and the result table. Chaos needs no configuration file.
 
-use std::process::Command;
+use pgcdc_testkit::chaos::{self, BrokerKind, ChaosOptions, Scenario};
 
-/// Run `pgcdc chaos` with `args` in a directory without a configuration
-/// file; it must exit 0. Returns its stdout.
-fn chaos(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .arg("chaos")
-        .args(args)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .expect("run pgcdc chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+/// Run the harness; it must exit 0. Returns what it printed.
+fn chaos(
+    seed: u64,
+    scenarios: &[Scenario],
+    kills: usize,
+    duration_secs: u64,
+    broker: BrokerKind,
+) -> String {
+    let opts = ChaosOptions {
+        seed: Some(seed),
+        scenarios: scenarios.to_vec(),
+        kills,
+        duration_secs,
+        rss_limit_mb: 300,
+        broker,
+        pgcdc: Some(crate::support::PGCDC.into()),
+        kafka_mock: Some(crate::support::kafka_mock()),
+    };
+    let mut out = Vec::new();
+    let code = chaos::run(opts, &mut out);
+    let stdout = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(code, 0, "stdout:\n{stdout}");
     stdout
 }
 
@@ -37,19 +44,16 @@ fn passed<'a>(stdout: &'a str, scenario: &str) -> &'a str {
 
 #[test]
 fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
-    let stdout = chaos(&[
-        "--seed",
-        "7",
-        "--scenarios",
-        "kill9,panic",
-        "--kills",
-        "2",
-        "--duration-secs",
-        "10",
-    ]);
+    let stdout = chaos(
+        7,
+        &[Scenario::Kill9, Scenario::Panic],
+        2,
+        10,
+        BrokerKind::Tansu,
+    );
     assert!(stdout.contains("chaos seed: 7"), "{stdout}");
     assert!(
-        stdout.contains("pgcdc chaos --seed 7 --scenarios kill9,panic"),
+        stdout.contains("scripts/chaos.sh --seed 7 --scenarios kill9,panic"),
         "{stdout}"
     );
     assert!(
@@ -61,21 +65,28 @@ fn chaos_smoke_run_passes_and_prints_the_seed_and_table() {
     }
 }
 
+/// kill -9 on librdkafka's mock cluster, the producer on its default
+/// settings (multi-record batches): the restarted sink resumes inside batches.
+#[test]
+fn chaos_kill9_passes_on_the_mock_broker_with_multi_record_batches() {
+    let stdout = chaos(7, &[Scenario::Kill9], 2, 10, BrokerKind::Mock);
+    assert!(stdout.contains("--broker mock"), "{stdout}");
+    let line = passed(&stdout, "kill9");
+    let injections: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(injections, 2, "{line}");
+}
+
 /// The ES fault proxy (429/500/dropped connections/partial bulk failures) and
 /// a deleted checkpoint (slot taken over at its confirmed position) must
 /// pass too; about 55 s.
 #[test]
 fn chaos_es_errors_and_a_deleted_checkpoint_pass() {
-    let stdout = chaos(&[
-        "--seed",
-        "7",
-        "--scenarios",
-        "es-errors,checkpoint-missing",
-        "--kills",
-        "1",
-        "--duration-secs",
-        "5",
-    ]);
+    let scenarios = [Scenario::EsErrors, Scenario::CheckpointMissing];
+    let stdout = chaos(7, &scenarios, 1, 5, BrokerKind::Tansu);
     for scenario in ["es-errors", "checkpoint-missing"] {
         let line = passed(&stdout, scenario);
         let injections: usize = line

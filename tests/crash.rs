@@ -5,14 +5,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{config, wait_until, Daemon, PgCluster, Tansu};
+use crate::support::{config, wait, Daemon, PgCluster, Tansu};
+#[cfg(feature = "failpoints")]
+use pgcdc_actors::wire::failpoint;
+use pgcdc_testkit::slot::SlotWatcher;
 use tokio_postgres::Client;
+use wait::Poll;
 
 const TOPIC: &str = "cdc-events";
 const ROWS_PER_TX: i64 = 3;
@@ -41,7 +43,7 @@ async fn write_numbered(db: Client, count: i64, pause: Duration, committed: Comm
 /// Ids seen on Kafka, with how often each was seen.
 fn seen_ids(tansu: &Tansu) -> HashMap<i64, usize> {
     let mut seen = HashMap::new();
-    for r in tansu.read_all(TOPIC) {
+    for r in crate::support::read_all(tansu, TOPIC) {
         if r.op() == "c" {
             let id = r.key.as_ref().and_then(|k| k["id"].as_i64()).expect("key");
             *seen.entry(id).or_default() += 1;
@@ -71,59 +73,46 @@ fn unacknowledged(
 /// visible to readers a moment later, so this re-reads for a few seconds; as
 /// nothing is writing, whatever appears was stored before the kill.
 async fn assert_confirmed_is_acknowledged(tansu: &Tansu, confirmed: u64, committed: &[(i64, u64)]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let every = Duration::from_millis(200);
+    wait::poll("confirmed transactions on kafka", Duration::from_secs(10), every, || async {
         let missing = unacknowledged(confirmed, committed, &seen_ids(tansu));
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot confirmed {confirmed:x} but these (tx, ended by) are not on kafka: {missing:x?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Poll::when(missing.is_empty(), (), || {
+            format!("slot confirmed {confirmed:x} but these (tx, ended by) are not on kafka: {missing:x?}")
+        })
+    })
+    .await
+    .unwrap();
 }
 
-/// Poll the slot in the background; fail if confirmed_flush_lsn ever moves backwards.
-fn watch_slot(
-    pg_url: String,
-) -> (
-    tokio::task::JoinHandle<u64>,
-    Arc<std::sync::atomic::AtomicBool>,
-) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let task = tokio::spawn(async move {
-        let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-            .await
-            .expect("poller");
-        tokio::spawn(conn);
-        let mut last = 0u64;
-        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            let row = db
-                .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'pgcdc'", &[])
-                .await
-                .expect("poll");
-            if let Some(v) = row.and_then(|r| r.get::<_, Option<i64>>(0)) {
-                assert!(
-                    v as u64 >= last,
-                    "confirmed_flush_lsn moved backwards: {last:x} -> {v:x}"
-                );
-                last = v as u64;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        last
-    });
-    (task, stop)
+/// Watch the slot every 20 ms (a move backwards is reported when it stops).
+fn watch_slot(pg_url: String) -> SlotWatcher {
+    SlotWatcher::start(pg_url, "pgcdc", Duration::from_millis(20))
+}
+
+/// Stop the watcher: the slot never moved backwards; its last position.
+async fn slot_never_moved_back(watcher: SlotWatcher) -> u64 {
+    let seen = watcher.stop().await;
+    assert!(
+        seen.backwards.is_none(),
+        "confirmed_flush_lsn moved backwards: {:x?}",
+        seen.backwards
+    );
+    seen.last
+}
+
+/// The slot's confirmed position (the slot must exist).
+async fn confirmed(db: &Client) -> u64 {
+    pgcdc_testkit::pg::confirmed_flush(db, "pgcdc")
+        .await
+        .unwrap()
+        .expect("slot")
 }
 
 async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)")
         .await
         .expect("ddl");
@@ -131,13 +120,13 @@ async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
 }
 
 async fn wait_active(db: &Client, daemon: &mut Daemon) {
-    support::wait_slot_active(db, daemon, "pgcdc").await;
+    crate::support::wait_slot_active(db, daemon, "pgcdc").await;
 }
 
 /// Wait until every committed row is on Kafka; returns the duplicate count.
 fn assert_nothing_lost(tansu: &Tansu, total_tx: i64) -> usize {
     let want = (total_tx * ROWS_PER_TX) as usize;
-    let records = tansu.read_until(TOPIC, Duration::from_secs(120), |rs| {
+    let records = crate::support::read_until(tansu, TOPIC, Duration::from_secs(120), |rs| {
         let mut ids: Vec<i64> = rs
             .iter()
             .filter(|r| r.op() == "c")
@@ -155,14 +144,14 @@ fn assert_nothing_lost(tansu: &Tansu, total_tx: i64) -> usize {
 async fn kill_9_mid_stream_loses_no_committed_change() {
     let (pg, tansu, dir, db) = setup().await;
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     wait_active(&db, &mut daemon).await;
-    let (poller, stop_poller) = watch_slot(pg.url());
+    let poller = watch_slot(pg.url());
 
     let total = 300;
     let committed: Committed = Arc::default();
     let writer = tokio::spawn(write_numbered(
-        pg.client().await,
+        pg.client().await.unwrap(),
         total,
         Duration::from_millis(5),
         committed.clone(),
@@ -171,14 +160,15 @@ async fn kill_9_mid_stream_loses_no_committed_change() {
     for round in 0..4 {
         // Let a few more transactions commit, then kill mid-stream.
         let target = (round + 1) * total as usize / 6;
-        wait_until(
-            Duration::from_secs(60),
+        wait::until(
             "the writer to progress",
+            Duration::from_secs(60),
             || async { committed.lock().unwrap().len() >= target },
         )
-        .await;
+        .await
+        .unwrap();
         daemon.kill9();
-        let confirmed = pg.confirmed_flush(&db, "pgcdc").await.expect("slot");
+        let confirmed = confirmed(&db).await;
         assert!(
             confirmed >= last_confirmed,
             "confirmed moved backwards across a kill"
@@ -186,14 +176,13 @@ async fn kill_9_mid_stream_loses_no_committed_change() {
         last_confirmed = confirmed;
         let snapshot = committed.lock().unwrap().clone();
         assert_confirmed_is_acknowledged(&tansu, confirmed, &snapshot).await;
-        daemon.spawn();
+        daemon.spawn().unwrap();
         wait_active(&db, &mut daemon).await;
     }
     writer.await.expect("writer");
     let duplicates = assert_nothing_lost(&tansu, total);
     eprintln!("kill -9 x4: {total} transactions, {duplicates} duplicate records");
-    stop_poller.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(poller.await.expect("slot poller") > 0);
+    assert!(slot_never_moved_back(poller).await > 0);
     assert!(daemon.is_running());
 }
 
@@ -202,13 +191,13 @@ async fn panic_in_actor_is_restarted(failpoint: &str) {
     let (pg, tansu, dir, db) = setup().await;
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "");
     let action = format!("{failpoint}=30*off->1*panic");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[("FAILPOINTS", &action)]);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &action)]);
     wait_active(&db, &mut daemon).await;
-    let (poller, stop_poller) = watch_slot(pg.url());
+    let poller = watch_slot(pg.url());
     let total = 150;
     let committed: Committed = Arc::default();
     write_numbered(
-        pg.client().await,
+        pg.client().await.unwrap(),
         total,
         Duration::from_millis(2),
         committed.clone(),
@@ -227,32 +216,32 @@ async fn panic_in_actor_is_restarted(failpoint: &str) {
     assert!(daemon.is_running(), "a panic ended the process:\n{log}");
     // The slot catches up once the stream runs again.
     let end = committed.lock().unwrap().last().map(|c| c.1).unwrap_or(0);
-    wait_until(
-        Duration::from_secs(60),
+    wait::until(
         "the slot to confirm the last transaction",
-        || async { pg.confirmed_flush(&db, "pgcdc").await.unwrap_or(0) + 200 >= end },
+        Duration::from_secs(60),
+        || async { pg.confirmed_flush(&db, "pgcdc").await.unwrap().unwrap_or(0) + 200 >= end },
     )
-    .await;
-    stop_poller.store(true, std::sync::atomic::Ordering::SeqCst);
-    poller.await.expect("slot poller");
+    .await
+    .unwrap();
+    slot_never_moved_back(poller).await;
 }
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_in_kafka_producer_restarts_it_without_loss() {
-    panic_in_actor_is_restarted("producer-after-ack").await;
+    panic_in_actor_is_restarted(failpoint::PRODUCER_AFTER_ACK).await;
 }
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_in_replication_restarts_it_without_loss() {
-    panic_in_actor_is_restarted("replication-publish").await;
+    panic_in_actor_is_restarted(failpoint::REPLICATION_PUBLISH).await;
 }
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_in_checkpoint_restarts_it_without_loss() {
-    panic_in_actor_is_restarted("checkpoint-before-confirm").await;
+    panic_in_actor_is_restarted(failpoint::CHECKPOINT_BEFORE_CONFIRM).await;
 }
 
 #[cfg(feature = "failpoints")]
@@ -261,31 +250,34 @@ async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
     let (pg, tansu, dir, _db) = setup().await;
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
         .replace("max_restarts = 20", "max_restarts = 2");
-    let mut daemon = Daemon::start(
+    let mut daemon = crate::support::daemon(
         dir.path(),
         &cfg,
-        &[("FAILPOINTS", "producer-after-ack=panic")],
+        &[(
+            "FAILPOINTS",
+            &format!("{}=panic", failpoint::PRODUCER_AFTER_ACK),
+        )],
     );
     // The first acknowledged batch (the end of the initial snapshot) trips it, at every restart.
-    let status = daemon.wait_exit(Duration::from_secs(60));
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
     assert!(daemon.log_text().contains("keeps crashing"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_postgres_ends_with_the_upstream_code_after_retries() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().expect("tempdir");
-    let closed_port = support::free_port();
+    let closed_port = crate::support::free_port();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
         .replace(
             &format!("port = {}", pg.port),
             &format!("port = {closed_port}"),
         )
         .replace("max_restarts = 20", "max_restarts = 3");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    let status = daemon.wait_exit(Duration::from_secs(60));
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
     let log = daemon.log_text();
     assert_eq!(status.code(), Some(4), "{log}");
     assert!(
@@ -296,10 +288,10 @@ async fn unreachable_postgres_ends_with_the_upstream_code_after_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
-    let pg = PgCluster::start_with("wal_sender_timeout = 2s\n");
-    let mut tansu = Tansu::start();
+    let pg = PgCluster::start_with("wal_sender_timeout = 2s\n").unwrap();
+    let mut tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)")
         .await
         .expect("ddl");
@@ -310,7 +302,7 @@ async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
         &["numbered"],
         "max_inflight_records = 50",
     );
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     wait_active(&db, &mut daemon).await;
     let walsender = || async {
         let q = "SELECT pid FROM pg_stat_replication WHERE application_name = 'pgcdc'";
@@ -324,21 +316,36 @@ async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
     let q = "SELECT (pg_current_wal_lsn() - '0/0')::bigint";
     let down_at = db.query_one(q, &[]).await.expect("lsn").get::<_, i64>(0) as u64;
     // Far more than max_inflight_records: WAL reading must pause (backpressure).
-    write_numbered(pg.client().await, 400, Duration::ZERO, Committed::default()).await;
+    write_numbered(
+        pg.client().await.unwrap(),
+        400,
+        Duration::ZERO,
+        Committed::default(),
+    )
+    .await;
     // For four times wal_sender_timeout the same walsender must stay connected.
-    let until = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < until {
-        assert_eq!(
-            walsender().await,
-            Some(pid),
-            "the walsender timed out while kafka was down:\n{}",
-            daemon.log_text()
-        );
-        assert!(daemon.is_running(), "{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let every = Duration::from_millis(200);
+    wait::during(
+        "the walsender to stay",
+        Duration::from_secs(8),
+        every,
+        || async {
+            if walsender().await != Some(pid) {
+                return Err(format!(
+                    "the walsender timed out while kafka was down:\n{}",
+                    daemon.log_text()
+                ));
+            }
+            if !daemon.is_running() {
+                return Err(daemon.log_text());
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
     // Nothing written after the broker went down can have been confirmed.
-    let confirmed = pg.confirmed_flush(&db, "pgcdc").await.expect("slot");
+    let confirmed = confirmed(&db).await;
     assert!(
         confirmed <= down_at,
         "confirmed {confirmed:x} past the outage at {down_at:x}"

@@ -3,12 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::time::Duration;
 
+use pgcdc_actors::wire::header;
 use serde_json::{json, Value};
-use support::{config, Daemon, PgCluster, Record, Tansu};
+
+use crate::support::{config, Daemon, PgCluster, Record, Tansu};
 
 const TOPIC: &str = "cdc-events";
 
@@ -21,15 +21,15 @@ struct Stack {
 impl Stack {
     fn start() -> Stack {
         Stack {
-            pg: PgCluster::start(),
-            tansu: Tansu::start(),
+            pg: PgCluster::start().unwrap(),
+            tansu: Tansu::start().unwrap(),
             dir: tempfile::tempdir().expect("tempdir"),
         }
     }
 
     fn daemon(&self, tables: &[&str], extra_kafka: &str) -> Daemon {
         let state = self.dir.path().join("state");
-        Daemon::start(
+        crate::support::daemon(
             self.dir.path(),
             &config(&self.pg, &self.tansu, &state, tables, extra_kafka),
             &[],
@@ -39,7 +39,14 @@ impl Stack {
 
 /// Wait until the daemon has created its slot (it streams from then on).
 async fn wait_streaming(_pg: &PgCluster, client: &tokio_postgres::Client, daemon: &mut Daemon) {
-    support::wait_slot_active(client, daemon, "pgcdc").await;
+    crate::support::wait_slot_active(client, daemon, "pgcdc").await;
+}
+
+/// Start the daemon again: it must refuse the slot and exit with code 5.
+fn restart_is_refused_with_code_5(daemon: &mut Daemon) {
+    daemon.spawn().unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(5), "{}", daemon.log_text());
 }
 
 fn ops(records: &[Record]) -> Vec<(String, Option<Value>)> {
@@ -52,7 +59,7 @@ fn ops(records: &[Record]) -> Vec<(String, Option<Value>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_changes_arrive_in_commit_order_field_by_field() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL, email text);
          CREATE TABLE orders (id bigint PRIMARY KEY, user_id int, total numeric(12,2));",
@@ -85,7 +92,7 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
         .unwrap();
     db.batch_execute("TRUNCATE orders").await.unwrap();
 
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| {
+    let records = crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| {
         r.iter().any(|r| r.op() == "t")
     });
     let k = |id: i64| Some(json!({ "id": id }));
@@ -121,8 +128,8 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
     );
     assert_eq!(src["snapshot"], json!(false));
     assert!(src["txId"].as_u64().unwrap() > 0 && src["lsn"].as_u64().unwrap() > 0);
-    assert_eq!(records[0].headers["pgcdc.table"], "public.users");
-    assert_eq!(records[0].headers["pgcdc.op"], "c");
+    assert_eq!(records[0].header(header::TABLE), "public.users");
+    assert_eq!(records[0].header(header::OP), "c");
     assert_eq!(records[1].after()["name"], json!("anne"));
     assert_eq!(
         records[2].value.as_ref().unwrap()["before"],
@@ -132,10 +139,7 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
 
     // One transaction: one commit LSN, increasing positions.
     let tx: Vec<&Record> = records[5..8].iter().collect();
-    let commit: Vec<&str> = tx
-        .iter()
-        .map(|r| r.headers["pgcdc.commit_lsn"].as_str())
-        .collect();
+    let commit: Vec<&str> = tx.iter().map(|r| r.header(header::COMMIT_LSN)).collect();
     assert!(commit.windows(2).all(|w| w[0] == w[1]), "{commit:?}");
     let seqs: Vec<u64> = tx
         .iter()
@@ -150,14 +154,14 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
         .collect();
     assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "{lsns:?}");
 
-    let status = daemon.terminate(Duration::from_secs(30));
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_common_type_becomes_faithful_json() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
          CREATE TABLE types (
@@ -183,9 +187,8 @@ async fn every_common_type_becomes_faithful_json() {
         .await
         .unwrap();
 
-    let records = s
-        .tansu
-        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
+    let records =
+        crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
     let a = records[0].after();
     let expect = [
         ("id", json!(1)),
@@ -233,7 +236,7 @@ async fn every_common_type_becomes_faithful_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_without_key_are_refused_unless_replica_identity_full() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE nokey (a int, b text); CREATE TABLE full_id (a int, b text); \
                       ALTER TABLE full_id REPLICA IDENTITY FULL;",
@@ -241,7 +244,7 @@ async fn tables_without_key_are_refused_unless_replica_identity_full() {
     .await
     .unwrap();
     let mut daemon = s.daemon(&["nokey"], "");
-    let status = daemon.wait_exit(Duration::from_secs(60));
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(3), "log:\n{}", daemon.log_text());
     assert!(
         daemon.log_text().contains("REPLICA IDENTITY FULL"),
@@ -251,14 +254,13 @@ async fn tables_without_key_are_refused_unless_replica_identity_full() {
 
     let state = s.dir.path().join("state2");
     let cfg = config(&s.pg, &s.tansu, &state, &["full_id"], "");
-    let mut daemon = Daemon::start(s.dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
     wait_streaming(&s.pg, &db, &mut daemon).await;
     db.batch_execute("INSERT INTO full_id VALUES (1, 'x'); DELETE FROM full_id;")
         .await
         .unwrap();
-    let records = s
-        .tansu
-        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
+    let records =
+        crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
     assert_eq!(records[0].key, Some(json!({"a": 1, "b": "x"})));
     assert_eq!(
         records[1].value.as_ref().unwrap()["before"],
@@ -269,17 +271,16 @@ async fn tables_without_key_are_refused_unless_replica_identity_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
     let mut daemon = s.daemon(&["t"], "");
     wait_streaming(&s.pg, &db, &mut daemon).await;
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
-    s.tansu
-        .read_until(TOPIC, Duration::from_secs(60), |r| !r.is_empty());
+    crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(
-        daemon.terminate(Duration::from_secs(30)).code(),
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
         Some(0),
         "{}",
         daemon.log_text()
@@ -289,13 +290,7 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     db.batch_execute("SELECT pg_drop_replication_slot('pgcdc')")
         .await
         .unwrap();
-    daemon.spawn();
-    assert_eq!(
-        daemon.wait_exit(Duration::from_secs(60)).code(),
-        Some(5),
-        "{}",
-        daemon.log_text()
-    );
+    restart_is_refused_with_code_5(&mut daemon);
     assert!(daemon.log_text().contains("missing"));
 
     // Recreated: a slot with the same name whose position is past our checkpoint.
@@ -303,20 +298,14 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
     db.batch_execute("SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')")
         .await
         .unwrap();
-    daemon.spawn();
-    assert_eq!(
-        daemon.wait_exit(Duration::from_secs(60)).code(),
-        Some(5),
-        "{}",
-        daemon.log_text()
-    );
+    restart_is_refused_with_code_5(&mut daemon);
     assert!(daemon.log_text().contains("beyond our checkpoint"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_confirms_everything() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
@@ -330,28 +319,29 @@ async fn sigterm_drains_and_confirms_everything() {
         .await
         .unwrap()
         .get(0);
-    s.tansu
-        .read_until(TOPIC, Duration::from_secs(60), |r| r.len() >= 5000);
+    crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| {
+        r.len() >= 5000
+    });
     assert_eq!(
-        daemon.terminate(Duration::from_secs(30)).code(),
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
         Some(0),
         "{}",
         daemon.log_text()
     );
     // After a clean stop the slot is confirmed up to the last transaction.
-    let confirmed = s.pg.confirmed_flush(&db, "pgcdc").await.unwrap();
+    let confirmed = s.pg.confirmed_flush(&db, "pgcdc").await.unwrap().unwrap();
     assert!(
         confirmed >= end as u64 - 200,
         "confirmed {confirmed:x} far behind {end:x}"
     );
 
     // A restart resends nothing already confirmed.
-    daemon.spawn();
+    daemon.spawn().unwrap();
     wait_streaming(&s.pg, &db, &mut daemon).await;
     db.batch_execute("INSERT INTO t VALUES (6000, 'after')")
         .await
         .unwrap();
-    let records = s.tansu.read_until(TOPIC, Duration::from_secs(60), |r| {
+    let records = crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| {
         r.iter().any(|r| r.key == Some(json!({"id": 6000})))
     });
     assert_eq!(
@@ -400,7 +390,7 @@ fn bad_configuration_fails_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
     let s = Stack::start();
-    let db = s.pg.client().await;
+    let db = s.pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE TABLE nokey (x int);")
         .await
         .unwrap();
@@ -444,16 +434,16 @@ async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
         &["a", "b"],
         "topic_mode = \"per_table\"\ntombstones = false",
     );
-    let mut daemon = Daemon::start(s.dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
     wait_streaming(&s.pg, &db, &mut daemon).await;
     db.batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2); DELETE FROM b; INSERT INTO b VALUES (3);").await.unwrap();
-    let a = s
-        .tansu
-        .read_until("pgcdc.public.a", Duration::from_secs(60), |r| !r.is_empty());
+    let a = crate::support::read_until(&s.tansu, "pgcdc.public.a", Duration::from_secs(60), |r| {
+        !r.is_empty()
+    });
     assert_eq!(ops(&a), [("c".to_string(), Some(json!({"id": 1})))]);
-    let b = s
-        .tansu
-        .read_until("pgcdc.public.b", Duration::from_secs(60), |r| r.len() >= 3);
+    let b = crate::support::read_until(&s.tansu, "pgcdc.public.b", Duration::from_secs(60), |r| {
+        r.len() >= 3
+    });
     // Tombstones disabled: no null record between the delete and the next insert.
     let (c, d) = ("c".to_string(), "d".to_string());
     assert_eq!(

@@ -1,22 +1,27 @@
-//! The ES sink against a real tansu broker and a real OpenSearch-compatible
-//! server (osmem-server), with an HTTP fault proxy in between where needed.
+//! The ES sink against a real Kafka broker (tansu, and for the kill and
+//! resume tests also librdkafka's mock cluster with multi-record batches)
+//! and a real OpenSearch-compatible server (osmem-server), with an HTTP
+//! fault proxy in between where needed.
 //! Every test ends with the oracle: the mirror index equals the expected
 //! table state row for row, with `_version` = the last commit LSN of each row.
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use pgcdc_actors::wire::header;
+use pgcdc_testkit::oracle::{self, Want};
+use pgcdc_testkit::proxy::bulk::{BulkFaultProxy, Fault};
+use pgcdc_testkit::search::Documents;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
-use support::es::{FaultProxy, SearchServer};
-use support::{config, Daemon, PgCluster, Tansu};
+
+use crate::support::{config, wait, Broker, Daemon, PgCluster, SearchServer, Tansu};
+use wait::Poll;
 
 const TOPIC: &str = "cdc-events";
 const TYPES: &str = r#"{"id":"int4","name":"text","n":"int4"}"#;
@@ -85,11 +90,16 @@ fn expected(changes: &[Change]) -> BTreeMap<String, (u64, Value)> {
     m
 }
 
-async fn produce(tansu: &Tansu, changes: &[Change]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
+fn producer(broker: &dyn Broker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Produce `changes` one at a time (each waits for its acknowledgement: one record per batch).
+async fn produce(broker: &dyn Broker, changes: &[Change]) {
+    let producer = producer(broker);
     for c in changes {
         let key = json!({"id": c.id}).to_string();
         let value = envelope(c).to_string();
@@ -97,26 +107,50 @@ async fn produce(tansu: &Tansu, changes: &[Change]) {
     }
 }
 
-async fn produce_raw(producer: &FutureProducer, key: &str, value: Option<&str>) {
+/// Produce `changes` all at once, then wait: the producer packs them into multi-record batches.
+async fn produce_batched(broker: &dyn Broker, changes: &[Change]) {
+    let producer = producer(broker);
+    let records: Vec<(String, String)> = changes
+        .iter()
+        .map(|c| (json!({"id": c.id}).to_string(), envelope(c).to_string()))
+        .collect();
+    let sent: Vec<_> = records
+        .iter()
+        .map(|(k, v)| producer.send_result(record(k, Some(v))).unwrap())
+        .collect();
+    for s in sent {
+        s.await.unwrap().unwrap();
+    }
+}
+
+/// A change record with the headers the producer writes.
+fn record<'a>(key: &'a str, value: Option<&'a str>) -> FutureRecord<'a, str, str> {
     let headers = OwnedHeaders::new()
         .insert(Header {
-            key: "pgcdc.types",
+            key: header::TYPES,
             value: Some(TYPES),
         })
         .insert(Header {
-            key: "pgcdc.table",
+            key: header::TABLE,
             value: Some("public.items"),
         });
-    let mut r: FutureRecord<'_, str, str> = FutureRecord::to(TOPIC).key(key).headers(headers);
-    if let Some(v) = value {
-        r = r.payload(v);
+    let r: FutureRecord<'_, str, str> = FutureRecord::to(TOPIC).key(key).headers(headers);
+    match value {
+        Some(v) => r.payload(v),
+        None => r,
     }
-    producer.send(r, Duration::from_secs(30)).await.unwrap();
+}
+
+async fn produce_raw(producer: &FutureProducer, key: &str, value: Option<&str>) {
+    producer
+        .send(record(key, value), Duration::from_secs(30))
+        .await
+        .unwrap();
 }
 
 /// A sink config: the shared test config plus the `[elasticsearch]` section.
-fn sink_config(pg: &PgCluster, tansu: &Tansu, dir: &Path, url: &str, extra: &str) -> String {
-    let base = config(pg, tansu, &dir.join("state"), &["items"], "");
+fn sink_config(pg: &PgCluster, broker: &dyn Broker, dir: &Path, url: &str, extra: &str) -> String {
+    let base = config(pg, broker, &dir.join("state"), &["items"], "");
     format!(
         "{base}\n[elasticsearch]\nurl = {url:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n\
          retry_initial_ms = 20\nretry_max_ms = 200\nbulk_max_actions = 100\n{extra}\n"
@@ -127,58 +161,37 @@ fn sink_config(pg: &PgCluster, tansu: &Tansu, dir: &Path, url: &str, extra: &str
 async fn assert_mirror(
     es: &SearchServer,
     index: &str,
-    want: &BTreeMap<String, (u64, Value)>,
+    want: &Documents,
     timeout: Duration,
     sink: &mut Daemon,
 ) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = es.documents(index).await;
-        if &got == want {
-            return;
-        }
-        if Instant::now() > deadline {
-            let missing: Vec<_> = want
-                .keys()
-                .filter(|k| !got.contains_key(*k))
-                .take(5)
-                .collect();
-            let wrong: Vec<_> = want
-                .iter()
-                .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-                .take(3)
-                .collect();
-            let extra: Vec<_> = got
-                .keys()
-                .filter(|k| !want.contains_key(*k))
-                .take(5)
-                .collect();
-            panic!(
-                "mirror differs: {} docs, want {}; missing {missing:?}; wrong {wrong:?}; extra {extra:?}\nsink log:\n{}",
-                got.len(),
-                want.len(),
-                sink.log_text()
-            );
-        }
-        assert!(sink.is_running(), "sink exited:\n{}", sink.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    oracle::mirror_equals(&es.url, index, Want::Documents(want), timeout, Some(sink))
+        .await
+        .unwrap();
 }
 
 struct Rig {
     pg: PgCluster,
-    tansu: Tansu,
+    broker: Box<dyn Broker>,
     es: SearchServer,
     dir: tempfile::TempDir,
 }
 
+/// PostgreSQL, osmem-server and tansu with the change topic.
 async fn rig() -> Rig {
-    let tansu = Tansu::start();
-    tansu.create_topic(TOPIC).await;
+    rig_on(Box::new(Tansu::start().unwrap()))
+}
+
+/// PostgreSQL, osmem-server and `broker` with the change and dead-letter topics.
+fn rig_on(broker: Box<dyn Broker>) -> Rig {
+    broker.create_topic(TOPIC, 1).unwrap();
+    if broker.name() == "mock" {
+        broker.create_topic("pgcdc-dead-letters", 1).unwrap();
+    }
     Rig {
-        pg: PgCluster::start(),
-        tansu,
-        es: SearchServer::start(),
+        pg: PgCluster::start().unwrap(),
+        broker,
+        es: SearchServer::start().unwrap(),
         dir: tempfile::tempdir().unwrap(),
     }
 }
@@ -187,10 +200,10 @@ async fn rig() -> Rig {
 async fn replaying_the_topic_leaves_the_mirror_unchanged_and_deletes_stay_deleted() {
     let r = rig().await;
     let changes = workload(60, 400);
-    produce(&r.tansu, &changes).await;
+    produce(&*r.broker, &changes).await;
     let want = expected(&changes);
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "");
-    let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     assert_mirror(
         &r.es,
         "cdc_public_items",
@@ -206,17 +219,17 @@ async fn replaying_the_topic_leaves_the_mirror_unchanged_and_deletes_stay_delete
         .find(|c| c.op == "u" && !want.contains_key(&c.id.to_string()))
         .unwrap()
         .clone();
-    produce(&r.tansu, &[stale]).await;
+    produce(&*r.broker, &[stale]).await;
 
     // A second sink in a new consumer group replays the whole topic from offset 0, twice over.
     let replay = cfg.replace(
         "bulk_max_actions = 100",
         "bulk_max_actions = 7\nconsumer_group = \"replay\"",
     );
-    let mut second = Daemon::start_command(&r.dir.path().join("b"), &replay, &[], "es-sink");
+    let mut second = crate::support::daemon_cmd(&r.dir.path().join("b"), &replay, &[], "es-sink");
     let mut replayed = changes.clone();
     replayed.extend(changes.iter().cloned());
-    produce(&r.tansu, &changes).await;
+    produce(&*r.broker, &changes).await;
     // A marker after everything: once it is indexed, both sinks have passed the replay.
     let marker = Change {
         id: 9999,
@@ -224,7 +237,7 @@ async fn replaying_the_topic_leaves_the_mirror_unchanged_and_deletes_stay_delete
         name: "marker".into(),
         lsn: 999_999,
     };
-    produce(&r.tansu, std::slice::from_ref(&marker)).await;
+    produce(&*r.broker, std::slice::from_ref(&marker)).await;
     let mut want = want;
     want.insert(
         "9999".into(),
@@ -247,19 +260,19 @@ async fn replaying_the_topic_leaves_the_mirror_unchanged_and_deletes_stay_delete
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_429_500_dropped_connections_and_partial_failures_lose_nothing() {
     let r = rig().await;
-    let proxy = FaultProxy::start(&r.es.url).await;
-    {
-        let mut f = proxy.faults.lock().unwrap();
-        f.drop = 2;
-        f.reject_429 = 3;
-        f.reject_500 = 2;
-        f.partial = 6;
-        f.partial_every = 3;
-    }
+    let proxy = BulkFaultProxy::start(&r.es.url).await.unwrap();
+    let partial = Fault::Partial {
+        every: 3,
+        status: 429,
+    };
+    proxy.push([Fault::Drop; 2]);
+    proxy.push([Fault::Reject(429); 3]);
+    proxy.push([Fault::Reject(500); 2]);
+    proxy.push([partial; 6]);
     let changes = workload(80, 600);
-    produce(&r.tansu, &changes).await;
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &proxy.url, "");
-    let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    produce(&*r.broker, &changes).await;
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &proxy.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     assert_mirror(
         &r.es,
         "cdc_public_items",
@@ -268,11 +281,11 @@ async fn bulk_429_500_dropped_connections_and_partial_failures_lose_nothing() {
         &mut sink,
     )
     .await;
-    let f = proxy.faults.lock().unwrap().clone();
     assert_eq!(
-        (f.drop, f.reject_429, f.reject_500, f.partial),
-        (0, 0, 0, 0),
-        "not every fault fired: {f:?}"
+        (proxy.pending(), proxy.fired()),
+        (0, 13),
+        "not every fault fired ({} bulk requests seen)",
+        proxy.seen()
     );
     assert!(sink.log_text().contains("retrying"), "no retry was logged");
 }
@@ -281,11 +294,11 @@ async fn bulk_429_500_dropped_connections_and_partial_failures_lose_nothing() {
 async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     let r = rig().await;
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", r.tansu.brokers())
+        .set("bootstrap.servers", r.broker.brokers())
         .create()
         .unwrap();
     let good = workload(10, 30);
-    produce(&r.tansu, &good[..15]).await;
+    produce(&*r.broker, &good[..15]).await;
     produce_raw(&producer, "{\"id\":500}", Some("this is not json")).await;
     let mut bad = envelope(&Change {
         id: 501,
@@ -295,10 +308,10 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     });
     bad["after"]["name"] = json!({"nested": "object where text is mapped"});
     produce_raw(&producer, "{\"id\":501}", Some(&bad.to_string())).await;
-    produce(&r.tansu, &good[15..]).await;
+    produce(&*r.broker, &good[15..]).await;
 
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "");
-    let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     assert_mirror(
         &r.es,
         "cdc_public_items",
@@ -307,11 +320,12 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
         &mut sink,
     )
     .await;
-    let dead = r
-        .tansu
-        .read_until("pgcdc-dead-letters", Duration::from_secs(60), |d| {
-            d.len() >= 2
-        });
+    let dead = crate::support::read_until(
+        &*r.broker,
+        "pgcdc-dead-letters",
+        Duration::from_secs(60),
+        |d| d.len() >= 2,
+    );
     let reasons: Vec<String> = dead
         .iter()
         .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
@@ -331,95 +345,114 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
 
 /// `pgcdc logs --dead-letters` (the audit log) lists both poison records with table, key and reason.
 async fn assert_dead_letters_audited(sink: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .args(["--config", sink.config.to_str().unwrap()])
-            .args(["logs", "--dead-letters"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
-        if out.status.success() && lines.len() >= 2 {
-            assert!(
-                lines[0].contains(r#"public.items key={"id":500}"#)
-                    && lines[0].contains("not json")
-                    && lines[0].ends_with("payload=this is not json"),
-                "{text}"
-            );
-            assert!(
-                lines[1].contains(r#"public.items key={"id":501}"#)
-                    && lines[1].contains("parse")
-                    && lines[1].contains("object where text is mapped"),
-                "{text}"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dead letters not in the audit log: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    let text = wait::poll(
+        "dead letters in the audit log",
+        Duration::from_secs(30),
+        every,
+        || async {
+            let out = crate::support::pgcdc(&sink.config, &["logs", "--dead-letters"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let listed = out.status.success() && text.lines().count() >= 2;
+            Poll::when(listed, text.clone(), || {
+                format!("{text}{}", String::from_utf8_lossy(&out.stderr))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains(r#"public.items key={"id":500}"#)
+            && lines[0].contains("not json")
+            && lines[0].ends_with("payload=this is not json"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains(r#"public.items key={"id":501}"#)
+            && lines[1].contains("parse")
+            && lines[1].contains("object where text is mapped"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_sink_mid_stream_loses_nothing() {
     let r = rig().await;
     let changes = workload(300, 3000);
-    produce(&r.tansu, &changes).await;
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "").replace(
-        "\n[supervision]",
-        &format!(
-            "\n{}\"group.instance.id\" = \"sink-under-test\"\n[supervision]",
-            support::FAST_REBALANCE
-        ),
+    produce(&*r.broker, &changes).await;
+    kill_9_twice_loses_nothing(&r, &changes, crate::support::FAST_REBALANCE_ONE_PER_BATCH).await;
+}
+
+/// The same on librdkafka's mock cluster, with the changes in multi-record
+/// batches: a sink killed mid-batch resumes inside a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_sink_mid_stream_loses_nothing_on_the_mock_broker_with_multi_record_batches()
+{
+    let r = rig_on(Box::new(crate::support::mock_broker()));
+    let changes = workload(300, 3000);
+    produce_batched(&*r.broker, &changes).await;
+    let sink = kill_9_twice_loses_nothing(&r, &changes, crate::support::FAST_REBALANCE).await;
+    let log = sink.log_text();
+    assert!(
+        !log.contains("kafka skipped offsets"),
+        "the mock broker returns whole batches:\n{log}"
     );
-    let mut sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
-    // Kill it twice, each time after it wrote something since its last start.
+}
+
+/// Start a sink on `r`'s topic (a static group member with `properties`),
+/// kill it twice, each time after it wrote something since its last start;
+/// the mirror must end equal to `changes`. Returns the sink, still running.
+async fn kill_9_twice_loses_nothing(r: &Rig, changes: &[Change], properties: &str) -> Daemon {
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "").replace(
+        "\n[supervision]",
+        &format!("\n{properties}\"group.instance.id\" = \"sink-under-test\"\n[supervision]"),
+    );
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     let mut seen = BTreeMap::new();
     for _ in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let now = r.es.documents("cdc_public_items").await;
-            if !now.is_empty() && now != seen {
-                seen = now;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sink made no progress:\n{}",
-                sink.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let every = Duration::from_millis(50);
+        seen = wait::poll(
+            "the sink to make progress",
+            Duration::from_secs(90),
+            every,
+            || async {
+                let now = r.es.documents("cdc_public_items").await.unwrap();
+                let progressed = !now.is_empty() && now != seen;
+                Poll::when(progressed, now, || {
+                    format!("no progress; sink log:\n{}", sink.log_tail())
+                })
+            },
+        )
+        .await
+        .unwrap();
         sink.kill9();
-        sink.spawn();
+        sink.spawn().unwrap();
     }
     assert_mirror(
         &r.es,
         "cdc_public_items",
-        &expected(&changes),
+        &expected(changes),
         Duration::from_secs(120),
         &mut sink,
     )
     .await;
+    sink
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
     let r = rig().await;
-    let db = r.pg.client().await;
+    let db = r.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, name text, n int); CREATE TABLE gone (id int PRIMARY KEY, v text);",
     )
     .await
     .unwrap();
-    let cfg = config(&r.pg, &r.tansu, &r.dir.path().join("state"), &["items", "gone"], "")
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["items", "gone"], "")
         + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\nhistory = true\n", r.es.url);
-    let mut daemon = Daemon::start(r.dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 200) g;
          UPDATE items SET name = name || ' updated', n = n * 10 WHERE id % 3 = 0;
@@ -436,13 +469,13 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
         .unwrap();
 
     // Versions: the last commit LSN of each key, as published on Kafka.
-    let records = r.tansu.read_until(TOPIC, Duration::from_secs(60), |rs| {
+    let records = crate::support::read_until(&*r.broker, TOPIC, Duration::from_secs(60), |rs| {
         rs.iter().any(|r| r.key == Some(json!({"id": 5000})))
     });
     let mut version = BTreeMap::new();
     for rec in records
         .iter()
-        .filter(|r| r.value.is_some() && r.headers["pgcdc.table"] == "public.items")
+        .filter(|r| r.value.is_some() && r.header(header::TABLE) == "public.items")
     {
         let id = rec.key.as_ref().unwrap()["id"].to_string();
         version.insert(
@@ -485,16 +518,17 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
         settings["cdc_public_items"]["settings"]["index"]["gc_deletes"],
         json!("30d")
     );
-    let after_truncate: BTreeMap<String, (u64, Value)> = r.es.documents("cdc_public_gone").await;
+    let after_truncate: BTreeMap<String, (u64, Value)> =
+        r.es.documents("cdc_public_gone").await.unwrap();
     assert_eq!(
         after_truncate.keys().collect::<Vec<_>>(),
         ["5000"],
         "truncate left rows behind"
     );
-    let history = r.es.documents("cdc_public_items_history").await;
+    let history = r.es.documents("cdc_public_items_history").await.unwrap();
     let changes = records
         .iter()
-        .filter(|r| r.value.is_some() && r.headers["pgcdc.table"] == "public.items")
+        .filter(|r| r.value.is_some() && r.header(header::TABLE) == "public.items")
         .count();
     assert_eq!(history.len(), changes, "history is one document per change");
 }
@@ -507,9 +541,28 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
 /// the whole batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_reports_offsets_kafka_never_delivered() {
+    let r = rig().await;
+    // tansu skips the rest of the batch (reported) or, if fixed, returns it (mirrored).
+    resume_inside_a_batch(&r).await;
+}
+
+/// Real Kafka, and the mock cluster, return the whole batch a committed
+/// offset falls into: the sink mirrors all of it and reports no skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_resuming_inside_a_batch_on_the_mock_broker_mirrors_all_of_it() {
+    let r = rig_on(Box::new(crate::support::mock_broker()));
+    assert!(
+        !resume_inside_a_batch(&r).await,
+        "the mock broker returns whole batches"
+    );
+}
+
+/// 200 records as one batch, one more after it, the sink group's offset
+/// committed in the first batch's middle; start a sink. Whether it reported
+/// skipped offsets (else it mirrored every record from the offset on).
+async fn resume_inside_a_batch(r: &Rig) -> bool {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let r = rig().await;
     let changes: Vec<Change> = (0..201)
         .map(|id| Change {
             id,
@@ -519,7 +572,7 @@ async fn a_sink_reports_offsets_kafka_never_delivered() {
         })
         .collect();
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", r.tansu.brokers())
+        .set("bootstrap.servers", r.broker.brokers())
         .set("linger.ms", "500")
         .create()
         .unwrap();
@@ -533,7 +586,7 @@ async fn a_sink_reports_offsets_kafka_never_delivered() {
         .zip(&values)
         .map(|(k, v)| {
             let headers = OwnedHeaders::new().insert(Header {
-                key: "pgcdc.types",
+                key: header::TYPES,
                 value: Some(TYPES),
             });
             let record = FutureRecord::to(TOPIC).key(k).payload(v).headers(headers);
@@ -543,9 +596,9 @@ async fn a_sink_reports_offsets_kafka_never_delivered() {
     for s in sent {
         s.await.unwrap().unwrap();
     }
-    produce(&r.tansu, &changes[200..]).await;
+    produce(&*r.broker, &changes[200..]).await;
     let group: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", r.tansu.brokers())
+        .set("bootstrap.servers", r.broker.brokers())
         .set("group.id", "pgcdc-es-sink")
         .create()
         .unwrap();
@@ -555,30 +608,35 @@ async fn a_sink_reports_offsets_kafka_never_delivered() {
     group.commit(&tpl, CommitMode::Sync).unwrap();
 
     let want = expected(&changes[100..]);
-    let cfg = sink_config(&r.pg, &r.tansu, r.dir.path(), &r.es.url, "");
-    let sink = Daemon::start_command(&r.dir.path().join("a"), &cfg, &[], "es-sink");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let docs = r.es.documents("cdc_public_items").await;
-        assert!(
-            docs.keys().all(|id| want.contains_key(id)),
-            "the sink must start at the committed offset: {:?}",
-            docs.keys().collect::<Vec<_>>()
-        );
-        let log = sink.log_text();
-        if log.contains("kafka skipped offsets") {
-            assert!(log.contains("expected=100 got=200"), "{log}");
-            return;
-        }
-        if docs == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} documents and no skip reported:\n{log}",
-            docs.len(),
-            want.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let every = Duration::from_millis(100);
+    wait::poll(
+        "the sink to mirror or report a skip",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let docs = r.es.documents("cdc_public_items").await.unwrap();
+            let log = sink.log_text();
+            if !docs.keys().all(|id| want.contains_key(id)) {
+                let ids: Vec<&String> = docs.keys().collect();
+                return Poll::Abort(format!(
+                    "the sink must start at the committed offset: {ids:?}"
+                ));
+            }
+            if log.contains("kafka skipped offsets") {
+                assert!(log.contains("expected=100 got=200"), "{log}");
+                return Poll::Ready(true);
+            }
+            Poll::when(docs == want, false, || {
+                format!(
+                    "{} of {} documents and no skip reported:\n{log}",
+                    docs.len(),
+                    want.len()
+                )
+            })
+        },
+    )
+    .await
+    .unwrap()
 }

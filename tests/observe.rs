@@ -3,11 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use support::{config, Daemon, PgCluster, Tansu};
+use crate::support::{config, wait, Broker, Daemon, PgCluster, Tansu};
+use wait::Poll;
 
 async fn get(url: &str) -> Option<(u16, String)> {
     let resp = reqwest::get(url).await.ok()?;
@@ -47,19 +46,19 @@ impl Probe {
 
     /// Poll until `cond(metrics text, /ready status)` holds.
     async fn until(&self, what: &str, daemon: &mut Daemon, cond: impl Fn(&str, u16) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let every = Duration::from_millis(200);
+        wait::poll(what, Duration::from_secs(60), every, || async {
             let (text, ready) = (self.metrics().await, self.ready().await);
             if cond(&text, ready) {
-                return;
+                Poll::Ready(())
+            } else if !daemon.is_running() {
+                Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()))
+            } else {
+                Poll::Pending(format!("/ready {ready}; metrics:\n{text}"))
             }
-            assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; /ready {ready}; metrics:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
+        .unwrap();
     }
 }
 
@@ -77,10 +76,10 @@ struct Rig {
 
 impl Rig {
     async fn start(columns: &str, extra: &str) -> Rig {
-        let pg = PgCluster::start();
-        let tansu = Tansu::start();
+        let pg = PgCluster::start().unwrap();
+        let tansu = Tansu::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let db = pg.client().await;
+        let db = pg.client().await.unwrap();
         let columns = match columns {
             "" => String::new(),
             c => format!(", {c}"),
@@ -88,13 +87,13 @@ impl Rig {
         db.batch_execute(&format!("CREATE TABLE t (id int PRIMARY KEY{columns})"))
             .await
             .unwrap();
-        let port = support::free_port();
+        let port = crate::support::free_port();
         let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "").replace(
             "[metrics]\nlisten = \"\"\n",
             &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
         );
-        let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-        support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+        let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+        crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
         let probe = Probe {
             base: format!("http://127.0.0.1:{port}"),
         };
@@ -150,7 +149,7 @@ async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
         .await;
 
     // Kafka stops answering: lag builds up and /ready turns 503.
-    tansu.pause();
+    tansu.signal("STOP").unwrap();
     db.batch_execute("INSERT INTO t SELECT g, 'y' FROM generate_series(101, 200) g")
         .await
         .unwrap();
@@ -175,7 +174,7 @@ async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
     );
 
     // Kafka back: everything flows, lag falls back to zero, ready again.
-    tansu.resume();
+    tansu.signal("CONT").unwrap();
     probe
         .until(
             "caught up again after kafka returned",
@@ -199,7 +198,7 @@ async fn metrics_count_changes_and_lag_and_readiness_follow_a_stalled_kafka() {
     );
 
     // `pgcdc status` shows the same picture for a person.
-    let out = support::pgcdc(&daemon.config, &["status"]);
+    let out = crate::support::pgcdc(&daemon.config, &["status"]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{shown}");
     assert!(shown.contains("slot lag:"), "{shown}");
@@ -232,7 +231,8 @@ async fn retained_wal_over_budget_warns_and_heartbeats_are_written() {
             "retains more WAL than wal.budget_bytes",
             Duration::from_secs(30),
         )
-        .await;
+        .await
+        .unwrap();
     probe
         .until(
             "over-budget gauge and heartbeats",
@@ -281,18 +281,18 @@ impl Drop for SqliteLock {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_pipeline() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
     let state = dir.path().join("state");
     let cfg = config(&pg, &tansu, &state, &["t"], "")
         + "[wal]\nbudget_bytes = 1\ncheck_interval_secs = 1\nheartbeat_secs = 0\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
 
     // The audit log is locked by another process: changes must keep flowing.
     let lock = SqliteLock::take(&state.join("audit.db"));
@@ -305,7 +305,7 @@ async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_
         .await
         .unwrap();
     }
-    let records = tansu.read_until("cdc-events", Duration::from_secs(60), |rs| {
+    let records = crate::support::read_until(&tansu, "cdc-events", Duration::from_secs(60), |rs| {
         rs.iter().filter(|r| r.op() == "c").count() >= 2000
     });
     assert!(records.iter().filter(|r| r.op() == "c").count() >= 2000);
@@ -313,29 +313,33 @@ async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_
     drop(lock);
 
     // Once the lock is gone, warnings are written with their fields.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = support::pgcdc(
-            &daemon.config,
-            &["logs", "--level", "warn", "--since", "1h"],
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success()
-            && text.contains("retains more WAL than wal.budget_bytes")
-            && text.contains("retained_bytes")
-            && text.contains("pgcdc_actors::wal_monitor")
-        {
-            assert!(
-                !text.contains(" INFO "),
-                "--level warn shows only warnings and errors:\n{text}"
+    let every = Duration::from_millis(300);
+    let text = wait::poll(
+        "an audited warning",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let out = crate::support::pgcdc(
+                &daemon.config,
+                &["logs", "--level", "warn", "--since", "1h"],
             );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audited warning; pgcdc logs said:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let audited = out.status.success()
+                && text.contains("retains more WAL than wal.budget_bytes")
+                && text.contains("retained_bytes")
+                && text.contains("pgcdc_actors::wal_monitor");
+            Poll::when(audited, text.clone(), || {
+                format!(
+                    "pgcdc logs said:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        !text.contains(" INFO "),
+        "--level warn shows only warnings and errors:\n{text}"
+    );
 }

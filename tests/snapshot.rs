@@ -6,30 +6,31 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use pgcdc_actors::wire::header;
+use pgcdc_testkit::oracle::{self, Want};
 use serde_json::{json, Value};
-use support::es::SearchServer;
-use support::{config, Daemon, PgCluster, Record, Tansu};
+
+use crate::support::{config, wait, Daemon, PgCluster, Record, SearchServer, Tansu};
+use wait::Poll;
 
 const TOPIC: &str = "cdc-events";
 
 fn table_of(r: &Record) -> &str {
     r.headers
-        .get("pgcdc.table")
+        .get(header::TABLE)
         .map(String::as_str)
         .unwrap_or("")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE empty (id int PRIMARY KEY);
          CREATE TABLE one (id int PRIMARY KEY, v text);
@@ -49,15 +50,15 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
         &["empty", "one", "big", "pair"],
         "",
     ) + "\n[snapshot]\nparallelism = 3\nchunk_rows = 7000\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO one VALUES (2, 'streamed'); UPDATE big SET name = 'changed' WHERE id = 7;",
     )
     .await
     .unwrap();
 
-    let records = tansu.read_until(TOPIC, Duration::from_secs(180), |rs| {
+    let records = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(180), |rs| {
         rs.iter()
             .any(|r| r.op() == "u" && r.key == Some(json!({"id": 7})))
     });
@@ -135,16 +136,20 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
     );
     daemon
         .wait_log("table copy fully acknowledged", Duration::from_secs(30))
-        .await;
+        .await
+        .unwrap();
 
     // A restart after a completed snapshot does not copy again.
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0));
-    daemon.spawn();
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
+    daemon.spawn().unwrap();
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("INSERT INTO one VALUES (900000, 'after restart')")
         .await
         .unwrap();
-    let again = tansu.read_until(TOPIC, Duration::from_secs(60), |rs| {
+    let again = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
         rs.iter().any(|r| r.key == Some(json!({"id": 900000})))
     });
     assert_eq!(again.iter().filter(|r| r.op() == "r").count(), snap.len());
@@ -155,10 +160,10 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
 /// same key bytes (partitioning and compaction go by them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_rows_encode_exactly_as_streamed_changes() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
          CREATE TABLE types (
@@ -179,10 +184,10 @@ async fn snapshot_rows_encode_exactly_as_streamed_changes() {
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["types"], "");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("UPDATE types SET id = id").await.unwrap();
-    let records = tansu.read_until(TOPIC, Duration::from_secs(60), |rs| {
+    let records = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
         rs.iter().filter(|r| r.op() == "u").count() == 2
     });
     for id in [1, 2] {
@@ -196,11 +201,36 @@ async fn snapshot_rows_encode_exactly_as_streamed_changes() {
         assert_eq!(read.after(), update.after(), "row {id}");
         assert_eq!(read.key_bytes, update.key_bytes, "row {id}");
         assert_eq!(
-            read.headers.get("pgcdc.types"),
-            update.headers.get("pgcdc.types")
+            read.headers.get(header::TYPES),
+            update.headers.get(header::TYPES)
         );
     }
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0));
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
+}
+
+/// PostgreSQL with `items (id, name, n)` holding `rows` rows, tansu,
+/// osmem-server, a temp dir and a client.
+async fn with_items(
+    rows: i64,
+) -> (
+    PgCluster,
+    Tansu,
+    SearchServer,
+    tempfile::TempDir,
+    tokio_postgres::Client,
+) {
+    let pg = PgCluster::start().unwrap();
+    let db = pg.client().await.unwrap();
+    let sql = format!(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, {rows}) g;"
+    );
+    db.batch_execute(&sql).await.unwrap();
+    let (tansu, es) = (Tansu::start().unwrap(), SearchServer::start().unwrap());
+    (pg, tansu, es, tempfile::tempdir().unwrap(), db)
 }
 
 /// The ES mirror of `items` must equal the table, row for row.
@@ -209,98 +239,46 @@ async fn assert_mirror_equals_table(
     db: &tokio_postgres::Client,
     daemon: &mut Daemon,
 ) {
-    let rows = db
-        .query("SELECT id, name, n FROM items", &[])
+    let want = Want::Table { db, table: "items" };
+    let index = "cdc_public_items";
+    oracle::mirror_equals(&es.url, index, want, Duration::from_secs(120), Some(daemon))
         .await
         .unwrap();
-    let want: BTreeMap<String, Value> = rows
-        .iter()
-        .map(|r| {
-            let id: i32 = r.get(0);
-            (id.to_string(), json!({"id": id, "name": r.get::<_, Option<String>>(1), "n": r.get::<_, Option<i32>>(2)}))
-        })
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let got: BTreeMap<String, Value> = es
-            .documents("cdc_public_items")
-            .await
-            .into_iter()
-            .map(|(k, (_, v))| (k, v))
-            .collect();
-        if got == want {
-            return;
-        }
-        assert!(daemon.is_running(), "pgcdc exited:\n{}", daemon.log_text());
-        if std::time::Instant::now() > deadline {
-            let wrong: Vec<_> = want
-                .iter()
-                .filter(|(k, v)| got.get(*k) != Some(*v))
-                .take(5)
-                .collect();
-            let extra: Vec<_> = got
-                .keys()
-                .filter(|k| !want.contains_key(*k))
-                .take(5)
-                .collect();
-            let log = daemon.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!(
-                "mirror differs from the table: {} vs {} rows; wrong {wrong:?}; extra {extra:?}\nlog tail (newest first):\n{}",
-                got.len(),
-                want.len(),
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    let es = SearchServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
-    db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 60000) g;",
-    )
-    .await
-    .unwrap();
+    let (pg, tansu, es, dir, db) = with_items(60000).await;
     // A transaction that begins before the slot exists and commits after its consistent point.
-    let early = pg.client().await;
+    let early = pg.client().await.unwrap();
     early
         .batch_execute("BEGIN; UPDATE items SET name = 'early', n = -1 WHERE id = 5")
         .await
         .unwrap();
 
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], support::FAST_REBALANCE)
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], crate::support::FAST_REBALANCE_ONE_PER_BATCH)
         + &format!(
             "\n[snapshot]\nchunk_rows = 2000\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
             es.url
         );
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     // The slot is created once the early transaction ends; commit it while the copy is under way.
     let wait_slot = async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while db
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .is_none()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "slot never created:\n{}",
-                daemon.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let q = "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcdc'";
+        let every = Duration::from_millis(50);
+        wait::poll(
+            "the slot to be created",
+            Duration::from_secs(60),
+            every,
+            || async {
+                let created = db.query_opt(q, &[]).await.unwrap().is_some();
+                Poll::when(created, (), || {
+                    format!("no slot; log:\n{}", daemon.log_text())
+                })
+            },
+        )
+        .await
+        .unwrap();
     };
     let commit_early = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -310,16 +288,17 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
     // Crash in the middle of the copy: the restart must copy the rest, not skip it.
     daemon
         .wait_log("snapshot started", Duration::from_secs(60))
-        .await;
+        .await
+        .unwrap();
     assert!(
         !daemon.log_text().contains("snapshot copied"),
         "the copy finished before the kill"
     );
     daemon.kill9();
-    daemon.spawn();
+    daemon.spawn().unwrap();
 
     // Concurrent writer while the rest is copied by backfill.
-    let writer = pg.client().await;
+    let writer = pg.client().await.unwrap();
     for i in 0..200 {
         let id = 1 + (i * 7919) % 60000;
         let sql = match i % 4 {
@@ -340,7 +319,12 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
         "{}",
         daemon.log_text()
     );
-    let row5 = es.documents("cdc_public_items").await.remove("5").unwrap();
+    let row5 = es
+        .documents("cdc_public_items")
+        .await
+        .unwrap()
+        .remove("5")
+        .unwrap();
     assert_eq!(
         row5.1["name"],
         json!("early"),
@@ -352,10 +336,10 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_it() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100000) g;",
     )
@@ -363,12 +347,13 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
         + "\n[snapshot]\nchunk_rows = 1000\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &SLOW_COPY);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &slow_copy())]);
     daemon
         .wait_log("snapshot started", Duration::from_secs(60))
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
-        daemon.terminate(Duration::from_secs(60)).code(),
+        daemon.terminate(Duration::from_secs(60)).unwrap().code(),
         Some(0),
         "{}",
         daemon.log_text()
@@ -381,15 +366,15 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
         daemon.log_text()
     );
 
-    daemon.spawn();
+    daemon.spawn().unwrap();
     daemon
         .wait_log("table copy fully acknowledged", Duration::from_secs(120))
-        .await;
+        .await
+        .unwrap();
     assert!(daemon
         .log_text()
         .contains("resuming interrupted table copies by backfill"));
-    let ids: BTreeSet<i64> = tansu
-        .read_all(TOPIC)
+    let ids: BTreeSet<i64> = crate::support::read_all(&tansu, TOPIC)
         .iter()
         .filter(|r| r.op() == "r")
         .map(|r| r.key.as_ref().unwrap()["id"].as_i64().unwrap())
@@ -397,9 +382,14 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     assert_eq!(ids.len(), 100_000);
 }
 
-/// Every chunk of the initial copy waits 20 ms.
+/// `FAILPOINTS` for an initial copy whose every chunk waits 20 ms.
 #[cfg(feature = "failpoints")]
-const SLOW_COPY: [(&str, &str); 1] = [("FAILPOINTS", "snapshot-copy-chunk=sleep(20)")];
+fn slow_copy() -> String {
+    format!(
+        "{}=sleep(20)",
+        pgcdc_actors::wire::failpoint::SNAPSHOT_COPY_CHUNK
+    )
+}
 
 /// The `rows_before` of the first "backfill started" line after `from` in the log.
 #[cfg(feature = "failpoints")]
@@ -423,10 +413,10 @@ fn resumed_rows(log: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() {
     const ROWS: usize = 200_000;
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(&format!(
         "CREATE TABLE t (id int PRIMARY KEY, v text); \
          INSERT INTO t SELECT g, repeat('v', 100) FROM generate_series(1, {ROWS}) g;"
@@ -435,23 +425,24 @@ async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() 
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "")
         + "\n[snapshot]\nparallelism = 1\nchunk_rows = 1000\n";
-    let mut daemon = Daemon::start(dir.path(), &cfg, &SLOW_COPY);
-    let before_kill = tansu
-        .read_until(TOPIC, Duration::from_secs(120), |rs| rs.len() >= ROWS / 4)
-        .len();
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &slow_copy())]);
+    let before_kill = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(120), |rs| {
+        rs.len() >= ROWS / 4
+    })
+    .len();
     daemon.kill9();
     assert!(
         !daemon.log_text().contains("snapshot copied"),
         "the copy finished before the kill"
     );
-    daemon.spawn();
+    daemon.spawn().unwrap();
     daemon
         .wait_log("table copy fully acknowledged", Duration::from_secs(180))
-        .await;
+        .await
+        .unwrap();
     let rows_before = resumed_rows(&daemon.log_text());
     assert!(rows_before > 0, "the copy started over");
-    let copied: Vec<i64> = tansu
-        .read_all(TOPIC)
+    let copied: Vec<i64> = crate::support::read_all(&tansu, TOPIC)
         .iter()
         .filter(|r| r.op() == "r")
         .map(|r| r.key.as_ref().unwrap()["id"].as_i64().unwrap())
@@ -467,15 +458,9 @@ async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
-    let es = SearchServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let (pg, tansu, es, dir, db) = with_items(10000).await;
     db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 10000) g;
-         CREATE TABLE added (id int PRIMARY KEY, v text);
+        "CREATE TABLE added (id int PRIMARY KEY, v text);
          INSERT INTO added SELECT g, 'a' || g FROM generate_series(1, 5000) g;",
     )
     .await
@@ -488,26 +473,27 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
     let snapshot = "\n[snapshot]\nmode = \"initial\"\nchunk_rows = 200\n";
     let state = dir.path().join("state");
     let cfg = config(&pg, &tansu, &state, &["items"], "") + snapshot + &es_cfg;
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     daemon
         .wait_log("table copy fully acknowledged", Duration::from_secs(120))
-        .await;
+        .await
+        .unwrap();
 
     // Re-copy items on request while a writer keeps changing it.
-    let out = support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
+    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("requested backfill of public.items"));
-    let bad = support::pgcdc(&daemon.config, &["snapshot", "--table", "public.nope"]);
+    let bad = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.nope"]);
     assert_eq!(
         bad.status.code(),
         Some(2),
         "unconfigured table must be refused"
     );
-    let writer = pg.client().await;
+    let writer = pg.client().await.unwrap();
     let mut i = 0;
     while !daemon.log_text().contains("backfill copied") || i < 300 {
         let id = 1 + (i * 7919) % 10000;
@@ -533,29 +519,34 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
     assert!(log.contains("backfill requested"), "{log}");
 
     // A table added to the configuration is copied on the next start.
-    assert_eq!(daemon.terminate(Duration::from_secs(60)).code(), Some(0));
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
     let cfg = config(&pg, &tansu, &state, &["items", "added"], "") + snapshot + &es_cfg;
     std::fs::write(&daemon.config, cfg).unwrap();
-    daemon.spawn();
+    daemon.spawn().unwrap();
     daemon
         .wait_log("table added to the configuration", Duration::from_secs(60))
-        .await;
+        .await
+        .unwrap();
     db.batch_execute("UPDATE added SET v = 'changed' WHERE id = 4999")
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let docs = es.documents("cdc_public_added").await;
-        if docs.len() == 5000 && docs.get("4999").map(|d| &d.1["v"]) == Some(&json!("changed")) {
-            assert_eq!(docs["1"].1, json!({"id": 1, "v": "a1"}));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "added table not mirrored: {} docs\n{}",
-            docs.len(),
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let want = Want::Table {
+        db: &db,
+        table: "added",
+    };
+    let docs = oracle::mirror_equals(
+        &es.url,
+        "cdc_public_added",
+        want,
+        Duration::from_secs(120),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+    assert_eq!(docs.len(), 5000);
+    assert_eq!(docs["4999"].1["v"], json!("changed"));
+    assert_eq!(docs["1"].1, json!({"id": 1, "v": "a1"}));
 }

@@ -8,14 +8,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::time::Duration;
 
+use pgcdc_actors::wire::header;
 use serde_json::{json, Value};
-use support::{config, Daemon, PgCluster, Record, Tansu};
+
+use crate::support::{config, PgCluster, Record, Tansu};
 
 const TOPIC: &str = "cdc-events";
+/// How long a topic read may wait for the records a test expects.
+const READ: Duration = Duration::from_secs(120);
+/// How long a clean shutdown may take.
+const STOP: Duration = Duration::from_secs(30);
 
 /// The types, the table and two rows: edge values, then NULLs and empties.
 const ZOO: &str = r#"
@@ -94,10 +98,10 @@ fn assert_same_after(a: &Record, b: &Record, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await;
+    let db = pg.client().await.unwrap();
     db.batch_execute(ZOO).await.unwrap();
     // The text forms as pgcdc's sessions print them.
     db.batch_execute("SET timezone = 'UTC'; SET datestyle = 'ISO,YMD'")
@@ -110,8 +114,8 @@ async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
         texts.insert(c.to_owned(), Value::String(text));
     }
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["zoo"], "");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "UPDATE zoo SET id = id; INSERT INTO zoo SELECT 3, dom, doms, dnum, mood, moods, moods2, \
          place, places, nullf, m, mmin, h, ci, r, er, tr, b, vb, tsv, pt, bx, bxs, x, jb, d, tsz, \
@@ -119,17 +123,14 @@ async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
     )
     .await
     .unwrap();
-    let records = tansu.read_until(TOPIC, Duration::from_secs(60), |rs| {
+    let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| {
         rs.iter().filter(|r| r.op() == "u").count() == 2 && rs.iter().any(|r| r.op() == "c")
     });
     for id in [1, 2] {
         let (read, update) = (record(&records, "r", id), record(&records, "u", id));
         assert_same_after(read, update, &format!("row {id}, snapshot vs stream"));
         assert_eq!(read.key_bytes, update.key_bytes, "row {id}");
-        assert_eq!(
-            read.headers.get("pgcdc.types"),
-            update.headers.get("pgcdc.types")
-        );
+        assert_eq!(read.header(header::TYPES), update.header(header::TYPES));
     }
     let read = record(&records, "r", 1).after().as_object().unwrap();
     let mut want = expected_row_1().as_object().unwrap().clone();
@@ -154,15 +155,15 @@ async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
         (&empty["moods"], &empty["h"], &empty["ea"], &empty["place"]),
         (&json!([]), &json!({}), &json!([]), &Value::Null)
     );
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0));
+    assert_eq!(daemon.terminate(STOP).unwrap().code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_panic() {
-    let pg = PgCluster::start();
-    let tansu = Tansu::start();
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let admin = pg.client().await;
+    let admin = pg.client().await.unwrap();
     admin
         .batch_execute(
             "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
@@ -170,10 +171,9 @@ async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_pani
         .await
         .unwrap();
     let url = pg.url().replace("dbname=postgres", "dbname=ascii");
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let db = pgcdc_testkit::pg::connect(&url, Duration::from_secs(30))
         .await
         .unwrap();
-    tokio::spawn(conn);
     db.batch_execute(
         "CREATE TYPE pair AS (a text, b text);
          CREATE TABLE latin (id int PRIMARY KEY, t text, tags text[], p pair, n int);
@@ -184,14 +184,14 @@ async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_pani
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["latin"], "")
         .replace("database = \"postgres\"", "database = \"ascii\"");
-    let mut daemon = Daemon::start(dir.path(), &cfg, &[]);
-    support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     // Only the valid row is changed: PostgreSQL refuses to send text that
     // is not UTF-8 over the stream's UTF8 connection (SQLSTATE 22021).
     db.batch_execute("UPDATE latin SET id = id WHERE id = 2")
         .await
         .unwrap();
-    let records = tansu.read_until(TOPIC, Duration::from_secs(60), |rs| {
+    let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| {
         rs.iter().any(|r| r.op() == "u")
     });
     let (read, update) = (record(&records, "r", 2), record(&records, "u", 2));
@@ -203,5 +203,5 @@ async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_pani
     );
     assert!(daemon.is_running(), "the daemon is still running");
     assert!(!daemon.log_text().contains("panicked"), "no panic");
-    assert_eq!(daemon.terminate(Duration::from_secs(30)).code(), Some(0));
+    assert_eq!(daemon.terminate(STOP).unwrap().code(), Some(0));
 }

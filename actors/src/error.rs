@@ -232,3 +232,24 @@ mod tests {
         assert_eq!(rx.try_recv(), None, "a second report must not be delivered");
     }
 }
+
+/// One invalid configuration setting: the key it names (`postgres.port`,
+/// `kafka.properties.acks`, `--table x`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The setting's path in the configuration (or the flag).
+    pub key: String,
+    /// What is wrong, in words the operator can act on.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// The error for `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}

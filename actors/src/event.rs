@@ -35,6 +35,20 @@ impl Op {
     }
 }
 
+/// Where a table's row key comes from: its replica identity, which is what
+/// PostgreSQL sends as the old row of an UPDATE or DELETE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeySource {
+    /// The primary key (REPLICA IDENTITY DEFAULT, or FULL with a primary key).
+    #[default]
+    PrimaryKey,
+    /// The columns of the REPLICA IDENTITY USING INDEX index.
+    IdentityIndex,
+    /// Every column (REPLICA IDENTITY FULL without a primary key): the key
+    /// is not unique, so such a table is copied whole, never by key range.
+    WholeRow,
+}
+
 /// A published table: its name and the columns that make its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRef {
@@ -42,9 +56,11 @@ pub struct TableRef {
     pub schema: String,
     /// Table name, unquoted.
     pub name: String,
-    /// Columns of the key, in order (the primary key, or every column for a
-    /// table with REPLICA IDENTITY FULL and no primary key).
+    /// Columns of the key, in order, by the replica identity rule (see
+    /// [`KeySource`]); empty when the table has no key at the moment.
     pub key_columns: Vec<String>,
+    /// Where the key columns come from.
+    pub key_source: KeySource,
     /// Column name → PostgreSQL type name as a JSON object text, e.g.
     /// `{"id":"int4","name":"text"}` (empty before a Relation message is seen).
     /// Sent as the `pgcdc.types` header so sinks can derive index mappings.

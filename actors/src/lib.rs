@@ -59,9 +59,6 @@ pub mod wire;
 
 /// The config key each validation error names (the text before its `:`).
 #[cfg(test)]
-pub(crate) fn error_keys(errors: &[String]) -> Vec<&str> {
-    errors
-        .iter()
-        .map(|e| e.split(':').next().unwrap_or(""))
-        .collect()
+pub(crate) fn error_keys(errors: &[error::ConfigError]) -> Vec<&str> {
+    errors.iter().map(|e| e.key.as_str()).collect()
 }

@@ -10,6 +10,7 @@
 //! its fatal conditions through [`RestartBudget::fatal`], and once anything was
 //! reported no supervised work starts again.
 
+use crate::error::ConfigError;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,15 +46,24 @@ impl Default for SupervisionConfig {
 
 impl SupervisionConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.max_restarts == 0 {
-            errors.push("supervision.max_restarts: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "supervision.max_restarts",
+                "must be at least 1",
+            ));
         }
         if self.window_secs == 0 {
-            errors.push("supervision.window_secs: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "supervision.window_secs",
+                "must be at least 1",
+            ));
         }
         if self.backoff_initial_ms > self.backoff_max_ms {
-            errors.push("supervision.backoff_initial_ms: must not exceed backoff_max_ms".into());
+            errors.push(ConfigError::new(
+                "supervision.backoff_initial_ms",
+                "must not exceed backoff_max_ms",
+            ));
         }
     }
 }
@@ -279,7 +289,7 @@ mod tests {
         };
         c.validate(&mut errors);
         assert_eq!(errors.len(), 3, "{errors:?}");
-        assert!(errors[0].starts_with("supervision.max_restarts"));
+        assert_eq!(errors[0].key, "supervision.max_restarts");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! without spending the restart budget (an unreachable PostgreSQL is the
 //! replication actor's to report).
 
+use crate::error::ConfigError;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,18 +66,20 @@ impl Default for WalConfig {
 
 impl WalConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.budget_bytes == 0 {
-            errors.push("wal.budget_bytes: must be at least 1".into());
+            errors.push(ConfigError::new("wal.budget_bytes", "must be at least 1"));
         }
         if !(1..=CHECK_INTERVAL_MAX_SECS).contains(&self.check_interval_secs) {
-            errors.push(format!(
-                "wal.check_interval_secs: must be between 1 and {CHECK_INTERVAL_MAX_SECS}"
+            errors.push(ConfigError::new(
+                "wal.check_interval_secs",
+                format!("must be between 1 and {CHECK_INTERVAL_MAX_SECS}"),
             ));
         }
         if self.heartbeat_secs > HEARTBEAT_MAX_SECS {
-            errors.push(format!(
-                "wal.heartbeat_secs: must be at most {HEARTBEAT_MAX_SECS} (0 disables)"
+            errors.push(ConfigError::new(
+                "wal.heartbeat_secs",
+                format!("must be at most {HEARTBEAT_MAX_SECS} (0 disables)"),
             ));
         }
     }

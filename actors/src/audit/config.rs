@@ -1,5 +1,6 @@
 //! `[audit]`: which events the audit log keeps and for how long.
 
+use crate::error::ConfigError;
 use serde::Deserialize;
 use tracing::Level;
 
@@ -31,18 +32,24 @@ impl Default for AuditConfig {
 
 impl AuditConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if parse_level(&self.level).is_none() {
-            errors.push(format!(
-                "audit.level: {:?} is not one of trace, debug, info, warn, error",
-                self.level
+            errors.push(ConfigError::new(
+                "audit.level",
+                format!(
+                    "{:?} is not one of trace, debug, info, warn, error",
+                    self.level
+                ),
             ));
         }
         if self.retention_days == 0 {
-            errors.push("audit.retention_days: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "audit.retention_days",
+                "must be at least 1",
+            ));
         }
         if self.max_rows == 0 {
-            errors.push("audit.max_rows: must be at least 1".into());
+            errors.push(ConfigError::new("audit.max_rows", "must be at least 1"));
         }
     }
 
@@ -87,7 +94,7 @@ mod tests {
             keys,
             ["audit.level", "audit.retention_days", "audit.max_rows"]
         );
-        assert!(errors[0].contains("\"loud\""), "{errors:?}");
+        assert!(errors[0].message.contains("\"loud\""), "{errors:?}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `[elasticsearch]`: where the ES sink writes and how.
 
+use crate::error::ConfigError;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -100,23 +101,24 @@ impl Default for EsConfig {
 
 impl EsConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            errors.push(format!(
-                "elasticsearch.url: {:?} must start with http:// or https://",
-                self.url
+            errors.push(ConfigError::new(
+                "elasticsearch.url",
+                format!("{:?} must start with http:// or https://", self.url),
             ));
         }
         if self.username.is_some() && !self.api_key.expose().is_empty() {
-            errors.push(
-                "elasticsearch.api_key: set either username/password or api_key, not both".into(),
-            );
+            errors.push(ConfigError::new(
+                "elasticsearch.api_key",
+                "set either username/password or api_key, not both",
+            ));
         }
         if let Some(ca) = &self.ca_file {
             if !ca.is_file() {
-                errors.push(format!(
-                    "elasticsearch.ca_file: {} does not exist",
-                    ca.display()
+                errors.push(ConfigError::new(
+                    "elasticsearch.ca_file",
+                    format!("{} does not exist", ca.display()),
                 ));
             }
         }
@@ -125,28 +127,39 @@ impl EsConfig {
                 .all(|c| !c.is_ascii_uppercase() && !" \"*\\<|,>/?".contains(c))
         };
         if !lower(&self.index_prefix) {
-            errors.push(
-                "elasticsearch.index_prefix: must be lowercase without spaces or \"*\\<|,>/?"
-                    .into(),
-            );
+            errors.push(ConfigError::new(
+                "elasticsearch.index_prefix",
+                "must be lowercase without spaces or \"*\\<|,>/?",
+            ));
         }
         for (key, v) in [
             ("bulk_max_actions", self.bulk_max_actions),
             ("bulk_max_bytes", self.bulk_max_bytes),
         ] {
             if v == 0 {
-                errors.push(format!("elasticsearch.{key}: must be at least 1"));
+                errors.push(ConfigError::new(
+                    format!("elasticsearch.{key}"),
+                    "must be at least 1",
+                ));
             }
         }
         if self.retry_initial_ms == 0 || self.retry_initial_ms > self.retry_max_ms {
-            errors
-                .push("elasticsearch.retry_initial_ms: must be between 1 and retry_max_ms".into());
+            errors.push(ConfigError::new(
+                "elasticsearch.retry_initial_ms",
+                "must be between 1 and retry_max_ms",
+            ));
         }
         if self.consumer_group.is_empty() {
-            errors.push("elasticsearch.consumer_group: must not be empty".into());
+            errors.push(ConfigError::new(
+                "elasticsearch.consumer_group",
+                "must not be empty",
+            ));
         }
         if self.dead_letter_topic.is_empty() {
-            errors.push("elasticsearch.dead_letter_topic: must not be empty".into());
+            errors.push(ConfigError::new(
+                "elasticsearch.dead_letter_topic",
+                "must not be empty",
+            ));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `[kafka]`: where and how change events are published.
 
+use crate::error::ConfigError;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -90,9 +91,9 @@ const PINNED: &[&str] = &[
 
 impl KafkaConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.brokers.trim().is_empty() {
-            errors.push("kafka.brokers: must not be empty".into());
+            errors.push(ConfigError::new("kafka.brokers", "must not be empty"));
         }
         let bad_topic = |t: &str| {
             t.is_empty()
@@ -102,38 +103,49 @@ impl KafkaConfig {
                     .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         };
         if self.topic_mode == TopicMode::Single && bad_topic(&self.topic) {
-            errors.push(format!(
-                "kafka.topic: {:?} is not a valid topic name",
-                self.topic
+            errors.push(ConfigError::new(
+                "kafka.topic",
+                format!("{:?} is not a valid topic name", self.topic),
             ));
         }
         if self.topic_mode == TopicMode::PerTable && bad_topic(&self.topic_prefix) {
-            errors.push(format!(
-                "kafka.topic_prefix: {:?} is not a valid topic name",
-                self.topic_prefix
+            errors.push(ConfigError::new(
+                "kafka.topic_prefix",
+                format!("{:?} is not a valid topic name", self.topic_prefix),
             ));
         }
         if self.topic_partitions < 1 {
-            errors.push("kafka.topic_partitions: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "kafka.topic_partitions",
+                "must be at least 1",
+            ));
         }
         if self.topic_replication_factor < 1 {
-            errors.push("kafka.topic_replication_factor: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "kafka.topic_replication_factor",
+                "must be at least 1",
+            ));
         }
         if self.delivery_timeout_ms < MIN_DELIVERY_TIMEOUT_MS {
-            errors.push(format!(
-                "kafka.delivery_timeout_ms: must be at least {MIN_DELIVERY_TIMEOUT_MS}"
+            errors.push(ConfigError::new(
+                "kafka.delivery_timeout_ms",
+                format!("must be at least {MIN_DELIVERY_TIMEOUT_MS}"),
             ));
         }
         if self.max_inflight_records < 1 {
-            errors.push("kafka.max_inflight_records: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "kafka.max_inflight_records",
+                "must be at least 1",
+            ));
         }
         for key in self
             .properties
             .keys()
             .filter(|k| PINNED.contains(&k.as_str()))
         {
-            errors.push(format!(
-                "kafka.properties.{key}: set by pgcdc (its guarantees depend on it)"
+            errors.push(ConfigError::new(
+                format!("kafka.properties.{key}"),
+                "set by pgcdc (its guarantees depend on it)",
             ));
         }
     }
@@ -184,10 +196,8 @@ mod tests {
         let mut errors = Vec::new();
         c.validate(&mut errors);
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors.iter().any(|e| e.starts_with("kafka.topic:")));
-        assert!(errors
-            .iter()
-            .any(|e| e.starts_with("kafka.properties.acks")));
+        assert!(errors.iter().any(|e| e.key == "kafka.topic"));
+        assert!(errors.iter().any(|e| e.key == "kafka.properties.acks"));
     }
 
     #[test]

@@ -263,6 +263,7 @@ mod tests {
                 schema: "public".into(),
                 name: "users".into(),
                 key_columns: vec!["id".into()],
+                key_source: Default::default(),
                 column_types: String::new(),
             }),
             key: obj(json!({"id": 42})),

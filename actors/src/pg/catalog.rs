@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::quote::{qualified, quote_ident};
 use super::{parse_table_name, PgError};
-use crate::event::TableRef;
+use crate::event::{KeySource, TableRef};
 
 /// `wal_level` must be `logical` and the role must be allowed to replicate.
 pub async fn check_server(sql: &Client) -> Result<(), PgError> {
@@ -31,49 +31,113 @@ pub async fn check_server(sql: &Client) -> Result<(), PgError> {
     Ok(())
 }
 
-/// A table's replica identity, primary key columns (in key order) and all
-/// columns (in table order).
+/// A table's replica identity, its primary key columns (in key order), the
+/// columns of its replica identity index (in index order) and its published
+/// columns (in table order; generated columns are not published before
+/// PostgreSQL 18).
 const TABLE_KEYS: &str = "SELECT c.relreplident::text, \
        (SELECT array_agg(a.attname::text ORDER BY k.ord) \
           FROM pg_index i \
           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
          WHERE i.indrelid = c.oid AND i.indisprimary), \
+       (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+          FROM pg_index i \
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         WHERE i.indrelid = c.oid AND i.indisreplident), \
        (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) \
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+           AND a.attgenerated = '') \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
 
-/// Look up each configured table and its key; refuse tables that do not
-/// exist, or have neither a primary key nor REPLICA IDENTITY FULL.
+/// What the catalog says about a table's keys, as input to [`key_rule`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyFacts {
+    /// `pg_class.relreplident`: `d`efault, `i`ndex, `f`ull or `n`othing.
+    pub identity: String,
+    /// The primary key's columns, if there is one.
+    pub primary_key: Option<Vec<String>>,
+    /// The replica identity index's columns, if one is set and exists.
+    pub identity_index: Option<Vec<String>>,
+    /// Every published column.
+    pub columns: Vec<String>,
+}
+
+/// The row key by the replica identity rule: the primary key for DEFAULT,
+/// the index columns for USING INDEX, the primary key for FULL when there is
+/// one and every column for FULL without one. A table PostgreSQL cannot send
+/// a key for (NOTHING, DEFAULT without a primary key, USING INDEX of a
+/// dropped index) is refused with the command that fixes it (`qualified` is
+/// the quoted table name); nothing is changed on the user's table.
+pub(crate) fn key_rule(
+    facts: KeyFacts,
+    qualified: &str,
+) -> Result<(Vec<String>, KeySource), String> {
+    let has_pk = facts.primary_key.is_some();
+    let fix_identity = |what: &str| {
+        match has_pk {
+        true => format!(
+            "table {qualified} has {what}, so PostgreSQL sends no key for its UPDATEs and DELETEs (and refuses them once it is published); run ALTER TABLE {qualified} REPLICA IDENTITY DEFAULT"
+        ),
+        false => format!(
+            "table {qualified} has {what}, so PostgreSQL sends no key for its UPDATEs and DELETEs (and refuses them once it is published); add a primary key, or run ALTER TABLE {qualified} REPLICA IDENTITY FULL"
+        ),
+    }
+    };
+    match (
+        facts.identity.as_str(),
+        facts.primary_key,
+        facts.identity_index,
+    ) {
+        ("d" | "f", Some(pk), _) => Ok((pk, KeySource::PrimaryKey)),
+        ("f", None, _) => Ok((facts.columns, KeySource::WholeRow)),
+        ("i", _, Some(index)) => Ok((index, KeySource::IdentityIndex)),
+        ("d", None, _) => Err(fix_identity("no primary key and REPLICA IDENTITY DEFAULT")),
+        ("i", _, None) => Err(fix_identity(
+            "REPLICA IDENTITY USING INDEX of an index that no longer exists",
+        )),
+        (other, _, _) => Err(fix_identity(&format!(
+            "REPLICA IDENTITY {}",
+            if other == "n" { "NOTHING" } else { other }
+        ))),
+    }
+}
+
+/// The key of the table `schema.table` by [`key_rule`], as a [`TableRef`]
+/// (without column types); a missing or keyless table is
+/// [`PgError::NotReady`].
+pub async fn table_key(sql: &Client, schema: &str, table: &str) -> Result<TableRef, PgError> {
+    let Some(row) = sql.query_opt(TABLE_KEYS, &[&schema, &table]).await? else {
+        return Err(PgError::NotReady(format!(
+            "table {schema}.{table} does not exist"
+        )));
+    };
+    let facts = KeyFacts {
+        identity: row.get(0),
+        primary_key: row.get(1),
+        identity_index: row.get(2),
+        columns: row.get::<_, Option<Vec<String>>>(3).unwrap_or_default(),
+    };
+    let (key_columns, key_source) =
+        key_rule(facts, &qualified(schema, table)).map_err(PgError::NotReady)?;
+    Ok(TableRef {
+        schema: schema.to_owned(),
+        name: table.to_owned(),
+        key_columns,
+        key_source,
+        column_types: String::new(),
+    })
+}
+
+/// Look up each configured table and its key (by [`key_rule`]); refuse
+/// tables that do not exist or that PostgreSQL cannot send a key for.
 pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<TableRef>>, PgError> {
     let mut tables = Vec::with_capacity(names.len());
     for name in names {
         let (schema, table) = parse_table_name(name).map_err(PgError::NotReady)?;
-        let Some(row) = sql.query_opt(TABLE_KEYS, &[&schema, &table]).await? else {
-            return Err(PgError::NotReady(format!(
-                "table {schema}.{table} does not exist"
-            )));
-        };
-        let identity: String = row.get(0);
-        let pk: Option<Vec<String>> = row.get(1);
-        let all: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
-        let key_columns = match (pk, identity.as_str()) {
-            (Some(pk), _) => pk,
-            (None, "f") => all,
-            (None, _) => {
-                return Err(PgError::NotReady(format!(
-                    "table {schema}.{table} has no primary key: add one, or run ALTER TABLE {} REPLICA IDENTITY FULL",
-                    qualified(&schema, &table)
-                )))
-            }
-        };
-        tables.push(Arc::new(TableRef {
-            schema,
-            name: table,
-            key_columns,
-            column_types: String::new(),
-        }));
+        tables.push(Arc::new(table_key(sql, &schema, &table).await?));
     }
     Ok(tables)
 }
@@ -99,8 +163,6 @@ pub(crate) struct ColumnInfo {
     /// The type as SQL (`format_type`), e.g. `character varying(20)`: what a
     /// literal of this column is cast to.
     pub sql_type: String,
-    /// Whether the column is part of the primary key.
-    pub in_primary_key: bool,
 }
 
 /// The live columns of the table `qualified` (quoted `schema.name`), in order.
@@ -110,10 +172,8 @@ pub(crate) async fn table_columns(
 ) -> Result<Vec<ColumnInfo>, PgError> {
     let rows = sql
         .query(
-            "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), \
-                    COALESCE(a.attnum = ANY(i.indkey), false) \
+            "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
                FROM pg_attribute a \
-               LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
               WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
               ORDER BY a.attnum",
             &[&qualified],
@@ -125,7 +185,6 @@ pub(crate) async fn table_columns(
             name: r.get(0),
             type_oid: r.get(1),
             sql_type: r.get(2),
-            in_primary_key: r.get(3),
         })
         .collect())
 }
@@ -140,4 +199,58 @@ pub(crate) async fn row_estimate(sql: &Client, qualified: &str) -> Result<f64, P
         )
         .await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(identity: &str, pk: Option<&[&str]>, index: Option<&[&str]>) -> KeyFacts {
+        let names = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        KeyFacts {
+            identity: identity.into(),
+            primary_key: pk.map(names),
+            identity_index: index.map(names),
+            columns: names(&["id", "code", "body"]),
+        }
+    }
+
+    fn key(f: KeyFacts) -> Result<(Vec<String>, KeySource), String> {
+        key_rule(f, "\"public\".\"t\"")
+    }
+
+    #[test]
+    fn key_follows_the_replica_identity() {
+        let pk = Some(&["id"][..]);
+        let index = Some(&["code"][..]);
+        assert_eq!(
+            key(facts("d", pk, None)).unwrap(),
+            (vec!["id".into()], KeySource::PrimaryKey)
+        );
+        assert_eq!(
+            key(facts("i", pk, index)).unwrap(),
+            (vec!["code".into()], KeySource::IdentityIndex)
+        );
+        assert_eq!(
+            key(facts("f", pk, None)).unwrap(),
+            (vec!["id".into()], KeySource::PrimaryKey)
+        );
+        let (all, source) = key(facts("f", None, None)).unwrap();
+        assert_eq!((all.len(), source), (3, KeySource::WholeRow));
+    }
+
+    #[test]
+    fn tables_without_a_sendable_key_are_refused_with_the_fix() {
+        let err = key(facts("n", Some(&["id"]), None)).unwrap_err();
+        assert!(err.contains("REPLICA IDENTITY NOTHING"), "{err}");
+        assert!(
+            err.contains("ALTER TABLE \"public\".\"t\" REPLICA IDENTITY DEFAULT"),
+            "{err}"
+        );
+        let err = key(facts("n", None, None)).unwrap_err();
+        assert!(err.contains("REPLICA IDENTITY FULL"), "{err}");
+        let err = key(facts("d", None, None)).unwrap_err();
+        assert!(err.contains("no primary key"), "{err}");
+        assert!(key(facts("i", Some(&["id"]), None)).is_err());
+    }
 }

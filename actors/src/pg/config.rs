@@ -3,6 +3,7 @@
 //! It lives in the PostgreSQL layer because every connection (replication,
 //! snapshot readers, the WAL monitor, `pgcdc check`) is built from it.
 
+use crate::error::ConfigError;
 use serde::Deserialize;
 
 use crate::secret::Secret;
@@ -70,12 +71,12 @@ impl Default for PostgresConfig {
 
 impl PostgresConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.host.is_empty() {
-            errors.push("postgres.host: must not be empty".into());
+            errors.push(ConfigError::new("postgres.host", "must not be empty"));
         }
         if self.port == 0 {
-            errors.push("postgres.port: must not be 0".into());
+            errors.push(ConfigError::new("postgres.port", "must not be 0"));
         }
         let bad_name = |n: &str| {
             n.is_empty()
@@ -85,30 +86,51 @@ impl PostgresConfig {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
         if bad_name(&self.slot) {
-            errors.push(format!(
-                "postgres.slot: {:?} must be 1-{IDENTIFIER_MAX_LEN} of [a-z0-9_]",
-                self.slot
+            errors.push(ConfigError::new(
+                "postgres.slot",
+                format!(
+                    "{:?} must be 1-{IDENTIFIER_MAX_LEN} of [a-z0-9_]",
+                    self.slot
+                ),
             ));
         }
         if self.publication.is_empty() {
-            errors.push("postgres.publication: must not be empty".into());
+            errors.push(ConfigError::new(
+                "postgres.publication",
+                "must not be empty",
+            ));
         }
         if self.tables.is_empty() {
-            errors.push("postgres.tables: list at least one table to capture".into());
+            errors.push(ConfigError::new(
+                "postgres.tables",
+                "list at least one table to capture",
+            ));
         }
         for (i, t) in self.tables.iter().enumerate() {
             if let Err(e) = parse_table_name(t) {
-                errors.push(format!("postgres.tables[{i}]: {e}"));
+                errors.push(ConfigError::new(
+                    format!("postgres.tables[{i}]"),
+                    e.to_string(),
+                ));
             }
         }
         if self.connect_timeout_secs == 0 {
-            errors.push("postgres.connect_timeout_secs: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "postgres.connect_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if self.status_interval_secs == 0 {
-            errors.push("postgres.status_interval_secs: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "postgres.status_interval_secs",
+                "must be at least 1",
+            ));
         }
         if self.max_batch_events == 0 {
-            errors.push("postgres.max_batch_events: must be at least 1".into());
+            errors.push(ConfigError::new(
+                "postgres.max_batch_events",
+                "must be at least 1",
+            ));
         }
     }
 }

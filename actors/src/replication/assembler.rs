@@ -1,14 +1,16 @@
 //! Turns decoded pgoutput messages into [`ChangeEvent`]s: keeps the relation
-//! cache, the open transaction, and splits key changes into delete + create.
+//! cache (whose key follows each Relation message's replica identity), the
+//! open transaction, splits key changes into delete + create, and drops
+//! changes of tables that are published but not configured.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
 use super::tuple::tuple_to_json;
-use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
+use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::types::{Rule, TypeMap};
 use crate::pg::values::type_name;
@@ -37,27 +39,32 @@ pub enum AssembleError {
     },
 }
 
-/// A cached relation, its columns' rendering rules and the table (with
-/// key) it maps to.
-pub(super) struct RelationInfo {
+/// A cached relation and the table (with key) it maps to; `None` for a
+/// table the publication has but the configuration does not.
+struct RelationInfo {
     relation: Relation,
+    /// How each column's values render (empty for an unconfigured table).
     rules: Vec<Rule>,
-    table: Arc<TableRef>,
+    table: Option<Arc<TableRef>>,
 }
 
 /// State of the decoding stream between messages.
 pub struct Assembler {
+    /// The configured tables, with their keys as resolved at start.
     known: HashMap<(String, String), Arc<TableRef>>,
     relations: HashMap<u32, RelationInfo>,
     /// Rendering rules of the non-built-in types seen so far.
     types: TypeMap,
+    /// Unconfigured tables already warned about.
+    ignored: HashSet<(String, String)>,
     tx: Option<TxMeta>,
     seq: u32,
 }
 
 impl Assembler {
-    /// An assembler that takes keys from `tables` (falling back to the
-    /// relation's key flags for tables it does not know).
+    /// An assembler for the configured `tables`: changes of other tables
+    /// are dropped. Keys follow the Relation messages; the keys in `tables`
+    /// only supply the primary key of REPLICA IDENTITY FULL tables.
     pub fn new(tables: &[Arc<TableRef>]) -> Self {
         let known = tables
             .iter()
@@ -67,6 +74,7 @@ impl Assembler {
             known,
             relations: HashMap::new(),
             types: TypeMap::default(),
+            ignored: HashSet::new(),
             tx: None,
             seq: 0,
         }
@@ -125,7 +133,9 @@ impl Assembler {
             }
             PgOutputMessage::Relation(rel) => self.relation(rel),
             PgOutputMessage::Insert { relation_oid, new } => {
-                let (rel, table) = self.lookup(relation_oid)?;
+                let (rel, Some(table)) = self.lookup(relation_oid)? else {
+                    return Ok(());
+                };
                 let (after, unchanged) = row(rel, &new)?;
                 let key = key_of(&table, &after);
                 self.push(
@@ -145,7 +155,9 @@ impl Assembler {
                 new,
             } => self.update(relation_oid, old, new, lsn, out)?,
             PgOutputMessage::Delete { relation_oid, old } => {
-                let (rel, table) = self.lookup(relation_oid)?;
+                let (rel, Some(table)) = self.lookup(relation_oid)? else {
+                    return Ok(());
+                };
                 let before = old_row(rel, &table, &old)?;
                 let key = key_of(&table, &before);
                 self.push(
@@ -161,7 +173,9 @@ impl Assembler {
             }
             PgOutputMessage::Truncate { relation_oids, .. } => {
                 for oid in relation_oids {
-                    let (_, table) = self.lookup(oid)?;
+                    let (_, Some(table)) = self.lookup(oid)? else {
+                        continue;
+                    };
                     self.push(out, Op::Truncate, table, None, None, None, Vec::new(), lsn)?;
                 }
             }
@@ -173,24 +187,29 @@ impl Assembler {
         Ok(())
     }
 
+    /// Cache a relation with its key as this Relation message states it.
     fn relation(&mut self, relation: Relation) {
         let name = (relation.namespace.clone(), relation.name.clone());
-        let key_columns = match self.known.get(&name) {
-            Some(t) => t.key_columns.clone(),
-            None => {
-                let flagged: Vec<String> = relation
-                    .columns
-                    .iter()
-                    .filter(|c| c.is_key)
-                    .map(|c| c.name.clone())
-                    .collect();
-                if flagged.is_empty() {
-                    relation.columns.iter().map(|c| c.name.clone()).collect()
-                } else {
-                    flagged
-                }
+        let Some(start) = self.known.get(&name) else {
+            if self.ignored.insert(name.clone()) {
+                tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
             }
+            let (table, rules) = (None, Vec::new());
+            let info = RelationInfo {
+                relation,
+                rules,
+                table,
+            };
+            self.relations.insert(info.relation.oid, info);
+            return;
         };
+        let (key_columns, key_source) = relation_key(&relation, start);
+        let previous = self.relations.get(&relation.oid);
+        if let Some(Some(before)) = previous.map(|p| &p.table) {
+            if before.key_columns != key_columns {
+                tracing::info!(table = %format!("{}.{}", name.0, name.1), key = ?key_columns, "the table's key changed");
+            }
+        }
         let types: Map<String, Value> = relation
             .columns
             .iter()
@@ -201,29 +220,27 @@ impl Assembler {
                 )
             })
             .collect();
-        let column_types = Value::Object(types).to_string();
-        let rules = relation
-            .columns
-            .iter()
-            .map(|c| self.types.rule(c.type_oid))
-            .collect();
         let table = Arc::new(TableRef {
             schema: name.0,
             name: name.1,
             key_columns,
-            column_types,
+            key_source,
+            column_types: Value::Object(types).to_string(),
         });
-        self.relations.insert(
-            relation.oid,
-            RelationInfo {
-                relation,
-                rules,
-                table,
-            },
-        );
+        let table = Some(table);
+        let rules = (relation.columns.iter())
+            .map(|c| self.types.rule(c.type_oid))
+            .collect();
+        let info = RelationInfo {
+            relation,
+            rules,
+            table,
+        };
+        self.relations.insert(info.relation.oid, info);
     }
 
-    fn lookup(&self, oid: u32) -> Result<(&RelationInfo, Arc<TableRef>), AssembleError> {
+    /// The cached relation and its table (`None`: not configured).
+    fn lookup(&self, oid: u32) -> Result<(&RelationInfo, Option<Arc<TableRef>>), AssembleError> {
         let info = self
             .relations
             .get(&oid)
@@ -239,7 +256,9 @@ impl Assembler {
         lsn: Lsn,
         out: &mut Vec<ChangeEvent>,
     ) -> Result<(), AssembleError> {
-        let (rel, table) = self.lookup(oid)?;
+        let (rel, Some(table)) = self.lookup(oid)? else {
+            return Ok(());
+        };
         let (mut after, mut unchanged) = row(rel, &new)?;
         let before = old.as_ref().map(|o| old_row(rel, &table, o)).transpose()?;
         if let (Some(OldTuple::Full(_)), Some(b)) = (&old, &before) {
@@ -367,8 +386,41 @@ fn old_row(
     }
 }
 
-/// The key columns of `row` as an object; `None` if any is missing.
+/// The row key of a relation by the replica identity rule, from its
+/// Relation message: the flagged columns for DEFAULT (the primary key) and
+/// USING INDEX (the index columns). FULL flags every column, so its primary
+/// key is the one resolved at `start`, while all its columns are still
+/// there; otherwise (or without a primary key) every column.
+fn relation_key(rel: &Relation, start: &TableRef) -> (Vec<String>, KeySource) {
+    let names = |key_only: bool| {
+        rel.columns
+            .iter()
+            .filter(|c| c.is_key || !key_only)
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    match rel.replica_identity {
+        b'f' => {
+            let has = |k: &String| rel.columns.iter().any(|c| &c.name == k);
+            let pk = start.key_source == KeySource::PrimaryKey
+                && !start.key_columns.is_empty()
+                && start.key_columns.iter().all(has);
+            match pk {
+                true => (start.key_columns.clone(), KeySource::PrimaryKey),
+                false => (names(false), KeySource::WholeRow),
+            }
+        }
+        b'i' => (names(true), KeySource::IdentityIndex),
+        _ => (names(true), KeySource::PrimaryKey),
+    }
+}
+
+/// The key columns of `row` as an object; `None` if any is missing or the
+/// table has no key.
 fn key_of(table: &TableRef, row: &Map<String, Value>) -> Option<Map<String, Value>> {
+    if table.key_columns.is_empty() {
+        return None;
+    }
     table
         .key_columns
         .iter()
@@ -377,258 +429,4 @@ fn key_of(table: &TableRef, row: &Map<String, Value>) -> Option<Map<String, Valu
 }
 
 #[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use serde_json::json;
-
-    use super::*;
-    use crate::replication::decode::{Column, TupleValue};
-
-    const INT4: u32 = 23;
-    const TEXT: u32 = 25;
-
-    fn relation() -> Relation {
-        let col = |name: &str, type_oid, is_key| Column {
-            is_key,
-            name: name.into(),
-            type_oid,
-            type_modifier: -1,
-        };
-        Relation {
-            oid: 16384,
-            namespace: "public".into(),
-            name: "users".into(),
-            replica_identity: b'd',
-            columns: vec![
-                col("id", INT4, true),
-                col("name", TEXT, false),
-                col("bio", TEXT, false),
-            ],
-        }
-    }
-
-    fn tuple(vals: &[Option<&str>]) -> Tuple {
-        Tuple(
-            vals.iter()
-                .map(|v| match v {
-                    None => TupleValue::Null,
-                    Some("<u>") => TupleValue::UnchangedToast,
-                    Some(s) => TupleValue::Text(Bytes::copy_from_slice(s.as_bytes())),
-                })
-                .collect(),
-        )
-    }
-
-    fn assembler() -> Assembler {
-        let mut a = Assembler::new(&[]);
-        a.apply(
-            PgOutputMessage::Relation(relation()),
-            Lsn(1),
-            &mut Vec::new(),
-        )
-        .unwrap();
-        a.begin(9, Lsn(500), 0);
-        a
-    }
-
-    fn obj(v: Value) -> Option<Map<String, Value>> {
-        v.as_object().cloned()
-    }
-
-    #[test]
-    fn insert_carries_key_row_and_transaction() {
-        let mut a = assembler();
-        let mut out = Vec::new();
-        let new = tuple(&[Some("1"), Some("ann"), None]);
-        a.apply(
-            PgOutputMessage::Insert {
-                relation_oid: 16384,
-                new,
-            },
-            Lsn(400),
-            &mut out,
-        )
-        .unwrap();
-        let e = &out[0];
-        assert_eq!(
-            (e.op, e.seq, e.lsn, e.tx.commit_lsn, e.tx.xid),
-            (Op::Create, 0, Lsn(400), Lsn(500), 9)
-        );
-        assert_eq!(e.key, obj(json!({"id": 1})));
-        assert_eq!(e.after, obj(json!({"id": 1, "name": "ann", "bio": null})));
-        assert_eq!(e.tx.commit_time_us, PG_EPOCH_OFFSET_US);
-    }
-
-    #[test]
-    fn key_change_becomes_delete_then_create() {
-        let mut a = assembler();
-        let mut out = Vec::new();
-        let old = Some(OldTuple::Key(tuple(&[Some("1"), None, None])));
-        let new = tuple(&[Some("2"), Some("ann"), Some("x")]);
-        a.apply(
-            PgOutputMessage::Update {
-                relation_oid: 16384,
-                old,
-                new,
-            },
-            Lsn(400),
-            &mut out,
-        )
-        .unwrap();
-        let ops: Vec<_> = out.iter().map(|e| (e.op, e.key.clone(), e.seq)).collect();
-        assert_eq!(
-            ops,
-            [
-                (Op::Delete, obj(json!({"id": 1})), 0),
-                (Op::Create, obj(json!({"id": 2})), 1)
-            ]
-        );
-        assert_eq!(out[0].before, obj(json!({"id": 1})));
-    }
-
-    #[test]
-    fn unchanged_toast_is_listed_not_invented() {
-        let mut a = assembler();
-        let mut out = Vec::new();
-        let new = tuple(&[Some("1"), Some("bob"), Some("<u>")]);
-        a.apply(
-            PgOutputMessage::Update {
-                relation_oid: 16384,
-                old: None,
-                new,
-            },
-            Lsn(400),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out[0].op, Op::Update);
-        assert_eq!(out[0].after, obj(json!({"id": 1, "name": "bob"})));
-        assert_eq!(out[0].unchanged_toast, ["bio"]);
-    }
-
-    #[test]
-    fn full_identity_fills_unchanged_toast_from_old_row() {
-        let mut a = assembler();
-        let mut out = Vec::new();
-        let old = Some(OldTuple::Full(tuple(&[
-            Some("1"),
-            Some("bob"),
-            Some("long"),
-        ])));
-        let new = tuple(&[Some("1"), Some("bobby"), Some("<u>")]);
-        a.apply(
-            PgOutputMessage::Update {
-                relation_oid: 16384,
-                old,
-                new,
-            },
-            Lsn(400),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            out[0].after,
-            obj(json!({"id": 1, "name": "bobby", "bio": "long"}))
-        );
-        assert!(out[0].unchanged_toast.is_empty());
-    }
-
-    #[test]
-    fn changes_outside_transactions_and_unknown_relations_are_errors() {
-        let mut a = assembler();
-        let new = tuple(&[Some("1"), None, None]);
-        let err = a.apply(
-            PgOutputMessage::Insert {
-                relation_oid: 7,
-                new: new.clone(),
-            },
-            Lsn(1),
-            &mut Vec::new(),
-        );
-        assert!(matches!(err, Err(AssembleError::UnknownRelation(7))));
-        a.commit();
-        let err = a.apply(
-            PgOutputMessage::Insert {
-                relation_oid: 16384,
-                new,
-            },
-            Lsn(1),
-            &mut Vec::new(),
-        );
-        assert!(matches!(err, Err(AssembleError::NoTransaction)));
-        let short = tuple(&[Some("1")]);
-        a.begin(1, Lsn(2), 0);
-        let err = a.apply(
-            PgOutputMessage::Insert {
-                relation_oid: 16384,
-                new: short,
-            },
-            Lsn(1),
-            &mut Vec::new(),
-        );
-        assert!(matches!(
-            err,
-            Err(AssembleError::ColumnCount {
-                got: 1,
-                expected: 3,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn user_types_are_resolved_before_their_relation_and_again_after_a_type_message() {
-        let mut a = Assembler::new(&[]);
-        let mut rel = relation();
-        rel.columns[2].type_oid = 70_000; // a domain over integer
-        assert_eq!(a.missing_types(&rel), vec![70_000]);
-        let rows = [(70_000, crate::pg::types::tests_row_domain(INT4))].into();
-        a.types_mut().extend(&[70_000], &rows);
-        assert!(a.missing_types(&rel).is_empty());
-        a.apply(
-            PgOutputMessage::Relation(rel.clone()),
-            Lsn(1),
-            &mut Vec::new(),
-        )
-        .unwrap();
-        a.begin(9, Lsn(500), 0);
-        let mut out = Vec::new();
-        let new = tuple(&[Some("1"), Some("ann"), Some("42")]);
-        a.apply(
-            PgOutputMessage::Insert {
-                relation_oid: 16384,
-                new,
-            },
-            Lsn(400),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            out[0].after,
-            obj(json!({"id": 1, "name": "ann", "bio": 42}))
-        );
-        let announced = PgOutputMessage::Type {
-            oid: 70_000,
-            namespace: "public".into(),
-            name: "posint".into(),
-        };
-        a.apply(announced, Lsn(401), &mut out).unwrap();
-        assert_eq!(a.missing_types(&rel), vec![70_000]);
-    }
-
-    #[test]
-    fn truncate_emits_one_event_per_table() {
-        let mut a = assembler();
-        let mut out = Vec::new();
-        a.apply(
-            PgOutputMessage::Truncate {
-                options: 0,
-                relation_oids: vec![16384],
-            },
-            Lsn(3),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!((out[0].op, out[0].key.clone()), (Op::Truncate, None));
-    }
-}
+mod tests;

@@ -15,26 +15,125 @@ use crate::pg::quote::{qualified, quote_ident};
 /// Kept at this path for callers not yet moved to [`crate::pg::connect`].
 pub use crate::pg::connect;
 
-/// Create the publication, or add the tables it lacks.
+/// What an existing publication holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationState {
+    /// `publish_via_partition_root`: changes of partitions are published
+    /// under the partitioned (root) table's name.
+    pub via_root: bool,
+    /// The published tables as (schema, name).
+    pub tables: Vec<(String, String)>,
+}
+
+impl PublicationState {
+    /// The configured tables the publication lacks.
+    pub fn missing<'a>(&self, tables: &'a [Arc<TableRef>]) -> Vec<&'a Arc<TableRef>> {
+        tables
+            .iter()
+            .filter(|t| {
+                !self
+                    .tables
+                    .iter()
+                    .any(|(s, n)| *s == t.schema && *n == t.name)
+            })
+            .collect()
+    }
+
+    /// The published tables that are not configured (`schema.name`): their
+    /// changes are decoded but not emitted.
+    pub fn extra(&self, tables: &[Arc<TableRef>]) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter(|(s, n)| !tables.iter().any(|t| *s == t.schema && *n == t.name))
+            .map(|(s, n)| format!("{s}.{n}"))
+            .collect()
+    }
+}
+
+/// The publication `name`, if it exists.
+pub async fn inspect_publication(
+    sql: &Client,
+    name: &str,
+) -> Result<Option<PublicationState>, ReplicationError> {
+    let Some(row) = sql
+        .query_opt(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let rows = sql
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
+        .await?;
+    Ok(Some(PublicationState {
+        via_root: row.get(0),
+        tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    }))
+}
+
+/// The configured tables that are partitioned (`schema.name`).
+async fn partitioned(
+    sql: &Client,
+    tables: &[Arc<TableRef>],
+) -> Result<Vec<String>, ReplicationError> {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect();
+    let rows = sql
+        .query(
+            "SELECT t.q FROM unnest($1::text[]) AS t(q) \
+               JOIN pg_class c ON c.oid = t.q::regclass WHERE c.relkind = 'p'",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Refuse a publication that would label a partitioned table's changes with
+/// its partitions' names (`publish_via_partition_root` off): the snapshot
+/// uses the configured root, the stream would not.
+pub async fn check_partition_root(
+    sql: &Client,
+    name: &str,
+    state: &PublicationState,
+    tables: &[Arc<TableRef>],
+) -> Result<(), ReplicationError> {
+    if state.via_root {
+        return Ok(());
+    }
+    let roots = partitioned(sql, tables).await?;
+    if roots.is_empty() {
+        return Ok(());
+    }
+    Err(ReplicationError::NotReady(format!(
+        "publication {name:?} publishes the changes of the partitioned table(s) {} under their partitions' names; run ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+        roots.join(", "),
+        quote_ident(name)
+    )))
+}
+
+/// Create the publication (publishing partitions under their root table's
+/// name), or add the tables it lacks; an existing publication that labels a
+/// configured partitioned table's changes with its partitions is refused,
+/// and its tables that are not configured are logged (they are not emitted).
 pub async fn ensure_publication(
     sql: &Client,
     name: &str,
     tables: &[Arc<TableRef>],
 ) -> Result<(), ReplicationError> {
-    let exists = sql
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-        .await?
-        .is_some();
     let list = |ts: &[&Arc<TableRef>]| {
         ts.iter()
             .map(|t| qualified(&t.schema, &t.name))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if !exists {
+    let Some(state) = inspect_publication(sql, name).await? else {
         let all: Vec<_> = tables.iter().collect();
         sql.batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
             quote_ident(name),
             list(&all)
         ))
@@ -45,19 +144,13 @@ pub async fn ensure_publication(
             "created publication"
         );
         return Ok(());
+    };
+    check_partition_root(sql, name, &state, tables).await?;
+    let extra = state.extra(tables);
+    if !extra.is_empty() {
+        tracing::warn!(publication = name, tables = %extra.join(", "), "the publication has tables that postgres.tables does not; their changes are not emitted");
     }
-    let rows = sql
-        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
-        .await?;
-    let published: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let missing: Vec<_> = tables
-        .iter()
-        .filter(|t| {
-            !published
-                .iter()
-                .any(|(s, n)| *s == t.schema && *n == t.name)
-        })
-        .collect();
+    let missing = state.missing(tables);
     if !missing.is_empty() {
         sql.batch_execute(&format!(
             "ALTER PUBLICATION {} ADD TABLE {}",
@@ -185,6 +278,34 @@ pub fn decide_start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publication_scope_lists_missing_and_extra_tables() {
+        let table = |n: &str| {
+            Arc::new(TableRef {
+                schema: "public".into(),
+                name: n.into(),
+                key_columns: vec!["id".into()],
+                key_source: Default::default(),
+                column_types: String::new(),
+            })
+        };
+        let configured = [table("a"), table("b")];
+        let state = PublicationState {
+            via_root: true,
+            tables: vec![
+                ("public".into(), "b".into()),
+                ("public".into(), "audit".into()),
+            ],
+        };
+        let missing: Vec<_> = state
+            .missing(&configured)
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        assert_eq!(missing, ["a"]);
+        assert_eq!(state.extra(&configured), ["public.audit"]);
+    }
 
     fn identity() -> SlotIdentity {
         SlotIdentity {

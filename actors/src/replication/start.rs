@@ -184,7 +184,22 @@ fn resumed_copies(
     tables: &[Arc<TableRef>],
     want_snapshot: bool,
 ) -> Vec<TableProgress> {
-    let mut pending: Vec<TableProgress> = checkpoint.pending().cloned().collect();
+    let configured = |p: &TableProgress| {
+        tables
+            .iter()
+            .any(|t| (&p.schema, &p.name) == (&t.schema, &t.name))
+    };
+    let mut pending: Vec<TableProgress> = checkpoint
+        .pending()
+        .filter(|p| {
+            let keep = configured(p);
+            if !keep {
+                tracing::warn!(table = %format!("{}.{}", p.schema, p.name), "the checkpoint has an unfinished copy of a table that is not configured; it is not resumed");
+            }
+            keep
+        })
+        .cloned()
+        .collect();
     if !pending.is_empty() {
         tracing::info!(
             tables = pending.len(),

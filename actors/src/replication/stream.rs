@@ -122,7 +122,7 @@ impl Stream {
         out: &mut Outbox,
     ) -> Result<(), ReplicationError> {
         let mut asm = Assembler::new(tables);
-        let mut windows = Windows::new(&self.config.slot, self.marks.clone());
+        let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
         let mut types = TypeSource::default();
         loop {
             tokio::select! {

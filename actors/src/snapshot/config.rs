@@ -1,5 +1,6 @@
 //! `[snapshot]`: whether and how existing rows are copied.
 
+use crate::error::ConfigError;
 use serde::Deserialize;
 
 /// Most reader connections a snapshot may open: each holds a transaction on
@@ -47,15 +48,17 @@ impl Default for SnapshotConfig {
 
 impl SnapshotConfig {
     /// Every invalid field, by path.
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
         if !(1..=PARALLELISM_MAX).contains(&self.parallelism) {
-            errors.push(format!(
-                "snapshot.parallelism: must be between 1 and {PARALLELISM_MAX}"
+            errors.push(ConfigError::new(
+                "snapshot.parallelism",
+                format!("must be between 1 and {PARALLELISM_MAX}"),
             ));
         }
         if !(1..=CHUNK_ROWS_MAX).contains(&self.chunk_rows) {
-            errors.push(format!(
-                "snapshot.chunk_rows: must be between 1 and {CHUNK_ROWS_MAX}"
+            errors.push(ConfigError::new(
+                "snapshot.chunk_rows",
+                format!("must be between 1 and {CHUNK_ROWS_MAX}"),
             ));
         }
     }
@@ -77,7 +80,7 @@ mod tests {
         }
         .validate(&mut errors);
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].starts_with("snapshot.parallelism"));
-        assert!(errors[1].starts_with("snapshot.chunk_rows"));
+        assert_eq!(errors[0].key, "snapshot.parallelism");
+        assert_eq!(errors[1].key, "snapshot.chunk_rows");
     }
 }

@@ -9,7 +9,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::SnapshotError;
 use crate::checkpoint::{KeyRange, KeyText};
-use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
+use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
@@ -39,14 +39,16 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    /// Read the table's columns and key from the catalog.
+    /// Read the table's columns and its key (by the replica identity rule,
+    /// as the catalog says now: a key changed since start is followed) from
+    /// the catalog.
     pub async fn load(sql: &Client, table: &TableRef) -> Result<Self, SnapshotError> {
         let qualified = qualified(&table.schema, &table.name);
+        let keyed = catalog::table_key(sql, &table.schema, &table.name).await?;
         let found = catalog::table_columns(sql, &qualified).await?;
         let encoding = sql.query_one("SHOW server_encoding", &[]).await?;
         let raw = encoding.get::<_, String>(0) == "SQL_ASCII";
-        let has_pk = found.iter().any(|c| c.in_primary_key);
-        let key = table
+        let key = keyed
             .key_columns
             .iter()
             .filter_map(|k| {
@@ -54,7 +56,8 @@ impl Shape {
                 Some((i, found[i].sql_type.clone()))
             })
             .collect::<Vec<_>>();
-        let keyless = !has_pk || key.len() != table.key_columns.len();
+        let keyless =
+            keyed.key_source == KeySource::WholeRow || key.len() != keyed.key_columns.len();
         let names: Map<String, Value> = found
             .iter()
             .map(|c| {
@@ -71,7 +74,7 @@ impl Shape {
             .collect();
         let table = Arc::new(TableRef {
             column_types: Value::Object(names).to_string(),
-            ..table.clone()
+            ..keyed
         });
         Ok(Self {
             table,
@@ -106,8 +109,8 @@ impl Shape {
         items.join(", ")
     }
 
-    /// Whether the table has no primary key (REPLICA IDENTITY FULL): it can
-    /// only be copied whole, in one pass, and not backfilled by key.
+    /// Whether the table has no unique key (REPLICA IDENTITY FULL without a
+    /// primary key): it can only be copied whole, in one pass, and not backfilled by key.
     pub fn keyless(&self) -> bool {
         self.keyless
     }
@@ -354,6 +357,7 @@ mod tests {
                 schema: "public".into(),
                 name: "t".into(),
                 key_columns: keys.iter().map(|(c, _)| c.to_string()).collect(),
+                key_source: Default::default(),
                 column_types: String::new(),
             }),
             qualified: "public.t".into(),

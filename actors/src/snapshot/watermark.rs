@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::TableProgress;
-use crate::event::{ChangeEvent, Op};
+use crate::event::{ChangeEvent, KeySource, Op, TableRef};
 
 /// Prefix of watermark messages.
 pub const WATERMARK_PREFIX: &str = crate::wire::message::WATERMARK;
@@ -177,6 +177,10 @@ pub struct Windows {
     slot: String,
     marks: Watermarks,
     open: HashMap<u64, Window>,
+    /// The configured tables with a unique key: the only ones a signal may
+    /// ask to backfill (anything else would be checkpointed as a copy that
+    /// can never finish).
+    copyable: HashSet<(String, String)>,
 }
 
 fn key_text(e: &ChangeEvent) -> String {
@@ -187,12 +191,18 @@ fn key_text(e: &ChangeEvent) -> String {
 }
 
 impl Windows {
-    /// Windows for the stream of `slot`.
-    pub fn new(slot: &str, marks: Watermarks) -> Self {
+    /// Windows for the stream of `slot`, whose configured tables are `tables`.
+    pub fn new(slot: &str, marks: Watermarks, tables: &[Arc<TableRef>]) -> Self {
+        let copyable = tables
+            .iter()
+            .filter(|t| t.key_source != KeySource::WholeRow)
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect();
         Self {
             slot: slot.to_owned(),
             marks,
             open: HashMap::new(),
+            copyable,
         }
     }
 
@@ -233,10 +243,7 @@ impl Windows {
                 }
             }
             SIGNAL_PREFIX => match serde_json::from_slice::<Signal>(content) {
-                Ok(s) if s.slot == self.slot => {
-                    tracing::info!(table = %format!("{}.{}", s.schema, s.table), "backfill requested");
-                    MessageAction::Backfill(TableProgress::fresh(&s.schema, &s.table))
-                }
+                Ok(s) if s.slot == self.slot => self.signal(s),
                 Ok(_) => MessageAction::Ignore,
                 Err(e) => {
                     tracing::warn!(error = %e, "ignoring a malformed signal message");
@@ -245,6 +252,18 @@ impl Windows {
             },
             _ => MessageAction::Ignore,
         }
+    }
+
+    /// A backfill request for this slot: only a configured table with a
+    /// unique key is copied; anything else is ignored and nothing persisted.
+    fn signal(&self, s: Signal) -> MessageAction {
+        let table = format!("{}.{}", s.schema, s.table);
+        if !self.copyable.contains(&(s.schema.clone(), s.table.clone())) {
+            tracing::warn!(table = %table, "ignoring a backfill signal for a table that is not configured or has no unique key");
+            return MessageAction::Ignore;
+        }
+        tracing::info!(table = %table, "backfill requested");
+        MessageAction::Backfill(TableProgress::fresh(&s.schema, &s.table))
     }
 
     fn low(&mut self, id: u64) {
@@ -285,7 +304,7 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{TableRef, TxMeta};
+    use crate::event::TxMeta;
     use crate::lsn::Lsn;
     use serde_json::json;
 
@@ -297,6 +316,7 @@ mod tests {
                 schema: "public".into(),
                 name: "t".into(),
                 key_columns: vec!["id".into()],
+                key_source: Default::default(),
                 column_types: String::new(),
             }),
             key: if op == Op::Truncate {
@@ -338,7 +358,7 @@ mod tests {
     #[test]
     fn rows_changed_between_the_marks_are_dropped() {
         let marks = Watermarks::default();
-        let mut w = Windows::new("s", marks.clone());
+        let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, mut rx) = chunk(&marks, &[1, 2, 3]);
         assert!(matches!(
             w.on_message(WATERMARK_PREFIX, &mark(id, false)),
@@ -359,7 +379,7 @@ mod tests {
     #[test]
     fn truncate_between_the_marks_drops_the_chunk() {
         let marks = Watermarks::default();
-        let mut w = Windows::new("s", marks.clone());
+        let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, _rx) = chunk(&marks, &[1, 2]);
         w.on_message(WATERMARK_PREFIX, &mark(id, false));
         w.observe(&[event(Op::Truncate, 0)]);
@@ -372,7 +392,7 @@ mod tests {
     #[test]
     fn a_high_mark_without_its_low_mark_asks_for_a_retry() {
         let marks = Watermarks::default();
-        let mut w = Windows::new("s", marks.clone());
+        let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, mut rx) = chunk(&marks, &[1]);
         assert!(matches!(
             w.on_message(WATERMARK_PREFIX, &mark(id, true)),
@@ -384,7 +404,7 @@ mod tests {
     #[test]
     fn other_slots_and_stale_sessions_are_ignored() {
         let marks = Watermarks::default();
-        let mut w = Windows::new("other", marks.clone());
+        let mut w = Windows::new("other", marks.clone(), &[]);
         let (id, _rx) = chunk(&marks, &[1]);
         w.on_message(WATERMARK_PREFIX, &mark(id, false));
         assert!(matches!(
@@ -397,5 +417,40 @@ mod tests {
             w.on_message(WATERMARK_PREFIX, b"not json"),
             MessageAction::Ignore
         ));
+    }
+
+    #[test]
+    fn signals_for_unconfigured_or_keyless_tables_are_ignored() {
+        let table = |name: &str, key_source| {
+            Arc::new(TableRef {
+                schema: "public".into(),
+                name: name.into(),
+                key_columns: vec!["id".into()],
+                key_source,
+                column_types: String::new(),
+            })
+        };
+        let tables = [
+            table("keyed", KeySource::IdentityIndex),
+            table("keyless", KeySource::WholeRow),
+        ];
+        let mut w = Windows::new("s", Watermarks::default(), &tables);
+        let signal = |t: &str| {
+            let s = Signal {
+                slot: "s".into(),
+                schema: "public".into(),
+                table: t.into(),
+            };
+            serde_json::to_vec(&s).unwrap()
+        };
+        for t in ["keyless", "unknown"] {
+            let action = w.on_message(SIGNAL_PREFIX, &signal(t));
+            assert!(matches!(action, MessageAction::Ignore), "{t}: {action:?}");
+        }
+        let action = w.on_message(SIGNAL_PREFIX, &signal("keyed"));
+        assert!(
+            matches!(&action, MessageAction::Backfill(p) if p.name == "keyed"),
+            "{action:?}"
+        );
     }
 }

@@ -1,10 +1,11 @@
-//! An HTTP proxy in front of the search server for the `es-errors`
-//! scenario. Armed with a burst of faults, it answers that many `_bulk`
-//! requests badly, one fault each, drawn from a seeded PRNG: 429 or 500 for
-//! the whole request, a dropped connection, or a partial failure (some items
-//! are not forwarded and answered with 429 or 503). Everything else is
-//! forwarded unchanged. One request per connection (`connection: close`).
+//! An HTTP proxy in front of the search server that answers `_bulk`
+//! requests badly on command: each queued [`Fault`] spoils the next bulk
+//! request (a 429 or 500 for the whole request, a dropped connection, or a
+//! partial failure: some items are not forwarded and answered with an error
+//! status). Everything else is forwarded unchanged. One request per
+//! connection (`connection: close`).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -12,66 +13,49 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::workload::lock;
-use super::Rng;
+use crate::lock;
 
-/// A fault for one `_bulk` request.
+/// Bytes read from a connection at a time.
+const CHUNK: usize = 64 * 1024;
+
+/// What one spoiled `_bulk` request gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    /// 429 for the whole request.
-    Reject429,
-    /// 500 for the whole request.
-    Reject500,
+pub enum Fault {
+    /// This status (429, 500, …) for the whole request.
+    Reject(u16),
     /// Close the connection without an answer.
     Drop,
     /// Every `every`-th item (from the first) fails with `status`, not applied.
-    Partial { every: usize, status: u16 },
+    Partial {
+        /// Which items fail.
+        every: usize,
+        /// Their status (429, 503, …).
+        status: u16,
+    },
 }
 
-#[derive(Debug)]
+/// Queued and fired faults, and bulk requests seen.
+#[derive(Debug, Default)]
 struct State {
-    rng: Rng,
-    armed: usize,
+    queue: VecDeque<Fault>,
     fired: usize,
-}
-
-impl State {
-    fn next_fault(&mut self) -> Option<Fault> {
-        if self.armed == 0 {
-            return None;
-        }
-        self.armed -= 1;
-        self.fired += 1;
-        Some(match self.rng.below(4) {
-            0 => Fault::Reject429,
-            1 => Fault::Reject500,
-            2 => Fault::Drop,
-            _ => Fault::Partial {
-                every: 2 + self.rng.below(3) as usize,
-                status: if self.rng.below(2) == 0 { 429 } else { 503 },
-            },
-        })
-    }
+    seen: usize,
 }
 
 /// The running proxy; its accept loop ends when it is dropped.
-pub struct EsFaultProxy {
+pub struct BulkFaultProxy {
     /// Base URL the daemon uses.
     pub url: String,
     state: Arc<Mutex<State>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
-impl EsFaultProxy {
-    /// Proxy to `upstream` (a base URL) on a free port; faults drawn from `seed`.
-    pub async fn start(upstream: &str, seed: u64) -> Result<EsFaultProxy> {
+impl BulkFaultProxy {
+    /// Proxy to `upstream` (a base URL) on a free port.
+    pub async fn start(upstream: &str) -> Result<BulkFaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let state = Arc::new(Mutex::new(State {
-            rng: Rng::new(seed),
-            armed: 0,
-            fired: 0,
-        }));
+        let state = Arc::new(Mutex::new(State::default()));
         let (st, upstream) = (state.clone(), upstream.to_owned());
         let http = reqwest::Client::new();
         let accept = tokio::spawn(async move {
@@ -79,39 +63,45 @@ impl EsFaultProxy {
                 tokio::spawn(serve(conn, upstream.clone(), http.clone(), st.clone()));
             }
         });
-        Ok(EsFaultProxy { url, state, accept })
+        Ok(BulkFaultProxy { url, state, accept })
     }
 
-    /// Fail the next `n` bulk requests (one fault each).
-    pub fn arm(&self, n: usize) {
-        lock(&self.state).armed += n;
+    /// Spoil the next bulk requests with `faults`, in order, one each.
+    pub fn push(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.state).queue.extend(faults);
     }
 
     /// Faults fired so far.
     pub fn fired(&self) -> usize {
         lock(&self.state).fired
     }
+
+    /// Faults queued that have not fired yet.
+    pub fn pending(&self) -> usize {
+        lock(&self.state).queue.len()
+    }
+
+    /// Bulk requests seen so far.
+    pub fn seen(&self) -> usize {
+        lock(&self.state).seen
+    }
 }
 
-impl Drop for EsFaultProxy {
+impl Drop for BulkFaultProxy {
     fn drop(&mut self) {
         self.accept.abort();
     }
 }
 
-/// Read one HTTP/1.1 request (head + content-length body): method, path,
-/// body. Also used by the tests' ES fault proxy.
-pub async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+/// Read one HTTP/1.1 request (head + content-length body): method, path, body.
+async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
+    let mut chunk = vec![0u8; CHUNK];
     let head_end = loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break p + 4;
         }
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = conn.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -126,17 +116,14 @@ pub async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u
         })
         .unwrap_or(0);
     while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = conn.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
     }
     Some((method, path, buf[head_end..head_end + len].to_vec()))
 }
 
 /// Answer with `status` and a JSON `body`, then close the connection.
-pub async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
+async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
     let head = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -147,7 +134,7 @@ pub async fn respond(conn: &mut TcpStream, status: u16, body: &[u8]) {
 }
 
 /// Pass a request on to `upstream`; a failed request answers 502.
-pub async fn forward(
+async fn forward(
     http: &reqwest::Client,
     upstream: &str,
     method: &str,
@@ -208,7 +195,7 @@ async fn partial(
     status: u16,
 ) -> (u16, Vec<u8>) {
     let items = bulk_items(body);
-    let fails = |i: usize| i % every == 0;
+    let fails = |i: usize| i % every.max(1) == 0;
     let mut kept: String = items
         .iter()
         .enumerate()
@@ -217,14 +204,12 @@ async fn partial(
         .collect::<Vec<_>>()
         .join("\n");
     let mut answers = Vec::new().into_iter();
-    let mut code = 200;
     if !kept.is_empty() {
         kept.push('\n');
         let (s, resp) = forward(http, upstream, "POST", path, kept.into_bytes()).await;
         if s != 200 {
             return (s, resp);
         }
-        code = s;
         let resp: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
         answers = resp["items"]
             .as_array()
@@ -242,14 +227,30 @@ async fn partial(
         .enumerate()
         .map(|(i, it)| {
             if fails(i) {
-                json!({ action(it): {"status": status, "error": {"type": reason, "reason": "chaos"}}})
+                json!({ action(it): {"status": status, "error": {"type": reason, "reason": "injected"}}})
             } else {
                 answers.next().unwrap_or(Value::Null)
             }
         })
         .collect();
-    let body = json!({"took": 1, "errors": true, "items": spliced}).to_string();
-    (code, body.into_bytes())
+    (
+        200,
+        json!({"took": 1, "errors": true, "items": spliced})
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+/// The fault for the next request to `path` (only `_bulk` requests are spoiled).
+fn next_fault(state: &Mutex<State>, path: &str) -> Option<Fault> {
+    if !path.contains("_bulk") {
+        return None;
+    }
+    let mut s = lock(state);
+    s.seen += 1;
+    let fault = s.queue.pop_front();
+    s.fired += usize::from(fault.is_some());
+    fault
 }
 
 async fn serve(
@@ -261,16 +262,15 @@ async fn serve(
     let Some((method, path, body)) = read_request(&mut conn).await else {
         return;
     };
-    let fault = if path.contains("_bulk") {
-        lock(&state).next_fault()
-    } else {
-        None
-    };
-    let (status, resp) = match fault {
+    let (status, resp) = match next_fault(&state, &path) {
         None => forward(&http, &upstream, &method, &path, body).await,
         Some(Fault::Drop) => return drop(conn),
-        Some(Fault::Reject429) => (429, br#"{"error":"chaos","status":429}"#.to_vec()),
-        Some(Fault::Reject500) => (500, br#"{"error":"chaos","status":500}"#.to_vec()),
+        Some(Fault::Reject(status)) => (
+            status,
+            json!({"error": "injected", "status": status})
+                .to_string()
+                .into_bytes(),
+        ),
         Some(Fault::Partial { every, status }) => {
             partial(&http, &upstream, &path, &body, every, status).await
         }
@@ -294,14 +294,22 @@ mod tests {
 
     #[test]
     fn an_armed_burst_fires_exactly_its_faults() {
-        let mut s = State {
-            rng: Rng::new(3),
-            armed: 3,
-            fired: 0,
-        };
-        let faults: Vec<_> = (0..5).map(|_| s.next_fault()).collect();
-        assert_eq!(faults.iter().filter(|f| f.is_some()).count(), 3);
-        assert_eq!(s.fired, 3);
-        assert!(faults[3].is_none() && faults[4].is_none());
+        let state = Mutex::new(State::default());
+        lock(&state)
+            .queue
+            .extend([Fault::Drop, Fault::Reject(429), Fault::Reject(500)]);
+        assert_eq!(next_fault(&state, "/idx/_search"), None);
+        let fired: Vec<_> = (0..5).map(|_| next_fault(&state, "/_bulk")).collect();
+        assert_eq!(
+            &fired[..3],
+            [
+                Some(Fault::Drop),
+                Some(Fault::Reject(429)),
+                Some(Fault::Reject(500))
+            ]
+        );
+        assert!(fired[3].is_none() && fired[4].is_none());
+        let s = lock(&state);
+        assert_eq!((s.fired, s.seen, s.queue.len()), (3, 5, 0));
     }
 }

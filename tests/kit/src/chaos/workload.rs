@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::services::connect;
 use super::Rng;
+use crate::lock;
+use crate::pg::connect;
 
 /// The table the workload writes.
 pub const DDL: &str = "CREATE TABLE chaos_items (id bigint PRIMARY KEY, n bigint NOT NULL, v text)";
@@ -20,6 +21,8 @@ pub const DDL: &str = "CREATE TABLE chaos_items (id bigint PRIMARY KEY, n bigint
 pub const LARGE_TX_ROWS: i64 = 5_000;
 /// The transaction number of the large transaction.
 const LARGE_TX_AT: i64 = 25;
+/// How long the writer keeps trying to reconnect after an error.
+const RECONNECT: Duration = Duration::from_secs(60);
 
 /// A change a committed transaction must have produced on Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -188,7 +191,7 @@ fn plan(n: i64, model: &mut Model, rng: &mut Rng) -> Plan {
 /// Reconnect and reload the live ids after an error (the outcome of the
 /// failed transaction is unknown, so the model is re-read from the table).
 async fn recover(url: &str, model: &mut Model) -> Option<Client> {
-    let client = connect(url, Duration::from_secs(60)).await.ok()?;
+    let client = connect(url, RECONNECT).await.ok()?;
     let rows = client.query("SELECT id FROM chaos_items", &[]).await.ok()?;
     model.live = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
     Some(client)
@@ -231,11 +234,6 @@ pub async fn run(url: String, seed: u64, stop: Arc<AtomicBool>, journal: Arc<Mut
         });
         tokio::time::sleep(Duration::from_millis(2 + rng.below(8))).await;
     }
-}
-
-/// Lock, ignoring poisoning (a panicked holder left consistent data behind).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! A TCP proxy for the `proxy` scenario: it forwards bytes both ways between
+//! A TCP proxy: it forwards bytes both ways between
 //! the daemon and one service, and on command cuts every open connection or
-//! holds each chunk for a while (delay). The schedule lives in
-//! [`super::faults`]; the proxy itself is deterministic.
+//! holds each chunk for a while (delay). Schedules live in the callers
+//! (the chaos `proxy` scenario); the proxy itself is deterministic.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+/// Bytes read and forwarded at a time.
+const CHUNK: usize = 32 * 1024;
 
 /// A running proxy; its accept loop ends when it is dropped.
 pub struct TcpProxy {
@@ -44,6 +47,11 @@ impl TcpProxy {
             cut,
             accept,
         })
+    }
+
+    /// A proxy on a fresh port of 127.0.0.1 in front of `127.0.0.1:upstream`.
+    pub fn to(upstream: u16) -> Result<TcpProxy> {
+        TcpProxy::start(std::net::TcpListener::bind("127.0.0.1:0")?, upstream)
     }
 
     /// Close every open connection (new ones are accepted as before).
@@ -87,7 +95,7 @@ async fn serve(
 
 /// Copy `from` to `to`, holding each chunk for the current delay.
 async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Arc<AtomicU64>) {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,

@@ -5,10 +5,27 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use pgcdc_actors::wire::failpoint;
 use tokio::task::block_in_place;
 
-use super::es_proxy::EsFaultProxy;
-use super::{oracle, wait_streaming, ChaosOptions, Rng, World};
+use super::check::sink_offsets;
+use super::world::{wait_streaming, World, SLOT};
+use super::{ChaosOptions, Rng, Scenario};
+use crate::proxy::bulk::Fault;
+use crate::wait::{self, Poll};
+
+/// How long the daemon gets to exit after SIGTERM, or to refuse a start.
+const EXIT: Duration = Duration::from_secs(60);
+/// How long the live sink gets to commit its first offsets.
+const SINK_JOIN: Duration = Duration::from_secs(60);
+/// How long a slot operation is retried while the walsender lets go of the slot.
+const SLOT_BUSY: Duration = Duration::from_secs(10);
+/// Pause between two attempts of a slot operation.
+const SLOT_RETRY: Duration = Duration::from_millis(200);
+/// The exit code of a slot that cannot be trusted (docs/operations).
+const EXIT_SLOT: i32 = 5;
+/// The exit code of a local I/O failure (docs/operations).
+const EXIT_LOCAL_IO: i32 = 6;
 
 /// Failpoints the `panic` scenario arms, one per restart: after Kafka
 /// acknowledged a batch (before the checkpoint), after the checkpoint
@@ -16,11 +33,11 @@ use super::{oracle, wait_streaming, ChaosOptions, Rng, World};
 /// ES bulk was written (before the offsets are committed), and in the middle
 /// of a backfill chunk (a backfill is requested with `pgcdc snapshot`).
 const FAILPOINTS: [&str; 5] = [
-    "producer-after-ack=1*panic",
-    "checkpoint-before-confirm=1*panic",
-    "replication-publish=1*panic",
-    "es-after-bulk=1*panic",
-    "snapshot-chunk=1*panic",
+    failpoint::PRODUCER_AFTER_ACK,
+    failpoint::CHECKPOINT_BEFORE_CONFIRM,
+    failpoint::REPLICATION_PUBLISH,
+    failpoint::ES_AFTER_BULK,
+    failpoint::SNAPSHOT_CHUNK,
 ];
 
 /// `count` sorted offsets within the middle 80% of `duration`.
@@ -35,17 +52,18 @@ fn schedule(rng: &mut Rng, count: usize, duration: Duration) -> Vec<Duration> {
 
 /// Run the scenario's faults over `opts.duration_secs`; how many were injected.
 pub(crate) async fn inject(
-    name: &str,
+    name: Scenario,
     rng: &mut Rng,
     opts: &ChaosOptions,
     w: &mut World,
 ) -> Result<usize> {
     let duration = Duration::from_secs(opts.duration_secs);
+    use Scenario::*;
     let count = match name {
-        "slot-dropped" | "slot-advanced" => 0,
-        "panic" | "es-errors" | "kafka-down" | "disk-full" => opts.kills.max(1),
-        "checkpoint-corrupt" | "checkpoint-missing" | "proxy" => opts.kills.max(1),
-        _ => opts.kills,
+        SlotDropped | SlotAdvanced => 0,
+        Panic | EsErrors | KafkaDown | DiskFull => opts.kills.max(1),
+        CheckpointCorrupt | CheckpointMissing | Proxy => opts.kills.max(1),
+        Kill9 | PgRestart | WalsenderKill => opts.kills,
     };
     let start = Instant::now();
     let first_fp = rng.below(FAILPOINTS.len() as u64) as usize;
@@ -53,22 +71,24 @@ pub(crate) async fn inject(
     for (i, at) in schedule(rng, count, duration).into_iter().enumerate() {
         tokio::time::sleep((start + at).saturating_duration_since(Instant::now())).await;
         injected += match name {
-            "kill9" => kill9(rng, w).await?,
-            "panic" => arm_failpoint(FAILPOINTS[(first_fp + i) % FAILPOINTS.len()], w).await?,
-            "pg-restart" => {
+            Kill9 => kill9(rng, w).await?,
+            Panic => arm_failpoint(FAILPOINTS[(first_fp + i) % FAILPOINTS.len()], w).await?,
+            PgRestart => {
                 let mode = if i % 2 == 0 { "immediate" } else { "fast" };
-                w.pg_restarted.store(true, Ordering::SeqCst);
+                if let Some(s) = &w.slot {
+                    s.restarted.store(true, Ordering::SeqCst);
+                }
                 block_in_place(|| w.pg.restart(mode))?;
                 1
             }
-            "walsender-kill" => terminate_walsender(w).await?,
-            "proxy" => proxy_fault(rng, w).await?,
-            "es-errors" => arm_es_faults(rng, w)?,
-            "kafka-down" => kafka_down(rng, w).await?,
-            "disk-full" => disk_full(rng, w).await?,
-            "checkpoint-corrupt" => checkpoint_fault(i, rng, w, Damage::Corrupt).await?,
-            "checkpoint-missing" => checkpoint_fault(i, rng, w, Damage::Delete).await?,
-            other => bail!("no faults for scenario {other}"),
+            WalsenderKill => terminate_walsender(w).await?,
+            Proxy => proxy_fault(rng, w).await?,
+            EsErrors => arm_es_faults(rng, w)?,
+            KafkaDown => kafka_down(rng, w).await?,
+            DiskFull => disk_full(rng, w).await?,
+            CheckpointCorrupt => checkpoint_fault(i, rng, w, Damage::Corrupt).await?,
+            CheckpointMissing => checkpoint_fault(i, rng, w, Damage::Delete).await?,
+            SlotDropped | SlotAdvanced => bail!("no faults for scenario {}", name.name()),
         };
     }
     tokio::time::sleep((start + duration).saturating_duration_since(Instant::now())).await;
@@ -106,10 +126,25 @@ async fn proxy_fault(rng: &mut Rng, w: &mut World) -> Result<usize> {
 /// Arm the ES proxy with a burst of faults for the next bulk requests;
 /// they are counted when they fire (see [`after_stop`]: the sink may be
 /// behind, so they can fire while the mirror converges).
-fn arm_es_faults(rng: &mut Rng, w: &World) -> Result<usize> {
-    let p = w.es_proxy.as_ref().context("no es proxy")?;
-    p.arm(2 + rng.below(4) as usize);
+fn arm_es_faults(rng: &mut Rng, w: &mut World) -> Result<usize> {
+    let (p, draw) = w.es_proxy.as_mut().context("no es proxy")?;
+    let n = 2 + rng.below(4) as usize;
+    p.push((0..n).map(|_| es_fault(draw)));
     Ok(0)
+}
+
+/// One `_bulk` fault: 429 or 500 for the whole request, a dropped
+/// connection, or every 2nd–4th item failing with 429 or 503.
+fn es_fault(rng: &mut Rng) -> Fault {
+    match rng.below(4) {
+        0 => Fault::Reject(429),
+        1 => Fault::Reject(500),
+        2 => Fault::Drop,
+        _ => Fault::Partial {
+            every: 2 + rng.below(3) as usize,
+            status: if rng.below(2) == 0 { 429 } else { 503 },
+        },
+    }
 }
 
 /// Freeze the broker (SIGSTOP) for 2–6 s, then let it go on (SIGCONT):
@@ -123,9 +158,9 @@ fn arm_es_faults(rng: &mut Rng, w: &World) -> Result<usize> {
 /// with memory storage it loses its records, and with its SQLite storage the
 /// sink's consumer group got no assignment, even before the first fault.
 async fn kafka_down(rng: &mut Rng, w: &mut World) -> Result<usize> {
-    w.tansu.signal("STOP")?;
+    w.broker.signal("STOP")?;
     tokio::time::sleep(Duration::from_millis(2000 + rng.below(4000))).await;
-    w.tansu.signal("CONT")?;
+    w.broker.signal("CONT")?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     Ok(1)
 }
@@ -140,23 +175,21 @@ async fn kill9(rng: &mut Rng, w: &mut World) -> Result<usize> {
 }
 
 /// SIGTERM (must exit 0), then start again with `FAILPOINTS` set.
-async fn arm_failpoint(failpoint: &str, w: &mut World) -> Result<usize> {
+async fn arm_failpoint(name: &str, w: &mut World) -> Result<usize> {
     wait_sink_joined(w).await?;
-    let status = block_in_place(|| w.daemon.terminate(Duration::from_secs(60)))?;
+    let status = block_in_place(|| w.daemon.terminate(EXIT))?;
     if status.code() != Some(0) {
         bail!(
-            "sigterm before arming {failpoint}: exit code {:?}",
+            "sigterm before arming {name}: exit code {:?}",
             status.code()
         );
     }
-    w.daemon.set_env("FAILPOINTS", Some(failpoint));
+    w.daemon
+        .set_env("FAILPOINTS", Some(&format!("{name}=1*panic")));
     w.daemon.spawn()?;
     wait_streaming(w).await?;
-    if failpoint.starts_with("snapshot-chunk") {
-        let out = block_in_place(|| {
-            w.daemon
-                .command(&["snapshot", "--table", "public.chaos_items"])
-        })?;
+    if name == failpoint::SNAPSHOT_CHUNK {
+        let out = block_in_place(|| w.daemon.run(&["snapshot", "--table", "public.chaos_items"]))?;
         if !out.status.success() {
             bail!(
                 "pgcdc snapshot failed: {}",
@@ -171,8 +204,8 @@ async fn arm_failpoint(failpoint: &str, w: &mut World) -> Result<usize> {
 /// trusted) within 60 s.
 fn restart_refused(w: &mut World, what: &str) -> Result<()> {
     w.daemon.spawn()?;
-    let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(60)))?;
-    if status.code() != Some(5) {
+    let status = block_in_place(|| w.daemon.wait_exit(EXIT))?;
+    if status.code() != Some(EXIT_SLOT) {
         bail!("{what}: exit code {:?}, want 5", status.code());
     }
     Ok(())
@@ -187,28 +220,28 @@ async fn terminate_walsender(w: &mut World) -> Result<usize> {
 /// Checks that need the daemon stopped: failpoints fired; ES faults fired (counted here);
 /// a dropped or advanced slot is refused with exit 5.
 /// Returns the faults injected here.
-pub(crate) async fn after_stop(name: &str, injections: usize, w: &mut World) -> Result<usize> {
+pub(crate) async fn after_stop(name: Scenario, injections: usize, w: &mut World) -> Result<usize> {
     match name {
-        "panic" => {
+        Scenario::Panic => {
             let fired = w.daemon.log_text().matches("panicked").count();
             if fired < injections {
                 bail!("only {fired} of {injections} failpoints fired");
             }
         }
-        "proxy" if injections == 0 => bail!("no fault fired"),
-        "es-errors" => {
-            let fired = w.es_proxy.as_ref().map_or(0, EsFaultProxy::fired);
+        Scenario::Proxy if injections == 0 => bail!("no fault fired"),
+        Scenario::EsErrors => {
+            let fired = w.es_proxy.as_ref().map_or(0, |(p, _)| p.fired());
             if fired == 0 {
                 bail!("no es fault fired");
             }
             return Ok(fired);
         }
-        "slot-advanced" => {
+        Scenario::SlotAdvanced => {
             advance_slot(w).await?;
             restart_refused(w, "restart with the slot advanced past the checkpoint")?;
             return Ok(1);
         }
-        "slot-dropped" => {
+        Scenario::SlotDropped => {
             drop_slot(w).await?;
             restart_refused(w, "restart without the slot")?;
             return Ok(1);
@@ -220,18 +253,11 @@ pub(crate) async fn after_stop(name: &str, injections: usize, w: &mut World) -> 
 
 /// Drop the slot; the walsender may need a moment to let go of it.
 async fn drop_slot(w: &World) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match w
-            .db
-            .execute("SELECT pg_drop_replication_slot('pgcdc')", &[])
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e).context("drop the slot"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    wait::retry("the slot to be dropped", SLOT_BUSY, SLOT_RETRY, || {
+        w.db.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+    })
+    .await?;
+    Ok(())
 }
 
 /// Fill `state_dir`'s filesystem for a few seconds while the workload runs.
@@ -241,15 +267,17 @@ async fn drop_slot(w: &World) -> Result<()> {
 async fn disk_full(rng: &mut Rng, w: &mut World) -> Result<usize> {
     let filler = w.state_dir.join("chaos-filler");
     block_in_place(|| fill(&filler))?;
-    let held = Instant::now() + Duration::from_millis(3000 + rng.below(4000));
-    while Instant::now() < held && w.daemon.is_running() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let held = Duration::from_millis(3000 + rng.below(4000));
+    // Hold the disk full for `held`, unless the daemon exits first (then the wait ends early).
+    let _ = wait::until("pgcdc to exit on a full disk", held, || async {
+        !w.daemon.is_running()
+    })
+    .await;
     let exited = !w.daemon.is_running();
     std::fs::remove_file(&filler).context("remove the filler")?;
     if exited {
         let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(5)))?;
-        if status.code() != Some(6) {
+        if status.code() != Some(EXIT_LOCAL_IO) {
             bail!(
                 "disk full: exit code {:?}, want 6 (local I/O)",
                 status.code()
@@ -292,9 +320,7 @@ async fn checkpoint_covers_slot(w: &World) -> Result<()> {
     let checkpoint =
         block_in_place(|| pgcdc_actors::checkpoint::CheckpointStore::open_read_only(&path)?.load())
             .context("read the checkpoint")?;
-    let q = "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'pgcdc'";
-    let confirmed: Option<i64> = w.db.query_one(q, &[]).await?.get(0);
-    let confirmed = confirmed.unwrap_or(0) as u64;
+    let confirmed = crate::pg::confirmed_flush(&w.db, SLOT).await?.unwrap_or(0);
     if confirmed > checkpoint.lsn.0 {
         bail!(
             "slot confirmed {confirmed:x} past the checkpoint {:x}",
@@ -322,7 +348,7 @@ pub(crate) enum Damage {
 async fn checkpoint_fault(i: usize, rng: &mut Rng, w: &mut World, damage: Damage) -> Result<usize> {
     wait_sink_joined(w).await?;
     if i % 2 == 0 {
-        let status = block_in_place(|| w.daemon.terminate(Duration::from_secs(60)))?;
+        let status = block_in_place(|| w.daemon.terminate(EXIT))?;
         if status.code() != Some(0) {
             bail!("sigterm: exit code {:?}", status.code());
         }
@@ -340,9 +366,9 @@ async fn checkpoint_fault(i: usize, rng: &mut Rng, w: &mut World, damage: Damage
     if damage == Damage::Corrupt {
         let what = block_in_place(|| corrupt(&dir, rng))?;
         w.daemon.spawn()?;
-        let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(60)))
-            .with_context(|| format!("after {what}"))?;
-        if status.code() != Some(6) {
+        let status =
+            block_in_place(|| w.daemon.wait_exit(EXIT)).with_context(|| format!("after {what}"))?;
+        if status.code() != Some(EXIT_LOCAL_IO) {
             bail!("after {what}: exit code {:?}, want 6", status.code());
         }
     }
@@ -398,27 +424,18 @@ fn corrupt(dir: &std::path::Path, rng: &mut Rng) -> Result<String> {
 
 /// Write some WAL the daemon never saw and advance the slot over it.
 async fn advance_slot(w: &World) -> Result<()> {
-    let confirmed = "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'pgcdc'";
-    let before: i64 = w.db.query_one(confirmed, &[]).await?.get(0);
+    let confirmed = || crate::pg::confirmed_flush(&w.db, SLOT);
+    let before = confirmed().await?.unwrap_or(0);
     w.db.batch_execute(
         "CREATE TABLE IF NOT EXISTS chaos_pad (x int); INSERT INTO chaos_pad VALUES (1)",
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r =
-            w.db.execute(
-                "SELECT pg_replication_slot_advance('pgcdc', pg_current_wal_lsn())",
-                &[],
-            )
-            .await;
-        match r {
-            Ok(_) => break,
-            Err(e) if Instant::now() >= deadline => return Err(e).context("advance the slot"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-    let after: i64 = w.db.query_one(confirmed, &[]).await?.get(0);
+    let advance = "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())";
+    wait::retry("the slot to advance", SLOT_BUSY, SLOT_RETRY, || {
+        w.db.execute(advance, &[&SLOT])
+    })
+    .await?;
+    let after = confirmed().await?.unwrap_or(0);
     if after <= before {
         bail!("the slot did not advance ({before:x} -> {after:x})");
     }
@@ -431,25 +448,31 @@ async fn advance_slot(w: &World) -> Result<()> {
 /// incarnation commits). tansu 0.6 mishandles a static member that stops
 /// during its first join and comes back with the same `group.instance.id`:
 /// the new incarnation is assigned one of the three partitions and the
-/// others stay unconsumed (replay without this wait: `pgcdc chaos --seed 7
+/// others stay unconsumed (replay without this wait: `scripts/chaos.sh --seed 7
 /// --scenarios checkpoint-missing --kills 1 --duration-secs 5`, the mirror
 /// stuck at a third of the rows). Checking only that the index holds
 /// documents is not enough: a previous incarnation may have written them
 /// (seen with `--seed 7 --scenarios panic --kills 2`, two restarts seconds
 /// apart).
 async fn wait_sink_joined(w: &World) -> Result<()> {
-    let brokers = w.tansu.brokers();
+    let brokers = w.broker.brokers();
     let committed = || {
-        block_in_place(|| oracle::sink_offsets(&brokers))
-            .map(|o| o.iter().map(|&o| o.max(0)).sum::<i64>())
+        block_in_place(|| sink_offsets(&brokers)).map(|o| o.iter().map(|&o| o.max(0)).sum::<i64>())
     };
     let before = committed()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while committed()? <= before {
-        if Instant::now() >= deadline {
-            bail!("the es sink committed nothing within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait::poll(
+        "the es sink to commit offsets",
+        SINK_JOIN,
+        SLOT_RETRY,
+        || async {
+            match committed() {
+                Ok(now) => Poll::when(now > before, (), || {
+                    format!("committed {now}, {before} before")
+                }),
+                Err(e) => Poll::Abort(format!("{e:#}")),
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

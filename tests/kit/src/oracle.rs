@@ -1,0 +1,168 @@
+//! The mirror oracle: a mirror index equals what it mirrors, document for
+//! row — either a PostgreSQL table (read again at every poll, sources
+//! compared) or a fixed set of documents (sources and `_version`s compared).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::daemon::Daemon;
+use crate::search::{documents, Documents};
+use crate::wait::{self, Poll, WaitError};
+
+/// Pause between two reads of the mirror (each reads the whole index: not too often).
+const EVERY: Duration = Duration::from_millis(300);
+/// Ids named in a difference report.
+const SHOWN: usize = 5;
+
+/// What a mirror index must hold.
+#[derive(Clone, Copy)]
+pub enum Want<'a> {
+    /// Exactly these documents, `_version`s included.
+    Documents(&'a Documents),
+    /// The rows of a table with an `id` key, as JSON (`to_jsonb`), read once
+    /// when the wait starts (the table must not change meanwhile); versions not compared.
+    Table {
+        /// A client of the database.
+        db: &'a Client,
+        /// The table (`schema.table` or a bare name).
+        table: &'a str,
+    },
+}
+
+/// A table's rows as JSON objects, by `id` (as text, like the documents' `_id`).
+pub async fn table_rows(db: &Client, table: &str) -> anyhow::Result<BTreeMap<String, Value>> {
+    let q = format!("SELECT t.id::text, to_jsonb(t)::text FROM {table} t");
+    let mut rows = BTreeMap::new();
+    for r in db.query(&q, &[]).await? {
+        let json: String = r.get(1);
+        rows.insert(r.get(0), serde_json::from_str(&json)?);
+    }
+    Ok(rows)
+}
+
+/// Ids whose entries differ: missing from `got`, different, or extra in it.
+pub fn wrong_ids<V: PartialEq>(
+    want: &BTreeMap<String, V>,
+    got: &BTreeMap<String, V>,
+) -> Vec<String> {
+    let differ = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .map(|(k, _)| k);
+    let extra = got.keys().filter(|k| !want.contains_key(*k));
+    differ.chain(extra).cloned().collect()
+}
+
+/// How two maps differ (counts and the first entries of each kind), or `None` if equal.
+pub fn diff<V: PartialEq + Debug>(
+    want: &BTreeMap<String, V>,
+    got: &BTreeMap<String, V>,
+) -> Option<String> {
+    if want == got {
+        return None;
+    }
+    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let wrong: Vec<(&String, &V, &V)> = want
+        .iter()
+        .filter_map(|(k, v)| got.get(k).filter(|g| *g != v).map(|g| (k, v, g)))
+        .collect();
+    Some(format!(
+        "{} docs vs {} wanted: {} missing {:?}, {} extra {:?}, {} different (id, want, got) {:?}",
+        got.len(),
+        want.len(),
+        missing.len(),
+        &missing[..missing.len().min(SHOWN)],
+        extra.len(),
+        &extra[..extra.len().min(SHOWN)],
+        wrong.len(),
+        &wrong[..wrong.len().min(SHOWN)],
+    ))
+}
+
+/// Sources only, versions dropped.
+fn sources(docs: &Documents) -> BTreeMap<String, Value> {
+    docs.iter()
+        .map(|(k, (_, v))| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// One look at the mirror: the documents if they match, else what differs.
+/// `rows`: the table's rows when comparing sources only.
+async fn compare(
+    es_url: &str,
+    index: &str,
+    want: Want<'_>,
+    rows: Option<&BTreeMap<String, Value>>,
+) -> Result<Documents, String> {
+    let got = documents(es_url, index)
+        .await
+        .map_err(|e| format!("read {index}: {e:#}"))?;
+    let problem = match (want, rows) {
+        (Want::Documents(want), _) => diff(want, &got),
+        (Want::Table { .. }, Some(rows)) => diff(rows, &sources(&got)),
+        (Want::Table { table, .. }, None) => Some(format!("{table} not read")),
+    };
+    problem.map_or(Ok(got), Err)
+}
+
+/// Poll until the mirror `index` equals `want`, for at most `timeout`; the
+/// documents. With a `daemon`, stop as soon as it exits and quote its log.
+pub async fn mirror_equals(
+    es_url: &str,
+    index: &str,
+    want: Want<'_>,
+    timeout: Duration,
+    daemon: Option<&Daemon>,
+) -> Result<Documents, WaitError> {
+    let what = format!("mirror {index} to equal what it mirrors");
+    let rows = match want {
+        Want::Table { db, table } => {
+            Some(
+                table_rows(db, table)
+                    .await
+                    .map_err(|e| WaitError::Aborted {
+                        what: what.clone(),
+                        why: format!("read {table}: {e:#}"),
+                    })?,
+            )
+        }
+        Want::Documents(_) => None,
+    };
+    let log = |why: String| match daemon {
+        Some(d) => format!("{why}\npgcdc log tail:\n{}", d.log_tail()),
+        None => why,
+    };
+    wait::poll(&what, timeout, EVERY, || async {
+        match compare(es_url, index, want, rows.as_ref()).await {
+            Ok(docs) => Poll::Ready(docs),
+            Err(why) if daemon.is_some_and(|d| !d.is_running()) => {
+                Poll::Abort(log(format!("pgcdc exited; {why}")))
+            }
+            Err(why) => Poll::Pending(log(why)),
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_sets_are_compared_by_id_and_values() {
+        let mut a = BTreeMap::new();
+        a.insert("1".to_owned(), 1);
+        let mut b = a.clone();
+        assert!(diff(&a, &b).is_none());
+        b.insert("1".into(), 2);
+        b.insert("2".into(), 2);
+        let d = diff(&a, &b).unwrap_or_default();
+        assert!(d.contains("1 extra") && d.contains("1 different"), "{d}");
+        assert_eq!(wrong_ids(&a, &b), ["1", "2"]);
+    }
+}

@@ -1,0 +1,82 @@
+//! What the test areas share beyond `pgcdc-testkit`: the `pgcdc` binary
+//! under test, and the kit's fallible calls in the shape tests want (a
+//! failure fails the test with the kit's message).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+pub use pgcdc_testkit::config::{
+    daemon_config as config, FAST_REBALANCE, FAST_REBALANCE_ONE_PER_BATCH,
+};
+pub use pgcdc_testkit::{
+    wait, Broker, Daemon, MockBroker, PgCluster, Record, SearchServer, Tansu, TopicReader,
+};
+
+/// The daemon under test.
+pub const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
+
+/// How long a whole-topic read may take.
+const READ_ALL: Duration = Duration::from_secs(60);
+/// How long a topic must stay quiet before a whole-topic read ends.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Start `pgcdc run` with `config_toml` in `dir`.
+pub fn daemon(dir: &Path, config_toml: &str, envs: &[(&str, &str)]) -> Daemon {
+    daemon_cmd(dir, config_toml, envs, "run")
+}
+
+/// Start `pgcdc <command>` with `config_toml` in `dir`.
+pub fn daemon_cmd(dir: &Path, config_toml: &str, envs: &[(&str, &str)], command: &str) -> Daemon {
+    Daemon::start(Path::new(PGCDC), dir, config_toml, command, envs).expect("start pgcdc")
+}
+
+/// Run a one-shot `pgcdc` command with `config`; its output.
+pub fn pgcdc(config: &Path, args: &[&str]) -> Output {
+    pgcdc_testkit::daemon::pgcdc(Path::new(PGCDC), config, args).expect("run pgcdc")
+}
+
+/// The `kafka-mock` binary (built beside `pgcdc` by `cargo test --workspace`).
+pub fn kafka_mock() -> PathBuf {
+    Path::new(PGCDC).with_file_name("kafka-mock")
+}
+
+/// A mock cluster of one broker.
+pub fn mock_broker() -> MockBroker {
+    let exe = kafka_mock();
+    MockBroker::start(&exe, 1).unwrap_or_else(|e| {
+        panic!(
+            "{e:#} ({} missing? cargo build -p pgcdc-testkit --bins)",
+            exe.display()
+        )
+    })
+}
+
+/// Wait until the daemon holds `slot` with an active walsender.
+pub async fn wait_slot_active(db: &tokio_postgres::Client, daemon: &mut Daemon, slot: &str) {
+    pgcdc_testkit::pg::wait_slot_active(db, daemon, slot)
+        .await
+        .expect("slot active");
+}
+
+/// Read `topic` from the beginning until `done` holds.
+pub fn read_until(
+    broker: &dyn Broker,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let reader = TopicReader::new(&broker.brokers()).expect("reader");
+    reader.read_until(topic, timeout, done).expect("read topic")
+}
+
+/// Read everything in `topic`.
+pub fn read_all(broker: &dyn Broker, topic: &str) -> Vec<Record> {
+    let reader = TopicReader::new(&broker.brokers()).expect("reader");
+    reader.read_all(topic, QUIET, READ_ALL).expect("read topic")
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    pgcdc_testkit::free_port().expect("free port")
+}

@@ -1,0 +1,367 @@
+//! Tables as users have them: row keys from the replica identity (USING
+//! INDEX, FULL, NOTHING refused), a key column renamed and the primary key
+//! changed while streaming, partitioned tables under their root's name
+//! (ATTACH/DETACH while streaming), a publication with more tables than
+//! configured, and backfill signals for tables that cannot be backfilled.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgcdc_actors::wire::{header, message};
+use serde_json::{json, Value};
+
+use crate::support::{config, PgCluster, Record, Tansu};
+
+const TOPIC: &str = "cdc-events";
+/// How long a topic read may wait for the records a test expects.
+const READ: Duration = Duration::from_secs(120);
+/// How long a refused start may take to exit.
+const EXIT: Duration = Duration::from_secs(60);
+/// `ExitCode::SourceNotReady`.
+const SOURCE_NOT_READY: i32 = 3;
+
+/// `(op, table, key)` of every record but tombstones, in topic order.
+fn changes(records: &[Record]) -> Vec<(String, String, Value)> {
+    records
+        .iter()
+        .filter(|r| r.value.is_some())
+        .map(|r| {
+            let key = r.key.clone().unwrap_or(Value::Null);
+            (r.op().to_owned(), r.header(header::TABLE).to_owned(), key)
+        })
+        .collect()
+}
+
+fn change(op: &str, table: &str, key: Value) -> (String, String, Value) {
+    (op.to_owned(), table.to_owned(), key)
+}
+
+/// Read the topic until a record of `table` keyed `key` arrived.
+fn read_until_key(tansu: &Tansu, table: &str, key: Value) -> Vec<Record> {
+    crate::support::read_until(tansu, TOPIC, READ, |rs| {
+        rs.iter()
+            .any(|r| r.header(header::TABLE) == table && r.key.as_ref() == Some(&key))
+    })
+}
+
+/// Write `cfg` beside the daemon's and run a one-shot command with it.
+fn one_shot(dir: &Path, cfg: &str, args: &[&str]) -> std::process::Output {
+    let path = dir.join("one-shot.toml");
+    std::fs::write(&path, cfg).unwrap();
+    crate::support::pgcdc(&path, args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE by_index (id int PRIMARY KEY, code text NOT NULL, v text);
+         CREATE UNIQUE INDEX by_index_code ON by_index (code);
+         ALTER TABLE by_index REPLICA IDENTITY USING INDEX by_index_code;
+         INSERT INTO by_index VALUES (1, 'a', 'x'), (2, 'b', 'y');
+         CREATE TABLE full_pk (id int PRIMARY KEY, v text);
+         ALTER TABLE full_pk REPLICA IDENTITY FULL;
+         INSERT INTO full_pk VALUES (1, 'x');
+         CREATE TABLE full_bag (v text, n int);
+         ALTER TABLE full_bag REPLICA IDENTITY FULL;
+         INSERT INTO full_bag VALUES ('x', 1);",
+    )
+    .await
+    .unwrap();
+    let tables = ["by_index", "full_pk", "full_bag"];
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &tables, "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "DELETE FROM by_index WHERE id = 1;
+         UPDATE by_index SET v = 'z' WHERE id = 2;
+         DELETE FROM full_pk WHERE id = 1;
+         DELETE FROM full_bag;
+         INSERT INTO by_index VALUES (3, 'c', 'end');",
+    )
+    .await
+    .unwrap();
+    let records = read_until_key(&tansu, "public.by_index", json!({"code": "c"}));
+    let got = changes(&records);
+    let want = [
+        change("r", "public.by_index", json!({"code": "a"})),
+        change("r", "public.by_index", json!({"code": "b"})),
+        change("r", "public.full_bag", json!({"v": "x", "n": 1})),
+        change("r", "public.full_pk", json!({"id": 1})),
+        change("d", "public.by_index", json!({"code": "a"})),
+        change("u", "public.by_index", json!({"code": "b"})),
+        change("d", "public.full_pk", json!({"id": 1})),
+        change("d", "public.full_bag", json!({"v": "x", "n": 1})),
+        change("c", "public.by_index", json!({"code": "c"})),
+    ];
+    let mut snapshot: Vec<_> = got.iter().filter(|c| c.0 == "r").cloned().collect();
+    snapshot.sort_by_key(|c| (c.1.clone(), c.2.to_string()));
+    let streamed: Vec<_> = got.iter().filter(|c| c.0 != "r").cloned().collect();
+    assert_eq!(snapshot, want[..4], "snapshot keys");
+    assert_eq!(streamed, want[4..], "stream keys");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE nada (id int PRIMARY KEY, v text);
+         ALTER TABLE nada REPLICA IDENTITY NOTHING;
+         INSERT INTO nada VALUES (1, 'x'), (2, 'y');",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["nada"], "");
+    let check = one_shot(dir.path(), &cfg, &["check"]);
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        printed.contains("REPLICA IDENTITY NOTHING"),
+        "check: {printed}"
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(EXIT).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(SOURCE_NOT_READY),
+        "{}",
+        daemon.log_tail()
+    );
+    let fix = r#"ALTER TABLE "public"."nada" REPLICA IDENTITY DEFAULT"#;
+    assert!(daemon.log_text().contains(fix), "{}", daemon.log_tail());
+    db.batch_execute("UPDATE nada SET v = 'changed' WHERE id = 1; DELETE FROM nada WHERE id = 2;")
+        .await
+        .expect("the refused table's writes still succeed");
+    let published = db
+        .query(
+            "SELECT 1 FROM pg_publication_tables WHERE tablename = 'nada'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(published.is_empty(), "the refused table was published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute("CREATE TABLE ren (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["ren"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO ren VALUES (1, 'one');
+         ALTER TABLE ren RENAME COLUMN id TO uid;
+         INSERT INTO ren VALUES (2, 'two');
+         UPDATE ren SET v = 'uno' WHERE uid = 1;
+         DELETE FROM ren WHERE uid = 2;
+         ALTER TABLE ren ADD COLUMN code text;
+         UPDATE ren SET code = 'k' || uid;
+         ALTER TABLE ren ALTER COLUMN code SET NOT NULL;
+         ALTER TABLE ren DROP CONSTRAINT ren_pkey, ADD PRIMARY KEY (code);
+         UPDATE ren SET v = 'eins' WHERE uid = 1;
+         DELETE FROM ren WHERE code = 'k1';",
+    )
+    .await
+    .unwrap();
+    let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| {
+        rs.iter()
+            .any(|r| r.op() == "d" && r.key == Some(json!({"code": "k1"})))
+    });
+    let t = "public.ren";
+    let want = [
+        change("c", t, json!({"id": 1})),
+        change("c", t, json!({"uid": 2})),
+        change("u", t, json!({"uid": 1})),
+        change("d", t, json!({"uid": 2})),
+        change("u", t, json!({"uid": 1})),
+        change("u", t, json!({"code": "k1"})),
+        change("d", t, json!({"code": "k1"})),
+    ];
+    assert_eq!(changes(&records), want);
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detach() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+         INSERT INTO m VALUES (1, 'eu', 'a'), (2, 'us', 'b');
+         CREATE TABLE m_ap (LIKE m INCLUDING ALL);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO m VALUES (3, 'eu', 'c'), (4, 'us', 'd');
+         UPDATE m_us SET v = 'bb' WHERE id = 2;
+         ALTER TABLE m ATTACH PARTITION m_ap FOR VALUES IN ('ap');
+         INSERT INTO m VALUES (5, 'ap', 'e');
+         ALTER TABLE m DETACH PARTITION m_us;
+         INSERT INTO m_us VALUES (6, 'us', 'not in m');
+         DELETE FROM m WHERE id = 1;
+         INSERT INTO m VALUES (7, 'eu', 'end');",
+    )
+    .await
+    .unwrap();
+    let records = read_until_key(&tansu, "public.m", json!({"id": 7, "region": "eu"}));
+    let key = |id: i64, region: &str| json!({"id": id, "region": region});
+    let want = [
+        change("r", "public.m", key(1, "eu")),
+        change("r", "public.m", key(2, "us")),
+        change("c", "public.m", key(3, "eu")),
+        change("c", "public.m", key(4, "us")),
+        change("u", "public.m", key(2, "us")),
+        change("c", "public.m", key(5, "ap")),
+        change("d", "public.m", key(1, "eu")),
+        change("c", "public.m", key(7, "eu")),
+    ];
+    let mut got = changes(&records);
+    got[..2].sort_by_key(|c| c.2.to_string());
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE PUBLICATION pgcdc FOR TABLE m;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let status = daemon.wait_exit(EXIT).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(SOURCE_NOT_READY),
+        "{}",
+        daemon.log_tail()
+    );
+    let fix = r#"ALTER PUBLICATION "pgcdc" SET (publish_via_partition_root = true)"#;
+    assert!(daemon.log_text().contains(fix), "{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE wanted (id int PRIMARY KEY);
+         CREATE TABLE extra (id int PRIMARY KEY);
+         CREATE PUBLICATION pgcdc FOR TABLE wanted, extra WITH (publish_via_partition_root = true);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["wanted"], "");
+    let check = one_shot(dir.path(), &cfg, &["check"]);
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        printed.contains("WARN  publication") && printed.contains("public.extra"),
+        "check: {printed}"
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO extra VALUES (1); INSERT INTO wanted VALUES (1);
+         INSERT INTO extra VALUES (2); TRUNCATE extra; INSERT INTO wanted VALUES (2);",
+    )
+    .await
+    .unwrap();
+    let records = read_until_key(&tansu, "public.wanted", json!({"id": 2}));
+    let want = [
+        change("c", "public.wanted", json!({"id": 1})),
+        change("c", "public.wanted", json!({"id": 2})),
+    ];
+    assert_eq!(changes(&records), want);
+    let warned = daemon
+        .log_text()
+        .matches("the publication has a table that postgres.tables does not")
+        .count();
+    assert_eq!(warned, 1, "{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
+    let pg = PgCluster::start().unwrap();
+    let tansu = Tansu::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE keyed (id int PRIMARY KEY);
+         CREATE TABLE bag (v text);
+         ALTER TABLE bag REPLICA IDENTITY FULL;
+         CREATE TABLE other (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(
+        &pg,
+        &tansu,
+        &dir.path().join("state"),
+        &["keyed", "bag"],
+        "",
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let refused = one_shot(dir.path(), &cfg, &["snapshot", "--table", "bag"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(SOURCE_NOT_READY), "{said}");
+    assert!(said.contains("no unique key"), "{said}");
+    for table in ["bag", "other"] {
+        let forged = json!({"slot": "pgcdc", "schema": "public", "table": table}).to_string();
+        db.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&message::SIGNAL, &forged],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute("INSERT INTO keyed VALUES (1)")
+        .await
+        .unwrap();
+    read_until_key(&tansu, "public.keyed", json!({"id": 1}));
+    let ignored =
+        "ignoring a backfill signal for a table that is not configured or has no unique key";
+    let log = daemon.log_text();
+    assert_eq!(log.matches(ignored).count(), 2, "{}", daemon.log_tail());
+    // Nothing was persisted: a restart streams on instead of finding a copy it cannot finish.
+    daemon.terminate(EXIT).unwrap();
+    daemon.spawn().unwrap();
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO keyed VALUES (2)")
+        .await
+        .unwrap();
+    read_until_key(&tansu, "public.keyed", json!({"id": 2}));
+    let status = one_shot(dir.path(), &cfg, &["status"]);
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(!printed.contains("copying"), "status: {printed}");
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
