@@ -191,9 +191,8 @@ async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_pani
     db.batch_execute("UPDATE latin SET id = id WHERE id = 2")
         .await
         .unwrap();
-    let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| {
-        rs.iter().any(|r| r.op() == "u")
-    });
+    let records =
+        crate::support::read_until(&tansu, TOPIC, READ, |rs| rs.iter().any(|r| r.op() == "u"));
     let (read, update) = (record(&records, "r", 2), record(&records, "u", 2));
     assert_same_after(read, update, "row 2, snapshot vs stream");
     assert_eq!(
