@@ -10,3 +10,4 @@ mod producer_outage;
 mod snapshot;
 mod support;
 mod table_shapes;
+mod types;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::lsn::Lsn;
+use crate::pg::types::Rule;
 
 /// The kind of change, with Debezium's one-letter codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,8 +111,10 @@ pub struct ChangeEvent {
 pub struct CopiedRows {
     /// Which table.
     pub table: Arc<TableRef>,
-    /// The table's columns (name, type OID), in the rows' order.
-    pub columns: Arc<[(String, u32)]>,
+    /// The table's columns (name, how its values render), in the rows' order.
+    pub columns: Arc<[(String, Rule)]>,
+    /// Values are hex bytes, not text (a `SQL_ASCII` database).
+    pub raw: bool,
     /// The rows.
     pub rows: Vec<tokio_postgres::SimpleQueryRow>,
     /// The snapshot's version: `commit_lsn` is the slot's consistent point.

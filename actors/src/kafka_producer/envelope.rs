@@ -13,7 +13,8 @@ use serde_json::{Map, Value};
 use super::KafkaConfig;
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef};
 use crate::lsn::Lsn;
-use crate::pg::values::{to_json_bytes, write_json};
+use crate::pg::values::{to_json_bytes, write_rendered};
+use crate::snapshot::row_cell;
 use crate::wire::{Envelope, Source, CONNECTOR};
 
 /// Microseconds per millisecond (commit times are µs, the envelope's ms).
@@ -201,8 +202,8 @@ impl<'a> Encoder<'a> {
                 buf.push(b'{');
                 for (i, label) in cols {
                     buf.extend_from_slice(label);
-                    match row.get(*i) {
-                        Some(text) => write_json(copied.columns[*i].1, text.as_bytes(), buf),
+                    match row_cell(row, *i, copied.raw) {
+                        Some(bytes) => write_rendered(&copied.columns[*i].1, &bytes, buf),
                         None => buf.extend_from_slice(b"null"),
                     }
                 }

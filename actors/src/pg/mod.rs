@@ -6,7 +6,8 @@
 //! - `session`: the settings the value renderer and the quoting rely on,
 //!   applied to both connection kinds from one list;
 //! - [`catalog`]: server checks and table, key and column lookups;
-//! - [`values`]: text-format values to JSON, by `postgres-types`' [`Type`];
+//! - [`types`]: each column type's rendering rule, built-in or from `pg_type`;
+//! - [`values`]: text-format values to JSON, by `postgres-types`' [`Type`] and [`types::Rule`];
 //! - [`quote`]: identifier and literal quoting.
 //!
 //! # Dependency direction
@@ -32,6 +33,7 @@ mod config;
 mod connect;
 pub(crate) mod quote;
 pub(crate) mod session;
+pub mod types;
 pub(crate) mod values;
 
 pub use config::{parse_table_name, PostgresConfig};

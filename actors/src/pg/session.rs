@@ -3,7 +3,7 @@
 //! read rows get them as `SET` statements.
 //!
 //! The value renderer ([`super::values`]) expects these text forms (ISO dates,
-//! UTC, ISO 8601 intervals, round-trip floats, hex bytea), and the literal
+//! UTC, ISO 8601 intervals, round-trip floats, hex bytea, `C` money), and the literal
 //! quoting ([`super::quote`]) expects standard-conforming strings.
 
 use tokio_postgres::Client;
@@ -12,12 +12,14 @@ use super::PgError;
 
 /// The settings as (name, value). Values contain no whitespace or quotes, so
 /// they need no escaping in either form.
-const SETTINGS: [(&str, &str); 6] = [
+const SETTINGS: [(&str, &str); 7] = [
     ("datestyle", "ISO,YMD"),
     ("timezone", "UTC"),
     ("intervalstyle", "iso_8601"),
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
+    // money text without locale-specific symbols or separators: `-$1,000.00`.
+    ("lc_monetary", "C"),
     ("standard_conforming_strings", "on"),
 ];
 
@@ -59,7 +61,7 @@ mod tests {
         assert_eq!(
             startup_options(),
             "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 \
-             -c extra_float_digits=3 -c bytea_output=hex"
+             -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C"
         );
     }
 

@@ -10,12 +10,24 @@
 //! become RFC 3339; bytea becomes base64; arrays become (nested) JSON arrays.
 //! Nothing panics on odd input: the fallback is always the original text as a
 //! JSON string.
+//!
+//! Types beyond the built-ins are rendered by the [`Rule`] the catalog gives
+//! them ([`super::types`]): domains as their base type, composites as
+//! objects ([`record`]), hstore as an object, arrays of any type as arrays,
+//! money as an exact decimal string (`lc_monetary` is pinned to `C` by
+//! [`super::session`], and the text is parsed to digits), and everything
+//! else as its text. Text that is not valid UTF-8 (a `SQL_ASCII` database)
+//! is decoded lossily: each invalid sequence becomes U+FFFD.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{Number, Value};
 
 use tokio_postgres::types::{Kind, Type};
+
+use super::types::Rule;
+
+mod record;
 
 /// The built-in scalar types pgcdc names and converts by their own rule;
 /// every other type is named `unknown` and rendered as its text.
@@ -100,6 +112,16 @@ fn array_element(type_oid: u32) -> Option<&'static Type> {
         })
 }
 
+/// Whether `type_oid` is one of [`SCALARS`].
+pub(crate) fn known_scalar(type_oid: u32) -> bool {
+    SCALARS.iter().any(|t| t.oid() == type_oid)
+}
+
+/// The element OID of `type_oid` if it is one of [`ARRAYS`].
+pub(crate) fn known_array(type_oid: u32) -> Option<u32> {
+    array_element(type_oid).map(Type::oid)
+}
+
 /// PostgreSQL's limit on array dimensions (`MAXDIM`); deeper literals are malformed.
 const MAX_ARRAY_DEPTH: usize = 6;
 
@@ -109,26 +131,63 @@ pub fn type_name(type_oid: u32) -> Option<&'static str> {
     known(type_oid).map(Type::name)
 }
 
-/// Convert one text-format value of a column of PostgreSQL type `type_oid` to JSON.
+/// Convert one text-format value of a column of built-in type `type_oid`
+/// (any other OID is rendered as its text) to JSON.
+#[cfg(test)]
 pub fn text_to_json(type_oid: u32, text: &[u8]) -> Value {
-    let s = String::from_utf8_lossy(text);
-    match array_element(type_oid) {
-        Some(elem) => match parse_array(&s) {
-            Some(node) => node_to_json(elem, node),
-            None => Value::String(s.into_owned()),
-        },
-        None => scalar_to_json(known(type_oid), &s),
+    render(&Rule::builtin(type_oid).unwrap_or(Rule::Text), text)
+}
+
+/// Convert one text-format value to JSON by its type's `rule`.
+pub fn render(rule: &Rule, text: &[u8]) -> Value {
+    render_str(rule, &String::from_utf8_lossy(text))
+}
+
+/// [`render`] of text already decoded.
+fn render_str(rule: &Rule, s: &str) -> Value {
+    let string = || Value::String(s.to_owned());
+    match rule {
+        Rule::Builtin(oid) => scalar_to_json(known(*oid), s),
+        Rule::Text => string(),
+        Rule::Hstore => record::hstore(s).map_or_else(string, Value::Object),
+        Rule::Array { elem, delim } => {
+            parse_array(s, *delim).map_or_else(string, |node| node_to_json(elem, node))
+        }
+        Rule::Composite(fields) => {
+            record::composite(s, fields.len()).map_or_else(string, |values| {
+                let object = fields
+                    .iter()
+                    .zip(values)
+                    .map(|((name, rule), v)| {
+                        let v = v.map_or(Value::Null, |text| render_str(rule, &text));
+                        (name.clone(), v)
+                    })
+                    .collect();
+                Value::Object(object)
+            })
+        }
     }
 }
 
-/// Append the JSON of one text-format value to `out`: the same bytes as
-/// serializing [`text_to_json`]'s result, without building a [`Value`] for
-/// the common scalar types (the snapshot's hot path).
+/// [`write_rendered`] for a built-in type (any other OID is rendered as its text).
+#[cfg(test)]
 pub fn write_json(type_oid: u32, text: &[u8], out: &mut Vec<u8>) {
+    write_rendered(&Rule::builtin(type_oid).unwrap_or(Rule::Text), text, out)
+}
+
+/// Append the JSON of one text-format value to `out`: the same bytes as
+/// serializing [`render`]'s result, without building a [`Value`] for
+/// the common scalar types (the snapshot's hot path).
+pub fn write_rendered(rule: &Rule, text: &[u8], out: &mut Vec<u8>) {
     let Ok(s) = std::str::from_utf8(text) else {
-        return to_json_bytes(&text_to_json(type_oid, text), out);
+        return to_json_bytes(&render(rule, text), out);
     };
-    match known(type_oid) {
+    let ty = match rule {
+        Rule::Builtin(oid) => known(*oid),
+        Rule::Text => return to_json_bytes(s, out),
+        _ => None,
+    };
+    match ty {
         Some(
             &Type::TEXT
             | &Type::VARCHAR
@@ -156,7 +215,7 @@ pub fn write_json(type_oid: u32, text: &[u8], out: &mut Vec<u8>) {
             rfc3339(s, *ty == Type::TIMESTAMPTZ, out);
             out.push(b'"');
         }
-        _ => to_json_bytes(&text_to_json(type_oid, text), out),
+        _ => to_json_bytes(&render_str(rule, s), out),
     }
 }
 
@@ -181,14 +240,48 @@ fn scalar_to_json(ty: Option<&Type>, s: &str) -> Value {
             "f" => Value::Bool(false),
             _ => string(),
         },
-        Type::JSON | Type::JSONB => serde_json::from_str(s).unwrap_or_else(|_| string()),
+        Type::JSON | Type::JSONB => json(s).unwrap_or_else(string),
         Type::BYTEA => bytea(s).unwrap_or_else(string),
         Type::TIMESTAMPTZ => Value::String(timestamptz(s)),
         Type::TIMESTAMP => Value::String(timestamp(s)),
-        // numeric and money keep every digit; the rest are strings by nature.
+        Type::MONEY => money(s).map_or_else(string, Value::String),
+        // numeric keeps every digit; the rest are strings by nature.
         _ => string(),
     }
 }
+
+/// Money text (`-$1,000.00` with `lc_monetary=C`) as an exact decimal
+/// (`-1000.00`): the sign (a `-` or parentheses), the digits and the decimal
+/// point; currency symbols and group separators are dropped. `None` if there
+/// are no digits or more than one decimal point.
+fn money(s: &str) -> Option<String> {
+    let negative = s.contains('-') || s.trim_start().starts_with('(');
+    let mut out = String::with_capacity(s.len());
+    if negative {
+        out.push('-');
+    }
+    out.extend(s.chars().filter(|c| c.is_ascii_digit() || *c == '.'));
+    let digits = out.chars().filter(char::is_ascii_digit).count();
+    (digits > 0 && out.matches('.').count() <= 1).then_some(out)
+}
+
+/// json/jsonb text as a JSON value, numbers with every digit
+/// (`arbitrary_precision`). `None` when serde_json refuses it: PostgreSQL
+/// only sends valid JSON, so that means nesting deeper than serde_json's
+/// limit ([`JSON_DEPTH_LIMIT`]); the value is then sent as its text.
+fn json(s: &str) -> Option<Value> {
+    match serde_json::from_str(s) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, limit = JSON_DEPTH_LIMIT, "json value not parsed (nested too deep?); sent as its text");
+            None
+        }
+    }
+}
+
+/// The deepest nesting serde_json parses (its limit of 128 counts the
+/// level that fails): JSON nested deeper is sent as its text.
+pub(crate) const JSON_DEPTH_LIMIT: usize = 127;
 
 /// A finite float as a JSON number; `None` for `NaN`, infinities and garbage.
 fn float(s: &str) -> Option<Value> {
@@ -198,18 +291,21 @@ fn float(s: &str) -> Option<Value> {
 
 /// Hex bytea text (`\x0aff`) → base64; `None` if it is not hex format.
 fn bytea(s: &str) -> Option<Value> {
+    hex_bytes(s).map(|bytes| Value::String(BASE64.encode(bytes)))
+}
+
+/// The bytes of hex bytea text (`\x0aff`); `None` if it is not hex format.
+pub(crate) fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     let hex = s.strip_prefix("\\x")?.as_bytes();
     if hex.len() % 2 != 0 {
         return None;
     }
-    let bytes = hex
-        .chunks_exact(2)
+    hex.chunks_exact(2)
         .map(|pair| match pair {
             [hi, lo] => Some(nibble(*hi)? << 4 | nibble(*lo)?),
             _ => None,
         })
-        .collect::<Option<Vec<u8>>>()?;
-    Some(Value::String(BASE64.encode(bytes)))
+        .collect()
 }
 
 /// The value of one hex digit.
@@ -280,10 +376,10 @@ enum Node {
 }
 
 /// Converts a parsed array, each element by the element type's rule.
-fn node_to_json(elem: &Type, node: Node) -> Value {
+fn node_to_json(elem: &Rule, node: Node) -> Value {
     match node {
         Node::Elem(None) => Value::Null,
-        Node::Elem(Some(s)) => scalar_to_json(Some(elem), &s),
+        Node::Elem(Some(s)) => render_str(elem, &s),
         Node::List(items) => {
             Value::Array(items.into_iter().map(|n| node_to_json(elem, n)).collect())
         }
@@ -291,11 +387,12 @@ fn node_to_json(elem: &Type, node: Node) -> Value {
 }
 
 /// Parses an array literal `{…}`, optionally prefixed by dimensions like
-/// `[0:2]=` or `[1:2][1:3]=`; `None` if malformed.
-fn parse_array(s: &str) -> Option<Node> {
+/// `[0:2]=` or `[1:2][1:3]=`, elements split at `delim`; `None` if malformed.
+fn parse_array(s: &str, delim: u8) -> Option<Node> {
     let mut p = ArrayParser {
         s: strip_dimensions(s)?.as_bytes(),
         pos: 0,
+        delim,
     };
     p.skip_ws();
     let node = p.list(1)?;
@@ -326,6 +423,8 @@ struct ArrayParser<'a> {
     s: &'a [u8],
     /// Next byte to read.
     pos: usize,
+    /// The element delimiter (`,`, or `;` for `box`).
+    delim: u8,
 }
 
 impl ArrayParser<'_> {
@@ -364,8 +463,8 @@ impl ArrayParser<'_> {
             items.push(self.item(depth)?);
             self.skip_ws();
             match self.next()? {
-                b',' => {}
                 b'}' => break,
+                b if b == self.delim => {}
                 _ => return None,
             }
         }
@@ -402,7 +501,8 @@ impl ArrayParser<'_> {
         let (mut keep, mut escaped) = (0, false);
         while let Some(b) = self.peek() {
             match b {
-                b',' | b'}' => break,
+                b'}' => break,
+                b if b == self.delim => break,
                 b'{' | b'"' => return None,
                 b'\\' => {
                     self.pos += 1;

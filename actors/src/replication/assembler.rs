@@ -12,6 +12,7 @@ use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
 use super::tuple::tuple_to_json;
 use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
+use crate::pg::types::{Rule, TypeMap};
 use crate::pg::values::type_name;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -42,6 +43,8 @@ pub enum AssembleError {
 /// table the publication has but the configuration does not.
 struct RelationInfo {
     relation: Relation,
+    /// How each column's values render (empty for an unconfigured table).
+    rules: Vec<Rule>,
     table: Option<Arc<TableRef>>,
 }
 
@@ -50,6 +53,8 @@ pub struct Assembler {
     /// The configured tables, with their keys as resolved at start.
     known: HashMap<(String, String), Arc<TableRef>>,
     relations: HashMap<u32, RelationInfo>,
+    /// Rendering rules of the non-built-in types seen so far.
+    types: TypeMap,
     /// Unconfigured tables already warned about.
     ignored: HashSet<(String, String)>,
     tx: Option<TxMeta>,
@@ -68,10 +73,24 @@ impl Assembler {
         Self {
             known,
             relations: HashMap::new(),
+            types: TypeMap::default(),
             ignored: HashSet::new(),
             tx: None,
             seq: 0,
         }
+    }
+
+    /// The column types of `relation` whose rendering rule is not known
+    /// yet: the caller resolves them ([`crate::pg::types::resolve`] into
+    /// [`Self::types_mut`]) before applying the Relation message.
+    pub fn missing_types(&self, relation: &Relation) -> Vec<u32> {
+        self.types
+            .missing(relation.columns.iter().map(|c| c.type_oid))
+    }
+
+    /// The rendering rules, to add resolved types to.
+    pub fn types_mut(&mut self) -> &mut TypeMap {
+        &mut self.types
     }
 
     /// A transaction began.
@@ -160,9 +179,10 @@ impl Assembler {
                     self.push(out, Op::Truncate, table, None, None, None, Vec::new(), lsn)?;
                 }
             }
-            PgOutputMessage::Origin { .. }
-            | PgOutputMessage::Type { .. }
-            | PgOutputMessage::Message { .. } => {}
+            // A Type message precedes a Relation that uses the type: its
+            // definition may have changed, so it is looked up again.
+            PgOutputMessage::Type { oid, .. } => self.types.forget(oid),
+            PgOutputMessage::Origin { .. } | PgOutputMessage::Message { .. } => {}
         }
         Ok(())
     }
@@ -174,9 +194,13 @@ impl Assembler {
             if self.ignored.insert(name.clone()) {
                 tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
             }
-            let table = None;
-            self.relations
-                .insert(relation.oid, RelationInfo { relation, table });
+            let (table, rules) = (None, Vec::new());
+            let info = RelationInfo {
+                relation,
+                rules,
+                table,
+            };
+            self.relations.insert(info.relation.oid, info);
             return;
         };
         let (key_columns, key_source) = relation_key(&relation, start);
@@ -204,17 +228,24 @@ impl Assembler {
             column_types: Value::Object(types).to_string(),
         });
         let table = Some(table);
-        self.relations
-            .insert(relation.oid, RelationInfo { relation, table });
+        let rules = (relation.columns.iter())
+            .map(|c| self.types.rule(c.type_oid))
+            .collect();
+        let info = RelationInfo {
+            relation,
+            rules,
+            table,
+        };
+        self.relations.insert(info.relation.oid, info);
     }
 
     /// The cached relation and its table (`None`: not configured).
-    fn lookup(&self, oid: u32) -> Result<(&Relation, Option<Arc<TableRef>>), AssembleError> {
+    fn lookup(&self, oid: u32) -> Result<(&RelationInfo, Option<Arc<TableRef>>), AssembleError> {
         let info = self
             .relations
             .get(&oid)
             .ok_or(AssembleError::UnknownRelation(oid))?;
-        Ok((&info.relation, info.table.clone()))
+        Ok((info, info.table.clone()))
     }
 
     fn update(
@@ -323,7 +354,11 @@ impl Assembler {
 }
 
 /// A tuple as a JSON row, checked against the relation's width.
-fn row(rel: &Relation, tuple: &Tuple) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
+fn row(
+    info: &RelationInfo,
+    tuple: &Tuple,
+) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
+    let rel = &info.relation;
     if tuple.0.len() != rel.columns.len() {
         let table = format!("{}.{}", rel.namespace, rel.name);
         return Err(AssembleError::ColumnCount {
@@ -332,12 +367,12 @@ fn row(rel: &Relation, tuple: &Tuple) -> Result<(Map<String, Value>, Vec<String>
             expected: rel.columns.len(),
         });
     }
-    Ok(tuple_to_json(rel, tuple))
+    Ok(tuple_to_json(rel, &info.rules, tuple))
 }
 
 /// The old row: the whole row for `O`, only the key columns for `K` (the rest are not sent).
 fn old_row(
-    rel: &Relation,
+    rel: &RelationInfo,
     table: &TableRef,
     old: &OldTuple,
 ) -> Result<Map<String, Value>, AssembleError> {

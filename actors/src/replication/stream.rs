@@ -19,6 +19,7 @@ use crate::kafka_producer::KafkaProducerActor;
 use crate::lsn::Lsn;
 use crate::messages::PublishBatch;
 use crate::metrics::metrics;
+use crate::pg::types::TypeSource;
 use crate::pg::PostgresConfig;
 use crate::snapshot::watermark::{MessageAction, Watermarks, Windows};
 use crate::snapshot::{BackfillTable, SnapshotActor, SnapshotConfig, StreamStarted};
@@ -122,6 +123,7 @@ impl Stream {
     ) -> Result<(), ReplicationError> {
         let mut asm = Assembler::new(tables);
         let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
+        let mut types = TypeSource::default();
         loop {
             tokio::select! {
                 biased;
@@ -139,7 +141,7 @@ impl Stream {
                 }
                 ev = client.recv() => {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
-                    self.on_event(ev, &mut asm, &mut windows, out).await?;
+                    self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
                 }
             }
         }
@@ -149,7 +151,7 @@ impl Stream {
     async fn on_event(
         &self,
         ev: ReplicationEvent,
-        asm: &mut Assembler,
+        (asm, types): (&mut Assembler, &mut TypeSource),
         windows: &mut Windows,
         out: &mut Outbox,
     ) -> Result<(), ReplicationError> {
@@ -169,6 +171,14 @@ impl Stream {
                 metrics().server_wal_end(Lsn::from(wal_end));
                 let msg = decode::decode(&data)
                     .map_err(|source| ReplicationError::Decode { lsn, source })?;
+                if let decode::PgOutputMessage::Relation(rel) = &msg {
+                    let missing = asm.missing_types(rel);
+                    if !missing.is_empty() {
+                        types
+                            .resolve(&self.config, &missing, asm.types_mut())
+                            .await?;
+                    }
+                }
                 let from = out.batch.len();
                 asm.apply(msg, lsn, &mut out.batch)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;

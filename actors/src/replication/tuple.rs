@@ -1,4 +1,4 @@
-//! pgoutput tuples to JSON rows, each value by its column's type
+//! pgoutput tuples to JSON rows, each value by its column type's rule
 //! ([`crate::pg::values`]).
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -6,24 +6,30 @@ use base64::Engine;
 use serde_json::{Map, Value};
 
 use super::decode::{Relation, Tuple, TupleValue};
-use crate::pg::values::text_to_json;
+use crate::pg::types::Rule;
+use crate::pg::values::render;
 
 /// Convert a whole tuple to a JSON object keyed by column name, using the
-/// relation's columns. Unchanged-TOAST columns are left out of the object and
+/// relation's columns and their rendering `rules` (in column order; a
+/// column without one renders as text). Unchanged-TOAST columns are left out of the object and
 /// returned by name, so a marker can never masquerade as a real value.
 /// Columns and values are paired in order; the caller checks that the
 /// tuple's width matches the relation's.
-pub fn tuple_to_json(relation: &Relation, tuple: &Tuple) -> (Map<String, Value>, Vec<String>) {
+pub fn tuple_to_json(
+    relation: &Relation,
+    rules: &[Rule],
+    tuple: &Tuple,
+) -> (Map<String, Value>, Vec<String>) {
     let mut row = Map::new();
     let mut unchanged = Vec::new();
-    for (col, val) in relation.columns.iter().zip(&tuple.0) {
+    for (i, (col, val)) in relation.columns.iter().zip(&tuple.0).enumerate() {
         let v = match val {
             TupleValue::Null => Value::Null,
             TupleValue::UnchangedToast => {
                 unchanged.push(col.name.clone());
                 continue;
             }
-            TupleValue::Text(t) => text_to_json(col.type_oid, t),
+            TupleValue::Text(t) => render(rules.get(i).unwrap_or(&Rule::Text), t),
             // Never requested, but must not be lost or misread.
             TupleValue::Binary(b) => Value::String(BASE64.encode(b)),
         };
@@ -82,7 +88,12 @@ mod tests {
             TupleValue::UnchangedToast,
             TupleValue::Binary(Bytes::from_static(b"ab")),
         ]);
-        let (row, unchanged) = tuple_to_json(&rel, &tuple);
+        let rules: Vec<Rule> = rel
+            .columns
+            .iter()
+            .map(|c| Rule::builtin(c.type_oid).unwrap_or(Rule::Text))
+            .collect();
+        let (row, unchanged) = tuple_to_json(&rel, &rules, &tuple);
         assert_eq!(
             Value::Object(row),
             json!({"id": 7, "note": null, "raw": "YWI="})

@@ -143,7 +143,8 @@ async fn copy_range(
     let mut copied = 0u64;
     if shape.keyless() {
         sql.batch_execute(&format!(
-            "DECLARE pgcdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {}",
+            "DECLARE pgcdc_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}",
+            shape.select_list(),
             shape.qualified
         ))
         .await?;
@@ -178,6 +179,7 @@ async fn copy_range(
             rows: CopiedRows {
                 table: shape.table.clone(),
                 columns: shape.columns.clone(),
+                raw: shape.raw,
                 rows,
                 tx,
                 first_seq,

@@ -38,6 +38,7 @@ use actix::prelude::*;
 pub use config::{SnapshotConfig, SnapshotMode};
 pub(crate) use copy::import_snapshot;
 pub use error::SnapshotError;
+pub(crate) use shape::cell as row_cell;
 
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::error::ErrorClass;

@@ -1,6 +1,7 @@
 //! A table's shape as a copy sees it (columns, key, casts) and the SQL
 //! built from it: keyset chunk queries, key-range splits, rows to events.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -12,7 +13,8 @@ use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
-use crate::pg::values::{text_to_json, type_name};
+use crate::pg::types::{self, Rule, TypeMap};
+use crate::pg::values::{hex_bytes, render, type_name};
 
 /// A table estimated below this many chunks is copied as one range: splitting
 /// it would not pay for the queries that find the split keys.
@@ -25,12 +27,15 @@ pub(crate) struct Shape {
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
     pub(super) qualified: String,
-    /// Every column in table order: (name, type OID).
-    pub(super) columns: Arc<[(String, u32)]>,
+    /// Every column in table order: (name, how its values render).
+    pub(super) columns: Arc<[(String, Rule)]>,
     /// The key columns: (index in `columns`, SQL type to cast literals to).
     key: Vec<(usize, String)>,
     /// No usable primary key: copied whole, never by key range.
     keyless: bool,
+    /// The database is `SQL_ASCII`: values are read as their bytes (hex),
+    /// since their text need not be UTF-8 (see [`cell`]).
+    pub(super) raw: bool,
 }
 
 impl Shape {
@@ -41,6 +46,8 @@ impl Shape {
         let qualified = qualified(&table.schema, &table.name);
         let keyed = catalog::table_key(sql, &table.schema, &table.name).await?;
         let found = catalog::table_columns(sql, &qualified).await?;
+        let encoding = sql.query_one("SHOW server_encoding", &[]).await?;
+        let raw = encoding.get::<_, String>(0) == "SQL_ASCII";
         let key = keyed
             .key_columns
             .iter()
@@ -51,13 +58,22 @@ impl Shape {
             .collect::<Vec<_>>();
         let keyless =
             keyed.key_source == KeySource::WholeRow || key.len() != keyed.key_columns.len();
-        let columns: Vec<(String, u32)> = found.into_iter().map(|c| (c.name, c.type_oid)).collect();
-        let types: Map<String, Value> = columns
+        let names: Map<String, Value> = found
             .iter()
-            .map(|(c, oid)| (c.clone(), Value::from(type_name(*oid).unwrap_or("unknown"))))
+            .map(|c| {
+                let name = type_name(c.type_oid).unwrap_or("unknown");
+                (c.name.clone(), Value::from(name))
+            })
+            .collect();
+        let mut known = TypeMap::default();
+        let oids: Vec<u32> = found.iter().map(|c| c.type_oid).collect();
+        types::resolve(sql, &oids, &mut known).await?;
+        let columns: Vec<(String, Rule)> = found
+            .into_iter()
+            .map(|c| (c.name, known.rule(c.type_oid)))
             .collect();
         let table = Arc::new(TableRef {
-            column_types: Value::Object(types).to_string(),
+            column_types: Value::Object(names).to_string(),
             ..keyed
         });
         Ok(Self {
@@ -66,7 +82,31 @@ impl Shape {
             columns: columns.into(),
             key,
             keyless,
+            raw,
         })
+    }
+
+    /// The SELECT list of a copy: `*`, or in a `SQL_ASCII` database each
+    /// column's text form as bytes, unconverted and unchecked (`format`
+    /// prints it by its output function, `convert_to` to `SQL_ASCII` keeps
+    /// the bytes; `textsend` would check them against the client encoding),
+    /// NULL kept (`num_nulls`: a composite of NULL fields is not NULL).
+    pub(super) fn select_list(&self) -> String {
+        if !self.raw {
+            return "*".to_owned();
+        }
+        let items: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, _)| {
+                let c = quote_ident(c);
+                format!(
+                    "CASE WHEN num_nulls({c}) = 1 THEN NULL \
+                     ELSE convert_to(format('%s', {c}), 'SQL_ASCII') END"
+                )
+            })
+            .collect();
+        items.join(", ")
     }
 
     /// Whether the table has no unique key (REPLICA IDENTITY FULL without a
@@ -113,7 +153,8 @@ impl Shape {
     /// The keyset query for the next `limit` rows of `range`.
     pub fn chunk_query(&self, range: &KeyRange, limit: usize) -> String {
         format!(
-            "SELECT * FROM {}{} ORDER BY {} LIMIT {limit}",
+            "SELECT {} FROM {}{} ORDER BY {} LIMIT {limit}",
+            self.select_list(),
             self.qualified,
             self.range_filter(range.after.as_ref(), range.upto.as_ref()),
             self.key_list()
@@ -183,7 +224,7 @@ impl Shape {
             };
             bounds.push(
                 (0..self.key.len())
-                    .map(|i| row.get(i).unwrap_or("").to_owned())
+                    .map(|i| text(row, i).unwrap_or("").to_owned())
                     .collect(),
             );
         }
@@ -194,7 +235,10 @@ impl Shape {
     pub(super) fn key_of(&self, row: &SimpleQueryRow) -> KeyText {
         self.key
             .iter()
-            .map(|(i, _)| row.get(*i).unwrap_or("").to_owned())
+            .map(|(i, _)| {
+                cell(row, *i, self.raw)
+                    .map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
+            })
             .collect()
     }
 
@@ -226,10 +270,8 @@ impl Shape {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, (c, oid))| {
-                let v = row
-                    .get(i)
-                    .map_or(Value::Null, |s| text_to_json(*oid, s.as_bytes()));
+            .map(|(i, (c, rule))| {
+                let v = cell(row, i, self.raw).map_or(Value::Null, |b| render(rule, &b));
                 (c.clone(), v)
             })
             .collect();
@@ -252,6 +294,32 @@ impl Shape {
             snapshot: true,
         }
     }
+}
+
+/// The text of column `i` of `row`; `None` for SQL NULL.
+///
+/// `SimpleQueryRow::get` panics on text that is not valid UTF-8, which only
+/// a `SQL_ASCII` database sends; there the copy reads bytes instead
+/// ([`Shape::select_list`]), so this fallback (U+FFFD) is never expected.
+fn text(row: &SimpleQueryRow, i: usize) -> Option<&str> {
+    row.try_get(i).unwrap_or(Some(INVALID_TEXT))
+}
+
+/// What a value that cannot be read as text reads as (never expected).
+const INVALID_TEXT: &str = "\u{FFFD}";
+
+/// The bytes of column `i` of `row` (`None` for SQL NULL): its text, or
+/// with `raw` (a `SQL_ASCII` database) the bytes its hex text spells. The
+/// renderer decodes them as the stream does, each invalid UTF-8 sequence
+/// becoming U+FFFD.
+pub(crate) fn cell(row: &SimpleQueryRow, i: usize, raw: bool) -> Option<Cow<'_, [u8]>> {
+    let text = text(row, i)?;
+    if raw {
+        if let Some(bytes) = hex_bytes(text) {
+            return Some(Cow::Owned(bytes));
+        }
+    }
+    Some(Cow::Borrowed(text.as_bytes()))
 }
 
 /// The key ranges between consecutive `bounds`: from the start up to the
@@ -280,7 +348,10 @@ mod tests {
     use super::*;
 
     fn shape(keys: &[(&str, &str)]) -> Shape {
-        let columns: Arc<[(String, u32)]> = keys.iter().map(|(c, _)| (c.to_string(), 25)).collect();
+        let columns: Arc<[(String, Rule)]> = keys
+            .iter()
+            .map(|(c, _)| (c.to_string(), Rule::Text))
+            .collect();
         Shape {
             table: Arc::new(TableRef {
                 schema: "public".into(),
@@ -297,6 +368,7 @@ mod tests {
                 .collect(),
             columns,
             keyless: false,
+            raw: false,
         }
     }
 

@@ -241,7 +241,21 @@ fn numeric_and_money_keep_every_digit_as_strings() {
     for special in ["NaN", "Infinity", "-Infinity"] {
         assert_eq!(j(oid::NUMERIC, special), json!(special));
     }
-    assert_eq!(j(oid::MONEY, "$1,000.00"), json!("$1,000.00"));
+}
+
+#[test]
+fn money_becomes_an_exact_decimal_whatever_the_symbols() {
+    let cases = [
+        ("$1,000.00", "1000.00"),
+        ("-$92,233,720,368,547,758.08", "-92233720368547758.08"),
+        ("($5.25)", "-5.25"),
+        ("$0.00", "0.00"),
+    ];
+    for (text, want) in cases {
+        assert_eq!(j(oid::MONEY, text), json!(want), "{text}");
+    }
+    assert_eq!(j(oid::MONEY, "$"), json!("$"));
+    assert_eq!(j(oid::MONEY, "1.2.3"), json!("1.2.3"));
 }
 
 #[test]
@@ -564,4 +578,134 @@ proptest! {
             .join(",");
         prop_assert_eq!(j(oid::INT8_ARRAY, &format!("{{{text}}}")), json!(rows));
     }
+}
+
+/// A composite rule of `(name, rule)` fields.
+fn composite(fields: &[(&str, Rule)]) -> Rule {
+    Rule::Composite(
+        fields
+            .iter()
+            .map(|(n, r)| (n.to_string(), r.clone()))
+            .collect(),
+    )
+}
+
+/// An array rule of `elem`, comma-delimited.
+fn array_of(elem: Rule) -> Rule {
+    Rule::Array {
+        elem: std::sync::Arc::new(elem),
+        delim: b',',
+    }
+}
+
+/// `render` of a `&str`, checked against the direct writer.
+fn r(rule: &Rule, s: &str) -> Value {
+    let value = render(rule, s.as_bytes());
+    let mut direct = Vec::new();
+    write_rendered(rule, s.as_bytes(), &mut direct);
+    assert_eq!(direct, serde_json::to_vec(&value).unwrap(), "{s}");
+    value
+}
+
+#[test]
+fn composites_become_objects_with_typed_fields() {
+    let point = composite(&[
+        ("x", Rule::Builtin(oid::FLOAT8)),
+        ("y", Rule::Builtin(oid::FLOAT8)),
+    ]);
+    let place = composite(&[
+        ("name", Rule::Builtin(oid::TEXT)),
+        ("at", point.clone()),
+        ("tags", array_of(Rule::Text)),
+        ("n", Rule::Builtin(oid::INT4)),
+    ]);
+    assert_eq!(
+        r(&place, r#"("a ""q"" \\ b","(1.5,NaN)","{x,""y z""}",)"#),
+        json!({"name": "a \"q\" \\ b", "at": {"x": 1.5, "y": "NaN"}, "tags": ["x", "y z"], "n": null})
+    );
+    assert_eq!(
+        r(&place, "(,,,)"),
+        json!({"name": null, "at": null, "tags": null, "n": null})
+    );
+    // A field count other than the catalog's: the text, not a guess.
+    assert_eq!(r(&point, "(1,2,3)"), json!("(1,2,3)"));
+    assert_eq!(r(&composite(&[]), "()"), json!({}));
+}
+
+#[test]
+fn arrays_of_composites_enums_and_domains_follow_their_element() {
+    let pair = composite(&[("k", Rule::Text), ("v", Rule::Builtin(oid::INT4))]);
+    assert_eq!(
+        r(&array_of(pair), r#"{"(a,1)",NULL,"(\"b,c\",)"}"#),
+        json!([{"k": "a", "v": 1}, null, {"k": "b,c", "v": null}])
+    );
+    let moods = array_of(Rule::Text);
+    assert_eq!(r(&moods, "{}"), json!([]));
+    assert_eq!(
+        r(&moods, "{{happy,NULL},{sad,\"NULL\"}}"),
+        json!([["happy", null], ["sad", "NULL"]])
+    );
+    let boxes = Rule::Array {
+        elem: std::sync::Arc::new(Rule::Text),
+        delim: b';',
+    };
+    assert_eq!(
+        r(&boxes, "{(1,1),(0,0);(3,3),(2,2)}"),
+        json!(["(1,1),(0,0)", "(3,3),(2,2)"])
+    );
+}
+
+#[test]
+fn hstore_becomes_an_object_and_odd_text_stays_text() {
+    assert_eq!(
+        r(&Rule::Hstore, r#""a"=>"1", "b"=>NULL"#),
+        json!({"a": "1", "b": null})
+    );
+    assert_eq!(r(&Rule::Hstore, ""), json!({}));
+    assert_eq!(r(&Rule::Hstore, "a=>1"), json!("a=>1"));
+    for text in ["[1,5)", "empty", "101", "'a':1 'b':2", "<x/>", "(1,2)"] {
+        assert_eq!(r(&Rule::Text, text), json!(text));
+    }
+}
+
+#[test]
+fn special_values_keep_their_text_inside_composites_and_arrays() {
+    let row = composite(&[
+        ("d", Rule::Builtin(oid::DATE)),
+        ("ts", Rule::Builtin(oid::TIMESTAMPTZ)),
+        ("f", array_of(Rule::Builtin(oid::FLOAT8))),
+        ("m", Rule::Builtin(oid::MONEY)),
+    ]);
+    assert_eq!(
+        r(
+            &row,
+            r#"(infinity,-infinity,"{NaN,Infinity,-Infinity,1}","-$1,000.50")"#
+        ),
+        json!({"d": "infinity", "ts": "-infinity", "f": ["NaN", "Infinity", "-Infinity", 1.0], "m": "-1000.50"})
+    );
+}
+
+#[test]
+fn json_numbers_keep_every_digit_and_deep_nesting_is_sent_as_text() {
+    // jsonb prints numbers as numeric does: plain digits, never an exponent.
+    let huge = format!("1{}", "0".repeat(400));
+    let text = format!(r#"{{"big": 123456789012345678901234567890, "e": {huge}, "f": 1.50}}"#);
+    let mut direct = Vec::new();
+    write_json(oid::JSONB, text.as_bytes(), &mut direct);
+    assert_eq!(
+        String::from_utf8(direct).unwrap(),
+        format!(r#"{{"big":123456789012345678901234567890,"e":{huge},"f":1.50}}"#)
+    );
+    let deep = format!(
+        "{}{}",
+        "[".repeat(JSON_DEPTH_LIMIT + 1),
+        "]".repeat(JSON_DEPTH_LIMIT + 1)
+    );
+    assert_eq!(j(oid::JSONB, &deep), json!(deep));
+    let fits = format!(
+        "{}{}",
+        "[".repeat(JSON_DEPTH_LIMIT),
+        "]".repeat(JSON_DEPTH_LIMIT)
+    );
+    assert!(j(oid::JSONB, &fits).is_array());
 }

@@ -324,3 +324,43 @@ fn unconfigured_tables_are_dropped_and_a_keyless_relation_has_no_key() {
     a.apply(insert(16384), Lsn(6), &mut out).unwrap();
     assert_eq!(out[0].key, None);
 }
+
+#[test]
+fn user_types_are_resolved_before_their_relation_and_again_after_a_type_message() {
+    let mut a = Assembler::new(&[users()]);
+    let mut rel = relation();
+    rel.columns[2].type_oid = 70_000; // a domain over integer
+    assert_eq!(a.missing_types(&rel), vec![70_000]);
+    let rows = [(70_000, crate::pg::types::tests_row_domain(INT4))].into();
+    a.types_mut().extend(&[70_000], &rows);
+    assert!(a.missing_types(&rel).is_empty());
+    a.apply(
+        PgOutputMessage::Relation(rel.clone()),
+        Lsn(1),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    a.begin(9, Lsn(500), 0);
+    let mut out = Vec::new();
+    let new = tuple(&[Some("1"), Some("ann"), Some("42")]);
+    a.apply(
+        PgOutputMessage::Insert {
+            relation_oid: 16384,
+            new,
+        },
+        Lsn(400),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(
+        out[0].after,
+        obj(json!({"id": 1, "name": "ann", "bio": 42}))
+    );
+    let announced = PgOutputMessage::Type {
+        oid: 70_000,
+        namespace: "public".into(),
+        name: "posint".into(),
+    };
+    a.apply(announced, Lsn(401), &mut out).unwrap();
+    assert_eq!(a.missing_types(&rel), vec![70_000]);
+}
