@@ -7,6 +7,7 @@ mod e2e;
 mod es_sink;
 mod observe;
 mod producer_outage;
+mod schema_changes;
 mod snapshot;
 mod support;
 mod table_shapes;

@@ -165,7 +165,9 @@ pub(crate) struct ColumnInfo {
     pub sql_type: String,
 }
 
-/// The live columns of the table `qualified` (quoted `schema.name`), in order.
+/// The live columns of the table `qualified` (quoted `schema.name`), in
+/// order, without generated columns: the stream does not publish them
+/// (before PostgreSQL 18), so a copy must not read them either.
 pub(crate) async fn table_columns(
     sql: &Client,
     qualified: &str,
@@ -175,6 +177,7 @@ pub(crate) async fn table_columns(
             "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
                FROM pg_attribute a \
               WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                AND a.attgenerated = '' \
               ORDER BY a.attnum",
             &[&qualified],
         )

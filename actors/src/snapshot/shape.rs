@@ -86,20 +86,21 @@ impl Shape {
         })
     }
 
-    /// The SELECT list of a copy: `*`, or in a `SQL_ASCII` database each
+    /// The SELECT list of a copy: the columns the stream publishes by name
+    /// (`*` would add generated columns), or in a `SQL_ASCII` database each
     /// column's text form as bytes, unconverted and unchecked (`format`
     /// prints it by its output function, `convert_to` to `SQL_ASCII` keeps
     /// the bytes; `textsend` would check them against the client encoding),
     /// NULL kept (`num_nulls`: a composite of NULL fields is not NULL).
     pub(super) fn select_list(&self) -> String {
-        if !self.raw {
-            return "*".to_owned();
-        }
         let items: Vec<String> = self
             .columns
             .iter()
             .map(|(c, _)| {
                 let c = quote_ident(c);
+                if !self.raw {
+                    return c;
+                }
                 format!(
                     "CASE WHEN num_nulls({c}) = 1 THEN NULL \
                      ELSE convert_to(format('%s', {c}), 'SQL_ASCII') END"
@@ -382,7 +383,7 @@ mod tests {
         };
         assert_eq!(
             s.chunk_query(&range, 100),
-            "SELECT * FROM public.t WHERE (\"Id\", \"name\") > ('5'::integer, 'o''k'::text) \
+            "SELECT \"Id\", \"name\" FROM public.t WHERE (\"Id\", \"name\") > ('5'::integer, 'o''k'::text) \
              AND (\"Id\", \"name\") <= ('9'::integer, 'z'::text) ORDER BY \"Id\", \"name\" LIMIT 100"
         );
         let open = KeyRange {
@@ -392,7 +393,7 @@ mod tests {
         };
         assert_eq!(
             s.chunk_query(&open, 7),
-            "SELECT * FROM public.t ORDER BY \"Id\", \"name\" LIMIT 7"
+            "SELECT \"Id\", \"name\" FROM public.t ORDER BY \"Id\", \"name\" LIMIT 7"
         );
     }
 
