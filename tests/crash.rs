@@ -109,10 +109,7 @@ async fn confirmed(db: &Client) -> u64 {
 }
 
 async fn setup() -> (PgCluster, Tansu, tempfile::TempDir, Client) {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute("CREATE TABLE numbered (id bigint PRIMARY KEY, tx bigint NOT NULL, pad text)")
         .await
         .expect("ddl");

@@ -76,10 +76,7 @@ struct Rig {
 
 impl Rig {
     async fn start(columns: &str, extra: &str) -> Rig {
-        let pg = PgCluster::start().unwrap();
-        let tansu = Tansu::start().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let db = pg.client().await.unwrap();
+        let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
         let columns = match columns {
             "" => String::new(),
             c => format!(", {c}"),
@@ -281,10 +278,7 @@ impl Drop for SqliteLock {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_pipeline() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();

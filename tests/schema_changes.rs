@@ -19,7 +19,7 @@ use pgcdc_actors::wire::header;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use crate::support::{config, wait, PgCluster, Record, Tansu};
+use crate::support::{config, wait, PgCluster, Record};
 
 const TOPIC: &str = "cdc-events";
 /// The table every test changes.
@@ -116,10 +116,7 @@ fn lsn(text: &str) -> u64 {
 /// Run `ddl` on `t` while a writer streams rows into it; check the records.
 /// `old` and `new` tell a row image of the shape before and after the DDL.
 async fn ddl_under_a_writer(ddl: &str, old: fn(&Value) -> bool, new: fn(&Value) -> bool) {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut db = pg.client().await.unwrap();
+    let (pg, tansu, dir, mut db) = crate::support::pg_and_tansu().await;
     db.batch_execute(CREATE).await.unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
@@ -236,10 +233,7 @@ async fn alter_column_type_to_bigint_while_streaming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_columns_are_in_neither_snapshot_nor_stream() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE g (id int PRIMARY KEY, n int, twice int GENERATED ALWAYS AS (n * 2) STORED);
          INSERT INTO g (id, n) VALUES (1, 10);",

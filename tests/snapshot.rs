@@ -27,10 +27,7 @@ fn table_of(r: &Record) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE empty (id int PRIMARY KEY);
          CREATE TABLE one (id int PRIMARY KEY, v text);
@@ -160,10 +157,7 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
 /// same key bytes (partitioning and compaction go by them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_rows_encode_exactly_as_streamed_changes() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TYPE mood AS ENUM ('sad', 'happy');
          CREATE TABLE types (
@@ -336,10 +330,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_it() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100000) g;",
     )
@@ -413,10 +404,7 @@ fn resumed_rows(log: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() {
     const ROWS: usize = 200_000;
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(&format!(
         "CREATE TABLE t (id int PRIMARY KEY, v text); \
          INSERT INTO t SELECT g, repeat('v', 100) FROM generate_series(1, {ROWS}) g;"

@@ -19,6 +19,16 @@ const READ_ALL: Duration = Duration::from_secs(60);
 /// How long a topic must stay quiet before a whole-topic read ends.
 const QUIET: Duration = Duration::from_secs(1);
 
+/// A private PostgreSQL cluster, a tansu broker, a scratch directory and a
+/// SQL client: what most integration tests start from.
+pub async fn pg_and_tansu() -> (PgCluster, Tansu, tempfile::TempDir, tokio_postgres::Client) {
+    let pg = PgCluster::start().expect("postgresql");
+    let tansu = Tansu::start().expect("tansu");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = pg.client().await.expect("sql client");
+    (pg, tansu, dir, db)
+}
+
 /// Start `pgcdc run` with `config_toml` in `dir`.
 pub fn daemon(dir: &Path, config_toml: &str, envs: &[(&str, &str)]) -> Daemon {
     daemon_cmd(dir, config_toml, envs, "run")

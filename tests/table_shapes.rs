@@ -12,7 +12,7 @@ use std::time::Duration;
 use pgcdc_actors::wire::{header, message};
 use serde_json::{json, Value};
 
-use crate::support::{config, PgCluster, Record, Tansu};
+use crate::support::{config, Record, Tansu};
 
 const TOPIC: &str = "cdc-events";
 /// How long a topic read may wait for the records a test expects.
@@ -55,10 +55,7 @@ fn one_shot(dir: &Path, cfg: &str, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE by_index (id int PRIMARY KEY, code text NOT NULL, v text);
          CREATE UNIQUE INDEX by_index_code ON by_index (code);
@@ -108,10 +105,7 @@ async fn rows_are_keyed_by_the_replica_identity_in_snapshot_and_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE nada (id int PRIMARY KEY, v text);
          ALTER TABLE nada REPLICA IDENTITY NOTHING;
@@ -146,10 +140,7 @@ async fn replica_identity_nothing_is_refused_and_the_table_stays_writable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute("CREATE TABLE ren (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
@@ -191,10 +182,7 @@ async fn the_key_follows_a_renamed_key_column_and_a_changed_primary_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detach() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
          CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
@@ -238,10 +226,7 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
          CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);
@@ -272,10 +257,7 @@ fn refused_naming_the_fix(dir: &std::path::Path, cfg: &str, fix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE wanted (id int PRIMARY KEY);
          CREATE TABLE extra (id int PRIMARY KEY);
@@ -313,10 +295,7 @@ async fn a_publication_with_an_extra_table_emits_only_configured_tables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(
         "CREATE TABLE keyed (id int PRIMARY KEY);
          CREATE TABLE bag (v text);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use pgcdc_actors::wire::header;
 use serde_json::{json, Value};
 
-use crate::support::{config, PgCluster, Record, Tansu};
+use crate::support::{config, Record};
 
 const TOPIC: &str = "cdc-events";
 /// How long a topic read may wait for the records a test expects.
@@ -98,10 +98,7 @@ fn assert_same_after(a: &Record, b: &Record, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.client().await.unwrap();
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
     db.batch_execute(ZOO).await.unwrap();
     // The text forms as pgcdc's sessions print them.
     db.batch_execute("SET timezone = 'UTC'; SET datestyle = 'ISO,YMD'")
@@ -160,10 +157,7 @@ async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sql_ascii_database_with_invalid_utf8_is_copied_lossily_without_a_panic() {
-    let pg = PgCluster::start().unwrap();
-    let tansu = Tansu::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = pg.client().await.unwrap();
+    let (pg, tansu, dir, admin) = crate::support::pg_and_tansu().await;
     admin
         .batch_execute(
             "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
