@@ -21,7 +21,7 @@ use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
 use pgcdc_actors::pg::{self, parse_table_name};
 use pgcdc_actors::replication::ReplicationActor;
-use pgcdc_actors::snapshot::watermark::Watermarks;
+use pgcdc_actors::snapshot::watermark::{MessageKey, Watermarks};
 use pgcdc_actors::snapshot::SnapshotActor;
 use pgcdc_actors::supervision::RestartBudget;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -74,7 +74,10 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         pgcdc_actors::wal_monitor::WalMonitorActor::new(wal_pg, wal, wal_budget)
     });
     let snapshot = Arc::new(settings.snapshot.clone());
-    let marks = Watermarks::default();
+    let key_path = settings.message_key_path();
+    let key = MessageKey::load_or_create(&key_path)
+        .map_err(|e| AppError::LocalIo(format!("{}: {e}", key_path.display())))?;
+    let marks = Watermarks::new(key);
     let (pg2, snap2, m, cp) = (
         pg.clone(),
         snapshot.clone(),

@@ -9,7 +9,7 @@ use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::event::KeySource;
 use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
 use pgcdc_actors::replication::{slot, ReplicationError};
-use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
+use pgcdc_actors::snapshot::watermark::{MessageKey, Signal, SIGNAL_PREFIX};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::{AppError, ExitCode};
@@ -348,6 +348,13 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
     if !errors.is_empty() {
         return Err(AppError::Config(errors));
     }
+    let key_path = settings.message_key_path();
+    let key = MessageKey::load(&key_path).map_err(|e| {
+        AppError::LocalIo(format!(
+            "{}: {e}; signals are signed with the key the daemon creates in its state_dir on first start: run this command where the daemon's state_dir is",
+            key_path.display()
+        ))
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -356,11 +363,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         let sql = pg_connect(pg).await.map_err(classified)?;
         refuse_keyless(&sql, &wanted).await?;
         for (schema, table) in wanted {
-            let signal = Signal {
-                slot: pg.slot.clone(),
-                schema: schema.clone(),
-                table: table.clone(),
-            };
+            let signal = Signal::signed(&key, &pg.slot, &schema, &table, false);
             let content = serde_json::to_string(&signal).unwrap_or_default();
             let row = sql
                 .query_one(

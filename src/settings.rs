@@ -204,6 +204,11 @@ impl Settings {
         }
     }
 
+    /// The secret that signs pgcdc's WAL messages (created by the daemon).
+    pub fn message_key_path(&self) -> PathBuf {
+        self.state_dir.join("message.key")
+    }
+
     /// Where the RocksDB checkpoint lives.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.state_dir.join("checkpoint")

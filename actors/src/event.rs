@@ -68,7 +68,7 @@ pub struct TableRef {
 }
 
 /// Where and when a change was committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TxMeta {
     /// Transaction id.
     pub xid: u32,

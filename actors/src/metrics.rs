@@ -43,6 +43,10 @@ pub struct Metrics {
     pub heartbeats: IntCounter,
     /// Audit log records dropped (never data).
     pub audit_dropped: IntGauge,
+    /// Messages with pgcdc's prefixes whose signature did not verify.
+    pub forged_messages: IntCounter,
+    /// Configured tables that no longer exist in PostgreSQL.
+    pub tables_missing: IntGauge,
     lag_bytes: IntGauge,
     lag_seconds: IntGauge,
     confirmed: IntGaugeVec,
@@ -198,6 +202,16 @@ impl Metrics {
                 "audit_dropped_total",
                 "Audit log records dropped (data is never dropped)",
             ),
+            forged_messages: counter(
+                &r,
+                "forged_messages_total",
+                "WAL messages with pgcdc's prefixes whose signature did not verify (ignored)",
+            ),
+            tables_missing: gauge(
+                &r,
+                "tables_missing",
+                "Configured tables that do not exist in PostgreSQL (dropped): their mirrors are not current",
+            ),
             lag_bytes: gauge(
                 &r,
                 "replication_lag_bytes",
@@ -248,7 +262,7 @@ impl Metrics {
     }
 
     /// Ready: confirmed progress within `window`, or caught up with a
-    /// keepalive within `window`.
+    /// keepalive within `window`; and no configured table is missing.
     pub fn ready(&self, window: Duration) -> bool {
         let recent = |t: Option<SystemTime>| {
             t.and_then(|t| t.elapsed().ok())
@@ -257,7 +271,8 @@ impl Metrics {
         let Ok(p) = self.progress.lock() else {
             return false;
         };
-        recent(p.confirmed_at) || (recent(p.keepalive_at) && self.lag_bytes() == 0)
+        let moving = recent(p.confirmed_at) || (recent(p.keepalive_at) && self.lag_bytes() == 0);
+        moving && self.tables_missing.get() == 0
     }
 
     /// Everything, in the Prometheus text format.

@@ -211,7 +211,7 @@ impl Stream {
                 lsn,
                 ..
             } => {
-                let action = windows.on_message(&prefix, &content);
+                let action = windows.on_message(&prefix, &content, Lsn::from(lsn));
                 self.on_message(action, Lsn::from(lsn), asm, out).await?;
             }
             ReplicationEvent::StoppedAt { .. } => {}
@@ -240,12 +240,25 @@ impl Stream {
                 out.progress.push(progress);
                 self.publish_if_full(out).await?;
             }
-            MessageAction::Backfill(progress) => {
-                out.progress.push(progress.clone());
-                self.snapshots.do_send(BackfillTable { progress });
+            MessageAction::Backfill(progress) => self.backfill(progress, out),
+            MessageAction::Reset(truncate, copy) => {
+                let mut rows = [truncate];
+                asm.place(&mut rows, lsn)
+                    .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                out.batch.extend(rows);
+                if let Some(progress) = copy {
+                    self.backfill(progress, out);
+                }
+                self.publish_if_full(out).await?;
             }
         }
         Ok(())
+    }
+
+    /// Start copying a table again; its reset progress is checkpointed with the batch.
+    fn backfill(&self, progress: TableProgress, out: &mut Outbox) {
+        out.progress.push(progress.clone());
+        self.snapshots.do_send(BackfillTable { progress });
     }
 
     /// Hand the batch over mid-transaction once it reached its size limit.
