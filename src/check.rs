@@ -9,7 +9,7 @@ use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::event::KeySource;
 use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
 use pgcdc_actors::replication::{slot, ReplicationError};
-use pgcdc_actors::snapshot::watermark::{MessageKey, Signal, SIGNAL_PREFIX};
+use pgcdc_actors::snapshot::watermark::{MessageKey, Signal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::{AppError, ExitCode};
@@ -364,15 +364,7 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         refuse_keyless(&sql, &wanted).await?;
         for (schema, table) in wanted {
             let signal = Signal::signed(&key, &pg.slot, &schema, &table, false);
-            let content = serde_json::to_string(&signal).unwrap_or_default();
-            let row = sql
-                .query_one(
-                    "SELECT pg_logical_emit_message(true, $1, $2)::text",
-                    &[&SIGNAL_PREFIX, &content],
-                )
-                .await
-                .map_err(|e| classified(PgError::from(e)))?;
-            let lsn: String = row.get(0);
+            let lsn = signal.write(&sql).await.map_err(classified)?;
             println!("requested backfill of {schema}.{table} at {lsn}; the daemon on slot {} copies it while streaming", pg.slot);
         }
         Ok(())

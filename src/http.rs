@@ -81,6 +81,14 @@ fn route(method: &str, path: &str, ready_window: Duration) -> (&'static str, &'s
         ),
         "/health" => ("200 OK", TEXT, "ok\n".into()),
         "/ready" if metrics().ready(ready_window) => ("200 OK", TEXT, "ready\n".into()),
+        "/ready" if metrics().tables_uncaptured.get() > 0 => (
+            "503 Service Unavailable",
+            TEXT,
+            format!(
+                "not ready: {} configured table(s) not captured (dropped, or not in the publication; see the log)\n",
+                metrics().tables_uncaptured.get()
+            ),
+        ),
         "/ready" => (
             "503 Service Unavailable",
             TEXT,

@@ -45,8 +45,9 @@ pub struct Metrics {
     pub audit_dropped: IntGauge,
     /// Messages with pgcdc's prefixes whose signature did not verify.
     pub forged_messages: IntCounter,
-    /// Configured tables that no longer exist in PostgreSQL.
-    pub tables_missing: IntGauge,
+    /// Configured tables whose changes are not captured (dropped, or not
+    /// published and not added back).
+    pub tables_uncaptured: IntGauge,
     lag_bytes: IntGauge,
     lag_seconds: IntGauge,
     confirmed: IntGaugeVec,
@@ -207,10 +208,10 @@ impl Metrics {
                 "forged_messages_total",
                 "WAL messages with pgcdc's prefixes whose signature did not verify (ignored)",
             ),
-            tables_missing: gauge(
+            tables_uncaptured: gauge(
                 &r,
-                "tables_missing",
-                "Configured tables that do not exist in PostgreSQL (dropped): their mirrors are not current",
+                "tables_uncaptured",
+                "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
             ),
             lag_bytes: gauge(
                 &r,
@@ -262,7 +263,7 @@ impl Metrics {
     }
 
     /// Ready: confirmed progress within `window`, or caught up with a
-    /// keepalive within `window`; and no configured table is missing.
+    /// keepalive within `window`; and every configured table is captured.
     pub fn ready(&self, window: Duration) -> bool {
         let recent = |t: Option<SystemTime>| {
             t.and_then(|t| t.elapsed().ok())
@@ -272,7 +273,7 @@ impl Metrics {
             return false;
         };
         let moving = recent(p.confirmed_at) || (recent(p.keepalive_at) && self.lag_bytes() == 0);
-        moving && self.tables_missing.get() == 0
+        moving && self.tables_uncaptured.get() == 0
     }
 
     /// Everything, in the Prometheus text format.

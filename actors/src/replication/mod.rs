@@ -18,6 +18,7 @@ mod assembler;
 pub mod decode;
 mod error;
 mod flush;
+mod scope;
 pub mod slot;
 mod start;
 mod stream;

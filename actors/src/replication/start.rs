@@ -39,13 +39,21 @@ impl Stream {
         let sql = crate::pg::connect(cfg).await?;
         catalog::check_server(&sql).await?;
         let tables = catalog::resolve_tables(&sql, &cfg.tables).await?;
-        slot::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
+        // Tables captured before that left the publication (dropped and
+        // created again while pgcdc was stopped) are the scope watch's to
+        // add back: it also resets their mirror.
+        let captured: Vec<(String, String)> = checkpoint
+            .progress
+            .iter()
+            .map(|p| (p.schema.clone(), p.name.clone()))
+            .collect();
+        slot::ensure_publication(&sql, &cfg.publication, &tables, &captured).await?;
         let identity = SlotIdentity {
             system_id: catalog::system_id(&sql).await?,
             database: cfg.database.clone(),
             slot_name: cfg.slot.clone(),
         };
-        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
         let state = slot::inspect_slot(&sql, &cfg.slot).await?;
         let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
         let start_point =

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::assembler::{self, Assembler};
 use super::flush::FlushPolicy;
+use super::scope::ScopeWatch;
 use super::{decode, ReplicationActor, ReplicationError};
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::event::{ChangeEvent, CopiedRows, TableRef};
@@ -124,6 +125,8 @@ impl Stream {
         let mut asm = Assembler::new(tables);
         let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
         let mut types = TypeSource::default();
+        let scope = ScopeWatch::new(self.config.clone(), tables, self.marks.key().clone()).run();
+        tokio::pin!(scope);
         loop {
             tokio::select! {
                 biased;
@@ -143,6 +146,7 @@ impl Stream {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
                     self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
                 }
+                () = &mut scope => {}
             }
         }
     }

@@ -26,6 +26,7 @@ use crate::checkpoint::TableProgress;
 use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::metrics::metrics;
+use crate::pg::PgError;
 
 /// Prefix of watermark messages.
 pub const WATERMARK_PREFIX: &str = crate::wire::message::WATERMARK;
@@ -119,6 +120,18 @@ impl Signal {
 
     fn genuine(&self, key: &MessageKey) -> bool {
         key.verify(&self.fields(), &self.mac)
+    }
+
+    /// Write the signal into the WAL; the LSN it was written at.
+    pub async fn write(&self, sql: &tokio_postgres::Client) -> Result<String, PgError> {
+        let content = serde_json::to_string(self).unwrap_or_default();
+        let row = sql
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                &[&SIGNAL_PREFIX, &content],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 }
 
