@@ -644,3 +644,91 @@ async fn resume_inside_a_batch(r: &Rig) -> bool {
     .await
     .unwrap()
 }
+
+/// Table names Elasticsearch forbids or would merge map to distinct valid
+/// indices (a TRUNCATE of `*` empties only its own mirror); a keyless
+/// table's 1 kB rows get hashed ids under the 512-byte limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() {
+    use pgcdc_actors::es_writer::naming::mirror_index;
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let long = "l".repeat(63);
+    let names = ["*", "a,b", "a_b", "Upper", "upper", long.as_str()];
+    for n in names {
+        let q = format!(
+            "CREATE TABLE \"{n}\" (id int PRIMARY KEY, v text); INSERT INTO \"{n}\" VALUES (1, '{n}'), (2, 'two');"
+        );
+        db.batch_execute(&q).await.unwrap();
+    }
+    db.batch_execute(
+        "CREATE TABLE bag (a text, b text); ALTER TABLE bag REPLICA IDENTITY FULL;
+         INSERT INTO bag SELECT repeat('x', 1000) || g, 'b' FROM generate_series(1, 3) g;",
+    )
+    .await
+    .unwrap();
+    let mut tables: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    tables.push("bag".into());
+    let listed: Vec<&str> = tables.iter().map(String::as_str).collect();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &listed, "")
+        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "TRUNCATE \"*\"; INSERT INTO \"*\" VALUES (3, 'after truncate');
+         UPDATE bag SET b = 'changed' WHERE a LIKE '%1'; DELETE FROM bag WHERE a LIKE '%2';",
+    )
+    .await
+    .unwrap();
+    let indices: Vec<String> = names
+        .iter()
+        .map(|n| mirror_index("cdc_", "public", n))
+        .collect();
+    for (n, index) in names.iter().zip(&indices) {
+        let table = format!("\"{n}\"");
+        let want = Want::Table {
+            db: &db,
+            table: &table,
+        };
+        oracle::mirror_equals(
+            &r.es.url,
+            index,
+            want,
+            Duration::from_secs(90),
+            Some(&daemon),
+        )
+        .await
+        .unwrap();
+    }
+    let bag = mirror_index("cdc_", "public", "bag");
+    let rows: Vec<Value> = db
+        .query("SELECT to_jsonb(bag)::text FROM bag ORDER BY b", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get(0)).unwrap())
+        .collect();
+    let docs = wait::poll(
+        "the keyless mirror equals its table",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let docs = r.es.documents(&bag).await.unwrap();
+            let mut got: Vec<Value> = docs.values().map(|(_, v)| v.clone()).collect();
+            got.sort_by_key(|v| v["b"].to_string());
+            if got == rows {
+                Poll::Ready(docs)
+            } else {
+                Poll::Pending(format!("{got:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        docs.keys().all(|id| id.starts_with("sha256:")),
+        "{:?}",
+        docs.keys()
+    );
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
+}

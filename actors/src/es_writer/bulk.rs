@@ -5,6 +5,7 @@ use serde_json::error::Category;
 use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
+use super::naming::doc_id;
 use crate::wire::Envelope;
 
 /// One `_bulk` action (its metadata line and optional source line).
@@ -18,6 +19,8 @@ pub struct Action {
     pub doc: Option<String>,
     /// Which record of the batch it came from.
     pub origin: usize,
+    /// The history index (one document per change), not a mirror.
+    pub history: bool,
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
@@ -53,18 +56,9 @@ pub enum Planned {
     Poison(String),
 }
 
-/// The mirror index of `schema.table`.
+/// The mirror index of `schema.table` ([`naming`](super::naming)).
 pub fn mirror_index(cfg: &EsConfig, schema: &str, table: &str) -> String {
-    format!("{}{}_{}", cfg.index_prefix, schema, table).to_lowercase()
-}
-
-/// The document id of a key: the value of a one-column key, else a JSON array of the values.
-pub fn doc_id(key: &Map<String, Value>) -> String {
-    match key.values().collect::<Vec<_>>().as_slice() {
-        [Value::String(s)] => s.clone(),
-        [v] => v.to_string(),
-        values => Value::Array(values.iter().map(|v| (*v).clone()).collect()).to_string(),
-    }
+    super::naming::mirror_index(&cfg.index_prefix, schema, table)
 }
 
 /// Status of a delete of a document that is not there: the goal is reached.
@@ -163,6 +157,7 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
         meta,
         doc,
         origin,
+        history: false,
         lane: lane_of(index, id),
     })
 }
@@ -190,6 +185,7 @@ fn history_action(
         meta,
         doc: Some(Value::Object(doc).to_string()),
         origin,
+        history: true,
         lane,
     }
 }
@@ -451,6 +447,7 @@ mod tests {
             meta: "{\"delete\":{}}".into(),
             doc: None,
             origin: 0,
+            history: false,
             lane: 0,
         };
         let b = Action {
@@ -458,6 +455,7 @@ mod tests {
             meta: "{\"index\":{}}".into(),
             doc: Some("{}".into()),
             origin: 1,
+            history: false,
             lane: 0,
         };
         assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");

@@ -6,6 +6,7 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 
 use super::config::EsConfig;
+use super::naming::path_segment;
 use super::EsError;
 
 /// Characters of an error response body kept in the error: enough for
@@ -87,7 +88,7 @@ impl EsClient {
     /// Create `index` with `body` unless it exists.
     pub async fn ensure_index(&self, index: &str, body: &Value) -> Result<(), EsError> {
         let resp = self
-            .request(reqwest::Method::PUT, index)
+            .request(reqwest::Method::PUT, &path_segment(index))
             .json(body)
             .send()
             .await?;
@@ -109,7 +110,10 @@ impl EsClient {
     /// Delete every document of `index` whose `_cdc.lsn` is below `lsn` (TRUNCATE).
     pub async fn delete_older_than(&self, index: &str, lsn: u64) -> Result<(), EsError> {
         let query = json!({"query": {"range": {"_cdc.lsn": {"lt": lsn}}}});
-        let path = format!("{index}/_delete_by_query?refresh=true&conflicts=proceed");
+        let path = format!(
+            "{}/_delete_by_query?refresh=true&conflicts=proceed",
+            path_segment(index)
+        );
         let resp = self
             .request(reqwest::Method::POST, &path)
             .json(&query)

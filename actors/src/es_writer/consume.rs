@@ -129,7 +129,7 @@ impl Sink {
                 Planned::Skip => {}
                 Planned::Actions(actions) => {
                     for a in &actions {
-                        self.ensure_index(c, &a.index, msg).await?;
+                        self.ensure_index(c, a, msg).await?;
                     }
                     pending.extend(actions);
                 }
@@ -147,18 +147,19 @@ impl Sink {
         self.flush(c, pending, batch).await
     }
 
-    /// Create `index` (mapped from the record's column types) unless known.
+    /// Create the action's index (mapped from the record's column types) unless known.
     async fn ensure_index(
         &self,
         c: &mut Clients,
-        index: &str,
+        action: &Action,
         msg: &OwnedMessage,
     ) -> Result<(), EsError> {
+        let index = action.index.as_str();
         if c.indices.contains(index) {
             return Ok(());
         }
         let types = header(msg, crate::wire::header::TYPES);
-        let body = index_body(&self.es, types.as_deref(), index.ends_with("_history"));
+        let body = index_body(&self.es, types.as_deref(), action.history);
         with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
         c.indices.insert(index.to_owned());
         Ok(())

@@ -22,6 +22,7 @@ mod continuity;
 mod dead_letter;
 mod error;
 mod heal;
+pub mod naming;
 mod retry;
 
 use std::sync::Arc;
@@ -29,12 +30,12 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 pub use bulk::{
-    doc_id, field_mapping, index_body, mirror_index, outcomes, plan, render, Action, Outcome,
-    Planned,
+    field_mapping, index_body, mirror_index, outcomes, plan, render, Action, Outcome, Planned,
 };
 pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
+pub use naming::doc_id;
 
 use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;
