@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use pgcdc_actors::wire::header;
 use pgcdc_testkit::oracle::{self, Want};
-use pgcdc_testkit::proxy::bulk::{BulkFaultProxy, Fault};
+use pgcdc_testkit::proxy::bulk::{BulkFaultProxy, Fault, Refuse};
 use pgcdc_testkit::search::Documents;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -731,4 +731,67 @@ async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() 
         docs.keys()
     );
     assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
+
+/// Answers that used to wedge the sink: 200s that are not JSON and items
+/// without a status are retried a bounded number of times; a request the
+/// server refuses as a whole (400) or finds too large (413) is split until
+/// the one record it refuses is found, which is dead-lettered; the rest is
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_answers_400_and_413_dead_letter_only_the_refused_record() {
+    let r = rig().await;
+    let proxy = BulkFaultProxy::start(&r.es.url).await.unwrap();
+    proxy.push([Fault::NotJson; 2]);
+    proxy.push(
+        [Fault::Partial {
+            every: 2,
+            status: 0,
+        }; 2],
+    );
+    proxy.refuse(Refuse::Containing("refused-by-the-server".into()));
+    proxy.refuse(Refuse::LongerThan(16 * 1024));
+    let changes = workload(40, 200);
+    let odd = |id: i64, name: String| Change {
+        id,
+        op: "c",
+        name,
+        lsn: 900_000 + id as u64,
+    };
+    let refused = odd(1000, "refused-by-the-server".into());
+    let huge = odd(1001, "h".repeat(20 * 1024));
+    produce(&*r.broker, &changes[..100]).await;
+    produce(&*r.broker, &[refused, huge]).await;
+    produce(&*r.broker, &changes[100..]).await;
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &proxy.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    assert_mirror(
+        &r.es,
+        "cdc_public_items",
+        &expected(&changes),
+        Duration::from_secs(90),
+        &mut sink,
+    )
+    .await;
+    let dead = crate::support::read_until(
+        &*r.broker,
+        "pgcdc-dead-letters",
+        Duration::from_secs(60),
+        |d| d.len() >= 2,
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("bad_request"), "{reasons:?}");
+    assert!(reasons[1].contains("too_large"), "{reasons:?}");
+    let log = sink.log_text();
+    assert!(log.contains("splitting it"), "no split was logged");
+    assert!(
+        log.contains("unreadable body"),
+        "the unreadable answer was not logged"
+    );
+    assert_eq!(proxy.pending(), 0, "not every queued fault fired");
+    assert!(sink.is_running(), "{}", sink.log_tail());
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub es_items: IntCounterVec,
     /// Records parked on the dead-letter topic.
     pub dead_letters: IntCounter,
+    /// Bulk requests or items the search server refused or answered unreadably, by reason.
+    pub es_refusals: IntCounterVec,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -155,6 +157,12 @@ impl Metrics {
                 "es_bulk_items_total",
                 "Elasticsearch bulk items by outcome",
                 &["outcome"],
+            ),
+            es_refusals: counter_vec(
+                &r,
+                "es_bulk_refusals_total",
+                "Bulk requests split or items dead-lettered because of the server's answer",
+                &["reason"],
             ),
             dead_letters: counter(
                 &r,

@@ -67,7 +67,7 @@ const NOT_FOUND: u64 = 404;
 const CONFLICT: u64 = 409;
 /// Status of an item the cluster is too busy for: retry.
 const TOO_MANY_REQUESTS: u64 = 429;
-/// An item without a status: treated as a transient failure and retried.
+/// An item without a status: retried a few times, then dead-lettered.
 const NO_STATUS: u64 = 0;
 /// Text fields also get a `keyword` sub-field for exact matches up to this length
 /// (Elasticsearch's own dynamic-mapping default).
@@ -221,6 +221,8 @@ pub enum Outcome {
     Conflict,
     /// 429 or 5xx: try again.
     Retry(String),
+    /// No status: try again a few times, then dead-letter.
+    Unanswered,
     /// Refused for good (mapping, parse errors): dead-letter it.
     Reject(String),
 }
@@ -249,7 +251,8 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
                 200..=299 => Outcome::Done,
                 NOT_FOUND if action == "delete" => Outcome::Done,
                 CONFLICT => Outcome::Conflict,
-                TOO_MANY_REQUESTS | 500..=599 | NO_STATUS => Outcome::Retry(reason()),
+                NO_STATUS => Outcome::Unanswered,
+                TOO_MANY_REQUESTS | 500..=599 => Outcome::Retry(reason()),
                 _ => Outcome::Reject(reason()),
             }
         })

@@ -75,14 +75,23 @@ impl EsClient {
             .send()
             .await?;
         let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let start = || {
+            String::from_utf8_lossy(&bytes)
+                .chars()
+                .take(ERROR_BODY_CHARS)
+                .collect::<String>()
+        };
         if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
             return Err(EsError::Status {
                 status: status.as_u16(),
-                body: text.chars().take(ERROR_BODY_CHARS).collect(),
+                body: start(),
             });
         }
-        Ok(resp.json().await?)
+        serde_json::from_slice(&bytes).map_err(|e| EsError::Unreadable {
+            status: status.as_u16(),
+            body: format!("{e}: {}", start()),
+        })
     }
 
     /// Create `index` with `body` unless it exists.

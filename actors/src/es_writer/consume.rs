@@ -11,22 +11,21 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::bulk::{index_body, outcomes, plan, render, Action, Outcome, Planned};
+use super::bulk::{index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::context::SinkContext;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
-use super::retry::{backoff, with_retry};
+use super::retry::with_retry;
+use super::send::Sender;
 use crate::kafka_producer::{KafkaConfig, TopicMode};
 
 /// A killed sink's partitions move to its successor after this long (Kafka's default is 45 s).
 const SESSION_TIMEOUT_MS: &str = "10000";
 /// Heartbeats well inside the session timeout, as Kafka recommends (a third or less).
 const HEARTBEAT_INTERVAL_MS: &str = "2000";
-/// The status a `_bulk` response with unreadable items is reported under (the request itself succeeded).
-const OK: u16 = 200;
 
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
@@ -191,51 +190,16 @@ impl Sink {
     async fn flush_lane(
         &self,
         c: &Clients,
-        mut pending: Vec<Action>,
+        pending: Vec<Action>,
         batch: &[OwnedMessage],
     ) -> Result<(), EsError> {
-        let mut attempt = 0u32;
-        while !pending.is_empty() {
-            let resp = with_retry(&self.es, || c.es.bulk(render(&pending))).await?;
-            let results = outcomes(&resp, pending.len()).map_err(|e| EsError::Status {
-                status: OK,
-                body: e,
-            })?;
-            let mut retry = Vec::new();
-            let mut counts: HashMap<&str, usize> = HashMap::new();
-            for (action, outcome) in pending.into_iter().zip(results) {
-                match outcome {
-                    Outcome::Done => *counts.entry("done").or_default() += 1,
-                    Outcome::Conflict => *counts.entry("superseded").or_default() += 1,
-                    Outcome::Retry(_) => retry.push(action),
-                    Outcome::Reject(reason) => {
-                        *counts.entry("dead_lettered").or_default() += 1;
-                        c.dlq.send(&batch[action.origin], &reason).await?;
-                    }
-                }
-            }
-            tracing::debug!(?counts, retry = retry.len(), "bulk written");
-            let m = crate::metrics::metrics();
-            for (outcome, n) in &counts {
-                m.es_items.with_label_values(&[outcome]).inc_by(*n as u64);
-            }
-            m.es_items
-                .with_label_values(&["retried"])
-                .inc_by(retry.len() as u64);
-            m.dead_letters
-                .inc_by(counts.get("dead_lettered").copied().unwrap_or(0) as u64);
-            if !retry.is_empty() {
-                attempt += 1;
-                tracing::warn!(
-                    items = retry.len(),
-                    attempt,
-                    "bulk items rejected with 429/5xx; retrying"
-                );
-                tokio::time::sleep(backoff(&self.es, attempt)).await;
-            }
-            pending = retry;
-        }
-        Ok(())
+        let sender = Sender {
+            es: &self.es,
+            client: &c.es,
+            dlq: &c.dlq,
+            batch,
+        };
+        sender.send(pending).await
     }
 }
 

@@ -24,6 +24,7 @@ mod error;
 mod heal;
 pub mod naming;
 mod retry;
+mod send;
 
 use std::sync::Arc;
 
