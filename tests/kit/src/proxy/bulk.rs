@@ -336,8 +336,8 @@ mod tests {
         lock(&state)
             .queue
             .extend([Fault::Drop, Fault::Reject(429), Fault::Reject(500)]);
-        assert_eq!(next_fault(&state, "/idx/_search"), None);
-        let fired: Vec<_> = (0..5).map(|_| next_fault(&state, "/_bulk")).collect();
+        assert_eq!(next_fault(&state, "/idx/_search", b""), None);
+        let fired: Vec<_> = (0..5).map(|_| next_fault(&state, "/_bulk", b"")).collect();
         assert_eq!(
             &fired[..3],
             [
