@@ -795,3 +795,104 @@ async fn unreadable_answers_400_and_413_dead_letter_only_the_refused_record() {
     assert_eq!(proxy.pending(), 0, "not every queued fault fired");
     assert!(sink.is_running(), "{}", sink.log_tail());
 }
+
+/// Send `c` to `partition` (a truncate without a key, as pgcdc sends it).
+async fn produce_to(producer: &FutureProducer, c: &Change, partition: i32) {
+    let key = json!({"id": c.id}).to_string();
+    let value = envelope(c).to_string();
+    let mut rec = record(&key, Some(&value)).partition(partition);
+    if c.op == "t" {
+        rec.key = None;
+    }
+    producer.send(rec, Duration::from_secs(30)).await.unwrap();
+}
+
+/// Wait until the mirror holds exactly the ids in `ids`.
+async fn until_ids(r: &Rig, ids: std::ops::RangeInclusive<i64>, sink: &Daemon) {
+    let want: Vec<String> = ids.map(|i| i.to_string()).collect();
+    wait::poll(
+        "the mirror to hold exactly the ids",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let got: Vec<String> =
+                r.es.documents("cdc_public_items")
+                    .await
+                    .unwrap()
+                    .into_keys()
+                    .collect();
+            let mut got = got;
+            got.sort_by_key(|id| id.parse::<i64>().unwrap_or(0));
+            if got == want {
+                Poll::Ready(())
+            } else if !sink.is_running() {
+                Poll::Abort(format!("sink exited:\n{}", sink.log_tail()))
+            } else {
+                Poll::Pending(format!("{got:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A truncate lands on one partition; records older than it that wait on
+/// other partitions (or are read again after a sink restart) never bring
+/// truncated rows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_on_one_partition_is_not_undone_by_older_records_on_others() {
+    let broker = Tansu::start().unwrap();
+    broker.create_topic(TOPIC, 3).unwrap();
+    let r = Rig {
+        pg: PgCluster::start().unwrap(),
+        broker: Box::new(broker),
+        es: SearchServer::start().unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let producer = producer(&*r.broker);
+    let create = |id: i64, lsn: u64| Change {
+        id,
+        op: "c",
+        name: format!("row {id}"),
+        lsn,
+    };
+    for id in 1..=20 {
+        produce_to(&producer, &create(id, 1000 + id as u64), (id % 3) as i32).await;
+    }
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    until_ids(&r, 1..=20, &sink).await;
+
+    let truncate = Change {
+        id: 0,
+        op: "t",
+        name: String::new(),
+        lsn: 2000,
+    };
+    produce_to(&producer, &truncate, 0).await;
+    until_ids(&r, 1..=0, &sink).await;
+    // Records committed before the truncate, read only now from other partitions.
+    for id in 21..=40 {
+        produce_to(
+            &producer,
+            &create(id, 1500 + id as u64),
+            1 + (id % 2) as i32,
+        )
+        .await;
+    }
+    for id in 41..=50 {
+        produce_to(&producer, &create(id, 3000 + id as u64), (id % 3) as i32).await;
+    }
+    until_ids(&r, 41..=50, &sink).await;
+
+    // A restart knows the truncate too: it is stored, not remembered.
+    sink.terminate(Duration::from_secs(30)).unwrap();
+    for id in 60..=70 {
+        produce_to(&producer, &create(id, 1900), (id % 3) as i32).await;
+    }
+    for id in 51..=55 {
+        produce_to(&producer, &create(id, 4000 + id as u64), (id % 3) as i32).await;
+    }
+    sink.spawn().unwrap();
+    until_ids(&r, 41..=55, &sink).await;
+}

@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
 use super::naming::doc_id;
+use super::truncate::Position;
 use crate::wire::Envelope;
 
 /// One `_bulk` action (its metadata line and optional source line).
@@ -19,6 +20,10 @@ pub struct Action {
     pub doc: Option<String>,
     /// Which record of the batch it came from.
     pub origin: usize,
+    /// The document id.
+    pub id: String,
+    /// The change's position (commit LSN, seq): truncate floors compare it.
+    pub at: Position,
     /// The history index (one document per change), not a mirror.
     pub history: bool,
     /// Hash of index and document id: actions on one document share a lane,
@@ -36,6 +41,26 @@ impl Action {
     pub fn is_empty(&self) -> bool {
         false
     }
+
+    /// Whether it deletes its document.
+    pub fn is_delete(&self) -> bool {
+        self.doc.is_none()
+    }
+
+    /// A delete of document `id` in `index`, applied only while the
+    /// document is at version `at.0` or older.
+    pub fn versioned_delete(index: &str, id: &str, at: Position, origin: usize) -> Action {
+        Action {
+            index: index.to_owned(),
+            meta: versioned_meta("delete", index, id, at.0),
+            doc: None,
+            origin,
+            id: id.to_owned(),
+            at,
+            history: false,
+            lane: lane_of(index, id),
+        }
+    }
 }
 
 /// What one Kafka record asks of Elasticsearch.
@@ -45,12 +70,12 @@ pub enum Planned {
     Skip,
     /// Index, update or delete documents.
     Actions(Vec<Action>),
-    /// Empty a table's mirror index of everything older than `below_lsn`.
+    /// Empty a table's mirror index of everything older than the truncate.
     Truncate {
         /// The mirror index.
         index: String,
-        /// Commit LSN of the truncate.
-        below_lsn: u64,
+        /// The truncate's position (commit LSN, seq).
+        at: Position,
     },
     /// The record cannot be indexed; why.
     Poison(String),
@@ -104,7 +129,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
     if env.op == "t" {
         return Planned::Truncate {
             index,
-            below_lsn: lsn,
+            at: (lsn, src.seq),
         };
     }
     let key: Option<Map<String, Value>> = key.and_then(|k| serde_json::from_slice(k).ok());
@@ -127,27 +152,21 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
 /// versioned index, or (unchanged TOAST columns) a merge; `None` when the op
 /// needs an after image and has none, or is unknown.
 fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> Option<Action> {
-    let lsn = env.source.commit_lsn;
-    let meta = |action: &str, versioned: bool| {
-        let mut m = json!({"_index": index, "_id": id});
-        if versioned {
-            m["version"] = json!(lsn);
-            m["version_type"] = json!("external_gte");
-        }
-        json!({ action: m }).to_string()
-    };
+    let (lsn, seq) = (env.source.commit_lsn, env.source.seq);
     let (meta, doc) = match (&*env.op, &env.after) {
-        ("d", _) => (meta("delete", true), None),
+        ("d", _) => (versioned_meta("delete", index, id, lsn), None),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
-            let cdc = json!({"op": env.op, "lsn": lsn, "ts_ms": env.source.ts_ms});
+            let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms});
             doc.insert("_cdc".into(), cdc);
             if env.unchanged_toast.is_empty() {
-                (meta("index", true), Some(Value::Object(doc).to_string()))
+                let meta = versioned_meta("index", index, id, lsn);
+                (meta, Some(Value::Object(doc).to_string()))
             } else {
                 // Unchanged TOAST columns were not sent: merge instead of replacing the document.
+                let meta = json!({"update": {"_index": index, "_id": id}}).to_string();
                 let merge = json!({"doc": doc, "doc_as_upsert": true}).to_string();
-                (meta("update", false), Some(merge))
+                (meta, Some(merge))
             }
         }
         _ => return None,
@@ -157,9 +176,18 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
         meta,
         doc,
         origin,
+        id: id.to_owned(),
+        at: (lsn, seq),
         history: false,
         lane: lane_of(index, id),
     })
+}
+
+/// The metadata line of `action` on one document, versioned by commit LSN
+/// (`external_gte`: the changes of one transaction share a version).
+fn versioned_meta(action: &str, index: &str, id: &str, lsn: u64) -> String {
+    let meta = json!({"_index": index, "_id": id, "version": lsn, "version_type": "external_gte"});
+    json!({ action: meta }).to_string()
 }
 
 /// The history index entry of a change: the whole envelope with `@timestamp`
@@ -185,6 +213,8 @@ fn history_action(
         meta,
         doc: Some(Value::Object(doc).to_string()),
         origin,
+        id: hid,
+        at: (env.source.commit_lsn, env.source.seq),
         history: true,
         lane,
     }
@@ -259,6 +289,15 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
         .collect())
 }
 
+/// Settings and mappings of the truncate floors index.
+pub fn floors_index_body(cfg: &EsConfig) -> Value {
+    json!({
+        "settings": {"index": {"number_of_shards": 1, "number_of_replicas": cfg.number_of_replicas}},
+        "mappings": {"properties": {
+            "index": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}}}
+    })
+}
+
 /// Index settings and mappings from the table's column types (`pgcdc.types` header).
 pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
     let settings = json!({"index": {
@@ -279,7 +318,7 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         .collect();
     props.insert(
         "_cdc".into(),
-        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "ts_ms": {"type": "date"}}}),
+        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}}}),
     );
     json!({"settings": settings, "mappings": {"properties": props}})
 }
@@ -395,7 +434,7 @@ mod tests {
             t,
             Planned::Truncate {
                 index: "cdc_public_users".into(),
-                below_lsn: 500
+                at: (500, 0)
             }
         );
         assert!(matches!(
@@ -450,6 +489,8 @@ mod tests {
             meta: "{\"delete\":{}}".into(),
             doc: None,
             origin: 0,
+            id: String::new(),
+            at: (0, 0),
             history: false,
             lane: 0,
         };
@@ -458,6 +499,8 @@ mod tests {
             meta: "{\"index\":{}}".into(),
             doc: Some("{}".into()),
             origin: 1,
+            id: String::new(),
+            at: (0, 0),
             history: false,
             lane: 0,
         };

@@ -7,13 +7,16 @@ use serde_json::{json, Value};
 
 use super::config::EsConfig;
 use super::naming::path_segment;
+use super::truncate::{below_query, floor_doc, floors_of, Position};
 use super::EsError;
 
 /// Characters of an error response body kept in the error: enough for
 /// Elasticsearch's reason, short enough for one log line.
 const ERROR_BODY_CHARS: usize = 500;
-/// Status of a delete-by-query on an index that does not exist yet: nothing to delete.
+/// Status of a request on an index that does not exist yet: nothing there.
 const NOT_FOUND: u16 = 404;
+/// Status of a versioned write at or below the stored version.
+const CONFLICT: u16 = 409;
 
 /// A configured HTTP client for one cluster.
 #[derive(Clone)]
@@ -116,26 +119,72 @@ impl EsClient {
         })
     }
 
-    /// Delete every document of `index` whose `_cdc.lsn` is below `lsn` (TRUNCATE).
-    pub async fn delete_older_than(&self, index: &str, lsn: u64) -> Result<(), EsError> {
-        let query = json!({"query": {"range": {"_cdc.lsn": {"lt": lsn}}}});
-        let path = format!(
-            "{}/_delete_by_query?refresh=true&conflicts=proceed",
-            path_segment(index)
-        );
-        let resp = self
-            .request(reqwest::Method::POST, &path)
-            .json(&query)
-            .send()
+    /// Delete every document of `index` below the truncate at `at`, after a
+    /// refresh, so every write made so far is seen.
+    pub async fn delete_below(&self, index: &str, at: Position) -> Result<(), EsError> {
+        let index = path_segment(index);
+        self.call(reqwest::Method::POST, &format!("{index}/_refresh"), None)
             .await?;
+        let path = format!("{index}/_delete_by_query?refresh=true&conflicts=proceed");
+        self.call(reqwest::Method::POST, &path, Some(&below_query(at)))
+            .await?;
+        Ok(())
+    }
+
+    /// Store the truncate floor of `mirror` (a lower one than stored is ignored).
+    pub async fn put_floor(&self, floors: &str, mirror: &str, at: Position) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?version={}&version_type=external&refresh=true",
+            path_segment(floors),
+            path_segment(mirror),
+            at.0
+        );
+        match self
+            .call(reqwest::Method::PUT, &path, Some(&floor_doc(mirror, at)))
+            .await
+        {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// The stored truncate floors of `mirrors`.
+    pub async fn floors(
+        &self,
+        floors: &str,
+        mirrors: &[&str],
+    ) -> Result<Vec<(String, Position)>, EsError> {
+        let body = json!({ "ids": mirrors });
+        let path = format!("{}/_mget", path_segment(floors));
+        let resp = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        Ok(resp.map(|r| floors_of(&r)).unwrap_or_default())
+    }
+
+    /// Send a request; its JSON answer (`None` for 404), or the refusal.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, EsError> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await?;
         let status = resp.status();
-        if status.is_success() || status.as_u16() == NOT_FOUND {
-            return Ok(());
+        if status.as_u16() == NOT_FOUND {
+            return Ok(None);
         }
         let text = resp.text().await.unwrap_or_default();
-        Err(EsError::Status {
-            status: status.as_u16(),
-            body: text.chars().take(ERROR_BODY_CHARS).collect(),
-        })
+        if !status.is_success() {
+            return Err(EsError::Status {
+                status: status.as_u16(),
+                body: text.chars().take(ERROR_BODY_CHARS).collect(),
+            });
+        }
+        Ok(Some(serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 }

@@ -11,7 +11,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::bulk::{index_body, plan, Action, Planned};
+use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::context::SinkContext;
@@ -20,6 +20,7 @@ use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
 use super::retry::with_retry;
 use super::send::Sender;
+use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::{KafkaConfig, TopicMode};
 
 /// A killed sink's partitions move to its successor after this long (Kafka's default is 45 s).
@@ -44,6 +45,8 @@ struct Clients {
     es: EsClient,
     /// Indices known to exist.
     indices: HashSet<String>,
+    /// Truncate floors known, by mirror index.
+    floors: Floors,
 }
 
 impl Sink {
@@ -94,6 +97,7 @@ impl Sink {
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
+            floors: Floors::default(),
         })
     }
 
@@ -120,22 +124,31 @@ impl Sink {
         Ok(batch)
     }
 
-    /// Write a batch: records in order, truncates as barriers, poison to the dead-letter topic.
+    /// Write a batch: records in order, truncates as barriers (see
+    /// [`truncate`](super::truncate)), poison to the dead-letter topic.
     async fn write_batch(&self, c: &mut Clients, batch: &[OwnedMessage]) -> Result<(), EsError> {
         let mut pending = Vec::new();
+        let mut written = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             match plan(&self.es, msg.key(), msg.payload(), i) {
                 Planned::Skip => {}
                 Planned::Actions(actions) => {
-                    for a in &actions {
-                        self.ensure_index(c, a, msg).await?;
+                    for a in actions {
+                        self.ensure_index(c, &a, msg).await?;
+                        if !a.history && c.floors.below(&a.index, a.at) {
+                            crate::metrics::metrics()
+                                .es_items
+                                .with_label_values(&["superseded"])
+                                .inc();
+                            continue;
+                        }
+                        written.extend(Written::of(&a));
+                        pending.push(a);
                     }
-                    pending.extend(actions);
                 }
-                Planned::Truncate { index, below_lsn } => {
+                Planned::Truncate { index, at } => {
                     self.flush(c, std::mem::take(&mut pending), batch).await?;
-                    with_retry(&self.es, || c.es.delete_older_than(&index, below_lsn)).await?;
-                    tracing::info!(index, lsn = below_lsn, "truncate applied");
+                    self.truncate(c, &index, at).await?;
                 }
                 Planned::Poison(reason) => {
                     crate::metrics::metrics().dead_letters.inc();
@@ -143,7 +156,51 @@ impl Sink {
                 }
             }
         }
-        self.flush(c, pending, batch).await
+        self.flush(c, pending, batch).await?;
+        self.sweep(c, &written, batch).await
+    }
+
+    /// Store the truncate's floor, then delete what is below it.
+    async fn truncate(&self, c: &mut Clients, index: &str, at: Position) -> Result<(), EsError> {
+        let floors = floors_index(&self.es.index_prefix);
+        if !c.indices.contains(&floors) {
+            let body = floors_index_body(&self.es);
+            with_retry(&self.es, || c.es.ensure_index(&floors, &body)).await?;
+            c.indices.insert(floors.clone());
+        }
+        with_retry(&self.es, || c.es.put_floor(&floors, index, at)).await?;
+        c.floors.learn(index, at);
+        with_retry(&self.es, || c.es.delete_below(index, at)).await?;
+        tracing::info!(index, lsn = at.0, seq = at.1, "truncate applied");
+        Ok(())
+    }
+
+    /// Read the floors of the indices this batch wrote; where one rose
+    /// meanwhile, delete what the batch left below it.
+    async fn sweep(
+        &self,
+        c: &mut Clients,
+        written: &[Written],
+        batch: &[OwnedMessage],
+    ) -> Result<(), EsError> {
+        let mut touched: Vec<&str> = written.iter().map(Written::index).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let floors = floors_index(&self.es.index_prefix);
+        let stored = with_retry(&self.es, || c.es.floors(&floors, &touched)).await?;
+        let rose: Vec<String> = stored
+            .into_iter()
+            .filter_map(|(index, at)| c.floors.learn(&index, at).then_some(index))
+            .collect();
+        let deletes = truncate::sweep(written, &c.floors, &rose);
+        if !deletes.is_empty() {
+            tracing::info!(indices = ?rose, documents = deletes.len(), "a truncate from another sink or partition: deleting what this batch wrote below it");
+            self.flush(c, deletes, batch).await?;
+        }
+        Ok(())
     }
 
     /// Create the action's index (mapped from the record's column types) unless known.
@@ -160,6 +217,12 @@ impl Sink {
         let types = header(msg, crate::wire::header::TYPES);
         let body = index_body(&self.es, types.as_deref(), action.history);
         with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
+        if !action.history {
+            let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
+            for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
+                c.floors.learn(&i, at);
+            }
+        }
         c.indices.insert(index.to_owned());
         Ok(())
     }

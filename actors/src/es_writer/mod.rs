@@ -25,6 +25,7 @@ mod heal;
 pub mod naming;
 mod retry;
 mod send;
+mod truncate;
 
 use std::sync::Arc;
 
