@@ -808,8 +808,8 @@ async fn produce_to(producer: &FutureProducer, c: &Change, partition: i32) {
 }
 
 /// Wait until the mirror holds exactly the ids in `ids`.
-async fn until_ids(r: &Rig, ids: std::ops::RangeInclusive<i64>, sink: &Daemon) {
-    let want: Vec<String> = ids.map(|i| i.to_string()).collect();
+async fn until_ids(r: &Rig, ids: impl IntoIterator<Item = i64>, sink: &Daemon) {
+    let want: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
     wait::poll(
         "the mirror to hold exactly the ids",
         Duration::from_secs(60),
@@ -870,7 +870,7 @@ async fn a_truncate_on_one_partition_is_not_undone_by_older_records_on_others() 
         lsn: 2000,
     };
     produce_to(&producer, &truncate, 0).await;
-    until_ids(&r, 1..=0, &sink).await;
+    until_ids(&r, [], &sink).await;
     // Records committed before the truncate, read only now from other partitions.
     for id in 21..=40 {
         produce_to(

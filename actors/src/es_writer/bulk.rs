@@ -434,7 +434,7 @@ mod tests {
             t,
             Planned::Truncate {
                 index: "cdc_public_users".into(),
-                at: (500, 0)
+                at: (500, 2)
             }
         );
         assert!(matches!(
