@@ -356,7 +356,7 @@ mod tests {
 
     fn envelope(op: &str, after: Value) -> Vec<u8> {
         json!({"before": null, "after": after, "op": op, "ts_ms": 1,
-               "source": {"schema": "public", "table": "Users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
+               "source": {"schema": "public", "table": "users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
         .to_string()
         .into_bytes()
     }
