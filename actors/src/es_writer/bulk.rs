@@ -390,7 +390,7 @@ mod tests {
         );
         assert_eq!(
             l[0].1,
-            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "ts_ms": 9}}))
+            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9}}))
         );
     }
 
