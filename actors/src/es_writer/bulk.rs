@@ -26,6 +26,8 @@ pub struct Action {
     pub at: Position,
     /// The history index (one document per change), not a mirror.
     pub history: bool,
+    /// Unchanged TOAST columns to take from the stored document before sending.
+    pub merge: Option<Box<Merge>>,
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
@@ -47,20 +49,32 @@ impl Action {
         self.doc.is_none()
     }
 
+    /// The document it writes, if any, as JSON.
+    pub fn source(&self) -> Option<Map<String, Value>> {
+        match &self.merge {
+            Some(m) => Some(m.doc.clone()),
+            None => self
+                .doc
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok()),
+        }
+    }
+
     /// A delete of document `id` in `index`, applied only while the
     /// document is at version `at.0` or older.
     pub fn versioned_delete(index: &str, id: &str, at: Position, origin: usize) -> Action {
-        Action {
-            index: index.to_owned(),
-            meta: versioned_meta("delete", index, id, at.0),
-            doc: None,
-            origin,
-            id: id.to_owned(),
-            at,
-            history: false,
-            lane: lane_of(index, id),
-        }
+        let meta = versioned_meta("delete", index, id, at.0);
+        action(index, id, at, origin, meta, None)
     }
+}
+
+/// A row without its unchanged TOAST columns ([`merge`](super::merge)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    /// The columns to take from the stored document.
+    pub columns: Vec<String>,
+    /// The document as the change has it (with `_cdc`).
+    pub doc: Map<String, Value>,
 }
 
 /// What one Kafka record asks of Elasticsearch.
@@ -159,28 +173,44 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
             let mut doc = after.clone();
             let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms});
             doc.insert("_cdc".into(), cdc);
-            if env.unchanged_toast.is_empty() {
-                let meta = versioned_meta("index", index, id, lsn);
-                (meta, Some(Value::Object(doc).to_string()))
-            } else {
-                // Unchanged TOAST columns were not sent: merge instead of replacing the document.
-                let meta = json!({"update": {"_index": index, "_id": id}}).to_string();
-                let merge = json!({"doc": doc, "doc_as_upsert": true}).to_string();
-                (meta, Some(merge))
-            }
+            let meta = versioned_meta("index", index, id, lsn);
+            let text = Value::Object(doc.clone()).to_string();
+            // Unchanged TOAST columns were not sent: they are taken from the
+            // stored document before the (still versioned) write.
+            let merge = (!env.unchanged_toast.is_empty()).then(|| {
+                let columns = env.unchanged_toast.to_vec();
+                Box::new(Merge { columns, doc })
+            });
+            return Some(Action {
+                merge,
+                ..action(index, id, (lsn, seq), origin, meta, Some(text))
+            });
         }
         _ => return None,
     };
-    Some(Action {
+    Some(action(index, id, (lsn, seq), origin, meta, doc))
+}
+
+/// A mirror action.
+fn action(
+    index: &str,
+    id: &str,
+    at: Position,
+    origin: usize,
+    meta: String,
+    doc: Option<String>,
+) -> Action {
+    Action {
         index: index.to_owned(),
         meta,
         doc,
         origin,
         id: id.to_owned(),
-        at: (lsn, seq),
+        at,
         history: false,
+        merge: None,
         lane: lane_of(index, id),
-    })
+    }
 }
 
 /// The metadata line of `action` on one document, versioned by commit LSN
@@ -215,6 +245,7 @@ fn history_action(
         origin,
         id: hid,
         at: (env.source.commit_lsn, env.source.seq),
+        merge: None,
         history: true,
         lane,
     }
@@ -422,8 +453,16 @@ mod tests {
             Some(env.to_string().as_bytes()),
             0,
         ));
-        assert!(l[0].0.get("update").is_some());
-        assert_eq!(l[0].1.as_ref().unwrap()["doc_as_upsert"], json!(true));
+        assert_eq!(l[0].0["index"]["version"], json!(500), "versioned");
+        let Planned::Actions(a) = plan(
+            &cfg(false),
+            Some(br#"{"id":1}"#),
+            Some(env.to_string().as_bytes()),
+            0,
+        ) else {
+            panic!("no actions");
+        };
+        assert_eq!(a[0].merge.as_ref().unwrap().columns, ["blob"]);
     }
 
     #[test]
@@ -492,6 +531,7 @@ mod tests {
             id: String::new(),
             at: (0, 0),
             history: false,
+            merge: None,
             lane: 0,
         };
         let b = Action {
@@ -502,6 +542,7 @@ mod tests {
             id: String::new(),
             at: (0, 0),
             history: false,
+            merge: None,
             lane: 0,
         };
         assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");

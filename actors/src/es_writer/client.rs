@@ -1,11 +1,13 @@
 //! The Elasticsearch/OpenSearch REST client: auth, TLS, bulk, index creation.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 
 use super::config::EsConfig;
+use super::merge::{DocRef, Stored};
 use super::naming::path_segment;
 use super::truncate::{below_query, floor_doc, floors_of, Position};
 use super::EsError;
@@ -160,6 +162,35 @@ impl EsClient {
         let path = format!("{}/_mget", path_segment(floors));
         let resp = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         Ok(resp.map(|r| floors_of(&r)).unwrap_or_default())
+    }
+
+    /// The stored version and source of each of `docs` that exists.
+    pub async fn documents(&self, docs: &[DocRef]) -> Result<HashMap<DocRef, Stored>, EsError> {
+        let wanted: Vec<Value> = docs
+            .iter()
+            .map(|(index, id)| json!({"_index": index, "_id": id}))
+            .collect();
+        let body = json!({ "docs": wanted });
+        let resp = self
+            .call(reqwest::Method::POST, "_mget", Some(&body))
+            .await?;
+        let found = resp
+            .as_ref()
+            .and_then(|r| r["docs"].as_array())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        Ok(found
+            .iter()
+            .filter(|d| d["found"].as_bool() == Some(true))
+            .filter_map(|d| {
+                let key = (
+                    d["_index"].as_str()?.to_owned(),
+                    d["_id"].as_str()?.to_owned(),
+                );
+                let source = d["_source"].as_object()?.clone();
+                Some((key, (d["_version"].as_u64()?, source)))
+            })
+            .collect())
     }
 
     /// Send a request; its JSON answer (`None` for 404), or the refusal.

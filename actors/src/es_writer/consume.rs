@@ -18,6 +18,7 @@ use super::context::SinkContext;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
+use super::merge;
 use super::retry::with_retry;
 use super::send::Sender;
 use super::truncate::{self, floors_index, Floors, Position, Written};
@@ -228,13 +229,15 @@ impl Sink {
     }
 
     /// Send actions in `max_in_flight` concurrent lanes (by document), each until
-    /// every action is done, superseded, or dead-lettered.
+    /// every action is done, superseded, or dead-lettered; unchanged TOAST
+    /// columns are merged in first.
     async fn flush(
         &self,
         c: &Clients,
-        pending: Vec<Action>,
+        mut pending: Vec<Action>,
         batch: &[OwnedMessage],
     ) -> Result<(), EsError> {
+        self.merge(c, &mut pending).await?;
         let lanes = self.es.max_in_flight.max(1);
         if lanes == 1 || pending.len() < 2 * lanes {
             return self.flush_lane(c, pending, batch).await;
@@ -247,6 +250,27 @@ impl Sink {
             futures::future::join_all(split.into_iter().map(|p| self.flush_lane(c, p, batch)))
                 .await;
         results.into_iter().collect()
+    }
+
+    /// Fill the unchanged TOAST columns of `pending`'s merges ([`merge`](super::merge)).
+    async fn merge(&self, c: &Clients, pending: &mut Vec<Action>) -> Result<(), EsError> {
+        if pending.iter().all(|a| a.merge.is_none()) {
+            return Ok(());
+        }
+        let fetch = merge::to_fetch(pending);
+        let stored = match fetch.is_empty() {
+            true => Default::default(),
+            false => with_retry(&self.es, || c.es.documents(&fetch)).await?,
+        };
+        let r = merge::resolve(pending, &stored);
+        let m = crate::metrics::metrics();
+        m.es_items
+            .with_label_values(&["superseded"])
+            .inc_by(r.superseded as u64);
+        if r.unknown > 0 {
+            tracing::warn!(documents = r.unknown, "updates with unchanged TOAST columns for documents not in the mirror: written without those columns (REPLICA IDENTITY FULL sends them)");
+        }
+        Ok(())
     }
 
     /// Send one lane's actions, in order, until each is handled.
