@@ -7,14 +7,6 @@
 //! bytes PostgreSQL sent (the pgoutput message's length), known without any
 //! encoding; a change that alone exceeds the byte limit is a batch of its own.
 
-use serde_json::{Map, Value};
-
-use crate::event::ChangeEvent;
-
-/// Bytes counted for a JSON value that is not a string, array or object
-/// (a number, a boolean, null): about its text length, enough for an estimate.
-const SCALAR_BYTES: usize = 8;
-
 /// The limits of one batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct BatchLimit {
@@ -47,41 +39,9 @@ impl BatchLimit {
     }
 }
 
-/// The approximate size of an event's row data, for events that were not
-/// decoded from a pgoutput message (backfill rows): the lengths of its
-/// texts, without encoding anything.
-pub(super) fn event_bytes(event: &ChangeEvent) -> usize {
-    [&event.before, &event.after]
-        .into_iter()
-        .flatten()
-        .map(object_bytes)
-        .sum()
-}
-
-/// Approximate bytes of a JSON object's keys and values.
-fn object_bytes(object: &Map<String, Value>) -> usize {
-    object.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
-}
-
-/// Approximate bytes of one JSON value.
-fn value_bytes(value: &Value) -> usize {
-    match value {
-        Value::String(s) => s.len(),
-        Value::Array(items) => items.iter().map(value_bytes).sum(),
-        Value::Object(object) => object_bytes(object),
-        Value::Null | Value::Bool(_) | Value::Number(_) => SCALAR_BYTES,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use serde_json::json;
-
     use super::*;
-    use crate::event::{Op, TableRef, TxMeta};
-    use crate::lsn::Lsn;
 
     const LIMIT: BatchLimit = BatchLimit {
         events: 3,
@@ -136,34 +96,5 @@ mod tests {
     #[test]
     fn an_empty_batch_never_closes_before_a_change() {
         assert!(!LIMIT.closes_before(BatchSize::default(), usize::MAX));
-    }
-
-    #[test]
-    fn backfill_rows_count_their_texts() {
-        let obj = |v: Value| v.as_object().cloned();
-        let event = ChangeEvent {
-            op: Op::Read,
-            table: Arc::new(TableRef {
-                schema: "public".into(),
-                name: "t".into(),
-                key_columns: vec!["id".into()],
-                key_source: Default::default(),
-                column_types: String::new(),
-            }),
-            key: obj(json!({"id": 1})),
-            before: None,
-            after: obj(json!({"id": 1, "body": "x".repeat(1000), "tags": ["ab", "cd"]})),
-            unchanged_toast: Vec::new(),
-            lsn: Lsn(1),
-            seq: 0,
-            tx: TxMeta {
-                xid: 1,
-                commit_lsn: Lsn(1),
-                commit_time_us: 0,
-            },
-            snapshot: true,
-        };
-        // "id" + 8, "body" + 1000, "tags" + 2 + 2
-        assert_eq!(event_bytes(&event), 2 + 8 + 4 + 1000 + 4 + 4);
     }
 }

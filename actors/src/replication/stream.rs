@@ -11,7 +11,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
 use super::assembler::{self, Assembler};
-use super::batch::{self, BatchLimit, BatchSize};
+use super::batch::{BatchLimit, BatchSize};
 use super::flush::FlushPolicy;
 use super::{decode, ReplicationActor, ReplicationError};
 use crate::checkpoint::{CheckpointActor, TableProgress};
@@ -259,7 +259,7 @@ impl Stream {
                     .inc_by(rows.len() as u64);
                 asm.place(&mut rows, lsn)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
-                let bytes = rows.iter().map(batch::event_bytes).sum();
+                let bytes = rows.iter().map(ChangeEvent::row_bytes).sum();
                 if out.limit.closes_before(out.size, bytes) {
                     self.publish(out, None).await?;
                 }
