@@ -3,7 +3,9 @@
 //! break; a record above the producer's `message.max.bytes` stops pgcdc
 //! with exit 4 and an error naming the record and the setting (again on
 //! every restart, never skipped), or with `kafka.oversized = "dead_letter"`
-//! is described on the dead-letter topic while streaming goes on.
+//! is described on the dead-letter topic while streaming goes on. A record
+//! the broker refuses as too large (librdkafka's mock cluster answering
+//! "message too large") is named the same way.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,7 +21,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
 use crate::support::{
-    config, daemon, pg_and_tansu, read_until, wait, wait_slot_active, Broker, Daemon,
+    config, daemon, mock_broker, pg_and_tansu, read_until, wait, wait_slot_active, Broker, Daemon,
+    PgCluster,
 };
 
 const TOPIC: &str = "cdc-events";
@@ -43,6 +46,8 @@ const PEAK_RSS_MAX_MIB: u64 = 768;
 const STREAM: Duration = Duration::from_secs(300);
 /// How long the daemon may take to stop on an oversized record.
 const EXIT: Duration = Duration::from_secs(60);
+/// Kafka's error code for a record larger than the broker accepts.
+const MESSAGE_TOO_LARGE: i32 = 10;
 /// A value above librdkafka's default `message.max.bytes` (1,000,000).
 const OVERSIZED_CHARS: i32 = 2_000_000;
 
@@ -70,7 +75,11 @@ async fn values_of_64_mib_stream_intact_in_bounded_memory() {
     let insert = "INSERT INTO docs SELECT i, repeat(md5(i::text), $3) \
                   FROM generate_series($1::int, $2::int) i RETURNING id, md5(id::text)";
     for (from, to) in [(1, 1), (2, 2), (3, 3), (4, 4), (5, LARGE_VALUES)] {
-        for row in db.query(insert, &[&from, &to, &(REPEAT as i32)]).await.unwrap() {
+        for row in db
+            .query(insert, &[&from, &to, &(REPEAT as i32)])
+            .await
+            .unwrap()
+        {
             units.insert(row.get::<_, i32>(0), row.get::<_, String>(1));
         }
     }
@@ -191,6 +200,39 @@ async fn with_oversized_dead_letter_the_record_is_described_and_streaming_goes_o
     );
     let status = d.terminate(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(0), "{}", d.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_as_too_large_stops_pgcdc_naming_it() {
+    let pg = PgCluster::start().unwrap();
+    let mock = mock_broker();
+    mock.create_topic(TOPIC, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(CREATE).await.unwrap();
+    let cfg = config(&pg, &mock, &dir.path().join("state"), &["docs"], "");
+    let mut d = daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut d, "pgcdc").await;
+
+    mock.produce_errors(MESSAGE_TOO_LARGE, 1).unwrap();
+    db.batch_execute("INSERT INTO docs VALUES (1, 'refused by the broker')")
+        .await
+        .unwrap();
+    let status = d.wait_exit(EXIT).unwrap();
+    assert_eq!(status.code(), Some(4), "{}", d.log_tail());
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("fatal: ") && l.contains("refused a record as too large"))
+        .unwrap_or_else(|| panic!("no fatal line naming the record:\n{log}"));
+    for part in [
+        "exit_code=4",
+        r#"public.docs key {"id":1} at commit lsn "#,
+        "max.message.bytes",
+        r#"kafka.properties."message.max.bytes""#,
+    ] {
+        assert!(line.contains(part), "{part:?} missing: {line}");
+    }
 }
 
 /// Insert row 1 (small), row 2 (above `message.max.bytes`) and row 3
