@@ -23,14 +23,13 @@ pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
 use crate::error::{ErrorClass, ExitCode};
-use crate::event::CopiedRows;
 use crate::lsn::Lsn;
 use crate::messages::{
     DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBreak, SessionBroken,
 };
 use crate::supervision::{task_outcome, RestartBudget, TaskError};
 use acks::{AckPrefix, PendingBatch};
-use send::{await_deliveries, AckContext, BatchAck, Enqueue, Producer};
+use send::{await_deliveries, AckContext, BatchAck, BatchJob, Producer};
 
 /// The open replication session.
 struct Session {
@@ -223,48 +222,21 @@ impl Handler<PublishBatch> for KafkaProducerActor {
         let Some(producer) = self.producer.clone() else {
             return Box::pin(fut::ready(Err(ProducerError::SessionClosed(msg.session))));
         };
-        let (config, database) = (self.config.clone(), self.database.clone());
-        let dead_letters = self.oversized_to();
+        let job = BatchJob {
+            producer,
+            config: self.config.clone(),
+            database: self.database.clone(),
+            dead_letters: self.oversized_to(),
+            now_ms: now,
+            session: msg.session,
+            events: std::mem::take(&mut msg.events),
+            rows: msg.rows.take(),
+            records: count,
+        };
         let (session, seq, me) = (msg.session, msg.seq, ctx.address());
-        let (events, rows) = (std::mem::take(&mut msg.events), msg.rows.take());
         let enqueue = async move {
-            let ack = BatchAck::new(count);
-            let out = Enqueue {
-                producer: &producer,
-                ack: &ack,
-                now_ms: now,
-                dead_letters: dead_letters.as_deref(),
-                limit: config.max_message_bytes().unwrap_or_default(),
-            };
-            let mut encoder = Encoder::new(&config, &database, now);
-            let mut records = Vec::with_capacity(2);
-            for event in events {
-                encoder.event(&event, &mut records);
-                drop(event); // its row, before the encoded copy goes to librdkafka
-                for r in records.drain(..) {
-                    out.record(r).await?;
-                }
-            }
-            if let Some(rows) = rows {
-                for r in encode_rows(config.clone(), database.clone(), now, rows, session).await? {
-                    out.record(r).await?;
-                }
-            }
-            actix::spawn(async move {
-                let handle = actix::spawn(await_deliveries(ack));
-                let outcome = match handle.await {
-                    // Reported as fatal by the actor; not logged as a crash here.
-                    Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => {
-                        Err(TaskError::Failed(e))
-                    }
-                    other => task_outcome("kafka_producer", other),
-                };
-                me.do_send(BatchDelivered {
-                    session,
-                    seq,
-                    outcome,
-                });
-            });
+            let ack = job.enqueue().await?;
+            watch_deliveries(ack, session, seq, me);
             Ok::<(), ProducerError>(())
         };
         Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
@@ -330,25 +302,22 @@ impl Handler<DrainProducer> for KafkaProducerActor {
     }
 }
 
-/// Encode snapshot rows (one `op=r` record each) on the blocking pool, off
-/// the actor's thread, while the readers fetch the next chunks.
-async fn encode_rows(
-    config: Arc<KafkaConfig>,
-    database: Arc<str>,
-    now: i64,
-    rows: CopiedRows,
-    session: u64,
-) -> Result<Vec<EncodedRecord>, ProducerError> {
-    tokio::task::spawn_blocking(move || {
-        let mut records = Vec::new();
-        Encoder::new(&config, &database, now).rows(&rows, &mut records);
-        records
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "encoding snapshot rows failed");
-        ProducerError::SessionClosed(session)
-    })
+/// Wait for the acknowledgements of batch `seq` in the background, then
+/// tell the actor `me` how it went.
+fn watch_deliveries(ack: Arc<BatchAck>, session: u64, seq: u64, me: Addr<KafkaProducerActor>) {
+    actix::spawn(async move {
+        let handle = actix::spawn(await_deliveries(ack));
+        let outcome = match handle.await {
+            // Reported as fatal by the actor; not logged as a crash here.
+            Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => Err(TaskError::Failed(e)),
+            other => task_outcome("kafka_producer", other),
+        };
+        me.do_send(BatchDelivered {
+            session,
+            seq,
+            outcome,
+        });
+    });
 }
 
 fn now_ms() -> i64 {

@@ -1,6 +1,7 @@
-//! Handing records to librdkafka and counting their acknowledgements.
+//! Encoding a batch, handing its records to librdkafka and counting their
+//! acknowledgements.
 //!
-//! Records are handed over one at a time and each is dropped as soon as
+//! Records are encoded and handed over one at a time and each is dropped as soon as
 //! librdkafka holds its own copy, so a batch of wide rows never exists twice
 //! in memory; a full local queue (`max_inflight_records`,
 //! `max_inflight_bytes`) is waited out. A record above `message.max.bytes`
@@ -20,8 +21,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::EncodedRecord;
+use super::{EncodedRecord, Encoder, KafkaConfig};
 use crate::error::{OversizedRecord, ProducerError, SizeLimit};
+use crate::event::{ChangeEvent, CopiedRows};
 use crate::wire::header;
 
 /// Headers on every record: table, op, commit LSN, column types (and a
@@ -157,24 +159,99 @@ fn record_size(r: &EncodedRecord) -> usize {
     r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len) + headers
 }
 
-/// Where one batch's records go.
-pub(super) struct Enqueue<'a> {
+/// One batch to encode and hand over, owned by its future.
+pub(super) struct BatchJob {
     /// The producer.
-    pub producer: &'a Producer,
-    /// The batch's acknowledgement counter.
-    pub ack: &'a Arc<BatchAck>,
-    /// The records' timestamp (when the batch was encoded).
-    pub now_ms: i64,
+    pub producer: Arc<Producer>,
+    /// The `[kafka]` section.
+    pub config: Arc<KafkaConfig>,
+    /// The database name, for the envelopes.
+    pub database: Arc<str>,
     /// Where records above `message.max.bytes` go; `None`: they are fatal.
-    pub dead_letters: Option<&'a str>,
+    pub dead_letters: Option<Arc<str>>,
+    /// The records' timestamp (when the batch was received).
+    pub now_ms: i64,
+    /// The replication session, for errors.
+    pub session: u64,
+    /// The batch's changes.
+    pub events: Vec<ChangeEvent>,
+    /// Snapshot rows, published after `events`.
+    pub rows: Option<CopiedRows>,
+    /// How many records `events` and `rows` make.
+    pub records: usize,
+}
+
+impl BatchJob {
+    /// Encode every change and row and hand the records over one at a
+    /// time, each change dropped once encoded; the batch's acknowledgement
+    /// counter once every record is with librdkafka.
+    pub async fn enqueue(self) -> Result<Arc<BatchAck>, ProducerError> {
+        let ack = BatchAck::new(self.records);
+        let out = Enqueue {
+            producer: &self.producer,
+            ack: &ack,
+            now_ms: self.now_ms,
+            dead_letters: self.dead_letters.as_deref(),
+            limit: self.config.max_message_bytes().unwrap_or_default(),
+        };
+        let mut encoder = Encoder::new(&self.config, &self.database, self.now_ms);
+        let mut records = Vec::with_capacity(2);
+        for event in self.events {
+            encoder.event(&event, &mut records);
+            drop(event); // its row, before the encoded copy goes to librdkafka
+            for r in records.drain(..) {
+                out.record(r).await?;
+            }
+        }
+        if let Some(rows) = self.rows {
+            let (config, database) = (self.config.clone(), self.database.clone());
+            for r in encode_rows(config, database, self.now_ms, rows, self.session).await? {
+                out.record(r).await?;
+            }
+        }
+        Ok(ack)
+    }
+}
+
+/// Encode snapshot rows (one `op=r` record each) on the blocking pool, off
+/// the actor's thread, while the readers fetch the next chunks.
+async fn encode_rows(
+    config: Arc<KafkaConfig>,
+    database: Arc<str>,
+    now_ms: i64,
+    rows: CopiedRows,
+    session: u64,
+) -> Result<Vec<EncodedRecord>, ProducerError> {
+    tokio::task::spawn_blocking(move || {
+        let mut records = Vec::new();
+        Encoder::new(&config, &database, now_ms).rows(&rows, &mut records);
+        records
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "encoding snapshot rows failed");
+        ProducerError::SessionClosed(session)
+    })
+}
+
+/// Where one batch's records go.
+struct Enqueue<'a> {
+    /// The producer.
+    producer: &'a Producer,
+    /// The batch's acknowledgement counter.
+    ack: &'a Arc<BatchAck>,
+    /// The records' timestamp (when the batch was encoded).
+    now_ms: i64,
+    /// Where records above `message.max.bytes` go; `None`: they are fatal.
+    dead_letters: Option<&'a str>,
     /// The producer's `message.max.bytes`.
-    pub limit: usize,
+    limit: usize,
 }
 
 impl Enqueue<'_> {
     /// Hand `record` to librdkafka (or its description to the dead-letter
     /// topic if it is too large); it is dropped once librdkafka copied it.
-    pub async fn record(&self, record: EncodedRecord) -> Result<(), ProducerError> {
+    async fn record(&self, record: EncodedRecord) -> Result<(), ProducerError> {
         match self.offer(&record, None).await {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
                 self.oversized(record).await
