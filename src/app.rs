@@ -65,8 +65,11 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let kafka = Arc::new(settings.kafka.clone());
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
     let producer_budget = budget_of("kafka_producer");
-    let producer =
-        Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
+    let dead_letters = settings.elasticsearch.dead_letter_topic.clone();
+    let producer = Supervisor::start(move |_| {
+        KafkaProducerActor::new(kafka, &db, cp, producer_budget)
+            .with_dead_letter_topic(&dead_letters)
+    });
     let pg = Arc::new(settings.postgres.clone());
     let (wal_pg, wal) = (pg.clone(), settings.wal.clone());
     let wal_budget = budget_of("wal_monitor");

@@ -15,6 +15,18 @@ pub enum TopicMode {
     PerTable,
 }
 
+/// What happens to a record larger than Kafka accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Oversized {
+    /// Stop (exit 4) with an error naming the record and the settings to raise.
+    #[default]
+    Fail,
+    /// Send a description of it (table, key, LSN, size, reason) to the
+    /// dead-letter topic instead, and go on.
+    DeadLetter,
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -24,6 +36,16 @@ const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
 /// Default `max_inflight_records`: enough to keep Kafka busy at high change
 /// rates, a bounded amount of memory (a few hundred bytes each).
 const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
+/// Default `max_inflight_bytes` (256 MiB): far above what ordinary rows
+/// reach at `max_inflight_records`, while a handful of huge values is enough
+/// to pause WAL reading instead of filling memory.
+const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// librdkafka's default `message.max.bytes`: the largest record the producer sends.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// The librdkafka property limiting one record's size.
+pub const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
+/// The librdkafka property pgcdc sets from `max_inflight_bytes`.
+const QUEUE_MAX_KBYTES: &str = "queue.buffering.max.kbytes";
 
 /// `[kafka]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +71,13 @@ pub struct KafkaConfig {
     pub delivery_timeout_ms: u64,
     /// Records queued or in flight before reading the WAL pauses (the memory bound).
     pub max_inflight_records: usize,
+    /// Bytes of record values queued or in flight in librdkafka before
+    /// reading the WAL pauses (the memory bound for wide rows). At least
+    /// `message.max.bytes`, so any record that Kafka accepts fits.
+    pub max_inflight_bytes: usize,
+    /// `fail` (stop, exit 4) or `dead_letter` (describe it on the
+    /// dead-letter topic and go on) for a record above `message.max.bytes`.
+    pub oversized: Oversized,
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`). Values are never logged.
     pub properties: BTreeMap<String, String>,
 }
@@ -66,6 +95,8 @@ impl Default for KafkaConfig {
             topic_replication_factor: 1,
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            oversized: Oversized::Fail,
             properties: BTreeMap::new(),
         }
     }
@@ -148,6 +179,41 @@ impl KafkaConfig {
                 "set by pgcdc (its guarantees depend on it)",
             ));
         }
+        self.validate_sizes(errors);
+    }
+
+    /// `message.max.bytes` must be a number and fit in `max_inflight_bytes`.
+    fn validate_sizes(&self, errors: &mut Vec<ConfigError>) {
+        if self.properties.contains_key(QUEUE_MAX_KBYTES) {
+            errors.push(ConfigError::new(
+                format!("kafka.properties.{QUEUE_MAX_KBYTES}"),
+                "set by pgcdc from kafka.max_inflight_bytes",
+            ));
+        }
+        let Some(limit) = self.max_message_bytes() else {
+            errors.push(ConfigError::new(
+                format!("kafka.properties.{MESSAGE_MAX_BYTES}"),
+                "must be a whole number of bytes",
+            ));
+            return;
+        };
+        if self.max_inflight_bytes < limit {
+            errors.push(ConfigError::new(
+                "kafka.max_inflight_bytes",
+                format!(
+                    "must be at least kafka.properties.{MESSAGE_MAX_BYTES} ({limit}) so that one record fits"
+                ),
+            ));
+        }
+    }
+
+    /// The largest record the producer sends (`message.max.bytes`);
+    /// `None` if the property is set to something that is not a number.
+    pub fn max_message_bytes(&self) -> Option<usize> {
+        match self.properties.get(MESSAGE_MAX_BYTES) {
+            Some(v) => v.trim().parse().ok(),
+            None => Some(DEFAULT_MESSAGE_MAX_BYTES),
+        }
     }
 
     /// The librdkafka client configuration for the producer.
@@ -157,11 +223,16 @@ impl KafkaConfig {
             cfg.set(k, v);
         }
         let queue = (self.max_inflight_records * 2 + QUEUE_SLACK).to_string();
+        let kbytes = self
+            .max_inflight_bytes
+            .div_ceil(1024)
+            .min(i32::MAX as usize);
         cfg.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
             .set("queue.buffering.max.messages", queue)
+            .set(QUEUE_MAX_KBYTES, kbytes.to_string())
             .set("client.id", "pgcdc");
         cfg
     }
@@ -198,6 +269,33 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors.iter().any(|e| e.key == "kafka.topic"));
         assert!(errors.iter().any(|e| e.key == "kafka.properties.acks"));
+    }
+
+    #[test]
+    fn one_record_must_fit_in_the_inflight_bytes() {
+        let keys = |c: &KafkaConfig| {
+            let mut errors = Vec::new();
+            c.validate(&mut errors);
+            errors.into_iter().map(|e| e.key).collect::<Vec<_>>()
+        };
+        let mut c = KafkaConfig {
+            max_inflight_bytes: 500_000,
+            ..Default::default()
+        };
+        assert_eq!(keys(&c), ["kafka.max_inflight_bytes"]);
+        c.properties
+            .insert(MESSAGE_MAX_BYTES.into(), "400000".into());
+        assert!(keys(&c).is_empty());
+        assert_eq!(c.max_message_bytes(), Some(400_000));
+        c.properties.insert(MESSAGE_MAX_BYTES.into(), "big".into());
+        c.properties.insert(QUEUE_MAX_KBYTES.into(), "1".into());
+        assert_eq!(
+            keys(&c),
+            [
+                "kafka.properties.queue.buffering.max.kbytes",
+                "kafka.properties.message.max.bytes"
+            ]
+        );
     }
 
     #[test]

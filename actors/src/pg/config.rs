@@ -19,6 +19,10 @@ const DEFAULT_STATUS_INTERVAL_SECS: u64 = 10;
 /// Default most events per batch: big enough to amortise a hand-over to the
 /// producer, small enough to bound memory for huge transactions.
 const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+/// Default most bytes of row data per batch (64 MiB): a few wide rows close
+/// a batch long before `max_batch_events` would, so a batch of huge values
+/// cannot take the memory of a thousand of them.
+const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
 /// Longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`).
 const IDENTIFIER_MAX_LEN: usize = 63;
 
@@ -49,6 +53,9 @@ pub struct PostgresConfig {
     pub status_interval_secs: u64,
     /// Most change events in one batch handed to Kafka (large transactions are split).
     pub max_batch_events: usize,
+    /// Most bytes of row data (as received from PostgreSQL) in one batch; a
+    /// single change larger than this is a batch of its own.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for PostgresConfig {
@@ -65,6 +72,7 @@ impl Default for PostgresConfig {
             connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
         }
     }
 }
@@ -129,6 +137,12 @@ impl PostgresConfig {
         if self.max_batch_events == 0 {
             errors.push(ConfigError::new(
                 "postgres.max_batch_events",
+                "must be at least 1",
+            ));
+        }
+        if self.max_batch_bytes == 0 {
+            errors.push(ConfigError::new(
+                "postgres.max_batch_bytes",
                 "must be at least 1",
             ));
         }
@@ -213,6 +227,7 @@ mod tests {
             slot: "Bad-Slot".into(),
             tables: vec!["x.y.z".into()],
             port: 0,
+            max_batch_bytes: 0,
             ..Default::default()
         };
         let mut errors = Vec::new();
@@ -220,7 +235,12 @@ mod tests {
         let keys = crate::error_keys(&errors);
         assert_eq!(
             keys,
-            ["postgres.port", "postgres.slot", "postgres.tables[0]"]
+            [
+                "postgres.port",
+                "postgres.slot",
+                "postgres.tables[0]",
+                "postgres.max_batch_bytes"
+            ]
         );
     }
 }

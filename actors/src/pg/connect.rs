@@ -13,9 +13,12 @@ use crate::lsn::Lsn;
 /// `application_name` of every pgcdc connection, so operators can spot them
 /// in `pg_stat_activity` and `pg_stat_replication`.
 const APPLICATION_NAME: &str = "pgcdc";
-/// Replication events buffered between the client's socket worker and the
-/// stream task: absorbs bursts while a batch is handed over, and bounds memory.
-const REPLICATION_BUFFER: usize = 4096;
+/// Replication messages buffered between the client's socket worker and the
+/// stream task. The kernel's socket buffer already absorbs bursts while a
+/// batch is handed over; this read-ahead is counted in messages (one row
+/// each), not bytes, so it is kept small: with rows of tens of MB it is what
+/// the stream holds besides its batches.
+const REPLICATION_BUFFER: usize = 256;
 /// Largest replication message accepted (256 MiB): room for very wide rows,
 /// while bounding what a single message can make pgcdc allocate.
 const MAX_MESSAGE_BYTES: usize = 256 << 20;

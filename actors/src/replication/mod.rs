@@ -15,6 +15,7 @@
 //! initial copy, backfills) and [`crate::pg`]; neither uses replication.
 
 mod assembler;
+mod batch;
 pub mod decode;
 mod error;
 mod flush;
