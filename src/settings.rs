@@ -4,7 +4,8 @@
 use pgcdc_actors::error::ConfigError;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
 use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
 use pgcdc_actors::es_writer::EsConfig;
@@ -160,7 +161,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let figment = figment.merge(Env::prefixed("PGCDC_").split("__").ignore(&["config"]));
+        let figment = figment.merge(environment(std::env::vars()));
         let mut settings: Settings = figment
             .extract()
             .map_err(|e| AppError::Config(e.into_iter().map(figment_error).collect()))?;
@@ -213,6 +214,42 @@ impl Settings {
     pub fn audit_db(&self) -> PathBuf {
         self.state_dir.join(pgcdc_actors::audit::FILE_NAME)
     }
+}
+
+/// Environment prefix: `PGCDC_POSTGRES__HOST` sets `postgres.host`.
+const ENV_PREFIX: &str = "PGCDC_";
+/// Keys whose environment values are taken as the exact string: secrets
+/// and names, where `0123` must not become the number 123.
+const VERBATIM: &[&str] = &[
+    "postgres.password",
+    "postgres.user",
+    "elasticsearch.username",
+    "elasticsearch.password",
+    "elasticsearch.api_key",
+];
+
+/// The `PGCDC_*` variables among `vars` as one layer: `__` nests, names are
+/// lower-cased, values are read as TOML-like scalars and arrays (as figment's
+/// `Env` does) except the [`VERBATIM`] keys. `PGCDC_CONFIG` is the flag's.
+fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
+    let mut layer = Figment::new();
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if key == "config" || key.is_empty() {
+            continue;
+        }
+        let value = match VERBATIM.contains(&key.as_str()) {
+            true => Value::from(raw),
+            false => raw
+                .parse()
+                .unwrap_or_else(|e: std::convert::Infallible| match e {}),
+        };
+        layer = layer.merge(Serialized::default(&key, value));
+    }
+    layer
 }
 
 /// A figment error as a configuration error naming the key it is about

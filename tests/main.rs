@@ -11,4 +11,5 @@ mod schema_changes;
 mod snapshot;
 mod support;
 mod table_shapes;
+mod tls;
 mod types;
