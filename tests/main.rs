@@ -5,6 +5,7 @@ mod chaos;
 mod crash;
 mod e2e;
 mod es_sink;
+mod kafka_tls;
 mod observe;
 mod producer_outage;
 mod schema_changes;

@@ -201,6 +201,31 @@ mod tests {
     }
 
     #[test]
+    fn librdkafka_is_built_with_tls_and_every_sasl_mechanism() {
+        use rdkafka::producer::BaseProducer;
+        for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI"] {
+            let mut c = KafkaConfig::default();
+            for (k, v) in [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", mechanism),
+                ("sasl.username", "pgcdc"),
+                ("sasl.password", "secret"),
+            ] {
+                c.properties.insert(k.into(), v.into());
+            }
+            if mechanism == "GSSAPI" {
+                // Kerberos takes a principal and keytab (kinit runs on first use).
+                c.properties
+                    .insert("sasl.kerberos.principal".into(), "pgcdc".into());
+                c.properties
+                    .insert("sasl.kerberos.keytab".into(), "/pgcdc.keytab".into());
+            }
+            let created = c.client_config().create::<BaseProducer>();
+            assert!(created.is_ok(), "{mechanism}: {:?}", created.err());
+        }
+    }
+
+    #[test]
     fn routing_follows_topic_mode() {
         let mut c = KafkaConfig::default();
         assert_eq!(c.topic_for("public", "users"), "cdc-events");
