@@ -293,9 +293,10 @@ async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         config.set(key, v);
     }
     config.set("bootstrap.servers", &k.brokers);
-    let admin: AdminClient<DefaultClientContext> = config
-        .create()
-        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka.properties", e.to_string())]))?;
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| {
+        let message = k.properties.redact(&e.to_string());
+        AppError::Config(vec![ConfigError::new("kafka.properties", message)])
+    })?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|n| {

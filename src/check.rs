@@ -169,14 +169,16 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
 }
 
 fn check_kafka(settings: &Settings) -> Result<String, AppError> {
-    let consumer: BaseConsumer = settings
-        .kafka
-        .client_config()
-        .create()
-        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka", e.to_string())]))?;
+    let consumer: BaseConsumer = settings.kafka.client_config().create().map_err(|e| {
+        let message = settings.kafka.properties.redact(&e.to_string());
+        AppError::Config(vec![ConfigError::new("kafka", message)])
+    })?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
+        .map_err(|e| {
+            let message = settings.kafka.properties.redact(&e.to_string());
+            AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
+        })?;
     Ok(format!(
         "{} brokers, {} topics",
         md.brokers().len(),

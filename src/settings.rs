@@ -151,6 +151,15 @@ pub struct Overrides {
 impl Settings {
     /// Load from `path` (must exist if given), the environment and `overrides`; validate.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, AppError> {
+        Self::load_with_env(path, overrides, std::env::vars())
+    }
+
+    /// [`Settings::load`] with `vars` as the environment.
+    fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, AppError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.is_file() {
@@ -161,7 +170,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let figment = figment.merge(environment(std::env::vars()));
+        let figment = figment.merge(environment(vars));
         let mut settings: Settings = figment
             .extract()
             .map_err(|e| AppError::Config(e.into_iter().map(figment_error).collect()))?;
@@ -361,5 +370,43 @@ mod tests {
         let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.postgres.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn secrets_from_the_environment_stay_exact_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\ntables = [\"t\"]\n");
+        let env = [
+            ("PGCDC_POSTGRES__PASSWORD", "0123"),
+            ("PGCDC_ELASTICSEARCH__PASSWORD", "1e3"),
+            ("PGCDC_ELASTICSEARCH__USERNAME", "007"),
+            ("PGCDC_POSTGRES__PORT", "6543"),
+            ("OTHER", "x"),
+        ];
+        let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Settings::load_with_env(Some(&path), &Overrides::default(), vars).unwrap();
+        assert_eq!(s.postgres.password.expose(), "0123");
+        assert_eq!(s.elasticsearch.password.expose(), "1e3");
+        assert_eq!(s.elasticsearch.username.as_deref(), Some("007"));
+        assert_eq!(s.postgres.port, 6543);
+    }
+
+    #[test]
+    fn kafka_properties_are_redacted_and_errors_never_echo_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\npassword = [\"hunter2\"]\n\
+             [kafka.properties]\n\"sasl.password\" = \"s3cr3t-sasl\"\n\"linger.ms\" = 5\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(e.iter().all(|m| !m.contains("hunter2")), "{e:?}");
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[kafka.properties]\n\"sasl.password\" = \"s3cr3t-sasl\"\n\"linger.ms\" = 5\n",
+        );
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert!(!format!("{s:?}").contains("s3cr3t-sasl"));
+        assert_eq!(s.kafka.properties["linger.ms"], "5");
     }
 }

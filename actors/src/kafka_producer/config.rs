@@ -1,9 +1,9 @@
 //! `[kafka]`: where and how change events are published.
 
 use crate::error::ConfigError;
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
+
+use crate::secret::Properties;
 
 /// How events are routed to topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -49,8 +49,9 @@ pub struct KafkaConfig {
     pub delivery_timeout_ms: u64,
     /// Records queued or in flight before reading the WAL pauses (the memory bound).
     pub max_inflight_records: usize,
-    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`). Values are never logged.
-    pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
+    /// sensitive values never show in `Debug` or errors.
+    pub properties: Properties,
 }
 
 impl Default for KafkaConfig {
@@ -66,7 +67,7 @@ impl Default for KafkaConfig {
             topic_replication_factor: 1,
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
-            properties: BTreeMap::new(),
+            properties: Properties::default(),
         }
     }
 }
