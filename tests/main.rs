@@ -5,6 +5,7 @@ mod chaos;
 mod crash;
 mod e2e;
 mod es_sink;
+mod es_tls;
 mod kafka_tls;
 mod observe;
 mod producer_outage;
