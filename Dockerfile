@@ -12,7 +12,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libstdc++6 libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/pgcdc --create-home pgcdc \
- && install -d -o pgcdc -g pgcdc -m 0750 /var/lib/pgcdc/state
+ && install -d -o pgcdc -g pgcdc -m 0700 /var/lib/pgcdc/state
 # state_dir exists and belongs to pgcdc, so an empty volume mounted there (compose:
 # pgcdcstate) starts with that owner instead of root.
 COPY --from=build /src/target/release/pgcdc /usr/local/bin/pgcdc

@@ -53,8 +53,7 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
 }
 
 async fn run_async(settings: Settings) -> Result<(), AppError> {
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|e| AppError::LocalIo(format!("{}: {e}", settings.state_dir.display())))?;
+    settings.create_state_dir()?;
     if settings.kafka.create_topics {
         create_topics(&settings).await?;
     }

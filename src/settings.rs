@@ -214,6 +214,20 @@ impl Settings {
         }
     }
 
+    /// Create `state_dir` readable by its owner only (0700): it holds the
+    /// checkpoint and the audit log. An existing one is narrowed to 0700.
+    pub fn create_state_dir(&self) -> Result<(), AppError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = &self.state_dir;
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, private))
+            .map_err(|e| AppError::LocalIo(format!("{}: {e}", dir.display())))
+    }
+
     /// Where the RocksDB checkpoint lives.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.state_dir.join("checkpoint")
@@ -381,6 +395,7 @@ mod tests {
             ("PGCDC_ELASTICSEARCH__PASSWORD", "1e3"),
             ("PGCDC_ELASTICSEARCH__USERNAME", "007"),
             ("PGCDC_POSTGRES__PORT", "6543"),
+            ("PGCDC_ELASTICSEARCH__URL", "https://es:9200"),
             ("OTHER", "x"),
         ];
         let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
@@ -408,5 +423,20 @@ mod tests {
         let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
         assert!(!format!("{s:?}").contains("s3cr3t-sasl"));
         assert_eq!(s.kafka.properties["linger.ms"], "5");
+    }
+
+    #[test]
+    fn state_dir_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\ntables = [\"t\"]\n");
+        let mut s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        s.state_dir = dir.path().join("a/state");
+        s.create_state_dir().unwrap();
+        let mode = std::fs::metadata(&s.state_dir)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
     }
 }
