@@ -1,5 +1,7 @@
-//! Kafka over TLS: tansu behind a TLS terminator that advertises the TLS
-//! address, verified against a CA made by the test.
+//! Kafka over TLS (tansu behind a TLS terminator that advertises the TLS
+//! address, verified against a CA made by the test), and the warning about
+//! a topic with fewer than 3 copies (the mock cluster has no CreateTopics;
+//! the min(3, brokers) rule is unit-tested).
 
 #![allow(clippy::unwrap_used)]
 
@@ -59,6 +61,8 @@ async fn events_reach_kafka_over_tls_verified_against_the_ca() {
         })
         .unwrap();
     assert!(!records.is_empty());
+    let log = daemon.log_text();
+    assert!(log.contains("topic keeps fewer than 3 copies"), "{log}");
     daemon.terminate(Duration::from_secs(30)).unwrap();
 
     // A broker certificate from another CA is refused.

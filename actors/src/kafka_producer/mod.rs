@@ -23,7 +23,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use tokio::sync::{oneshot, Notify};
 
 pub use crate::error::ProducerError;
-pub use config::{KafkaConfig, TopicMode};
+pub use config::{KafkaConfig, TopicMode, DURABLE_REPLICAS};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
