@@ -10,6 +10,7 @@ mod kafka_tls;
 mod observe;
 mod producer_outage;
 mod schema_changes;
+mod secrets;
 mod snapshot;
 mod support;
 mod table_shapes;
