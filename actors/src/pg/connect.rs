@@ -107,7 +107,13 @@ pub async fn connect_replication(
         Some(tls) => PgError::Tls(tls),
         None => PgError::Replication(e),
     };
-    let mut client = ReplicationClient::connect_gated(replication_config(cfg, start))
+    let mut config = replication_config(cfg, start);
+    if cfg.sslmode == SslMode::VerifyCa {
+        if let Some(name) = super::server_name::certificate_name(cfg).await? {
+            config = config.with_tls(tls::replication_tls(cfg).with_sni_hostname(name));
+        }
+    }
+    let mut client = ReplicationClient::connect_gated(config)
         .await
         .map_err(failed)?;
     let rows = client.simple_query(SECURITY_PROBE).await.map_err(failed)?;

@@ -4,6 +4,7 @@
 //! - `config`: the `[postgres]` section every connection is built from ([`PostgresConfig`]);
 //! - `connect`: SQL and replication connections (the one place they are opened);
 //! - [`tls`]: `postgres.sslmode` and certificates, what a connection negotiated;
+//!   `server_name`: the certificate's DNS name (verify-ca on the replication connection);
 //! - `session`: the settings the value renderer and the quoting rely on,
 //!   applied to both connection kinds from one list;
 //! - [`catalog`]: server checks and table, key and column lookups;
@@ -33,6 +34,7 @@ pub mod catalog;
 mod config;
 mod connect;
 pub(crate) mod quote;
+mod server_name;
 pub(crate) mod session;
 pub mod tls;
 pub mod types;

@@ -5,7 +5,7 @@
 //! negotiated, and TLS failures in words a user can act on.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pgwire_replication::config::{SslMode as WireMode, TlsConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -63,10 +63,6 @@ impl std::fmt::Display for SslMode {
         f.write_str(self.as_str())
     }
 }
-
-/// pgwire-replication 0.5 misses the host-name error current rustls
-/// returns, so its verify-ca compares the host name too.
-const VERIFY_CA_LIMIT: &str = "the replication connection checks the host name even with verify-ca";
 
 /// A TLS failure, named so the operator knows what to change.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,13 +125,9 @@ impl TlsError {
         } else if has(&["no encryption"]) && has(&["pg_hba.conf"]) {
             Some(Self::RequiredByServer)
         } else if has(&["NotValidForName", "not valid for name"]) {
-            let mut detail = detail();
-            if cfg.sslmode == SslMode::VerifyCa {
-                detail.push_str(&format!("; {VERIFY_CA_LIMIT}"));
-            }
             Some(Self::HostMismatch {
                 host: cfg.host.clone(),
-                detail,
+                detail: detail(),
             })
         } else if has(&["invalid peer certificate"]) {
             Some(Self::Untrusted(detail()))
@@ -250,24 +242,14 @@ fn file_error(key: &'static str, path: &Path, reason: &str) -> TlsError {
 
 /// The rustls configuration of SQL connections for `cfg.sslmode`.
 pub(super) fn client_config(cfg: &PostgresConfig) -> Result<ClientConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(roots(cfg)?);
-    let builder = ClientConfig::builder_with_provider(provider.clone())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     let builder = match cfg.sslmode {
-        SslMode::VerifyFull => builder.with_root_certificates(roots),
-        mode => {
-            let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| TlsError::Handshake(e.to_string()))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Partial {
-                    inner: verifier,
-                    check_chain: mode.verifies(),
-                }))
-        }
+        SslMode::VerifyFull => builder.with_root_certificates(roots(cfg)?),
+        mode => builder
+            .dangerous()
+            .with_custom_certificate_verifier(partial(cfg, mode.verifies(), None)?),
     };
     match client_identity(cfg)? {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
@@ -276,6 +258,43 @@ pub(super) fn client_config(cfg: &PostgresConfig) -> Result<ClientConfig, TlsErr
         }),
         None => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// The server certificate a handshake presented, once it has.
+pub(super) type Seen = Arc<Mutex<Option<CertificateDer<'static>>>>;
+
+/// A verify-ca configuration without a client certificate that keeps the
+/// server certificate it sees.
+pub(super) fn chain_config(cfg: &PostgresConfig) -> Result<(ClientConfig, Seen), TlsError> {
+    let seen = Seen::default();
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Handshake(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(partial(cfg, true, Some(seen.clone()))?)
+        .with_no_client_auth();
+    Ok((config, seen))
+}
+
+/// The one crypto provider (ring, as pgwire-replication's).
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A [`Partial`] verifier over `cfg`'s roots.
+fn partial(
+    cfg: &PostgresConfig,
+    check_chain: bool,
+    seen: Option<Seen>,
+) -> Result<Arc<Partial>, TlsError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(cfg)?), provider())
+        .build()
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    Ok(Arc::new(Partial {
+        inner,
+        check_chain,
+        seen,
+    }))
 }
 
 /// The replication connection's TLS settings for `cfg.sslmode`.
@@ -305,6 +324,8 @@ pub(super) fn replication_tls(cfg: &PostgresConfig) -> TlsConfig {
 struct Partial {
     inner: Arc<WebPkiServerVerifier>,
     check_chain: bool,
+    /// Where to keep the server certificate, when asked.
+    seen: Option<Seen>,
 }
 
 impl ServerCertVerifier for Partial {
@@ -316,6 +337,9 @@ impl ServerCertVerifier for Partial {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(seen) = &self.seen {
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.clone().into_owned());
+        }
         if !self.check_chain {
             return Ok(ServerCertVerified::assertion());
         }
