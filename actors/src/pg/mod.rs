@@ -53,7 +53,7 @@ pub enum PgError {
     #[error("postgresql is not ready: {0}")]
     NotReady(String),
     /// Could not connect.
-    #[error("cannot connect to postgresql: {0}")]
+    #[error("cannot connect to postgresql: {}", connect::chain(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// A SQL statement failed.
     #[error("postgresql: {0}")]
