@@ -135,7 +135,10 @@ async fn no_secret_appears_in_any_output() {
         &(wrong + &es(es_port, &ca_file, &api)),
         &["check"],
     );
-    assert!(refused.contains("password authentication failed"), "{refused}");
+    assert!(
+        refused.contains("password authentication failed"),
+        "{refused}"
+    );
     assert_clean("pgcdc check with a wrong password", &refused);
     // Credentials in the URL and over plain http are refused without echoing them.
     let in_url = base.clone()

@@ -172,8 +172,9 @@ pub(super) fn validate(cfg: &PostgresConfig, errors: &mut Vec<ConfigError>) {
     let ca = mode.verifies().then(|| roots(cfg).err()).flatten();
     let files = [ca, client_identity(cfg).err()];
     for e in files.into_iter().flatten() {
-        if let TlsError::File { key, .. } = &e {
-            errors.push(ConfigError::new(*key, e.to_string()));
+        if let TlsError::File { key, path, reason } = &e {
+            let message = format!("cannot use {}: {reason}", path.display());
+            errors.push(ConfigError::new(*key, message));
         }
     }
 }
