@@ -7,7 +7,10 @@ use std::time::Duration;
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::event::KeySource;
-use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
+use pgcdc_actors::lsn::Lsn;
+use pgcdc_actors::pg::{
+    catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, PgError,
+};
 use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{MessageKey, Signal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -31,6 +34,10 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         }
     };
     report("postgresql", rt.block_on(check_postgres(&settings)));
+    report(
+        "postgresql replication connection",
+        rt.block_on(check_replication(&settings)),
+    );
     match rt.block_on(check_publication(&settings)) {
         Ok(Scope::Matches(detail)) => println!("ok    publication: {detail}"),
         Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
@@ -57,6 +64,7 @@ fn classified(e: impl Into<ReplicationError>) -> AppError {
 async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     let pg = &settings.postgres;
     let sql = pg_connect(pg).await.map_err(classified)?;
+    let security = sql_security(&sql, pg).await.map_err(classified)?;
     catalog::check_server(&sql).await.map_err(classified)?;
     let tables = catalog::resolve_tables(&sql, &pg.tables)
         .await
@@ -78,12 +86,20 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     )
     .map_err(classified)?;
     Ok(format!(
-        "{}:{}/{}, {} tables with keys, start: {start:?}",
+        "{}:{}/{}, {} tables with keys, start: {start:?}; sql connection {security}",
         pg.host,
         pg.port,
         pg.database,
         tables.len()
     ))
+}
+
+/// Open a replication session (nothing streams) and say what it negotiated.
+async fn check_replication(settings: &Settings) -> Result<String, AppError> {
+    let (_session, security) = connect_replication(&settings.postgres, Lsn::ZERO)
+        .await
+        .map_err(classified)?;
+    Ok(security.to_string())
 }
 
 /// How the publication's tables compare with `postgres.tables`.
@@ -153,14 +169,16 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
 }
 
 fn check_kafka(settings: &Settings) -> Result<String, AppError> {
-    let consumer: BaseConsumer = settings
-        .kafka
-        .client_config()
-        .create()
-        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka", e.to_string())]))?;
+    let consumer: BaseConsumer = settings.kafka.client_config().create().map_err(|e| {
+        let message = settings.kafka.properties.redact(&e.to_string());
+        AppError::Config(vec![ConfigError::new("kafka", message)])
+    })?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
+        .map_err(|e| {
+            let message = settings.kafka.properties.redact(&e.to_string());
+            AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
+        })?;
     Ok(format!(
         "{} brokers, {} topics",
         md.brokers().len(),

@@ -310,7 +310,8 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     produce_raw(&producer, "{\"id\":501}", Some(&bad.to_string())).await;
     produce(&*r.broker, &good[15..]).await;
 
-    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let keep = "[audit]\ndead_letter_payloads = true\n";
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, keep);
     let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     assert_mirror(
         &r.es,

@@ -29,6 +29,12 @@ pub struct EsClient {
     password: String,
 }
 
+/// `url` without credentials (validation refuses them; this keeps a log
+/// line safe regardless).
+fn base_url(url: &str) -> &str {
+    url.rsplit('@').next().unwrap_or_default()
+}
+
 impl EsClient {
     /// Build the client (CA file, API key, timeouts) from `cfg`.
     pub fn new(cfg: &EsConfig) -> Result<Self, EsError> {
@@ -51,6 +57,13 @@ impl EsClient {
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| EsError::Config(format!("elasticsearch.ca_file: {e}")))?;
             builder = builder.add_root_certificate(cert);
+        }
+        if cfg.danger_accept_invalid_certs {
+            tracing::warn!(
+                url = %base_url(&cfg.url),
+                "elasticsearch.danger_accept_invalid_certs is on: the server certificate is NOT verified; anyone on the network path can read and change what pgcdc sends"
+            );
+            builder = builder.danger_accept_invalid_certs(true);
         }
         let http = builder
             .build()

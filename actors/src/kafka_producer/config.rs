@@ -1,9 +1,9 @@
 //! `[kafka]`: where and how change events are published.
 
 use crate::error::ConfigError;
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
+
+use crate::secret::Properties;
 
 /// How events are routed to topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -65,8 +65,8 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// Partitions of topics pgcdc creates.
     pub topic_partitions: i32,
-    /// Replication factor of topics pgcdc creates.
-    pub topic_replication_factor: i32,
+    /// Replication factor of topics pgcdc creates; unset: min(3, brokers).
+    pub topic_replication_factor: Option<i32>,
     /// How long librdkafka keeps retrying one record before the stream restarts from the checkpoint, in ms.
     pub delivery_timeout_ms: u64,
     /// Records queued or in flight before reading the WAL pauses (the memory bound).
@@ -78,8 +78,9 @@ pub struct KafkaConfig {
     /// `fail` (stop, exit 4) or `dead_letter` (describe it on the
     /// dead-letter topic and go on) for a record above `message.max.bytes`.
     pub oversized: Oversized,
-    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`). Values are never logged.
-    pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
+    /// sensitive values never show in `Debug` or errors.
+    pub properties: Properties,
 }
 
 impl Default for KafkaConfig {
@@ -92,12 +93,12 @@ impl Default for KafkaConfig {
             tombstones: true,
             create_topics: true,
             topic_partitions: DEFAULT_TOPIC_PARTITIONS,
-            topic_replication_factor: 1,
+            topic_replication_factor: None,
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             oversized: Oversized::Fail,
-            properties: BTreeMap::new(),
+            properties: Properties::default(),
         }
     }
 }
@@ -111,6 +112,12 @@ const MIN_DELIVERY_TIMEOUT_MS: u64 = 1000;
 /// librdkafka's local queue holds twice the in-flight bound plus this much
 /// slack, so `max_inflight_records` (not librdkafka) is what applies backpressure.
 const QUEUE_SLACK: usize = 10_000;
+
+/// Copies of each record that survive one broker loss while another is
+/// down for maintenance; fewer is warned about.
+pub const DURABLE_REPLICAS: i32 = 3;
+/// `min.insync.replicas` of durable topics.
+const DURABLE_MIN_INSYNC: i32 = 2;
 
 /// Properties pgcdc's guarantees depend on; users may not override them.
 const PINNED: &[&str] = &[
@@ -151,7 +158,7 @@ impl KafkaConfig {
                 "must be at least 1",
             ));
         }
-        if self.topic_replication_factor < 1 {
+        if self.topic_replication_factor.is_some_and(|n| n < 1) {
             errors.push(ConfigError::new(
                 "kafka.topic_replication_factor",
                 "must be at least 1",
@@ -237,6 +244,20 @@ impl KafkaConfig {
         cfg
     }
 
+    /// The replication factor of a topic pgcdc creates on a cluster of
+    /// `brokers` brokers: the configured one, else min(3, brokers).
+    pub fn replication_factor(&self, brokers: usize) -> i32 {
+        let available = i32::try_from(brokers).unwrap_or(i32::MAX).max(1);
+        self.topic_replication_factor
+            .unwrap_or(available.min(DURABLE_REPLICAS))
+    }
+
+    /// `min.insync.replicas` for a topic of `replication_factor` copies: 2
+    /// from 3 copies on, so `acks=all` means two brokers have each record.
+    pub fn min_insync_replicas(replication_factor: i32) -> Option<i32> {
+        (replication_factor >= DURABLE_REPLICAS).then_some(DURABLE_MIN_INSYNC)
+    }
+
     /// The topic of events of `schema.table`.
     pub fn topic_for(&self, schema: &str, table: &str) -> String {
         match self.topic_mode {
@@ -296,6 +317,41 @@ mod tests {
                 "kafka.properties.message.max.bytes"
             ]
         );
+    }
+
+    #[test]
+    fn librdkafka_is_built_with_tls_and_every_sasl_mechanism() {
+        use rdkafka::producer::BaseProducer;
+        for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI"] {
+            let mut c = KafkaConfig::default();
+            for (k, v) in [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", mechanism),
+                ("sasl.username", "pgcdc"),
+                ("sasl.password", "secret"),
+            ] {
+                c.properties.insert(k.into(), v.into());
+            }
+            if mechanism == "GSSAPI" {
+                // Kerberos takes a principal and keytab (kinit runs on first use).
+                c.properties
+                    .insert("sasl.kerberos.principal".into(), "pgcdc".into());
+                c.properties
+                    .insert("sasl.kerberos.keytab".into(), "/pgcdc.keytab".into());
+            }
+            let created = c.client_config().create::<BaseProducer>();
+            assert!(created.is_ok(), "{mechanism}: {:?}", created.err());
+        }
+    }
+
+    #[test]
+    fn created_topics_get_three_copies_where_brokers_allow() {
+        let mut c = KafkaConfig::default();
+        assert_eq!([1, 2, 3, 5].map(|b| c.replication_factor(b)), [1, 2, 3, 3]);
+        assert_eq!(KafkaConfig::min_insync_replicas(3), Some(2));
+        assert_eq!(KafkaConfig::min_insync_replicas(2), None);
+        c.topic_replication_factor = Some(1);
+        assert_eq!(c.replication_factor(5), 1);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
-pub use config::{KafkaConfig, Oversized, TopicMode};
+pub use config::{KafkaConfig, Oversized, TopicMode, DURABLE_REPLICAS};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;

@@ -4,8 +4,11 @@
 //! snapshot readers, the WAL monitor, `pgcdc check`) is built from it.
 
 use crate::error::ConfigError;
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
+use super::tls::{self, SslMode};
 use crate::secret::Secret;
 
 /// PostgreSQL's default port.
@@ -40,6 +43,16 @@ pub struct PostgresConfig {
     pub password: Secret,
     /// Database to capture.
     pub database: String,
+    /// Transport security, as libpq's `sslmode`: `disable`, `prefer`,
+    /// `require`, `verify-ca` or `verify-full`.
+    pub sslmode: SslMode,
+    /// PEM file of the CA(s) that verify the server (verify-ca, verify-full);
+    /// unset: the Mozilla root set.
+    pub sslrootcert: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one (with `sslkey`).
+    pub sslcert: Option<PathBuf>,
+    /// PEM private key of `sslcert`.
+    pub sslkey: Option<PathBuf>,
     /// Logical replication slot (created with pgoutput if missing).
     pub slot: String,
     /// Publication (created for `tables` if missing, extended if it lacks some).
@@ -66,6 +79,10 @@ impl Default for PostgresConfig {
             user: "postgres".into(),
             password: Secret::default(),
             database: "postgres".into(),
+            sslmode: SslMode::default(),
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             slot: "pgcdc".into(),
             publication: "pgcdc".into(),
             tables: Vec::new(),
@@ -86,6 +103,7 @@ impl PostgresConfig {
         if self.port == 0 {
             errors.push(ConfigError::new("postgres.port", "must not be 0"));
         }
+        tls::validate(self, errors);
         let bad_name = |n: &str| {
             n.is_empty()
                 || n.len() > IDENTIFIER_MAX_LEN

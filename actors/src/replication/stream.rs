@@ -109,7 +109,7 @@ impl Stream {
         };
         let mut out = Outbox::new(self.session, limit, plan.unwrap_or(Lsn::ZERO));
         let client = match plan {
-            Some(start) => ReplicationClient::connect(self.replication_config(start)).await?,
+            Some(start) => self.resume_stream(start).await?,
             None => {
                 pending.clear(); // the snapshot copies everything
                 let mut stop = self.stop.clone();
@@ -334,11 +334,6 @@ impl Stream {
         self.producer.send(msg).await??;
         fail::fail_point!(crate::wire::failpoint::REPLICATION_PUBLISH);
         Ok(())
-    }
-
-    /// The replication session starting at `start`.
-    pub(super) fn replication_config(&self, start: Lsn) -> pgwire_replication::ReplicationConfig {
-        crate::pg::replication_config(&self.config, start)
     }
 }
 

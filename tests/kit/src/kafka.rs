@@ -323,9 +323,21 @@ pub struct TopicReader {
 impl TopicReader {
     /// A reader of `brokers`' topics.
     pub fn new(brokers: &str) -> Result<TopicReader> {
-        Ok(TopicReader {
-            consumer: consumer(brokers, "pgcdc-tests")?,
-        })
+        TopicReader::with_properties(brokers, &[])
+    }
+
+    /// A reader with extra librdkafka `properties` (TLS, SASL).
+    pub fn with_properties(brokers: &str, properties: &[(&str, &str)]) -> Result<TopicReader> {
+        let mut config = ClientConfig::new();
+        for (k, v) in properties {
+            config.set(*k, *v);
+        }
+        let consumer = config
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "pgcdc-tests")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        Ok(TopicReader { consumer })
     }
 
     /// Assign every partition of `topic` from the beginning (waits for the topic);
