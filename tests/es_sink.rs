@@ -992,3 +992,84 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
         "the blob was lost"
     );
 }
+
+/// A column added while streaming is mapped from its PostgreSQL type before
+/// its first document; an existing mirror index that would forget deletes
+/// too soon is refused with the setting to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refused() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE legacy (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let es_section = format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["items"],
+        "",
+    ) + &es_section;
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO items VALUES (1); ALTER TABLE items ADD COLUMN qty int4; INSERT INTO items VALUES (2, 5); UPDATE items SET qty = 1 WHERE id = 1;")
+        .await
+        .unwrap();
+    let want = Want::Table {
+        db: &db,
+        table: "items",
+    };
+    oracle::mirror_equals(
+        &r.es.url,
+        "cdc_public_items",
+        want,
+        Duration::from_secs(60),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+    let mapping: Value = reqwest::get(format!("{}/cdc_public_items/_mapping", r.es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let qty = &mapping["cdc_public_items"]["mappings"]["properties"]["qty"];
+    assert_eq!(
+        qty,
+        &json!({"type": "integer", "ignore_malformed": true}),
+        "{mapping}"
+    );
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+
+    // An index made by hand, without gc_deletes (Elasticsearch's 60 s).
+    let http = reqwest::Client::new();
+    http.put(format!("{}/cdc_public_legacy", r.es.url))
+        .send()
+        .await
+        .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["items", "legacy"],
+        "",
+    ) + &es_section;
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO legacy VALUES (1)")
+        .await
+        .unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(2), "{}", daemon.log_tail());
+    assert!(
+        daemon
+            .log_text()
+            .contains("PUT cdc_public_legacy/_settings"),
+        "{}",
+        daemon.log_tail()
+    );
+}

@@ -351,7 +351,8 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         "_cdc".into(),
         json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}}}),
     );
-    json!({"settings": settings, "mappings": {"properties": props}})
+    let meta = json!({"created_by": super::mapping::CREATED_BY});
+    json!({"settings": settings, "mappings": {"_meta": meta, "properties": props}})
 }
 
 /// The mapping of one PostgreSQL type (array types map like their element).

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
 use super::merge::{DocRef, Stored};
@@ -113,7 +113,8 @@ impl EsClient {
     }
 
     /// Create `index` with `body` unless it exists.
-    pub async fn ensure_index(&self, index: &str, body: &Value) -> Result<(), EsError> {
+    /// Whether it was created (`false`: it existed).
+    pub async fn ensure_index(&self, index: &str, body: &Value) -> Result<bool, EsError> {
         let resp = self
             .request(reqwest::Method::PUT, &path_segment(index))
             .json(body)
@@ -122,11 +123,11 @@ impl EsClient {
         let status = resp.status();
         if status.is_success() {
             tracing::info!(index, "created index");
-            return Ok(());
+            return Ok(true);
         }
         let text = resp.text().await.unwrap_or_default();
         if text.contains("resource_already_exists_exception") {
-            return Ok(());
+            return Ok(false);
         }
         Err(EsError::Status {
             status: status.as_u16(),
@@ -175,6 +176,25 @@ impl EsClient {
         let path = format!("{}/_mget", path_segment(floors));
         let resp = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         Ok(resp.map(|r| floors_of(&r)).unwrap_or_default())
+    }
+
+    /// `GET <index>/<what>` (`_settings`, `_mapping`); `null` if the index is gone.
+    pub async fn index_info(&self, index: &str, what: &str) -> Result<Value, EsError> {
+        let path = format!("{}/{what}", path_segment(index));
+        let info = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(info.unwrap_or(Value::Null))
+    }
+
+    /// Add `properties` to `index`'s mapping.
+    pub async fn put_mapping(
+        &self,
+        index: &str,
+        properties: &Map<String, Value>,
+    ) -> Result<(), EsError> {
+        let path = format!("{}/_mapping", path_segment(index));
+        let body = json!({ "properties": properties });
+        self.call(reqwest::Method::PUT, &path, Some(&body)).await?;
+        Ok(())
     }
 
     /// The stored version and source of each of `docs` that exists.

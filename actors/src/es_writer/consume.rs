@@ -18,6 +18,7 @@ use super::context::SinkContext;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
+use super::mapping;
 use super::merge;
 use super::retry::with_retry;
 use super::send::Sender;
@@ -48,6 +49,9 @@ struct Clients {
     indices: HashSet<String>,
     /// Truncate floors known, by mirror index.
     floors: Floors,
+    /// The mapped fields of each mirror index, and the last `pgcdc.types`
+    /// header checked against them.
+    mapped: HashMap<String, (HashSet<String>, String)>,
 }
 
 impl Sink {
@@ -99,6 +103,7 @@ impl Sink {
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
             floors: Floors::default(),
+            mapped: HashMap::new(),
         })
     }
 
@@ -204,7 +209,9 @@ impl Sink {
         Ok(())
     }
 
-    /// Create the action's index (mapped from the record's column types) unless known.
+    /// Create the action's index (mapped from the record's column types)
+    /// unless known, check it if it existed, and map the record's columns
+    /// the index lacks ([`mapping`](super::mapping)).
     async fn ensure_index(
         &self,
         c: &mut Clients,
@@ -212,20 +219,46 @@ impl Sink {
         msg: &OwnedMessage,
     ) -> Result<(), EsError> {
         let index = action.index.as_str();
-        if c.indices.contains(index) {
-            return Ok(());
-        }
         let types = header(msg, crate::wire::header::TYPES);
-        let body = index_body(&self.es, types.as_deref(), action.history);
-        with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
-        if !action.history {
-            let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
-            for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
-                c.floors.learn(&i, at);
+        if !c.indices.contains(index) {
+            let body = index_body(&self.es, types.as_deref(), action.history);
+            let created = with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
+            if !action.history {
+                let mapped = match created {
+                    true => mapping::properties(&body["mappings"]),
+                    false => self.check_existing(c, index).await?,
+                };
+                c.mapped.insert(index.to_owned(), (mapped, String::new()));
+                let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
+                for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
+                    c.floors.learn(&i, at);
+                }
             }
+            c.indices.insert(index.to_owned());
         }
-        c.indices.insert(index.to_owned());
+        let Some((types, (mapped, seen))) = types.zip(c.mapped.get_mut(index)) else {
+            return Ok(());
+        };
+        if *seen == types {
+            return Ok(()); // the same columns as the index's last record
+        }
+        let new = mapping::new_columns(&types, mapped);
+        if !new.is_empty() {
+            with_retry(&self.es, || c.es.put_mapping(index, &new)).await?;
+            tracing::info!(index, columns = ?new.keys().collect::<Vec<_>>(), "mapped new columns");
+            mapped.extend(new.into_iter().map(|(column, _)| column));
+        }
+        *seen = types;
         Ok(())
+    }
+
+    /// The mapped columns of a mirror index that existed; refused if a
+    /// replay into it would be unsafe.
+    async fn check_existing(&self, c: &Clients, index: &str) -> Result<HashSet<String>, EsError> {
+        let settings = with_retry(&self.es, || c.es.index_info(index, "_settings")).await?;
+        let mappings = with_retry(&self.es, || c.es.index_info(index, "_mapping")).await?;
+        mapping::check_existing(index, &settings, &mappings, &self.es.gc_deletes)
+            .map_err(EsError::Config)
     }
 
     /// Send actions in `max_in_flight` concurrent lanes (by document), each until

@@ -22,6 +22,7 @@ mod continuity;
 mod dead_letter;
 mod error;
 mod heal;
+mod mapping;
 mod merge;
 pub mod naming;
 mod retry;
