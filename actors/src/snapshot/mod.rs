@@ -28,6 +28,7 @@ mod backfill;
 mod config;
 mod copy;
 mod error;
+mod message;
 mod shape;
 mod sign;
 pub mod watermark;
