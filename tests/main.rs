@@ -8,6 +8,7 @@ mod es_sink;
 mod observe;
 mod producer_outage;
 mod schema_changes;
+mod sink_group;
 mod snapshot;
 mod support;
 mod table_shapes;

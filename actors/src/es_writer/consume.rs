@@ -45,6 +45,8 @@ pub(super) struct Clients {
     pub(super) watch: StallWatch,
     /// When the group was last probed.
     pub(super) probed_at: Instant,
+    /// Probes failed in a row.
+    pub(super) probe_failures: u32,
     dlq: DeadLetters,
     es: EsClient,
     /// Indices known to exist.
@@ -57,7 +59,7 @@ impl Sink {
         let mut c = self.connect()?;
         loop {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
-                self.check_group(&mut c).await?;
+                self.check_group(&mut c, true).await?;
                 continue;
             };
             c.continuity.check(&c.consumer, &mut batch).await;
@@ -69,7 +71,7 @@ impl Sink {
             commit(&c.consumer, &batch)?;
             self.written(&mut c, &batch);
             if c.probed_at.elapsed() >= super::PROBE_EVERY {
-                self.check_group(&mut c).await?;
+                self.check_group(&mut c, false).await?;
             }
         }
     }
@@ -86,6 +88,7 @@ impl Sink {
             continuity: Continuity::default(),
             watch: StallWatch::new(bound, Instant::now()),
             probed_at: Instant::now(),
+            probe_failures: 0,
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),

@@ -34,23 +34,30 @@ pub(super) type SinkConsumer = Arc<StreamConsumer<SinkContext>>;
 impl Sink {
     /// Probe the group's progress: update the lag metrics and readiness,
     /// and rejoin the group when the sink is stalled and the backoff allows.
-    pub(super) async fn check_group(&self, c: &mut Clients) -> Result<(), EsError> {
+    pub(super) async fn check_group(&self, c: &mut Clients, idle: bool) -> Result<(), EsError> {
         c.probed_at = Instant::now();
-        let probe = match probe(&c.consumer, &self.kafka).await {
-            Ok(p) => p,
+        let partitions = match probe(&c.consumer, &self.kafka).await {
+            Ok(p) => {
+                c.probe_failures = 0;
+                p
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "es sink: cannot probe the group's progress");
+                c.probe_failures += 1;
+                if c.probe_failures == 1 {
+                    tracing::warn!(error = %e, "es sink: cannot look up its group's progress; lag and stall are unknown until it can");
+                }
                 return Ok(());
             }
         };
         let m = crate::metrics::metrics();
-        for l in &probe.partitions {
+        for l in &partitions {
             m.es_sink_lag
                 .with_label_values(&[&l.topic, &l.partition.to_string()])
                 .set(l.lag());
         }
-        m.es_sink_partitions.set(probe.owned as i64);
-        let verdict = c.watch.observe(&probe.partitions, Instant::now());
+        let owned = partitions.iter().filter(|l| l.owned).count();
+        m.es_sink_partitions.set(owned as i64);
+        let verdict = c.watch.observe(&partitions, idle, Instant::now());
         let Verdict::Stalled {
             lag,
             stuck,
@@ -70,10 +77,10 @@ impl Sink {
         m.sink_stalled(Some(format!(
             "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {}s or more; this sink owns {} partitions",
             stalled_for.as_secs() + self.es.stall_timeout_secs,
-            probe.owned
+            owned
         )));
         if rejoin {
-            tracing::error!(%group, lag, stuck, owned = probe.owned, stalled_secs = stalled_for.as_secs(), rejoins = c.watch.rejoins(), "es sink stalled: changes wait that no group member consumes; leaving the group and joining again");
+            tracing::error!(%group, lag, stuck, owned, stalled_secs = stalled_for.as_secs(), rejoins = c.watch.rejoins(), "es sink stalled: changes wait that no group member consumes; leaving the group and joining again");
             self.rejoin(c).await?;
         }
         Ok(())
@@ -152,68 +159,74 @@ pub(super) async fn leave(consumer: SinkConsumer) {
     }
 }
 
-/// What a probe found: every partition of the sink's topics, and how many this member owns.
-pub(super) struct Probe {
-    /// Watermarks and the group's committed offset, per partition.
-    pub(super) partitions: Vec<PartitionLag>,
-    /// Partitions assigned to this member.
-    pub(super) owned: usize,
-}
-
-/// Look up the watermarks of every partition of the sink's topics and the group's committed offsets.
+/// Look up every partition of the sink's topics: its watermarks, its
+/// group's committed offset, and whether this member owns it.
 pub(super) async fn probe(
     consumer: &SinkConsumer,
     kafka: &Arc<KafkaConfig>,
-) -> Result<Probe, EsError> {
+) -> Result<Vec<PartitionLag>, EsError> {
     let (consumer, kafka) = (consumer.clone(), kafka.clone());
     tokio::task::spawn_blocking(move || probe_blocking(&consumer, &kafka))
         .await
         .map_err(|_| EsError::Kafka(rdkafka::error::KafkaError::Canceled))?
 }
 
+/// [`probe`], with four requests however many partitions: metadata, both
+/// watermarks of every partition at once, and the committed offsets.
 fn probe_blocking(
     consumer: &StreamConsumer<SinkContext>,
     kafka: &KafkaConfig,
-) -> Result<Probe, EsError> {
+) -> Result<Vec<PartitionLag>, EsError> {
     let only = match kafka.topic_mode {
         TopicMode::Single => Some(kafka.topic.as_str()),
         TopicMode::PerTable => None,
     };
     let metadata = consumer.fetch_metadata(only, PROBE_TIMEOUT)?;
     let mut tpl = TopicPartitionList::new();
-    let mut partitions = Vec::new();
     for topic in metadata
         .topics()
         .iter()
         .filter(|t| subscribed(kafka, t.name()))
     {
         for p in topic.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic.name(), p.id(), PROBE_TIMEOUT)?;
             tpl.add_partition(topic.name(), p.id());
-            partitions.push(PartitionLag {
-                topic: topic.name().to_owned(),
-                partition: p.id(),
-                committed: None,
-                low,
-                high,
-            });
         }
     }
-    if !partitions.is_empty() {
-        let committed = consumer.committed_offsets(tpl, PROBE_TIMEOUT)?;
-        for e in committed.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                if let Some(l) = partitions
-                    .iter_mut()
-                    .find(|l| (l.topic.as_str(), l.partition) == (e.topic(), e.partition()))
-                {
-                    l.committed = Some(o);
-                }
+    if tpl.count() == 0 {
+        return Ok(Vec::new());
+    }
+    // ListOffsets by timestamp, with the special timestamps for the end and the start.
+    let offsets_at = |end: Offset| -> Result<TopicPartitionList, EsError> {
+        let mut at = tpl.clone();
+        at.set_all_offsets(end)?;
+        Ok(consumer.offsets_for_times(at, PROBE_TIMEOUT)?)
+    };
+    let (high, low) = (offsets_at(Offset::End)?, offsets_at(Offset::Beginning)?);
+    let committed = consumer.committed_offsets(tpl.clone(), PROBE_TIMEOUT)?;
+    let owned = consumer.assignment()?;
+    Ok(tpl
+        .elements()
+        .iter()
+        .map(|e| {
+            let at = |list: &TopicPartitionList| offset_of(list, e.topic(), e.partition());
+            PartitionLag {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                committed: at(&committed),
+                low: at(&low).unwrap_or(0),
+                high: at(&high).unwrap_or(0),
+                owned: owned.find_partition(e.topic(), e.partition()).is_some(),
             }
-        }
+        })
+        .collect())
+}
+
+/// The offset `list` holds for a partition, if it holds a real one.
+fn offset_of(list: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
+    match list.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
     }
-    let owned = consumer.assignment()?.count();
-    Ok(Probe { partitions, owned })
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! partition's high watermark with its group's committed offset. A
 //! partition is *stuck* when records wait beyond the committed offset and
 //! that offset has not moved for `stall_timeout`; the sink is *stalled*
-//! while any partition of its topics is stuck (whoever owns it). A stalled
+//! while any partition of its topics is stuck, whoever owns it (one it owns
+//! itself counts only while it is idle: a batch that takes longer than the
+//! bound is slow, not stalled). A stalled
 //! sink leaves its group and joins again as a new member, which makes the
 //! broker rebalance; the next rejoin waits twice as long, up to
 //! [`MAX_REJOIN_GAP`]. Pure: no I/O here.
@@ -31,6 +33,8 @@ pub(super) struct PartitionLag {
     pub(super) low: i64,
     /// The high watermark: the offset the next record will get.
     pub(super) high: i64,
+    /// Whether this member owns the partition.
+    pub(super) owned: bool,
 }
 
 impl PartitionLag {
@@ -110,8 +114,14 @@ impl StallWatch {
         self.rejoins
     }
 
-    /// Take in a probe of every partition of the sink's topics at `now`.
-    pub(super) fn observe(&mut self, partitions: &[PartitionLag], now: Instant) -> Verdict {
+    /// Take in a probe of every partition of the sink's topics at `now`;
+    /// `idle`: the sink received no record since the last probe.
+    pub(super) fn observe(
+        &mut self,
+        partitions: &[PartitionLag],
+        idle: bool,
+        now: Instant,
+    ) -> Verdict {
         self.seen.retain(|(t, p), _| {
             partitions
                 .iter()
@@ -127,7 +137,7 @@ impl StallWatch {
                     now
                 }
             };
-            if l.lag() > 0 && now.duration_since(since) >= self.bound {
+            if l.lag() > 0 && now.duration_since(since) >= self.bound && (idle || !l.owned) {
                 stuck += 1;
             }
         }
@@ -173,6 +183,7 @@ mod tests {
             committed,
             low: 0,
             high,
+            owned: false,
         }
     }
 
@@ -201,10 +212,13 @@ mod tests {
         let t0 = Instant::now();
         let mut w = StallWatch::new(BOUND, t0);
         let stuck = [part(0, Some(10), 50), part(1, Some(5), 5)];
-        assert_eq!(w.observe(&stuck, t0), Verdict::Behind { lag: 40 });
-        assert_eq!(w.observe(&stuck, at(t0, 29)), Verdict::Behind { lag: 40 });
+        assert_eq!(w.observe(&stuck, true, t0), Verdict::Behind { lag: 40 });
         assert_eq!(
-            w.observe(&stuck, at(t0, 30)),
+            w.observe(&stuck, true, at(t0, 29)),
+            Verdict::Behind { lag: 40 }
+        );
+        assert_eq!(
+            w.observe(&stuck, true, at(t0, 30)),
             Verdict::Stalled {
                 lag: 40,
                 stuck: 1,
@@ -214,13 +228,13 @@ mod tests {
         );
         w.rejoined(at(t0, 30));
         // Still stalled while the new member waits for its assignment, no rejoin yet.
-        let v = w.observe(&stuck, at(t0, 65));
+        let v = w.observe(&stuck, true, at(t0, 65));
         assert!(
             matches!(v, Verdict::Stalled { rejoin: false, stalled_for, .. } if stalled_for == Duration::from_secs(35)),
             "{v:?}"
         );
         // The next rejoin waits twice the bound after the last one.
-        let v = w.observe(&stuck, at(t0, 90));
+        let v = w.observe(&stuck, true, at(t0, 90));
         assert!(matches!(v, Verdict::Stalled { rejoin: true, .. }), "{v:?}");
         assert_eq!(w.rejoins(), 1);
     }
@@ -230,15 +244,19 @@ mod tests {
         let t0 = Instant::now();
         let mut w = StallWatch::new(BOUND, t0);
         for (i, committed) in [10, 20, 30, 40].into_iter().enumerate() {
-            let v = w.observe(&[part(0, Some(committed), 100)], at(t0, 20 * i as u64));
+            let v = w.observe(
+                &[part(0, Some(committed), 100)],
+                true,
+                at(t0, 20 * i as u64),
+            );
             assert!(matches!(v, Verdict::Behind { .. }), "{v:?}");
         }
         // The sink's own commit counts even when the probe reads the old offset.
         w.committed("t", 0, 50, at(t0, 70));
-        let v = w.observe(&[part(0, Some(40), 100)], at(t0, 95));
+        let v = w.observe(&[part(0, Some(40), 100)], true, at(t0, 95));
         assert!(matches!(v, Verdict::Behind { .. }), "{v:?}");
         assert_eq!(
-            w.observe(&[part(0, Some(100), 100)], at(t0, 500)),
+            w.observe(&[part(0, Some(100), 100)], true, at(t0, 500)),
             Verdict::CaughtUp
         );
     }
@@ -247,16 +265,36 @@ mod tests {
     fn progress_ends_the_stall_and_resets_the_backoff() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(BOUND, t0);
-        w.observe(&[part(0, Some(0), 10)], t0);
+        w.observe(&[part(0, Some(0), 10)], true, t0);
         w.rejoined(at(t0, 30));
         w.rejoined(at(t0, 90));
         assert_eq!(w.rejoin_gap(), BOUND * 4);
         assert_eq!(
-            w.observe(&[part(0, Some(5), 10)], at(t0, 100)),
+            w.observe(&[part(0, Some(5), 10)], true, at(t0, 100)),
             Verdict::Behind { lag: 5 }
         );
         assert_eq!(w.rejoins(), 0);
         assert_eq!(w.rejoin_gap(), BOUND);
+    }
+
+    #[test]
+    fn a_partition_the_sink_owns_is_stuck_only_while_the_sink_is_idle() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(BOUND, t0);
+        let mine = [PartitionLag {
+            owned: true,
+            ..part(0, Some(10), 50)
+        }];
+        w.observe(&mine, false, t0);
+        assert_eq!(
+            w.observe(&mine, false, at(t0, 40)),
+            Verdict::Behind { lag: 40 },
+            "busy with a long batch"
+        );
+        assert!(matches!(
+            w.observe(&mine, true, at(t0, 45)),
+            Verdict::Stalled { .. }
+        ));
     }
 
     #[test]
