@@ -217,7 +217,7 @@ async fn three_kills_of_the_daemon_in_30_seconds_leave_no_stale_mirror_on_the_mo
 #[cfg(feature = "failpoints")]
 const DROP_FIRST_ASSIGNMENT: (&str, &str) = ("FAILPOINTS", "es-assigned=1*return");
 
-/// The stall bound of the stall tests (the default is 30 s).
+/// The stall bound of the stall tests (the default is 20 s).
 #[cfg(feature = "failpoints")]
 const STALL_TIMEOUT: &str = "stall_timeout_secs = 5";
 
@@ -331,6 +331,50 @@ async fn the_daemon_is_not_ready_while_its_sink_is_stalled() {
         .await;
 }
 
+/// tansu 0.6 keeps a member that left while it led a join as the group's
+/// leader for good, and no later member is ever assigned anything. A sink
+/// stopped (SIGTERM, exit 0) inside tansu's five-second join window and
+/// started again meets such a group; with the product's defaults it must
+/// rejoin, then read every partition directly, and the mirror must equal
+/// the table. (Should the broker form the group after all, the sink simply
+/// consumes: the mirror must equal the table either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_whose_group_never_forms_reads_directly_and_the_mirror_catches_up() {
+    let rig = Rig::on(Box::new(Tansu::start().unwrap()), 3).await;
+    let mut run = rig.start("run", &rig.config("run", 3, None, ""), "run", &[]);
+    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let port = crate::support::free_port();
+    let cfg = rig.config("sink", 3, Some(port), "");
+    let mut sink = rig.start("sink", &cfg, "es-sink", &[]);
+    // The fault: a stop while the first join is under way.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = sink.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0));
+    sink.spawn().unwrap();
+    let writer = Writer::start(&rig.pg).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    writer.stop().await;
+    let stopped = Instant::now();
+    let ep = Endpoint::on(port);
+    ep.until(
+        "the sink reads, in its group or directly",
+        &sink,
+        |text, _, _| sample(text, "pgcdc_es_sink_partitions_assigned", &[]) == Some(3.0),
+    )
+    .await;
+    rig.mirror_equals_table(Duration::from_secs(30), &sink)
+        .await;
+    let log = sink.log_text();
+    if !log.contains("es sink assigned") {
+        assert!(log.contains("rejoining did not help"), "{log}");
+    }
+    eprintln!(
+        "mirror equal {:?} after the writer stopped; read directly: {}",
+        stopped.elapsed(),
+        log.contains("es sink reading directly")
+    );
+}
+
 /// Which member owned each partition when, read from the sinks' logs:
 /// partition → (from, to, member) in microseconds since the epoch.
 type Ownership = BTreeMap<String, Vec<(i64, i64, usize)>>;
@@ -370,7 +414,7 @@ fn read_ownership(owned: &mut Ownership, member: usize, log: &str, ends: &[i64])
                 close(&mut open, &p, end);
             }
         }
-        if line.contains("es sink assigned") {
+        if line.contains("es sink assigned") || line.contains("es sink reading directly") {
             for p in named_partitions(line) {
                 open.entry(p).or_insert(at);
             }
@@ -378,7 +422,7 @@ fn read_ownership(owned: &mut Ownership, member: usize, log: &str, ends: &[i64])
             for p in named_partitions(line) {
                 close(&mut open, &p, at);
             }
-        } else if line.contains("es sink left its group") {
+        } else if line.contains("es sink consumer closed") {
             for p in open.keys().cloned().collect::<Vec<_>>() {
                 close(&mut open, &p, at);
             }

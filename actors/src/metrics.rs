@@ -52,6 +52,8 @@ pub struct Metrics {
     pub es_sink_partitions: IntGauge,
     /// Times the ES sink left its group and joined again to end a stall.
     pub es_sink_rejoins: IntCounter,
+    /// 1 while the ES sink reads its partitions directly, outside its group.
+    pub es_sink_direct: IntGauge,
     /// Highest commit LSN the ES sink applied to the mirror, per table.
     pub es_applied_lsn: IntGaugeVec,
     es_sink_stalled: IntGauge,
@@ -262,6 +264,11 @@ impl Metrics {
                 &r,
                 "es_sink_rejoins_total",
                 "Times the ES sink left its group and joined again to end a stall",
+            ),
+            es_sink_direct: gauge(
+                &r,
+                "es_sink_reading_directly",
+                "1 while the ES sink reads every partition directly because its group does not form",
             ),
             es_applied_lsn: gauge_vec(
                 &r,

@@ -19,10 +19,10 @@ const DEFAULT_FLUSH_INTERVAL_MS: u64 = 200;
 const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
 /// Default `retry_max_ms`: retries never wait more than ten seconds apart.
 const DEFAULT_RETRY_MAX_MS: u64 = 10_000;
-/// Default `stall_timeout_secs`: well past a normal rebalance after a
-/// crash (the 10 s session timeout plus a join), short enough that a stale
-/// mirror is noticed and healed within a minute.
-const DEFAULT_STALL_TIMEOUT_SECS: u64 = 30;
+/// Default `stall_timeout_secs`: past a normal rebalance after a crash (the
+/// 10 s session timeout plus a join), short enough that both remedies
+/// (rejoin, then reading directly) fit in a minute.
+const DEFAULT_STALL_TIMEOUT_SECS: u64 = 20;
 /// Default `request_timeout_secs`: longer than a large bulk request takes on
 /// a loaded cluster, short enough to notice a hung connection.
 const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -74,7 +74,9 @@ pub struct EsConfig {
     pub consumer_group: String,
     /// Seconds records may wait beyond the group's committed offset of a
     /// partition with that offset standing still before the sink is stalled:
-    /// it logs an error, turns `/ready` 503, and leaves and joins its group again.
+    /// it logs an error, turns `/ready` 503, and leaves and joins its group
+    /// again; if the stall lasts this long again, it reads every partition
+    /// directly for a while.
     pub stall_timeout_secs: u64,
     /// Topic for records that cannot be indexed (with the reason).
     pub dead_letter_topic: String,

@@ -18,7 +18,8 @@ use super::config::EsConfig;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
-use super::group::SinkConsumer;
+use super::group::{Prober, SinkConsumer};
+use super::remedy::Membership;
 use super::retry::{backoff, with_retry};
 use super::stall::StallWatch;
 use crate::kafka_producer::KafkaConfig;
@@ -39,10 +40,14 @@ pub(super) struct Sink {
 pub(super) struct Clients {
     /// The group member; replaced when the sink rejoins.
     pub(super) consumer: SinkConsumer,
+    /// Looks up the group's progress.
+    pub(super) prober: Prober,
     /// The offset-continuity check.
     pub(super) continuity: Continuity,
     /// The stall check.
     pub(super) watch: StallWatch,
+    /// Whether it reads as a group member or directly.
+    pub(super) membership: Membership,
     /// When the group was last probed.
     pub(super) probed_at: Instant,
     /// Probes failed in a row.
@@ -85,8 +90,10 @@ impl Sink {
         let bound = Duration::from_secs(self.es.stall_timeout_secs);
         Ok(Clients {
             consumer: super::group::join(&self.es, &self.kafka)?,
+            prober: super::group::prober(&self.es, &self.kafka)?,
             continuity: Continuity::default(),
             watch: StallWatch::new(bound, Instant::now()),
+            membership: Membership::Group,
             probed_at: Instant::now(),
             probe_failures: 0,
             dlq,

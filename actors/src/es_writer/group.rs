@@ -1,21 +1,20 @@
-//! The sink's consumer group membership: joining (a subscribed consumer),
-//! leaving, and probing the group's progress (high watermarks against
-//! committed offsets) for the stall check in `stall`. Every broker round
-//! trip runs on a blocking thread: the sink may share its thread with the
-//! whole pipeline.
+//! The sink's consumer and its group: joining (a subscribed consumer),
+//! reading partitions directly (assigned by the sink itself, outside the
+//! group), leaving, and probing the group's progress (high watermarks
+//! against committed offsets) for the stall check in `stall`. Every broker
+//! round trip runs on a blocking thread: the sink may share its thread with
+//! the whole pipeline.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::EsConfig;
-use super::consume::{Clients, Sink};
 use super::context::SinkContext;
-use super::continuity::Continuity;
 use super::error::EsError;
-use super::stall::{PartitionLag, Verdict};
+use super::stall::PartitionLag;
 use crate::kafka_producer::{KafkaConfig, TopicMode};
 
 /// A killed sink's partitions move to its successor after this long (Kafka's default is 45 s).
@@ -31,73 +30,6 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The sink's consumer.
 pub(super) type SinkConsumer = Arc<StreamConsumer<SinkContext>>;
 
-impl Sink {
-    /// Probe the group's progress: update the lag metrics and readiness,
-    /// and rejoin the group when the sink is stalled and the backoff allows.
-    pub(super) async fn check_group(&self, c: &mut Clients, idle: bool) -> Result<(), EsError> {
-        c.probed_at = Instant::now();
-        let partitions = match probe(&c.consumer, &self.kafka).await {
-            Ok(p) => {
-                c.probe_failures = 0;
-                p
-            }
-            Err(e) => {
-                c.probe_failures += 1;
-                if c.probe_failures == 1 {
-                    tracing::warn!(error = %e, "es sink: cannot look up its group's progress; lag and stall are unknown until it can");
-                }
-                return Ok(());
-            }
-        };
-        let m = crate::metrics::metrics();
-        for l in &partitions {
-            m.es_sink_lag
-                .with_label_values(&[&l.topic, &l.partition.to_string()])
-                .set(l.lag());
-        }
-        let owned = partitions.iter().filter(|l| l.owned).count();
-        m.es_sink_partitions.set(owned as i64);
-        let verdict = c.watch.observe(&partitions, idle, Instant::now());
-        let Verdict::Stalled {
-            lag,
-            stuck,
-            stalled_for,
-            rejoin,
-        } = verdict
-        else {
-            if m.sink_stalled(None) {
-                tracing::info!(group = %self.es.consumer_group, "es sink no longer stalled: the group consumes again");
-            }
-            if verdict == Verdict::CaughtUp {
-                m.sink_caught_up();
-            }
-            return Ok(());
-        };
-        let group = &self.es.consumer_group;
-        m.sink_stalled(Some(format!(
-            "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {}s or more; this sink owns {} partitions",
-            stalled_for.as_secs() + self.es.stall_timeout_secs,
-            owned
-        )));
-        if rejoin {
-            tracing::error!(%group, lag, stuck, owned, stalled_secs = stalled_for.as_secs(), rejoins = c.watch.rejoins(), "es sink stalled: changes wait that no group member consumes; leaving the group and joining again");
-            self.rejoin(c).await?;
-        }
-        Ok(())
-    }
-
-    /// Leave the group, then join it again as a new member.
-    async fn rejoin(&self, c: &mut Clients) -> Result<(), EsError> {
-        let new = consumer(&self.es, &self.kafka)?;
-        leave(std::mem::replace(&mut c.consumer, new)).await;
-        subscribe(&c.consumer, &self.kafka)?;
-        c.continuity = Continuity::default();
-        c.watch.rejoined(Instant::now());
-        crate::metrics::metrics().es_sink_rejoins.inc();
-        Ok(())
-    }
-}
-
 /// Join the sink's group: a new consumer (a new member), subscribed to the change topics.
 pub(super) fn join(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
     let consumer = consumer(es, kafka)?;
@@ -106,7 +38,7 @@ pub(super) fn join(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, E
 }
 
 /// A consumer in the sink's group, not subscribed yet (not a member yet).
-fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
+pub(super) fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
     let mut cc = rdkafka::ClientConfig::new();
     cc.set("session.timeout.ms", SESSION_TIMEOUT_MS)
         .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
@@ -123,7 +55,7 @@ fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError>
 }
 
 /// Subscribe to the change topics: the consumer joins the group.
-fn subscribe(consumer: &SinkConsumer, kafka: &KafkaConfig) -> Result<(), EsError> {
+pub(super) fn subscribe(consumer: &SinkConsumer, kafka: &KafkaConfig) -> Result<(), EsError> {
     match kafka.topic_mode {
         TopicMode::Single => consumer.subscribe(&[kafka.topic.as_str()])?,
         TopicMode::PerTable => consumer.subscribe(&[topic_pattern(kafka).as_str()])?,
@@ -146,12 +78,31 @@ fn subscribed(kafka: &KafkaConfig, topic: &str) -> bool {
     }
 }
 
-/// Leave the group: close `consumer` (revoking its partitions and sending
-/// LeaveGroup), waiting at most [`LEAVE_TIMEOUT`].
+/// Read `partitions` directly: assign them to `consumer` (not a group
+/// member), each from its group's committed offset.
+pub(super) fn read_directly(
+    consumer: &SinkConsumer,
+    partitions: &[PartitionLag],
+) -> Result<(), EsError> {
+    let mut tpl = TopicPartitionList::new();
+    for l in partitions {
+        tpl.add_partition(&l.topic, l.partition);
+    }
+    consumer.assign(&tpl)?;
+    let names: Vec<String> = partitions
+        .iter()
+        .map(|l| format!("{}[{}]", l.topic, l.partition))
+        .collect();
+    tracing::info!(partitions = names.join(","), "es sink reading directly");
+    Ok(())
+}
+
+/// Close `consumer` (revoking its partitions and, for a group member,
+/// sending LeaveGroup), waiting at most [`LEAVE_TIMEOUT`].
 pub(super) async fn leave(consumer: SinkConsumer) {
     let closing = tokio::task::spawn_blocking(move || drop(consumer));
     match tokio::time::timeout(LEAVE_TIMEOUT, closing).await {
-        Ok(_) => tracing::info!("es sink left its group"),
+        Ok(_) => tracing::info!("es sink consumer closed"),
         Err(_) => tracing::warn!(
             timeout_secs = LEAVE_TIMEOUT.as_secs(),
             "es sink: the old consumer did not leave its group in time; joining anyway"
@@ -159,24 +110,49 @@ pub(super) async fn leave(consumer: SinkConsumer) {
     }
 }
 
+/// The client that probes the group's progress: a consumer of the sink's
+/// group that never joins it, so a join or sync the broker holds on the
+/// member's connections does not hold the probe too.
+pub(super) type Prober = Arc<BaseConsumer>;
+
+/// A [`Prober`] for the sink's group.
+pub(super) fn prober(es: &EsConfig, kafka: &KafkaConfig) -> Result<Prober, EsError> {
+    let mut cc = rdkafka::ClientConfig::new();
+    for (k, v) in &kafka.properties {
+        cc.set(k, v);
+    }
+    cc.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &es.consumer_group)
+        .set("enable.auto.commit", "false")
+        .set("client.id", "pgcdc-es-sink-probe");
+    Ok(Arc::new(cc.create()?))
+}
+
 /// Look up every partition of the sink's topics: its watermarks, its
-/// group's committed offset, and whether this member owns it.
+/// group's committed offset, and whether `consumer` reads it.
 pub(super) async fn probe(
+    prober: &Prober,
     consumer: &SinkConsumer,
     kafka: &Arc<KafkaConfig>,
 ) -> Result<Vec<PartitionLag>, EsError> {
-    let (consumer, kafka) = (consumer.clone(), kafka.clone());
-    tokio::task::spawn_blocking(move || probe_blocking(&consumer, &kafka))
+    let (prober, kafka) = (prober.clone(), kafka.clone());
+    let mut partitions = tokio::task::spawn_blocking(move || probe_blocking(&prober, &kafka))
         .await
-        .map_err(|_| EsError::Kafka(rdkafka::error::KafkaError::Canceled))?
+        .map_err(|_| EsError::Kafka(rdkafka::error::KafkaError::Canceled))??;
+    let owned = consumer.assignment()?;
+    for l in &mut partitions {
+        l.owned = owned.find_partition(&l.topic, l.partition).is_some();
+    }
+    Ok(partitions)
 }
 
 /// [`probe`], with four requests however many partitions: metadata, both
 /// watermarks of every partition at once, and the committed offsets.
 fn probe_blocking(
-    consumer: &StreamConsumer<SinkContext>,
+    prober: &BaseConsumer,
     kafka: &KafkaConfig,
 ) -> Result<Vec<PartitionLag>, EsError> {
+    let consumer = prober;
     let only = match kafka.topic_mode {
         TopicMode::Single => Some(kafka.topic.as_str()),
         TopicMode::PerTable => None,
@@ -203,7 +179,6 @@ fn probe_blocking(
     };
     let (high, low) = (offsets_at(Offset::End)?, offsets_at(Offset::Beginning)?);
     let committed = consumer.committed_offsets(tpl.clone(), PROBE_TIMEOUT)?;
-    let owned = consumer.assignment()?;
     Ok(tpl
         .elements()
         .iter()
@@ -215,7 +190,7 @@ fn probe_blocking(
                 committed: at(&committed),
                 low: at(&low).unwrap_or(0),
                 high: at(&high).unwrap_or(0),
-                owned: owned.find_partition(e.topic(), e.partition()).is_some(),
+                owned: false,
             }
         })
         .collect())

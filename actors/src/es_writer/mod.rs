@@ -10,9 +10,9 @@
 //!
 //! This file holds the actor only; the loop is in `consume`, retries in
 //! `retry`, dead letters in `dead_letter`, the offset-continuity check in
-//! `continuity` (healing a broker's skipped records with `heal`), group
-//! membership and the group's progress in `group` (the stall rule in
-//! `stall`), and the pure planning of writes in `bulk`.
+//! `continuity` (healing a broker's skipped records with `heal`), the
+//! consumer and its group in `group`, the stall rule in `stall` and its
+//! remedies in `remedy`, and the pure planning of writes in `bulk`.
 
 mod bulk;
 mod client;
@@ -24,6 +24,7 @@ mod dead_letter;
 mod error;
 mod group;
 mod heal;
+mod remedy;
 mod retry;
 mod stall;
 

@@ -1,24 +1,32 @@
-//! Noticing a sink group that leaves changes waiting, and when to rejoin it.
+//! Noticing a sink group that leaves changes waiting, and what to do about it.
 //!
 //! A consumer group can leave records unconsumed with no error anywhere:
 //! tansu 0.6 keeps members that died in the group and can leave the live
-//! member without partitions for good, and a member whose process hangs
-//! keeps its partitions. So every few seconds the sink compares each
-//! partition's high watermark with its group's committed offset. A
-//! partition is *stuck* when records wait beyond the committed offset and
-//! that offset has not moved for `stall_timeout`; the sink is *stalled*
-//! while any partition of its topics is stuck, whoever owns it (one it owns
-//! itself counts only while it is idle: a batch that takes longer than the
-//! bound is slow, not stalled). A stalled
-//! sink leaves its group and joins again as a new member, which makes the
-//! broker rebalance; the next rejoin waits twice as long, up to
-//! [`MAX_REJOIN_GAP`]. Pure: no I/O here.
+//! member without partitions, and a member whose process hangs keeps its
+//! partitions. So every few seconds the sink compares each partition's high
+//! watermark with its group's committed offset. A partition is *stuck* when
+//! records wait beyond the committed offset and that offset has not moved
+//! for the bound (`stall_timeout_secs`); the sink is *stalled* while any
+//! partition of its topics is stuck, whoever owns it (one it owns itself
+//! counts only while it is idle: a batch that takes longer than the bound is
+//! slow, not stalled).
+//!
+//! The remedies, a bound apart while the stall lasts: first leave the group
+//! and join again as a new member, which makes the broker rebalance. If the
+//! stall outlives that, the group does not form at all (tansu 0.6 keeps a
+//! member that left while it led a join as the group's leader for good, so
+//! no one is ever assigned anything): the sink then reads every partition
+//! directly, outside the group, for a spell ([`FIRST_SPELL`], doubling up to
+//! [`MAX_SPELL`] while the group keeps failing), and tries the group again
+//! after each spell. Pure: no I/O here.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Longest wait between two rejoins while the sink stays stalled.
-const MAX_REJOIN_GAP: Duration = Duration::from_secs(300);
+/// How long the sink first reads partitions directly before trying its group again.
+const FIRST_SPELL: Duration = Duration::from_secs(300);
+/// The longest spell of direct reading.
+const MAX_SPELL: Duration = Duration::from_secs(3600);
 
 /// One partition of the sink's topics, as a probe saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +41,7 @@ pub(super) struct PartitionLag {
     pub(super) low: i64,
     /// The high watermark: the offset the next record will get.
     pub(super) high: i64,
-    /// Whether this member owns the partition.
+    /// Whether this sink reads the partition (assigned, or read directly).
     pub(super) owned: bool,
 }
 
@@ -44,6 +52,17 @@ impl PartitionLag {
         let from = self.committed.unwrap_or(self.low).max(self.low);
         (self.high - from).max(0)
     }
+}
+
+/// What to do about a stall now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Remedy {
+    /// Nothing yet: the last remedy gets the bound to work.
+    Wait,
+    /// Leave the group and join it again as a new member.
+    Rejoin,
+    /// Leave the group and read every partition directly for this long.
+    ReadDirectly(Duration),
 }
 
 /// What a probe means for the sink.
@@ -64,24 +83,28 @@ pub(super) enum Verdict {
         stuck: usize,
         /// How long the sink has been stalled.
         stalled_for: Duration,
-        /// Whether to leave the group and join again now.
-        rejoin: bool,
+        /// What to do now.
+        remedy: Remedy,
     },
 }
 
-/// The sink's memory of its group's progress.
+/// The sink's memory of its group's progress and of the remedies tried.
 #[derive(Debug)]
 pub(super) struct StallWatch {
     /// How long committed offsets may stand still while records wait.
     bound: Duration,
     /// Per partition: the committed offset last seen, and since when.
     seen: HashMap<(String, i32), (Option<i64>, Instant)>,
-    /// When this member last (re)joined: the next rejoin waits for the gap after it.
-    joined_at: Instant,
-    /// Rejoins since the group last made progress on every partition.
+    /// When the sink last joined, rejoined, or changed how it reads.
+    acted_at: Instant,
+    /// Rejoins since the group last worked.
     rejoins: u32,
+    /// Spells of direct reading since the group last worked.
+    spells: u32,
     /// Since when the sink is stalled.
     stalled_since: Option<Instant>,
+    /// Whether a committed offset moved since the last probe.
+    moved: bool,
 }
 
 impl StallWatch {
@@ -90,9 +113,11 @@ impl StallWatch {
         Self {
             bound,
             seen: HashMap::new(),
-            joined_at: now,
+            acted_at: now,
             rejoins: 0,
+            spells: 0,
             stalled_since: None,
+            moved: false,
         }
     }
 
@@ -101,50 +126,38 @@ impl StallWatch {
     pub(super) fn committed(&mut self, topic: &str, partition: i32, offset: i64, now: Instant) {
         self.seen
             .insert((topic.to_owned(), partition), (Some(offset), now));
+        self.moved = true;
     }
 
-    /// The sink left its group and joined again at `now`.
-    pub(super) fn rejoined(&mut self, now: Instant) {
-        self.joined_at = now;
-        self.rejoins += 1;
+    /// The sink applied `remedy` at `now` (or joined its group again after a spell).
+    pub(super) fn acted(&mut self, remedy: Remedy, now: Instant) {
+        self.acted_at = now;
+        match remedy {
+            Remedy::Rejoin => self.rejoins += 1,
+            Remedy::ReadDirectly(_) => self.spells += 1,
+            Remedy::Wait => {}
+        }
     }
 
-    /// Rejoins since the group last made progress.
-    pub(super) fn rejoins(&self) -> u32 {
-        self.rejoins
-    }
-
-    /// Take in a probe of every partition of the sink's topics at `now`;
-    /// `idle`: the sink received no record since the last probe.
+    /// Take in a probe of every partition of the sink's topics at `now`.
+    /// `idle`: the sink received no record since the last probe; `in_group`:
+    /// it reads as a group member (not directly).
     pub(super) fn observe(
         &mut self,
         partitions: &[PartitionLag],
         idle: bool,
+        in_group: bool,
         now: Instant,
     ) -> Verdict {
-        self.seen.retain(|(t, p), _| {
-            partitions
-                .iter()
-                .any(|l| (&l.topic, l.partition) == (t, *p))
-        });
-        let mut stuck = 0;
-        for l in partitions {
-            let key = (l.topic.clone(), l.partition);
-            let since = match self.seen.get(&key) {
-                Some(&(committed, since)) if committed == l.committed => since,
-                _ => {
-                    self.seen.insert(key, (l.committed, now));
-                    now
-                }
-            };
-            if l.lag() > 0 && now.duration_since(since) >= self.bound && (idle || !l.owned) {
-                stuck += 1;
-            }
-        }
+        let stuck = self.stuck(partitions, idle, now);
         let lag = partitions.iter().map(PartitionLag::lag).sum();
+        // Evidence that the group works: offsets move, or it assigned partitions.
+        let group_works = std::mem::take(&mut self.moved) || partitions.iter().any(|l| l.owned);
         if stuck == 0 {
             self.stalled_since = None;
-            self.rejoins = 0;
+            if in_group && group_works {
+                (self.rejoins, self.spells) = (0, 0);
+            }
             return if lag == 0 {
                 Verdict::CaughtUp
             } else {
@@ -156,25 +169,57 @@ impl StallWatch {
             lag,
             stuck,
             stalled_for: now.duration_since(since),
-            rejoin: now.duration_since(self.joined_at) >= self.rejoin_gap(),
+            remedy: self.remedy(in_group, now),
         }
     }
 
-    /// How long a member must have been in the group before the next rejoin:
-    /// the bound, doubling with every rejoin that did not help.
-    fn rejoin_gap(&self) -> Duration {
-        let doublings = self.rejoins.min(16);
-        self.bound
-            .saturating_mul(1 << doublings)
-            .min(MAX_REJOIN_GAP.max(self.bound))
+    /// Update what is known of each partition's committed offset; how many are stuck.
+    fn stuck(&mut self, partitions: &[PartitionLag], idle: bool, now: Instant) -> usize {
+        self.seen.retain(|(t, p), _| {
+            partitions
+                .iter()
+                .any(|l| (&l.topic, l.partition) == (t, *p))
+        });
+        let mut stuck = 0;
+        for l in partitions {
+            let key = (l.topic.clone(), l.partition);
+            let since = match self.seen.get(&key) {
+                Some(&(committed, since)) if committed == l.committed => since,
+                known => {
+                    self.moved |= known.is_some();
+                    self.seen.insert(key, (l.committed, now));
+                    now
+                }
+            };
+            if l.lag() > 0 && now.duration_since(since) >= self.bound && (idle || !l.owned) {
+                stuck += 1;
+            }
+        }
+        stuck
     }
+
+    /// The next remedy, a bound after the last action.
+    fn remedy(&self, in_group: bool, now: Instant) -> Remedy {
+        if now.duration_since(self.acted_at) < self.bound {
+            return Remedy::Wait;
+        }
+        if in_group && self.rejoins == 0 && self.spells == 0 {
+            return Remedy::Rejoin;
+        }
+        Remedy::ReadDirectly(spell(self.spells))
+    }
+}
+
+/// How long spell number `n` (from 0) of direct reading lasts.
+fn spell(n: u32) -> Duration {
+    FIRST_SPELL.saturating_mul(1 << n.min(16)).min(MAX_SPELL)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BOUND: Duration = Duration::from_secs(30);
+    const BOUND: Duration = Duration::from_secs(20);
 
     fn part(partition: i32, committed: Option<i64>, high: i64) -> PartitionLag {
         PartitionLag {
@@ -189,6 +234,13 @@ mod tests {
 
     fn at(start: Instant, secs: u64) -> Instant {
         start + Duration::from_secs(secs)
+    }
+
+    fn remedy(v: &Verdict) -> Option<Remedy> {
+        match v {
+            Verdict::Stalled { remedy, .. } => Some(*remedy),
+            _ => None,
+        }
     }
 
     #[test]
@@ -208,73 +260,83 @@ mod tests {
     }
 
     #[test]
-    fn records_nobody_consumes_for_the_bound_are_a_stall_and_a_rejoin() {
+    fn a_stall_is_met_by_a_rejoin_then_by_reading_directly() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(BOUND, t0);
         let stuck = [part(0, Some(10), 50), part(1, Some(5), 5)];
-        assert_eq!(w.observe(&stuck, true, t0), Verdict::Behind { lag: 40 });
         assert_eq!(
-            w.observe(&stuck, true, at(t0, 29)),
+            w.observe(&stuck, true, true, t0),
             Verdict::Behind { lag: 40 }
         );
         assert_eq!(
-            w.observe(&stuck, true, at(t0, 30)),
+            w.observe(&stuck, true, true, at(t0, 19)),
+            Verdict::Behind { lag: 40 }
+        );
+        assert_eq!(
+            w.observe(&stuck, true, true, at(t0, 20)),
             Verdict::Stalled {
                 lag: 40,
                 stuck: 1,
                 stalled_for: Duration::ZERO,
-                rejoin: true
+                remedy: Remedy::Rejoin
             }
         );
-        w.rejoined(at(t0, 30));
-        // Still stalled while the new member waits for its assignment, no rejoin yet.
-        let v = w.observe(&stuck, true, at(t0, 65));
-        assert!(
-            matches!(v, Verdict::Stalled { rejoin: false, stalled_for, .. } if stalled_for == Duration::from_secs(35)),
-            "{v:?}"
+        w.acted(Remedy::Rejoin, at(t0, 20));
+        let v = w.observe(&stuck, true, true, at(t0, 35));
+        assert_eq!(
+            remedy(&v),
+            Some(Remedy::Wait),
+            "the new member gets the bound"
         );
-        // The next rejoin waits twice the bound after the last one.
-        let v = w.observe(&stuck, true, at(t0, 90));
-        assert!(matches!(v, Verdict::Stalled { rejoin: true, .. }), "{v:?}");
-        assert_eq!(w.rejoins(), 1);
+        assert!(
+            matches!(v, Verdict::Stalled { stalled_for, .. } if stalled_for == Duration::from_secs(15))
+        );
+        let v = w.observe(&stuck, true, true, at(t0, 40));
+        assert_eq!(remedy(&v), Some(Remedy::ReadDirectly(FIRST_SPELL)));
     }
 
     #[test]
-    fn moving_committed_offsets_are_progress_even_with_records_waiting() {
+    fn after_a_spell_a_group_that_still_fails_is_left_at_once_for_a_longer_spell() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(BOUND, t0);
+        w.acted(Remedy::Rejoin, t0);
+        w.acted(Remedy::ReadDirectly(FIRST_SPELL), t0);
+        // Reading directly drains the topic: caught up, but that says nothing of the group.
+        assert_eq!(
+            w.observe(&[part(0, Some(50), 50)], true, false, at(t0, 100)),
+            Verdict::CaughtUp
+        );
+        // Back in the group (acted again), which still assigns nothing.
+        w.acted(Remedy::Wait, at(t0, 300));
+        let stuck = [part(0, Some(50), 80)];
+        w.observe(&stuck, true, true, at(t0, 301));
+        let v = w.observe(&stuck, true, true, at(t0, 321));
+        assert_eq!(remedy(&v), Some(Remedy::ReadDirectly(FIRST_SPELL * 2)));
+    }
+
+    #[test]
+    fn moving_committed_offsets_are_progress_and_end_the_remedies() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(BOUND, t0);
+        w.acted(Remedy::Rejoin, t0);
         for (i, committed) in [10, 20, 30, 40].into_iter().enumerate() {
             let v = w.observe(
                 &[part(0, Some(committed), 100)],
                 true,
-                at(t0, 20 * i as u64),
+                true,
+                at(t0, 15 * i as u64),
             );
             assert!(matches!(v, Verdict::Behind { .. }), "{v:?}");
         }
+        assert_eq!(w.rejoins, 0, "another member consumes: the group works");
         // The sink's own commit counts even when the probe reads the old offset.
-        w.committed("t", 0, 50, at(t0, 70));
-        let v = w.observe(&[part(0, Some(40), 100)], true, at(t0, 95));
+        w.committed("t", 0, 50, at(t0, 60));
+        let v = w.observe(&[part(0, Some(40), 100)], true, true, at(t0, 75));
         assert!(matches!(v, Verdict::Behind { .. }), "{v:?}");
         assert_eq!(
-            w.observe(&[part(0, Some(100), 100)], true, at(t0, 500)),
+            w.observe(&[part(0, Some(100), 100)], true, true, at(t0, 500)),
             Verdict::CaughtUp
         );
-    }
-
-    #[test]
-    fn progress_ends_the_stall_and_resets_the_backoff() {
-        let t0 = Instant::now();
-        let mut w = StallWatch::new(BOUND, t0);
-        w.observe(&[part(0, Some(0), 10)], true, t0);
-        w.rejoined(at(t0, 30));
-        w.rejoined(at(t0, 90));
-        assert_eq!(w.rejoin_gap(), BOUND * 4);
-        assert_eq!(
-            w.observe(&[part(0, Some(5), 10)], true, at(t0, 100)),
-            Verdict::Behind { lag: 5 }
-        );
-        assert_eq!(w.rejoins(), 0);
-        assert_eq!(w.rejoin_gap(), BOUND);
     }
 
     #[test]
@@ -285,24 +347,24 @@ mod tests {
             owned: true,
             ..part(0, Some(10), 50)
         }];
-        w.observe(&mine, false, t0);
+        w.observe(&mine, false, true, t0);
         assert_eq!(
-            w.observe(&mine, false, at(t0, 40)),
+            w.observe(&mine, false, true, at(t0, 40)),
             Verdict::Behind { lag: 40 },
             "busy with a long batch"
         );
         assert!(matches!(
-            w.observe(&mine, true, at(t0, 45)),
+            w.observe(&mine, true, true, at(t0, 45)),
             Verdict::Stalled { .. }
         ));
     }
 
     #[test]
-    fn the_rejoin_gap_is_capped() {
-        let mut w = StallWatch::new(BOUND, Instant::now());
-        for _ in 0..40 {
-            w.rejoined(Instant::now());
-        }
-        assert_eq!(w.rejoin_gap(), MAX_REJOIN_GAP);
+    fn spells_double_up_to_an_hour() {
+        assert_eq!(spell(0), FIRST_SPELL);
+        assert_eq!(spell(1), FIRST_SPELL * 2);
+        assert_eq!(spell(3), FIRST_SPELL * 8);
+        assert_eq!(spell(4), MAX_SPELL);
+        assert_eq!(spell(40), MAX_SPELL);
     }
 }
