@@ -28,8 +28,10 @@ python3 -c 'import yaml' 2>/dev/null || {
 }
 
 # --- 1. a compose implementation -------------------------------------------------
-# Interpolation must not depend on a local .env: point compose at an empty one.
+# Interpolation must not depend on a local .env: point compose at .env.example with
+# every required (empty) secret filled by a placeholder.
 empty_env=$(mktemp)
+sed -E 's/^([A-Z_]+)=$/\1=check-only-placeholder/' "$ROOT/.env.example" >"$empty_env"
 tmpdir=$(mktemp -d)
 trap 'rm -rf "$empty_env" "$tmpdir"' EXIT
 if docker compose version >/dev/null 2>&1; then
@@ -86,7 +88,9 @@ declared_volumes = set((doc.get("volumes") or {}).keys())
 used_volumes = set()
 check(bool(services), "no services")
 
-# Interpolation: every ${VAR} has a default, so `up` works without a .env; `$$` escapes.
+# Interpolation: a secret is required (${VAR:?message}), so the stack never starts
+# with a guessable default; anything else has a default (${VAR:-x}); `$$` escapes.
+SECRET_VAR = re.compile(r"PASSWORD|SECRET|TOKEN|ENCRYPTION_KEY|API_KEY", re.I)
 text = raw.replace("$$", "")
 for m in re.finditer(r"\$(\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)?", text):
     token = m.group(1)
@@ -96,8 +100,11 @@ for m in re.finditer(r"\$(\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)?", text):
     elif not token.startswith("{"):
         check(False, f"line {line}: ${token} without braces or default")
     else:
-        check(re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*(:?-[^}]*)\}", token) is not None,
-              f"line {line}: ${token} has no default (':-')")
+        name = re.match(r"\{([A-Za-z_][A-Za-z0-9_]*)", token)
+        secret = bool(name) and SECRET_VAR.search(name.group(1)) is not None
+        form = r"\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]+\}" if secret else r"\{[A-Za-z_][A-Za-z0-9_]*(:?-[^}]*)\}"
+        check(re.fullmatch(form, token) is not None,
+              f"line {line}: ${token} " + ("must be required (':?message')" if secret else "has no default (':-')"))
 
 SECRET = re.compile(r"PASSWORD|SECRET|TOKEN|ENCRYPTIONKEY|API_KEY", re.I)
 ONE_SHOT_CONDITION = "service_completed_successfully"
@@ -169,7 +176,7 @@ for name, svc in services.items():
     for key, value in env_items(svc.get("environment")):
         if SECRET.search(key) and not key.endswith("_FILE"):
             check(value.startswith("${") or value.startswith("$${") or value == "",
-                  f"{where}.environment.{key}: literal secret; use ${{VAR:-default}}")
+                  f"{where}.environment.{key}: literal secret; use ${{VAR:?message}}")
 
     if "build" in svc:
         build = svc["build"]

@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=()
 pg_bindir="$(pg_config --bindir 2>/dev/null || true)"
 if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then packages+=(postgresql postgresql-client); fi
-for p in libclang-dev cmake pkg-config zlib1g-dev libssl-dev build-essential procps curl; do
+# libssl-dev and libsasl2-dev: librdkafka is built with TLS and SASL (Cyrus SASL for GSSAPI).
+for p in libclang-dev cmake pkg-config zlib1g-dev libssl-dev libsasl2-dev build-essential procps curl; do
   dpkg -s "$p" >/dev/null 2>&1 || packages+=("$p")
 done
 if [ ${#packages[@]} -gt 0 ]; then

@@ -8,7 +8,6 @@
 //! drain what Kafka still acknowledges, no slot confirmation), and its exit
 //! code becomes the process's.
 
-use pgcdc_actors::error::ConfigError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,14 +19,11 @@ use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
 use pgcdc_actors::metrics::Readiness;
-use pgcdc_actors::pg::{self, parse_table_name};
+use pgcdc_actors::pg;
 use pgcdc_actors::replication::ReplicationActor;
-use pgcdc_actors::snapshot::watermark::Watermarks;
+use pgcdc_actors::snapshot::watermark::{MessageKey, Watermarks};
 use pgcdc_actors::snapshot::SnapshotActor;
 use pgcdc_actors::supervision::RestartBudget;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::AppError;
@@ -55,10 +51,9 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
 }
 
 async fn run_async(settings: Settings) -> Result<(), AppError> {
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|e| AppError::LocalIo(format!("{}: {e}", settings.state_dir.display())))?;
+    settings.create_state_dir()?;
     if settings.kafka.create_topics {
-        create_topics(&settings).await?;
+        crate::topics::create_topics(&settings).await?;
     }
     let sink = settings.elasticsearch.run_in_daemon;
     serve_metrics(&settings, Readiness::Pipeline { sink }).await?;
@@ -68,8 +63,11 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let kafka = Arc::new(settings.kafka.clone());
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
     let producer_budget = budget_of("kafka_producer");
-    let producer =
-        Supervisor::start(move |_| KafkaProducerActor::new(kafka, &db, cp, producer_budget));
+    let dead_letters = settings.elasticsearch.dead_letter_topic.clone();
+    let producer = Supervisor::start(move |_| {
+        KafkaProducerActor::new(kafka, &db, cp, producer_budget)
+            .with_dead_letter_topic(&dead_letters)
+    });
     let pg = Arc::new(settings.postgres.clone());
     let (wal_pg, wal) = (pg.clone(), settings.wal.clone());
     let wal_budget = budget_of("wal_monitor");
@@ -77,7 +75,10 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         pgcdc_actors::wal_monitor::WalMonitorActor::new(wal_pg, wal, wal_budget)
     });
     let snapshot = Arc::new(settings.snapshot.clone());
-    let marks = Watermarks::default();
+    let key_path = settings.message_key_path();
+    let key = MessageKey::load_or_create(&key_path)
+        .map_err(|e| AppError::LocalIo(format!("{}: {e}", key_path.display())))?;
+    let marks = Watermarks::new(key);
     let (pg2, snap2, m, cp) = (
         pg.clone(),
         snapshot.clone(),
@@ -111,7 +112,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
     let system = actix::System::new();
     let result = system.block_on(async {
         if settings.kafka.create_topics {
-            create_topics(&settings).await?;
+            crate::topics::create_topics(&settings).await?;
         }
         serve_metrics(&settings, Readiness::Sink).await?;
         let (fatal, mut fatal_rx) = FatalReporter::channel();
@@ -274,55 +275,4 @@ async fn confirm_slot(settings: &Settings, lsn: Lsn) {
     tracing::warn!(
         "slot still active after shutdown; final lsn not confirmed (it will be on next start)"
     );
-}
-
-/// Create the topics events go to; existing ones are left alone.
-async fn create_topics(settings: &Settings) -> Result<(), AppError> {
-    let k = &settings.kafka;
-    let mut names: Vec<String> = settings
-        .postgres
-        .tables
-        .iter()
-        .filter_map(|t| parse_table_name(t).ok())
-        .map(|(s, t)| k.topic_for(&s, &t))
-        .collect();
-    names.push(settings.elasticsearch.dead_letter_topic.clone());
-    names.sort();
-    names.dedup();
-    let mut config = rdkafka::ClientConfig::new();
-    for (key, v) in &k.properties {
-        config.set(key, v);
-    }
-    config.set("bootstrap.servers", &k.brokers);
-    let admin: AdminClient<DefaultClientContext> = config
-        .create()
-        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka.properties", e.to_string())]))?;
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|n| {
-            NewTopic::new(
-                n,
-                k.topic_partitions,
-                TopicReplication::Fixed(k.topic_replication_factor),
-            )
-        })
-        .collect();
-    let opts = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(30)))
-        .request_timeout(Some(Duration::from_secs(30)));
-    let results = admin.create_topics(&topics, &opts).await.map_err(|e| {
-        AppError::Upstream(format!("kafka at {}: cannot create topics: {e}", k.brokers))
-    })?;
-    for r in results {
-        match r {
-            Ok(topic) => tracing::info!(topic, "created topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(AppError::Upstream(format!(
-                    "kafka: cannot create topic {topic}: {code}"
-                )))
-            }
-        }
-    }
-    Ok(())
 }

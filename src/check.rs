@@ -7,9 +7,12 @@ use std::time::Duration;
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::event::KeySource;
-use pgcdc_actors::pg::{catalog, connect as pg_connect, parse_table_name, PgError};
+use pgcdc_actors::lsn::Lsn;
+use pgcdc_actors::pg::{
+    catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, PgError,
+};
 use pgcdc_actors::replication::{slot, ReplicationError};
-use pgcdc_actors::snapshot::watermark::{Signal, SIGNAL_PREFIX};
+use pgcdc_actors::snapshot::watermark::{MessageKey, Signal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::{AppError, ExitCode};
@@ -31,6 +34,10 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         }
     };
     report("postgresql", rt.block_on(check_postgres(&settings)));
+    report(
+        "postgresql replication connection",
+        rt.block_on(check_replication(&settings)),
+    );
     match rt.block_on(check_publication(&settings)) {
         Ok(Scope::Matches(detail)) => println!("ok    publication: {detail}"),
         Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
@@ -57,6 +64,7 @@ fn classified(e: impl Into<ReplicationError>) -> AppError {
 async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     let pg = &settings.postgres;
     let sql = pg_connect(pg).await.map_err(classified)?;
+    let security = sql_security(&sql, pg).await.map_err(classified)?;
     catalog::check_server(&sql).await.map_err(classified)?;
     let tables = catalog::resolve_tables(&sql, &pg.tables)
         .await
@@ -78,12 +86,20 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     )
     .map_err(classified)?;
     Ok(format!(
-        "{}:{}/{}, {} tables with keys, start: {start:?}",
+        "{}:{}/{}, {} tables with keys, start: {start:?}; sql connection {security}",
         pg.host,
         pg.port,
         pg.database,
         tables.len()
     ))
+}
+
+/// Open a replication session (nothing streams) and say what it negotiated.
+async fn check_replication(settings: &Settings) -> Result<String, AppError> {
+    let (_session, security) = connect_replication(&settings.postgres, Lsn::ZERO)
+        .await
+        .map_err(classified)?;
+    Ok(security.to_string())
 }
 
 /// How the publication's tables compare with `postgres.tables`.
@@ -153,14 +169,16 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
 }
 
 fn check_kafka(settings: &Settings) -> Result<String, AppError> {
-    let consumer: BaseConsumer = settings
-        .kafka
-        .client_config()
-        .create()
-        .map_err(|e| AppError::Config(vec![ConfigError::new("kafka", e.to_string())]))?;
+    let consumer: BaseConsumer = settings.kafka.client_config().create().map_err(|e| {
+        let message = settings.kafka.properties.redact(&e.to_string());
+        AppError::Config(vec![ConfigError::new("kafka", message)])
+    })?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|e| AppError::Upstream(format!("{}: {e}", settings.kafka.brokers)))?;
+        .map_err(|e| {
+            let message = settings.kafka.properties.redact(&e.to_string());
+            AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
+        })?;
     Ok(format!(
         "{} brokers, {} topics",
         md.brokers().len(),
@@ -348,6 +366,13 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
     if !errors.is_empty() {
         return Err(AppError::Config(errors));
     }
+    let key_path = settings.message_key_path();
+    let key = MessageKey::load(&key_path).map_err(|e| {
+        AppError::LocalIo(format!(
+            "{}: {e}; signals are signed with the key the daemon creates in its state_dir on first start: run this command where the daemon's state_dir is",
+            key_path.display()
+        ))
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -356,20 +381,8 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
         let sql = pg_connect(pg).await.map_err(classified)?;
         refuse_keyless(&sql, &wanted).await?;
         for (schema, table) in wanted {
-            let signal = Signal {
-                slot: pg.slot.clone(),
-                schema: schema.clone(),
-                table: table.clone(),
-            };
-            let content = serde_json::to_string(&signal).unwrap_or_default();
-            let row = sql
-                .query_one(
-                    "SELECT pg_logical_emit_message(true, $1, $2)::text",
-                    &[&SIGNAL_PREFIX, &content],
-                )
-                .await
-                .map_err(|e| classified(PgError::from(e)))?;
-            let lsn: String = row.get(0);
+            let signal = Signal::signed(&key, &pg.slot, &schema, &table, false);
+            let lsn = signal.write(&sql).await.map_err(classified)?;
             println!("requested backfill of {schema}.{table} at {lsn}; the daemon on slot {} copies it while streaming", pg.slot);
         }
         Ok(())

@@ -9,3 +9,4 @@ pub mod http;
 pub mod logs;
 pub mod settings;
 pub mod telemetry;
+pub mod topics;

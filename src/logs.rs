@@ -98,13 +98,24 @@ fn or_dash(v: &Option<String>) -> Cow<'_, str> {
     v.as_deref().map_or(Cow::Borrowed("-"), one_line)
 }
 
-/// Keep one record on one line.
+/// Keep one record on one line, and the terminal out of a payload's
+/// hands: every control character (escape sequences, backspace, bell, C1
+/// controls) is shown escaped: `\n`, `\r`, `\t`, else `\u{1b}`.
 fn one_line(s: &str) -> Cow<'_, str> {
-    if s.contains(['\n', '\r']) {
-        Cow::Owned(s.replace('\n', "\\n").replace('\r', "\\r"))
-    } else {
-        Cow::Borrowed(s)
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
     }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -260,5 +271,17 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no audit log at"), "{e}");
         assert_eq!(e.exit_code().code(), 6);
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let hostile = "a\x1b]0;owned\x07\x1b[2Jb\tc\u{9b}d\x7f\n";
+        let shown = one_line(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            "a\\u{1b}]0;owned\\u{7}\\u{1b}[2Jb\\tc\\u{9b}d\\u{7f}\\n"
+        );
+        assert!(matches!(one_line("plain"), Cow::Borrowed(_)));
     }
 }

@@ -4,7 +4,8 @@
 use pgcdc_actors::error::ConfigError;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
 use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
 use pgcdc_actors::es_writer::EsConfig;
@@ -150,6 +151,15 @@ pub struct Overrides {
 impl Settings {
     /// Load from `path` (must exist if given), the environment and `overrides`; validate.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, AppError> {
+        Self::load_with_env(path, overrides, std::env::vars())
+    }
+
+    /// [`Settings::load`] with `vars` as the environment.
+    fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, AppError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.is_file() {
@@ -160,7 +170,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let figment = figment.merge(Env::prefixed("PGCDC_").split("__").ignore(&["config"]));
+        let figment = figment.merge(environment(vars));
         let mut settings: Settings = figment
             .extract()
             .map_err(|e| AppError::Config(e.into_iter().map(figment_error).collect()))?;
@@ -204,6 +214,25 @@ impl Settings {
         }
     }
 
+    /// The secret that signs pgcdc's WAL messages (created by the daemon).
+    pub fn message_key_path(&self) -> PathBuf {
+        self.state_dir.join("message.key")
+    }
+
+    /// Create `state_dir` readable by its owner only (0700): it holds the
+    /// checkpoint and the audit log. An existing one is narrowed to 0700.
+    pub fn create_state_dir(&self) -> Result<(), AppError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = &self.state_dir;
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, private))
+            .map_err(|e| AppError::LocalIo(format!("{}: {e}", dir.display())))
+    }
+
     /// Where the RocksDB checkpoint lives.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.state_dir.join("checkpoint")
@@ -213,6 +242,42 @@ impl Settings {
     pub fn audit_db(&self) -> PathBuf {
         self.state_dir.join(pgcdc_actors::audit::FILE_NAME)
     }
+}
+
+/// Environment prefix: `PGCDC_POSTGRES__HOST` sets `postgres.host`.
+const ENV_PREFIX: &str = "PGCDC_";
+/// Keys whose environment values are taken as the exact string: secrets
+/// and names, where `0123` must not become the number 123.
+const VERBATIM: &[&str] = &[
+    "postgres.password",
+    "postgres.user",
+    "elasticsearch.username",
+    "elasticsearch.password",
+    "elasticsearch.api_key",
+];
+
+/// The `PGCDC_*` variables among `vars` as one layer: `__` nests, names are
+/// lower-cased, values are read as TOML-like scalars and arrays (as figment's
+/// `Env` does) except the [`VERBATIM`] keys. `PGCDC_CONFIG` is the flag's.
+fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
+    let mut layer = Figment::new();
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if key == "config" || key.is_empty() {
+            continue;
+        }
+        let value = match VERBATIM.contains(&key.as_str()) {
+            true => Value::from(raw),
+            false => raw
+                .parse()
+                .unwrap_or_else(|e: std::convert::Infallible| match e {}),
+        };
+        layer = layer.merge(Serialized::default(&key, value));
+    }
+    layer
 }
 
 /// A figment error as a configuration error naming the key it is about
@@ -324,5 +389,59 @@ mod tests {
         let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.postgres.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn secrets_from_the_environment_stay_exact_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\ntables = [\"t\"]\n");
+        let env = [
+            ("PGCDC_POSTGRES__PASSWORD", "0123"),
+            ("PGCDC_ELASTICSEARCH__PASSWORD", "1e3"),
+            ("PGCDC_ELASTICSEARCH__USERNAME", "007"),
+            ("PGCDC_POSTGRES__PORT", "6543"),
+            ("PGCDC_ELASTICSEARCH__URL", "https://es:9200"),
+            ("OTHER", "x"),
+        ];
+        let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Settings::load_with_env(Some(&path), &Overrides::default(), vars).unwrap();
+        assert_eq!(s.postgres.password.expose(), "0123");
+        assert_eq!(s.elasticsearch.password.expose(), "1e3");
+        assert_eq!(s.elasticsearch.username.as_deref(), Some("007"));
+        assert_eq!(s.postgres.port, 6543);
+    }
+
+    #[test]
+    fn kafka_properties_are_redacted_and_errors_never_echo_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\npassword = [\"hunter2\"]\n\
+             [kafka.properties]\n\"sasl.password\" = \"s3cr3t-sasl\"\n\"linger.ms\" = 5\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(e.iter().all(|m| !m.contains("hunter2")), "{e:?}");
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[kafka.properties]\n\"sasl.password\" = \"s3cr3t-sasl\"\n\"linger.ms\" = 5\n",
+        );
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert!(!format!("{s:?}").contains("s3cr3t-sasl"));
+        assert_eq!(s.kafka.properties["linger.ms"], "5");
+    }
+
+    #[test]
+    fn state_dir_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "[postgres]\ntables = [\"t\"]\n");
+        let mut s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        s.state_dir = dir.path().join("a/state");
+        s.create_state_dir().unwrap();
+        let mode = std::fs::metadata(&s.state_dir)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
     }
 }

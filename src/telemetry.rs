@@ -83,8 +83,7 @@ where
 }
 
 fn start_audit(settings: &Settings) -> Result<(AuditLayer, AuditHandle), AppError> {
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|e| AppError::LocalIo(format!("{}: {e}", settings.state_dir.display())))?;
+    settings.create_state_dir()?;
     LogActor::start(&settings.audit_db(), &settings.audit).map_err(|e| {
         let code = match e.class() {
             ErrorClass::Fatal(code) => code,

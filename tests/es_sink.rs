@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use pgcdc_actors::wire::header;
 use pgcdc_testkit::oracle::{self, Want};
-use pgcdc_testkit::proxy::bulk::{BulkFaultProxy, Fault};
+use pgcdc_testkit::proxy::bulk::{BulkFaultProxy, Fault, Refuse};
 use pgcdc_testkit::search::Documents;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -310,7 +310,8 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     produce_raw(&producer, "{\"id\":501}", Some(&bad.to_string())).await;
     produce(&*r.broker, &good[15..]).await;
 
-    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let keep = "[audit]\ndead_letter_payloads = true\n";
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, keep);
     let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     assert_mirror(
         &r.es,
@@ -640,4 +641,432 @@ async fn resume_inside_a_batch(r: &Rig) -> bool {
     )
     .await
     .unwrap()
+}
+
+/// Table names Elasticsearch forbids or would merge map to distinct valid
+/// indices (a TRUNCATE of `*` empties only its own mirror); a keyless
+/// table's 1 kB rows get hashed ids under the 512-byte limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() {
+    use pgcdc_actors::es_writer::naming::mirror_index;
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let long = "l".repeat(63);
+    let names = ["*", "a,b", "a_b", "Upper", "upper", long.as_str()];
+    for n in names {
+        let q = format!(
+            "CREATE TABLE \"{n}\" (id int PRIMARY KEY, v text); INSERT INTO \"{n}\" VALUES (1, '{n}'), (2, 'two');"
+        );
+        db.batch_execute(&q).await.unwrap();
+    }
+    db.batch_execute(
+        "CREATE TABLE bag (a text, b text); ALTER TABLE bag REPLICA IDENTITY FULL;
+         INSERT INTO bag SELECT repeat('x', 1000) || g, 'b' FROM generate_series(1, 3) g;",
+    )
+    .await
+    .unwrap();
+    let mut tables: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    tables.push("bag".into());
+    let listed: Vec<&str> = tables.iter().map(String::as_str).collect();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &listed, "")
+        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "TRUNCATE \"*\"; INSERT INTO \"*\" VALUES (3, 'after truncate');
+         UPDATE bag SET b = 'changed' WHERE a LIKE '%1'; DELETE FROM bag WHERE a LIKE '%2';",
+    )
+    .await
+    .unwrap();
+    let indices: Vec<String> = names
+        .iter()
+        .map(|n| mirror_index("cdc_", "public", n))
+        .collect();
+    for (n, index) in names.iter().zip(&indices) {
+        let table = format!("\"{n}\"");
+        let want = Want::Table {
+            db: &db,
+            table: &table,
+        };
+        oracle::mirror_equals(
+            &r.es.url,
+            index,
+            want,
+            Duration::from_secs(90),
+            Some(&daemon),
+        )
+        .await
+        .unwrap();
+    }
+    let bag = mirror_index("cdc_", "public", "bag");
+    let rows: Vec<Value> = db
+        .query("SELECT to_jsonb(bag)::text FROM bag ORDER BY b", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get(0)).unwrap())
+        .collect();
+    let docs = wait::poll(
+        "the keyless mirror equals its table",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let docs = r.es.documents(&bag).await.unwrap();
+            let mut got: Vec<Value> = docs.values().map(|(_, v)| v.clone()).collect();
+            got.sort_by_key(|v| v["b"].to_string());
+            if got == rows {
+                Poll::Ready(docs)
+            } else {
+                Poll::Pending(format!("{got:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        docs.keys().all(|id| id.starts_with("sha256:")),
+        "{:?}",
+        docs.keys()
+    );
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
+
+/// Answers that used to wedge the sink: 200s that are not JSON and items
+/// without a status are retried a bounded number of times; a request the
+/// server refuses as a whole (400) or finds too large (413) is split until
+/// the one record it refuses is found, which is dead-lettered; the rest is
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_answers_400_and_413_dead_letter_only_the_refused_record() {
+    let r = rig().await;
+    let proxy = BulkFaultProxy::start(&r.es.url).await.unwrap();
+    proxy.push([Fault::NotJson; 2]);
+    proxy.push(
+        [Fault::Partial {
+            every: 2,
+            status: 0,
+        }; 2],
+    );
+    proxy.refuse(Refuse::Containing("refused-by-the-server".into()));
+    proxy.refuse(Refuse::LongerThan(16 * 1024));
+    let changes = workload(40, 200);
+    let odd = |id: i64, name: String| Change {
+        id,
+        op: "c",
+        name,
+        lsn: 900_000 + id as u64,
+    };
+    let refused = odd(1000, "refused-by-the-server".into());
+    let huge = odd(1001, "h".repeat(20 * 1024));
+    produce(&*r.broker, &changes[..100]).await;
+    produce(&*r.broker, &[refused, huge]).await;
+    produce(&*r.broker, &changes[100..]).await;
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &proxy.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    assert_mirror(
+        &r.es,
+        "cdc_public_items",
+        &expected(&changes),
+        Duration::from_secs(90),
+        &mut sink,
+    )
+    .await;
+    let dead = crate::support::read_until(
+        &*r.broker,
+        "pgcdc-dead-letters",
+        Duration::from_secs(60),
+        |d| d.len() >= 2,
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("bad_request"), "{reasons:?}");
+    assert!(reasons[1].contains("too_large"), "{reasons:?}");
+    let log = sink.log_text();
+    assert!(log.contains("splitting it"), "no split was logged");
+    assert!(
+        log.contains("unreadable body"),
+        "the unreadable answer was not logged"
+    );
+    assert_eq!(proxy.pending(), 0, "not every queued fault fired");
+    assert!(sink.is_running(), "{}", sink.log_tail());
+}
+
+/// Send `c` to `partition` (a truncate without a key, as pgcdc sends it).
+async fn produce_to(producer: &FutureProducer, c: &Change, partition: i32) {
+    let key = json!({"id": c.id}).to_string();
+    let value = envelope(c).to_string();
+    let mut rec = record(&key, Some(&value)).partition(partition);
+    if c.op == "t" {
+        rec.key = None;
+    }
+    producer.send(rec, Duration::from_secs(30)).await.unwrap();
+}
+
+/// Wait until the mirror holds exactly the ids in `ids`.
+async fn until_ids(r: &Rig, ids: impl IntoIterator<Item = i64>, sink: &Daemon) {
+    let want: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
+    wait::poll(
+        "the mirror to hold exactly the ids",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let got: Vec<String> =
+                r.es.documents("cdc_public_items")
+                    .await
+                    .unwrap()
+                    .into_keys()
+                    .collect();
+            let mut got = got;
+            got.sort_by_key(|id| id.parse::<i64>().unwrap_or(0));
+            if got == want {
+                Poll::Ready(())
+            } else if !sink.is_running() {
+                Poll::Abort(format!("sink exited:\n{}", sink.log_tail()))
+            } else {
+                Poll::Pending(format!("{got:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A truncate lands on one partition; records older than it that wait on
+/// other partitions (or are read again after a sink restart) never bring
+/// truncated rows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_on_one_partition_is_not_undone_by_older_records_on_others() {
+    let broker = Tansu::start().unwrap();
+    broker.create_topic(TOPIC, 3).unwrap();
+    let r = Rig {
+        pg: PgCluster::start().unwrap(),
+        broker: Box::new(broker),
+        es: SearchServer::start().unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let producer = producer(&*r.broker);
+    let create = |id: i64, lsn: u64| Change {
+        id,
+        op: "c",
+        name: format!("row {id}"),
+        lsn,
+    };
+    for id in 1..=20 {
+        produce_to(&producer, &create(id, 1000 + id as u64), (id % 3) as i32).await;
+    }
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    until_ids(&r, 1..=20, &sink).await;
+
+    let truncate = Change {
+        id: 0,
+        op: "t",
+        name: String::new(),
+        lsn: 2000,
+    };
+    produce_to(&producer, &truncate, 0).await;
+    until_ids(&r, [], &sink).await;
+    // Records committed before the truncate, read only now from other partitions.
+    for id in 21..=40 {
+        produce_to(
+            &producer,
+            &create(id, 1500 + id as u64),
+            1 + (id % 2) as i32,
+        )
+        .await;
+    }
+    for id in 41..=50 {
+        produce_to(&producer, &create(id, 3000 + id as u64), (id % 3) as i32).await;
+    }
+    until_ids(&r, 41..=50, &sink).await;
+
+    // A restart knows the truncate too: it is stored, not remembered.
+    sink.terminate(Duration::from_secs(30)).unwrap();
+    for id in 60..=70 {
+        produce_to(&producer, &create(id, 1900), (id % 3) as i32).await;
+    }
+    for id in 51..=55 {
+        produce_to(&producer, &create(id, 4000 + id as u64), (id % 3) as i32).await;
+    }
+    sink.spawn().unwrap();
+    until_ids(&r, 41..=55, &sink).await;
+}
+
+/// Updates that leave a TOASTed column unchanged keep it in the mirror, and
+/// are versioned: the same records delivered again after newer changes (a
+/// producer retry, a replay) neither regress a document nor bring a deleted
+/// row back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    // Random hex: compresses to well over the 2 kB TOAST threshold, so it is stored out of line.
+    db.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
+         INSERT INTO docs SELECT g, 0, (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i) FROM generate_series(1, 10) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["docs"], "")
+        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    for change in [
+        "UPDATE docs SET n = 1",
+        "UPDATE docs SET n = 2 WHERE id <= 5",
+        "DELETE FROM docs WHERE id = 3",
+    ] {
+        db.batch_execute(change).await.unwrap();
+    }
+    let index = "cdc_public_docs";
+    let want = Want::Table {
+        db: &db,
+        table: "docs",
+    };
+    oracle::mirror_equals(
+        &r.es.url,
+        index,
+        want,
+        Duration::from_secs(90),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+
+    // The first UPDATE's records (unchanged blob) delivered again, then a sentinel row.
+    let records = crate::support::read_all(&*r.broker, TOPIC);
+    let again: Vec<&crate::support::Record> = records
+        .iter()
+        .filter(|rec| rec.op() == "u" && rec.after()["n"] == json!(1))
+        .collect();
+    assert_eq!(again.len(), 10);
+    assert!(again
+        .iter()
+        .all(|rec| rec.value.as_ref().unwrap()["unchanged_toast"] == json!(["blob"])));
+    let producer = producer(&*r.broker);
+    for rec in again {
+        let value = rec.value.as_ref().unwrap().to_string();
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let key = rec.key_bytes.as_deref().unwrap();
+        let out: FutureRecord<'_, [u8], str> = FutureRecord::to(TOPIC)
+            .key(key)
+            .payload(value.as_str())
+            .headers(headers);
+        producer.send(out, Duration::from_secs(30)).await.unwrap();
+    }
+    db.batch_execute("INSERT INTO docs VALUES (99, 9, 'sentinel')")
+        .await
+        .unwrap();
+    let want = Want::Table {
+        db: &db,
+        table: "docs",
+    };
+    oracle::mirror_equals(
+        &r.es.url,
+        index,
+        want,
+        Duration::from_secs(90),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+    let docs = r.es.documents(index).await.unwrap();
+    assert!(!docs.contains_key("3"), "a deleted row came back");
+    assert_eq!(docs["4"].1["n"], json!(2), "a document regressed");
+    assert!(
+        docs["4"].1["blob"]
+            .as_str()
+            .is_some_and(|b| b.len() == 9600),
+        "the blob was lost"
+    );
+}
+
+/// A column added while streaming is mapped from its PostgreSQL type before
+/// its first document; an existing mirror index that would forget deletes
+/// too soon is refused with the setting to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refused() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE legacy (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let es_section = format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["items"],
+        "",
+    ) + &es_section;
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO items VALUES (1); ALTER TABLE items ADD COLUMN qty int4; INSERT INTO items VALUES (2, 5); UPDATE items SET qty = 1 WHERE id = 1;")
+        .await
+        .unwrap();
+    let want = Want::Table {
+        db: &db,
+        table: "items",
+    };
+    oracle::mirror_equals(
+        &r.es.url,
+        "cdc_public_items",
+        want,
+        Duration::from_secs(60),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+    let mapping: Value = reqwest::get(format!("{}/cdc_public_items/_mapping", r.es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let qty = &mapping["cdc_public_items"]["mappings"]["properties"]["qty"];
+    assert_eq!(
+        qty,
+        &json!({"type": "integer", "ignore_malformed": true}),
+        "{mapping}"
+    );
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+
+    // An index made by hand, without gc_deletes (Elasticsearch's 60 s).
+    let http = reqwest::Client::new();
+    http.put(format!("{}/cdc_public_legacy", r.es.url))
+        .send()
+        .await
+        .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["items", "legacy"],
+        "",
+    ) + &es_section;
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO legacy VALUES (1)")
+        .await
+        .unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(2), "{}", daemon.log_tail());
+    assert!(
+        daemon
+            .log_text()
+            .contains("PUT cdc_public_legacy/_settings"),
+        "{}",
+        daemon.log_tail()
+    );
 }

@@ -2,13 +2,15 @@
 //! INDEX, FULL, NOTHING refused), a key column renamed and the primary key
 //! changed while streaming, partitioned tables under their root's name
 //! (ATTACH/DETACH while streaming), a publication with more tables than
-//! configured, and backfill signals for tables that cannot be backfilled.
+//! configured, backfill signals for tables that cannot be backfilled, and
+//! forged signals and watermarks.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;
 
+use pgcdc_actors::snapshot::watermark::{Mark, MessageKey, Signal};
 use pgcdc_actors::wire::{header, message};
 use serde_json::{json, Value};
 
@@ -44,6 +46,16 @@ fn read_until_key(tansu: &Tansu, table: &str, key: Value) -> Vec<Record> {
         rs.iter()
             .any(|r| r.header(header::TABLE) == table && r.key.as_ref() == Some(&key))
     })
+}
+
+/// Write a transactional logical message, as pgcdc does.
+async fn emit(db: &tokio_postgres::Client, prefix: &str, content: &str) {
+    db.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[&prefix, &content],
+    )
+    .await
+    .unwrap();
 }
 
 /// Write `cfg` beside the daemon's and run a one-shot command with it.
@@ -317,23 +329,28 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(SOURCE_NOT_READY), "{said}");
     assert!(said.contains("no unique key"), "{said}");
+    // Genuine (signed) signals: the daemon itself refuses them.
+    let key = MessageKey::load(&dir.path().join("state/message.key")).unwrap();
     for table in ["bag", "other"] {
-        let forged = json!({"slot": "pgcdc", "schema": "public", "table": table}).to_string();
-        db.execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&message::SIGNAL, &forged],
+        let signal = Signal::signed(&key, "pgcdc", "public", table, false);
+        emit(
+            &db,
+            message::SIGNAL,
+            &serde_json::to_string(&signal).unwrap(),
         )
-        .await
-        .unwrap();
+        .await;
     }
     db.batch_execute("INSERT INTO keyed VALUES (1)")
         .await
         .unwrap();
     read_until_key(&tansu, "public.keyed", json!({"id": 1}));
-    let ignored =
-        "ignoring a backfill signal for a table that is not configured or has no unique key";
     let log = daemon.log_text();
-    assert_eq!(log.matches(ignored).count(), 2, "{}", daemon.log_tail());
+    for ignored in [
+        "ignoring a backfill signal for a table without a unique key",
+        "ignoring a signal for a table that is not configured",
+    ] {
+        assert_eq!(log.matches(ignored).count(), 1, "{}", daemon.log_tail());
+    }
     // Nothing was persisted: a restart streams on instead of finding a copy it cannot finish.
     daemon.terminate(EXIT).unwrap();
     daemon.spawn().unwrap();
@@ -346,4 +363,69 @@ async fn backfill_signals_for_keyless_or_unconfigured_tables_change_nothing() {
     let printed = String::from_utf8_lossy(&status.stdout);
     assert!(!printed.contains("copying"), "status: {printed}");
     assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_signals_and_watermarks_from_another_role_change_nothing() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE keyed (id int PRIMARY KEY);
+         INSERT INTO keyed VALUES (1);
+         CREATE ROLE intruder LOGIN;
+         GRANT INSERT ON keyed TO intruder;",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["keyed"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    read_until_key(&tansu, "public.keyed", json!({"id": 1}));
+    let intruder = pgcdc_testkit::pg::connect(
+        &pg.url().replace("user=postgres", "user=intruder"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    // What a forger can write: unsigned, signed with another key, a genuine
+    // field set with a guessed MAC; a reset would truncate the table's mirror.
+    let stranger = MessageKey::random().unwrap();
+    let forged = [
+        (
+            message::SIGNAL,
+            json!({"slot": "pgcdc", "schema": "public", "table": "keyed", "reset": true})
+                .to_string(),
+        ),
+        (
+            message::SIGNAL,
+            serde_json::to_string(&Signal::signed(&stranger, "pgcdc", "public", "keyed", true))
+                .unwrap(),
+        ),
+        (
+            message::WATERMARK,
+            serde_json::to_string(&Mark::signed(&stranger, "pgcdc", 1, true)).unwrap(),
+        ),
+        (
+            message::WATERMARK,
+            json!({"slot": "pgcdc", "id": 1, "high": false, "mac": "00"}).to_string(),
+        ),
+    ];
+    for (prefix, content) in &forged {
+        emit(&intruder, prefix, content).await;
+    }
+    intruder
+        .batch_execute("INSERT INTO keyed VALUES (2)")
+        .await
+        .unwrap();
+    let records = read_until_key(&tansu, "public.keyed", json!({"id": 2}));
+    let ops: Vec<_> = changes(&records).into_iter().map(|(op, ..)| op).collect();
+    assert_eq!(ops, ["r", "c"], "a forged message produced events");
+    let warned = daemon
+        .log_text()
+        .matches("ignoring a message whose signature does not match")
+        .count();
+    assert_eq!(warned, forged.len(), "{}", daemon.log_tail());
+    let status = one_shot(dir.path(), &cfg, &["status"]);
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(!printed.contains("copying"), "status: {printed}");
 }

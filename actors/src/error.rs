@@ -69,6 +69,61 @@ pub enum ProducerError {
     /// librdkafka refused or failed a record.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A record is larger than the producer or the broker accepts.
+    #[error("{0}")]
+    TooLarge(Box<OversizedRecord>),
+}
+
+/// Which limit refused a record as too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeLimit {
+    /// The producer's `message.max.bytes`, of this many bytes.
+    Producer(usize),
+    /// The broker (its `message.max.bytes` or the topic's `max.message.bytes`).
+    Broker,
+}
+
+/// A record Kafka refused as too large, named so the operator can find the
+/// row and knows which setting to raise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OversizedRecord {
+    /// `schema.table`.
+    pub table: String,
+    /// The row key as JSON, cut to a few hundred bytes.
+    pub key: String,
+    /// The transaction's commit LSN.
+    pub commit_lsn: String,
+    /// Key, value and header bytes of the record.
+    pub size: usize,
+    /// What refused it.
+    pub limit: SizeLimit,
+}
+
+impl std::fmt::Display for OversizedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            table,
+            key,
+            commit_lsn,
+            size,
+            ..
+        } = self;
+        let what = format!("{table} key {key} at commit lsn {commit_lsn}, {size} bytes");
+        match self.limit {
+            SizeLimit::Producer(limit) => write!(
+                f,
+                "record too large for kafka: {what}, above kafka.properties.\"message.max.bytes\" ({limit}); \
+                 raise it (and the broker's message.max.bytes or the topic's max.message.bytes to match), \
+                 or set kafka.oversized = \"dead_letter\" to send such records' descriptions to the dead-letter topic"
+            ),
+            SizeLimit::Broker => write!(
+                f,
+                "the broker refused a record as too large: {what}; raise the broker's message.max.bytes \
+                 or the topic's max.message.bytes, or set kafka.properties.\"message.max.bytes\" below \
+                 them so pgcdc refuses such records itself (and kafka.oversized applies)"
+            ),
+        }
+    }
 }
 
 impl ProducerError {
@@ -76,11 +131,13 @@ impl ProducerError {
     pub fn class(&self) -> ErrorClass {
         let code = match self {
             ProducerError::Kafka(e) => e.rdkafka_error_code(),
+            ProducerError::TooLarge(_) => return ErrorClass::Fatal(ExitCode::Upstream),
             _ => None,
         };
         match code {
             Some(
                 RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
                 | RDKafkaErrorCode::TopicAuthorizationFailed
                 | RDKafkaErrorCode::ClusterAuthorizationFailed

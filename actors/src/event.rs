@@ -68,7 +68,7 @@ pub struct TableRef {
 }
 
 /// Where and when a change was committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TxMeta {
     /// Transaction id.
     pub xid: u32,
@@ -106,6 +106,37 @@ pub struct ChangeEvent {
     pub snapshot: bool,
 }
 
+/// Bytes counted for a JSON value that is not a string, array or object
+/// (a number, a boolean, null): about its text length, enough for an estimate.
+const SCALAR_BYTES: usize = 8;
+
+impl ChangeEvent {
+    /// The approximate size of the event's row data (`before` and `after`):
+    /// the lengths of its texts, found without encoding anything.
+    pub fn row_bytes(&self) -> usize {
+        [&self.before, &self.after]
+            .into_iter()
+            .flatten()
+            .map(object_bytes)
+            .sum()
+    }
+}
+
+/// Approximate bytes of a JSON object's keys and values.
+fn object_bytes(object: &Map<String, Value>) -> usize {
+    object.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
+}
+
+/// Approximate bytes of one JSON value.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(value_bytes).sum(),
+        Value::Object(object) => object_bytes(object),
+        Value::Null | Value::Bool(_) | Value::Number(_) => SCALAR_BYTES,
+    }
+}
+
 /// Rows a snapshot copied, still in PostgreSQL's text format: published as
 /// `op=r` events and encoded straight from the text.
 pub struct CopiedRows {
@@ -121,4 +152,40 @@ pub struct CopiedRows {
     pub tx: TxMeta,
     /// Position of the first row, counting on per reader.
     pub first_seq: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn row_bytes_count_the_texts_of_the_row() {
+        let obj = |v: Value| v.as_object().cloned();
+        let event = ChangeEvent {
+            op: Op::Read,
+            table: Arc::new(TableRef {
+                schema: "public".into(),
+                name: "t".into(),
+                key_columns: vec!["id".into()],
+                key_source: Default::default(),
+                column_types: String::new(),
+            }),
+            key: obj(json!({"id": 1})),
+            before: None,
+            after: obj(json!({"id": 1, "body": "x".repeat(1000), "tags": ["ab", "cd"]})),
+            unchanged_toast: Vec::new(),
+            lsn: Lsn(1),
+            seq: 0,
+            tx: TxMeta {
+                xid: 1,
+                commit_lsn: Lsn(1),
+                commit_time_us: 0,
+            },
+            snapshot: true,
+        };
+        // "id" + 8, "body" + 1000, "tags" + 2 + 2
+        assert_eq!(event.row_bytes(), 2 + 8 + 4 + 1000 + 4 + 4);
+    }
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub es_items: IntCounterVec,
     /// Records parked on the dead-letter topic.
     pub dead_letters: IntCounter,
+    /// Bulk requests or items the search server refused or answered unreadably, by reason.
+    pub es_refusals: IntCounterVec,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -46,6 +48,11 @@ pub struct Metrics {
     pub heartbeats: IntCounter,
     /// Audit log records dropped (never data).
     pub audit_dropped: IntGauge,
+    /// Messages with pgcdc's prefixes whose signature did not verify.
+    pub forged_messages: IntCounter,
+    /// Configured tables whose changes are not captured (dropped, or not
+    /// published and not added back).
+    pub tables_uncaptured: IntGauge,
     /// Records beyond the ES sink group's committed offset, per topic and partition.
     pub es_sink_lag: IntGaugeVec,
     /// Partitions assigned to this ES sink.
@@ -202,6 +209,12 @@ impl Metrics {
                 "Elasticsearch bulk items by outcome",
                 &["outcome"],
             ),
+            es_refusals: counter_vec(
+                &r,
+                "es_bulk_refusals_total",
+                "Bulk requests split or items dead-lettered because of the server's answer",
+                &["reason"],
+            ),
             dead_letters: counter(
                 &r,
                 "dead_letters_total",
@@ -248,6 +261,16 @@ impl Metrics {
                 &r,
                 "audit_dropped_total",
                 "Audit log records dropped (data is never dropped)",
+            ),
+            forged_messages: counter(
+                &r,
+                "forged_messages_total",
+                "WAL messages with pgcdc's prefixes whose signature did not verify (ignored)",
+            ),
+            tables_uncaptured: gauge(
+                &r,
+                "tables_uncaptured",
+                "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
             ),
             es_sink_lag: gauge_vec(
                 &r,
@@ -332,16 +355,24 @@ impl Metrics {
     }
 
     /// Ready: confirmed progress within `window`, or caught up with a
-    /// keepalive within `window`.
+    /// keepalive within `window`; and every configured table is captured.
     pub fn ready(&self, window: Duration) -> bool {
         let Ok(p) = self.progress.lock() else {
             return false;
         };
-        recent(p.confirmed_at, window) || (recent(p.keepalive_at, window) && self.lag_bytes() == 0)
+        let moving = recent(p.confirmed_at, window)
+            || (recent(p.keepalive_at, window) && self.lag_bytes() == 0);
+        moving && self.tables_uncaptured.get() == 0
     }
 
     /// Whether the process is ready as `what` (see [`Readiness`]); if not, why.
     pub fn readiness(&self, window: Duration, what: Readiness) -> Result<(), String> {
+        let uncaptured = self.tables_uncaptured.get();
+        if what != Readiness::Sink && uncaptured > 0 {
+            return Err(format!(
+                "{uncaptured} configured table(s) not captured (dropped, or not in the publication; see the log)"
+            ));
+        }
         if what != Readiness::Sink && !self.ready(window) {
             return Err(format!(
                 "no confirmed progress in {}s and {} bytes behind",

@@ -17,6 +17,9 @@ pub struct AuditConfig {
     pub retention_days: u32,
     /// Most rows kept in `logs`; the oldest are deleted first.
     pub max_rows: u64,
+    /// Keep each dead letter's whole payload (row data) in `dead_letters`;
+    /// off: table, key, LSN and reason only (the dead-letter topic keeps the payload).
+    pub dead_letter_payloads: bool,
 }
 
 impl Default for AuditConfig {
@@ -26,6 +29,7 @@ impl Default for AuditConfig {
             level: "info".into(),
             retention_days: 14,
             max_rows: 1_000_000,
+            dead_letter_payloads: false,
         }
     }
 }

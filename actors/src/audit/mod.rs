@@ -248,7 +248,10 @@ impl LogActor {
                 })
             }
         }
-        let layer = AuditLayer::new(tx, drops.clone(), config.min_level());
+        let mut layer = AuditLayer::new(tx, drops.clone(), config.min_level());
+        if !config.dead_letter_payloads {
+            layer = layer.without_payloads();
+        }
         let handle = AuditHandle {
             control: control_tx,
             drops,
@@ -420,6 +423,7 @@ mod tests {
         let path = dir.path().join(FILE_NAME);
         let config = AuditConfig {
             level: "warn".into(),
+            dead_letter_payloads: true,
             ..Default::default()
         };
         let (layer, handle) = LogActor::start(&path, &config).unwrap();
@@ -478,6 +482,31 @@ mod tests {
         assert_eq!(d.lsn.as_deref(), Some("0/10"));
         assert_eq!(d.reason, "mapper_parsing_exception");
         assert_eq!(d.payload.as_deref(), Some(r#"{"after":{"id":1}}"#));
+        assert!(handle.shutdown(Duration::from_secs(10)));
+    }
+
+    #[tokio::test]
+    async fn by_default_dead_letters_keep_no_payload_and_the_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let (layer, handle) = LogActor::start(&path, &AuditConfig::default()).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer.filtered());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                target: "pgcdc::dead_letter",
+                table = "public.users",
+                reason = "bad",
+                payload = r#"{"after":{"card":"4111"}}"#,
+                "record dead-lettered"
+            );
+        });
+        assert!(handle.flush(Duration::from_secs(10)));
+        let mut conn = store::open_reader(&path).await.unwrap();
+        let dead = store::read_dead_letters(&mut conn, None, 10).await.unwrap();
+        assert_eq!((dead.len(), dead[0].payload.as_deref()), (1, None));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         assert!(handle.shutdown(Duration::from_secs(10)));
     }
 

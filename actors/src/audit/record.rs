@@ -208,6 +208,8 @@ pub struct AuditLayer {
     tx: mpsc::Sender<Entry>,
     drops: Drops,
     min_level: Level,
+    /// Keep dead letters' payloads (row data) in the database.
+    payloads: bool,
 }
 
 impl AuditLayer {
@@ -216,7 +218,14 @@ impl AuditLayer {
             tx,
             drops,
             min_level,
+            payloads: true,
         }
+    }
+
+    /// Leave dead letters' payloads out (`audit.dead_letter_payloads = false`).
+    pub(super) fn without_payloads(mut self) -> Self {
+        self.payloads = false;
+        self
     }
 
     /// Which events this layer takes: `min_level` and above, dead letters
@@ -261,11 +270,11 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
             self.drops.add(1);
             return;
         }
-        if self
-            .tx
-            .try_send(Entry::from_event(event, now_ms()))
-            .is_err()
-        {
+        let mut entry = Entry::from_event(event, now_ms());
+        if let (Entry::DeadLetter(d), false) = (&mut entry, self.payloads) {
+            d.payload = None;
+        }
+        if self.tx.try_send(entry).is_err() {
             self.drops.add(1);
         }
     }

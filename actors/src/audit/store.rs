@@ -41,8 +41,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_time ON dead_letters (time);
 ";
 
-/// Open (creating if missing) the database for writing: WAL journal, synchronous=FULL.
+/// Open (creating if missing) the database for writing: WAL journal,
+/// synchronous=FULL. The file is readable by its owner only (it holds
+/// messages about the data, and dead letters); SQLite gives its `-wal` and
+/// `-shm` files the same mode.
 pub async fn open_writer(path: &Path) -> Result<SqliteConnection, sqlx::Error> {
+    private_file(path)?;
     let mut conn = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -54,6 +58,17 @@ pub async fn open_writer(path: &Path) -> Result<SqliteConnection, sqlx::Error> {
         .await?;
     sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
     Ok(conn)
+}
+
+/// Create `path` empty with mode 0600 if missing; make it 0600 if not.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// Open the database read-only; works while a daemon writes to it (WAL).

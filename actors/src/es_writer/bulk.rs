@@ -5,6 +5,8 @@ use serde_json::error::Category;
 use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
+use super::naming::doc_id;
+use super::truncate::Position;
 use crate::wire::Envelope;
 
 /// One `_bulk` action (its metadata line and optional source line).
@@ -18,6 +20,14 @@ pub struct Action {
     pub doc: Option<String>,
     /// Which record of the batch it came from.
     pub origin: usize,
+    /// The document id.
+    pub id: String,
+    /// The change's position (commit LSN, seq): truncate floors compare it.
+    pub at: Position,
+    /// The history index (one document per change), not a mirror.
+    pub history: bool,
+    /// Unchanged TOAST columns to take from the stored document before sending.
+    pub merge: Option<Box<Merge>>,
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
@@ -33,6 +43,38 @@ impl Action {
     pub fn is_empty(&self) -> bool {
         false
     }
+
+    /// Whether it deletes its document.
+    pub fn is_delete(&self) -> bool {
+        self.doc.is_none()
+    }
+
+    /// The document it writes, if any, as JSON.
+    pub fn source(&self) -> Option<Map<String, Value>> {
+        match &self.merge {
+            Some(m) => Some(m.doc.clone()),
+            None => self
+                .doc
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok()),
+        }
+    }
+
+    /// A delete of document `id` in `index`, applied only while the
+    /// document is at version `at.0` or older.
+    pub fn versioned_delete(index: &str, id: &str, at: Position, origin: usize) -> Action {
+        let meta = versioned_meta("delete", index, id, at.0);
+        action(index, id, at, origin, meta, None)
+    }
+}
+
+/// A row without its unchanged TOAST columns ([`merge`](super::merge)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    /// The columns to take from the stored document.
+    pub columns: Vec<String>,
+    /// The document as the change has it (with `_cdc`).
+    pub doc: Map<String, Value>,
 }
 
 /// What one Kafka record asks of Elasticsearch.
@@ -42,29 +84,20 @@ pub enum Planned {
     Skip,
     /// Index, update or delete documents.
     Actions(Vec<Action>),
-    /// Empty a table's mirror index of everything older than `below_lsn`.
+    /// Empty a table's mirror index of everything older than the truncate.
     Truncate {
         /// The mirror index.
         index: String,
-        /// Commit LSN of the truncate.
-        below_lsn: u64,
+        /// The truncate's position (commit LSN, seq).
+        at: Position,
     },
     /// The record cannot be indexed; why.
     Poison(String),
 }
 
-/// The mirror index of `schema.table`.
+/// The mirror index of `schema.table` ([`naming`](super::naming)).
 pub fn mirror_index(cfg: &EsConfig, schema: &str, table: &str) -> String {
-    format!("{}{}_{}", cfg.index_prefix, schema, table).to_lowercase()
-}
-
-/// The document id of a key: the value of a one-column key, else a JSON array of the values.
-pub fn doc_id(key: &Map<String, Value>) -> String {
-    match key.values().collect::<Vec<_>>().as_slice() {
-        [Value::String(s)] => s.clone(),
-        [v] => v.to_string(),
-        values => Value::Array(values.iter().map(|v| (*v).clone()).collect()).to_string(),
-    }
+    super::naming::mirror_index(&cfg.index_prefix, schema, table)
 }
 
 /// Status of a delete of a document that is not there: the goal is reached.
@@ -73,7 +106,7 @@ const NOT_FOUND: u64 = 404;
 const CONFLICT: u64 = 409;
 /// Status of an item the cluster is too busy for: retry.
 const TOO_MANY_REQUESTS: u64 = 429;
-/// An item without a status: treated as a transient failure and retried.
+/// An item without a status: retried a few times, then dead-lettered.
 const NO_STATUS: u64 = 0;
 /// Text fields also get a `keyword` sub-field for exact matches up to this length
 /// (Elasticsearch's own dynamic-mapping default).
@@ -110,7 +143,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
     if env.op == "t" {
         return Planned::Truncate {
             index,
-            below_lsn: lsn,
+            at: (lsn, src.seq),
         };
     }
     let key: Option<Map<String, Value>> = key.and_then(|k| serde_json::from_slice(k).ok());
@@ -133,38 +166,58 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
 /// versioned index, or (unchanged TOAST columns) a merge; `None` when the op
 /// needs an after image and has none, or is unknown.
 fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> Option<Action> {
-    let lsn = env.source.commit_lsn;
-    let meta = |action: &str, versioned: bool| {
-        let mut m = json!({"_index": index, "_id": id});
-        if versioned {
-            m["version"] = json!(lsn);
-            m["version_type"] = json!("external_gte");
-        }
-        json!({ action: m }).to_string()
-    };
+    let (lsn, seq) = (env.source.commit_lsn, env.source.seq);
     let (meta, doc) = match (&*env.op, &env.after) {
-        ("d", _) => (meta("delete", true), None),
+        ("d", _) => (versioned_meta("delete", index, id, lsn), None),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
-            let cdc = json!({"op": env.op, "lsn": lsn, "ts_ms": env.source.ts_ms});
+            let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms});
             doc.insert("_cdc".into(), cdc);
-            if env.unchanged_toast.is_empty() {
-                (meta("index", true), Some(Value::Object(doc).to_string()))
-            } else {
-                // Unchanged TOAST columns were not sent: merge instead of replacing the document.
-                let merge = json!({"doc": doc, "doc_as_upsert": true}).to_string();
-                (meta("update", false), Some(merge))
-            }
+            let meta = versioned_meta("index", index, id, lsn);
+            let text = Value::Object(doc.clone()).to_string();
+            // Unchanged TOAST columns were not sent: they are taken from the
+            // stored document before the (still versioned) write.
+            let merge = (!env.unchanged_toast.is_empty()).then(|| {
+                let columns = env.unchanged_toast.to_vec();
+                Box::new(Merge { columns, doc })
+            });
+            return Some(Action {
+                merge,
+                ..action(index, id, (lsn, seq), origin, meta, Some(text))
+            });
         }
         _ => return None,
     };
-    Some(Action {
+    Some(action(index, id, (lsn, seq), origin, meta, doc))
+}
+
+/// A mirror action.
+fn action(
+    index: &str,
+    id: &str,
+    at: Position,
+    origin: usize,
+    meta: String,
+    doc: Option<String>,
+) -> Action {
+    Action {
         index: index.to_owned(),
         meta,
         doc,
         origin,
+        id: id.to_owned(),
+        at,
+        history: false,
+        merge: None,
         lane: lane_of(index, id),
-    })
+    }
+}
+
+/// The metadata line of `action` on one document, versioned by commit LSN
+/// (`external_gte`: the changes of one transaction share a version).
+fn versioned_meta(action: &str, index: &str, id: &str, lsn: u64) -> String {
+    let meta = json!({"_index": index, "_id": id, "version": lsn, "version_type": "external_gte"});
+    json!({ action: meta }).to_string()
 }
 
 /// The history index entry of a change: the whole envelope with `@timestamp`
@@ -190,6 +243,10 @@ fn history_action(
         meta,
         doc: Some(Value::Object(doc).to_string()),
         origin,
+        id: hid,
+        at: (env.source.commit_lsn, env.source.seq),
+        merge: None,
+        history: true,
         lane,
     }
 }
@@ -225,6 +282,8 @@ pub enum Outcome {
     Conflict,
     /// 429 or 5xx: try again.
     Retry(String),
+    /// No status: try again a few times, then dead-letter.
+    Unanswered,
     /// Refused for good (mapping, parse errors): dead-letter it.
     Reject(String),
 }
@@ -253,11 +312,21 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
                 200..=299 => Outcome::Done,
                 NOT_FOUND if action == "delete" => Outcome::Done,
                 CONFLICT => Outcome::Conflict,
-                TOO_MANY_REQUESTS | 500..=599 | NO_STATUS => Outcome::Retry(reason()),
+                NO_STATUS => Outcome::Unanswered,
+                TOO_MANY_REQUESTS | 500..=599 => Outcome::Retry(reason()),
                 _ => Outcome::Reject(reason()),
             }
         })
         .collect())
+}
+
+/// Settings and mappings of the truncate floors index.
+pub fn floors_index_body(cfg: &EsConfig) -> Value {
+    json!({
+        "settings": {"index": {"number_of_shards": 1, "number_of_replicas": cfg.number_of_replicas}},
+        "mappings": {"properties": {
+            "index": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}}}
+    })
 }
 
 /// Index settings and mappings from the table's column types (`pgcdc.types` header).
@@ -280,9 +349,10 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         .collect();
     props.insert(
         "_cdc".into(),
-        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "ts_ms": {"type": "date"}}}),
+        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}}}),
     );
-    json!({"settings": settings, "mappings": {"properties": props}})
+    let meta = json!({"created_by": super::mapping::CREATED_BY});
+    json!({"settings": settings, "mappings": {"_meta": meta, "properties": props}})
 }
 
 /// The mapping of one PostgreSQL type (array types map like their element).
@@ -318,7 +388,7 @@ mod tests {
 
     fn envelope(op: &str, after: Value) -> Vec<u8> {
         json!({"before": null, "after": after, "op": op, "ts_ms": 1,
-               "source": {"schema": "public", "table": "Users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
+               "source": {"schema": "public", "table": "users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
         .to_string()
         .into_bytes()
     }
@@ -352,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             l[0].1,
-            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "ts_ms": 9}}))
+            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9}}))
         );
     }
 
@@ -384,8 +454,16 @@ mod tests {
             Some(env.to_string().as_bytes()),
             0,
         ));
-        assert!(l[0].0.get("update").is_some());
-        assert_eq!(l[0].1.as_ref().unwrap()["doc_as_upsert"], json!(true));
+        assert_eq!(l[0].0["index"]["version"], json!(500), "versioned");
+        let Planned::Actions(a) = plan(
+            &cfg(false),
+            Some(br#"{"id":1}"#),
+            Some(env.to_string().as_bytes()),
+            0,
+        ) else {
+            panic!("no actions");
+        };
+        assert_eq!(a[0].merge.as_ref().unwrap().columns, ["blob"]);
     }
 
     #[test]
@@ -396,7 +474,7 @@ mod tests {
             t,
             Planned::Truncate {
                 index: "cdc_public_users".into(),
-                below_lsn: 500
+                at: (500, 2)
             }
         );
         assert!(matches!(
@@ -451,6 +529,10 @@ mod tests {
             meta: "{\"delete\":{}}".into(),
             doc: None,
             origin: 0,
+            id: String::new(),
+            at: (0, 0),
+            history: false,
+            merge: None,
             lane: 0,
         };
         let b = Action {
@@ -458,6 +540,10 @@ mod tests {
             meta: "{\"index\":{}}".into(),
             doc: Some("{}".into()),
             origin: 1,
+            id: String::new(),
+            at: (0, 0),
+            history: false,
+            merge: None,
             lane: 0,
         };
         assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");

@@ -1,18 +1,24 @@
 //! The Elasticsearch/OpenSearch REST client: auth, TLS, bulk, index creation.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
+use super::merge::{DocRef, Stored};
+use super::naming::path_segment;
+use super::truncate::{below_query, floor_doc, floors_of, Position};
 use super::EsError;
 
 /// Characters of an error response body kept in the error: enough for
 /// Elasticsearch's reason, short enough for one log line.
 const ERROR_BODY_CHARS: usize = 500;
-/// Status of a delete-by-query on an index that does not exist yet: nothing to delete.
+/// Status of a request on an index that does not exist yet: nothing there.
 const NOT_FOUND: u16 = 404;
+/// Status of a versioned write at or below the stored version.
+const CONFLICT: u16 = 409;
 
 /// A configured HTTP client for one cluster.
 #[derive(Clone)]
@@ -21,6 +27,12 @@ pub struct EsClient {
     base: String,
     username: Option<String>,
     password: String,
+}
+
+/// `url` without credentials (validation refuses them; this keeps a log
+/// line safe regardless).
+fn base_url(url: &str) -> &str {
+    url.rsplit('@').next().unwrap_or_default()
 }
 
 impl EsClient {
@@ -45,6 +57,13 @@ impl EsClient {
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| EsError::Config(format!("elasticsearch.ca_file: {e}")))?;
             builder = builder.add_root_certificate(cert);
+        }
+        if cfg.danger_accept_invalid_certs {
+            tracing::warn!(
+                url = %base_url(&cfg.url),
+                "elasticsearch.danger_accept_invalid_certs is on: the server certificate is NOT verified; anyone on the network path can read and change what pgcdc sends"
+            );
+            builder = builder.danger_accept_invalid_certs(true);
         }
         let http = builder
             .build()
@@ -74,31 +93,41 @@ impl EsClient {
             .send()
             .await?;
         let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let start = || {
+            String::from_utf8_lossy(&bytes)
+                .chars()
+                .take(ERROR_BODY_CHARS)
+                .collect::<String>()
+        };
         if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
             return Err(EsError::Status {
                 status: status.as_u16(),
-                body: text.chars().take(ERROR_BODY_CHARS).collect(),
+                body: start(),
             });
         }
-        Ok(resp.json().await?)
+        serde_json::from_slice(&bytes).map_err(|e| EsError::Unreadable {
+            status: status.as_u16(),
+            body: format!("{e}: {}", start()),
+        })
     }
 
     /// Create `index` with `body` unless it exists.
-    pub async fn ensure_index(&self, index: &str, body: &Value) -> Result<(), EsError> {
+    /// Whether it was created (`false`: it existed).
+    pub async fn ensure_index(&self, index: &str, body: &Value) -> Result<bool, EsError> {
         let resp = self
-            .request(reqwest::Method::PUT, index)
+            .request(reqwest::Method::PUT, &path_segment(index))
             .json(body)
             .send()
             .await?;
         let status = resp.status();
         if status.is_success() {
             tracing::info!(index, "created index");
-            return Ok(());
+            return Ok(true);
         }
         let text = resp.text().await.unwrap_or_default();
         if text.contains("resource_already_exists_exception") {
-            return Ok(());
+            return Ok(false);
         }
         Err(EsError::Status {
             status: status.as_u16(),
@@ -106,23 +135,120 @@ impl EsClient {
         })
     }
 
-    /// Delete every document of `index` whose `_cdc.lsn` is below `lsn` (TRUNCATE).
-    pub async fn delete_older_than(&self, index: &str, lsn: u64) -> Result<(), EsError> {
-        let query = json!({"query": {"range": {"_cdc.lsn": {"lt": lsn}}}});
-        let path = format!("{index}/_delete_by_query?refresh=true&conflicts=proceed");
-        let resp = self
-            .request(reqwest::Method::POST, &path)
-            .json(&query)
-            .send()
+    /// Delete every document of `index` below the truncate at `at`, after a
+    /// refresh, so every write made so far is seen.
+    pub async fn delete_below(&self, index: &str, at: Position) -> Result<(), EsError> {
+        let index = path_segment(index);
+        self.call(reqwest::Method::POST, &format!("{index}/_refresh"), None)
             .await?;
+        let path = format!("{index}/_delete_by_query?refresh=true&conflicts=proceed");
+        self.call(reqwest::Method::POST, &path, Some(&below_query(at)))
+            .await?;
+        Ok(())
+    }
+
+    /// Store the truncate floor of `mirror` (a lower one than stored is ignored).
+    pub async fn put_floor(&self, floors: &str, mirror: &str, at: Position) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?version={}&version_type=external&refresh=true",
+            path_segment(floors),
+            path_segment(mirror),
+            at.0
+        );
+        match self
+            .call(reqwest::Method::PUT, &path, Some(&floor_doc(mirror, at)))
+            .await
+        {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// The stored truncate floors of `mirrors`.
+    pub async fn floors(
+        &self,
+        floors: &str,
+        mirrors: &[&str],
+    ) -> Result<Vec<(String, Position)>, EsError> {
+        let body = json!({ "ids": mirrors });
+        let path = format!("{}/_mget", path_segment(floors));
+        let resp = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        Ok(resp.map(|r| floors_of(&r)).unwrap_or_default())
+    }
+
+    /// `GET <index>/<what>` (`_settings`, `_mapping`); `null` if the index is gone.
+    pub async fn index_info(&self, index: &str, what: &str) -> Result<Value, EsError> {
+        let path = format!("{}/{what}", path_segment(index));
+        let info = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(info.unwrap_or(Value::Null))
+    }
+
+    /// Add `properties` to `index`'s mapping.
+    pub async fn put_mapping(
+        &self,
+        index: &str,
+        properties: &Map<String, Value>,
+    ) -> Result<(), EsError> {
+        let path = format!("{}/_mapping", path_segment(index));
+        let body = json!({ "properties": properties });
+        self.call(reqwest::Method::PUT, &path, Some(&body)).await?;
+        Ok(())
+    }
+
+    /// The stored version and source of each of `docs` that exists.
+    pub async fn documents(&self, docs: &[DocRef]) -> Result<HashMap<DocRef, Stored>, EsError> {
+        let wanted: Vec<Value> = docs
+            .iter()
+            .map(|(index, id)| json!({"_index": index, "_id": id}))
+            .collect();
+        let body = json!({ "docs": wanted });
+        let resp = self
+            .call(reqwest::Method::POST, "_mget", Some(&body))
+            .await?;
+        let found = resp
+            .as_ref()
+            .and_then(|r| r["docs"].as_array())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        Ok(found
+            .iter()
+            .filter(|d| d["found"].as_bool() == Some(true))
+            .filter_map(|d| {
+                let key = (
+                    d["_index"].as_str()?.to_owned(),
+                    d["_id"].as_str()?.to_owned(),
+                );
+                let source = d["_source"].as_object()?.clone();
+                Some((key, (d["_version"].as_u64()?, source)))
+            })
+            .collect())
+    }
+
+    /// Send a request; its JSON answer (`None` for 404), or the refusal.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, EsError> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await?;
         let status = resp.status();
-        if status.is_success() || status.as_u16() == NOT_FOUND {
-            return Ok(());
+        if status.as_u16() == NOT_FOUND {
+            return Ok(None);
         }
         let text = resp.text().await.unwrap_or_default();
-        Err(EsError::Status {
-            status: status.as_u16(),
-            body: text.chars().take(ERROR_BODY_CHARS).collect(),
-        })
+        if !status.is_success() {
+            return Err(EsError::Status {
+                status: status.as_u16(),
+                body: text.chars().take(ERROR_BODY_CHARS).collect(),
+            });
+        }
+        Ok(Some(serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 }

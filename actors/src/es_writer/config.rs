@@ -43,6 +43,13 @@ pub struct EsConfig {
     pub api_key: Secret,
     /// PEM file of the CA that signed the server's certificate.
     pub ca_file: Option<PathBuf>,
+    /// Send `username`/`password` or `api_key` over plain `http://` (a
+    /// trusted private network only); otherwise credentials need `https://`.
+    pub allow_credentials_over_http: bool,
+    /// Accept any server certificate (self-signed development setups only):
+    /// anyone on the network path can then read and change what pgcdc sends.
+    /// Logged at WARN whenever a client is built.
+    pub danger_accept_invalid_certs: bool,
     /// Mirror index name prefix: `<index_prefix><schema>_<table>`.
     pub index_prefix: String,
     /// Also keep a history index (`<mirror>_history`, one document per change).
@@ -91,6 +98,8 @@ impl Default for EsConfig {
             password: Secret::default(),
             api_key: Secret::default(),
             ca_file: None,
+            allow_credentials_over_http: false,
+            danger_accept_invalid_certs: false,
             index_prefix: "cdc_".into(),
             history: false,
             gc_deletes: "30d".into(),
@@ -113,12 +122,7 @@ impl Default for EsConfig {
 impl EsConfig {
     /// Every invalid field, by path.
     pub fn validate(&self, errors: &mut Vec<ConfigError>) {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            errors.push(ConfigError::new(
-                "elasticsearch.url",
-                format!("{:?} must start with http:// or https://", self.url),
-            ));
-        }
+        self.validate_transport(errors);
         if self.username.is_some() && !self.api_key.expose().is_empty() {
             errors.push(ConfigError::new(
                 "elasticsearch.api_key",
@@ -176,6 +180,42 @@ impl EsConfig {
     }
 }
 
+impl EsConfig {
+    /// Whether basic-auth or API-key credentials are configured.
+    fn has_credentials(&self) -> bool {
+        self.username.is_some() || !self.api_key.expose().is_empty()
+    }
+
+    /// The URL's scheme, credentials in the URL, credentials over plain HTTP.
+    /// The URL is shown only without what precedes an `@`.
+    fn validate_transport(&self, errors: &mut Vec<ConfigError>) {
+        let key = "elasticsearch.url";
+        let shown = self.url.rsplit('@').next().unwrap_or_default();
+        let Ok(url) = reqwest::Url::parse(&self.url) else {
+            errors.push(ConfigError::new(key, format!("{shown:?} is not a URL")));
+            return;
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            errors.push(ConfigError::new(
+                key,
+                format!("{shown:?} must start with http:// or https://"),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            errors.push(ConfigError::new(
+                key,
+                "holds credentials (user:password@): set elasticsearch.username and elasticsearch.password (or api_key) instead",
+            ));
+        }
+        if url.scheme() == "http" && self.has_credentials() && !self.allow_credentials_over_http {
+            errors.push(ConfigError::new(
+                key,
+                "credentials would be sent unencrypted over http://: use https://, or set elasticsearch.allow_credentials_over_http = true on a trusted network",
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +246,57 @@ mod tests {
                 "elasticsearch.stall_timeout_secs"
             ]
         );
+    }
+
+    #[test]
+    fn credentials_need_https_and_never_ride_in_the_url() {
+        let with_user = EsConfig {
+            username: Some("pgcdc".into()),
+            password: Secret::new("hunter2"),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        with_user.validate(&mut errors);
+        assert!(
+            errors[0].to_string().contains("unencrypted over http://"),
+            "{errors:?}"
+        );
+        let api_key = EsConfig {
+            api_key: Secret::new("k"),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        api_key.validate(&mut errors);
+        assert_eq!(crate::error_keys(&errors), ["elasticsearch.url"]);
+        for ok in [
+            EsConfig {
+                allow_credentials_over_http: true,
+                ..with_user.clone()
+            },
+            EsConfig {
+                url: "https://es:9200".into(),
+                ..with_user.clone()
+            },
+        ] {
+            let mut errors = Vec::new();
+            ok.validate(&mut errors);
+            assert!(errors.is_empty(), "{errors:?}");
+        }
+        let in_url = EsConfig {
+            url: "https://elastic:s3cr3t@es:9200".into(),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        in_url.validate(&mut errors);
+        let text = format!("{errors:?} {}", errors[0]);
+        assert!(text.contains("set elasticsearch.username"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        let bad = EsConfig {
+            url: "ftp://elastic:s3cr3t@es".into(),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        bad.validate(&mut errors);
+        assert!(!format!("{errors:?}").contains("s3cr3t"), "{errors:?}");
     }
 }

@@ -12,21 +12,22 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::bulk::{index_body, outcomes, plan, render, Action, Outcome, Planned};
+use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
 use super::group::{Prober, SinkConsumer};
+use super::mapping;
+use super::merge;
 use super::remedy::Membership;
-use super::retry::{backoff, with_retry};
+use super::retry::with_retry;
+use super::send::Sender;
 use super::stall::StallWatch;
+use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::KafkaConfig;
 use crate::lsn::Lsn;
-
-/// The status a `_bulk` response with unreadable items is reported under (the request itself succeeded).
-const OK: u16 = 200;
 
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
@@ -52,10 +53,18 @@ pub(super) struct Clients {
     pub(super) probed_at: Instant,
     /// Probes failed in a row.
     pub(super) probe_failures: u32,
+    /// The offset after the last record written, per partition: where the
+    /// sink stands even when its commit has not landed (or is refused).
+    pub(super) positions: HashMap<(String, i32), i64>,
     dlq: DeadLetters,
     es: EsClient,
     /// Indices known to exist.
     indices: HashSet<String>,
+    /// Truncate floors known, by mirror index.
+    floors: Floors,
+    /// The mapped fields of each mirror index, and the last `pgcdc.types`
+    /// header checked against them.
+    mapped: HashMap<String, (HashSet<String>, String)>,
 }
 
 impl Sink {
@@ -96,9 +105,12 @@ impl Sink {
             membership: Membership::Group,
             probed_at: Instant::now(),
             probe_failures: 0,
+            positions: HashMap::new(),
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
+            floors: Floors::default(),
+            mapped: HashMap::new(),
         })
     }
 
@@ -132,6 +144,7 @@ impl Sink {
         let now = Instant::now();
         for ((topic, partition), offset) in next_offsets(batch) {
             c.watch.committed(topic, partition, offset, now);
+            c.positions.insert((topic.to_owned(), partition), offset);
         }
         let mut applied: HashMap<String, Lsn> = HashMap::new();
         for msg in batch {
@@ -148,22 +161,31 @@ impl Sink {
         m.sink_wrote();
     }
 
-    /// Write a batch: records in order, truncates as barriers, poison to the dead-letter topic.
+    /// Write a batch: records in order, truncates as barriers (see
+    /// [`truncate`](super::truncate)), poison to the dead-letter topic.
     async fn write_batch(&self, c: &mut Clients, batch: &[OwnedMessage]) -> Result<(), EsError> {
         let mut pending = Vec::new();
+        let mut written = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             match plan(&self.es, msg.key(), msg.payload(), i) {
                 Planned::Skip => {}
                 Planned::Actions(actions) => {
-                    for a in &actions {
-                        self.ensure_index(c, &a.index, msg).await?;
+                    for a in actions {
+                        self.ensure_index(c, &a, msg).await?;
+                        if !a.history && c.floors.below(&a.index, a.at) {
+                            crate::metrics::metrics()
+                                .es_items
+                                .with_label_values(&["superseded"])
+                                .inc();
+                            continue;
+                        }
+                        written.extend(Written::of(&a));
+                        pending.push(a);
                     }
-                    pending.extend(actions);
                 }
-                Planned::Truncate { index, below_lsn } => {
+                Planned::Truncate { index, at } => {
                     self.flush(c, std::mem::take(&mut pending), batch).await?;
-                    with_retry(&self.es, || c.es.delete_older_than(&index, below_lsn)).await?;
-                    tracing::info!(index, lsn = below_lsn, "truncate applied");
+                    self.truncate(c, &index, at).await?;
                 }
                 Planned::Poison(reason) => {
                     crate::metrics::metrics().dead_letters.inc();
@@ -171,34 +193,115 @@ impl Sink {
                 }
             }
         }
-        self.flush(c, pending, batch).await
+        self.flush(c, pending, batch).await?;
+        self.sweep(c, &written, batch).await
     }
 
-    /// Create `index` (mapped from the record's column types) unless known.
-    async fn ensure_index(
-        &self,
-        c: &mut Clients,
-        index: &str,
-        msg: &OwnedMessage,
-    ) -> Result<(), EsError> {
-        if c.indices.contains(index) {
-            return Ok(());
+    /// Store the truncate's floor, then delete what is below it.
+    async fn truncate(&self, c: &mut Clients, index: &str, at: Position) -> Result<(), EsError> {
+        let floors = floors_index(&self.es.index_prefix);
+        if !c.indices.contains(&floors) {
+            let body = floors_index_body(&self.es);
+            with_retry(&self.es, || c.es.ensure_index(&floors, &body)).await?;
+            c.indices.insert(floors.clone());
         }
-        let types = header(msg, crate::wire::header::TYPES);
-        let body = index_body(&self.es, types.as_deref(), index.ends_with("_history"));
-        with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
-        c.indices.insert(index.to_owned());
+        with_retry(&self.es, || c.es.put_floor(&floors, index, at)).await?;
+        c.floors.learn(index, at);
+        with_retry(&self.es, || c.es.delete_below(index, at)).await?;
+        tracing::info!(index, lsn = at.0, seq = at.1, "truncate applied");
         Ok(())
     }
 
+    /// Read the floors of the indices this batch wrote; where one rose
+    /// meanwhile, delete what the batch left below it.
+    async fn sweep(
+        &self,
+        c: &mut Clients,
+        written: &[Written],
+        batch: &[OwnedMessage],
+    ) -> Result<(), EsError> {
+        let mut touched: Vec<&str> = written.iter().map(Written::index).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let floors = floors_index(&self.es.index_prefix);
+        let stored = with_retry(&self.es, || c.es.floors(&floors, &touched)).await?;
+        let rose: Vec<String> = stored
+            .into_iter()
+            .filter_map(|(index, at)| c.floors.learn(&index, at).then_some(index))
+            .collect();
+        let deletes = truncate::sweep(written, &c.floors, &rose);
+        if !deletes.is_empty() {
+            tracing::info!(indices = ?rose, documents = deletes.len(), "a truncate from another sink or partition: deleting what this batch wrote below it");
+            self.flush(c, deletes, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Create the action's index (mapped from the record's column types)
+    /// unless known, check it if it existed, and map the record's columns
+    /// the index lacks ([`mapping`](super::mapping)).
+    async fn ensure_index(
+        &self,
+        c: &mut Clients,
+        action: &Action,
+        msg: &OwnedMessage,
+    ) -> Result<(), EsError> {
+        let index = action.index.as_str();
+        let types = header(msg, crate::wire::header::TYPES);
+        if !c.indices.contains(index) {
+            let body = index_body(&self.es, types.as_deref(), action.history);
+            let created = with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
+            if !action.history {
+                let mapped = match created {
+                    true => mapping::properties(&body["mappings"]),
+                    false => self.check_existing(c, index).await?,
+                };
+                c.mapped.insert(index.to_owned(), (mapped, String::new()));
+                let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
+                for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
+                    c.floors.learn(&i, at);
+                }
+            }
+            c.indices.insert(index.to_owned());
+        }
+        let Some((types, (mapped, seen))) = types.zip(c.mapped.get_mut(index)) else {
+            return Ok(());
+        };
+        if *seen == types {
+            return Ok(()); // the same columns as the index's last record
+        }
+        let new = mapping::new_columns(&types, mapped);
+        if !new.is_empty() {
+            with_retry(&self.es, || c.es.put_mapping(index, &new)).await?;
+            tracing::info!(index, columns = ?new.keys().collect::<Vec<_>>(), "mapped new columns");
+            mapped.extend(new.into_iter().map(|(column, _)| column));
+        }
+        *seen = types;
+        Ok(())
+    }
+
+    /// The mapped columns of a mirror index that existed; refused if a
+    /// replay into it would be unsafe.
+    async fn check_existing(&self, c: &Clients, index: &str) -> Result<HashSet<String>, EsError> {
+        let settings = with_retry(&self.es, || c.es.index_info(index, "_settings")).await?;
+        let mappings = with_retry(&self.es, || c.es.index_info(index, "_mapping")).await?;
+        mapping::check_existing(index, &settings, &mappings, &self.es.gc_deletes)
+            .map_err(EsError::Config)
+    }
+
     /// Send actions in `max_in_flight` concurrent lanes (by document), each until
-    /// every action is done, superseded, or dead-lettered.
+    /// every action is done, superseded, or dead-lettered; unchanged TOAST
+    /// columns are merged in first.
     async fn flush(
         &self,
         c: &Clients,
-        pending: Vec<Action>,
+        mut pending: Vec<Action>,
         batch: &[OwnedMessage],
     ) -> Result<(), EsError> {
+        self.merge(c, &mut pending).await?;
         let lanes = self.es.max_in_flight.max(1);
         if lanes == 1 || pending.len() < 2 * lanes {
             return self.flush_lane(c, pending, batch).await;
@@ -213,55 +316,41 @@ impl Sink {
         results.into_iter().collect()
     }
 
+    /// Fill the unchanged TOAST columns of `pending`'s merges ([`merge`](super::merge)).
+    async fn merge(&self, c: &Clients, pending: &mut Vec<Action>) -> Result<(), EsError> {
+        if pending.iter().all(|a| a.merge.is_none()) {
+            return Ok(());
+        }
+        let fetch = merge::to_fetch(pending);
+        let stored = match fetch.is_empty() {
+            true => Default::default(),
+            false => with_retry(&self.es, || c.es.documents(&fetch)).await?,
+        };
+        let r = merge::resolve(pending, &stored);
+        let m = crate::metrics::metrics();
+        m.es_items
+            .with_label_values(&["superseded"])
+            .inc_by(r.superseded as u64);
+        if r.unknown > 0 {
+            tracing::warn!(documents = r.unknown, "updates with unchanged TOAST columns for documents not in the mirror: written without those columns (REPLICA IDENTITY FULL sends them)");
+        }
+        Ok(())
+    }
+
     /// Send one lane's actions, in order, until each is handled.
     async fn flush_lane(
         &self,
         c: &Clients,
-        mut pending: Vec<Action>,
+        pending: Vec<Action>,
         batch: &[OwnedMessage],
     ) -> Result<(), EsError> {
-        let mut attempt = 0u32;
-        while !pending.is_empty() {
-            let resp = with_retry(&self.es, || c.es.bulk(render(&pending))).await?;
-            let results = outcomes(&resp, pending.len()).map_err(|e| EsError::Status {
-                status: OK,
-                body: e,
-            })?;
-            let mut retry = Vec::new();
-            let mut counts: HashMap<&str, usize> = HashMap::new();
-            for (action, outcome) in pending.into_iter().zip(results) {
-                match outcome {
-                    Outcome::Done => *counts.entry("done").or_default() += 1,
-                    Outcome::Conflict => *counts.entry("superseded").or_default() += 1,
-                    Outcome::Retry(_) => retry.push(action),
-                    Outcome::Reject(reason) => {
-                        *counts.entry("dead_lettered").or_default() += 1;
-                        c.dlq.send(&batch[action.origin], &reason).await?;
-                    }
-                }
-            }
-            tracing::debug!(?counts, retry = retry.len(), "bulk written");
-            let m = crate::metrics::metrics();
-            for (outcome, n) in &counts {
-                m.es_items.with_label_values(&[outcome]).inc_by(*n as u64);
-            }
-            m.es_items
-                .with_label_values(&["retried"])
-                .inc_by(retry.len() as u64);
-            m.dead_letters
-                .inc_by(counts.get("dead_lettered").copied().unwrap_or(0) as u64);
-            if !retry.is_empty() {
-                attempt += 1;
-                tracing::warn!(
-                    items = retry.len(),
-                    attempt,
-                    "bulk items rejected with 429/5xx; retrying"
-                );
-                tokio::time::sleep(backoff(&self.es, attempt)).await;
-            }
-            pending = retry;
-        }
-        Ok(())
+        let sender = Sender {
+            es: &self.es,
+            client: &c.es,
+            dlq: &c.dlq,
+            batch,
+        };
+        sender.send(pending).await
     }
 }
 

@@ -23,6 +23,14 @@ pub enum EsError {
     /// HTTP transport failure (connection refused, reset, timeout).
     #[error("elasticsearch request: {0}")]
     Http(#[from] reqwest::Error),
+    /// The server answered with a body that is not what the request returns.
+    #[error("elasticsearch answered {status} with an unreadable body: {body}")]
+    Unreadable {
+        /// HTTP status.
+        status: u16,
+        /// Why it is unreadable, and the start of the body.
+        body: String,
+    },
     /// A whole request was refused.
     #[error("elasticsearch answered {status}: {body}")]
     Status {
@@ -38,18 +46,26 @@ impl EsError {
     pub fn class(&self) -> ErrorClass {
         match self {
             EsError::Config(_) => ErrorClass::Fatal(ExitCode::Config),
+            e if e.is_auth() => ErrorClass::Fatal(ExitCode::Upstream),
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    /// Credentials refused or rights missing.
+    pub(super) fn is_auth(&self) -> bool {
+        matches!(
+            self,
             EsError::Status {
                 status: UNAUTHORIZED | FORBIDDEN,
                 ..
-            } => ErrorClass::Fatal(ExitCode::Upstream),
-            _ => ErrorClass::Transient,
-        }
+            }
+        )
     }
 
     /// Whether retrying the same request can help.
     pub(super) fn retryable(&self) -> bool {
         match self {
-            EsError::Http(_) => true,
+            EsError::Http(_) | EsError::Unreadable { .. } => true,
             EsError::Status { status, .. } => {
                 *status == TOO_MANY_REQUESTS || *status >= SERVER_ERROR
             }

@@ -24,9 +24,14 @@ mod dead_letter;
 mod error;
 mod group;
 mod heal;
+mod mapping;
+mod merge;
+pub mod naming;
 mod remedy;
 mod retry;
+mod send;
 mod stall;
+mod truncate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +39,12 @@ use std::time::Duration;
 use actix::prelude::*;
 
 pub use bulk::{
-    doc_id, field_mapping, index_body, mirror_index, outcomes, plan, render, Action, Outcome,
-    Planned,
+    field_mapping, index_body, mirror_index, outcomes, plan, render, Action, Outcome, Planned,
 };
 pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
+pub use naming::doc_id;
 
 use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;

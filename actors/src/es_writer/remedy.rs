@@ -86,6 +86,14 @@ impl Sink {
             }
         };
         c.probe_failures = 0;
+        let mut partitions = partitions;
+        for l in partitions.iter_mut().filter(|l| l.owned) {
+            // What this sink wrote counts even if its commit has not landed
+            // (or is refused, as for a sink reading directly on Kafka).
+            if let Some(&at) = c.positions.get(&(l.topic.clone(), l.partition)) {
+                l.committed = Some(l.committed.map_or(at, |o| o.max(at)));
+            }
+        }
         let m = crate::metrics::metrics();
         for l in &partitions {
             m.es_sink_lag

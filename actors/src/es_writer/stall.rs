@@ -23,6 +23,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// The least time a remedy gets to work: a new member may first wait for
+/// the broker to drop members that died (their 10 s session) and rebalance.
+const MIN_REMEDY_GAP: Duration = Duration::from_secs(20);
 /// How long the sink first reads partitions directly before trying its group again.
 const FIRST_SPELL: Duration = Duration::from_secs(300);
 /// The longest spell of direct reading.
@@ -198,9 +201,9 @@ impl StallWatch {
         stuck
     }
 
-    /// The next remedy, a bound after the last action.
+    /// The next remedy, a bound (at least [`MIN_REMEDY_GAP`]) after the last action.
     fn remedy(&self, in_group: bool, now: Instant) -> Remedy {
-        if now.duration_since(self.acted_at) < self.bound {
+        if now.duration_since(self.acted_at) < self.bound.max(MIN_REMEDY_GAP) {
             return Remedy::Wait;
         }
         if in_group && self.rejoins == 0 && self.spells == 0 {

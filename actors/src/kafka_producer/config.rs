@@ -1,9 +1,9 @@
 //! `[kafka]`: where and how change events are published.
 
 use crate::error::ConfigError;
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
+
+use crate::secret::Properties;
 
 /// How events are routed to topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -15,6 +15,18 @@ pub enum TopicMode {
     PerTable,
 }
 
+/// What happens to a record larger than Kafka accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Oversized {
+    /// Stop (exit 4) with an error naming the record and the settings to raise.
+    #[default]
+    Fail,
+    /// Send a description of it (table, key, LSN, size, reason) to the
+    /// dead-letter topic instead, and go on.
+    DeadLetter,
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -24,6 +36,16 @@ const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
 /// Default `max_inflight_records`: enough to keep Kafka busy at high change
 /// rates, a bounded amount of memory (a few hundred bytes each).
 const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
+/// Default `max_inflight_bytes` (256 MiB): far above what ordinary rows
+/// reach at `max_inflight_records`, while a handful of huge values is enough
+/// to pause WAL reading instead of filling memory.
+const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// librdkafka's default `message.max.bytes`: the largest record the producer sends.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// The librdkafka property limiting one record's size.
+pub const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
+/// The librdkafka property pgcdc sets from `max_inflight_bytes`.
+const QUEUE_MAX_KBYTES: &str = "queue.buffering.max.kbytes";
 
 /// `[kafka]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,14 +65,22 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// Partitions of topics pgcdc creates.
     pub topic_partitions: i32,
-    /// Replication factor of topics pgcdc creates.
-    pub topic_replication_factor: i32,
+    /// Replication factor of topics pgcdc creates; unset: min(3, brokers).
+    pub topic_replication_factor: Option<i32>,
     /// How long librdkafka keeps retrying one record before the stream restarts from the checkpoint, in ms.
     pub delivery_timeout_ms: u64,
     /// Records queued or in flight before reading the WAL pauses (the memory bound).
     pub max_inflight_records: usize,
-    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`). Values are never logged.
-    pub properties: BTreeMap<String, String>,
+    /// Bytes of record values queued or in flight in librdkafka before
+    /// reading the WAL pauses (the memory bound for wide rows). At least
+    /// `message.max.bytes`, so any record that Kafka accepts fits.
+    pub max_inflight_bytes: usize,
+    /// `fail` (stop, exit 4) or `dead_letter` (describe it on the
+    /// dead-letter topic and go on) for a record above `message.max.bytes`.
+    pub oversized: Oversized,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
+    /// sensitive values never show in `Debug` or errors.
+    pub properties: Properties,
 }
 
 impl Default for KafkaConfig {
@@ -63,10 +93,12 @@ impl Default for KafkaConfig {
             tombstones: true,
             create_topics: true,
             topic_partitions: DEFAULT_TOPIC_PARTITIONS,
-            topic_replication_factor: 1,
+            topic_replication_factor: None,
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             max_inflight_records: DEFAULT_MAX_INFLIGHT_RECORDS,
-            properties: BTreeMap::new(),
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            oversized: Oversized::Fail,
+            properties: Properties::default(),
         }
     }
 }
@@ -80,6 +112,12 @@ const MIN_DELIVERY_TIMEOUT_MS: u64 = 1000;
 /// librdkafka's local queue holds twice the in-flight bound plus this much
 /// slack, so `max_inflight_records` (not librdkafka) is what applies backpressure.
 const QUEUE_SLACK: usize = 10_000;
+
+/// Copies of each record that survive one broker loss while another is
+/// down for maintenance; fewer is warned about.
+pub const DURABLE_REPLICAS: i32 = 3;
+/// `min.insync.replicas` of durable topics.
+const DURABLE_MIN_INSYNC: i32 = 2;
 
 /// Properties pgcdc's guarantees depend on; users may not override them.
 const PINNED: &[&str] = &[
@@ -120,7 +158,7 @@ impl KafkaConfig {
                 "must be at least 1",
             ));
         }
-        if self.topic_replication_factor < 1 {
+        if self.topic_replication_factor.is_some_and(|n| n < 1) {
             errors.push(ConfigError::new(
                 "kafka.topic_replication_factor",
                 "must be at least 1",
@@ -148,6 +186,41 @@ impl KafkaConfig {
                 "set by pgcdc (its guarantees depend on it)",
             ));
         }
+        self.validate_sizes(errors);
+    }
+
+    /// `message.max.bytes` must be a number and fit in `max_inflight_bytes`.
+    fn validate_sizes(&self, errors: &mut Vec<ConfigError>) {
+        if self.properties.contains_key(QUEUE_MAX_KBYTES) {
+            errors.push(ConfigError::new(
+                format!("kafka.properties.{QUEUE_MAX_KBYTES}"),
+                "set by pgcdc from kafka.max_inflight_bytes",
+            ));
+        }
+        let Some(limit) = self.max_message_bytes() else {
+            errors.push(ConfigError::new(
+                format!("kafka.properties.{MESSAGE_MAX_BYTES}"),
+                "must be a whole number of bytes",
+            ));
+            return;
+        };
+        if self.max_inflight_bytes < limit {
+            errors.push(ConfigError::new(
+                "kafka.max_inflight_bytes",
+                format!(
+                    "must be at least kafka.properties.{MESSAGE_MAX_BYTES} ({limit}) so that one record fits"
+                ),
+            ));
+        }
+    }
+
+    /// The largest record the producer sends (`message.max.bytes`);
+    /// `None` if the property is set to something that is not a number.
+    pub fn max_message_bytes(&self) -> Option<usize> {
+        match self.properties.get(MESSAGE_MAX_BYTES) {
+            Some(v) => v.trim().parse().ok(),
+            None => Some(DEFAULT_MESSAGE_MAX_BYTES),
+        }
     }
 
     /// The librdkafka client configuration for the producer.
@@ -157,13 +230,32 @@ impl KafkaConfig {
             cfg.set(k, v);
         }
         let queue = (self.max_inflight_records * 2 + QUEUE_SLACK).to_string();
+        let kbytes = self
+            .max_inflight_bytes
+            .div_ceil(1024)
+            .min(i32::MAX as usize);
         cfg.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
             .set("queue.buffering.max.messages", queue)
+            .set(QUEUE_MAX_KBYTES, kbytes.to_string())
             .set("client.id", "pgcdc");
         cfg
+    }
+
+    /// The replication factor of a topic pgcdc creates on a cluster of
+    /// `brokers` brokers: the configured one, else min(3, brokers).
+    pub fn replication_factor(&self, brokers: usize) -> i32 {
+        let available = i32::try_from(brokers).unwrap_or(i32::MAX).max(1);
+        self.topic_replication_factor
+            .unwrap_or(available.min(DURABLE_REPLICAS))
+    }
+
+    /// `min.insync.replicas` for a topic of `replication_factor` copies: 2
+    /// from 3 copies on, so `acks=all` means two brokers have each record.
+    pub fn min_insync_replicas(replication_factor: i32) -> Option<i32> {
+        (replication_factor >= DURABLE_REPLICAS).then_some(DURABLE_MIN_INSYNC)
     }
 
     /// The topic of events of `schema.table`.
@@ -198,6 +290,68 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors.iter().any(|e| e.key == "kafka.topic"));
         assert!(errors.iter().any(|e| e.key == "kafka.properties.acks"));
+    }
+
+    #[test]
+    fn one_record_must_fit_in_the_inflight_bytes() {
+        let keys = |c: &KafkaConfig| {
+            let mut errors = Vec::new();
+            c.validate(&mut errors);
+            errors.into_iter().map(|e| e.key).collect::<Vec<_>>()
+        };
+        let mut c = KafkaConfig {
+            max_inflight_bytes: 500_000,
+            ..Default::default()
+        };
+        assert_eq!(keys(&c), ["kafka.max_inflight_bytes"]);
+        c.properties
+            .insert(MESSAGE_MAX_BYTES.into(), "400000".into());
+        assert!(keys(&c).is_empty());
+        assert_eq!(c.max_message_bytes(), Some(400_000));
+        c.properties.insert(MESSAGE_MAX_BYTES.into(), "big".into());
+        c.properties.insert(QUEUE_MAX_KBYTES.into(), "1".into());
+        assert_eq!(
+            keys(&c),
+            [
+                "kafka.properties.queue.buffering.max.kbytes",
+                "kafka.properties.message.max.bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn librdkafka_is_built_with_tls_and_every_sasl_mechanism() {
+        use rdkafka::producer::BaseProducer;
+        for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI"] {
+            let mut c = KafkaConfig::default();
+            for (k, v) in [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", mechanism),
+                ("sasl.username", "pgcdc"),
+                ("sasl.password", "secret"),
+            ] {
+                c.properties.insert(k.into(), v.into());
+            }
+            if mechanism == "GSSAPI" {
+                // Kerberos takes a principal and keytab (kinit runs on first use).
+                c.properties
+                    .insert("sasl.kerberos.principal".into(), "pgcdc".into());
+                c.properties
+                    .insert("sasl.kerberos.keytab".into(), "/pgcdc.keytab".into());
+            }
+            let created = c.client_config().create::<BaseProducer>();
+            assert!(created.is_ok(), "{mechanism}: {:?}", created.err());
+        }
+    }
+
+    #[test]
+    fn created_topics_get_three_copies_where_brokers_allow() {
+        let mut c = KafkaConfig::default();
+        assert_eq!([1, 2, 3, 5].map(|b| c.replication_factor(b)), [1, 2, 3, 3]);
+        assert_eq!(KafkaConfig::min_insync_replicas(3), Some(2));
+        assert_eq!(KafkaConfig::min_insync_replicas(2), None);
+        c.topic_replication_factor = Some(1);
+        assert_eq!(c.replication_factor(5), 1);
     }
 
     #[test]

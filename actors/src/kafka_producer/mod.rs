@@ -10,20 +10,15 @@
 mod acks;
 mod config;
 mod envelope;
+mod send;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use actix::prelude::*;
-use rdkafka::client::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
-pub use config::{KafkaConfig, TopicMode};
+pub use config::{KafkaConfig, Oversized, TopicMode, DURABLE_REPLICAS};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
@@ -34,13 +29,7 @@ use crate::messages::{
 };
 use crate::supervision::{task_outcome, RestartBudget, TaskError};
 use acks::{AckPrefix, PendingBatch};
-
-/// Headers on every record: table, op, commit LSN, column types.
-const HEADERS_PER_RECORD: usize = 4;
-/// How long to wait before offering a record again when librdkafka's local
-/// queue is full: long enough for its I/O thread to drain some, short enough
-/// not to idle the pipeline.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+use send::{await_deliveries, AckContext, BatchAck, BatchJob, Producer};
 
 /// The open replication session.
 struct Session {
@@ -59,68 +48,6 @@ struct BatchDelivered {
     outcome: Result<(), TaskError<ProducerError>>,
 }
 
-/// The acknowledgements one batch still waits for. Every record of the batch
-/// carries the same `Arc` as its delivery opaque, so an acknowledgement costs
-/// a counter decrement instead of a channel per record.
-struct BatchAck {
-    remaining: AtomicUsize,
-    /// The first delivery error of the batch.
-    error: Mutex<Option<KafkaError>>,
-    done: Notify,
-}
-
-impl BatchAck {
-    fn new(records: usize) -> Arc<Self> {
-        let ack = Arc::new(Self {
-            remaining: AtomicUsize::new(records),
-            error: Mutex::new(None),
-            done: Notify::new(),
-        });
-        if records == 0 {
-            ack.done.notify_one();
-        }
-        ack
-    }
-
-    /// One record's delivery report; the last one wakes [`BatchAck::wait`].
-    fn delivered(&self, error: Option<&KafkaError>) {
-        if let Some(e) = error {
-            if let Ok(mut first) = self.error.lock() {
-                first.get_or_insert_with(|| e.clone());
-            }
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_one();
-        }
-    }
-
-    /// Wait until every record is acknowledged; the first error, if any.
-    async fn wait(&self) -> Result<(), KafkaError> {
-        self.done.notified().await;
-        match self.error.lock().map(|mut e| e.take()) {
-            Ok(Some(e)) => Err(e),
-            Ok(None) => Ok(()),
-            Err(_) => Err(KafkaError::Canceled),
-        }
-    }
-}
-
-/// Counts each batch's acknowledgements down (librdkafka's delivery
-/// callback, on the producer's polling thread).
-struct AckContext;
-
-impl ClientContext for AckContext {}
-
-impl ProducerContext for AckContext {
-    type DeliveryOpaque = Arc<BatchAck>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, ack: Arc<BatchAck>) {
-        ack.delivered(result.as_ref().err().map(|(e, _)| e));
-    }
-}
-
-type Producer = ThreadedProducer<AckContext>;
-
 /// The Kafka producer actor (supervised).
 pub struct KafkaProducerActor {
     config: Arc<KafkaConfig>,
@@ -133,6 +60,8 @@ pub struct KafkaProducerActor {
     capacity_waiters: Vec<oneshot::Sender<()>>,
     drain_waiters: Vec<oneshot::Sender<Option<Lsn>>>,
     last_persist: Option<Lsn>,
+    /// The dead-letter topic, for `kafka.oversized = "dead_letter"`.
+    dead_letter_topic: Option<Arc<str>>,
 }
 
 impl KafkaProducerActor {
@@ -154,6 +83,22 @@ impl KafkaProducerActor {
             capacity_waiters: Vec::new(),
             drain_waiters: Vec::new(),
             last_persist: None,
+            dead_letter_topic: None,
+        }
+    }
+
+    /// Send descriptions of records above `message.max.bytes` to `topic`
+    /// when `kafka.oversized = "dead_letter"` (without a topic they are fatal).
+    pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// Where records above `message.max.bytes` go; `None`: they are fatal.
+    fn oversized_to(&self) -> Option<Arc<str>> {
+        match self.config.oversized {
+            Oversized::DeadLetter => self.dead_letter_topic.clone(),
+            Oversized::Fail => None,
         }
     }
 
@@ -268,51 +213,30 @@ impl Handler<PublishBatch> for KafkaProducerActor {
 
     fn handle(&mut self, mut msg: PublishBatch, ctx: &mut Self::Context) -> Self::Result {
         let now = now_ms();
-        let mut records = Vec::with_capacity(msg.events.len());
-        let mut encoder = Encoder::new(&self.config, &self.database, now);
-        for e in &msg.events {
-            encoder.event(e, &mut records);
-        }
-        // Snapshot rows (one `op=r` record each) are encoded on the blocking
-        // pool, off this thread, while the readers fetch the next chunks.
-        let count = records.len() + msg.rows.as_ref().map_or(0, |r| r.rows.len());
+        let encoder = Encoder::new(&self.config, &self.database, now);
+        let events: usize = msg.events.iter().map(|e| encoder.records_of(e)).sum();
+        let count = events + msg.rows.as_ref().map_or(0, |r| r.rows.len());
         if let Err(e) = self.admit(&mut msg, count) {
             return Box::pin(fut::ready(Err(e)));
         }
-        let rows = msg.rows.take();
         let Some(producer) = self.producer.clone() else {
             return Box::pin(fut::ready(Err(ProducerError::SessionClosed(msg.session))));
         };
-        let (config, database) = (self.config.clone(), self.database.clone());
+        let job = BatchJob {
+            producer,
+            config: self.config.clone(),
+            database: self.database.clone(),
+            dead_letters: self.oversized_to(),
+            now_ms: now,
+            session: msg.session,
+            events: std::mem::take(&mut msg.events),
+            rows: msg.rows.take(),
+            records: count,
+        };
         let (session, seq, me) = (msg.session, msg.seq, ctx.address());
         let enqueue = async move {
-            if let Some(rows) = rows {
-                records = tokio::task::spawn_blocking(move || {
-                    Encoder::new(&config, &database, now).rows(&rows, &mut records);
-                    records
-                })
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "encoding snapshot rows failed");
-                    ProducerError::SessionClosed(session)
-                })?;
-            }
-            let ack = enqueue_all(&producer, &records, now).await?;
-            actix::spawn(async move {
-                let handle = actix::spawn(await_deliveries(ack));
-                let outcome = match handle.await {
-                    // Reported as fatal by the actor; not logged as a crash here.
-                    Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => {
-                        Err(TaskError::Failed(e))
-                    }
-                    other => task_outcome("kafka_producer", other),
-                };
-                me.do_send(BatchDelivered {
-                    session,
-                    seq,
-                    outcome,
-                });
-            });
+            let ack = job.enqueue().await?;
+            watch_deliveries(ack, session, seq, me);
             Ok::<(), ProducerError>(())
         };
         Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
@@ -378,90 +302,26 @@ impl Handler<DrainProducer> for KafkaProducerActor {
     }
 }
 
-/// Hand every record to librdkafka, waiting out a full local queue. The
-/// records' timestamp is `now_ms`, when the batch was encoded (librdkafka
-/// would otherwise read the clock once per record).
-async fn enqueue_all(
-    producer: &Producer,
-    records: &[EncodedRecord],
-    now_ms: i64,
-) -> Result<Arc<BatchAck>, ProducerError> {
-    let ack = BatchAck::new(records.len());
-    for r in records {
-        let headers = OwnedHeaders::new_with_capacity(HEADERS_PER_RECORD)
-            .insert(Header {
-                key: crate::wire::header::TABLE,
-                value: Some(&*r.table),
-            })
-            .insert(Header {
-                key: crate::wire::header::OP,
-                value: Some(r.op),
-            })
-            .insert(Header {
-                key: crate::wire::header::COMMIT_LSN,
-                value: Some(&*r.commit_lsn),
-            })
-            .insert(Header {
-                key: crate::wire::header::TYPES,
-                value: Some(&*r.types),
-            });
-        let mut record: BaseRecord<'_, [u8], [u8], Arc<BatchAck>> =
-            BaseRecord::with_opaque_to(&r.topic, ack.clone())
-                .headers(headers)
-                .timestamp(now_ms);
-        if let Some(k) = &r.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(v) = &r.value {
-            record = record.payload(v.as_slice());
-        }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(ack)
-}
-
-/// Wait for every acknowledgement of one batch.
-async fn await_deliveries(ack: Arc<BatchAck>) -> Result<(), ProducerError> {
-    ack.wait().await?;
-    fail::fail_point!(crate::wire::failpoint::PRODUCER_AFTER_ACK);
-    Ok(())
+/// Wait for the acknowledgements of batch `seq` in the background, then
+/// tell the actor `me` how it went.
+fn watch_deliveries(ack: Arc<BatchAck>, session: u64, seq: u64, me: Addr<KafkaProducerActor>) {
+    actix::spawn(async move {
+        let handle = actix::spawn(await_deliveries(ack));
+        let outcome = match handle.await {
+            // Reported as fatal by the actor; not logged as a crash here.
+            Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => Err(TaskError::Failed(e)),
+            other => task_outcome("kafka_producer", other),
+        };
+        me.do_send(BatchDelivered {
+            session,
+            seq,
+            outcome,
+        });
+    });
 }
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-#[cfg(test)]
-mod tests {
-    use futures::FutureExt;
-
-    use super::*;
-
-    #[test]
-    fn a_batch_is_done_at_its_last_report_with_its_first_error() {
-        assert_eq!(BatchAck::new(0).wait().now_or_never(), Some(Ok(())));
-
-        let ack = BatchAck::new(3);
-        ack.delivered(None);
-        ack.delivered(Some(&KafkaError::Canceled));
-        assert!(ack.wait().now_or_never().is_none(), "one report missing");
-        ack.delivered(Some(&KafkaError::NoMessageReceived));
-        assert_eq!(ack.wait().now_or_never(), Some(Err(KafkaError::Canceled)));
-
-        let ok = BatchAck::new(2);
-        ok.delivered(None);
-        ok.delivered(None);
-        assert_eq!(ok.wait().now_or_never(), Some(Ok(())));
-    }
 }

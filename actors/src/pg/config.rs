@@ -4,8 +4,11 @@
 //! snapshot readers, the WAL monitor, `pgcdc check`) is built from it.
 
 use crate::error::ConfigError;
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
+use super::tls::{self, SslMode};
 use crate::secret::Secret;
 
 /// PostgreSQL's default port.
@@ -19,6 +22,10 @@ const DEFAULT_STATUS_INTERVAL_SECS: u64 = 10;
 /// Default most events per batch: big enough to amortise a hand-over to the
 /// producer, small enough to bound memory for huge transactions.
 const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+/// Default most bytes of row data per batch (64 MiB): a few wide rows close
+/// a batch long before `max_batch_events` would, so a batch of huge values
+/// cannot take the memory of a thousand of them.
+const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
 /// Longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`).
 const IDENTIFIER_MAX_LEN: usize = 63;
 
@@ -36,6 +43,16 @@ pub struct PostgresConfig {
     pub password: Secret,
     /// Database to capture.
     pub database: String,
+    /// Transport security, as libpq's `sslmode`: `disable`, `prefer`,
+    /// `require`, `verify-ca` or `verify-full`.
+    pub sslmode: SslMode,
+    /// PEM file of the CA(s) that verify the server (verify-ca, verify-full);
+    /// unset: the Mozilla root set.
+    pub sslrootcert: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one (with `sslkey`).
+    pub sslcert: Option<PathBuf>,
+    /// PEM private key of `sslcert`.
+    pub sslkey: Option<PathBuf>,
     /// Logical replication slot (created with pgoutput if missing).
     pub slot: String,
     /// Publication (created for `tables` if missing, extended if it lacks some).
@@ -49,6 +66,9 @@ pub struct PostgresConfig {
     pub status_interval_secs: u64,
     /// Most change events in one batch handed to Kafka (large transactions are split).
     pub max_batch_events: usize,
+    /// Most bytes of row data (as received from PostgreSQL) in one batch; a
+    /// single change larger than this is a batch of its own.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for PostgresConfig {
@@ -59,12 +79,17 @@ impl Default for PostgresConfig {
             user: "postgres".into(),
             password: Secret::default(),
             database: "postgres".into(),
+            sslmode: SslMode::default(),
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             slot: "pgcdc".into(),
             publication: "pgcdc".into(),
             tables: Vec::new(),
             connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
         }
     }
 }
@@ -78,6 +103,7 @@ impl PostgresConfig {
         if self.port == 0 {
             errors.push(ConfigError::new("postgres.port", "must not be 0"));
         }
+        tls::validate(self, errors);
         let bad_name = |n: &str| {
             n.is_empty()
                 || n.len() > IDENTIFIER_MAX_LEN
@@ -129,6 +155,12 @@ impl PostgresConfig {
         if self.max_batch_events == 0 {
             errors.push(ConfigError::new(
                 "postgres.max_batch_events",
+                "must be at least 1",
+            ));
+        }
+        if self.max_batch_bytes == 0 {
+            errors.push(ConfigError::new(
+                "postgres.max_batch_bytes",
                 "must be at least 1",
             ));
         }
@@ -213,6 +245,7 @@ mod tests {
             slot: "Bad-Slot".into(),
             tables: vec!["x.y.z".into()],
             port: 0,
+            max_batch_bytes: 0,
             ..Default::default()
         };
         let mut errors = Vec::new();
@@ -220,7 +253,12 @@ mod tests {
         let keys = crate::error_keys(&errors);
         assert_eq!(
             keys,
-            ["postgres.port", "postgres.slot", "postgres.tables[0]"]
+            [
+                "postgres.port",
+                "postgres.slot",
+                "postgres.tables[0]",
+                "postgres.max_batch_bytes"
+            ]
         );
     }
 }

@@ -2,7 +2,9 @@
 //! not specific to one actor.
 //!
 //! - `config`: the `[postgres]` section every connection is built from ([`PostgresConfig`]);
-//! - `connect`: SQL and replication connections (the one place TLS goes);
+//! - `connect`: SQL and replication connections (the one place they are opened);
+//! - [`tls`]: `postgres.sslmode` and certificates, what a connection negotiated;
+//!   `server_name`: the certificate's DNS name (verify-ca on the replication connection);
 //! - `session`: the settings the value renderer and the quoting rely on,
 //!   applied to both connection kinds from one list;
 //! - [`catalog`]: server checks and table, key and column lookups;
@@ -32,13 +34,15 @@ pub mod catalog;
 mod config;
 mod connect;
 pub(crate) mod quote;
+mod server_name;
 pub(crate) mod session;
+pub mod tls;
 pub mod types;
 pub(crate) mod values;
 
 pub use config::{parse_table_name, PostgresConfig};
-pub use connect::connect;
-pub(crate) use connect::replication_config;
+pub use connect::{connect, connect_replication, sql_security};
+pub use tls::{Security, SslMode, TlsError};
 
 use crate::error::{ErrorClass, ExitCode};
 
@@ -49,11 +53,17 @@ pub enum PgError {
     #[error("postgresql is not ready: {0}")]
     NotReady(String),
     /// Could not connect.
-    #[error("cannot connect to postgresql: {0}")]
+    #[error("cannot connect to postgresql: {}", connect::chain(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// A SQL statement failed.
     #[error("postgresql: {0}")]
     Sql(#[from] tokio_postgres::Error),
+    /// TLS failed or was refused, in words that say what to change.
+    #[error("cannot connect to postgresql securely: {0}")]
+    Tls(#[from] TlsError),
+    /// The replication session could not be opened.
+    #[error("cannot open a replication session: {0}")]
+    Replication(#[source] pgwire_replication::PgWireError),
 }
 
 impl PgError {
@@ -62,12 +72,17 @@ impl PgError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::NotReady(_) => ErrorClass::Fatal(ExitCode::SourceNotReady),
-            Self::Connect(_) | Self::Sql(_) => ErrorClass::Transient,
+            Self::Tls(e) => e.class(),
+            Self::Connect(_) | Self::Sql(_) | Self::Replication(_) => ErrorClass::Transient,
         }
     }
 
     /// Whether the error means PostgreSQL could not be reached.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Connect(_))
+        match self {
+            Self::Connect(_) => true,
+            Self::Replication(e) => e.is_io(),
+            _ => false,
+        }
     }
 }

@@ -15,9 +15,11 @@
 //! initial copy, backfills) and [`crate::pg`]; neither uses replication.
 
 mod assembler;
+mod batch;
 pub mod decode;
 mod error;
 mod flush;
+mod scope;
 pub mod slot;
 mod start;
 mod stream;

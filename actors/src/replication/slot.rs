@@ -116,13 +116,16 @@ pub async fn check_partition_root(
 }
 
 /// Create the publication (publishing partitions under their root table's
-/// name), or add the tables it lacks; an existing publication that labels a
-/// configured partitioned table's changes with its partitions is refused,
-/// and its tables that are not configured are logged (they are not emitted).
+/// name), or add the tables it lacks but those in `captured` (they were
+/// captured before: the stream's scope watch adds them back and copies them
+/// again); an existing publication that labels a configured partitioned
+/// table's changes with its partitions is refused, and its tables that are
+/// not configured are logged (they are not emitted).
 pub async fn ensure_publication(
     sql: &Client,
     name: &str,
     tables: &[Arc<TableRef>],
+    captured: &[(String, String)],
 ) -> Result<(), ReplicationError> {
     let list = |ts: &[&Arc<TableRef>]| {
         ts.iter()
@@ -150,7 +153,13 @@ pub async fn ensure_publication(
     if !extra.is_empty() {
         tracing::warn!(publication = name, tables = %extra.join(", "), "the publication has tables that postgres.tables does not; their changes are not emitted");
     }
-    let missing = state.missing(tables);
+    let was_captured =
+        |t: &&Arc<TableRef>| captured.iter().any(|(s, n)| *s == t.schema && *n == t.name);
+    let (again, missing): (Vec<_>, Vec<_>) =
+        state.missing(tables).into_iter().partition(was_captured);
+    if !again.is_empty() {
+        tracing::warn!(publication = name, tables = %list(&again), "tables captured before are no longer in the publication (re-created while pgcdc was stopped?): they are added back, truncated and copied again once streaming");
+    }
     if !missing.is_empty() {
         sql.batch_execute(&format!(
             "ALTER PUBLICATION {} ADD TABLE {}",

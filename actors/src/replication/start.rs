@@ -37,15 +37,24 @@ impl Stream {
     pub(super) async fn prepare(&self) -> Result<Prepared, ReplicationError> {
         let cfg = &self.config;
         let sql = crate::pg::connect(cfg).await?;
+        crate::pg::sql_security(&sql, cfg).await?.log("sql");
         catalog::check_server(&sql).await?;
         let tables = catalog::resolve_tables(&sql, &cfg.tables).await?;
-        slot::ensure_publication(&sql, &cfg.publication, &tables).await?;
+        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
+        // Tables captured before that left the publication (dropped and
+        // created again while pgcdc was stopped) are the scope watch's to
+        // add back: it also resets their mirror.
+        let captured: Vec<(String, String)> = checkpoint
+            .progress
+            .iter()
+            .map(|p| (p.schema.clone(), p.name.clone()))
+            .collect();
+        slot::ensure_publication(&sql, &cfg.publication, &tables, &captured).await?;
         let identity = SlotIdentity {
             system_id: catalog::system_id(&sql).await?,
             database: cfg.database.clone(),
             slot_name: cfg.slot.clone(),
         };
-        let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
         let state = slot::inspect_slot(&sql, &cfg.slot).await?;
         let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
         let start_point =
@@ -86,6 +95,24 @@ impl Stream {
         Ok((start, tables, identity, pending))
     }
 
+    /// A replication session streaming from `start`.
+    pub(super) async fn resume_stream(
+        &self,
+        start: Lsn,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let mut client = self.open_session(start).await?;
+        client.start().await?;
+        client.wait_started().await?;
+        Ok(client)
+    }
+
+    /// A gated replication session at `start`; what it negotiated is logged.
+    async fn open_session(&self, start: Lsn) -> Result<ReplicationClient, ReplicationError> {
+        let (client, security) = crate::pg::connect_replication(&self.config, start).await?;
+        security.log("replication");
+        Ok(client)
+    }
+
     /// Create the slot with an exported snapshot on a gated replication
     /// session, copy every table as of that snapshot, then start replication on
     /// the same session at the consistent point.
@@ -96,8 +123,7 @@ impl Stream {
         out: &mut Outbox,
     ) -> Result<ReplicationClient, ReplicationError> {
         let cfg = &self.config;
-        let mut client =
-            ReplicationClient::connect_gated(self.replication_config(Lsn::ZERO)).await?;
+        let mut client = self.open_session(Lsn::ZERO).await?;
         let (at, name) = create_exporting_slot(&mut client, &cfg.slot).await?;
         let readers = import_snapshot(cfg, &self.snapshot, &name).await?;
         let plan = readers.plan(tables, &self.snapshot).await?;

@@ -11,7 +11,9 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
 use super::assembler::{self, Assembler};
+use super::batch::{BatchLimit, BatchSize};
 use super::flush::FlushPolicy;
+use super::scope::ScopeWatch;
 use super::{decode, ReplicationActor, ReplicationError};
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::event::{ChangeEvent, CopiedRows, TableRef};
@@ -27,6 +29,9 @@ use crate::snapshot::{BackfillTable, SnapshotActor, SnapshotConfig, StreamStarte
 /// Largest batch buffer allocated up front: a large `max_batch_events`
 /// should not reserve memory that small transactions never use.
 const BATCH_CAPACITY_MAX: usize = 1024;
+/// Bytes of a pgoutput insert, update or delete message that are not row
+/// data (tag, relation OID, tuple markers): left out of a batch's size.
+const CHANGE_HEADER_BYTES: usize = 16;
 
 /// Everything the streaming task needs.
 pub(super) struct Stream {
@@ -57,26 +62,39 @@ pub(super) struct Outbox {
     session: u64,
     seq: u64,
     batch: Vec<ChangeEvent>,
+    /// What `batch` holds.
+    size: BatchSize,
     /// Rows of the initial snapshot, published after `batch`.
     pub rows: Option<CopiedRows>,
     /// Copy progress to checkpoint with the next commit.
     pub progress: Vec<TableProgress>,
-    max: usize,
+    limit: BatchLimit,
     /// What to report and when.
     pub flush: FlushPolicy,
 }
 
 impl Outbox {
-    /// An empty outbox for `session`, whose position starts at `start`.
-    fn new(session: u64, max: usize, start: Lsn) -> Self {
+    /// An empty outbox for `session` with batches up to `limit`, whose
+    /// position starts at `start`.
+    fn new(session: u64, limit: BatchLimit, start: Lsn) -> Self {
         Self {
             session,
             seq: 0,
             batch: Vec::new(),
+            size: BatchSize::default(),
             rows: None,
             progress: Vec::new(),
-            max,
+            limit,
             flush: FlushPolicy::new(start, Instant::now()),
+        }
+    }
+
+    /// Count events appended to `batch` from index `from`, `bytes` of row data.
+    fn added(&mut self, from: usize, bytes: usize) {
+        let events = self.batch.len().saturating_sub(from);
+        if events > 0 {
+            self.size.events += events;
+            self.size.bytes = self.size.bytes.saturating_add(bytes);
         }
     }
 }
@@ -85,13 +103,13 @@ impl Stream {
     /// Prepare, then stream until stopped or failed.
     pub async fn run(mut self) -> Result<(), ReplicationError> {
         let (plan, tables, identity, mut pending) = self.prepare().await?;
-        let mut out = Outbox::new(
-            self.session,
-            self.config.max_batch_events,
-            plan.unwrap_or(Lsn::ZERO),
-        );
+        let limit = BatchLimit {
+            events: self.config.max_batch_events,
+            bytes: self.config.max_batch_bytes,
+        };
+        let mut out = Outbox::new(self.session, limit, plan.unwrap_or(Lsn::ZERO));
         let client = match plan {
-            Some(start) => ReplicationClient::connect(self.replication_config(start)).await?,
+            Some(start) => self.resume_stream(start).await?,
             None => {
                 pending.clear(); // the snapshot copies everything
                 let mut stop = self.stop.clone();
@@ -124,6 +142,8 @@ impl Stream {
         let mut asm = Assembler::new(tables);
         let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
         let mut types = TypeSource::default();
+        let scope = ScopeWatch::new(self.config.clone(), tables, self.marks.key().clone()).run();
+        tokio::pin!(scope);
         loop {
             tokio::select! {
                 biased;
@@ -143,6 +163,7 @@ impl Stream {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
                     self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
                 }
+                () = &mut scope => {}
             }
         }
     }
@@ -179,10 +200,16 @@ impl Stream {
                             .await?;
                     }
                 }
+                let bytes = data.len().saturating_sub(CHANGE_HEADER_BYTES);
+                if is_change(&msg) && out.limit.closes_before(out.size, bytes) {
+                    self.publish(out, None).await?;
+                }
                 let from = out.batch.len();
                 asm.apply(msg, lsn, &mut out.batch)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                drop(data); // the row's bytes, before the next message arrives
                 windows.observe(&out.batch[from..]);
+                out.added(from, bytes);
                 self.publish_if_full(out).await?;
             }
             ReplicationEvent::Commit {
@@ -211,7 +238,7 @@ impl Stream {
                 lsn,
                 ..
             } => {
-                let action = windows.on_message(&prefix, &content);
+                let action = windows.on_message(&prefix, &content, Lsn::from(lsn));
                 self.on_message(action, Lsn::from(lsn), asm, out).await?;
             }
             ReplicationEvent::StoppedAt { .. } => {}
@@ -236,21 +263,40 @@ impl Stream {
                     .inc_by(rows.len() as u64);
                 asm.place(&mut rows, lsn)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                let bytes = rows.iter().map(ChangeEvent::row_bytes).sum();
+                if out.limit.closes_before(out.size, bytes) {
+                    self.publish(out, None).await?;
+                }
+                let from = out.batch.len();
                 out.batch.extend(rows);
+                out.added(from, bytes);
                 out.progress.push(progress);
                 self.publish_if_full(out).await?;
             }
-            MessageAction::Backfill(progress) => {
-                out.progress.push(progress.clone());
-                self.snapshots.do_send(BackfillTable { progress });
+            MessageAction::Backfill(progress) => self.backfill(progress, out),
+            MessageAction::Reset(truncate, copy) => {
+                let mut rows = [truncate];
+                asm.place(&mut rows, lsn)
+                    .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                out.batch.extend(rows);
+                if let Some(progress) = copy {
+                    self.backfill(progress, out);
+                }
+                self.publish_if_full(out).await?;
             }
         }
         Ok(())
     }
 
+    /// Start copying a table again; its reset progress is checkpointed with the batch.
+    fn backfill(&self, progress: TableProgress, out: &mut Outbox) {
+        out.progress.push(progress.clone());
+        self.snapshots.do_send(BackfillTable { progress });
+    }
+
     /// Hand the batch over mid-transaction once it reached its size limit.
     async fn publish_if_full(&self, out: &mut Outbox) -> Result<(), ReplicationError> {
-        if out.batch.len() >= out.max {
+        if out.limit.is_full(out.size) {
             self.publish(out, None).await?;
         }
         Ok(())
@@ -262,8 +308,9 @@ impl Stream {
         out: &mut Outbox,
         commit_end: Option<Lsn>,
     ) -> Result<(), ReplicationError> {
-        let capacity = out.max.min(BATCH_CAPACITY_MAX);
+        let capacity = out.limit.events.min(BATCH_CAPACITY_MAX);
         let events = std::mem::replace(&mut out.batch, Vec::with_capacity(capacity));
+        out.size = BatchSize::default();
         let progress = match commit_end {
             Some(_) => std::mem::take(&mut out.progress),
             None => Vec::new(),
@@ -288,9 +335,10 @@ impl Stream {
         fail::fail_point!(crate::wire::failpoint::REPLICATION_PUBLISH);
         Ok(())
     }
+}
 
-    /// The replication session starting at `start`.
-    pub(super) fn replication_config(&self, start: Lsn) -> pgwire_replication::ReplicationConfig {
-        crate::pg::replication_config(&self.config, start)
-    }
+/// Whether `msg` carries a row (and may add events to the batch).
+fn is_change(msg: &decode::PgOutputMessage) -> bool {
+    use decode::PgOutputMessage as M;
+    matches!(msg, M::Insert { .. } | M::Update { .. } | M::Delete { .. })
 }

@@ -131,11 +131,7 @@ impl Backfill {
 
     /// Write a low or high watermark into the WAL.
     async fn mark(&self, sql: &Client, id: u64, high: bool) -> Result<(), SnapshotError> {
-        let mark = Mark {
-            slot: self.pg.slot.clone(),
-            id,
-            high,
-        };
+        let mark = Mark::signed(self.marks.key(), &self.pg.slot, id, high);
         let content = serde_json::to_string(&mark).unwrap_or_default();
         sql.execute(
             "SELECT pg_logical_emit_message(true, $1, $2)",

@@ -29,6 +29,7 @@ mod config;
 mod copy;
 mod error;
 mod shape;
+mod sign;
 pub mod watermark;
 
 use std::sync::Arc;

@@ -21,8 +21,12 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+pub use super::sign::MessageKey;
 use crate::checkpoint::TableProgress;
-use crate::event::{ChangeEvent, KeySource, Op, TableRef};
+use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
+use crate::lsn::Lsn;
+use crate::metrics::metrics;
+use crate::pg::PgError;
 
 /// Prefix of watermark messages.
 pub const WATERMARK_PREFIX: &str = crate::wire::message::WATERMARK;
@@ -38,6 +42,37 @@ pub struct Mark {
     pub id: u64,
     /// `false`: low mark, `true`: high mark.
     pub high: bool,
+    /// HMAC of the fields above ([`MessageKey`]); absent in forged marks.
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Mark {
+    /// A mark signed with `key`.
+    pub fn signed(key: &MessageKey, slot: &str, id: u64, high: bool) -> Self {
+        let mut mark = Self {
+            slot: slot.to_owned(),
+            id,
+            high,
+            mac: String::new(),
+        };
+        mark.mac = key.sign(&mark.fields());
+        mark
+    }
+
+    fn fields(&self) -> [String; 4] {
+        let high = if self.high { "high" } else { "low" };
+        [
+            "watermark".into(),
+            self.slot.clone(),
+            self.id.to_string(),
+            high.into(),
+        ]
+    }
+
+    fn genuine(&self, key: &MessageKey) -> bool {
+        key.verify(&self.fields(), &self.mac)
+    }
 }
 
 /// A signal message's content: a request to backfill a table.
@@ -49,6 +84,55 @@ pub struct Signal {
     pub schema: String,
     /// Name of the table to copy again.
     pub table: String,
+    /// The table was re-created: its earlier rows are gone (a truncate is
+    /// emitted before the copy).
+    #[serde(default)]
+    pub reset: bool,
+    /// HMAC of the fields above ([`MessageKey`]); absent in forged signals.
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Signal {
+    /// A signal signed with `key`.
+    pub fn signed(key: &MessageKey, slot: &str, schema: &str, table: &str, reset: bool) -> Self {
+        let mut signal = Self {
+            slot: slot.to_owned(),
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            reset,
+            mac: String::new(),
+        };
+        signal.mac = key.sign(&signal.fields());
+        signal
+    }
+
+    fn fields(&self) -> [String; 5] {
+        let reset = if self.reset { "reset" } else { "copy" };
+        [
+            "signal".into(),
+            self.slot.clone(),
+            self.schema.clone(),
+            self.table.clone(),
+            reset.into(),
+        ]
+    }
+
+    fn genuine(&self, key: &MessageKey) -> bool {
+        key.verify(&self.fields(), &self.mac)
+    }
+
+    /// Write the signal into the WAL; the LSN it was written at.
+    pub async fn write(&self, sql: &tokio_postgres::Client) -> Result<String, PgError> {
+        let content = serde_json::to_string(self).unwrap_or_default();
+        let row = sql
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                &[&SIGNAL_PREFIX, &content],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
 }
 
 /// What became of a chunk.
@@ -73,14 +157,17 @@ struct Registry {
     chunks: HashMap<u64, PendingChunk>,
 }
 
-/// Chunks between their marks, shared by the snapshot actor and the stream.
+/// Chunks between their marks, shared by the snapshot actor and the stream,
+/// and the key that signs and checks their marks.
 #[derive(Clone)]
 pub struct Watermarks {
     inner: Arc<Mutex<Registry>>,
+    key: Arc<MessageKey>,
 }
 
-impl Default for Watermarks {
-    fn default() -> Self {
+impl Watermarks {
+    /// An empty registry whose marks are signed with `key`.
+    pub fn new(key: MessageKey) -> Self {
         // Ids must not repeat those of earlier runs still in the WAL.
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -90,11 +177,15 @@ impl Default for Watermarks {
                 next_id: base,
                 ..Registry::default()
             })),
+            key: Arc::new(key),
         }
     }
-}
 
-impl Watermarks {
+    /// The key genuine marks and signals are signed with.
+    pub fn key(&self) -> &MessageKey {
+        &self.key
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -170,6 +261,42 @@ pub enum MessageAction {
     Emit(Vec<ChangeEvent>, TableProgress),
     /// Start copying this table again (progress reset).
     Backfill(TableProgress),
+    /// The table was re-created: put this truncate into the current
+    /// transaction, then copy the table again if it has a unique key.
+    Reset(ChangeEvent, Option<TableProgress>),
+}
+
+/// Messages addressed to one slot.
+trait Addressed {
+    fn slot(&self) -> &str;
+}
+
+impl Addressed for Mark {
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}
+
+impl Addressed for Signal {
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}
+
+/// A truncate of `table` at `lsn`; the stream places it in its transaction.
+fn truncate_event(table: Arc<TableRef>, lsn: Lsn) -> ChangeEvent {
+    ChangeEvent {
+        op: Op::Truncate,
+        table,
+        key: None,
+        before: None,
+        after: None,
+        unchanged_toast: Vec::new(),
+        lsn,
+        seq: 0,
+        tx: TxMeta::default(),
+        snapshot: false,
+    }
 }
 
 /// The stream side: open windows between low and high marks.
@@ -177,10 +304,10 @@ pub struct Windows {
     slot: String,
     marks: Watermarks,
     open: HashMap<u64, Window>,
-    /// The configured tables with a unique key: the only ones a signal may
-    /// ask to backfill (anything else would be checkpointed as a copy that
-    /// can never finish).
-    copyable: HashSet<(String, String)>,
+    /// The configured tables. Only those with a unique key may be copied
+    /// again (a keyless copy would be checkpointed as a copy that can never
+    /// finish).
+    tables: HashMap<(String, String), Arc<TableRef>>,
 }
 
 fn key_text(e: &ChangeEvent) -> String {
@@ -193,16 +320,15 @@ fn key_text(e: &ChangeEvent) -> String {
 impl Windows {
     /// Windows for the stream of `slot`, whose configured tables are `tables`.
     pub fn new(slot: &str, marks: Watermarks, tables: &[Arc<TableRef>]) -> Self {
-        let copyable = tables
+        let tables = tables
             .iter()
-            .filter(|t| t.key_source != KeySource::WholeRow)
-            .map(|t| (t.schema.clone(), t.name.clone()))
+            .map(|t| ((t.schema.clone(), t.name.clone()), t.clone()))
             .collect();
         Self {
             slot: slot.to_owned(),
             marks,
             open: HashMap::new(),
-            copyable,
+            tables,
         }
     }
 
@@ -224,17 +350,13 @@ impl Windows {
         }
     }
 
-    /// Handle a logical decoding message.
-    pub fn on_message(&mut self, prefix: &str, content: &[u8]) -> MessageAction {
+    /// Handle a logical decoding message at `lsn`.
+    pub fn on_message(&mut self, prefix: &str, content: &[u8], lsn: Lsn) -> MessageAction {
         match prefix {
             WATERMARK_PREFIX => {
-                let Ok(mark) = serde_json::from_slice::<Mark>(content) else {
-                    tracing::warn!("ignoring a malformed watermark message");
+                let Some(mark) = self.ours::<Mark>(content, "watermark", Mark::genuine) else {
                     return MessageAction::Ignore;
                 };
-                if mark.slot != self.slot {
-                    return MessageAction::Ignore;
-                }
                 if mark.high {
                     self.high(mark.id)
                 } else {
@@ -242,28 +364,74 @@ impl Windows {
                     MessageAction::Ignore
                 }
             }
-            SIGNAL_PREFIX => match serde_json::from_slice::<Signal>(content) {
-                Ok(s) if s.slot == self.slot => self.signal(s),
-                Ok(_) => MessageAction::Ignore,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring a malformed signal message");
-                    MessageAction::Ignore
-                }
+            SIGNAL_PREFIX => match self.ours::<Signal>(content, "signal", Signal::genuine) {
+                Some(s) => self.signal(s, lsn),
+                None => MessageAction::Ignore,
             },
             _ => MessageAction::Ignore,
         }
     }
 
-    /// A backfill request for this slot: only a configured table with a
-    /// unique key is copied; anything else is ignored and nothing persisted.
-    fn signal(&self, s: Signal) -> MessageAction {
-        let table = format!("{}.{}", s.schema, s.table);
-        if !self.copyable.contains(&(s.schema.clone(), s.table.clone())) {
-            tracing::warn!(table = %table, "ignoring a backfill signal for a table that is not configured or has no unique key");
-            return MessageAction::Ignore;
+    /// The message, if it is for this slot and genuine; a malformed or
+    /// unsigned message addressed here is ignored with a warning.
+    fn ours<M: serde::de::DeserializeOwned + Addressed>(
+        &self,
+        content: &[u8],
+        what: &'static str,
+        genuine: fn(&M, &MessageKey) -> bool,
+    ) -> Option<M> {
+        let message = match serde_json::from_slice::<M>(content) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(kind = what, error = %e, "ignoring a malformed message");
+                return None;
+            }
+        };
+        if message.slot() != self.slot {
+            return None;
         }
-        tracing::info!(table = %table, "backfill requested");
-        MessageAction::Backfill(TableProgress::fresh(&s.schema, &s.table))
+        if !genuine(&message, self.marks.key()) {
+            metrics().forged_messages.inc();
+            tracing::warn!(kind = what, slot = %self.slot, "ignoring a message whose signature does not match this installation's key (written by another role or an older pgcdc)");
+            return None;
+        }
+        Some(message)
+    }
+
+    /// A genuine request for this slot: copy the table again, after a
+    /// truncate if it was re-created. Only configured tables are touched, and
+    /// only those with a unique key are copied; nothing else is persisted.
+    fn signal(&mut self, s: Signal, lsn: Lsn) -> MessageAction {
+        let name = format!("{}.{}", s.schema, s.table);
+        let Some(table) = self
+            .tables
+            .get(&(s.schema.clone(), s.table.clone()))
+            .cloned()
+        else {
+            tracing::warn!(table = %name, "ignoring a signal for a table that is not configured");
+            return MessageAction::Ignore;
+        };
+        let copy = (table.key_source != KeySource::WholeRow)
+            .then(|| TableProgress::fresh(&s.schema, &s.table));
+        if !s.reset {
+            if copy.is_none() {
+                tracing::warn!(table = %name, "ignoring a backfill signal for a table without a unique key");
+            } else {
+                tracing::info!(table = %name, "backfill requested");
+            }
+            return copy.map_or(MessageAction::Ignore, MessageAction::Backfill);
+        }
+        match &copy {
+            Some(_) => {
+                tracing::warn!(table = %name, lsn = %lsn, "table re-created: emitting a truncate and copying its rows again")
+            }
+            None => {
+                tracing::error!(table = %name, lsn = %lsn, "table re-created: emitting a truncate; it has no unique key, so rows written to the new table before this position are not copied (run pgcdc snapshot after giving it a key)")
+            }
+        }
+        let truncate = truncate_event(table, lsn);
+        self.observe(std::slice::from_ref(&truncate));
+        MessageAction::Reset(truncate, copy)
     }
 
     fn low(&mut self, id: u64) {
@@ -338,13 +506,12 @@ mod tests {
         }
     }
 
-    fn mark(id: u64, high: bool) -> Vec<u8> {
-        serde_json::to_vec(&Mark {
-            slot: "s".into(),
-            id,
-            high,
-        })
-        .unwrap()
+    fn marks() -> Watermarks {
+        Watermarks::new(MessageKey::random().unwrap())
+    }
+
+    fn mark(marks: &Watermarks, id: u64, high: bool) -> Vec<u8> {
+        serde_json::to_vec(&Mark::signed(marks.key(), "s", id, high)).unwrap()
     }
 
     fn chunk(marks: &Watermarks, ids: &[i64]) -> (u64, oneshot::Receiver<ChunkOutcome>) {
@@ -357,15 +524,17 @@ mod tests {
 
     #[test]
     fn rows_changed_between_the_marks_are_dropped() {
-        let marks = Watermarks::default();
+        let marks = marks();
         let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, mut rx) = chunk(&marks, &[1, 2, 3]);
         assert!(matches!(
-            w.on_message(WATERMARK_PREFIX, &mark(id, false)),
+            w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(1)),
             MessageAction::Ignore
         ));
         w.observe(&[event(Op::Update, 2)]);
-        let MessageAction::Emit(rows, _) = w.on_message(WATERMARK_PREFIX, &mark(id, true)) else {
+        let MessageAction::Emit(rows, _) =
+            w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(1))
+        else {
             panic!("chunk not emitted");
         };
         let ids: Vec<_> = rows
@@ -378,12 +547,14 @@ mod tests {
 
     #[test]
     fn truncate_between_the_marks_drops_the_chunk() {
-        let marks = Watermarks::default();
+        let marks = marks();
         let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, _rx) = chunk(&marks, &[1, 2]);
-        w.on_message(WATERMARK_PREFIX, &mark(id, false));
+        w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(1));
         w.observe(&[event(Op::Truncate, 0)]);
-        let MessageAction::Emit(rows, _) = w.on_message(WATERMARK_PREFIX, &mark(id, true)) else {
+        let MessageAction::Emit(rows, _) =
+            w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(1))
+        else {
             panic!("chunk not emitted");
         };
         assert!(rows.is_empty());
@@ -391,11 +562,11 @@ mod tests {
 
     #[test]
     fn a_high_mark_without_its_low_mark_asks_for_a_retry() {
-        let marks = Watermarks::default();
+        let marks = marks();
         let mut w = Windows::new("s", marks.clone(), &[]);
         let (id, mut rx) = chunk(&marks, &[1]);
         assert!(matches!(
-            w.on_message(WATERMARK_PREFIX, &mark(id, true)),
+            w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(1)),
             MessageAction::Ignore
         ));
         assert_eq!(rx.try_recv().unwrap(), ChunkOutcome::Retry);
@@ -403,24 +574,23 @@ mod tests {
 
     #[test]
     fn other_slots_and_stale_sessions_are_ignored() {
-        let marks = Watermarks::default();
+        let marks = marks();
         let mut w = Windows::new("other", marks.clone(), &[]);
         let (id, _rx) = chunk(&marks, &[1]);
-        w.on_message(WATERMARK_PREFIX, &mark(id, false));
+        w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(1));
         assert!(matches!(
-            w.on_message(WATERMARK_PREFIX, &mark(id, true)),
+            w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(1)),
             MessageAction::Ignore
         ));
         let epoch = marks.new_epoch();
         assert!(marks.register(epoch - 1, "public", "t").is_none());
         assert!(matches!(
-            w.on_message(WATERMARK_PREFIX, b"not json"),
+            w.on_message(WATERMARK_PREFIX, b"not json", Lsn(1)),
             MessageAction::Ignore
         ));
     }
 
-    #[test]
-    fn signals_for_unconfigured_or_keyless_tables_are_ignored() {
+    fn tables() -> [Arc<TableRef>; 2] {
         let table = |name: &str, key_source| {
             Arc::new(TableRef {
                 schema: "public".into(),
@@ -430,26 +600,74 @@ mod tests {
                 column_types: String::new(),
             })
         };
-        let tables = [
+        [
             table("keyed", KeySource::IdentityIndex),
             table("keyless", KeySource::WholeRow),
-        ];
-        let mut w = Windows::new("s", Watermarks::default(), &tables);
-        let signal = |t: &str| {
-            let s = Signal {
-                slot: "s".into(),
-                schema: "public".into(),
-                table: t.into(),
-            };
-            serde_json::to_vec(&s).unwrap()
-        };
+        ]
+    }
+
+    fn signal(marks: &Watermarks, table: &str, reset: bool) -> Vec<u8> {
+        let s = Signal::signed(marks.key(), "s", "public", table, reset);
+        serde_json::to_vec(&s).unwrap()
+    }
+
+    #[test]
+    fn signals_for_unconfigured_or_keyless_tables_are_ignored() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &tables());
         for t in ["keyless", "unknown"] {
-            let action = w.on_message(SIGNAL_PREFIX, &signal(t));
+            let action = w.on_message(SIGNAL_PREFIX, &signal(&marks, t, false), Lsn(1));
             assert!(matches!(action, MessageAction::Ignore), "{t}: {action:?}");
         }
-        let action = w.on_message(SIGNAL_PREFIX, &signal("keyed"));
+        let action = w.on_message(SIGNAL_PREFIX, &signal(&marks, "keyed", false), Lsn(1));
         assert!(
             matches!(&action, MessageAction::Backfill(p) if p.name == "keyed"),
+            "{action:?}"
+        );
+    }
+
+    #[test]
+    fn forged_or_tampered_signals_and_marks_change_nothing() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &tables());
+        let forger = Watermarks::new(MessageKey::random().unwrap());
+        let unsigned = br#"{"slot":"s","schema":"public","table":"keyed"}"#;
+        let mut tampered: Signal = serde_json::from_slice(&signal(&marks, "keyed", false)).unwrap();
+        tampered.reset = true;
+        let tampered = serde_json::to_vec(&tampered).unwrap();
+        for content in [&unsigned[..], &signal(&forger, "keyed", true), &tampered] {
+            let action = w.on_message(SIGNAL_PREFIX, content, Lsn(1));
+            assert!(matches!(action, MessageAction::Ignore), "{action:?}");
+        }
+        let (id, mut rx) = chunk(&marks, &[1]);
+        w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(1));
+        let forged_high = serde_json::to_vec(&Mark::signed(forger.key(), "s", id, true)).unwrap();
+        let action = w.on_message(WATERMARK_PREFIX, &forged_high, Lsn(2));
+        assert!(matches!(action, MessageAction::Ignore), "{action:?}");
+        assert!(
+            rx.try_recv().is_err(),
+            "a forged high mark settled the chunk"
+        );
+        let action = w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(3));
+        assert!(matches!(action, MessageAction::Emit(..)), "{action:?}");
+    }
+
+    #[test]
+    fn a_reset_signal_truncates_and_copies_keyed_tables_and_only_truncates_keyless_ones() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &tables());
+        let action = w.on_message(SIGNAL_PREFIX, &signal(&marks, "keyed", true), Lsn(7));
+        let MessageAction::Reset(truncate, Some(copy)) = action else {
+            panic!("{action:?}");
+        };
+        assert_eq!(
+            (truncate.op, truncate.table.name.as_str()),
+            (Op::Truncate, "keyed")
+        );
+        assert_eq!(copy, TableProgress::fresh("public", "keyed"));
+        let action = w.on_message(SIGNAL_PREFIX, &signal(&marks, "keyless", true), Lsn(8));
+        assert!(
+            matches!(action, MessageAction::Reset(_, None)),
             "{action:?}"
         );
     }

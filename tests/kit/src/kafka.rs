@@ -212,6 +212,21 @@ impl MockBroker {
         wait_broker(&mock.bootstrap, STARTUP)?;
         Ok(mock)
     }
+
+    /// Answer the next `count` Produce requests with Kafka error `code`.
+    pub fn produce_errors(&self, code: i32, count: usize) -> Result<()> {
+        self.command(&format!("produce_errors {code} {count}"))
+    }
+
+    /// Send one command line; fails unless it answers `ok`.
+    fn command(&self, line: &str) -> Result<()> {
+        writeln!(lock(&self.stdin), "{line}")?;
+        let reply = lock(&self.replies).next().context("kafka-mock exited")??;
+        if reply != "ok" {
+            bail!("kafka-mock: {line}: {reply}");
+        }
+        Ok(())
+    }
 }
 
 impl Broker for MockBroker {
@@ -220,12 +235,7 @@ impl Broker for MockBroker {
     }
 
     fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
-        writeln!(lock(&self.stdin), "topic {topic} {partitions}")?;
-        let reply = lock(&self.replies).next().context("kafka-mock exited")??;
-        if reply != "ok" {
-            bail!("kafka-mock: create topic {topic}: {reply}");
-        }
-        Ok(())
+        self.command(&format!("topic {topic} {partitions}"))
     }
 
     fn kafka_settings(&self) -> &'static str {
@@ -313,9 +323,21 @@ pub struct TopicReader {
 impl TopicReader {
     /// A reader of `brokers`' topics.
     pub fn new(brokers: &str) -> Result<TopicReader> {
-        Ok(TopicReader {
-            consumer: consumer(brokers, "pgcdc-tests")?,
-        })
+        TopicReader::with_properties(brokers, &[])
+    }
+
+    /// A reader with extra librdkafka `properties` (TLS, SASL).
+    pub fn with_properties(brokers: &str, properties: &[(&str, &str)]) -> Result<TopicReader> {
+        let mut config = ClientConfig::new();
+        for (k, v) in properties {
+            config.set(*k, *v);
+        }
+        let consumer = config
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "pgcdc-tests")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        Ok(TopicReader { consumer })
     }
 
     /// Assign every partition of `topic` from the beginning (waits for the topic);

@@ -1,7 +1,8 @@
 //! The pgcdc test kit: everything the integration tests, the benches and
 //! the chaos harness share, once each.
 //!
-//! - services private to a test: [`pg::PgCluster`], the brokers behind
+//! - services private to a test: [`pg::PgCluster`] (plain or TLS-only, with
+//!   certificates from [`certs::TestCa`]), the brokers behind
 //!   [`kafka::Broker`] ([`kafka::Tansu`], [`kafka::MockBroker`]),
 //!   [`search::SearchServer`], the pgcdc process ([`daemon::Daemon`]) and a
 //!   small filesystem ([`tmpfs::TmpfsMount`]);
@@ -12,6 +13,7 @@
 //! - the chaos harness ([`chaos`], binary `pgcdc-chaos`) and the
 //!   `kafka-mock` binary.
 
+pub mod certs;
 pub mod chaos;
 pub mod config;
 pub mod daemon;

@@ -1,5 +1,6 @@
 //! A private PostgreSQL cluster: initdb in a temp dir, `wal_level=logical`,
-//! a free port on 127.0.0.1; trust authentication, or SCRAM with a password.
+//! a free port on 127.0.0.1; trust authentication, or SCRAM with a password,
+//! or TLS only (`hostssl`) with a certificate from a test CA.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio_postgres::{Client, NoTls};
 
+use crate::certs::TestCa;
 use crate::daemon::Daemon;
 use crate::wait::{self, Poll};
 use crate::{free_port, is_root};
@@ -49,6 +51,18 @@ fn bindir() -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// How a TLS cluster serves TCP clients: only over TLS (`hostssl`), with a
+/// certificate for `names` signed by `ca`.
+pub struct ServerTls<'a> {
+    /// The CA that signs the server certificate (and trusted client certificates).
+    pub ca: &'a TestCa,
+    /// DNS names the server certificate lists.
+    pub names: &'a [&'a str],
+    /// Whether clients must present a certificate signed by `ca` whose
+    /// common name is their user name.
+    pub client_cert: bool,
+}
+
 /// A running cluster, stopped (immediately) and deleted on drop.
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -56,26 +70,35 @@ pub struct PgCluster {
     pub port: u16,
     /// The superuser's password when host connections use SCRAM (empty: trust).
     pub password: String,
+    /// TCP takes TLS only; the kit's own clients use the Unix socket.
+    tls: bool,
     bindir: PathBuf,
 }
 
 impl PgCluster {
     /// initdb and start a cluster for logical replication (trust authentication).
     pub fn start() -> Result<PgCluster> {
-        PgCluster::launch("", "")
+        PgCluster::launch("", "", None)
     }
 
     /// Like [`PgCluster::start`], with extra `postgresql.conf` lines.
     pub fn start_with(extra_conf: &str) -> Result<PgCluster> {
-        PgCluster::launch("", extra_conf)
+        PgCluster::launch("", extra_conf, None)
     }
 
     /// A cluster whose TCP connections (replication included) authenticate with SCRAM.
     pub fn start_with_password(password: &str) -> Result<PgCluster> {
-        PgCluster::launch(password, "")
+        PgCluster::launch(password, "", None)
     }
 
-    fn launch(password: &str, extra_conf: &str) -> Result<PgCluster> {
+    /// A cluster with `ssl = on` whose TCP connections (replication
+    /// included) must use TLS: a client without it gets "no pg_hba.conf entry
+    /// ... no encryption".
+    pub fn start_tls(tls: &ServerTls<'_>) -> Result<PgCluster> {
+        PgCluster::launch("", "", Some(tls))
+    }
+
+    fn launch(password: &str, extra_conf: &str, tls: Option<&ServerTls<'_>>) -> Result<PgCluster> {
         let dir = tempfile::Builder::new().prefix("pgcdc-pg-").tempdir()?;
         let pwfile = dir.path().join("pw");
         std::fs::write(&pwfile, format!("{password}\n"))?;
@@ -109,11 +132,15 @@ impl PgCluster {
             "port = {port}\nunix_socket_directories = '{}'\n{BASE_CONF}{extra_conf}",
             dir.path().display()
         ));
+        if let Some(tls) = tls {
+            conf.push_str(&serve_tls(&dir.path().join("data"), tls)?);
+        }
         std::fs::write(&conf_path, conf)?;
         let cluster = PgCluster {
             dir,
             port,
             password: password.to_owned(),
+            tls: tls.is_some(),
             bindir,
         };
         cluster.pg_ctl_start()?;
@@ -156,10 +183,15 @@ impl PgCluster {
             .context("no pid in postmaster.pid")
     }
 
-    /// A connection string for SQL clients and tools.
+    /// A connection string for SQL clients and tools (over the Unix socket
+    /// when TCP takes TLS only).
     pub fn url(&self) -> String {
+        let host = match self.tls {
+            true => self.dir.path().display().to_string(),
+            false => "127.0.0.1".into(),
+        };
         let mut url = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host={host} port={} user=postgres dbname=postgres",
             self.port
         );
         if !self.password.is_empty() {
@@ -177,6 +209,36 @@ impl PgCluster {
     pub async fn confirmed_flush(&self, client: &Client, slot: &str) -> Result<Option<u64>> {
         confirmed_flush(client, slot).await
     }
+}
+
+/// Write the server certificate, its key and the CA into `data`, allow TCP
+/// over TLS only; the `postgresql.conf` lines that turn TLS on.
+fn serve_tls(data: &Path, tls: &ServerTls<'_>) -> Result<String> {
+    tls.ca.write(&data.join("ca.crt"))?;
+    tls.ca
+        .issue(tls.names, tls.names[0])?
+        .write(data, "server")?;
+    let client = if tls.client_cert {
+        " clientcert=verify-full"
+    } else {
+        ""
+    };
+    let hba = format!(
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust{client}\n\
+         hostssl replication all 127.0.0.1/32 trust{client}\n"
+    );
+    std::fs::write(data.join("pg_hba.conf"), hba)?;
+    if is_root() {
+        let files = ["ca.crt", "server.crt", "server.key", "pg_hba.conf"].map(|f| data.join(f));
+        let ok = Command::new("chown")
+            .arg("postgres:postgres")
+            .args(files)
+            .status()?;
+        if !ok.success() {
+            bail!("chown of the certificate files failed");
+        }
+    }
+    Ok("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n".into())
 }
 
 impl Drop for PgCluster {

@@ -4,6 +4,8 @@
 //! answering each with one line (`ok` or an error):
 //!
 //! - `topic <name> <partitions>`: create a topic (the mock has no CreateTopics).
+//! - `produce_errors <code> <count>`: answer the next `count` Produce
+//!   requests with Kafka error `code` (e.g. 10, message too large).
 //!
 //! It stays up until stdin closes or it is killed.
 
@@ -12,6 +14,7 @@ use std::io::{BufRead, Write};
 use anyhow::{Context, Result};
 use clap::Parser;
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// librdkafka's mock Kafka cluster on 127.0.0.1.
 #[derive(Debug, Parser)]
@@ -37,6 +40,17 @@ fn command<C: rdkafka::ClientContext>(
             },
             Err(e) => format!("error: partitions: {e}"),
         },
+        ["produce_errors", code, count] => {
+            let code = code.parse::<i32>().ok();
+            let error = code.and_then(|c| RDKafkaRespErr::try_from(c).ok());
+            match (error, count.parse::<usize>()) {
+                (Some(e), Ok(n)) => {
+                    cluster.request_errors(RDKafkaApiKey::Produce, &vec![e; n]);
+                    "ok".into()
+                }
+                _ => format!("error: bad error code or count in {line:?}"),
+            }
+        }
         _ => format!("error: unknown command {line:?}"),
     }
 }

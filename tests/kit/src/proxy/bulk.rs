@@ -29,15 +29,28 @@ pub enum Fault {
     Partial {
         /// Which items fail.
         every: usize,
-        /// Their status (429, 503, …).
+        /// Their status (429, 503, …); 0 leaves the status out.
         status: u16,
     },
+    /// 200 with a body that is not JSON, nothing applied.
+    NotJson,
+}
+
+/// A standing rule: every bulk request it matches is refused, not applied.
+#[derive(Debug, Clone)]
+pub enum Refuse {
+    /// 400 for a request whose body contains this text.
+    Containing(String),
+    /// 413 for a request whose body is longer than this many bytes.
+    LongerThan(usize),
 }
 
 /// Queued and fired faults, and bulk requests seen.
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Fault>,
+    rules: Vec<Refuse>,
+    refused: usize,
     fired: usize,
     seen: usize,
 }
@@ -64,6 +77,16 @@ impl BulkFaultProxy {
             }
         });
         Ok(BulkFaultProxy { url, state, accept })
+    }
+
+    /// Refuse every bulk request `rule` matches, from now on.
+    pub fn refuse(&self, rule: Refuse) {
+        lock(&self.state).rules.push(rule);
+    }
+
+    /// Requests refused by a standing rule so far.
+    pub fn refused(&self) -> usize {
+        lock(&self.state).refused
     }
 
     /// Spoil the next bulk requests with `faults`, in order, one each.
@@ -226,7 +249,9 @@ async fn partial(
         .iter()
         .enumerate()
         .map(|(i, it)| {
-            if fails(i) {
+            if fails(i) && status == 0 {
+                json!({ action(it): {"error": {"type": reason, "reason": "injected, no status"}}})
+            } else if fails(i) {
                 json!({ action(it): {"status": status, "error": {"type": reason, "reason": "injected"}}})
             } else {
                 answers.next().unwrap_or(Value::Null)
@@ -241,13 +266,25 @@ async fn partial(
     )
 }
 
-/// The fault for the next request to `path` (only `_bulk` requests are spoiled).
-fn next_fault(state: &Mutex<State>, path: &str) -> Option<Fault> {
+/// The fault for the next request to `path` (only `_bulk` requests are
+/// spoiled): a standing rule's refusal, else the next queued fault.
+fn next_fault(state: &Mutex<State>, path: &str, body: &[u8]) -> Option<Fault> {
     if !path.contains("_bulk") {
         return None;
     }
     let mut s = lock(state);
     s.seen += 1;
+    let refusal = s.rules.iter().find_map(|r| match r {
+        Refuse::Containing(text) if String::from_utf8_lossy(body).contains(text.as_str()) => {
+            Some(400)
+        }
+        Refuse::LongerThan(n) if body.len() > *n => Some(413),
+        _ => None,
+    });
+    if let Some(status) = refusal {
+        s.refused += 1;
+        return Some(Fault::Reject(status));
+    }
     let fault = s.queue.pop_front();
     s.fired += usize::from(fault.is_some());
     fault
@@ -262,7 +299,7 @@ async fn serve(
     let Some((method, path, body)) = read_request(&mut conn).await else {
         return;
     };
-    let (status, resp) = match next_fault(&state, &path) {
+    let (status, resp) = match next_fault(&state, &path, &body) {
         None => forward(&http, &upstream, &method, &path, body).await,
         Some(Fault::Drop) => return drop(conn),
         Some(Fault::Reject(status)) => (
@@ -274,6 +311,7 @@ async fn serve(
         Some(Fault::Partial { every, status }) => {
             partial(&http, &upstream, &path, &body, every, status).await
         }
+        Some(Fault::NotJson) => (200, b"<html>gateway says hello</html>".to_vec()),
     };
     respond(&mut conn, status, &resp).await;
 }
@@ -298,8 +336,8 @@ mod tests {
         lock(&state)
             .queue
             .extend([Fault::Drop, Fault::Reject(429), Fault::Reject(500)]);
-        assert_eq!(next_fault(&state, "/idx/_search"), None);
-        let fired: Vec<_> = (0..5).map(|_| next_fault(&state, "/_bulk")).collect();
+        assert_eq!(next_fault(&state, "/idx/_search", b""), None);
+        let fired: Vec<_> = (0..5).map(|_| next_fault(&state, "/_bulk", b"")).collect();
         assert_eq!(
             &fired[..3],
             [

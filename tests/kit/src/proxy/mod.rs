@@ -1,4 +1,6 @@
-//! Fault proxies between the daemon and a service.
+//! Proxies between the daemon and a service: fault injection, and TLS
+//! termination for services without TLS of their own.
 
 pub mod bulk;
 pub mod tcp;
+pub mod tls;

@@ -1,0 +1,212 @@
+//! Every configured table stays captured.
+//!
+//! `DROP TABLE` takes a table out of the publication, and a table created
+//! again under the same name is not added back: without a check, its changes
+//! would be lost without a word. While the stream runs, this watch looks
+//! every [`CHECK_EVERY`]:
+//! - a configured table that no longer exists is logged at ERROR (again
+//!   every [`REMIND_EVERY`]) and counted in `pgcdc_tables_uncaptured`, which
+//!   turns `/ready` to 503, until it exists again;
+//! - a configured table that exists but is not published (re-created, or
+//!   removed from the publication by hand) is added back. Once every
+//!   transaction that began before the add has ended (their changes may not
+//!   be decoded with the table published), a signed reset signal goes into
+//!   the WAL: the stream emits a truncate for the table there and copies it
+//!   again by watermark backfill, so its mirror ends equal to the new table.
+//!
+//! A failed check is logged and retried at the next pass.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::event::TableRef;
+use crate::metrics::metrics;
+use crate::pg::quote::{qualified, quote_ident};
+use crate::pg::{PgError, PostgresConfig};
+use crate::snapshot::watermark::{MessageKey, Signal};
+
+/// How often the publication is compared with the configured tables.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often a table that stays dropped is reported again.
+const REMIND_EVERY: Duration = Duration::from_secs(60);
+/// How often the wait for older transactions looks again.
+const OLDER_POLL: Duration = Duration::from_millis(200);
+
+/// Where a configured table stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Exists and is published: captured.
+    Published,
+    /// Exists, not published: must be added back and copied again.
+    Unpublished,
+    /// Does not exist.
+    Gone,
+}
+
+/// The watch over one stream session's tables.
+pub(super) struct ScopeWatch {
+    pg: Arc<PostgresConfig>,
+    tables: Vec<(String, String)>,
+    key: MessageKey,
+    sql: Option<Client>,
+    /// Tables found gone, and when that was last reported.
+    gone: HashMap<(String, String), Instant>,
+}
+
+impl ScopeWatch {
+    /// A watch over `tables`, signing its signals with `key`.
+    pub fn new(pg: Arc<PostgresConfig>, tables: &[Arc<TableRef>], key: MessageKey) -> Self {
+        let tables = tables
+            .iter()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect();
+        Self {
+            pg,
+            tables,
+            key,
+            sql: None,
+            gone: HashMap::new(),
+        }
+    }
+
+    /// Check until dropped (it runs beside the stream, which drops it when it ends).
+    pub async fn run(mut self) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "publication check failed; retrying");
+                self.sql = None;
+            }
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), PgError> {
+        if self.sql.is_none() {
+            self.sql = Some(crate::pg::connect(&self.pg).await?);
+        }
+        let Some(sql) = self.sql.as_mut() else {
+            return Ok(());
+        };
+        let states = table_states(sql, &self.pg.publication, &self.tables).await?;
+        let mut uncaptured = 0;
+        for (table, state) in states {
+            let name = format!("{}.{}", table.0, table.1);
+            match state {
+                State::Published => {
+                    if self.gone.remove(&table).is_some() {
+                        tracing::info!(table = %name, "configured table exists and is captured again");
+                    }
+                }
+                State::Gone => {
+                    uncaptured += 1;
+                    let due = self
+                        .gone
+                        .get(&table)
+                        .is_none_or(|t| t.elapsed() >= REMIND_EVERY);
+                    if due {
+                        tracing::error!(table = %name, "configured table no longer exists (dropped): its mirror keeps the rows it had; pgcdc copies the table again when it is created again, or remove it from postgres.tables");
+                        self.gone.insert(table, Instant::now());
+                    }
+                }
+                State::Unpublished => {
+                    self.gone.remove(&table);
+                    tracing::warn!(table = %name, publication = %self.pg.publication, "configured table is not in the publication (re-created, or removed from it): adding it back, then truncating its mirror and copying it again");
+                    let (pg, key) = (&self.pg, &self.key);
+                    if let Err(e) = recapture(sql, pg, key, &table).await {
+                        uncaptured += 1;
+                        tracing::error!(table = %name, error = %e, fix = %add_table_sql(&pg.publication, &table), "could not add the table back to the publication: its changes are not captured");
+                    }
+                }
+            }
+        }
+        metrics().tables_uncaptured.set(uncaptured);
+        Ok(())
+    }
+}
+
+/// The state of each of `tables` against `publication`.
+async fn table_states(
+    sql: &Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<Vec<((String, String), State)>, PgError> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
+    let rows = sql
+        .query(
+            "SELECT s, n, to_regclass(format('%I.%I', s, n)) IS NOT NULL, \
+                    EXISTS (SELECT 1 FROM pg_publication_tables p \
+                             WHERE p.pubname = $1 AND p.schemaname = s AND p.tablename = n) \
+               FROM unnest($2::text[], $3::text[]) AS t(s, n)",
+            &[&publication, &schemas, &names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let state = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
+                (_, true) => State::Published,
+                (true, false) => State::Unpublished,
+                (false, false) => State::Gone,
+            };
+            ((r.get(0), r.get(1)), state)
+        })
+        .collect())
+}
+
+fn add_table_sql(publication: &str, (schema, name): &(String, String)) -> String {
+    format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        quote_ident(publication),
+        qualified(schema, name)
+    )
+}
+
+/// Add the table back, wait out older transactions, then ask the stream to
+/// reset it (truncate, copy again).
+async fn recapture(
+    sql: &mut Client,
+    pg: &PostgresConfig,
+    key: &MessageKey,
+    table: &(String, String),
+) -> Result<(), PgError> {
+    let tx = sql.transaction().await?;
+    tx.batch_execute(&add_table_sql(&pg.publication, table))
+        .await?;
+    let xid: String = tx
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    wait_for_older_transactions(sql, &xid).await?;
+    let signal = Signal::signed(key, &pg.slot, &table.0, &table.1, true);
+    let lsn = signal.write(sql).await?;
+    tracing::info!(table = %format!("{}.{}", table.0, table.1), lsn = %lsn, "table added back to the publication; reset requested");
+    Ok(())
+}
+
+/// Wait until every transaction older than `xid` has ended.
+async fn wait_for_older_transactions(sql: &Client, xid: &str) -> Result<(), PgError> {
+    let started = Instant::now();
+    let mut reminded = started;
+    loop {
+        let done: bool = sql
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) > $1::text::xid8",
+                &[&xid],
+            )
+            .await?
+            .get(0);
+        if done {
+            return Ok(());
+        }
+        if reminded.elapsed() >= REMIND_EVERY {
+            tracing::warn!(waited_secs = started.elapsed().as_secs(), "a transaction older than the publication change is still open; the table is copied again once it ends");
+            reminded = Instant::now();
+        }
+        tokio::time::sleep(OLDER_POLL).await;
+    }
+}

@@ -1,0 +1,122 @@
+//! The topics pgcdc creates at start, and the durability it gives them:
+//! min(3, brokers) copies, `min.insync.replicas` = 2 from 3 copies on, and
+//! a warning for every topic (created or found) that keeps fewer than 3.
+
+use std::time::Duration;
+
+use pgcdc_actors::error::ConfigError;
+use pgcdc_actors::kafka_producer::{KafkaConfig, DURABLE_REPLICAS};
+use pgcdc_actors::pg::parse_table_name;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::AppError;
+use crate::settings::Settings;
+
+/// How long a metadata or admin request may take at start.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Create the topics events go to; existing ones are left alone. Topics
+/// with fewer than 3 copies are warned about.
+pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
+    let k = &settings.kafka;
+    let names = topic_names(settings);
+    let admin = admin(k)?;
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, REQUEST_TIMEOUT)
+        .map_err(|e| upstream(k, &format!("cannot read metadata: {e}")))?
+        .brokers()
+        .len();
+    let factor = k.replication_factor(brokers);
+    let min_insync = KafkaConfig::min_insync_replicas(factor).map(|n| n.to_string());
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| {
+            let topic = NewTopic::new(n, k.topic_partitions, TopicReplication::Fixed(factor));
+            match &min_insync {
+                Some(m) => topic.set("min.insync.replicas", m),
+                None => topic,
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(REQUEST_TIMEOUT))
+        .request_timeout(Some(REQUEST_TIMEOUT));
+    let results = admin
+        .create_topics(&topics, &opts)
+        .await
+        .map_err(|e| upstream(k, &format!("cannot create topics: {e}")))?;
+    for r in results {
+        match r {
+            Ok(topic) => tracing::info!(topic, replication_factor = factor, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(upstream(k, &format!("cannot create topic {topic}: {code}")))
+            }
+        }
+    }
+    warn_weak_topics(&admin, &names, brokers);
+    Ok(())
+}
+
+/// Every topic pgcdc writes: one per table (or the single topic) and the dead letters.
+fn topic_names(settings: &Settings) -> Vec<String> {
+    let k = &settings.kafka;
+    let mut names: Vec<String> = settings
+        .postgres
+        .tables
+        .iter()
+        .filter_map(|t| parse_table_name(t).ok())
+        .map(|(s, t)| k.topic_for(&s, &t))
+        .collect();
+    names.push(settings.elasticsearch.dead_letter_topic.clone());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// An admin client with the user's properties.
+fn admin(k: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, AppError> {
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, v) in &k.properties {
+        config.set(key, v);
+    }
+    config.set("bootstrap.servers", &k.brokers);
+    config.create().map_err(|e| {
+        let message = k.properties.redact(&e.to_string());
+        AppError::Config(vec![ConfigError::new("kafka.properties", message)])
+    })
+}
+
+/// Warn about each of `names` whose partitions keep fewer than 3 copies.
+fn warn_weak_topics(admin: &AdminClient<DefaultClientContext>, names: &[String], brokers: usize) {
+    for topic in names {
+        let Ok(md) = admin.inner().fetch_metadata(Some(topic), REQUEST_TIMEOUT) else {
+            continue;
+        };
+        let copies = md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| p.replicas().len())
+            .min();
+        if let Some(copies) = copies.filter(|c| (*c as i32) < DURABLE_REPLICAS) {
+            tracing::warn!(
+                topic,
+                copies,
+                brokers,
+                "topic keeps fewer than 3 copies: acks=all waits for only these, so losing a broker can lose acknowledged changes"
+            );
+        }
+    }
+}
+
+fn upstream(k: &KafkaConfig, what: &str) -> AppError {
+    AppError::Upstream(format!(
+        "kafka at {}: {}",
+        k.brokers,
+        k.properties.redact(what)
+    ))
+}
