@@ -54,19 +54,25 @@ impl Sink {
             return Ok(());
         };
         let owned = partitions.iter().filter(|l| l.owned).count();
-        let (group, bound) = (&self.es.consumer_group, self.es.stall_timeout_secs);
-        m.sink_stalled(Some(format!(
-            "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {}s or more; this sink reads {owned} partitions",
-            stalled_for.as_secs() + bound
-        )));
+        let (group, stalled_secs) = (
+            &self.es.consumer_group,
+            stalled_for.as_secs() + self.es.stall_timeout_secs,
+        );
+        let why = format!(
+            "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {stalled_secs}s or more; this sink reads {owned} partitions"
+        );
+        if stalled_for.is_zero() {
+            tracing::error!(%group, lag, stuck, owned, stalled_secs, "es sink stalled: changes wait that no group member consumes");
+        }
+        m.sink_stalled(Some(why));
         match remedy {
             Remedy::Wait => Ok(()),
             Remedy::Rejoin => {
-                tracing::error!(%group, lag, stuck, owned, stalled_secs = stalled_for.as_secs() + bound, "es sink stalled: changes wait that no group member consumes; leaving the group and joining again");
+                tracing::warn!(%group, "es sink: leaving its group and joining again to end the stall");
                 self.rejoin(c).await
             }
             Remedy::ReadDirectly(spell) => {
-                tracing::error!(%group, lag, stuck, owned, stalled_secs = stalled_for.as_secs() + bound, spell_secs = spell.as_secs(), "es sink stalled and rejoining did not help: the group does not form; reading every partition directly, outside the group, then trying the group again");
+                tracing::error!(%group, lag, stalled_secs, spell_secs = spell.as_secs(), "es sink: rejoining did not end the stall, the group does not form; reading every partition directly, outside the group, then trying the group again");
                 self.read_directly(c, &partitions, spell).await
             }
         }
