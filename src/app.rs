@@ -18,6 +18,7 @@ use pgcdc_actors::es_writer::EsWriterActor;
 use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
+use pgcdc_actors::metrics::Readiness;
 use pgcdc_actors::pg;
 use pgcdc_actors::replication::ReplicationActor;
 use pgcdc_actors::snapshot::watermark::{MessageKey, Watermarks};
@@ -26,6 +27,7 @@ use pgcdc_actors::supervision::RestartBudget;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::AppError;
+use crate::http::ReadyRule;
 use crate::settings::Settings;
 
 /// Longest stop after a fatal report: what Kafka acknowledges by then is
@@ -53,7 +55,8 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     if settings.kafka.create_topics {
         crate::topics::create_topics(&settings).await?;
     }
-    serve_metrics(&settings).await?;
+    let sink = settings.elasticsearch.run_in_daemon;
+    serve_metrics(&settings, Readiness::Pipeline { sink }).await?;
     let (fatal, mut fatal_rx) = FatalReporter::channel();
     let budget_of = |actor| budget(&settings, actor, &fatal);
     let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), budget_of("checkpoint"));
@@ -90,10 +93,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         ReplicationActor::new(pg, snapshot, (snapshots, marks), p, cp, repl_budget)
     });
     // The sink stops with the process: its offsets are committed after every written batch.
-    let _sink = settings
-        .elasticsearch
-        .run_in_daemon
-        .then(|| start_es_sink(&settings, &fatal));
+    let _sink = sink.then(|| start_es_sink(&settings, &fatal));
 
     match wait_for_stop(&mut fatal_rx).await {
         Stop::Signal => {
@@ -114,7 +114,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
         if settings.kafka.create_topics {
             crate::topics::create_topics(&settings).await?;
         }
-        serve_metrics(&settings).await?;
+        serve_metrics(&settings, Readiness::Sink).await?;
         let (fatal, mut fatal_rx) = FatalReporter::channel();
         let _sink = start_es_sink(&settings, &fatal);
         let stop = wait_for_stop(&mut fatal_rx).await;
@@ -133,11 +133,12 @@ fn budget(settings: &Settings, actor: &'static str, fatal: &FatalReporter) -> Re
     RestartBudget::new(actor, settings.supervision.clone()).reporting_to(fatal.clone())
 }
 
-async fn serve_metrics(settings: &Settings) -> Result<(), AppError> {
+/// Serve `/metrics`, `/health` and `/ready` (judged on `what`) if configured.
+async fn serve_metrics(settings: &Settings, what: Readiness) -> Result<(), AppError> {
     match settings.metrics.addr() {
         Some(addr) => {
             let window = Duration::from_secs(settings.metrics.ready_window_secs);
-            crate::http::serve(addr, window).await
+            crate::http::serve(addr, ReadyRule { what, window }).await
         }
         None => Ok(()),
     }

@@ -1,6 +1,6 @@
 //! The metrics and health endpoint: `GET /metrics` (Prometheus text format),
-//! `GET /health` (the process is alive) and `GET /ready` (replication makes
-//! progress, or is caught up and hears keepalives). A few read-only GET
+//! `GET /health` (the process is alive) and `GET /ready` (by the readiness
+//! rule of what the process runs, see [`Readiness`]). A few read-only GET
 //! routes on a local address do not need a web framework; each request is
 //! read with a size and time limit and answered with `Connection: close`.
 
@@ -8,14 +8,23 @@ use pgcdc_actors::error::ConfigError;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use pgcdc_actors::metrics::metrics;
+use pgcdc_actors::metrics::{metrics, Readiness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::AppError;
 
+/// When `/ready` answers 200.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyRule {
+    /// What readiness is judged on.
+    pub what: Readiness,
+    /// How recent progress must be.
+    pub window: Duration,
+}
+
 /// Bind `addr` and serve until the process ends.
-pub async fn serve(addr: SocketAddr, ready_window: Duration) -> Result<(), AppError> {
+pub async fn serve(addr: SocketAddr, ready: ReadyRule) -> Result<(), AppError> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         AppError::Config(vec![ConfigError::new(
             "metrics.listen",
@@ -28,11 +37,8 @@ pub async fn serve(addr: SocketAddr, ready_window: Duration) -> Result<(), AppEr
             match listener.accept().await {
                 Ok((conn, _)) => {
                     actix::spawn(async move {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            answer(conn, ready_window),
-                        )
-                        .await;
+                        let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, ready))
+                            .await;
                     });
                 }
                 Err(e) => {
@@ -45,7 +51,7 @@ pub async fn serve(addr: SocketAddr, ready_window: Duration) -> Result<(), AppEr
     Ok(())
 }
 
-async fn answer(mut conn: TcpStream, ready_window: Duration) -> std::io::Result<()> {
+async fn answer(mut conn: TcpStream, ready: ReadyRule) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
@@ -58,7 +64,7 @@ async fn answer(mut conn: TcpStream, ready_window: Duration) -> std::io::Result<
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = route(method, path, ready_window);
+    let (status, ctype, body) = route(method, path, ready);
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -68,7 +74,7 @@ async fn answer(mut conn: TcpStream, ready_window: Duration) -> std::io::Result<
     conn.shutdown().await
 }
 
-fn route(method: &str, path: &str, ready_window: Duration) -> (&'static str, &'static str, String) {
+fn route(method: &str, path: &str, ready: ReadyRule) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != "GET" {
         return ("405 Method Not Allowed", TEXT, "only GET\n".into());
@@ -80,24 +86,14 @@ fn route(method: &str, path: &str, ready_window: Duration) -> (&'static str, &'s
             metrics().render(),
         ),
         "/health" => ("200 OK", TEXT, "ok\n".into()),
-        "/ready" if metrics().ready(ready_window) => ("200 OK", TEXT, "ready\n".into()),
-        "/ready" if metrics().tables_uncaptured.get() > 0 => (
-            "503 Service Unavailable",
-            TEXT,
-            format!(
-                "not ready: {} configured table(s) not captured (dropped, or not in the publication; see the log)\n",
-                metrics().tables_uncaptured.get()
+        "/ready" => match metrics().readiness(ready.window, ready.what) {
+            Ok(()) => ("200 OK", TEXT, "ready\n".into()),
+            Err(why) => (
+                "503 Service Unavailable",
+                TEXT,
+                format!("not ready: {why}\n"),
             ),
-        ),
-        "/ready" => (
-            "503 Service Unavailable",
-            TEXT,
-            format!(
-                "not ready: no confirmed progress in {}s and {} bytes behind\n",
-                ready_window.as_secs(),
-                metrics().lag_bytes()
-            ),
-        ),
+        },
         _ => (
             "404 Not Found",
             TEXT,

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use pgcdc_actors::audit::{AuditHandle, AuditLayer, LogActor, DEAD_LETTER_TARGET};
+use pgcdc_actors::audit::{asked_per_event, AuditHandle, AuditLayer, LogActor, DEAD_LETTER_TARGET};
 use pgcdc_actors::error::ErrorClass;
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
@@ -79,7 +79,7 @@ where
         LogFormat::Human => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
-    layer.with_filter(filter)
+    layer.with_filter(asked_per_event(filter))
 }
 
 fn start_audit(settings: &Settings) -> Result<(AuditLayer, AuditHandle), AppError> {

@@ -397,7 +397,7 @@ async fn kill_9_of_the_sink_mid_stream_loses_nothing_on_the_mock_broker_with_mul
 async fn kill_9_mid_batch_loses_nothing(r: Rig) {
     let changes = workload(300, 3000);
     produce_batched(&*r.broker, &changes).await;
-    let sink = kill_9_twice_loses_nothing(&r, &changes, crate::support::FAST_REBALANCE).await;
+    let sink = kill_9_twice_loses_nothing(&r, &changes).await;
     let log = sink.log_text();
     assert!(
         !log.contains("kafka skipped offsets"),
@@ -405,14 +405,11 @@ async fn kill_9_mid_batch_loses_nothing(r: Rig) {
     );
 }
 
-/// Start a sink on `r`'s topic (a static group member with `properties`),
-/// kill it twice, each time after it wrote something since its last start;
-/// the mirror must end equal to `changes`. Returns the sink, still running.
-async fn kill_9_twice_loses_nothing(r: &Rig, changes: &[Change], properties: &str) -> Daemon {
-    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "").replace(
-        "\n[supervision]",
-        &format!("\n{properties}\"group.instance.id\" = \"sink-under-test\"\n[supervision]"),
-    );
+/// Start a sink on `r`'s topic, kill it twice, each time after it wrote
+/// something since its last start; the mirror must end equal to `changes`.
+/// Returns the sink, still running.
+async fn kill_9_twice_loses_nothing(r: &Rig, changes: &[Change]) -> Daemon {
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
     let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
     let mut seen = BTreeMap::new();
     for _ in 0..2 {

@@ -12,6 +12,7 @@ mod observe;
 mod producer_outage;
 mod schema_changes;
 mod secrets;
+mod sink_group;
 mod snapshot;
 mod support;
 mod table_shapes;

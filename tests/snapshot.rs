@@ -250,7 +250,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
         .await
         .unwrap();
 
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], crate::support::FAST_REBALANCE)
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "")
         + &format!(
             "\n[snapshot]\nchunk_rows = 2000\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
             es.url

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-pub use pgcdc_testkit::config::{daemon_config as config, FAST_REBALANCE};
+pub use pgcdc_testkit::config::daemon_config as config;
 pub use pgcdc_testkit::{
     wait, Broker, Daemon, MockBroker, PgCluster, Record, SearchServer, Tansu, TopicReader,
 };
@@ -87,4 +87,28 @@ pub fn read_all(broker: &dyn Broker, topic: &str) -> Vec<Record> {
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     pgcdc_testkit::free_port().expect("free port")
+}
+
+/// `GET url`: the status and body, or `None` if the request failed.
+pub async fn get(url: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// The value of `metric` with every label in `labels`, if present in the Prometheus `text`.
+pub fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .find_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
 }

@@ -1,8 +1,11 @@
-//! Process-wide metrics in the Prometheus text format, and the readiness rule.
+//! Process-wide metrics in the Prometheus text format, and the readiness rules.
 //!
 //! Every actor updates the one [`Metrics`] instance ([`metrics()`]); the HTTP
 //! endpoint renders it. Gauges derived from several sources (lag) are computed
-//! when rendered.
+//! when rendered. Readiness ([`Metrics::readiness`]) depends on what the
+//! process runs ([`Readiness`]): the pipeline is ready while replication makes
+//! progress (and its ES sink, if it runs one, is not stalled); a standalone
+//! sink while it writes or is caught up, and is not stalled.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
@@ -50,6 +53,18 @@ pub struct Metrics {
     /// Configured tables whose changes are not captured (dropped, or not
     /// published and not added back).
     pub tables_uncaptured: IntGauge,
+    /// Records beyond the ES sink group's committed offset, per topic and partition.
+    pub es_sink_lag: IntGaugeVec,
+    /// Partitions assigned to this ES sink.
+    pub es_sink_partitions: IntGauge,
+    /// Times the ES sink left its group and joined again to end a stall.
+    pub es_sink_rejoins: IntCounter,
+    /// 1 while the ES sink reads its partitions directly, outside its group.
+    pub es_sink_direct: IntGauge,
+    /// Highest commit LSN the ES sink applied to the mirror, per table.
+    pub es_applied_lsn: IntGaugeVec,
+    es_sink_stalled: IntGauge,
+    sink: Mutex<SinkHealth>,
     lag_bytes: IntGauge,
     lag_seconds: IntGauge,
     confirmed: IntGaugeVec,
@@ -58,6 +73,29 @@ pub struct Metrics {
     /// Commit time (µs since epoch) of the newest checkpointed transaction.
     confirmed_commit_us: AtomicI64,
     progress: Mutex<Progress>,
+}
+
+/// What the process's readiness is judged on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `pgcdc run`: replication progress; with `sink`, also an ES sink that is not stalled.
+    Pipeline {
+        /// Whether the ES sink runs in this process.
+        sink: bool,
+    },
+    /// `pgcdc es-sink`: the sink alone.
+    Sink,
+}
+
+/// When the ES sink last showed life, and why it is stalled.
+#[derive(Default)]
+struct SinkHealth {
+    /// The last batch written (bulk requests accepted) and committed.
+    wrote_at: Option<SystemTime>,
+    /// The last probe that found no record waiting.
+    caught_up_at: Option<SystemTime>,
+    /// Why the sink is stalled, while it is.
+    stalled: Option<String>,
 }
 
 /// When the stream last showed life.
@@ -78,6 +116,13 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     r.register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("{e}"));
     c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    g
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -117,6 +162,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Whether `t` is at most `window` ago.
+fn recent(t: Option<SystemTime>, window: Duration) -> bool {
+    t.and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age <= window)
 }
 
 fn now_us() -> i64 {
@@ -221,6 +272,39 @@ impl Metrics {
                 "tables_uncaptured",
                 "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
             ),
+            es_sink_lag: gauge_vec(
+                &r,
+                "es_sink_lag_records",
+                "Records beyond the ES sink group's committed offset",
+                &["topic", "partition"],
+            ),
+            es_sink_partitions: gauge(
+                &r,
+                "es_sink_partitions_assigned",
+                "Partitions assigned to this ES sink",
+            ),
+            es_sink_rejoins: counter(
+                &r,
+                "es_sink_rejoins_total",
+                "Times the ES sink left its group and joined again to end a stall",
+            ),
+            es_sink_direct: gauge(
+                &r,
+                "es_sink_reading_directly",
+                "1 while the ES sink reads every partition directly because its group does not form",
+            ),
+            es_applied_lsn: gauge_vec(
+                &r,
+                "es_applied_lsn",
+                "Highest commit LSN the ES sink applied to the mirror",
+                &["table"],
+            ),
+            es_sink_stalled: gauge(
+                &r,
+                "es_sink_stalled",
+                "1 while records wait on a partition whose committed offset stands still",
+            ),
+            sink: Mutex::default(),
             lag_bytes: gauge(
                 &r,
                 "replication_lag_bytes",
@@ -273,15 +357,79 @@ impl Metrics {
     /// Ready: confirmed progress within `window`, or caught up with a
     /// keepalive within `window`; and every configured table is captured.
     pub fn ready(&self, window: Duration) -> bool {
-        let recent = |t: Option<SystemTime>| {
-            t.and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age <= window)
-        };
         let Ok(p) = self.progress.lock() else {
             return false;
         };
-        let moving = recent(p.confirmed_at) || (recent(p.keepalive_at) && self.lag_bytes() == 0);
+        let moving = recent(p.confirmed_at, window)
+            || (recent(p.keepalive_at, window) && self.lag_bytes() == 0);
         moving && self.tables_uncaptured.get() == 0
+    }
+
+    /// Whether the process is ready as `what` (see [`Readiness`]); if not, why.
+    pub fn readiness(&self, window: Duration, what: Readiness) -> Result<(), String> {
+        let uncaptured = self.tables_uncaptured.get();
+        if what != Readiness::Sink && uncaptured > 0 {
+            return Err(format!(
+                "{uncaptured} configured table(s) not captured (dropped, or not in the publication; see the log)"
+            ));
+        }
+        if what != Readiness::Sink && !self.ready(window) {
+            return Err(format!(
+                "no confirmed progress in {}s and {} bytes behind",
+                window.as_secs(),
+                self.lag_bytes()
+            ));
+        }
+        if what == (Readiness::Pipeline { sink: false }) {
+            return Ok(());
+        }
+        let Ok(s) = self.sink.lock() else {
+            return Err("sink health unreadable".into());
+        };
+        if let Some(why) = &s.stalled {
+            return Err(why.clone());
+        }
+        let live = recent(s.wrote_at, window) || recent(s.caught_up_at, window);
+        if what == Readiness::Sink && !live {
+            return Err(format!(
+                "es sink: no batch written and not caught up in {}s",
+                window.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The ES sink wrote and committed a batch.
+    pub fn sink_wrote(&self) {
+        if let Ok(mut s) = self.sink.lock() {
+            s.wrote_at = Some(SystemTime::now());
+        }
+    }
+
+    /// The ES sink found no record waiting beyond its group's committed offsets.
+    pub fn sink_caught_up(&self) {
+        if let Ok(mut s) = self.sink.lock() {
+            s.caught_up_at = Some(SystemTime::now());
+        }
+    }
+
+    /// The ES sink is stalled (`Some(why)`) or not (`None`); whether it was before.
+    pub fn sink_stalled(&self, why: Option<String>) -> bool {
+        let was = self.es_sink_stalled.get() == 1;
+        self.es_sink_stalled.set(i64::from(why.is_some()));
+        if let Ok(mut s) = self.sink.lock() {
+            s.stalled = why;
+        }
+        was
+    }
+
+    /// The ES sink applied `table`'s changes up to commit LSN `lsn` (never moves back).
+    pub fn sink_applied(&self, table: &str, lsn: Lsn) {
+        let gauge = self.es_applied_lsn.with_label_values(&[table]);
+        let lsn = i64::try_from(lsn.0).unwrap_or(i64::MAX);
+        if lsn > gauge.get() {
+            gauge.set(lsn);
+        }
     }
 
     /// Everything, in the Prometheus text format.
@@ -347,6 +495,70 @@ mod tests {
         assert!(text.contains("pgcdc_replication_lag_bytes 0"), "{text}");
         assert!(
             text.contains("pgcdc_lsn{position=\"confirmed\"} 1000"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_standalone_sink_is_ready_while_it_writes_or_is_caught_up_and_not_stalled() {
+        let m = Metrics::new();
+        let window = Duration::from_secs(30);
+        let sink = m.readiness(window, Readiness::Sink);
+        assert!(sink.is_err_and(|e| e.contains("not caught up")));
+        m.sink_caught_up();
+        assert_eq!(m.readiness(window, Readiness::Sink), Ok(()));
+        m.sink_stalled(Some("stalled: 7 records wait".into()));
+        assert_eq!(
+            m.readiness(window, Readiness::Sink),
+            Err("stalled: 7 records wait".into())
+        );
+        assert!(m.render().contains("pgcdc_es_sink_stalled 1"));
+        m.sink_stalled(None);
+        m.sink_wrote();
+        assert_eq!(m.readiness(window, Readiness::Sink), Ok(()));
+        assert!(m.render().contains("pgcdc_es_sink_stalled 0"));
+    }
+
+    #[test]
+    fn the_pipeline_is_not_ready_while_its_sink_is_stalled() {
+        let m = Metrics::new();
+        let window = Duration::from_secs(30);
+        m.server_wal_end(Lsn(10));
+        m.confirmed(Lsn(10), None);
+        m.sink_stalled(Some("stalled".into()));
+        assert_eq!(
+            m.readiness(window, Readiness::Pipeline { sink: false }),
+            Ok(())
+        );
+        assert_eq!(
+            m.readiness(window, Readiness::Pipeline { sink: true }),
+            Err("stalled".into())
+        );
+        m.sink_stalled(None);
+        assert_eq!(
+            m.readiness(window, Readiness::Pipeline { sink: true }),
+            Ok(()),
+            "a sink that has written nothing yet is no reason"
+        );
+        let lost = Metrics::new();
+        assert!(lost
+            .readiness(window, Readiness::Pipeline { sink: true })
+            .is_err_and(|e| e.contains("no confirmed progress")));
+    }
+
+    #[test]
+    fn the_applied_lsn_of_a_table_never_moves_back() {
+        let m = Metrics::new();
+        m.sink_applied("public.t", Lsn(500));
+        m.sink_applied("public.t", Lsn(300));
+        m.sink_applied("public.u", Lsn(7));
+        let text = m.render();
+        assert!(
+            text.contains("pgcdc_es_applied_lsn{table=\"public.t\"} 500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgcdc_es_applied_lsn{table=\"public.u\"} 7"),
             "{text}"
         );
     }

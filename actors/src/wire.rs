@@ -106,8 +106,11 @@ pub mod failpoint {
     pub const SNAPSHOT_COPY_CHUNK: &str = "snapshot-copy-chunk";
     /// The WAL monitor, at the start of each check.
     pub const WAL_MONITOR_PASS: &str = "wal-monitor-pass";
+    /// The ES sink, when its consumer was assigned partitions; `return`
+    /// drops the assignment, as a broker that assigned nothing would.
+    pub const ES_ASSIGNED: &str = "es-assigned";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -115,5 +118,6 @@ pub mod failpoint {
         SNAPSHOT_CHUNK,
         SNAPSHOT_COPY_CHUNK,
         WAL_MONITOR_PASS,
+        ES_ASSIGNED,
     ];
 }

@@ -39,7 +39,7 @@ use sqlx::Connection;
 use tokio::sync::mpsc;
 
 pub use config::{parse_level, AuditConfig};
-pub use record::{now_ms, rfc3339_ms, AuditLayer, DeadLetter, Entry, LogRecord};
+pub use record::{asked_per_event, now_ms, rfc3339_ms, AuditLayer, DeadLetter, Entry, LogRecord};
 
 use crate::error::{ErrorClass, ExitCode};
 

@@ -4,9 +4,10 @@
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::filter::{Filtered, LevelFilter, Targets};
-use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::filter::{DynFilterFn, FilterExt, Filtered, LevelFilter, Targets};
+use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::{Drops, DEAD_LETTER_TARGET, SELF_TARGET};
@@ -241,13 +242,25 @@ impl AuditLayer {
     }
 
     /// The layer behind its own filter, ready for a `Registry`.
-    pub fn filtered<S>(self) -> Filtered<Self, Targets, S>
+    pub fn filtered<S>(self) -> Filtered<Self, impl Filter<S>, S>
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        let filter = self.filter();
+        let filter = asked_per_event(self.filter());
         self.with_filter(filter)
     }
+}
+
+/// `filter`, asked about every event rather than answering "always" once
+/// per callsite. rdkafka asks the `log` facade whether librdkafka's debug
+/// lines are wanted whenever it makes a client configuration; the question
+/// reaches the per-layer filters and, answered "no" with no event after it,
+/// leaves a mark on the thread that makes the layer skip the next event of
+/// a callsite it always takes (the sink's first `es sink assigned` line was
+/// lost so). A filter asked about every event overwrites the mark first.
+pub fn asked_per_event<S: Subscriber, F: Filter<S>>(filter: F) -> impl Filter<S> {
+    let every_event = DynFilterFn::new(|_, _| true).with_callsite_filter(|_| Interest::sometimes());
+    filter.and(every_event)
 }
 
 impl<S: Subscriber> Layer<S> for AuditLayer {

@@ -19,6 +19,10 @@ const DEFAULT_FLUSH_INTERVAL_MS: u64 = 200;
 const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
 /// Default `retry_max_ms`: retries never wait more than ten seconds apart.
 const DEFAULT_RETRY_MAX_MS: u64 = 10_000;
+/// Default `stall_timeout_secs`: past a normal rebalance after a crash (the
+/// 10 s session timeout plus a join), short enough that both remedies
+/// (rejoin, then reading directly) fit in a minute.
+const DEFAULT_STALL_TIMEOUT_SECS: u64 = 20;
 /// Default `request_timeout_secs`: longer than a large bulk request takes on
 /// a loaded cluster, short enough to notice a hung connection.
 const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -75,6 +79,12 @@ pub struct EsConfig {
     pub request_timeout_secs: u64,
     /// Kafka consumer group of the sink.
     pub consumer_group: String,
+    /// Seconds records may wait beyond the group's committed offset of a
+    /// partition with that offset standing still before the sink is stalled:
+    /// it logs an error, turns `/ready` 503, and leaves and joins its group
+    /// again; if the stall lasts this long again, it reads every partition
+    /// directly for a while.
+    pub stall_timeout_secs: u64,
     /// Topic for records that cannot be indexed (with the reason).
     pub dead_letter_topic: String,
 }
@@ -103,6 +113,7 @@ impl Default for EsConfig {
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             consumer_group: "pgcdc-es-sink".into(),
+            stall_timeout_secs: DEFAULT_STALL_TIMEOUT_SECS,
             dead_letter_topic: "pgcdc-dead-letters".into(),
         }
     }
@@ -139,6 +150,7 @@ impl EsConfig {
         for (key, v) in [
             ("bulk_max_actions", self.bulk_max_actions),
             ("bulk_max_bytes", self.bulk_max_bytes),
+            ("stall_timeout_secs", self.stall_timeout_secs as usize),
         ] {
             if v == 0 {
                 errors.push(ConfigError::new(
@@ -217,6 +229,7 @@ mod tests {
             url: "localhost:9200".into(),
             index_prefix: "CDC_".into(),
             bulk_max_actions: 0,
+            stall_timeout_secs: 0,
             username: Some("u".into()),
             api_key: Secret::new("k"),
             ..Default::default()
@@ -229,7 +242,8 @@ mod tests {
                 "elasticsearch.url",
                 "elasticsearch.api_key",
                 "elasticsearch.index_prefix",
-                "elasticsearch.bulk_max_actions"
+                "elasticsearch.bulk_max_actions",
+                "elasticsearch.stall_timeout_secs"
             ]
         );
     }

@@ -1,34 +1,33 @@
 //! The sink's consuming loop: collect a batch from Kafka, check offset
 //! continuity, plan and write it to Elasticsearch (truncates as barriers,
 //! concurrent lanes by document, poison to the dead-letter topic), then commit
-//! the offsets.
+//! the offsets. Between batches, and whenever no record came for a while, it
+//! probes its group's progress and rejoins the group when stalled (`stall`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
-use super::context::SinkContext;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
+use super::group::{Prober, SinkConsumer};
 use super::mapping;
 use super::merge;
+use super::remedy::Membership;
 use super::retry::with_retry;
 use super::send::Sender;
+use super::stall::StallWatch;
 use super::truncate::{self, floors_index, Floors, Position, Written};
-use crate::kafka_producer::{KafkaConfig, TopicMode};
-
-/// A killed sink's partitions move to its successor after this long (Kafka's default is 45 s).
-const SESSION_TIMEOUT_MS: &str = "10000";
-/// Heartbeats well inside the session timeout, as Kafka recommends (a third or less).
-const HEARTBEAT_INTERVAL_MS: &str = "2000";
+use crate::kafka_producer::KafkaConfig;
+use crate::lsn::Lsn;
 
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
@@ -39,10 +38,24 @@ pub(super) struct Sink {
 }
 
 /// Clients and caches of one run.
-struct Clients {
-    consumer: Arc<StreamConsumer<SinkContext>>,
+pub(super) struct Clients {
+    /// The group member; replaced when the sink rejoins.
+    pub(super) consumer: SinkConsumer,
+    /// Looks up the group's progress.
+    pub(super) prober: Prober,
     /// The offset-continuity check.
-    continuity: Continuity,
+    pub(super) continuity: Continuity,
+    /// The stall check.
+    pub(super) watch: StallWatch,
+    /// Whether it reads as a group member or directly.
+    pub(super) membership: Membership,
+    /// When the group was last probed.
+    pub(super) probed_at: Instant,
+    /// Probes failed in a row.
+    pub(super) probe_failures: u32,
+    /// The offset after the last record written, per partition: where the
+    /// sink stands even when its commit has not landed (or is refused).
+    pub(super) positions: HashMap<(String, i32), i64>,
     dlq: DeadLetters,
     es: EsClient,
     /// Indices known to exist.
@@ -59,7 +72,10 @@ impl Sink {
     pub(super) async fn run(self) -> Result<(), EsError> {
         let mut c = self.connect()?;
         loop {
-            let mut batch = self.collect(&c.consumer).await?;
+            let Some(mut batch) = self.collect(&c.consumer).await? else {
+                self.check_group(&mut c, true).await?;
+                continue;
+            };
             c.continuity.check(&c.consumer, &mut batch).await;
             if batch.is_empty() {
                 continue; // every record is to be read again (a seek back)
@@ -67,38 +83,29 @@ impl Sink {
             self.write_batch(&mut c, &batch).await?;
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
+            self.written(&mut c, &batch);
+            if c.probed_at.elapsed() >= super::PROBE_EVERY {
+                self.check_group(&mut c, false).await?;
+            }
         }
     }
 
-    /// Build the consumer (subscribed), the dead-letter producer and the ES client.
+    /// Join the group, and build the dead-letter producer and the ES client.
     fn connect(&self) -> Result<Clients, EsError> {
-        let mut cc = rdkafka::ClientConfig::new();
-        cc.set("session.timeout.ms", SESSION_TIMEOUT_MS)
-            .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
-        for (k, v) in &self.kafka.properties {
-            cc.set(k, v);
-        }
-        cc.set("bootstrap.servers", &self.kafka.brokers)
-            .set("group.id", &self.es.consumer_group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("client.id", "pgcdc-es-sink");
-        let consumer: StreamConsumer<SinkContext> =
-            cc.create_with_context(SinkContext::default())?;
-        match self.kafka.topic_mode {
-            TopicMode::Single => consumer.subscribe(&[self.kafka.topic.as_str()])?,
-            TopicMode::PerTable => {
-                let pattern = format!("^{}\\..*", self.kafka.topic_prefix.replace('.', "\\."));
-                consumer.subscribe(&[pattern.as_str()])?
-            }
-        }
         let dlq = DeadLetters {
             producer: self.kafka.client_config().create()?,
             topic: self.es.dead_letter_topic.clone(),
         };
+        let bound = Duration::from_secs(self.es.stall_timeout_secs);
         Ok(Clients {
-            consumer: Arc::new(consumer),
+            consumer: super::group::join(&self.es, &self.kafka)?,
+            prober: super::group::prober(&self.es, &self.kafka)?,
             continuity: Continuity::default(),
+            watch: StallWatch::new(bound, Instant::now()),
+            membership: Membership::Group,
+            probed_at: Instant::now(),
+            probe_failures: 0,
+            positions: HashMap::new(),
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
@@ -107,12 +114,13 @@ impl Sink {
         })
     }
 
-    /// Wait for one record, then gather more until the batch is full or the flush interval passes.
-    async fn collect(
-        &self,
-        consumer: &StreamConsumer<SinkContext>,
-    ) -> Result<Vec<OwnedMessage>, EsError> {
-        let first = consumer.recv().await?.detach();
+    /// Wait for one record, then gather more until the batch is full or the
+    /// flush interval passes; `None` when no record came for [`super::PROBE_EVERY`].
+    async fn collect(&self, consumer: &SinkConsumer) -> Result<Option<Vec<OwnedMessage>>, EsError> {
+        let Ok(first) = tokio::time::timeout(super::PROBE_EVERY, consumer.recv()).await else {
+            return Ok(None);
+        };
+        let first = first?.detach();
         let deadline = Instant::now() + Duration::from_millis(self.es.flush_interval_ms);
         let mut bytes = first.payload().map_or(0, <[u8]>::len);
         let mut batch = vec![first];
@@ -127,7 +135,30 @@ impl Sink {
                 Err(_) => break,
             }
         }
-        Ok(batch)
+        Ok(Some(batch))
+    }
+
+    /// After a committed batch: progress for the stall check and readiness,
+    /// and the highest commit LSN applied per table.
+    fn written(&self, c: &mut Clients, batch: &[OwnedMessage]) {
+        let now = Instant::now();
+        for ((topic, partition), offset) in next_offsets(batch) {
+            c.watch.committed(topic, partition, offset, now);
+            c.positions.insert((topic.to_owned(), partition), offset);
+        }
+        let mut applied: HashMap<String, Lsn> = HashMap::new();
+        for msg in batch {
+            let lsn = header(msg, crate::wire::header::COMMIT_LSN).and_then(|l| l.parse().ok());
+            if let (Some(table), Some(lsn)) = (header(msg, crate::wire::header::TABLE), lsn) {
+                let at = applied.entry(table).or_insert(lsn);
+                *at = (*at).max(lsn);
+            }
+        }
+        let m = crate::metrics::metrics();
+        for (table, lsn) in applied {
+            m.sink_applied(&table, lsn);
+        }
+        m.sink_wrote();
     }
 
     /// Write a batch: records in order, truncates as barriers (see
@@ -323,15 +354,20 @@ impl Sink {
     }
 }
 
-/// Commit the offset after the last record of each partition in the batch.
-fn commit(consumer: &StreamConsumer<SinkContext>, batch: &[OwnedMessage]) -> Result<(), EsError> {
+/// The offset after the last record of each partition in the batch.
+fn next_offsets(batch: &[OwnedMessage]) -> HashMap<(&str, i32), i64> {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
     for m in batch {
         let e = next.entry((m.topic(), m.partition())).or_insert(0);
         *e = (*e).max(m.offset() + 1);
     }
+    next
+}
+
+/// Commit the offset after the last record of each partition in the batch.
+fn commit(consumer: &SinkConsumer, batch: &[OwnedMessage]) -> Result<(), EsError> {
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
+    for ((topic, partition), offset) in next_offsets(batch) {
         tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     }
     // Asynchronous: a synchronous commit would block the actor thread (the

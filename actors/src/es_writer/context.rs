@@ -25,7 +25,7 @@ impl SinkContext {
 impl ClientContext for SinkContext {}
 
 impl ConsumerContext for SinkContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let parts = |tpl: &TopicPartitionList| {
             tpl.elements()
                 .iter()
@@ -35,7 +35,10 @@ impl ConsumerContext for SinkContext {
         };
         self.rebalances.fetch_add(1, Ordering::SeqCst);
         match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = parts(tpl), "es sink assigned"),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = parts(tpl), "es sink assigned");
+                drop_on_failpoint(consumer, &parts(tpl));
+            }
             Rebalance::Revoke(tpl) => tracing::info!(partitions = parts(tpl), "es sink revoked"),
             Rebalance::Error(e) => tracing::warn!(error = %e, "es sink rebalance failed"),
         }
@@ -51,4 +54,18 @@ impl ConsumerContext for SinkContext {
             tracing::warn!(error = %e, "es sink offset commit failed");
         }
     }
+}
+
+/// Failpoint `es-assigned` (`return`): give the assignment up at once, as
+/// if the broker had assigned nothing; the group still counts it as ours.
+fn drop_on_failpoint(consumer: &BaseConsumer<SinkContext>, partitions: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        use rdkafka::consumer::Consumer;
+        fail::fail_point!(crate::wire::failpoint::ES_ASSIGNED, |_| {
+            let _ = consumer.unassign();
+            tracing::warn!(partitions, "es sink revoked (failpoint es-assigned)");
+        });
+    }
+    let _ = (consumer, partitions);
 }

@@ -10,8 +10,9 @@
 //!
 //! This file holds the actor only; the loop is in `consume`, retries in
 //! `retry`, dead letters in `dead_letter`, the offset-continuity check in
-//! `continuity` (healing a broker's skipped records with `heal`), and the
-//! pure planning of writes in `bulk`.
+//! `continuity` (healing a broker's skipped records with `heal`), the
+//! consumer and its group in `group`, the stall rule in `stall` and its
+//! remedies in `remedy`, and the pure planning of writes in `bulk`.
 
 mod bulk;
 mod client;
@@ -21,15 +22,19 @@ mod context;
 mod continuity;
 mod dead_letter;
 mod error;
+mod group;
 mod heal;
 mod mapping;
 mod merge;
 pub mod naming;
+mod remedy;
 mod retry;
 mod send;
+mod stall;
 mod truncate;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 
@@ -45,6 +50,10 @@ use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 use consume::Sink;
+
+/// How often the sink probes its group's progress (lag metrics, the stall
+/// check): between batches, and whenever no record came for this long.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// The ES sink actor (supervised).
 pub struct EsWriterActor {

@@ -5,13 +5,6 @@ use std::path::Path;
 use crate::kafka::Broker;
 use crate::pg::PgCluster;
 
-/// `[kafka.properties]` for tests that kill a consumer: the group coordinator
-/// then waits at most this long for the dead member during a rebalance
-/// (librdkafka's default `max.poll.interval.ms` is 5 minutes). Tests that
-/// kill a sink repeatedly also give it a static `group.instance.id`: tansu
-/// sometimes never reassigns the partitions of a killed member otherwise.
-pub const FAST_REBALANCE: &str = "[kafka.properties]\n\"max.poll.interval.ms\" = \"15000\"\n";
-
 /// Config text for a daemon streaming `tables` from `pg` into `broker`;
 /// `extra_kafka` is appended to the `[kafka]` section.
 pub fn daemon_config(

@@ -197,6 +197,39 @@ impl Drop for Daemon {
     }
 }
 
+/// The time a log line starts with (pgcdc logs `2026-01-31T12:00:00.123456Z …`),
+/// in microseconds since the Unix epoch; `None` for a line without one.
+pub fn log_time_us(line: &str) -> Option<i64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(str::parse::<i64>);
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut hms = hms.splitn(3, ':').map(str::parse::<i64>);
+    let (h, min, sec) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    let micros: i64 = format!("{frac:0<6}").get(..6)?.parse().ok()?;
+    let seconds = days_from_civil(y, m, d) * 86_400 + h * 3600 + min * 60 + sec;
+    Some(seconds * 1_000_000 + micros)
+}
+
+/// Now, in microseconds since the Unix epoch (comparable with [`log_time_us`]).
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian date `y-m-d` (Howard
+/// Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Run a one-shot `pgcdc` command with `config`; its output.
 pub fn pgcdc(exe: &Path, config: &Path, args: &[&str]) -> Result<Output> {
     Command::new(exe)
@@ -217,4 +250,21 @@ pub fn has_failpoints(exe: &Path) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| !s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_times_are_read_as_microseconds_since_the_epoch() {
+        let line = "2026-11-30T14:26:42.413284Z  INFO pgcdc::http: listening";
+        assert_eq!(log_time_us(line), Some(1_796_048_802_413_284));
+        assert_eq!(log_time_us("1970-01-01T00:00:01Z x"), Some(1_000_000));
+        assert_eq!(
+            log_time_us("2000-03-01T00:00:00.5Z"),
+            Some(951_868_800_500_000)
+        );
+        assert_eq!(log_time_us("   at src/main.rs:3"), None);
+    }
 }

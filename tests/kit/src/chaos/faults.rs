@@ -8,16 +8,13 @@ use anyhow::{bail, Context, Result};
 use pgcdc_actors::wire::failpoint;
 use tokio::task::block_in_place;
 
-use super::check::sink_offsets;
 use super::world::{wait_streaming, World, SLOT};
 use super::{ChaosOptions, Rng, Scenario};
 use crate::proxy::bulk::Fault;
-use crate::wait::{self, Poll};
+use crate::wait;
 
 /// How long the daemon gets to exit after SIGTERM, or to refuse a start.
 const EXIT: Duration = Duration::from_secs(60);
-/// How long the live sink gets to commit its first offsets.
-const SINK_JOIN: Duration = Duration::from_secs(60);
 /// How long a slot operation is retried while the walsender lets go of the slot.
 const SLOT_BUSY: Duration = Duration::from_secs(10);
 /// Pause between two attempts of a slot operation.
@@ -165,9 +162,8 @@ async fn kafka_down(rng: &mut Rng, w: &mut World) -> Result<usize> {
     Ok(1)
 }
 
-/// `kill -9` once the live sink has joined its group (see [`wait_sink_joined`]).
+/// `kill -9`, then start again within half a second.
 async fn kill9(rng: &mut Rng, w: &mut World) -> Result<usize> {
-    wait_sink_joined(w).await?;
     w.daemon.kill9();
     tokio::time::sleep(Duration::from_millis(rng.below(500))).await;
     w.daemon.spawn()?;
@@ -176,7 +172,6 @@ async fn kill9(rng: &mut Rng, w: &mut World) -> Result<usize> {
 
 /// SIGTERM (must exit 0), then start again with `FAILPOINTS` set.
 async fn arm_failpoint(name: &str, w: &mut World) -> Result<usize> {
-    wait_sink_joined(w).await?;
     let status = block_in_place(|| w.daemon.terminate(EXIT))?;
     if status.code() != Some(0) {
         bail!(
@@ -346,7 +341,6 @@ pub(crate) enum Damage {
 /// with exit code 6; then the operator's documented recovery (delete
 /// `state_dir/checkpoint`) must bring the daemon back.
 async fn checkpoint_fault(i: usize, rng: &mut Rng, w: &mut World, damage: Damage) -> Result<usize> {
-    wait_sink_joined(w).await?;
     if i % 2 == 0 {
         let status = block_in_place(|| w.daemon.terminate(EXIT))?;
         if status.code() != Some(0) {
@@ -439,40 +433,5 @@ async fn advance_slot(w: &World) -> Result<()> {
     if after <= before {
         bail!("the slot did not advance ({before:x} -> {after:x})");
     }
-    Ok(())
-}
-
-/// Wait (60 s at most) until the running ES sink has joined its group:
-/// until the group's committed offsets grow past what they were at the call
-/// (the workload keeps writing while faults fire, and only the live
-/// incarnation commits). tansu 0.6 mishandles a static member that stops
-/// during its first join and comes back with the same `group.instance.id`:
-/// the new incarnation is assigned one of the three partitions and the
-/// others stay unconsumed (replay without this wait: `scripts/chaos.sh --seed 7
-/// --scenarios checkpoint-missing --kills 1 --duration-secs 5`, the mirror
-/// stuck at a third of the rows). Checking only that the index holds
-/// documents is not enough: a previous incarnation may have written them
-/// (seen with `--seed 7 --scenarios panic --kills 2`, two restarts seconds
-/// apart).
-async fn wait_sink_joined(w: &World) -> Result<()> {
-    let brokers = w.broker.brokers();
-    let committed = || {
-        block_in_place(|| sink_offsets(&brokers)).map(|o| o.iter().map(|&o| o.max(0)).sum::<i64>())
-    };
-    let before = committed()?;
-    wait::poll(
-        "the es sink to commit offsets",
-        SINK_JOIN,
-        SLOT_RETRY,
-        || async {
-            match committed() {
-                Ok(now) => Poll::when(now > before, (), || {
-                    format!("committed {now}, {before} before")
-                }),
-                Err(e) => Poll::Abort(format!("{e:#}")),
-            }
-        },
-    )
-    .await?;
     Ok(())
 }

@@ -57,11 +57,8 @@ pub(crate) struct World {
     _dir: tempfile::TempDir,
 }
 
-/// The daemon's configuration. The ES sink's consumer uses static group
-/// membership (`group.instance.id`): with dynamic membership, two `kill -9`s
-/// within one rebalance left tansu's group without an assignment for minutes
-/// (ES never converged; replay: seed 7, kill9, --kills 2 --duration-secs 10).
-/// The producer keeps its default (multi-record) batches on every broker:
+/// The daemon's configuration: the product's defaults (dynamic group
+/// membership for the sink) except for the test's fast flushes. The producer keeps its default (multi-record) batches on every broker:
 /// the sink heals tansu 0.6's mid-batch fetch skip by seeking back.
 fn daemon_config(
     dir: &Path,
@@ -75,7 +72,6 @@ fn daemon_config(
          [postgres]\nhost = \"127.0.0.1\"\nport = {pg_port}\nuser = \"postgres\"\npassword = {password:?}\n\
          database = \"postgres\"\ntables = [\"public.chaos_items\"]\nstatus_interval_secs = 1\n\
          [kafka]\nbrokers = {brokers:?}\ntopic_partitions = {PARTITIONS}\ndelivery_timeout_ms = 30000\n{settings}\
-         [kafka.properties]\n\"group.instance.id\" = \"pgcdc-chaos-sink\"\n\
          [elasticsearch]\nrun_in_daemon = true\nurl = {es_url:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n\
          [supervision]\nmax_restarts = 50\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n\
          [log]\nlevel = \"info\"\n[metrics]\nlisten = \"\"\n",
