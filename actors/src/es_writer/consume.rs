@@ -2,7 +2,7 @@
 //! continuity, plan and write it to Elasticsearch (truncates as barriers,
 //! concurrent lanes by document, poison to the dead-letter topic), then commit
 //! the offsets. Between batches, and whenever no record came for a while, it
-//! probes its group's progress and rejoins the group when stalled (`stall`).
+//! probes its group's progress and remedies a stall (`remedy`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,13 +18,12 @@ use super::config::EsConfig;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
-use super::group::{Prober, SinkConsumer};
+use super::group::SinkConsumer;
 use super::mapping;
 use super::merge;
-use super::remedy::Membership;
+use super::remedy::GroupWatch;
 use super::retry::with_retry;
 use super::send::Sender;
-use super::stall::StallWatch;
 use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::KafkaConfig;
 use crate::lsn::Lsn;
@@ -39,23 +38,12 @@ pub(super) struct Sink {
 
 /// Clients and caches of one run.
 pub(super) struct Clients {
-    /// The group member; replaced when the sink rejoins.
+    /// The group member (or the direct reader); replaced by remedies.
     pub(super) consumer: SinkConsumer,
-    /// Looks up the group's progress.
-    pub(super) prober: Prober,
     /// The offset-continuity check.
     pub(super) continuity: Continuity,
-    /// The stall check.
-    pub(super) watch: StallWatch,
-    /// Whether it reads as a group member or directly.
-    pub(super) membership: Membership,
-    /// When the group was last probed.
-    pub(super) probed_at: Instant,
-    /// Probes failed in a row.
-    pub(super) probe_failures: u32,
-    /// The offset after the last record written, per partition: where the
-    /// sink stands even when its commit has not landed (or is refused).
-    pub(super) positions: HashMap<(String, i32), i64>,
+    /// The watch on the group's progress.
+    pub(super) group: GroupWatch,
     dlq: DeadLetters,
     es: EsClient,
     /// Indices known to exist.
@@ -84,7 +72,7 @@ impl Sink {
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
             self.written(&mut c, &batch);
-            if c.probed_at.elapsed() >= super::PROBE_EVERY {
+            if c.group.probe_due() {
                 self.check_group(&mut c, false).await?;
             }
         }
@@ -96,16 +84,10 @@ impl Sink {
             producer: self.kafka.client_config().create()?,
             topic: self.es.dead_letter_topic.clone(),
         };
-        let bound = Duration::from_secs(self.es.stall_timeout_secs);
         Ok(Clients {
             consumer: super::group::join(&self.es, &self.kafka)?,
-            prober: super::group::prober(&self.es, &self.kafka)?,
             continuity: Continuity::default(),
-            watch: StallWatch::new(bound, Instant::now()),
-            membership: Membership::Group,
-            probed_at: Instant::now(),
-            probe_failures: 0,
-            positions: HashMap::new(),
+            group: GroupWatch::new(&self.es, &self.kafka)?,
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
@@ -115,9 +97,10 @@ impl Sink {
     }
 
     /// Wait for one record, then gather more until the batch is full or the
-    /// flush interval passes; `None` when no record came for [`super::PROBE_EVERY`].
+    /// flush interval passes; `None` when no record came for [`super::remedy::PROBE_EVERY`].
     async fn collect(&self, consumer: &SinkConsumer) -> Result<Option<Vec<OwnedMessage>>, EsError> {
-        let Ok(first) = tokio::time::timeout(super::PROBE_EVERY, consumer.recv()).await else {
+        let Ok(first) = tokio::time::timeout(super::remedy::PROBE_EVERY, consumer.recv()).await
+        else {
             return Ok(None);
         };
         let first = first?.detach();
@@ -141,10 +124,8 @@ impl Sink {
     /// After a committed batch: progress for the stall check and readiness,
     /// and the highest commit LSN applied per table.
     fn written(&self, c: &mut Clients, batch: &[OwnedMessage]) {
-        let now = Instant::now();
         for ((topic, partition), offset) in next_offsets(batch) {
-            c.watch.committed(topic, partition, offset, now);
-            c.positions.insert((topic.to_owned(), partition), offset);
+            c.group.written(topic, partition, offset);
         }
         let mut applied: HashMap<String, Lsn> = HashMap::new();
         for msg in batch {

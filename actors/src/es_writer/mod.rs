@@ -34,7 +34,6 @@ mod stall;
 mod truncate;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::prelude::*;
 
@@ -50,10 +49,6 @@ use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 use consume::Sink;
-
-/// How often the sink probes its group's progress (lag metrics, the stall
-/// check): between batches, and whenever no record came for this long.
-const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// The ES sink actor (supervised).
 pub struct EsWriterActor {

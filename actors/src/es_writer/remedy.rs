@@ -3,13 +3,20 @@
 //! (rejoin, or read every partition directly for a spell, then try the
 //! group again).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::config::EsConfig;
 use super::consume::{Clients, Sink};
 use super::continuity::Continuity;
 use super::error::EsError;
-use super::group::{self, SinkConsumer};
-use super::stall::{PartitionLag, Remedy, Verdict};
+use super::group::{self, Prober, SinkConsumer};
+use super::stall::{PartitionLag, Remedy, StallWatch, Verdict};
+use crate::kafka_producer::KafkaConfig;
+
+/// How often the sink probes its group's progress (lag metrics, the stall
+/// check): between batches, and whenever no record came for this long.
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// How the sink reads its topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,14 +27,58 @@ pub(super) enum Membership {
     Direct(Instant),
 }
 
+/// What the sink keeps to watch its group.
+pub(super) struct GroupWatch {
+    /// Looks up the group's progress.
+    prober: Prober,
+    /// The stall rule's memory.
+    stall: StallWatch,
+    /// Whether the sink reads as a group member or directly.
+    membership: Membership,
+    /// When the group was last probed.
+    probed_at: Instant,
+    /// Probes failed in a row.
+    probe_failures: u32,
+    /// The offset after the last record written, per partition: where the
+    /// sink stands even when its commit has not landed (or is refused).
+    positions: HashMap<(String, i32), i64>,
+}
+
+impl GroupWatch {
+    /// A watch for a sink that joins its group now.
+    pub(super) fn new(es: &EsConfig, kafka: &KafkaConfig) -> Result<Self, EsError> {
+        let bound = Duration::from_secs(es.stall_timeout_secs);
+        Ok(Self {
+            prober: group::prober(es, kafka)?,
+            stall: StallWatch::new(bound, Instant::now()),
+            membership: Membership::Group,
+            probed_at: Instant::now(),
+            probe_failures: 0,
+            positions: HashMap::new(),
+        })
+    }
+
+    /// Whether the last probe is [`PROBE_EVERY`] old.
+    pub(super) fn probe_due(&self) -> bool {
+        self.probed_at.elapsed() >= PROBE_EVERY
+    }
+
+    /// The sink wrote a partition's records up to `offset` (the next to read) and committed.
+    pub(super) fn written(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.stall
+            .committed(topic, partition, offset, Instant::now());
+        self.positions.insert((topic.to_owned(), partition), offset);
+    }
+}
+
 impl Sink {
     /// Probe the group's progress (`idle`: no record came since the last
     /// probe): update the lag metrics and readiness, report a stall and
     /// remedy it.
     pub(super) async fn check_group(&self, c: &mut Clients, idle: bool) -> Result<(), EsError> {
         let now = Instant::now();
-        c.probed_at = now;
-        if let Membership::Direct(until) = c.membership {
+        c.group.probed_at = now;
+        if let Membership::Direct(until) = c.group.membership {
             if now >= until {
                 return self.back_to_group(c).await;
             }
@@ -35,36 +86,58 @@ impl Sink {
         let Some(partitions) = self.probe(c).await else {
             return Ok(());
         };
-        let in_group = c.membership == Membership::Group;
-        let verdict = c.watch.observe(&partitions, idle, in_group, now);
-        let m = crate::metrics::metrics();
-        let Verdict::Stalled {
-            lag,
-            stuck,
-            stalled_for,
-            remedy,
-        } = verdict
-        else {
-            if m.sink_stalled(None) {
-                tracing::info!(group = %self.es.consumer_group, "es sink no longer stalled");
+        let in_group = c.group.membership == Membership::Group;
+        match c.group.stall.observe(&partitions, idle, in_group, now) {
+            Verdict::Stalled {
+                lag,
+                stuck,
+                stalled_for,
+                remedy,
+            } => {
+                self.report_stall(&partitions, lag, stuck, stalled_for);
+                self.apply(c, remedy, &partitions).await
             }
-            if verdict == Verdict::CaughtUp {
-                m.sink_caught_up();
+            verdict => {
+                let m = crate::metrics::metrics();
+                if m.sink_stalled(None) {
+                    tracing::info!(group = %self.es.consumer_group, "es sink no longer stalled");
+                }
+                if verdict == Verdict::CaughtUp {
+                    m.sink_caught_up();
+                }
+                Ok(())
             }
-            return Ok(());
-        };
+        }
+    }
+
+    /// Say that `lag` records wait on `stuck` partitions: the readiness
+    /// reason and the metric always, an ERROR when the stall begins.
+    fn report_stall(
+        &self,
+        partitions: &[PartitionLag],
+        lag: i64,
+        stuck: usize,
+        stalled_for: Duration,
+    ) {
         let owned = partitions.iter().filter(|l| l.owned).count();
-        let (group, stalled_secs) = (
-            &self.es.consumer_group,
-            stalled_for.as_secs() + self.es.stall_timeout_secs,
-        );
-        let why = format!(
-            "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {stalled_secs}s or more; this sink reads {owned} partitions"
-        );
+        let group = &self.es.consumer_group;
+        let stalled_secs = stalled_for.as_secs() + self.es.stall_timeout_secs;
         if stalled_for.is_zero() {
             tracing::error!(%group, lag, stuck, owned, stalled_secs, "es sink stalled: changes wait that no group member consumes");
         }
-        m.sink_stalled(Some(why));
+        crate::metrics::metrics().sink_stalled(Some(format!(
+            "es sink stalled: {lag} records wait in consumer group {group:?} on {stuck} partitions whose committed offsets have not moved for {stalled_secs}s or more; this sink reads {owned} partitions"
+        )));
+    }
+
+    /// Apply `remedy` to a stall.
+    async fn apply(
+        &self,
+        c: &mut Clients,
+        remedy: Remedy,
+        partitions: &[PartitionLag],
+    ) -> Result<(), EsError> {
+        let group = &self.es.consumer_group;
         match remedy {
             Remedy::Wait => Ok(()),
             Remedy::Rejoin => {
@@ -72,8 +145,8 @@ impl Sink {
                 self.rejoin(c).await
             }
             Remedy::ReadDirectly(spell) => {
-                tracing::error!(%group, lag, stalled_secs, spell_secs = spell.as_secs(), "es sink: rejoining did not end the stall, the group does not form; reading every partition directly, outside the group, then trying the group again");
-                self.read_directly(c, &partitions, spell).await
+                tracing::error!(%group, spell_secs = spell.as_secs(), "es sink: rejoining did not end the stall, the group does not form; reading every partition directly, outside the group, then trying the group again");
+                self.read_directly(c, partitions, spell).await
             }
         }
     }
@@ -81,22 +154,22 @@ impl Sink {
     /// Look up every partition's lag (published as metrics); `None` if the
     /// broker did not answer (warned once per streak).
     async fn probe(&self, c: &mut Clients) -> Option<Vec<PartitionLag>> {
-        let partitions = match group::probe(&c.prober, &c.consumer, &self.kafka).await {
+        let partitions = match group::probe(&c.group.prober, &c.consumer, &self.kafka).await {
             Ok(p) => p,
             Err(e) => {
-                c.probe_failures += 1;
-                if c.probe_failures == 1 {
+                c.group.probe_failures += 1;
+                if c.group.probe_failures == 1 {
                     tracing::warn!(error = %e, "es sink: cannot look up its group's progress; lag and stall are unknown until it can");
                 }
                 return None;
             }
         };
-        c.probe_failures = 0;
+        c.group.probe_failures = 0;
         let mut partitions = partitions;
         for l in partitions.iter_mut().filter(|l| l.owned) {
             // What this sink wrote counts even if its commit has not landed
             // (or is refused, as for a sink reading directly on Kafka).
-            if let Some(&at) = c.positions.get(&(l.topic.clone(), l.partition)) {
+            if let Some(&at) = c.group.positions.get(&(l.topic.clone(), l.partition)) {
                 l.committed = Some(l.committed.map_or(at, |o| o.max(at)));
             }
         }
@@ -113,7 +186,7 @@ impl Sink {
 
     /// Leave the group, then join it again as a new member.
     async fn rejoin(&self, c: &mut Clients) -> Result<(), EsError> {
-        c.watch.acted(Remedy::Rejoin, Instant::now());
+        c.group.stall.acted(Remedy::Rejoin, Instant::now());
         self.replace_consumer(c).await?;
         group::subscribe(&c.consumer, &self.kafka)?;
         crate::metrics::metrics().es_sink_rejoins.inc();
@@ -128,10 +201,10 @@ impl Sink {
         spell: Duration,
     ) -> Result<(), EsError> {
         let now = Instant::now();
-        c.watch.acted(Remedy::ReadDirectly(spell), now);
+        c.group.stall.acted(Remedy::ReadDirectly(spell), now);
         self.replace_consumer(c).await?;
         group::read_directly(&c.consumer, partitions)?;
-        c.membership = Membership::Direct(now + spell);
+        c.group.membership = Membership::Direct(now + spell);
         crate::metrics::metrics().es_sink_direct.set(1);
         Ok(())
     }
@@ -139,10 +212,10 @@ impl Sink {
     /// After a spell of direct reading: join the group again.
     async fn back_to_group(&self, c: &mut Clients) -> Result<(), EsError> {
         tracing::info!(group = %self.es.consumer_group, "es sink joining its group again after reading directly");
-        c.watch.acted(Remedy::Wait, Instant::now());
+        c.group.stall.acted(Remedy::Wait, Instant::now());
         self.replace_consumer(c).await?;
         group::subscribe(&c.consumer, &self.kafka)?;
-        c.membership = Membership::Group;
+        c.group.membership = Membership::Group;
         crate::metrics::metrics().es_sink_direct.set(0);
         Ok(())
     }
