@@ -4,6 +4,7 @@
 //! the offsets. Between batches, and whenever no record came for a while, it
 //! probes its group's progress and remedies a stall (`remedy`).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,7 +128,7 @@ impl Sink {
         for ((topic, partition), offset) in next_offsets(batch) {
             c.group.written(topic, partition, offset);
         }
-        let mut applied: HashMap<String, Lsn> = HashMap::new();
+        let mut applied: HashMap<Cow<'_, str>, Lsn> = HashMap::new();
         for msg in batch {
             let lsn = header(msg, crate::wire::header::COMMIT_LSN).and_then(|l| l.parse().ok());
             if let (Some(table), Some(lsn)) = (header(msg, crate::wire::header::TABLE), lsn) {
@@ -251,7 +252,7 @@ impl Sink {
         let Some((types, (mapped, seen))) = types.zip(c.mapped.get_mut(index)) else {
             return Ok(());
         };
-        if *seen == types {
+        if seen.as_str() == types.as_ref() {
             return Ok(()); // the same columns as the index's last record
         }
         let new = mapping::new_columns(&types, mapped);
@@ -260,7 +261,7 @@ impl Sink {
             tracing::info!(index, columns = ?new.keys().collect::<Vec<_>>(), "mapped new columns");
             mapped.extend(new.into_iter().map(|(column, _)| column));
         }
-        *seen = types;
+        *seen = types.into_owned();
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! the reason) and the audit log's `dead_letters` table, so the batch can be
 //! committed without losing them.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -22,13 +23,14 @@ pub(super) struct DeadLetters {
     pub(super) topic: String,
 }
 
-/// The value of header `key` of `msg`, as text.
-pub(super) fn header(msg: &OwnedMessage, key: &str) -> Option<String> {
+/// The value of header `key` of `msg`, as text (borrowed: it is read for
+/// every record).
+pub(super) fn header<'m>(msg: &'m OwnedMessage, key: &str) -> Option<Cow<'m, str>> {
     let headers = msg.headers()?;
     (0..headers.count())
         .map(|i| headers.get(i))
         .find(|h| h.key == key)
-        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        .and_then(|h| h.value.map(String::from_utf8_lossy))
 }
 
 impl DeadLetters {
@@ -39,7 +41,7 @@ impl DeadLetters {
             topic = msg.topic(),
             partition = msg.partition(),
             offset = msg.offset(),
-            table,
+            table = table.as_ref(),
             reason,
             "record dead-lettered"
         );
@@ -49,7 +51,7 @@ impl DeadLetters {
         let payload = msg.payload().map(String::from_utf8_lossy);
         tracing::warn!(
             target: crate::audit::DEAD_LETTER_TARGET,
-            table,
+            table = table.as_ref(),
             key = key.as_deref(),
             lsn = lsn.as_deref(),
             reason,
