@@ -321,16 +321,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
         &mut sink,
     )
     .await;
-    let dead = crate::support::read_until(
-        &*r.broker,
-        "pgcdc-dead-letters",
-        Duration::from_secs(60),
-        |d| d.len() >= 2,
-    );
-    let reasons: Vec<String> = dead
-        .iter()
-        .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
-        .collect();
+    let (dead, reasons) = dead_letters(&*r.broker, 2);
     assert!(reasons[0].contains("not json"), "{reasons:?}");
     assert!(
         reasons[1].contains("mapper_parsing") || reasons[1].contains("parse"),
@@ -342,6 +333,19 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     );
     assert!(dead[1].value.as_ref().unwrap()["offset"].as_i64().is_some());
     assert_dead_letters_audited(&sink).await;
+}
+
+/// Read the dead-letter topic until it holds `n` records; them and their reasons.
+fn dead_letters(broker: &dyn Broker, n: usize) -> (Vec<crate::support::Record>, Vec<String>) {
+    let dead =
+        crate::support::read_until(broker, "pgcdc-dead-letters", Duration::from_secs(60), |d| {
+            d.len() >= n
+        });
+    let reasons = dead
+        .iter()
+        .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
+        .collect();
+    (dead, reasons)
 }
 
 /// `pgcdc logs --dead-letters` (the audit log) lists both poison records with table, key and reason.
@@ -771,16 +775,7 @@ async fn unreadable_answers_400_and_413_dead_letter_only_the_refused_record() {
         &mut sink,
     )
     .await;
-    let dead = crate::support::read_until(
-        &*r.broker,
-        "pgcdc-dead-letters",
-        Duration::from_secs(60),
-        |d| d.len() >= 2,
-    );
-    let reasons: Vec<String> = dead
-        .iter()
-        .map(|d| d.value.as_ref().unwrap()["reason"].to_string())
-        .collect();
+    let (_, reasons) = dead_letters(&*r.broker, 2);
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons[0].contains("bad_request"), "{reasons:?}");
     assert!(reasons[1].contains("too_large"), "{reasons:?}");
