@@ -147,8 +147,9 @@ async fn serve_metrics(settings: &Settings, what: Readiness) -> Result<(), AppEr
 fn start_es_sink(settings: &Settings, fatal: &FatalReporter) -> Addr<EsWriterActor> {
     let es = Arc::new(settings.elasticsearch.clone());
     let kafka = Arc::new(settings.kafka.clone());
+    let pg = Some(Arc::new(settings.postgres.clone()));
     let budget = budget(settings, "es_writer", fatal);
-    Supervisor::start(move |_| EsWriterActor::new(es, kafka, budget))
+    Supervisor::start(move |_| EsWriterActor::new(es, kafka, pg.clone(), budget))
 }
 
 /// Wait for SIGTERM/SIGINT or the first fatal report, whichever comes first.

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     /// Bulk requests or items the search server refused or answered unreadably, by reason.
     pub es_refusals: IntCounterVec,
+    /// Mirror generations built for incompatible schema changes, by event
+    /// (`started`, `swapped`, `abandoned`).
+    pub es_reindexes: IntCounterVec,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -208,6 +211,12 @@ impl Metrics {
                 "es_bulk_items_total",
                 "Elasticsearch bulk items by outcome",
                 &["outcome"],
+            ),
+            es_reindexes: counter_vec(
+                &r,
+                "es_reindexes_total",
+                "Mirror generations built for incompatible schema changes, by event",
+                &["event"],
             ),
             es_refusals: counter_vec(
                 &r,

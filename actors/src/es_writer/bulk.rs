@@ -10,7 +10,7 @@ use super::truncate::Position;
 use crate::wire::Envelope;
 
 /// One `_bulk` action (its metadata line and optional source line).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Action {
     /// Target index.
     pub index: String,
@@ -31,6 +31,14 @@ pub struct Action {
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
+    /// The transaction id of the change (0 when unknown).
+    pub tx: u32,
+    /// A mirror generation being filled that gets the same write
+    /// ([`generation`](super::generation)).
+    pub also: Option<String>,
+    /// A refusal is counted, not dead-lettered: the write goes to a
+    /// generation about to be replaced whose mapping may not fit it.
+    pub best_effort: bool,
 }
 
 impl Action {
@@ -65,6 +73,22 @@ impl Action {
     pub fn versioned_delete(index: &str, id: &str, at: Position, origin: usize) -> Action {
         let meta = versioned_meta("delete", index, id, at.0);
         action(index, id, at, origin, meta, None)
+    }
+
+    /// The same write to another index (a generation being filled).
+    pub fn to_index(&self, index: &str) -> Action {
+        let mut meta: Value = serde_json::from_str(&self.meta).unwrap_or(Value::Null);
+        if let Some(line) = meta.as_object_mut().and_then(|m| m.values_mut().next()) {
+            line["_index"] = json!(index);
+        }
+        Action {
+            index: index.to_owned(),
+            meta: meta.to_string(),
+            lane: lane_of(index, &self.id),
+            also: None,
+            best_effort: false,
+            ..self.clone()
+        }
     }
 }
 
@@ -183,12 +207,16 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
             });
             return Some(Action {
                 merge,
+                tx: env.source.tx_id,
                 ..action(index, id, (lsn, seq), origin, meta, Some(text))
             });
         }
         _ => return None,
     };
-    Some(action(index, id, (lsn, seq), origin, meta, doc))
+    Some(Action {
+        tx: env.source.tx_id,
+        ..action(index, id, (lsn, seq), origin, meta, doc)
+    })
 }
 
 /// A mirror action.
@@ -207,9 +235,8 @@ fn action(
         origin,
         id: id.to_owned(),
         at,
-        history: false,
-        merge: None,
         lane: lane_of(index, id),
+        ..Action::default()
     }
 }
 
@@ -245,9 +272,9 @@ fn history_action(
         origin,
         id: hid,
         at: (env.source.commit_lsn, env.source.seq),
-        merge: None,
         history: true,
         lane,
+        ..Action::default()
     }
 }
 
@@ -531,9 +558,7 @@ mod tests {
             origin: 0,
             id: String::new(),
             at: (0, 0),
-            history: false,
-            merge: None,
-            lane: 0,
+            ..Action::default()
         };
         let b = Action {
             index: "i".into(),
@@ -542,9 +567,7 @@ mod tests {
             origin: 1,
             id: String::new(),
             at: (0, 0),
-            history: false,
-            merge: None,
-            lane: 0,
+            ..Action::default()
         };
         assert_eq!(render(&[a, b]), "{\"delete\":{}}\n{\"index\":{}}\n{}\n");
     }

@@ -178,6 +178,30 @@ impl EsClient {
         Ok(resp.map(|r| floors_of(&r)).unwrap_or_default())
     }
 
+    /// The concrete indices named by `pattern` (a name, an alias, or a
+    /// wildcard, not percent-encoded) and their aliases; empty if none.
+    pub async fn aliases(&self, pattern: &str) -> Result<Map<String, Value>, EsError> {
+        let info = self
+            .call(reqwest::Method::GET, &format!("{pattern}/_alias"), None)
+            .await?;
+        Ok(info.and_then(|v| v.as_object().cloned()).unwrap_or_default())
+    }
+
+    /// Apply alias `actions` atomically (`POST _aliases`).
+    pub async fn update_aliases(&self, actions: Value) -> Result<(), EsError> {
+        let body = json!({ "actions": actions });
+        self.call(reqwest::Method::POST, "_aliases", Some(&body))
+            .await?;
+        Ok(())
+    }
+
+    /// Delete `index` (gone already is fine).
+    pub async fn delete_index(&self, index: &str) -> Result<(), EsError> {
+        self.call(reqwest::Method::DELETE, &path_segment(index), None)
+            .await?;
+        Ok(())
+    }
+
     /// `GET <index>/<what>` (`_settings`, `_mapping`); `null` if the index is gone.
     pub async fn index_info(&self, index: &str, what: &str) -> Result<Value, EsError> {
         let path = format!("{}/{what}", path_segment(index));
@@ -185,14 +209,15 @@ impl EsClient {
         Ok(info.unwrap_or(Value::Null))
     }
 
-    /// Add `properties` to `index`'s mapping.
+    /// Add `properties` to `index`'s mapping, and set its `_meta`.
     pub async fn put_mapping(
         &self,
         index: &str,
         properties: &Map<String, Value>,
+        meta: &Value,
     ) -> Result<(), EsError> {
         let path = format!("{}/_mapping", path_segment(index));
-        let body = json!({ "properties": properties });
+        let body = json!({ "properties": properties, "_meta": meta });
         self.call(reqwest::Method::PUT, &path, Some(&body)).await?;
         Ok(())
     }
@@ -212,16 +237,15 @@ impl EsClient {
             .and_then(|r| r["docs"].as_array())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        Ok(found
+        // Answers come in request order; keyed by the name asked for (an
+        // alias answers with its concrete index's name).
+        Ok(docs
             .iter()
-            .filter(|d| d["found"].as_bool() == Some(true))
-            .filter_map(|d| {
-                let key = (
-                    d["_index"].as_str()?.to_owned(),
-                    d["_id"].as_str()?.to_owned(),
-                );
+            .zip(found)
+            .filter(|(_, d)| d["found"].as_bool() == Some(true))
+            .filter_map(|(key, d)| {
                 let source = d["_source"].as_object()?.clone();
-                Some((key, (d["_version"].as_u64()?, source)))
+                Some((key.clone(), (d["_version"].as_u64()?, source)))
             })
             .collect())
     }

@@ -23,6 +23,8 @@ const DEFAULT_RETRY_MAX_MS: u64 = 10_000;
 /// 10 s session timeout plus a join), short enough that both remedies
 /// (rejoin, then reading directly) fit in a minute.
 const DEFAULT_STALL_TIMEOUT_SECS: u64 = 20;
+/// Default `reindex_grace_secs`: longer than a search or a scroll page takes.
+const DEFAULT_REINDEX_GRACE_SECS: u64 = 60;
 /// Default `request_timeout_secs`: longer than a large bulk request takes on
 /// a loaded cluster, short enough to notice a hung connection.
 const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -85,6 +87,9 @@ pub struct EsConfig {
     /// again; if the stall lasts this long again, it reads every partition
     /// directly for a while.
     pub stall_timeout_secs: u64,
+    /// Seconds a mirror's previous index is kept after its alias moved to a
+    /// new one (searches running on it can finish).
+    pub reindex_grace_secs: u64,
     /// Topic for records that cannot be indexed (with the reason).
     pub dead_letter_topic: String,
 }
@@ -114,6 +119,7 @@ impl Default for EsConfig {
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             consumer_group: "pgcdc-es-sink".into(),
             stall_timeout_secs: DEFAULT_STALL_TIMEOUT_SECS,
+            reindex_grace_secs: DEFAULT_REINDEX_GRACE_SECS,
             dead_letter_topic: "pgcdc-dead-letters".into(),
         }
     }

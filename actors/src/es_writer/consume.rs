@@ -13,6 +13,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::alias::{Mirrors, Route};
 use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
@@ -20,7 +21,7 @@ use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
 use super::group::SinkConsumer;
-use super::mapping;
+use super::generation::TableShape;
 use super::merge;
 use super::remedy::GroupWatch;
 use super::retry::with_retry;
@@ -28,6 +29,7 @@ use super::send::Sender;
 use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::KafkaConfig;
 use crate::lsn::Lsn;
+use crate::pg::PostgresConfig;
 
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
@@ -35,6 +37,8 @@ pub(super) struct Sink {
     pub(super) es: Arc<EsConfig>,
     /// What to read.
     pub(super) kafka: Arc<KafkaConfig>,
+    /// Where new mirror generations are copied from.
+    pub(super) pg: Option<Arc<PostgresConfig>>,
 }
 
 /// Clients and caches of one run.
@@ -47,13 +51,12 @@ pub(super) struct Clients {
     pub(super) group: GroupWatch,
     dlq: DeadLetters,
     es: EsClient,
-    /// Indices known to exist.
+    /// Indices known to exist (history indices, the floors index).
     indices: HashSet<String>,
     /// Truncate floors known, by mirror index.
     floors: Floors,
-    /// The mapped fields of each mirror index, and the last `pgcdc.types`
-    /// header checked against them.
-    mapped: HashMap<String, (HashSet<String>, String)>,
+    /// The mirrors and their generations.
+    mirrors: Mirrors,
 }
 
 impl Sink {
@@ -63,6 +66,7 @@ impl Sink {
         loop {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
                 self.check_group(&mut c, true).await?;
+                c.mirrors.settle(&c.es).await?;
                 continue;
             };
             c.continuity.check(&c.consumer, &mut batch).await;
@@ -73,6 +77,7 @@ impl Sink {
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
             self.written(&mut c, &batch);
+            c.mirrors.settle(&c.es).await?;
             if c.group.probe_due() {
                 self.check_group(&mut c, false).await?;
             }
@@ -93,7 +98,7 @@ impl Sink {
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
             floors: Floors::default(),
-            mapped: HashMap::new(),
+            mirrors: Mirrors::new(self.es.clone(), self.pg.clone()),
         })
     }
 
@@ -152,8 +157,13 @@ impl Sink {
             match plan(&self.es, msg.key(), msg.payload(), i) {
                 Planned::Skip => {}
                 Planned::Actions(actions) => {
-                    for a in actions {
-                        self.ensure_index(c, &a, msg).await?;
+                    for mut a in actions {
+                        let route = self.ensure_index(c, &a, msg).await?;
+                        a.also = route.also;
+                        a.best_effort = route.best_effort;
+                        if !a.history {
+                            c.mirrors.applied(&a.index, a.tx);
+                        }
                         if !a.history && c.floors.below(&a.index, a.at) {
                             crate::metrics::metrics()
                                 .es_items
@@ -187,6 +197,9 @@ impl Sink {
             with_retry(&self.es, || c.es.ensure_index(&floors, &body)).await?;
             c.indices.insert(floors.clone());
         }
+        c.mirrors
+            .abandon(&c.es, index, "the table was truncated")
+            .await?;
         with_retry(&self.es, || c.es.put_floor(&floors, index, at)).await?;
         c.floors.learn(index, at);
         with_retry(&self.es, || c.es.delete_below(index, at)).await?;
@@ -222,56 +235,46 @@ impl Sink {
         Ok(())
     }
 
-    /// Create the action's index (mapped from the record's column types)
-    /// unless known, check it if it existed, and map the record's columns
-    /// the index lacks ([`mapping`](super::mapping)).
+    /// Make sure the action's index exists: a history index is created
+    /// once; a mirror follows the record's shape ([`Mirrors`]). Where the
+    /// write goes.
     async fn ensure_index(
         &self,
         c: &mut Clients,
         action: &Action,
         msg: &OwnedMessage,
-    ) -> Result<(), EsError> {
+    ) -> Result<Route, EsError> {
         let index = action.index.as_str();
         let types = header(msg, crate::wire::header::TYPES);
+        if action.history {
+            if !c.indices.contains(index) {
+                let body = index_body(&self.es, types.as_deref(), true);
+                with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
+                c.indices.insert(index.to_owned());
+            }
+            return Ok(Route::default());
+        }
         if !c.indices.contains(index) {
-            let body = index_body(&self.es, types.as_deref(), action.history);
-            let created = with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
-            if !action.history {
-                let mapped = match created {
-                    true => mapping::properties(&body["mappings"]),
-                    false => self.check_existing(c, index).await?,
-                };
-                c.mapped.insert(index.to_owned(), (mapped, String::new()));
-                let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
-                for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
-                    c.floors.learn(&i, at);
-                }
+            let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
+            for (i, at) in with_retry(&self.es, || c.es.floors(&floors, &one)).await? {
+                c.floors.learn(&i, at);
             }
             c.indices.insert(index.to_owned());
         }
-        let Some((types, (mapped, seen))) = types.zip(c.mapped.get_mut(index)) else {
-            return Ok(());
+        let key: Option<serde_json::Map<String, serde_json::Value>> =
+            msg.key().and_then(|k| serde_json::from_slice(k).ok());
+        let shape = types
+            .as_deref()
+            .zip(key.as_ref())
+            .and_then(|(t, k)| TableShape::of_record(t, k));
+        let table = || {
+            let env: crate::wire::Envelope<'_, serde_json::Value> =
+                serde_json::from_slice(msg.payload()?).ok()?;
+            Some((env.source.schema.into_owned(), env.source.table.into_owned()))
         };
-        if seen.as_str() == types.as_ref() {
-            return Ok(()); // the same columns as the index's last record
-        }
-        let new = mapping::new_columns(&types, mapped);
-        if !new.is_empty() {
-            with_retry(&self.es, || c.es.put_mapping(index, &new)).await?;
-            tracing::info!(index, columns = ?new.keys().collect::<Vec<_>>(), "mapped new columns");
-            mapped.extend(new.into_iter().map(|(column, _)| column));
-        }
-        *seen = types.into_owned();
-        Ok(())
-    }
-
-    /// The mapped columns of a mirror index that existed; refused if a
-    /// replay into it would be unsafe.
-    async fn check_existing(&self, c: &Clients, index: &str) -> Result<HashSet<String>, EsError> {
-        let settings = with_retry(&self.es, || c.es.index_info(index, "_settings")).await?;
-        let mappings = with_retry(&self.es, || c.es.index_info(index, "_mapping")).await?;
-        mapping::check_existing(index, &settings, &mappings, &self.es.gc_deletes)
-            .map_err(EsError::Config)
+        c.mirrors
+            .route(&c.es, index, types.as_deref(), shape, action.at, &table)
+            .await
     }
 
     /// Send actions in `max_in_flight` concurrent lanes (by document), each until
@@ -284,6 +287,11 @@ impl Sink {
         batch: &[OwnedMessage],
     ) -> Result<(), EsError> {
         self.merge(c, &mut pending).await?;
+        let copies: Vec<Action> = pending
+            .iter()
+            .filter_map(|a| a.also.as_deref().map(|next| a.to_index(next)))
+            .collect();
+        pending.extend(copies);
         let lanes = self.es.max_in_flight.max(1);
         if lanes == 1 || pending.len() < 2 * lanes {
             return self.flush_lane(c, pending, batch).await;

@@ -31,6 +31,10 @@ pub enum EsError {
         /// Why it is unreadable, and the start of the body.
         body: String,
     },
+    /// Copying a table into a new mirror generation failed (the
+    /// generation is dropped and built again later).
+    #[error("filling a new mirror generation: {0}")]
+    Fill(String),
     /// A whole request was refused.
     #[error("elasticsearch answered {status}: {body}")]
     Status {

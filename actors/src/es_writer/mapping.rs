@@ -1,21 +1,13 @@
-//! Mirror mappings that follow the table, and mirror indices pgcdc did not
-//! create.
+//! Mirror indices that already exist (new columns' mappings are in
+//! [`generation`](super::generation) and [`alias`](super::alias)).
 //!
-//! - A column added to the table gets its explicit mapping (from its
-//!   PostgreSQL type, `pgcdc.types`) with `PUT <index>/_mapping` before the
-//!   first document carrying it is written, instead of falling to dynamic
-//!   mapping.
 //! - A mirror index that already exists is checked once per run: one whose
 //!   `index.gc_deletes` is shorter than `elasticsearch.gc_deletes` (60 s when
 //!   unset) would let a replay bring deleted rows back, so the sink refuses
 //!   it, naming the setting to change; one pgcdc did not create (no
 //!   `_meta.created_by = "pgcdc"`) is accepted with a warning.
 
-use std::collections::HashSet;
-
-use serde_json::{json, Map, Value};
-
-use super::bulk::field_mapping;
+use serde_json::{json, Value};
 
 /// The `_meta` marker of the indices pgcdc creates.
 pub const CREATED_BY: &str = "pgcdc";
@@ -49,7 +41,7 @@ pub fn check_existing(
     settings: &Value,
     mapping: &Value,
     gc_deletes: &str,
-) -> Result<HashSet<String>, String> {
+) -> Result<(), String> {
     let want = duration_secs(gc_deletes).unwrap_or(0);
     let have = settings[index]["settings"]["index"]["gc_deletes"]
         .as_str()
@@ -67,26 +59,7 @@ pub fn check_existing(
             "mirror index was not created by pgcdc: its mappings are used as they are"
         );
     }
-    Ok(properties(mappings))
-}
-
-/// The mapped field names of a `mappings` object.
-pub fn properties(mappings: &Value) -> HashSet<String> {
-    mappings["properties"]
-        .as_object()
-        .map(|p| p.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
-/// Mappings for the columns of `types` (the `pgcdc.types` header) that
-/// `mapped` lacks.
-pub fn new_columns(types: &str, mapped: &HashSet<String>) -> Map<String, Value> {
-    let columns: Map<String, Value> = serde_json::from_str(types).unwrap_or_default();
-    columns
-        .iter()
-        .filter(|(c, _)| !mapped.contains(*c))
-        .map(|(c, t)| (c.clone(), field_mapping(t.as_str().unwrap_or(""))))
-        .collect()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -113,20 +86,10 @@ mod tests {
             json!({"i": {"settings": {"index": index}}})
         };
         let mapping = json!({"i": {"mappings": {"_meta": {"created_by": "pgcdc"}, "properties": {"id": {"type": "long"}}}}});
-        let ok = check_existing("i", &settings(Some("30d")), &mapping, "30d").unwrap();
-        assert_eq!(ok, HashSet::from(["id".to_owned()]));
+        assert!(check_existing("i", &settings(Some("30d")), &mapping, "30d").is_ok());
         let refused = check_existing("i", &settings(None), &mapping, "30d").unwrap_err();
         assert!(refused.contains("PUT i/_settings"), "{refused}");
         assert!(check_existing("i", &settings(Some("1d")), &mapping, "30d").is_err());
         assert!(check_existing("i", &settings(None), &mapping, "60s").is_ok());
-    }
-
-    #[test]
-    fn only_unmapped_columns_get_mappings() {
-        let mapped = HashSet::from(["id".to_owned()]);
-        let new = new_columns(r#"{"id":"int4","added":"text","n":"int8"}"#, &mapped);
-        assert_eq!(new.keys().collect::<Vec<_>>(), ["added", "n"]);
-        assert_eq!(new["n"]["type"], json!("long"));
-        assert!(new_columns("not json", &mapped).is_empty());
     }
 }

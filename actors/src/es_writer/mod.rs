@@ -14,6 +14,7 @@
 //! consumer and its group in `group`, the stall rule in `stall` and its
 //! remedies in `remedy`, and the pure planning of writes in `bulk`.
 
+mod alias;
 mod bulk;
 mod client;
 mod config;
@@ -22,6 +23,8 @@ mod context;
 mod continuity;
 mod dead_letter;
 mod error;
+mod fill;
+mod generation;
 mod group;
 mod heal;
 mod mapping;
@@ -47,6 +50,7 @@ pub use naming::doc_id;
 
 use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;
+use crate::pg::PostgresConfig;
 use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
 use consume::Sink;
 
@@ -54,16 +58,25 @@ use consume::Sink;
 pub struct EsWriterActor {
     es: Arc<EsConfig>,
     kafka: Arc<KafkaConfig>,
+    pg: Option<Arc<PostgresConfig>>,
     budget: RestartBudget,
     task: Option<tokio::task::AbortHandle>,
 }
 
 impl EsWriterActor {
-    /// A sink reading the topics of `kafka` into `es`.
-    pub fn new(es: Arc<EsConfig>, kafka: Arc<KafkaConfig>, budget: RestartBudget) -> Self {
+    /// A sink reading the topics of `kafka` into `es`; new mirror
+    /// generations are copied from `pg` (without it, an incompatible schema
+    /// change cannot be met with a new index).
+    pub fn new(
+        es: Arc<EsConfig>,
+        kafka: Arc<KafkaConfig>,
+        pg: Option<Arc<PostgresConfig>>,
+        budget: RestartBudget,
+    ) -> Self {
         Self {
             es,
             kafka,
+            pg,
             budget,
             task: None,
         }
@@ -77,6 +90,7 @@ impl Actor for EsWriterActor {
         let sink = Sink {
             es: self.es.clone(),
             kafka: self.kafka.clone(),
+            pg: self.pg.clone(),
         };
         let handle = spawn_after_backoff(&self.budget, sink.run());
         self.task = Some(handle.abort_handle());

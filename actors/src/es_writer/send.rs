@@ -175,6 +175,10 @@ impl Sender<'_> {
                         "dead_lettered"
                     }
                 }
+                Outcome::Reject(_) if action.best_effort => {
+                    m.es_refusals.with_label_values(&["retiring_index"]).inc();
+                    "refused_by_retiring_index"
+                }
                 Outcome::Reject(reason) => {
                     self.dead_letter(&action, &reason).await?;
                     "dead_lettered"

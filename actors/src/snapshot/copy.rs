@@ -16,7 +16,7 @@ use crate::pg::quote::quote_literal;
 use crate::pg::{session, PostgresConfig};
 
 /// A SQL connection for reading rows, with the session settings applied.
-pub(super) async fn reader(pg: &PostgresConfig) -> Result<Client, SnapshotError> {
+pub(crate) async fn reader(pg: &PostgresConfig) -> Result<Client, SnapshotError> {
     let sql = crate::pg::connect(pg).await?;
     session::apply(&sql).await?;
     Ok(sql)

@@ -38,9 +38,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 pub use config::{SnapshotConfig, SnapshotMode};
-pub(crate) use copy::import_snapshot;
+pub(crate) use copy::{import_snapshot, reader};
 pub use error::SnapshotError;
-pub(crate) use shape::cell as row_cell;
+pub(crate) use shape::{cell as row_cell, Shape};
 
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::error::ErrorClass;

@@ -162,6 +162,30 @@ impl Shape {
         )
     }
 
+    /// The next `limit` rows after key `after`, in key order, with `extra`
+    /// (an SQL expression) as one more column after the table's.
+    pub(crate) fn rows_after(&self, after: Option<&KeyText>, limit: usize, extra: &str) -> String {
+        format!(
+            "SELECT {}, {extra} FROM {}{} ORDER BY {} LIMIT {limit}",
+            self.select_list(),
+            self.qualified,
+            self.range_filter(after, None),
+            self.key_list()
+        )
+    }
+
+    /// The rows with these keys, with `extra` as one more column.
+    pub(crate) fn rows_with_keys(&self, keys: &[KeyText], extra: &str) -> String {
+        let literals: Vec<String> = keys.iter().map(|k| self.key_literal(k)).collect();
+        format!(
+            "SELECT {}, {extra} FROM {} WHERE ({}) IN ({})",
+            self.select_list(),
+            self.qualified,
+            self.key_list(),
+            literals.join(", ")
+        )
+    }
+
     /// Split the table into at most `parts` key ranges of similar size
     /// (one range for small or keyless tables).
     pub async fn split(

@@ -1,0 +1,412 @@
+//! The sink's mirrors as aliases over generations
+//! ([`generation`](super::generation)): finding a mirror's current
+//! generation, following compatible schema changes, building, filling and
+//! swapping in a new generation on an incompatible one, and dropping the
+//! old one after `elasticsearch.reindex_grace_secs`.
+//!
+//! A mirror index from before generations (a concrete index under the
+//! mirror's name) is migrated the same way on its first record: a first
+//! generation is filled beside it, then one atomic alias update removes the
+//! old index and points the mirror's name at the generation.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::task::JoinHandle;
+
+use super::bulk::index_body;
+use super::client::EsClient;
+use super::config::EsConfig;
+use super::error::EsError;
+use super::fill::Fill;
+use super::generation::{
+    compare, generation_index, generation_of, Change, GenerationMeta, TableShape,
+};
+use super::mapping;
+use super::retry::with_retry;
+use crate::metrics::metrics;
+use crate::pg::PostgresConfig;
+
+/// Transactions remembered per mirror (to tell whether a copy's snapshot
+/// misses one the sink applied before the generation existed).
+const RECENT_TRANSACTIONS: usize = 100_000;
+/// Wait before a failed fill is tried again.
+const FILL_RETRY: Duration = Duration::from_secs(30);
+
+/// A generation being filled.
+struct Next {
+    index: String,
+    meta: GenerationMeta,
+    fill: JoinHandle<Result<u64, EsError>>,
+}
+
+/// One mirror: its alias, the generation serving it, the one being filled.
+pub(super) struct Mirror {
+    alias: String,
+    /// The concrete index the alias points at; the alias's own name for a
+    /// mirror index from before generations.
+    current: String,
+    /// `None`: a mirror from before generations (shape unknown).
+    meta: Option<GenerationMeta>,
+    next: Option<Next>,
+    /// Highest generation number seen.
+    last: u64,
+    recent: VecDeque<u32>,
+    recent_set: HashSet<u32>,
+    /// No new fill before this instant (after a failed one).
+    retry_after: Option<Instant>,
+}
+
+/// The record's table (schema, name), read only when a fill needs it.
+pub(super) type TableOf<'a> = &'a dyn Fn() -> Option<(String, String)>;
+
+/// Where one record's write goes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Route {
+    /// Also write to this generation being filled.
+    pub also: Option<String>,
+    /// The current generation is about to be replaced: a refusal is not a dead letter.
+    pub best_effort: bool,
+}
+
+/// Every mirror this run touched.
+pub(super) struct Mirrors {
+    es: Arc<EsConfig>,
+    pg: Option<Arc<PostgresConfig>>,
+    mirrors: HashMap<String, Mirror>,
+    /// Retired generations and when they may be deleted.
+    retired: Vec<(String, Instant)>,
+}
+
+impl Mirrors {
+    /// No mirror known yet; `pg` is where fills copy from.
+    pub(super) fn new(es: Arc<EsConfig>, pg: Option<Arc<PostgresConfig>>) -> Self {
+        Self {
+            es,
+            pg,
+            mirrors: HashMap::new(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// Route a record's write to mirror `alias`: find or create the mirror,
+    /// follow the record's shape (`shape`, from commit LSN `lsn`), and say
+    /// where the write goes.
+    pub(super) async fn route(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        types: Option<&str>,
+        shape: Option<TableShape>,
+        at: (u64, u32),
+        table: TableOf<'_>,
+    ) -> Result<Route, EsError> {
+        if !self.mirrors.contains_key(alias) {
+            let mirror = self.open(client, alias, types, shape.clone(), at.0).await?;
+            self.mirrors.insert(alias.to_owned(), mirror);
+        }
+        if let Some(shape) = &shape {
+            self.follow(client, alias, types, shape, at, table).await?;
+        }
+        let m = &self.mirrors[alias];
+        let also = m.next.as_ref().and_then(|n| {
+            let fits = shape.as_ref().is_none_or(|s| s.key == n.meta.shape.key);
+            fits.then(|| n.index.clone())
+        });
+        Ok(Route {
+            best_effort: m.next.is_some(),
+            also,
+        })
+    }
+
+    /// Remember that a transaction was applied to `alias`.
+    pub(super) fn applied(&mut self, alias: &str, tx: u32) {
+        let Some(m) = self.mirrors.get_mut(alias) else {
+            return;
+        };
+        if tx == 0 || !m.recent_set.insert(tx) {
+            return;
+        }
+        m.recent.push_back(tx);
+        if m.recent.len() > RECENT_TRANSACTIONS {
+            if let Some(old) = m.recent.pop_front() {
+                m.recent_set.remove(&old);
+            }
+        }
+    }
+
+    /// Find the mirror's current generation, or create the first one.
+    async fn open(
+        &self,
+        client: &EsClient,
+        alias: &str,
+        types: Option<&str>,
+        shape: Option<TableShape>,
+        lsn: u64,
+    ) -> Result<Mirror, EsError> {
+        let pattern = format!(
+            "{}{}*",
+            super::naming::path_segment(alias),
+            super::generation::GENERATION_SEPARATOR
+        );
+        let generations = with_retry(&self.es, || client.aliases(&pattern)).await?;
+        let mut last = 0;
+        let mut current = None;
+        for (index, info) in &generations {
+            let Some(n) = generation_of(alias, index) else {
+                continue;
+            };
+            last = last.max(n);
+            if info["aliases"].get(alias).is_some() {
+                current = Some(index.clone());
+            } else {
+                tracing::info!(index, "deleting a mirror generation left unfinished or retired");
+                with_retry(&self.es, || client.delete_index(index)).await?;
+            }
+        }
+        let current = match current {
+            Some(c) => c,
+            None => {
+                let own_path = super::naming::path_segment(alias);
+                let own = with_retry(&self.es, || client.aliases(&own_path)).await?;
+                if own.contains_key(alias) {
+                    alias.to_owned() // a mirror index from before generations
+                } else {
+                    let index = generation_index(alias, last + 1);
+                    let meta = GenerationMeta::new(alias, shape.unwrap_or_default(), lsn);
+                    let mut body = generation_body(&self.es, types, &meta);
+                    body["aliases"] = json!({ alias: {} });
+                    with_retry(&self.es, || client.ensure_index(&index, &body)).await?;
+                    last += 1;
+                    index
+                }
+            }
+        };
+        let meta = self.check(client, &current).await?;
+        Ok(Mirror {
+            alias: alias.to_owned(),
+            current,
+            meta,
+            next: None,
+            last,
+            recent: VecDeque::new(),
+            recent_set: HashSet::new(),
+            retry_after: None,
+        })
+    }
+
+    /// Check an existing generation ([`mapping::check_existing`]); its shape.
+    async fn check(
+        &self,
+        client: &EsClient,
+        index: &str,
+    ) -> Result<Option<GenerationMeta>, EsError> {
+        let settings = with_retry(&self.es, || client.index_info(index, "_settings")).await?;
+        let mappings = with_retry(&self.es, || client.index_info(index, "_mapping")).await?;
+        let concrete = settings
+            .as_object()
+            .and_then(|o| o.keys().next().cloned())
+            .unwrap_or_else(|| index.to_owned());
+        mapping::check_existing(&concrete, &settings, &mappings, &self.es.gc_deletes)
+            .map_err(EsError::Config)?;
+        Ok(GenerationMeta::read(&mappings[&concrete]["mappings"]))
+    }
+
+    /// Follow a record's shape: map added columns, or start a new generation.
+    async fn follow(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        types: Option<&str>,
+        shape: &TableShape,
+        at: (u64, u32),
+        table: TableOf<'_>,
+    ) -> Result<(), EsError> {
+        let m = &self.mirrors[alias];
+        let target = m.next.as_ref().map(|n| &n.meta).or(m.meta.as_ref());
+        if target.is_some_and(|meta| at.0 < meta.since) {
+            return Ok(()); // an older record: its shape is history
+        }
+        let change = match target {
+            Some(meta) => compare(&meta.shape, shape),
+            None => Change::Incompatible("a mirror index from before generations".into()),
+        };
+        match change {
+            Change::Same => Ok(()),
+            Change::Compatible(added) => self.add_columns(client, alias, shape, &added).await,
+            Change::Incompatible(why) => {
+                self.rebuild(client, alias, types, shape, at, &why, table)
+                    .await
+            }
+        }
+    }
+
+    /// Map added columns in the current generation and the next one.
+    async fn add_columns(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        shape: &TableShape,
+        added: &Map<String, Value>,
+    ) -> Result<(), EsError> {
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        let mut targets: Vec<(&str, &mut GenerationMeta)> = Vec::new();
+        if let Some(meta) = m.meta.as_mut() {
+            targets.push((&m.current, meta));
+        }
+        if let Some(next) = m.next.as_mut() {
+            targets.push((&next.index, &mut next.meta));
+        }
+        for (index, meta) in targets {
+            if let Change::Incompatible(_) = compare(&meta.shape, shape) {
+                continue; // the retiring generation cannot take it
+            }
+            meta.shape = shape.clone();
+            let value = meta.to_value();
+            with_retry(&self.es, || client.put_mapping(index, added, &value)).await?;
+            if !added.is_empty() {
+                tracing::info!(index, columns = ?added.keys().collect::<Vec<_>>(), "mapped new columns");
+            }
+        }
+        Ok(())
+    }
+
+    /// Start filling a new generation for `shape` (dropping one being
+    /// filled for an older shape).
+    async fn rebuild(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        types: Option<&str>,
+        shape: &TableShape,
+        at: (u64, u32),
+        why: &str,
+        table: TableOf<'_>,
+    ) -> Result<(), EsError> {
+        self.abandon(client, alias, "the table changed again").await?;
+        let es = self.es.clone();
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        if m.retry_after.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        let Some(pg) = self.pg.clone() else {
+            tracing::error!(alias, why, "incompatible schema change, and no PostgreSQL connection to copy the table into a new index: changes that do not fit the mapping are dead-lettered");
+            m.retry_after = Some(Instant::now() + FILL_RETRY);
+            return Ok(());
+        };
+        let Some((schema, table)) = table() else {
+            return Ok(());
+        };
+        m.last += 1;
+        let index = generation_index(alias, m.last);
+        let meta = GenerationMeta::new(alias, shape.clone(), at.0);
+        let body = generation_body(&es, types, &meta);
+        with_retry(&es, || client.delete_index(&index)).await?;
+        with_retry(&es, || client.ensure_index(&index, &body)).await?;
+        tracing::warn!(alias, index, why, "incompatible schema change: filling a new index from PostgreSQL; the alias keeps serving the old one until it is complete");
+        metrics().es_reindexes.with_label_values(&["started"]).inc();
+        let fill = Fill {
+            pg,
+            es: es.clone(),
+            client: client.clone(),
+            schema,
+            table,
+            index: index.clone(),
+            key: shape.key.clone(),
+            applied_before: m.recent_set.clone(),
+        };
+        m.next = Some(Next {
+            index,
+            meta,
+            fill: tokio::spawn(fill.run()),
+        });
+        Ok(())
+    }
+
+    /// Drop the generation being filled for `alias`, if any.
+    pub(super) async fn abandon(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        why: &str,
+    ) -> Result<(), EsError> {
+        let Some(next) = self.mirrors.get_mut(alias).and_then(|m| m.next.take()) else {
+            return Ok(());
+        };
+        next.fill.abort();
+        tracing::warn!(alias, index = %next.index, why, "dropping the new index being filled; it is built again from the next change");
+        metrics().es_reindexes.with_label_values(&["abandoned"]).inc();
+        with_retry(&self.es, || client.delete_index(&next.index)).await
+    }
+
+    /// Between batches: swap in every generation whose fill is complete,
+    /// drop failed fills, and delete retired generations whose grace passed.
+    pub(super) async fn settle(&mut self, client: &EsClient) -> Result<(), EsError> {
+        let done: Vec<String> = self
+            .mirrors
+            .values()
+            .filter(|m| m.next.as_ref().is_some_and(|n| n.fill.is_finished()))
+            .map(|m| m.alias.clone())
+            .collect();
+        for alias in done {
+            let m = self.mirrors.get_mut(&alias).expect("listed");
+            let next = m.next.take().expect("finished");
+            match next.fill.await {
+                Ok(Ok(rows)) => self.swap(client, &alias, next.index, next.meta, rows).await?,
+                Ok(Err(e)) => {
+                    tracing::error!(alias, index = %next.index, error = %e, "filling the new index failed; trying again later");
+                    metrics().es_reindexes.with_label_values(&["abandoned"]).inc();
+                    m.retry_after = Some(Instant::now() + FILL_RETRY);
+                    with_retry(&self.es, || client.delete_index(&next.index)).await?;
+                }
+                Err(e) => return Err(EsError::Fill(e.to_string())),
+            }
+        }
+        let now = Instant::now();
+        let (due, kept): (Vec<_>, Vec<_>) = self.retired.drain(..).partition(|(_, t)| *t <= now);
+        self.retired = kept;
+        for (index, _) in due {
+            tracing::info!(index, "deleting a retired mirror generation");
+            with_retry(&self.es, || client.delete_index(&index)).await?;
+        }
+        Ok(())
+    }
+
+    /// Point the alias at the filled generation in one atomic update.
+    async fn swap(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        index: String,
+        meta: GenerationMeta,
+        rows: u64,
+    ) -> Result<(), EsError> {
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        let legacy = m.current == alias;
+        let remove = match legacy {
+            true => json!({"remove_index": {"index": alias}}),
+            false => json!({"remove": {"index": m.current, "alias": alias}}),
+        };
+        let actions = json!([remove, {"add": {"index": index, "alias": alias}}]);
+        with_retry(&self.es, || client.update_aliases(actions.clone())).await?;
+        tracing::info!(alias, from = %m.current, to = %index, rows, "mirror switched to its new index");
+        metrics().es_reindexes.with_label_values(&["swapped"]).inc();
+        let old = std::mem::replace(&mut m.current, index);
+        m.meta = Some(meta);
+        if !legacy {
+            let grace = Duration::from_secs(self.es.reindex_grace_secs);
+            self.retired.push((old, Instant::now() + grace));
+        }
+        Ok(())
+    }
+}
+
+/// A generation's creation body: settings, mappings, and its `_meta`.
+fn generation_body(es: &EsConfig, types: Option<&str>, meta: &GenerationMeta) -> Value {
+    let mut body = index_body(es, types, false);
+    body["mappings"]["_meta"] = meta.to_value();
+    body
+}
+

@@ -1,0 +1,286 @@
+//! Filling a new mirror generation from PostgreSQL while the sink keeps
+//! writing every change it applies to both generations.
+//!
+//! The copy reads the table in key order inside one REPEATABLE READ
+//! snapshot and writes each row with `version = S`, `version_type =
+//! external`, where `S` is the WAL insert position read inside the snapshot
+//! (every transaction the snapshot sees committed below it). Against the
+//! changes the sink writes meanwhile (versioned by their commit LSN):
+//! - a change the snapshot already holds is older than `S`: whichever comes
+//!   second, the index ends with the snapshot's row or a newer one;
+//! - a change committed after the snapshot is newer than `S` and wins;
+//! - a delete leaves its version behind (`index.gc_deletes`), so a copied
+//!   row of a deleted key is refused.
+//!
+//! The one exception is a transaction the snapshot does not see although its
+//! commit record lies below `S` (it was still finishing, e.g. waiting for a
+//! synchronous standby). Rows it changed carry its xid in `xmax`: they are
+//! not copied in this pass but read again, in a new snapshot, once it ended.
+//! Rows it inserted are invisible to the snapshot; they reach the new
+//! generation through the sink, unless the sink applied that transaction
+//! before the generation existed: then the whole copy starts again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::bulk::{outcomes, render, Action, Outcome};
+use super::client::EsClient;
+use super::config::EsConfig;
+use super::error::EsError;
+use super::naming::doc_id;
+use super::retry::with_retry;
+use crate::checkpoint::KeyText;
+use crate::event::{KeySource, TableRef, TxMeta};
+use crate::lsn::Lsn;
+use crate::metrics::metrics;
+use crate::pg::PostgresConfig;
+use crate::snapshot::{reader, Shape};
+
+/// Rows read and written per request.
+const CHUNK_ROWS: usize = 1000;
+/// Snapshots tried before rows held by transactions are given up on.
+const MAX_PASSES: usize = 8;
+/// How often the copy checks whether a holding transaction has ended.
+const HELD_POLL: Duration = Duration::from_millis(100);
+/// Bits of a 64-bit transaction id (`xid8`) that the stream's `txId` keeps.
+const XID_MASK: u64 = 0xffff_ffff;
+
+/// One copy of a table into a new generation.
+pub(super) struct Fill {
+    /// Where the table is.
+    pub pg: Arc<PostgresConfig>,
+    /// The `[elasticsearch]` section.
+    pub es: Arc<EsConfig>,
+    /// Where to write.
+    pub client: EsClient,
+    /// The table's schema and name.
+    pub schema: String,
+    /// The table's name.
+    pub table: String,
+    /// The new generation.
+    pub index: String,
+    /// The generation's key columns (the catalog must agree).
+    pub key: Vec<String>,
+    /// Transactions the sink applied before the generation existed.
+    pub applied_before: HashSet<u32>,
+}
+
+/// One snapshot's view: its position and the transactions it does not see.
+struct Snap {
+    lsn: u64,
+    /// In progress at the snapshot: 32-bit xid → `xid8` text.
+    running: HashMap<u32, String>,
+}
+
+impl Fill {
+    /// Copy the table; the rows written.
+    pub(super) async fn run(self) -> Result<u64, EsError> {
+        let sql = reader(&self.pg).await.map_err(fill_error)?;
+        let table = TableRef {
+            schema: self.schema.clone(),
+            name: self.table.clone(),
+            key_columns: Vec::new(),
+            key_source: KeySource::default(),
+            column_types: String::new(),
+        };
+        let shape = Shape::load(&sql, &table).await.map_err(fill_error)?;
+        if shape.keyless() || shape.table.key_columns != self.key {
+            return Err(EsError::Fill(format!(
+                "{}.{} has key {:?} now, not {:?}",
+                self.schema, self.table, shape.table.key_columns, self.key
+            )));
+        }
+        let mut held: Option<Vec<KeyText>> = None;
+        let mut copied = 0;
+        for _ in 0..MAX_PASSES {
+            let (rows, waiting, again) = self.pass(&sql, &shape, held.as_deref()).await?;
+            copied += rows;
+            if again {
+                tracing::info!(index = %self.index, "a transaction applied before the new index existed was not visible yet: copying again");
+                held = None;
+                continue;
+            }
+            if waiting.is_empty() {
+                return Ok(copied);
+            }
+            let (keys, xids): (Vec<KeyText>, HashSet<String>) = waiting.into_iter().unzip();
+            wait_ended(&sql, &xids).await?;
+            held = Some(keys);
+        }
+        Err(EsError::Fill(format!(
+            "rows of {}.{} stayed held by running transactions through {MAX_PASSES} snapshots",
+            self.schema, self.table
+        )))
+    }
+
+    /// One snapshot: copy the table (or the `keys` rows); the rows written,
+    /// the rows held by running transactions (key, `xid8`), and whether the
+    /// copy must start again.
+    async fn pass(
+        &self,
+        sql: &Client,
+        shape: &Shape,
+        keys: Option<&[KeyText]>,
+    ) -> Result<(u64, Vec<(KeyText, String)>, bool), EsError> {
+        let q = |e| fill_error(crate::pg::PgError::from(e));
+        sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(q)?;
+        let snap = snapshot(sql).await?;
+        if snap.running.keys().any(|x| self.applied_before.contains(x)) {
+            sql.batch_execute("ROLLBACK").await.map_err(q)?;
+            return Ok((0, Vec::new(), true));
+        }
+        let mut written = 0;
+        let mut held = Vec::new();
+        let mut after: Option<KeyText> = None;
+        let mut remaining = keys.map(|k| k.chunks(CHUNK_ROWS));
+        loop {
+            let query = match remaining.as_mut() {
+                Some(chunks) => match chunks.next() {
+                    Some(chunk) => shape.rows_with_keys(chunk, "xmax::text"),
+                    None => break,
+                },
+                None => shape.rows_after(after.as_ref(), CHUNK_ROWS, "xmax::text"),
+            };
+            let rows = sql.simple_query(&query).await.map_err(q)?;
+            let tx = TxMeta {
+                xid: 0,
+                commit_lsn: Lsn(snap.lsn),
+                commit_time_us: chrono_now_us(),
+            };
+            let mut seq = 0;
+            let events = shape.events(&rows, tx, Lsn(snap.lsn), &mut seq);
+            let xmax = rows.iter().filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(r.len() - 1).and_then(|x| x.parse().ok()),
+                _ => None,
+            });
+            let mut actions = Vec::with_capacity(events.len());
+            for ((key, event), xmax) in events.iter().zip(xmax) {
+                if let Some(xid8) = snap.running.get(&xmax) {
+                    held.push((key.clone(), xid8.clone()));
+                    continue;
+                }
+                actions.extend(self.action(event, snap.lsn));
+            }
+            written += actions.len() as u64;
+            self.write(actions).await?;
+            if remaining.is_none() {
+                if events.len() < CHUNK_ROWS {
+                    break;
+                }
+                after = events.last().map(|(k, _)| k.clone());
+            }
+        }
+        sql.batch_execute("COMMIT").await.map_err(q)?;
+        Ok((written, held, false))
+    }
+
+    /// The write of one copied row, versioned by the snapshot position.
+    fn action(&self, event: &crate::event::ChangeEvent, lsn: u64) -> Option<Action> {
+        let mut doc = event.after.clone()?;
+        let key = event.key.as_ref()?;
+        let id = doc_id(key);
+        let ts_ms = event.tx.commit_time_us / 1000;
+        doc.insert(
+            "_cdc".into(),
+            json!({"op": "r", "lsn": lsn, "seq": event.seq, "ts_ms": ts_ms}),
+        );
+        let meta = json!({"index": {"_index": self.index, "_id": id, "version": lsn, "version_type": "external"}});
+        Some(Action {
+            index: self.index.clone(),
+            meta: meta.to_string(),
+            doc: Some(Value::Object(doc).to_string()),
+            id,
+            at: (lsn, event.seq),
+            ..Action::default()
+        })
+    }
+
+    /// Write `actions` until each is written, superseded or refused.
+    async fn write(&self, mut actions: Vec<Action>) -> Result<(), EsError> {
+        while !actions.is_empty() {
+            let body = render(&actions);
+            let resp = with_retry(&self.es, || self.client.bulk(body.clone())).await?;
+            let results = outcomes(&resp, actions.len()).map_err(|reason| EsError::Unreadable {
+                status: 200,
+                body: reason,
+            })?;
+            let mut retry = Vec::new();
+            for (action, outcome) in actions.into_iter().zip(results) {
+                match outcome {
+                    Outcome::Done | Outcome::Conflict => {}
+                    Outcome::Retry(_) | Outcome::Unanswered => retry.push(action),
+                    Outcome::Reject(reason) => {
+                        metrics()
+                            .es_refusals
+                            .with_label_values(&["reindex_copy"])
+                            .inc();
+                        tracing::error!(index = %self.index, id = %action.id, reason, "the new index refused a copied row");
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                tokio::time::sleep(Duration::from_millis(self.es.retry_initial_ms)).await;
+            }
+            actions = retry;
+        }
+        Ok(())
+    }
+}
+
+/// The snapshot's WAL insert position and the transactions running at it.
+async fn snapshot(sql: &Client) -> Result<Snap, EsError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, \
+             ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)",
+            &[],
+        )
+        .await
+        .map_err(|e| fill_error(crate::pg::PgError::from(e)))?;
+    let lsn: String = row.get(0);
+    let lsn: Lsn = lsn
+        .parse()
+        .map_err(|_| EsError::Fill(format!("unreadable WAL position {lsn}")))?;
+    let running = row
+        .get::<_, Vec<String>>(1)
+        .into_iter()
+        .filter_map(|x| Some(((x.parse::<u64>().ok()? & XID_MASK) as u32, x)))
+        .collect();
+    Ok(Snap { lsn: lsn.0, running })
+}
+
+/// Wait until none of `xids` (`xid8` texts) is running any more.
+async fn wait_ended(sql: &Client, xids: &HashSet<String>) -> Result<(), EsError> {
+    let xids: Vec<&String> = xids.iter().collect();
+    loop {
+        let row = sql
+            .query_one(
+                "SELECT count(*) FROM unnest($1::text[]) x \
+                 WHERE pg_xact_status(x::xid8) = 'in progress'",
+                &[&xids],
+            )
+            .await
+            .map_err(|e| fill_error(crate::pg::PgError::from(e)))?;
+        if row.get::<_, i64>(0) == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(HELD_POLL).await;
+    }
+}
+
+/// Microseconds since the Unix epoch.
+fn chrono_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn fill_error(e: impl std::fmt::Display) -> EsError {
+    EsError::Fill(e.to_string())
+}
