@@ -521,8 +521,9 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
         .await
         .unwrap();
     assert_eq!(
-        settings["cdc_public_items"]["settings"]["index"]["gc_deletes"],
-        json!("30d")
+        settings["cdc_public_items~1"]["settings"]["index"]["gc_deletes"],
+        json!("30d"),
+        "the mirror is served by its first generation"
     );
     let after_truncate: BTreeMap<String, (u64, Value)> =
         r.es.documents("cdc_public_gone").await.unwrap();
@@ -1029,7 +1030,7 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
         .json()
         .await
         .unwrap();
-    let qty = &mapping["cdc_public_items"]["mappings"]["properties"]["qty"];
+    let qty = &mapping["cdc_public_items~1"]["mappings"]["properties"]["qty"];
     assert_eq!(
         qty,
         &json!({"type": "integer", "ignore_malformed": true}),

@@ -10,6 +10,7 @@ mod kafka_tls;
 mod large_values;
 mod observe;
 mod producer_outage;
+mod reindex;
 mod schema_changes;
 mod secrets;
 mod sink_group;

@@ -69,6 +69,8 @@ pub(super) struct Route {
     pub also: Option<String>,
     /// The current generation is about to be replaced: a refusal is not a dead letter.
     pub best_effort: bool,
+    /// Write to this generation being filled instead of the current one.
+    pub instead: Option<String>,
 }
 
 /// Every mirror this run touched.
@@ -115,9 +117,22 @@ impl Mirrors {
             let fits = shape.as_ref().is_none_or(|s| s.key == n.meta.shape.key);
             fits.then(|| n.index.clone())
         });
-        Ok(Route {
-            best_effort: m.next.is_some(),
-            also,
+        // A record keyed differently than the current generation would add
+        // a second document for its row there: it goes to the new one only.
+        let key_fits = match (&shape, &m.meta) {
+            (Some(s), Some(meta)) => s.key == meta.shape.key,
+            _ => true,
+        };
+        Ok(match also {
+            Some(next) if !key_fits => Route {
+                instead: Some(next),
+                ..Route::default()
+            },
+            also => Route {
+                best_effort: m.next.is_some(),
+                also,
+                instead: None,
+            },
         })
     }
 
@@ -162,7 +177,10 @@ impl Mirrors {
             if info["aliases"].get(alias).is_some() {
                 current = Some(index.clone());
             } else {
-                tracing::info!(index, "deleting a mirror generation left unfinished or retired");
+                tracing::info!(
+                    index,
+                    "deleting a mirror generation left unfinished or retired"
+                );
                 with_retry(&self.es, || client.delete_index(index)).await?;
             }
         }
@@ -285,7 +303,8 @@ impl Mirrors {
         why: &str,
         table: TableOf<'_>,
     ) -> Result<(), EsError> {
-        self.abandon(client, alias, "the table changed again").await?;
+        self.abandon(client, alias, "the table changed again")
+            .await?;
         let es = self.es.clone();
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         if m.retry_after.is_some_and(|t| Instant::now() < t) {
@@ -337,7 +356,10 @@ impl Mirrors {
         };
         next.fill.abort();
         tracing::warn!(alias, index = %next.index, why, "dropping the new index being filled; it is built again from the next change");
-        metrics().es_reindexes.with_label_values(&["abandoned"]).inc();
+        metrics()
+            .es_reindexes
+            .with_label_values(&["abandoned"])
+            .inc();
         with_retry(&self.es, || client.delete_index(&next.index)).await
     }
 
@@ -354,10 +376,16 @@ impl Mirrors {
             let m = self.mirrors.get_mut(&alias).expect("listed");
             let next = m.next.take().expect("finished");
             match next.fill.await {
-                Ok(Ok(rows)) => self.swap(client, &alias, next.index, next.meta, rows).await?,
+                Ok(Ok(rows)) => {
+                    self.swap(client, &alias, next.index, next.meta, rows)
+                        .await?
+                }
                 Ok(Err(e)) => {
                     tracing::error!(alias, index = %next.index, error = %e, "filling the new index failed; trying again later");
-                    metrics().es_reindexes.with_label_values(&["abandoned"]).inc();
+                    metrics()
+                        .es_reindexes
+                        .with_label_values(&["abandoned"])
+                        .inc();
                     m.retry_after = Some(Instant::now() + FILL_RETRY);
                     with_retry(&self.es, || client.delete_index(&next.index)).await?;
                 }
@@ -409,4 +437,3 @@ fn generation_body(es: &EsConfig, types: Option<&str>, meta: &GenerationMeta) ->
     body["mappings"]["_meta"] = meta.to_value();
     body
 }
-

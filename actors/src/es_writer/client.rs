@@ -184,7 +184,9 @@ impl EsClient {
         let info = self
             .call(reqwest::Method::GET, &format!("{pattern}/_alias"), None)
             .await?;
-        Ok(info.and_then(|v| v.as_object().cloned()).unwrap_or_default())
+        Ok(info
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default())
     }
 
     /// Apply alias `actions` atomically (`POST _aliases`).

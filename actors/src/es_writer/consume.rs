@@ -20,8 +20,8 @@ use super::config::EsConfig;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
-use super::group::SinkConsumer;
 use super::generation::TableShape;
+use super::group::SinkConsumer;
 use super::merge;
 use super::remedy::GroupWatch;
 use super::retry::with_retry;
@@ -159,11 +159,14 @@ impl Sink {
                 Planned::Actions(actions) => {
                     for mut a in actions {
                         let route = self.ensure_index(c, &a, msg).await?;
-                        a.also = route.also;
-                        a.best_effort = route.best_effort;
                         if !a.history {
                             c.mirrors.applied(&a.index, a.tx);
                         }
+                        if let Some(next) = &route.instead {
+                            a = a.to_index(next);
+                        }
+                        a.also = route.also;
+                        a.best_effort = route.best_effort;
                         if !a.history && c.floors.below(&a.index, a.at) {
                             crate::metrics::metrics()
                                 .es_items
@@ -270,7 +273,10 @@ impl Sink {
         let table = || {
             let env: crate::wire::Envelope<'_, serde_json::Value> =
                 serde_json::from_slice(msg.payload()?).ok()?;
-            Some((env.source.schema.into_owned(), env.source.table.into_owned()))
+            Some((
+                env.source.schema.into_owned(),
+                env.source.table.into_owned(),
+            ))
         };
         c.mirrors
             .route(&c.es, index, types.as_deref(), shape, action.at, &table)

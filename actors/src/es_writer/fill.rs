@@ -252,7 +252,10 @@ async fn snapshot(sql: &Client) -> Result<Snap, EsError> {
         .into_iter()
         .filter_map(|x| Some(((x.parse::<u64>().ok()? & XID_MASK) as u32, x)))
         .collect();
-    Ok(Snap { lsn: lsn.0, running })
+    Ok(Snap {
+        lsn: lsn.0,
+        running,
+    })
 }
 
 /// Wait until none of `xids` (`xid8` texts) is running any more.

@@ -169,9 +169,18 @@ mod tests {
 
     #[test]
     fn generations_are_named_apart_from_every_mirror() {
-        assert_eq!(generation_index("cdc_public_users", 3), "cdc_public_users~3");
-        assert_eq!(generation_of("cdc_public_users", "cdc_public_users~3"), Some(3));
-        assert_eq!(generation_of("cdc_public_users", "cdc_public_users_v3"), None);
+        assert_eq!(
+            generation_index("cdc_public_users", 3),
+            "cdc_public_users~3"
+        );
+        assert_eq!(
+            generation_of("cdc_public_users", "cdc_public_users~3"),
+            Some(3)
+        );
+        assert_eq!(
+            generation_of("cdc_public_users", "cdc_public_users_v3"),
+            None
+        );
         assert_eq!(generation_of("cdc_public_u", "cdc_public_users~3"), None);
         let mapped = super::super::naming::mirror_index("cdc_", "public", "users~3");
         assert!(!mapped.contains(GENERATION_SEPARATOR), "{mapped}");

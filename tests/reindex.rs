@@ -1,0 +1,270 @@
+//! Mirrors served through aliases: a mirror index from before generations
+//! is migrated, and incompatible schema changes (a column's type, the key)
+//! are met with a new index filled beside the old one, while a reader polls
+//! the alias every 50 ms and never sees a 404, a half-filled index or a row
+//! going back.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgcdc_testkit::oracle::{self, Want};
+use serde_json::{json, Value};
+
+use crate::support::{config, pg_and_tansu, wait, Daemon, SearchServer};
+use wait::Poll;
+
+const ROWS: i64 = 200;
+const ALIAS: &str = "cdc_public_items";
+/// The reader's cadence.
+const READ_EVERY: Duration = Duration::from_millis(50);
+
+/// What the reader saw.
+#[derive(Default, Debug)]
+struct Seen {
+    reads: usize,
+    /// Answers other than 200, and reads of another document count.
+    failures: Vec<String>,
+    /// The highest `n` seen per row `id`; a lower one later is a regression.
+    highest: BTreeMap<i64, i64>,
+}
+
+/// Read the whole mirror through its alias every 50 ms until `stop`;
+/// once `armed`, every read must hold exactly [`ROWS`] documents.
+fn reader(url: String, stop: Arc<AtomicBool>, armed: Arc<AtomicBool>) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        while !stop.load(Ordering::SeqCst) {
+            let read = match http
+                .get(format!("{url}/{ALIAS}/_search?size=1000"))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    Ok(r.json::<Value>().await.unwrap_or(Value::Null))
+                }
+                Ok(r) => Err(format!("answer {}", r.status())),
+                Err(e) => Err(format!("request failed: {e}")),
+            };
+            record(&mut out.lock().unwrap(), read, armed.load(Ordering::SeqCst));
+            tokio::time::sleep(READ_EVERY).await;
+        }
+    });
+    seen
+}
+
+/// Record one read of the mirror.
+fn record(seen: &mut Seen, read: Result<Value, String>, armed: bool) {
+    seen.reads += 1;
+    let body = match read {
+        Ok(body) => body,
+        Err(failure) => {
+            seen.failures.push(failure);
+            return;
+        }
+    };
+    let hits = body["hits"]["hits"].as_array().cloned().unwrap_or_default();
+    if armed && hits.len() as i64 != ROWS {
+        seen.failures.push(format!("{} documents", hits.len()));
+    }
+    for h in hits {
+        let (Some(id), Some(n)) = (h["_source"]["id"].as_i64(), h["_source"]["n"].as_i64()) else {
+            continue;
+        };
+        let high = seen.highest.entry(id).or_insert(n);
+        if n < *high {
+            let regression = format!("row {id}: n went from {high} to {n}");
+            seen.failures.push(regression);
+        } else {
+            *high = n;
+        }
+    }
+}
+
+/// Update random rows' counters until `stop`.
+fn writer(db: Arc<tokio_postgres::Client>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut updates = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let id = ((updates as i64 * 37) % ROWS + 1) as i32;
+            db.execute("UPDATE items SET n = n + 1 WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+            updates += 1;
+        }
+        updates
+    })
+}
+
+/// The concrete index the alias points at, once it is `want`.
+async fn wait_alias(es: &SearchServer, want: &str, daemon: &Daemon) {
+    let url = format!("{}/{ALIAS}/_alias", es.url);
+    wait::poll(
+        &format!("{ALIAS} to point at {want}"),
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        || async {
+            let now: Value = match reqwest::get(&url).await {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            match now.get(want) {
+                Some(_) => Poll::Ready(()),
+                None if !daemon.is_running() => Poll::Abort(daemon.log_tail()),
+                None => Poll::Pending(format!("alias is {now}\n{}", daemon.log_tail())),
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The table's rows as JSON objects, by the text of `key`.
+async fn rows_by(db: &tokio_postgres::Client, key: &str) -> BTreeMap<String, Value> {
+    let q = format!("SELECT {key}::text, to_jsonb(t)::text FROM items t");
+    let mut rows = BTreeMap::new();
+    for r in db.query(&q, &[]).await.unwrap() {
+        rows.insert(r.get(0), serde_json::from_str(r.get(1)).unwrap());
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    let es = SearchServer::start().unwrap();
+    let db = Arc::new(db);
+    db.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
+         INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
+    ))
+    .await
+    .unwrap();
+    // A mirror index as an older pgcdc made it: concrete, under the mirror's name.
+    let http = reqwest::Client::new();
+    let made = http
+        .put(format!("{}/{ALIAS}", es.url))
+        .json(
+            &json!({"settings": {"index": {"gc_deletes": "30d", "number_of_replicas": 0}},
+            "mappings": {"_meta": {"created_by": "pgcdc"}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(made.status().is_success());
+    let stop = Arc::new(AtomicBool::new(false));
+    let armed = Arc::new(AtomicBool::new(false));
+    let seen = reader(es.url.clone(), stop.clone(), armed.clone());
+
+    let es_section = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nreindex_grace_secs = 1\n",
+        es.url
+    );
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+
+    // The old index is migrated to the first generation behind the alias.
+    wait_alias(&es, "cdc_public_items~1", &daemon).await;
+    let want = Want::Table {
+        db: &db,
+        table: "items",
+    };
+    oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
+        .await
+        .unwrap();
+    armed.store(true, Ordering::SeqCst);
+
+    // A column's type changes (integer to text): a second generation.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop_writer.clone());
+    db.batch_execute("ALTER TABLE items ALTER COLUMN code TYPE text USING 'c' || code")
+        .await
+        .unwrap();
+    db.execute("UPDATE items SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    wait_alias(&es, "cdc_public_items~2", &daemon).await;
+    stop_writer.store(true, Ordering::SeqCst);
+    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
+        .await
+        .unwrap();
+    let mapping: Value = reqwest::get(format!("{}/{ALIAS}/_mapping", es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        mapping["cdc_public_items~2"]["mappings"]["properties"]["code"]["type"],
+        json!("text"),
+        "{mapping}"
+    );
+
+    // The key changes (id to code): a third generation, keyed by code.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop_writer.clone());
+    db.batch_execute("ALTER TABLE items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (code)")
+        .await
+        .unwrap();
+    db.execute("UPDATE items SET n = n + 1 WHERE id = 2", &[])
+        .await
+        .unwrap();
+    wait_alias(&es, "cdc_public_items~3", &daemon).await;
+    stop_writer.store(true, Ordering::SeqCst);
+    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    let rows = rows_by(&db, "code").await;
+    wait::poll(
+        "the mirror to hold the table keyed by code",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let docs = es.documents(ALIAS).await.unwrap_or_default();
+            let got: BTreeMap<String, Value> =
+                docs.into_iter().map(|(id, (_, doc))| (id, doc)).collect();
+            match got == rows {
+                true => Poll::Ready(()),
+                false => Poll::Pending(format!("{} documents, {} rows", got.len(), rows.len())),
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Retired generations go after the grace period.
+    wait::poll(
+        "retired generations to be deleted",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let all: Value = reqwest::get(format!("{}/{ALIAS}~*/_alias", es.url))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let names: Vec<&String> = all
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            match names.as_slice() {
+                [only] if only.as_str() == "cdc_public_items~3" => Poll::Ready(()),
+                _ => Poll::Pending(format!("{names:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let seen = seen.lock().unwrap();
+    assert!(seen.reads > 20, "the reader ran: {seen:?}");
+    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+    assert!(daemon
+        .log_text()
+        .contains("mirror switched to its new index"));
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+}
