@@ -1,8 +1,11 @@
 //! Mirrors served through aliases: a mirror index from before generations
-//! is migrated, and incompatible schema changes (a column's type, the key)
-//! are met with a new index filled beside the old one, while a reader polls
+//! is migrated, an added nullable column is mapped in place, and changes the
+//! mapping cannot follow (a column added with a default, a column's type,
+//! the key) are met with a new index filled beside the old one, while a reader polls
 //! the alias every 50 ms and never sees a 404, a half-filled index or a row
 //! going back.
+
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,6 +125,13 @@ async fn wait_alias(es: &SearchServer, want: &str, daemon: &Daemon) {
     .unwrap();
 }
 
+/// The mirror's mappings, by concrete index.
+async fn mapping(es: &SearchServer) -> Value {
+    let url = format!("{}/{ALIAS}/_mapping", es.url);
+    let answer = reqwest::get(url).await.unwrap();
+    answer.json().await.unwrap_or(Value::Null)
+}
+
 /// The table's rows as JSON objects, by the text of `key`.
 async fn rows_by(db: &tokio_postgres::Client, key: &str) -> BTreeMap<String, Value> {
     let q = format!("SELECT {key}::text, to_jsonb(t)::text FROM items t");
@@ -133,7 +143,7 @@ async fn rows_by(db: &tokio_postgres::Client, key: &str) -> BTreeMap<String, Val
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
+async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() {
     let (pg, tansu, dir, db) = pg_and_tansu().await;
     let es = SearchServer::start().unwrap();
     let db = Arc::new(db);
@@ -178,13 +188,36 @@ async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
         .unwrap();
     armed.store(true, Ordering::SeqCst);
 
-    // A column's type changes (integer to text): a second generation.
+    // A nullable column is added: the generation takes its mapping.
     let stop_writer = Arc::new(AtomicBool::new(false));
     let w = writer(db.clone(), stop_writer.clone());
-    db.batch_execute("ALTER TABLE items ALTER COLUMN code TYPE text USING 'c' || code")
-        .await
-        .unwrap();
-    db.execute("UPDATE items SET n = n + 1 WHERE id = 1", &[])
+    db.batch_execute(
+        "ALTER TABLE items ADD COLUMN extra int; UPDATE items SET extra = 7 WHERE id = 3",
+    )
+    .await
+    .unwrap();
+    wait::poll(
+        "the new column's mapping",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let m = mapping(&es).await;
+            match &m["cdc_public_items~1"]["mappings"]["properties"]["extra"]["type"] {
+                Value::String(t) if t == "integer" => Poll::Ready(()),
+                _ => Poll::Pending(m.to_string()),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    stop_writer.store(true, Ordering::SeqCst);
+    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+
+    // A column added with a default: older documents lack a value their
+    // rows hold, so a second generation.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop_writer.clone());
+    db.batch_execute("ALTER TABLE items ADD COLUMN flag bool NOT NULL DEFAULT true; UPDATE items SET n = n + 1 WHERE id = 4")
         .await
         .unwrap();
     wait_alias(&es, "cdc_public_items~2", &daemon).await;
@@ -193,19 +226,30 @@ async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
     oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
         .await
         .unwrap();
-    let mapping: Value = reqwest::get(format!("{}/{ALIAS}/_mapping", es.url))
-        .await
-        .unwrap()
-        .json()
+
+    // A column's type changes (integer to text): a third generation.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop_writer.clone());
+    db.batch_execute("ALTER TABLE items ALTER COLUMN code TYPE text USING 'c' || code")
         .await
         .unwrap();
+    db.execute("UPDATE items SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    wait_alias(&es, "cdc_public_items~3", &daemon).await;
+    stop_writer.store(true, Ordering::SeqCst);
+    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
+        .await
+        .unwrap();
+    let mapping = mapping(&es).await;
     assert_eq!(
-        mapping["cdc_public_items~2"]["mappings"]["properties"]["code"]["type"],
+        mapping["cdc_public_items~3"]["mappings"]["properties"]["code"]["type"],
         json!("text"),
         "{mapping}"
     );
 
-    // The key changes (id to code): a third generation, keyed by code.
+    // The key changes (id to code): a fourth generation, keyed by code.
     let stop_writer = Arc::new(AtomicBool::new(false));
     let w = writer(db.clone(), stop_writer.clone());
     db.batch_execute("ALTER TABLE items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (code)")
@@ -214,7 +258,7 @@ async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
     db.execute("UPDATE items SET n = n + 1 WHERE id = 2", &[])
         .await
         .unwrap();
-    wait_alias(&es, "cdc_public_items~3", &daemon).await;
+    wait_alias(&es, "cdc_public_items~4", &daemon).await;
     stop_writer.store(true, Ordering::SeqCst);
     assert!(w.await.unwrap() > 0, "the writer ran during the change");
     let rows = rows_by(&db, "code").await;
@@ -252,7 +296,7 @@ async fn type_and_key_changes_swap_in_a_filled_index_behind_the_alias() {
                 .map(|o| o.keys().collect())
                 .unwrap_or_default();
             match names.as_slice() {
-                [only] if only.as_str() == "cdc_public_items~3" => Poll::Ready(()),
+                [only] if only.as_str() == "cdc_public_items~4" => Poll::Ready(()),
                 _ => Poll::Pending(format!("{names:?}")),
             }
         },

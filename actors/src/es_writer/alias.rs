@@ -62,6 +62,18 @@ pub(super) struct Mirror {
 /// The record's table (schema, name), read only when a fill needs it.
 pub(super) type TableOf<'a> = &'a dyn Fn() -> Option<(String, String)>;
 
+/// What routing needs of a record.
+pub(super) struct Incoming<'a> {
+    /// Its `pgcdc.types` header.
+    pub types: Option<&'a str>,
+    /// Its shape (column types and key columns), when both are known.
+    pub shape: Option<TableShape>,
+    /// Its position (commit LSN, seq).
+    pub at: (u64, u32),
+    /// Its table.
+    pub table: TableOf<'a>,
+}
+
 /// Where one record's write goes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Route {
@@ -100,17 +112,15 @@ impl Mirrors {
         &mut self,
         client: &EsClient,
         alias: &str,
-        types: Option<&str>,
-        shape: Option<TableShape>,
-        at: (u64, u32),
-        table: TableOf<'_>,
+        rec: &Incoming<'_>,
     ) -> Result<Route, EsError> {
         if !self.mirrors.contains_key(alias) {
-            let mirror = self.open(client, alias, types, shape.clone(), at.0).await?;
+            let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
         }
-        if let Some(shape) = &shape {
-            self.follow(client, alias, types, shape, at, table).await?;
+        let shape = &rec.shape;
+        if let Some(shape) = shape {
+            self.follow(client, alias, rec, shape).await?;
         }
         let m = &self.mirrors[alias];
         let also = m.next.as_ref().and_then(|n| {
@@ -119,7 +129,7 @@ impl Mirrors {
         });
         // A record keyed differently than the current generation would add
         // a second document for its row there: it goes to the new one only.
-        let key_fits = match (&shape, &m.meta) {
+        let key_fits = match (shape, &m.meta) {
             (Some(s), Some(meta)) => s.key == meta.shape.key,
             _ => true,
         };
@@ -157,9 +167,7 @@ impl Mirrors {
         &self,
         client: &EsClient,
         alias: &str,
-        types: Option<&str>,
-        shape: Option<TableShape>,
-        lsn: u64,
+        rec: &Incoming<'_>,
     ) -> Result<Mirror, EsError> {
         let pattern = format!(
             "{}{}*",
@@ -193,8 +201,9 @@ impl Mirrors {
                     alias.to_owned() // a mirror index from before generations
                 } else {
                     let index = generation_index(alias, last + 1);
-                    let meta = GenerationMeta::new(alias, shape.unwrap_or_default(), lsn);
-                    let mut body = generation_body(&self.es, types, &meta);
+                    let shape = rec.shape.clone().unwrap_or_default();
+                    let meta = GenerationMeta::new(alias, shape, rec.at.0);
+                    let mut body = generation_body(&self.es, rec.types, &meta);
                     body["aliases"] = json!({ alias: {} });
                     with_retry(&self.es, || client.ensure_index(&index, &body)).await?;
                     last += 1;
@@ -237,26 +246,51 @@ impl Mirrors {
         &mut self,
         client: &EsClient,
         alias: &str,
-        types: Option<&str>,
+        rec: &Incoming<'_>,
         shape: &TableShape,
-        at: (u64, u32),
-        table: TableOf<'_>,
     ) -> Result<(), EsError> {
         let m = &self.mirrors[alias];
         let target = m.next.as_ref().map(|n| &n.meta).or(m.meta.as_ref());
-        if target.is_some_and(|meta| at.0 < meta.since) {
+        if target.is_some_and(|meta| rec.at.0 < meta.since) {
             return Ok(()); // an older record: its shape is history
         }
         let change = match target {
             Some(meta) => compare(&meta.shape, shape),
             None => Change::Incompatible("a mirror index from before generations".into()),
         };
+        let change = match change {
+            Change::Compatible(added) if !added.is_empty() => self
+                .defaults(&added, rec.table)
+                .await
+                .unwrap_or(Change::Compatible(added)),
+            other => other,
+        };
         match change {
             Change::Same => Ok(()),
             Change::Compatible(added) => self.add_columns(client, alias, shape, &added).await,
-            Change::Incompatible(why) => {
-                self.rebuild(client, alias, types, shape, at, &why, table)
-                    .await
+            Change::Incompatible(why) => self.rebuild(client, alias, rec, shape, &why).await,
+        }
+    }
+
+    /// Added columns that older rows hold a value in (a default) need a
+    /// new generation: the documents written before lack it. `None` when
+    /// every added column is NULL in older rows, or PostgreSQL cannot say.
+    async fn defaults(&self, added: &Map<String, Value>, table: TableOf<'_>) -> Option<Change> {
+        let pg = self.pg.as_ref()?;
+        let (schema, name) = table()?;
+        let columns: Vec<String> = added.keys().cloned().collect();
+        let found = async {
+            let sql = crate::pg::connect(pg).await?;
+            crate::pg::catalog::columns_with_defaults(&sql, &schema, &name, &columns).await
+        };
+        match found.await {
+            Ok(with) if with.is_empty() => None,
+            Ok(with) => Some(Change::Incompatible(format!(
+                "columns {with:?} added with a default that older rows hold"
+            ))),
+            Err(e) => {
+                tracing::warn!(table = %format!("{schema}.{name}"), error = %e, "cannot tell whether added columns have defaults: older documents lack them until their rows change");
+                None
             }
         }
     }
@@ -297,11 +331,9 @@ impl Mirrors {
         &mut self,
         client: &EsClient,
         alias: &str,
-        types: Option<&str>,
+        rec: &Incoming<'_>,
         shape: &TableShape,
-        at: (u64, u32),
         why: &str,
-        table: TableOf<'_>,
     ) -> Result<(), EsError> {
         self.abandon(client, alias, "the table changed again")
             .await?;
@@ -315,13 +347,13 @@ impl Mirrors {
             m.retry_after = Some(Instant::now() + FILL_RETRY);
             return Ok(());
         };
-        let Some((schema, table)) = table() else {
+        let Some((schema, table)) = (rec.table)() else {
             return Ok(());
         };
         m.last += 1;
         let index = generation_index(alias, m.last);
-        let meta = GenerationMeta::new(alias, shape.clone(), at.0);
-        let body = generation_body(&es, types, &meta);
+        let meta = GenerationMeta::new(alias, shape.clone(), rec.at.0);
+        let body = generation_body(&es, rec.types, &meta);
         with_retry(&es, || client.delete_index(&index)).await?;
         with_retry(&es, || client.ensure_index(&index, &body)).await?;
         tracing::warn!(alias, index, why, "incompatible schema change: filling a new index from PostgreSQL; the alias keeps serving the old one until it is complete");

@@ -13,7 +13,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::alias::{Mirrors, Route};
+use super::alias::{Incoming, Mirrors, Route};
 use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
 use super::client::EsClient;
 use super::config::EsConfig;
@@ -278,9 +278,13 @@ impl Sink {
                 env.source.table.into_owned(),
             ))
         };
-        c.mirrors
-            .route(&c.es, index, types.as_deref(), shape, action.at, &table)
-            .await
+        let rec = Incoming {
+            types: types.as_deref(),
+            shape,
+            at: action.at,
+            table: &table,
+        };
+        c.mirrors.route(&c.es, index, &rec).await
     }
 
     /// Send actions in `max_in_flight` concurrent lanes (by document), each until

@@ -3,12 +3,13 @@
 //!
 //! The copy reads the table in key order inside one REPEATABLE READ
 //! snapshot and writes each row with `version = S`, `version_type =
-//! external`, where `S` is the WAL insert position read inside the snapshot
-//! (every transaction the snapshot sees committed below it). Against the
-//! changes the sink writes meanwhile (versioned by their commit LSN):
-//! - a change the snapshot already holds is older than `S`: whichever comes
-//!   second, the index ends with the snapshot's row or a newer one;
-//! - a change committed after the snapshot is newer than `S` and wins;
+//! external`, where `S` is the WAL insert position read just before the
+//! snapshot is taken. Against the changes the sink writes meanwhile
+//! (versioned by their commit LSN), whichever comes second:
+//! - a change committed below `S` is one the snapshot holds: the copy's row
+//!   is at least as new and wins;
+//! - a change committed above `S` is newer than `S` and wins (if the
+//!   snapshot saw it, the copy held the same row);
 //! - a delete leaves its version behind (`index.gc_deletes`), so a copied
 //!   row of a deleted key is refused.
 //!
@@ -69,7 +70,7 @@ pub(super) struct Fill {
     pub applied_before: HashSet<u32>,
 }
 
-/// One snapshot's view: its position and the transactions it does not see.
+/// One snapshot's view: the position read before it, and the transactions it does not see.
 struct Snap {
     lsn: u64,
     /// In progress at the snapshot: 32-bit xid → `xid8` text.
@@ -127,10 +128,14 @@ impl Fill {
         keys: Option<&[KeyText]>,
     ) -> Result<(u64, Vec<(KeyText, String)>, bool), EsError> {
         let q = |e| fill_error(crate::pg::PgError::from(e));
+        let lsn = insert_position(sql).await?;
         sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q)?;
-        let snap = snapshot(sql).await?;
+        let snap = Snap {
+            lsn,
+            running: running(sql).await?,
+        };
         if snap.running.keys().any(|x| self.applied_before.contains(x)) {
             sql.batch_execute("ROLLBACK").await.map_err(q)?;
             return Ok((0, Vec::new(), true));
@@ -233,29 +238,37 @@ impl Fill {
     }
 }
 
-/// The snapshot's WAL insert position and the transactions running at it.
-async fn snapshot(sql: &Client) -> Result<Snap, EsError> {
+/// The WAL insert position, read before the snapshot is taken: every
+/// transaction committed after it is newer than the copy, and every one it
+/// sees committed either below it (its rows copied at a newer version) or
+/// after it (its change, newer, wins over the copy).
+async fn insert_position(sql: &Client) -> Result<u64, EsError> {
     let row = sql
-        .query_one(
-            "SELECT pg_current_wal_insert_lsn()::text, \
-             ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)",
-            &[],
-        )
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(|e| fill_error(crate::pg::PgError::from(e)))?;
     let lsn: String = row.get(0);
     let lsn: Lsn = lsn
         .parse()
         .map_err(|_| EsError::Fill(format!("unreadable WAL position {lsn}")))?;
-    let running = row
-        .get::<_, Vec<String>>(1)
+    Ok(lsn.0)
+}
+
+/// The transactions running at the snapshot (its first statement takes
+/// it): 32-bit xid → `xid8` text.
+async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
+    let row = sql
+        .query_one(
+            "SELECT ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)",
+            &[],
+        )
+        .await
+        .map_err(|e| fill_error(crate::pg::PgError::from(e)))?;
+    Ok(row
+        .get::<_, Vec<String>>(0)
         .into_iter()
         .filter_map(|x| Some(((x.parse::<u64>().ok()? & XID_MASK) as u32, x)))
-        .collect();
-    Ok(Snap {
-        lsn: lsn.0,
-        running,
-    })
+        .collect())
 }
 
 /// Wait until none of `xids` (`xid8` texts) is running any more.

@@ -192,6 +192,25 @@ pub(crate) async fn table_columns(
         .collect())
 }
 
+/// Which of `columns` of `schema.table` existing rows may hold a value in
+/// (a default: `atthasmissing` after `ADD COLUMN … DEFAULT`, `atthasdef`
+/// otherwise), as opposed to columns that are NULL in every older row.
+pub(crate) async fn columns_with_defaults(
+    sql: &Client,
+    schema: &str,
+    table: &str,
+    columns: &[String],
+) -> Result<Vec<String>, PgError> {
+    let rows = sql
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+             AND attname = ANY($2) AND NOT attisdropped AND (atthasmissing OR atthasdef)",
+            &[&qualified(schema, table), &columns],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// The planner's row estimate of the table `qualified`; negative if the
 /// table was never analyzed.
 pub(crate) async fn row_estimate(sql: &Client, qualified: &str) -> Result<f64, PgError> {

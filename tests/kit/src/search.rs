@@ -105,16 +105,21 @@ pub async fn all_hits(url: &str, index: &str) -> Result<Vec<Value>> {
     }
 }
 
-/// Every document of `index` at `url`.
+/// Every document of `index` at `url`. A mirror document whose `_version`
+/// is not the commit LSN it holds (`_cdc.lsn`) is an error: versions are
+/// what make replays harmless.
 pub async fn documents(url: &str, index: &str) -> Result<Documents> {
     let mut docs = Documents::new();
     for h in all_hits(url, index).await? {
         let mut src = h["_source"].clone();
-        if let Some(o) = src.as_object_mut() {
-            o.remove(CDC_FIELD);
-        }
         let id = h["_id"].as_str().unwrap_or("").to_owned();
-        docs.insert(id, (h["_version"].as_u64().unwrap_or(0), src));
+        let version = h["_version"].as_u64().unwrap_or(0);
+        if let Some(cdc) = src.as_object_mut().and_then(|o| o.remove(CDC_FIELD)) {
+            if cdc["lsn"].as_u64() != Some(version) {
+                bail!("document {id} of {index} has _version {version} but holds the change at commit LSN {}", cdc["lsn"]);
+            }
+        }
+        docs.insert(id, (version, src));
     }
     Ok(docs)
 }
