@@ -12,8 +12,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
 bash scripts/install-deps.sh
 bindir="${PG_BINDIR:-$(pg_config --bindir 2>/dev/null || true)}"
 [ -x "$bindir/initdb" ] || bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
-echo "demo: building pgcdc"
-cargo build --quiet --bin pgcdc
+if [ -x "$CARGO_TARGET_DIR/debug/pgcdc" ]; then
+  echo "demo: building pgcdc"
+else
+  echo "demo: building pgcdc for the first time: RocksDB and librdkafka compile from C/C++ source (about 10 minutes on 2 cores; cargo prints each crate)"
+fi
+if ! cargo build --bin pgcdc 2>&1 | grep --line-buffered -E '^ *(Compiling|Finished)'; then
+  cargo build --bin pgcdc # prints the errors
+  exit 1
+fi
 pgcdc="$CARGO_TARGET_DIR/debug/pgcdc"
 
 work="$(mktemp -d /tmp/pgcdc-demo.XXXXXX)"

