@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Mirror generations built for incompatible schema changes, by event
     /// (`started`, `swapped`, `abandoned`).
     pub es_reindexes: IntCounterVec,
+    /// Synced checkpoint writes (several acknowledged batches can share one).
+    pub checkpoint_writes: IntCounter,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -211,6 +213,11 @@ impl Metrics {
                 "es_bulk_items_total",
                 "Elasticsearch bulk items by outcome",
                 &["outcome"],
+            ),
+            checkpoint_writes: counter(
+                &r,
+                "checkpoint_writes_total",
+                "Synced checkpoint writes (acknowledged batches that complete during one are merged into the next)",
             ),
             es_reindexes: counter_vec(
                 &r,

@@ -10,6 +10,7 @@
 mod acks;
 mod config;
 mod envelope;
+mod persist;
 mod send;
 
 use std::sync::Arc;
@@ -25,10 +26,11 @@ use crate::checkpoint::CheckpointActor;
 use crate::error::{ErrorClass, ExitCode};
 use crate::lsn::Lsn;
 use crate::messages::{
-    DrainProducer, LsnPersisted, OpenSession, PersistLsn, PublishBatch, SessionBreak, SessionBroken,
+    DrainProducer, LsnPersisted, OpenSession, PublishBatch, SessionBreak, SessionBroken,
 };
 use crate::supervision::{task_outcome, RestartBudget, TaskError};
 use acks::{AckPrefix, PendingBatch};
+use persist::{GroupCommit, Pending};
 use send::{await_deliveries, AckContext, BatchAck, BatchJob, Producer};
 
 /// The open replication session.
@@ -60,6 +62,8 @@ pub struct KafkaProducerActor {
     capacity_waiters: Vec<oneshot::Sender<()>>,
     drain_waiters: Vec<oneshot::Sender<Option<Lsn>>>,
     last_persist: Option<Lsn>,
+    /// Checkpoint writes: one in flight, the rest merged behind it.
+    persist: GroupCommit,
     /// The dead-letter topic, for `kafka.oversized = "dead_letter"`.
     dead_letter_topic: Option<Arc<str>>,
 }
@@ -83,6 +87,7 @@ impl KafkaProducerActor {
             capacity_waiters: Vec::new(),
             drain_waiters: Vec::new(),
             last_persist: None,
+            persist: GroupCommit::default(),
             dead_letter_topic: None,
         }
     }
@@ -116,7 +121,7 @@ impl KafkaProducerActor {
     }
 
     /// Mark `seq` done and move the checkpoint over the done prefix.
-    fn complete(&mut self, seq: u64) {
+    fn complete(&mut self, seq: u64, ctx: &mut Context<Self>) {
         let released = self.inflight.acked(seq);
         let out = &crate::metrics::metrics().events_out;
         for ((table, op), n) in released.counts.iter().flatten() {
@@ -124,11 +129,14 @@ impl KafkaProducerActor {
         }
         if let (Some(persist), Some(s)) = (released.persist, &self.session) {
             self.last_persist = Some(persist.lsn);
-            self.checkpoint.do_send(PersistLsn {
+            let pending = Pending {
                 lsn: persist.lsn,
                 progress: persist.progress,
                 notify: s.on_persisted.clone(),
-            });
+            };
+            if let Some(now) = self.persist.offer(pending) {
+                self.write_checkpoint(now, ctx);
+            }
         }
         if self.inflight.records() < self.config.max_inflight_records {
             self.capacity_waiters.drain(..).for_each(|w| {
@@ -141,6 +149,19 @@ impl KafkaProducerActor {
                 let _ = w.send(last);
             });
         }
+    }
+
+    /// Send a checkpoint write (the checkpoint tells the stream once it is
+    /// durable); when the checkpoint actor is done with it (written, failed,
+    /// or its actor restarted), send the one merged behind it.
+    fn write_checkpoint(&self, pending: Pending, ctx: &mut Context<Self>) {
+        let write = self.checkpoint.send(pending.message());
+        ctx.spawn(write.into_actor(self).map(|_, act, ctx| {
+            crate::metrics::metrics().checkpoint_writes.inc();
+            if let Some(next) = act.persist.done() {
+                act.write_checkpoint(next, ctx);
+            }
+        }));
     }
 
     /// Check the batch belongs to the open session, in order; register it.
@@ -267,7 +288,7 @@ impl Handler<BatchDelivered> for KafkaProducerActor {
             return; // a batch of a session already abandoned
         }
         let err = match msg.outcome {
-            Ok(()) => return self.complete(msg.seq),
+            Ok(()) => return self.complete(msg.seq, ctx),
             Err(err) => err,
         };
         // Nothing after a failed batch may be checkpointed.
