@@ -1,12 +1,14 @@
 //! Throughput benchmark (not a timed test): a 1,000,000-row backlog
 //! (1,000 transactions of 1,000 rows) drained by pgcdc into tansu, next to
 //! `pg_recvlogical` draining the same backlog into /dev/null; then peak RSS
-//! for one 1,000,000-row transaction.
+//! for one 1,000,000-row transaction; then 200,000 single-row transactions
+//! drained by both, with pgcdc's synced checkpoint writes.
 //!
 //! Run with `cargo bench --bench pipeline` (scripts/bench.sh).
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,8 @@ const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 const TXS: u64 = 1_000;
 const ROWS_PER_TX: u64 = 1_000;
 const ROWS: u64 = TXS * ROWS_PER_TX;
+/// Single-row transactions of the small-transactions part.
+const SMALL_TXS: u64 = 200_000;
 
 /// The slot's confirmed_flush_lsn as text-comparable number, 0 if unknown.
 async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
@@ -91,6 +95,152 @@ async fn drain_with_pgcdc(
     (secs, rss, cpu)
 }
 
+/// Seconds `pg_recvlogical` takes to drain `slot` (pgoutput, protocol 1,
+/// `publication`) into /dev/null up to `end`.
+fn recvlogical(recv: &Path, port: &str, slot: &str, publication: &str, end: &str) -> f64 {
+    let t0 = Instant::now();
+    let publication = format!("publication_names={publication}");
+    let status = Command::new(recv)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["--slot", slot, "--start", "-o", "proto_version=1", "-o"])
+        .args([publication.as_str(), "--endpos", end])
+        .args(["-f", "/dev/null", "--no-loop"])
+        .status()
+        .expect("pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed");
+    t0.elapsed().as_secs_f64()
+}
+
+/// The value of counter `name` in a Prometheus text page.
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A free local TCP port.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Small transactions: `SMALL_TXS` single-row transactions (inserts and
+/// updates, alternating) already in the WAL, drained by pgcdc next to
+/// `pg_recvlogical`; prints both rates and pgcdc's synced checkpoint writes.
+async fn small_transactions(
+    pg: &PgCluster,
+    tansu: &Tansu,
+    db: &tokio_postgres::Client,
+    recv: &Path,
+) {
+    for sql in [
+        "CREATE TABLE small (id bigint PRIMARY KEY, n int)",
+        "CREATE PUBLICATION small FOR TABLE small",
+        "SELECT pg_create_logical_replication_slot('small', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('small_recv', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('small_recv2', 'pgoutput')",
+        "CREATE PROCEDURE churn(total int) LANGUAGE plpgsql AS $$ BEGIN \
+           FOR i IN 1..total LOOP \
+             IF i % 2 = 1 THEN INSERT INTO small VALUES (i, 0); \
+             ELSE UPDATE small SET n = n + 1 WHERE id = i - 1; END IF; \
+             COMMIT; \
+           END LOOP; END $$",
+    ] {
+        db.batch_execute(sql).await.expect("setup");
+    }
+    eprintln!("bench: writing {SMALL_TXS} single-row transactions");
+    db.batch_execute(&format!("CALL churn({SMALL_TXS})"))
+        .await
+        .expect("churn");
+    let end = db
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, (pg_current_wal_lsn() - '0/0')::bigint",
+            &[],
+        )
+        .await
+        .expect("lsn");
+    let (end, end_num): (String, i64) = (end.get(0), end.get(1));
+    let port = pg.port.to_string();
+    let recv_first = recvlogical(recv, &port, "small_recv", "small", &end);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = free_port();
+    let cfg = config(
+        pg,
+        tansu,
+        &dir.path().join("state"),
+        &["small"],
+        "topic = \"cdc-small\"",
+    )
+    .replace("info,pgcdc_actors=debug", "warn")
+    .replace(
+        "listen = \"\"",
+        &format!("listen = \"127.0.0.1:{metrics}\""),
+    )
+    .replace(
+        "[postgres]\n",
+        "[postgres]\nslot = \"small\"\npublication = \"small\"\n",
+    );
+    let started = Instant::now();
+    let mut daemon = Daemon::start(Path::new(PGCDC), dir.path(), &cfg, "run", &[]).unwrap();
+    wait::poll(
+        "pgcdc to confirm the small transactions",
+        Duration::from_secs(1800),
+        Duration::from_millis(20),
+        || async {
+            if !daemon.is_running() {
+                return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
+            }
+            let at = confirmed(db, "small").await;
+            Poll::when(at >= end_num, (), || format!("confirmed {at} of {end_num}"))
+        },
+    )
+    .await
+    .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let page = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let writes = counter(&page, "pgcdc_checkpoint_writes_total");
+    let (_, cpu) = process_usage(daemon.pid().expect("pid"));
+    daemon.terminate(Duration::from_secs(60)).unwrap();
+    let recv_second = recvlogical(recv, &port, "small_recv2", "small", &end);
+    let recv_secs = recv_first.min(recv_second);
+    let (rate, recv_rate) = (SMALL_TXS as f64 / secs, SMALL_TXS as f64 / recv_secs);
+    println!();
+    println!("{SMALL_TXS} single-row transactions (inserts and updates) in the WAL, on this machine in one run:");
+    println!("{:<44} {:>12} {:>10}", "", "txs/s", "seconds");
+    println!(
+        "{:<44} {:>12.0} {:>10.2}",
+        "pg_recvlogical (pgoutput, proto 1) > /dev/null", recv_rate, recv_secs
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10.2}",
+        "pgcdc -> tansu, to the slot confirming the end", rate, secs
+    );
+    println!(
+        "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.9)",
+        rate / recv_rate
+    );
+    println!(
+        "pgcdc synced checkpoint writes: {writes:.0} ({:.0}/s, {:.1} transactions per write); CPU µs per transaction: {:.1}",
+        writes / secs,
+        SMALL_TXS as f64 / writes.max(1.0),
+        cpu * 1e6 / SMALL_TXS as f64
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let pg = PgCluster::start().unwrap();
@@ -137,37 +287,7 @@ async fn main() {
     .unwrap_or_default();
     let recv = std::path::Path::new(bindir.trim()).join("pg_recvlogical");
     let port = pg.port.to_string();
-    // Time pg_recvlogical draining the backlog from `slot` into /dev/null.
-    let drain = |slot: &str| {
-        let t0 = Instant::now();
-        let status = Command::new(&recv)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "--slot",
-                slot,
-                "--start",
-            ])
-            .args([
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=pgcdc",
-                "--endpos",
-                &end,
-            ])
-            .args(["-f", "/dev/null", "--no-loop"])
-            .status()
-            .expect("pg_recvlogical");
-        assert!(status.success(), "pg_recvlogical failed");
-        t0.elapsed().as_secs_f64()
-    };
+    let drain = |slot: &str| recvlogical(&recv, &port, slot, "pgcdc", &end);
     // Once before pgcdc (colder caches) and once after; the faster counts.
     let recv_first = drain("recv");
 
@@ -246,4 +366,6 @@ async fn main() {
     );
     println!("pgcdc peak RSS, backlog: {rss:.1} MiB (target <= 150)");
     println!("pgcdc peak RSS, one 1,000,000-row transaction: {big_rss:.1} MiB in {big_secs:.1} s (target <= 150)");
+
+    small_transactions(&pg, &tansu, &db, &recv).await;
 }
