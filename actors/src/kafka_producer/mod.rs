@@ -211,6 +211,8 @@ impl Supervised for KafkaProducerActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.budget.record();
         self.producer = None;
+        // The write in flight was the context's future, gone with it.
+        self.persist = GroupCommit::default();
         self.break_session(SessionBreak::ProducerRestarted);
     }
 }
