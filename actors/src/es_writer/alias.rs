@@ -177,21 +177,29 @@ impl Mirrors {
         let generations = with_retry(&self.es, || client.aliases(&pattern)).await?;
         let mut last = 0;
         let mut current = None;
+        let mut others = Vec::new();
         for (index, info) in &generations {
             let Some(n) = generation_of(alias, index) else {
                 continue;
             };
             last = last.max(n);
-            if info["aliases"].get(alias).is_some() {
-                current = Some(index.clone());
-            } else {
-                tracing::info!(
-                    index,
-                    "deleting a mirror generation left unfinished or retired"
-                );
-                with_retry(&self.es, || client.delete_index(index)).await?;
+            match info["aliases"].get(alias) {
+                Some(_) => current = Some((n, index.clone())),
+                None => others.push((n, index.clone())),
             }
         }
+        let serving = current.as_ref().map_or(0, |(n, _)| *n);
+        for (n, index) in others {
+            if n < serving {
+                tracing::info!(index, "deleting a retired mirror generation");
+                with_retry(&self.es, || client.delete_index(&index)).await?;
+            } else {
+                // Another sink process may be filling it; a crashed run's
+                // leftover is replaced by the next new generation.
+                tracing::warn!(index, "a mirror generation newer than the one serving exists (being filled elsewhere, or left by a crash); left alone");
+            }
+        }
+        let current = current.map(|(_, index)| index);
         let current = match current {
             Some(c) => c,
             None => {
