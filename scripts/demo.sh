@@ -17,10 +17,24 @@ if [ -x "$CARGO_TARGET_DIR/debug/pgcdc" ]; then
 else
   echo "demo: building pgcdc for the first time: RocksDB and librdkafka compile from C/C++ source (about 10 minutes on 2 cores; cargo prints each crate)"
 fi
-if ! cargo build --bin pgcdc 2>&1 | grep --line-buffered -E '^ *(Compiling|Finished)'; then
-  cargo build --bin pgcdc # prints the errors
+# Cargo prints nothing while a C/C++ library compiles (minutes for RocksDB):
+# say every 30 s that the build goes on and what it compiles.
+build_log="$(mktemp)"
+cargo build --bin pgcdc >"$build_log" 2>&1 &
+build_pid=$!
+started=$SECONDS
+while kill -0 "$build_pid" 2>/dev/null; do
+  for _ in $(seq 1 30); do kill -0 "$build_pid" 2>/dev/null && sleep 1; done
+  if kill -0 "$build_pid" 2>/dev/null; then
+    compiling="$(grep -Eo 'Compiling [^ ]+' "$build_log" | tail -n 3 | cut -d' ' -f2 | paste -sd, -)"
+    echo "demo: still building ($(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s; latest: ${compiling:-starting})"
+  fi
+done
+if ! wait "$build_pid"; then
+  cat "$build_log"
   exit 1
 fi
+rm -f "$build_log"
 pgcdc="$CARGO_TARGET_DIR/debug/pgcdc"
 
 work="$(mktemp -d /tmp/pgcdc-demo.XXXXXX)"
