@@ -40,6 +40,12 @@ const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
 /// reach at `max_inflight_records`, while a handful of huge values is enough
 /// to pause WAL reading instead of filling memory.
 const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// The librdkafka property choosing the partition of a keyed record.
+const PARTITIONER: &str = "partitioner";
+/// Default `partitioner`: murmur2 of the key bytes, positive part modulo the
+/// partition count, as the Java client (and so Debezium, Kafka Streams and
+/// ksqlDB) computes it; keyless records go to a random partition.
+pub const JAVA_PARTITIONER: &str = "murmur2_random";
 /// librdkafka's default `message.max.bytes`: the largest record the producer sends.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// The librdkafka property limiting one record's size.
@@ -241,6 +247,9 @@ impl KafkaConfig {
             .set("queue.buffering.max.messages", queue)
             .set(QUEUE_MAX_KBYTES, kbytes.to_string())
             .set("client.id", "pgcdc");
+        if !self.properties.contains_key(PARTITIONER) {
+            cfg.set(PARTITIONER, JAVA_PARTITIONER);
+        }
         cfg
     }
 
@@ -342,6 +351,18 @@ mod tests {
             let created = c.client_config().create::<BaseProducer>();
             assert!(created.is_ok(), "{mechanism}: {:?}", created.err());
         }
+    }
+
+    #[test]
+    fn keys_are_partitioned_as_the_java_client_does_unless_overridden() {
+        let mut c = KafkaConfig::default();
+        assert_eq!(c.client_config().get(PARTITIONER), Some(JAVA_PARTITIONER));
+        c.properties
+            .insert(PARTITIONER.into(), "consistent_random".into());
+        assert_eq!(
+            c.client_config().get(PARTITIONER),
+            Some("consistent_random")
+        );
     }
 
     #[test]
