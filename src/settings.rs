@@ -195,6 +195,7 @@ impl Settings {
         self.metrics.validate(&mut errors);
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
+        self.validate_debezium(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push(ConfigError::new(
                 "shutdown_timeout_secs",
@@ -289,6 +290,18 @@ fn figment_error(e: figment::Error) -> ConfigError {
         e.path.join(".")
     };
     ConfigError::new(key, e.kind.to_string())
+}
+
+impl Settings {
+    /// Debezium-compatibility settings that depend on other sections.
+    fn validate_debezium(&self, errors: &mut Vec<ConfigError>) {
+        if self.kafka.heartbeats && self.wal.heartbeat_secs == 0 {
+            errors.push(ConfigError::new(
+                "kafka.heartbeats",
+                "needs wal.heartbeat_secs above 0 (the heartbeat interval)",
+            ));
+        }
+    }
 }
 
 #[cfg(test)]

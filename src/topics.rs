@@ -14,6 +14,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::error::AppError;
 use crate::settings::Settings;
 
+/// The topic config pgcdc sets on durable topics.
+const MIN_INSYNC: &str = "min.insync.replicas";
 /// How long a metadata or admin request may take at start.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -33,13 +35,7 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
     let min_insync = KafkaConfig::min_insync_replicas(factor).map(|n| n.to_string());
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| {
-            let topic = NewTopic::new(n, k.topic_partitions, TopicReplication::Fixed(factor));
-            match &min_insync {
-                Some(m) => topic.set("min.insync.replicas", m),
-                None => topic,
-            }
-        })
+        .map(|n| new_topic(k, n, factor, min_insync.as_deref()))
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(REQUEST_TIMEOUT))
@@ -61,7 +57,26 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Every topic pgcdc writes: one per table (or the single topic) and the dead letters.
+/// The creation request of topic `name`: `kafka.topic_config`, and
+/// `min.insync.replicas` unless that sets it.
+fn new_topic<'a>(
+    k: &'a KafkaConfig,
+    name: &'a str,
+    factor: i32,
+    min_insync: Option<&'a str>,
+) -> NewTopic<'a> {
+    let mut topic = NewTopic::new(name, k.topic_partitions, TopicReplication::Fixed(factor));
+    if let Some(m) = min_insync.filter(|_| !k.topic_config.contains_key(MIN_INSYNC)) {
+        topic = topic.set(MIN_INSYNC, m);
+    }
+    for (key, value) in &k.topic_config {
+        topic = topic.set(key, value);
+    }
+    topic
+}
+
+/// Every topic pgcdc writes: one per table (or the single topic), the dead
+/// letters, and the transaction and heartbeat topics when they are on.
 fn topic_names(settings: &Settings) -> Vec<String> {
     let k = &settings.kafka;
     let mut names: Vec<String> = settings
@@ -72,6 +87,8 @@ fn topic_names(settings: &Settings) -> Vec<String> {
         .map(|(s, t)| k.topic_for(&s, &t))
         .collect();
     names.push(settings.elasticsearch.dead_letter_topic.clone());
+    names.extend(k.transaction_topic());
+    names.extend(k.heartbeat_topic());
     names.sort();
     names.dedup();
     names

@@ -7,7 +7,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::support::{config, pg_and_tansu, wait_slot_active};
+use pgcdc_actors::wire::header;
+use serde_json::json;
+
+use crate::support::{config, pg_and_tansu, wait_slot_active, Record};
 
 const TOPIC: &str = "cdc-events";
 
@@ -89,6 +92,139 @@ async fn keys_land_on_the_partitions_the_java_client_would_choose() {
         used.insert(r.partition);
     }
     assert_eq!(used.len(), 3, "60 keys should use every partition");
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+/// The `transaction` block of a data record: (id, total_order, data_collection_order).
+fn place(r: &Record) -> (String, u64, u64) {
+    let t = &r.value.as_ref().unwrap()["transaction"];
+    (
+        t["id"].as_str().unwrap().to_string(),
+        t["total_order"].as_u64().unwrap(),
+        t["data_collection_order"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_metadata_counts_match_the_events_on_the_data_topics() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text);",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(
+        &pg,
+        &tansu,
+        &state,
+        &["a", "b"],
+        "transaction_metadata = true\n",
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "BEGIN; INSERT INTO a VALUES (1, 'x'), (2, 'y'); INSERT INTO b VALUES (1, 'z');
+         UPDATE a SET v = 'w' WHERE id = 1; DELETE FROM b WHERE id = 1; COMMIT;
+         INSERT INTO b VALUES (7, 'solo');",
+    )
+    .await
+    .unwrap();
+    let meta =
+        crate::support::read_until(&tansu, "pgcdc.transaction", Duration::from_secs(60), |r| {
+            r.len() >= 4
+        });
+    let status: Vec<&str> = meta
+        .iter()
+        .map(|r| r.value.as_ref().unwrap()["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["BEGIN", "END", "BEGIN", "END"]);
+    let data: Vec<Record> =
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| {
+            r.iter().filter(|r| r.value.is_some()).count() >= 6
+        })
+        .into_iter()
+        .filter(|r| r.value.is_some())
+        .collect();
+    for end in meta
+        .iter()
+        .filter_map(|r| r.value.as_ref())
+        .filter(|v| v["status"] == "END")
+    {
+        let id = end["id"].as_str().unwrap();
+        let mine: Vec<&Record> = data.iter().filter(|r| place(r).0 == id).collect();
+        assert_eq!(
+            end["event_count"].as_u64(),
+            Some(mine.len() as u64),
+            "{end}"
+        );
+        let xid = mine[0].value.as_ref().unwrap()["source"]["txId"]
+            .as_u64()
+            .unwrap();
+        let commit = mine[0].value.as_ref().unwrap()["source"]["commit_lsn"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(id, format!("{xid}:{commit}"));
+        let totals: Vec<u64> = mine.iter().map(|r| place(r).1).collect();
+        assert_eq!(totals, (1..=mine.len() as u64).collect::<Vec<_>>());
+        for c in end["data_collections"].as_array().unwrap() {
+            let table = c["data_collection"].as_str().unwrap();
+            let orders: Vec<u64> = mine
+                .iter()
+                .filter(|r| r.header(header::TABLE) == table)
+                .map(|r| place(r).2)
+                .collect();
+            assert_eq!(
+                orders,
+                (1..=c["event_count"].as_u64().unwrap()).collect::<Vec<_>>(),
+                "{table}"
+            );
+        }
+    }
+    let first = &meta[1].value.as_ref().unwrap()["data_collections"];
+    assert_eq!(
+        *first,
+        json!([{"data_collection": "public.a", "event_count": 3},
+               {"data_collection": "public.b", "event_count": 2}])
+    );
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pipeline_publishes_heartbeats_with_the_lsn_reached() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["quiet"], "heartbeats = true\n")
+        + "\n[wal]\nheartbeat_secs = 1\ncheck_interval_secs = 1\n";
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let lsn = |r: &Record| r.value.as_ref().unwrap()["lsn"].as_u64();
+    let beats = crate::support::read_until(
+        &tansu,
+        "__debezium-heartbeat.pgcdc",
+        Duration::from_secs(60),
+        |r| {
+            let reached: BTreeSet<u64> = r.iter().filter_map(lsn).collect();
+            reached.len() >= 2
+        },
+    );
+    assert!(beats
+        .iter()
+        .all(|r| r.key == Some(json!({"serverName": "pgcdc"}))));
+    let lsns: Vec<u64> = beats.iter().filter_map(lsn).collect();
+    assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "{lsns:?}");
+    let times: Vec<i64> = beats
+        .iter()
+        .map(|r| r.value.as_ref().unwrap()["ts_ms"].as_i64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+    // The WAL heartbeats move the slot: the LSN reached moves on while idle.
+    assert!(beats.len() >= 2 && lsns.last() > lsns.first(), "{lsns:?}");
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }

@@ -108,7 +108,7 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
     assert_eq!(points.len(), 1);
     assert!(snap
         .iter()
-        .all(|r| r.value.as_ref().unwrap()["source"]["snapshot"] == json!(true)));
+        .all(|r| r.value.as_ref().unwrap()["source"]["snapshot"] == json!("true")));
     let streamed: Vec<&Record> = records.iter().filter(|r| r.op() != "r").collect();
     assert_eq!(
         streamed.len(),

@@ -1,5 +1,7 @@
 //! `[kafka]`: where and how change events are published.
 
+use std::collections::BTreeMap;
+
 use crate::error::ConfigError;
 use serde::Deserialize;
 
@@ -25,6 +27,27 @@ pub enum Oversized {
     /// Send a description of it (table, key, LSN, size, reason) to the
     /// dead-letter topic instead, and go on.
     DeadLetter,
+}
+
+/// `source.connector` of the records pgcdc writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceConnector {
+    /// `"pgcdc"`.
+    #[default]
+    Pgcdc,
+    /// `"postgresql"`, as Debezium's connector writes, for consumers that branch on it.
+    Postgresql,
+}
+
+impl SourceConnector {
+    /// The text written in `source.connector`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pgcdc => crate::wire::CONNECTOR,
+            Self::Postgresql => "postgresql",
+        }
+    }
 }
 
 /// Default `topic_partitions`: lets up to three sinks share the load without
@@ -87,6 +110,18 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
     /// sensitive values never show in `Debug` or errors.
     pub properties: Properties,
+    /// `source.connector`: `pgcdc` or `postgresql`.
+    pub source_connector: SourceConnector,
+    /// Write the `transaction` block on every streamed change and BEGIN/END
+    /// events on `<topic_prefix>.transaction`, as Debezium's
+    /// `provide.transaction.metadata` does.
+    pub transaction_metadata: bool,
+    /// Publish a heartbeat record (the LSN reached) every `wal.heartbeat_secs`.
+    pub heartbeats: bool,
+    /// The heartbeat topic; unset: `__debezium-heartbeat.<topic_prefix>`.
+    pub heartbeat_topic: Option<String>,
+    /// Topic configs (`cleanup.policy`, `retention.ms`, …) given to the topics pgcdc creates.
+    pub topic_config: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -105,6 +140,11 @@ impl Default for KafkaConfig {
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             oversized: Oversized::Fail,
             properties: Properties::default(),
+            source_connector: SourceConnector::Pgcdc,
+            transaction_metadata: false,
+            heartbeats: false,
+            heartbeat_topic: None,
+            topic_config: BTreeMap::new(),
         }
     }
 }
@@ -152,10 +192,19 @@ impl KafkaConfig {
                 format!("{:?} is not a valid topic name", self.topic),
             ));
         }
-        if self.topic_mode == TopicMode::PerTable && bad_topic(&self.topic_prefix) {
+        let prefixed = self.topic_mode == TopicMode::PerTable
+            || self.transaction_metadata
+            || (self.heartbeats && self.heartbeat_topic.is_none());
+        if prefixed && bad_topic(&self.topic_prefix) {
             errors.push(ConfigError::new(
                 "kafka.topic_prefix",
                 format!("{:?} is not a valid topic name", self.topic_prefix),
+            ));
+        }
+        if let Some(t) = self.heartbeat_topic.as_deref().filter(|t| bad_topic(t)) {
+            errors.push(ConfigError::new(
+                "kafka.heartbeat_topic",
+                format!("{t:?} is not a valid topic name"),
             ));
         }
         if self.topic_partitions < 1 {
@@ -265,6 +314,21 @@ impl KafkaConfig {
     /// from 3 copies on, so `acks=all` means two brokers have each record.
     pub fn min_insync_replicas(replication_factor: i32) -> Option<i32> {
         (replication_factor >= DURABLE_REPLICAS).then_some(DURABLE_MIN_INSYNC)
+    }
+
+    /// The transaction metadata topic, when `transaction_metadata` is on.
+    pub fn transaction_topic(&self) -> Option<String> {
+        self.transaction_metadata
+            .then(|| format!("{}.transaction", self.topic_prefix))
+    }
+
+    /// The heartbeat topic, when `heartbeats` is on.
+    pub fn heartbeat_topic(&self) -> Option<String> {
+        self.heartbeats.then(|| {
+            self.heartbeat_topic
+                .clone()
+                .unwrap_or_else(|| format!("__debezium-heartbeat.{}", self.topic_prefix))
+        })
     }
 
     /// The topic of events of `schema.table`.

@@ -11,18 +11,27 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::KafkaConfig;
-use crate::event::{ChangeEvent, CopiedRows, Op, TableRef};
+use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
-use crate::wire::{Envelope, Source, CONNECTOR};
+use crate::wire::{sequence, Envelope, SnapshotMark, Source, TxBlock, VERSION};
 
 /// Microseconds per millisecond (commit times are µs, the envelope's ms).
 const US_PER_MS: i64 = 1000;
+/// Nanoseconds per microsecond.
+const NS_PER_US: i64 = 1000;
 /// Room for an envelope's fields besides the row data (source, op, JSON
 /// punctuation), reserved with the row so a wide row is written without
 /// growing its buffer step by step.
 const ENVELOPE_BYTES: usize = 512;
+
+/// How every snapshot row's envelope starts, before its `after` object.
+const ROW_OPEN: &[u8] = b"{\"before\":null,\"after\":";
+/// JSON null.
+const NULL: &[u8] = b"null";
+/// `source.seq` of 0 closing the `source` block.
+const SEQ_ZERO: &[u8] = b"\"seq\":0}";
 
 /// One record ready for the producer.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,33 +114,75 @@ impl<'a> Encoder<'a> {
         1 + usize::from(tombstone)
     }
 
-    /// Append `event`'s record(s) to `out`: the change, and after a delete
-    /// a tombstone when tombstones are on.
-    pub fn event(&mut self, event: &ChangeEvent, out: &mut Vec<EncodedRecord>) {
+    /// The `source` block of a change in `table` at `lsn`, position `seq`
+    /// of transaction `tx`.
+    fn source<'s>(
+        &'s self,
+        table: &'s TableRef,
+        tx: TxMeta,
+        lsn: Lsn,
+        seq: u32,
+        snapshot: SnapshotMark,
+    ) -> Source<'s> {
+        Source {
+            version: Cow::Borrowed(VERSION),
+            connector: Cow::Borrowed(self.kafka.source_connector.name()),
+            name: Cow::Borrowed(&self.kafka.topic_prefix),
+            ts_ms: tx.commit_time_us.div_euclid(US_PER_MS),
+            ts_us: tx.commit_time_us,
+            ts_ns: tx.commit_time_us.saturating_mul(NS_PER_US),
+            snapshot,
+            db: Cow::Borrowed(self.db),
+            sequence: Cow::Owned(sequence(tx.commit_lsn.0, lsn.0)),
+            schema: Cow::Borrowed(&table.schema),
+            table: Cow::Borrowed(&table.name),
+            tx_id: tx.xid,
+            lsn: lsn.0,
+            xmin: None,
+            commit_lsn: tx.commit_lsn.0,
+            seq,
+        }
+    }
+
+    /// The envelope of `event`, with its `transaction` block if any.
+    fn envelope<'e>(
+        &'e self,
+        event: &'e ChangeEvent,
+        transaction: Option<TxBlock<'e>>,
+    ) -> Envelope<'e, &'e Map<String, Value>> {
+        let snapshot = if event.snapshot {
+            SnapshotMark::Incremental
+        } else {
+            SnapshotMark::False
+        };
+        Envelope {
+            before: event.before.as_ref(),
+            after: event.after.as_ref(),
+            source: self.source(&event.table, event.tx, event.lsn, event.seq, snapshot),
+            transaction,
+            op: Cow::Borrowed(event.op.code()),
+            ts_ms: self.now_ms,
+            ts_us: self.now_ms.saturating_mul(US_PER_MS),
+            ts_ns: self.now_ms.saturating_mul(US_PER_MS * NS_PER_US),
+            unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
+        }
+    }
+
+    /// Append `event`'s record(s) to `out`: the change (with its
+    /// `transaction` block, if given), and after a delete a tombstone when
+    /// tombstones are on.
+    pub fn event(
+        &mut self,
+        event: &ChangeEvent,
+        transaction: Option<TxBlock<'_>>,
+        out: &mut Vec<EncodedRecord>,
+    ) {
         let key = event.key.as_ref().map(|k| {
             let mut buf = Vec::new();
             to_json_bytes(k, &mut buf);
             buf
         });
-        let envelope: Envelope<'_, &Map<String, Value>> = Envelope {
-            before: event.before.as_ref(),
-            after: event.after.as_ref(),
-            op: Cow::Borrowed(event.op.code()),
-            ts_ms: self.now_ms,
-            source: Source {
-                connector: Cow::Borrowed(CONNECTOR),
-                db: Cow::Borrowed(self.db),
-                schema: Cow::Borrowed(&event.table.schema),
-                table: Cow::Borrowed(&event.table.name),
-                lsn: event.lsn.0,
-                commit_lsn: event.tx.commit_lsn.0,
-                seq: event.seq,
-                tx_id: event.tx.xid,
-                ts_ms: event.tx.commit_time_us.div_euclid(US_PER_MS),
-                snapshot: event.snapshot,
-            },
-            unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
-        };
+        let envelope = self.envelope(event, transaction);
         let mut value = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
         to_json_bytes(&envelope, &mut value);
         let names = self.names(&event.table);
@@ -155,6 +206,35 @@ impl<'a> Encoder<'a> {
         } else {
             out.push(record);
         }
+    }
+
+    /// What a snapshot row's envelope holds between its `after` object and
+    /// its `source.seq` value, and after that value: cut from the envelope
+    /// [`Self::event`] would write, so both encoders write the same bytes.
+    fn row_frame(&self, table: &TableRef, tx: TxMeta) -> (Vec<u8>, Vec<u8>) {
+        let envelope: Envelope<'_, ()> = Envelope {
+            before: None,
+            after: None,
+            source: self.source(table, tx, tx.commit_lsn, 0, SnapshotMark::True),
+            transaction: None,
+            op: Cow::Borrowed(Op::Read.code()),
+            ts_ms: self.now_ms,
+            ts_us: self.now_ms.saturating_mul(US_PER_MS),
+            ts_ns: self.now_ms.saturating_mul(US_PER_MS * NS_PER_US),
+            unchanged_toast: Cow::Borrowed(&[]),
+        };
+        let mut text = Vec::new();
+        to_json_bytes(&envelope, &mut text);
+        // `seq` is the last field of `source`; string quotes inside are escaped.
+        let seq = SEQ_ZERO.len() - 2;
+        let at = text
+            .windows(SEQ_ZERO.len())
+            .rposition(|w| w == SEQ_ZERO)
+            .unwrap_or(text.len());
+        let start = (ROW_OPEN.len() + NULL.len()).min(at);
+        let middle = text[start..at + seq].to_vec();
+        let tail = text.get(at + seq + 1..).unwrap_or_default().to_vec();
+        (middle, tail)
     }
 
     /// Append one `op=r` record per copied row to `out`.
@@ -188,24 +268,7 @@ impl<'a> Encoder<'a> {
             .enumerate()
             .map(|(n, &i)| (i, label(i, n == 0)))
             .collect();
-        let mut source = Vec::new();
-        to_json_bytes(self.db, &mut source);
-        source.extend_from_slice(b",\"schema\":");
-        to_json_bytes(&table.schema, &mut source);
-        source.extend_from_slice(b",\"table\":");
-        to_json_bytes(&table.name, &mut source);
-        let lsn = tx.commit_lsn.0;
-        // The fields of `wire::Envelope` in its order, as it would serialize them.
-        let head = format!(
-            ",\"op\":\"r\",\"ts_ms\":{},\"source\":{{\"connector\":\"{CONNECTOR}\",\"db\":{},\"lsn\":{lsn},\"commit_lsn\":{lsn},\"seq\":",
-            self.now_ms,
-            String::from_utf8_lossy(&source),
-        );
-        let tail = format!(
-            ",\"txId\":{},\"ts_ms\":{},\"snapshot\":true}}}}",
-            tx.xid,
-            tx.commit_time_us.div_euclid(US_PER_MS)
-        );
+        let (middle, tail) = self.row_frame(table, tx);
         let names = self.names(table);
         let commit_lsn = self.lsn(tx.commit_lsn);
         let object =
@@ -226,11 +289,11 @@ impl<'a> Encoder<'a> {
             let mut k = Vec::with_capacity(16);
             object(row, &key, &mut k);
             let mut v = Vec::with_capacity(256);
-            v.extend_from_slice(b"{\"before\":null,\"after\":");
+            v.extend_from_slice(ROW_OPEN);
             object(row, &after, &mut v);
-            v.extend_from_slice(head.as_bytes());
+            v.extend_from_slice(&middle);
             to_json_bytes(&seq, &mut v);
-            v.extend_from_slice(tail.as_bytes());
+            v.extend_from_slice(&tail);
             seq = seq.wrapping_add(1);
             out.push(EncodedRecord {
                 topic: names.topic.clone(),
@@ -262,7 +325,7 @@ mod tests {
             ..KafkaConfig::default()
         };
         let mut out = Vec::new();
-        Encoder::new(&kafka, "shop", 5).event(event, &mut out);
+        Encoder::new(&kafka, "shop", 5).event(event, None, &mut out);
         out
     }
 
@@ -297,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn update_envelope_has_debezium_shape() {
+    fn update_envelope_has_every_debezium_field() {
         let recs = encode(&event(Op::Update), true);
         assert_eq!(recs.len(), 1);
         let r = &recs[0];
@@ -312,41 +375,101 @@ mod tests {
             json!({
                 "before": {"id": 42, "name": "old"},
                 "after": {"id": 42, "name": "new"},
+                "source": {"version": VERSION, "connector": "pgcdc", "name": "pgcdc",
+                           "ts_ms": 1_700_000_000_123i64, "ts_us": 1_700_000_000_123_456i64,
+                           "ts_ns": 1_700_000_000_123_456_000i64, "snapshot": "false",
+                           "db": "shop", "sequence": "[\"4294967808\",\"256\"]",
+                           "schema": "public", "table": "users", "txId": 777, "lsn": 256,
+                           "xmin": null, "commit_lsn": 0x1_0000_0200u64, "seq": 3},
+                "transaction": null,
                 "op": "u",
                 "ts_ms": 5,
-                "source": {"connector": "pgcdc", "db": "shop", "schema": "public", "table": "users",
-                           "lsn": 256, "commit_lsn": 0x1_0000_0200u64, "seq": 3, "txId": 777,
-                           "ts_ms": 1_700_000_000_123i64, "snapshot": false}
+                "ts_us": 5000,
+                "ts_ns": 5_000_000,
             })
         );
     }
 
     #[test]
     fn envelope_bytes_are_pinned() {
-        let recs = encode(&event(Op::Update), true);
-        let value = std::str::from_utf8(recs[0].value.as_ref().unwrap()).unwrap();
+        let source = |snapshot: &str| {
+            format!(
+                concat!(
+                    r#""source":{{"version":"{}","connector":"postgresql","name":"pgcdc","#,
+                    r#""ts_ms":1700000000123,"ts_us":1700000000123456,"ts_ns":1700000000123456000,"#,
+                    r#""snapshot":"{}","db":"shop","sequence":"[\"4294967808\",\"256\"]","#,
+                    r#""schema":"public","table":"users","txId":777,"lsn":256,"xmin":null,"#,
+                    r#""commit_lsn":4294967808,"seq":3}}"#
+                ),
+                VERSION, snapshot
+            )
+        };
+        let kafka = KafkaConfig {
+            source_connector: super::super::SourceConnector::Postgresql,
+            ..KafkaConfig::default()
+        };
+        let encode = |e: &ChangeEvent, tx: Option<TxBlock<'_>>| {
+            let mut out = Vec::new();
+            Encoder::new(&kafka, "shop", 5).event(e, tx, &mut out);
+            String::from_utf8(out.remove(0).value.unwrap()).unwrap()
+        };
+        let block = TxBlock {
+            id: "777:4294967808".into(),
+            total_order: 4,
+            data_collection_order: 2,
+        };
         assert_eq!(
-            value,
-            concat!(
-                r#"{"before":{"id":42,"name":"old"},"after":{"id":42,"name":"new"},"op":"u","ts_ms":5,"#,
-                r#""source":{"connector":"pgcdc","db":"shop","schema":"public","table":"users","#,
-                r#""lsn":256,"commit_lsn":4294967808,"seq":3,"txId":777,"ts_ms":1700000000123,"#,
-                r#""snapshot":false}}"#
+            encode(&event(Op::Update), Some(block)),
+            format!(
+                r#"{{"before":{{"id":42,"name":"old"}},"after":{{"id":42,"name":"new"}},{},"transaction":{{"id":"777:4294967808","total_order":4,"data_collection_order":2}},"op":"u","ts_ms":5,"ts_us":5000,"ts_ns":5000000}}"#,
+                source("false")
             )
         );
         let mut e = event(Op::Delete);
         e.unchanged_toast = vec!["blob".into()];
         e.snapshot = true;
-        let recs = encode(&e, true);
-        let value = std::str::from_utf8(recs[0].value.as_ref().unwrap()).unwrap();
         assert_eq!(
-            value,
-            concat!(
-                r#"{"before":{"id":42,"name":"old"},"after":null,"op":"d","ts_ms":5,"#,
-                r#""source":{"connector":"pgcdc","db":"shop","schema":"public","table":"users","#,
-                r#""lsn":256,"commit_lsn":4294967808,"seq":3,"txId":777,"ts_ms":1700000000123,"#,
-                r#""snapshot":true},"unchanged_toast":["blob"]}"#
+            encode(&e, None),
+            format!(
+                r#"{{"before":{{"id":42,"name":"old"}},"after":null,{},"transaction":null,"op":"d","ts_ms":5,"ts_us":5000,"ts_ns":5000000,"unchanged_toast":["blob"]}}"#,
+                source("incremental")
             )
+        );
+    }
+
+    #[test]
+    fn snapshot_rows_are_framed_as_the_serializer_writes_them() {
+        let kafka = KafkaConfig::default();
+        let e = event(Op::Read);
+        let (middle, tail) = Encoder::new(&kafka, "shop", 5).row_frame(&e.table, e.tx);
+        let mut v = ROW_OPEN.to_vec();
+        v.extend_from_slice(br#"{"id":42}"#);
+        v.extend_from_slice(&middle);
+        v.extend_from_slice(b"17");
+        v.extend_from_slice(&tail);
+        let read: Envelope<'_, Map<String, Value>> = serde_json::from_slice(&v).unwrap();
+        assert_eq!(read.source.seq, 17);
+        assert_eq!(read.source.snapshot, SnapshotMark::True);
+        assert_eq!((&*read.op, read.ts_ms), ("r", 5));
+        assert_eq!(read.source.lsn, e.tx.commit_lsn.0);
+        assert_eq!(serde_json::to_vec(&read).unwrap(), v);
+    }
+
+    #[test]
+    fn snapshot_marks_are_read_from_strings_and_from_older_booleans() {
+        for (text, mark) in [
+            ("true", SnapshotMark::True),
+            ("false", SnapshotMark::False),
+            ("\"true\"", SnapshotMark::True),
+            ("\"last\"", SnapshotMark::Last),
+            ("\"false\"", SnapshotMark::False),
+            ("\"incremental\"", SnapshotMark::Incremental),
+        ] {
+            assert_eq!(serde_json::from_str::<SnapshotMark>(text).unwrap(), mark);
+        }
+        assert_eq!(
+            serde_json::to_string(&SnapshotMark::Incremental).unwrap(),
+            "\"incremental\""
         );
     }
 
