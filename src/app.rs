@@ -111,6 +111,9 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
 
 /// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.
 pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
+    if let Some(e) = settings.sink_format_error() {
+        return Err(AppError::Config(vec![e]));
+    }
     let system = actix::System::new();
     let result = system.block_on(async {
         if settings.kafka.create_topics {

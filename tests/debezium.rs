@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use pgcdc_actors::wire::header;
 use serde_json::json;
 
-use crate::support::{config, pg_and_tansu, wait_slot_active, Record};
+use crate::support::{config, pg_and_tansu, wait_slot_active, Broker, Record};
 
 const TOPIC: &str = "cdc-events";
 
@@ -225,6 +225,53 @@ async fn an_idle_pipeline_publishes_heartbeats_with_the_lsn_reached() {
     assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
     // The WAL heartbeats move the slot: the LSN reached moves on while idle.
     assert!(beats.len() >= 2 && lsns.last() > lsns.first(), "{lsns:?}");
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+/// The configs of `topic` as the broker describes them.
+async fn describe_topic(brokers: &str, topic: &str) -> BTreeMap<String, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    resource
+        .entries
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_configs_are_applied_to_the_topics_pgcdc_creates() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute("CREATE TABLE kept (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    let extra =
+        "[kafka.topic_config]\n\"cleanup.policy\" = \"compact\"\n\"retention.ms\" = \"3600000\"\n";
+    let cfg = config(&pg, &tansu, &state, &["kept"], extra);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let configs = describe_topic(&tansu.brokers(), TOPIC).await;
+    assert_eq!(
+        configs.get("cleanup.policy").map(String::as_str),
+        Some("compact"),
+        "{configs:?}"
+    );
+    assert_eq!(
+        configs.get("retention.ms").map(String::as_str),
+        Some("3600000"),
+        "{configs:?}"
+    );
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }

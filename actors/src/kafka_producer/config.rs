@@ -50,6 +50,32 @@ impl SourceConnector {
     }
 }
 
+/// How records are written (`kafka.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The envelope as JSON without schemas (Debezium with `schemas.enable=false`).
+    #[default]
+    Json,
+    /// Key and value as `{"schema", "payload"}` (Kafka Connect's `JsonConverter`
+    /// with `schemas.enable=true`).
+    ConnectJson,
+    /// The new row only; a delete is a tombstone, a truncate writes nothing
+    /// (Debezium's "new record state" extraction).
+    Row,
+}
+
+impl Format {
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::ConnectJson => "connect-json",
+            Self::Row => "row",
+        }
+    }
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -110,6 +136,8 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
     /// sensitive values never show in `Debug` or errors.
     pub properties: Properties,
+    /// `json`, `connect-json` or `row`.
+    pub format: Format,
     /// `source.connector`: `pgcdc` or `postgresql`.
     pub source_connector: SourceConnector,
     /// Write the `transaction` block on every streamed change and BEGIN/END
@@ -140,6 +168,7 @@ impl Default for KafkaConfig {
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             oversized: Oversized::Fail,
             properties: Properties::default(),
+            format: Format::Json,
             source_connector: SourceConnector::Pgcdc,
             transaction_metadata: false,
             heartbeats: false,

@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::KafkaConfig;
+use super::connect::{wrap, TableSchema};
+use super::{Format, KafkaConfig};
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::values::{to_json_bytes, write_rendered};
+use crate::pg::values::{render, to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
 use crate::wire::{sequence, Envelope, SnapshotMark, Source, TxBlock, VERSION};
 
@@ -25,6 +26,62 @@ const NS_PER_US: i64 = 1000;
 /// punctuation), reserved with the row so a wide row is written without
 /// growing its buffer step by step.
 const ENVELOPE_BYTES: usize = 512;
+
+/// A change's `before` and `after` rows.
+type Rows<'r> = (Option<&'r Map<String, Value>>, Option<&'r Map<String, Value>>);
+
+/// The JSON key of `event`.
+fn json_key(event: &ChangeEvent) -> Option<Vec<u8>> {
+    event.key.as_ref().map(|k| {
+        let mut buf = Vec::new();
+        to_json_bytes(k, &mut buf);
+        buf
+    })
+}
+
+/// The `row` format's value: the new row; `None` (a tombstone) for a delete.
+fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
+    event.after.as_ref().map(|a| {
+        let mut buf = Vec::with_capacity(event.row_bytes());
+        to_json_bytes(a, &mut buf);
+        buf
+    })
+}
+
+/// Copied rows as `op=r` changes, for the formats the byte-level snapshot
+/// encoder does not write.
+fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {
+    copied.rows.iter().enumerate().map(|(n, row)| {
+        let seq = copied.first_seq.wrapping_add(n as u32);
+        let after: Map<String, Value> = copied
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (c, rule))| {
+                let v = row_cell(row, i, copied.raw).map_or(Value::Null, |b| render(rule, &b));
+                (c.clone(), v)
+            })
+            .collect();
+        let key = copied
+            .table
+            .key_columns
+            .iter()
+            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        ChangeEvent {
+            op: Op::Read,
+            table: copied.table.clone(),
+            key,
+            before: None,
+            after: Some(after),
+            unchanged_toast: Vec::new(),
+            lsn: copied.tx.commit_lsn,
+            seq,
+            tx: copied.tx,
+            snapshot: true,
+        }
+    })
+}
 
 /// How every snapshot row's envelope starts, before its `after` object.
 const ROW_OPEN: &[u8] = b"{\"before\":null,\"after\":";
@@ -58,6 +115,8 @@ struct Names {
     topic: Arc<str>,
     table: Arc<str>,
     types: Arc<str>,
+    /// The table's Connect schemas (`connect-json` only).
+    schema: Option<Arc<TableSchema>>,
 }
 
 /// Encodes one batch: shares topic, table and LSN texts between records.
@@ -89,6 +148,8 @@ impl<'a> Encoder<'a> {
                     topic: self.kafka.topic_for(&table.schema, &table.name).into(),
                     table: format!("{}.{}", table.schema, table.name).into(),
                     types: table.column_types.as_str().into(),
+                    schema: (self.kafka.format == Format::ConnectJson)
+                        .then(|| Arc::new(TableSchema::new(&self.kafka.topic_prefix, table))),
                 };
                 self.names = Some((table.clone(), names.clone()));
                 names
@@ -108,8 +169,12 @@ impl<'a> Encoder<'a> {
     }
 
     /// How many records [`Self::event`] makes of `event`: 2 for a delete
-    /// followed by a tombstone, else 1.
+    /// followed by a tombstone, else 1 (in `row` format 0 for a truncate).
     pub fn records_of(&self, event: &ChangeEvent) -> usize {
+        if self.kafka.format == Format::Row {
+            // The new row, or a tombstone for a delete; nothing for a truncate.
+            return usize::from(event.op != Op::Truncate);
+        }
         let tombstone = event.op == Op::Delete && self.kafka.tombstones && event.key.is_some();
         1 + usize::from(tombstone)
     }
@@ -144,20 +209,18 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    /// The envelope of `event`, with its `transaction` block if any.
-    fn envelope<'e>(
-        &'e self,
-        event: &'e ChangeEvent,
-        transaction: Option<TxBlock<'e>>,
-    ) -> Envelope<'e, &'e Map<String, Value>> {
-        let snapshot = if event.snapshot {
-            SnapshotMark::Incremental
-        } else {
-            SnapshotMark::False
-        };
-        Envelope {
-            before: event.before.as_ref(),
-            after: event.after.as_ref(),
+    /// The envelope of `event` with rows `before` and `after`, snapshot
+    /// mark `snapshot` and its `transaction` block if any, as JSON.
+    pub(super) fn envelope_bytes(
+        &self,
+        event: &ChangeEvent,
+        rows: Rows<'_>,
+        snapshot: SnapshotMark,
+        transaction: Option<TxBlock<'_>>,
+    ) -> Vec<u8> {
+        let envelope = Envelope {
+            before: rows.0,
+            after: rows.1,
             source: self.source(&event.table, event.tx, event.lsn, event.seq, snapshot),
             transaction,
             op: Cow::Borrowed(event.op.code()),
@@ -165,7 +228,10 @@ impl<'a> Encoder<'a> {
             ts_us: self.now_ms.saturating_mul(US_PER_MS),
             ts_ns: self.now_ms.saturating_mul(US_PER_MS * NS_PER_US),
             unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
-        }
+        };
+        let mut value = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
+        to_json_bytes(&envelope, &mut value);
+        value
     }
 
     /// Append `event`'s record(s) to `out`: the change (with its
@@ -177,25 +243,44 @@ impl<'a> Encoder<'a> {
         transaction: Option<TxBlock<'_>>,
         out: &mut Vec<EncodedRecord>,
     ) {
-        let key = event.key.as_ref().map(|k| {
-            let mut buf = Vec::new();
-            to_json_bytes(k, &mut buf);
-            buf
-        });
-        let envelope = self.envelope(event, transaction);
-        let mut value = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
-        to_json_bytes(&envelope, &mut value);
+        let snapshot = if event.snapshot {
+            SnapshotMark::Incremental
+        } else {
+            SnapshotMark::False
+        };
+        self.change(event, snapshot, transaction, out);
+    }
+
+    /// [`Self::event`] with the snapshot mark given, in `kafka.format`.
+    fn change(
+        &mut self,
+        event: &ChangeEvent,
+        snapshot: SnapshotMark,
+        transaction: Option<TxBlock<'_>>,
+        out: &mut Vec<EncodedRecord>,
+    ) {
         let names = self.names(&event.table);
+        let records = self.records_of(event);
+        let (key, value) = match self.kafka.format {
+            Format::Json => {
+                let rows = (event.before.as_ref(), event.after.as_ref());
+                let value = self.envelope_bytes(event, rows, snapshot, transaction);
+                (json_key(event), Some(value))
+            }
+            Format::ConnectJson => self.connect_json(event, snapshot, transaction, &names),
+            Format::Row if records == 0 => return,
+            Format::Row => (json_key(event), row_value(event)),
+        };
         let record = EncodedRecord {
             topic: names.topic,
             key,
-            value: Some(value),
+            value,
             table: names.table,
             op: event.op.code(),
             commit_lsn: self.lsn(event.tx.commit_lsn),
             types: names.types,
         };
-        if self.records_of(event) == 2 {
+        if records == 2 {
             let tombstone = EncodedRecord {
                 value: None,
                 op: "",
@@ -206,6 +291,30 @@ impl<'a> Encoder<'a> {
         } else {
             out.push(record);
         }
+    }
+
+    /// The `connect-json` key and value of `event`: schema and payload,
+    /// row values conformed to the schema.
+    fn connect_json(
+        &self,
+        event: &ChangeEvent,
+        snapshot: SnapshotMark,
+        transaction: Option<TxBlock<'_>>,
+        names: &Names,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let Some(schema) = &names.schema else {
+            return (json_key(event), None);
+        };
+        let before = event.before.as_ref().map(|r| schema.conform(r));
+        let after = event.after.as_ref().map(|r| schema.conform(r));
+        let rows = (before.as_ref(), after.as_ref());
+        let payload = self.envelope_bytes(event, rows, snapshot, transaction);
+        let key = event.key.as_ref().map(|k| {
+            let mut payload = Vec::new();
+            to_json_bytes(&schema.conform(k), &mut payload);
+            wrap(&schema.key, &payload)
+        });
+        (key, Some(wrap(&schema.value, &payload)))
     }
 
     /// What a snapshot row's envelope holds between its `after` object and
@@ -239,6 +348,12 @@ impl<'a> Encoder<'a> {
 
     /// Append one `op=r` record per copied row to `out`.
     pub fn rows(&mut self, copied: &CopiedRows, out: &mut Vec<EncodedRecord>) {
+        if self.kafka.format != Format::Json {
+            for event in copied_events(copied) {
+                self.change(&event, SnapshotMark::True, None, out);
+            }
+            return;
+        }
         let table = &copied.table;
         let tx = copied.tx;
         // Objects are written with their keys in name order, as a
@@ -512,6 +627,55 @@ mod tests {
             let counted = Encoder::new(&kafka, "shop", 5).records_of(&event(op));
             assert_eq!(counted, encode(&event(op), tombstones).len(), "{op:?}");
         }
+    }
+
+    #[test]
+    fn row_format_writes_the_new_row_a_tombstone_for_a_delete_and_nothing_for_a_truncate() {
+        let kafka = KafkaConfig {
+            format: Format::Row,
+            ..KafkaConfig::default()
+        };
+        let encode = |op: Op| {
+            let mut out = Vec::new();
+            let mut enc = Encoder::new(&kafka, "shop", 5);
+            let e = event(op);
+            enc.event(&e, None, &mut out);
+            assert_eq!(enc.records_of(&e), out.len(), "{op:?}");
+            out
+        };
+        let update = encode(Op::Update);
+        assert_eq!(
+            update[0].value.as_deref(),
+            Some(br#"{"id":42,"name":"new"}"#.as_slice())
+        );
+        assert_eq!(update[0].key.as_deref(), Some(br#"{"id":42}"#.as_slice()));
+        let delete = encode(Op::Delete);
+        assert_eq!(
+            (delete.len(), delete[0].value.is_none(), delete[0].op),
+            (1, true, "d")
+        );
+        assert!(encode(Op::Truncate).is_empty());
+    }
+
+    #[test]
+    fn connect_json_wraps_key_and_envelope_in_schema_and_payload() {
+        let kafka = KafkaConfig {
+            format: Format::ConnectJson,
+            ..KafkaConfig::default()
+        };
+        let mut e = event(Op::Update);
+        Arc::make_mut(&mut e.table).column_types = r#"{"id":"int4","name":"text"}"#.into();
+        let mut out = Vec::new();
+        Encoder::new(&kafka, "shop", 5).event(&e, None, &mut out);
+        let key: Value = serde_json::from_slice(out[0].key.as_ref().unwrap()).unwrap();
+        assert_eq!(key["payload"], json!({"id": 42}));
+        assert_eq!(key["schema"]["name"], "pgcdc.public.users.Key");
+        let value: Value = serde_json::from_slice(out[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(value["schema"]["name"], "pgcdc.public.users.Envelope");
+        let payload: Envelope<'_, Map<String, Value>> =
+            serde_json::from_value(value["payload"].clone()).unwrap();
+        assert_eq!(payload.after.as_ref(), e.after.as_ref());
+        assert_eq!(payload.source.commit_lsn, 0x1_0000_0200);
     }
 
     #[test]

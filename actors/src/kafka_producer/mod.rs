@@ -9,6 +9,7 @@
 
 mod acks;
 mod config;
+mod connect;
 mod envelope;
 mod heartbeat;
 mod send;
@@ -21,7 +22,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
-pub use config::{KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS};
+pub use config::{Format, KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
