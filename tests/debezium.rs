@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use pgcdc_actors::wire::header;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use crate::support::{config, pg_and_tansu, wait_slot_active, Broker, Record};
 
@@ -271,6 +271,155 @@ async fn topic_configs_are_applied_to_the_topics_pgcdc_creates() {
         configs.get("retention.ms").map(String::as_str),
         Some("3600000"),
         "{configs:?}"
+    );
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+/// A column's value rebuilt from its Connect schema alone, as PostgreSQL
+/// input: bytes decoded from base64 (as bytea text), JSON text parsed.
+fn from_connect(schema: &Value, value: &Value) -> Value {
+    use base64::Engine;
+    match (schema["type"].as_str(), schema["name"].as_str(), value) {
+        (_, _, Value::Null) => Value::Null,
+        (Some("bytes"), _, Value::String(b64)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            Value::String(format!("\\x{hex}"))
+        }
+        (_, Some("io.debezium.data.Json"), Value::String(text)) => {
+            serde_json::from_str(text).unwrap()
+        }
+        (Some("array"), _, Value::Array(items)) => Value::Array(
+            items
+                .iter()
+                .map(|i| from_connect(&schema["items"], i))
+                .collect(),
+        ),
+        _ => value.clone(),
+    }
+}
+
+/// Whether `value` is of the Connect type `schema` declares (as
+/// `JsonConverter` checks it before any sink connector sees it).
+fn conforms(schema: &Value, value: &Value) -> bool {
+    match (schema["type"].as_str().unwrap(), value) {
+        (_, Value::Null) => schema["optional"] == json!(true),
+        ("int16" | "int32" | "int64", v) => v.is_i64(),
+        ("float" | "double", v) => v.is_number(),
+        ("boolean", v) => v.is_boolean(),
+        ("string" | "bytes", v) => v.is_string(),
+        ("array", Value::Array(items)) => items.iter().all(|i| conforms(&schema["items"], i)),
+        _ => false,
+    }
+}
+
+/// The `after` row of a connect-json record, rebuilt from its schema and payload.
+fn connect_row(value: &Value) -> Map<String, Value> {
+    let fields = value["schema"]["fields"].as_array().unwrap();
+    let after = fields.iter().find(|f| f["field"] == "after").unwrap();
+    let payload = &value["payload"]["after"];
+    after["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let name = f["field"].as_str().unwrap();
+            assert!(conforms(f, &payload[name]), "{name}: {}", payload[name]);
+            (name.to_string(), from_connect(f, &payload[name]))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_json_rows_rebuilt_from_schema_and_payload_equal_postgres() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE shapes (id int PRIMARY KEY, i2 smallint, i8 bigint, n numeric(10,2), f8 float8,
+            b bool, t text, j jsonb, js json, ts timestamptz, d date, tm time, by bytea, u uuid,
+            ai int[], aj jsonb[], iv interval);
+         INSERT INTO shapes VALUES (1, 7, 9000000000, 12.50, 0.25, true, 'snap', '{\"a\": [1, {\"b\": null}]}',
+            '[1, 2]', '2024-01-02 03:04:05.5+02', '2024-02-29', '13:14:15', '\\x00ff10',
+            'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{1,NULL,3}', ARRAY['{\"k\": 1}'::jsonb], '1 day 2 hours');",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(
+        &pg,
+        &tansu,
+        &state,
+        &["shapes"],
+        "format = \"connect-json\"\n",
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO shapes VALUES (2, NULL, -1, -0.01, -1.5e10, false, 'héllo \"q\"', 'null', '{}',
+            '1999-12-31 23:59:59.999999-08', '0044-03-15 BC', '00:00:00', '\\x', NULL, '{}', '{}', '-3 mons');",
+    )
+    .await
+    .unwrap();
+    let records =
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        let key = r.key.as_ref().unwrap();
+        assert_eq!(key["schema"]["name"], "pgcdc.public.shapes.Key");
+        let id = key["payload"]["id"].as_i64().unwrap();
+        let value = r.value.as_ref().unwrap();
+        let row = Value::Object(connect_row(value)).to_string();
+        let equal: bool = db
+            .query_one(
+                "SELECT to_jsonb(jsonb_populate_record(NULL::shapes, $1::text::jsonb)) = to_jsonb(s)
+                 FROM shapes s WHERE id = $2",
+                &[&row, &(id as i32)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(equal, "row {id} rebuilt as {row}");
+    }
+    let snapshot = &records[0].value.as_ref().unwrap()["payload"]["source"]["snapshot"];
+    assert_eq!(*snapshot, json!("true"));
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_format_is_the_latest_row_per_key_with_tombstones_for_deletes() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute("CREATE TABLE latest (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["latest"], "format = \"row\"\n");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO latest VALUES (1, 'a'), (2, 'b'); UPDATE latest SET v = 'c' WHERE id = 1;
+         DELETE FROM latest WHERE id = 2; TRUNCATE latest; INSERT INTO latest VALUES (3, 'd');",
+    )
+    .await
+    .unwrap();
+    let records = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.key == Some(json!({"id": 3})))
+    });
+    let seen: Vec<(Value, Option<Value>)> = records
+        .iter()
+        .map(|r| (r.key.clone().unwrap(), r.value.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (json!({"id": 1}), Some(json!({"id": 1, "v": "a"}))),
+            (json!({"id": 2}), Some(json!({"id": 2, "v": "b"}))),
+            (json!({"id": 1}), Some(json!({"id": 1, "v": "c"}))),
+            (json!({"id": 2}), None),
+            (json!({"id": 3}), Some(json!({"id": 3, "v": "d"}))),
+        ]
     );
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());

@@ -28,7 +28,10 @@ const NS_PER_US: i64 = 1000;
 const ENVELOPE_BYTES: usize = 512;
 
 /// A change's `before` and `after` rows.
-type Rows<'r> = (Option<&'r Map<String, Value>>, Option<&'r Map<String, Value>>);
+type Rows<'r> = (
+    Option<&'r Map<String, Value>>,
+    Option<&'r Map<String, Value>>,
+);
 
 /// The JSON key of `event`.
 fn json_key(event: &ChangeEvent) -> Option<Vec<u8>> {
