@@ -8,13 +8,13 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 
 use super::connect::{wrap, TableSchema};
+use super::format::{copied_events, json_key, row_value, Rows};
 use super::{Format, KafkaConfig};
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::values::{render, to_json_bytes, write_rendered};
+use crate::pg::values::{to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
 use crate::wire::{sequence, Envelope, SnapshotMark, Source, TxBlock, VERSION};
 
@@ -26,65 +26,6 @@ const NS_PER_US: i64 = 1000;
 /// punctuation), reserved with the row so a wide row is written without
 /// growing its buffer step by step.
 const ENVELOPE_BYTES: usize = 512;
-
-/// A change's `before` and `after` rows.
-type Rows<'r> = (
-    Option<&'r Map<String, Value>>,
-    Option<&'r Map<String, Value>>,
-);
-
-/// The JSON key of `event`.
-fn json_key(event: &ChangeEvent) -> Option<Vec<u8>> {
-    event.key.as_ref().map(|k| {
-        let mut buf = Vec::new();
-        to_json_bytes(k, &mut buf);
-        buf
-    })
-}
-
-/// The `row` format's value: the new row; `None` (a tombstone) for a delete.
-fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
-    event.after.as_ref().map(|a| {
-        let mut buf = Vec::with_capacity(event.row_bytes());
-        to_json_bytes(a, &mut buf);
-        buf
-    })
-}
-
-/// Copied rows as `op=r` changes, for the formats the byte-level snapshot
-/// encoder does not write.
-fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {
-    copied.rows.iter().enumerate().map(|(n, row)| {
-        let seq = copied.first_seq.wrapping_add(n as u32);
-        let after: Map<String, Value> = copied
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, (c, rule))| {
-                let v = row_cell(row, i, copied.raw).map_or(Value::Null, |b| render(rule, &b));
-                (c.clone(), v)
-            })
-            .collect();
-        let key = copied
-            .table
-            .key_columns
-            .iter()
-            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
-        ChangeEvent {
-            op: Op::Read,
-            table: copied.table.clone(),
-            key,
-            before: None,
-            after: Some(after),
-            unchanged_toast: Vec::new(),
-            lsn: copied.tx.commit_lsn,
-            seq,
-            tx: copied.tx,
-            snapshot: true,
-        }
-    })
-}
 
 /// How every snapshot row's envelope starts, before its `after` object.
 const ROW_OPEN: &[u8] = b"{\"before\":null,\"after\":";
@@ -427,10 +368,10 @@ impl<'a> Encoder<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
-    use serde_json::json;
+    use serde_json::{json, Map, Value};
 
     use super::*;
     use crate::event::{TableRef, TxMeta};
@@ -447,7 +388,8 @@ mod tests {
         out
     }
 
-    fn event(op: Op) -> ChangeEvent {
+    /// A change of `public.users` row 42 in transaction 777.
+    pub(in crate::kafka_producer) fn event(op: Op) -> ChangeEvent {
         let obj = |v: Value| v.as_object().cloned();
         ChangeEvent {
             op,
@@ -630,55 +572,6 @@ mod tests {
             let counted = Encoder::new(&kafka, "shop", 5).records_of(&event(op));
             assert_eq!(counted, encode(&event(op), tombstones).len(), "{op:?}");
         }
-    }
-
-    #[test]
-    fn row_format_writes_the_new_row_a_tombstone_for_a_delete_and_nothing_for_a_truncate() {
-        let kafka = KafkaConfig {
-            format: Format::Row,
-            ..KafkaConfig::default()
-        };
-        let encode = |op: Op| {
-            let mut out = Vec::new();
-            let mut enc = Encoder::new(&kafka, "shop", 5);
-            let e = event(op);
-            enc.event(&e, None, &mut out);
-            assert_eq!(enc.records_of(&e), out.len(), "{op:?}");
-            out
-        };
-        let update = encode(Op::Update);
-        assert_eq!(
-            update[0].value.as_deref(),
-            Some(br#"{"id":42,"name":"new"}"#.as_slice())
-        );
-        assert_eq!(update[0].key.as_deref(), Some(br#"{"id":42}"#.as_slice()));
-        let delete = encode(Op::Delete);
-        assert_eq!(
-            (delete.len(), delete[0].value.is_none(), delete[0].op),
-            (1, true, "d")
-        );
-        assert!(encode(Op::Truncate).is_empty());
-    }
-
-    #[test]
-    fn connect_json_wraps_key_and_envelope_in_schema_and_payload() {
-        let kafka = KafkaConfig {
-            format: Format::ConnectJson,
-            ..KafkaConfig::default()
-        };
-        let mut e = event(Op::Update);
-        Arc::make_mut(&mut e.table).column_types = r#"{"id":"int4","name":"text"}"#.into();
-        let mut out = Vec::new();
-        Encoder::new(&kafka, "shop", 5).event(&e, None, &mut out);
-        let key: Value = serde_json::from_slice(out[0].key.as_ref().unwrap()).unwrap();
-        assert_eq!(key["payload"], json!({"id": 42}));
-        assert_eq!(key["schema"]["name"], "pgcdc.public.users.Key");
-        let value: Value = serde_json::from_slice(out[0].value.as_ref().unwrap()).unwrap();
-        assert_eq!(value["schema"]["name"], "pgcdc.public.users.Envelope");
-        let payload: Envelope<'_, Map<String, Value>> =
-            serde_json::from_value(value["payload"].clone()).unwrap();
-        assert_eq!(payload.after.as_ref(), e.after.as_ref());
-        assert_eq!(payload.source.commit_lsn, 0x1_0000_0200);
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod acks;
 mod config;
 mod connect;
 mod envelope;
+mod format;
 mod heartbeat;
 mod send;
 mod transaction;
