@@ -5,9 +5,13 @@
 use std::time::Duration;
 
 use pgcdc_actors::error::ConfigError;
+use pgcdc_actors::es_writer::duration_secs;
 use pgcdc_actors::kafka_producer::{KafkaConfig, DURABLE_REPLICAS};
 use pgcdc_actors::pg::parse_table_name;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+    TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -54,7 +58,63 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         }
     }
     warn_weak_topics(&admin, &names, brokers);
+    let es = &settings.elasticsearch;
+    warn_long_retention(&admin, &change_topics(settings), &es.gc_deletes, &opts).await;
     Ok(())
+}
+
+/// Warn about each change topic whose records outlive the mirror's memory
+/// of deletes (`elasticsearch.gc_deletes`): a sink replaying it from the
+/// start would write rows back whose delete Elasticsearch forgot, until the
+/// replay reaches the delete again. Compacted topics keep no superseded row.
+async fn warn_long_retention(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+    gc_deletes: &str,
+    opts: &AdminOptions,
+) {
+    let Some(gc_secs) = duration_secs(gc_deletes) else {
+        return;
+    };
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let Ok(described) = admin.describe_configs(&specs, opts).await else {
+        return;
+    };
+    for resource in described.into_iter().flatten() {
+        let OwnedResourceSpecifier::Topic(topic) = &resource.specifier else {
+            continue;
+        };
+        let value = |k: &str| resource.get(k).and_then(|e| e.value.as_deref());
+        let compacted = value("cleanup.policy") == Some("compact");
+        let Some(retention_ms) = value("retention.ms").and_then(|v| v.parse::<i64>().ok()) else {
+            continue;
+        };
+        let outlives = retention_ms < 0 || retention_ms as u64 / 1000 > gc_secs;
+        if outlives && !compacted {
+            tracing::warn!(
+                topic,
+                retention_ms,
+                gc_deletes,
+                "topic retention is longer than elasticsearch.gc_deletes: a sink replaying it can bring deleted rows back until the replay reaches their delete; keep retention.ms below it or compact the topic"
+            );
+        }
+    }
+}
+
+/// The change topics: one per table, or the single topic.
+fn change_topics(settings: &Settings) -> Vec<String> {
+    let k = &settings.kafka;
+    let mut names: Vec<String> = settings
+        .postgres
+        .tables
+        .iter()
+        .filter_map(|t| parse_table_name(t).ok())
+        .map(|(s, t)| k.topic_for(&s, &t))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The creation request of topic `name`: `kafka.topic_config`, and
@@ -79,13 +139,7 @@ fn new_topic<'a>(
 /// letters, and the transaction and heartbeat topics when they are on.
 fn topic_names(settings: &Settings) -> Vec<String> {
     let k = &settings.kafka;
-    let mut names: Vec<String> = settings
-        .postgres
-        .tables
-        .iter()
-        .filter_map(|t| parse_table_name(t).ok())
-        .map(|(s, t)| k.topic_for(&s, &t))
-        .collect();
+    let mut names = change_topics(settings);
     names.push(settings.elasticsearch.dead_letter_topic.clone());
     names.extend(k.transaction_topic());
     names.extend(k.heartbeat_topic());

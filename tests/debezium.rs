@@ -250,28 +250,31 @@ async fn describe_topic(brokers: &str, topic: &str) -> BTreeMap<String, String> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topic_configs_are_applied_to_the_topics_pgcdc_creates() {
+async fn topic_configs_are_applied_and_retention_outliving_gc_deletes_is_warned_about() {
     let (pg, tansu, dir, db) = pg_and_tansu().await;
     db.batch_execute("CREATE TABLE kept (id int PRIMARY KEY)")
         .await
         .unwrap();
     let state = dir.path().join("state");
     let extra =
-        "[kafka.topic_config]\n\"cleanup.policy\" = \"compact\"\n\"retention.ms\" = \"3600000\"\n";
+        "[kafka.topic_config]\n\"cleanup.policy\" = \"compact,delete\"\n\"retention.ms\" = \"-1\"\n";
     let cfg = config(&pg, &tansu, &state, &["kept"], extra);
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     wait_slot_active(&db, &mut daemon, "pgcdc").await;
     let configs = describe_topic(&tansu.brokers(), TOPIC).await;
     assert_eq!(
         configs.get("cleanup.policy").map(String::as_str),
-        Some("compact"),
+        Some("compact,delete"),
         "{configs:?}"
     );
     assert_eq!(
         configs.get("retention.ms").map(String::as_str),
-        Some("3600000"),
+        Some("-1"),
         "{configs:?}"
     );
+    // Kept forever, the topic outlives the mirror's 30 days of delete versions.
+    let warning = "topic retention is longer than elasticsearch.gc_deletes";
+    assert!(daemon.log_text().contains(warning), "{}", daemon.log_tail());
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }

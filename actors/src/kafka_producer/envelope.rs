@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-
 use super::connect::{wrap, TableSchema};
 use super::format::{copied_events, json_key, row_value, Rows};
 use super::{Format, KafkaConfig};
