@@ -427,3 +427,29 @@ async fn row_format_is_the_latest_row_per_key_with_tombstones_for_deletes() {
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decimals_are_numbers_in_double_mode_in_the_snapshot_and_the_stream() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE prices (id int PRIMARY KEY, p numeric(10,2), m money);
+         INSERT INTO prices VALUES (1, 12.50, 3.25);",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    let extra = "decimal_handling_mode = \"double\"\n";
+    let cfg = config(&pg, &tansu, &state, &["prices"], extra);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO prices VALUES (2, 'NaN', -1)")
+        .await
+        .unwrap();
+    let records =
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= 2);
+    let rows: Vec<&Value> = records.iter().map(Record::after).collect();
+    assert_eq!(*rows[0], json!({"id": 1, "p": 12.5, "m": 3.25}));
+    assert_eq!(*rows[1], json!({"id": 2, "p": "NaN", "m": -1.0}));
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}

@@ -76,6 +76,18 @@ impl Format {
     }
 }
 
+/// How numeric and money values are written (`kafka.decimal_handling_mode`,
+/// Debezium's `decimal.handling.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalMode {
+    /// Exact decimal strings (`"12.50"`).
+    #[default]
+    String,
+    /// JSON numbers (`12.5`), rounded to a double; NaN and infinities stay strings.
+    Double,
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -138,6 +150,8 @@ pub struct KafkaConfig {
     pub properties: Properties,
     /// `json`, `connect-json` or `row`.
     pub format: Format,
+    /// `string` or `double`: numeric and money values.
+    pub decimal_handling_mode: DecimalMode,
     /// `source.connector`: `pgcdc` or `postgresql`.
     pub source_connector: SourceConnector,
     /// Write the `transaction` block on every streamed change and BEGIN/END
@@ -169,6 +183,7 @@ impl Default for KafkaConfig {
             oversized: Oversized::Fail,
             properties: Properties::default(),
             format: Format::Json,
+            decimal_handling_mode: DecimalMode::String,
             source_connector: SourceConnector::Pgcdc,
             transaction_metadata: false,
             heartbeats: false,

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use super::{DecimalMode, KafkaConfig};
 use crate::event::TableRef;
 
 /// `name` of the `source` block's schema.
@@ -30,10 +31,19 @@ pub struct TableSchema {
 }
 
 impl TableSchema {
-    /// The schemas of `table`, named `<prefix>.<schema>.<table>.{Key,Value,Envelope}`.
-    pub fn new(prefix: &str, table: &TableRef) -> Self {
-        let types: BTreeMap<String, String> =
+    /// The schemas of `table`, named `<topic_prefix>.<schema>.<table>.{Key,Value,Envelope}`.
+    pub fn new(kafka: &KafkaConfig, table: &TableRef) -> Self {
+        let prefix = &kafka.topic_prefix;
+        let mut types: BTreeMap<String, String> =
             serde_json::from_str(&table.column_types).unwrap_or_default();
+        if kafka.decimal_handling_mode == DecimalMode::Double {
+            for t in types
+                .values_mut()
+                .filter(|t| matches!(t.as_str(), "numeric" | "money"))
+            {
+                *t = "float8".into();
+            }
+        }
         let base = format!("{prefix}.{}.{}", table.schema, table.name);
         let kinds: BTreeMap<String, Value> = types
             .iter()
@@ -199,6 +209,14 @@ fn transaction() -> Value {
 mod tests {
     use super::*;
 
+    /// Settings with topic prefix `shop`.
+    fn shop() -> KafkaConfig {
+        KafkaConfig {
+            topic_prefix: "shop".into(),
+            ..KafkaConfig::default()
+        }
+    }
+
     fn table() -> TableRef {
         TableRef {
             schema: "public".into(),
@@ -213,7 +231,7 @@ mod tests {
 
     #[test]
     fn columns_get_debeziums_types_and_semantic_names() {
-        let s = TableSchema::new("shop", &table());
+        let s = TableSchema::new(&shop(), &table());
         let key: Value = serde_json::from_str(&s.key).unwrap();
         assert_eq!(
             key,
@@ -248,12 +266,24 @@ mod tests {
 
     #[test]
     fn values_declared_strings_are_sent_as_json_text() {
-        let s = TableSchema::new("shop", &table());
+        let s = TableSchema::new(&shop(), &table());
         let row = json!({"id": 1, "doc": {"a": [1]}, "tags": ["x", null], "n": "1.50", "gone": 3});
         let out = s.conform(row.as_object().unwrap());
         assert_eq!(
             Value::Object(out),
             json!({"id": 1, "doc": "{\"a\":[1]}", "tags": ["x", null], "n": "1.50", "gone": 3})
         );
+    }
+
+    #[test]
+    fn decimals_are_doubles_in_the_schema_in_double_mode() {
+        let kafka = KafkaConfig {
+            decimal_handling_mode: DecimalMode::Double,
+            ..shop()
+        };
+        let value: Value = serde_json::from_str(&TableSchema::new(&kafka, &table()).value).unwrap();
+        let after = value["fields"][1]["fields"].as_array().unwrap();
+        let n = after.iter().find(|c| c["field"] == "n").unwrap();
+        assert_eq!(n["type"], "double");
     }
 }

@@ -9,8 +9,10 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::connect::{wrap, TableSchema};
-use super::format::{copied_events, json_key, row_value, Rows};
-use super::{Format, KafkaConfig};
+use super::format::{
+    copied_events, decimal_columns, decimals_as_doubles, json_key, row_value, Rows,
+};
+use super::{DecimalMode, Format, KafkaConfig};
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
@@ -60,6 +62,8 @@ struct Names {
     types: Arc<str>,
     /// The table's Connect schemas (`connect-json` only).
     schema: Option<Arc<TableSchema>>,
+    /// Its numeric and money columns (`decimal_handling_mode = "double"` only).
+    decimals: Arc<[String]>,
 }
 
 /// Encodes one batch: shares topic, table and LSN texts between records.
@@ -92,7 +96,11 @@ impl<'a> Encoder<'a> {
                     table: format!("{}.{}", table.schema, table.name).into(),
                     types: table.column_types.as_str().into(),
                     schema: (self.kafka.format == Format::ConnectJson)
-                        .then(|| Arc::new(TableSchema::new(&self.kafka.topic_prefix, table))),
+                        .then(|| Arc::new(TableSchema::new(self.kafka, table))),
+                    decimals: match self.kafka.decimal_handling_mode {
+                        DecimalMode::Double => decimal_columns(&table.column_types).into(),
+                        DecimalMode::String => Arc::from([]),
+                    },
                 };
                 self.names = Some((table.clone(), names.clone()));
                 names
@@ -191,7 +199,13 @@ impl<'a> Encoder<'a> {
         } else {
             SnapshotMark::False
         };
-        self.change(event, snapshot, transaction, out);
+        let decimals = self.names(&event.table).decimals;
+        if decimals.is_empty() {
+            return self.change(event, snapshot, transaction, out);
+        }
+        let mut event = event.clone();
+        decimals_as_doubles(&mut event, &decimals);
+        self.change(&event, snapshot, transaction, out);
     }
 
     /// [`Self::event`] with the snapshot mark given, in `kafka.format`.
@@ -291,8 +305,10 @@ impl<'a> Encoder<'a> {
 
     /// Append one `op=r` record per copied row to `out`.
     pub fn rows(&mut self, copied: &CopiedRows, out: &mut Vec<EncodedRecord>) {
-        if self.kafka.format != Format::Json {
-            for event in copied_events(copied) {
+        let decimals = self.names(&copied.table).decimals;
+        if self.kafka.format != Format::Json || !decimals.is_empty() {
+            for mut event in copied_events(copied) {
+                decimals_as_doubles(&mut event, &decimals);
                 self.change(&event, SnapshotMark::True, None, out);
             }
             return;

@@ -32,6 +32,33 @@ pub(super) fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
     })
 }
 
+/// The numeric and money columns of a `{"column": "type"}` object text.
+pub(super) fn decimal_columns(column_types: &str) -> Vec<String> {
+    let types: Map<String, Value> = serde_json::from_str(column_types).unwrap_or_default();
+    types
+        .into_iter()
+        .filter(|(_, t)| matches!(t.as_str(), Some("numeric" | "money")))
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// `event` with the values of `columns` as JSON numbers
+/// (`decimal_handling_mode = "double"`); NaN and infinities stay strings.
+pub(super) fn decimals_as_doubles(event: &mut ChangeEvent, columns: &[String]) {
+    for row in [&mut event.key, &mut event.before, &mut event.after]
+        .into_iter()
+        .flatten()
+    {
+        for c in columns {
+            let Some(v) = row.get_mut(c) else { continue };
+            let double = v.as_str().and_then(|s| s.parse::<f64>().ok());
+            if let Some(n) = double.and_then(serde_json::Number::from_f64) {
+                *v = Value::Number(n);
+            }
+        }
+    }
+}
+
 /// Copied rows as `op=r` changes, for the formats the byte-level snapshot
 /// encoder does not write.
 pub(super) fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {
@@ -70,6 +97,8 @@ pub(super) fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeE
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use super::super::DecimalMode;
 
     use serde_json::json;
 
@@ -125,5 +154,26 @@ mod tests {
             serde_json::from_value(value["payload"].clone()).unwrap();
         assert_eq!(payload.after.as_ref(), e.after.as_ref());
         assert_eq!(payload.source.commit_lsn, 0x1_0000_0200);
+    }
+
+    #[test]
+    fn decimals_become_doubles_in_double_mode_and_stay_exact_strings_by_default() {
+        let mut e = event(Op::Update);
+        let table = Arc::make_mut(&mut e.table);
+        table.column_types = r#"{"id":"int4","name":"numeric"}"#.into();
+        e.after = json!({"id": 42, "name": "12.50"}).as_object().cloned();
+        e.before = json!({"id": 42, "name": "NaN"}).as_object().cloned();
+        let encode = |mode: DecimalMode| {
+            let kafka = KafkaConfig {
+                decimal_handling_mode: mode,
+                ..KafkaConfig::default()
+            };
+            let mut out = Vec::new();
+            Encoder::new(&kafka, "shop", 5).event(&e, None, &mut out);
+            let v: Value = serde_json::from_slice(out[0].value.as_ref().unwrap()).unwrap();
+            (v["after"]["name"].clone(), v["before"]["name"].clone())
+        };
+        assert_eq!(encode(DecimalMode::String), (json!("12.50"), json!("NaN")));
+        assert_eq!(encode(DecimalMode::Double), (json!(12.5), json!("NaN")));
     }
 }

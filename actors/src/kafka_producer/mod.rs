@@ -23,7 +23,9 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
-pub use config::{Format, KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS};
+pub use config::{
+    DecimalMode, Format, KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS,
+};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
