@@ -74,7 +74,7 @@ pub struct Source<'a> {
     /// `["<commit lsn>","<lsn>"]` as a JSON string of decimal LSNs: orders
     /// changes as Debezium's sequence does.
     #[serde(default)]
-    pub sequence: Cow<'a, str>,
+    pub sequence: Sequence,
     /// Schema name, unquoted.
     pub schema: Cow<'a, str>,
     /// Table name, unquoted.
@@ -95,9 +95,38 @@ pub struct Source<'a> {
     pub seq: u32,
 }
 
-/// `source.sequence` of a change at `lsn` in the transaction committed at `commit_lsn`.
-pub fn sequence(commit_lsn: u64, lsn: u64) -> String {
-    format!("[\"{commit_lsn}\",\"{lsn}\"]")
+/// `source.sequence`: `["<commit lsn>","<lsn>"]`, written as a JSON string
+/// of decimal LSNs without building it first; read leniently (zeros if malformed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sequence {
+    /// The transaction's commit LSN.
+    pub commit_lsn: u64,
+    /// The change's LSN.
+    pub lsn: u64,
+}
+
+impl std::fmt::Display for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[\"{}\",\"{}\"]", self.commit_lsn, self.lsn)
+    }
+}
+
+impl Serialize for Sequence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sequence {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Cow::<'de, str>::deserialize(d)?;
+        let pair: Option<(String, String)> = serde_json::from_str(&text).ok();
+        let number = |t: &str| t.parse::<u64>().unwrap_or_default();
+        Ok(pair.map_or_else(Self::default, |(c, l)| Self {
+            commit_lsn: number(&c),
+            lsn: number(&l),
+        }))
+    }
 }
 
 /// `source.snapshot`: Debezium's strings. Read also from the booleans

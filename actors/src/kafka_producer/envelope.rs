@@ -17,7 +17,7 @@ use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
-use crate::wire::{sequence, Envelope, SnapshotMark, Source, TxBlock, VERSION};
+use crate::wire::{Envelope, Sequence, SnapshotMark, Source, TxBlock, VERSION};
 
 /// Microseconds per millisecond (commit times are µs, the envelope's ms).
 const US_PER_MS: i64 = 1000;
@@ -149,7 +149,10 @@ impl<'a> Encoder<'a> {
             ts_ns: tx.commit_time_us.saturating_mul(NS_PER_US),
             snapshot,
             db: Cow::Borrowed(self.db),
-            sequence: Cow::Owned(sequence(tx.commit_lsn.0, lsn.0)),
+            sequence: Sequence {
+                commit_lsn: tx.commit_lsn.0,
+                lsn: lsn.0,
+            },
             schema: Cow::Borrowed(&table.schema),
             table: Cow::Borrowed(&table.name),
             tx_id: tx.xid,
@@ -564,6 +567,8 @@ pub(super) mod tests {
         );
         assert_eq!(read.source.commit_lsn, 0x1_0000_0200);
         assert_eq!((read.source.seq, read.source.tx_id), (3, 777));
+        let sequence = read.source.sequence;
+        assert_eq!((sequence.commit_lsn, sequence.lsn), (0x1_0000_0200, 0x100));
         assert_eq!(&*read.unchanged_toast, ["blob".to_string()]);
         // Written again, it is the same bytes.
         assert_eq!(
