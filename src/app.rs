@@ -64,9 +64,11 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
     let producer_budget = budget_of("kafka_producer");
     let dead_letters = settings.elasticsearch.dead_letter_topic.clone();
+    let heartbeat_every = Duration::from_secs(settings.wal.heartbeat_secs);
     let producer = Supervisor::start(move |_| {
         KafkaProducerActor::new(kafka, &db, cp, producer_budget)
             .with_dead_letter_topic(&dead_letters)
+            .with_heartbeats(heartbeat_every)
     });
     let pg = Arc::new(settings.postgres.clone());
     let (wal_pg, wal) = (pg.clone(), settings.wal.clone());
@@ -109,6 +111,9 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
 
 /// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.
 pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
+    if let Some(e) = settings.sink_format_error() {
+        return Err(AppError::Config(vec![e]));
+    }
     let system = actix::System::new();
     let result = system.block_on(async {
         if settings.kafka.create_topics {

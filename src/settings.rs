@@ -9,6 +9,7 @@ use figment::value::Value;
 use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
 use pgcdc_actors::es_writer::EsConfig;
+use pgcdc_actors::kafka_producer::Format as RecordFormat;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::pg::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
@@ -195,6 +196,7 @@ impl Settings {
         self.metrics.validate(&mut errors);
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
+        self.validate_debezium(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push(ConfigError::new(
                 "shutdown_timeout_secs",
@@ -289,6 +291,36 @@ fn figment_error(e: figment::Error) -> ConfigError {
         e.path.join(".")
     };
     ConfigError::new(key, e.kind.to_string())
+}
+
+impl Settings {
+    /// Debezium-compatibility settings that depend on other sections.
+    fn validate_debezium(&self, errors: &mut Vec<ConfigError>) {
+        if self.kafka.heartbeats && self.wal.heartbeat_secs == 0 {
+            errors.push(ConfigError::new(
+                "kafka.heartbeats",
+                "needs wal.heartbeat_secs above 0 (the heartbeat interval)",
+            ));
+        }
+        if self.elasticsearch.run_in_daemon {
+            errors.extend(self.sink_format_error());
+        }
+    }
+
+    /// Why the Elasticsearch sink cannot read `kafka.format`, if it cannot:
+    /// it reads the `json` envelope only.
+    pub fn sink_format_error(&self) -> Option<ConfigError> {
+        let format = self.kafka.format;
+        (format != RecordFormat::Json).then(|| {
+            ConfigError::new(
+                "kafka.format",
+                format!(
+                    "the Elasticsearch sink reads only \"json\", not {:?}; keep kafka.format = \"json\" for the sink (elasticsearch.run_in_daemon, pgcdc es-sink)",
+                    format.name()
+                ),
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -443,5 +475,40 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
+
+    #[test]
+    fn debezium_settings_that_cannot_work_are_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[kafka]\nformat = \"row\"\nheartbeats = true\n\
+             heartbeat_topic = \"bad topic\"\n[elasticsearch]\nrun_in_daemon = true\n[wal]\nheartbeat_secs = 0\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.contains("kafka.format") && m.contains("Elasticsearch sink")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.contains("kafka.heartbeats")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.contains("kafka.heartbeat_topic")),
+            "{e:?}"
+        );
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[kafka]\nformat = \"connect-json\"\nsource_connector = \"postgresql\"\n\
+             transaction_metadata = true\n[kafka.topic_config]\n\"cleanup.policy\" = \"compact\"\n",
+        );
+        let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(s.kafka.format, RecordFormat::ConnectJson);
+        assert!(s.sink_format_error().is_some());
+        assert_eq!(
+            s.kafka.transaction_topic().as_deref(),
+            Some("pgcdc.transaction")
+        );
+        assert_eq!(s.kafka.topic_config["cleanup.policy"], "compact");
     }
 }

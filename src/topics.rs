@@ -5,15 +5,21 @@
 use std::time::Duration;
 
 use pgcdc_actors::error::ConfigError;
+use pgcdc_actors::es_writer::duration_secs;
 use pgcdc_actors::kafka_producer::{KafkaConfig, DURABLE_REPLICAS};
 use pgcdc_actors::pg::parse_table_name;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+    TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::error::AppError;
 use crate::settings::Settings;
 
+/// The topic config pgcdc sets on durable topics.
+const MIN_INSYNC: &str = "min.insync.replicas";
 /// How long a metadata or admin request may take at start.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -33,13 +39,7 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
     let min_insync = KafkaConfig::min_insync_replicas(factor).map(|n| n.to_string());
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| {
-            let topic = NewTopic::new(n, k.topic_partitions, TopicReplication::Fixed(factor));
-            match &min_insync {
-                Some(m) => topic.set("min.insync.replicas", m),
-                None => topic,
-            }
-        })
+        .map(|n| new_topic(k, n, factor, min_insync.as_deref()))
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(REQUEST_TIMEOUT))
@@ -58,11 +58,52 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         }
     }
     warn_weak_topics(&admin, &names, brokers);
+    let es = &settings.elasticsearch;
+    warn_long_retention(&admin, &change_topics(settings), &es.gc_deletes, &opts).await;
     Ok(())
 }
 
-/// Every topic pgcdc writes: one per table (or the single topic) and the dead letters.
-fn topic_names(settings: &Settings) -> Vec<String> {
+/// Warn about each change topic whose records outlive the mirror's memory
+/// of deletes (`elasticsearch.gc_deletes`): a sink replaying it from the
+/// start would write rows back whose delete Elasticsearch forgot, until the
+/// replay reaches the delete again. Compacted topics keep no superseded row.
+async fn warn_long_retention(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+    gc_deletes: &str,
+    opts: &AdminOptions,
+) {
+    let Some(gc_secs) = duration_secs(gc_deletes) else {
+        return;
+    };
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let Ok(described) = admin.describe_configs(&specs, opts).await else {
+        return;
+    };
+    for resource in described.into_iter().flatten() {
+        let OwnedResourceSpecifier::Topic(topic) = &resource.specifier else {
+            continue;
+        };
+        let value = |k: &str| resource.get(k).and_then(|e| e.value.as_deref());
+        let compacted = value("cleanup.policy") == Some("compact");
+        let Some(retention_ms) = value("retention.ms").and_then(|v| v.parse::<i64>().ok()) else {
+            continue;
+        };
+        let outlives = retention_ms < 0 || retention_ms as u64 / 1000 > gc_secs;
+        if outlives && !compacted {
+            tracing::warn!(
+                topic,
+                retention_ms,
+                gc_deletes,
+                "topic retention is longer than elasticsearch.gc_deletes: a sink replaying it can bring deleted rows back until the replay reaches their delete; keep retention.ms below it or compact the topic"
+            );
+        }
+    }
+}
+
+/// The change topics: one per table, or the single topic.
+fn change_topics(settings: &Settings) -> Vec<String> {
     let k = &settings.kafka;
     let mut names: Vec<String> = settings
         .postgres
@@ -71,7 +112,37 @@ fn topic_names(settings: &Settings) -> Vec<String> {
         .filter_map(|t| parse_table_name(t).ok())
         .map(|(s, t)| k.topic_for(&s, &t))
         .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The creation request of topic `name`: `kafka.topic_config`, and
+/// `min.insync.replicas` unless that sets it.
+fn new_topic<'a>(
+    k: &'a KafkaConfig,
+    name: &'a str,
+    factor: i32,
+    min_insync: Option<&'a str>,
+) -> NewTopic<'a> {
+    let mut topic = NewTopic::new(name, k.topic_partitions, TopicReplication::Fixed(factor));
+    if let Some(m) = min_insync.filter(|_| !k.topic_config.contains_key(MIN_INSYNC)) {
+        topic = topic.set(MIN_INSYNC, m);
+    }
+    for (key, value) in &k.topic_config {
+        topic = topic.set(key, value);
+    }
+    topic
+}
+
+/// Every topic pgcdc writes: one per table (or the single topic), the dead
+/// letters, and the transaction and heartbeat topics when they are on.
+fn topic_names(settings: &Settings) -> Vec<String> {
+    let k = &settings.kafka;
+    let mut names = change_topics(settings);
     names.push(settings.elasticsearch.dead_letter_topic.clone());
+    names.extend(k.transaction_topic());
+    names.extend(k.heartbeat_topic());
     names.sort();
     names.dedup();
     names

@@ -3,6 +3,7 @@
 
 mod chaos;
 mod crash;
+mod debezium;
 mod e2e;
 mod es_sink;
 mod es_tls;

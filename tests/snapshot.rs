@@ -108,7 +108,7 @@ async fn existing_rows_are_copied_then_changes_stream_without_gap_or_overlap() {
     assert_eq!(points.len(), 1);
     assert!(snap
         .iter()
-        .all(|r| r.value.as_ref().unwrap()["source"]["snapshot"] == json!(true)));
+        .all(|r| r.value.as_ref().unwrap()["source"]["snapshot"] == json!("true")));
     let streamed: Vec<&Record> = records.iter().filter(|r| r.op() != "r").collect();
     assert_eq!(
         streamed.len(),
@@ -373,11 +373,13 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     assert_eq!(ids.len(), 100_000);
 }
 
-/// `FAILPOINTS` for an initial copy whose every chunk waits 20 ms.
+/// `FAILPOINTS` for an initial copy whose every chunk waits 50 ms: slow
+/// enough that a test reading the topic (debug-built JSON parsing of
+/// Debezium-sized envelopes) keeps up with the copy.
 #[cfg(feature = "failpoints")]
 fn slow_copy() -> String {
     format!(
-        "{}=sleep(20)",
+        "{}=sleep(50)",
         pgcdc_actors::wire::failpoint::SNAPSHOT_COPY_CHUNK
     )
 }
@@ -398,7 +400,7 @@ fn resumed_rows(log: &str) -> u64 {
         .unwrap()
 }
 
-/// Each 1,000-row chunk waits 20 ms (a failpoint), so the kill at a quarter
+/// Each 1,000-row chunk waits 50 ms (a failpoint), so the kill at a quarter
 /// of the rows lands mid-copy however fast the machine is.
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,10 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-/// The value of a change record: a Debezium-shaped envelope. The producer
-/// writes it (`R` = a borrowed row), the ES sink reads it (`R` = an owned
-/// row). Field order is the order on the wire.
+/// The value of a change record: Debezium's PostgreSQL envelope, with
+/// pgcdc's additions (`source.commit_lsn`, `source.seq`, `unchanged_toast`).
+/// The producer writes it (`R` = a borrowed row), the ES sink reads it
+/// (`R` = an owned row). Field order is the order on the wire.
 ///
 /// Reading is lenient where the sink does not need a field: only `op`,
 /// `source.schema`, `source.table` and `source.commit_lsn` are required.
@@ -19,52 +20,169 @@ pub struct Envelope<'a, R> {
     pub before: Option<R>,
     /// The row after the change; `None` for deletes and truncates.
     pub after: Option<R>,
+    /// Where the change comes from.
+    pub source: Source<'a>,
+    /// The change's place in its transaction (`kafka.transaction_metadata`),
+    /// else `null`.
+    #[serde(default)]
+    pub transaction: Option<TxBlock<'a>>,
     /// `c` insert, `u` update, `d` delete, `r` snapshot read, `t` truncate.
     pub op: Cow<'a, str>,
     /// When pgcdc encoded the record (ms since the epoch).
     #[serde(default)]
     pub ts_ms: i64,
-    /// Where the change comes from.
-    pub source: Source<'a>,
+    /// `ts_ms` in microseconds.
+    #[serde(default)]
+    pub ts_us: i64,
+    /// `ts_ms` in nanoseconds.
+    #[serde(default)]
+    pub ts_ns: i64,
     /// Columns left out because their TOAST value did not change (omitted when none).
     #[serde(default, skip_serializing_if = "<[String]>::is_empty")]
     pub unchanged_toast: Cow<'a, [String]>,
 }
 
-/// The `source` block of an [`Envelope`].
+/// The `source` block of an [`Envelope`]: Debezium's PostgreSQL fields in
+/// its order, then pgcdc's `commit_lsn` and `seq` (`seq` last: the
+/// snapshot encoder writes everything before it once per chunk).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Source<'a> {
-    /// Always [`CONNECTOR`] for records pgcdc writes.
+    /// pgcdc's version.
+    #[serde(default)]
+    pub version: Cow<'a, str>,
+    /// [`CONNECTOR`], or `postgresql` (`kafka.source_connector`).
     #[serde(default)]
     pub connector: Cow<'a, str>,
+    /// The logical server name: `kafka.topic_prefix`.
+    #[serde(default)]
+    pub name: Cow<'a, str>,
+    /// Commit time (ms since the epoch).
+    #[serde(default)]
+    pub ts_ms: i64,
+    /// Commit time (µs since the epoch).
+    #[serde(default)]
+    pub ts_us: i64,
+    /// Commit time (ns since the epoch; µs precision).
+    #[serde(default)]
+    pub ts_ns: i64,
+    /// Whether and how the record comes from a snapshot.
+    #[serde(default)]
+    pub snapshot: SnapshotMark,
     /// Database name.
     #[serde(default)]
     pub db: Cow<'a, str>,
+    /// `["<commit lsn>","<lsn>"]` as a JSON string of decimal LSNs: orders
+    /// changes as Debezium's sequence does.
+    #[serde(default)]
+    pub sequence: Sequence,
     /// Schema name, unquoted.
     pub schema: Cow<'a, str>,
     /// Table name, unquoted.
     pub table: Cow<'a, str>,
+    /// Transaction id.
+    #[serde(default, rename = "txId")]
+    pub tx_id: u32,
     /// LSN of the change itself.
     #[serde(default)]
     pub lsn: u64,
+    /// Always `null` (Debezium's `xmin.fetch.interval.ms` is not offered).
+    #[serde(default)]
+    pub xmin: Option<u64>,
     /// End LSN of the transaction's commit: the document version in the sink.
     pub commit_lsn: u64,
     /// Position of the change in its transaction.
     #[serde(default)]
     pub seq: u32,
-    /// Transaction id.
-    #[serde(default, rename = "txId")]
-    pub tx_id: u32,
-    /// Commit time (ms since the epoch).
-    #[serde(default)]
-    pub ts_ms: i64,
-    /// Whether the record comes from a snapshot copy.
-    #[serde(default)]
-    pub snapshot: bool,
 }
 
-/// `source.connector` of every record pgcdc writes.
+/// `source.sequence`: `["<commit lsn>","<lsn>"]`, written as a JSON string
+/// of decimal LSNs without building it first; read leniently (zeros if malformed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sequence {
+    /// The transaction's commit LSN.
+    pub commit_lsn: u64,
+    /// The change's LSN.
+    pub lsn: u64,
+}
+
+impl std::fmt::Display for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[\"{}\",\"{}\"]", self.commit_lsn, self.lsn)
+    }
+}
+
+impl Serialize for Sequence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sequence {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Cow::<'de, str>::deserialize(d)?;
+        let pair: Option<(String, String)> = serde_json::from_str(&text).ok();
+        let number = |t: &str| t.parse::<u64>().unwrap_or_default();
+        Ok(pair.map_or_else(Self::default, |(c, l)| Self {
+            commit_lsn: number(&c),
+            lsn: number(&l),
+        }))
+    }
+}
+
+/// `source.snapshot`: Debezium's strings. Read also from the booleans
+/// earlier pgcdc versions wrote (`true` = an initial-snapshot row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMark {
+    /// A row of the initial snapshot.
+    True,
+    /// The last row of an initial snapshot (pgcdc does not write it).
+    Last,
+    /// A streamed change.
+    #[default]
+    False,
+    /// A row copied by a backfill (`pgcdc snapshot --table`, new tables).
+    Incremental,
+}
+
+impl<'de> Deserialize<'de> for SnapshotMark {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw<'a> {
+            Flag(bool),
+            Text(Cow<'a, str>),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Flag(false) => Self::False,
+            Raw::Flag(true) => Self::True,
+            Raw::Text(t) => match &*t {
+                "false" => Self::False,
+                "last" => Self::Last,
+                "incremental" => Self::Incremental,
+                _ => Self::True, // "true", "first", "last_in_data_collection", …
+            },
+        })
+    }
+}
+
+/// The `transaction` block of an [`Envelope`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxBlock<'a> {
+    /// `"<txId>:<commit lsn>"`, the id of the transaction's BEGIN and END events.
+    pub id: Cow<'a, str>,
+    /// Position of the change among the transaction's changes, from 1.
+    pub total_order: u64,
+    /// Position among the transaction's changes of the same table, from 1.
+    pub data_collection_order: u64,
+}
+
+/// `source.connector` of every record pgcdc writes unless
+/// `kafka.source_connector` says otherwise.
 pub const CONNECTOR: &str = "pgcdc";
+
+/// `source.version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Kafka record headers written by the producer and read by the sink.
 pub mod header {

@@ -63,9 +63,10 @@ pub(super) fn subscribe(consumer: &SinkConsumer, kafka: &KafkaConfig) -> Result<
     Ok(())
 }
 
-/// The subscription pattern of per-table topics.
+/// The subscription pattern of per-table topics: `<prefix>.<schema>.<table>`
+/// (not `<prefix>.transaction`, the transaction metadata topic).
 fn topic_pattern(kafka: &KafkaConfig) -> String {
-    format!("^{}\\..*", kafka.topic_prefix.replace('.', "\\."))
+    format!("^{}\\.[^.]+\\..+", kafka.topic_prefix.replace('.', "\\."))
 }
 
 /// Whether `topic` is one the sink subscribes to.
@@ -74,7 +75,8 @@ fn subscribed(kafka: &KafkaConfig, topic: &str) -> bool {
         TopicMode::Single => topic == kafka.topic,
         TopicMode::PerTable => topic
             .strip_prefix(kafka.topic_prefix.as_str())
-            .is_some_and(|rest| rest.starts_with('.')),
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|rest| rest.contains('.')),
     }
 }
 
@@ -218,6 +220,7 @@ mod tests {
         assert!(subscribed(&kafka, "cdc.public.users"));
         assert!(!subscribed(&kafka, "cdcx.public.users"));
         assert!(!subscribed(&kafka, "cdc"));
-        assert_eq!(topic_pattern(&kafka), "^cdc\\..*");
+        assert!(!subscribed(&kafka, "cdc.transaction"));
+        assert_eq!(topic_pattern(&kafka), "^cdc\\.[^.]+\\..+");
     }
 }

@@ -1,5 +1,7 @@
 //! `[kafka]`: where and how change events are published.
 
+use std::collections::BTreeMap;
+
 use crate::error::ConfigError;
 use serde::Deserialize;
 
@@ -27,6 +29,65 @@ pub enum Oversized {
     DeadLetter,
 }
 
+/// `source.connector` of the records pgcdc writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceConnector {
+    /// `"pgcdc"`.
+    #[default]
+    Pgcdc,
+    /// `"postgresql"`, as Debezium's connector writes, for consumers that branch on it.
+    Postgresql,
+}
+
+impl SourceConnector {
+    /// The text written in `source.connector`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pgcdc => crate::wire::CONNECTOR,
+            Self::Postgresql => "postgresql",
+        }
+    }
+}
+
+/// How records are written (`kafka.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The envelope as JSON without schemas (Debezium with `schemas.enable=false`).
+    #[default]
+    Json,
+    /// Key and value as `{"schema", "payload"}` (Kafka Connect's `JsonConverter`
+    /// with `schemas.enable=true`).
+    ConnectJson,
+    /// The new row only; a delete is a tombstone, a truncate writes nothing
+    /// (Debezium's "new record state" extraction).
+    Row,
+}
+
+impl Format {
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::ConnectJson => "connect-json",
+            Self::Row => "row",
+        }
+    }
+}
+
+/// How numeric and money values are written (`kafka.decimal_handling_mode`,
+/// Debezium's `decimal.handling.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalMode {
+    /// Exact decimal strings (`"12.50"`).
+    #[default]
+    String,
+    /// JSON numbers (`12.5`), rounded to a double; NaN and infinities stay strings.
+    Double,
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -40,6 +101,12 @@ const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 50_000;
 /// reach at `max_inflight_records`, while a handful of huge values is enough
 /// to pause WAL reading instead of filling memory.
 const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// The librdkafka property choosing the partition of a keyed record.
+const PARTITIONER: &str = "partitioner";
+/// Default `partitioner`: murmur2 of the key bytes, positive part modulo the
+/// partition count, as the Java client (and so Debezium, Kafka Streams and
+/// ksqlDB) computes it; keyless records go to a random partition.
+pub const JAVA_PARTITIONER: &str = "murmur2_random";
 /// librdkafka's default `message.max.bytes`: the largest record the producer sends.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// The librdkafka property limiting one record's size.
@@ -81,6 +148,22 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`);
     /// sensitive values never show in `Debug` or errors.
     pub properties: Properties,
+    /// `json`, `connect-json` or `row`.
+    pub format: Format,
+    /// `string` or `double`: numeric and money values.
+    pub decimal_handling_mode: DecimalMode,
+    /// `source.connector`: `pgcdc` or `postgresql`.
+    pub source_connector: SourceConnector,
+    /// Write the `transaction` block on every streamed change and BEGIN/END
+    /// events on `<topic_prefix>.transaction`, as Debezium's
+    /// `provide.transaction.metadata` does.
+    pub transaction_metadata: bool,
+    /// Publish a heartbeat record (the LSN reached) every `wal.heartbeat_secs`.
+    pub heartbeats: bool,
+    /// The heartbeat topic; unset: `__debezium-heartbeat.<topic_prefix>`.
+    pub heartbeat_topic: Option<String>,
+    /// Topic configs (`cleanup.policy`, `retention.ms`, …) given to the topics pgcdc creates.
+    pub topic_config: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -99,6 +182,13 @@ impl Default for KafkaConfig {
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             oversized: Oversized::Fail,
             properties: Properties::default(),
+            format: Format::Json,
+            decimal_handling_mode: DecimalMode::String,
+            source_connector: SourceConnector::Pgcdc,
+            transaction_metadata: false,
+            heartbeats: false,
+            heartbeat_topic: None,
+            topic_config: BTreeMap::new(),
         }
     }
 }
@@ -146,10 +236,19 @@ impl KafkaConfig {
                 format!("{:?} is not a valid topic name", self.topic),
             ));
         }
-        if self.topic_mode == TopicMode::PerTable && bad_topic(&self.topic_prefix) {
+        let prefixed = self.topic_mode == TopicMode::PerTable
+            || self.transaction_metadata
+            || (self.heartbeats && self.heartbeat_topic.is_none());
+        if prefixed && bad_topic(&self.topic_prefix) {
             errors.push(ConfigError::new(
                 "kafka.topic_prefix",
                 format!("{:?} is not a valid topic name", self.topic_prefix),
+            ));
+        }
+        if let Some(t) = self.heartbeat_topic.as_deref().filter(|t| bad_topic(t)) {
+            errors.push(ConfigError::new(
+                "kafka.heartbeat_topic",
+                format!("{t:?} is not a valid topic name"),
             ));
         }
         if self.topic_partitions < 1 {
@@ -241,6 +340,9 @@ impl KafkaConfig {
             .set("queue.buffering.max.messages", queue)
             .set(QUEUE_MAX_KBYTES, kbytes.to_string())
             .set("client.id", "pgcdc");
+        if !self.properties.contains_key(PARTITIONER) {
+            cfg.set(PARTITIONER, JAVA_PARTITIONER);
+        }
         cfg
     }
 
@@ -256,6 +358,21 @@ impl KafkaConfig {
     /// from 3 copies on, so `acks=all` means two brokers have each record.
     pub fn min_insync_replicas(replication_factor: i32) -> Option<i32> {
         (replication_factor >= DURABLE_REPLICAS).then_some(DURABLE_MIN_INSYNC)
+    }
+
+    /// The transaction metadata topic, when `transaction_metadata` is on.
+    pub fn transaction_topic(&self) -> Option<String> {
+        self.transaction_metadata
+            .then(|| format!("{}.transaction", self.topic_prefix))
+    }
+
+    /// The heartbeat topic, when `heartbeats` is on.
+    pub fn heartbeat_topic(&self) -> Option<String> {
+        self.heartbeats.then(|| {
+            self.heartbeat_topic
+                .clone()
+                .unwrap_or_else(|| format!("__debezium-heartbeat.{}", self.topic_prefix))
+        })
     }
 
     /// The topic of events of `schema.table`.
@@ -342,6 +459,18 @@ mod tests {
             let created = c.client_config().create::<BaseProducer>();
             assert!(created.is_ok(), "{mechanism}: {:?}", created.err());
         }
+    }
+
+    #[test]
+    fn keys_are_partitioned_as_the_java_client_does_unless_overridden() {
+        let mut c = KafkaConfig::default();
+        assert_eq!(c.client_config().get(PARTITIONER), Some(JAVA_PARTITIONER));
+        c.properties
+            .insert(PARTITIONER.into(), "consistent_random".into());
+        assert_eq!(
+            c.client_config().get(PARTITIONER),
+            Some("consistent_random")
+        );
     }
 
     #[test]

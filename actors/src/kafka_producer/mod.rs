@@ -9,17 +9,24 @@
 
 mod acks;
 mod config;
+mod connect;
 mod envelope;
+mod format;
+mod heartbeat;
 mod persist;
 mod send;
+mod transaction;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
-pub use config::{KafkaConfig, Oversized, TopicMode, DURABLE_REPLICAS};
+pub use config::{
+    DecimalMode, Format, KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS,
+};
 pub use envelope::{EncodedRecord, Encoder};
 
 use crate::checkpoint::CheckpointActor;
@@ -30,8 +37,10 @@ use crate::messages::{
 };
 use crate::supervision::{task_outcome, RestartBudget, TaskError};
 use acks::{AckPrefix, PendingBatch};
+use heartbeat::Heartbeats;
 use persist::{GroupCommit, Pending};
 use send::{await_deliveries, AckContext, BatchAck, BatchJob, Producer};
+use transaction::{TxPlan, TxTracker};
 
 /// The open replication session.
 struct Session {
@@ -66,6 +75,10 @@ pub struct KafkaProducerActor {
     persist: GroupCommit,
     /// The dead-letter topic, for `kafka.oversized = "dead_letter"`.
     dead_letter_topic: Option<Arc<str>>,
+    /// Transaction metadata, when `kafka.transaction_metadata` is on.
+    transactions: Option<TxTracker>,
+    /// Heartbeat records and their interval, when `kafka.heartbeats` is on.
+    heartbeats: Option<(Heartbeats, Duration)>,
 }
 
 impl KafkaProducerActor {
@@ -77,7 +90,6 @@ impl KafkaProducerActor {
         budget: RestartBudget,
     ) -> Self {
         Self {
-            config,
             database: database.into(),
             checkpoint,
             budget,
@@ -89,6 +101,9 @@ impl KafkaProducerActor {
             last_persist: None,
             persist: GroupCommit::default(),
             dead_letter_topic: None,
+            transactions: config.transaction_topic().map(|t| TxTracker::new(&t)),
+            heartbeats: None,
+            config,
         }
     }
 
@@ -97,6 +112,25 @@ impl KafkaProducerActor {
     pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self
+    }
+
+    /// Publish a heartbeat record every `every` when `kafka.heartbeats` is on.
+    pub fn with_heartbeats(mut self, every: Duration) -> Self {
+        self.heartbeats = self.config.heartbeat_topic().map(|topic| {
+            let h = Heartbeats {
+                topic: topic.into(),
+                server: self.config.topic_prefix.as_str().into(),
+            };
+            (h, every)
+        });
+        self
+    }
+
+    /// Publish a heartbeat record with the LSN reached.
+    fn heartbeat(&mut self) {
+        if let (Some((h, _)), Some(producer)) = (&self.heartbeats, &self.producer) {
+            h.publish(producer.clone(), self.last_persist, now_ms());
+        }
     }
 
     /// Where records above `message.max.bytes` go; `None`: they are fatal.
@@ -116,6 +150,9 @@ impl KafkaProducerActor {
             });
         }
         self.inflight.clear();
+        if let Some(t) = &mut self.transactions {
+            t.reset();
+        }
         self.capacity_waiters.clear();
         self.drain_waiters.clear();
     }
@@ -193,7 +230,10 @@ impl KafkaProducerActor {
 impl Actor for KafkaProducerActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Self::Context) {
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some((_, every)) = &self.heartbeats {
+            ctx.run_interval(*every, |act, _ctx| act.heartbeat());
+        }
         if self.producer.is_none() {
             match self.config.client_config().create_with_context(AckContext) {
                 Ok(producer) => self.producer = Some(Arc::new(producer)),
@@ -238,7 +278,11 @@ impl Handler<PublishBatch> for KafkaProducerActor {
         let now = now_ms();
         let encoder = Encoder::new(&self.config, &self.database, now);
         let events: usize = msg.events.iter().map(|e| encoder.records_of(e)).sum();
-        let count = events + msg.rows.as_ref().map_or(0, |r| r.rows.len());
+        let tx = match &mut self.transactions {
+            Some(t) => t.plan(&msg.events, msg.commit_end),
+            None => TxPlan::default(),
+        };
+        let count = events + msg.rows.as_ref().map_or(0, |r| r.rows.len()) + tx.records();
         if let Err(e) = self.admit(&mut msg, count) {
             return Box::pin(fut::ready(Err(e)));
         }
@@ -255,6 +299,7 @@ impl Handler<PublishBatch> for KafkaProducerActor {
             events: std::mem::take(&mut msg.events),
             rows: msg.rows.take(),
             records: count,
+            tx,
         };
         let (session, seq, me) = (msg.session, msg.seq, ctx.address());
         let enqueue = async move {

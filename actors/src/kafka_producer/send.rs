@@ -21,6 +21,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::transaction::TxPlan;
 use super::{EncodedRecord, Encoder, KafkaConfig};
 use crate::error::{OversizedRecord, ProducerError, SizeLimit};
 use crate::event::{ChangeEvent, CopiedRows};
@@ -177,8 +178,10 @@ pub(super) struct BatchJob {
     pub events: Vec<ChangeEvent>,
     /// Snapshot rows, published after `events`.
     pub rows: Option<CopiedRows>,
-    /// How many records `events` and `rows` make.
+    /// How many records `events`, `rows` and `tx` make.
     pub records: usize,
+    /// Transaction metadata of `events` (empty unless `kafka.transaction_metadata`).
+    pub tx: TxPlan,
 }
 
 impl BatchJob {
@@ -196,12 +199,18 @@ impl BatchJob {
         };
         let mut encoder = Encoder::new(&self.config, &self.database, self.now_ms);
         let mut records = Vec::with_capacity(2);
-        for event in self.events {
-            encoder.event(&event, &mut records);
+        let mut tx = self.tx;
+        let total = self.events.len();
+        for (i, event) in self.events.into_iter().enumerate() {
+            records.extend(tx.marks_before(i));
+            encoder.event(&event, tx.block(i), &mut records);
             drop(event); // its row, before the encoded copy goes to librdkafka
             for r in records.drain(..) {
                 out.record(r).await?;
             }
+        }
+        for r in tx.marks_before(total) {
+            out.record(r).await?;
         }
         if let Some(rows) = self.rows {
             let (config, database) = (self.config.clone(), self.database.clone());
@@ -211,6 +220,25 @@ impl BatchJob {
         }
         Ok(ack)
     }
+}
+
+/// Hand one record outside any batch to librdkafka and wait for its
+/// acknowledgement.
+pub(super) async fn send_one(
+    producer: &Producer,
+    record: EncodedRecord,
+    now_ms: i64,
+) -> Result<(), ProducerError> {
+    let ack = BatchAck::new(1);
+    let out = Enqueue {
+        producer,
+        ack: &ack,
+        now_ms,
+        dead_letters: None,
+        limit: 0,
+    };
+    out.record(record).await?;
+    ack.wait().await
 }
 
 /// Encode snapshot rows (one `op=r` record each) on the blocking pool, off

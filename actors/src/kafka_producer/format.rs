@@ -1,0 +1,179 @@
+//! The record formats besides the `json` envelope's bytes (`kafka.format`):
+//! the `row` format's value, keys, and copied rows as changes for the
+//! formats the byte-level snapshot encoder does not write.
+
+use serde_json::{Map, Value};
+
+use crate::event::{ChangeEvent, CopiedRows, Op};
+use crate::pg::values::{render, to_json_bytes};
+use crate::snapshot::row_cell;
+
+/// A change's `before` and `after` rows.
+pub(super) type Rows<'r> = (
+    Option<&'r Map<String, Value>>,
+    Option<&'r Map<String, Value>>,
+);
+
+/// The JSON key of `event`.
+pub(super) fn json_key(event: &ChangeEvent) -> Option<Vec<u8>> {
+    event.key.as_ref().map(|k| {
+        let mut buf = Vec::new();
+        to_json_bytes(k, &mut buf);
+        buf
+    })
+}
+
+/// The `row` format's value: the new row; `None` (a tombstone) for a delete.
+pub(super) fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
+    event.after.as_ref().map(|a| {
+        let mut buf = Vec::with_capacity(event.row_bytes());
+        to_json_bytes(a, &mut buf);
+        buf
+    })
+}
+
+/// The numeric and money columns of a `{"column": "type"}` object text.
+pub(super) fn decimal_columns(column_types: &str) -> Vec<String> {
+    let types: Map<String, Value> = serde_json::from_str(column_types).unwrap_or_default();
+    types
+        .into_iter()
+        .filter(|(_, t)| matches!(t.as_str(), Some("numeric" | "money")))
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// `event` with the values of `columns` as JSON numbers
+/// (`decimal_handling_mode = "double"`); NaN and infinities stay strings.
+pub(super) fn decimals_as_doubles(event: &mut ChangeEvent, columns: &[String]) {
+    for row in [&mut event.key, &mut event.before, &mut event.after]
+        .into_iter()
+        .flatten()
+    {
+        for c in columns {
+            let Some(v) = row.get_mut(c) else { continue };
+            let double = v.as_str().and_then(|s| s.parse::<f64>().ok());
+            if let Some(n) = double.and_then(serde_json::Number::from_f64) {
+                *v = Value::Number(n);
+            }
+        }
+    }
+}
+
+/// Copied rows as `op=r` changes, for the formats the byte-level snapshot
+/// encoder does not write.
+pub(super) fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {
+    copied.rows.iter().enumerate().map(|(n, row)| {
+        let seq = copied.first_seq.wrapping_add(n as u32);
+        let after: Map<String, Value> = copied
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (c, rule))| {
+                let v = row_cell(row, i, copied.raw).map_or(Value::Null, |b| render(rule, &b));
+                (c.clone(), v)
+            })
+            .collect();
+        let key = copied
+            .table
+            .key_columns
+            .iter()
+            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        ChangeEvent {
+            op: Op::Read,
+            table: copied.table.clone(),
+            key,
+            before: None,
+            after: Some(after),
+            unchanged_toast: Vec::new(),
+            lsn: copied.tx.commit_lsn,
+            seq,
+            tx: copied.tx,
+            snapshot: true,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::DecimalMode;
+
+    use serde_json::json;
+
+    use super::super::envelope::tests::event;
+    use super::super::{Encoder, Format, KafkaConfig};
+    use super::*;
+    use crate::wire::Envelope;
+
+    #[test]
+    fn row_format_writes_the_new_row_a_tombstone_for_a_delete_and_nothing_for_a_truncate() {
+        let kafka = KafkaConfig {
+            format: Format::Row,
+            ..KafkaConfig::default()
+        };
+        let encode = |op: Op| {
+            let mut out = Vec::new();
+            let mut enc = Encoder::new(&kafka, "shop", 5);
+            let e = event(op);
+            enc.event(&e, None, &mut out);
+            assert_eq!(enc.records_of(&e), out.len(), "{op:?}");
+            out
+        };
+        let update = encode(Op::Update);
+        assert_eq!(
+            update[0].value.as_deref(),
+            Some(br#"{"id":42,"name":"new"}"#.as_slice())
+        );
+        assert_eq!(update[0].key.as_deref(), Some(br#"{"id":42}"#.as_slice()));
+        let delete = encode(Op::Delete);
+        assert_eq!(
+            (delete.len(), delete[0].value.is_none(), delete[0].op),
+            (1, true, "d")
+        );
+        assert!(encode(Op::Truncate).is_empty());
+    }
+
+    #[test]
+    fn connect_json_wraps_key_and_envelope_in_schema_and_payload() {
+        let kafka = KafkaConfig {
+            format: Format::ConnectJson,
+            ..KafkaConfig::default()
+        };
+        let mut e = event(Op::Update);
+        Arc::make_mut(&mut e.table).column_types = r#"{"id":"int4","name":"text"}"#.into();
+        let mut out = Vec::new();
+        Encoder::new(&kafka, "shop", 5).event(&e, None, &mut out);
+        let key: Value = serde_json::from_slice(out[0].key.as_ref().unwrap()).unwrap();
+        assert_eq!(key["payload"], json!({"id": 42}));
+        assert_eq!(key["schema"]["name"], "pgcdc.public.users.Key");
+        let value: Value = serde_json::from_slice(out[0].value.as_ref().unwrap()).unwrap();
+        assert_eq!(value["schema"]["name"], "pgcdc.public.users.Envelope");
+        let payload: Envelope<'_, Map<String, Value>> =
+            serde_json::from_value(value["payload"].clone()).unwrap();
+        assert_eq!(payload.after.as_ref(), e.after.as_ref());
+        assert_eq!(payload.source.commit_lsn, 0x1_0000_0200);
+    }
+
+    #[test]
+    fn decimals_become_doubles_in_double_mode_and_stay_exact_strings_by_default() {
+        let mut e = event(Op::Update);
+        let table = Arc::make_mut(&mut e.table);
+        table.column_types = r#"{"id":"int4","name":"numeric"}"#.into();
+        e.after = json!({"id": 42, "name": "12.50"}).as_object().cloned();
+        e.before = json!({"id": 42, "name": "NaN"}).as_object().cloned();
+        let encode = |mode: DecimalMode| {
+            let kafka = KafkaConfig {
+                decimal_handling_mode: mode,
+                ..KafkaConfig::default()
+            };
+            let mut out = Vec::new();
+            Encoder::new(&kafka, "shop", 5).event(&e, None, &mut out);
+            let v: Value = serde_json::from_slice(out[0].value.as_ref().unwrap()).unwrap();
+            (v["after"]["name"].clone(), v["before"]["name"].clone())
+        };
+        assert_eq!(encode(DecimalMode::String), (json!("12.50"), json!("NaN")));
+        assert_eq!(encode(DecimalMode::Double), (json!(12.5), json!("NaN")));
+    }
+}
