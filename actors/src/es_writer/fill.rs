@@ -89,7 +89,10 @@ impl Fill {
             column_types: String::new(),
         };
         let shape = Shape::load(&sql, &table).await.map_err(fill_error)?;
-        if shape.keyless() || shape.table.key_columns != self.key {
+        let (mut now, mut want) = (shape.table.key_columns.clone(), self.key.clone());
+        now.sort();
+        want.sort();
+        if shape.keyless() || now != want {
             return Err(EsError::Fill(format!(
                 "{}.{} has key {:?} now, not {:?}",
                 self.schema, self.table, shape.table.key_columns, self.key
