@@ -337,16 +337,19 @@ async fn refuse_keyless(
     }
 }
 
-/// `pgcdc snapshot --table …`: write one signal per table into the WAL
-/// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
-pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
-    let pg = &settings.postgres;
+/// The `--table` flags as (schema, table), each one a configured table;
+/// every bad flag reported at once.
+pub fn configured_tables(
+    settings: &Settings,
+    tables: &[String],
+) -> Result<Vec<(String, String)>, AppError> {
     let mut wanted = Vec::new();
     let mut errors = Vec::new();
     for t in tables {
         match parse_table_name(t) {
             Ok((schema, name)) => {
-                let configured = pg
+                let configured = settings
+                    .postgres
                     .tables
                     .iter()
                     .filter_map(|c| parse_table_name(c).ok())
@@ -363,16 +366,29 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
             Err(e) => errors.push(ConfigError::new(format!("--table {t}"), e.to_string())),
         }
     }
-    if !errors.is_empty() {
-        return Err(AppError::Config(errors));
+    match errors.is_empty() {
+        true => Ok(wanted),
+        false => Err(AppError::Config(errors)),
     }
+}
+
+/// The key signals are signed with (`<state_dir>/message.key`).
+pub fn message_key(settings: &Settings) -> Result<MessageKey, AppError> {
     let key_path = settings.message_key_path();
-    let key = MessageKey::load(&key_path).map_err(|e| {
+    MessageKey::load(&key_path).map_err(|e| {
         AppError::LocalIo(format!(
             "{}: {e}; signals are signed with the key the daemon creates in its state_dir on first start: run this command where the daemon's state_dir is",
             key_path.display()
         ))
-    })?;
+    })
+}
+
+/// `pgcdc snapshot --table …`: write one signal per table into the WAL
+/// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
+pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
+    let pg = &settings.postgres;
+    let wanted = configured_tables(&settings, tables)?;
+    let key = message_key(&settings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

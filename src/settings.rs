@@ -13,6 +13,7 @@ use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::pg::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
+use pgcdc_actors::verify::VerifyConfig;
 use pgcdc_actors::wal_monitor::WalConfig;
 use serde::Deserialize;
 
@@ -129,6 +130,9 @@ pub struct Settings {
     /// The SQLite audit log (`<state_dir>/audit.db`).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `pgcdc verify`: chunk size and waits.
+    #[serde(default)]
+    pub verify: VerifyConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -195,6 +199,7 @@ impl Settings {
         self.metrics.validate(&mut errors);
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
+        self.verify.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push(ConfigError::new(
                 "shutdown_timeout_secs",

@@ -54,6 +54,7 @@ pub mod replication;
 pub mod secret;
 pub mod snapshot;
 pub mod supervision;
+pub mod verify;
 pub mod wal_monitor;
 pub mod wire;
 

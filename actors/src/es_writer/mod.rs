@@ -44,6 +44,7 @@ pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
 pub use naming::doc_id;
+pub(crate) use group::group_offsets;
 
 use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;

@@ -44,7 +44,7 @@ pub enum ChunkOutcome {
 
 struct PendingChunk {
     table: (String, String),
-    rows: Option<(Vec<ChangeEvent>, TableProgress)>,
+    rows: Option<(Vec<ChangeEvent>, Option<TableProgress>)>,
     outcome: oneshot::Sender<ChunkOutcome>,
 }
 
@@ -122,8 +122,9 @@ impl Watermarks {
         Some((id, rx))
     }
 
-    /// The chunk's rows were read; `progress` is the table's progress once they are emitted.
-    pub fn fill(&self, id: u64, rows: Vec<ChangeEvent>, progress: TableProgress) {
+    /// The chunk's rows were read; `progress` is the table's progress once
+    /// they are emitted (`None`: a repair, which leaves the progress alone).
+    pub fn fill(&self, id: u64, rows: Vec<ChangeEvent>, progress: Option<TableProgress>) {
         if let Some(c) = self.lock().chunks.get_mut(&id) {
             c.rows = Some((rows, progress));
         }
@@ -155,8 +156,16 @@ struct Window {
 pub enum MessageAction {
     /// Not ours, or nothing to do.
     Ignore,
-    /// Put these rows into the current transaction; checkpoint `progress` with it.
-    Emit(Vec<ChangeEvent>, TableProgress),
+    /// Put these rows into the current transaction; checkpoint the
+    /// progress (if any) with it.
+    Emit(Vec<ChangeEvent>, Option<TableProgress>),
+    /// Copy these keys of the table again (`pgcdc verify --repair`).
+    Repair {
+        /// The table.
+        table: Arc<TableRef>,
+        /// Key texts, in key order.
+        keys: Vec<crate::checkpoint::KeyText>,
+    },
     /// Start copying this table again (progress reset).
     Backfill(TableProgress),
     /// The table was re-created: put this truncate into the current
@@ -294,6 +303,14 @@ impl Windows {
         };
         let copy = (table.key_source != KeySource::WholeRow)
             .then(|| TableProgress::fresh(&s.schema, &s.table));
+        if let (Some(keys), false) = (s.keys, s.reset) {
+            if copy.is_none() {
+                tracing::warn!(table = %name, "ignoring a repair signal for a table without a unique key");
+                return MessageAction::Ignore;
+            }
+            tracing::info!(table = %name, keys = keys.len(), "repair requested");
+            return MessageAction::Repair { table, keys };
+        }
         if !s.reset {
             if copy.is_none() {
                 tracing::warn!(table = %name, "ignoring a backfill signal for a table without a unique key");
@@ -399,7 +416,7 @@ mod tests {
         let epoch = marks.new_epoch();
         let (id, rx) = marks.register(epoch, "public", "t").unwrap();
         let rows = ids.iter().map(|i| event(Op::Read, *i)).collect();
-        marks.fill(id, rows, TableProgress::fresh("public", "t"));
+        marks.fill(id, rows, Some(TableProgress::fresh("public", "t")));
         (id, rx)
     }
 
