@@ -78,7 +78,9 @@ pub struct VerifyArgs {
 pub fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
-        _ => Err(format!("{text:?} is not a fraction above 0 and at most 1 (0.1 is 10%)")),
+        _ => Err(format!(
+            "{text:?} is not a fraction above 0 and at most 1 (0.1 is 10%)"
+        )),
     }
 }
 

@@ -81,7 +81,11 @@ fn verify(daemon: &Daemon, args: &[&str]) -> (i32, Vec<Value>, String) {
 fn shown(report: &Value, kind: &str) -> Vec<String> {
     report[kind]["first"]
         .as_array()
-        .map(|a| a.iter().filter_map(|f| f["id"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f["id"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -90,11 +94,25 @@ fn shown(report: &Value, kind: &str) -> Vec<String> {
 async fn tamper(es: &str) {
     let http = reqwest::Client::new();
     let ok = |r: reqwest::Response| assert!(r.status().is_success(), "{}", r.status());
-    ok(http.delete(format!("{es}/{INDEX}/_doc/5")).send().await.unwrap());
+    ok(http
+        .delete(format!("{es}/{INDEX}/_doc/5"))
+        .send()
+        .await
+        .unwrap());
     let changed = json!({"doc": {"name": "tampered"}});
-    ok(http.post(format!("{es}/{INDEX}/_update/6")).json(&changed).send().await.unwrap());
+    ok(http
+        .post(format!("{es}/{INDEX}/_update/6"))
+        .json(&changed)
+        .send()
+        .await
+        .unwrap());
     let stray = json!({"id": 100_000, "name": "stray", "n": 0});
-    ok(http.put(format!("{es}/{INDEX}/_doc/100000")).json(&stray).send().await.unwrap());
+    ok(http
+        .put(format!("{es}/{INDEX}/_doc/100000"))
+        .json(&stray)
+        .send()
+        .await
+        .unwrap());
 }
 
 /// Update, delete and re-insert rows 100.. at full speed until `stop`.
@@ -127,13 +145,21 @@ async fn drift_is_reported_by_key_and_kind_and_repaired_under_a_concurrent_write
     let report = &reports[0];
     assert_eq!(shown(report, "missing"), ["5"], "{text}");
     assert_eq!(shown(report, "stale"), ["6"], "{text}");
-    assert_eq!(report["stale"]["first"][0]["columns"], json!(["name"]), "{text}");
+    assert_eq!(
+        report["stale"]["first"][0]["columns"],
+        json!(["name"]),
+        "{text}"
+    );
     assert_eq!(shown(report, "extra"), ["100000"], "{text}");
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(r.pg.client().await.unwrap(), stop.clone());
     let (code, reports, text) = verify(&r.daemon, &["--repair"]);
     assert_eq!(code, 0, "the pass after the repair is equal: {text}");
-    assert_eq!(reports.len(), 2, "the drift, then the pass after the repair: {text}");
+    assert_eq!(
+        reports.len(),
+        2,
+        "the drift, then the pass after the repair: {text}"
+    );
     stop.store(true, Ordering::Relaxed);
     assert!(writes.await.unwrap() > 0);
     let (code, _, text) = verify(&r.daemon, &[]);
@@ -143,9 +169,15 @@ async fn drift_is_reported_by_key_and_kind_and_repaired_under_a_concurrent_write
         db: &db,
         table: "items",
     };
-    oracle::mirror_equals(&r.es.url, INDEX, want, Duration::from_secs(60), Some(&r.daemon))
-        .await
-        .unwrap();
+    oracle::mirror_equals(
+        &r.es.url,
+        INDEX,
+        want,
+        Duration::from_secs(60),
+        Some(&r.daemon),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

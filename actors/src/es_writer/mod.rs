@@ -43,8 +43,8 @@ pub use bulk::{
 pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
-pub use naming::doc_id;
 pub(crate) use group::group_offsets;
+pub use naming::doc_id;
 
 use crate::error::ErrorClass;
 use crate::kafka_producer::KafkaConfig;

@@ -60,7 +60,12 @@ impl Repair {
 
     /// Copy one chunk of keys until the stream emitted it; `false` if the
     /// stream session ended.
-    async fn chunk(&self, sql: &Client, shape: &Shape, keys: &[KeyText]) -> Result<bool, SnapshotError> {
+    async fn chunk(
+        &self,
+        sql: &Client,
+        shape: &Shape,
+        keys: &[KeyText],
+    ) -> Result<bool, SnapshotError> {
         let (schema, name) = (&self.table.schema, &self.table.name);
         loop {
             let Some((id, outcome)) = self.marks.register(self.epoch, schema, name) else {
@@ -98,7 +103,10 @@ async fn read_keys(
         .into_iter()
         .map(|(_, e)| e)
         .collect();
-    let found: HashSet<String> = events.iter().filter_map(|e| e.key.as_ref().map(doc_id)).collect();
+    let found: HashSet<String> = events
+        .iter()
+        .filter_map(|e| e.key.as_ref().map(doc_id))
+        .collect();
     for k in keys {
         let key = shape.key_map(k);
         if !found.contains(&doc_id(&key)) {

@@ -51,7 +51,10 @@ impl VerifyConfig {
             ));
         }
         if self.fence_timeout_secs == 0 {
-            errors.push(ConfigError::new("verify.fence_timeout_secs", "must be at least 1"));
+            errors.push(ConfigError::new(
+                "verify.fence_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if !(1..=RECHECKS_MAX).contains(&self.rechecks) {
             errors.push(ConfigError::new(
@@ -83,6 +86,13 @@ mod tests {
         }
         .validate(&mut errors);
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["verify.chunk_rows", "verify.fence_timeout_secs", "verify.rechecks"]);
+        assert_eq!(
+            keys,
+            [
+                "verify.chunk_rows",
+                "verify.fence_timeout_secs",
+                "verify.rechecks"
+            ]
+        );
     }
 }

@@ -97,6 +97,8 @@ impl Pipeline<'_> {
             )));
         };
         let text: Option<String> = row.get(0);
-        Ok(text.and_then(|t| t.parse::<Lsn>().ok()).is_some_and(|c| c >= at))
+        Ok(text
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .is_some_and(|c| c >= at))
     }
 }

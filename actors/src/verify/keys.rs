@@ -33,7 +33,10 @@ pub(crate) fn key_of_doc(id: &str, source: &Map<String, Value>, names: &[&str]) 
             }
         }
     }
-    names.iter().map(|n| source.get(*n).and_then(text)).collect()
+    names
+        .iter()
+        .map(|n| source.get(*n).and_then(text))
+        .collect()
 }
 
 #[cfg(test)]

@@ -38,7 +38,10 @@ impl<'a> Mirror<'a> {
 
     /// The documents of `ids` that exist, by id (`_mget` reads the latest
     /// version, refreshed or not).
-    pub async fn get(&self, ids: &[String]) -> Result<HashMap<String, Map<String, Value>>, EsError> {
+    pub async fn get(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Map<String, Value>>, EsError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }

@@ -294,7 +294,9 @@ impl Verifier {
             let at = snap.at;
             snap.close().await?;
             report.fence = Some(pipeline.applied(at, mirror).await?);
-            pending = self.still_differ(mirror, pending, &rows, at, report).await?;
+            pending = self
+                .still_differ(mirror, pending, &rows, at, report)
+                .await?;
         }
         for (kind, finding) in pending {
             report.add(kind, finding);

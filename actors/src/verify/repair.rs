@@ -27,7 +27,11 @@ impl Verifier {
         (schema, table): (&str, &str),
         report: &TableReport,
     ) -> Result<Option<Lsn>, VerifyError> {
-        let keys: Vec<KeyText> = report.drift.iter().filter_map(|(_, f)| f.key.clone()).collect();
+        let keys: Vec<KeyText> = report
+            .drift
+            .iter()
+            .filter_map(|(_, f)| f.key.clone())
+            .collect();
         if keys.is_empty() {
             return Ok(None);
         }
@@ -36,7 +40,10 @@ impl Verifier {
         for chunk in keys.chunks(KEYS_PER_SIGNAL) {
             let signal = Signal::repair(key, &self.pg.slot, (schema, table), chunk.to_vec());
             let at = signal.write(&sql).await?;
-            last = Some(at.parse().map_err(|_| VerifyError::Internal(format!("unreadable lsn {at:?}")))?);
+            last = Some(
+                at.parse()
+                    .map_err(|_| VerifyError::Internal(format!("unreadable lsn {at:?}")))?,
+            );
         }
         tracing::info!(table = %report.table, keys = keys.len(), "repair requested");
         Ok(last)
@@ -45,7 +52,11 @@ impl Verifier {
     /// Wait until every drifted key of `report` was written again after
     /// `since` (an extra document: removed), for at most
     /// `verify.fence_timeout_secs`; whether they all were.
-    pub async fn await_repair(&self, report: &TableReport, since: Lsn) -> Result<bool, VerifyError> {
+    pub async fn await_repair(
+        &self,
+        report: &TableReport,
+        since: Lsn,
+    ) -> Result<bool, VerifyError> {
         let mirror = Mirror::new(&self.es, &report.index);
         let deadline = Instant::now() + self.opts.fence_timeout();
         let mut pending: Vec<(Kind, String)> = report
@@ -59,13 +70,18 @@ impl Verifier {
             for chunk in pending.chunks(self.opts.chunk_rows) {
                 let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
                 let docs = mirror.get(&ids).await?;
-                left.extend(chunk.iter().filter(|(kind, id)| {
-                    let rewritten = docs.get(id).map(|d| doc_lsn(d) > since);
-                    match kind {
-                        Kind::Extra => rewritten == Some(false),
-                        _ => rewritten != Some(true),
-                    }
-                }).cloned());
+                left.extend(
+                    chunk
+                        .iter()
+                        .filter(|(kind, id)| {
+                            let rewritten = docs.get(id).map(|d| doc_lsn(d) > since);
+                            match kind {
+                                Kind::Extra => rewritten == Some(false),
+                                _ => rewritten != Some(true),
+                            }
+                        })
+                        .cloned(),
+                );
             }
             pending = left;
             if pending.is_empty() {

@@ -114,7 +114,11 @@ impl TableReport {
             self.rows_per_sec,
         );
         if let Some(s) = self.sample {
-            let _ = write!(out, "\n  sampled {:.0}% of the key ranges; extra documents are not looked for", s * 100.0);
+            let _ = write!(
+                out,
+                "\n  sampled {:.0}% of the key ranges; extra documents are not looked for",
+                s * 100.0
+            );
         }
         if let Some(Fence::TimedOut(stage)) = &self.fence {
             let _ = write!(out, "\n  the pipeline did not catch up in time (waiting for the {stage}): differences may still be in flight");
@@ -154,11 +158,17 @@ mod tests {
             r.add(Kind::Stale, finding(&i.to_string()));
         }
         r.add(Kind::Newer, finding("x"));
-        assert_eq!((r.stale.count, r.stale.first.len()), (SHOWN as u64 + 3, SHOWN));
+        assert_eq!(
+            (r.stale.count, r.stale.first.len()),
+            (SHOWN as u64 + 3, SHOWN)
+        );
         assert_eq!(r.drift.len(), SHOWN + 3, "newer is not drift");
         assert!(r.drifted());
         let text = r.text();
-        assert!(text.starts_with("DRIFT") && text.contains("stale 0 (columns n)"), "{text}");
+        assert!(
+            text.starts_with("DRIFT") && text.contains("stale 0 (columns n)"),
+            "{text}"
+        );
         let json = serde_json::to_value(&r).unwrap_or_default();
         assert_eq!(json["stale"]["count"], SHOWN as u64 + 3);
         assert_eq!(json["newer"]["first"][0]["id"], "x");

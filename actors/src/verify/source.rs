@@ -66,7 +66,10 @@ impl Snapshot {
         range: &KeyRange,
         limit: usize,
     ) -> Result<Vec<Row>, VerifyError> {
-        let messages = self.sql.simple_query(&shape.chunk_query(range, limit)).await?;
+        let messages = self
+            .sql
+            .simple_query(&shape.chunk_query(range, limit))
+            .await?;
         Ok(rows(shape, &messages))
     }
 
@@ -81,7 +84,11 @@ impl Snapshot {
         }
         let mut found = Vec::new();
         for k in keys {
-            found.extend(self.try_lookup(shape, std::slice::from_ref(k)).await?.unwrap_or_default());
+            found.extend(
+                self.try_lookup(shape, std::slice::from_ref(k))
+                    .await?
+                    .unwrap_or_default(),
+            );
         }
         Ok(found)
     }
@@ -96,7 +103,9 @@ impl Snapshot {
         self.sql.batch_execute("SAVEPOINT pgcdc_lookup").await?;
         match self.sql.simple_query(&shape.keys_query(keys)).await {
             Ok(messages) => {
-                self.sql.batch_execute("RELEASE SAVEPOINT pgcdc_lookup").await?;
+                self.sql
+                    .batch_execute("RELEASE SAVEPOINT pgcdc_lookup")
+                    .await?;
                 Ok(Some(rows(shape, &messages)))
             }
             Err(e) if e.as_db_error().is_some() => {
