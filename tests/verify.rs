@@ -44,9 +44,9 @@ async fn rig() -> Rig {
         + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", es.url);
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let want = Want::Table {
-        db: &db,
-        table: "items",
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.items",
     };
     oracle::mirror_equals(&es.url, INDEX, want, Duration::from_secs(90), Some(&daemon))
         .await

@@ -20,16 +20,14 @@
 //!
 //! **No false drift.** A document whose `_cdc.lsn` is past the snapshot
 //! position holds a change the snapshot cannot see: counted as *newer*,
-//! not drift. Every other difference is checked again: a new snapshot reads
-//! those keys, the verifier waits until the pipeline has applied everything
-//! up to its position ([`fence`]), and reads the documents again; what
-//! still differs after `verify.rechecks` rounds is drift.
+//! not drift. Every other difference is checked again ([`recheck`]).
 
 mod compare;
 mod config;
 mod fence;
 mod keys;
 mod mirror;
+mod recheck;
 mod repair;
 mod report;
 mod source;
@@ -53,7 +51,6 @@ use crate::kafka_producer::KafkaConfig;
 use crate::pg::{PgError, PostgresConfig};
 use crate::snapshot::shape::Shape;
 use crate::snapshot::SnapshotError;
-use fence::Pipeline;
 use mirror::Mirror;
 use source::{Row, Snapshot};
 
@@ -143,6 +140,24 @@ impl Verifier {
 
     /// Verify `schema.table` against its mirror.
     pub async fn table(&self, schema: &str, table: &str) -> Result<TableReport, VerifyError> {
+        self.run(schema, table, true).await
+    }
+
+    /// Compare `schema.table` with its mirror once, as they stand: every
+    /// difference counts, none is checked again (the pipeline is not waited
+    /// for). The tests' oracle, which polls until they are equal.
+    pub async fn compare_now(&self, schema: &str, table: &str) -> Result<TableReport, VerifyError> {
+        self.run(schema, table, false).await
+    }
+
+    /// Verify `schema.table`, re-checking differences after the pipeline
+    /// caught up or not.
+    async fn run(
+        &self,
+        schema: &str,
+        table: &str,
+        recheck: bool,
+    ) -> Result<TableReport, VerifyError> {
         let started = Instant::now();
         let snap = Snapshot::open(&self.pg).await?;
         let shape = snap.shape(schema, table).await?;
@@ -164,7 +179,10 @@ impl Verifier {
                 .await?;
         }
         snap.close().await?;
-        self.recheck(&shape, &mirror, apparent, &mut report).await?;
+        match recheck {
+            true => self.recheck(&shape, &mirror, apparent, &mut report).await?,
+            false => apparent.into_iter().for_each(|(k, f)| report.add(k, f)),
+        }
         report.elapsed_secs = started.elapsed().as_secs_f64();
         report.rows_per_sec = report.compared as f64 / report.elapsed_secs.max(1e-6);
         tracing::info!(table = %report.table, compared = report.compared, missing = report.missing.count, extra = report.extra.count, stale = report.stale.count, newer = report.newer.count, "table verified");
@@ -259,81 +277,6 @@ impl Verifier {
             }
         }
         Ok(())
-    }
-
-    /// Check the apparent differences again, each round in a new snapshot
-    /// once the pipeline applied its position; count what remains.
-    async fn recheck(
-        &self,
-        shape: &Shape,
-        mirror: &Mirror<'_>,
-        mut pending: Vec<Apparent>,
-        report: &mut TableReport,
-    ) -> Result<(), VerifyError> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let sql = crate::pg::connect(&self.pg).await?;
-        let pipeline = Pipeline {
-            sql: &sql,
-            slot: &self.pg.slot,
-            es: &self.es_cfg,
-            kafka: &self.kafka,
-            timeout: self.opts.fence_timeout(),
-        };
-        for _ in 0..self.opts.rechecks {
-            if pending.is_empty() {
-                break;
-            }
-            let snap = Snapshot::open(&self.pg).await?;
-            let mut rows = HashMap::new();
-            let keys: Vec<KeyText> = pending.iter().filter_map(|(_, f)| f.key.clone()).collect();
-            for chunk in keys.chunks(self.opts.chunk_rows) {
-                rows.extend(by_id(snap.lookup(shape, chunk).await?));
-            }
-            let at = snap.at;
-            snap.close().await?;
-            report.fence = Some(pipeline.applied(at, mirror).await?);
-            pending = self
-                .still_differ(mirror, pending, &rows, at, report)
-                .await?;
-        }
-        for (kind, finding) in pending {
-            report.add(kind, finding);
-        }
-        Ok(())
-    }
-
-    /// The `pending` differences that remain between the `rows` read at
-    /// `at` and the documents now; newer ones are counted in `report`.
-    async fn still_differ(
-        &self,
-        mirror: &Mirror<'_>,
-        pending: Vec<Apparent>,
-        rows: &HashMap<String, Map<String, Value>>,
-        at: crate::lsn::Lsn,
-        report: &mut TableReport,
-    ) -> Result<Vec<Apparent>, VerifyError> {
-        let mut still = Vec::new();
-        for chunk in pending.chunks(self.opts.chunk_rows) {
-            let ids: Vec<String> = chunk.iter().map(|(_, f)| f.id.clone()).collect();
-            let docs = mirror.get(&ids).await?;
-            for (_, finding) in chunk {
-                let verdict = compare(rows.get(&finding.id), docs.get(&finding.id), at);
-                let Verdict::Differs(kind, columns) = verdict else {
-                    continue;
-                };
-                let finding = Finding {
-                    columns,
-                    ..finding.clone()
-                };
-                match kind {
-                    Kind::Newer => report.add(kind, finding),
-                    _ => still.push((kind, finding)),
-                }
-            }
-        }
-        Ok(still)
     }
 }
 
