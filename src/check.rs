@@ -290,6 +290,10 @@ fn print_live(text: &str) {
         match s.metric.as_str() {
             "pgcdc_replication_lag_bytes" => println!("daemon lag:          {value} bytes"),
             "pgcdc_replication_lag_seconds" => println!("daemon lag:          {value} s"),
+            "pgcdc_freshness_last_canary_age_seconds" => {
+                let stage = s.labels.get("stage").unwrap_or("?");
+                println!("freshness {stage}:     last canary {value:.1} s old");
+            }
             "pgcdc_events_in_total" | "pgcdc_events_out_total" => {
                 let dir = if s.metric.contains("_in_") {
                     "in"

@@ -8,6 +8,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
 use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
+use pgcdc_actors::canary::CanaryConfig;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::pg::PostgresConfig;
@@ -133,6 +134,9 @@ pub struct Settings {
     /// `pgcdc verify`: chunk size and waits.
     #[serde(default)]
     pub verify: VerifyConfig,
+    /// The freshness canary.
+    #[serde(default)]
+    pub canary: CanaryConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -200,6 +204,7 @@ impl Settings {
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
         self.verify.validate(&mut errors);
+        self.canary.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push(ConfigError::new(
                 "shutdown_timeout_secs",

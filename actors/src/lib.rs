@@ -41,6 +41,7 @@
 //! depend on them, never the other way round.
 
 pub mod audit;
+pub mod canary;
 pub mod checkpoint;
 pub mod error;
 pub mod es_writer;

@@ -157,6 +157,7 @@ impl Stream {
                     if let Some(c) = out.flush.persisted(lsn) {
                         client.update_applied_lsn(c.lsn.into());
                         metrics().confirmed(c.lsn, c.commit_time_us);
+                        crate::canary::confirmed(c.lsn);
                     }
                 }
                 ev = client.recv() => {
@@ -276,6 +277,11 @@ impl Stream {
                 self.publish_if_full(out).await?;
             }
             MessageAction::Backfill(progress) => self.backfill(progress, out),
+            MessageAction::Canary(t_us) => {
+                if let Some(tx) = asm.open_tx() {
+                    crate::canary::seen(tx.commit_lsn, t_us);
+                }
+            }
             MessageAction::Repair { table, keys } => {
                 self.snapshots.do_send(RepairKeys { table, keys });
             }

@@ -155,3 +155,9 @@ impl Addressed for Signal {
         &self.slot
     }
 }
+
+impl Addressed for crate::canary::Canary {
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}

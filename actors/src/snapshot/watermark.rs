@@ -159,6 +159,8 @@ pub enum MessageAction {
     /// Put these rows into the current transaction; checkpoint the
     /// progress (if any) with it.
     Emit(Vec<ChangeEvent>, Option<TableProgress>),
+    /// A genuine freshness canary written at this time (µs since the epoch).
+    Canary(i64),
     /// Copy these keys of the table again (`pgcdc verify --repair`).
     Repair {
         /// The table.
@@ -252,6 +254,12 @@ impl Windows {
                 } else {
                     self.low(mark.id);
                     MessageAction::Ignore
+                }
+            }
+            crate::canary::CANARY_PREFIX => {
+                match self.ours::<crate::canary::Canary>(content, "canary", |c, k| c.genuine(k)) {
+                    Some(c) => MessageAction::Canary(c.t_us),
+                    None => MessageAction::Ignore,
                 }
             }
             SIGNAL_PREFIX => match self.ours::<Signal>(content, "signal", Signal::genuine) {
