@@ -533,6 +533,33 @@ mod tests {
     }
 
     #[test]
+    fn repair_signals_carry_signed_keys_and_canaries_their_time() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &tables());
+        let keys = vec![vec!["5".to_owned()], vec!["100000".to_owned()]];
+        let repair = Signal::repair(marks.key(), "s", ("public", "keyed"), keys.clone());
+        let content = serde_json::to_vec(&repair).unwrap();
+        let action = w.on_message(SIGNAL_PREFIX, &content, Lsn(1));
+        assert!(
+            matches!(&action, MessageAction::Repair { table, keys: k } if table.name == "keyed" && *k == keys),
+            "{action:?}"
+        );
+        let mut tampered = repair;
+        tampered.keys = Some(vec![vec!["6".to_owned()]]);
+        let content = serde_json::to_vec(&tampered).unwrap();
+        let action = w.on_message(SIGNAL_PREFIX, &content, Lsn(2));
+        assert!(matches!(action, MessageAction::Ignore), "{action:?}");
+        let canary = crate::canary::Canary::now(marks.key(), "s");
+        let t = canary.t_us;
+        let content = serde_json::to_vec(&canary).unwrap();
+        let action = w.on_message(crate::canary::CANARY_PREFIX, &content, Lsn(3));
+        assert!(
+            matches!(action, MessageAction::Canary(at) if at == t),
+            "{action:?}"
+        );
+    }
+
+    #[test]
     fn forged_or_tampered_signals_and_marks_change_nothing() {
         let marks = marks();
         let mut w = Windows::new("s", marks.clone(), &tables());
