@@ -222,21 +222,28 @@ impl Verifier {
         report: &mut TableReport,
         apparent: &mut Vec<Apparent>,
     ) -> Result<(), VerifyError> {
+        let limit = self.opts.chunk_rows;
         for mut range in self.ranges(snap, shape).await? {
-            loop {
-                let rows = snap.chunk(shape, &range, self.opts.chunk_rows).await?;
-                let Some(last) = rows.last() else { break };
+            let mut rows = snap.chunk(shape, &range, limit).await?;
+            // Each chunk's documents are read while the next chunk's rows are.
+            while let Some(last) = rows.last() {
+                let more = rows.len() >= limit;
                 range.after = Some(last.key.clone());
                 let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-                let docs = mirror.get(&ids).await?;
+                let next = async {
+                    match more {
+                        true => snap.chunk(shape, &range, limit).await,
+                        false => Ok(Vec::new()),
+                    }
+                };
+                let (docs, next) = tokio::join!(mirror.get(&ids), next);
+                let docs = docs?;
                 for row in &rows {
                     let verdict = compare(Some(&row.after), docs.get(&row.id), snap.at);
                     note(report, apparent, verdict, &row.id, Some(row.key.clone()));
                 }
                 report.compared += rows.len() as u64;
-                if rows.len() < self.opts.chunk_rows {
-                    break;
-                }
+                rows = next?;
             }
         }
         Ok(())
@@ -251,20 +258,24 @@ impl Verifier {
         report: &mut TableReport,
         apparent: &mut Vec<Apparent>,
     ) -> Result<(), VerifyError> {
-        let names = shape.key_names();
-        let mut after: Option<String> = None;
-        loop {
-            let page = mirror
-                .page(after.as_deref(), self.opts.chunk_rows, &names)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
+        let (names, limit) = (shape.key_names(), self.opts.chunk_rows);
+        let mut page = mirror.page(None, limit, &names).await?;
+        // Each page's rows are looked up while the next page is read.
+        while let Some((last, _)) = page.last() {
+            let more = page.len() >= limit;
             let keys: Vec<Option<KeyText>> = page
                 .iter()
                 .map(|(id, source)| keys::key_of_doc(id, source, &names))
                 .collect();
             let wanted: Vec<KeyText> = keys.iter().flatten().cloned().collect();
-            let found = by_id(snap.lookup(shape, &wanted).await?);
+            let next = async {
+                match more {
+                    true => mirror.page(Some(last), limit, &names).await,
+                    false => Ok(Vec::new()),
+                }
+            };
+            let (found, next) = tokio::join!(snap.lookup(shape, &wanted), next);
+            let found = by_id(found?);
             for ((id, source), key) in page.iter().zip(keys) {
                 if !found.contains_key(id) {
                     let verdict = compare(None, Some(source), snap.at);
@@ -272,9 +283,7 @@ impl Verifier {
                 }
             }
             report.documents += page.len() as u64;
-            if page.len() < self.opts.chunk_rows {
-                break;
-            }
+            page = next?;
         }
         Ok(())
     }
