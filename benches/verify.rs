@@ -15,6 +15,7 @@ use pgcdc_testkit::oracle::verify_now;
 use pgcdc_testkit::search::all_hits;
 use pgcdc_testkit::{PgCluster, SearchServer};
 use serde_json::json;
+use tokio_postgres::SimpleQueryMessage;
 
 /// Documents per `_bulk` request while loading.
 const BULK: u64 = 5000;
@@ -68,7 +69,14 @@ async fn read_table(pg: &PgCluster) -> f64 {
     db.batch_execute("BEGIN; DECLARE c NO SCROLL CURSOR FOR SELECT * FROM items")
         .await
         .unwrap();
-    while db.simple_query("FETCH 10000 FROM c").await.unwrap().len() > 1 {}
+    let is_row = |m: &SimpleQueryMessage| matches!(m, SimpleQueryMessage::Row(_));
+    while db
+        .simple_query("FETCH 10000 FROM c")
+        .await
+        .unwrap()
+        .iter()
+        .any(is_row)
+    {}
     db.batch_execute("COMMIT").await.unwrap();
     t.elapsed().as_secs_f64()
 }
@@ -79,11 +87,13 @@ async fn main() {
     let (pg, es) = (PgCluster::start().unwrap(), SearchServer::start().unwrap());
     eprintln!("bench: loading {n} rows and documents");
     load(&pg, &es, n).await;
+    eprintln!("bench: loaded; reading both sides");
     let raw_pg = read_table(&pg).await;
     let t = Instant::now();
     let hits = all_hits(&es.url, "cdc_public_items").await.unwrap();
     let raw_es = t.elapsed().as_secs_f64();
     assert_eq!(hits.len() as u64, n);
+    eprintln!("bench: verifying");
     let report = verify_now(&pg, &es.url, "public.items").await.unwrap();
     assert!(!report.drifted(), "{}", report.text());
     assert_eq!(report.compared, n);
