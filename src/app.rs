@@ -80,6 +80,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let key_path = settings.message_key_path();
     let key = MessageKey::load_or_create(&key_path)
         .map_err(|e| AppError::LocalIo(format!("{}: {e}", key_path.display())))?;
+    start_canary(&settings, &pg, &key);
     let marks = Watermarks::new(key);
     let (pg2, snap2, m, cp) = (
         pg.clone(),
@@ -107,6 +108,19 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
             Err(AppError::Fatal(f))
         }
     }
+}
+
+/// Write freshness canaries if `canary.interval_secs` asks for them.
+fn start_canary(settings: &Settings, pg: &Arc<pgcdc_actors::pg::PostgresConfig>, key: &MessageKey) {
+    let canary = &settings.canary;
+    if canary.interval_secs == 0 {
+        return;
+    }
+    pgcdc_actors::metrics::metrics()
+        .freshness
+        .set_max_lag(canary.max_lag_secs);
+    let interval = Duration::from_secs(canary.interval_secs);
+    pgcdc_actors::canary::spawn_writer(pg.clone(), key.clone(), interval);
 }
 
 /// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.

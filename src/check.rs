@@ -290,6 +290,10 @@ fn print_live(text: &str) {
         match s.metric.as_str() {
             "pgcdc_replication_lag_bytes" => println!("daemon lag:          {value} bytes"),
             "pgcdc_replication_lag_seconds" => println!("daemon lag:          {value} s"),
+            "pgcdc_freshness_last_canary_age_seconds" => {
+                let stage = s.labels.get("stage").unwrap_or("?");
+                println!("freshness {stage}:     last canary {value:.1} s old");
+            }
             "pgcdc_events_in_total" | "pgcdc_events_out_total" => {
                 let dir = if s.metric.contains("_in_") {
                     "in"
@@ -337,16 +341,19 @@ async fn refuse_keyless(
     }
 }
 
-/// `pgcdc snapshot --table …`: write one signal per table into the WAL
-/// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
-pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
-    let pg = &settings.postgres;
+/// The `--table` flags as (schema, table), each one a configured table;
+/// every bad flag reported at once.
+pub fn configured_tables(
+    settings: &Settings,
+    tables: &[String],
+) -> Result<Vec<(String, String)>, AppError> {
     let mut wanted = Vec::new();
     let mut errors = Vec::new();
     for t in tables {
         match parse_table_name(t) {
             Ok((schema, name)) => {
-                let configured = pg
+                let configured = settings
+                    .postgres
                     .tables
                     .iter()
                     .filter_map(|c| parse_table_name(c).ok())
@@ -363,16 +370,29 @@ pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), App
             Err(e) => errors.push(ConfigError::new(format!("--table {t}"), e.to_string())),
         }
     }
-    if !errors.is_empty() {
-        return Err(AppError::Config(errors));
+    match errors.is_empty() {
+        true => Ok(wanted),
+        false => Err(AppError::Config(errors)),
     }
+}
+
+/// The key signals are signed with (`<state_dir>/message.key`).
+pub fn message_key(settings: &Settings) -> Result<MessageKey, AppError> {
     let key_path = settings.message_key_path();
-    let key = MessageKey::load(&key_path).map_err(|e| {
+    MessageKey::load(&key_path).map_err(|e| {
         AppError::LocalIo(format!(
             "{}: {e}; signals are signed with the key the daemon creates in its state_dir on first start: run this command where the daemon's state_dir is",
             key_path.display()
         ))
-    })?;
+    })
+}
+
+/// `pgcdc snapshot --table …`: write one signal per table into the WAL
+/// (`pg_logical_emit_message`); the daemon streaming this slot backfills them.
+pub fn request_backfill(settings: Settings, tables: &[String]) -> Result<(), AppError> {
+    let pg = &settings.postgres;
+    let wanted = configured_tables(&settings, tables)?;
+    let key = message_key(&settings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -52,6 +52,36 @@ pub enum Command {
     },
     /// Print the audit log (`<state_dir>/audit.db`), oldest first; works while pgcdc runs.
     Logs(LogsArgs),
+    /// Compare tables with their mirror indices on a live system; exit 1 on drift.
+    Verify(VerifyArgs),
+}
+
+/// Flags of `pgcdc verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A configured table, `schema.table` (repeatable; default: every configured table).
+    #[arg(long = "table")]
+    pub tables: Vec<String>,
+    /// Copy the drifted keys again through the watermark backfill (extra
+    /// documents are deleted), then verify again.
+    #[arg(long)]
+    pub repair: bool,
+    /// Output: `text` or `json` (one object per line and table).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
+    /// Compare only this fraction (0 < f ≤ 1) of each table's key ranges, picked at random.
+    #[arg(long, value_parser = parse_fraction)]
+    pub sample: Option<f64>,
+}
+
+/// `--sample`: a fraction above 0 and at most 1.
+pub fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "{text:?} is not a fraction above 0 and at most 1 (0.1 is 10%)"
+        )),
+    }
 }
 
 /// Flags of `pgcdc logs`.

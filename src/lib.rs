@@ -10,3 +10,4 @@ pub mod logs;
 pub mod settings;
 pub mod telemetry;
 pub mod topics;
+pub mod verify;

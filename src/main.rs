@@ -43,6 +43,13 @@ fn main() {
         Command::Status => pgcdc::check::status(settings),
         Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, tables),
         Command::Logs(args) => pgcdc::logs::run(&settings, args),
+        Command::Verify(args) => match pgcdc::verify::run(settings, args) {
+            Ok(drifted) if drifted => {
+                telemetry.finish();
+                std::process::exit(pgcdc::verify::DRIFT_EXIT_CODE);
+            }
+            other => other.map(drop),
+        },
     };
     if let Err(e) = result {
         // A fatal report was logged (`fatal: …`) by the actor that made it.

@@ -8,12 +8,14 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
 use figment::Figment;
 use pgcdc_actors::audit::AuditConfig;
+use pgcdc_actors::canary::CanaryConfig;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::Format as RecordFormat;
 use pgcdc_actors::kafka_producer::KafkaConfig;
 use pgcdc_actors::pg::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
+use pgcdc_actors::verify::VerifyConfig;
 use pgcdc_actors::wal_monitor::WalConfig;
 use serde::Deserialize;
 
@@ -130,6 +132,12 @@ pub struct Settings {
     /// The SQLite audit log (`<state_dir>/audit.db`).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `pgcdc verify`: chunk size and waits.
+    #[serde(default)]
+    pub verify: VerifyConfig,
+    /// The freshness canary.
+    #[serde(default)]
+    pub canary: CanaryConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -197,6 +205,8 @@ impl Settings {
         self.wal.validate(&mut errors);
         self.audit.validate(&mut errors);
         self.validate_debezium(&mut errors);
+        self.verify.validate(&mut errors);
+        self.canary.validate(&mut errors);
         if self.shutdown_timeout_secs == 0 {
             errors.push(ConfigError::new(
                 "shutdown_timeout_secs",

@@ -20,3 +20,4 @@ mod support;
 mod table_shapes;
 mod tls;
 mod types;
+mod verify;

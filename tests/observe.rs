@@ -314,3 +314,58 @@ async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_
         "--level warn shows only warnings and errors:\n{text}"
     );
 }
+
+/// The number of observations of histogram `metric` with `labels` (`{a="b"}`) in `text`.
+fn histogram_count(text: &str, metric: &str, labels: &str) -> f64 {
+    let prefix = format!("{metric}_count{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_canary_ages_while_kafka_is_frozen_and_ready_follows_it() {
+    let Rig {
+        _pg,
+        tansu,
+        _dir,
+        db,
+        mut daemon,
+        probe,
+    } = Rig::start(
+        "",
+        "ready_window_secs = 3600\n[canary]\ninterval_secs = 1\nmax_lag_secs = 4\n",
+    )
+    .await;
+    let kafka = [("stage", "kafka")];
+    let age = |text: &str| sample(text, "pgcdc_freshness_last_canary_age_seconds", &kafka);
+    probe
+        .until("canaries reach kafka, ready", &mut daemon, |text, ready| {
+            histogram_count(text, "pgcdc_freshness_seconds", "{stage=\"kafka\"}") >= 2.0
+                && age(text).is_some_and(|a| a < 4.0)
+                && ready == 200
+        })
+        .await;
+    // Kafka stops answering while a change waits for it: canaries behind it age.
+    tansu.signal("STOP").unwrap();
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    probe
+        .until(
+            "the canary ages past the limit: not ready",
+            &mut daemon,
+            |text, ready| age(text).is_some_and(|a| a > 4.0) && ready == 503,
+        )
+        .await;
+    let (_, why) = get(&format!("{}/ready", probe.base)).await.unwrap();
+    assert!(why.contains("freshness"), "{why}");
+    tansu.signal("CONT").unwrap();
+    probe
+        .until("fresh and ready again", &mut daemon, |text, ready| {
+            age(text).is_some_and(|a| a < 4.0) && ready == 200
+        })
+        .await;
+    let out = crate::support::pgcdc(&daemon.config, &["status"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("freshness kafka:"), "{shown}");
+}

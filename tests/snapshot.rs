@@ -227,13 +227,12 @@ async fn with_items(
     (pg, tansu, es, tempfile::tempdir().unwrap(), db)
 }
 
-/// The ES mirror of `items` must equal the table, row for row.
-async fn assert_mirror_equals_table(
-    es: &SearchServer,
-    db: &tokio_postgres::Client,
-    daemon: &mut Daemon,
-) {
-    let want = Want::Table { db, table: "items" };
+/// The ES mirror of `items` must equal the table, row for row (by `pgcdc verify`'s comparison).
+async fn assert_mirror_equals_table(es: &SearchServer, pg: &PgCluster, daemon: &mut Daemon) {
+    let want = Want::Verified {
+        pg,
+        table: "public.items",
+    };
     let index = "cdc_public_items";
     oracle::mirror_equals(&es.url, index, want, Duration::from_secs(120), Some(daemon))
         .await
@@ -305,7 +304,7 @@ async fn snapshot_under_concurrent_writes_and_a_kill_9_ends_equal_to_postgres() 
         };
         writer.batch_execute(&sql).await.unwrap();
     }
-    assert_mirror_equals_table(&es, &db, &mut daemon).await;
+    assert_mirror_equals_table(&es, &pg, &mut daemon).await;
     assert!(
         daemon
             .log_text()
@@ -504,7 +503,7 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         i += 1;
     }
-    assert_mirror_equals_table(&es, &db, &mut daemon).await;
+    assert_mirror_equals_table(&es, &pg, &mut daemon).await;
     let log = daemon.log_text();
     assert!(log.contains("backfill requested"), "{log}");
 

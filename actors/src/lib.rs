@@ -41,6 +41,7 @@
 //! depend on them, never the other way round.
 
 pub mod audit;
+pub mod canary;
 pub mod checkpoint;
 pub mod error;
 pub mod es_writer;
@@ -54,6 +55,7 @@ pub mod replication;
 pub mod secret;
 pub mod snapshot;
 pub mod supervision;
+pub mod verify;
 pub mod wal_monitor;
 pub mod wire;
 

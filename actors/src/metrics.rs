@@ -20,6 +20,8 @@ use crate::lsn::Lsn;
 /// Every metric pgcdc exports.
 pub struct Metrics {
     registry: Registry,
+    /// The freshness canary's histograms and ages ([`crate::canary`]).
+    pub freshness: crate::canary::Freshness,
     /// Changes decoded from the stream or copied by snapshots, per table and op.
     pub events_in: IntCounterVec,
     /// Changes acknowledged by Kafka, per table and op.
@@ -339,6 +341,7 @@ impl Metrics {
                 confirmed_at: None,
                 keepalive_at: None,
             }),
+            freshness: crate::canary::Freshness::new(&r),
             registry: r,
         }
     }
@@ -395,6 +398,9 @@ impl Metrics {
                 window.as_secs(),
                 self.lag_bytes()
             ));
+        }
+        if what != Readiness::Sink {
+            self.freshness.check()?;
         }
         if what == (Readiness::Pipeline { sink: false }) {
             return Ok(());
@@ -467,6 +473,7 @@ impl Metrics {
         self.confirmed
             .with_label_values(&["confirmed"])
             .set(self.confirmed_lsn.load(Ordering::Relaxed) as i64);
+        self.freshness.refresh();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -206,6 +206,8 @@ pub mod message {
     pub const SIGNAL: &str = "pgcdc.signal";
     /// Heartbeats that move the confirmed position of an idle database.
     pub const HEARTBEAT: &str = "pgcdc.heartbeat";
+    /// Freshness canaries: the daemon's wall-clock time, through the pipeline.
+    pub const CANARY: &str = "pgcdc.canary";
 }
 
 /// Failpoints compiled in with the `failpoints` feature.

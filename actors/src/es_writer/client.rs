@@ -252,6 +252,12 @@ impl EsClient {
             .collect())
     }
 
+    /// POST `body` to `path` (a search, an `_mget`, a refresh); its JSON
+    /// answer (`None` for 404), or the refusal.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Option<Value>, EsError> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
     /// Send a request; its JSON answer (`None` for 404), or the refusal.
     async fn call(
         &self,

@@ -150,7 +150,7 @@ impl Fill {
         loop {
             let query = match remaining.as_mut() {
                 Some(chunks) => match chunks.next() {
-                    Some(chunk) => shape.rows_with_keys(chunk, "xmax::text"),
+                    Some(chunk) => shape.keys_query_with(chunk, Some("xmax::text")),
                     None => break,
                 },
                 None => shape.rows_after(after.as_ref(), CHUNK_ROWS, "xmax::text"),

@@ -198,6 +198,23 @@ fn probe_blocking(
         .collect())
 }
 
+/// Each partition of the sink's topics as its group stands now: (topic,
+/// partition, committed offset, high watermark). For `pgcdc verify`, which
+/// waits for the group to pass the high watermarks.
+pub(crate) async fn group_offsets(
+    es: &EsConfig,
+    kafka: &KafkaConfig,
+) -> Result<Vec<(String, i32, Option<i64>, i64)>, EsError> {
+    let (prober, kafka) = (prober(es, kafka)?, kafka.clone());
+    let lags = tokio::task::spawn_blocking(move || probe_blocking(&prober, &kafka))
+        .await
+        .map_err(|_| EsError::Kafka(rdkafka::error::KafkaError::Canceled))??;
+    Ok(lags
+        .into_iter()
+        .map(|l| (l.topic, l.partition, l.committed, l.high))
+        .collect())
+}
+
 /// The offset `list` holds for a partition, if it holds a real one.
 fn offset_of(list: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
     match list.find_partition(topic, partition)?.offset() {

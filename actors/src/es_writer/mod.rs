@@ -46,6 +46,7 @@ pub use bulk::{
 pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
+pub(crate) use group::group_offsets;
 pub use mapping::duration_secs;
 pub use naming::doc_id;
 

@@ -310,6 +310,11 @@ impl Assembler {
         }
     }
 
+    /// The transaction being read, if any.
+    pub fn open_tx(&self) -> Option<TxMeta> {
+        self.tx
+    }
+
     /// Place copied rows (a backfill chunk) in the open transaction at
     /// `lsn`: they take its commit as their version and the next positions.
     pub fn place(&mut self, rows: &mut [ChangeEvent], lsn: Lsn) -> Result<(), AssembleError> {

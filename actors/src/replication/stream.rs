@@ -24,7 +24,7 @@ use crate::metrics::metrics;
 use crate::pg::types::TypeSource;
 use crate::pg::PostgresConfig;
 use crate::snapshot::watermark::{MessageAction, Watermarks, Windows};
-use crate::snapshot::{BackfillTable, SnapshotActor, SnapshotConfig, StreamStarted};
+use crate::snapshot::{BackfillTable, RepairKeys, SnapshotActor, SnapshotConfig, StreamStarted};
 
 /// Largest batch buffer allocated up front: a large `max_batch_events`
 /// should not reserve memory that small transactions never use.
@@ -157,6 +157,7 @@ impl Stream {
                     if let Some(c) = out.flush.persisted(lsn) {
                         client.update_applied_lsn(c.lsn.into());
                         metrics().confirmed(c.lsn, c.commit_time_us);
+                        crate::canary::confirmed(c.lsn);
                     }
                 }
                 ev = client.recv() => {
@@ -257,10 +258,12 @@ impl Stream {
         match action {
             MessageAction::Ignore => {}
             MessageAction::Emit(mut rows, progress) => {
-                metrics()
-                    .snapshot_rows
-                    .with_label_values(&[&format!("{}.{}", progress.schema, progress.name)])
-                    .inc_by(rows.len() as u64);
+                if let Some(t) = rows.first().map(|e| e.table.clone()) {
+                    metrics()
+                        .snapshot_rows
+                        .with_label_values(&[&format!("{}.{}", t.schema, t.name)])
+                        .inc_by(rows.len() as u64);
+                }
                 asm.place(&mut rows, lsn)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
                 let bytes = rows.iter().map(ChangeEvent::row_bytes).sum();
@@ -270,10 +273,18 @@ impl Stream {
                 let from = out.batch.len();
                 out.batch.extend(rows);
                 out.added(from, bytes);
-                out.progress.push(progress);
+                out.progress.extend(progress);
                 self.publish_if_full(out).await?;
             }
             MessageAction::Backfill(progress) => self.backfill(progress, out),
+            MessageAction::Canary(t_us) => {
+                if let Some(tx) = asm.open_tx() {
+                    crate::canary::seen(tx.commit_lsn, t_us);
+                }
+            }
+            MessageAction::Repair { table, keys } => {
+                self.snapshots.do_send(RepairKeys { table, keys });
+            }
             MessageAction::Reset(truncate, copy) => {
                 let mut rows = [truncate];
                 asm.place(&mut rows, lsn)

@@ -112,7 +112,7 @@ impl Backfill {
                     }
                     progress.rows += keyed.len() as u64;
                     let events = keyed.into_iter().map(|(_, e)| e).collect();
-                    self.marks.fill(id, events, progress.clone());
+                    self.marks.fill(id, events, Some(progress.clone()));
                     self.mark(sql, id, true).await
                 };
                 if let Err(e) = chunk.await {
@@ -131,13 +131,24 @@ impl Backfill {
 
     /// Write a low or high watermark into the WAL.
     async fn mark(&self, sql: &Client, id: u64, high: bool) -> Result<(), SnapshotError> {
-        let mark = Mark::signed(self.marks.key(), &self.pg.slot, id, high);
-        let content = serde_json::to_string(&mark).unwrap_or_default();
-        sql.execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&WATERMARK_PREFIX, &content],
-        )
-        .await?;
-        Ok(())
+        write_mark(sql, &self.marks, &self.pg.slot, id, high).await
     }
+}
+
+/// Write the low or high watermark of chunk `id` of `slot` into the WAL.
+pub(super) async fn write_mark(
+    sql: &Client,
+    marks: &Watermarks,
+    slot: &str,
+    id: u64,
+    high: bool,
+) -> Result<(), SnapshotError> {
+    let mark = Mark::signed(marks.key(), slot, id, high);
+    let content = serde_json::to_string(&mark).unwrap_or_default();
+    sql.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[&WATERMARK_PREFIX, &content],
+    )
+    .await?;
+    Ok(())
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sign::MessageKey;
 use super::watermark::SIGNAL_PREFIX;
+use crate::checkpoint::KeyText;
 use crate::pg::PgError;
 
 /// A watermark message's content.
@@ -64,6 +65,11 @@ pub struct Signal {
     /// emitted before the copy).
     #[serde(default)]
     pub reset: bool,
+    /// Copy only these keys (key texts in key order; `pgcdc verify
+    /// --repair`): a key with no row is deleted downstream. Absent: the
+    /// whole table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<KeyText>>,
     /// HMAC of the fields above ([`MessageKey`]); absent in forged signals.
     #[serde(default)]
     pub mac: String,
@@ -77,21 +83,41 @@ impl Signal {
             schema: schema.to_owned(),
             table: table.to_owned(),
             reset,
+            keys: None,
             mac: String::new(),
         };
         signal.mac = key.sign(&signal.fields());
         signal
     }
 
-    fn fields(&self) -> [String; 5] {
+    /// A signed request to copy `keys` of `schema.table` again.
+    pub fn repair(
+        key: &MessageKey,
+        slot: &str,
+        (schema, table): (&str, &str),
+        keys: Vec<KeyText>,
+    ) -> Self {
+        let mut signal = Self::signed(key, slot, schema, table, false);
+        signal.keys = Some(keys);
+        signal.mac = key.sign(&signal.fields());
+        signal
+    }
+
+    /// The signed fields; the keys only when present, so whole-table
+    /// signals sign as before.
+    fn fields(&self) -> Vec<String> {
         let reset = if self.reset { "reset" } else { "copy" };
-        [
+        let mut fields = vec![
             "signal".into(),
             self.slot.clone(),
             self.schema.clone(),
             self.table.clone(),
             reset.into(),
-        ]
+        ];
+        if let Some(keys) = &self.keys {
+            fields.push(serde_json::to_string(keys).unwrap_or_default());
+        }
+        fields
     }
 
     /// Whether its MAC verifies with `key`.
@@ -125,6 +151,12 @@ impl Addressed for Mark {
 }
 
 impl Addressed for Signal {
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}
+
+impl Addressed for crate::canary::Canary {
     fn slot(&self) -> &str {
         &self.slot
     }

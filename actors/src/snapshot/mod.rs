@@ -29,7 +29,8 @@ mod config;
 mod copy;
 mod error;
 mod message;
-mod shape;
+mod repair;
+pub(crate) mod shape;
 mod sign;
 pub mod watermark;
 
@@ -68,6 +69,16 @@ pub struct StreamStarted {
 pub struct BackfillTable {
     /// The table, with fresh progress.
     pub progress: TableProgress,
+}
+
+/// Copy these keys of a table again (a repair signal seen in the stream).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RepairKeys {
+    /// The table.
+    pub table: Arc<TableRef>,
+    /// Key texts, in key order.
+    pub keys: Vec<crate::checkpoint::KeyText>,
 }
 
 /// The snapshot actor (supervised).
@@ -196,5 +207,31 @@ impl Handler<BackfillTable> for SnapshotActor {
             .retain(|q| (&q.schema, &q.name) != (&p.schema, &p.name));
         self.requested.push(p);
         self.launch(ctx);
+    }
+}
+
+impl Handler<RepairKeys> for SnapshotActor {
+    type Result = ();
+
+    /// Run the repair beside the backfill work; it ends with the stream
+    /// session (its chunks are refused then) and is not retried: the
+    /// verification that asked for it checks the result.
+    fn handle(&mut self, msg: RepairKeys, _ctx: &mut Self::Context) {
+        let Some((epoch, _)) = &self.stream else {
+            return;
+        };
+        let repair = repair::Repair {
+            pg: self.pg.clone(),
+            cfg: self.cfg.clone(),
+            marks: self.marks.clone(),
+            epoch: *epoch,
+            table: msg.table,
+            keys: msg.keys,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = repair.run().await {
+                tracing::warn!(error = %e, "repair failed; run pgcdc verify --repair again");
+            }
+        });
     }
 }

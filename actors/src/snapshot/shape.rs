@@ -26,7 +26,7 @@ pub(crate) struct Shape {
     /// The table, with `column_types` filled in.
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
-    pub(super) qualified: String,
+    pub(crate) qualified: String,
     /// Every column in table order: (name, how its values render).
     pub(super) columns: Arc<[(String, Rule)]>,
     /// The key columns: (index in `columns`, SQL type to cast literals to).
@@ -174,16 +174,46 @@ impl Shape {
         )
     }
 
-    /// The rows with these keys, with `extra` as one more column.
-    pub(crate) fn rows_with_keys(&self, keys: &[KeyText], extra: &str) -> String {
-        let literals: Vec<String> = keys.iter().map(|k| self.key_literal(k)).collect();
+    /// The query for the rows whose key is one of `keys` (key texts, as
+    /// [`Self::key_of`] gives them), in key order.
+    pub fn keys_query(&self, keys: &[KeyText]) -> String {
+        self.keys_query_with(keys, None)
+    }
+
+    /// [`Self::keys_query`] with `extra` (an SQL expression) as one more
+    /// column after the table's.
+    pub(crate) fn keys_query_with(&self, keys: &[KeyText], extra: Option<&str>) -> String {
+        let list: Vec<String> = keys.iter().map(|k| self.key_literal(k)).collect();
+        let extra = extra.map(|e| format!(", {e}")).unwrap_or_default();
         format!(
-            "SELECT {}, {extra} FROM {} WHERE ({}) IN ({})",
+            "SELECT {}{extra} FROM {} WHERE ({}) IN ({}) ORDER BY {}",
             self.select_list(),
             self.qualified,
             self.key_list(),
-            literals.join(", ")
+            list.join(", "),
+            self.key_list()
         )
+    }
+
+    /// The key columns' names, in key order.
+    pub fn key_names(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|(i, _)| self.columns[*i].0.as_str())
+            .collect()
+    }
+
+    /// A key as events carry it (column name to rendered value) from its
+    /// key text: each value rendered by its column's rule, as a row's is.
+    pub fn key_map(&self, key: &KeyText) -> Map<String, Value> {
+        self.key
+            .iter()
+            .zip(key)
+            .map(|((i, _), text)| {
+                let (name, rule) = &self.columns[*i];
+                (name.clone(), render(rule, text.as_bytes()))
+            })
+            .collect()
     }
 
     /// Split the table into at most `parts` key ranges of similar size

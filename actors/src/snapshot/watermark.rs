@@ -44,7 +44,7 @@ pub enum ChunkOutcome {
 
 struct PendingChunk {
     table: (String, String),
-    rows: Option<(Vec<ChangeEvent>, TableProgress)>,
+    rows: Option<(Vec<ChangeEvent>, Option<TableProgress>)>,
     outcome: oneshot::Sender<ChunkOutcome>,
 }
 
@@ -122,8 +122,9 @@ impl Watermarks {
         Some((id, rx))
     }
 
-    /// The chunk's rows were read; `progress` is the table's progress once they are emitted.
-    pub fn fill(&self, id: u64, rows: Vec<ChangeEvent>, progress: TableProgress) {
+    /// The chunk's rows were read; `progress` is the table's progress once
+    /// they are emitted (`None`: a repair, which leaves the progress alone).
+    pub fn fill(&self, id: u64, rows: Vec<ChangeEvent>, progress: Option<TableProgress>) {
         if let Some(c) = self.lock().chunks.get_mut(&id) {
             c.rows = Some((rows, progress));
         }
@@ -155,8 +156,18 @@ struct Window {
 pub enum MessageAction {
     /// Not ours, or nothing to do.
     Ignore,
-    /// Put these rows into the current transaction; checkpoint `progress` with it.
-    Emit(Vec<ChangeEvent>, TableProgress),
+    /// Put these rows into the current transaction; checkpoint the
+    /// progress (if any) with it.
+    Emit(Vec<ChangeEvent>, Option<TableProgress>),
+    /// A genuine freshness canary written at this time (µs since the epoch).
+    Canary(i64),
+    /// Copy these keys of the table again (`pgcdc verify --repair`).
+    Repair {
+        /// The table.
+        table: Arc<TableRef>,
+        /// Key texts, in key order.
+        keys: Vec<crate::checkpoint::KeyText>,
+    },
     /// Start copying this table again (progress reset).
     Backfill(TableProgress),
     /// The table was re-created: put this truncate into the current
@@ -245,6 +256,12 @@ impl Windows {
                     MessageAction::Ignore
                 }
             }
+            crate::canary::CANARY_PREFIX => {
+                match self.ours::<crate::canary::Canary>(content, "canary", |c, k| c.genuine(k)) {
+                    Some(c) => MessageAction::Canary(c.t_us),
+                    None => MessageAction::Ignore,
+                }
+            }
             SIGNAL_PREFIX => match self.ours::<Signal>(content, "signal", Signal::genuine) {
                 Some(s) => self.signal(s, lsn),
                 None => MessageAction::Ignore,
@@ -294,6 +311,14 @@ impl Windows {
         };
         let copy = (table.key_source != KeySource::WholeRow)
             .then(|| TableProgress::fresh(&s.schema, &s.table));
+        if let (Some(keys), false) = (s.keys, s.reset) {
+            if copy.is_none() {
+                tracing::warn!(table = %name, "ignoring a repair signal for a table without a unique key");
+                return MessageAction::Ignore;
+            }
+            tracing::info!(table = %name, keys = keys.len(), "repair requested");
+            return MessageAction::Repair { table, keys };
+        }
         if !s.reset {
             if copy.is_none() {
                 tracing::warn!(table = %name, "ignoring a backfill signal for a table without a unique key");
@@ -399,7 +424,7 @@ mod tests {
         let epoch = marks.new_epoch();
         let (id, rx) = marks.register(epoch, "public", "t").unwrap();
         let rows = ids.iter().map(|i| event(Op::Read, *i)).collect();
-        marks.fill(id, rows, TableProgress::fresh("public", "t"));
+        marks.fill(id, rows, Some(TableProgress::fresh("public", "t")));
         (id, rx)
     }
 
@@ -503,6 +528,33 @@ mod tests {
         let action = w.on_message(SIGNAL_PREFIX, &signal(&marks, "keyed", false), Lsn(1));
         assert!(
             matches!(&action, MessageAction::Backfill(p) if p.name == "keyed"),
+            "{action:?}"
+        );
+    }
+
+    #[test]
+    fn repair_signals_carry_signed_keys_and_canaries_their_time() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &tables());
+        let keys = vec![vec!["5".to_owned()], vec!["100000".to_owned()]];
+        let repair = Signal::repair(marks.key(), "s", ("public", "keyed"), keys.clone());
+        let content = serde_json::to_vec(&repair).unwrap();
+        let action = w.on_message(SIGNAL_PREFIX, &content, Lsn(1));
+        assert!(
+            matches!(&action, MessageAction::Repair { table, keys: k } if table.name == "keyed" && *k == keys),
+            "{action:?}"
+        );
+        let mut tampered = repair;
+        tampered.keys = Some(vec![vec!["6".to_owned()]]);
+        let content = serde_json::to_vec(&tampered).unwrap();
+        let action = w.on_message(SIGNAL_PREFIX, &content, Lsn(2));
+        assert!(matches!(action, MessageAction::Ignore), "{action:?}");
+        let canary = crate::canary::Canary::now(marks.key(), "s");
+        let t = canary.t_us;
+        let content = serde_json::to_vec(&canary).unwrap();
+        let action = w.on_message(crate::canary::CANARY_PREFIX, &content, Lsn(3));
+        assert!(
+            matches!(action, MessageAction::Canary(at) if at == t),
             "{action:?}"
         );
     }

@@ -1,6 +1,8 @@
 //! The mirror oracle: a mirror index equals what it mirrors, document for
-//! row — either a PostgreSQL table (read again at every poll, sources
-//! compared) or a fixed set of documents (sources and `_version`s compared).
+//! row — a PostgreSQL table compared by `pgcdc verify`'s own code
+//! ([`Want::Verified`], the one oracle users also run), a table read once
+//! as `to_jsonb` ([`Want::Table`]), or a fixed set of documents (sources
+//! and `_version`s compared).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -9,7 +11,15 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_postgres::Client;
 
+use std::sync::Arc;
+
+use pgcdc_actors::es_writer::EsConfig;
+use pgcdc_actors::kafka_producer::KafkaConfig;
+use pgcdc_actors::pg::{parse_table_name, PostgresConfig};
+use pgcdc_actors::verify::{TableReport, Verifier, VerifyConfig};
+
 use crate::daemon::Daemon;
+use crate::pg::PgCluster;
 use crate::search::{documents, Documents};
 use crate::wait::{self, Poll, WaitError};
 
@@ -31,6 +41,41 @@ pub enum Want<'a> {
         /// The table (`schema.table` or a bare name).
         table: &'a str,
     },
+    /// A keyed table, compared by the code of `pgcdc verify` (rendered as
+    /// pgcdc renders events, read in one snapshot at every poll); the
+    /// table may change meanwhile, as long as the mirror catches up.
+    Verified {
+        /// The cluster (plain TCP: not a TLS-only one).
+        pg: &'a PgCluster,
+        /// The table, `schema.table`.
+        table: &'a str,
+    },
+}
+
+/// `pgcdc verify`'s comparison of `table` (`schema.table`) in `pg` with its
+/// mirror at `es_url`, once, as they stand (nothing re-checked).
+pub async fn verify_now(pg: &PgCluster, es_url: &str, table: &str) -> anyhow::Result<TableReport> {
+    let (schema, name) = parse_table_name(table).map_err(anyhow::Error::msg)?;
+    let postgres = PostgresConfig {
+        host: "127.0.0.1".into(),
+        port: pg.port,
+        user: "postgres".into(),
+        password: pgcdc_actors::secret::Secret::new(pg.password.clone()),
+        database: "postgres".into(),
+        ..PostgresConfig::default()
+    };
+    let es = EsConfig {
+        url: es_url.to_owned(),
+        ..EsConfig::default()
+    };
+    let verifier = Verifier::new(
+        Arc::new(postgres),
+        Arc::new(es),
+        Arc::new(KafkaConfig::default()),
+        VerifyConfig::default(),
+        None,
+    )?;
+    Ok(verifier.compare_now(&schema, &name).await?)
 }
 
 /// A table's rows as JSON objects, by `id` (as text, like the documents' `_id`).
@@ -103,6 +148,11 @@ async fn compare(
         .await
         .map_err(|e| format!("read {index}: {e:#}"))?;
     let problem = match (want, rows) {
+        (Want::Verified { pg, table }, _) => match verify_now(pg, es_url, table).await {
+            Ok(r) if !r.drifted() && r.newer.count == 0 => None,
+            Ok(r) => Some(r.text()),
+            Err(e) => Some(format!("verify {table}: {e:#}")),
+        },
         (Want::Documents(want), _) => diff(want, &got),
         (Want::Table { .. }, Some(rows)) => diff(rows, &sources(&got)),
         (Want::Table { table, .. }, None) => Some(format!("{table} not read")),
@@ -131,7 +181,7 @@ pub async fn mirror_equals(
                     })?,
             )
         }
-        Want::Documents(_) => None,
+        Want::Documents(_) | Want::Verified { .. } => None,
     };
     let log = |why: String| match daemon {
         Some(d) => format!("{why}\npgcdc log tail:\n{}", d.log_tail()),

@@ -106,9 +106,9 @@ async fn drive(ctx: &Context<'_>, w: &mut World, o: &mut Outcome) -> Verdict {
         w.db = db;
     }
     let brokers = w.broker.brokers();
-    let want = Want::Table {
-        db: &w.db,
-        table: "chaos_items",
+    let want = Want::Verified {
+        pg: &w.pg,
+        table: "public.chaos_items",
     };
     let mut es = oracle::mirror_equals(&w.es.url, INDEX, want, CONVERGE, None)
         .await

@@ -1,0 +1,116 @@
+//! Checking apparent differences again once the pipeline caught up.
+//!
+//! Each round: a snapshot reads the pending keys; the verifier waits until
+//! the pipeline applied everything up to its position ([`super::fence`]),
+//! reads the documents, and a next snapshot reads the keys again.
+//!
+//! - Equal: the difference was in flight. A document past the position:
+//!   *newer*.
+//! - Stale or extra: drift. The document is at most as new as the
+//!   snapshot and everything up to it was applied, so it should equal it.
+//! - Missing: a delete leaves no version to compare, so a document deleted
+//!   by a change after the snapshot looks missing too. It is drift only if
+//!   the next snapshot, read after the documents, still has the same row
+//!   (a delete the mirror applied committed before that read); otherwise
+//!   the key raced the check and goes to the next round, based on the next
+//!   snapshot. A key still racing after `verify.rechecks` rounds changes
+//!   faster than the check can settle: *newer*, not drift.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::compare::{compare, Kind, Verdict};
+use super::fence::Pipeline;
+use super::mirror::Mirror;
+use super::source::Snapshot;
+use super::{by_id, Apparent, Finding, TableReport, Verifier, VerifyError};
+use crate::checkpoint::KeyText;
+use crate::lsn::Lsn;
+use crate::snapshot::shape::Shape;
+
+/// The pending keys' rows as one snapshot saw them.
+struct Reading {
+    /// The snapshot's position.
+    at: Lsn,
+    /// Rows by document id.
+    rows: HashMap<String, Map<String, Value>>,
+}
+
+impl Verifier {
+    /// Check `pending` again (see the module docs); count what they are in `report`.
+    pub(super) async fn recheck(
+        &self,
+        shape: &Shape,
+        mirror: &Mirror<'_>,
+        mut pending: Vec<Apparent>,
+        report: &mut TableReport,
+    ) -> Result<(), VerifyError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let sql = crate::pg::connect(&self.pg).await?;
+        let pipeline = Pipeline {
+            sql: &sql,
+            slot: &self.pg.slot,
+            es: &self.es_cfg,
+            kafka: &self.kafka,
+            timeout: self.opts.fence_timeout(),
+        };
+        let mut base = self.read(shape, &pending).await?;
+        for _ in 0..self.opts.rechecks {
+            if pending.is_empty() {
+                break;
+            }
+            report.fence = Some(pipeline.applied(base.at, mirror).await?);
+            let docs = self.documents(mirror, &pending).await?;
+            let next = self.read(shape, &pending).await?;
+            let mut racing = Vec::new();
+            for (_, finding) in pending {
+                let (was, now) = (base.rows.get(&finding.id), next.rows.get(&finding.id));
+                match compare(was, docs.get(&finding.id), base.at) {
+                    Verdict::Equal => {}
+                    Verdict::Differs(Kind::Missing, _) if was != now => {
+                        racing.push((Kind::Missing, finding));
+                    }
+                    Verdict::Differs(kind, columns) => {
+                        report.add(kind, Finding { columns, ..finding });
+                    }
+                }
+            }
+            pending = racing;
+            base = next;
+        }
+        for (_, finding) in pending {
+            report.add(Kind::Newer, finding);
+        }
+        Ok(())
+    }
+
+    /// The rows of the `pending` keys in a new snapshot.
+    async fn read(&self, shape: &Shape, pending: &[Apparent]) -> Result<Reading, VerifyError> {
+        let snap = Snapshot::open(&self.pg).await?;
+        let keys: Vec<KeyText> = pending.iter().filter_map(|(_, f)| f.key.clone()).collect();
+        let mut rows = HashMap::new();
+        for chunk in keys.chunks(self.opts.chunk_rows) {
+            rows.extend(by_id(snap.lookup(shape, chunk).await?));
+        }
+        let at = snap.at;
+        snap.close().await?;
+        Ok(Reading { at, rows })
+    }
+
+    /// The documents of the `pending` keys that exist, by id.
+    async fn documents(
+        &self,
+        mirror: &Mirror<'_>,
+        pending: &[Apparent],
+    ) -> Result<HashMap<String, Map<String, Value>>, VerifyError> {
+        let mut docs = HashMap::new();
+        for chunk in pending.chunks(self.opts.chunk_rows) {
+            let ids: Vec<String> = chunk.iter().map(|(_, f)| f.id.clone()).collect();
+            docs.extend(mirror.get(&ids).await?);
+        }
+        Ok(docs)
+    }
+}
