@@ -7,6 +7,7 @@ mod debezium;
 mod e2e;
 mod es_sink;
 mod es_tls;
+mod golden;
 mod kafka_tls;
 mod large_values;
 mod observe;

@@ -47,12 +47,16 @@ impl TableSchema {
         }
         let time = kafka.time_precision_mode;
         let base = format!("{prefix}.{}.{}", table.schema, table.name);
-        let kinds: BTreeMap<String, Value> = types
-            .iter()
-            .map(|(c, t)| (c.clone(), column(t, c, true, time)))
-            .collect();
         let mut key_columns = table.key_columns.clone();
         key_columns.sort();
+        // Key columns are required in the row too (primary keys are NOT NULL).
+        let kinds: BTreeMap<String, Value> = types
+            .iter()
+            .map(|(c, t)| {
+                let optional = key_columns.binary_search(c).is_err();
+                (c.clone(), column(t, c, optional, time))
+            })
+            .collect();
         let key_fields: Vec<Value> = key_columns
             .iter()
             .map(|c| {
