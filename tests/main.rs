@@ -8,6 +8,7 @@ mod e2e;
 mod es_sink;
 mod es_tls;
 mod golden;
+mod independent_consumer;
 mod kafka_tls;
 mod large_values;
 mod observe;
