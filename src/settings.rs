@@ -12,6 +12,7 @@ use pgcdc_actors::canary::CanaryConfig;
 use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_actors::kafka_producer::Format as RecordFormat;
 use pgcdc_actors::kafka_producer::KafkaConfig;
+use pgcdc_actors::kafka_producer::TimeMode;
 use pgcdc_actors::pg::PostgresConfig;
 use pgcdc_actors::snapshot::SnapshotConfig;
 use pgcdc_actors::supervision::SupervisionConfig;
@@ -317,16 +318,27 @@ impl Settings {
         }
     }
 
-    /// Why the Elasticsearch sink cannot read `kafka.format`, if it cannot:
-    /// it reads the `json` envelope only.
+    /// Why the Elasticsearch sink cannot read what the producer writes, if
+    /// it cannot: it reads the `json` envelope with ISO date and time
+    /// strings only (its index mappings make them `date` fields).
     pub fn sink_format_error(&self) -> Option<ConfigError> {
         let format = self.kafka.format;
-        (format != RecordFormat::Json).then(|| {
-            ConfigError::new(
+        let time = self.kafka.time_precision_mode;
+        if format != RecordFormat::Json {
+            return Some(ConfigError::new(
                 "kafka.format",
                 format!(
                     "the Elasticsearch sink reads only \"json\", not {:?}; keep kafka.format = \"json\" for the sink (elasticsearch.run_in_daemon, pgcdc es-sink)",
                     format.name()
+                ),
+            ));
+        }
+        (time != TimeMode::Iso).then(|| {
+            ConfigError::new(
+                "kafka.time_precision_mode",
+                format!(
+                    "the Elasticsearch sink reads dates and times as ISO strings, not {:?} numbers; keep kafka.time_precision_mode = \"iso\" for the sink (elasticsearch.run_in_daemon, pgcdc es-sink)",
+                    time.name()
                 ),
             )
         })
@@ -515,6 +527,16 @@ mod tests {
         let s = Settings::load(Some(&path), &Overrides::default()).unwrap();
         assert_eq!(s.kafka.format, RecordFormat::ConnectJson);
         assert!(s.sink_format_error().is_some());
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n[kafka]\ntime_precision_mode = \"adaptive\"\n\
+             [elasticsearch]\nrun_in_daemon = true\n",
+        );
+        let e = errors(Settings::load(Some(&path), &Overrides::default()));
+        assert!(
+            e.len() == 1 && e[0].contains("kafka.time_precision_mode"),
+            "{e:?}"
+        );
         assert_eq!(
             s.kafka.transaction_topic().as_deref(),
             Some("pgcdc.transaction")

@@ -453,3 +453,60 @@ async fn decimals_are_numbers_in_double_mode_in_the_snapshot_and_the_stream() {
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_time_mode_writes_epoch_numbers_in_the_snapshot_and_the_stream() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE times (id int PRIMARY KEY, d date, t time, ts timestamp, tstz timestamptz,
+            ds date[]);
+         INSERT INTO times VALUES (1, '2024-02-29', '13:14:15.5', '2018-06-20 15:13:16.945104',
+            '2024-01-02 03:04:05.5+02', '{1970-01-02,NULL}');",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    let extra = "time_precision_mode = \"adaptive\"\n";
+    let cfg = config(&pg, &tansu, &state, &["times"], extra);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO times VALUES (2, '1969-12-31', '00:00:00', '1969-12-31 23:59:59.9995',
+            'infinity', '{}'), (3, 'infinity', '24:00:00', '0044-03-15 12:00:00 BC', NULL, NULL);",
+    )
+    .await
+    .unwrap();
+    let records =
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= 3);
+    assert_eq!(records.len(), 3);
+    // PostgreSQL's own arithmetic is the reference: days and microseconds since the epoch.
+    let expected = db
+        .query(
+            "SELECT jsonb_build_object('id', id,
+                'd', CASE WHEN isfinite(d) THEN to_jsonb(d - DATE '1970-01-01') ELSE to_jsonb(d::text) END,
+                't', (extract(epoch FROM t) * 1000000)::bigint,
+                'ts', (extract(epoch FROM ts) * 1000000)::bigint,
+                'tstz', to_jsonb(tstz),
+                'ds', (SELECT jsonb_agg(x - DATE '1970-01-01') FROM unnest(ds) x))::text
+             FROM times ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    for (r, row) in records.iter().zip(&expected) {
+        let mut want: Value = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+        // to_jsonb writes an offset (+00:00) where pgcdc writes Z; both are RFC 3339 UTC.
+        if let Some(s) = want["tstz"].as_str() {
+            want["tstz"] = json!(s.replace("+00:00", "Z"));
+        }
+        let id = want["id"].clone();
+        if id == json!(2) {
+            want["ds"] = json!([]);
+        }
+        assert_eq!(*r.after(), want, "row {id}");
+    }
+    let snapshot = &records[0].value.as_ref().unwrap()["source"]["snapshot"];
+    assert_eq!(*snapshot, json!("true"));
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}

@@ -7,6 +7,8 @@ mod debezium;
 mod e2e;
 mod es_sink;
 mod es_tls;
+mod golden;
+mod independent_consumer;
 mod kafka_tls;
 mod large_values;
 mod observe;

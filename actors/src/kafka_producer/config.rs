@@ -88,6 +88,34 @@ pub enum DecimalMode {
     Double,
 }
 
+/// How date and time values are written (`kafka.time_precision_mode`,
+/// Debezium's `time.precision.mode`); `timestamptz` and `timetz` are ISO
+/// strings in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeMode {
+    /// ISO 8601 strings (`"2024-02-29"`, `"13:14:15"`, `"2024-01-02T03:04:05.5"`).
+    #[default]
+    Iso,
+    /// Debezium's `adaptive`: date as days since the epoch, time as
+    /// microseconds past midnight, timestamp as microseconds since the epoch.
+    Adaptive,
+    /// Debezium's `connect`: Kafka Connect's `Date` (days), `Time`
+    /// (milliseconds past midnight) and `Timestamp` (milliseconds since the epoch).
+    Connect,
+}
+
+impl TimeMode {
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Iso => "iso",
+            Self::Adaptive => "adaptive",
+            Self::Connect => "connect",
+        }
+    }
+}
+
 /// Default `topic_partitions`: lets up to three sinks share the load without
 /// spreading a small database's changes thin.
 const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
@@ -152,6 +180,8 @@ pub struct KafkaConfig {
     pub format: Format,
     /// `string` or `double`: numeric and money values.
     pub decimal_handling_mode: DecimalMode,
+    /// `iso`, `adaptive` or `connect`: date, time and timestamp values.
+    pub time_precision_mode: TimeMode,
     /// `source.connector`: `pgcdc` or `postgresql`.
     pub source_connector: SourceConnector,
     /// Write the `transaction` block on every streamed change and BEGIN/END
@@ -184,6 +214,7 @@ impl Default for KafkaConfig {
             properties: Properties::default(),
             format: Format::Json,
             decimal_handling_mode: DecimalMode::String,
+            time_precision_mode: TimeMode::Iso,
             source_connector: SourceConnector::Pgcdc,
             transaction_metadata: false,
             heartbeats: false,

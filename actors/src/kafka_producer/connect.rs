@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::{DecimalMode, KafkaConfig};
+use super::modes::Temporal;
+use super::{DecimalMode, KafkaConfig, TimeMode};
 use crate::event::TableRef;
 
 /// `name` of the `source` block's schema.
@@ -44,18 +45,23 @@ impl TableSchema {
                 *t = "float8".into();
             }
         }
+        let time = kafka.time_precision_mode;
         let base = format!("{prefix}.{}.{}", table.schema, table.name);
-        let kinds: BTreeMap<String, Value> = types
-            .iter()
-            .map(|(c, t)| (c.clone(), column(t, c, true)))
-            .collect();
         let mut key_columns = table.key_columns.clone();
         key_columns.sort();
+        // Key columns are required in the row too (primary keys are NOT NULL).
+        let kinds: BTreeMap<String, Value> = types
+            .iter()
+            .map(|(c, t)| {
+                let optional = key_columns.binary_search(c).is_err();
+                (c.clone(), column(t, c, optional, time))
+            })
+            .collect();
         let key_fields: Vec<Value> = key_columns
             .iter()
             .map(|c| {
                 let t = types.get(c).map_or("unknown", String::as_str);
-                column(t, c, false)
+                column(t, c, false, time)
             })
             .collect();
         let key = json!({"type": "struct", "fields": key_fields, "optional": false,
@@ -126,19 +132,21 @@ fn scalar(ty: &str, field: &str, optional: bool) -> Value {
 }
 
 /// The schema of a column of PostgreSQL type `pg` (as `pgcdc.types` names
-/// it; `_x` is an array of `x`), following Debezium's type mapping where
-/// pgcdc's rendering matches it, else a string.
-fn column(pg: &str, field: &str, optional: bool) -> Value {
+/// it; `_x` is an array of `x`) with date and time values as `time` writes
+/// them, following Debezium's type mapping where pgcdc's rendering matches
+/// it, else a string.
+fn column(pg: &str, field: &str, optional: bool, time: TimeMode) -> Value {
     let mut schema = match pg.strip_prefix('_') {
         Some(elem) => {
-            let mut items = column(elem, "", true);
+            let mut items = column(elem, "", true, time);
             if let Some(o) = items.as_object_mut() {
                 o.remove("field");
             }
             json!({"type": "array", "items": items})
         }
         None => {
-            let (ty, name) = connect_type(pg);
+            let temporal = Temporal::of(pg).and_then(|t| t.connect_type(time));
+            let (ty, name) = temporal.map_or_else(|| connect_type(pg), |(t, n)| (t, Some(n)));
             match name {
                 Some(n) => json!({"type": ty, "name": n, "version": 1}),
                 None => json!({"type": ty}),
@@ -163,9 +171,10 @@ fn connect_type(pg: &str) -> (&'static str, Option<&'static str>) {
         "json" | "jsonb" => ("string", Some("io.debezium.data.Json")),
         "uuid" => ("string", Some("io.debezium.data.Uuid")),
         "timestamptz" => ("string", Some("io.debezium.time.ZonedTimestamp")),
+        "timetz" => ("string", Some("io.debezium.time.ZonedTime")),
         "interval" => ("string", Some("io.debezium.time.Interval")),
         // numeric and money: decimal.handling.mode = string; dates and
-        // times: pgcdc's ISO strings; the rest are text.
+        // times in `iso` mode: pgcdc's ISO strings; the rest are text.
         _ => ("string", None),
     }
 }
@@ -272,6 +281,56 @@ mod tests {
         assert_eq!(
             Value::Object(out),
             json!({"id": 1, "doc": "{\"a\":[1]}", "tags": ["x", null], "n": "1.50", "gone": 3})
+        );
+    }
+
+    #[test]
+    fn dates_and_times_get_debeziums_temporal_types_by_mode() {
+        let mut t = table();
+        t.column_types = r#"{"id":"int4","d":"date","t":"time","ts":"timestamp","ds":"_date","at":"timestamptz"}"#.into();
+        let schema = |mode: TimeMode| {
+            let kafka = KafkaConfig {
+                time_precision_mode: mode,
+                ..shop()
+            };
+            let value: Value = serde_json::from_str(&TableSchema::new(&kafka, &t).value).unwrap();
+            let after = value["fields"][1]["fields"].as_array().unwrap().clone();
+            let of = |f: &str| {
+                let c = after.iter().find(|c| c["field"] == f).unwrap();
+                let c = if c["type"] == "array" { &c["items"] } else { c };
+                (
+                    c["type"].as_str().unwrap().to_string(),
+                    c["name"].as_str().map(str::to_string),
+                )
+            };
+            ["d", "t", "ts", "ds", "at"].map(of)
+        };
+        let named = |ty: &str, name: &str| (ty.to_string(), Some(name.to_string()));
+        let zoned = named("string", "io.debezium.time.ZonedTimestamp");
+        assert_eq!(
+            schema(TimeMode::Adaptive),
+            [
+                named("int32", "io.debezium.time.Date"),
+                named("int64", "io.debezium.time.MicroTime"),
+                named("int64", "io.debezium.time.MicroTimestamp"),
+                named("int32", "io.debezium.time.Date"),
+                zoned.clone(),
+            ]
+        );
+        assert_eq!(
+            schema(TimeMode::Connect),
+            [
+                named("int32", "org.apache.kafka.connect.data.Date"),
+                named("int32", "org.apache.kafka.connect.data.Time"),
+                named("int64", "org.apache.kafka.connect.data.Timestamp"),
+                named("int32", "org.apache.kafka.connect.data.Date"),
+                zoned.clone(),
+            ]
+        );
+        let text = ("string".to_string(), None);
+        assert_eq!(
+            schema(TimeMode::Iso),
+            [text.clone(), text.clone(), text.clone(), text, zoned]
         );
     }
 

@@ -9,10 +9,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::connect::{wrap, TableSchema};
-use super::format::{
-    copied_events, decimal_columns, decimals_as_doubles, json_key, row_value, Rows,
-};
-use super::{DecimalMode, Format, KafkaConfig};
+use super::format::{copied_events, json_key, row_value, Rows};
+use super::modes::{apply, conversions, Convert};
+use super::{Format, KafkaConfig};
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
@@ -62,8 +61,9 @@ struct Names {
     types: Arc<str>,
     /// The table's Connect schemas (`connect-json` only).
     schema: Option<Arc<TableSchema>>,
-    /// Its numeric and money columns (`decimal_handling_mode = "double"` only).
-    decimals: Arc<[String]>,
+    /// The columns whose values `decimal_handling_mode` and
+    /// `time_precision_mode` rewrite (none under the defaults).
+    converted: Arc<[(String, Convert)]>,
 }
 
 /// Encodes one batch: shares topic, table and LSN texts between records.
@@ -97,10 +97,7 @@ impl<'a> Encoder<'a> {
                     types: table.column_types.as_str().into(),
                     schema: (self.kafka.format == Format::ConnectJson)
                         .then(|| Arc::new(TableSchema::new(self.kafka, table))),
-                    decimals: match self.kafka.decimal_handling_mode {
-                        DecimalMode::Double => decimal_columns(&table.column_types).into(),
-                        DecimalMode::String => Arc::from([]),
-                    },
+                    converted: conversions(self.kafka, &table.column_types).into(),
                 };
                 self.names = Some((table.clone(), names.clone()));
                 names
@@ -202,12 +199,12 @@ impl<'a> Encoder<'a> {
         } else {
             SnapshotMark::False
         };
-        let decimals = self.names(&event.table).decimals;
-        if decimals.is_empty() {
+        let converted = self.names(&event.table).converted;
+        if converted.is_empty() {
             return self.change(event, snapshot, transaction, out);
         }
         let mut event = event.clone();
-        decimals_as_doubles(&mut event, &decimals);
+        apply(&mut event, &converted);
         self.change(&event, snapshot, transaction, out);
     }
 
@@ -308,10 +305,10 @@ impl<'a> Encoder<'a> {
 
     /// Append one `op=r` record per copied row to `out`.
     pub fn rows(&mut self, copied: &CopiedRows, out: &mut Vec<EncodedRecord>) {
-        let decimals = self.names(&copied.table).decimals;
-        if self.kafka.format != Format::Json || !decimals.is_empty() {
+        let converted = self.names(&copied.table).converted;
+        if self.kafka.format != Format::Json || !converted.is_empty() {
             for mut event in copied_events(copied) {
-                decimals_as_doubles(&mut event, &decimals);
+                apply(&mut event, &converted);
                 self.change(&event, SnapshotMark::True, None, out);
             }
             return;

@@ -32,33 +32,6 @@ pub(super) fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
     })
 }
 
-/// The numeric and money columns of a `{"column": "type"}` object text.
-pub(super) fn decimal_columns(column_types: &str) -> Vec<String> {
-    let types: Map<String, Value> = serde_json::from_str(column_types).unwrap_or_default();
-    types
-        .into_iter()
-        .filter(|(_, t)| matches!(t.as_str(), Some("numeric" | "money")))
-        .map(|(c, _)| c)
-        .collect()
-}
-
-/// `event` with the values of `columns` as JSON numbers
-/// (`decimal_handling_mode = "double"`); NaN and infinities stay strings.
-pub(super) fn decimals_as_doubles(event: &mut ChangeEvent, columns: &[String]) {
-    for row in [&mut event.key, &mut event.before, &mut event.after]
-        .into_iter()
-        .flatten()
-    {
-        for c in columns {
-            let Some(v) = row.get_mut(c) else { continue };
-            let double = v.as_str().and_then(|s| s.parse::<f64>().ok());
-            if let Some(n) = double.and_then(serde_json::Number::from_f64) {
-                *v = Value::Number(n);
-            }
-        }
-    }
-}
-
 /// Copied rows as `op=r` changes, for the formats the byte-level snapshot
 /// encoder does not write.
 pub(super) fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {

@@ -13,6 +13,7 @@ mod connect;
 mod envelope;
 mod format;
 mod heartbeat;
+mod modes;
 mod persist;
 mod send;
 mod transaction;
@@ -25,7 +26,8 @@ use tokio::sync::oneshot;
 
 pub use crate::error::ProducerError;
 pub use config::{
-    DecimalMode, Format, KafkaConfig, Oversized, SourceConnector, TopicMode, DURABLE_REPLICAS,
+    DecimalMode, Format, KafkaConfig, Oversized, SourceConnector, TimeMode, TopicMode,
+    DURABLE_REPLICAS,
 };
 pub use envelope::{EncodedRecord, Encoder};
 
