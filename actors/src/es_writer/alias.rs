@@ -57,6 +57,9 @@ pub(super) struct Mirror {
     recent_set: HashSet<u32>,
     /// No new fill before this instant (after a failed one).
     retry_after: Option<Instant>,
+    /// The last shape followed (`pgcdc.types` text and key columns): a
+    /// record of the same shape needs no comparison.
+    followed: Option<(String, Vec<String>)>,
 }
 
 /// The record's table (schema, name), read only when a fill needs it.
@@ -66,8 +69,8 @@ pub(super) type TableOf<'a> = &'a dyn Fn() -> Option<(String, String)>;
 pub(super) struct Incoming<'a> {
     /// Its `pgcdc.types` header.
     pub types: Option<&'a str>,
-    /// Its shape (column types and key columns), when both are known.
-    pub shape: Option<TableShape>,
+    /// Its key (column name → value).
+    pub key: Option<&'a Map<String, Value>>,
     /// Its position (commit LSN, seq).
     pub at: (u64, u32),
     /// Its table.
@@ -118,21 +121,31 @@ impl Mirrors {
             let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
         }
-        let shape = &rec.shape;
-        if let Some(shape) = shape {
-            self.follow(client, alias, rec, shape).await?;
+        let m = &self.mirrors[alias];
+        let seen = m.followed.as_ref().is_some_and(|(types, key)| {
+            Some(types.as_str()) == rec.types && rec.key.is_some_and(|k| k.keys().eq(key))
+        });
+        if !seen {
+            let shape = rec
+                .types
+                .zip(rec.key)
+                .and_then(|(t, k)| TableShape::of_record(t, k));
+            if let Some(shape) = shape {
+                if self.follow(client, alias, rec, &shape).await? {
+                    let m = self.mirrors.get_mut(alias).expect("mirror opened");
+                    m.followed = Some((rec.types.unwrap_or_default().to_owned(), shape.key));
+                }
+            }
         }
         let m = &self.mirrors[alias];
-        let also = m.next.as_ref().and_then(|n| {
-            let fits = shape.as_ref().is_none_or(|s| s.key == n.meta.shape.key);
-            fits.then(|| n.index.clone())
-        });
+        let keyed_as = |shape: &TableShape| rec.key.is_none_or(|k| k.keys().eq(&shape.key));
+        let also = m
+            .next
+            .as_ref()
+            .and_then(|n| keyed_as(&n.meta.shape).then(|| n.index.clone()));
         // A record keyed differently than the current generation would add
         // a second document for its row there: it goes to the new one only.
-        let key_fits = match (shape, &m.meta) {
-            (Some(s), Some(meta)) => s.key == meta.shape.key,
-            _ => true,
-        };
+        let key_fits = m.meta.as_ref().is_none_or(|meta| keyed_as(&meta.shape));
         Ok(match also {
             Some(next) if !key_fits => Route {
                 instead: Some(next),
@@ -209,7 +222,11 @@ impl Mirrors {
                     alias.to_owned() // a mirror index from before generations
                 } else {
                     let index = generation_index(alias, last + 1);
-                    let shape = rec.shape.clone().unwrap_or_default();
+                    let shape = rec
+                        .types
+                        .zip(rec.key)
+                        .and_then(|(t, k)| TableShape::of_record(t, k))
+                        .unwrap_or_default();
                     let meta = GenerationMeta::new(alias, shape, rec.at.0);
                     let mut body = generation_body(&self.es, rec.types, &meta);
                     body["aliases"] = json!({ alias: {} });
@@ -229,6 +246,7 @@ impl Mirrors {
             recent: VecDeque::new(),
             recent_set: HashSet::new(),
             retry_after: None,
+            followed: None,
         })
     }
 
@@ -249,18 +267,20 @@ impl Mirrors {
         Ok(GenerationMeta::read(&mappings[&concrete]["mappings"]))
     }
 
-    /// Follow a record's shape: map added columns, or start a new generation.
+    /// Follow a record's shape: map added columns, or start a new
+    /// generation. Whether the mirror now follows this shape (`false`: an
+    /// older record, or a new generation that could not start yet).
     async fn follow(
         &mut self,
         client: &EsClient,
         alias: &str,
         rec: &Incoming<'_>,
         shape: &TableShape,
-    ) -> Result<(), EsError> {
+    ) -> Result<bool, EsError> {
         let m = &self.mirrors[alias];
         let target = m.next.as_ref().map(|n| &n.meta).or(m.meta.as_ref());
         if target.is_some_and(|meta| rec.at.0 < meta.since) {
-            return Ok(()); // an older record: its shape is history
+            return Ok(false); // an older record: its shape is history
         }
         let change = match target {
             Some(meta) => compare(&meta.shape, shape),
@@ -274,8 +294,11 @@ impl Mirrors {
             other => other,
         };
         match change {
-            Change::Same => Ok(()),
-            Change::Compatible(added) => self.add_columns(client, alias, shape, &added).await,
+            Change::Same => Ok(true),
+            Change::Compatible(added) => {
+                self.add_columns(client, alias, shape, &added).await?;
+                Ok(true)
+            }
             Change::Incompatible(why) => self.rebuild(client, alias, rec, shape, &why).await,
         }
     }
@@ -342,21 +365,21 @@ impl Mirrors {
         rec: &Incoming<'_>,
         shape: &TableShape,
         why: &str,
-    ) -> Result<(), EsError> {
+    ) -> Result<bool, EsError> {
         self.abandon(client, alias, "the table changed again")
             .await?;
         let es = self.es.clone();
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         if m.retry_after.is_some_and(|t| Instant::now() < t) {
-            return Ok(());
+            return Ok(false);
         }
         let Some(pg) = self.pg.clone() else {
             tracing::error!(alias, why, "incompatible schema change, and no PostgreSQL connection to copy the table into a new index: changes that do not fit the mapping are dead-lettered");
             m.retry_after = Some(Instant::now() + FILL_RETRY);
-            return Ok(());
+            return Ok(false);
         };
         let Some((schema, table)) = (rec.table)() else {
-            return Ok(());
+            return Ok(false);
         };
         m.last += 1;
         let index = generation_index(alias, m.last);
@@ -381,7 +404,7 @@ impl Mirrors {
             meta,
             fill: tokio::spawn(fill.run()),
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Drop the generation being filled for `alias`, if any.
@@ -391,9 +414,13 @@ impl Mirrors {
         alias: &str,
         why: &str,
     ) -> Result<(), EsError> {
-        let Some(next) = self.mirrors.get_mut(alias).and_then(|m| m.next.take()) else {
+        let Some(m) = self.mirrors.get_mut(alias) else {
             return Ok(());
         };
+        let Some(next) = m.next.take() else {
+            return Ok(());
+        };
+        m.followed = None; // the next record starts a generation again
         next.fill.abort();
         tracing::warn!(alias, index = %next.index, why, "dropping the new index being filled; it is built again from the next change");
         metrics()
@@ -427,6 +454,7 @@ impl Mirrors {
                         .with_label_values(&["abandoned"])
                         .inc();
                     m.retry_after = Some(Instant::now() + FILL_RETRY);
+                    m.followed = None;
                     with_retry(&self.es, || client.delete_index(&next.index)).await?;
                 }
                 Err(e) => return Err(EsError::Fill(e.to_string())),

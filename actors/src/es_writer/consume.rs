@@ -20,7 +20,6 @@ use super::config::EsConfig;
 use super::continuity::Continuity;
 use super::dead_letter::{header, DeadLetters};
 use super::error::EsError;
-use super::generation::TableShape;
 use super::group::SinkConsumer;
 use super::merge;
 use super::remedy::GroupWatch;
@@ -266,10 +265,6 @@ impl Sink {
         }
         let key: Option<serde_json::Map<String, serde_json::Value>> =
             msg.key().and_then(|k| serde_json::from_slice(k).ok());
-        let shape = types
-            .as_deref()
-            .zip(key.as_ref())
-            .and_then(|(t, k)| TableShape::of_record(t, k));
         let table = || {
             let env: crate::wire::Envelope<'_, serde_json::Value> =
                 serde_json::from_slice(msg.payload()?).ok()?;
@@ -280,7 +275,7 @@ impl Sink {
         };
         let rec = Incoming {
             types: types.as_deref(),
-            shape,
+            key: key.as_ref(),
             at: action.at,
             table: &table,
         };

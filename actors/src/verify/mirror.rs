@@ -1,6 +1,6 @@
 //! Reading a mirror index: documents by id (`_mget`, real-time) and every
-//! document in `_id` order (`search_after` paging). The index is read by
-//! its name, which may be an alias.
+//! document (a scroll in `_doc` order). The index is read by its name,
+//! which may be an alias.
 
 use std::collections::HashMap;
 
@@ -9,6 +9,9 @@ use serde_json::{json, Map, Value};
 use super::compare::CDC_FIELD;
 use crate::es_writer::naming::path_segment;
 use crate::es_writer::{EsClient, EsError};
+
+/// How long a scroll stays open between two pages.
+const SCROLL_KEEP: &str = "5m";
 
 /// A document: its `_id` and `_source`.
 pub(crate) type Doc = (String, Map<String, Value>);
@@ -62,39 +65,51 @@ impl<'a> Mirror<'a> {
             .collect())
     }
 
-    /// The page of `size` documents after `after` in `_id` order, with only
-    /// the `fields` and `_cdc` of their sources; empty at the end (or if the
-    /// index does not exist).
+    /// A page of `size` documents with only the `fields` and `_cdc` of their
+    /// sources, and the scroll to read the next one from: the first page
+    /// with `scroll = None`. Empty at the end (or if the index does not
+    /// exist). Scrolling in `_doc` order needs no sort on `_id`, which
+    /// Elasticsearch 8 refuses by default.
     pub async fn page(
         &self,
-        after: Option<&str>,
+        scroll: Option<&str>,
         size: usize,
         fields: &[&str],
-    ) -> Result<Vec<Doc>, EsError> {
-        let mut includes: Vec<&str> = fields.to_vec();
-        includes.push(CDC_FIELD);
-        let mut body = json!({
-            "size": size,
-            "sort": [{"_id": "asc"}],
-            "_source": includes,
-            "query": {"match_all": {}},
-        });
-        if let Some(a) = after {
-            body["search_after"] = json!([a]);
-        }
-        let path = format!("{}/_search", self.path);
-        let answer = self.es.post_json(&path, &body).await?;
+    ) -> Result<(Vec<Doc>, Option<String>), EsError> {
+        let answer = match scroll {
+            Some(id) => {
+                let body = json!({ "scroll": SCROLL_KEEP, "scroll_id": id });
+                self.es.post_json("_search/scroll", &body).await?
+            }
+            None => {
+                let mut includes: Vec<&str> = fields.to_vec();
+                includes.push(CDC_FIELD);
+                let body = json!({
+                    "size": size,
+                    "sort": ["_doc"],
+                    "_source": includes,
+                    "query": {"match_all": {}},
+                });
+                let path = format!("{}/_search?scroll={SCROLL_KEEP}", self.path);
+                self.es.post_json(&path, &body).await?
+            }
+        };
+        let next = answer
+            .as_ref()
+            .and_then(|a| a["_scroll_id"].as_str())
+            .map(str::to_owned);
         let hits = answer
             .as_ref()
             .and_then(|a| a["hits"]["hits"].as_array())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        Ok(hits
+        let docs = hits
             .iter()
             .filter_map(|h| {
                 let source = h["_source"].as_object().cloned().unwrap_or_default();
                 Some((h["_id"].as_str()?.to_owned(), source))
             })
-            .collect())
+            .collect();
+        Ok((docs, next))
     }
 }

@@ -12,8 +12,8 @@
 //! 1. the rows, in keyset chunks, are rendered as events render them
 //!    ([`Shape`](crate::snapshot::shape::Shape)) and their documents read
 //!    by id (`_mget`): missing, stale (naming the columns) or newer;
-//! 2. the documents, in `_id` pages (`search_after`, key columns only), are
-//!    looked up by key in the same snapshot: a document without a row is
+//! 2. the documents, in pages of a scroll (`_doc` order, key columns
+//!    only), are looked up by key in the same snapshot: a document without a row is
 //!    extra (or newer, if its `_cdc.lsn` is past the snapshot).
 //!
 //! Memory holds one chunk and the differences found, never the table.
@@ -259,9 +259,9 @@ impl Verifier {
         apparent: &mut Vec<Apparent>,
     ) -> Result<(), VerifyError> {
         let (names, limit) = (shape.key_names(), self.opts.chunk_rows);
-        let mut page = mirror.page(None, limit, &names).await?;
+        let (mut page, mut scroll) = mirror.page(None, limit, &names).await?;
         // Each page's rows are looked up while the next page is read.
-        while let Some((last, _)) = page.last() {
+        while !page.is_empty() {
             let more = page.len() >= limit;
             let keys: Vec<Option<KeyText>> = page
                 .iter()
@@ -269,9 +269,9 @@ impl Verifier {
                 .collect();
             let wanted: Vec<KeyText> = keys.iter().flatten().cloned().collect();
             let next = async {
-                match more {
-                    true => mirror.page(Some(last), limit, &names).await,
-                    false => Ok(Vec::new()),
+                match (more, scroll.as_deref()) {
+                    (true, Some(id)) => mirror.page(Some(id), limit, &names).await,
+                    _ => Ok((Vec::new(), None)),
                 }
             };
             let (found, next) = tokio::join!(snap.lookup(shape, &wanted), next);
@@ -283,7 +283,7 @@ impl Verifier {
                 }
             }
             report.documents += page.len() as u64;
-            page = next?;
+            (page, scroll) = next?;
         }
         Ok(())
     }
