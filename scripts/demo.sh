@@ -15,7 +15,7 @@ bindir="${PG_BINDIR:-$(pg_config --bindir 2>/dev/null || true)}"
 if [ -x "$CARGO_TARGET_DIR/debug/pgcdc" ]; then
   echo "demo: building pgcdc"
 else
-  echo "demo: building pgcdc for the first time: RocksDB and librdkafka compile from C/C++ source (about 10 minutes on 2 cores; cargo prints each crate)"
+  echo "demo: building pgcdc for the first time: RocksDB and librdkafka compile from C/C++ source (about 25 minutes on 2 cores; progress every 30 s)"
 fi
 # Cargo prints nothing while a C/C++ library compiles (minutes for RocksDB):
 # say every 30 s that the build goes on and what it compiles.
