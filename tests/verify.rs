@@ -115,7 +115,10 @@ async fn tamper(es: &str) {
         .unwrap());
 }
 
-/// Update, delete and re-insert rows 100.. at full speed until `stop`.
+/// The writer's pause between changes.
+const WRITE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Update, delete and re-insert rows 100.. until `stop`.
 fn writer(db: tokio_postgres::Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut i = 0u64;
@@ -128,6 +131,9 @@ fn writer(db: tokio_postgres::Client, stop: Arc<AtomicBool>) -> tokio::task::Joi
             };
             db.batch_execute(&q).await.unwrap();
             i += 1;
+            // About 500 changes/s: concurrent with verify, and a pace the
+            // debug-build pipeline keeps up with on 2 loaded cores.
+            tokio::time::sleep(WRITE_PAUSE).await;
         }
         i
     })
