@@ -187,8 +187,7 @@ async fn drift_is_reported_by_key_and_kind_and_repaired_under_a_concurrent_write
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails since the Debezium envelope landed: the debug-build pipeline falls behind an unthrottled writer and the slot fence times out (issues 14 and 16)"]
-async fn a_writer_at_full_speed_causes_no_false_drift() {
+async fn a_busy_writer_causes_no_false_drift() {
     let r = rig().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(r.pg.client().await.unwrap(), stop.clone());
