@@ -4,9 +4,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{ChangeEvent, CopiedRows, Op};
-use crate::pg::values::{render, to_json_bytes};
-use crate::snapshot::row_cell;
+use crate::event::{ChangeEvent, CopiedRows};
+use crate::pg::values::to_json_bytes;
+use crate::snapshot::read_event;
 
 /// A change's `before` and `after` rows.
 pub(super) type Rows<'r> = (
@@ -37,33 +37,16 @@ pub(super) fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
 pub(super) fn copied_events(copied: &CopiedRows) -> impl Iterator<Item = ChangeEvent> + '_ {
     copied.rows.iter().enumerate().map(|(n, row)| {
         let seq = copied.first_seq.wrapping_add(n as u32);
-        let after: Map<String, Value> = copied
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, (c, rule))| {
-                let v = row_cell(row, i, copied.raw).map_or(Value::Null, |b| render(rule, &b));
-                (c.clone(), v)
-            })
-            .collect();
-        let key = copied
-            .table
-            .key_columns
-            .iter()
-            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
-        ChangeEvent {
-            op: Op::Read,
-            table: copied.table.clone(),
-            key,
-            before: None,
-            after: Some(after),
-            unchanged_toast: Vec::new(),
-            lsn: copied.tx.commit_lsn,
+        let (tx, lsn) = (copied.tx, copied.tx.commit_lsn);
+        read_event(
+            &copied.table,
+            &copied.columns,
+            copied.raw,
+            row,
+            tx,
+            lsn,
             seq,
-            tx: copied.tx,
-            snapshot: true,
-        }
+        )
     })
 }
 
@@ -74,6 +57,8 @@ mod tests {
     use super::super::DecimalMode;
 
     use serde_json::json;
+
+    use crate::event::Op;
 
     use super::super::envelope::tests::event;
     use super::super::{Encoder, Format, KafkaConfig};

@@ -41,7 +41,7 @@ use actix::prelude::*;
 pub use config::{SnapshotConfig, SnapshotMode};
 pub(crate) use copy::{import_snapshot, reader};
 pub use error::SnapshotError;
-pub(crate) use shape::{cell as row_cell, Shape};
+pub(crate) use shape::{cell as row_cell, read_event, Shape};
 
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::error::ErrorClass;

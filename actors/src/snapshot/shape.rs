@@ -321,33 +321,45 @@ impl Shape {
     }
 
     fn event(&self, row: &SimpleQueryRow, tx: TxMeta, lsn: Lsn, seq: u32) -> ChangeEvent {
-        let after: Map<String, Value> = self
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, (c, rule))| {
-                let v = cell(row, i, self.raw).map_or(Value::Null, |b| render(rule, &b));
-                (c.clone(), v)
-            })
-            .collect();
-        let key = self
-            .table
-            .key_columns
-            .iter()
-            .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
-        ChangeEvent {
-            op: Op::Read,
-            table: self.table.clone(),
-            key,
-            before: None,
-            after: Some(after),
-            unchanged_toast: Vec::new(),
-            lsn,
-            seq,
-            tx,
-            snapshot: true,
-        }
+        read_event(&self.table, &self.columns, self.raw, row, tx, lsn, seq)
+    }
+}
+
+/// A copied row of `table` (its `columns` in the row's order; `raw`: hex
+/// bytes in a `SQL_ASCII` database) as an `op=r` change of transaction `tx`.
+pub(crate) fn read_event(
+    table: &Arc<TableRef>,
+    columns: &[(String, Rule)],
+    raw: bool,
+    row: &SimpleQueryRow,
+    tx: TxMeta,
+    lsn: Lsn,
+    seq: u32,
+) -> ChangeEvent {
+    let after: Map<String, Value> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (c, rule))| {
+            let v = cell(row, i, raw).map_or(Value::Null, |b| render(rule, &b));
+            (c.clone(), v)
+        })
+        .collect();
+    let key = table
+        .key_columns
+        .iter()
+        .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
+        .collect();
+    ChangeEvent {
+        op: Op::Read,
+        table: table.clone(),
+        key,
+        before: None,
+        after: Some(after),
+        unchanged_toast: Vec::new(),
+        lsn,
+        seq,
+        tx,
+        snapshot: true,
     }
 }
 
