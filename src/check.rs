@@ -5,7 +5,6 @@ use pgcdc_actors::error::ConfigError;
 use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
-use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::event::KeySource;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::pg::{
@@ -47,18 +46,10 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
     first_failure.map_or(Ok(()), Err)
 }
 
-/// An engine error as the daemon's error, keeping its exit code (a
-/// transient one becomes "upstream unreachable").
+/// An engine error as the daemon's error ([`AppError::classified`]).
 fn classified(e: impl Into<ReplicationError>) -> AppError {
     let e = e.into();
-    let code = match e.class() {
-        ErrorClass::Fatal(code) => code,
-        ErrorClass::Transient => ExitCode::Upstream,
-    };
-    AppError::Classified {
-        code,
-        message: e.to_string(),
-    }
+    AppError::classified(e.class(), e.to_string())
 }
 
 async fn check_postgres(settings: &Settings) -> Result<String, AppError> {

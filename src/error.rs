@@ -1,6 +1,6 @@
 //! Errors at the binary's edge and the exit codes they map to.
 
-pub use pgcdc_actors::error::{ConfigError, ExitCode, Fatal};
+pub use pgcdc_actors::error::{ConfigError, ErrorClass, ExitCode, Fatal};
 
 /// Why the daemon (or a subcommand) stopped.
 #[derive(Debug, thiserror::Error)]
@@ -38,5 +38,15 @@ impl AppError {
             AppError::Fatal(f) => f.code,
             AppError::Classified { code, .. } => *code,
         }
+    }
+
+    /// An engine error by its class, keeping its exit code (a transient one
+    /// becomes "upstream unreachable").
+    pub fn classified(class: ErrorClass, message: String) -> AppError {
+        let code = match class {
+            ErrorClass::Fatal(code) => code,
+            ErrorClass::Transient => ExitCode::Upstream,
+        };
+        AppError::Classified { code, message }
     }
 }

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use pgcdc_actors::error::ErrorClass;
 use pgcdc_actors::snapshot::watermark::MessageKey;
 use pgcdc_actors::verify::{TableReport, Verifier, VerifyError};
 
 use crate::check::{configured_tables, message_key};
 use crate::cli::VerifyArgs;
-use crate::error::{AppError, ExitCode};
+use crate::error::AppError;
 use crate::settings::Settings;
 
 /// Exit code of a verification that found drift (0: equal).
@@ -90,15 +89,7 @@ fn print(report: &TableReport, json: bool, prefix: &str) {
     }
 }
 
-/// A verification error as the daemon's error, keeping its exit code (a
-/// transient one becomes "upstream unreachable").
+/// A verification error as the daemon's error ([`AppError::classified`]).
 fn classified(e: VerifyError) -> AppError {
-    let code = match e.class() {
-        ErrorClass::Fatal(code) => code,
-        ErrorClass::Transient => ExitCode::Upstream,
-    };
-    AppError::Classified {
-        code,
-        message: e.to_string(),
-    }
+    AppError::classified(e.class(), e.to_string())
 }
