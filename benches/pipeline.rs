@@ -62,15 +62,26 @@ fn process_usage(pid: u32) -> (f64, f64) {
     (hwm_kb / 1024.0, ticks / 100.0)
 }
 
+/// What one drain by pgcdc measured.
+struct Drained {
+    secs: f64,
+    rss_mib: f64,
+    cpu_secs: f64,
+    /// The `/metrics` page at the end (empty without a metrics port).
+    metrics: String,
+}
+
 /// Start pgcdc and wait until its slot confirms `end` (every record before it
-/// acknowledged by Kafka and checkpointed); returns (seconds, rss MiB, cpu s).
+/// acknowledged by Kafka and checkpointed); read its `/metrics` on
+/// `metrics_port`, if given, before stopping it.
 async fn drain_with_pgcdc(
     dir: &std::path::Path,
     cfg: &str,
     db: &tokio_postgres::Client,
     slot: &str,
     before: impl std::future::Future<Output = i64>,
-) -> (f64, f64, f64) {
+    metrics_port: Option<u16>,
+) -> Drained {
     let started = Instant::now();
     let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, cfg, "run", &[]).unwrap();
     let end = before.await;
@@ -90,9 +101,23 @@ async fn drain_with_pgcdc(
     .await
     .unwrap();
     let secs = started.elapsed().as_secs_f64();
-    let (rss, cpu) = process_usage(daemon.pid().expect("pid"));
+    let metrics = match metrics_port {
+        Some(port) => reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    let (rss_mib, cpu_secs) = process_usage(daemon.pid().expect("pid"));
     daemon.terminate(Duration::from_secs(60)).unwrap();
-    (secs, rss, cpu)
+    Drained {
+        secs,
+        rss_mib,
+        cpu_secs,
+        metrics,
+    }
 }
 
 /// Seconds `pg_recvlogical` takes to drain `slot` (pgoutput, protocol 1,
@@ -189,32 +214,10 @@ async fn small_transactions(
         "[postgres]\n",
         "[postgres]\nslot = \"small\"\npublication = \"small\"\n",
     );
-    let started = Instant::now();
-    let mut daemon = Daemon::start(Path::new(PGCDC), dir.path(), &cfg, "run", &[]).unwrap();
-    wait::poll(
-        "pgcdc to confirm the small transactions",
-        Duration::from_secs(1800),
-        Duration::from_millis(20),
-        || async {
-            if !daemon.is_running() {
-                return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
-            }
-            let at = confirmed(db, "small").await;
-            Poll::when(at >= end_num, (), || format!("confirmed {at} of {end_num}"))
-        },
-    )
-    .await
-    .unwrap();
-    let secs = started.elapsed().as_secs_f64();
-    let page = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    let writes = counter(&page, "pgcdc_checkpoint_writes_total");
-    let (_, cpu) = process_usage(daemon.pid().expect("pid"));
-    daemon.terminate(Duration::from_secs(60)).unwrap();
+    let end_at = async { end_num };
+    let drained = drain_with_pgcdc(dir.path(), &cfg, db, "small", end_at, Some(metrics)).await;
+    let (secs, cpu) = (drained.secs, drained.cpu_secs);
+    let writes = counter(&drained.metrics, "pgcdc_checkpoint_writes_total");
     let recv_second = recvlogical(recv, &port, "small_recv2", "small", &end);
     let recv_secs = recv_first.min(recv_second);
     let (rate, recv_rate) = (SMALL_TXS as f64 / secs, SMALL_TXS as f64 / recv_secs);
@@ -294,8 +297,8 @@ async fn main() {
     let state = dir.path().join("state");
     let cfg =
         config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
-    let (secs, rss, cpu) =
-        drain_with_pgcdc(dir.path(), &cfg, &db, "pgcdc", async { end_num }).await;
+    let backlog = drain_with_pgcdc(dir.path(), &cfg, &db, "pgcdc", async { end_num }, None).await;
+    let (secs, rss, cpu) = (backlog.secs, backlog.rss_mib, backlog.cpu_secs);
 
     let recv_second = drain("recv2");
     let recv_secs = recv_first.min(recv_second);
@@ -340,7 +343,8 @@ async fn main() {
             .await;
         end.expect("lsn").get::<_, i64>(0)
     };
-    let (big_secs, big_rss, _) = drain_with_pgcdc(dir2.path(), &cfg2, &db, "big", writer).await;
+    let big = drain_with_pgcdc(dir2.path(), &cfg2, &db, "big", writer, None).await;
+    let (big_secs, big_rss) = (big.secs, big.rss_mib);
 
     let rate = ROWS as f64 / secs;
     let recv_rate = ROWS as f64 / recv_secs;
