@@ -152,6 +152,18 @@ fn counter(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The table of both drains: (rate, seconds) of `pg_recvlogical` and of pgcdc.
+fn print_rates(unit: &str, recv: (f64, f64), pgcdc: (f64, f64)) {
+    println!("{:<44} {:>12} {:>10}", "", unit, "seconds");
+    let rows = [
+        ("pg_recvlogical (pgoutput, proto 1) > /dev/null", recv),
+        ("pgcdc -> tansu, to the slot confirming the end", pgcdc),
+    ];
+    for (what, (rate, secs)) in rows {
+        println!("{what:<44} {rate:>12.0} {secs:>10.2}");
+    }
+}
+
 /// A free local TCP port.
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -223,15 +235,7 @@ async fn small_transactions(
     let (rate, recv_rate) = (SMALL_TXS as f64 / secs, SMALL_TXS as f64 / recv_secs);
     println!();
     println!("{SMALL_TXS} single-row transactions (inserts and updates) in the WAL, on this machine in one run:");
-    println!("{:<44} {:>12} {:>10}", "", "txs/s", "seconds");
-    println!(
-        "{:<44} {:>12.0} {:>10.2}",
-        "pg_recvlogical (pgoutput, proto 1) > /dev/null", recv_rate, recv_secs
-    );
-    println!(
-        "{:<44} {:>12.0} {:>10.2}",
-        "pgcdc -> tansu, to the slot confirming the end", rate, secs
-    );
+    print_rates("txs/s", (recv_rate, recv_secs), (rate, secs));
     println!(
         "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.9)",
         rate / recv_rate
@@ -350,15 +354,7 @@ async fn main() {
     let recv_rate = ROWS as f64 / recv_secs;
     println!();
     println!("backlog of {ROWS} rows in {TXS} transactions, on this machine in one run:");
-    println!("{:<44} {:>12} {:>10}", "", "rows/s", "seconds");
-    println!(
-        "{:<44} {:>12.0} {:>10.2}",
-        "pg_recvlogical (pgoutput, proto 1) > /dev/null", recv_rate, recv_secs
-    );
-    println!(
-        "{:<44} {:>12.0} {:>10.2}",
-        "pgcdc -> tansu, to the slot confirming the end", rate, secs
-    );
+    print_rates("rows/s", (recv_rate, recv_secs), (rate, secs));
     println!("(pg_recvlogical ran before and after pgcdc: {recv_first:.2} s and {recv_second:.2} s; the faster is shown)");
     println!(
         "ratio pgcdc / pg_recvlogical: {:.2} (target >= 0.7)",

@@ -125,6 +125,25 @@ async fn wait_alias(es: &SearchServer, want: &str, daemon: &Daemon) {
     .unwrap();
 }
 
+/// Run `statements` (each its own transaction) while the writer runs, then
+/// wait until the alias points at `generation`.
+async fn change_under_writer(
+    db: &Arc<tokio_postgres::Client>,
+    statements: &[&str],
+    es: &SearchServer,
+    generation: &str,
+    daemon: &Daemon,
+) {
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let w = writer(db.clone(), stop_writer.clone());
+    for sql in statements {
+        db.batch_execute(sql).await.unwrap();
+    }
+    wait_alias(es, generation, daemon).await;
+    stop_writer.store(true, Ordering::SeqCst);
+    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+}
+
 /// The mirror's mappings, by concrete index.
 async fn mapping(es: &SearchServer) -> Value {
     let url = format!("{}/{ALIAS}/_mapping", es.url);
@@ -215,30 +234,30 @@ async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() 
 
     // A column added with a default: older documents lack a value their
     // rows hold, so a second generation.
-    let stop_writer = Arc::new(AtomicBool::new(false));
-    let w = writer(db.clone(), stop_writer.clone());
-    db.batch_execute("ALTER TABLE items ADD COLUMN flag bool NOT NULL DEFAULT true; UPDATE items SET n = n + 1 WHERE id = 4")
-        .await
-        .unwrap();
-    wait_alias(&es, "cdc_public_items~2", &daemon).await;
-    stop_writer.store(true, Ordering::SeqCst);
-    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    change_under_writer(
+        &db,
+        &["ALTER TABLE items ADD COLUMN flag bool NOT NULL DEFAULT true; UPDATE items SET n = n + 1 WHERE id = 4"],
+        &es,
+        "cdc_public_items~2",
+        &daemon,
+    )
+    .await;
     oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
         .await
         .unwrap();
 
     // A column's type changes (integer to text): a third generation.
-    let stop_writer = Arc::new(AtomicBool::new(false));
-    let w = writer(db.clone(), stop_writer.clone());
-    db.batch_execute("ALTER TABLE items ALTER COLUMN code TYPE text USING 'c' || code")
-        .await
-        .unwrap();
-    db.execute("UPDATE items SET n = n + 1 WHERE id = 1", &[])
-        .await
-        .unwrap();
-    wait_alias(&es, "cdc_public_items~3", &daemon).await;
-    stop_writer.store(true, Ordering::SeqCst);
-    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    change_under_writer(
+        &db,
+        &[
+            "ALTER TABLE items ALTER COLUMN code TYPE text USING 'c' || code",
+            "UPDATE items SET n = n + 1 WHERE id = 1",
+        ],
+        &es,
+        "cdc_public_items~3",
+        &daemon,
+    )
+    .await;
     oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
         .await
         .unwrap();
@@ -250,17 +269,17 @@ async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() 
     );
 
     // The key changes (id to code): a fourth generation, keyed by code.
-    let stop_writer = Arc::new(AtomicBool::new(false));
-    let w = writer(db.clone(), stop_writer.clone());
-    db.batch_execute("ALTER TABLE items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (code)")
-        .await
-        .unwrap();
-    db.execute("UPDATE items SET n = n + 1 WHERE id = 2", &[])
-        .await
-        .unwrap();
-    wait_alias(&es, "cdc_public_items~4", &daemon).await;
-    stop_writer.store(true, Ordering::SeqCst);
-    assert!(w.await.unwrap() > 0, "the writer ran during the change");
+    change_under_writer(
+        &db,
+        &[
+            "ALTER TABLE items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (code)",
+            "UPDATE items SET n = n + 1 WHERE id = 2",
+        ],
+        &es,
+        "cdc_public_items~4",
+        &daemon,
+    )
+    .await;
     let rows = rows_by(&db, "code").await;
     wait::poll(
         "the mirror to hold the table keyed by code",
