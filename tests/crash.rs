@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{config, wait, Daemon, PgCluster, Tansu};
+use crate::support::{config, wait, Broker, Daemon, PgCluster, Tansu};
 #[cfg(feature = "failpoints")]
 use pgcdc_actors::wire::failpoint;
 use pgcdc_testkit::slot::SlotWatcher;
@@ -353,4 +353,78 @@ async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
         confirmed <= down_at,
         "confirmed {confirmed:x} past the outage at {down_at:x}"
     );
+}
+
+/// Issue 16: a lost replication connection (walsender terminated) while
+/// many records wait for a frozen broker. The records already handed to
+/// Kafka finish (acknowledged, checkpointed) before the stream starts
+/// again, so at most the open transaction's records are sent twice; before,
+/// every record in flight was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replication_connection_resends_at_most_one_transaction() {
+    let (pg, tansu, dir, db) = setup().await;
+    let port = crate::support::free_port();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_active(&db, &mut daemon).await;
+    let total = 300;
+    tansu.signal("STOP").unwrap();
+    write_numbered(
+        pg.client().await.unwrap(),
+        total,
+        Duration::ZERO,
+        Committed::default(),
+    )
+    .await;
+    // Every row read and handed to the frozen broker.
+    let want = (total * ROWS_PER_TX) as f64;
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    wait::poll(
+        "rows handed to kafka",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let text = crate::support::get(&metrics)
+                .await
+                .map(|(_, t)| t)
+                .unwrap_or_default();
+            let read = crate::support::sample(&text, "pgcdc_events_in_total", &[("op", "c")])
+                .unwrap_or(0.0);
+            Poll::when(read >= want, (), || format!("{read} of {want} rows read"))
+        },
+    )
+    .await
+    .unwrap();
+    let killed: i64 = db
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication WHERE application_name = 'pgcdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "one walsender terminated");
+    // The loss is noticed (the stream either waits or starts again at once).
+    wait::until(
+        "the lost connection to be noticed",
+        Duration::from_secs(30),
+        || async {
+            let log = daemon.log_text();
+            log.contains("replication connection lost") || log.contains("actor work failed")
+        },
+    )
+    .await
+    .unwrap();
+    tansu.signal("CONT").unwrap();
+    wait_active(&db, &mut daemon).await;
+    let duplicates = assert_nothing_lost(&tansu, total);
+    assert!(
+        duplicates <= ROWS_PER_TX as usize,
+        "{duplicates} records sent twice after the walsender was terminated (at most one transaction's {ROWS_PER_TX} allowed):\n{}",
+        daemon.log_tail()
+    );
+    assert!(daemon
+        .log_text()
+        .contains("records in flight acknowledged and checkpointed"));
 }

@@ -81,6 +81,15 @@ impl ReplicationError {
         }
     }
 
+    /// Whether the source side failed (the connection, a query, the server
+    /// ending the stream) while the producer session is intact.
+    pub(super) fn is_source_lost(&self) -> bool {
+        matches!(
+            self,
+            Self::Stream(_) | Self::StreamEnded | Self::Sql(_) | Self::Pg(_)
+        )
+    }
+
     /// Whether the error means PostgreSQL could not be reached.
     pub(super) fn is_unreachable(&self) -> bool {
         match self {

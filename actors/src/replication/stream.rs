@@ -19,7 +19,7 @@ use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::event::{ChangeEvent, CopiedRows, TableRef};
 use crate::kafka_producer::KafkaProducerActor;
 use crate::lsn::Lsn;
-use crate::messages::PublishBatch;
+use crate::messages::{DrainProducer, PublishBatch};
 use crate::metrics::metrics;
 use crate::pg::types::TypeSource;
 use crate::pg::PostgresConfig;
@@ -32,6 +32,10 @@ const BATCH_CAPACITY_MAX: usize = 1024;
 /// Bytes of a pgoutput insert, update or delete message that are not row
 /// data (tag, relation OID, tuple markers): left out of a batch's size.
 const CHANGE_HEADER_BYTES: usize = 16;
+/// Longest wait, after the replication connection was lost, for the records
+/// in flight to be acknowledged and checkpointed before streaming again
+/// (Kafka answering slower than this costs duplicates, never losses).
+const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything the streaming task needs.
 pub(super) struct Stream {
@@ -129,7 +133,39 @@ impl Stream {
             tables: tables.clone(),
             pending,
         });
-        self.stream(client, &tables, &mut out).await
+        let res = self.stream(client, &tables, &mut out).await;
+        if matches!(&res, Err(e) if e.is_source_lost()) {
+            self.settle(&out).await;
+        }
+        res
+    }
+
+    /// The replication connection was lost while the producer session goes
+    /// on: let the records already handed to Kafka be acknowledged and
+    /// checkpointed, so the next stream starts after them instead of
+    /// sending them again. Bounded by [`SETTLE_MAX`]; a stop ends it early.
+    /// Only the open transaction's records (not checkpointable) are sent again.
+    async fn settle(&mut self, out: &Outbox) {
+        let started = Instant::now();
+        tracing::info!(
+            session = self.session,
+            "replication connection lost; letting records in flight finish before streaming again"
+        );
+        let mut stop = self.stop.clone();
+        let drained = async {
+            let last = self.producer.send(DrainProducer).await.ok()?.ok()??;
+            let mut confirm = self.confirm.clone();
+            confirm.wait_for(|at| *at >= last).await.ok()?;
+            Some(last)
+        };
+        tokio::select! {
+            r = tokio::time::timeout(SETTLE_MAX, drained) => match r {
+                Ok(Some(lsn)) => tracing::info!(session = self.session, lsn = %lsn, ms = started.elapsed().as_millis() as u64, "records in flight acknowledged and checkpointed"),
+                Ok(None) => tracing::info!(session = self.session, position = %out.flush.position(), "nothing in flight to checkpoint"),
+                Err(_) => tracing::warn!(session = self.session, secs = SETTLE_MAX.as_secs(), "records in flight not acknowledged in time; the next stream sends them again"),
+            },
+            _ = stop.changed() => {}
+        }
     }
 
     /// Read the replication stream until stopped or failed.
