@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pgcdc_testkit::bench::{self, Target};
 use pgcdc_testkit::config::daemon_config as config;
 use pgcdc_testkit::wait::{self, Poll};
 use pgcdc_testkit::{Daemon, PgCluster, Tansu};
@@ -24,6 +25,8 @@ const ROWS_PER_TX: u64 = 1_000;
 const ROWS: u64 = TXS * ROWS_PER_TX;
 /// Single-row transactions of the small-transactions part.
 const SMALL_TXS: u64 = 200_000;
+/// Peak resident memory pgcdc should stay under, MiB.
+const RSS_TARGET_MIB: f64 = 100.0;
 
 /// The slot's confirmed_flush_lsn as text-comparable number, 0 if unknown.
 async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
@@ -36,37 +39,14 @@ async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// (peak RSS in MiB, CPU seconds) of a live process.
-fn process_usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    (hwm_kb / 1024.0, ticks / 100.0)
-}
-
 /// What one drain by pgcdc measured.
 struct Drained {
     secs: f64,
     rss_mib: f64,
     cpu_secs: f64,
+    /// CPU seconds PostgreSQL and tansu spent meanwhile.
+    pg_cpu_secs: f64,
+    tansu_cpu_secs: f64,
     /// The `/metrics` page at the end (empty without a metrics port).
     metrics: String,
 }
@@ -75,6 +55,7 @@ struct Drained {
 /// acknowledged by Kafka and checkpointed); read its `/metrics` on
 /// `metrics_port`, if given, before stopping it.
 async fn drain_with_pgcdc(
+    (pg, tansu): (&PgCluster, &Tansu),
     dir: &std::path::Path,
     cfg: &str,
     db: &tokio_postgres::Client,
@@ -83,6 +64,7 @@ async fn drain_with_pgcdc(
     metrics_port: Option<u16>,
 ) -> Drained {
     let started = Instant::now();
+    let (pg_cpu, tansu_cpu) = (bench::pg_cpu_secs(pg), bench::cpu_secs(tansu.pid(), false));
     let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, cfg, "run", &[]).unwrap();
     let end = before.await;
     let every = Duration::from_millis(20);
@@ -110,12 +92,17 @@ async fn drain_with_pgcdc(
             .unwrap_or_default(),
         None => String::new(),
     };
-    let (rss_mib, cpu_secs) = process_usage(daemon.pid().expect("pid"));
+    let pid = daemon.pid().expect("pid");
+    let (rss_mib, cpu_secs) = (bench::peak_rss_mib(pid), bench::cpu_secs(pid, false));
+    let pg_cpu_secs = bench::pg_cpu_secs(pg) - pg_cpu;
+    let tansu_cpu_secs = bench::cpu_secs(tansu.pid(), false) - tansu_cpu;
     daemon.terminate(Duration::from_secs(60)).unwrap();
     Drained {
         secs,
         rss_mib,
         cpu_secs,
+        pg_cpu_secs,
+        tansu_cpu_secs,
         metrics,
     }
 }
@@ -145,6 +132,14 @@ fn recvlogical(recv: &Path, port: &str, slot: &str, publication: &str, end: &str
     t0.elapsed().as_secs_f64()
 }
 
+/// The CPU seconds of each side during a drain, as one line.
+fn cpu_split(d: &Drained) -> String {
+    format!(
+        "CPU seconds while pgcdc drained: pgcdc {:.1}, PostgreSQL {:.1}, tansu {:.1} in {:.1} s",
+        d.cpu_secs, d.pg_cpu_secs, d.tansu_cpu_secs, d.secs
+    )
+}
+
 /// The value of counter `name` in a Prometheus text page.
 fn counter(page: &str, name: &str) -> f64 {
     page.lines()
@@ -162,12 +157,6 @@ fn print_rates(unit: &str, recv: (f64, f64), pgcdc: (f64, f64)) {
     for (what, (rate, secs)) in rows {
         println!("{what:<44} {rate:>12.0} {secs:>10.2}");
     }
-}
-
-/// A free local TCP port.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// Small transactions: `SMALL_TXS` single-row transactions (inserts and
@@ -209,25 +198,31 @@ async fn small_transactions(
     let port = pg.port.to_string();
     let recv_first = recvlogical(recv, &port, "small_recv", "small", &end);
     let dir = tempfile::tempdir().expect("tempdir");
-    let metrics = free_port();
+    let metrics = pgcdc_testkit::free_port().expect("a free port");
     let cfg = config(
         pg,
         tansu,
         &dir.path().join("state"),
         &["small"],
         "topic = \"cdc-small\"",
-    )
-    .replace("info,pgcdc_actors=debug", "warn")
-    .replace(
-        "listen = \"\"",
-        &format!("listen = \"127.0.0.1:{metrics}\""),
-    )
-    .replace(
-        "[postgres]\n",
-        "[postgres]\nslot = \"small\"\npublication = \"small\"\n",
     );
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics)
+        .replace("info,pgcdc_actors=debug", "warn")
+        .replace(
+            "[postgres]\n",
+            "[postgres]\nslot = \"small\"\npublication = \"small\"\n",
+        );
     let end_at = async { end_num };
-    let drained = drain_with_pgcdc(dir.path(), &cfg, db, "small", end_at, Some(metrics)).await;
+    let drained = drain_with_pgcdc(
+        (pg, tansu),
+        dir.path(),
+        &cfg,
+        db,
+        "small",
+        end_at,
+        Some(metrics),
+    )
+    .await;
     let (secs, cpu) = (drained.secs, drained.cpu_secs);
     let writes = counter(&drained.metrics, "pgcdc_checkpoint_writes_total");
     let recv_second = recvlogical(recv, &port, "small_recv2", "small", &end);
@@ -245,6 +240,14 @@ async fn small_transactions(
         writes / secs,
         SMALL_TXS as f64 / writes.max(1.0),
         cpu * 1e6 / SMALL_TXS as f64
+    );
+    println!("{}", cpu_split(&drained));
+    bench::figure(
+        "200k single-row txs drained",
+        &format!("{rate:.0} tx/s, {:.0} synced writes/s", writes / secs),
+        &format!("pg_recvlogical {recv_rate:.0} tx/s"),
+        rate / recv_rate,
+        Target::AtLeast(0.9),
     );
 }
 
@@ -301,7 +304,16 @@ async fn main() {
     let state = dir.path().join("state");
     let cfg =
         config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
-    let backlog = drain_with_pgcdc(dir.path(), &cfg, &db, "pgcdc", async { end_num }, None).await;
+    let backlog = drain_with_pgcdc(
+        (&pg, &tansu),
+        dir.path(),
+        &cfg,
+        &db,
+        "pgcdc",
+        async { end_num },
+        None,
+    )
+    .await;
     let (secs, rss, cpu) = (backlog.secs, backlog.rss_mib, backlog.cpu_secs);
 
     let recv_second = drain("recv2");
@@ -347,7 +359,7 @@ async fn main() {
             .await;
         end.expect("lsn").get::<_, i64>(0)
     };
-    let big = drain_with_pgcdc(dir2.path(), &cfg2, &db, "big", writer, None).await;
+    let big = drain_with_pgcdc((&pg, &tansu), dir2.path(), &cfg2, &db, "big", writer, None).await;
     let (big_secs, big_rss) = (big.secs, big.rss_mib);
 
     let rate = ROWS as f64 / secs;
@@ -364,8 +376,38 @@ async fn main() {
         "pgcdc CPU seconds per million rows: {:.2}",
         cpu / (ROWS as f64 / 1e6)
     );
-    println!("pgcdc peak RSS, backlog: {rss:.1} MiB (target <= 150)");
-    println!("pgcdc peak RSS, one 1,000,000-row transaction: {big_rss:.1} MiB in {big_secs:.1} s (target <= 150)");
+    println!("{}", cpu_split(&backlog));
+    println!("pgcdc peak RSS, backlog: {rss:.1} MiB (target <= {RSS_TARGET_MIB})");
+    println!("pgcdc peak RSS, one 1,000,000-row transaction: {big_rss:.1} MiB in {big_secs:.1} s (target <= {RSS_TARGET_MIB})");
+    bench::figure(
+        "1M-row backlog streamed",
+        &format!("{rate:.0} rows/s"),
+        &format!("pg_recvlogical {recv_rate:.0} rows/s"),
+        rate / recv_rate,
+        Target::AtLeast(0.7),
+    );
+    let per_row = cpu * 1e6 / ROWS as f64;
+    bench::figure(
+        "CPU per streamed row (µs)",
+        &format!("{per_row:.1} µs"),
+        "-",
+        per_row,
+        Target::AtMost(3.0),
+    );
+    bench::figure(
+        "peak RSS, 1M-row backlog (MiB)",
+        &format!("{rss:.0} MiB"),
+        "-",
+        rss,
+        Target::AtMost(RSS_TARGET_MIB),
+    );
+    bench::figure(
+        "peak RSS, one 1M-row transaction (MiB)",
+        &format!("{big_rss:.0} MiB"),
+        "-",
+        big_rss,
+        Target::AtMost(RSS_TARGET_MIB),
+    );
 
     small_transactions(&pg, &tansu, &db, &recv).await;
 }

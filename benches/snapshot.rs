@@ -14,6 +14,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pgcdc_testkit::bench::{self, cpu_secs, pg_children, pg_cpu_secs, Target};
 use pgcdc_testkit::config::daemon_config as config;
 use pgcdc_testkit::wait::{self, Poll};
 use pgcdc_testkit::{Daemon, PgCluster, Tansu};
@@ -22,6 +23,8 @@ use pgcdc_testkit::{Daemon, PgCluster, Tansu};
 const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 
 const ROWS: u64 = 2_000_000;
+/// The ratio to COPY the snapshot should reach (at parallelism 4).
+const TARGET: f64 = 0.5;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -141,7 +144,7 @@ async fn main() {
         copy_cpu.0,
         copy_cpu.1
     );
-    for (p, secs, (own, pg, tansu)) in results {
+    for (p, secs, (own, pg, tansu)) in &results {
         let label = format!("pgcdc snapshot -> tansu, parallelism {p}");
         println!(
             "{:<52} {:>9.0} {:>8.2} {:>8.2} {:>12.2} / {pg:.2} / {tansu:.2}",
@@ -152,64 +155,30 @@ async fn main() {
             own
         );
     }
-    println!("(target >= 0.3 of COPY; with parallelism > 1 the table is split into key ranges read in parallel)");
-}
-
-/// CPU seconds (user + system) process `pid` used so far; with `children`,
-/// also those of its children that were waited for.
-fn cpu_secs(pid: u32, children: bool) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name: state is the first, utime the 12th.
-    let fields: Vec<f64> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').map(|f| f.parse().unwrap_or(0.0)).collect())
-        .unwrap_or_default();
-    let take = if children { 4 } else { 2 };
-    let ticks: f64 = fields.iter().skip(11).take(take).sum();
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(100.0)
-}
-
-/// CPU seconds of the whole cluster: the postmaster, the backends it waited
-/// for, and the live ones.
-fn pg_cpu_secs(pg: &PgCluster) -> f64 {
-    let postmaster = pg.postmaster_pid().unwrap();
-    cpu_secs(postmaster, true)
-        + pg_children(pg)
-            .into_iter()
-            .map(|pid| cpu_secs(pid, true))
-            .sum::<f64>()
-}
-
-/// The postmaster's live child processes.
-fn pg_children(pg: &PgCluster) -> Vec<u32> {
-    let postmaster = pg.postmaster_pid().unwrap();
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(postmaster) {
-            children.push(pid);
-        }
+    println!("(target >= {TARGET} of COPY at parallelism 4; with parallelism > 1 the table is split into key ranges read in parallel)");
+    for (parallelism, secs, (own, pg, tansu)) in &results {
+        bench::figure(
+            &format!("2M-row snapshot, parallelism {parallelism}"),
+            &format!(
+                "{:.0} rows/s (CPU s pgcdc {own:.1}, pg {pg:.1}, tansu {tansu:.1})",
+                ROWS as f64 / secs
+            ),
+            &format!(
+                "COPY {:.0} rows/s (CPU s psql {:.1}, pg {:.1})",
+                ROWS as f64 / copy,
+                copy_cpu.0,
+                copy_cpu.1
+            ),
+            copy / secs,
+            Target::AtLeast(TARGET),
+        );
+        let per_row = own * 1e6 / ROWS as f64;
+        bench::figure(
+            &format!("CPU per snapshot row, parallelism {parallelism} (µs)"),
+            &format!("{per_row:.1} µs"),
+            "-",
+            per_row,
+            Target::AtMost(3.0),
+        );
     }
-    children
 }

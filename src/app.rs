@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use pgcdc_actors::canary;
 use pgcdc_actors::checkpoint::CheckpointActor;
 use pgcdc_actors::error::{Fatal, FatalReceiver, FatalReporter, ProducerError};
-use pgcdc_actors::es_writer::EsWriterActor;
+use pgcdc_actors::es_writer::{CanaryWatch, EsWriterActor};
 use pgcdc_actors::kafka_producer::KafkaProducerActor;
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::messages::{DrainProducer, GetCheckpoint, StopStreaming};
@@ -81,6 +82,8 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let key = MessageKey::load_or_create(&key_path)
         .map_err(|e| AppError::LocalIo(format!("{}: {e}", key_path.display())))?;
     start_canary(&settings, &pg, &key);
+    let watch = canary_watch(&settings, Some(&key));
+    start_continuous_verify(&settings)?;
     let marks = Watermarks::new(key);
     let (pg2, snap2, m, cp) = (
         pg.clone(),
@@ -96,7 +99,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         ReplicationActor::new(pg, snapshot, (snapshots, marks), p, cp, repl_budget)
     });
     // The sink stops with the process: its offsets are committed after every written batch.
-    let _sink = sink.then(|| start_es_sink(&settings, &fatal));
+    let _sink = sink.then(|| start_es_sink(&settings, &fatal, watch));
 
     match wait_for_stop(&mut fatal_rx).await {
         Stop::Signal => {
@@ -110,7 +113,21 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     }
 }
 
-/// Write freshness canaries if `canary.interval_secs` asks for them.
+/// Verify samples of the configured tables if `verify.interval_secs` asks for it.
+fn start_continuous_verify(settings: &Settings) -> Result<(), AppError> {
+    let tables = crate::check::configured_tables(settings, &settings.postgres.tables)?;
+    pgcdc_actors::verify::continuous::spawn(
+        Arc::new(settings.postgres.clone()),
+        Arc::new(settings.elasticsearch.clone()),
+        Arc::new(settings.kafka.clone()),
+        settings.verify.clone(),
+        tables,
+    );
+    Ok(())
+}
+
+/// Write freshness canaries and publish their records if
+/// `canary.interval_secs` asks for them.
 fn start_canary(settings: &Settings, pg: &Arc<pgcdc_actors::pg::PostgresConfig>, key: &MessageKey) {
     let canary = &settings.canary;
     if canary.interval_secs == 0 {
@@ -119,8 +136,42 @@ fn start_canary(settings: &Settings, pg: &Arc<pgcdc_actors::pg::PostgresConfig>,
     pgcdc_actors::metrics::metrics()
         .freshness
         .set_max_lag(canary.max_lag_secs);
+    let kafka = Arc::new(settings.kafka.clone());
+    if let Err(e) = canary::spawn_publisher(kafka, key.clone(), &pg.slot) {
+        tracing::warn!(error = %e, "canary records cannot be published; freshness stages age");
+    }
     let interval = Duration::from_secs(canary.interval_secs);
-    pgcdc_actors::canary::spawn_writer(pg.clone(), key.clone(), interval);
+    canary::spawn_writer(pg.clone(), key.clone(), interval);
+}
+
+/// What the ES sink needs to measure the search stage, if canaries are on:
+/// the installation's message `key` (read from the state directory when not
+/// given; without it the search stage is not measured).
+fn canary_watch(settings: &Settings, key: Option<&MessageKey>) -> Option<Arc<CanaryWatch>> {
+    if settings.canary.interval_secs == 0 {
+        return None;
+    }
+    let key = match key {
+        Some(k) => k.clone(),
+        None => {
+            let path = settings.message_key_path();
+            match MessageKey::load(&path) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "no message key: canary records cannot be checked, the search stage is not measured (copy the daemon's key here, or set canary.interval_secs = 0)");
+                    return None;
+                }
+            }
+        }
+    };
+    pgcdc_actors::metrics::metrics()
+        .freshness
+        .set_max_lag(settings.canary.max_lag_secs);
+    Some(Arc::new(CanaryWatch {
+        key,
+        slot: settings.postgres.slot.clone(),
+        topic: canary::record::topic(&settings.kafka.topic_prefix),
+    }))
 }
 
 /// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.
@@ -135,7 +186,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
         }
         serve_metrics(&settings, Readiness::Sink).await?;
         let (fatal, mut fatal_rx) = FatalReporter::channel();
-        let _sink = start_es_sink(&settings, &fatal);
+        let _sink = start_es_sink(&settings, &fatal, canary_watch(&settings, None));
         let stop = wait_for_stop(&mut fatal_rx).await;
         tracing::info!("es sink stopping; uncommitted records are read again on restart");
         match stop {
@@ -163,12 +214,23 @@ async fn serve_metrics(settings: &Settings, what: Readiness) -> Result<(), AppEr
     }
 }
 
-fn start_es_sink(settings: &Settings, fatal: &FatalReporter) -> Addr<EsWriterActor> {
+/// Start the ES sink; with `canary`, it also measures the search stage.
+fn start_es_sink(
+    settings: &Settings,
+    fatal: &FatalReporter,
+    canary: Option<Arc<CanaryWatch>>,
+) -> Addr<EsWriterActor> {
     let es = Arc::new(settings.elasticsearch.clone());
     let kafka = Arc::new(settings.kafka.clone());
     let pg = Some(Arc::new(settings.postgres.clone()));
     let budget = budget(settings, "es_writer", fatal);
-    Supervisor::start(move |_| EsWriterActor::new(es, kafka, pg.clone(), budget))
+    Supervisor::start(move |_| {
+        let sink = EsWriterActor::new(es, kafka, pg.clone(), budget);
+        match canary.clone() {
+            Some(watch) => sink.with_canaries(watch),
+            None => sink,
+        }
+    })
 }
 
 /// Wait for SIGTERM/SIGINT or the first fatal report, whichever comes first.

@@ -283,7 +283,8 @@ fn print_live(text: &str) {
             "pgcdc_replication_lag_seconds" => println!("daemon lag:          {value} s"),
             "pgcdc_freshness_last_canary_age_seconds" => {
                 let stage = s.labels.get("stage").unwrap_or("?");
-                println!("freshness {stage}:     last canary {value:.1} s old");
+                let name = format!("freshness {stage}:");
+                println!("{name:<21}last canary {value:.1} s old");
             }
             "pgcdc_events_in_total" | "pgcdc_events_out_total" => {
                 let dir = if s.metric.contains("_in_") {

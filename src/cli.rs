@@ -66,6 +66,11 @@ pub struct VerifyArgs {
     /// documents are deleted), then verify again.
     #[arg(long)]
     pub repair: bool,
+    /// Also read each table's change topic from the beginning and check
+    /// that the last change of every key equals the table (a Kafka section
+    /// per table).
+    #[arg(long)]
+    pub kafka: bool,
     /// Output: `text` or `json` (one object per line and table).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub format: String,

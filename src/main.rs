@@ -44,9 +44,9 @@ fn main() {
         Command::Snapshot { tables } => pgcdc::check::request_backfill(settings, tables),
         Command::Logs(args) => pgcdc::logs::run(&settings, args),
         Command::Verify(args) => match pgcdc::verify::run(settings, args) {
-            Ok(drifted) if drifted => {
+            Ok(code) if code != 0 => {
                 telemetry.finish();
-                std::process::exit(pgcdc::verify::DRIFT_EXIT_CODE);
+                std::process::exit(code);
             }
             other => other.map(drop),
         },

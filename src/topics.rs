@@ -20,6 +20,8 @@ use crate::settings::Settings;
 
 /// The topic config pgcdc sets on durable topics.
 const MIN_INSYNC: &str = "min.insync.replicas";
+/// Partitions of the canary topic: one, so its records stay in order.
+const CANARY_PARTITIONS: i32 = 1;
 /// How long a metadata or admin request may take at start.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,9 +39,16 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
         .len();
     let factor = k.replication_factor(brokers);
     let min_insync = KafkaConfig::min_insync_replicas(factor).map(|n| n.to_string());
+    let canary = canary_topic(settings);
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| new_topic(k, n, factor, min_insync.as_deref()))
+        .map(|n| {
+            let partitions = match Some(n) == canary.as_ref() {
+                true => CANARY_PARTITIONS,
+                false => k.topic_partitions,
+            };
+            new_topic(k, n, (partitions, factor), min_insync.as_deref())
+        })
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(REQUEST_TIMEOUT))
@@ -122,10 +131,10 @@ fn change_topics(settings: &Settings) -> Vec<String> {
 fn new_topic<'a>(
     k: &'a KafkaConfig,
     name: &'a str,
-    factor: i32,
+    (partitions, factor): (i32, i32),
     min_insync: Option<&'a str>,
 ) -> NewTopic<'a> {
-    let mut topic = NewTopic::new(name, k.topic_partitions, TopicReplication::Fixed(factor));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(factor));
     if let Some(m) = min_insync.filter(|_| !k.topic_config.contains_key(MIN_INSYNC)) {
         topic = topic.set(MIN_INSYNC, m);
     }
@@ -135,14 +144,22 @@ fn new_topic<'a>(
     topic
 }
 
+/// The freshness canary's topic, when canaries are on.
+fn canary_topic(settings: &Settings) -> Option<String> {
+    (settings.canary.interval_secs > 0)
+        .then(|| pgcdc_actors::canary::record::topic(&settings.kafka.topic_prefix))
+}
+
 /// Every topic pgcdc writes: one per table (or the single topic), the dead
-/// letters, and the transaction and heartbeat topics when they are on.
+/// letters, the transaction and heartbeat topics when they are on, and the
+/// canary topic when canaries are.
 fn topic_names(settings: &Settings) -> Vec<String> {
     let k = &settings.kafka;
     let mut names = change_topics(settings);
     names.push(settings.elasticsearch.dead_letter_topic.clone());
     names.extend(k.transaction_topic());
     names.extend(k.heartbeat_topic());
+    names.extend(canary_topic(settings));
     names.sort();
     names.dedup();
     names

@@ -13,9 +13,14 @@ use crate::settings::Settings;
 
 /// Exit code of a verification that found drift (0: equal).
 pub const DRIFT_EXIT_CODE: i32 = 1;
+/// Exit code of a verification without drift but with differences it could
+/// not confirm: the pipeline was behind by more than the fence timeout.
+pub const UNCONFIRMED_EXIT_CODE: i32 = 8;
 
-/// Run `pgcdc verify`; whether drift remains.
-pub fn run(settings: Settings, args: &VerifyArgs) -> Result<bool, AppError> {
+/// Run `pgcdc verify`; its exit code: 0 every table equal,
+/// [`DRIFT_EXIT_CODE`] drift remains in some table, else
+/// [`UNCONFIRMED_EXIT_CODE`] if some differences could not be confirmed.
+pub fn run(settings: Settings, args: &VerifyArgs) -> Result<i32, AppError> {
     let tables = match args.tables.is_empty() {
         true => configured_tables(&settings, &settings.postgres.tables)?,
         false => configured_tables(&settings, &args.tables)?,
@@ -31,13 +36,14 @@ pub fn run(settings: Settings, args: &VerifyArgs) -> Result<bool, AppError> {
         settings.verify.clone(),
         args.sample,
     )
-    .map_err(classified)?;
+    .map_err(classified)?
+    .with_kafka(args.kafka);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     rt.block_on(async {
-        let mut drifted = false;
+        let (mut drifted, mut unconfirmed) = (false, false);
         for (schema, table) in &tables {
             let table = (schema.as_str(), table.as_str());
             let report = verifier.table(table.0, table.1).await.map_err(classified)?;
@@ -48,8 +54,13 @@ pub fn run(settings: Settings, args: &VerifyArgs) -> Result<bool, AppError> {
                 _ => report,
             };
             drifted |= report.drifted();
+            unconfirmed |= report.unconfirmed();
         }
-        Ok(drifted)
+        Ok(match (drifted, unconfirmed) {
+            (true, _) => DRIFT_EXIT_CODE,
+            (false, true) => UNCONFIRMED_EXIT_CODE,
+            (false, false) => 0,
+        })
     })
 }
 

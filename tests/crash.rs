@@ -187,8 +187,9 @@ async fn kill_9_mid_stream_loses_no_committed_change() {
 async fn panic_in_actor_is_restarted(failpoint: &str) {
     let (pg, tansu, dir, db) = setup().await;
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "");
-    // Early: checkpoint writes are group-committed, so a short run makes few.
-    let action = format!("{failpoint}=5*off->1*panic");
+    // Early: batches are coalesced and checkpoint writes group-committed,
+    // so a short run makes few.
+    let action = format!("{failpoint}=1*off->1*panic");
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &action)]);
     wait_active(&db, &mut daemon).await;
     let poller = watch_slot(pg.url());
@@ -364,8 +365,10 @@ async fn keepalives_keep_the_walsender_alive_while_kafka_is_down() {
 async fn a_lost_replication_connection_resends_at_most_one_transaction() {
     let (pg, tansu, dir, db) = setup().await;
     let port = crate::support::free_port();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let cfg = pgcdc_testkit::config::with_metrics(
+        &config(&pg, &tansu, &dir.path().join("state"), &["numbered"], ""),
+        port,
+    );
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     wait_active(&db, &mut daemon).await;
     let total = 300;

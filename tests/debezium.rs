@@ -147,6 +147,20 @@ async fn transaction_metadata_counts_match_the_events_on_the_data_topics() {
         .into_iter()
         .filter(|r| r.value.is_some())
         .collect();
+    check_ends(&meta, &data);
+    let first = &meta[1].value.as_ref().unwrap()["data_collections"];
+    assert_eq!(
+        *first,
+        json!([{"data_collection": "public.a", "event_count": 3},
+               {"data_collection": "public.b", "event_count": 2}])
+    );
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+/// Every END event of `meta` counts exactly the changes of `data` placed in
+/// its transaction, whose places run 1, 2, … in total and per table.
+fn check_ends(meta: &[Record], data: &[Record]) {
     for end in meta
         .iter()
         .filter_map(|r| r.value.as_ref())
@@ -182,14 +196,60 @@ async fn transaction_metadata_counts_match_the_events_on_the_data_topics() {
             );
         }
     }
-    let first = &meta[1].value.as_ref().unwrap()["data_collections"];
-    assert_eq!(
-        *first,
-        json!([{"data_collection": "public.a", "event_count": 3},
-               {"data_collection": "public.b", "event_count": 2}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_transactions_sharing_batches_keeps_each_ones_metadata() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = config(
+        &pg,
+        &tansu,
+        &dir.path().join("state"),
+        &["a"],
+        "transaction_metadata = true\n",
     );
-    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
-    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+    // Small transactions share batches; the big one is split over several.
+    let singles = |from: i32, to: i32| {
+        format!("DO $$ BEGIN FOR i IN {from}..{to} LOOP INSERT INTO a VALUES (i, 's'); COMMIT; END LOOP; END $$")
+    };
+    db.batch_execute(&singles(1, 300)).await.unwrap();
+    db.batch_execute("INSERT INTO a SELECT g, 'big' FROM generate_series(1001, 3500) g")
+        .await
+        .unwrap();
+    db.batch_execute(&singles(4001, 4300)).await.unwrap();
+    daemon.spawn().unwrap();
+    const TXS: usize = 601;
+    let meta =
+        crate::support::read_until(&tansu, "pgcdc.transaction", Duration::from_secs(120), |r| {
+            r.len() >= 2 * TXS
+        });
+    let status: Vec<&str> = meta
+        .iter()
+        .map(|r| r.value.as_ref().unwrap()["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        status,
+        ["BEGIN", "END"].repeat(TXS),
+        "one BEGIN and END each, in order"
+    );
+    let data: Vec<Record> =
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(120), |r| r.len() >= 3100)
+            .into_iter()
+            .filter(|r| r.value.is_some())
+            .collect();
+    assert_eq!(data.len(), 3100, "each change once");
+    check_ends(&meta, &data);
+    let big = meta
+        .iter()
+        .filter_map(|r| r.value.as_ref())
+        .filter(|v| v["event_count"] == 2500);
+    assert_eq!(big.count(), 1, "the big transaction ends once, whole");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -351,6 +351,67 @@ async fn sigterm_drains_and_confirms_everything() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_small_transactions_shares_batches_and_arrives_once_in_order() {
+    let s = Stack::start();
+    let db = s.pg.client().await.unwrap();
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(
+        &config(&s.pg, &s.tansu, &s.dir.path().join("state"), &["t"], ""),
+        port,
+    );
+    let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
+    wait_streaming(&s.pg, &db, &mut daemon).await;
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+    // 2,000 transactions of one row each, in the WAL before pgcdc reads them.
+    const TXS: i64 = 2000;
+    db.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{TXS} LOOP INSERT INTO t VALUES (i, 'v'); COMMIT; END LOOP; END $$"
+    ))
+    .await
+    .unwrap();
+    daemon.spawn().unwrap();
+    let records = crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(120), |r| {
+        r.len() >= TXS as usize
+    });
+    let mut ids: Vec<i64> = records
+        .iter()
+        .filter_map(|r| r.key.as_ref()?["id"].as_i64())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (1..=TXS).collect::<Vec<_>>(),
+        "each row once: {}",
+        daemon.log_text()
+    );
+    for p in records
+        .iter()
+        .map(|r| r.partition)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let lsns: Vec<pgcdc_actors::lsn::Lsn> = records
+            .iter()
+            .filter(|r| r.partition == p)
+            .map(|r| r.headers[header::COMMIT_LSN].parse().unwrap())
+            .collect();
+        assert!(
+            lsns.windows(2).all(|w| w[0] < w[1]),
+            "commit order on partition {p}"
+        );
+    }
+    let probe = crate::support::Probe::on(port);
+    let text = probe.metrics().await;
+    let batches = crate::support::sample(&text, "pgcdc_batches_total", &[]).unwrap();
+    assert!(
+        batches < (TXS / 10) as f64,
+        "{batches} batches for {TXS} transactions already received: they should share batches"
+    );
+}
+
 #[test]
 fn bad_configuration_fails_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -688,9 +688,9 @@ async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() 
         .map(|n| mirror_index("cdc_", "public", n))
         .collect();
     for (n, index) in names.iter().zip(&indices) {
-        let table = format!("\"{n}\"");
-        let want = Want::Table {
-            db: &db,
+        let table = format!("public.\"{n}\"");
+        let want = Want::Verified {
+            pg: &r.pg,
             table: &table,
         };
         oracle::mirror_equals(
@@ -918,9 +918,9 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
         db.batch_execute(change).await.unwrap();
     }
     let index = "cdc_public_docs";
-    let want = Want::Table {
-        db: &db,
-        table: "docs",
+    let want = Want::Verified {
+        pg: &r.pg,
+        table: "public.docs",
     };
     oracle::mirror_equals(
         &r.es.url,
@@ -962,9 +962,9 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
     db.batch_execute("INSERT INTO docs VALUES (99, 9, 'sentinel')")
         .await
         .unwrap();
-    let want = Want::Table {
-        db: &db,
-        table: "docs",
+    let want = Want::Verified {
+        pg: &r.pg,
+        table: "public.docs",
     };
     oracle::mirror_equals(
         &r.es.url,
@@ -1011,9 +1011,9 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
     db.batch_execute("INSERT INTO items VALUES (1); ALTER TABLE items ADD COLUMN qty int4; INSERT INTO items VALUES (2, 5); UPDATE items SET qty = 1 WHERE id = 1;")
         .await
         .unwrap();
-    let want = Want::Table {
-        db: &db,
-        table: "items",
+    let want = Want::Verified {
+        pg: &r.pg,
+        table: "public.items",
     };
     oracle::mirror_equals(
         &r.es.url,

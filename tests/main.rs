@@ -7,6 +7,7 @@ mod debezium;
 mod e2e;
 mod es_sink;
 mod es_tls;
+mod freshness;
 mod golden;
 mod independent_consumer;
 mod kafka_tls;

@@ -5,39 +5,8 @@
 
 use std::time::Duration;
 
-use crate::support::{config, get, sample, wait, Broker, Daemon, PgCluster, Tansu};
+use crate::support::{config, get, sample, wait, Broker, Daemon, PgCluster, Probe, Tansu};
 use wait::Poll;
-
-struct Probe {
-    base: String,
-}
-
-impl Probe {
-    async fn metrics(&self) -> String {
-        get(&format!("{}/metrics", self.base)).await.unwrap().1
-    }
-
-    async fn ready(&self) -> u16 {
-        get(&format!("{}/ready", self.base)).await.unwrap().0
-    }
-
-    /// Poll until `cond(metrics text, /ready status)` holds.
-    async fn until(&self, what: &str, daemon: &mut Daemon, cond: impl Fn(&str, u16) -> bool) {
-        let every = Duration::from_millis(200);
-        wait::poll(what, Duration::from_secs(60), every, || async {
-            let (text, ready) = (self.metrics().await, self.ready().await);
-            if cond(&text, ready) {
-                Poll::Ready(())
-            } else if !daemon.is_running() {
-                Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()))
-            } else {
-                Poll::Pending(format!("/ready {ready}; metrics:\n{text}"))
-            }
-        })
-        .await
-        .unwrap();
-    }
-}
 
 /// PostgreSQL with table `t (id int PRIMARY KEY[, columns])`, tansu, and a
 /// daemon streaming `t` whose metrics endpoint listens on a free port;
@@ -68,9 +37,7 @@ impl Rig {
         );
         let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
         crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-        let probe = Probe {
-            base: format!("http://127.0.0.1:{port}"),
-        };
+        let probe = Probe::on(port);
         Rig {
             _pg: pg,
             tansu,
@@ -313,59 +280,4 @@ async fn warnings_reach_the_audit_log_and_a_locked_audit_log_does_not_stall_the_
         !text.contains(" INFO "),
         "--level warn shows only warnings and errors:\n{text}"
     );
-}
-
-/// The number of observations of histogram `metric` with `labels` (`{a="b"}`) in `text`.
-fn histogram_count(text: &str, metric: &str, labels: &str) -> f64 {
-    let prefix = format!("{metric}_count{labels} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kafka_canary_ages_while_kafka_is_frozen_and_ready_follows_it() {
-    let Rig {
-        _pg,
-        tansu,
-        _dir,
-        db,
-        mut daemon,
-        probe,
-    } = Rig::start(
-        "",
-        "ready_window_secs = 3600\n[canary]\ninterval_secs = 1\nmax_lag_secs = 4\n",
-    )
-    .await;
-    let kafka = [("stage", "kafka")];
-    let age = |text: &str| sample(text, "pgcdc_freshness_last_canary_age_seconds", &kafka);
-    probe
-        .until("canaries reach kafka, ready", &mut daemon, |text, ready| {
-            histogram_count(text, "pgcdc_freshness_seconds", "{stage=\"kafka\"}") >= 2.0
-                && age(text).is_some_and(|a| a < 4.0)
-                && ready == 200
-        })
-        .await;
-    // Kafka stops answering while a change waits for it: canaries behind it age.
-    tansu.signal("STOP").unwrap();
-    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
-    probe
-        .until(
-            "the canary ages past the limit: not ready",
-            &mut daemon,
-            |text, ready| age(text).is_some_and(|a| a > 4.0) && ready == 503,
-        )
-        .await;
-    let (_, why) = get(&format!("{}/ready", probe.base)).await.unwrap();
-    assert!(why.contains("freshness"), "{why}");
-    tansu.signal("CONT").unwrap();
-    probe
-        .until("fresh and ready again", &mut daemon, |text, ready| {
-            age(text).is_some_and(|a| a < 4.0) && ready == 200
-        })
-        .await;
-    let out = crate::support::pgcdc(&daemon.config, &["status"]);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("freshness kafka:"), "{shown}");
 }

@@ -198,9 +198,9 @@ async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() 
 
     // The old index is migrated to the first generation behind the alias.
     wait_alias(&es, "cdc_public_items~1", &daemon).await;
-    let want = Want::Table {
-        db: &db,
-        table: "items",
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.items",
     };
     oracle::mirror_equals(&es.url, ALIAS, want, Duration::from_secs(60), Some(&daemon))
         .await

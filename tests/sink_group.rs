@@ -80,9 +80,9 @@ impl Rig {
 
     /// Wait until the mirror equals the table, within `timeout`.
     async fn mirror_equals_table(&self, timeout: Duration, daemon: &Daemon) {
-        let want = Want::Table {
-            db: &self.db,
-            table: "items",
+        let want = Want::Verified {
+            pg: &self.pg,
+            table: "public.items",
         };
         oracle::mirror_equals(&self.es.url, INDEX, want, timeout, Some(daemon))
             .await
@@ -131,6 +131,7 @@ async fn write_until(db: Client, stop: Arc<AtomicBool>) -> u64 {
 }
 
 /// The sum of `metric` over every label set in the Prometheus `text`.
+#[cfg(feature = "failpoints")]
 fn sum(text: &str, metric: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")))

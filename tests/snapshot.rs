@@ -522,9 +522,9 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
     db.batch_execute("UPDATE added SET v = 'changed' WHERE id = 4999")
         .await
         .unwrap();
-    let want = Want::Table {
-        db: &db,
-        table: "added",
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.added",
     };
     let docs = oracle::mirror_equals(
         &es.url,

@@ -112,3 +112,62 @@ pub fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> 
             _ => None,
         })
 }
+
+/// A daemon's metrics endpoint (`/metrics`, `/ready`).
+pub struct Probe {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl Probe {
+    /// The endpoint listening on `port` of 127.0.0.1.
+    pub fn on(port: u16) -> Probe {
+        Probe {
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        get(&format!("{}/metrics", self.base))
+            .await
+            .expect("/metrics")
+            .1
+    }
+
+    /// The `/ready` status and body.
+    pub async fn ready(&self) -> (u16, String) {
+        get(&format!("{}/ready", self.base)).await.expect("/ready")
+    }
+
+    /// Poll until `cond(metrics text, /ready status)` holds (an endpoint
+    /// not listening yet is waited for).
+    pub async fn until(&self, what: &str, daemon: &mut Daemon, cond: impl Fn(&str, u16) -> bool) {
+        let every = Duration::from_millis(200);
+        wait::poll(what, Duration::from_secs(60), every, || async {
+            let text = get(&format!("{}/metrics", self.base)).await;
+            let ready = get(&format!("{}/ready", self.base)).await;
+            let (Some((_, text)), Some((ready, _))) = (text, ready) else {
+                return wait::Poll::Pending("metrics endpoint not answering".into());
+            };
+            if cond(&text, ready) {
+                wait::Poll::Ready(())
+            } else if !daemon.is_running() {
+                wait::Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()))
+            } else {
+                wait::Poll::Pending(format!("/ready {ready}; metrics:\n{text}"))
+            }
+        })
+        .await
+        .expect("condition reached");
+    }
+}
+
+/// The number of observations of histogram `metric` with `labels` (`{a="b"}`) in `text`.
+pub fn histogram_count(text: &str, metric: &str, labels: &str) -> f64 {
+    let prefix = format!("{metric}_count{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

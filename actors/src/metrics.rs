@@ -39,6 +39,8 @@ pub struct Metrics {
     pub es_reindexes: IntCounterVec,
     /// Synced checkpoint writes (several acknowledged batches can share one).
     pub checkpoint_writes: IntCounter,
+    /// Batches the stream handed to the producer.
+    pub batches: IntCounter,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -70,6 +72,14 @@ pub struct Metrics {
     pub es_sink_direct: IntGauge,
     /// Highest commit LSN the ES sink applied to the mirror, per table.
     pub es_applied_lsn: IntGaugeVec,
+    /// Rows (and documents) the continuous verification compared, per
+    /// table and result ([`crate::verify::continuous`]).
+    pub verify_rows: IntCounterVec,
+    /// Drifted rows (missing, extra, stale) the last continuous
+    /// verification of a table found.
+    pub verify_drift: IntGaugeVec,
+    /// When the last continuous verification round ended (seconds since the epoch).
+    pub verify_last_run: IntGauge,
     es_sink_stalled: IntGauge,
     sink: Mutex<SinkHealth>,
     lag_bytes: IntGauge,
@@ -216,6 +226,11 @@ impl Metrics {
                 "Elasticsearch bulk items by outcome",
                 &["outcome"],
             ),
+            batches: counter(
+                &r,
+                "batches_total",
+                "Batches the stream handed to the Kafka producer (committed transactions already received share one, up to postgres.max_batch_events)",
+            ),
             checkpoint_writes: counter(
                 &r,
                 "checkpoint_writes_total",
@@ -317,6 +332,23 @@ impl Metrics {
                 "Highest commit LSN the ES sink applied to the mirror",
                 &["table"],
             ),
+            verify_rows: counter_vec(
+                &r,
+                "verify_rows_total",
+                "Rows and documents compared by the continuous verification, by result (equal, missing, extra, stale, newer, unconfirmed)",
+                &["table", "result"],
+            ),
+            verify_drift: gauge_vec(
+                &r,
+                "verify_drift_rows",
+                "Drifted rows (missing, extra, stale) found by the last continuous verification of a table",
+                &["table"],
+            ),
+            verify_last_run: gauge(
+                &r,
+                "verify_last_run_timestamp_seconds",
+                "When the last continuous verification round ended (seconds since the epoch)",
+            ),
             es_sink_stalled: gauge(
                 &r,
                 "es_sink_stalled",
@@ -399,9 +431,7 @@ impl Metrics {
                 self.lag_bytes()
             ));
         }
-        if what != Readiness::Sink {
-            self.freshness.check()?;
-        }
+        self.freshness.check()?;
         if what == (Readiness::Pipeline { sink: false }) {
             return Ok(());
         }

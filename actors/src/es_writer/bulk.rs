@@ -195,7 +195,7 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
         ("d", _) => (versioned_meta("delete", index, id, lsn), None),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
-            let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms});
+            let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms, "xid": env.source.tx_id});
             doc.insert("_cdc".into(), cdc);
             let meta = versioned_meta("index", index, id, lsn);
             let text = Value::Object(doc.clone()).to_string();
@@ -376,7 +376,7 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         .collect();
     props.insert(
         "_cdc".into(),
-        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}}}),
+        json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}, "xid": {"type": "long"}}}),
     );
     let meta = json!({"created_by": super::mapping::CREATED_BY});
     json!({"settings": settings, "mappings": {"_meta": meta, "properties": props}})
@@ -415,7 +415,7 @@ mod tests {
 
     fn envelope(op: &str, after: Value) -> Vec<u8> {
         json!({"before": null, "after": after, "op": op, "ts_ms": 1,
-               "source": {"schema": "public", "table": "users", "commit_lsn": 500, "seq": 2, "ts_ms": 9}})
+               "source": {"schema": "public", "table": "users", "commit_lsn": 500, "seq": 2, "ts_ms": 9, "txId": 41}})
         .to_string()
         .into_bytes()
     }
@@ -449,7 +449,9 @@ mod tests {
         );
         assert_eq!(
             l[0].1,
-            Some(json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9}}))
+            Some(
+                json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9, "xid": 41}})
+            )
         );
     }
 

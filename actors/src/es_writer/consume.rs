@@ -15,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::alias::{Incoming, Mirrors, Route};
 use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
+use super::canary::{Canaries, CanaryWatch};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::continuity::Continuity;
@@ -38,6 +39,8 @@ pub(super) struct Sink {
     pub(super) kafka: Arc<KafkaConfig>,
     /// Where new mirror generations are copied from.
     pub(super) pg: Option<Arc<PostgresConfig>>,
+    /// Canary records to read, if any.
+    pub(super) canary: Option<Arc<CanaryWatch>>,
 }
 
 /// Clients and caches of one run.
@@ -56,6 +59,8 @@ pub(super) struct Clients {
     floors: Floors,
     /// The mirrors and their generations.
     mirrors: Mirrors,
+    /// Canaries read and not yet searchable.
+    canaries: Option<Canaries>,
 }
 
 impl Sink {
@@ -64,6 +69,7 @@ impl Sink {
         let mut c = self.connect()?;
         loop {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
+                c.group.changes_since_probe = false;
                 self.check_group(&mut c, true).await?;
                 c.mirrors.settle(&c.es).await?;
                 continue;
@@ -76,11 +82,20 @@ impl Sink {
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
             self.written(&mut c, &batch);
+            observe_canaries(&mut c, Some(&batch));
             c.mirrors.settle(&c.es).await?;
+            c.group.changes_since_probe |= has_changes(&c, &batch);
             if c.group.probe_due() {
-                self.check_group(&mut c, false).await?;
+                // Idle: only canary records came (they do not show the change partitions move).
+                let idle = !std::mem::take(&mut c.group.changes_since_probe);
+                self.check_group(&mut c, idle).await?;
             }
         }
+    }
+
+    /// The canary topic, if the sink reads it.
+    pub(super) fn canary_topic(&self) -> Option<&str> {
+        self.canary.as_deref().map(|w| w.topic.as_str())
     }
 
     /// Join the group, and build the dead-letter producer and the ES client.
@@ -90,7 +105,7 @@ impl Sink {
             topic: self.es.dead_letter_topic.clone(),
         };
         Ok(Clients {
-            consumer: super::group::join(&self.es, &self.kafka)?,
+            consumer: super::group::join(&self.es, &self.kafka, self.canary_topic())?,
             continuity: Continuity::default(),
             group: GroupWatch::new(&self.es, &self.kafka)?,
             dlq,
@@ -98,6 +113,7 @@ impl Sink {
             indices: HashSet::new(),
             floors: Floors::default(),
             mirrors: Mirrors::new(self.es.clone(), self.pg.clone()),
+            canaries: self.canary.clone().map(Canaries::new),
         })
     }
 
@@ -153,6 +169,12 @@ impl Sink {
         let mut pending = Vec::new();
         let mut written = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
+            if c.canaries
+                .as_ref()
+                .is_some_and(|k| k.is_canary(msg.topic()))
+            {
+                continue; // read once the batch is written ([`observe_canaries`])
+            }
             match plan(&self.es, msg.key(), msg.payload(), i) {
                 Planned::Skip => {}
                 Planned::Actions(actions) => {
@@ -347,6 +369,28 @@ impl Sink {
         };
         sender.send(pending).await
     }
+}
+
+/// Whether `batch` holds a record of a change topic (not only canaries).
+fn has_changes(c: &Clients, batch: &[OwnedMessage]) -> bool {
+    match &c.canaries {
+        Some(k) => batch.iter().any(|m| !k.is_canary(m.topic())),
+        None => !batch.is_empty(),
+    }
+}
+
+/// Read the canary records of `batch` (without one: after a probe, see
+/// whether the sink reads the canary partition), then count the canaries
+/// whose partitions are applied now.
+pub(super) fn observe_canaries(c: &mut Clients, batch: Option<&[OwnedMessage]>) {
+    let Some(canaries) = &mut c.canaries else {
+        return;
+    };
+    match batch {
+        Some(batch) => canaries.read(batch),
+        None => canaries.owned(canaries.assigned(&c.consumer)),
+    }
+    canaries.observe(|topic, partition| c.group.applied(topic, partition));
 }
 
 /// The offset after the last record of each partition in the batch.

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use super::bulk::{outcomes, render, Action, Outcome};
 use super::client::EsClient;
@@ -163,10 +163,7 @@ impl Fill {
             };
             let mut seq = 0;
             let events = shape.events(&rows, tx, Lsn(snap.lsn), &mut seq);
-            let xmax = rows.iter().filter_map(|m| match m {
-                SimpleQueryMessage::Row(r) => r.get(r.len() - 1).and_then(|x| x.parse().ok()),
-                _ => None,
-            });
+            let xmax = crate::snapshot::shape::trailing_xids(&rows);
             let mut actions = Vec::with_capacity(events.len());
             for ((key, event), xmax) in events.iter().zip(xmax) {
                 if let Some(xid8) = snap.running.get(&xmax) {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::EsConfig;
@@ -30,10 +31,15 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The sink's consumer.
 pub(super) type SinkConsumer = Arc<StreamConsumer<SinkContext>>;
 
-/// Join the sink's group: a new consumer (a new member), subscribed to the change topics.
-pub(super) fn join(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
+/// Join the sink's group: a new consumer (a new member), subscribed to the
+/// change topics (and the `canary` topic, if given).
+pub(super) fn join(
+    es: &EsConfig,
+    kafka: &KafkaConfig,
+    canary: Option<&str>,
+) -> Result<SinkConsumer, EsError> {
     let consumer = consumer(es, kafka)?;
-    subscribe(&consumer, kafka)?;
+    subscribe(&consumer, kafka, canary)?;
     Ok(consumer)
 }
 
@@ -54,13 +60,29 @@ pub(super) fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsume
     Ok(Arc::new(consumer))
 }
 
-/// Subscribe to the change topics: the consumer joins the group.
-pub(super) fn subscribe(consumer: &SinkConsumer, kafka: &KafkaConfig) -> Result<(), EsError> {
-    match kafka.topic_mode {
-        TopicMode::Single => consumer.subscribe(&[kafka.topic.as_str()])?,
-        TopicMode::PerTable => consumer.subscribe(&[topic_pattern(kafka).as_str()])?,
-    }
+/// Subscribe to the change topics (and the `canary` topic, if given): the
+/// consumer joins the group.
+pub(super) fn subscribe(
+    consumer: &SinkConsumer,
+    kafka: &KafkaConfig,
+    canary: Option<&str>,
+) -> Result<(), EsError> {
+    let topics = subscription(kafka, canary);
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
     Ok(())
+}
+
+/// The topics (names and patterns) the sink subscribes to. The canary topic
+/// is a pattern: a subscribed name that does not exist (canaries off, or
+/// not created yet) is a consumer error, a pattern matching nothing is not.
+fn subscription(kafka: &KafkaConfig, canary: Option<&str>) -> Vec<String> {
+    let mut topics = vec![match kafka.topic_mode {
+        TopicMode::Single => kafka.topic.clone(),
+        TopicMode::PerTable => topic_pattern(kafka),
+    }];
+    topics.extend(canary.map(|t| format!("^{}$", t.replace('.', "\\."))));
+    topics
 }
 
 /// The subscription pattern of per-table topics: `<prefix>.<schema>.<table>`
@@ -81,7 +103,8 @@ fn subscribed(kafka: &KafkaConfig, topic: &str) -> bool {
 }
 
 /// Read `partitions` directly: assign them to `consumer` (not a group
-/// member), each from its group's committed offset.
+/// member), each from its group's committed offset. The canary topic is not
+/// read meanwhile (the search stage ages through the spell).
 pub(super) fn read_directly(
     consumer: &SinkConsumer,
     partitions: &[PartitionLag],
@@ -155,6 +178,37 @@ fn probe_blocking(
     kafka: &KafkaConfig,
 ) -> Result<Vec<PartitionLag>, EsError> {
     let consumer = prober;
+    let tpl = change_partitions(consumer, kafka)?;
+    if tpl.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let (high, low) = (
+        offsets_at(consumer, &tpl, Offset::End)?,
+        offsets_at(consumer, &tpl, Offset::Beginning)?,
+    );
+    let committed = consumer.committed_offsets(tpl.clone(), PROBE_TIMEOUT)?;
+    Ok(tpl
+        .elements()
+        .iter()
+        .map(|e| {
+            let at = |list: &TopicPartitionList| offset_of(list, e.topic(), e.partition());
+            PartitionLag {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                committed: at(&committed),
+                low: at(&low).unwrap_or(0),
+                high: at(&high).unwrap_or(0),
+                owned: false,
+            }
+        })
+        .collect())
+}
+
+/// Every partition of the change topics the sink subscribes to (one metadata request).
+fn change_partitions<C: Consumer>(
+    consumer: &C,
+    kafka: &KafkaConfig,
+) -> Result<TopicPartitionList, KafkaError> {
     let only = match kafka.topic_mode {
         TopicMode::Single => Some(kafka.topic.as_str()),
         TopicMode::PerTable => None,
@@ -170,30 +224,38 @@ fn probe_blocking(
             tpl.add_partition(topic.name(), p.id());
         }
     }
+    Ok(tpl)
+}
+
+/// ListOffsets of every partition of `tpl` at once, with the special
+/// timestamps for the end and the start.
+fn offsets_at<C: Consumer>(
+    consumer: &C,
+    tpl: &TopicPartitionList,
+    at: Offset,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut list = tpl.clone();
+    list.set_all_offsets(at)?;
+    consumer.offsets_for_times(list, PROBE_TIMEOUT)
+}
+
+/// The high watermark (the next offset to be written) of every non-empty
+/// partition of the change topics, in two requests; for the canary record.
+pub(crate) fn change_topic_ends<C: Consumer>(
+    consumer: &C,
+    kafka: &KafkaConfig,
+) -> Result<Vec<(String, i32, i64)>, KafkaError> {
+    let tpl = change_partitions(consumer, kafka)?;
     if tpl.count() == 0 {
         return Ok(Vec::new());
     }
-    // ListOffsets by timestamp, with the special timestamps for the end and the start.
-    let offsets_at = |end: Offset| -> Result<TopicPartitionList, EsError> {
-        let mut at = tpl.clone();
-        at.set_all_offsets(end)?;
-        Ok(consumer.offsets_for_times(at, PROBE_TIMEOUT)?)
-    };
-    let (high, low) = (offsets_at(Offset::End)?, offsets_at(Offset::Beginning)?);
-    let committed = consumer.committed_offsets(tpl.clone(), PROBE_TIMEOUT)?;
+    let high = offsets_at(consumer, &tpl, Offset::End)?;
     Ok(tpl
         .elements()
         .iter()
-        .map(|e| {
-            let at = |list: &TopicPartitionList| offset_of(list, e.topic(), e.partition());
-            PartitionLag {
-                topic: e.topic().to_owned(),
-                partition: e.partition(),
-                committed: at(&committed),
-                low: at(&low).unwrap_or(0),
-                high: at(&high).unwrap_or(0),
-                owned: false,
-            }
+        .filter_map(|e| {
+            let end = offset_of(&high, e.topic(), e.partition()).filter(|&o| o > 0)?;
+            Some((e.topic().to_owned(), e.partition(), end))
         })
         .collect())
 }
@@ -239,5 +301,14 @@ mod tests {
         assert!(!subscribed(&kafka, "cdc"));
         assert!(!subscribed(&kafka, "cdc.transaction"));
         assert_eq!(topic_pattern(&kafka), "^cdc\\.[^.]+\\..+");
+        let canary = crate::canary::record::topic("cdc");
+        assert!(
+            !subscribed(&kafka, &canary),
+            "canaries are not change records"
+        );
+        assert_eq!(
+            subscription(&kafka, Some(&canary)),
+            ["^cdc\\.[^.]+\\..+", "^__pgcdc-canary\\.cdc$"]
+        );
     }
 }

@@ -12,10 +12,12 @@
 //! `retry`, dead letters in `dead_letter`, the offset-continuity check in
 //! `continuity` (healing a broker's skipped records with `heal`), the
 //! consumer and its group in `group`, the stall rule in `stall` and its
-//! remedies in `remedy`, and the pure planning of writes in `bulk`.
+//! remedies in `remedy`, the pure planning of writes in `bulk`, and the
+//! search stage of the freshness canary in `canary`.
 
 mod alias;
 mod bulk;
+mod canary;
 mod client;
 mod config;
 mod consume;
@@ -43,10 +45,11 @@ use actix::prelude::*;
 pub use bulk::{
     field_mapping, index_body, mirror_index, outcomes, plan, render, Action, Outcome, Planned,
 };
+pub use canary::CanaryWatch;
 pub use client::EsClient;
 pub use config::EsConfig;
 pub use error::EsError;
-pub(crate) use group::group_offsets;
+pub(crate) use group::{change_topic_ends, group_offsets};
 pub use mapping::duration_secs;
 pub use naming::doc_id;
 
@@ -63,6 +66,8 @@ pub struct EsWriterActor {
     pg: Option<Arc<PostgresConfig>>,
     budget: RestartBudget,
     task: Option<tokio::task::AbortHandle>,
+    /// Canary records to read (the search stage of freshness), if any.
+    canary: Option<Arc<CanaryWatch>>,
 }
 
 impl EsWriterActor {
@@ -81,7 +86,14 @@ impl EsWriterActor {
             pg,
             budget,
             task: None,
+            canary: None,
         }
+    }
+
+    /// Also read `watch`'s canary records and measure the search stage.
+    pub fn with_canaries(mut self, watch: Arc<CanaryWatch>) -> Self {
+        self.canary = Some(watch);
+        self
     }
 }
 
@@ -93,6 +105,7 @@ impl Actor for EsWriterActor {
             es: self.es.clone(),
             kafka: self.kafka.clone(),
             pg: self.pg.clone(),
+            canary: self.canary.clone(),
         };
         let handle = spawn_after_backoff(&self.budget, sink.run());
         self.task = Some(handle.abort_handle());

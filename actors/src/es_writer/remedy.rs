@@ -42,6 +42,11 @@ pub(super) struct GroupWatch {
     /// The offset after the last record written, per partition: where the
     /// sink stands even when its commit has not landed (or is refused).
     positions: HashMap<(String, i32), i64>,
+    /// Whether a change record (not only canaries) came since the last probe.
+    pub(super) changes_since_probe: bool,
+    /// Per partition, where the last probe found the group (its committed
+    /// offset, or the log start if that is beyond it).
+    probed: HashMap<(String, i32), i64>,
 }
 
 impl GroupWatch {
@@ -55,6 +60,8 @@ impl GroupWatch {
             probed_at: Instant::now(),
             probe_failures: 0,
             positions: HashMap::new(),
+            probed: HashMap::new(),
+            changes_since_probe: false,
         })
     }
 
@@ -68,6 +75,16 @@ impl GroupWatch {
         self.stall
             .committed(topic, partition, offset, Instant::now());
         self.positions.insert((topic.to_owned(), partition), offset);
+    }
+
+    /// The next offset of a partition to apply, as far as known: every
+    /// record below it is written (by this sink, or by the group before it
+    /// committed), or gone from the log.
+    pub(super) fn applied(&self, topic: &str, partition: i32) -> Option<i64> {
+        let key = (topic.to_owned(), partition);
+        let own = self.positions.get(&key).copied();
+        let group = self.probed.get(&key).copied();
+        own.max(group)
     }
 }
 
@@ -86,6 +103,7 @@ impl Sink {
         let Some(partitions) = self.probe(c).await else {
             return Ok(());
         };
+        super::consume::observe_canaries(c, None);
         let in_group = c.group.membership == Membership::Group;
         match c.group.stall.observe(&partitions, idle, in_group, now) {
             Verdict::Stalled {
@@ -173,6 +191,13 @@ impl Sink {
                 l.committed = Some(l.committed.map_or(at, |o| o.max(at)));
             }
         }
+        c.group.probed = partitions
+            .iter()
+            .filter_map(|l| {
+                let at = l.committed.map_or(l.low, |o| o.max(l.low));
+                Some(((l.topic.clone(), l.partition), at)).filter(|_| at > 0)
+            })
+            .collect();
         let m = crate::metrics::metrics();
         for l in &partitions {
             m.es_sink_lag
@@ -188,7 +213,7 @@ impl Sink {
     async fn rejoin(&self, c: &mut Clients) -> Result<(), EsError> {
         c.group.stall.acted(Remedy::Rejoin, Instant::now());
         self.replace_consumer(c).await?;
-        group::subscribe(&c.consumer, &self.kafka)?;
+        group::subscribe(&c.consumer, &self.kafka, self.canary_topic())?;
         crate::metrics::metrics().es_sink_rejoins.inc();
         Ok(())
     }
@@ -214,7 +239,7 @@ impl Sink {
         tracing::info!(group = %self.es.consumer_group, "es sink joining its group again after reading directly");
         c.group.stall.acted(Remedy::Wait, Instant::now());
         self.replace_consumer(c).await?;
-        group::subscribe(&c.consumer, &self.kafka)?;
+        group::subscribe(&c.consumer, &self.kafka, self.canary_topic())?;
         c.group.membership = Membership::Group;
         crate::metrics::metrics().es_sink_direct.set(0);
         Ok(())

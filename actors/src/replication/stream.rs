@@ -32,6 +32,13 @@ const BATCH_CAPACITY_MAX: usize = 1024;
 /// Bytes of a pgoutput insert, update or delete message that are not row
 /// data (tag, relation OID, tuple markers): left out of a batch's size.
 const CHANGE_HEADER_BYTES: usize = 16;
+/// How long committed transactions wait in a batch for more to join it
+/// (see [`Stream::coalesce`]): at a steady rate of small transactions,
+/// several share a batch; librdkafka waits as long (`linger.ms`) anyway.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+/// Longest time committed transactions wait in a batch for more to join
+/// it while more keep arriving (see [`Stream::coalesce`]).
+const COALESCE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 /// Longest wait, after the replication connection was lost, for the records
 /// in flight to be acknowledged and checkpointed before streaming again
 /// (Kafka answering slower than this costs duplicates, never losses).
@@ -68,6 +75,10 @@ pub(super) struct Outbox {
     batch: Vec<ChangeEvent>,
     /// What `batch` holds.
     size: BatchSize,
+    /// The last commit whose events `batch` holds but that was not handed
+    /// over yet: its end LSN, the batch's length at it, and when the first
+    /// such commit came (see [`Stream::coalesce`]).
+    pending: Option<(Lsn, usize, Instant)>,
     /// Rows of the initial snapshot, published after `batch`.
     pub rows: Option<CopiedRows>,
     /// Copy progress to checkpoint with the next commit.
@@ -86,6 +97,7 @@ impl Outbox {
             seq: 0,
             batch: Vec::new(),
             size: BatchSize::default(),
+            pending: None,
             rows: None,
             progress: Vec::new(),
             limit,
@@ -180,7 +192,19 @@ impl Stream {
         let mut types = TypeSource::default();
         let scope = ScopeWatch::new(self.config.clone(), tables, self.marks.key().clone()).run();
         tokio::pin!(scope);
+        // Armed while commits wait in the batch: fires [`LINGER`] after the first.
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        let mut armed = false;
         loop {
+            match out.pending {
+                Some((_, _, since)) if !armed => {
+                    linger.as_mut().reset((since + LINGER).into());
+                    armed = true;
+                }
+                None => armed = false,
+                Some(_) => {}
+            }
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => {
@@ -201,6 +225,10 @@ impl Stream {
                     self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
                 }
                 () = &mut scope => {}
+                // Nothing else came for a while: hand over the commits coalesced so far.
+                () = &mut linger, if armed => {
+                    self.publish_pending(out).await?;
+                }
             }
         }
     }
@@ -239,7 +267,7 @@ impl Stream {
                 }
                 let bytes = data.len().saturating_sub(CHANGE_HEADER_BYTES);
                 if is_change(&msg) && out.limit.closes_before(out.size, bytes) {
-                    self.publish(out, None).await?;
+                    self.publish_full(out).await?;
                 }
                 let from = out.batch.len();
                 asm.apply(msg, lsn, &mut out.batch)
@@ -257,8 +285,9 @@ impl Stream {
                 let unix_us = commit_time_micros.saturating_add(assembler::PG_EPOCH_OFFSET_US);
                 let empty = asm.commit() == 0 && out.progress.is_empty();
                 let end = Lsn::from(end_lsn);
-                if out.flush.committed(end, unix_us, empty, Instant::now()) {
-                    self.publish(out, Some(end)).await?;
+                let now = Instant::now();
+                if out.flush.committed(end, unix_us, empty, now) || out.pending.is_some() {
+                    self.coalesce(out, end, now).await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -304,7 +333,7 @@ impl Stream {
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
                 let bytes = rows.iter().map(ChangeEvent::row_bytes).sum();
                 if out.limit.closes_before(out.size, bytes) {
-                    self.publish(out, None).await?;
+                    self.publish_full(out).await?;
                 }
                 let from = out.batch.len();
                 out.batch.extend(rows);
@@ -341,10 +370,56 @@ impl Stream {
         self.snapshots.do_send(BackfillTable { progress });
     }
 
+    /// A transaction committed at `end`: its events stay in the batch for
+    /// more transactions to join, so a backlog or a steady stream of small
+    /// transactions goes out in full batches (one producer hand-over and
+    /// one checkpoint each) instead of one batch per transaction. The
+    /// batch is handed over [`LINGER`] after its first waiting commit if
+    /// nothing else is being received (the stream loop), once it is full,
+    /// or [`COALESCE_MAX`] after that commit.
+    async fn coalesce(
+        &self,
+        out: &mut Outbox,
+        end: Lsn,
+        now: Instant,
+    ) -> Result<(), ReplicationError> {
+        let since = out.pending.map_or(now, |(_, _, since)| since);
+        out.pending = Some((end, out.batch.len(), since));
+        if out.limit.is_full(out.size) || now.duration_since(since) >= COALESCE_MAX {
+            self.publish_pending(out).await?;
+        }
+        Ok(())
+    }
+
+    /// Hand over the batch up to its last commit; the changes of the
+    /// transaction open since then stay for the next batch.
+    async fn publish_pending(&self, out: &mut Outbox) -> Result<(), ReplicationError> {
+        let Some((end, len, _)) = out.pending else {
+            return Ok(());
+        };
+        let open = out.batch.split_off(len.min(out.batch.len()));
+        self.publish(out, Some(end)).await?;
+        let bytes = open.iter().map(ChangeEvent::row_bytes).sum();
+        out.batch.extend(open);
+        out.added(0, bytes);
+        Ok(())
+    }
+
+    /// Hand the batch over before it passes its size limit: with the
+    /// position of its last commit if it ends there, else mid-transaction
+    /// (the commits it holds are checkpointed with a later batch).
+    async fn publish_full(&self, out: &mut Outbox) -> Result<(), ReplicationError> {
+        let end = out
+            .pending
+            .filter(|(_, len, _)| *len == out.batch.len())
+            .map(|(end, _, _)| end);
+        self.publish(out, end).await
+    }
+
     /// Hand the batch over mid-transaction once it reached its size limit.
     async fn publish_if_full(&self, out: &mut Outbox) -> Result<(), ReplicationError> {
         if out.limit.is_full(out.size) {
-            self.publish(out, None).await?;
+            self.publish_full(out).await?;
         }
         Ok(())
     }
@@ -358,6 +433,7 @@ impl Stream {
         let capacity = out.limit.events.min(BATCH_CAPACITY_MAX);
         let events = std::mem::replace(&mut out.batch, Vec::with_capacity(capacity));
         out.size = BatchSize::default();
+        out.pending = None;
         let progress = match commit_end {
             Some(_) => std::mem::take(&mut out.progress),
             None => Vec::new(),
@@ -370,6 +446,7 @@ impl Stream {
             commit_end,
             progress,
         };
+        metrics().batches.inc();
         let counted = &metrics().events_in;
         for ((table, op), n) in msg.counts() {
             counted.with_label_values(&[table.as_str(), op]).inc_by(n);

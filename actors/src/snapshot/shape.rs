@@ -195,6 +195,31 @@ impl Shape {
         )
     }
 
+    /// The query for the key columns (text, in key order) of the rows whose
+    /// key is one of `keys`: which of them exist.
+    pub(crate) fn existing_keys_query(&self, keys: &[KeyText]) -> String {
+        let list: Vec<String> = keys.iter().map(|k| self.key_literal(k)).collect();
+        let texts: Vec<String> = self
+            .key
+            .iter()
+            .map(|(i, _)| format!("{}::text", quote_ident(&self.columns[*i].0)))
+            .collect();
+        format!(
+            "SELECT {} FROM {} WHERE ({}) IN ({})",
+            texts.join(", "),
+            self.qualified,
+            self.key_list(),
+            list.join(", ")
+        )
+    }
+
+    /// The key text of a row of [`Self::existing_keys_query`].
+    pub(crate) fn key_text_of(&self, row: &SimpleQueryRow) -> KeyText {
+        (0..self.key.len())
+            .map(|i| text(row, i).unwrap_or("").to_owned())
+            .collect()
+    }
+
     /// The key columns' names, in key order.
     pub fn key_names(&self) -> Vec<&str> {
         self.key
@@ -368,6 +393,24 @@ pub(crate) fn read_event(
 /// `SimpleQueryRow::get` panics on text that is not valid UTF-8, which only
 /// a `SQL_ASCII` database sends; there the copy reads bytes instead
 /// ([`Shape::select_list`]), so this fallback (U+FFFD) is never expected.
+/// The transaction id in the last column (`xmax::text`) of each row of
+/// `messages`, in row order; 0 (none) where it does not read as one.
+pub(crate) fn trailing_xids(messages: &[SimpleQueryMessage]) -> Vec<u32> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.len()
+                    .checked_sub(1)
+                    .and_then(|i| r.get(i))
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 fn text(row: &SimpleQueryRow, i: usize) -> Option<&str> {
     row.try_get(i).unwrap_or(Some(INVALID_TEXT))
 }

@@ -19,6 +19,10 @@ pub enum Kind {
     Stale,
     /// The document holds a change committed after the snapshot: not comparable, not drift.
     Newer,
+    /// An apparent difference that could not be checked again: the
+    /// pipeline did not apply the snapshot's position within the fence
+    /// timeout. Neither drift nor equal.
+    Unconfirmed,
 }
 
 /// The verdict on one key.
@@ -30,23 +34,117 @@ pub enum Verdict {
     Differs(Kind, Vec<String>),
 }
 
+/// Which committed transactions a REPEATABLE READ snapshot holds.
+///
+/// A WAL position alone cannot say: a transaction becomes visible only
+/// after its commit record is written, so one still finishing (flushing,
+/// or waiting for a synchronous standby) can have a commit record below a
+/// position read after the snapshot, and be decoded and published, while
+/// the snapshot does not see it. Its transaction id says it was running.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// The WAL insert position read just after the snapshot was taken:
+    /// every transaction it holds committed (ended) at or below it.
+    pub at: Lsn,
+    /// The snapshot's `xmin` (`xid8`): every transaction below it ended.
+    xmin: u64,
+    /// The snapshot's `xmax` (`xid8`): no transaction from it on is held.
+    xmax: u64,
+    /// The transactions running when it was taken (`xid8`).
+    running: std::collections::HashSet<u64>,
+}
+
+impl Cut {
+    /// The cut of a snapshot whose `pg_current_snapshot()` reads `snapshot`
+    /// (`xmin:xmax:xip,...`), with `at` read after it; `None` if unreadable.
+    pub fn new(at: Lsn, snapshot: &str) -> Option<Self> {
+        let mut parts = snapshot.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = match parts.next()? {
+            "" => Default::default(),
+            list => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(Self {
+            at,
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// A cut that holds everything committed up to `at`, by position only.
+    pub fn at(at: Lsn) -> Self {
+        Self {
+            at,
+            xmin: u64::MAX,
+            xmax: u64::MAX,
+            running: Default::default(),
+        }
+    }
+
+    /// Whether the snapshot holds a committed change with commit LSN `lsn`
+    /// of transaction `xid` (32 bits, as the stream carries it; `None` or
+    /// zero for a row copied from a snapshot, judged by position only).
+    pub fn holds(&self, lsn: Lsn, xid: Option<u32>) -> bool {
+        if lsn > self.at {
+            return false;
+        }
+        match xid.filter(|x| *x != 0) {
+            Some(x) => self.sees(x),
+            None => true,
+        }
+    }
+
+    /// Whether the snapshot sees the (committed) transaction `xid`.
+    pub fn sees(&self, xid: u32) -> bool {
+        let x = self.widen(xid);
+        x < self.xmin || (x < self.xmax && !self.running.contains(&x))
+    }
+
+    /// The `xid8` of a 32-bit `xid` near the snapshot's `xmax` (within 2³¹).
+    fn widen(&self, xid: u32) -> u64 {
+        if self.xmax == u64::MAX {
+            return 0;
+        }
+        let near = (self.xmax & !0xffff_ffff) | u64::from(xid);
+        match near {
+            n if n > self.xmax.saturating_add(1 << 31) => n.saturating_sub(1 << 32),
+            n if n.saturating_add(1 << 31) < self.xmax => n + (1 << 32),
+            n => n,
+        }
+    }
+}
+
 /// The commit LSN of the change a document holds (`_cdc.lsn`); zero if absent.
 pub(crate) fn doc_lsn(doc: &Map<String, Value>) -> Lsn {
     let lsn = doc.get(CDC_FIELD).and_then(|c| c.get("lsn"));
     Lsn(lsn.and_then(Value::as_u64).unwrap_or(0))
 }
 
-/// Compare the `row` of a table read at `at` (rendered as events render it)
-/// with its mirror `doc`; either may be absent.
+/// The transaction id of the change a document holds (`_cdc.xid`).
+fn doc_xid(doc: &Map<String, Value>) -> Option<u32> {
+    let xid = doc.get(CDC_FIELD).and_then(|c| c.get("xid"))?;
+    xid.as_u64().and_then(|x| u32::try_from(x).ok())
+}
+
+/// Compare the `row` of a table read in the snapshot `cut` (rendered as
+/// events render it) with its mirror `doc`; either may be absent.
 pub fn compare(
     row: Option<&Map<String, Value>>,
     doc: Option<&Map<String, Value>>,
-    at: Lsn,
+    cut: &Cut,
 ) -> Verdict {
     let doc = match doc {
         None if row.is_none() => return Verdict::Equal,
         None => return Verdict::Differs(Kind::Missing, Vec::new()),
-        Some(d) if doc_lsn(d) > at => return Verdict::Differs(Kind::Newer, Vec::new()),
+        Some(d) if !cut.holds(doc_lsn(d), doc_xid(d)) => {
+            return Verdict::Differs(Kind::Newer, Vec::new())
+        }
         Some(d) => d,
     };
     let Some(row) = row else {
@@ -81,8 +179,11 @@ mod tests {
     fn equal_rows_ignore_the_cdc_field() {
         let row = map(json!({"id": 1, "n": "a"}));
         let doc = map(json!({"id": 1, "n": "a", "_cdc": {"lsn": 10, "seq": 0}}));
-        assert_eq!(compare(Some(&row), Some(&doc), Lsn(10)), Verdict::Equal);
-        assert_eq!(compare(None, None, Lsn(10)), Verdict::Equal);
+        assert_eq!(
+            compare(Some(&row), Some(&doc), &Cut::at(Lsn(10))),
+            Verdict::Equal
+        );
+        assert_eq!(compare(None, None, &Cut::at(Lsn(10))), Verdict::Equal);
     }
 
     #[test]
@@ -90,15 +191,15 @@ mod tests {
         let row = map(json!({"id": 1, "n": "a", "m": 2}));
         let doc = map(json!({"id": 1, "n": "b", "old": 1, "_cdc": {"lsn": 5}}));
         assert_eq!(
-            compare(Some(&row), Some(&doc), Lsn(10)),
+            compare(Some(&row), Some(&doc), &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Stale, vec!["m".into(), "n".into(), "old".into()])
         );
         assert_eq!(
-            compare(Some(&row), None, Lsn(10)),
+            compare(Some(&row), None, &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Missing, vec![])
         );
         assert_eq!(
-            compare(None, Some(&doc), Lsn(10)),
+            compare(None, Some(&doc), &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Extra, vec![])
         );
     }
@@ -108,11 +209,11 @@ mod tests {
         let row = map(json!({"id": 1, "n": "a"}));
         let doc = map(json!({"id": 1, "n": "z", "_cdc": {"lsn": 11}}));
         assert_eq!(
-            compare(Some(&row), Some(&doc), Lsn(10)),
+            compare(Some(&row), Some(&doc), &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Newer, vec![])
         );
         assert_eq!(
-            compare(None, Some(&doc), Lsn(10)),
+            compare(None, Some(&doc), &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Newer, vec![])
         );
     }

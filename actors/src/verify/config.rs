@@ -16,6 +16,12 @@ const DEFAULT_FENCE_TIMEOUT_SECS: u64 = 60;
 const DEFAULT_RECHECKS: usize = 3;
 /// Most re-check rounds.
 const RECHECKS_MAX: usize = 20;
+/// Default key ranges compared at once.
+const DEFAULT_PARALLELISM: usize = 4;
+/// Most key ranges compared at once (one PostgreSQL connection each).
+const PARALLELISM_MAX: usize = 64;
+/// Default fraction of each table the daemon's continuous verification compares.
+const DEFAULT_SAMPLE: f64 = 0.01;
 
 /// `[verify]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +35,17 @@ pub struct VerifyConfig {
     /// Rounds of re-checking a difference (new snapshot, wait, read again)
     /// before it counts as drift.
     pub rechecks: usize,
+    /// PostgreSQL connections sharing the snapshot: mirror pages looked up
+    /// at once, and key ranges compared at once (a sample also reads up to
+    /// as many mirror slices at once): at most `parallelism × chunk_rows`
+    /// rows in memory.
+    pub parallelism: usize,
+    /// Seconds between two continuous verifications in the daemon (`pgcdc
+    /// run`); 0: none.
+    pub interval_secs: u64,
+    /// Fraction (0 < f ≤ 1) of each table's key ranges (and of its mirror's
+    /// slices) a continuous verification compares.
+    pub sample: f64,
 }
 
 impl Default for VerifyConfig {
@@ -37,6 +54,9 @@ impl Default for VerifyConfig {
             chunk_rows: DEFAULT_CHUNK_ROWS,
             fence_timeout_secs: DEFAULT_FENCE_TIMEOUT_SECS,
             rechecks: DEFAULT_RECHECKS,
+            parallelism: DEFAULT_PARALLELISM,
+            interval_secs: 0,
+            sample: DEFAULT_SAMPLE,
         }
     }
 }
@@ -62,6 +82,23 @@ impl VerifyConfig {
                 format!("must be between 1 and {RECHECKS_MAX}"),
             ));
         }
+        if !(1..=PARALLELISM_MAX).contains(&self.parallelism) {
+            errors.push(ConfigError::new(
+                "verify.parallelism",
+                format!("must be between 1 and {PARALLELISM_MAX}"),
+            ));
+        }
+        if !(self.sample > 0.0 && self.sample <= 1.0) {
+            errors.push(ConfigError::new(
+                "verify.sample",
+                "must be a fraction above 0 and at most 1",
+            ));
+        }
+    }
+
+    /// The time between two continuous verifications; `None`: off.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.interval_secs > 0).then(|| Duration::from_secs(self.interval_secs))
     }
 
     /// The fence timeout as a duration.
@@ -83,6 +120,9 @@ mod tests {
             chunk_rows: 0,
             fence_timeout_secs: 0,
             rechecks: 0,
+            parallelism: 0,
+            interval_secs: 0,
+            sample: 0.0,
         }
         .validate(&mut errors);
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
@@ -91,7 +131,9 @@ mod tests {
             [
                 "verify.chunk_rows",
                 "verify.fence_timeout_secs",
-                "verify.rechecks"
+                "verify.rechecks",
+                "verify.parallelism",
+                "verify.sample"
             ]
         );
     }

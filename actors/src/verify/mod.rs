@@ -5,28 +5,40 @@
 //! whose WAL position (`pg_current_wal_lsn()` inside it) is recorded: every
 //! change the snapshot sees committed below that position.
 //!
-//! **Two passes, bounded memory.** Document ids are strings (see
+//! **Documents first, bounded memory.** Document ids are strings (see
 //! [`naming`](crate::es_writer::naming)): `"10"` sorts before `"9"`, so the
 //! table's key order and the mirror's `_id` order differ for most key types
-//! and a merge of the two streams would need a sort of one side. Instead:
-//! 1. the rows, in keyset chunks, are rendered as events render them
-//!    ([`Shape`](crate::snapshot::shape::Shape)) and their documents read
-//!    by id (`_mget`): missing, stale (naming the columns) or newer;
-//! 2. the documents, in pages of a scroll (`_doc` order, key columns
-//!    only), are looked up by key in the same snapshot: a document without a row is
-//!    extra (or newer, if its `_cdc.lsn` is past the snapshot).
+//! and a merge of the two streams would need a sort of one side. Instead a
+//! full run reads the mirror once, in pages of a scroll with sources, and
+//! looks each page's rows up by key in the snapshot, rendered as events
+//! render them ([`Shape`](crate::snapshot::shape::Shape)): extra, stale
+//! (naming the columns) or newer. If fewer documents found their row than
+//! the table has rows, the rows are read in keyset chunks and their
+//! documents by id (`_mget`) for the missing ones.
 //!
-//! Memory holds one chunk and the differences found, never the table.
+//! **In parallel.** Several connections share the snapshot and look pages
+//! up at once ([`passes`]). Memory holds at most `parallelism ×
+//! chunk_rows` rows and their documents and the differences found, never
+//! the table. A sample (`--sample`, continuous verification) compares
+//! random key ranges row first, beside the ids of random mirror slices.
 //!
 //! **No false drift.** A document whose `_cdc.lsn` is past the snapshot
 //! position holds a change the snapshot cannot see: counted as *newer*,
-//! not drift. Every other difference is checked again ([`recheck`]).
+//! not drift. Every other difference is checked again ([`recheck`]); one
+//! the pipeline was too far behind to settle is *unconfirmed*.
+//!
+//! **The Kafka leg** (`--kafka`, [`kafka`]): the change topic folded to
+//! each key's last change, judged against the same snapshot.
 
 mod compare;
 mod config;
+pub mod continuous;
 mod fence;
+mod fold;
+mod kafka;
 mod keys;
 mod mirror;
+mod passes;
 mod recheck;
 mod repair;
 mod report;
@@ -38,9 +50,10 @@ use std::time::Instant;
 
 use serde_json::{Map, Value};
 
-pub use compare::{compare, Kind, Verdict};
+pub use compare::{compare, Cut, Kind, Verdict};
 pub use config::VerifyConfig;
-pub use fence::Fence;
+pub use fence::{Behind, Fence};
+pub use kafka::KafkaLeg;
 pub use report::{Finding, TableReport, Tally};
 
 use crate::checkpoint::{KeyRange, KeyText};
@@ -51,7 +64,7 @@ use crate::kafka_producer::KafkaConfig;
 use crate::pg::{PgError, PostgresConfig};
 use crate::snapshot::shape::Shape;
 use crate::snapshot::SnapshotError;
-use mirror::Mirror;
+use mirror::{Mirror, Slice};
 use source::{Row, Snapshot};
 
 /// Key ranges a sampled table is split into (a sample picks among them).
@@ -72,6 +85,9 @@ pub enum VerifyError {
     /// Elasticsearch (or Kafka, for the sink's group) failed.
     #[error(transparent)]
     Es(#[from] EsError),
+    /// Reading the change topic failed (`--kafka`).
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
     /// The table has no unique key.
     #[error("table {0} has no unique key (REPLICA IDENTITY FULL without a primary key): it cannot be compared by key")]
     Keyless(String),
@@ -93,7 +109,7 @@ impl VerifyError {
             Self::Es(e) => e.class(),
             Self::Keyless(_) | Self::NotReady(_) => ErrorClass::Fatal(ExitCode::SourceNotReady),
             Self::Internal(_) => ErrorClass::Fatal(ExitCode::Internal),
-            Self::Sql(_) => ErrorClass::Transient,
+            Self::Sql(_) | Self::Kafka(_) => ErrorClass::Transient,
         }
     }
 }
@@ -110,9 +126,11 @@ pub struct Verifier {
     es: EsClient,
     /// How to read and wait.
     opts: VerifyConfig,
-    /// Compare only this fraction of the key ranges, at random (and look
-    /// for no extra documents); `None`: everything.
+    /// Compare only this fraction of the key ranges (and mirror slices),
+    /// at random; `None`: everything.
     sample: Option<f64>,
+    /// Also fold the change topic (`--kafka`).
+    kafka_leg: bool,
 }
 
 /// A difference found and not yet confirmed.
@@ -135,7 +153,15 @@ impl Verifier {
             es,
             opts,
             sample,
+            kafka_leg: false,
         })
+    }
+
+    /// Also fold each table's change topic and judge it against the table
+    /// (`--kafka`, see [`KafkaLeg`]).
+    pub fn with_kafka(mut self, on: bool) -> Self {
+        self.kafka_leg = on;
+        self
     }
 
     /// Verify `schema.table` against its mirror.
@@ -164,129 +190,147 @@ impl Verifier {
         let index = mirror_index(&self.es_cfg.index_prefix, schema, table);
         let mirror = Mirror::new(&self.es, &index);
         mirror.refresh().await?;
+        let plan = self.plan(&snap, &shape).await?;
         let mut report = TableReport {
             table: format!("{schema}.{table}"),
             index: index.clone(),
-            snapshot_lsn: snap.at.to_string(),
-            sample: self.sample,
+            snapshot_lsn: snap.cut.at.to_string(),
+            sample: self.sampled(),
             ..TableReport::default()
         };
-        let mut apparent = Vec::new();
-        self.rows_pass(&snap, &shape, &mirror, &mut report, &mut apparent)
-            .await?;
-        if self.sample.is_none() {
-            self.docs_pass(&snap, &shape, &mirror, &mut report, &mut apparent)
-                .await?;
+        if report.sample.is_some() {
+            report.sampled_ranges = plan
+                .ranges
+                .iter()
+                .map(|r| (r.after.clone(), r.upto.clone()))
+                .collect();
         }
-        snap.close().await?;
+        let mut apparent = Vec::new();
+        let ranges = plan.ranges.clone();
+        let snaps = match report.sample {
+            None => {
+                let shared = snap.share(&self.pg, plan.workers - 1).await?;
+                let snaps: Vec<Snapshot> = std::iter::once(snap).chain(shared).collect();
+                let (docs, matched) = self.docs_first(&snaps, &shape, &mirror).await?;
+                docs.merge_into(&mut report, &mut apparent);
+                let rows = snaps[0].count(&shape).await?;
+                if matched < rows {
+                    let parts = self
+                        .rows_pass(&snaps, &shape, &mirror, plan.ranges, true)
+                        .await?;
+                    parts
+                        .into_iter()
+                        .for_each(|p| p.merge_into(&mut report, &mut apparent));
+                } else {
+                    report.compared = rows;
+                }
+                snaps
+            }
+            Some(_) => {
+                // Both passes at once, each on its own connections.
+                let doc_workers = plan.slices.len().clamp(1, self.opts.parallelism.max(1));
+                let shared = snap.share(&self.pg, plan.workers + doc_workers - 1).await?;
+                let snaps: Vec<Snapshot> = std::iter::once(snap).chain(shared).collect();
+                let (row_snaps, doc_snaps) = snaps.split_at(plan.workers);
+                let (rows, docs) = tokio::try_join!(
+                    self.rows_pass(row_snaps, &shape, &mirror, plan.ranges, false),
+                    self.docs_pass(doc_snaps, &shape, &mirror, plan.slices)
+                )?;
+                for part in rows.into_iter().chain(docs) {
+                    part.merge_into(&mut report, &mut apparent);
+                }
+                snaps
+            }
+        };
+        if self.kafka_leg {
+            let (leg, drift) = self.kafka_leg(&snaps, &shape, &ranges).await?;
+            report.kafka = Some(leg);
+            report.drift.extend(drift);
+        }
+        futures::future::try_join_all(snaps.into_iter().map(Snapshot::close)).await?;
         match recheck {
             true => self.recheck(&shape, &mirror, apparent, &mut report).await?,
             false => apparent.into_iter().for_each(|(k, f)| report.add(k, f)),
         }
         report.elapsed_secs = started.elapsed().as_secs_f64();
         report.rows_per_sec = report.compared as f64 / report.elapsed_secs.max(1e-6);
-        tracing::info!(table = %report.table, compared = report.compared, missing = report.missing.count, extra = report.extra.count, stale = report.stale.count, newer = report.newer.count, "table verified");
+        tracing::info!(table = %report.table, compared = report.compared, missing = report.missing.count, extra = report.extra.count, stale = report.stale.count, newer = report.newer.count, unconfirmed = report.unconfirmed.count, "table verified");
         Ok(report)
     }
 
-    /// The key ranges to compare: the whole table, or a random sample.
-    async fn ranges(&self, snap: &Snapshot, shape: &Shape) -> Result<Vec<KeyRange>, VerifyError> {
-        let Some(fraction) = self.sample else {
-            return Ok(vec![KeyRange {
-                after: None,
-                upto: None,
-                done: false,
-            }]);
+    /// The fraction compared, when it is less than everything.
+    fn sampled(&self) -> Option<f64> {
+        self.sample.filter(|f| *f < 1.0)
+    }
+
+    /// What to compare and with how many connections: the whole table split
+    /// in `verify.parallelism` key ranges (for missing rows) and the whole
+    /// mirror, or a random sample of [`SAMPLE_RANGES`] ranges and as many
+    /// slices.
+    async fn plan(&self, snap: &Snapshot, shape: &Shape) -> Result<Plan, VerifyError> {
+        let parallelism = self.opts.parallelism.max(1);
+        let Some(fraction) = self.sampled() else {
+            let ranges = shape
+                .split(&snap.sql, parallelism, self.opts.chunk_rows)
+                .await?;
+            // The whole mirror is one scroll ([`Verifier::docs_first`]):
+            // slices cost a search server a scan each.
+            return Ok(Plan {
+                ranges,
+                slices: Vec::new(),
+                workers: parallelism,
+            });
         };
         let all = shape
             .split(&snap.sql, SAMPLE_RANGES, self.opts.chunk_rows)
             .await?;
-        let mut picked: Vec<KeyRange> = all
-            .iter()
-            .filter(|_| random_unit() < fraction)
-            .cloned()
+        let ranges = pick(all, fraction);
+        let slices = (0..SAMPLE_RANGES)
+            .map(|id| {
+                Some(Slice {
+                    id,
+                    max: SAMPLE_RANGES,
+                })
+            })
             .collect();
-        if picked.is_empty() {
-            let i = (random_unit() * all.len() as f64) as usize;
-            picked.extend(all.get(i.min(all.len().saturating_sub(1))).cloned());
-        }
-        Ok(picked)
+        let slices = pick(slices, fraction);
+        let workers = ranges.len().clamp(1, parallelism);
+        Ok(Plan {
+            ranges,
+            slices,
+            workers,
+        })
     }
+}
 
-    /// Pass 1: every row (of the sampled ranges) against its document.
-    async fn rows_pass(
-        &self,
-        snap: &Snapshot,
-        shape: &Shape,
-        mirror: &Mirror<'_>,
-        report: &mut TableReport,
-        apparent: &mut Vec<Apparent>,
-    ) -> Result<(), VerifyError> {
-        let limit = self.opts.chunk_rows;
-        for mut range in self.ranges(snap, shape).await? {
-            let mut rows = snap.chunk(shape, &range, limit).await?;
-            // Each chunk's documents are read while the next chunk's rows are.
-            while let Some(last) = rows.last() {
-                let more = rows.len() >= limit;
-                range.after = Some(last.key.clone());
-                let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-                let next = async {
-                    match more {
-                        true => snap.chunk(shape, &range, limit).await,
-                        false => Ok(Vec::new()),
-                    }
-                };
-                let (docs, next) = tokio::join!(mirror.get(&ids), next);
-                let docs = docs?;
-                for row in &rows {
-                    let verdict = compare(Some(&row.after), docs.get(&row.id), snap.at);
-                    note(report, apparent, verdict, &row.id, Some(row.key.clone()));
-                }
-                report.compared += rows.len() as u64;
-                rows = next?;
-            }
-        }
-        Ok(())
-    }
+/// The key ranges and mirror slices one verification compares.
+struct Plan {
+    /// Key ranges of the table.
+    ranges: Vec<KeyRange>,
+    /// Slices of the mirror a sample reads (a full run scrolls all of it).
+    slices: Vec<Option<Slice>>,
+    /// Connections: a full run's page lookups, or a sample's key ranges
+    /// compared at once (as many again, at most, read the slices).
+    workers: usize,
+}
 
-    /// Pass 2: every document against the table, for extra ones.
-    async fn docs_pass(
-        &self,
-        snap: &Snapshot,
-        shape: &Shape,
-        mirror: &Mirror<'_>,
-        report: &mut TableReport,
-        apparent: &mut Vec<Apparent>,
-    ) -> Result<(), VerifyError> {
-        let (names, limit) = (shape.key_names(), self.opts.chunk_rows);
-        let (mut page, mut scroll) = mirror.page(None, limit, &names).await?;
-        // Each page's rows are looked up while the next page is read.
-        while !page.is_empty() {
-            let more = page.len() >= limit;
-            let keys: Vec<Option<KeyText>> = page
-                .iter()
-                .map(|(id, source)| keys::key_of_doc(id, source, &names))
-                .collect();
-            let wanted: Vec<KeyText> = keys.iter().flatten().cloned().collect();
-            let next = async {
-                match (more, scroll.as_deref()) {
-                    (true, Some(id)) => mirror.page(Some(id), limit, &names).await,
-                    _ => Ok((Vec::new(), None)),
-                }
-            };
-            let (found, next) = tokio::join!(snap.lookup(shape, &wanted), next);
-            let found = by_id(found?);
-            for ((id, source), key) in page.iter().zip(keys) {
-                if !found.contains_key(id) {
-                    let verdict = compare(None, Some(source), snap.at);
-                    note(report, apparent, verdict, id, key);
-                }
-            }
-            report.documents += page.len() as u64;
-            (page, scroll) = next?;
+/// Each of `all` with probability `fraction`, at least one (if any).
+fn pick<T>(all: Vec<T>, fraction: f64) -> Vec<T> {
+    let n = all.len();
+    let lucky = (random_unit() * n as f64) as usize;
+    let mut picked: Vec<T> = Vec::new();
+    let mut spare = None;
+    for (i, item) in all.into_iter().enumerate() {
+        if random_unit() < fraction {
+            picked.push(item);
+        } else if i == lucky.min(n.saturating_sub(1)) {
+            spare = Some(item);
         }
-        Ok(())
     }
+    if picked.is_empty() {
+        picked.extend(spare);
+    }
+    picked
 }
 
 /// Record a verdict: newer is counted now, any other difference re-checked later.

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::compare::Kind;
 use super::fence::Fence;
+use super::kafka::KafkaLeg;
 use crate::checkpoint::KeyText;
 
 /// Keys of each kind shown in a report.
@@ -35,11 +36,19 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, finding: &Finding) {
+    /// Count `finding`, kept if among the first [`SHOWN`].
+    pub(crate) fn add(&mut self, finding: &Finding) {
         self.count += 1;
         if self.first.len() < SHOWN {
             self.first.push(finding.clone());
         }
+    }
+
+    /// Count `later`'s findings after this one's.
+    fn absorb(&mut self, later: Tally) {
+        self.count += later.count;
+        let room = SHOWN.saturating_sub(self.first.len());
+        self.first.extend(later.first.into_iter().take(room));
     }
 }
 
@@ -64,9 +73,16 @@ pub struct TableReport {
     pub stale: Tally,
     /// Documents holding changes newer than the snapshot (not drift).
     pub newer: Tally,
-    /// The fraction of key ranges compared, if sampled.
+    /// Differences that could not be confirmed: the pipeline was behind
+    /// by more than the fence timeout (see `fence`).
+    pub unconfirmed: Tally,
+    /// The fraction of key ranges (and mirror slices) compared, if sampled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample: Option<f64>,
+    /// The key ranges a sampled run compared: (after, up to) each, `None`
+    /// for the table's start or end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sampled_ranges: Vec<(Option<KeyText>, Option<KeyText>)>,
     /// How the last wait for the pipeline ended (`None`: nothing to re-check).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fence: Option<Fence>,
@@ -74,6 +90,9 @@ pub struct TableReport {
     pub elapsed_secs: f64,
     /// Rows compared per second.
     pub rows_per_sec: f64,
+    /// The Kafka leg (`--kafka`): the change topic against the table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaLeg>,
     /// Every drifted key (for a repair).
     #[serde(skip)]
     pub drift: Vec<(Kind, Finding)>,
@@ -87,20 +106,50 @@ impl TableReport {
             Kind::Extra => self.extra.add(&finding),
             Kind::Stale => self.stale.add(&finding),
             Kind::Newer => return self.newer.add(&finding),
+            Kind::Unconfirmed => return self.unconfirmed.add(&finding),
         }
         self.drift.push((kind, finding));
+    }
+
+    /// Add the counts and findings of `part` (of the same table, found after
+    /// this report's).
+    pub(crate) fn absorb(&mut self, part: TableReport) {
+        self.compared += part.compared;
+        self.documents += part.documents;
+        self.missing.absorb(part.missing);
+        self.extra.absorb(part.extra);
+        self.stale.absorb(part.stale);
+        self.newer.absorb(part.newer);
+        self.unconfirmed.absorb(part.unconfirmed);
+        self.drift.extend(part.drift);
     }
 
     /// Whether the mirror drifted from the table.
     pub fn drifted(&self) -> bool {
         self.missing.count + self.extra.count + self.stale.count > 0
+            || self.kafka.as_ref().is_some_and(KafkaLeg::drifted)
+    }
+
+    /// Whether some differences could not be confirmed (the pipeline was
+    /// too far behind): the table is not known to be equal.
+    pub fn unconfirmed(&self) -> bool {
+        self.unconfirmed.count > 0 || self.kafka.as_ref().is_some_and(|k| k.unconfirmed.count > 0)
+    }
+
+    /// `DRIFT`, `UNCONFIRMED` or `equal`.
+    fn verdict(&self) -> &'static str {
+        match (self.drifted(), self.unconfirmed()) {
+            (true, _) => "DRIFT",
+            (false, true) => "UNCONFIRMED",
+            (false, false) => "equal",
+        }
     }
 
     /// The report as text, a few lines.
     pub fn text(&self) -> String {
-        let verdict = if self.drifted() { "DRIFT" } else { "equal" };
         let mut out = format!(
-            "{verdict} {} (index {}, snapshot {}): {} rows compared, {} documents checked; missing {}, extra {}, stale {}, newer {}; {:.1}s, {:.0} rows/s",
+            "{} {} (index {}, snapshot {}): {} rows compared, {} documents checked; missing {}, extra {}, stale {}, newer {}, unconfirmed {}; {:.1}s, {:.0} rows/s",
+            self.verdict(),
             self.table,
             self.index,
             self.snapshot_lsn,
@@ -110,23 +159,31 @@ impl TableReport {
             self.extra.count,
             self.stale.count,
             self.newer.count,
+            self.unconfirmed.count,
             self.elapsed_secs,
             self.rows_per_sec,
         );
         if let Some(s) = self.sample {
             let _ = write!(
                 out,
-                "\n  sampled {:.0}% of the key ranges; extra documents are not looked for",
+                "\n  sampled: {} key ranges and {:.0}% of the mirror (slices picked at random)",
+                self.sampled_ranges.len(),
                 s * 100.0
             );
         }
-        if let Some(Fence::TimedOut(stage)) = &self.fence {
-            let _ = write!(out, "\n  the pipeline did not catch up in time (waiting for the {stage}): differences may still be in flight");
+        if let Some(Fence::TimedOut(behind)) = &self.fence {
+            let _ = write!(
+                out,
+                "\n  {}: {} differences could not be confirmed",
+                behind.text(),
+                self.unconfirmed.count
+            );
         }
         for (name, tally) in [
             ("missing", &self.missing),
             ("extra", &self.extra),
             ("stale", &self.stale),
+            ("unconfirmed", &self.unconfirmed),
         ] {
             for f in &tally.first {
                 let _ = write!(out, "\n  {name} {}", f.id);
@@ -134,6 +191,9 @@ impl TableReport {
                     let _ = write!(out, " (columns {})", f.columns.join(", "));
                 }
             }
+        }
+        if let Some(k) = &self.kafka {
+            let _ = write!(out, "\n  {}", k.text());
         }
         out
     }
@@ -172,5 +232,28 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap_or_default();
         assert_eq!(json["stale"]["count"], SHOWN as u64 + 3);
         assert_eq!(json["newer"]["first"][0]["id"], "x");
+    }
+
+    #[test]
+    fn unconfirmed_differences_are_neither_drift_nor_equal() {
+        let mut r = TableReport::default();
+        r.add(Kind::Unconfirmed, finding("7"));
+        r.fence = Some(Fence::TimedOut(crate::verify::Behind {
+            stage: "sink",
+            timeout_secs: 60,
+            behind: 12,
+            unit: "records",
+        }));
+        assert!(!r.drifted() && r.unconfirmed());
+        assert!(r.drift.is_empty(), "not repaired as drift");
+        let text = r.text();
+        assert!(text.starts_with("UNCONFIRMED"), "{text}");
+        assert!(
+            text.contains("verify.fence_timeout_secs = 60: the sink was 12 records behind"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(json["fence"]["timed_out"]["behind"], 12);
+        assert_eq!(json["unconfirmed"]["first"][0]["id"], "7");
     }
 }

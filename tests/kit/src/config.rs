@@ -29,3 +29,8 @@ pub fn daemon_config(
         settings = broker.kafka_settings(),
     )
 }
+
+/// `cfg` (a [`daemon_config`]) with its metrics served on 127.0.0.1:`port`.
+pub fn with_metrics(cfg: &str, port: u16) -> String {
+    cfg.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+}

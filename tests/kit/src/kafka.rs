@@ -43,14 +43,7 @@ struct Process(Child);
 impl Process {
     /// Send `signal` (`STOP`, `CONT`, …) to the process.
     fn signal(&self, signal: &str) -> Result<()> {
-        let pid = self.0.id();
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()?;
-        if !ok.success() {
-            bail!("kill -{signal} {pid} failed");
-        }
-        Ok(())
+        crate::signal(self.0.id(), signal)
     }
 
     /// Thaw it (it may be frozen) and kill it.

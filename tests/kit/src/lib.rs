@@ -13,6 +13,7 @@
 //! - the chaos harness ([`chaos`], binary `pgcdc-chaos`) and the
 //!   `kafka-mock` binary.
 
+pub mod bench;
 pub mod certs;
 pub mod chaos;
 pub mod config;
@@ -46,6 +47,17 @@ pub fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Send `signal` (`STOP`, `CONT`, …) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()?;
+    if !ok.success() {
+        anyhow::bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
 }
 
 /// Lock, ignoring poisoning (a panicked holder left consistent data behind).

@@ -1,8 +1,7 @@
 //! The mirror oracle: a mirror index equals what it mirrors, document for
 //! row — a PostgreSQL table compared by `pgcdc verify`'s own code
-//! ([`Want::Verified`], the one oracle users also run), a table read once
-//! as `to_jsonb` ([`Want::Table`]), or a fixed set of documents (sources
-//! and `_version`s compared).
+//! ([`Want::Verified`], the one oracle users also run), or a fixed set of
+//! documents (sources and `_version`s compared).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -33,14 +32,6 @@ const SHOWN: usize = 5;
 pub enum Want<'a> {
     /// Exactly these documents, `_version`s included.
     Documents(&'a Documents),
-    /// The rows of a table with an `id` key, as JSON (`to_jsonb`), read once
-    /// when the wait starts (the table must not change meanwhile); versions not compared.
-    Table {
-        /// A client of the database.
-        db: &'a Client,
-        /// The table (`schema.table` or a bare name).
-        table: &'a str,
-    },
     /// A keyed table, compared by the code of `pgcdc verify` (rendered as
     /// pgcdc renders events, read in one snapshot at every poll); the
     /// table may change meanwhile, as long as the mirror catches up.
@@ -55,6 +46,16 @@ pub enum Want<'a> {
 /// `pgcdc verify`'s comparison of `table` (`schema.table`) in `pg` with its
 /// mirror at `es_url`, once, as they stand (nothing re-checked).
 pub async fn verify_now(pg: &PgCluster, es_url: &str, table: &str) -> anyhow::Result<TableReport> {
+    verify_now_with(pg, es_url, table, VerifyConfig::default()).await
+}
+
+/// [`verify_now`] with `opts` as the `[verify]` section.
+pub async fn verify_now_with(
+    pg: &PgCluster,
+    es_url: &str,
+    table: &str,
+    opts: VerifyConfig,
+) -> anyhow::Result<TableReport> {
     let (schema, name) = parse_table_name(table).map_err(anyhow::Error::msg)?;
     let postgres = PostgresConfig {
         host: "127.0.0.1".into(),
@@ -72,7 +73,7 @@ pub async fn verify_now(pg: &PgCluster, es_url: &str, table: &str) -> anyhow::Re
         Arc::new(postgres),
         Arc::new(es),
         Arc::new(KafkaConfig::default()),
-        VerifyConfig::default(),
+        opts,
         None,
     )?;
     Ok(verifier.compare_now(&schema, &name).await?)
@@ -129,35 +130,26 @@ pub fn diff<V: PartialEq + Debug>(
     ))
 }
 
-/// Sources only, versions dropped.
-fn sources(docs: &Documents) -> BTreeMap<String, Value> {
-    docs.iter()
-        .map(|(k, (_, v))| (k.clone(), v.clone()))
-        .collect()
-}
-
 /// One look at the mirror: the documents if they match, else what differs.
-/// `rows`: the table's rows when comparing sources only.
-async fn compare(
-    es_url: &str,
-    index: &str,
-    want: Want<'_>,
-    rows: Option<&BTreeMap<String, Value>>,
-) -> Result<Documents, String> {
-    let got = documents(es_url, index)
-        .await
-        .map_err(|e| format!("read {index}: {e:#}"))?;
-    let problem = match (want, rows) {
-        (Want::Verified { pg, table }, _) => match verify_now(pg, es_url, table).await {
-            Ok(r) if !r.drifted() && r.newer.count == 0 => None,
-            Ok(r) => Some(r.text()),
-            Err(e) => Some(format!("verify {table}: {e:#}")),
-        },
-        (Want::Documents(want), _) => diff(want, &got),
-        (Want::Table { .. }, Some(rows)) => diff(rows, &sources(&got)),
-        (Want::Table { table, .. }, None) => Some(format!("{table} not read")),
+/// A verified table's documents are read after the comparison found it
+/// equal, so they hold at least what it compared.
+async fn compare(es_url: &str, index: &str, want: Want<'_>) -> Result<Documents, String> {
+    let read = || async {
+        documents(es_url, index)
+            .await
+            .map_err(|e| format!("read {index}: {e:#}"))
     };
-    problem.map_or(Ok(got), Err)
+    match want {
+        Want::Verified { pg, table } => match verify_now(pg, es_url, table).await {
+            Ok(r) if !r.drifted() && r.newer.count == 0 => read().await,
+            Ok(r) => Err(r.text()),
+            Err(e) => Err(format!("verify {table}: {e:#}")),
+        },
+        Want::Documents(want) => {
+            let got = read().await?;
+            diff(want, &got).map_or(Ok(got), Err)
+        }
+    }
 }
 
 /// Poll until the mirror `index` equals `want`, for at most `timeout`; the
@@ -170,25 +162,12 @@ pub async fn mirror_equals(
     daemon: Option<&Daemon>,
 ) -> Result<Documents, WaitError> {
     let what = format!("mirror {index} to equal what it mirrors");
-    let rows = match want {
-        Want::Table { db, table } => {
-            Some(
-                table_rows(db, table)
-                    .await
-                    .map_err(|e| WaitError::Aborted {
-                        what: what.clone(),
-                        why: format!("read {table}: {e:#}"),
-                    })?,
-            )
-        }
-        Want::Documents(_) | Want::Verified { .. } => None,
-    };
     let log = |why: String| match daemon {
         Some(d) => format!("{why}\npgcdc log tail:\n{}", d.log_tail()),
         None => why,
     };
     wait::poll(&what, timeout, EVERY, || async {
-        match compare(es_url, index, want, rows.as_ref()).await {
+        match compare(es_url, index, want).await {
             Ok(docs) => Poll::Ready(docs),
             Err(why) if daemon.is_some_and(|d| !d.is_running()) => {
                 Poll::Abort(log(format!("pgcdc exited; {why}")))

@@ -62,6 +62,11 @@ impl SearchServer {
         Ok(SearchServer { child, url })
     }
 
+    /// Freeze (`STOP`) or thaw (`CONT`) the server process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        crate::signal(self.child.id(), signal)
+    }
+
     /// Every document of `index` (none if it does not exist).
     pub async fn documents(&self, index: &str) -> Result<Documents> {
         documents(&self.url, index).await
@@ -70,6 +75,7 @@ impl SearchServer {
 
 impl Drop for SearchServer {
     fn drop(&mut self) {
+        let _ = self.signal("CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -2,25 +2,27 @@
 //! signed logical message carrying its wall-clock time into the WAL
 //! (`pg_logical_emit_message(true, 'pgcdc.canary', …)`, a transaction of
 //! its own). The stream sees it in commit order with the data; once the
-//! checkpoint confirms its commit (every record up to it acknowledged by
-//! Kafka and the position synced), its age is the Kafka-stage freshness:
-//! `pgcdc_freshness_seconds{stage="kafka"}`, and
-//! `pgcdc_freshness_last_canary_age_seconds{stage="kafka"}` is the age of
-//! the newest canary that got that far (it grows while a leg is stalled,
-//! and stays low while an idle pipeline is healthy). `/ready` requires that
-//! age below `canary.max_lag_secs` when set.
+//! checkpoint confirms its commit (every change before it acknowledged by
+//! Kafka), a signed record of it goes to the canary topic (`record`,
+//! `publish`), listing the change partitions' high watermarks.
 //!
-//! A canary's own transaction has no Kafka record: it is confirmed once
-//! every change before it is acknowledged. So a frozen Kafka ages the
-//! canaries as soon as a change waits for it; on a database with no change
-//! at all it goes unnoticed by the canary (the search stage, which needs a
-//! canary record in Kafka, is not measured yet).
+//! Two stages are measured ([`Freshness`]): `kafka`, when that record is
+//! acknowledged (so a frozen Kafka ages canaries even on a database with
+//! no change), and `search`, when the sink has applied every change
+//! partition up to the listed offsets, plus the index refresh interval
+//! (`crate::es_writer`'s canary watch). Per stage,
+//! `pgcdc_freshness_seconds` is the histogram of commit → stage and
+//! `pgcdc_freshness_last_canary_age_seconds` the age of the newest canary
+//! that got that far: it grows while a leg is stalled and stays low while
+//! an idle pipeline is healthy. `/ready` requires each measured stage's age
+//! below `canary.max_lag_secs` when set.
+
+mod freshness;
+mod publish;
+pub mod record;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, Opts, Registry};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,9 @@ use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
 use crate::snapshot::watermark::MessageKey;
 
+pub use freshness::{Freshness, Stage};
+pub use publish::spawn_publisher;
+
 /// Prefix of canary messages.
 pub const CANARY_PREFIX: &str = crate::wire::message::CANARY;
 /// Default seconds between canaries.
@@ -39,10 +44,6 @@ const DEFAULT_INTERVAL_SECS: u64 = 10;
 const INTERVAL_MAX_SECS: u64 = 3600;
 /// Canaries waiting for their confirmation, at most (older ones are dropped).
 const WAITING_MAX: usize = 1024;
-/// The Kafka stage's label.
-const KAFKA: &str = "kafka";
-/// Histogram buckets of freshness, in seconds.
-const BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// `[canary]` configuration section.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,8 +51,9 @@ const BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 pub struct CanaryConfig {
     /// Seconds between canaries; 0 disables them.
     pub interval_secs: u64,
-    /// `/ready` is 503 while the newest canary acknowledged by Kafka is older
-    /// than this many seconds; 0: freshness does not count for readiness.
+    /// `/ready` is 503 while the newest canary that reached a measured stage
+    /// (kafka; search where a sink runs) is older than this many seconds;
+    /// 0: freshness does not count for readiness.
     pub max_lag_secs: u64,
 }
 
@@ -122,98 +124,11 @@ impl Canary {
     }
 }
 
-fn now_us() -> i64 {
+/// Now, in µs since the Unix epoch.
+pub(crate) fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
-}
-
-/// The freshness metrics (part of [`crate::metrics::Metrics`]).
-pub struct Freshness {
-    /// Commit → stage, per stage.
-    seconds: HistogramVec,
-    /// Age of the newest canary that reached a stage, per stage (set when rendered).
-    age: GaugeVec,
-    /// Write time of the newest canary Kafka acknowledged (or the writer's start), µs.
-    kafka_us: AtomicI64,
-    /// `canary.max_lag_secs` (0: not part of readiness).
-    max_lag_secs: AtomicU64,
-}
-
-impl Freshness {
-    /// The metrics, registered in `r`.
-    pub(crate) fn new(r: &Registry) -> Self {
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "freshness_seconds",
-                "Canary commit to reaching a stage (kafka: acknowledged and checkpointed)",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["stage"],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let age = GaugeVec::new(
-            Opts::new(
-                "freshness_last_canary_age_seconds",
-                "Age of the newest canary that reached a stage",
-            ),
-            &["stage"],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(seconds.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(age.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Self {
-            seconds,
-            age,
-            kafka_us: AtomicI64::new(0),
-            max_lag_secs: AtomicU64::new(0),
-        }
-    }
-
-    /// Require the Kafka stage's canary age below `secs` for readiness (0: don't).
-    pub fn set_max_lag(&self, secs: u64) {
-        self.max_lag_secs.store(secs, Ordering::Relaxed);
-    }
-
-    /// The writer started at `now_us`: ages count from here until a canary arrives.
-    fn started(&self, now_us: i64) {
-        let _ = self
-            .kafka_us
-            .compare_exchange(0, now_us, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    /// A canary written at `t_us` reached `stage` at `now_us`.
-    fn reached(&self, stage: &str, t_us: i64, now_us: i64) {
-        let secs = (now_us - t_us).max(0) as f64 / 1e6;
-        self.seconds.with_label_values(&[stage]).observe(secs);
-        self.kafka_us.fetch_max(t_us, Ordering::Relaxed);
-    }
-
-    /// Seconds since the newest canary Kafka acknowledged was written, if canaries run.
-    fn kafka_age(&self) -> Option<f64> {
-        let t = self.kafka_us.load(Ordering::Relaxed);
-        (t > 0).then(|| (now_us() - t).max(0) as f64 / 1e6)
-    }
-
-    /// Set the age gauges (before rendering).
-    pub(crate) fn refresh(&self) {
-        if let Some(age) = self.kafka_age() {
-            self.age.with_label_values(&[KAFKA]).set(age);
-        }
-    }
-
-    /// Whether freshness allows readiness; if not, why.
-    pub(crate) fn check(&self) -> Result<(), String> {
-        let max = self.max_lag_secs.load(Ordering::Relaxed);
-        match self.kafka_age() {
-            Some(age) if max > 0 && age > max as f64 => Err(format!(
-                "freshness: the newest canary acknowledged by kafka was written {age:.0}s ago (canary.max_lag_secs = {max})"
-            )),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Canaries seen by the stream and not yet confirmed: (commit LSN, written at µs).
@@ -223,17 +138,22 @@ fn waiting() -> std::sync::MutexGuard<'static, VecDeque<(Lsn, i64)>> {
     WAITING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The stream saw a canary written at `t_us` in the transaction committing at `commit`.
+/// The stream saw a canary written at `t_us` in the transaction committing
+/// at `commit` (once: a stream restarted from the checkpoint sees it again).
 pub fn seen(commit: Lsn, t_us: i64) {
     let mut w = waiting();
+    if w.iter().any(|&(c, _)| c == commit) {
+        return;
+    }
     if w.len() >= WAITING_MAX {
         w.pop_front();
     }
     w.push_back((commit, t_us));
 }
 
-/// The checkpoint confirmed everything up to `lsn`: canaries committed at
-/// or below it reached Kafka.
+/// The checkpoint confirmed everything up to `lsn`: every change before
+/// the canaries committed at or below it is acknowledged; their records go
+/// to the canary topic.
 pub fn confirmed(lsn: Lsn) {
     let mut w = waiting();
     while let Some(&(commit, t_us)) = w.front() {
@@ -241,14 +161,14 @@ pub fn confirmed(lsn: Lsn) {
             break;
         }
         w.pop_front();
-        metrics().freshness.reached(KAFKA, t_us, now_us());
+        publish::offer(t_us, commit);
     }
 }
 
 /// Write a canary every `interval` until the process ends; a failed write
 /// is logged and tried again at the next interval.
 pub fn spawn_writer(pg: Arc<PostgresConfig>, key: MessageKey, interval: Duration) {
-    metrics().freshness.started(now_us());
+    metrics().freshness.measure(Stage::Kafka, now_us());
     tokio::spawn(async move {
         let mut sql = None;
         loop {
@@ -275,6 +195,24 @@ pub fn spawn_writer(pg: Arc<PostgresConfig>, key: MessageKey, interval: Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_canary_seen_again_waits_once_and_leaves_when_its_commit_is_confirmed() {
+        seen(Lsn(u64::MAX - 9), 1);
+        seen(Lsn(u64::MAX - 9), 1);
+        seen(Lsn(u64::MAX - 5), 2);
+        let mine = || {
+            waiting()
+                .iter()
+                .filter(|(c, _)| c.0 >= u64::MAX - 9)
+                .count()
+        };
+        assert_eq!(mine(), 2, "seen again after a stream restart: kept once");
+        confirmed(Lsn(u64::MAX - 7));
+        assert_eq!(mine(), 1, "the confirmed one goes to the publisher");
+        confirmed(Lsn(u64::MAX));
+        assert_eq!(mine(), 0);
+    }
 
     #[test]
     fn canaries_are_signed_and_config_is_validated() {

@@ -1,0 +1,335 @@
+//! Latency under a steady load (not a timed test): single-row transactions
+//! committed at `LATENCY_BENCH_RATE` per second (default 5,000) for
+//! `LATENCY_BENCH_SECS` seconds (default 30) into a table pgcdc streams to
+//! tansu, with the ES sink inside the daemon writing osmem-server, all with
+//! the default settings.
+//!
+//! - commit → Kafka: every record is read back as it arrives (a consumer
+//!   fetching with at most 5 ms of wait) and its `source.ts_us`, the commit
+//!   time, subtracted from the time it was read: an upper bound of commit →
+//!   acknowledged.
+//! - commit → searchable: every 50th row is a probe; a poller asks the
+//!   search server every `POLL` for the probes not seen yet (an `ids`
+//!   query, which sees only refreshed documents) and takes the time from
+//!   the probe's commit returning to the first answer holding it.
+//!
+//! Prints p50, p99 and the maximum of both next to their targets (p99 ≤ 100
+//! ms and ≤ 1 s) and pgcdc's CPU per transaction. `LATENCY_BENCH_SEARCH=0`
+//! leaves the sink and the search server out and measures the Kafka leg
+//! alone (on a small machine the search server takes most of the CPU).
+//!
+//! Run with `cargo bench --bench latency` (scripts/bench.sh).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgcdc_testkit::bench::{self, Target};
+use pgcdc_testkit::config::daemon_config as config;
+use pgcdc_testkit::daemon::now_us;
+use pgcdc_testkit::wait::{self, Poll};
+use pgcdc_testkit::{Broker, Daemon, PgCluster, SearchServer, Tansu};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+/// The daemon under test.
+const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
+/// Every `PROBE_EVERY`th row is looked for in the search server.
+const PROBE_EVERY: u64 = 50;
+/// How often the search server is asked for the outstanding probes.
+const POLL: Duration = Duration::from_millis(50);
+/// Commits are paced in slots of this length.
+const SLOT: Duration = Duration::from_millis(10);
+/// The change topic (the default, one for every table).
+const TOPIC: &str = "cdc-events";
+/// The mirror.
+const INDEX: &str = "cdc_public_lat";
+
+/// The `q` quantile of sorted `xs` (nearest rank); 0 for none.
+fn quantile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
+    xs[rank - 1]
+}
+
+/// Commit `rate` single-row transactions per second for `secs` seconds;
+/// the commit instants of the probes go to `probes`. The rows written.
+async fn write(
+    db: tokio_postgres::Client,
+    rate: u64,
+    secs: u64,
+    probes: Arc<Mutex<HashMap<u64, Instant>>>,
+) -> u64 {
+    let per_slot = (rate * SLOT.as_millis() as u64 / 1000).max(1);
+    let insert = db
+        .prepare("INSERT INTO lat (id, v) VALUES ($1, 'x')")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(SLOT);
+    let mut id = 0u64;
+    while started.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        for _ in 0..per_slot {
+            id += 1;
+            db.execute(&insert, &[&i64::try_from(id).unwrap()])
+                .await
+                .unwrap();
+            if id % PROBE_EVERY == 0 {
+                probes.lock().unwrap().insert(id, Instant::now());
+            }
+        }
+    }
+    id
+}
+
+/// Read `TOPIC` from its start (direct assignment, no group to join: only
+/// the warm-up row is there yet) and say so on `ready`; until `done` and nothing arrived for 2 s, the latency
+/// of each record read, seconds.
+fn read_kafka(brokers: &str, ready: std::sync::mpsc::Sender<()>, done: &AtomicBool) -> Vec<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "latency-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(TOPIC), Duration::from_secs(30))
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+        list.add_partition_offset(TOPIC, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    assert!(list.count() > 0, "{TOPIC} has no partitions");
+    // Connections and the first fetches, before the writes start.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_secs(2) {
+        consumer.poll(Duration::from_millis(100));
+    }
+    ready.send(()).unwrap();
+    let mut latencies = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        if done.load(Ordering::Relaxed) && last.elapsed() > Duration::from_secs(2) {
+            return latencies;
+        }
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let read_at = now_us();
+        last = Instant::now();
+        let Some(value) = msg.payload() else { continue };
+        let Ok(v) = serde_json::from_slice::<Value>(value) else {
+            continue;
+        };
+        if let Some(ts_us) = v["source"]["ts_us"].as_i64() {
+            latencies.push((read_at - ts_us) as f64 / 1e6);
+        }
+    }
+}
+
+/// Ask the search server for the outstanding probes every `POLL` until
+/// `done` and none is left; the latency of each, seconds.
+async fn poll_search(
+    url: &str,
+    probes: &Mutex<HashMap<u64, Instant>>,
+    done: &AtomicBool,
+) -> Vec<f64> {
+    let http = reqwest::Client::new();
+    let mut latencies = Vec::new();
+    let deadline = Duration::from_secs(120);
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let ids: Vec<String> = probes.lock().unwrap().keys().map(u64::to_string).collect();
+        if ids.is_empty() {
+            if done.load(Ordering::Relaxed) {
+                return latencies;
+            }
+            continue;
+        }
+        if done.load(Ordering::Relaxed)
+            && quiet_since.get_or_insert_with(Instant::now).elapsed() > deadline
+        {
+            panic!("{} probes never became searchable", ids.len());
+        }
+        let body = json!({"size": ids.len(), "_source": false, "query": {"ids": {"values": ids}}});
+        let Ok(resp) = http
+            .post(format!("{url}/{INDEX}/_search"))
+            .json(&body)
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let seen_at = Instant::now();
+        let Ok(answer) = resp.json::<Value>().await else {
+            continue;
+        };
+        let hits = answer["hits"]["hits"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut probes = probes.lock().unwrap();
+        for hit in hits {
+            let Some(id) = hit["_id"].as_str().and_then(|i| i.parse::<u64>().ok()) else {
+                continue;
+            };
+            if let Some(committed) = probes.remove(&id) {
+                latencies.push(seen_at.duration_since(committed).as_secs_f64());
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rate = bench::env_or("LATENCY_BENCH_RATE", 5000);
+    let secs = bench::env_or("LATENCY_BENCH_SECS", 30);
+    let with_search = bench::env_or("LATENCY_BENCH_SEARCH", 1) != 0;
+    let (pg, tansu) = (PgCluster::start().unwrap(), Tansu::start().unwrap());
+    let es = with_search.then(|| SearchServer::start().unwrap());
+    let db = pg.client().await.unwrap();
+    db.batch_execute("CREATE TABLE lat (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The kit's config pins one partition for the tests; this uses the default.
+    let mut cfg = config(&pg, &tansu, &dir.path().join("state"), &["lat"], "")
+        .replace("topic_partitions = 1\n", "")
+        .replace("info,pgcdc_actors=debug", "warn");
+    if let Some(es) = &es {
+        cfg += &format!(
+            "\n[elasticsearch]\nurl = {:?}\nnumber_of_replicas = 0\nrun_in_daemon = true\n",
+            es.url
+        );
+    }
+    let mut daemon =
+        Daemon::start(std::path::Path::new(PGCDC), dir.path(), &cfg, "run", &[]).unwrap();
+    // Warm up: a first row through to the search server (topics, index, group).
+    db.execute("INSERT INTO lat VALUES (0, 'warm')", &[])
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = es.as_ref().map(|es| es.url.clone());
+    wait::poll(
+        "the first row to be searchable",
+        Duration::from_secs(120),
+        POLL,
+        || async {
+            if !daemon.is_running() {
+                return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
+            }
+            let Some(url) = &url else {
+                return Poll::Ready(());
+            };
+            let found = http
+                .get(format!("{url}/{INDEX}/_doc/0"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            Poll::when(found, (), || "not yet".to_owned())
+        },
+    )
+    .await
+    .unwrap();
+
+    let pid = daemon.pid().unwrap();
+    let cpu_before = bench::cpu_secs(pid, false);
+    let (pg_before, tansu_before) = (bench::pg_cpu_secs(&pg), bench::cpu_secs(tansu.pid(), false));
+    let probes = Arc::new(Mutex::new(HashMap::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let kafka = {
+        let (brokers, done) = (tansu.brokers(), done.clone());
+        std::thread::spawn(move || read_kafka(&brokers, ready, &done))
+    };
+    is_ready.recv_timeout(Duration::from_secs(60)).unwrap();
+    let search = url.map(|url| {
+        let (probes, done) = (probes.clone(), done.clone());
+        tokio::spawn(async move { poll_search(&url, &probes, &done).await })
+    });
+    eprintln!("bench: {rate} single-row commits/s for {secs} s");
+    let started = Instant::now();
+    let written = write(db, rate, secs, probes.clone()).await;
+    let achieved = written as f64 / started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let mut search = match search {
+        Some(task) => task.await.unwrap(),
+        None => Vec::new(),
+    };
+    let mut kafka = tokio::task::spawn_blocking(move || kafka.join().unwrap())
+        .await
+        .unwrap();
+    let cpu = bench::cpu_secs(pid, false) - cpu_before;
+    let pg_cpu = bench::pg_cpu_secs(&pg) - pg_before;
+    let tansu_cpu = bench::cpu_secs(tansu.pid(), false) - tansu_before;
+    let elapsed = started.elapsed().as_secs_f64();
+    daemon.terminate(Duration::from_secs(60)).unwrap();
+    // A record written before the end offsets were resolved is not read.
+    assert!(
+        kafka.len() as u64 >= written * 9 / 10,
+        "{} of {written} records read",
+        kafka.len()
+    );
+    kafka.sort_by(f64::total_cmp);
+    search.sort_by(f64::total_cmp);
+
+    println!();
+    println!("{written} single-row commits at {achieved:.0}/s (asked {rate}/s), one run on this machine:");
+    println!(
+        "{:<34} {:>8} {:>9} {:>9} {:>9}",
+        "", "samples", "p50 ms", "p99 ms", "max ms"
+    );
+    let legs = [
+        ("commit -> read from kafka", &kafka),
+        ("commit -> searchable (probes)", &search),
+    ];
+    for (what, xs) in &legs[..if with_search { 2 } else { 1 }] {
+        println!(
+            "{what:<34} {:>8} {:>9.1} {:>9.1} {:>9.1}",
+            xs.len(),
+            quantile(xs, 0.5) * 1e3,
+            quantile(xs, 0.99) * 1e3,
+            xs.last().copied().unwrap_or(0.0) * 1e3
+        );
+    }
+    println!(
+        "pgcdc CPU µs per transaction: {:.1}",
+        cpu * 1e6 / written as f64
+    );
+    println!("CPU seconds meanwhile: pgcdc {cpu:.1}, PostgreSQL (writer's backend included) {pg_cpu:.1}, tansu {tansu_cpu:.1} in {elapsed:.1} s");
+    let at = format!("{achieved:.0} commits/s");
+    let kafka_p99 = quantile(&kafka, 0.99) * 1e3;
+    bench::figure(
+        "p99 commit -> Kafka (ms)",
+        &format!("{kafka_p99:.0} ms (p50 {:.0})", quantile(&kafka, 0.5) * 1e3),
+        &at,
+        kafka_p99,
+        Target::AtMost(100.0),
+    );
+    if !with_search {
+        return;
+    }
+    let search_p99 = quantile(&search, 0.99) * 1e3;
+    bench::figure(
+        "p99 commit -> searchable (ms)",
+        &format!(
+            "{search_p99:.0} ms (p50 {:.0})",
+            quantile(&search, 0.5) * 1e3
+        ),
+        &at,
+        search_p99,
+        Target::AtMost(1000.0),
+    );
+    assert!(!search.is_empty(), "no probe was measured");
+}
