@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
+. scripts/rocksdb-env.sh
 benches="${BENCHES:-pipeline snapshot es_sink verify latency}"
 mkdir -p target
 for b in $benches; do

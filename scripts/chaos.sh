@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
+. scripts/rocksdb-env.sh
 if [ -z "${PG_BINDIR:-}" ]; then
   PG_BINDIR="$(pg_config --bindir 2>/dev/null || true)"
   [ -x "$PG_BINDIR/initdb" ] || PG_BINDIR="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
