@@ -4,17 +4,20 @@
 //! tansu, with the ES sink inside the daemon writing osmem-server, all with
 //! the default settings.
 //!
-//! - commit → Kafka: every record is read back as it arrives (a consumer
-//!   fetching with at most 5 ms of wait) and its `source.ts_us`, the commit
-//!   time, subtracted from the time it was read: an upper bound of commit →
-//!   acknowledged.
+//! - commit → acknowledged by Kafka: pgcdc's own `pgcdc_kafka_ack_seconds`
+//!   histogram (per batch, from its oldest commit), read from `/metrics`
+//!   once every row is acknowledged; quantiles are bucket upper bounds.
+//! - commit → read back from Kafka: every record is read as it arrives (a
+//!   consumer fetching with at most 5 ms of wait) and its `source.ts_us`, the
+//!   commit time, subtracted from the time it was read: what a consumer
+//!   sees, the broker's fetch path included.
 //! - commit → searchable: every 50th row is a probe; a poller asks the
 //!   search server every `POLL` for the probes not seen yet (an `ids`
 //!   query, which sees only refreshed documents) and takes the time from
 //!   the probe's commit returning to the first answer holding it.
 //!
-//! Prints p50, p99 and the maximum of both next to their targets (p99 ≤ 100
-//! ms and ≤ 1 s) and pgcdc's CPU per transaction. `LATENCY_BENCH_SEARCH=0`
+//! Prints p50, p99 and the maximum of each next to their targets
+//! (acknowledged p99 ≤ 100 ms, searchable p99 ≤ 1 s) and pgcdc's CPU per transaction. `LATENCY_BENCH_SEARCH=0`
 //! leaves the sink and the search server out and measures the Kafka leg
 //! alone (on a small machine the search server takes most of the CPU).
 //!
@@ -56,6 +59,18 @@ fn quantile(xs: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
     xs[rank - 1]
+}
+
+/// Rows of `lat` inserted and acknowledged by Kafka, from pgcdc's `/metrics` page.
+fn acknowledged_rows(page: &str) -> u64 {
+    page.lines()
+        .find(|l| {
+            l.starts_with("pgcdc_events_out_total{")
+                && l.contains("op=\"c\"")
+                && l.contains("table=\"public.lat\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Commit `rate` single-row transactions per second for `secs` seconds;
@@ -204,9 +219,11 @@ async fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     // The kit's config pins one partition for the tests; this uses the default.
-    let mut cfg = config(&pg, &tansu, &dir.path().join("state"), &["lat"], "")
+    let metrics_port = pgcdc_testkit::free_port().unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["lat"], "")
         .replace("topic_partitions = 1\n", "")
         .replace("info,pgcdc_actors=debug", "warn");
+    let mut cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics_port);
     if let Some(es) = &es {
         cfg += &format!(
             "\n[elasticsearch]\nurl = {:?}\nnumber_of_replicas = 0\nrun_in_daemon = true\n",
@@ -274,7 +291,27 @@ async fn main() {
     let pg_cpu = bench::pg_cpu_secs(&pg) - pg_before;
     let tansu_cpu = bench::cpu_secs(tansu.pid(), false) - tansu_before;
     let elapsed = started.elapsed().as_secs_f64();
+    // pgcdc's own figure, once every row written is acknowledged.
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let page = wait::poll(
+        "every row acknowledged by kafka",
+        Duration::from_secs(120),
+        POLL,
+        || async {
+            let page = match reqwest::get(&metrics).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
+            };
+            let out = acknowledged_rows(&page);
+            Poll::when(out >= written, page, || {
+                format!("{out} of {written} rows acknowledged")
+            })
+        },
+    )
+    .await
+    .unwrap();
     daemon.terminate(Duration::from_secs(60)).unwrap();
+    let acked = |q| bench::histogram_quantile(&page, "pgcdc_kafka_ack_seconds", q).unwrap();
     // A record written before the end offsets were resolved is not read.
     assert!(
         kafka.len() as u64 >= written * 9 / 10,
@@ -289,6 +326,15 @@ async fn main() {
     println!(
         "{:<34} {:>8} {:>9} {:>9} {:>9}",
         "", "samples", "p50 ms", "p99 ms", "max ms"
+    );
+    let ((ack_p50, batches), (ack_p99, _)) = (acked(0.5), acked(0.99));
+    println!(
+        "{:<34} {:>8} {:>9} {:>9} {:>9}",
+        "commit -> acknowledged (batches)",
+        batches,
+        format!("<= {:.0}", ack_p50 * 1e3),
+        format!("<= {:.0}", ack_p99 * 1e3),
+        "-"
     );
     let legs = [
         ("commit -> read from kafka", &kafka),
@@ -309,12 +355,16 @@ async fn main() {
     );
     println!("CPU seconds meanwhile: pgcdc {cpu:.1}, PostgreSQL (writer's backend included) {pg_cpu:.1}, tansu {tansu_cpu:.1} in {elapsed:.1} s");
     let at = format!("{achieved:.0} commits/s");
-    let kafka_p99 = quantile(&kafka, 0.99) * 1e3;
     bench::figure(
-        "p99 commit -> Kafka (ms)",
-        &format!("{kafka_p99:.0} ms (p50 {:.0})", quantile(&kafka, 0.5) * 1e3),
+        "p99 commit -> Kafka ack (ms)",
+        &format!(
+            "<= {:.0} ms (p50 <= {:.0}; read back: p99 {:.0})",
+            ack_p99 * 1e3,
+            ack_p50 * 1e3,
+            quantile(&kafka, 0.99) * 1e3
+        ),
         &at,
-        kafka_p99,
+        ack_p99 * 1e3,
         Target::AtMost(100.0),
     );
     if !with_search {

@@ -403,12 +403,43 @@ async fn a_backlog_of_small_transactions_shares_batches_and_arrives_once_in_orde
             "commit order on partition {p}"
         );
     }
+    // Every batch acknowledged is timed from its oldest commit, and all of
+    // these committed before pgcdc started.
     let probe = crate::support::Probe::on(port);
-    let text = probe.metrics().await;
+    let text = pgcdc_testkit::wait::poll(
+        "every batch timed in pgcdc_kafka_ack_seconds",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let text = probe.metrics().await;
+            let batches = crate::support::sample(&text, "pgcdc_batches_total", &[]);
+            let timed = crate::support::histogram_count(&text, "pgcdc_kafka_ack_seconds", "");
+            pgcdc_testkit::wait::Poll::when(batches == Some(timed), text, || {
+                format!("{timed} of {batches:?} batches timed")
+            })
+        },
+    )
+    .await
+    .unwrap();
     let batches = crate::support::sample(&text, "pgcdc_batches_total", &[]).unwrap();
     assert!(
         batches < (TXS / 10) as f64,
         "{batches} batches for {TXS} transactions already received: they should share batches"
+    );
+    let bucket = |le: &str| {
+        let prefix = format!("pgcdc_kafka_ack_seconds_bucket{{le=\"{le}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        bucket("0.005"),
+        Some(0.0),
+        "no batch of the backlog can be that fresh:\n{text}"
+    );
+    assert_eq!(
+        bucket("300"),
+        Some(batches),
+        "every batch within 300 s:\n{text}"
     );
 }
 

@@ -12,7 +12,8 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::lsn::Lsn;
@@ -41,6 +42,9 @@ pub struct Metrics {
     pub checkpoint_writes: IntCounter,
     /// Batches the stream handed to the producer.
     pub batches: IntCounter,
+    /// Commit of a streamed batch's oldest transaction to Kafka acknowledging
+    /// the whole batch ([`Metrics::acknowledged`]).
+    kafka_ack: Histogram,
     /// Offsets the ES sink never received (see the sink's continuity check).
     pub es_skipped_offsets: IntCounter,
     /// Supervised restarts, per actor.
@@ -142,6 +146,14 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     g
 }
 
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    h
+}
+
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("{e}"));
     r.register(Box::new(g.clone()))
@@ -230,6 +242,15 @@ impl Metrics {
                 &r,
                 "batches_total",
                 "Batches the stream handed to the Kafka producer (committed transactions already received share one, up to postgres.max_batch_events)",
+            ),
+            kafka_ack: histogram(
+                &r,
+                "kafka_ack_seconds",
+                "Commit of a streamed batch's oldest transaction (the database's clock) to Kafka acknowledging the batch's last record",
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0,
+                ],
             ),
             checkpoint_writes: counter(
                 &r,
@@ -397,6 +418,13 @@ impl Metrics {
                 p.confirmed_at = Some(SystemTime::now());
             }
         }
+    }
+
+    /// Kafka acknowledged every record of a batch whose oldest streamed
+    /// transaction committed at `commit_time_us` (µs since the epoch).
+    pub fn acknowledged(&self, commit_time_us: i64) {
+        let micros = now_us().saturating_sub(commit_time_us).max(0);
+        self.kafka_ack.observe(micros as f64 / 1e6);
     }
 
     /// Replication lag in bytes.

@@ -304,9 +304,14 @@ impl Handler<PublishBatch> for KafkaProducerActor {
             tx,
         };
         let (session, seq, me) = (msg.session, msg.seq, ctx.address());
+        let committed = job
+            .events
+            .iter()
+            .find(|e| !e.snapshot && e.tx.commit_time_us > 0)
+            .map(|e| e.tx.commit_time_us);
         let enqueue = async move {
             let ack = job.enqueue().await?;
-            watch_deliveries(ack, session, seq, me);
+            watch_deliveries(ack, (session, seq, committed), me);
             Ok::<(), ProducerError>(())
         };
         Box::pin(enqueue.into_actor(self).then(move |res, act, _ctx| {
@@ -372,9 +377,15 @@ impl Handler<DrainProducer> for KafkaProducerActor {
     }
 }
 
-/// Wait for the acknowledgements of batch `seq` in the background, then
-/// tell the actor `me` how it went.
-fn watch_deliveries(ack: Arc<BatchAck>, session: u64, seq: u64, me: Addr<KafkaProducerActor>) {
+/// Wait for the acknowledgements of batch `seq` of `session` in the
+/// background, then tell the actor `me` how it went; a batch of streamed
+/// changes whose oldest transaction committed at `committed` (µs) is
+/// counted in `pgcdc_kafka_ack_seconds`.
+fn watch_deliveries(
+    ack: Arc<BatchAck>,
+    (session, seq, committed): (u64, u64, Option<i64>),
+    me: Addr<KafkaProducerActor>,
+) {
     actix::spawn(async move {
         let handle = actix::spawn(await_deliveries(ack));
         let outcome = match handle.await {
@@ -382,6 +393,9 @@ fn watch_deliveries(ack: Arc<BatchAck>, session: u64, seq: u64, me: Addr<KafkaPr
             Ok(Err(e)) if matches!(e.class(), ErrorClass::Fatal(_)) => Err(TaskError::Failed(e)),
             other => task_outcome("kafka_producer", other),
         };
+        if let (Ok(()), Some(t)) = (&outcome, committed) {
+            crate::metrics::metrics().acknowledged(t);
+        }
         me.do_send(BatchDelivered {
             session,
             seq,

@@ -50,6 +50,33 @@ pub fn figure(figure: &str, pgcdc: &str, baseline: &str, judged: f64, target: Ta
     println!("BENCH\t{figure}\t{pgcdc}\t{baseline}\t{judged:.2}\t{target}\t{met}");
 }
 
+/// The `q` quantile of the label-less Prometheus histogram `metric` in the
+/// `/metrics` page `text`, as the upper bound of the first bucket that holds
+/// it (so at most that), and the number of observations; `None` without
+/// observations.
+pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)> {
+    let prefix = format!("{metric}_bucket{{le=\"");
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.iter().map(|&(_, n)| n).max().filter(|&n| n > 0)?;
+    let rank = (q * total as f64).ceil() as u64;
+    buckets
+        .iter()
+        .find(|&&(_, n)| n >= rank)
+        .map(|&(le, _)| (le, total))
+}
+
 /// CPU seconds (user + system) process `pid` used so far; with `children`,
 /// also those of its children that were waited for. 0 if it is gone.
 pub fn cpu_secs(pid: u32, children: bool) -> f64 {
