@@ -17,9 +17,10 @@
 //!   the probe's commit returning to the first answer holding it.
 //!
 //! Prints p50, p99 and the maximum of each next to their targets
-//! (acknowledged p99 ≤ 100 ms, searchable p99 ≤ 1 s) and pgcdc's CPU per transaction. `LATENCY_BENCH_SEARCH=0`
-//! leaves the sink and the search server out and measures the Kafka leg
-//! alone (on a small machine the search server takes most of the CPU).
+//! (acknowledged p99 ≤ 100 ms, searchable p99 ≤ 1 s) and pgcdc's CPU per
+//! transaction. `LATENCY_BENCH_SEARCH=0` leaves the sink and the search
+//! server out and measures the Kafka leg alone (on a small machine the
+//! search server takes most of the CPU).
 //!
 //! Run with `cargo bench --bench latency` (scripts/bench.sh).
 

@@ -81,10 +81,6 @@ async fn verify_full_streams_end_to_end_over_tls() {
     let cfg = tls_config(&pg, &tansu, dir.path(), &pg_keys);
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let q = "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid \
-             WHERE r.slot_name = 'pgcdc'";
-    let walsender_ssl: bool = db.query_one(q, &[]).await.unwrap().get(0);
-    assert!(walsender_ssl, "the replication connection is not encrypted");
     db.batch_execute("INSERT INTO t VALUES (1, 'over tls')")
         .await
         .unwrap();
@@ -92,6 +88,24 @@ async fn verify_full_streams_end_to_end_over_tls() {
         r.iter().any(|r| r.after()["v"] == "over tls")
     });
     assert!(!records.is_empty());
+    // The walsender streaming now (the slot may have been held a moment
+    // earlier by the connection that created it, then by none).
+    let q = "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid \
+             WHERE r.slot_name = 'pgcdc'";
+    let walsender_ssl: bool = pgcdc_testkit::wait::poll(
+        "the slot's walsender in pg_stat_ssl",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            match db.query_opt(q, &[]).await {
+                Ok(Some(row)) => pgcdc_testkit::wait::Poll::Ready(row.get(0)),
+                other => pgcdc_testkit::wait::Poll::Pending(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(walsender_ssl, "the replication connection is not encrypted");
     let log = daemon.log_text();
     for connection in ["sql", "replication"] {
         let line = log
