@@ -17,7 +17,7 @@ if [ -x "$CARGO_TARGET_DIR/debug/pgcdc" ]; then
   echo "demo: building pgcdc"
 else
   if [ -n "${ROCKSDB_LIB_DIR:-}" ]; then
-    echo "demo: building pgcdc for the first time, with the system's RocksDB: librdkafka compiles from C source (about 5 minutes on 2 cores; progress every 30 s)"
+    echo "demo: building pgcdc for the first time, with the system's RocksDB: librdkafka compiles from C source (about 3 minutes on 2 cores; progress every 30 s)"
   else
     echo "demo: building pgcdc for the first time: RocksDB and librdkafka compile from C/C++ source (about 20 minutes on 2 cores; progress every 30 s)"
   fi
