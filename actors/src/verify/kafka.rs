@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::compare::Kind;
-use super::fence::{Fence, Pipeline};
+use super::fence::Fence;
 use super::fold::{after_of, judge, read_record, Folded};
 use super::keys::key_of_doc;
 use super::source::Snapshot;
@@ -162,13 +162,7 @@ impl Verifier {
     /// Wait until the slot confirmed `at` (everything below it is in Kafka).
     async fn slot_fence(&self, at: Lsn) -> Result<Fence, VerifyError> {
         let sql = crate::pg::connect(&self.pg).await?;
-        let pipeline = Pipeline {
-            sql: &sql,
-            slot: &self.pg.slot,
-            es: &self.es_cfg,
-            kafka: &self.kafka,
-            timeout: self.opts.fence_timeout(),
-        };
+        let pipeline = self.pipeline(&sql);
         let deadline = Instant::now() + self.opts.fence_timeout();
         Ok(match pipeline.slot_reached(at, deadline).await? {
             None => Fence::Reached,

@@ -137,6 +137,18 @@ pub struct Verifier {
 type Apparent = (Kind, Finding);
 
 impl Verifier {
+    /// The pipeline stages to wait on (`sql`: a connection outside any
+    /// snapshot), for at most `verify.fence_timeout_secs`.
+    fn pipeline<'a>(&'a self, sql: &'a tokio_postgres::Client) -> fence::Pipeline<'a> {
+        fence::Pipeline {
+            sql,
+            slot: &self.pg.slot,
+            es: &self.es_cfg,
+            kafka: &self.kafka,
+            timeout: self.opts.fence_timeout(),
+        }
+    }
+
     /// A verifier of the tables of `pg` against the mirrors `es_cfg` names.
     pub fn new(
         pg: Arc<PostgresConfig>,

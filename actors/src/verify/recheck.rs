@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Map, Value};
 
 use super::compare::{compare, Cut, Kind, Verdict};
-use super::fence::{Fence, Pipeline};
+use super::fence::Fence;
 use super::mirror::Mirror;
 use super::source::Snapshot;
 use super::{by_id, Apparent, Finding, TableReport, Verifier, VerifyError};
@@ -56,13 +56,7 @@ impl Verifier {
             return Ok(());
         }
         let sql = crate::pg::connect(&self.pg).await?;
-        let pipeline = Pipeline {
-            sql: &sql,
-            slot: &self.pg.slot,
-            es: &self.es_cfg,
-            kafka: &self.kafka,
-            timeout: self.opts.fence_timeout(),
-        };
+        let pipeline = self.pipeline(&sql);
         let mut base = self.read(shape, &pending).await?;
         for _ in 0..self.opts.rechecks {
             if pending.is_empty() {
