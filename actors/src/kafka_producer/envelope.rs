@@ -5,7 +5,6 @@
 //! ([`Encoder::rows`]), byte for byte as [`Encoder::event`] would encode the
 //! same row as a [`ChangeEvent`], without building JSON values first.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::connect::{wrap, TableSchema};
@@ -16,7 +15,7 @@ use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
-use crate::wire::{Envelope, Sequence, SnapshotMark, Source, TxBlock, VERSION};
+use crate::wire::{SnapshotMark, TxBlock, VERSION};
 
 /// Microseconds per millisecond (commit times are µs, the envelope's ms).
 const US_PER_MS: i64 = 1000;
@@ -64,6 +63,58 @@ struct Names {
     /// The columns whose values `decimal_handling_mode` and
     /// `time_precision_mode` rewrite (none under the defaults).
     converted: Arc<[(String, Convert)]>,
+    /// The table's `source` texts, escaped once.
+    frame: Arc<SourceFrame>,
+}
+
+/// The texts of a `source` block that are the same for every change of one
+/// table, escaped once per table and batch: [`Encoder::envelope_bytes`]
+/// writes the change's own numbers between them. The bytes are those
+/// serializing [`Envelope`](crate::wire::Envelope) gives (pinned by a test).
+struct SourceFrame {
+    /// `{"version":…,"connector":…,"name":…,"ts_ms":`
+    head: Vec<u8>,
+    /// `,"db":…,"sequence":"[\"` (the sequence is a JSON string).
+    db: Vec<u8>,
+    /// `\"]","schema":…,"table":…,"txId":`
+    table: Vec<u8>,
+}
+
+impl SourceFrame {
+    fn new(kafka: &KafkaConfig, db: &str, table: &TableRef) -> Self {
+        let text = |parts: &[(&[u8], &str)], end: &[u8]| {
+            let mut out = Vec::new();
+            for (label, value) in parts {
+                out.extend_from_slice(label);
+                to_json_bytes(value, &mut out);
+            }
+            out.extend_from_slice(end);
+            out
+        };
+        Self {
+            head: text(
+                &[
+                    (b"{\"version\":", VERSION),
+                    (b",\"connector\":", kafka.source_connector.name()),
+                    (b",\"name\":", &kafka.topic_prefix),
+                ],
+                b",\"ts_ms\":",
+            ),
+            db: text(&[(b",\"db\":", db)], b",\"sequence\":\"[\\\""),
+            table: text(
+                &[
+                    (b"\\\"]\",\"schema\":", &table.schema),
+                    (b",\"table\":", &table.name),
+                ],
+                b",\"txId\":",
+            ),
+        }
+    }
+}
+
+/// Append the decimal text of `n` to `out`.
+fn number(n: impl itoa::Integer, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Encodes one batch: shares topic, table and LSN texts between records.
@@ -98,6 +149,7 @@ impl<'a> Encoder<'a> {
                     schema: (self.kafka.format == Format::ConnectJson)
                         .then(|| Arc::new(TableSchema::new(self.kafka, table))),
                     converted: conversions(self.kafka, &table.column_types).into(),
+                    frame: Arc::new(SourceFrame::new(self.kafka, self.db, table)),
                 };
                 self.names = Some((table.clone(), names.clone()));
                 names
@@ -127,62 +179,61 @@ impl<'a> Encoder<'a> {
         1 + usize::from(tombstone)
     }
 
-    /// The `source` block of a change in `table` at `lsn`, position `seq`
-    /// of transaction `tx`.
-    fn source<'s>(
-        &'s self,
-        table: &'s TableRef,
-        tx: TxMeta,
-        lsn: Lsn,
-        seq: u32,
-        snapshot: SnapshotMark,
-    ) -> Source<'s> {
-        Source {
-            version: Cow::Borrowed(VERSION),
-            connector: Cow::Borrowed(self.kafka.source_connector.name()),
-            name: Cow::Borrowed(&self.kafka.topic_prefix),
-            ts_ms: tx.commit_time_us.div_euclid(US_PER_MS),
-            ts_us: tx.commit_time_us,
-            ts_ns: tx.commit_time_us.saturating_mul(NS_PER_US),
-            snapshot,
-            db: Cow::Borrowed(self.db),
-            sequence: Sequence {
-                commit_lsn: tx.commit_lsn.0,
-                lsn: lsn.0,
-            },
-            schema: Cow::Borrowed(&table.schema),
-            table: Cow::Borrowed(&table.name),
-            tx_id: tx.xid,
-            lsn: lsn.0,
-            xmin: None,
-            commit_lsn: tx.commit_lsn.0,
-            seq,
-        }
-    }
-
     /// The envelope of `event` with rows `before` and `after`, snapshot
-    /// mark `snapshot` and its `transaction` block if any, as JSON.
-    pub(super) fn envelope_bytes(
+    /// mark `snapshot` and its `transaction` block if any, as JSON: the
+    /// bytes serializing [`Envelope`](crate::wire::Envelope) gives, written with the table's
+    /// `source` texts escaped once (`frame`) instead of per change.
+    fn envelope_bytes(
         &self,
         event: &ChangeEvent,
         rows: Rows<'_>,
         snapshot: SnapshotMark,
         transaction: Option<TxBlock<'_>>,
+        frame: &SourceFrame,
     ) -> Vec<u8> {
-        let envelope = Envelope {
-            before: rows.0,
-            after: rows.1,
-            source: self.source(&event.table, event.tx, event.lsn, event.seq, snapshot),
-            transaction,
-            op: Cow::Borrowed(event.op.code()),
-            ts_ms: self.now_ms,
-            ts_us: self.now_ms.saturating_mul(US_PER_MS),
-            ts_ns: self.now_ms.saturating_mul(US_PER_MS * NS_PER_US),
-            unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
-        };
-        let mut value = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
-        to_json_bytes(&envelope, &mut value);
-        value
+        let mut v = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
+        let (tx, lsn) = (event.tx, event.lsn.0);
+        v.extend_from_slice(b"{\"before\":");
+        to_json_bytes(&rows.0, &mut v);
+        v.extend_from_slice(b",\"after\":");
+        to_json_bytes(&rows.1, &mut v);
+        v.extend_from_slice(b",\"source\":");
+        v.extend_from_slice(&frame.head);
+        number(tx.commit_time_us.div_euclid(US_PER_MS), &mut v);
+        v.extend_from_slice(b",\"ts_us\":");
+        number(tx.commit_time_us, &mut v);
+        v.extend_from_slice(b",\"ts_ns\":");
+        number(tx.commit_time_us.saturating_mul(NS_PER_US), &mut v);
+        v.extend_from_slice(b",\"snapshot\":");
+        to_json_bytes(&snapshot, &mut v);
+        v.extend_from_slice(&frame.db);
+        number(tx.commit_lsn.0, &mut v);
+        v.extend_from_slice(b"\\\",\\\"");
+        number(lsn, &mut v);
+        v.extend_from_slice(&frame.table);
+        number(tx.xid, &mut v);
+        v.extend_from_slice(b",\"lsn\":");
+        number(lsn, &mut v);
+        v.extend_from_slice(b",\"xmin\":null,\"commit_lsn\":");
+        number(tx.commit_lsn.0, &mut v);
+        v.extend_from_slice(b",\"seq\":");
+        number(event.seq, &mut v);
+        v.extend_from_slice(b"},\"transaction\":");
+        to_json_bytes(&transaction, &mut v);
+        v.extend_from_slice(b",\"op\":\"");
+        v.extend_from_slice(event.op.code().as_bytes());
+        v.extend_from_slice(b"\",\"ts_ms\":");
+        number(self.now_ms, &mut v);
+        v.extend_from_slice(b",\"ts_us\":");
+        number(self.now_ms.saturating_mul(US_PER_MS), &mut v);
+        v.extend_from_slice(b",\"ts_ns\":");
+        number(self.now_ms.saturating_mul(US_PER_MS * NS_PER_US), &mut v);
+        if !event.unchanged_toast.is_empty() {
+            v.extend_from_slice(b",\"unchanged_toast\":");
+            to_json_bytes(&event.unchanged_toast, &mut v);
+        }
+        v.push(b'}');
+        v
     }
 
     /// Append `event`'s record(s) to `out`: the change (with its
@@ -221,7 +272,7 @@ impl<'a> Encoder<'a> {
         let (key, value) = match self.kafka.format {
             Format::Json => {
                 let rows = (event.before.as_ref(), event.after.as_ref());
-                let value = self.envelope_bytes(event, rows, snapshot, transaction);
+                let value = self.envelope_bytes(event, rows, snapshot, transaction, &names.frame);
                 (json_key(event), Some(value))
             }
             Format::ConnectJson => self.connect_json(event, snapshot, transaction, &names),
@@ -265,7 +316,7 @@ impl<'a> Encoder<'a> {
         let before = event.before.as_ref().map(|r| schema.conform(r));
         let after = event.after.as_ref().map(|r| schema.conform(r));
         let rows = (before.as_ref(), after.as_ref());
-        let payload = self.envelope_bytes(event, rows, snapshot, transaction);
+        let payload = self.envelope_bytes(event, rows, snapshot, transaction, &names.frame);
         let key = event.key.as_ref().map(|k| {
             let mut payload = Vec::new();
             to_json_bytes(&schema.conform(k), &mut payload);
@@ -277,20 +328,21 @@ impl<'a> Encoder<'a> {
     /// What a snapshot row's envelope holds between its `after` object and
     /// its `source.seq` value, and after that value: cut from the envelope
     /// [`Self::event`] would write, so both encoders write the same bytes.
-    fn row_frame(&self, table: &TableRef, tx: TxMeta) -> (Vec<u8>, Vec<u8>) {
-        let envelope: Envelope<'_, ()> = Envelope {
+    fn row_frame(&mut self, table: &Arc<TableRef>, tx: TxMeta) -> (Vec<u8>, Vec<u8>) {
+        let frame = self.names(table).frame;
+        let event = ChangeEvent {
+            op: Op::Read,
+            table: table.clone(),
+            key: None,
             before: None,
             after: None,
-            source: self.source(table, tx, tx.commit_lsn, 0, SnapshotMark::True),
-            transaction: None,
-            op: Cow::Borrowed(Op::Read.code()),
-            ts_ms: self.now_ms,
-            ts_us: self.now_ms.saturating_mul(US_PER_MS),
-            ts_ns: self.now_ms.saturating_mul(US_PER_MS * NS_PER_US),
-            unchanged_toast: Cow::Borrowed(&[]),
+            unchanged_toast: Vec::new(),
+            lsn: tx.commit_lsn,
+            seq: 0,
+            tx,
+            snapshot: true,
         };
-        let mut text = Vec::new();
-        to_json_bytes(&envelope, &mut text);
+        let text = self.envelope_bytes(&event, (None, None), SnapshotMark::True, None, &frame);
         // `seq` is the last field of `source`; string quotes inside are escaped.
         let seq = SEQ_ZERO.len() - 2;
         let at = text
@@ -384,13 +436,16 @@ impl<'a> Encoder<'a> {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use std::borrow::Cow;
     use std::sync::Arc;
 
+    use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
     use super::*;
     use crate::event::{TableRef, TxMeta};
     use crate::lsn::Lsn;
+    use crate::wire::{Envelope, Sequence, Source};
 
     /// Encode with `tombstones` on or off, at time 5, for database `shop`.
     fn encode(event: &ChangeEvent, tombstones: bool) -> Vec<EncodedRecord> {
@@ -510,6 +565,80 @@ pub(super) mod tests {
                 source("incremental")
             )
         );
+    }
+
+    /// What serializing [`Envelope`] gives for `event`: the reference the
+    /// hand-written envelope must match byte for byte.
+    fn serialized(
+        kafka: &KafkaConfig,
+        db: &str,
+        now_ms: i64,
+        event: &ChangeEvent,
+        snapshot: SnapshotMark,
+        transaction: Option<TxBlock<'_>>,
+    ) -> Vec<u8> {
+        let tx = event.tx;
+        let envelope = Envelope {
+            before: event.before.as_ref(),
+            after: event.after.as_ref(),
+            source: Source {
+                version: Cow::Borrowed(VERSION),
+                connector: Cow::Borrowed(kafka.source_connector.name()),
+                name: Cow::Borrowed(&kafka.topic_prefix),
+                ts_ms: tx.commit_time_us.div_euclid(US_PER_MS),
+                ts_us: tx.commit_time_us,
+                ts_ns: tx.commit_time_us.saturating_mul(NS_PER_US),
+                snapshot,
+                db: Cow::Borrowed(db),
+                sequence: Sequence {
+                    commit_lsn: tx.commit_lsn.0,
+                    lsn: event.lsn.0,
+                },
+                schema: Cow::Borrowed(&event.table.schema),
+                table: Cow::Borrowed(&event.table.name),
+                tx_id: tx.xid,
+                lsn: event.lsn.0,
+                xmin: None,
+                commit_lsn: tx.commit_lsn.0,
+                seq: event.seq,
+            },
+            transaction,
+            op: Cow::Borrowed(event.op.code()),
+            ts_ms: now_ms,
+            ts_us: now_ms.saturating_mul(US_PER_MS),
+            ts_ns: now_ms.saturating_mul(US_PER_MS * NS_PER_US),
+            unchanged_toast: Cow::Borrowed(&event.unchanged_toast),
+        };
+        serde_json::to_vec(&envelope).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn the_written_envelope_is_what_the_serializer_writes(
+            names in proptest::array::uniform4("\\PC{0,6}|[\"\\\\\\x00-\\x1f]{0,3}"),
+            numbers in (any::<i64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<i64>()),
+            op in prop_oneof![Just(Op::Create), Just(Op::Update), Just(Op::Delete), Just(Op::Truncate)],
+            snapshot in prop_oneof![Just(SnapshotMark::False), Just(SnapshotMark::Incremental), Just(SnapshotMark::True)],
+            with_tx in any::<bool>(),
+            toast in proptest::collection::vec("\\PC{0,4}", 0..3),
+        ) {
+            let [schema, table, prefix, db] = names;
+            let (time, commit, lsn, xid, seq, now) = numbers;
+            let kafka = KafkaConfig { topic_prefix: prefix, ..KafkaConfig::default() };
+            let mut e = event(op);
+            e.table = Arc::new(TableRef { schema, name: table, ..(*e.table).clone() });
+            e.tx = TxMeta { xid, commit_lsn: Lsn(commit), commit_time_us: time };
+            (e.lsn, e.seq, e.unchanged_toast) = (Lsn(lsn), seq, toast);
+            let block = with_tx.then(|| TxBlock { id: "7:9".into(), total_order: 2, data_collection_order: 1 });
+            let mut encoder = Encoder::new(&kafka, &db, now);
+            let frame = encoder.names(&e.table).frame;
+            let rows = (e.before.as_ref(), e.after.as_ref());
+            let written = encoder.envelope_bytes(&e, rows, snapshot, block.clone(), &frame);
+            prop_assert_eq!(
+                String::from_utf8(written).unwrap(),
+                String::from_utf8(serialized(&kafka, &db, now, &e, snapshot, block)).unwrap()
+            );
+        }
     }
 
     #[test]

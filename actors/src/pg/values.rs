@@ -97,8 +97,22 @@ const ARRAYS: &[Type] = &[
 ];
 
 /// One of [`SCALARS`] or [`ARRAYS`] by OID; `None` for any other type.
+/// Looked up for every value rendered, so by index: [`Type::oid`] is a
+/// match over every built-in type, too slow to scan the lists with.
 fn known(type_oid: u32) -> Option<&'static Type> {
-    SCALARS.iter().chain(ARRAYS).find(|t| t.oid() == type_oid)
+    static BY_OID: std::sync::OnceLock<Vec<Option<&'static Type>>> = std::sync::OnceLock::new();
+    let table = BY_OID.get_or_init(|| {
+        let all = || SCALARS.iter().chain(ARRAYS);
+        let len = all().map(|t| t.oid() as usize + 1).max().unwrap_or(0);
+        let mut table = vec![None; len];
+        for t in all() {
+            table[t.oid() as usize] = Some(t);
+        }
+        table
+    });
+    usize::try_from(type_oid)
+        .ok()
+        .and_then(|i| table.get(i).copied().flatten())
 }
 
 /// The element type of one of [`ARRAYS`]; `None` for anything else.
@@ -140,7 +154,10 @@ pub fn text_to_json(type_oid: u32, text: &[u8]) -> Value {
 
 /// Convert one text-format value to JSON by its type's `rule`.
 pub fn render(rule: &Rule, text: &[u8]) -> Value {
-    render_str(rule, &String::from_utf8_lossy(text))
+    match std::str::from_utf8(text) {
+        Ok(s) => render_str(rule, s),
+        Err(_) => render_str(rule, &String::from_utf8_lossy(text)),
+    }
 }
 
 /// [`render`] of text already decoded.

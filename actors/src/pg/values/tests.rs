@@ -709,3 +709,13 @@ fn json_numbers_keep_every_digit_and_deep_nesting_is_sent_as_text() {
     );
     assert!(j(oid::JSONB, &fits).is_array());
 }
+
+#[test]
+fn every_listed_type_and_nothing_else_is_known_by_its_oid() {
+    for t in super::SCALARS.iter().chain(super::ARRAYS) {
+        assert_eq!(known(t.oid()), Some(t), "{}", t.name());
+    }
+    for oid in [0, 1, 705, 4_000, 100_000, u32::MAX] {
+        assert_eq!(known(oid), None, "{oid}");
+    }
+}
