@@ -22,6 +22,10 @@ use pgcdc_actors::replication::decode::decode;
 use pgcdc_actors::replication::Assembler;
 use pgcdc_testkit::bench::{self, Target};
 
+// The daemon's allocator: allocation is a large part of this path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Rows per round.
 const ROWS: u64 = 1_000_000;
 /// Rows per transaction, as in the `pipeline` benchmark.
@@ -66,7 +70,10 @@ fn relation() -> Bytes {
 fn insert(id: u64) -> Bytes {
     let values = [
         id.to_string(),
-        format!("{:032x}", u128::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        format!(
+            "{:032x}",
+            u128::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ),
         format!("row {id}"),
         (id % 1000).to_string(),
         "2026-12-01 10:17:32.123456+00".to_owned(),
@@ -124,8 +131,13 @@ fn main() {
 
     let decoding = best(|| {
         let rows = messages.iter().map(|m| decode(m).unwrap());
-        rows.filter(|m| matches!(m, pgcdc_actors::replication::decode::PgOutputMessage::Insert { .. }))
-            .count()
+        rows.filter(|m| {
+            matches!(
+                m,
+                pgcdc_actors::replication::decode::PgOutputMessage::Insert { .. }
+            )
+        })
+        .count()
     });
 
     let kafka = KafkaConfig::default();
@@ -138,13 +150,17 @@ fn main() {
     };
     let whole = best(|| {
         let mut assembler = Assembler::new(&[std::sync::Arc::new(table.clone())]);
-        assembler.apply(decode(&rel).unwrap(), Lsn(1), &mut Vec::new()).unwrap();
+        assembler
+            .apply(decode(&rel).unwrap(), Lsn(1), &mut Vec::new())
+            .unwrap();
         let mut events = Vec::with_capacity(ROWS_PER_TX as usize);
         let mut records = Vec::with_capacity(2);
         let mut bytes = 0usize;
         let mut n = 0;
         for (i, m) in messages.iter().enumerate() {
-            assembler.apply(decode(m).unwrap(), Lsn(i as u64), &mut events).unwrap();
+            assembler
+                .apply(decode(m).unwrap(), Lsn(i as u64), &mut events)
+                .unwrap();
             if events.len() as u64 == ROWS_PER_TX {
                 let mut encoder = Encoder::new(&kafka, "bench", 1_700_000_000_000);
                 for e in events.drain(..) {
@@ -164,7 +180,11 @@ fn main() {
     println!("pgcdc's own path per streamed row, one thread, no services, best of {ROUNDS} rounds of {ROWS} rows:");
     println!("{:<62} {:>8}", "", "µs/row");
     println!("{:<62} {:>8.2}", "decoding pgoutput alone", decoding * 1e6);
-    println!("{:<62} {:>8.2}", "decode + assemble + encode (key, envelope, headers' texts)", whole * 1e6);
+    println!(
+        "{:<62} {:>8.2}",
+        "decode + assemble + encode (key, envelope, headers' texts)",
+        whole * 1e6
+    );
     bench::figure(
         "own path per streamed row, no broker (µs)",
         &format!("{:.2} µs", whole * 1e6),

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgcdc-target}"
 . scripts/rocksdb-env.sh
-benches="${BENCHES:-pipeline snapshot es_sink verify latency}"
+benches="${BENCHES:-encode pipeline snapshot es_sink verify latency}"
 mkdir -p target
 for b in $benches; do
   echo "bench.sh: cargo bench --bench $b (release build first; several minutes)" >&2
