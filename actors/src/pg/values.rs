@@ -117,18 +117,15 @@ fn known(type_oid: u32) -> Option<&'static Type> {
 
 /// The element type of one of [`ARRAYS`]; `None` for anything else.
 fn array_element(type_oid: u32) -> Option<&'static Type> {
-    ARRAYS
-        .iter()
-        .find(|t| t.oid() == type_oid)
-        .and_then(|t| match t.kind() {
-            Kind::Array(elem) => Some(elem),
-            _ => None,
-        })
+    known(type_oid).and_then(|t| match t.kind() {
+        Kind::Array(elem) => Some(elem),
+        _ => None,
+    })
 }
 
 /// Whether `type_oid` is one of [`SCALARS`].
 pub(crate) fn known_scalar(type_oid: u32) -> bool {
-    SCALARS.iter().any(|t| t.oid() == type_oid)
+    known(type_oid).is_some_and(|t| !matches!(t.kind(), Kind::Array(_)))
 }
 
 /// The element OID of `type_oid` if it is one of [`ARRAYS`].

@@ -712,10 +712,22 @@ fn json_numbers_keep_every_digit_and_deep_nesting_is_sent_as_text() {
 
 #[test]
 fn every_listed_type_and_nothing_else_is_known_by_its_oid() {
-    for t in super::SCALARS.iter().chain(super::ARRAYS) {
+    for t in super::SCALARS {
         assert_eq!(known(t.oid()), Some(t), "{}", t.name());
+        assert!(known_scalar(t.oid()), "{}", t.name());
+        assert_eq!(known_array(t.oid()), None, "{}", t.name());
+    }
+    for t in super::ARRAYS {
+        assert_eq!(known(t.oid()), Some(t), "{}", t.name());
+        assert!(!known_scalar(t.oid()), "{}", t.name());
+        assert!(
+            known_array(t.oid()).is_some_and(known_scalar),
+            "{}",
+            t.name()
+        );
     }
     for oid in [0, 1, 705, 4_000, 100_000, u32::MAX] {
         assert_eq!(known(oid), None, "{oid}");
+        assert!(!known_scalar(oid) && known_array(oid).is_none(), "{oid}");
     }
 }
