@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// The value of a change record: Debezium's PostgreSQL envelope, with
 /// pgcdc's additions (`source.commit_lsn`, `source.seq`, `unchanged_toast`).
-/// The producer writes it (`R` = a borrowed row), the ES sink reads it
+/// The producer writes its bytes directly (a property test holds them to
+/// this type's serialization, `R` = a borrowed row); the ES sink reads it
 /// (`R` = an owned row). Field order is the order on the wire.
 ///
 /// Reading is lenient where the sink does not need a field: only `op`,
