@@ -426,19 +426,16 @@ async fn a_backlog_of_small_transactions_shares_batches_and_arrives_once_in_orde
         batches < (TXS / 10) as f64,
         "{batches} batches for {TXS} transactions already received: they should share batches"
     );
-    let bucket = |le: &str| {
-        let prefix = format!("pgcdc_kafka_ack_seconds_bucket{{le=\"{le}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
-    };
+    let buckets = pgcdc_testkit::bench::histogram_buckets(&text, "pgcdc_kafka_ack_seconds");
+    let bucket = |le: f64| buckets.iter().find(|b| b.0 == le).map(|b| b.1);
     assert_eq!(
-        bucket("0.005"),
-        Some(0.0),
+        bucket(0.005),
+        Some(0),
         "no batch of the backlog can be that fresh:\n{text}"
     );
     assert_eq!(
-        bucket("300"),
-        Some(batches),
+        bucket(300.0),
+        Some(batches as u64),
         "every batch within 300 s:\n{text}"
     );
 }

@@ -55,9 +55,21 @@ pub fn figure(figure: &str, pgcdc: &str, baseline: &str, judged: f64, target: Ta
 /// it (so at most that), and the number of observations; `None` without
 /// observations.
 pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)> {
+    let buckets = histogram_buckets(text, metric);
+    let total = buckets.iter().map(|&(_, n)| n).max().filter(|&n| n > 0)?;
+    let rank = (q * total as f64).ceil() as u64;
+    buckets
+        .iter()
+        .find(|&&(_, n)| n >= rank)
+        .map(|&(le, _)| (le, total))
+}
+
+/// The buckets of the label-less Prometheus histogram `metric` in the
+/// `/metrics` page `text`: each upper bound (`+Inf` as infinity) with its
+/// cumulative count, in the page's order.
+pub fn histogram_buckets(text: &str, metric: &str) -> Vec<(f64, u64)> {
     let prefix = format!("{metric}_bucket{{le=\"");
-    let buckets: Vec<(f64, u64)> = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|rest| {
             let (le, n) = rest.split_once("\"} ")?;
@@ -68,13 +80,7 @@ pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)
             };
             Some((le, n.trim().parse().ok()?))
         })
-        .collect();
-    let total = buckets.iter().map(|&(_, n)| n).max().filter(|&n| n > 0)?;
-    let rank = (q * total as f64).ceil() as u64;
-    buckets
-        .iter()
-        .find(|&&(_, n)| n >= rank)
-        .map(|&(le, _)| (le, total))
+        .collect()
 }
 
 /// CPU seconds (user + system) process `pid` used so far; with `children`,
