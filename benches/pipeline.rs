@@ -1,8 +1,9 @@
 //! Throughput benchmark (not a timed test): a 1,000,000-row backlog
 //! (1,000 transactions of 1,000 rows) drained by pgcdc into tansu, next to
-//! `pg_recvlogical` draining the same backlog into /dev/null; then peak RSS
-//! for one 1,000,000-row transaction; then 200,000 single-row transactions
-//! drained by both, with pgcdc's synced checkpoint writes.
+//! `pg_recvlogical` draining the same backlog into /dev/null; then 200,000
+//! single-row transactions drained by both, with pgcdc's synced checkpoint
+//! writes; then peak RSS for one 10,000,000-row transaction and for ten
+//! values of 64 MiB.
 //!
 //! Run with `cargo bench --bench pipeline` (scripts/bench.sh).
 
@@ -27,6 +28,12 @@ const ROWS: u64 = TXS * ROWS_PER_TX;
 const SMALL_TXS: u64 = 200_000;
 /// Peak resident memory pgcdc should stay under, MiB.
 const RSS_TARGET_MIB: f64 = 100.0;
+/// Rows of the one large transaction (`PIPELINE_BENCH_BIG_ROWS`).
+const BIG_ROWS: u64 = 10_000_000;
+/// Values of [`LARGE_VALUE_MIB`] streamed one per transaction.
+const LARGE_VALUES: i32 = 10;
+/// Size of each large value, MiB: `md5` text (32 bytes) repeated.
+const LARGE_VALUE_MIB: i32 = 64;
 
 /// The slot's confirmed_flush_lsn as text-comparable number, 0 if unknown.
 async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
@@ -251,6 +258,111 @@ async fn small_transactions(
     );
 }
 
+/// A fresh daemon streaming new table `table` while `write` commits to it:
+/// slot and publication named after the table (the daemon makes them), topic
+/// `cdc-<table>`, `extra_kafka` in its `[kafka]` section.
+async fn drain_table(
+    (pg, tansu): (&PgCluster, &Tansu),
+    db: &tokio_postgres::Client,
+    (table, columns): (&str, &str),
+    extra_kafka: &str,
+    write: impl std::future::Future<Output = ()>,
+) -> Drained {
+    let create = format!("CREATE TABLE {table} ({columns})");
+    db.batch_execute(&create).await.expect("setup");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!("topic = \"cdc-{table}\"\n{extra_kafka}");
+    let cfg = config(pg, tansu, &dir.path().join("state"), &[table], &extra)
+        .replace("info,pgcdc_actors=debug", "warn")
+        .replace(
+            "[postgres]\n",
+            &format!("[postgres]\nslot = \"{table}\"\npublication = \"{table}\"\n"),
+        );
+    let writer = async {
+        let active = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active";
+        wait::until("the slot", Duration::from_secs(60), || async {
+            db.query_opt(active, &[&table])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await
+        .unwrap();
+        write.await;
+        let end = db
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await;
+        end.expect("lsn").get::<_, i64>(0)
+    };
+    drain_with_pgcdc((pg, tansu), dir.path(), &cfg, db, table, writer, None).await
+}
+
+/// One transaction of `PIPELINE_BENCH_BIG_ROWS` rows (default
+/// [`BIG_ROWS`]), streamed while it is written: pgcdc's peak RSS.
+async fn big_transaction(pg: &PgCluster, tansu: &Tansu, db: &tokio_postgres::Client) {
+    let rows: u64 = std::env::var("PIPELINE_BENCH_BIG_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BIG_ROWS);
+    eprintln!("bench: one transaction of {rows} rows");
+    let insert =
+        format!("INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, {rows}) g");
+    let write = async { db.batch_execute(&insert).await.expect("big insert") };
+    let columns = "id bigint PRIMARY KEY, a text, n int";
+    let big = drain_table((pg, tansu), db, ("big", columns), "", write).await;
+    println!();
+    println!(
+        "pgcdc peak RSS, one {rows}-row transaction: {:.1} MiB in {:.1} s ({:.0} rows/s; target <= {RSS_TARGET_MIB})",
+        big.rss_mib,
+        big.secs,
+        rows as f64 / big.secs
+    );
+    println!("{}", cpu_split(&big));
+    bench::figure(
+        &format!("peak RSS, one {}M-row transaction (MiB)", rows / 1_000_000),
+        &format!("{:.0} MiB", big.rss_mib),
+        "-",
+        big.rss_mib,
+        Target::AtMost(RSS_TARGET_MIB),
+    );
+}
+
+/// [`LARGE_VALUES`] values of [`LARGE_VALUE_MIB`] MiB, one per transaction,
+/// streamed with `message.max.bytes` raised to let their records through:
+/// pgcdc's peak RSS, next to the size of one value.
+async fn large_values(pg: &PgCluster, tansu: &Tansu, db: &tokio_postgres::Client) {
+    eprintln!("bench: {LARGE_VALUES} values of {LARGE_VALUE_MIB} MiB");
+    let repeat = LARGE_VALUE_MIB * (1 << 20) / 32;
+    let write = async {
+        for id in 1..=LARGE_VALUES {
+            db.execute(
+                "INSERT INTO docs SELECT i, repeat(md5(i::text), $2) FROM (SELECT $1::int AS i) s",
+                &[&id, &repeat],
+            )
+            .await
+            .expect("large value");
+        }
+    };
+    let large = "[kafka.properties]\n\"message.max.bytes\" = \"100000000\"\n";
+    let columns = "id int PRIMARY KEY, body text";
+    let docs = drain_table((pg, tansu), db, ("docs", columns), large, write).await;
+    let rss = docs.rss_mib;
+    println!();
+    println!(
+        "pgcdc peak RSS, {LARGE_VALUES} values of {LARGE_VALUE_MIB} MiB: {rss:.1} MiB in {:.1} s ({:.1} times one value; target <= {RSS_TARGET_MIB})",
+        docs.secs,
+        rss / f64::from(LARGE_VALUE_MIB)
+    );
+    bench::figure(
+        &format!("peak RSS, {LARGE_VALUE_MIB} MiB values (MiB)"),
+        &format!("{rss:.0} MiB"),
+        &format!("one value {LARGE_VALUE_MIB} MiB"),
+        rss,
+        Target::AtMost(RSS_TARGET_MIB),
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let pg = PgCluster::start().unwrap();
@@ -319,49 +431,6 @@ async fn main() {
     let recv_second = drain("recv2");
     let recv_secs = recv_first.min(recv_second);
 
-    // One transaction of 1,000,000 rows, streamed by a fresh daemon.
-    db.batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, a text, n int)")
-        .await
-        .expect("big");
-    let dir2 = tempfile::tempdir().expect("tempdir");
-    let cfg2 = config(
-        &pg,
-        &tansu,
-        &dir2.path().join("state"),
-        &["big"],
-        "topic = \"cdc-big\"",
-    )
-    .replace("info,pgcdc_actors=debug", "warn")
-    .replace(
-        "[postgres]\n",
-        "[postgres]\nslot = \"big\"\npublication = \"big\"\n",
-    );
-    let writer = async {
-        wait::until("the big slot", Duration::from_secs(60), || async {
-            db.query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'big' AND active",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        })
-        .await
-        .unwrap();
-        db.batch_execute(
-            "INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 1000000) g",
-        )
-        .await
-        .expect("big insert");
-        let end = db
-            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
-            .await;
-        end.expect("lsn").get::<_, i64>(0)
-    };
-    let big = drain_with_pgcdc((&pg, &tansu), dir2.path(), &cfg2, &db, "big", writer, None).await;
-    let (big_secs, big_rss) = (big.secs, big.rss_mib);
-
     let rate = ROWS as f64 / secs;
     let recv_rate = ROWS as f64 / recv_secs;
     println!();
@@ -378,7 +447,6 @@ async fn main() {
     );
     println!("{}", cpu_split(&backlog));
     println!("pgcdc peak RSS, backlog: {rss:.1} MiB (target <= {RSS_TARGET_MIB})");
-    println!("pgcdc peak RSS, one 1,000,000-row transaction: {big_rss:.1} MiB in {big_secs:.1} s (target <= {RSS_TARGET_MIB})");
     bench::figure(
         "1M-row backlog streamed",
         &format!("{rate:.0} rows/s"),
@@ -401,13 +469,10 @@ async fn main() {
         rss,
         Target::AtMost(RSS_TARGET_MIB),
     );
-    bench::figure(
-        "peak RSS, one 1M-row transaction (MiB)",
-        &format!("{big_rss:.0} MiB"),
-        "-",
-        big_rss,
-        Target::AtMost(RSS_TARGET_MIB),
-    );
 
     small_transactions(&pg, &tansu, &db, &recv).await;
+    // The memory figures each on a fresh broker: tansu keeps every record in memory.
+    drop(tansu);
+    big_transaction(&pg, &Tansu::start().unwrap(), &db).await;
+    large_values(&pg, &Tansu::start().unwrap(), &db).await;
 }

@@ -11,7 +11,21 @@ use pgcdc::settings::{Overrides, Settings};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turn transparent huge pages off for this process. mimalloc advises the
+/// kernel to back its arenas with huge pages, and the kernel then makes each
+/// touched 2 MiB range resident whole: in the pipeline benchmark that raised
+/// pgcdc's peak RSS from about 73 to about 115 MiB with no CPU saved. The
+/// kernel's flag, set on the process's address space and so for every
+/// thread, overrides that advice, for memory already reserved too. Where the
+/// kernel refuses it, pgcdc runs on with THP, using more memory and nothing
+/// else different.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
 fn main() {
+    no_transparent_huge_pages();
     // Failpoints (compiled in only with the `failpoints` feature) are set via FAILPOINTS=name=action.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

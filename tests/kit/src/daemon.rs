@@ -92,16 +92,23 @@ impl Daemon {
         }
     }
 
+    /// The value of field `name` (`VmHWM`, `THP_enabled`) in the running
+    /// process's `/proc/<pid>/status`, its unit cut off.
+    pub fn status_field(&self, name: &str) -> Option<String> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
+        Some(value.trim().trim_end_matches("kB").trim().to_owned())
+    }
+
     /// Fold the running process's VmHWM into `peak_rss_kb`.
     pub fn sample_rss(&mut self) {
-        let Some(pid) = self.pid() else { return };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        self.peak_rss_kb = self.peak_rss_kb.max(hwm);
+        let hwm = self
+            .status_field("VmHWM")
+            .and_then(|v| v.parse::<u64>().ok());
+        self.peak_rss_kb = self.peak_rss_kb.max(hwm.unwrap_or(0));
     }
 
     /// `kill -9`.
