@@ -123,15 +123,10 @@ const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
 /// leader election before the stream restarts from the checkpoint.
 const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
 /// Default `max_inflight_records`: enough to keep Kafka busy at high change
-/// rates, a bounded amount of memory (a few hundred bytes each). Records of
-/// ordinary rows this many fit in the five requests of at most 1 MB that
-/// librdkafka's idempotent producer keeps in flight per partition, so its
-/// I/O thread is rarely left polling for room with a batch waiting. In the
-/// pipeline benchmark's backlog, 5,000 took 8.3-11.0 µs of CPU per row over
-/// six runs where 10,000 took 10.2-14.8 over seven, and streamed as fast or
-/// faster; 2,500 lay between; 50,000 streamed no faster and cost 30-50 MiB
-/// more peak RSS.
-const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 5_000;
+/// rates (10,000 records per round trip), a bounded amount of memory (a few
+/// hundred bytes each): 50,000 streamed no faster on loopback and cost
+/// about 30-50 MiB more peak RSS in the pipeline benchmark.
+const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 10_000;
 /// Default `max_inflight_bytes` (256 MiB): far above what ordinary rows
 /// reach at `max_inflight_records`, while a handful of huge values is enough
 /// to pause WAL reading instead of filling memory.
