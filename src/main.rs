@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turn transparent huge pages off for this process. mimalloc advises the
 /// kernel to back its arenas with huge pages, and the kernel then makes each
 /// touched 2 MiB range resident whole: in the pipeline benchmark that raised
-/// the backlog's peak RSS from 76-89 to 110-130 MiB with no CPU saved. The
+/// the backlog's peak RSS from 75-89 to 110-130 MiB with no CPU saved. The
 /// kernel's flag, set on the process's address space and so for every
 /// thread, overrides that advice, for memory already reserved too. Where the
 /// kernel refuses it, pgcdc runs on with THP, using more memory and nothing
