@@ -320,7 +320,7 @@ async fn big_transaction(pg: &PgCluster, tansu: &Tansu, db: &tokio_postgres::Cli
     );
     println!("{}", cpu_split(&big));
     bench::figure(
-        &format!("peak RSS, one {}M-row transaction (MiB)", rows / 1_000_000),
+        &format!("peak RSS, one {rows}-row transaction (MiB)"),
         &format!("{:.0} MiB", big.rss_mib),
         "-",
         big.rss_mib,
