@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use pgcdc_actors::wire::header;
@@ -243,7 +243,17 @@ async fn a_backlog_of_transactions_sharing_batches_keeps_each_ones_metadata() {
             .into_iter()
             .filter(|r| r.value.is_some())
             .collect();
-    assert_eq!(data.len(), 3100, "each change once");
+    let offsets: HashSet<(i32, i64)> = data.iter().map(|r| (r.partition, r.offset)).collect();
+    let keys: HashSet<String> = data.iter().map(|r| format!("{:?}", r.key)).collect();
+    assert_eq!(
+        data.len(),
+        3100,
+        "each change once: {} records at {} offsets of {} keys; pgcdc log tail:\n{}",
+        data.len(),
+        offsets.len(),
+        keys.len(),
+        daemon.log_tail()
+    );
     check_ends(&meta, &data);
     let big = meta
         .iter()
