@@ -365,6 +365,12 @@ async fn a_backlog_of_small_transactions_shares_batches_and_arrives_once_in_orde
     );
     let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
     wait_streaming(&s.pg, &db, &mut daemon).await;
+    // Stopped before its initial snapshot is checkpointed, pgcdc would copy the
+    // table again on the next start, and the rows below would arrive twice.
+    daemon
+        .wait_log("streaming session=", Duration::from_secs(60))
+        .await
+        .unwrap();
     daemon.terminate(Duration::from_secs(30)).unwrap();
     // 2,000 transactions of one row each, in the WAL before pgcdc reads them.
     const TXS: i64 = 2000;
