@@ -206,19 +206,8 @@ async fn small_transactions(
     let recv_first = recvlogical(recv, &port, "small_recv", "small", &end);
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = pgcdc_testkit::free_port().expect("a free port");
-    let cfg = config(
-        pg,
-        tansu,
-        &dir.path().join("state"),
-        &["small"],
-        "topic = \"cdc-small\"",
-    );
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics)
-        .replace("info,pgcdc_actors=debug", "warn")
-        .replace(
-            "[postgres]\n",
-            "[postgres]\nslot = \"small\"\npublication = \"small\"\n",
-        );
+    let cfg = table_config((pg, tansu), dir.path(), "small", "");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics);
     let end_at = async { end_num };
     let drained = drain_with_pgcdc(
         (pg, tansu),
@@ -258,9 +247,26 @@ async fn small_transactions(
     );
 }
 
-/// A fresh daemon streaming new table `table` while `write` commits to it:
-/// slot and publication named after the table (the daemon makes them), topic
-/// `cdc-<table>`, `extra_kafka` in its `[kafka]` section.
+/// The config of a daemon in `dir` streaming only `table`: slot and
+/// publication named after it, topic `cdc-<table>`, `extra_kafka` in its
+/// `[kafka]` section, logging warnings only.
+fn table_config(
+    (pg, tansu): (&PgCluster, &Tansu),
+    dir: &Path,
+    table: &str,
+    extra_kafka: &str,
+) -> String {
+    let extra = format!("topic = \"cdc-{table}\"\n{extra_kafka}");
+    config(pg, tansu, &dir.join("state"), &[table], &extra)
+        .replace("info,pgcdc_actors=debug", "warn")
+        .replace(
+            "[postgres]\n",
+            &format!("[postgres]\nslot = \"{table}\"\npublication = \"{table}\"\n"),
+        )
+}
+
+/// A fresh daemon streaming new table `table` while `write` commits to it
+/// (the daemon makes its slot and publication), with `table_config`.
 async fn drain_table(
     (pg, tansu): (&PgCluster, &Tansu),
     db: &tokio_postgres::Client,
@@ -271,13 +277,7 @@ async fn drain_table(
     let create = format!("CREATE TABLE {table} ({columns})");
     db.batch_execute(&create).await.expect("setup");
     let dir = tempfile::tempdir().expect("tempdir");
-    let extra = format!("topic = \"cdc-{table}\"\n{extra_kafka}");
-    let cfg = config(pg, tansu, &dir.path().join("state"), &[table], &extra)
-        .replace("info,pgcdc_actors=debug", "warn")
-        .replace(
-            "[postgres]\n",
-            &format!("[postgres]\nslot = \"{table}\"\npublication = \"{table}\"\n"),
-        );
+    let cfg = table_config((pg, tansu), dir.path(), table, extra_kafka);
     let writer = async {
         let active = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active";
         wait::until("the slot", Duration::from_secs(60), || async {

@@ -18,14 +18,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// kernel's flag, set on the process's address space and so for every
 /// thread, overrides that advice, for memory already reserved too. Where the
 /// kernel refuses it, pgcdc runs on with THP, using more memory and nothing
-/// else different.
-fn no_transparent_huge_pages() {
+/// else different, and says so once logging is up.
+fn no_transparent_huge_pages() -> Result<(), String> {
     #[cfg(target_os = "linux")]
-    let _ = rustix::thread::disable_transparent_huge_pages(true);
+    rustix::thread::disable_transparent_huge_pages(true).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn main() {
-    no_transparent_huge_pages();
+    let thp = no_transparent_huge_pages();
     // Failpoints (compiled in only with the `failpoints` feature) are set via FAILPOINTS=name=action.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -50,6 +51,9 @@ fn main() {
             std::process::exit(e.exit_code().code());
         }
     };
+    if let Err(e) = thp {
+        tracing::warn!(error = %e, "the kernel kept transparent huge pages on for pgcdc: it runs as usual, with more resident memory");
+    }
     let result = match &cli.command {
         Command::Run => pgcdc::app::run(settings),
         Command::EsSink => pgcdc::app::run_es_sink(settings),

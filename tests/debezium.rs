@@ -212,11 +212,10 @@ async fn a_backlog_of_transactions_sharing_batches_keeps_each_ones_metadata() {
         "transaction_metadata = true\n",
     );
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
-    wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    // Stopped before its initial snapshot is checkpointed, pgcdc would copy the
-    // table again on the next start, and the rows below would arrive twice.
+    // Stopped before its initial snapshot is over, pgcdc would copy the table
+    // again on the next start, and the rows below would arrive twice.
     daemon
-        .wait_log("streaming session=", Duration::from_secs(60))
+        .wait_streaming(Duration::from_secs(60))
         .await
         .unwrap();
     daemon.terminate(Duration::from_secs(30)).unwrap();

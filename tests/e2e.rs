@@ -37,9 +37,13 @@ impl Stack {
     }
 }
 
-/// Wait until the daemon has created its slot (it streams from then on).
-async fn wait_streaming(_pg: &PgCluster, client: &tokio_postgres::Client, daemon: &mut Daemon) {
+/// Wait until the daemon holds its slot and its initial snapshot is over.
+async fn wait_streaming(client: &tokio_postgres::Client, daemon: &mut Daemon) {
     crate::support::wait_slot_active(client, daemon, "pgcdc").await;
+    daemon
+        .wait_streaming(Duration::from_secs(60))
+        .await
+        .unwrap();
 }
 
 /// Start the daemon again: it must refuse the slot and exit with code 5.
@@ -67,7 +71,7 @@ async fn row_changes_arrive_in_commit_order_field_by_field() {
     .await
     .unwrap();
     let mut daemon = s.daemon(&["public.users", "orders"], "");
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
 
     db.batch_execute("INSERT INTO users VALUES (1, 'ann', 'ann@example.com')")
         .await
@@ -173,7 +177,7 @@ async fn every_common_type_becomes_faithful_json() {
     .await
     .unwrap();
     let mut daemon = s.daemon(&["types"], "");
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute(
         "INSERT INTO types VALUES (1, -32768, 9223372036854775807, 12345678901234567890.123456789, 'NaN', 1.5, \
          0.1, 'NaN', '-Infinity', true, 'héllo \"q\"', 'vc', 'ab', '2024-01-02 03:04:05.678', \
@@ -255,7 +259,7 @@ async fn tables_without_key_are_refused_unless_replica_identity_full() {
     let state = s.dir.path().join("state2");
     let cfg = config(&s.pg, &s.tansu, &state, &["full_id"], "");
     let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute("INSERT INTO full_id VALUES (1, 'x'); DELETE FROM full_id;")
         .await
         .unwrap();
@@ -276,7 +280,7 @@ async fn slot_dropped_or_recreated_behind_our_back_is_refused() {
         .await
         .unwrap();
     let mut daemon = s.daemon(&["t"], "");
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
     crate::support::read_until(&s.tansu, TOPIC, Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(
@@ -310,7 +314,7 @@ async fn sigterm_drains_and_confirms_everything() {
         .await
         .unwrap();
     let mut daemon = s.daemon(&["t"], "");
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g")
         .await
         .unwrap();
@@ -337,7 +341,7 @@ async fn sigterm_drains_and_confirms_everything() {
 
     // A restart resends nothing already confirmed.
     daemon.spawn().unwrap();
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute("INSERT INTO t VALUES (6000, 'after')")
         .await
         .unwrap();
@@ -364,13 +368,9 @@ async fn a_backlog_of_small_transactions_shares_batches_and_arrives_once_in_orde
         port,
     );
     let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
-    wait_streaming(&s.pg, &db, &mut daemon).await;
-    // Stopped before its initial snapshot is checkpointed, pgcdc would copy the
-    // table again on the next start, and the rows below would arrive twice.
-    daemon
-        .wait_log("streaming session=", Duration::from_secs(60))
-        .await
-        .unwrap();
+    // Stopped before its initial snapshot is over, pgcdc would copy the table
+    // again on the next start, and the rows below would arrive twice.
+    wait_streaming(&db, &mut daemon).await;
     daemon.terminate(Duration::from_secs(30)).unwrap();
     // 2,000 transactions of one row each, in the WAL before pgcdc reads them.
     const TXS: i64 = 2000;
@@ -530,7 +530,7 @@ async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
         "topic_mode = \"per_table\"\ntombstones = false",
     );
     let mut daemon = crate::support::daemon(s.dir.path(), &cfg, &[]);
-    wait_streaming(&s.pg, &db, &mut daemon).await;
+    wait_streaming(&db, &mut daemon).await;
     db.batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2); DELETE FROM b; INSERT INTO b VALUES (3);").await.unwrap();
     let a = crate::support::read_until(&s.tansu, "pgcdc.public.a", Duration::from_secs(60), |r| {
         !r.is_empty()

@@ -28,6 +28,8 @@ pub struct Daemon {
     command: String,
     /// Highest VmHWM (kB) read from any incarnation.
     pub peak_rss_kb: u64,
+    /// Length of the log when the current incarnation started.
+    spawned_at: usize,
 }
 
 impl Daemon {
@@ -53,6 +55,7 @@ impl Daemon {
                 .collect(),
             command: command.to_owned(),
             peak_rss_kb: 0,
+            spawned_at: 0,
         };
         d.spawn()?;
         Ok(d)
@@ -64,6 +67,7 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        self.spawned_at = log.metadata()?.len() as usize;
         let child = Command::new(&self.exe)
             .arg("--config")
             .arg(&self.config)
@@ -165,10 +169,23 @@ impl Daemon {
 
     /// Wait until the log contains `text`; fails if the daemon exits or `timeout` passes first.
     pub async fn wait_log(&self, text: &str, timeout: Duration) -> Result<()> {
+        self.wait_log_from(0, text, timeout).await
+    }
+
+    /// Wait until the current incarnation logs that it streams: its initial
+    /// snapshot, if it takes one, is over. Stopped before that, pgcdc copies
+    /// the tables again on its next start.
+    pub async fn wait_streaming(&self, timeout: Duration) -> Result<()> {
+        self.wait_log_from(self.spawned_at, "streaming session=", timeout)
+            .await
+    }
+
+    /// Wait until the log after its first `from` bytes contains `text`.
+    async fn wait_log_from(&self, from: usize, text: &str, timeout: Duration) -> Result<()> {
         let what = format!("pgcdc to log {text:?}");
         wait::poll(&what, timeout, EVERY, || async {
             let log = self.log_text();
-            if log.contains(text) {
+            if log.get(from..).is_some_and(|l| l.contains(text)) {
                 Poll::Ready(())
             } else if !self.is_running() {
                 Poll::Abort(format!("pgcdc exited:\n{log}"))
