@@ -137,6 +137,18 @@ const PARTITIONER: &str = "partitioner";
 /// partition count, as the Java client (and so Debezium, Kafka Streams and
 /// ksqlDB) computes it; keyless records go to a random partition.
 pub const JAVA_PARTITIONER: &str = "murmur2_random";
+/// librdkafka's property (and its alias) for how long a partition's records
+/// wait to fill a produce request.
+const LINGER: [&str; 2] = ["linger.ms", "queue.buffering.max.ms"];
+/// Default `linger.ms`, instead of librdkafka's 5. The idempotent producer
+/// sends one request per partition at a time (its limit of five counts
+/// messages, not requests); while one is unacknowledged and the next has
+/// waited `linger.ms`, its I/O thread polls without sleeping. At 5 ms, a
+/// backlog drained into tansu made 1.3 million polls for 900 requests. 20 ms
+/// brought pgcdc's CPU per row from 9.8 to 9.0 µs, and at 5,000 commits/s the
+/// larger requests cut the broker's CPU by a third and the p99 commit →
+/// acknowledgement from 150 to 50 ms.
+const DEFAULT_LINGER_MS: &str = "20";
 /// librdkafka's default `message.max.bytes`: the largest record the producer sends.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// The librdkafka property limiting one record's size.
@@ -376,6 +388,9 @@ impl KafkaConfig {
         if !self.properties.contains_key(PARTITIONER) {
             cfg.set(PARTITIONER, JAVA_PARTITIONER);
         }
+        if !LINGER.iter().any(|k| self.properties.contains_key(*k)) {
+            cfg.set(LINGER[0], DEFAULT_LINGER_MS);
+        }
         cfg
     }
 
@@ -504,6 +519,19 @@ mod tests {
             c.client_config().get(PARTITIONER),
             Some("consistent_random")
         );
+    }
+
+    #[test]
+    fn records_linger_20_ms_unless_either_name_of_the_property_is_set() {
+        let cfg = KafkaConfig::default().client_config();
+        assert_eq!(cfg.get("linger.ms"), Some("20"));
+        for (key, alias) in [(LINGER[0], LINGER[1]), (LINGER[1], LINGER[0])] {
+            let mut c = KafkaConfig::default();
+            c.properties.insert(key.into(), "7".into());
+            let cfg = c.client_config();
+            assert_eq!((cfg.get(key), cfg.get(alias)), (Some("7"), None));
+            assert!(cfg.create::<rdkafka::producer::BaseProducer>().is_ok());
+        }
     }
 
     #[test]

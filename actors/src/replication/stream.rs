@@ -34,7 +34,8 @@ const BATCH_CAPACITY_MAX: usize = 1024;
 const CHANGE_HEADER_BYTES: usize = 16;
 /// How long committed transactions wait in a batch for more to join it
 /// (see [`Stream::coalesce`]): at a steady rate of small transactions,
-/// several share a batch; librdkafka waits as long (`linger.ms`) anyway.
+/// several share a batch; librdkafka waits longer (`linger.ms`, 20 ms by
+/// default) anyway.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 /// Longest time committed transactions wait in a batch for more to join
 /// it while more keep arriving (see [`Stream::coalesce`]).
