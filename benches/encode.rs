@@ -166,8 +166,9 @@ fn main() {
                 for e in events.drain(..) {
                     encoder.event(&e, None, &mut records);
                     for r in records.drain(..) {
-                        bytes += r.value.map_or(0, |v| v.len());
+                        bytes += r.value.as_ref().map_or(0, Vec::len);
                         n += 1;
+                        encoder.recycle(r); // as the producer does once librdkafka copied it
                     }
                 }
             }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::connect::{wrap, TableSchema};
-use super::format::{copied_events, json_key, row_value, Rows};
+use super::format::{copied_events, row_value, Rows};
 use super::modes::{apply, conversions, Convert};
 use super::{Format, KafkaConfig};
 use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
@@ -21,10 +21,16 @@ use crate::wire::{SnapshotMark, TxBlock, VERSION};
 const US_PER_MS: i64 = 1000;
 /// Nanoseconds per microsecond.
 const NS_PER_US: i64 = 1000;
-/// Room for an envelope's fields besides the row data (source, op, JSON
-/// punctuation), reserved with the row so a wide row is written without
-/// growing its buffer step by step.
+/// Room reserved for a record when no used buffer is at hand: an envelope's
+/// fields besides the row data (source, op, JSON punctuation) and a narrow row.
 const ENVELOPE_BYTES: usize = 512;
+/// Largest buffer kept for the next record once its record is with
+/// librdkafka: ordinary rows reuse their buffers, while a huge value's is
+/// freed at once.
+const RECYCLE_MAX: usize = 64 << 10;
+/// Most buffers kept for reuse (a key and a value, a tombstone's key, a
+/// transaction mark).
+const SPARE_MAX: usize = 4;
 
 /// How every snapshot row's envelope starts, before its `after` object.
 const ROW_OPEN: &[u8] = b"{\"before\":null,\"after\":";
@@ -124,6 +130,8 @@ pub struct Encoder<'a> {
     now_ms: i64,
     names: Option<(Arc<TableRef>, Names)>,
     lsn: Option<(Lsn, Arc<str>)>,
+    /// Buffers of records librdkafka has copied, cleared, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 impl<'a> Encoder<'a> {
@@ -135,7 +143,34 @@ impl<'a> Encoder<'a> {
             now_ms,
             names: None,
             lsn: None,
+            spare: Vec::new(),
         }
+    }
+
+    /// Keep `record`'s buffers, once librdkafka has its copy, to write the
+    /// next records into: a record then costs no allocation of its own.
+    pub fn recycle(&mut self, record: EncodedRecord) {
+        for mut buf in [record.key, record.value].into_iter().flatten() {
+            if buf.capacity() <= RECYCLE_MAX && self.spare.len() < SPARE_MAX {
+                buf.clear();
+                self.spare.push(buf);
+            }
+        }
+    }
+
+    /// An empty buffer for a record: a recycled one if any.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(ENVELOPE_BYTES))
+    }
+
+    /// The JSON key of `event`, if it has one.
+    fn key(&mut self, event: &ChangeEvent) -> Option<Vec<u8>> {
+        let key = event.key.as_ref()?;
+        let mut buf = self.buffer();
+        to_json_bytes(key, &mut buf);
+        Some(buf)
     }
 
     fn names(&mut self, table: &Arc<TableRef>) -> Names {
@@ -180,18 +215,19 @@ impl<'a> Encoder<'a> {
     }
 
     /// The envelope of `event` with rows `before` and `after`, snapshot
-    /// mark `snapshot` and its `transaction` block if any, as JSON: the
+    /// mark `snapshot` and its `transaction` block if any, as JSON written
+    /// into `v`: the
     /// bytes serializing [`Envelope`](crate::wire::Envelope) gives, written with the table's
     /// `source` texts escaped once (`frame`) instead of per change.
     fn envelope_bytes(
         &self,
+        mut v: Vec<u8>,
         event: &ChangeEvent,
         rows: Rows<'_>,
         snapshot: SnapshotMark,
         transaction: Option<TxBlock<'_>>,
         frame: &SourceFrame,
     ) -> Vec<u8> {
-        let mut v = Vec::with_capacity(event.row_bytes() + ENVELOPE_BYTES);
         let (tx, lsn) = (event.tx, event.lsn.0);
         v.extend_from_slice(b"{\"before\":");
         to_json_bytes(&rows.0, &mut v);
@@ -272,12 +308,17 @@ impl<'a> Encoder<'a> {
         let (key, value) = match self.kafka.format {
             Format::Json => {
                 let rows = (event.before.as_ref(), event.after.as_ref());
-                let value = self.envelope_bytes(event, rows, snapshot, transaction, &names.frame);
-                (json_key(event), Some(value))
+                let buf = self.buffer();
+                let value =
+                    self.envelope_bytes(buf, event, rows, snapshot, transaction, &names.frame);
+                (self.key(event), Some(value))
             }
             Format::ConnectJson => self.connect_json(event, snapshot, transaction, &names),
             Format::Row if records == 0 => return,
-            Format::Row => (json_key(event), row_value(event)),
+            Format::Row => {
+                let value = row_value(event, self.buffer());
+                (self.key(event), value)
+            }
         };
         let record = EncodedRecord {
             topic: names.topic,
@@ -304,19 +345,20 @@ impl<'a> Encoder<'a> {
     /// The `connect-json` key and value of `event`: schema and payload,
     /// row values conformed to the schema.
     fn connect_json(
-        &self,
+        &mut self,
         event: &ChangeEvent,
         snapshot: SnapshotMark,
         transaction: Option<TxBlock<'_>>,
         names: &Names,
     ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let Some(schema) = &names.schema else {
-            return (json_key(event), None);
+            return (self.key(event), None);
         };
         let before = event.before.as_ref().map(|r| schema.conform(r));
         let after = event.after.as_ref().map(|r| schema.conform(r));
         let rows = (before.as_ref(), after.as_ref());
-        let payload = self.envelope_bytes(event, rows, snapshot, transaction, &names.frame);
+        let payload =
+            self.envelope_bytes(Vec::new(), event, rows, snapshot, transaction, &names.frame);
         let key = event.key.as_ref().map(|k| {
             let mut payload = Vec::new();
             to_json_bytes(&schema.conform(k), &mut payload);
@@ -342,7 +384,14 @@ impl<'a> Encoder<'a> {
             tx,
             snapshot: true,
         };
-        let text = self.envelope_bytes(&event, (None, None), SnapshotMark::True, None, &frame);
+        let text = self.envelope_bytes(
+            Vec::new(),
+            &event,
+            (None, None),
+            SnapshotMark::True,
+            None,
+            &frame,
+        );
         // `seq` is the last field of `source`; string quotes inside are escaped.
         let seq = SEQ_ZERO.len() - 2;
         let at = text
@@ -490,6 +539,44 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn records_written_into_recycled_buffers_are_the_records_fresh_ones_make() {
+        let wide = |op: Op, n: usize| {
+            let mut e = event(op);
+            let row = json!({"id": 42, "name": "x".repeat(n)});
+            e.after = (op != Op::Delete).then(|| row.as_object().cloned().unwrap());
+            e
+        };
+        // A wide row, a narrow one after it, a delete with its tombstone,
+        // and a row too wide to keep the buffer of, in each format.
+        let events = [
+            wide(Op::Create, 5000),
+            wide(Op::Update, 1),
+            wide(Op::Delete, 0),
+            wide(Op::Create, RECYCLE_MAX + 1),
+            wide(Op::Create, 3),
+        ];
+        for format in [Format::Json, Format::Row, Format::ConnectJson] {
+            let kafka = KafkaConfig {
+                format,
+                ..KafkaConfig::default()
+            };
+            let mut recycling = Encoder::new(&kafka, "shop", 5);
+            for e in &events {
+                let (mut reused, mut fresh) = (Vec::new(), Vec::new());
+                recycling.event(e, None, &mut reused);
+                Encoder::new(&kafka, "shop", 5).event(e, None, &mut fresh);
+                assert_eq!(reused, fresh, "{format:?} {:?}", e.op);
+                for r in reused {
+                    recycling.recycle(r);
+                }
+                assert!(recycling.spare.len() <= SPARE_MAX);
+                let kept = recycling.spare.iter().map(Vec::capacity);
+                assert!(kept.max().unwrap_or(0) <= RECYCLE_MAX, "{format:?}");
+            }
+        }
+    }
+
+    #[test]
     fn update_envelope_has_every_debezium_field() {
         let recs = encode(&event(Op::Update), true);
         assert_eq!(recs.len(), 1);
@@ -633,7 +720,8 @@ pub(super) mod tests {
             let mut encoder = Encoder::new(&kafka, &db, now);
             let frame = encoder.names(&e.table).frame;
             let rows = (e.before.as_ref(), e.after.as_ref());
-            let written = encoder.envelope_bytes(&e, rows, snapshot, block.clone(), &frame);
+            let written =
+                encoder.envelope_bytes(Vec::new(), &e, rows, snapshot, block.clone(), &frame);
             prop_assert_eq!(
                 String::from_utf8(written).unwrap(),
                 String::from_utf8(serialized(&kafka, &db, now, &e, snapshot, block)).unwrap()

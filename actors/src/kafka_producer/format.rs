@@ -14,22 +14,12 @@ pub(super) type Rows<'r> = (
     Option<&'r Map<String, Value>>,
 );
 
-/// The JSON key of `event`.
-pub(super) fn json_key(event: &ChangeEvent) -> Option<Vec<u8>> {
-    event.key.as_ref().map(|k| {
-        let mut buf = Vec::new();
-        to_json_bytes(k, &mut buf);
-        buf
-    })
-}
-
-/// The `row` format's value: the new row; `None` (a tombstone) for a delete.
-pub(super) fn row_value(event: &ChangeEvent) -> Option<Vec<u8>> {
-    event.after.as_ref().map(|a| {
-        let mut buf = Vec::with_capacity(event.row_bytes());
-        to_json_bytes(a, &mut buf);
-        buf
-    })
+/// The `row` format's value, written into `buf`: the new row; `None` (a
+/// tombstone) for a delete.
+pub(super) fn row_value(event: &ChangeEvent, mut buf: Vec<u8>) -> Option<Vec<u8>> {
+    let after = event.after.as_ref()?;
+    to_json_bytes(after, &mut buf);
+    Some(buf)
 }
 
 /// Copied rows as `op=r` changes, for the formats the byte-level snapshot

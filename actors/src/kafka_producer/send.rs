@@ -1,9 +1,9 @@
 //! Encoding a batch, handing its records to librdkafka and counting their
 //! acknowledgements.
 //!
-//! Records are encoded and handed over one at a time and each is dropped as soon as
-//! librdkafka holds its own copy, so a batch of wide rows never exists twice
-//! in memory; a full local queue (`max_inflight_records`,
+//! Records are encoded and handed over one at a time. Once librdkafka holds
+//! its own copy, a record's buffers take the next record (those above 64 KiB
+//! are freed), so a batch of wide rows never exists twice in memory; a full local queue (`max_inflight_records`,
 //! `max_inflight_bytes`) is waited out. A record above `message.max.bytes`
 //! stops the pipeline with an error naming it, or with `kafka.oversized =
 //! "dead_letter"` is replaced by a small description of it on the
@@ -206,7 +206,7 @@ impl BatchJob {
             encoder.event(&event, tx.block(i), &mut records);
             drop(event); // its row, before the encoded copy goes to librdkafka
             for r in records.drain(..) {
-                out.record(r).await?;
+                encoder.recycle(out.record(r).await?);
             }
         }
         for r in tx.marks_before(total) {
@@ -278,18 +278,20 @@ struct Enqueue<'a> {
 
 impl Enqueue<'_> {
     /// Hand `record` to librdkafka (or its description to the dead-letter
-    /// topic if it is too large); it is dropped once librdkafka copied it.
-    async fn record(&self, record: EncodedRecord) -> Result<(), ProducerError> {
+    /// topic if it is too large); what was handed over comes back once
+    /// librdkafka copied it, for its buffers to be reused or dropped.
+    async fn record(&self, record: EncodedRecord) -> Result<EncodedRecord, ProducerError> {
         match self.offer(&record, None).await {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
                 self.oversized(record).await
             }
-            other => Ok(other?),
+            other => Ok(other.map(|()| record)?),
         }
     }
 
-    /// A record librdkafka refused as larger than `message.max.bytes`.
-    async fn oversized(&self, record: EncodedRecord) -> Result<(), ProducerError> {
+    /// A record librdkafka refused as larger than `message.max.bytes`; its
+    /// dead letter once handed over.
+    async fn oversized(&self, record: EncodedRecord) -> Result<EncodedRecord, ProducerError> {
         let refused = OversizedRecord {
             table: record.table.to_string(),
             key: key_text(record.key.as_deref()),
@@ -304,7 +306,7 @@ impl Enqueue<'_> {
         audit(&refused, &letter, topic);
         self.offer(&letter, Some(TOO_LARGE)).await?;
         crate::metrics::metrics().dead_letters.inc();
-        Ok(())
+        Ok(letter)
     }
 
     /// Offer `r` to librdkafka until its local queue has room for it.
