@@ -21,8 +21,9 @@ use crate::wire::{SnapshotMark, TxBlock, VERSION};
 const US_PER_MS: i64 = 1000;
 /// Nanoseconds per microsecond.
 const NS_PER_US: i64 = 1000;
-/// Room reserved for a record when no used buffer is at hand: an envelope's
-/// fields besides the row data (source, op, JSON punctuation) and a narrow row.
+/// Room for an envelope's fields besides the row data (source, op, JSON
+/// punctuation), reserved with the row so a wide row is written without
+/// growing its buffer step by step (each step would hold it twice).
 const ENVELOPE_BYTES: usize = 512;
 /// Largest buffer kept for the next record once its record is with
 /// librdkafka: ordinary rows reuse their buffers, while a huge value's is
@@ -158,17 +159,17 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    /// An empty buffer for a record: a recycled one if any.
-    fn buffer(&mut self) -> Vec<u8> {
-        self.spare
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(ENVELOPE_BYTES))
+    /// An empty buffer with room for `bytes`: a recycled one if any.
+    fn buffer(&mut self, bytes: usize) -> Vec<u8> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.reserve(bytes);
+        buf
     }
 
     /// The JSON key of `event`, if it has one.
     fn key(&mut self, event: &ChangeEvent) -> Option<Vec<u8>> {
         let key = event.key.as_ref()?;
-        let mut buf = self.buffer();
+        let mut buf = self.buffer(0);
         to_json_bytes(key, &mut buf);
         Some(buf)
     }
@@ -308,7 +309,7 @@ impl<'a> Encoder<'a> {
         let (key, value) = match self.kafka.format {
             Format::Json => {
                 let rows = (event.before.as_ref(), event.after.as_ref());
-                let buf = self.buffer();
+                let buf = self.buffer(event.row_bytes() + ENVELOPE_BYTES);
                 let value =
                     self.envelope_bytes(buf, event, rows, snapshot, transaction, &names.frame);
                 (self.key(event), Some(value))
@@ -316,7 +317,7 @@ impl<'a> Encoder<'a> {
             Format::ConnectJson => self.connect_json(event, snapshot, transaction, &names),
             Format::Row if records == 0 => return,
             Format::Row => {
-                let value = row_value(event, self.buffer());
+                let value = row_value(event, self.buffer(event.row_bytes()));
                 (self.key(event), value)
             }
         };
@@ -573,6 +574,26 @@ pub(super) mod tests {
                 let kept = recycling.spare.iter().map(Vec::capacity);
                 assert!(kept.max().unwrap_or(0) <= RECYCLE_MAX, "{format:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_wide_row_is_written_into_a_buffer_reserved_for_it_once() {
+        let mut e = event(Op::Create);
+        let row = json!({"id": 42, "name": "x".repeat(8 << 20)});
+        e.after = row.as_object().cloned();
+        let kafka = KafkaConfig::default();
+        let mut encoder = Encoder::new(&kafka, "shop", 5);
+        // Also after a narrow row's buffer was recycled.
+        for _ in 0..2 {
+            let mut out = Vec::new();
+            encoder.event(&event(Op::Create), None, &mut out);
+            out.drain(..).for_each(|r| encoder.recycle(r));
+            encoder.event(&e, None, &mut out);
+            let value = out.pop().and_then(|r| r.value).unwrap();
+            // Grown step by step, it would have twice its length at last.
+            assert!(value.len() > 8 << 20);
+            assert!(value.capacity() - value.len() < ENVELOPE_BYTES);
         }
     }
 

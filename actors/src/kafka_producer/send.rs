@@ -3,12 +3,13 @@
 //!
 //! Records are encoded and handed over one at a time. Once librdkafka holds
 //! its own copy, a record's buffers take the next record (those above 64 KiB
-//! are freed), so a batch of wide rows never exists twice in memory; a full local queue (`max_inflight_records`,
-//! `max_inflight_bytes`) is waited out. A record above `message.max.bytes`
-//! stops the pipeline with an error naming it, or with `kafka.oversized =
-//! "dead_letter"` is replaced by a small description of it on the
-//! dead-letter topic, counted and audited like any dead letter. A record
-//! the broker refuses as too large is named in the delivery error.
+//! are freed), so a batch of wide rows never exists twice in memory; a full
+//! local queue (`max_inflight_records`, `max_inflight_bytes`) is waited out.
+//! A record above `message.max.bytes` stops the pipeline with an error
+//! naming it, or with `kafka.oversized = "dead_letter"` is replaced by a
+//! small description of it on the dead-letter topic, counted and audited
+//! like any dead letter. A record the broker refuses as too large is named
+//! in the delivery error.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -285,7 +286,10 @@ impl Enqueue<'_> {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
                 self.oversized(record).await
             }
-            other => Ok(other.map(|()| record)?),
+            other => {
+                other?;
+                Ok(record)
+            }
         }
     }
 
