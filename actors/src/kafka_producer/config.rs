@@ -144,11 +144,12 @@ const LINGER: [&str; 2] = ["linger.ms", "queue.buffering.max.ms"];
 /// sends one request per partition at a time (its limit of five counts
 /// messages, not requests); while one is unacknowledged and the next has
 /// waited `linger.ms`, its I/O thread polls without sleeping. At 5 ms, a
-/// backlog drained into tansu made 1.3 million polls for 900 requests. 20 ms
-/// brought pgcdc's CPU per row from 9.3-10.9 to 8.9-9.2 µs; at 5,000 commits/s the
-/// larger requests cut the broker's CPU by a third and the p99 commit →
-/// read back by a consumer from 573-2,049 ms to 74-149 ms. Ten 64 MiB values
-/// peaked at 358-366 MiB instead of 294 (librdkafka held one more).
+/// backlog drained into tansu made 1.1-1.3 million polls for about 900
+/// requests. 20 ms brought pgcdc's CPU per row from 9.5-10.9 to 8.8-9.2 µs;
+/// at 5,000 commits/s the larger requests cut the broker's CPU by a third
+/// and the p99 commit → read back by a consumer from 573-2,049 ms to 74-149
+/// ms. Ten 64 MiB values peaked at 358-366 MiB instead of 294 (librdkafka
+/// held one more).
 const DEFAULT_LINGER_MS: &str = "20";
 /// librdkafka's default `message.max.bytes`: the largest record the producer sends.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;

@@ -217,9 +217,9 @@ impl<'a> Encoder<'a> {
 
     /// The envelope of `event` with rows `before` and `after`, snapshot
     /// mark `snapshot` and its `transaction` block if any, as JSON written
-    /// into `v`: the
-    /// bytes serializing [`Envelope`](crate::wire::Envelope) gives, written with the table's
-    /// `source` texts escaped once (`frame`) instead of per change.
+    /// into `v`: the bytes serializing [`Envelope`](crate::wire::Envelope)
+    /// gives, written with the table's `source` texts escaped once (`frame`)
+    /// instead of per change.
     fn envelope_bytes(
         &self,
         mut v: Vec<u8>,
