@@ -118,12 +118,14 @@ async fn main() {
             .await
             .unwrap();
         let secs = t0.elapsed().as_secs_f64();
+        let pid = daemon.pid().unwrap();
         let cpu = (
-            cpu_secs(daemon.pid().unwrap(), false),
+            cpu_secs(pid, false),
             pg_cpu_secs(&pg) - pg_cpu,
             cpu_secs(tansu.pid(), false) - tansu_cpu,
         );
-        results.push((parallelism, secs, cpu));
+        let librdkafka = bench::threads_cpu_secs(pid, bench::LIBRDKAFKA_THREADS);
+        results.push((parallelism, secs, cpu, librdkafka));
         daemon.terminate(Duration::from_secs(60)).unwrap();
     }
 
@@ -144,7 +146,7 @@ async fn main() {
         copy_cpu.0,
         copy_cpu.1
     );
-    for (p, secs, (own, pg, tansu)) in &results {
+    for (p, secs, (own, pg, tansu), _) in &results {
         let label = format!("pgcdc snapshot -> tansu, parallelism {p}");
         println!(
             "{:<52} {:>9.0} {:>8.2} {:>8.2} {:>12.2} / {pg:.2} / {tansu:.2}",
@@ -156,7 +158,7 @@ async fn main() {
         );
     }
     println!("(target >= {TARGET} of COPY at parallelism 4; with parallelism > 1 the table is split into key ranges read in parallel)");
-    for (parallelism, secs, (own, pg, tansu)) in &results {
+    for (parallelism, secs, (own, pg, tansu), librdkafka) in &results {
         bench::figure(
             &format!("2M-row snapshot, parallelism {parallelism}"),
             &format!(
@@ -173,9 +175,10 @@ async fn main() {
             Target::AtLeast(TARGET),
         );
         let per_row = own * 1e6 / ROWS as f64;
+        let librdkafka = librdkafka * 1e6 / ROWS as f64;
         bench::figure(
             &format!("CPU per snapshot row, parallelism {parallelism} (µs)"),
-            &format!("{per_row:.1} µs"),
+            &format!("{per_row:.1} µs ({librdkafka:.1} in librdkafka's I/O threads)"),
             "-",
             per_row,
             Target::AtMost(3.0),

@@ -76,7 +76,7 @@ fn events(from: u64, n: u64, commit: Lsn) -> Vec<ChangeEvent> {
             table: table.clone(),
             key: json!({ "id": id }).as_object().cloned(),
             before: None,
-            after: json!({ "id": id }).as_object().cloned(),
+            after: json!({ "id": id }).as_object().cloned().map(Into::into),
             unchanged_toast: vec![],
             lsn: commit,
             seq: (id - from) as u32,

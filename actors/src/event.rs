@@ -7,6 +7,10 @@ use serde_json::{Map, Value};
 use crate::lsn::Lsn;
 use crate::pg::types::Rule;
 
+mod row;
+
+pub use row::{Columns, Row, TextRow};
+
 /// The kind of change, with Debezium's one-letter codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -90,9 +94,9 @@ pub struct ChangeEvent {
     /// The key columns and their values; `None` for a truncate.
     pub key: Option<Map<String, Value>>,
     /// The row before the change, as far as the replica identity tells.
-    pub before: Option<Map<String, Value>>,
+    pub before: Option<Row>,
     /// The row after the change.
-    pub after: Option<Map<String, Value>>,
+    pub after: Option<Row>,
     /// Columns whose TOASTed value did not change and was not sent: absent
     /// from `after`, never replaced by a placeholder.
     pub unchanged_toast: Vec<String>,
@@ -106,10 +110,6 @@ pub struct ChangeEvent {
     pub snapshot: bool,
 }
 
-/// Bytes counted for a JSON value that is not a string, array or object
-/// (a number, a boolean, null): about its text length, enough for an estimate.
-const SCALAR_BYTES: usize = 8;
-
 impl ChangeEvent {
     /// The approximate size of the event's row data (`before` and `after`):
     /// the lengths of its texts, found without encoding anything.
@@ -117,23 +117,8 @@ impl ChangeEvent {
         [&self.before, &self.after]
             .into_iter()
             .flatten()
-            .map(object_bytes)
+            .map(Row::bytes)
             .sum()
-    }
-}
-
-/// Approximate bytes of a JSON object's keys and values.
-fn object_bytes(object: &Map<String, Value>) -> usize {
-    object.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
-}
-
-/// Approximate bytes of one JSON value.
-fn value_bytes(value: &Value) -> usize {
-    match value {
-        Value::String(s) => s.len(),
-        Value::Array(items) => items.iter().map(value_bytes).sum(),
-        Value::Object(object) => object_bytes(object),
-        Value::Null | Value::Bool(_) | Value::Number(_) => SCALAR_BYTES,
     }
 }
 
@@ -163,6 +148,7 @@ mod tests {
     #[test]
     fn row_bytes_count_the_texts_of_the_row() {
         let obj = |v: Value| v.as_object().cloned();
+        let row = |v: Value| obj(v).map(Row::from);
         let event = ChangeEvent {
             op: Op::Read,
             table: Arc::new(TableRef {
@@ -174,7 +160,7 @@ mod tests {
             }),
             key: obj(json!({"id": 1})),
             before: None,
-            after: obj(json!({"id": 1, "body": "x".repeat(1000), "tags": ["ab", "cd"]})),
+            after: row(json!({"id": 1, "body": "x".repeat(1000), "tags": ["ab", "cd"]})),
             unchanged_toast: Vec::new(),
             lsn: Lsn(1),
             seq: 0,

@@ -187,7 +187,7 @@ impl Fill {
 
     /// The write of one copied row, versioned by the snapshot position.
     fn action(&self, event: &crate::event::ChangeEvent, lsn: u64) -> Option<Action> {
-        let mut doc = event.after.clone()?;
+        let mut doc = event.after.as_ref()?.to_map().into_owned();
         let key = event.key.as_ref()?;
         let id = doc_id(key);
         let ts_ms = event.tx.commit_time_us / 1000;

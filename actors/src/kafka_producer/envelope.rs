@@ -11,7 +11,7 @@ use super::connect::{wrap, TableSchema};
 use super::format::{copied_events, row_value, Rows};
 use super::modes::{apply, conversions, Convert};
 use super::{Format, KafkaConfig};
-use crate::event::{ChangeEvent, CopiedRows, Op, TableRef, TxMeta};
+use crate::event::{ChangeEvent, CopiedRows, Op, Row, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::values::{to_json_bytes, write_rendered};
 use crate::snapshot::row_cell;
@@ -230,10 +230,14 @@ impl<'a> Encoder<'a> {
         frame: &SourceFrame,
     ) -> Vec<u8> {
         let (tx, lsn) = (event.tx, event.lsn.0);
+        let row = |row: Option<&Row>, v: &mut Vec<u8>| match row {
+            Some(row) => row.write_json(v),
+            None => v.extend_from_slice(NULL),
+        };
         v.extend_from_slice(b"{\"before\":");
-        to_json_bytes(&rows.0, &mut v);
+        row(rows.0, &mut v);
         v.extend_from_slice(b",\"after\":");
-        to_json_bytes(&rows.1, &mut v);
+        row(rows.1, &mut v);
         v.extend_from_slice(b",\"source\":");
         v.extend_from_slice(&frame.head);
         number(tx.commit_time_us.div_euclid(US_PER_MS), &mut v);
@@ -355,8 +359,9 @@ impl<'a> Encoder<'a> {
         let Some(schema) = &names.schema else {
             return (self.key(event), None);
         };
-        let before = event.before.as_ref().map(|r| schema.conform(r));
-        let after = event.after.as_ref().map(|r| schema.conform(r));
+        let conform = |r: &Row| Row::Json(schema.conform(&r.to_map()));
+        let before = event.before.as_ref().map(conform);
+        let after = event.after.as_ref().map(conform);
         let rows = (before.as_ref(), after.as_ref());
         let payload =
             self.envelope_bytes(Vec::new(), event, rows, snapshot, transaction, &names.frame);
@@ -511,6 +516,7 @@ pub(super) mod tests {
     /// A change of `public.users` row 42 in transaction 777.
     pub(in crate::kafka_producer) fn event(op: Op) -> ChangeEvent {
         let obj = |v: Value| v.as_object().cloned();
+        let row = |v: Value| obj(v).map(Row::from);
         ChangeEvent {
             op,
             table: Arc::new(TableRef {
@@ -521,11 +527,11 @@ pub(super) mod tests {
                 column_types: String::new(),
             }),
             key: obj(json!({"id": 42})),
-            before: obj(json!({"id": 42, "name": "old"})),
+            before: row(json!({"id": 42, "name": "old"})),
             after: if op == Op::Delete {
                 None
             } else {
-                obj(json!({"id": 42, "name": "new"}))
+                row(json!({"id": 42, "name": "new"}))
             },
             unchanged_toast: vec![],
             lsn: Lsn(0x100),
@@ -544,7 +550,7 @@ pub(super) mod tests {
         let wide = |op: Op, n: usize| {
             let mut e = event(op);
             let row = json!({"id": 42, "name": "x".repeat(n)});
-            e.after = (op != Op::Delete).then(|| row.as_object().cloned().unwrap());
+            e.after = (op != Op::Delete).then(|| row.as_object().cloned().unwrap().into());
             e
         };
         // A wide row, a narrow one after it, a delete with its tombstone,
@@ -581,7 +587,7 @@ pub(super) mod tests {
     fn a_wide_row_is_written_into_a_buffer_reserved_for_it_once() {
         let mut e = event(Op::Create);
         let row = json!({"id": 42, "name": "x".repeat(8 << 20)});
-        e.after = row.as_object().cloned();
+        e.after = row.as_object().cloned().map(Row::from);
         let kafka = KafkaConfig::default();
         let mut encoder = Encoder::new(&kafka, "shop", 5);
         // Also after a narrow row's buffer was recycled.
@@ -794,8 +800,9 @@ pub(super) mod tests {
         let read: Envelope<'_, Map<String, Value>> =
             serde_json::from_slice(recs[0].value.as_ref().unwrap()).unwrap();
         assert_eq!(read.op, "u");
-        assert_eq!(read.after.as_ref(), e.after.as_ref());
-        assert_eq!(read.before.as_ref(), e.before.as_ref());
+        let map = |r: &Option<Row>| r.as_ref().map(|r| r.to_map().into_owned());
+        assert_eq!(read.after, map(&e.after));
+        assert_eq!(read.before, map(&e.before));
         assert_eq!(
             (&*read.source.schema, &*read.source.table),
             ("public", "users")

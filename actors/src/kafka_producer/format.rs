@@ -2,23 +2,16 @@
 //! the `row` format's value, keys, and copied rows as changes for the
 //! formats the byte-level snapshot encoder does not write.
 
-use serde_json::{Map, Value};
-
-use crate::event::{ChangeEvent, CopiedRows};
-use crate::pg::values::to_json_bytes;
+use crate::event::{ChangeEvent, CopiedRows, Row};
 use crate::snapshot::read_event;
 
 /// A change's `before` and `after` rows.
-pub(super) type Rows<'r> = (
-    Option<&'r Map<String, Value>>,
-    Option<&'r Map<String, Value>>,
-);
+pub(super) type Rows<'r> = (Option<&'r Row>, Option<&'r Row>);
 
 /// The `row` format's value, written into `buf`: the new row; `None` (a
 /// tombstone) for a delete.
 pub(super) fn row_value(event: &ChangeEvent, mut buf: Vec<u8>) -> Option<Vec<u8>> {
-    let after = event.after.as_ref()?;
-    to_json_bytes(after, &mut buf);
+    event.after.as_ref()?.write_json(&mut buf);
     Some(buf)
 }
 
@@ -46,7 +39,7 @@ mod tests {
 
     use super::super::DecimalMode;
 
-    use serde_json::json;
+    use serde_json::{json, Map, Value};
 
     use crate::event::Op;
 
@@ -100,7 +93,10 @@ mod tests {
         assert_eq!(value["schema"]["name"], "pgcdc.public.users.Envelope");
         let payload: Envelope<'_, Map<String, Value>> =
             serde_json::from_value(value["payload"].clone()).unwrap();
-        assert_eq!(payload.after.as_ref(), e.after.as_ref());
+        assert_eq!(
+            payload.after.as_ref(),
+            e.after.as_ref().map(|r| r.to_map()).as_deref()
+        );
         assert_eq!(payload.source.commit_lsn, 0x1_0000_0200);
     }
 
@@ -109,8 +105,14 @@ mod tests {
         let mut e = event(Op::Update);
         let table = Arc::make_mut(&mut e.table);
         table.column_types = r#"{"id":"int4","name":"numeric"}"#.into();
-        e.after = json!({"id": 42, "name": "12.50"}).as_object().cloned();
-        e.before = json!({"id": 42, "name": "NaN"}).as_object().cloned();
+        e.after = json!({"id": 42, "name": "12.50"})
+            .as_object()
+            .cloned()
+            .map(Row::from);
+        e.before = json!({"id": 42, "name": "NaN"})
+            .as_object()
+            .cloned()
+            .map(Row::from);
         let encode = |mode: DecimalMode| {
             let kafka = KafkaConfig {
                 decimal_handling_mode: mode,

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use super::{DecimalMode, KafkaConfig, TimeMode};
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Row};
 
 /// Microseconds per millisecond.
 const US_PER_MS: i64 = 1000;
@@ -122,10 +122,9 @@ pub(super) fn conversions(kafka: &KafkaConfig, column_types: &str) -> Vec<(Strin
 
 /// `event` with the values of `columns` rewritten (array elements too).
 pub(super) fn apply(event: &mut ChangeEvent, columns: &[(String, Convert)]) {
-    for row in [&mut event.key, &mut event.before, &mut event.after]
-        .into_iter()
-        .flatten()
-    {
+    let rows = [&mut event.before, &mut event.after];
+    let rows = rows.into_iter().flatten().map(Row::map_mut);
+    for row in event.key.iter_mut().chain(rows) {
         for (c, convert) in columns {
             if let Some(v) = row.get_mut(c) {
                 rewrite(*convert, v);
@@ -268,10 +267,11 @@ mod tests {
         event.after = json!({"id": 1, "d": "1970-01-02", "ds": ["1970-01-03", null, "infinity"],
                              "t": "00:00:01", "tz": "00:00:01+02"})
         .as_object()
-        .cloned();
+        .cloned()
+        .map(Row::from);
         apply(&mut event, &columns);
         assert_eq!(
-            Value::Object(event.after.unwrap()),
+            Value::Object(event.after.unwrap().to_map().into_owned()),
             json!({"id": 1, "d": 1, "ds": [2, null, "infinity"], "t": 1_000_000, "tz": "00:00:01+02"})
         );
     }

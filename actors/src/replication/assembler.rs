@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple};
-use super::tuple::tuple_to_json;
-use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
+use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple, TupleValue};
+use super::tuple::{columns, text_row};
+use crate::event::{ChangeEvent, Columns, KeySource, Op, Row, TableRef, TextRow, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::types::{Rule, TypeMap};
 use crate::pg::values::type_name;
@@ -43,8 +43,9 @@ pub enum AssembleError {
 /// table the publication has but the configuration does not.
 struct RelationInfo {
     relation: Relation,
-    /// How each column's values render (empty for an unconfigured table).
-    rules: Vec<Rule>,
+    /// The columns and how their values render (as text for an
+    /// unconfigured table).
+    columns: Arc<Columns>,
     table: Option<Arc<TableRef>>,
 }
 
@@ -136,7 +137,7 @@ impl Assembler {
                 let (rel, Some(table)) = self.lookup(relation_oid)? else {
                     return Ok(());
                 };
-                let (after, unchanged) = row(rel, &new)?;
+                let (after, unchanged) = row(rel, new)?;
                 let key = key_of(&table, &after);
                 self.push(
                     out,
@@ -144,7 +145,7 @@ impl Assembler {
                     table,
                     key,
                     None,
-                    Some(after),
+                    Some(Row::Text(after)),
                     unchanged,
                     lsn,
                 )?;
@@ -158,14 +159,14 @@ impl Assembler {
                 let (rel, Some(table)) = self.lookup(relation_oid)? else {
                     return Ok(());
                 };
-                let before = old_row(rel, &table, &old)?;
+                let before = old_row(rel, &table, old)?;
                 let key = key_of(&table, &before);
                 self.push(
                     out,
                     Op::Delete,
                     table,
                     key,
-                    Some(before),
+                    Some(Row::Text(before)),
                     None,
                     Vec::new(),
                     lsn,
@@ -194,11 +195,10 @@ impl Assembler {
             if self.ignored.insert(name.clone()) {
                 tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
             }
-            let (table, rules) = (None, Vec::new());
             let info = RelationInfo {
+                columns: Arc::new(columns(&relation, &[])),
                 relation,
-                rules,
-                table,
+                table: None,
             };
             self.relations.insert(info.relation.oid, info);
             return;
@@ -228,12 +228,12 @@ impl Assembler {
             column_types: Value::Object(types).to_string(),
         });
         let table = Some(table);
-        let rules = (relation.columns.iter())
+        let rules: Vec<Rule> = (relation.columns.iter())
             .map(|c| self.types.rule(c.type_oid))
             .collect();
         let info = RelationInfo {
+            columns: Arc::new(columns(&relation, &rules)),
             relation,
-            rules,
             table,
         };
         self.relations.insert(info.relation.oid, info);
@@ -259,17 +259,23 @@ impl Assembler {
         let (rel, Some(table)) = self.lookup(oid)? else {
             return Ok(());
         };
-        let (mut after, mut unchanged) = row(rel, &new)?;
-        let before = old.as_ref().map(|o| old_row(rel, &table, o)).transpose()?;
-        if let (Some(OldTuple::Full(_)), Some(b)) = (&old, &before) {
+        let (mut after, mut unchanged) = row(rel, new)?;
+        let full = matches!(old, Some(OldTuple::Full(_)));
+        let before = old.map(|o| old_row(rel, &table, o)).transpose()?;
+        if let (true, Some(b)) = (full, &before) {
             // With REPLICA IDENTITY FULL the old tuple carries the real value of
             // an unchanged TOASTed column: use it instead of leaving a hole.
-            unchanged.retain(|c| match b.get(c) {
-                Some(v) => {
-                    after.insert(c.clone(), v.clone());
-                    false
+            unchanged.retain(|c| {
+                let Some(i) = after.columns.position(c) else {
+                    return true;
+                };
+                match &b.values[i] {
+                    TupleValue::UnchangedToast => true,
+                    value => {
+                        after.values[i] = value.clone();
+                        false
+                    }
                 }
-                None => true,
             });
         }
         let new_key = key_of(&table, &after);
@@ -281,7 +287,7 @@ impl Assembler {
                     Op::Delete,
                     table.clone(),
                     Some(old_key),
-                    before,
+                    before.map(Row::Text),
                     None,
                     Vec::new(),
                     lsn,
@@ -292,7 +298,7 @@ impl Assembler {
                     table,
                     new_key,
                     None,
-                    Some(after),
+                    Some(Row::Text(after)),
                     unchanged,
                     lsn,
                 )
@@ -302,8 +308,8 @@ impl Assembler {
                 Op::Update,
                 table,
                 new_key,
-                before,
-                Some(after),
+                before.map(Row::Text),
+                Some(Row::Text(after)),
                 unchanged,
                 lsn,
             ),
@@ -335,8 +341,8 @@ impl Assembler {
         op: Op,
         table: Arc<TableRef>,
         key: Option<Map<String, Value>>,
-        before: Option<Map<String, Value>>,
-        after: Option<Map<String, Value>>,
+        before: Option<Row>,
+        after: Option<Row>,
         unchanged_toast: Vec<String>,
         lsn: Lsn,
     ) -> Result<(), AssembleError> {
@@ -358,11 +364,9 @@ impl Assembler {
     }
 }
 
-/// A tuple as a JSON row, checked against the relation's width.
-fn row(
-    info: &RelationInfo,
-    tuple: &Tuple,
-) -> Result<(Map<String, Value>, Vec<String>), AssembleError> {
+/// A tuple as a row, checked against the relation's width, and the names
+/// of its unchanged-TOAST columns.
+fn row(info: &RelationInfo, tuple: Tuple) -> Result<(TextRow, Vec<String>), AssembleError> {
     let rel = &info.relation;
     if tuple.0.len() != rel.columns.len() {
         let table = format!("{}.{}", rel.namespace, rel.name);
@@ -372,21 +376,21 @@ fn row(
             expected: rel.columns.len(),
         });
     }
-    Ok(tuple_to_json(rel, &info.rules, tuple))
+    Ok(text_row(&info.columns, tuple))
 }
 
 /// The old row: the whole row for `O`, only the key columns for `K` (the rest are not sent).
-fn old_row(
-    rel: &RelationInfo,
-    table: &TableRef,
-    old: &OldTuple,
-) -> Result<Map<String, Value>, AssembleError> {
+fn old_row(rel: &RelationInfo, table: &TableRef, old: OldTuple) -> Result<TextRow, AssembleError> {
     match old {
         OldTuple::Full(t) => Ok(row(rel, t)?.0),
         OldTuple::Key(t) => {
-            let (mut m, _) = row(rel, t)?;
-            m.retain(|k, _| table.key_columns.contains(k));
-            Ok(m)
+            let (mut r, _) = row(rel, t)?;
+            for (value, name) in r.values.iter_mut().zip(rel.columns.names()) {
+                if !table.key_columns.contains(name) {
+                    *value = TupleValue::UnchangedToast;
+                }
+            }
+            Ok(r)
         }
     }
 }
@@ -422,14 +426,14 @@ fn relation_key(rel: &Relation, start: &TableRef) -> (Vec<String>, KeySource) {
 
 /// The key columns of `row` as an object; `None` if any is missing or the
 /// table has no key.
-fn key_of(table: &TableRef, row: &Map<String, Value>) -> Option<Map<String, Value>> {
+fn key_of(table: &TableRef, row: &TextRow) -> Option<Map<String, Value>> {
     if table.key_columns.is_empty() {
         return None;
     }
     table
         .key_columns
         .iter()
-        .map(|c| row.get(c).map(|v| (c.clone(), v.clone())))
+        .map(|c| Some((c.clone(), row.value_at(row.columns.position(c)?)?)))
         .collect()
 }
 

@@ -1,50 +1,44 @@
-//! pgoutput tuples to JSON rows, each value by its column type's rule
-//! ([`crate::pg::values`]).
+//! pgoutput tuples as rows ([`TextRow`]): their values stay in
+//! PostgreSQL's text format, rendered by their column type's rule
+//! ([`crate::pg::values`]) only as the row is written.
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
-use serde_json::{Map, Value};
+use std::sync::Arc;
 
 use super::decode::{Relation, Tuple, TupleValue};
+use crate::event::{Columns, TextRow};
 use crate::pg::types::Rule;
-use crate::pg::values::render;
 
-/// Convert a whole tuple to a JSON object keyed by column name, using the
-/// relation's columns and their rendering `rules` (in column order; a
-/// column without one renders as text). Unchanged-TOAST columns are left out of the object and
-/// returned by name, so a marker can never masquerade as a real value.
-/// Columns and values are paired in order; the caller checks that the
-/// tuple's width matches the relation's.
-pub fn tuple_to_json(
-    relation: &Relation,
-    rules: &[Rule],
-    tuple: &Tuple,
-) -> (Map<String, Value>, Vec<String>) {
-    let mut row = Map::new();
-    let mut unchanged = Vec::new();
-    for (i, (col, val)) in relation.columns.iter().zip(&tuple.0).enumerate() {
-        let v = match val {
-            TupleValue::Null => Value::Null,
-            TupleValue::UnchangedToast => {
-                unchanged.push(col.name.clone());
-                continue;
-            }
-            TupleValue::Text(t) => render(rules.get(i).unwrap_or(&Rule::Text), t),
-            // Never requested, but must not be lost or misread.
-            TupleValue::Binary(b) => Value::String(BASE64.encode(b)),
-        };
-        row.insert(col.name.clone(), v);
-    }
+/// The columns of `relation` with their rendering `rules` (in column
+/// order; a column without one renders as text).
+pub fn columns(relation: &Relation, rules: &[Rule]) -> Columns {
+    let names = relation.columns.iter().map(|c| c.name.clone()).collect();
+    Columns::new(names, rules)
+}
+
+/// A whole tuple as a row of `columns`, and the names of its
+/// unchanged-TOAST columns: they are absent from the row, so a marker can
+/// never masquerade as a real value. The caller checks that the tuple's
+/// width matches the relation's.
+pub fn text_row(columns: &Arc<Columns>, tuple: Tuple) -> (TextRow, Vec<String>) {
+    let unchanged = (tuple.0.iter().zip(columns.names()))
+        .filter(|(v, _)| matches!(v, TupleValue::UnchangedToast))
+        .map(|(_, name)| name.clone())
+        .collect();
+    let row = TextRow {
+        columns: columns.clone(),
+        values: tuple.0,
+    };
     (row, unchanged)
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::super::decode::Column;
     use super::*;
+    use crate::event::Row;
 
     /// Built-in type OIDs, from PostgreSQL's `pg_type.dat`.
     mod oid {
@@ -93,11 +87,14 @@ mod tests {
             .iter()
             .map(|c| Rule::builtin(c.type_oid).unwrap_or(Rule::Text))
             .collect();
-        let (row, unchanged) = tuple_to_json(&rel, &rules, &tuple);
-        assert_eq!(
-            Value::Object(row),
-            json!({"id": 7, "note": null, "raw": "YWI="})
-        );
+        let columns = Arc::new(columns(&rel, &rules));
+        let (row, unchanged) = text_row(&columns, tuple);
+        let row = Row::Text(row);
+        let expected = json!({"id": 7, "note": null, "raw": "YWI="});
+        assert_eq!(Value::Object(row.to_map().into_owned()), expected);
+        let mut written = Vec::new();
+        row.write_json(&mut written);
+        assert_eq!(written, serde_json::to_vec(&expected).unwrap());
         assert_eq!(unchanged, vec!["big".to_owned()]);
     }
 }

@@ -142,7 +142,7 @@ fn delete(shape: &Shape, key: serde_json::Map<String, serde_json::Value>) -> Cha
     ChangeEvent {
         op: Op::Delete,
         table: shape.table.clone(),
-        before: Some(key.clone()),
+        before: Some(key.clone().into()),
         key: Some(key),
         after: None,
         unchanged_toast: Vec::new(),

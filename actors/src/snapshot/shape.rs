@@ -379,7 +379,7 @@ pub(crate) fn read_event(
         table: table.clone(),
         key,
         before: None,
-        after: Some(after),
+        after: Some(after.into()),
         unchanged_toast: Vec::new(),
         lsn,
         seq,

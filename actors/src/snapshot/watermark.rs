@@ -378,7 +378,7 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TxMeta;
+    use crate::event::{Row, TxMeta};
     use crate::lsn::Lsn;
     use serde_json::json;
 
@@ -399,7 +399,7 @@ mod tests {
                 key.clone()
             },
             before: None,
-            after: key,
+            after: key.map(Row::from),
             unchanged_toast: Vec::new(),
             lsn: Lsn(1),
             seq: 0,

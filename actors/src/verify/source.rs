@@ -246,7 +246,7 @@ fn rows(shape: &Shape, messages: &[SimpleQueryMessage], cut: Option<&Cut>) -> Ve
             Some(Row {
                 id,
                 key,
-                after: e.after?,
+                after: e.after?.to_map().into_owned(),
                 held: held(i),
             })
         })

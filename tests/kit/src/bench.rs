@@ -86,7 +86,32 @@ pub fn histogram_buckets(text: &str, metric: &str) -> Vec<(f64, u64)> {
 /// CPU seconds (user + system) process `pid` used so far; with `children`,
 /// also those of its children that were waited for. 0 if it is gone.
 pub fn cpu_secs(pid: u32, children: bool) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    stat_cpu_secs(&format!("/proc/{pid}/stat"), children)
+}
+
+/// How librdkafka's own I/O threads' names start (`rdk:main`,
+/// `rdk:broker1`, …): the rest of pgcdc's threads run pgcdc's code.
+pub const LIBRDKAFKA_THREADS: &str = "rdk:";
+
+/// CPU seconds the threads of process `pid` whose name starts with
+/// `prefix` used so far (see [`LIBRDKAFKA_THREADS`]).
+pub fn threads_cpu_secs(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            name.starts_with(prefix)
+        })
+        .map(|t| stat_cpu_secs(&t.path().join("stat").to_string_lossy(), false))
+        .sum()
+}
+
+/// The CPU seconds of a `/proc/…/stat` file (see [`cpu_secs`]).
+fn stat_cpu_secs(path: &str, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // Fields after the command name: state is the first, utime the 12th.
