@@ -74,7 +74,7 @@ fn events(from: u64, n: u64, commit: Lsn) -> Vec<ChangeEvent> {
         .map(|id| ChangeEvent {
             op: Op::Create,
             table: table.clone(),
-            key: json!({ "id": id }).as_object().cloned(),
+            key: json!({ "id": id }).as_object().cloned().map(Into::into),
             before: None,
             after: json!({ "id": id }).as_object().cloned().map(Into::into),
             unchanged_toast: vec![],

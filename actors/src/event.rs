@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
-
 use crate::lsn::Lsn;
 use crate::pg::types::Rule;
 
@@ -92,7 +90,7 @@ pub struct ChangeEvent {
     /// Which table.
     pub table: Arc<TableRef>,
     /// The key columns and their values; `None` for a truncate.
-    pub key: Option<Map<String, Value>>,
+    pub key: Option<Row>,
     /// The row before the change, as far as the replica identity tells.
     pub before: Option<Row>,
     /// The row after the change.
@@ -143,6 +141,8 @@ pub struct CopiedRows {
 mod tests {
     use serde_json::json;
 
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -158,7 +158,7 @@ mod tests {
                 key_source: Default::default(),
                 column_types: String::new(),
             }),
-            key: obj(json!({"id": 1})),
+            key: row(json!({"id": 1})),
             before: None,
             after: row(json!({"id": 1, "body": "x".repeat(1000), "tags": ["ab", "cd"]})),
             unchanged_toast: Vec::new(),

@@ -189,7 +189,7 @@ impl Fill {
     fn action(&self, event: &crate::event::ChangeEvent, lsn: u64) -> Option<Action> {
         let mut doc = event.after.as_ref()?.to_map().into_owned();
         let key = event.key.as_ref()?;
-        let id = doc_id(key);
+        let id = doc_id(&key.to_map());
         let ts_ms = event.tx.commit_time_us / 1000;
         doc.insert(
             "_cdc".into(),

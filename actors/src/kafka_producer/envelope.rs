@@ -170,7 +170,7 @@ impl<'a> Encoder<'a> {
     fn key(&mut self, event: &ChangeEvent) -> Option<Vec<u8>> {
         let key = event.key.as_ref()?;
         let mut buf = self.buffer(0);
-        to_json_bytes(key, &mut buf);
+        key.write_json(&mut buf);
         Some(buf)
     }
 
@@ -367,7 +367,7 @@ impl<'a> Encoder<'a> {
             self.envelope_bytes(Vec::new(), event, rows, snapshot, transaction, &names.frame);
         let key = event.key.as_ref().map(|k| {
             let mut payload = Vec::new();
-            to_json_bytes(&schema.conform(k), &mut payload);
+            to_json_bytes(&schema.conform(&k.to_map()), &mut payload);
             wrap(&schema.key, &payload)
         });
         (key, Some(wrap(&schema.value, &payload)))
@@ -526,7 +526,7 @@ pub(super) mod tests {
                 key_source: Default::default(),
                 column_types: String::new(),
             }),
-            key: obj(json!({"id": 42})),
+            key: row(json!({"id": 42})),
             before: row(json!({"id": 42, "name": "old"})),
             after: if op == Op::Delete {
                 None

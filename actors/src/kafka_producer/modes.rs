@@ -122,9 +122,8 @@ pub(super) fn conversions(kafka: &KafkaConfig, column_types: &str) -> Vec<(Strin
 
 /// `event` with the values of `columns` rewritten (array elements too).
 pub(super) fn apply(event: &mut ChangeEvent, columns: &[(String, Convert)]) {
-    let rows = [&mut event.before, &mut event.after];
-    let rows = rows.into_iter().flatten().map(Row::map_mut);
-    for row in event.key.iter_mut().chain(rows) {
+    let rows = [&mut event.key, &mut event.before, &mut event.after];
+    for row in rows.into_iter().flatten().map(Row::map_mut) {
         for (c, convert) in columns {
             if let Some(v) = row.get_mut(c) {
                 rewrite(*convert, v);

@@ -46,6 +46,9 @@ struct RelationInfo {
     /// The columns and how their values render (as text for an
     /// unconfigured table).
     columns: Arc<Columns>,
+    /// The key columns and their positions in the rows (`None` without a
+    /// key).
+    key: Option<(Arc<Columns>, Vec<usize>)>,
     table: Option<Arc<TableRef>>,
 }
 
@@ -138,7 +141,7 @@ impl Assembler {
                     return Ok(());
                 };
                 let (after, unchanged) = row(rel, new)?;
-                let key = key_of(&table, &after);
+                let key = key_of(rel, &after);
                 self.push(
                     out,
                     Op::Create,
@@ -160,7 +163,7 @@ impl Assembler {
                     return Ok(());
                 };
                 let before = old_row(rel, &table, old)?;
-                let key = key_of(&table, &before);
+                let key = key_of(rel, &before);
                 self.push(
                     out,
                     Op::Delete,
@@ -197,6 +200,7 @@ impl Assembler {
             }
             let info = RelationInfo {
                 columns: Arc::new(columns(&relation, &[])),
+                key: None,
                 relation,
                 table: None,
             };
@@ -223,7 +227,7 @@ impl Assembler {
         let table = Arc::new(TableRef {
             schema: name.0,
             name: name.1,
-            key_columns,
+            key_columns: key_columns.clone(),
             key_source,
             column_types: Value::Object(types).to_string(),
         });
@@ -233,6 +237,7 @@ impl Assembler {
             .collect();
         let info = RelationInfo {
             columns: Arc::new(columns(&relation, &rules)),
+            key: key_shape(&relation, &rules, &key_columns),
             relation,
             table,
         };
@@ -278,8 +283,8 @@ impl Assembler {
                 }
             });
         }
-        let new_key = key_of(&table, &after);
-        let old_key = before.as_ref().and_then(|b| key_of(&table, b));
+        let new_key = key_of(rel, &after);
+        let old_key = before.as_ref().and_then(|b| key_of(rel, b));
         match old_key {
             Some(old_key) if Some(&old_key) != new_key.as_ref() => {
                 self.push(
@@ -340,7 +345,7 @@ impl Assembler {
         out: &mut Vec<ChangeEvent>,
         op: Op,
         table: Arc<TableRef>,
-        key: Option<Map<String, Value>>,
+        key: Option<Row>,
         before: Option<Row>,
         after: Option<Row>,
         unchanged_toast: Vec<String>,
@@ -424,17 +429,39 @@ fn relation_key(rel: &Relation, start: &TableRef) -> (Vec<String>, KeySource) {
     }
 }
 
-/// The key columns of `row` as an object; `None` if any is missing or the
-/// table has no key.
-fn key_of(table: &TableRef, row: &TextRow) -> Option<Map<String, Value>> {
-    if table.key_columns.is_empty() {
-        return None;
-    }
-    table
-        .key_columns
+/// The columns `key` of `relation` (with the rows' `rules`) and their
+/// positions in its rows; `None` if there are none or one is missing.
+fn key_shape(
+    relation: &Relation,
+    rules: &[Rule],
+    key: &[String],
+) -> Option<(Arc<Columns>, Vec<usize>)> {
+    let positions = key
         .iter()
-        .map(|c| Some((c.clone(), row.value_at(row.columns.position(c)?)?)))
-        .collect()
+        .map(|k| relation.columns.iter().position(|c| &c.name == k))
+        .collect::<Option<Vec<_>>>()
+        .filter(|p| !p.is_empty())?;
+    let rules: Vec<Rule> = (positions.iter())
+        .map(|&i| rules.get(i).cloned().unwrap_or(Rule::Text))
+        .collect();
+    Some((Arc::new(Columns::new(key.to_vec(), &rules)), positions))
+}
+
+/// The key columns of `row`, a row of `info`'s relation; `None` if any
+/// is absent or the table has no key.
+fn key_of(info: &RelationInfo, row: &TextRow) -> Option<Row> {
+    let (columns, positions) = info.key.as_ref()?;
+    let values = positions
+        .iter()
+        .map(|&i| match row.values.get(i)? {
+            TupleValue::UnchangedToast => None,
+            value => Some(value.clone()),
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Row::Text(TextRow {
+        columns: columns.clone(),
+        values,
+    }))
 }
 
 #[cfg(test)]

@@ -105,7 +105,7 @@ async fn read_keys(
         .collect();
     let found: HashSet<String> = events
         .iter()
-        .filter_map(|e| e.key.as_ref().map(doc_id))
+        .filter_map(|e| e.key.as_ref().map(|k| doc_id(&k.to_map())))
         .collect();
     for k in keys {
         let key = shape.key_map(k);
@@ -143,7 +143,7 @@ fn delete(shape: &Shape, key: serde_json::Map<String, serde_json::Value>) -> Cha
         op: Op::Delete,
         table: shape.table.clone(),
         before: Some(key.clone().into()),
-        key: Some(key),
+        key: Some(key.into()),
         after: None,
         unchanged_toast: Vec::new(),
         lsn: Lsn::ZERO,

@@ -9,7 +9,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::SnapshotError;
 use crate::checkpoint::{KeyRange, KeyText};
-use crate::event::{ChangeEvent, KeySource, Op, TableRef, TxMeta};
+use crate::event::{ChangeEvent, KeySource, Op, Row, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
@@ -373,7 +373,8 @@ pub(crate) fn read_event(
         .key_columns
         .iter()
         .map(|c| after.get(c).map(|v| (c.clone(), v.clone())))
-        .collect();
+        .collect::<Option<Map<_, _>>>()
+        .map(Row::from);
     ChangeEvent {
         op: Op::Read,
         table: table.clone(),

@@ -205,7 +205,11 @@ pub struct Windows {
 fn key_text(e: &ChangeEvent) -> String {
     e.key
         .as_ref()
-        .map(|k| serde_json::Value::Object(k.clone()).to_string())
+        .map(|k| {
+            let mut text = Vec::new();
+            k.write_json(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
         .unwrap_or_default()
 }
 
@@ -396,7 +400,7 @@ mod tests {
             key: if op == Op::Truncate {
                 None
             } else {
-                key.clone()
+                key.clone().map(Row::from)
             },
             before: None,
             after: key.map(Row::from),
@@ -445,7 +449,7 @@ mod tests {
         };
         let ids: Vec<_> = rows
             .iter()
-            .map(|e| e.key.clone().unwrap()["id"].clone())
+            .map(|e| e.key.as_ref().unwrap().get("id").unwrap())
             .collect();
         assert_eq!(ids, vec![json!(1), json!(3)]);
         assert_eq!(rx.try_recv().unwrap(), ChunkOutcome::Emitted);

@@ -258,7 +258,7 @@ impl Verifier {
         let mut out: Vec<EncodedRecord> = Vec::with_capacity(1);
         encoder.event(event, None, &mut out);
         let record = out.into_iter().next()?;
-        let id = crate::es_writer::doc_id(event.key.as_ref()?);
+        let id = crate::es_writer::doc_id(&event.key.as_ref()?.to_map());
         let (row, _) = after_of(self.kafka.format, record.value.as_deref()?)?;
         Some((id, row))
     }

@@ -242,7 +242,7 @@ fn rows(shape: &Shape, messages: &[SimpleQueryMessage], cut: Option<&Cut>) -> Ve
         .into_iter()
         .enumerate()
         .filter_map(|(i, (key, e))| {
-            let id = doc_id(e.key.as_ref()?);
+            let id = doc_id(&e.key.as_ref()?.to_map());
             Some(Row {
                 id,
                 key,
