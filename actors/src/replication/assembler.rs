@@ -274,9 +274,9 @@ impl Assembler {
                 let Some(i) = after.columns.position(c) else {
                     return true;
                 };
-                match &b.values[i] {
-                    TupleValue::UnchangedToast => true,
-                    value => {
+                match b.values.get(i) {
+                    None | Some(TupleValue::UnchangedToast) => true,
+                    Some(value) => {
                         after.values[i] = value.clone();
                         false
                     }
