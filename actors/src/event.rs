@@ -7,7 +7,7 @@ use crate::pg::types::Rule;
 
 mod row;
 
-pub use row::{Columns, Row, TextRow};
+pub use row::{Cell, Columns, Row, TextRow};
 
 /// The kind of change, with Debezium's one-letter codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,45 @@ impl Columns {
     pub fn position(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| n == name)
     }
+
+    /// Append a row of these columns as a JSON object to `out`, `cell(i)`
+    /// being its value at position `i`: keys in name order, absent values
+    /// left out, each text rendered by its column's rule.
+    pub fn write_object<'a>(&self, cell: impl Fn(usize) -> Cell<'a>, out: &mut Vec<u8>) {
+        out.push(b'{');
+        let mut first = true;
+        for &i in &self.order {
+            let value = cell(i);
+            if matches!(value, Cell::Absent) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&self.labels[i]);
+            match value {
+                Cell::Text(text) => write_rendered(&self.rules[i], &text, out),
+                Cell::Null => out.extend_from_slice(NULL),
+                Cell::Binary(bytes) => to_json_bytes(&BASE64.encode(bytes), out),
+                Cell::Absent => {}
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// One value of a row written by [`Columns::write_object`].
+pub enum Cell<'a> {
+    /// Not sent (an unchanged TOASTed value, a non-key column of an old key
+    /// tuple): left out of the object.
+    Absent,
+    /// SQL NULL.
+    Null,
+    /// The value in PostgreSQL's text format.
+    Text(Cow<'a, [u8]>),
+    /// The value in binary format (never requested): a base64 string.
+    Binary(&'a [u8]),
 }
 
 /// A row as pgoutput sent it: one value per column of `columns`. A column
@@ -96,26 +135,13 @@ impl TextRow {
     /// Append the row as a JSON object to `out`: the bytes serializing
     /// [`Self::to_map`]'s object gives.
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.push(b'{');
-        let mut first = true;
-        for &i in &self.columns.order {
-            let value = match self.values.get(i) {
-                None | Some(TupleValue::UnchangedToast) => continue,
-                Some(value) => value,
-            };
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(&self.columns.labels[i]);
-            match value {
-                TupleValue::Text(text) => write_rendered(&self.columns.rules[i], text, out),
-                TupleValue::Null => out.extend_from_slice(NULL),
-                TupleValue::Binary(bytes) => to_json_bytes(&BASE64.encode(bytes), out),
-                TupleValue::UnchangedToast => {}
-            }
-        }
-        out.push(b'}');
+        let cell = |i: usize| match self.values.get(i) {
+            None | Some(TupleValue::UnchangedToast) => Cell::Absent,
+            Some(TupleValue::Null) => Cell::Null,
+            Some(TupleValue::Text(text)) => Cell::Text(Cow::Borrowed(text)),
+            Some(TupleValue::Binary(bytes)) => Cell::Binary(bytes),
+        };
+        self.columns.write_object(cell, out);
     }
 
     /// The row as a JSON object.

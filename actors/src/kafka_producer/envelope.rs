@@ -11,9 +11,10 @@ use super::connect::{wrap, TableSchema};
 use super::format::{copied_events, row_value, Rows};
 use super::modes::{apply, conversions, Convert};
 use super::{Format, KafkaConfig};
-use crate::event::{ChangeEvent, CopiedRows, Op, Row, TableRef, TxMeta};
+use crate::event::{Cell, ChangeEvent, Columns, CopiedRows, Op, Row, TableRef, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::values::{to_json_bytes, write_rendered};
+use crate::pg::types::Rule;
+use crate::pg::values::to_json_bytes;
 use crate::snapshot::row_cell;
 use crate::wire::{SnapshotMark, TxBlock, VERSION};
 
@@ -422,56 +423,29 @@ impl<'a> Encoder<'a> {
         }
         let table = &copied.table;
         let tx = copied.tx;
-        // Objects are written with their keys in name order, as a
-        // `serde_json::Map` (a BTreeMap) serializes them.
-        let mut after: Vec<usize> = (0..copied.columns.len()).collect();
-        after.sort_by(|a, b| copied.columns[*a].0.cmp(&copied.columns[*b].0));
-        let mut key: Vec<usize> = table
-            .key_columns
-            .iter()
-            .filter_map(|k| copied.columns.iter().position(|(c, _)| c == k))
+        let (names, rules): (Vec<String>, Vec<Rule>) = copied.columns.iter().cloned().unzip();
+        let mut key: Vec<usize> = (table.key_columns.iter())
+            .filter_map(|k| names.iter().position(|c| c == k))
             .collect();
-        key.sort_by(|a, b| copied.columns[*a].0.cmp(&copied.columns[*b].0));
+        key.sort_unstable();
         key.dedup();
-        let label = |i: usize, first: bool| {
-            let mut l = if first { Vec::new() } else { vec![b','] };
-            to_json_bytes(&copied.columns[i].0, &mut l);
-            l.push(b':');
-            l
-        };
-        let after: Vec<(usize, Vec<u8>)> = after
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| (i, label(i, n == 0)))
-            .collect();
-        let key: Vec<(usize, Vec<u8>)> = key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| (i, label(i, n == 0)))
-            .collect();
+        let key_columns = Columns::new(
+            key.iter().map(|&i| names[i].clone()).collect(),
+            &key.iter().map(|&i| rules[i].clone()).collect::<Vec<_>>(),
+        );
+        let after = Columns::new(names, &rules);
+        let cell = |row, i| row_cell(row, i, copied.raw).map_or(Cell::Null, Cell::Text);
         let (middle, tail) = self.row_frame(table, tx);
         let names = self.names(table);
         let commit_lsn = self.lsn(tx.commit_lsn);
-        let object =
-            |row: &tokio_postgres::SimpleQueryRow, cols: &[(usize, Vec<u8>)], buf: &mut Vec<u8>| {
-                buf.push(b'{');
-                for (i, label) in cols {
-                    buf.extend_from_slice(label);
-                    match row_cell(row, *i, copied.raw) {
-                        Some(bytes) => write_rendered(&copied.columns[*i].1, &bytes, buf),
-                        None => buf.extend_from_slice(b"null"),
-                    }
-                }
-                buf.push(b'}');
-            };
         out.reserve(copied.rows.len());
         let mut seq = copied.first_seq;
         for row in &copied.rows {
             let mut k = Vec::with_capacity(16);
-            object(row, &key, &mut k);
+            key_columns.write_object(|n| cell(row, key[n]), &mut k);
             let mut v = Vec::with_capacity(256);
             v.extend_from_slice(ROW_OPEN);
-            object(row, &after, &mut v);
+            after.write_object(|i| cell(row, i), &mut v);
             v.extend_from_slice(&middle);
             to_json_bytes(&seq, &mut v);
             v.extend_from_slice(&tail);
