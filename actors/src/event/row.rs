@@ -1,6 +1,7 @@
 //! A change's row: JSON values, or the values pgoutput sent, in PostgreSQL's
 //! text format, rendered to JSON only as the row is written
-//! ([`Row::write_json`]), with no JSON value built per column.
+//! ([`Row::write_json`]), with no JSON value built per column. The
+//! snapshot's copied rows are written by the same [`Columns::write_object`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
