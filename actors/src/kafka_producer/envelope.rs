@@ -30,6 +30,9 @@ const ENVELOPE_BYTES: usize = 512;
 /// librdkafka: ordinary rows reuse their buffers, while a huge value's is
 /// freed at once.
 const RECYCLE_MAX: usize = 64 << 10;
+/// Room a snapshot record's buffers get beyond the sizes of the record
+/// before it: rows of one table differ by a few bytes.
+const ROW_ROOM: usize = 64;
 /// Most buffers kept for reuse (a key and a value, a tombstone's key, a
 /// transaction mark).
 const SPARE_MAX: usize = 4;
@@ -440,15 +443,20 @@ impl<'a> Encoder<'a> {
         let commit_lsn = self.lsn(tx.commit_lsn);
         out.reserve(copied.rows.len());
         let mut seq = copied.first_seq;
+        // Each buffer is sized by the record before it (rows of a table are
+        // alike), so it seldom grows, and a huge row's size is not kept.
+        let slack = |len: usize| len.min(RECYCLE_MAX) + ROW_ROOM;
+        let mut room = (slack(0), slack(ROW_OPEN.len() + middle.len() + tail.len()));
         for row in &copied.rows {
-            let mut k = Vec::with_capacity(16);
+            let mut k = Vec::with_capacity(room.0);
             key_columns.write_object(|n| cell(row, key[n]), &mut k);
-            let mut v = Vec::with_capacity(256);
+            let mut v = Vec::with_capacity(room.1);
             v.extend_from_slice(ROW_OPEN);
             after.write_object(|i| cell(row, i), &mut v);
             v.extend_from_slice(&middle);
             to_json_bytes(&seq, &mut v);
             v.extend_from_slice(&tail);
+            room = (slack(k.len()), slack(v.len()));
             seq = seq.wrapping_add(1);
             out.push(EncodedRecord {
                 topic: names.topic.clone(),
