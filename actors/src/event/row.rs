@@ -68,6 +68,20 @@ impl Columns {
         self.names.iter().position(|n| n == name)
     }
 
+    /// The columns named `names` that are here (each once), with their
+    /// rules, and their positions among these columns.
+    pub fn select(&self, names: &[String]) -> (Columns, Vec<usize>) {
+        let mut positions: Vec<usize> = Vec::with_capacity(names.len());
+        for i in names.iter().filter_map(|n| self.position(n)) {
+            if !positions.contains(&i) {
+                positions.push(i);
+            }
+        }
+        let pick = |i: &usize| (self.names[*i].clone(), self.rules[*i].clone());
+        let (names, rules): (Vec<String>, Vec<Rule>) = positions.iter().map(pick).unzip();
+        (Columns::new(names, &rules), positions)
+    }
+
     /// Append a row of these columns as a JSON object to `out`, `cell(i)`
     /// being its value at position `i`: keys in name order, absent values
     /// left out, each text rendered by its column's rule.
@@ -257,20 +271,9 @@ fn value_bytes(value: &Value) -> usize {
 mod tests {
     use bytes::Bytes;
     use serde_json::json;
+    use tokio_postgres::types::Type;
 
     use super::*;
-
-    /// Built-in type OIDs, from PostgreSQL's `pg_type.dat`.
-    mod oid {
-        pub const BOOL: u32 = 16;
-        pub const BYTEA: u32 = 17;
-        pub const INT4: u32 = 23;
-        pub const JSONB: u32 = 3802;
-        pub const FLOAT8: u32 = 701;
-        pub const NUMERIC: u32 = 1700;
-        pub const TIMESTAMPTZ: u32 = 1184;
-        pub const INT4_ARRAY: u32 = 1007;
-    }
 
     fn text(s: &[u8]) -> TupleValue {
         TupleValue::Text(Bytes::copy_from_slice(s))
@@ -278,32 +281,36 @@ mod tests {
 
     #[test]
     fn a_text_row_is_written_as_its_object_serializes() {
-        let builtin = |oid| Rule::builtin(oid).unwrap();
+        let builtin = |ty: Type| Rule::builtin(ty.oid()).unwrap();
         let point = Rule::Composite(
             vec![
-                ("x".to_owned(), builtin(oid::INT4)),
+                ("x".to_owned(), builtin(Type::INT4)),
                 ("label".to_owned(), Rule::Text),
             ]
             .into(),
         );
         let columns: Vec<(&str, Rule, TupleValue)> = vec![
-            ("id", builtin(oid::INT4), text(b"7")),
-            ("b", builtin(oid::BOOL), text(b"t")),
+            ("id", builtin(Type::INT4), text(b"7")),
+            ("b", builtin(Type::BOOL), text(b"t")),
             (
                 "a \"quoted\"\n",
                 Rule::Text,
                 text("é \"x\"\\\u{1}".as_bytes()),
             ),
-            ("Z", builtin(oid::FLOAT8), text(b"NaN")),
-            ("aa", builtin(oid::NUMERIC), text(b"12345678901234567890.5")),
-            ("doc", builtin(oid::JSONB), text(br#"{"k": [1, 2.50]}"#)),
-            ("raw", builtin(oid::BYTEA), text(b"\\x6869")),
+            ("Z", builtin(Type::FLOAT8), text(b"NaN")),
+            (
+                "aa",
+                builtin(Type::NUMERIC),
+                text(b"12345678901234567890.5"),
+            ),
+            ("doc", builtin(Type::JSONB), text(br#"{"k": [1, 2.50]}"#)),
+            ("raw", builtin(Type::BYTEA), text(b"\\x6869")),
             (
                 "at",
-                builtin(oid::TIMESTAMPTZ),
+                builtin(Type::TIMESTAMPTZ),
                 text(b"2026-12-01 10:00:00+00"),
             ),
-            ("ints", builtin(oid::INT4_ARRAY), text(b"{1,NULL,3}")),
+            ("ints", builtin(Type::INT4_ARRAY), text(b"{1,NULL,3}")),
             ("p", point, text(b"(3,\"a b\")")),
             ("h", Rule::Hstore, text(br#""k"=>"v", "n"=>NULL"#)),
             ("bad utf8", Rule::Text, text(b"a\xffb")),
@@ -338,6 +345,26 @@ mod tests {
         // Rendered in place for the value modes, the same object.
         let mut changed = row.clone();
         assert_eq!(*changed.map_mut(), object);
+    }
+
+    #[test]
+    fn selected_columns_keep_their_rules_and_positions_each_once() {
+        let int4 = Rule::builtin(Type::INT4.oid()).unwrap();
+        let columns = Columns::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            &[Rule::Text, int4],
+        );
+        let names = ["c", "b", "missing", "c"].map(String::from);
+        let (selected, positions) = columns.select(&names);
+        assert_eq!(positions, [2, 1]);
+        assert_eq!(selected.names(), ["c", "b"]);
+        let row = TextRow {
+            columns: Arc::new(selected),
+            values: vec![text(b"x"), text(b"7")],
+        };
+        let mut written = Vec::new();
+        Row::Text(row).write_json(&mut written);
+        assert_eq!(written, br#"{"b":7,"c":"x"}"#);
     }
 
     #[test]

@@ -427,16 +427,8 @@ impl<'a> Encoder<'a> {
         let table = &copied.table;
         let tx = copied.tx;
         let (names, rules): (Vec<String>, Vec<Rule>) = copied.columns.iter().cloned().unzip();
-        let mut key: Vec<usize> = (table.key_columns.iter())
-            .filter_map(|k| names.iter().position(|c| c == k))
-            .collect();
-        key.sort_unstable();
-        key.dedup();
-        let key_columns = Columns::new(
-            key.iter().map(|&i| names[i].clone()).collect(),
-            &key.iter().map(|&i| rules[i].clone()).collect::<Vec<_>>(),
-        );
         let after = Columns::new(names, &rules);
+        let (key_columns, key) = after.select(&table.key_columns);
         let cell = |row, i| row_cell(row, i, copied.raw).map_or(Cell::Null, Cell::Text);
         let (middle, tail) = self.row_frame(table, tx);
         let names = self.names(table);

@@ -235,9 +235,10 @@ impl Assembler {
         let rules: Vec<Rule> = (relation.columns.iter())
             .map(|c| self.types.rule(c.type_oid))
             .collect();
+        let columns = Arc::new(columns(&relation, &rules));
         let info = RelationInfo {
-            columns: Arc::new(columns(&relation, &rules)),
-            key: key_shape(&relation, &rules, &key_columns),
+            key: key_shape(&columns, &key_columns),
+            columns,
             relation,
             table,
         };
@@ -429,22 +430,14 @@ fn relation_key(rel: &Relation, start: &TableRef) -> (Vec<String>, KeySource) {
     }
 }
 
-/// The columns `key` of `relation` (with the rows' `rules`) and their
-/// positions in its rows; `None` if there are none or one is missing.
-fn key_shape(
-    relation: &Relation,
-    rules: &[Rule],
-    key: &[String],
-) -> Option<(Arc<Columns>, Vec<usize>)> {
-    let positions = key
-        .iter()
-        .map(|k| relation.columns.iter().position(|c| &c.name == k))
-        .collect::<Option<Vec<_>>>()
-        .filter(|p| !p.is_empty())?;
-    let rules: Vec<Rule> = (positions.iter())
-        .map(|&i| rules.get(i).cloned().unwrap_or(Rule::Text))
-        .collect();
-    Some((Arc::new(Columns::new(key.to_vec(), &rules)), positions))
+/// The key columns `key` of a relation's `columns` and their positions in
+/// its rows; `None` if there are none or one is missing.
+fn key_shape(columns: &Columns, key: &[String]) -> Option<(Arc<Columns>, Vec<usize>)> {
+    if key.is_empty() || key.iter().any(|k| columns.position(k).is_none()) {
+        return None;
+    }
+    let (key, positions) = columns.select(key);
+    Some((Arc::new(key), positions))
 }
 
 /// The key columns of `row`, a row of `info`'s relation; `None` if any
