@@ -1,6 +1,7 @@
 //! Very large values: 64 MiB values stream intact while the daemon's peak
 //! memory stays within a bound a regression to "a batch of copies" would
-//! break; a record above the producer's `message.max.bytes` stops pgcdc
+//! break; a backlog of wide rows read while Kafka is frozen is read only a
+//! few rows ahead; a record above the producer's `message.max.bytes` stops pgcdc
 //! with exit 4 and an error naming the record and the setting (again on
 //! every restart, never skipped), or with `kafka.oversized = "dead_letter"`
 //! is described on the dead-letter topic while streaming goes on. A record
@@ -111,6 +112,109 @@ async fn values_of_64_mib_stream_intact_in_bounded_memory() {
     assert!(
         peak_mib < PEAK_RSS_MAX_MIB,
         "peak rss {peak_mib} MiB, more than {PEAK_RSS_MAX_MIB} MiB"
+    );
+    let status = d.terminate(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log_tail());
+}
+
+/// Rows of [`WIDE_MIB`] MiB in the backlog read while the broker is frozen.
+const WIDE_ROWS: i32 = 150;
+/// Size of each of those rows.
+const WIDE_MIB: i32 = 4;
+/// `[kafka]` settings for them: librdkafka may hold 16 MiB of records, each
+/// row's record fits.
+const WIDE_MESSAGES: &str = "max_inflight_bytes = 16777216\n\
+                             [kafka.properties]\n\"message.max.bytes\" = \"8000000\"\n";
+/// The daemon's peak while it reads those rows with Kafka frozen: its
+/// baseline, `max_inflight_bytes`, the batch being encoded (at most
+/// `postgres.max_batch_bytes`, 64 MiB) and 17 rows read ahead (measured:
+/// 111 MiB). Reading up to 256 rows ahead held about 88 of them, 371 MiB.
+const WIDE_PEAK_MAX_MIB: u64 = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_wide_rows_is_read_ahead_only_a_few_rows_while_kafka_stalls() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(CREATE).await.unwrap();
+    let cfg = config(
+        &pg,
+        &tansu,
+        &dir.path().join("state"),
+        &["docs"],
+        WIDE_MESSAGES,
+    );
+    let mut d = daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut d, "pgcdc").await;
+
+    pgcdc_testkit::signal(tansu.pid(), "STOP").unwrap();
+    let repeat = WIDE_MIB << 15; // 32-character md5 texts
+    for id in 1..=WIDE_ROWS {
+        db.execute(
+            "INSERT INTO docs SELECT i, repeat(md5(i::text), $2) FROM (SELECT $1::int AS i) s",
+            &[&id, &repeat],
+        )
+        .await
+        .unwrap();
+    }
+    let end: Lsn = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+
+    // Until pgcdc stops reading: the walsender's sent position holds still
+    // for three polls in a row (or reached the end).
+    let sent = "SELECT sent_lsn::text FROM pg_stat_replication WHERE application_name = 'pgcdc'";
+    let last = std::cell::Cell::new((None::<Lsn>, 0_u32));
+    let stalled_at = wait::poll(
+        "pgcdc to stop reading the backlog",
+        STREAM,
+        Duration::from_millis(500),
+        || {
+            let (at, last) = (db.query_opt(sent, &[]), &last);
+            async move {
+                let at: Option<Lsn> = at
+                    .await
+                    .unwrap()
+                    .and_then(|r| r.get::<_, Option<String>>(0))
+                    .and_then(|t| t.parse().ok());
+                let (before, still) = last.get();
+                let still = if at == before { still + 1 } else { 0 };
+                last.set((at, still));
+                let done = at.is_some_and(|at| at >= end) || still >= 3;
+                wait::Poll::when(done, at, || format!("sent {at:?} of {end}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    d.sample_rss();
+    let stalled_mib = d.peak_rss_kb / 1024;
+    pgcdc_testkit::signal(tansu.pid(), "CONT").unwrap();
+
+    let mut seen = 0;
+    for_each_record(
+        &tansu.brokers(),
+        TOPIC,
+        WIDE_ROWS as usize,
+        STREAM,
+        &d,
+        |value| {
+            seen += 1;
+            assert_eq!(value["after"]["id"], json!(seen), "in order");
+        },
+    );
+    d.sample_rss();
+    let peak_mib = d.peak_rss_kb / 1024;
+    eprintln!("peak rss: {stalled_mib} MiB with kafka frozen (sent {stalled_at:?} of {end}), {peak_mib} MiB in all");
+    assert!(
+        stalled_at.is_some_and(|at| at < end),
+        "pgcdc read the whole backlog ahead while kafka was frozen"
+    );
+    assert!(
+        peak_mib < WIDE_PEAK_MAX_MIB,
+        "peak rss {peak_mib} MiB, more than {WIDE_PEAK_MAX_MIB} MiB"
     );
     let status = d.terminate(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(0), "{}", d.log_tail());
