@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     config, daemon, mock_broker, pg_and_tansu, read_until, wait, wait_slot_active, Broker, Daemon,
-    PgCluster,
+    PgCluster, Tansu,
 };
 
 const TOPIC: &str = "cdc-events";
@@ -58,17 +58,7 @@ const LARGE_MESSAGES: &str = "[kafka.properties]\n\"message.max.bytes\" = \"1000
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_of_64_mib_stream_intact_in_bounded_memory() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    db.batch_execute(CREATE).await.unwrap();
-    let cfg = config(
-        &pg,
-        &tansu,
-        &dir.path().join("state"),
-        &["docs"],
-        LARGE_MESSAGES,
-    );
-    let mut d = daemon(dir.path(), &cfg, &[]);
-    wait_slot_active(&db, &mut d, "pgcdc").await;
+    let (_pg, tansu, _dir, db, mut d) = streaming(LARGE_MESSAGES).await;
 
     // Four values one per transaction, then six in one transaction: without
     // a byte bound on batches those six would be one batch held whole.
@@ -133,17 +123,7 @@ const WIDE_PEAK_MAX_MIB: u64 = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_wide_rows_is_read_ahead_only_a_few_rows_while_kafka_stalls() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    db.batch_execute(CREATE).await.unwrap();
-    let cfg = config(
-        &pg,
-        &tansu,
-        &dir.path().join("state"),
-        &["docs"],
-        WIDE_MESSAGES,
-    );
-    let mut d = daemon(dir.path(), &cfg, &[]);
-    wait_slot_active(&db, &mut d, "pgcdc").await;
+    let (_pg, tansu, _dir, db, mut d) = streaming(WIDE_MESSAGES).await;
 
     pgcdc_testkit::signal(tansu.pid(), "STOP").unwrap();
     let repeat = WIDE_MIB << 15; // 32-character md5 texts
@@ -222,11 +202,7 @@ async fn a_backlog_of_wide_rows_is_read_ahead_only_a_few_rows_while_kafka_stalls
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_above_message_max_bytes_stops_pgcdc_naming_it_on_every_start() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    db.batch_execute(CREATE).await.unwrap();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["docs"], "");
-    let mut d = daemon(dir.path(), &cfg, &[]);
-    wait_slot_active(&db, &mut d, "pgcdc").await;
+    let (_pg, tansu, _dir, db, mut d) = streaming("").await;
 
     let (before, after) = write_small_large_small(&db).await;
     let status = d.wait_exit(EXIT).unwrap();
@@ -263,12 +239,8 @@ async fn a_record_above_message_max_bytes_stops_pgcdc_naming_it_on_every_start()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_oversized_dead_letter_the_record_is_described_and_streaming_goes_on() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    db.batch_execute(CREATE).await.unwrap();
     let extra = "oversized = \"dead_letter\"\n";
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["docs"], extra);
-    let mut d = daemon(dir.path(), &cfg, &[]);
-    wait_slot_active(&db, &mut d, "pgcdc").await;
+    let (_pg, tansu, _dir, db, mut d) = streaming(extra).await;
 
     let (before, after) = write_small_large_small(&db).await;
     let records = read_until(&tansu, TOPIC, STREAM, |r| r.len() >= 2);
@@ -340,6 +312,26 @@ async fn a_record_the_broker_refuses_as_too_large_stops_pgcdc_naming_it() {
     ] {
         assert!(line.contains(part), "{part:?} missing: {line}");
     }
+}
+
+/// PostgreSQL, tansu, a scratch directory, a SQL client and a daemon
+/// streaming the `docs` table with `extra_kafka` in its `[kafka]` section.
+async fn streaming(
+    extra_kafka: &str,
+) -> (
+    PgCluster,
+    Tansu,
+    tempfile::TempDir,
+    tokio_postgres::Client,
+    Daemon,
+) {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(CREATE).await.unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["docs"], extra_kafka);
+    let mut d = daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut d, "pgcdc").await;
+    (pg, tansu, dir, db, d)
 }
 
 /// Insert row 1 (small), row 2 (above `message.max.bytes`) and row 3
