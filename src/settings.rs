@@ -269,15 +269,29 @@ const VERBATIM: &[&str] = &[
     "elasticsearch.api_key",
 ];
 
+/// The variables of librdkafka properties, after [`ENV_PREFIX`]: what
+/// follows is the property's name with `.` written `_` and `_` written `__`
+/// (`PGCDC_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`,
+/// `…__LOG__LEVEL` sets `log_level`), as Confluent's images spell them.
+const PROPERTIES_PREFIX: &str = "KAFKA__PROPERTIES__";
+
 /// The `PGCDC_*` variables among `vars` as one layer: `__` nests, names are
 /// lower-cased, values are read as TOML-like scalars and arrays (as figment's
-/// `Env` does) except the [`VERBATIM`] keys. `PGCDC_CONFIG` is the flag's.
+/// `Env` does) except the [`VERBATIM`] keys and librdkafka properties
+/// ([`PROPERTIES_PREFIX`]), which keep their exact text. `PGCDC_CONFIG` is
+/// the flag's.
 fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
     let mut layer = Figment::new();
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        if let Some(property) = strip_prefix_ignore_case(rest, PROPERTIES_PREFIX) {
+            let mut one = figment::value::Dict::new();
+            one.insert(property_name(property), Value::from(raw));
+            layer = layer.merge(Serialized::default("kafka.properties", one));
+            continue;
+        }
         let key = rest.to_ascii_lowercase().replace("__", ".");
         if key == "config" || key.is_empty() {
             continue;
@@ -291,6 +305,23 @@ fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
         layer = layer.merge(Serialized::default(&key, value));
     }
     layer
+}
+
+/// `text` without `prefix`, compared without regard to ASCII case.
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
+}
+
+/// The librdkafka property an environment variable names ([`PROPERTIES_PREFIX`]).
+fn property_name(spelled: &str) -> String {
+    spelled
+        .to_ascii_lowercase()
+        .split("__")
+        .map(|part| part.replace('_', "."))
+        .collect::<Vec<_>>()
+        .join("_")
 }
 
 /// A figment error as a configuration error naming the key it is about
@@ -463,6 +494,38 @@ mod tests {
         assert_eq!(s.elasticsearch.password.expose(), "1e3");
         assert_eq!(s.elasticsearch.username.as_deref(), Some("007"));
         assert_eq!(s.postgres.port, 6543);
+    }
+
+    #[test]
+    fn librdkafka_properties_from_the_environment_keep_their_names_and_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "[postgres]\ntables = [\"t\"]\n\
+             [kafka.properties]\n\"linger.ms\" = 5\n\"security.protocol\" = \"plaintext\"\n",
+        );
+        let env = [
+            ("PGCDC_KAFKA__PROPERTIES__SASL_USERNAME", "pgcdc"),
+            ("PGCDC_KAFKA__PROPERTIES__SASL_PASSWORD", "0123"),
+            ("PGCDC_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("PGCDC_KAFKA__PROPERTIES__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("PGCDC_KAFKA__PROPERTIES__LOG__LEVEL", "7"),
+            ("PGCDC_kafka__properties__message.max.bytes", "2000000"),
+        ];
+        let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Settings::load_with_env(Some(&path), &Overrides::default(), vars).unwrap();
+        let p = &s.kafka.properties;
+        assert_eq!(p["sasl.password"], "0123");
+        assert_eq!(p["security.protocol"], "sasl_ssl", "the environment wins");
+        assert_eq!(p["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(p["log_level"], "7");
+        assert_eq!(p["message.max.bytes"], "2000000");
+        assert_eq!(p["linger.ms"], "5", "the file's other properties stay");
+        assert!(!format!("{s:?}").contains("0123"));
+        s.kafka
+            .client_config()
+            .create::<rdkafka::producer::BaseProducer>()
+            .expect("librdkafka knows every name");
     }
 
     #[test]
