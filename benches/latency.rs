@@ -233,14 +233,22 @@ async fn main() {
     }
     let mut daemon =
         Daemon::start(std::path::Path::new(PGCDC), dir.path(), &cfg, "run", &[]).unwrap();
-    // Warm up: a first row through to the search server (topics, index, group).
+    // Warm up: a first row through to the search server (topics, index,
+    // group), or without one, acknowledged by Kafka (its topic exists).
     db.execute("INSERT INTO lat VALUES (0, 'warm')", &[])
         .await
         .unwrap();
+    let warm: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed = "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+                     WHERE slot_name = 'pgcdc'";
     let http = reqwest::Client::new();
     let url = es.as_ref().map(|es| es.url.clone());
     wait::poll(
-        "the first row to be searchable",
+        "the first row to be searchable (or acknowledged)",
         Duration::from_secs(120),
         POLL,
         || async {
@@ -248,7 +256,11 @@ async fn main() {
                 return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
             }
             let Some(url) = &url else {
-                return Poll::Ready(());
+                let row = db.query_opt(confirmed, &[&warm]).await.ok().flatten();
+                let acked = row.is_some_and(|r| r.get::<_, Option<bool>>(0) == Some(true));
+                return Poll::when(acked, (), || {
+                    "the slot is not past the first row".to_owned()
+                });
             };
             let found = http
                 .get(format!("{url}/{INDEX}/_doc/0"))
