@@ -160,7 +160,8 @@ const COMPRESSION: [&str; 2] = ["compression.type", "compression.codec"];
 /// times for little CPU: a backlog drained into tansu took 7.0-7.7 instead
 /// of 9.7-10.6 µs of pgcdc's CPU per row (librdkafka's part 1.5-1.7 instead
 /// of 3.7-4.8, since the broker answers sooner) and tansu's CPU fell by
-/// three quarters. Every Kafka client reads lz4.
+/// three quarters. Kafka's clients read lz4 (kafka-python with its `lz4`
+/// package).
 const DEFAULT_COMPRESSION: &str = "lz4";
 /// The librdkafka properties pgcdc sets unless `[kafka.properties]` sets
 /// them under any of their names, the first of which pgcdc uses.
