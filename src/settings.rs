@@ -269,11 +269,11 @@ const VERBATIM: &[&str] = &[
     "elasticsearch.api_key",
 ];
 
-/// The variables of librdkafka properties, after [`ENV_PREFIX`]: what
+/// The variables of librdkafka properties, after [`ENV_PREFIX`] and lower-cased: what
 /// follows is the property's name with `.` written `_` and `_` written `__`
 /// (`PGCDC_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`,
 /// `…__LOG__LEVEL` sets `log_level`), as Confluent's images spell them.
-const PROPERTIES_PREFIX: &str = "KAFKA__PROPERTIES__";
+const PROPERTIES_PREFIX: &str = "kafka__properties__";
 
 /// The `PGCDC_*` variables among `vars` as one layer: `__` nests, names are
 /// lower-cased, values are read as TOML-like scalars and arrays (as figment's
@@ -286,13 +286,14 @@ fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if let Some(property) = strip_prefix_ignore_case(rest, PROPERTIES_PREFIX) {
+        let lower = rest.to_ascii_lowercase();
+        if let Some(property) = lower.strip_prefix(PROPERTIES_PREFIX) {
             let mut one = figment::value::Dict::new();
             one.insert(property_name(property), Value::from(raw));
             layer = layer.merge(Serialized::default("kafka.properties", one));
             continue;
         }
-        let key = rest.to_ascii_lowercase().replace("__", ".");
+        let key = lower.replace("__", ".");
         if key == "config" || key.is_empty() {
             continue;
         }
@@ -307,17 +308,10 @@ fn environment(vars: impl Iterator<Item = (String, String)>) -> Figment {
     layer
 }
 
-/// `text` without `prefix`, compared without regard to ASCII case.
-fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &text[prefix.len()..])
-}
-
-/// The librdkafka property an environment variable names ([`PROPERTIES_PREFIX`]).
+/// The librdkafka property a lower-cased environment variable names
+/// ([`PROPERTIES_PREFIX`]).
 fn property_name(spelled: &str) -> String {
     spelled
-        .to_ascii_lowercase()
         .split("__")
         .map(|part| part.replace('_', "."))
         .collect::<Vec<_>>()
