@@ -1,7 +1,9 @@
 //! ES sink throughput (not a timed test): 500,000 change events already in
-//! Kafka, timed until the mirror index holds them all; in the same run the same
-//! documents posted by a plain bulk loader (pre-built NDJSON, equal-size
-//! `_bulk` requests) into a fresh index of the same server.
+//! Kafka, timed until the mirror index holds them all; in the same run the
+//! same documents posted by a plain bulk loader (pre-built NDJSON,
+//! equal-size `_bulk` requests, unversioned) into an index of the same
+//! mapping. Each side writes into a fresh osmem-server, and neither is
+//! refreshed while it loads (see the sink's wait below).
 //!
 //! Run with `cargo bench --bench es_sink`.
 
@@ -9,6 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+use pgcdc_actors::es_writer::{index_body, EsConfig};
+use pgcdc_actors::lsn::Lsn;
+use pgcdc_actors::wire::header;
 use pgcdc_testkit::bench::{self, Target};
 use pgcdc_testkit::config::daemon_config as config;
 use pgcdc_testkit::wait::{self, Poll};
@@ -21,6 +26,7 @@ use serde_json::json;
 /// The daemon under test.
 const PGCDC: &str = env!("CARGO_BIN_EXE_pgcdc");
 
+/// Change events in Kafka (`ES_SINK_BENCH_EVENTS` overrides it for a short run).
 const EVENTS: u64 = 500_000;
 const BULK: usize = 1000;
 /// The ratio to the plain loader the sink should reach.
@@ -33,10 +39,11 @@ fn row(i: u64) -> serde_json::Value {
     json!({"id": i, "name": format!("item {i}"), "n": i % 1000, "at": "2026-11-24T10:00:00.123456Z"})
 }
 
-/// The document the mirror stores for row `i` (the row plus `_cdc`), for the baseline.
+/// The document the mirror stores for row `i` (the row plus `_cdc`, as the
+/// sink writes it), for the baseline.
 fn mirror_doc(i: u64) -> serde_json::Value {
     let mut doc = row(i);
-    doc["_cdc"] = json!({"op": "c", "lsn": 1000 + i, "ts_ms": 1});
+    doc["_cdc"] = json!({"op": "c", "lsn": 1000 + i, "seq": 0, "ts_ms": 1, "xid": 1});
     doc
 }
 
@@ -54,30 +61,44 @@ async fn count(http: &reqwest::Client, url: &str, index: &str) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let events: u64 = std::env::var("ES_SINK_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(EVENTS);
     let pg = PgCluster::start().unwrap();
     let tansu = Tansu::start().unwrap();
     tansu.create_topic("cdc-events", 1).unwrap();
     let es = SearchServer::start().unwrap();
     let http = reqwest::Client::new();
 
-    eprintln!("bench: producing {EVENTS} change events");
+    eprintln!("bench: producing {events} change events");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", tansu.brokers())
         .set("linger.ms", "20")
         .create()
         .unwrap();
     let mut pending = Vec::new();
-    for i in 0..EVENTS {
+    for i in 0..events {
         let lsn = 1000 + i;
         let value = json!({"before": null, "after": row(i), "op": "c", "ts_ms": 1,
             "source": {"connector": "pgcdc", "db": "db", "schema": "public", "table": "bench", "lsn": lsn,
                        "commit_lsn": lsn, "seq": 0, "txId": 1, "ts_ms": 1, "snapshot": false}})
         .to_string();
         let key = json!({"id": i}).to_string();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: pgcdc_actors::wire::header::TYPES,
-            value: Some(TYPES),
-        });
+        let commit_lsn = Lsn(lsn).to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: header::TABLE,
+                value: Some("public.bench"),
+            })
+            .insert(Header {
+                key: header::COMMIT_LSN,
+                value: Some(&commit_lsn),
+            })
+            .insert(Header {
+                key: header::TYPES,
+                value: Some(TYPES),
+            });
         let record = FutureRecord::to("cdc-events")
             .key(&key)
             .payload(&value)
@@ -94,7 +115,7 @@ async fn main() {
     }
 
     // Baseline: pre-built NDJSON, equal-size bulk requests, one at a time.
-    let bodies: Vec<String> = (0..EVENTS)
+    let bodies: Vec<String> = (0..events)
         .collect::<Vec<_>>()
         .chunks(BULK)
         .map(|chunk| {
@@ -110,8 +131,13 @@ async fn main() {
             body
         })
         .collect();
+    // The mapping the sink gives its mirror index.
+    let es_config = EsConfig {
+        number_of_replicas: 0,
+        ..EsConfig::default()
+    };
     http.put(format!("{}/plain", es.url))
-        .json(&json!({"settings": {"index": {"number_of_replicas": 0}}}))
+        .json(&index_body(&es_config, Some(TYPES), false))
         .send()
         .await
         .unwrap();
@@ -128,19 +154,20 @@ async fn main() {
     }
     let every = Duration::from_millis(500);
     wait::until("the plain loader's documents", TIMEOUT, || async {
-        count(&http, &es.url, "plain").await >= EVENTS
+        count(&http, &es.url, "plain").await >= events
     })
     .await
     .unwrap();
     let plain = t0.elapsed().as_secs_f64();
-    // Free the server's memory so both runs start from the same state.
-    http.delete(format!("{}/plain", es.url))
-        .send()
-        .await
-        .unwrap();
+    // A fresh server for the sink, so both runs start from the same state
+    // (deleting the index leaves osmem-server's heap grown).
+    drop(es);
+    let es = SearchServer::start().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["bench"], "")
+    let metrics_port = pgcdc_testkit::free_port().unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["bench"], "");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics_port)
         .replace("info,pgcdc_actors=debug", "warn")
         + &format!(
             "\n[elasticsearch]\nurl = {:?}\nnumber_of_replicas = 0\nbulk_max_actions = {BULK}\n",
@@ -155,12 +182,30 @@ async fn main() {
         &[],
     )
     .unwrap();
-    wait::poll("the sink's documents", TIMEOUT, every, || async {
+    // Progress is read from the sink's `/metrics`, not by refreshing the
+    // index: a refresh costs osmem-server time that grows with the index,
+    // and the loader above is not polled while it writes either.
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let last = format!(
+        "pgcdc_es_applied_lsn{{table=\"public.bench\"}} {}",
+        1000 + events - 1
+    );
+    wait::poll("the sink's last record applied", TIMEOUT, every, || async {
         if !sink.is_running() {
             return Poll::Abort(format!("sink exited:\n{}", sink.log_text()));
         }
-        let n = count(&http, &es.url, "cdc_public_bench").await;
-        Poll::when(n >= EVENTS, (), || format!("{n} of {EVENTS}"))
+        let page = match reqwest::get(&metrics).await {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
+        };
+        Poll::when(page.lines().any(|l| l == last), (), || {
+            format!("no `{last}` yet")
+        })
+    })
+    .await
+    .unwrap();
+    wait::until("the sink's documents", TIMEOUT, || async {
+        count(&http, &es.url, "cdc_public_bench").await >= events
     })
     .await
     .unwrap();
@@ -169,32 +214,32 @@ async fn main() {
     sink.terminate(Duration::from_secs(30)).unwrap();
 
     println!();
-    println!("{EVENTS} documents into osmem-server on this machine, one run:");
+    println!("{events} documents into osmem-server on this machine, one run:");
     println!("{:<52} {:>10} {:>9}", "", "docs/s", "seconds");
     println!(
         "{:<52} {:>10.0} {:>9.2}",
         "plain bulk loader (pre-built NDJSON, 1000/request)",
-        EVENTS as f64 / plain,
+        events as f64 / plain,
         plain
     );
     println!(
         "{:<52} {:>10.0} {:>9.2}",
         "pgcdc es-sink (from Kafka, versioned, offsets)",
-        EVENTS as f64 / secs,
+        events as f64 / secs,
         secs
     );
     println!(
         "ratio es-sink / plain loader: {:.2} (target >= {TARGET})",
         plain / secs
     );
-    let per_doc = cpu * 1e6 / EVENTS as f64;
+    let per_doc = cpu * 1e6 / events as f64;
     bench::figure(
-        "500k events into the search mirror",
+        &format!("{events} events into the search mirror"),
         &format!(
             "{:.0} docs/s ({per_doc:.1} µs CPU/doc)",
-            EVENTS as f64 / secs
+            events as f64 / secs
         ),
-        &format!("plain _bulk {:.0} docs/s", EVENTS as f64 / plain),
+        &format!("plain _bulk {:.0} docs/s", events as f64 / plain),
         plain / secs,
         Target::AtLeast(TARGET),
     );
