@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
 use super::record::{self, CanaryRecord, Offsets};
 use super::{now_us, Stage};
-use crate::kafka_producer::KafkaConfig;
+use crate::kafka_producer::{KafkaConfig, PolledProducer, Reply};
 use crate::lsn::Lsn;
 use crate::metrics::metrics;
 use crate::snapshot::watermark::MessageKey;
@@ -43,7 +42,7 @@ struct Publisher {
     key: MessageKey,
     slot: String,
     topic: String,
-    producer: FutureProducer,
+    producer: PolledProducer<Reply>,
     /// Looks up high watermarks (a consumer outside any group).
     lookup: Arc<BaseConsumer>,
     /// Failures in a row (the first of a streak is logged).
@@ -68,7 +67,7 @@ pub fn spawn_publisher(
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
     let p = Publisher {
         topic: record::topic(&kafka.topic_prefix),
-        producer: producer.create()?,
+        producer: producer.create_with_context(Reply)?,
         lookup: Arc::new(lookup.create()?),
         kafka,
         key,
@@ -104,13 +103,10 @@ impl Publisher {
         let offsets = self.ends().await?;
         let record = CanaryRecord::signed(&self.key, &self.slot, (t_us, commit), offsets);
         let payload = serde_json::to_vec(&record).unwrap_or_default();
-        let out = FutureRecord::to(&self.topic)
-            .key(self.slot.as_bytes())
-            .payload(&payload);
+        let key = Some(self.slot.as_bytes());
         self.producer
-            .send(out, Duration::ZERO)
-            .await
-            .map_err(|(e, _)| e)?;
+            .deliver(&self.topic, key, &payload, None, Duration::ZERO)
+            .await?;
         metrics()
             .freshness
             .reached(Stage::Kafka, t_us, now_us(), Duration::ZERO);

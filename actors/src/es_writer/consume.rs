@@ -27,7 +27,7 @@ use super::remedy::GroupWatch;
 use super::retry::with_retry;
 use super::send::Sender;
 use super::truncate::{self, floors_index, Floors, Position, Written};
-use crate::kafka_producer::KafkaConfig;
+use crate::kafka_producer::{KafkaConfig, Reply};
 use crate::lsn::Lsn;
 use crate::pg::PostgresConfig;
 
@@ -101,7 +101,7 @@ impl Sink {
     /// Join the group, and build the dead-letter producer and the ES client.
     fn connect(&self) -> Result<Clients, EsError> {
         let dlq = DeadLetters {
-            producer: self.kafka.client_config().create()?,
+            producer: self.kafka.client_config().create_with_context(Reply)?,
             topic: self.es.dead_letter_topic.clone(),
         };
         Ok(Clients {

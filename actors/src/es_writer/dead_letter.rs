@@ -6,10 +6,10 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use super::error::EsError;
+use crate::kafka_producer::{PolledProducer, Reply};
 
 /// Longest wait for the dead-letter topic to acknowledge one record; the
 /// batch is not committed before it, so a failure only replays it.
@@ -18,7 +18,7 @@ const DLQ_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where dead letters go.
 pub(super) struct DeadLetters {
     /// The producer writing them.
-    pub(super) producer: FutureProducer,
+    pub(super) producer: PolledProducer<Reply>,
     /// The dead-letter topic.
     pub(super) topic: String,
 }
@@ -71,16 +71,17 @@ impl DeadLetters {
             key: crate::wire::header::REASON,
             value: Some(reason),
         });
-        let mut record: FutureRecord<'_, [u8], str> = FutureRecord::to(&self.topic)
-            .payload(value.as_str())
-            .headers(headers);
-        if let Some(k) = msg.key() {
-            record = record.key(k);
-        }
+        let payload = value.as_bytes();
         self.producer
-            .send(record, DLQ_SEND_TIMEOUT)
+            .deliver(
+                &self.topic,
+                msg.key(),
+                payload,
+                Some(headers),
+                DLQ_SEND_TIMEOUT,
+            )
             .await
-            .map_err(|(e, _)| EsError::Kafka(e))?;
+            .map_err(EsError::Kafka)?;
         Ok(())
     }
 }

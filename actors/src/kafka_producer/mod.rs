@@ -15,6 +15,7 @@ mod format;
 mod heartbeat;
 mod modes;
 mod persist;
+mod polled;
 mod send;
 mod transaction;
 
@@ -30,6 +31,7 @@ pub use config::{
     DURABLE_REPLICAS,
 };
 pub use envelope::{EncodedRecord, Encoder};
+pub(crate) use polled::{PolledProducer, Reply};
 
 use crate::checkpoint::CheckpointActor;
 use crate::error::{ErrorClass, ExitCode};

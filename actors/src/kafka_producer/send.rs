@@ -18,7 +18,7 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -103,7 +103,7 @@ impl ProducerContext for AckContext {
 }
 
 /// The producer with its acknowledgement counting.
-pub(super) type Producer = ThreadedProducer<AckContext>;
+pub(super) type Producer = super::polled::PolledProducer<AckContext>;
 
 /// A failed delivery as a [`ProducerError`]; a record the broker found too
 /// large is named.
