@@ -1,5 +1,6 @@
 //! Throughput benchmark (not a timed test): a 1,000,000-row backlog
-//! (1,000 transactions of 1,000 rows) drained by pgcdc into tansu, next to
+//! (1,000 transactions of 1,000 rows, written after pgcdc created its slot
+//! and stopped, as during a downtime) drained by pgcdc into tansu, next to
 //! `pg_recvlogical` draining the same backlog into /dev/null; then 200,000
 //! single-row transactions drained by both, with pgcdc's synced checkpoint
 //! writes; then peak RSS for one 10,000,000-row transaction and for ten
@@ -118,6 +119,41 @@ async fn drain_with_pgcdc(
     }
 }
 
+/// Whether `slot` exists and a session streams from it.
+async fn slot_active(db: &tokio_postgres::Client, slot: &str) -> bool {
+    let active = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active";
+    db.query_opt(active, &[&slot])
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// Let pgcdc create its slot `slot` (copying the still empty table), then
+/// stop it: what is written next is a backlog it resumes from, as after a
+/// downtime. A slot made outside pgcdc would be adopted without a
+/// checkpoint, and pgcdc would backfill the table while streaming it.
+async fn create_slot_with_pgcdc(
+    dir: &std::path::Path,
+    cfg: &str,
+    db: &tokio_postgres::Client,
+    slot: &str,
+) {
+    let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, cfg, "run", &[]).unwrap();
+    let every = Duration::from_millis(50);
+    wait::poll("pgcdc's slot", Duration::from_secs(120), every, || async {
+        if !daemon.is_running() {
+            return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
+        }
+        Poll::when(slot_active(db, slot).await, (), || {
+            format!("slot {slot} not active yet")
+        })
+    })
+    .await
+    .unwrap();
+    daemon.terminate(Duration::from_secs(60)).unwrap();
+}
+
 /// Seconds `pg_recvlogical` takes to drain `slot` (pgoutput, protocol 1,
 /// `publication`) into /dev/null up to `end`.
 fn recvlogical(recv: &Path, port: &str, slot: &str, publication: &str, end: &str) -> f64 {
@@ -182,7 +218,6 @@ async fn small_transactions(
     for sql in [
         "CREATE TABLE small (id bigint PRIMARY KEY, n int)",
         "CREATE PUBLICATION small FOR TABLE small",
-        "SELECT pg_create_logical_replication_slot('small', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('small_recv', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('small_recv2', 'pgoutput')",
         "CREATE PROCEDURE churn(total int) LANGUAGE plpgsql AS $$ BEGIN \
@@ -194,6 +229,11 @@ async fn small_transactions(
     ] {
         db.batch_execute(sql).await.expect("setup");
     }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = pgcdc_testkit::free_port().expect("a free port");
+    let cfg = table_config((pg, tansu), dir.path(), "small", "");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics);
+    create_slot_with_pgcdc(dir.path(), &cfg, db, "small").await;
     eprintln!("bench: writing {SMALL_TXS} single-row transactions");
     db.batch_execute(&format!("CALL churn({SMALL_TXS})"))
         .await
@@ -208,10 +248,6 @@ async fn small_transactions(
     let (end, end_num): (String, i64) = (end.get(0), end.get(1));
     let port = pg.port.to_string();
     let recv_first = recvlogical(recv, &port, "small_recv", "small", &end);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let metrics = pgcdc_testkit::free_port().expect("a free port");
-    let cfg = table_config((pg, tansu), dir.path(), "small", "");
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics);
     let end_at = async { end_num };
     let drained = drain_with_pgcdc(
         (pg, tansu),
@@ -283,13 +319,8 @@ async fn drain_table(
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = table_config((pg, tansu), dir.path(), table, extra_kafka);
     let writer = async {
-        let active = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active";
-        wait::until("the slot", Duration::from_secs(60), || async {
-            db.query_opt(active, &[&table])
-                .await
-                .ok()
-                .flatten()
-                .is_some()
+        wait::until("the slot", Duration::from_secs(60), || {
+            slot_active(db, table)
         })
         .await
         .unwrap();
@@ -376,12 +407,15 @@ async fn main() {
     for sql in [
         "CREATE TABLE bench (id bigint PRIMARY KEY, a text, b text, n int, ts timestamptz)",
         "CREATE PUBLICATION pgcdc FOR TABLE bench",
-        "SELECT pg_create_logical_replication_slot('pgcdc', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('recv2', 'pgoutput')",
     ] {
         db.batch_execute(sql).await.expect("setup");
     }
+    let state = dir.path().join("state");
+    let cfg =
+        config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
+    create_slot_with_pgcdc(dir.path(), &cfg, &db, "pgcdc").await;
     eprintln!("bench: writing {ROWS} rows in {TXS} transactions");
     for t in 0..TXS {
         let lo = t * ROWS_PER_TX;
@@ -417,9 +451,6 @@ async fn main() {
     // Once before pgcdc (colder caches) and once after; the faster counts.
     let recv_first = drain("recv");
 
-    let state = dir.path().join("state");
-    let cfg =
-        config(&pg, &tansu, &state, &["bench"], "").replace("info,pgcdc_actors=debug", "warn");
     let backlog = drain_with_pgcdc(
         (&pg, &tansu),
         dir.path(),
