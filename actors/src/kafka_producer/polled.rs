@@ -161,8 +161,9 @@ mod tests {
         std::thread::sleep(Duration::from_secs(2));
         let ran = thread_cpu_ns("producer poll") - before;
         // Rounds of exactly 100 ms (rdkafka's `ThreadedProducer`) spin
-        // through about 1 ms each: some 20 ms in these 2 s.
-        assert!(ran < 2_000_000, "the poll thread ran {ran} ns in 2 s");
+        // through about 1 ms each: 17-20 ms in these 2 s. Waiting rounds
+        // took 0.5-3 ms (a debug build, on machines of different speed).
+        assert!(ran < 6_000_000, "the poll thread ran {ran} ns in 2 s");
         let stopped = Instant::now();
         drop(producer);
         assert!(
