@@ -258,8 +258,15 @@ impl AuditLayer {
 /// leaves a mark on the thread that makes the layer skip the next event of
 /// a callsite it always takes (the sink's first `es sink assigned` line was
 /// lost so). A filter asked about every event overwrites the mark first.
+///
+/// The result keeps `filter`'s most verbose level: without it the
+/// subscriber has none, the `log` facade passes every record on (rdkafka
+/// logs at trace level for every delivery report), and each costs a walk
+/// through the filters.
 pub fn asked_per_event<S: Subscriber, F: Filter<S>>(filter: F) -> impl Filter<S> {
-    let every_event = DynFilterFn::new(|_, _| true).with_callsite_filter(|_| Interest::sometimes());
+    let every_event = DynFilterFn::new(|_, _| true)
+        .with_callsite_filter(|_| Interest::sometimes())
+        .with_max_level_hint(LevelFilter::TRACE);
     filter.and(every_event)
 }
 
@@ -283,8 +290,21 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
 #[cfg(test)]
 mod tests {
     use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::registry::Registry;
 
     use super::*;
+
+    #[test]
+    fn a_filter_asked_per_event_keeps_its_most_verbose_level() {
+        for level in [Level::WARN, Level::INFO, Level::DEBUG] {
+            let filter = Targets::new().with_default(level);
+            let asked = asked_per_event::<Registry, _>(filter);
+            assert_eq!(
+                Filter::<Registry>::max_level_hint(&asked),
+                Some(LevelFilter::from_level(level))
+            );
+        }
+    }
 
     /// Emit events through a layer with a queue of `capacity`; return what was queued.
     fn capture(capacity: usize, min_level: Level, emit: impl FnOnce()) -> (Vec<Entry>, u64) {

@@ -123,6 +123,52 @@ impl SourceFrame {
     }
 }
 
+/// The texts of a `source` block that are the same for every change of one
+/// table in one transaction with one snapshot mark: a change's own numbers
+/// (its LSN, twice, and its `seq`) go between them.
+struct TxFrame {
+    /// Whose texts these are: the table's frame, the transaction, the mark.
+    of: (Arc<SourceFrame>, TxMeta, SnapshotMark),
+    /// From `{"version":` to the sequence's second element.
+    open: Vec<u8>,
+    /// From the end of the sequence to `"lsn":`.
+    middle: Vec<u8>,
+    /// From `,"xmin":` to `"seq":`.
+    close: Vec<u8>,
+}
+
+impl TxFrame {
+    fn new(frame: &Arc<SourceFrame>, tx: TxMeta, snapshot: SnapshotMark) -> Self {
+        let mut open = frame.head.clone();
+        number(tx.commit_time_us.div_euclid(US_PER_MS), &mut open);
+        open.extend_from_slice(b",\"ts_us\":");
+        number(tx.commit_time_us, &mut open);
+        open.extend_from_slice(b",\"ts_ns\":");
+        number(tx.commit_time_us.saturating_mul(NS_PER_US), &mut open);
+        open.extend_from_slice(b",\"snapshot\":");
+        to_json_bytes(&snapshot, &mut open);
+        open.extend_from_slice(&frame.db);
+        number(tx.commit_lsn.0, &mut open);
+        open.extend_from_slice(b"\\\",\\\"");
+        let mut middle = frame.table.clone();
+        number(tx.xid, &mut middle);
+        middle.extend_from_slice(b",\"lsn\":");
+        let mut close = b",\"xmin\":null,\"commit_lsn\":".to_vec();
+        number(tx.commit_lsn.0, &mut close);
+        close.extend_from_slice(b",\"seq\":");
+        Self {
+            of: (frame.clone(), tx, snapshot),
+            open,
+            middle,
+            close,
+        }
+    }
+
+    fn is_for(&self, frame: &Arc<SourceFrame>, tx: TxMeta, snapshot: SnapshotMark) -> bool {
+        Arc::ptr_eq(&self.of.0, frame) && self.of.1 == tx && self.of.2 == snapshot
+    }
+}
+
 /// Append the decimal text of `n` to `out`.
 fn number(n: impl itoa::Integer, out: &mut Vec<u8>) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -132,9 +178,12 @@ fn number(n: impl itoa::Integer, out: &mut Vec<u8>) {
 pub struct Encoder<'a> {
     kafka: &'a KafkaConfig,
     db: &'a str,
-    now_ms: i64,
     names: Option<(Arc<TableRef>, Names)>,
     lsn: Option<(Lsn, Arc<str>)>,
+    /// The `source` texts of the last transaction encoded.
+    tx_frame: Option<TxFrame>,
+    /// `","ts_ms":…,"ts_us":…,"ts_ns":…` of `now_ms`: what follows the op.
+    stamp: Vec<u8>,
     /// Buffers of records librdkafka has copied, cleared, for the next ones.
     spare: Vec<Vec<u8>>,
 }
@@ -142,12 +191,19 @@ pub struct Encoder<'a> {
 impl<'a> Encoder<'a> {
     /// An encoder for database `db`, stamping records with `now_ms`.
     pub fn new(kafka: &'a KafkaConfig, db: &'a str, now_ms: i64) -> Self {
+        let mut stamp = b"\",\"ts_ms\":".to_vec();
+        number(now_ms, &mut stamp);
+        stamp.extend_from_slice(b",\"ts_us\":");
+        number(now_ms.saturating_mul(US_PER_MS), &mut stamp);
+        stamp.extend_from_slice(b",\"ts_ns\":");
+        number(now_ms.saturating_mul(US_PER_MS * NS_PER_US), &mut stamp);
         Self {
             kafka,
             db,
-            now_ms,
             names: None,
             lsn: None,
+            tx_frame: None,
+            stamp,
             spare: Vec::new(),
         }
     }
@@ -178,23 +234,42 @@ impl<'a> Encoder<'a> {
         Some(buf)
     }
 
-    fn names(&mut self, table: &Arc<TableRef>) -> Names {
-        match &self.names {
-            Some((t, n)) if Arc::ptr_eq(t, table) => n.clone(),
-            _ => {
-                let names = Names {
-                    topic: self.kafka.topic_for(&table.schema, &table.name).into(),
-                    table: format!("{}.{}", table.schema, table.name).into(),
-                    types: table.column_types.as_str().into(),
-                    schema: (self.kafka.format == Format::ConnectJson)
-                        .then(|| Arc::new(TableSchema::new(self.kafka, table))),
-                    converted: conversions(self.kafka, &table.column_types).into(),
-                    frame: Arc::new(SourceFrame::new(self.kafka, self.db, table)),
-                };
-                self.names = Some((table.clone(), names.clone()));
-                names
-            }
+    fn names(&mut self, table: &Arc<TableRef>) -> &Names {
+        if !matches!(&self.names, Some((t, _)) if Arc::ptr_eq(t, table)) {
+            self.names = None;
         }
+        let (kafka, db) = (self.kafka, self.db);
+        let (_, names) = self.names.get_or_insert_with(|| {
+            let names = Names {
+                topic: kafka.topic_for(&table.schema, &table.name).into(),
+                table: format!("{}.{}", table.schema, table.name).into(),
+                types: table.column_types.as_str().into(),
+                schema: (kafka.format == Format::ConnectJson)
+                    .then(|| Arc::new(TableSchema::new(kafka, table))),
+                converted: conversions(kafka, &table.column_types).into(),
+                frame: Arc::new(SourceFrame::new(kafka, db, table)),
+            };
+            (table.clone(), names)
+        });
+        names
+    }
+
+    /// The `source` texts of `frame`'s table in transaction `tx` with mark `snapshot`.
+    fn tx_frame(
+        &mut self,
+        frame: &Arc<SourceFrame>,
+        tx: TxMeta,
+        snapshot: SnapshotMark,
+    ) -> &TxFrame {
+        if !self
+            .tx_frame
+            .as_ref()
+            .is_some_and(|f| f.is_for(frame, tx, snapshot))
+        {
+            self.tx_frame = None;
+        }
+        self.tx_frame
+            .get_or_insert_with(|| TxFrame::new(frame, tx, snapshot))
     }
 
     fn lsn(&mut self, lsn: Lsn) -> Arc<str> {
@@ -225,15 +300,15 @@ impl<'a> Encoder<'a> {
     /// gives, written with the table's `source` texts escaped once (`frame`)
     /// instead of per change.
     fn envelope_bytes(
-        &self,
+        &mut self,
         mut v: Vec<u8>,
         event: &ChangeEvent,
         rows: Rows<'_>,
         snapshot: SnapshotMark,
         transaction: Option<TxBlock<'_>>,
-        frame: &SourceFrame,
+        frame: &Arc<SourceFrame>,
     ) -> Vec<u8> {
-        let (tx, lsn) = (event.tx, event.lsn.0);
+        let lsn = event.lsn.0;
         let row = |row: Option<&Row>, v: &mut Vec<u8>| match row {
             Some(row) => row.write_json(v),
             None => v.extend_from_slice(NULL),
@@ -243,36 +318,21 @@ impl<'a> Encoder<'a> {
         v.extend_from_slice(b",\"after\":");
         row(rows.1, &mut v);
         v.extend_from_slice(b",\"source\":");
-        v.extend_from_slice(&frame.head);
-        number(tx.commit_time_us.div_euclid(US_PER_MS), &mut v);
-        v.extend_from_slice(b",\"ts_us\":");
-        number(tx.commit_time_us, &mut v);
-        v.extend_from_slice(b",\"ts_ns\":");
-        number(tx.commit_time_us.saturating_mul(NS_PER_US), &mut v);
-        v.extend_from_slice(b",\"snapshot\":");
-        to_json_bytes(&snapshot, &mut v);
-        v.extend_from_slice(&frame.db);
-        number(tx.commit_lsn.0, &mut v);
-        v.extend_from_slice(b"\\\",\\\"");
+        let source = self.tx_frame(frame, event.tx, snapshot);
+        v.extend_from_slice(&source.open);
         number(lsn, &mut v);
-        v.extend_from_slice(&frame.table);
-        number(tx.xid, &mut v);
-        v.extend_from_slice(b",\"lsn\":");
+        v.extend_from_slice(&source.middle);
         number(lsn, &mut v);
-        v.extend_from_slice(b",\"xmin\":null,\"commit_lsn\":");
-        number(tx.commit_lsn.0, &mut v);
-        v.extend_from_slice(b",\"seq\":");
+        v.extend_from_slice(&source.close);
         number(event.seq, &mut v);
         v.extend_from_slice(b"},\"transaction\":");
-        to_json_bytes(&transaction, &mut v);
+        match &transaction {
+            Some(block) => to_json_bytes(block, &mut v),
+            None => v.extend_from_slice(NULL),
+        }
         v.extend_from_slice(b",\"op\":\"");
         v.extend_from_slice(event.op.code().as_bytes());
-        v.extend_from_slice(b"\",\"ts_ms\":");
-        number(self.now_ms, &mut v);
-        v.extend_from_slice(b",\"ts_us\":");
-        number(self.now_ms.saturating_mul(US_PER_MS), &mut v);
-        v.extend_from_slice(b",\"ts_ns\":");
-        number(self.now_ms.saturating_mul(US_PER_MS * NS_PER_US), &mut v);
+        v.extend_from_slice(&self.stamp);
         if !event.unchanged_toast.is_empty() {
             v.extend_from_slice(b",\"unchanged_toast\":");
             to_json_bytes(&event.unchanged_toast, &mut v);
@@ -295,10 +355,11 @@ impl<'a> Encoder<'a> {
         } else {
             SnapshotMark::False
         };
-        let converted = self.names(&event.table).converted;
+        let converted = &self.names(&event.table).converted;
         if converted.is_empty() {
             return self.change(event, snapshot, transaction, out);
         }
+        let converted = converted.clone();
         let mut event = event.clone();
         apply(&mut event, &converted);
         self.change(&event, snapshot, transaction, out);
@@ -312,7 +373,7 @@ impl<'a> Encoder<'a> {
         transaction: Option<TxBlock<'_>>,
         out: &mut Vec<EncodedRecord>,
     ) {
-        let names = self.names(&event.table);
+        let names = self.names(&event.table).clone();
         let records = self.records_of(event);
         let (key, value) = match self.kafka.format {
             Format::Json => {
@@ -381,7 +442,7 @@ impl<'a> Encoder<'a> {
     /// its `source.seq` value, and after that value: cut from the envelope
     /// [`Self::event`] would write, so both encoders write the same bytes.
     fn row_frame(&mut self, table: &Arc<TableRef>, tx: TxMeta) -> (Vec<u8>, Vec<u8>) {
-        let frame = self.names(table).frame;
+        let frame = self.names(table).frame.clone();
         let event = ChangeEvent {
             op: Op::Read,
             table: table.clone(),
@@ -416,7 +477,7 @@ impl<'a> Encoder<'a> {
 
     /// Append one `op=r` record per copied row to `out`.
     pub fn rows(&mut self, copied: &CopiedRows, out: &mut Vec<EncodedRecord>) {
-        let converted = self.names(&copied.table).converted;
+        let converted = self.names(&copied.table).converted.clone();
         if self.kafka.format != Format::Json || !converted.is_empty() {
             for mut event in copied_events(copied) {
                 apply(&mut event, &converted);
@@ -431,7 +492,7 @@ impl<'a> Encoder<'a> {
         let (key_columns, key) = after.select(&table.key_columns);
         let cell = |row, i| row_cell(row, i, copied.raw).map_or(Cell::Null, Cell::Text);
         let (middle, tail) = self.row_frame(table, tx);
-        let names = self.names(table);
+        let names = self.names(table).clone();
         let commit_lsn = self.lsn(tx.commit_lsn);
         out.reserve(copied.rows.len());
         let mut seq = copied.first_seq;
@@ -719,8 +780,12 @@ pub(super) mod tests {
             (e.lsn, e.seq, e.unchanged_toast) = (Lsn(lsn), seq, toast);
             let block = with_tx.then(|| TxBlock { id: "7:9".into(), total_order: 2, data_collection_order: 1 });
             let mut encoder = Encoder::new(&kafka, &db, now);
-            let frame = encoder.names(&e.table).frame;
+            let frame = encoder.names(&e.table).frame.clone();
             let rows = (e.before.as_ref(), e.after.as_ref());
+            // A change of another transaction before: its texts must not stay.
+            let mut other = e.clone();
+            other.tx = TxMeta { xid: xid ^ 1, commit_lsn: Lsn(commit ^ 1), commit_time_us: time ^ 1 };
+            encoder.envelope_bytes(Vec::new(), &other, rows, snapshot, None, &frame);
             let written =
                 encoder.envelope_bytes(Vec::new(), &e, rows, snapshot, block.clone(), &frame);
             prop_assert_eq!(

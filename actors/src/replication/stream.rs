@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::Addr;
+use futures::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
@@ -44,6 +45,10 @@ const COALESCE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 /// in flight to be acknowledged and checkpointed before streaming again
 /// (Kafka answering slower than this costs duplicates, never losses).
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most events already received that are handled one after the other
+/// before the stream loop looks at a stop or a confirmed position again:
+/// going round its `select!` costs more than a small change does.
+const DRAIN_MAX: usize = 256;
 
 /// Everything the streaming task needs.
 pub(super) struct Stream {
@@ -84,6 +89,8 @@ pub(super) struct Outbox {
     pub rows: Option<CopiedRows>,
     /// Copy progress to checkpoint with the next commit.
     pub progress: Vec<TableProgress>,
+    /// The newest WAL end the server sent with data, not yet in the metrics.
+    wal_end: Option<Lsn>,
     limit: BatchLimit,
     /// What to report and when.
     pub flush: FlushPolicy,
@@ -101,6 +108,7 @@ impl Outbox {
             pending: None,
             rows: None,
             progress: Vec::new(),
+            wal_end: None,
             limit,
             flush: FlushPolicy::new(start, Instant::now()),
         }
@@ -224,6 +232,17 @@ impl Stream {
                 ev = client.recv() => {
                     let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
                     self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
+                    // Then what was received meanwhile, without the select.
+                    for _ in 1..DRAIN_MAX {
+                        let Some(ev) = client.recv().now_or_never() else {
+                            break;
+                        };
+                        let ev = ev?.ok_or(ReplicationError::StreamEnded)?;
+                        self.on_event(ev, (&mut asm, &mut types), &mut windows, out).await?;
+                    }
+                    if let Some(end) = out.wal_end.take() {
+                        metrics().server_wal_end(end);
+                    }
                 }
                 () = &mut scope => {}
                 // Nothing else came for a while: hand over the commits coalesced so far.
@@ -255,7 +274,7 @@ impl Stream {
                 ..
             } => {
                 let lsn = Lsn::from(wal_start);
-                metrics().server_wal_end(Lsn::from(wal_end));
+                out.wal_end = out.wal_end.max(Some(Lsn::from(wal_end)));
                 let msg = decode::decode(&data)
                     .map_err(|source| ReplicationError::Decode { lsn, source })?;
                 if let decode::PgOutputMessage::Relation(rel) = &msg {
