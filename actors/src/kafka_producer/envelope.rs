@@ -126,9 +126,10 @@ impl SourceFrame {
 /// The texts of a `source` block that are the same for every change of one
 /// table in one transaction with one snapshot mark: a change's own numbers
 /// (its LSN, twice, and its `seq`) go between them.
+#[derive(Default)]
 struct TxFrame {
     /// Whose texts these are: the table's frame, the transaction, the mark.
-    of: (Arc<SourceFrame>, TxMeta, SnapshotMark),
+    of: Option<(Arc<SourceFrame>, TxMeta, SnapshotMark)>,
     /// From `{"version":` to the sequence's second element.
     open: Vec<u8>,
     /// From the end of the sequence to `"lsn":`.
@@ -138,34 +139,42 @@ struct TxFrame {
 }
 
 impl TxFrame {
-    fn new(frame: &Arc<SourceFrame>, tx: TxMeta, snapshot: SnapshotMark) -> Self {
-        let mut open = frame.head.clone();
-        number(tx.commit_time_us.div_euclid(US_PER_MS), &mut open);
-        open.extend_from_slice(b",\"ts_us\":");
-        number(tx.commit_time_us, &mut open);
-        open.extend_from_slice(b",\"ts_ns\":");
-        number(tx.commit_time_us.saturating_mul(NS_PER_US), &mut open);
-        open.extend_from_slice(b",\"snapshot\":");
-        to_json_bytes(&snapshot, &mut open);
-        open.extend_from_slice(&frame.db);
-        number(tx.commit_lsn.0, &mut open);
-        open.extend_from_slice(b"\\\",\\\"");
-        let mut middle = frame.table.clone();
-        number(tx.xid, &mut middle);
-        middle.extend_from_slice(b",\"lsn\":");
-        let mut close = b",\"xmin\":null,\"commit_lsn\":".to_vec();
-        number(tx.commit_lsn.0, &mut close);
-        close.extend_from_slice(b",\"seq\":");
-        Self {
-            of: (frame.clone(), tx, snapshot),
+    /// Write the texts for `frame`'s table, `tx` and `snapshot`, into the
+    /// buffers of the transaction before.
+    fn refill(&mut self, frame: &Arc<SourceFrame>, tx: TxMeta, snapshot: SnapshotMark) {
+        let Self {
             open,
             middle,
             close,
-        }
+            ..
+        } = self;
+        open.clear();
+        open.extend_from_slice(&frame.head);
+        number(tx.commit_time_us.div_euclid(US_PER_MS), open);
+        open.extend_from_slice(b",\"ts_us\":");
+        number(tx.commit_time_us, open);
+        open.extend_from_slice(b",\"ts_ns\":");
+        number(tx.commit_time_us.saturating_mul(NS_PER_US), open);
+        open.extend_from_slice(b",\"snapshot\":");
+        to_json_bytes(&snapshot, open);
+        open.extend_from_slice(&frame.db);
+        number(tx.commit_lsn.0, open);
+        open.extend_from_slice(b"\\\",\\\"");
+        middle.clear();
+        middle.extend_from_slice(&frame.table);
+        number(tx.xid, middle);
+        middle.extend_from_slice(b",\"lsn\":");
+        close.clear();
+        close.extend_from_slice(b",\"xmin\":null,\"commit_lsn\":");
+        number(tx.commit_lsn.0, close);
+        close.extend_from_slice(b",\"seq\":");
+        self.of = Some((frame.clone(), tx, snapshot));
     }
 
     fn is_for(&self, frame: &Arc<SourceFrame>, tx: TxMeta, snapshot: SnapshotMark) -> bool {
-        Arc::ptr_eq(&self.of.0, frame) && self.of.1 == tx && self.of.2 == snapshot
+        self.of
+            .as_ref()
+            .is_some_and(|(f, t, s)| Arc::ptr_eq(f, frame) && *t == tx && *s == snapshot)
     }
 }
 
@@ -181,7 +190,7 @@ pub struct Encoder<'a> {
     names: Option<(Arc<TableRef>, Names)>,
     lsn: Option<(Lsn, Arc<str>)>,
     /// The `source` texts of the last transaction encoded.
-    tx_frame: Option<TxFrame>,
+    tx_frame: TxFrame,
     /// `","ts_ms":…,"ts_us":…,"ts_ns":…` of `now_ms`: what follows the op.
     stamp: Vec<u8>,
     /// Buffers of records librdkafka has copied, cleared, for the next ones.
@@ -202,7 +211,7 @@ impl<'a> Encoder<'a> {
             db,
             names: None,
             lsn: None,
-            tx_frame: None,
+            tx_frame: TxFrame::default(),
             stamp,
             spare: Vec::new(),
         }
@@ -261,15 +270,10 @@ impl<'a> Encoder<'a> {
         tx: TxMeta,
         snapshot: SnapshotMark,
     ) -> &TxFrame {
-        if !self
-            .tx_frame
-            .as_ref()
-            .is_some_and(|f| f.is_for(frame, tx, snapshot))
-        {
-            self.tx_frame = None;
+        if !self.tx_frame.is_for(frame, tx, snapshot) {
+            self.tx_frame.refill(frame, tx, snapshot);
         }
-        self.tx_frame
-            .get_or_insert_with(|| TxFrame::new(frame, tx, snapshot))
+        &self.tx_frame
     }
 
     fn lsn(&mut self, lsn: Lsn) -> Arc<str> {
