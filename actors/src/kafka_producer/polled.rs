@@ -67,11 +67,27 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
         })
     }
 
-    /// Hand `record` to librdkafka (see [`BaseProducer::send`]); refused,
-    /// the record comes back with the error.
-    #[allow(clippy::result_large_err)] // rdkafka's own signature, on the hot path unboxed
-    pub fn send<'a>(&self, record: Record<'a, C>) -> Result<(), (KafkaError, Record<'a, C>)> {
-        self.producer.send(record)
+    /// Hand `record` to librdkafka (see [`BaseProducer::send`]). While its
+    /// local queue is full, the record is offered again every `retry`, until
+    /// `until` (if given) passes.
+    pub async fn send(
+        &self,
+        mut record: Record<'_, C>,
+        retry: Duration,
+        until: Option<Instant>,
+    ) -> KafkaResult<()> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if until.is_none_or(|t| Instant::now() < t) =>
+                {
+                    record = back;
+                    tokio::time::sleep(retry).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
     }
 }
 
@@ -120,18 +136,7 @@ impl PolledProducer<Reply> {
             record = record.headers(h);
         }
         let deadline = Instant::now() + queue_timeout;
-        loop {
-            match self.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if Instant::now() < deadline =>
-                {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_RETRY).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        self.send(record, QUEUE_FULL_RETRY, Some(deadline)).await?;
         rx.await.map_err(|_| KafkaError::Canceled)?
     }
 }

@@ -348,16 +348,7 @@ impl Enqueue<'_> {
         if let Some(v) = &r.value {
             record = record.payload(v.as_slice());
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        self.producer.send(record, QUEUE_FULL_WAIT, None).await
     }
 }
 
