@@ -372,6 +372,66 @@ async fn sigterm_during_the_snapshot_exits_cleanly_and_the_next_start_finishes_i
     assert_eq!(ids.len(), 100_000);
 }
 
+/// A partition detached and another attached after the slot's snapshot was
+/// taken, before the initial copy reached the partitioned table: the copy
+/// holds the rows the table had at the snapshot (PostgreSQL would read the
+/// table through its current partitions).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_copy_reads_the_partitions_a_table_had_at_the_snapshot() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE first (id int PRIMARY KEY);
+         INSERT INTO first SELECT generate_series(1, 200);
+         CREATE TABLE m (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+         INSERT INTO m VALUES (1, 'eu'), (2, 'us');
+         CREATE TABLE m_ap (LIKE m INCLUDING ALL);
+         INSERT INTO m_ap VALUES (3, 'ap');
+         ANALYZE first, m;",
+    )
+    .await
+    .unwrap();
+    // One reader copies `first` (20 slow chunks) before it reaches `m`.
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["first", "m"], "")
+        + "\n[snapshot]\nparallelism = 1\nchunk_rows = 10\n";
+    let daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &slow_copy())]);
+    daemon
+        .wait_log("snapshot started", Duration::from_secs(60))
+        .await
+        .unwrap();
+    db.batch_execute(
+        "ALTER TABLE m DETACH PARTITION m_us;
+         ALTER TABLE m ATTACH PARTITION m_ap FOR VALUES IN ('ap');",
+    )
+    .await
+    .unwrap();
+    let copied = |log: &str| log.contains("table copy fully acknowledged");
+    assert!(
+        !copied(&daemon.log_text()),
+        "the copy ended before the partitions changed: {}",
+        daemon.log_tail()
+    );
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(120))
+        .await
+        .unwrap();
+    let keys: BTreeSet<String> = crate::support::read_all(&tansu, TOPIC)
+        .iter()
+        .filter(|r| table_of(r) == "public.m" && r.op() == "r")
+        .map(|r| r.key.as_ref().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = [
+        json!({"id": 1, "region": "eu"}),
+        json!({"id": 2, "region": "us"}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect();
+    assert_eq!(keys, want);
+}
+
 /// `FAILPOINTS` for an initial copy whose every chunk waits 50 ms: slow
 /// enough that a test reading the topic (debug-built JSON parsing of
 /// Debezium-sized envelopes) keeps up with the copy.

@@ -81,7 +81,7 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(conn: Connection<Socket, T>) {
 
 /// An error and its causes, as one line (tokio-postgres keeps the TLS or
 /// server message in the cause).
-pub(super) fn chain(e: &dyn StdError) -> String {
+pub(crate) fn chain(e: &dyn StdError) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -41,6 +41,7 @@ pub mod types;
 pub(crate) mod values;
 
 pub use config::{parse_table_name, PostgresConfig};
+pub(crate) use connect::chain;
 pub use connect::{connect, connect_replication, sql_security};
 pub use tls::{Security, SslMode, TlsError};
 
@@ -56,7 +57,7 @@ pub enum PgError {
     #[error("cannot connect to postgresql: {}", connect::chain(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// A SQL statement failed.
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", connect::chain(.0))]
     Sql(#[from] tokio_postgres::Error),
     /// TLS failed or was refused, in words that say what to change.
     #[error("cannot connect to postgresql securely: {0}")]

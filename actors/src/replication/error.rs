@@ -24,7 +24,7 @@ pub enum ReplicationError {
     #[error(transparent)]
     Pg(#[from] PgError),
     /// A SQL statement failed.
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", crate::pg::chain(.0))]
     Sql(#[from] tokio_postgres::Error),
     /// The replication connection failed.
     #[error("replication stream: {0}")]

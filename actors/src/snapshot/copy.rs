@@ -72,7 +72,7 @@ impl SnapshotReaders {
         let sql = &self.conns[0];
         let mut plan = Vec::with_capacity(tables.len());
         for t in tables {
-            let shape = Shape::load(sql, t).await?;
+            let shape = Shape::load(sql, t).await?.pin_partitions(sql).await?;
             let ranges = shape.split(sql, cfg.parallelism, cfg.chunk_rows).await?;
             let progress = TableProgress {
                 ranges,
@@ -145,7 +145,7 @@ async fn copy_range(
         sql.batch_execute(&format!(
             "DECLARE pgcdc_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}",
             shape.select_list(),
-            shape.qualified
+            shape.from
         ))
         .await?;
     }

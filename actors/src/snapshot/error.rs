@@ -13,12 +13,21 @@ pub enum SnapshotError {
     #[error(transparent)]
     Pg(#[from] PgError),
     /// A SQL statement failed.
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", crate::pg::chain(.0))]
     Sql(#[from] tokio_postgres::Error),
     /// A table without a primary key cannot be copied while streaming: its
     /// rows cannot be matched against the changes between the watermarks.
     #[error("refusing to stream: table {0} has no primary key, so it cannot be copied while streaming (its initial snapshot was interrupted or it was added later). Recreate the slot and re-snapshot (delete the state dir) only if a gap is acceptable")]
     Keyless(String),
+    /// A partition of a table being copied was dropped after the slot's
+    /// snapshot was taken: its rows can no longer be read as of it.
+    #[error("partition (oid {oid}) of {table} was dropped after the snapshot was taken, so the initial copy cannot read it; the copy is retried and what is left is copied from the table's current rows")]
+    PartitionDropped {
+        /// The partitioned table.
+        table: String,
+        /// The dropped partition's OID.
+        oid: i64,
+    },
     /// The stream stopped taking copied chunks (it failed or was stopped).
     #[error("the replication stream stopped taking copied rows")]
     CopyAbandoned,
@@ -37,7 +46,10 @@ impl SnapshotError {
             Self::Pg(e) => e.class(),
             Self::Keyless(_) => ErrorClass::Fatal(ExitCode::SlotGap),
             Self::Checkpoint(e) => e.class(),
-            Self::Sql(_) | Self::CopyAbandoned | Self::Mailbox(_) => ErrorClass::Transient,
+            Self::Sql(_)
+            | Self::PartitionDropped { .. }
+            | Self::CopyAbandoned
+            | Self::Mailbox(_) => ErrorClass::Transient,
         }
     }
 

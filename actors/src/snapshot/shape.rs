@@ -27,6 +27,10 @@ pub(crate) struct Shape {
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
     pub(crate) qualified: String,
+    /// What row queries read: `qualified`, or for the initial copy of a
+    /// partitioned table its partitions as the snapshot sees them
+    /// ([`Self::pin_partitions`]).
+    pub(super) from: String,
     /// Every column in table order: (name, how its values render).
     pub(super) columns: Arc<[(String, Rule)]>,
     /// The key columns: (index in `columns`, SQL type to cast literals to).
@@ -78,12 +82,63 @@ impl Shape {
         });
         Ok(Self {
             table,
+            from: qualified.clone(),
             qualified,
             columns: columns.into(),
             key,
             keyless,
             raw,
         })
+    }
+
+    /// Read a partitioned table through its leaf partitions as `sql`'s
+    /// snapshot lists them. PostgreSQL finds a partitioned table's
+    /// partitions in the current catalog, not in the transaction's snapshot:
+    /// a copy under the slot's snapshot that reads the root would miss the
+    /// rows of a partition detached since the snapshot was taken (and read
+    /// a partition attached since). `pg_inherits`, read by a query, is seen
+    /// as of the snapshot. Only for the initial copy: a backfill reads the
+    /// current rows, so it keeps reading the root.
+    pub(super) async fn pin_partitions(mut self, sql: &Client) -> Result<Self, SnapshotError> {
+        const TREE: &str = "WITH RECURSIVE tree(relid, relkind, depth) AS ( \
+               SELECT c.oid, c.relkind, 0 FROM pg_class c WHERE c.oid = $1::text::regclass \
+             UNION ALL \
+               SELECT c.oid, c.relkind, t.depth + 1 FROM tree t \
+               JOIN pg_inherits i ON i.inhparent = t.relid AND t.relkind = 'p' \
+               JOIN pg_class c ON c.oid = i.inhrelid) \
+             SELECT relid::regclass::text, relkind::text, relid::int8 FROM tree ORDER BY depth, 3";
+        let rows = sql.query(TREE, &[&self.qualified]).await?;
+        let is_partitioned = rows.first().is_some_and(|r| r.get::<_, &str>(1) == "p");
+        if !is_partitioned {
+            return Ok(self);
+        }
+        let mut leaves = Vec::new();
+        for row in rows.iter().filter(|r| r.get::<_, &str>(1) != "p") {
+            let name: &str = row.get(0);
+            // `regclass` names a relation by the current catalog: a number means it is gone.
+            if name.parse::<u32>().is_ok() {
+                return Err(SnapshotError::PartitionDropped {
+                    table: self.qualified.clone(),
+                    oid: row.get(2),
+                });
+            }
+            leaves.push(name.to_owned());
+        }
+        if leaves.is_empty() {
+            leaves.push(self.qualified.clone());
+        }
+        let columns: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
+        let columns = columns.join(", ");
+        let arms: Vec<String> = leaves
+            .iter()
+            .map(|leaf| format!("SELECT {columns} FROM ONLY {leaf}"))
+            .collect();
+        self.from = format!(
+            "({}) AS {}",
+            arms.join(" UNION ALL "),
+            quote_ident(&self.table.name)
+        );
+        Ok(self)
     }
 
     /// The SELECT list of a copy: the columns the stream publishes by name
@@ -156,7 +211,7 @@ impl Shape {
         format!(
             "SELECT {} FROM {}{} ORDER BY {} LIMIT {limit}",
             self.select_list(),
-            self.qualified,
+            self.from,
             self.range_filter(range.after.as_ref(), range.upto.as_ref()),
             self.key_list()
         )
@@ -168,7 +223,7 @@ impl Shape {
         format!(
             "SELECT {}, {extra} FROM {}{} ORDER BY {} LIMIT {limit}",
             self.select_list(),
-            self.qualified,
+            self.from,
             self.range_filter(after, None),
             self.key_list()
         )
@@ -188,7 +243,7 @@ impl Shape {
         format!(
             "SELECT {}{extra} FROM {} WHERE ({}) IN ({}) ORDER BY {}",
             self.select_list(),
-            self.qualified,
+            self.from,
             self.key_list(),
             list.join(", "),
             self.key_list()
@@ -207,7 +262,7 @@ impl Shape {
         format!(
             "SELECT {} FROM {} WHERE ({}) IN ({})",
             texts.join(", "),
-            self.qualified,
+            self.from,
             self.key_list(),
             list.join(", ")
         )
@@ -269,10 +324,7 @@ impl Shape {
         }
         // Never analyzed: count (cheaper than copying unsplit).
         let row = sql
-            .query_one(
-                &format!("SELECT count(*)::float8 FROM {}", self.qualified),
-                &[],
-            )
+            .query_one(&format!("SELECT count(*)::float8 FROM {}", self.from), &[])
             .await?;
         Ok(row.get::<_, f64>(0))
     }
@@ -290,7 +342,7 @@ impl Shape {
             let q = format!(
                 "SELECT {} FROM {}{} ORDER BY {} OFFSET {} LIMIT 1",
                 self.key_list(),
-                self.qualified,
+                self.from,
                 self.range_filter(bounds.last(), None),
                 self.key_list(),
                 step - 1
@@ -472,6 +524,7 @@ mod tests {
                 column_types: String::new(),
             }),
             qualified: "public.t".into(),
+            from: "public.t".into(),
             key: keys
                 .iter()
                 .enumerate()

@@ -77,7 +77,7 @@ pub enum VerifyError {
     #[error(transparent)]
     Pg(#[from] PgError),
     /// A query failed.
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", crate::pg::chain(.0))]
     Sql(#[from] tokio_postgres::Error),
     /// The table's shape could not be read.
     #[error(transparent)]
