@@ -36,34 +36,28 @@ const LARGE_VALUES: i32 = 10;
 /// Size of each large value, MiB: `md5` text (32 bytes) repeated.
 const LARGE_VALUE_MIB: i32 = 64;
 
-/// The slot's confirmed_flush_lsn as text-comparable number, 0 if unknown.
-async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
-    let q = "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1";
-    db.query_opt(q, &[&slot])
-        .await
-        .ok()
-        .flatten()
-        .and_then(|r| r.get::<_, Option<i64>>(0))
-        .unwrap_or(0)
-}
-
 /// What one drain by pgcdc measured.
 struct Drained {
     secs: f64,
+    /// Seconds from the daemon's start to its slot streaming.
+    start_secs: f64,
     rss_mib: f64,
     cpu_secs: f64,
-    /// Of `cpu_secs`, what librdkafka's own I/O threads (`rdk:…`) used.
+    /// CPU seconds of librdkafka's I/O threads (part of `cpu_secs`).
     librdkafka_cpu_secs: f64,
-    /// CPU seconds PostgreSQL and tansu spent meanwhile.
     pg_cpu_secs: f64,
     tansu_cpu_secs: f64,
-    /// The `/metrics` page at the end (empty without a metrics port).
+    /// The `/metrics` page at the end.
     metrics: String,
 }
 
-/// Start pgcdc and wait until its slot confirms `end` (every record before it
-/// acknowledged by Kafka and checkpointed); read its `/metrics` on
-/// `metrics_port`, if given, before stopping it.
+/// The LSN pgcdc checkpointed and confirms, from its `/metrics` page.
+const CHECKPOINTED: &str = "pgcdc_lsn{position=\"confirmed\"}";
+
+/// Start pgcdc and wait until its checkpoint reaches `end` (every record
+/// before it acknowledged by Kafka and checkpointed), read from its
+/// `/metrics`. The slot's `confirmed_flush_lsn` follows at the next standby
+/// status update (`postgres.status_interval_secs`), which is not work.
 async fn drain_with_pgcdc(
     (pg, tansu): (&PgCluster, &Tansu),
     dir: &std::path::Path,
@@ -71,37 +65,38 @@ async fn drain_with_pgcdc(
     db: &tokio_postgres::Client,
     slot: &str,
     before: impl std::future::Future<Output = i64>,
-    metrics_port: Option<u16>,
 ) -> Drained {
+    let port = pgcdc_testkit::free_port().expect("a free port");
+    let cfg = pgcdc_testkit::config::with_metrics(cfg, port);
+    let page = format!("http://127.0.0.1:{port}/metrics");
     let started = Instant::now();
     let (pg_cpu, tansu_cpu) = (bench::pg_cpu_secs(pg), bench::cpu_secs(tansu.pid(), false));
-    let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, cfg, "run", &[]).unwrap();
+    let mut daemon = Daemon::start(std::path::Path::new(PGCDC), dir, &cfg, "run", &[]).unwrap();
     let end = before.await;
+    let start_secs = std::cell::Cell::new(None);
     let every = Duration::from_millis(20);
-    wait::poll(
-        "pgcdc to confirm the backlog",
+    let metrics = wait::poll(
+        "pgcdc to checkpoint the backlog",
         Duration::from_secs(1800),
         every,
         || async {
             if !daemon.is_running() {
                 return Poll::Abort(format!("pgcdc exited:\n{}", daemon.log_text()));
             }
-            let at = confirmed(db, slot).await;
-            Poll::when(at >= end, (), || format!("confirmed {at} of {end}"))
+            if start_secs.get().is_none() && slot_active(db, slot).await {
+                start_secs.set(Some(started.elapsed().as_secs_f64()));
+            }
+            let text = match reqwest::get(&page).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => return Poll::Pending(format!("{page}: {e}")),
+            };
+            let at = counter(&text, CHECKPOINTED) as i64;
+            Poll::when(at >= end, text, || format!("checkpointed {at} of {end}"))
         },
     )
     .await
     .unwrap();
     let secs = started.elapsed().as_secs_f64();
-    let metrics = match metrics_port {
-        Some(port) => reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .unwrap_or_default(),
-        None => String::new(),
-    };
     let pid = daemon.pid().expect("pid");
     let (rss_mib, cpu_secs) = (bench::peak_rss_mib(pid), bench::cpu_secs(pid, false));
     let librdkafka_cpu_secs = bench::threads_cpu_secs(pid, bench::LIBRDKAFKA_THREADS);
@@ -110,6 +105,7 @@ async fn drain_with_pgcdc(
     daemon.terminate(Duration::from_secs(60)).unwrap();
     Drained {
         secs,
+        start_secs: start_secs.get().unwrap_or(secs),
         rss_mib,
         cpu_secs,
         librdkafka_cpu_secs,
@@ -155,35 +151,45 @@ async fn create_slot_with_pgcdc(
 }
 
 /// Seconds `pg_recvlogical` takes to drain `slot` (pgoutput, protocol 1,
-/// `publication`) into /dev/null up to `end`.
-fn recvlogical(recv: &Path, port: &str, slot: &str, publication: &str, end: &str) -> f64 {
+/// `publication`) into /dev/null up to `end`. Returns once its walsender
+/// has exited and been reaped: until then its CPU is in no PostgreSQL
+/// process the next measurement starts from, and would count there.
+fn recvlogical(pg: &PgCluster, recv: &Path, slot: &str, publication: &str, end: &str) -> f64 {
+    let backends = bench::pg_children(pg).len();
     let t0 = Instant::now();
     let publication = format!("publication_names={publication}");
     let status = Command::new(recv)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
         .args(["--slot", slot, "--start", "-o", "proto_version=1", "-o"])
         .args([publication.as_str(), "--endpos", end])
         .args(["-f", "/dev/null", "--no-loop"])
         .status()
         .expect("pg_recvlogical");
     assert!(status.success(), "pg_recvlogical failed");
-    t0.elapsed().as_secs_f64()
+    let secs = t0.elapsed().as_secs_f64();
+    let reaped = wait::poll_blocking(
+        "pg_recvlogical's walsender to exit",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            let n = bench::pg_children(pg).len();
+            Poll::when(n <= backends, (), || format!("{n} backends"))
+        },
+    );
+    if let Err(e) = reaped {
+        eprintln!("bench: {e} (PostgreSQL's CPU next may count some of it)");
+    }
+    let lingered = t0.elapsed().as_secs_f64() - secs;
+    eprintln!("bench: pg_recvlogical {secs:.2} s, then {lingered:.2} s until its backends exited");
+    secs
 }
 
 /// The CPU seconds of each side during a drain, as one line.
 fn cpu_split(d: &Drained) -> String {
     format!(
-        "CPU seconds while pgcdc drained: pgcdc {:.1} (librdkafka's I/O threads {:.1} of it), PostgreSQL {:.1}, tansu {:.1} in {:.1} s",
-        d.cpu_secs, d.librdkafka_cpu_secs, d.pg_cpu_secs, d.tansu_cpu_secs, d.secs
+        "CPU seconds while pgcdc drained: pgcdc {:.1} (librdkafka's I/O threads {:.1} of it), PostgreSQL {:.1}, tansu {:.1} in {:.1} s (of which {:.2} s from start to streaming)",
+        d.cpu_secs, d.librdkafka_cpu_secs, d.pg_cpu_secs, d.tansu_cpu_secs, d.secs, d.start_secs
     )
 }
 
@@ -199,7 +205,7 @@ fn print_rates(unit: &str, recv: (f64, f64), pgcdc: (f64, f64)) {
     println!("{:<44} {:>12} {:>10}", "", unit, "seconds");
     let rows = [
         ("pg_recvlogical (pgoutput, proto 1) > /dev/null", recv),
-        ("pgcdc -> tansu, to the slot confirming the end", pgcdc),
+        ("pgcdc -> tansu, to its checkpoint at the end", pgcdc),
     ];
     for (what, (rate, secs)) in rows {
         println!("{what:<44} {rate:>12.0} {secs:>10.2}");
@@ -230,9 +236,7 @@ async fn small_transactions(
         db.batch_execute(sql).await.expect("setup");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let metrics = pgcdc_testkit::free_port().expect("a free port");
     let cfg = table_config((pg, tansu), dir.path(), "small", "");
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, metrics);
     create_slot_with_pgcdc(dir.path(), &cfg, db, "small").await;
     eprintln!("bench: writing {SMALL_TXS} single-row transactions");
     db.batch_execute(&format!("CALL churn({SMALL_TXS})"))
@@ -246,22 +250,12 @@ async fn small_transactions(
         .await
         .expect("lsn");
     let (end, end_num): (String, i64) = (end.get(0), end.get(1));
-    let port = pg.port.to_string();
-    let recv_first = recvlogical(recv, &port, "small_recv", "small", &end);
+    let recv_first = recvlogical(pg, recv, "small_recv", "small", &end);
     let end_at = async { end_num };
-    let drained = drain_with_pgcdc(
-        (pg, tansu),
-        dir.path(),
-        &cfg,
-        db,
-        "small",
-        end_at,
-        Some(metrics),
-    )
-    .await;
+    let drained = drain_with_pgcdc((pg, tansu), dir.path(), &cfg, db, "small", end_at).await;
     let (secs, cpu) = (drained.secs, drained.cpu_secs);
     let writes = counter(&drained.metrics, "pgcdc_checkpoint_writes_total");
-    let recv_second = recvlogical(recv, &port, "small_recv2", "small", &end);
+    let recv_second = recvlogical(pg, recv, "small_recv2", "small", &end);
     let recv_secs = recv_first.min(recv_second);
     let (rate, recv_rate) = (SMALL_TXS as f64 / secs, SMALL_TXS as f64 / recv_secs);
     println!();
@@ -330,7 +324,7 @@ async fn drain_table(
             .await;
         end.expect("lsn").get::<_, i64>(0)
     };
-    drain_with_pgcdc((pg, tansu), dir.path(), &cfg, db, table, writer, None).await
+    drain_with_pgcdc((pg, tansu), dir.path(), &cfg, db, table, writer).await
 }
 
 /// One transaction of `PIPELINE_BENCH_BIG_ROWS` rows (default
@@ -446,20 +440,13 @@ async fn main() {
     )
     .unwrap_or_default();
     let recv = std::path::Path::new(bindir.trim()).join("pg_recvlogical");
-    let port = pg.port.to_string();
-    let drain = |slot: &str| recvlogical(&recv, &port, slot, "pgcdc", &end);
+    let drain = |slot: &str| recvlogical(&pg, &recv, slot, "pgcdc", &end);
     // Once before pgcdc (colder caches) and once after; the faster counts.
     let recv_first = drain("recv");
 
-    let backlog = drain_with_pgcdc(
-        (&pg, &tansu),
-        dir.path(),
-        &cfg,
-        &db,
-        "pgcdc",
-        async { end_num },
-        None,
-    )
+    let backlog = drain_with_pgcdc((&pg, &tansu), dir.path(), &cfg, &db, "pgcdc", async {
+        end_num
+    })
     .await;
     let (secs, rss, cpu) = (backlog.secs, backlog.rss_mib, backlog.cpu_secs);
 
