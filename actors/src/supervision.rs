@@ -172,10 +172,42 @@ pub fn spawn_after_backoff<E: 'static>(
     budget: &RestartBudget,
     work: impl std::future::Future<Output = Result<(), E>> + 'static,
 ) -> tokio::task::JoinHandle<Result<(), E>> {
+    spawn_unless(budget, std::future::pending(), work)
+}
+
+/// [`spawn_after_backoff`], except that `stop` turning true during the
+/// backoff ends the task at once (`Ok`) without starting the work: a
+/// shutdown does not wait out the backoff and one more failing attempt.
+pub fn spawn_after_backoff_or_stop<E: 'static>(
+    budget: &RestartBudget,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    work: impl std::future::Future<Output = Result<(), E>> + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
+    let stopped = async move {
+        if stop.wait_for(|stop| *stop).await.is_err() {
+            // No one can ask for a stop any more: only the backoff ends the wait.
+            std::future::pending::<()>().await;
+        }
+    };
+    spawn_unless(budget, stopped, work)
+}
+
+/// The work after the backoff, unless `stopped` completes first.
+fn spawn_unless<E: 'static>(
+    budget: &RestartBudget,
+    stopped: impl std::future::Future<Output = ()> + 'static,
+    work: impl std::future::Future<Output = Result<(), E>> + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
     let backoff = budget.backoff();
     let budget = budget.clone();
     actix::spawn(async move {
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stopped => {
+                tracing::debug!(actor = budget.actor, "not restarting: stopped during the backoff");
+                return Ok(());
+            }
+        }
         if budget.is_stopping() {
             tracing::debug!(
                 actor = budget.actor,
@@ -319,6 +351,37 @@ mod tests {
         assert_eq!(fatal.code.code(), 7);
         assert_eq!(fatal.what, "test keeps crashing");
         assert!(b.is_stopping());
+    }
+
+    #[actix::test]
+    async fn a_stop_during_the_backoff_ends_the_task_without_the_work() {
+        let b = budget();
+        b.record_at(Instant::now());
+        b.record_at(Instant::now());
+        assert_eq!(b.backoff(), Duration::from_millis(200));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let handle = spawn_after_backoff_or_stop(&b, stop_rx, async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<(), String>(())
+        });
+        let _ = stop_tx.send(true);
+        let ended = handle.await.expect("the task ends");
+        assert_eq!(ended, Ok(()));
+        assert!(
+            !started.load(std::sync::atomic::Ordering::SeqCst),
+            "the work must not start after a stop"
+        );
+    }
+
+    #[actix::test]
+    async fn without_a_stop_the_work_runs_after_the_backoff() {
+        let b = budget();
+        b.record_at(Instant::now());
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let handle = spawn_after_backoff_or_stop(&b, stop_rx, async { Err::<(), _>("ran") });
+        assert_eq!(handle.await.expect("the task ends"), Err("ran"));
     }
 
     #[actix::test]

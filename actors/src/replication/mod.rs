@@ -41,7 +41,7 @@ use crate::messages::{LsnPersisted, SessionBroken, StopStreaming};
 use crate::pg::PostgresConfig;
 use crate::snapshot::watermark::Watermarks;
 use crate::snapshot::{SnapshotActor, SnapshotConfig};
-use crate::supervision::{spawn_after_backoff, task_outcome, RestartBudget};
+use crate::supervision::{spawn_after_backoff_or_stop, task_outcome, RestartBudget};
 use stream::Stream;
 
 /// The replication actor (supervised).
@@ -131,9 +131,9 @@ impl Actor for ReplicationActor {
             me: ctx.address(),
             session: self.session,
             confirm: confirm_rx,
-            stop: stop_rx,
+            stop: stop_rx.clone(),
         };
-        let handle = spawn_after_backoff(&self.budget, stream.run());
+        let handle = spawn_after_backoff_or_stop(&self.budget, stop_rx, stream.run());
         self.task = Some(handle.abort_handle());
         ctx.spawn(handle.into_actor(self).map(|res, act, ctx| {
             let unreachable = matches!(&res, Ok(Err(e)) if e.is_unreachable());
