@@ -43,8 +43,9 @@ struct Drained {
     start_secs: f64,
     rss_mib: f64,
     cpu_secs: f64,
-    /// CPU seconds of librdkafka's I/O threads (part of `cpu_secs`).
+    /// Of `cpu_secs`, what librdkafka's own I/O threads (`rdk:…`) used.
     librdkafka_cpu_secs: f64,
+    /// CPU seconds PostgreSQL and tansu spent meanwhile.
     pg_cpu_secs: f64,
     tansu_cpu_secs: f64,
     /// The `/metrics` page at the end.
@@ -151,11 +152,8 @@ async fn create_slot_with_pgcdc(
 }
 
 /// Seconds `pg_recvlogical` takes to drain `slot` (pgoutput, protocol 1,
-/// `publication`) into /dev/null up to `end`. Returns once its walsender
-/// has exited and been reaped: until then its CPU is in no PostgreSQL
-/// process the next measurement starts from, and would count there.
+/// `publication`) into /dev/null up to `end`.
 fn recvlogical(pg: &PgCluster, recv: &Path, slot: &str, publication: &str, end: &str) -> f64 {
-    let backends = bench::pg_children(pg).len();
     let t0 = Instant::now();
     let publication = format!("publication_names={publication}");
     let status = Command::new(recv)
@@ -167,22 +165,7 @@ fn recvlogical(pg: &PgCluster, recv: &Path, slot: &str, publication: &str, end: 
         .status()
         .expect("pg_recvlogical");
     assert!(status.success(), "pg_recvlogical failed");
-    let secs = t0.elapsed().as_secs_f64();
-    let reaped = wait::poll_blocking(
-        "pg_recvlogical's walsender to exit",
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        || {
-            let n = bench::pg_children(pg).len();
-            Poll::when(n <= backends, (), || format!("{n} backends"))
-        },
-    );
-    if let Err(e) = reaped {
-        eprintln!("bench: {e} (PostgreSQL's CPU next may count some of it)");
-    }
-    let lingered = t0.elapsed().as_secs_f64() - secs;
-    eprintln!("bench: pg_recvlogical {secs:.2} s, then {lingered:.2} s until its backends exited");
-    secs
+    t0.elapsed().as_secs_f64()
 }
 
 /// The CPU seconds of each side during a drain, as one line.

@@ -145,16 +145,21 @@ fn clock_ticks() -> f64 {
 }
 
 /// CPU seconds of a whole PostgreSQL cluster: the postmaster, the backends
-/// it waited for, and the live ones.
+/// it waited for, and the live ones. Read again if a backend exited during
+/// the reading: reaped between its own reading and the postmaster's, its CPU
+/// would count twice (or, the other way round, not at all).
 pub fn pg_cpu_secs(pg: &PgCluster) -> f64 {
     let Ok(postmaster) = pg.postmaster_pid() else {
         return 0.0;
     };
-    cpu_secs(postmaster, true)
-        + pg_children(pg)
-            .into_iter()
-            .map(|pid| cpu_secs(pid, true))
-            .sum::<f64>()
+    loop {
+        let before = pg_children(pg);
+        let children: f64 = before.iter().map(|pid| cpu_secs(*pid, true)).sum();
+        let total = cpu_secs(postmaster, true) + children;
+        if pg_children(pg) == before {
+            return total;
+        }
+    }
 }
 
 /// The postmaster's live child processes.
