@@ -345,6 +345,7 @@ async fn confirm_slot(settings: &Settings, lsn: Lsn) {
                 if row.get::<_, Option<bool>>(1) == Some(true) {
                     let advance = "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)";
                     if let Err(e) = sql.execute(advance, &[&cfg.slot, &lsn.to_string()]).await {
+                        let e = pg::PgError::from(e);
                         tracing::warn!(error = %e, "could not confirm the final lsn to postgresql");
                     }
                 }

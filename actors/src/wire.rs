@@ -225,19 +225,23 @@ pub mod failpoint {
     pub const SNAPSHOT_CHUNK: &str = "snapshot-chunk";
     /// The initial copy, between chunks.
     pub const SNAPSHOT_COPY_CHUNK: &str = "snapshot-copy-chunk";
+    /// The initial snapshot, after the readers imported it and before the
+    /// copy is planned.
+    pub const SNAPSHOT_PLAN: &str = "snapshot-plan";
     /// The WAL monitor, at the start of each check.
     pub const WAL_MONITOR_PASS: &str = "wal-monitor-pass";
     /// The ES sink, when its consumer was assigned partitions; `return`
     /// drops the assignment, as a broker that assigned nothing would.
     pub const ES_ASSIGNED: &str = "es-assigned";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
         ES_AFTER_BULK,
         SNAPSHOT_CHUNK,
         SNAPSHOT_COPY_CHUNK,
+        SNAPSHOT_PLAN,
         WAL_MONITOR_PASS,
         ES_ASSIGNED,
     ];

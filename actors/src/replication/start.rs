@@ -126,6 +126,7 @@ impl Stream {
         let mut client = self.open_session(Lsn::ZERO).await?;
         let (at, name) = create_exporting_slot(&mut client, &cfg.slot).await?;
         let readers = import_snapshot(cfg, &self.snapshot, &name).await?;
+        fail::fail_point!(crate::wire::failpoint::SNAPSHOT_PLAN);
         let plan = readers.plan(tables, &self.snapshot).await?;
         let mut progress: Vec<TableProgress> = plan.iter().map(|(_, p)| p.clone()).collect();
         self.checkpoint

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
-use super::shape::Shape;
+use super::shape::{lock_partitioned, Shape};
 use super::{SnapshotConfig, SnapshotError};
 use crate::checkpoint::{KeyRange, KeyText, TableProgress};
 use crate::event::{CopiedRows, TableRef, TxMeta};
@@ -71,14 +71,23 @@ impl SnapshotReaders {
     ) -> Result<Vec<(Shape, TableProgress)>, SnapshotError> {
         let sql = &self.conns[0];
         let mut plan = Vec::with_capacity(tables.len());
+        let mut partitioned = Vec::new();
         for t in tables {
-            let shape = Shape::load(sql, t).await?.pin_partitions(sql).await?;
+            let mut shape = Shape::load(sql, t).await?;
+            if shape.pin_partitions(sql).await? {
+                partitioned.push(shape.qualified.clone());
+            }
             let ranges = shape.split(sql, cfg.parallelism, cfg.chunk_rows).await?;
             let progress = TableProgress {
                 ranges,
                 ..TableProgress::fresh(&t.schema, &t.name)
             };
             plan.push((shape, progress));
+        }
+        // Every reader holds the roots' locks: the first one's ends with its
+        // transaction, maybe before another reader's copy of the table.
+        for reader in &self.conns[1..] {
+            lock_partitioned(reader, &partitioned).await?;
         }
         Ok(plan)
     }

@@ -91,15 +91,19 @@ impl Shape {
         })
     }
 
-    /// Read a partitioned table through its leaf partitions as `sql`'s
-    /// snapshot lists them. PostgreSQL finds a partitioned table's
-    /// partitions in the current catalog, not in the transaction's snapshot:
-    /// a copy under the slot's snapshot that reads the root would miss the
-    /// rows of a partition detached since the snapshot was taken (and read
-    /// a partition attached since). `pg_inherits`, read by a query, is seen
-    /// as of the snapshot. Only for the initial copy: a backfill reads the
+    /// For the initial copy: read a partitioned table's rows as of `sql`'s
+    /// snapshot, whatever was attached or detached since. PostgreSQL finds
+    /// a partitioned table's partitions in the current catalog, not in the
+    /// transaction's snapshot: reading the root would miss the rows of a
+    /// partition detached since the snapshot was taken, and read those of
+    /// one attached since. `pg_inherits`, read by a query, is seen as of the
+    /// snapshot. The root is locked first (`ACCESS SHARE`, held until the
+    /// copy's transaction ends) so no partition is detached meanwhile.
+    /// Unchanged partitions are read through the root, which needs SELECT
+    /// on the root only; a detached one is read as the table it now is.
+    /// Returns whether the table is partitioned. A backfill reads the
     /// current rows, so it keeps reading the root.
-    pub(super) async fn pin_partitions(mut self, sql: &Client) -> Result<Self, SnapshotError> {
+    pub(super) async fn pin_partitions(&mut self, sql: &Client) -> Result<bool, SnapshotError> {
         const TREE: &str = "WITH RECURSIVE tree(relid, relkind, depth) AS ( \
                SELECT c.oid, c.relkind, 0 FROM pg_class c WHERE c.oid = $1::text::regclass \
              UNION ALL \
@@ -107,38 +111,65 @@ impl Shape {
                JOIN pg_inherits i ON i.inhparent = t.relid AND t.relkind = 'p' \
                JOIN pg_class c ON c.oid = i.inhrelid) \
              SELECT relid::regclass::text, relkind::text, relid::int8 FROM tree ORDER BY depth, 3";
-        let rows = sql.query(TREE, &[&self.qualified]).await?;
-        let is_partitioned = rows.first().is_some_and(|r| r.get::<_, &str>(1) == "p");
-        if !is_partitioned {
-            return Ok(self);
+        const NOW: &str =
+            "SELECT relid::int8 FROM pg_partition_tree($1::text::regclass) WHERE isleaf";
+        let then = sql.query(TREE, &[&self.qualified]).await?;
+        if then.first().is_none_or(|r| r.get::<_, &str>(1) != "p") {
+            return Ok(false);
         }
-        let mut leaves = Vec::new();
-        for row in rows.iter().filter(|r| r.get::<_, &str>(1) != "p") {
-            let name: &str = row.get(0);
+        lock_partitioned(sql, std::slice::from_ref(&self.qualified)).await?;
+        let now: Vec<i64> = sql
+            .query(NOW, &[&self.qualified])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let leaves: Vec<(&str, i64)> = then
+            .iter()
+            .filter(|r| r.get::<_, &str>(1) != "p")
+            .map(|r| (r.get(0), r.get(2)))
+            .collect();
+        let (kept, detached): (Vec<_>, Vec<_>) =
+            leaves.iter().partition(|(_, oid)| now.contains(oid));
+        if detached.is_empty() && kept.len() == now.len() {
+            return Ok(true);
+        }
+        tracing::info!(
+            table = %self.qualified,
+            detached = detached.len(),
+            attached = now.len() - kept.len(),
+            "partitions changed since the snapshot: copying those the table had"
+        );
+        let columns: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
+        let columns = columns.join(", ");
+        let mut arms = Vec::new();
+        if !kept.is_empty() {
+            let oids: Vec<String> = kept.iter().map(|(_, oid)| oid.to_string()).collect();
+            arms.push(format!(
+                "SELECT {columns} FROM {} WHERE tableoid IN ({})",
+                self.qualified,
+                oids.join(", ")
+            ));
+        }
+        for (name, oid) in detached {
             // `regclass` names a relation by the current catalog: a number means it is gone.
             if name.parse::<u32>().is_ok() {
                 return Err(SnapshotError::PartitionDropped {
                     table: self.qualified.clone(),
-                    oid: row.get(2),
+                    oid,
                 });
             }
-            leaves.push(name.to_owned());
+            arms.push(format!("SELECT {columns} FROM ONLY {name}"));
         }
-        if leaves.is_empty() {
-            leaves.push(self.qualified.clone());
+        if arms.is_empty() {
+            arms.push(format!("SELECT {columns} FROM ONLY {}", self.qualified));
         }
-        let columns: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
-        let columns = columns.join(", ");
-        let arms: Vec<String> = leaves
-            .iter()
-            .map(|leaf| format!("SELECT {columns} FROM ONLY {leaf}"))
-            .collect();
         self.from = format!(
             "({}) AS {}",
             arms.join(" UNION ALL "),
             quote_ident(&self.table.name)
         );
-        Ok(self)
+        Ok(true)
     }
 
     /// The SELECT list of a copy: the columns the stream publishes by name
@@ -504,6 +535,26 @@ fn ranges_between(bounds: Vec<KeyText>) -> Vec<KeyRange> {
         done: false,
     });
     ranges
+}
+
+/// Lock the partitioned tables `qualified` (their roots only) in `ACCESS
+/// SHARE` mode for the rest of `sql`'s transaction: no partition can be
+/// detached from them meanwhile (attaching one is filtered out by
+/// [`Shape::pin_partitions`]).
+pub(super) async fn lock_partitioned(
+    sql: &Client,
+    qualified: &[String],
+) -> Result<(), SnapshotError> {
+    if qualified.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = qualified.iter().map(|q| format!("ONLY {q}")).collect();
+    sql.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE",
+        names.join(", ")
+    ))
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
