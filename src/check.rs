@@ -42,6 +42,11 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
         Err(e) => report("publication", Err(e)),
     }
+    match rt.block_on(check_privileges(&settings)) {
+        Ok(Scope::Matches(detail)) => println!("ok    privileges: {detail}"),
+        Ok(Scope::Mismatch(detail)) => println!("WARN  privileges: {detail}"),
+        Err(e) => report("privileges", Err(e)),
+    }
     report("kafka", check_kafka(&settings));
     first_failure.map_or(Ok(()), Err)
 }
@@ -83,6 +88,26 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
         pg.database,
         tables.len()
     ))
+}
+
+/// Whether the role may read every configured table: streaming works
+/// without, the initial snapshot, backfills, repairs and verify do not.
+async fn check_privileges(settings: &Settings) -> Result<Scope, AppError> {
+    let pg = &settings.postgres;
+    let sql = pg_connect(pg).await.map_err(classified)?;
+    let tables = catalog::resolve_tables(&sql, &pg.tables)
+        .await
+        .map_err(classified)?;
+    let (role, unreadable) = catalog::unreadable_tables(&sql, &tables)
+        .await
+        .map_err(classified)?;
+    if unreadable.is_empty() {
+        return Ok(Scope::Matches(format!("{role} may read every table")));
+    }
+    let list = unreadable.join(", ");
+    Ok(Scope::Mismatch(format!(
+        "{role} may not read {list}: the initial snapshot, backfills, repairs and verify would fail; run GRANT SELECT ON {list} TO {role}"
+    )))
 }
 
 /// Open a replication session (nothing streams) and say what it negotiated.

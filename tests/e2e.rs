@@ -482,6 +482,45 @@ fn bad_configuration_fails_naming_the_key() {
     );
 }
 
+/// `pgcdc check` warns about tables the role may not read, with the GRANT
+/// that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_tables_the_role_may_not_read() {
+    let s = Stack::start();
+    let db = s.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+         CREATE ROLE reader LOGIN REPLICATION; GRANT SELECT ON a TO reader;",
+    )
+    .await
+    .unwrap();
+    let state = s.dir.path().join("state");
+    let check = || {
+        let cfg = config(&s.pg, &s.tansu, &state, &["a", "b"], "")
+            .replace("user = \"postgres\"", "user = \"reader\"");
+        let path = s.dir.path().join("check.toml");
+        std::fs::write(&path, cfg).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+            .args(["--config", path.to_str().unwrap(), "check"])
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("WARN  privileges: \"reader\" may not read \"public\".\"b\":")
+            && text.contains("GRANT SELECT ON \"public\".\"b\" TO \"reader\""),
+        "{text}"
+    );
+    db.batch_execute("GRANT SELECT ON b TO reader")
+        .await
+        .unwrap();
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ok    privileges"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
     let s = Stack::start();

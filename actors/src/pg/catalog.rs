@@ -142,6 +142,28 @@ pub async fn resolve_tables(sql: &Client, names: &[String]) -> Result<Vec<Arc<Ta
     Ok(tables)
 }
 
+/// The current role and those of `tables` it may not SELECT from, quoted:
+/// streaming needs no SELECT, but the initial snapshot, backfills, repairs
+/// and verify read the tables.
+pub async fn unreadable_tables(
+    sql: &Client,
+    tables: &[Arc<TableRef>],
+) -> Result<(String, Vec<String>), PgError> {
+    let role: String = sql
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0);
+    let mut unreadable = Vec::new();
+    for t in tables {
+        let name = qualified(&t.schema, &t.name);
+        let q = "SELECT has_table_privilege($1::text::regclass, 'SELECT')";
+        if !sql.query_one(q, &[&name]).await?.get::<_, bool>(0) {
+            unreadable.push(name);
+        }
+    }
+    Ok((quote_ident(&role), unreadable))
+}
+
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, PgError> {
     let row = sql
