@@ -2,10 +2,11 @@
 //! while pgcdc runs.
 
 use pgcdc_actors::error::ConfigError;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
-use pgcdc_actors::event::KeySource;
+use pgcdc_actors::event::{KeySource, TableRef};
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::pg::{
     catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, PgError,
@@ -25,29 +26,26 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
     println!("ok    configuration");
     let mut first_failure = None;
-    let mut report = |what: &str, res: Result<String, AppError>| match res {
-        Ok(detail) => println!("ok    {what}: {detail}"),
+    let mut report = |what: &str, res: Result<Scope, AppError>| match res {
+        Ok(Scope::Matches(detail)) => println!("ok    {what}: {detail}"),
+        Ok(Scope::Mismatch(detail)) => println!("WARN  {what}: {detail}"),
         Err(e) => {
             println!("FAIL  {what}: {e}");
             first_failure.get_or_insert(e);
         }
     };
-    report("postgresql", rt.block_on(check_postgres(&settings)));
+    report(
+        "postgresql",
+        rt.block_on(check_postgres(&settings)).map(Scope::Matches),
+    );
     report(
         "postgresql replication connection",
-        rt.block_on(check_replication(&settings)),
+        rt.block_on(check_replication(&settings))
+            .map(Scope::Matches),
     );
-    match rt.block_on(check_publication(&settings)) {
-        Ok(Scope::Matches(detail)) => println!("ok    publication: {detail}"),
-        Ok(Scope::Mismatch(detail)) => println!("WARN  publication: {detail}"),
-        Err(e) => report("publication", Err(e)),
-    }
-    match rt.block_on(check_privileges(&settings)) {
-        Ok(Scope::Matches(detail)) => println!("ok    privileges: {detail}"),
-        Ok(Scope::Mismatch(detail)) => println!("WARN  privileges: {detail}"),
-        Err(e) => report("privileges", Err(e)),
-    }
-    report("kafka", check_kafka(&settings));
+    report("publication", rt.block_on(check_publication(&settings)));
+    report("privileges", rt.block_on(check_privileges(&settings)));
+    report("kafka", check_kafka(&settings).map(Scope::Matches));
     first_failure.map_or(Ok(()), Err)
 }
 
@@ -90,14 +88,22 @@ async fn check_postgres(settings: &Settings) -> Result<String, AppError> {
     ))
 }
 
-/// Whether the role may read every configured table: streaming works
-/// without, the initial snapshot, backfills, repairs and verify do not.
-async fn check_privileges(settings: &Settings) -> Result<Scope, AppError> {
+/// A SQL connection and the configured tables with their keys.
+async fn resolved_tables(
+    settings: &Settings,
+) -> Result<(tokio_postgres::Client, Vec<Arc<TableRef>>), AppError> {
     let pg = &settings.postgres;
     let sql = pg_connect(pg).await.map_err(classified)?;
     let tables = catalog::resolve_tables(&sql, &pg.tables)
         .await
         .map_err(classified)?;
+    Ok((sql, tables))
+}
+
+/// Whether the role may read every configured table: streaming works
+/// without, the initial snapshot, backfills, repairs and verify do not.
+async fn check_privileges(settings: &Settings) -> Result<Scope, AppError> {
+    let (sql, tables) = resolved_tables(settings).await?;
     let (role, unreadable) = catalog::unreadable_tables(&sql, &tables)
         .await
         .map_err(classified)?;
@@ -130,10 +136,7 @@ enum Scope {
 /// their root, missing tables, tables that are published but not configured.
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
-    let sql = pg_connect(pg).await.map_err(classified)?;
-    let tables = catalog::resolve_tables(&sql, &pg.tables)
-        .await
-        .map_err(classified)?;
+    let (sql, tables) = resolved_tables(settings).await?;
     let Some(state) = slot::inspect_publication(&sql, &pg.publication)
         .await
         .map_err(classified)?

@@ -482,6 +482,16 @@ fn bad_configuration_fails_naming_the_key() {
     );
 }
 
+/// `pgcdc check` with configuration `cfg` (written into the stack's directory).
+fn pgcdc_check(s: &Stack, cfg: &str) -> std::process::Output {
+    let path = s.dir.path().join("check.toml");
+    std::fs::write(&path, cfg).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .output()
+        .unwrap()
+}
+
 /// `pgcdc check` warns about tables the role may not read, with the GRANT
 /// that fixes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,12 +508,7 @@ async fn check_warns_about_tables_the_role_may_not_read() {
     let check = || {
         let cfg = config(&s.pg, &s.tansu, &state, &["a", "b"], "")
             .replace("user = \"postgres\"", "user = \"reader\"");
-        let path = s.dir.path().join("check.toml");
-        std::fs::write(&path, cfg).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .args(["--config", path.to_str().unwrap(), "check"])
-            .output()
-            .unwrap()
+        pgcdc_check(&s, &cfg)
     };
     let out = check();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -537,12 +542,7 @@ async fn check_reports_what_is_wrong_and_per_table_topics_route_by_table() {
             tables,
             "topic_mode = \"per_table\"",
         );
-        let path = s.dir.path().join("check.toml");
-        std::fs::write(&path, cfg).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-            .args(["--config", path.to_str().unwrap(), "check"])
-            .output()
-            .unwrap()
+        pgcdc_check(&s, &cfg)
     };
     let bad = check(&["a", "nokey"]);
     let out = String::from_utf8_lossy(&bad.stdout);
