@@ -1,8 +1,8 @@
 //! Tables as users have them: row keys from the replica identity (USING
 //! INDEX, FULL, NOTHING refused), a key column renamed and the primary key
 //! changed while streaming, partitioned tables under their root's name
-//! (ATTACH/DETACH while streaming), a publication with more tables than
-//! configured, backfill signals for tables that cannot be backfilled, and
+//! (ATTACH/DETACH while streaming), a publication with a column list and
+//! a row filter, a publication with more tables than configured, backfill signals for tables that cannot be backfilled, and
 //! forged signals and watermarks.
 
 #![allow(clippy::unwrap_used)]
@@ -234,6 +234,59 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
     let mut got = changes(&records);
     got[..2].sort_by_key(|c| c.2.to_string());
     assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_reads_only_the_columns_and_rows_the_publication_sends() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE acct (tenant int, id int, name text, secret text, PRIMARY KEY (tenant, id));
+         INSERT INTO acct VALUES (1, 1, 'a', 's'), (2, 1, 'b', 's'), (1, 2, 'c', 's');
+         CREATE PUBLICATION pgcdc FOR TABLE acct (tenant, id, name) WHERE (tenant = 1);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["acct"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO acct VALUES (2, 2, 'e', 's');
+         UPDATE acct SET name = 'a2' WHERE tenant = 1 AND id = 1;
+         DELETE FROM acct WHERE tenant = 2 AND id = 1;
+         DELETE FROM acct WHERE tenant = 1 AND id = 2;
+         INSERT INTO acct VALUES (1, 9, 'end', 's');",
+    )
+    .await
+    .unwrap();
+    let key = |tenant: i64, id: i64| json!({"tenant": tenant, "id": id});
+    let records = read_until_key(&tansu, "public.acct", key(1, 9));
+    let want = [
+        change("r", "public.acct", key(1, 1)),
+        change("r", "public.acct", key(1, 2)),
+        change("u", "public.acct", key(1, 1)),
+        change("d", "public.acct", key(1, 2)),
+        change("c", "public.acct", key(1, 9)),
+    ];
+    let mut got = changes(&records);
+    got[..2].sort_by_key(|c| c.2.to_string());
+    assert_eq!(
+        got, want,
+        "only tenant 1's rows, in the snapshot as in the stream"
+    );
+    for r in records.iter().filter(|r| r.value.is_some()) {
+        let v = r.value.as_ref().unwrap();
+        for row in [&v["before"], &v["after"]] {
+            assert!(row.get("secret").is_none(), "unpublished column sent: {v}");
+        }
+        assert_eq!(r.after()["name"].is_string(), r.op() != "d", "{v}");
+        let types: Value = serde_json::from_str(r.header(header::TYPES)).unwrap();
+        assert_eq!(
+            types,
+            json!({"tenant": "int4", "id": "int4", "name": "text"}),
+            "{}",
+            r.op()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

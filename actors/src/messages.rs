@@ -8,6 +8,8 @@
 //! skipped over: the stream is told the session broke and restarts from the
 //! checkpoint.
 
+use std::collections::BTreeMap;
+
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +130,12 @@ pub struct PersistSlotIdentity {
     pub progress: Vec<TableProgress>,
 }
 
+/// Record what the publication sends of some tables: (schema, name) and
+/// the fingerprint of its column list and row filter.
+#[derive(Message)]
+#[rtype(result = "Result<(), CheckpointError>")]
+pub struct PersistPublished(pub Vec<((String, String), String)>);
+
 /// Stop reading the replication stream (graceful shutdown); replies once stopped.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -211,6 +219,9 @@ pub struct Checkpoint {
     pub slot: Option<SlotIdentity>,
     /// Copy progress of every table pgcdc has seen (ordered by schema, table).
     pub progress: Vec<TableProgress>,
+    /// What the publication sent of each table when its mirror was last
+    /// copied: the fingerprint of its column list and row filter.
+    pub published: BTreeMap<(String, String), String>,
 }
 
 impl Checkpoint {

@@ -22,7 +22,9 @@ pub use store::CheckpointStore;
 
 use crate::error::ExitCode;
 use crate::lsn::Lsn;
-use crate::messages::{GetCheckpoint, LsnPersisted, PersistLsn, PersistSlotIdentity};
+use crate::messages::{
+    GetCheckpoint, LsnPersisted, PersistLsn, PersistPublished, PersistSlotIdentity,
+};
 use crate::supervision::RestartBudget;
 
 /// The actor around [`CheckpointStore`]. One instance per thread of its
@@ -171,6 +173,14 @@ impl Handler<GetCheckpoint> for CheckpointActor {
 
     fn handle(&mut self, _msg: GetCheckpoint, _ctx: &mut Self::Context) -> Self::Result {
         self.store()?.load()
+    }
+}
+
+impl Handler<PersistPublished> for CheckpointActor {
+    type Result = Result<(), CheckpointError>;
+
+    fn handle(&mut self, msg: PersistPublished, _ctx: &mut Self::Context) -> Self::Result {
+        self.store()?.put_published(&msg.0)
     }
 }
 

@@ -1,7 +1,8 @@
-//! The RocksDB checkpoint store: the confirmed commit LSN, the slot identity
-//! and each table's copy progress. Blocking; used by the checkpoint actor on
+//! The RocksDB checkpoint store: the confirmed commit LSN, the slot identity,
+//! each table's copy progress and what the publication sends of it. Blocking; used by the checkpoint actor on
 //! its own thread and read-only by `pgcdc status`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{Options, WriteBatch, WriteOptions, DB};
@@ -17,13 +18,22 @@ const KEY_SLOT: &[u8] = b"slot_identity";
 /// Prefix of the per-table snapshot progress keys: `progress\0<schema>\0<table>`.
 const PREFIX_PROGRESS: &[u8] = b"progress\0";
 
+/// Prefix of the keys of what the publication sends of each table:
+/// `published\0<schema>\0<table>`, its fingerprint as the value.
+const PREFIX_PUBLISHED: &[u8] = b"published\0";
+
+/// The key `table`'s entry is stored under, after `prefix`.
+fn table_key(prefix: &[u8], schema: &str, name: &str) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(schema.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 /// The key a table's progress is stored under.
 fn progress_key(p: &TableProgress) -> Vec<u8> {
-    let mut k = PREFIX_PROGRESS.to_vec();
-    k.extend_from_slice(p.schema.as_bytes());
-    k.push(0);
-    k.extend_from_slice(p.name.as_bytes());
-    k
+    table_key(PREFIX_PROGRESS, &p.schema, &p.name)
 }
 
 /// The RocksDB checkpoint store, usable without an actor (status, tests).
@@ -106,6 +116,26 @@ impl CheckpointStore {
             }
             progress.push(p);
         }
+        let mut published = BTreeMap::new();
+        for item in self.db.prefix_iterator(PREFIX_PUBLISHED) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let Some(table) = k.strip_prefix(PREFIX_PUBLISHED) else {
+                break;
+            };
+            let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+            let mut parts = table.splitn(2, |b| *b == 0);
+            let entry = (
+                parts.next().and_then(text),
+                parts.next().and_then(text),
+                text(&v),
+            );
+            let (Some(schema), Some(name), Some(fingerprint)) = entry else {
+                return Err(
+                    self.corrupt("published", "an entry is not schema, table and text".into())
+                );
+            };
+            published.insert((schema, name), fingerprint);
+        }
         if slot.is_none() && lsn != Lsn::ZERO {
             return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
         }
@@ -113,6 +143,7 @@ impl CheckpointStore {
             lsn,
             slot,
             progress,
+            published,
         })
     }
 
@@ -143,6 +174,22 @@ impl CheckpointStore {
         let mut batch = WriteBatch::default();
         batch.put(KEY_LSN, lsn.0.to_be_bytes());
         self.put_progress(&mut batch, progress)?;
+        self.write_synced(batch)
+    }
+
+    /// Store what the publication sends of `tables` ((schema, name) and
+    /// fingerprint), in one synced write.
+    pub fn put_published(
+        &self,
+        tables: &[((String, String), String)],
+    ) -> Result<(), CheckpointError> {
+        let mut batch = WriteBatch::default();
+        for ((schema, name), fingerprint) in tables {
+            batch.put(
+                table_key(PREFIX_PUBLISHED, schema, name),
+                fingerprint.as_bytes(),
+            );
+        }
         self.write_synced(batch)
     }
 
@@ -197,6 +244,9 @@ mod tests {
             a.ranges[0].after = Some(vec!["42".into()]);
             a.rows = 42;
             store.put_lsn(Lsn(250), &[a]).unwrap();
+            let fp = |t: &str, f: &str| (("public".to_string(), t.to_string()), f.to_string());
+            store.put_published(&[fp("a", "1 2"), fp("b", "")]).unwrap();
+            store.put_published(&[fp("a", "1 3|{OPEXPR}")]).unwrap();
         }
         let store = CheckpointStore::open_read_only(dir.path()).unwrap();
         let cp = store.load().unwrap();
@@ -205,6 +255,12 @@ mod tests {
         assert_eq!(cp.progress[0].ranges[0].after, Some(vec!["42".to_string()]));
         assert_eq!((cp.progress[0].rows, cp.progress[1].rows), (42, 0));
         assert_eq!(cp.pending().count(), 2);
+        let published: Vec<_> = cp
+            .published
+            .iter()
+            .map(|((_, t), f)| (t.as_str(), f.as_str()))
+            .collect();
+        assert_eq!(published, [("a", "1 3|{OPEXPR}"), ("b", "")]);
     }
 
     #[test]

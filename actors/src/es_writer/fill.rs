@@ -88,7 +88,9 @@ impl Fill {
             key_source: KeySource::default(),
             column_types: String::new(),
         };
-        let shape = Shape::load(&sql, &table).await.map_err(fill_error)?;
+        let shape = Shape::load(&sql, &table, &self.pg.publication)
+            .await
+            .map_err(fill_error)?;
         let (mut now, mut want) = (shape.table.key_columns.clone(), self.key.clone());
         now.sort();
         want.sort();

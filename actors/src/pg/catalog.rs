@@ -164,6 +164,79 @@ pub async fn unreadable_tables(
     Ok((quote_ident(&role), unreadable))
 }
 
+/// What a publication sends of one table besides its name (PostgreSQL 15
+/// and later): a column list and a row filter. Every read of the table's
+/// rows (the initial copy, backfills, repairs, verify, the ES sink's fill)
+/// must read the columns and rows the stream sends, or the mirror would
+/// hold columns the publication leaves out and rows that no change ever
+/// updates or deletes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Published {
+    /// The column list, in table order, if the publication has one for the table.
+    pub columns: Option<Vec<String>>,
+    /// The row filter, as SQL on the table's columns, if any.
+    pub filter: Option<String>,
+}
+
+/// Whether the server's publications may have column lists and row filters.
+async fn filters_publications(sql: &Client) -> Result<bool, PgError> {
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    Ok(version >= 150_000)
+}
+
+/// What `publication` sends of the table `qualified` (quoted `schema.name`):
+/// its column list and row filter. No entry in `pg_publication_rel` (`FOR
+/// ALL TABLES`, `FOR TABLES IN SCHEMA`): the whole table.
+pub(crate) async fn published(
+    sql: &Client,
+    publication: &str,
+    qualified: &str,
+) -> Result<Published, PgError> {
+    const PUBLISHED: &str = "SELECT (SELECT array_agg(a.attname::text ORDER BY a.attnum) \
+                FROM pg_attribute a \
+               WHERE a.attrelid = r.prrelid AND a.attnum = ANY(r.prattrs::int2[])), \
+            pg_get_expr(r.prqual, r.prrelid) \
+       FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+      WHERE p.pubname = $1 AND r.prrelid = $2::text::regclass";
+    if !filters_publications(sql).await? {
+        return Ok(Published::default());
+    }
+    let row = sql
+        .query_opt(PUBLISHED, &[&publication, &qualified])
+        .await?;
+    Ok(row.map_or_else(Published::default, |r| Published {
+        columns: r.get(0),
+        filter: r.get(1),
+    }))
+}
+
+/// For each of `tables` (schema, name), what identifies the column list and
+/// row filter `publication` has for it: attribute numbers and the filter's
+/// parse tree, so a rename changes nothing; empty without either.
+pub(crate) async fn published_fingerprints(
+    sql: &Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<Vec<String>, PgError> {
+    const FINGERPRINTS: &str =
+        "SELECT coalesce((SELECT concat_ws('|', r.prattrs::text, r.prqual::text) \
+                FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+               WHERE p.pubname = $1 AND r.prrelid = to_regclass(format('%I.%I', s, n))), '') \
+       FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(s, n, i) ORDER BY i";
+    if !filters_publications(sql).await? {
+        return Ok(vec![String::new(); tables.len()]);
+    }
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
+    let rows = sql
+        .query(FINGERPRINTS, &[&publication, &schemas, &names])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, PgError> {
     let row = sql

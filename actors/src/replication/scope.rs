@@ -12,18 +12,28 @@
 //!   transaction that began before the add has ended (their changes may not
 //!   be decoded with the table published), a signed reset signal goes into
 //!   the WAL: the stream emits a truncate for the table there and copies it
-//!   again by watermark backfill, so its mirror ends equal to the new table.
+//!   again by watermark backfill, so its mirror ends equal to the new table;
+//! - a published table whose column list or row filter in the publication
+//!   differs from the one its mirror was copied with (changed while
+//!   streaming or while pgcdc was stopped) is reset the same way: the
+//!   mirror would otherwise keep columns no longer sent, lack those sent
+//!   now, and keep rows the filter no longer passes (no change ever removes
+//!   them) or lack rows it passes now.
 //!
 //! A failed check is logged and retried at the next pass.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::Addr;
 use tokio_postgres::Client;
 
+use crate::checkpoint::CheckpointActor;
 use crate::event::TableRef;
+use crate::messages::{GetCheckpoint, PersistPublished};
 use crate::metrics::metrics;
+use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident};
 use crate::pg::{PgError, PostgresConfig};
 use crate::snapshot::watermark::{MessageKey, Signal};
@@ -54,11 +64,20 @@ pub(super) struct ScopeWatch {
     sql: Option<Client>,
     /// Tables found gone, and when that was last reported.
     gone: HashMap<(String, String), Instant>,
+    /// Where the column list and row filter each mirror was copied with are kept.
+    checkpoint: Addr<CheckpointActor>,
+    /// Their fingerprints, once read from the checkpoint.
+    copied_with: Option<BTreeMap<(String, String), String>>,
 }
 
 impl ScopeWatch {
     /// A watch over `tables`, signing its signals with `key`.
-    pub fn new(pg: Arc<PostgresConfig>, tables: &[Arc<TableRef>], key: MessageKey) -> Self {
+    pub fn new(
+        pg: Arc<PostgresConfig>,
+        tables: &[Arc<TableRef>],
+        key: MessageKey,
+        checkpoint: Addr<CheckpointActor>,
+    ) -> Self {
         let tables = tables
             .iter()
             .map(|t| (t.schema.clone(), t.name.clone()))
@@ -69,6 +88,8 @@ impl ScopeWatch {
             key,
             sql: None,
             gone: HashMap::new(),
+            checkpoint,
+            copied_with: None,
         }
     }
 
@@ -92,6 +113,7 @@ impl ScopeWatch {
         };
         let states = table_states(sql, &self.pg.publication, &self.tables).await?;
         let mut uncaptured = 0;
+        let (mut published, mut recaptured) = (Vec::new(), Vec::new());
         for (table, state) in states {
             let name = format!("{}.{}", table.0, table.1);
             match state {
@@ -99,6 +121,7 @@ impl ScopeWatch {
                     if self.gone.remove(&table).is_some() {
                         tracing::info!(table = %name, "configured table exists and is captured again");
                     }
+                    published.push(table);
                 }
                 State::Gone => {
                     uncaptured += 1;
@@ -115,15 +138,87 @@ impl ScopeWatch {
                     self.gone.remove(&table);
                     tracing::warn!(table = %name, publication = %self.pg.publication, "configured table is not in the publication (re-created, or removed from it): adding it back, then truncating its mirror and copying it again");
                     let (pg, key) = (&self.pg, &self.key);
-                    if let Err(e) = recapture(sql, pg, key, &table).await {
-                        uncaptured += 1;
-                        tracing::error!(table = %name, error = %e, fix = %add_table_sql(&pg.publication, &table), "could not add the table back to the publication: its changes are not captured");
+                    match recapture(sql, pg, key, &table).await {
+                        Ok(()) => recaptured.push(table),
+                        Err(e) => {
+                            uncaptured += 1;
+                            tracing::error!(table = %name, error = %e, fix = %add_table_sql(&pg.publication, &table), "could not add the table back to the publication: its changes are not captured");
+                        }
                     }
                 }
             }
         }
         metrics().tables_uncaptured.set(uncaptured);
+        self.follow_published(published, recaptured).await
+    }
+
+    /// Reset each of `published` whose column list or row filter differs
+    /// from the one its mirror was copied with; note what `recaptured`
+    /// (reset already) are copied with now.
+    async fn follow_published(
+        &mut self,
+        published: Vec<(String, String)>,
+        recaptured: Vec<(String, String)>,
+    ) -> Result<(), PgError> {
+        if self.copied_with().await.is_none() {
+            return Ok(());
+        }
+        let (Some(sql), Some(copied_with)) = (&self.sql, self.copied_with.as_mut()) else {
+            return Ok(());
+        };
+        let tables: Vec<_> = published.into_iter().chain(recaptured.clone()).collect();
+        let now = catalog::published_fingerprints(sql, &self.pg.publication, &tables).await?;
+        let mut changed = Vec::new();
+        for (table, fingerprint) in tables.into_iter().zip(now) {
+            let was = copied_with.get(&table);
+            if was == Some(&fingerprint) {
+                continue;
+            }
+            if was.is_some() && !recaptured.contains(&table) {
+                let name = format!("{}.{}", table.0, table.1);
+                tracing::warn!(table = %name, publication = %self.pg.publication, "the publication's column list or row filter for the table changed: truncating its mirror and copying it again");
+                let signal = Signal::signed(&self.key, &self.pg.slot, &table.0, &table.1, true);
+                let lsn = signal.write(sql).await?;
+                tracing::info!(table = %name, lsn = %lsn, "reset requested");
+            }
+            changed.push((table, fingerprint));
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let stored = match self
+            .checkpoint
+            .send(PersistPublished(changed.clone()))
+            .await
+        {
+            Ok(stored) => stored.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(()) => copied_with.extend(changed),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not store the publication's column lists and row filters; checked again")
+            }
+        }
         Ok(())
+    }
+
+    /// The fingerprints of the column list and row filter each mirror was
+    /// copied with, read from the checkpoint once.
+    async fn copied_with(&mut self) -> Option<&BTreeMap<(String, String), String>> {
+        if self.copied_with.is_none() {
+            let read = match self.checkpoint.send(GetCheckpoint).await {
+                Ok(read) => read.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match read {
+                Ok(checkpoint) => self.copied_with = Some(checkpoint.published),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the checkpoint; checked again")
+                }
+            }
+        }
+        self.copied_with.as_ref()
     }
 }
 

@@ -337,7 +337,7 @@ mod tests {
         Checkpoint {
             lsn: Lsn(lsn),
             slot: Some(identity()),
-            progress: Vec::new(),
+            ..Checkpoint::default()
         }
     }
 

@@ -12,7 +12,7 @@ use super::ReplicationError;
 use crate::checkpoint::{Checkpoint, SlotIdentity, TableProgress};
 use crate::event::TableRef;
 use crate::lsn::Lsn;
-use crate::messages::{GetCheckpoint, OpenSession, PersistSlotIdentity};
+use crate::messages::{GetCheckpoint, OpenSession, PersistPublished, PersistSlotIdentity};
 use crate::metrics::metrics;
 use crate::pg::{catalog, quote::quote_ident};
 use crate::snapshot::{import_snapshot, SnapshotMode};
@@ -59,6 +59,9 @@ impl Stream {
         let want_snapshot = self.snapshot.mode == SnapshotMode::Initial;
         let start_point =
             slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?;
+        let fresh_copy = want_snapshot && !matches!(start_point, StartPoint::Resume(_));
+        self.note_published(&sql, &tables, &checkpoint, fresh_copy)
+            .await?;
         let mut pending: Vec<TableProgress> = Vec::new();
         let start = match start_point {
             StartPoint::Resume(lsn) => {
@@ -95,6 +98,35 @@ impl Stream {
         Ok((start, tables, identity, pending))
     }
 
+    /// Store what the publication sends of each table (its column list and
+    /// row filter) where the checkpoint has nothing yet, or for all of them
+    /// when every table is about to be copied (`fresh_copy`). The scope
+    /// watch copies a table again when that changes; stored before the
+    /// copies start, a change made meanwhile is not missed.
+    async fn note_published(
+        &self,
+        sql: &tokio_postgres::Client,
+        tables: &[Arc<TableRef>],
+        checkpoint: &Checkpoint,
+        fresh_copy: bool,
+    ) -> Result<(), ReplicationError> {
+        let names: Vec<(String, String)> = tables
+            .iter()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect();
+        let publication = &self.config.publication;
+        let now = catalog::published_fingerprints(sql, publication, &names).await?;
+        let unknown: Vec<_> = names
+            .into_iter()
+            .zip(now)
+            .filter(|(t, _)| fresh_copy || !checkpoint.published.contains_key(t))
+            .collect();
+        if !unknown.is_empty() {
+            self.checkpoint.send(PersistPublished(unknown)).await??;
+        }
+        Ok(())
+    }
+
     /// A replication session streaming from `start`.
     pub(super) async fn resume_stream(
         &self,
@@ -127,7 +159,9 @@ impl Stream {
         let (at, name) = create_exporting_slot(&mut client, &cfg.slot).await?;
         let readers = import_snapshot(cfg, &self.snapshot, &name).await?;
         fail::fail_point!(crate::wire::failpoint::SNAPSHOT_PLAN);
-        let plan = readers.plan(tables, &self.snapshot).await?;
+        let plan = readers
+            .plan(tables, &self.snapshot, &cfg.publication)
+            .await?;
         let mut progress: Vec<TableProgress> = plan.iter().map(|(_, p)| p.clone()).collect();
         self.checkpoint
             .send(PersistSlotIdentity {

@@ -199,7 +199,9 @@ impl Stream {
         let mut asm = Assembler::new(tables);
         let mut windows = Windows::new(&self.config.slot, self.marks.clone(), tables);
         let mut types = TypeSource::default();
-        let scope = ScopeWatch::new(self.config.clone(), tables, self.marks.key().clone()).run();
+        let key = self.marks.key().clone();
+        let scope =
+            ScopeWatch::new(self.config.clone(), tables, key, self.checkpoint.clone()).run();
         tokio::pin!(scope);
         // Armed while commits wait in the batch: fires [`LINGER`] after the first.
         let linger = tokio::time::sleep(LINGER);

@@ -65,7 +65,7 @@ impl Backfill {
                 tracing::warn!(table = %qualified, "not a configured table; not copied");
                 continue;
             };
-            let shape = Shape::load(&sql, table).await?;
+            let shape = Shape::load(&sql, table, &self.pg.publication).await?;
             if shape.keyless() {
                 return Err(SnapshotError::Keyless(qualified));
             }

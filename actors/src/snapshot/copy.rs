@@ -63,17 +63,18 @@ pub(crate) async fn import_snapshot(
 }
 
 impl SnapshotReaders {
-    /// Plan the copy: each table's shape and key ranges.
+    /// Plan the copy: each table's shape (as `publication` sends it) and key ranges.
     pub(crate) async fn plan(
         &self,
         tables: &[Arc<TableRef>],
         cfg: &SnapshotConfig,
+        publication: &str,
     ) -> Result<Vec<(Shape, TableProgress)>, SnapshotError> {
         let sql = &self.conns[0];
         let mut plan = Vec::with_capacity(tables.len());
         let mut partitioned = Vec::new();
         for t in tables {
-            let mut shape = Shape::load(sql, t).await?;
+            let mut shape = Shape::load(sql, t, publication).await?;
             if shape.pin_partitions(sql).await? {
                 partitioned.push(shape.qualified.clone());
             }

@@ -44,7 +44,7 @@ impl Repair {
     /// Copy every key, chunk by chunk, each chunk between its marks.
     pub async fn run(self) -> Result<(), SnapshotError> {
         let sql = reader(&self.pg).await?;
-        let shape = Shape::load(&sql, &self.table).await?;
+        let shape = Shape::load(&sql, &self.table, &self.pg.publication).await?;
         if shape.keyless() {
             let t = &self.table;
             return Err(SnapshotError::Keyless(format!("{}.{}", t.schema, t.name)));

@@ -27,11 +27,13 @@ pub(crate) struct Shape {
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
     pub(crate) qualified: String,
-    /// What row queries read: `qualified`, or for the initial copy of a
-    /// partitioned table its partitions as the snapshot sees them
-    /// ([`Self::pin_partitions`]).
-    pub(super) from: String,
-    /// Every column in table order: (name, how its values render).
+    /// What row queries read: `qualified`, only the rows the publication's
+    /// row filter passes, or for the initial copy of a partitioned table
+    /// its partitions as the snapshot sees them ([`Self::pin_partitions`]).
+    pub(crate) from: String,
+    /// The publication's row filter for the table, as SQL.
+    filter: Option<String>,
+    /// Every published column in table order: (name, how its values render).
     pub(super) columns: Arc<[(String, Rule)]>,
     /// The key columns: (index in `columns`, SQL type to cast literals to).
     key: Vec<(usize, String)>,
@@ -45,11 +47,27 @@ pub(crate) struct Shape {
 impl Shape {
     /// Read the table's columns and its key (by the replica identity rule,
     /// as the catalog says now: a key changed since start is followed) from
-    /// the catalog.
-    pub async fn load(sql: &Client, table: &TableRef) -> Result<Self, SnapshotError> {
+    /// the catalog, and what `publication` sends of it: only the columns of
+    /// its column list and the rows its row filter passes are read.
+    pub async fn load(
+        sql: &Client,
+        table: &TableRef,
+        publication: &str,
+    ) -> Result<Self, SnapshotError> {
         let qualified = qualified(&table.schema, &table.name);
         let keyed = catalog::table_key(sql, &table.schema, &table.name).await?;
-        let found = catalog::table_columns(sql, &qualified).await?;
+        let published = catalog::published(sql, publication, &qualified).await?;
+        let mut found = catalog::table_columns(sql, &qualified).await?;
+        if let Some(list) = &published.columns {
+            found.retain(|c| list.contains(&c.name));
+        }
+        let from = match &published.filter {
+            Some(f) => format!(
+                "(SELECT * FROM {qualified} WHERE ({f})) AS {}",
+                quote_ident(&table.name)
+            ),
+            None => qualified.clone(),
+        };
         let encoding = sql.query_one("SHOW server_encoding", &[]).await?;
         let raw = encoding.get::<_, String>(0) == "SQL_ASCII";
         let key = keyed
@@ -82,7 +100,8 @@ impl Shape {
         });
         Ok(Self {
             table,
-            from: qualified.clone(),
+            from,
+            filter: published.filter,
             qualified,
             columns: columns.into(),
             key,
@@ -142,11 +161,16 @@ impl Shape {
         );
         let columns: Vec<String> = self.columns.iter().map(|(c, _)| quote_ident(c)).collect();
         let columns = columns.join(", ");
+        // The publication's row filter, on each arm.
+        let (also, passed) = match &self.filter {
+            Some(f) => (format!(" AND ({f})"), format!(" WHERE ({f})")),
+            None => Default::default(),
+        };
         let mut arms = Vec::new();
         if !kept.is_empty() {
             let oids: Vec<String> = kept.iter().map(|(_, oid)| oid.to_string()).collect();
             arms.push(format!(
-                "SELECT {columns} FROM {} WHERE tableoid IN ({})",
+                "SELECT {columns} FROM {} WHERE tableoid IN ({}){also}",
                 self.qualified,
                 oids.join(", ")
             ));
@@ -159,7 +183,7 @@ impl Shape {
                     oid,
                 });
             }
-            arms.push(format!("SELECT {columns} FROM ONLY {name}"));
+            arms.push(format!("SELECT {columns} FROM ONLY {name}{passed}"));
         }
         if arms.is_empty() {
             arms.push(format!("SELECT {columns} FROM ONLY {}", self.qualified));
@@ -576,6 +600,7 @@ mod tests {
             }),
             qualified: "public.t".into(),
             from: "public.t".into(),
+            filter: None,
             key: keys
                 .iter()
                 .enumerate()

@@ -198,7 +198,7 @@ impl Verifier {
     ) -> Result<TableReport, VerifyError> {
         let started = Instant::now();
         let snap = Snapshot::open(&self.pg).await?;
-        let shape = snap.shape(schema, table).await?;
+        let shape = snap.shape(schema, table, &self.pg.publication).await?;
         let index = mirror_index(&self.es_cfg.index_prefix, schema, table);
         let mirror = Mirror::new(&self.es, &index);
         mirror.refresh().await?;

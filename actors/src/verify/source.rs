@@ -88,10 +88,16 @@ impl Snapshot {
         Ok(Self { sql, cut })
     }
 
-    /// The shape of `schema.table` (refused without a unique key).
-    pub async fn shape(&self, schema: &str, table: &str) -> Result<Shape, VerifyError> {
+    /// The shape of `schema.table` as `publication` sends it (refused
+    /// without a unique key).
+    pub async fn shape(
+        &self,
+        schema: &str,
+        table: &str,
+        publication: &str,
+    ) -> Result<Shape, VerifyError> {
         let keyed: TableRef = catalog::table_key(&self.sql, schema, table).await?;
-        let shape = Shape::load(&self.sql, &keyed).await?;
+        let shape = Shape::load(&self.sql, &keyed, publication).await?;
         if shape.keyless() {
             return Err(VerifyError::Keyless(format!("{schema}.{table}")));
         }
@@ -100,7 +106,7 @@ impl Snapshot {
 
     /// How many rows the table has in this snapshot.
     pub async fn count(&self, shape: &Shape) -> Result<u64, VerifyError> {
-        let query = format!("SELECT count(*) FROM {}", shape.qualified);
+        let query = format!("SELECT count(*) FROM {}", shape.from);
         let n: i64 = self.sql.query_one(&query, &[]).await?.get(0);
         Ok(n.unsigned_abs())
     }
