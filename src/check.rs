@@ -128,12 +128,14 @@ async fn check_replication(settings: &Settings) -> Result<String, AppError> {
 enum Scope {
     /// Nothing to report beyond this detail.
     Matches(String),
-    /// Tables missing (added at start) or extra (not emitted).
+    /// Tables missing (added at start) or extra (not emitted), or
+    /// operations not published.
     Mismatch(String),
 }
 
 /// Compare the publication with the configured tables: partitions under
-/// their root, missing tables, tables that are published but not configured.
+/// their root, missing tables, tables that are published but not
+/// configured, operations it does not publish.
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;
@@ -155,7 +157,10 @@ async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
         .map(|t| format!("{}.{}", t.schema, t.name))
         .collect();
     let extra = state.extra(&tables);
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = state
+        .unpublished_note(&pg.publication)
+        .into_iter()
+        .collect();
     if !missing.is_empty() {
         notes.push(format!(
             "lacks {} (added at start, earlier rows not snapshotted)",

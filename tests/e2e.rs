@@ -493,14 +493,15 @@ fn pgcdc_check(s: &Stack, cfg: &str) -> std::process::Output {
 }
 
 /// `pgcdc check` warns about tables the role may not read, with the GRANT
-/// that fixes it.
+/// that fixes it, and about operations the publication does not publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_warns_about_tables_the_role_may_not_read() {
+async fn check_warns_about_tables_the_role_may_not_read_and_operations_not_published() {
     let s = Stack::start();
     let db = s.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
-         CREATE ROLE reader LOGIN REPLICATION; GRANT SELECT ON a TO reader;",
+         CREATE ROLE reader LOGIN REPLICATION; GRANT SELECT ON a TO reader;
+         CREATE PUBLICATION pgcdc FOR TABLE a, b WITH (publish = 'insert, update');",
     )
     .await
     .unwrap();
@@ -518,12 +519,22 @@ async fn check_warns_about_tables_the_role_may_not_read() {
             && text.contains("GRANT SELECT ON \"public\".\"b\" TO \"reader\""),
         "{text}"
     );
-    db.batch_execute("GRANT SELECT ON b TO reader")
-        .await
-        .unwrap();
+    assert!(
+        text.contains("WARN  publication: \"pgcdc\" does not publish delete, truncate"),
+        "{text}"
+    );
+    db.batch_execute(
+        "GRANT SELECT ON b TO reader;
+         ALTER PUBLICATION pgcdc SET (publish = 'insert, update, delete, truncate');",
+    )
+    .await
+    .unwrap();
     let out = check();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ok    privileges"), "{text}");
+    assert!(
+        text.contains("ok    privileges") && text.contains("ok    publication"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

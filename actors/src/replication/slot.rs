@@ -23,9 +23,25 @@ pub struct PublicationState {
     pub via_root: bool,
     /// The published tables as (schema, name).
     pub tables: Vec<(String, String)>,
+    /// The operations it does not publish (`publish` lacks them): `insert`,
+    /// `update`, `delete`, `truncate`.
+    pub unpublished: Vec<&'static str>,
 }
 
 impl PublicationState {
+    /// What not publishing some operations means for the mirror, with the
+    /// SQL that publishes them all; `None` if it publishes every operation.
+    pub fn unpublished_note(&self, name: &str) -> Option<String> {
+        if self.unpublished.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "does not publish {} (its publish option), so those changes never reach Kafka and the mirror keeps the rows they change in PostgreSQL; run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') unless that is meant",
+            self.unpublished.join(", "),
+            quote_ident(name)
+        ))
+    }
+
     /// The configured tables the publication lacks.
     pub fn missing<'a>(&self, tables: &'a [Arc<TableRef>]) -> Vec<&'a Arc<TableRef>> {
         tables
@@ -57,7 +73,8 @@ pub async fn inspect_publication(
 ) -> Result<Option<PublicationState>, ReplicationError> {
     let Some(row) = sql
         .query_opt(
-            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            "SELECT pubviaroot, pubinsert, pubupdate, pubdelete, pubtruncate \
+               FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
         .await?
@@ -67,9 +84,14 @@ pub async fn inspect_publication(
     let rows = sql
         .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
         .await?;
+    let ops = ["insert", "update", "delete", "truncate"];
     Ok(Some(PublicationState {
         via_root: row.get(0),
         tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        unpublished: (0..ops.len())
+            .filter(|i| !row.get::<_, bool>(i + 1))
+            .map(|i| ops[i])
+            .collect(),
     }))
 }
 
@@ -149,6 +171,9 @@ pub async fn ensure_publication(
         return Ok(());
     };
     check_partition_root(sql, name, &state, tables).await?;
+    if let Some(note) = state.unpublished_note(name) {
+        tracing::warn!(publication = name, "the publication {note}");
+    }
     let extra = state.extra(tables);
     if !extra.is_empty() {
         tracing::warn!(publication = name, tables = %extra.join(", "), "the publication has tables that postgres.tables does not; their changes are not emitted");
@@ -306,6 +331,7 @@ mod tests {
                 ("public".into(), "b".into()),
                 ("public".into(), "audit".into()),
             ],
+            unpublished: Vec::new(),
         };
         let missing: Vec<_> = state
             .missing(&configured)
@@ -314,6 +340,22 @@ mod tests {
             .collect();
         assert_eq!(missing, ["a"]);
         assert_eq!(state.extra(&configured), ["public.audit"]);
+        assert_eq!(state.unpublished_note("pgcdc"), None);
+        let inserts_only = PublicationState {
+            unpublished: vec!["update", "delete"],
+            ..state
+        };
+        let note = inserts_only.unpublished_note("pgcdc").unwrap();
+        assert!(
+            note.starts_with("does not publish update, delete "),
+            "{note}"
+        );
+        assert!(
+            note.contains(
+                "ALTER PUBLICATION \"pgcdc\" SET (publish = 'insert, update, delete, truncate')"
+            ),
+            "{note}"
+        );
     }
 
     fn identity() -> SlotIdentity {
