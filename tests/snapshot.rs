@@ -473,6 +473,66 @@ async fn the_initial_copy_reads_the_partitions_a_table_had_at_the_snapshot() {
     assert_eq!(keys, want);
 }
 
+/// A partition detached with `DETACH PARTITION … CONCURRENTLY` while the
+/// initial copy reads its table: the copy still holds the partition's rows
+/// (they were in the table at the snapshot), and the detach completes once
+/// the copy's transaction ends.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_detached_concurrently_during_the_copy_keeps_its_rows_in_it() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE m (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+         INSERT INTO m VALUES (1, 'eu'), (2, 'us');",
+    )
+    .await
+    .unwrap();
+    // One row per chunk, one reader, each chunk followed by 3 s: row 2 (in
+    // m_us) is read after the detach's first transaction committed.
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "")
+        + "\n[snapshot]\nparallelism = 1\nchunk_rows = 1\n";
+    let pause = format!(
+        "{}=sleep(3000)",
+        pgcdc_actors::wire::failpoint::SNAPSHOT_COPY_CHUNK
+    );
+    let daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &pause)]);
+    daemon
+        .wait_log("snapshot started", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let other = pg.client().await.unwrap();
+    let detach = tokio::spawn(async move {
+        other
+            .batch_execute("ALTER TABLE m DETACH PARTITION m_us CONCURRENTLY")
+            .await
+    });
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(120))
+        .await
+        .unwrap();
+    // The detach waited for the copy's transaction, and then completed.
+    tokio::time::timeout(Duration::from_secs(60), detach)
+        .await
+        .expect("the detach did not complete after the copy")
+        .unwrap()
+        .unwrap();
+    let keys: BTreeSet<String> = crate::support::read_all(&tansu, TOPIC)
+        .iter()
+        .filter(|r| table_of(r) == "public.m" && r.op() == "r")
+        .map(|r| r.key.as_ref().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = [
+        json!({"id": 1, "region": "eu"}),
+        json!({"id": 2, "region": "us"}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect();
+    assert_eq!(keys, want);
+}
+
 /// `FAILPOINTS` for an initial copy whose every chunk waits 50 ms: slow
 /// enough that a test reading the topic (debug-built JSON parsing of
 /// Debezium-sized envelopes) keeps up with the copy.
