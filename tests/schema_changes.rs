@@ -5,9 +5,10 @@
 //! before PostgreSQL 18) are left out of the snapshot as they are of the
 //! stream. A table dropped and created again (in one transaction, in two,
 //! and while pgcdc is stopped) is truncated on the topic and copied again:
-//! folding the topic gives the new table. So is a table whose column list
-//! or row filter in the publication changed (while streaming, and while
-//! pgcdc is stopped).
+//! folding the topic gives the new table, under a publication pgcdc adds it
+//! back to as under one `FOR ALL TABLES`. So is a table renamed away and
+//! back, and one whose column list or row filter in the publication
+//! changed (while streaming, and while pgcdc is stopped).
 
 #![allow(clippy::unwrap_used)]
 
@@ -433,5 +434,67 @@ async fn a_changed_column_list_or_row_filter_copies_the_table_again() {
     daemon.spawn().unwrap();
     let records = until_mirrored("*", "id > 0").await;
     assert_eq!(truncates(&records), 2, "one more reset");
+    assert!(daemon.is_running(), "{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_back_is_copied_again()
+{
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(CREATE).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO t (id) SELECT -g FROM generate_series(1, 5) g;
+         CREATE PUBLICATION pgcdc FOR ALL TABLES;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let truncates = |rs: &[Record]| rs.iter().filter(|r| r.op() == "t").count();
+    until_topic_equals_table(&tansu, &db).await;
+
+    // Dropped and created again: the publication takes the new table in at
+    // once, and the dropped table's rows must not stay.
+    db.batch_execute(&format!(
+        "DROP TABLE t; {CREATE}; INSERT INTO t (id) VALUES (-100), (-101)"
+    ))
+    .await
+    .unwrap();
+    let records = until_topic_equals_table(&tansu, &db).await;
+    assert_eq!(truncates(&records), 1, "one reset for the new table");
+    let log = daemon.log_text();
+    assert!(log.contains("the table was created again"), "{log}");
+
+    // Renamed away, changed, renamed back: the changes made meanwhile were
+    // not captured.
+    db.batch_execute("ALTER TABLE t RENAME TO t_away")
+        .await
+        .unwrap();
+    daemon
+        .wait_log("configured table no longer exists", READ)
+        .await
+        .unwrap();
+    db.batch_execute(
+        "INSERT INTO t_away (id) VALUES (-200); DELETE FROM t_away WHERE id = -100;
+         ALTER TABLE t_away RENAME TO t;",
+    )
+    .await
+    .unwrap();
+    let records = until_topic_equals_table(&tansu, &db).await;
+    assert_eq!(truncates(&records), 2, "one more reset");
+    let log = daemon.log_text();
+    assert!(log.contains("exists again after it was gone"), "{log}");
+
+    // Dropped and created again while pgcdc is stopped.
+    daemon.terminate(Duration::from_secs(60)).unwrap();
+    db.batch_execute(&format!(
+        "DROP TABLE t; {CREATE}; INSERT INTO t (id) VALUES (-300)"
+    ))
+    .await
+    .unwrap();
+    daemon.spawn().unwrap();
+    let records = until_topic_equals_table(&tansu, &db).await;
+    assert_eq!(truncates(&records), 3);
     assert!(daemon.is_running(), "{}", daemon.log_tail());
 }

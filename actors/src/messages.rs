@@ -130,8 +130,8 @@ pub struct PersistSlotIdentity {
     pub progress: Vec<TableProgress>,
 }
 
-/// Record what the publication sends of some tables: (schema, name) and
-/// the fingerprint of its column list and row filter.
+/// Record what some tables' mirrors are copied from: (schema, name) and
+/// the fingerprint of the table and of what the publication sends of it.
 #[derive(Message)]
 #[rtype(result = "Result<(), CheckpointError>")]
 pub struct PersistPublished(pub Vec<((String, String), String)>);
@@ -219,8 +219,9 @@ pub struct Checkpoint {
     pub slot: Option<SlotIdentity>,
     /// Copy progress of every table pgcdc has seen (ordered by schema, table).
     pub progress: Vec<TableProgress>,
-    /// What the publication sent of each table when its mirror was last
-    /// copied: the fingerprint of its column list and row filter.
+    /// What each table's mirror was last copied from: the fingerprint of
+    /// the table (its OID) and of what the publication sends of it (column
+    /// list and row filter); empty while the table is gone.
     pub published: BTreeMap<(String, String), String>,
 }
 

@@ -1,5 +1,5 @@
 //! The RocksDB checkpoint store: the confirmed commit LSN, the slot identity,
-//! each table's copy progress and what the publication sends of it. Blocking; used by the checkpoint actor on
+//! each table's copy progress and what its mirror was copied from. Blocking; used by the checkpoint actor on
 //! its own thread and read-only by `pgcdc status`.
 
 use std::collections::BTreeMap;
@@ -18,7 +18,7 @@ const KEY_SLOT: &[u8] = b"slot_identity";
 /// Prefix of the per-table snapshot progress keys: `progress\0<schema>\0<table>`.
 const PREFIX_PROGRESS: &[u8] = b"progress\0";
 
-/// Prefix of the keys of what the publication sends of each table:
+/// Prefix of the keys of what each table's mirror was copied from:
 /// `published\0<schema>\0<table>`, its fingerprint as the value.
 const PREFIX_PUBLISHED: &[u8] = b"published\0";
 
@@ -177,8 +177,8 @@ impl CheckpointStore {
         self.write_synced(batch)
     }
 
-    /// Store what the publication sends of `tables` ((schema, name) and
-    /// fingerprint), in one synced write.
+    /// Store what the mirrors of `tables` are copied from ((schema, name)
+    /// and fingerprint), in one synced write.
     pub fn put_published(
         &self,
         tables: &[((String, String), String)],

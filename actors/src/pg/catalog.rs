@@ -213,27 +213,32 @@ pub(crate) async fn published(
     }))
 }
 
-/// For each of `tables` (schema, name), what identifies the column list and
-/// row filter `publication` has for it: attribute numbers and the filter's
-/// parse tree, so a rename changes nothing; empty without either.
+/// For each of `tables` (schema, name), what identifies the table and what
+/// `publication` sends of it: its OID (a table created again under the name
+/// has another), the attribute numbers of its column list and the parse
+/// tree of its row filter (so renaming a column changes nothing).
 pub(crate) async fn published_fingerprints(
     sql: &Client,
     publication: &str,
     tables: &[(String, String)],
 ) -> Result<Vec<String>, PgError> {
-    const FINGERPRINTS: &str =
-        "SELECT coalesce((SELECT concat_ws('|', r.prattrs::text, r.prqual::text) \
-                FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
-               WHERE p.pubname = $1 AND r.prrelid = to_regclass(format('%I.%I', s, n))), '') \
-       FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(s, n, i) ORDER BY i";
-    if !filters_publications(sql).await? {
-        return Ok(vec![String::new(); tables.len()]);
-    }
+    let filters = match filters_publications(sql).await? {
+        true => {
+            "(SELECT concat_ws('|', r.prattrs::text, r.prqual::text) \
+               FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+              WHERE p.pubname = $1 AND r.prrelid = c.oid)"
+        }
+        false => "nullif($1, $1)",
+    };
+    let query = format!(
+        "SELECT concat_ws('|', c.oid::text, {filters}) \
+           FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(s, n, i) \
+           LEFT JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', s, n)) \
+          ORDER BY i"
+    );
     let (schemas, names): (Vec<&str>, Vec<&str>) =
         tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
-    let rows = sql
-        .query(FINGERPRINTS, &[&publication, &schemas, &names])
-        .await?;
+    let rows = sql.query(&query, &[&publication, &schemas, &names]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 

@@ -13,12 +13,18 @@
 //!   be decoded with the table published), a signed reset signal goes into
 //!   the WAL: the stream emits a truncate for the table there and copies it
 //!   again by watermark backfill, so its mirror ends equal to the new table;
-//! - a published table whose column list or row filter in the publication
-//!   differs from the one its mirror was copied with (changed while
-//!   streaming or while pgcdc was stopped) is reset the same way: the
-//!   mirror would otherwise keep columns no longer sent, lack those sent
-//!   now, and keep rows the filter no longer passes (no change ever removes
-//!   them) or lack rows it passes now.
+//! - a published table that is not the one its mirror was copied from, or
+//!   not sent as it was, is reset the same way (whether that changed while
+//!   streaming or while pgcdc was stopped: what each mirror was copied from
+//!   is kept in the checkpoint):
+//!   - created again under a publication that takes it in at once (`FOR
+//!     ALL TABLES`, `FOR TABLES IN SCHEMA`), the mirror would keep the rows
+//!     of the dropped table;
+//!   - back after it was gone (renamed away and back), the mirror would
+//!     lack the changes made meanwhile;
+//!   - another column list or row filter, the mirror would keep columns no
+//!     longer sent, lack those sent now, and keep rows the filter no longer
+//!     passes (no change ever removes them) or lack rows it passes now.
 //!
 //! A failed check is logged and retried at the next pass.
 
@@ -113,7 +119,7 @@ impl ScopeWatch {
         };
         let states = table_states(sql, &self.pg.publication, &self.tables).await?;
         let mut uncaptured = 0;
-        let (mut published, mut recaptured) = (Vec::new(), Vec::new());
+        let (mut published, mut recaptured, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for (table, state) in states {
             let name = format!("{}.{}", table.0, table.1);
             match state {
@@ -130,9 +136,10 @@ impl ScopeWatch {
                         .get(&table)
                         .is_none_or(|t| t.elapsed() >= REMIND_EVERY);
                     if due {
-                        tracing::error!(table = %name, "configured table no longer exists (dropped): its mirror keeps the rows it had; pgcdc copies the table again when it is created again, or remove it from postgres.tables");
-                        self.gone.insert(table, Instant::now());
+                        tracing::error!(table = %name, "configured table no longer exists (dropped or renamed): its mirror keeps the rows it had; pgcdc copies the table again when it exists again, or remove it from postgres.tables");
+                        self.gone.insert(table.clone(), Instant::now());
                     }
+                    gone.push(table);
                 }
                 State::Unpublished => {
                     self.gone.remove(&table);
@@ -149,16 +156,20 @@ impl ScopeWatch {
             }
         }
         metrics().tables_uncaptured.set(uncaptured);
-        self.follow_published(published, recaptured).await
+        self.follow_published(published, recaptured, gone).await
     }
 
-    /// Reset each of `published` whose column list or row filter differs
-    /// from the one its mirror was copied with; note what `recaptured`
-    /// (reset already) are copied with now.
+    /// Reset each of `published` that is not the table, or not sent as,
+    /// its mirror was copied from: another table under its name (created
+    /// again), back after it was gone (renamed away and back: its changes
+    /// meanwhile were not captured), or another column list or row filter.
+    /// Note what `recaptured` (reset already) are copied from now, and that
+    /// `gone` are gone.
     async fn follow_published(
         &mut self,
         published: Vec<(String, String)>,
         recaptured: Vec<(String, String)>,
+        gone: Vec<(String, String)>,
     ) -> Result<(), PgError> {
         if self.copied_with().await.is_none() {
             return Ok(());
@@ -166,7 +177,11 @@ impl ScopeWatch {
         let (Some(sql), Some(copied_with)) = (&self.sql, self.copied_with.as_mut()) else {
             return Ok(());
         };
-        let tables: Vec<_> = published.into_iter().chain(recaptured.clone()).collect();
+        let tables: Vec<_> = published
+            .into_iter()
+            .chain(recaptured.clone())
+            .chain(gone.clone())
+            .collect();
         let now = catalog::published_fingerprints(sql, &self.pg.publication, &tables).await?;
         let mut changed = Vec::new();
         for (table, fingerprint) in tables.into_iter().zip(now) {
@@ -174,9 +189,11 @@ impl ScopeWatch {
             if was == Some(&fingerprint) {
                 continue;
             }
-            if was.is_some() && !recaptured.contains(&table) {
+            let reset = was.filter(|_| !recaptured.contains(&table) && !gone.contains(&table));
+            if let Some(was) = reset {
                 let name = format!("{}.{}", table.0, table.1);
-                tracing::warn!(table = %name, publication = %self.pg.publication, "the publication's column list or row filter for the table changed: truncating its mirror and copying it again");
+                let why = why_reset(was, &fingerprint);
+                tracing::warn!(table = %name, publication = %self.pg.publication, "{why}: truncating its mirror and copying it again");
                 let signal = Signal::signed(&self.key, &self.pg.slot, &table.0, &table.1, true);
                 let lsn = signal.write(sql).await?;
                 tracing::info!(table = %name, lsn = %lsn, "reset requested");
@@ -219,6 +236,19 @@ impl ScopeWatch {
             }
         }
         self.copied_with.as_ref()
+    }
+}
+
+/// Why a table whose fingerprint was `was` (empty: it was gone) and is
+/// `now` is copied again; a fingerprint starts with the table's OID.
+fn why_reset(was: &str, now: &str) -> &'static str {
+    let oid = |f: &str| f.split('|').next().unwrap_or_default().to_owned();
+    if was.is_empty() {
+        "the table exists again after it was gone (its changes meanwhile were not captured)"
+    } else if oid(was) != oid(now) {
+        "the table was created again"
+    } else {
+        "the publication's column list or row filter for the table changed"
     }
 }
 
@@ -303,5 +333,19 @@ async fn wait_for_older_transactions(sql: &Client, xid: &str) -> Result<(), PgEr
             reminded = Instant::now();
         }
         tokio::time::sleep(OLDER_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_says_why() {
+        assert!(why_reset("", "16384").contains("exists again after it was gone"));
+        assert!(why_reset("16384", "16390").contains("created again"));
+        assert!(why_reset("16384|1 2", "16390|1 2").contains("created again"));
+        assert!(why_reset("16384|1 2", "16384|1 2 3").contains("column list or row filter"));
+        assert!(why_reset("16384", "16384|{OPEXPR}").contains("column list or row filter"));
     }
 }

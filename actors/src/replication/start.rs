@@ -98,11 +98,12 @@ impl Stream {
         Ok((start, tables, identity, pending))
     }
 
-    /// Store what the publication sends of each table (its column list and
-    /// row filter) where the checkpoint has nothing yet, or for all of them
-    /// when every table is about to be copied (`fresh_copy`). The scope
-    /// watch copies a table again when that changes; stored before the
-    /// copies start, a change made meanwhile is not missed.
+    /// Store what each table's mirror is copied from (the table's OID, the
+    /// publication's column list and row filter for it) where the
+    /// checkpoint has nothing yet, or for every table when all are about to
+    /// be copied (`fresh_copy`). The scope watch copies a table again when
+    /// that changes; stored before the copies start, a change made
+    /// meanwhile is not missed.
     async fn note_published(
         &self,
         sql: &tokio_postgres::Client,
