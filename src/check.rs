@@ -135,7 +135,8 @@ enum Scope {
 
 /// Compare the publication with the configured tables: partitions under
 /// their root, missing tables, tables that are published but not
-/// configured, operations it does not publish.
+/// configured, operations it does not publish; which tables it sends only
+/// some columns or rows of (column lists, row filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;
@@ -173,12 +174,36 @@ async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
             extra.join(", ")
         ));
     }
+    let mut partial = Vec::new();
+    for t in &tables {
+        let sent = catalog::published(&sql, &pg.publication, &t.schema, &t.name)
+            .await
+            .map_err(classified)?;
+        let mut parts: Vec<String> = sent
+            .columns
+            .map(|c| format!("columns ({})", c.join(", ")))
+            .into_iter()
+            .collect();
+        parts.extend(sent.filter.map(|f| format!("rows WHERE {f}")));
+        if !parts.is_empty() {
+            partial.push(format!(
+                "{}.{} only {}",
+                t.schema,
+                t.name,
+                parts.join(" and ")
+            ));
+        }
+    }
+    let sends = match partial.is_empty() {
+        true => String::new(),
+        false => format!("; it sends {}", partial.join("; ")),
+    };
     Ok(match notes.is_empty() {
         true => Scope::Matches(format!(
-            "{:?} publishes exactly postgres.tables",
+            "{:?} publishes exactly postgres.tables{sends}",
             pg.publication
         )),
-        false => Scope::Mismatch(format!("{:?} {}", pg.publication, notes.join("; "))),
+        false => Scope::Mismatch(format!("{:?} {}{sends}", pg.publication, notes.join("; "))),
     })
 }
 

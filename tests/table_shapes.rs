@@ -287,6 +287,14 @@ async fn the_snapshot_reads_only_the_columns_and_rows_the_publication_sends() {
             r.op()
         );
     }
+    let out = one_shot(dir.path(), &cfg, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            r#"it sends public.acct only columns (tenant, id, name) and rows WHERE (tenant = 1)"#
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,7 +171,7 @@ pub async fn unreadable_tables(
 /// hold columns the publication leaves out and rows that no change ever
 /// updates or deletes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Published {
+pub struct Published {
     /// The column list, in table order, if the publication has one for the table.
     pub columns: Option<Vec<String>>,
     /// The row filter, as SQL on the table's columns, if any.
@@ -187,13 +187,14 @@ async fn filters_publications(sql: &Client) -> Result<bool, PgError> {
     Ok(version >= 150_000)
 }
 
-/// What `publication` sends of the table `qualified` (quoted `schema.name`):
-/// its column list and row filter. No entry in `pg_publication_rel` (`FOR
-/// ALL TABLES`, `FOR TABLES IN SCHEMA`): the whole table.
-pub(crate) async fn published(
+/// What `publication` sends of the table `schema.name`: its column list
+/// and row filter. No entry in `pg_publication_rel` (`FOR ALL TABLES`, `FOR
+/// TABLES IN SCHEMA`): the whole table.
+pub async fn published(
     sql: &Client,
     publication: &str,
-    qualified: &str,
+    schema: &str,
+    name: &str,
 ) -> Result<Published, PgError> {
     const PUBLISHED: &str = "SELECT (SELECT array_agg(a.attname::text ORDER BY a.attnum) \
                 FROM pg_attribute a \
@@ -204,9 +205,8 @@ pub(crate) async fn published(
     if !filters_publications(sql).await? {
         return Ok(Published::default());
     }
-    let row = sql
-        .query_opt(PUBLISHED, &[&publication, &qualified])
-        .await?;
+    let table = qualified(schema, name);
+    let row = sql.query_opt(PUBLISHED, &[&publication, &table]).await?;
     Ok(row.map_or_else(Published::default, |r| Published {
         columns: r.get(0),
         filter: r.get(1),

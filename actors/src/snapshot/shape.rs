@@ -56,7 +56,7 @@ impl Shape {
     ) -> Result<Self, SnapshotError> {
         let qualified = qualified(&table.schema, &table.name);
         let keyed = catalog::table_key(sql, &table.schema, &table.name).await?;
-        let published = catalog::published(sql, publication, &qualified).await?;
+        let published = catalog::published(sql, publication, &table.schema, &table.name).await?;
         let mut found = catalog::table_columns(sql, &qualified).await?;
         if let Some(list) = &published.columns {
             found.retain(|c| list.contains(&c.name));
