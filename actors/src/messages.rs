@@ -134,7 +134,7 @@ pub struct PersistSlotIdentity {
 /// the fingerprint of the table and of what the publication sends of it.
 #[derive(Message)]
 #[rtype(result = "Result<(), CheckpointError>")]
-pub struct PersistPublished(pub Vec<((String, String), String)>);
+pub struct PersistCopiedFrom(pub Vec<((String, String), String)>);
 
 /// Stop reading the replication stream (graceful shutdown); replies once stopped.
 #[derive(Message)]
@@ -222,7 +222,7 @@ pub struct Checkpoint {
     /// What each table's mirror was last copied from: the fingerprint of
     /// the table (its OID) and of what the publication sends of it (column
     /// list and row filter); empty while the table is gone.
-    pub published: BTreeMap<(String, String), String>,
+    pub copied_from: BTreeMap<(String, String), String>,
 }
 
 impl Checkpoint {

@@ -23,7 +23,7 @@ pub use store::CheckpointStore;
 use crate::error::ExitCode;
 use crate::lsn::Lsn;
 use crate::messages::{
-    GetCheckpoint, LsnPersisted, PersistLsn, PersistPublished, PersistSlotIdentity,
+    GetCheckpoint, LsnPersisted, PersistCopiedFrom, PersistLsn, PersistSlotIdentity,
 };
 use crate::supervision::RestartBudget;
 
@@ -176,11 +176,11 @@ impl Handler<GetCheckpoint> for CheckpointActor {
     }
 }
 
-impl Handler<PersistPublished> for CheckpointActor {
+impl Handler<PersistCopiedFrom> for CheckpointActor {
     type Result = Result<(), CheckpointError>;
 
-    fn handle(&mut self, msg: PersistPublished, _ctx: &mut Self::Context) -> Self::Result {
-        self.store()?.put_published(&msg.0)
+    fn handle(&mut self, msg: PersistCopiedFrom, _ctx: &mut Self::Context) -> Self::Result {
+        self.store()?.put_copied_from(&msg.0)
     }
 }
 

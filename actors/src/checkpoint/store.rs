@@ -1,6 +1,7 @@
 //! The RocksDB checkpoint store: the confirmed commit LSN, the slot identity,
-//! each table's copy progress and what its mirror was copied from. Blocking; used by the checkpoint actor on
-//! its own thread and read-only by `pgcdc status`.
+//! each table's copy progress and what its mirror was copied from. Blocking;
+//! used by the checkpoint actor on its own thread and read-only by `pgcdc
+//! status`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,8 @@ const KEY_SLOT: &[u8] = b"slot_identity";
 const PREFIX_PROGRESS: &[u8] = b"progress\0";
 
 /// Prefix of the keys of what each table's mirror was copied from:
-/// `published\0<schema>\0<table>`, its fingerprint as the value.
-const PREFIX_PUBLISHED: &[u8] = b"published\0";
+/// `copied_from\0<schema>\0<table>`, its fingerprint as the value.
+const PREFIX_COPIED_FROM: &[u8] = b"copied_from\0";
 
 /// The key `table`'s entry is stored under, after `prefix`.
 fn table_key(prefix: &[u8], schema: &str, name: &str) -> Vec<u8> {
@@ -116,10 +117,10 @@ impl CheckpointStore {
             }
             progress.push(p);
         }
-        let mut published = BTreeMap::new();
-        for item in self.db.prefix_iterator(PREFIX_PUBLISHED) {
+        let mut copied_from = BTreeMap::new();
+        for item in self.db.prefix_iterator(PREFIX_COPIED_FROM) {
             let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let Some(table) = k.strip_prefix(PREFIX_PUBLISHED) else {
+            let Some(table) = k.strip_prefix(PREFIX_COPIED_FROM) else {
                 break;
             };
             let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
@@ -130,11 +131,12 @@ impl CheckpointStore {
                 text(&v),
             );
             let (Some(schema), Some(name), Some(fingerprint)) = entry else {
-                return Err(
-                    self.corrupt("published", "an entry is not schema, table and text".into())
-                );
+                return Err(self.corrupt(
+                    "copied_from",
+                    "an entry is not schema, table and text".into(),
+                ));
             };
-            published.insert((schema, name), fingerprint);
+            copied_from.insert((schema, name), fingerprint);
         }
         if slot.is_none() && lsn != Lsn::ZERO {
             return Err(self.corrupt("slot_identity", "missing while an lsn is stored".into()));
@@ -143,7 +145,7 @@ impl CheckpointStore {
             lsn,
             slot,
             progress,
-            published,
+            copied_from,
         })
     }
 
@@ -179,14 +181,14 @@ impl CheckpointStore {
 
     /// Store what the mirrors of `tables` are copied from ((schema, name)
     /// and fingerprint), in one synced write.
-    pub fn put_published(
+    pub fn put_copied_from(
         &self,
         tables: &[((String, String), String)],
     ) -> Result<(), CheckpointError> {
         let mut batch = WriteBatch::default();
         for ((schema, name), fingerprint) in tables {
             batch.put(
-                table_key(PREFIX_PUBLISHED, schema, name),
+                table_key(PREFIX_COPIED_FROM, schema, name),
                 fingerprint.as_bytes(),
             );
         }
@@ -245,8 +247,10 @@ mod tests {
             a.rows = 42;
             store.put_lsn(Lsn(250), &[a]).unwrap();
             let fp = |t: &str, f: &str| (("public".to_string(), t.to_string()), f.to_string());
-            store.put_published(&[fp("a", "1 2"), fp("b", "")]).unwrap();
-            store.put_published(&[fp("a", "1 3|{OPEXPR}")]).unwrap();
+            store
+                .put_copied_from(&[fp("a", "1 2"), fp("b", "")])
+                .unwrap();
+            store.put_copied_from(&[fp("a", "1 3|{OPEXPR}")]).unwrap();
         }
         let store = CheckpointStore::open_read_only(dir.path()).unwrap();
         let cp = store.load().unwrap();
@@ -255,12 +259,12 @@ mod tests {
         assert_eq!(cp.progress[0].ranges[0].after, Some(vec!["42".to_string()]));
         assert_eq!((cp.progress[0].rows, cp.progress[1].rows), (42, 0));
         assert_eq!(cp.pending().count(), 2);
-        let published: Vec<_> = cp
-            .published
+        let copied_from: Vec<_> = cp
+            .copied_from
             .iter()
             .map(|((_, t), f)| (t.as_str(), f.as_str()))
             .collect();
-        assert_eq!(published, [("a", "1 3|{OPEXPR}"), ("b", "")]);
+        assert_eq!(copied_from, [("a", "1 3|{OPEXPR}"), ("b", "")]);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tokio_postgres::Client;
 
 use crate::checkpoint::CheckpointActor;
 use crate::event::TableRef;
-use crate::messages::{GetCheckpoint, PersistPublished};
+use crate::messages::{GetCheckpoint, PersistCopiedFrom};
 use crate::metrics::metrics;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident};
@@ -70,10 +70,11 @@ pub(super) struct ScopeWatch {
     sql: Option<Client>,
     /// Tables found gone, and when that was last reported.
     gone: HashMap<(String, String), Instant>,
-    /// Where the column list and row filter each mirror was copied with are kept.
+    /// Where what each mirror was copied from is kept.
     checkpoint: Addr<CheckpointActor>,
-    /// Their fingerprints, once read from the checkpoint.
-    copied_with: Option<BTreeMap<(String, String), String>>,
+    /// The fingerprints of what each mirror was copied from (the table and
+    /// its column list and row filter), once read from the checkpoint.
+    copied_from: Option<BTreeMap<(String, String), String>>,
 }
 
 impl ScopeWatch {
@@ -95,7 +96,7 @@ impl ScopeWatch {
             sql: None,
             gone: HashMap::new(),
             checkpoint,
-            copied_with: None,
+            copied_from: None,
         }
     }
 
@@ -171,10 +172,10 @@ impl ScopeWatch {
         recaptured: Vec<(String, String)>,
         gone: Vec<(String, String)>,
     ) -> Result<(), PgError> {
-        if self.copied_with().await.is_none() {
+        if self.copied_from().await.is_none() {
             return Ok(());
         }
-        let (Some(sql), Some(copied_with)) = (&self.sql, self.copied_with.as_mut()) else {
+        let (Some(sql), Some(copied_from)) = (&self.sql, self.copied_from.as_mut()) else {
             return Ok(());
         };
         let tables: Vec<_> = published
@@ -185,7 +186,7 @@ impl ScopeWatch {
         let now = catalog::published_fingerprints(sql, &self.pg.publication, &tables).await?;
         let mut changed = Vec::new();
         for (table, fingerprint) in tables.into_iter().zip(now) {
-            let was = copied_with.get(&table);
+            let was = copied_from.get(&table);
             if was == Some(&fingerprint) {
                 continue;
             }
@@ -205,37 +206,37 @@ impl ScopeWatch {
         }
         let stored = match self
             .checkpoint
-            .send(PersistPublished(changed.clone()))
+            .send(PersistCopiedFrom(changed.clone()))
             .await
         {
             Ok(stored) => stored.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match stored {
-            Ok(()) => copied_with.extend(changed),
+            Ok(()) => copied_from.extend(changed),
             Err(e) => {
-                tracing::warn!(error = %e, "could not store the publication's column lists and row filters; checked again")
+                tracing::warn!(error = %e, "could not store what the mirrors are copied from; checked again")
             }
         }
         Ok(())
     }
 
-    /// The fingerprints of the column list and row filter each mirror was
-    /// copied with, read from the checkpoint once.
-    async fn copied_with(&mut self) -> Option<&BTreeMap<(String, String), String>> {
-        if self.copied_with.is_none() {
+    /// The fingerprints of what each mirror was copied from, read from the
+    /// checkpoint once.
+    async fn copied_from(&mut self) -> Option<&BTreeMap<(String, String), String>> {
+        if self.copied_from.is_none() {
             let read = match self.checkpoint.send(GetCheckpoint).await {
                 Ok(read) => read.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match read {
-                Ok(checkpoint) => self.copied_with = Some(checkpoint.published),
+                Ok(checkpoint) => self.copied_from = Some(checkpoint.copied_from),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not read the checkpoint; checked again")
                 }
             }
         }
-        self.copied_with.as_ref()
+        self.copied_from.as_ref()
     }
 }
 

@@ -12,7 +12,7 @@ use super::ReplicationError;
 use crate::checkpoint::{Checkpoint, SlotIdentity, TableProgress};
 use crate::event::TableRef;
 use crate::lsn::Lsn;
-use crate::messages::{GetCheckpoint, OpenSession, PersistPublished, PersistSlotIdentity};
+use crate::messages::{GetCheckpoint, OpenSession, PersistCopiedFrom, PersistSlotIdentity};
 use crate::metrics::metrics;
 use crate::pg::{catalog, quote::quote_ident};
 use crate::snapshot::{import_snapshot, SnapshotMode};
@@ -60,7 +60,7 @@ impl Stream {
         let start_point =
             slot::decide_start(&checkpoint, state.as_ref(), &identity, want_snapshot)?;
         let fresh_copy = want_snapshot && !matches!(start_point, StartPoint::Resume(_));
-        self.note_published(&sql, &tables, &checkpoint, fresh_copy)
+        self.note_copied_from(&sql, &tables, &checkpoint, fresh_copy)
             .await?;
         let mut pending: Vec<TableProgress> = Vec::new();
         let start = match start_point {
@@ -104,7 +104,7 @@ impl Stream {
     /// be copied (`fresh_copy`). The scope watch copies a table again when
     /// that changes; stored before the copies start, a change made
     /// meanwhile is not missed.
-    async fn note_published(
+    async fn note_copied_from(
         &self,
         sql: &tokio_postgres::Client,
         tables: &[Arc<TableRef>],
@@ -120,10 +120,10 @@ impl Stream {
         let unknown: Vec<_> = names
             .into_iter()
             .zip(now)
-            .filter(|(t, _)| fresh_copy || !checkpoint.published.contains_key(t))
+            .filter(|(t, _)| fresh_copy || !checkpoint.copied_from.contains_key(t))
             .collect();
         if !unknown.is_empty() {
-            self.checkpoint.send(PersistPublished(unknown)).await??;
+            self.checkpoint.send(PersistCopiedFrom(unknown)).await??;
         }
         Ok(())
     }
