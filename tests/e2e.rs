@@ -486,10 +486,7 @@ fn bad_configuration_fails_naming_the_key() {
 fn pgcdc_check(s: &Stack, cfg: &str) -> std::process::Output {
     let path = s.dir.path().join("check.toml");
     std::fs::write(&path, cfg).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
-        .args(["--config", path.to_str().unwrap(), "check"])
-        .output()
-        .unwrap()
+    crate::support::pgcdc(&path, &["check"])
 }
 
 /// `pgcdc check` warns about tables the role may not read, with the GRANT

@@ -298,6 +298,30 @@ async fn table_rows(db: &tokio_postgres::Client) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// How many truncate records `records` hold.
+fn truncates(records: &[Record]) -> usize {
+    records.iter().filter(|r| r.op() == "t").count()
+}
+
+/// Stop `daemon`, drop `t` and create it again with the rows `values` (an
+/// `INSERT … VALUES` list of ids), start it again; the records once the
+/// topic folds to the new table.
+async fn created_again_while_stopped(
+    daemon: &mut crate::support::Daemon,
+    db: &tokio_postgres::Client,
+    tansu: &crate::support::Tansu,
+    values: &str,
+) -> Vec<Record> {
+    daemon.terminate(Duration::from_secs(60)).unwrap();
+    db.batch_execute(&format!(
+        "DROP TABLE t; {CREATE}; INSERT INTO t (id) VALUES {values}"
+    ))
+    .await
+    .unwrap();
+    daemon.spawn().unwrap();
+    until_topic_equals_table(tansu, db).await
+}
+
 /// Wait until the topic folds to exactly the rows of `t`; the records.
 async fn until_topic_equals_table(
     tansu: &crate::support::Tansu,
@@ -329,7 +353,6 @@ async fn a_table_dropped_and_created_again_is_truncated_and_copied_again() {
     .unwrap();
     writer.advance(before, ROWS_PER_PHASE).await;
     writer.stop().await;
-    let truncates = |rs: &[Record]| rs.iter().filter(|r| r.op() == "t").count();
     let records = until_topic_equals_table(&tansu, &db).await;
     assert_eq!(
         truncates(&records),
@@ -350,14 +373,7 @@ async fn a_table_dropped_and_created_again_is_truncated_and_copied_again() {
     assert_eq!(truncates(&records), 2);
 
     // Dropped and created again while pgcdc is stopped.
-    daemon.terminate(Duration::from_secs(60)).unwrap();
-    db.batch_execute(&format!(
-        "DROP TABLE t; {CREATE}; INSERT INTO t (id) VALUES (-300), (-301)"
-    ))
-    .await
-    .unwrap();
-    daemon.spawn().unwrap();
-    let records = until_topic_equals_table(&tansu, &db).await;
+    let records = created_again_while_stopped(&mut daemon, &db, &tansu, "(-300), (-301)").await;
     assert_eq!(truncates(&records), 3);
     assert!(daemon.is_running(), "{}", daemon.log_tail());
 }
@@ -394,7 +410,6 @@ async fn a_changed_column_list_or_row_filter_copies_the_table_again() {
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let truncates = |rs: &[Record]| rs.iter().filter(|r| r.op() == "t").count();
     let until_mirrored = |columns: &'static str, filter: &'static str| {
         let (db, tansu) = (&db, &tansu);
         async move {
@@ -451,7 +466,6 @@ async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_bac
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let truncates = |rs: &[Record]| rs.iter().filter(|r| r.op() == "t").count();
     until_topic_equals_table(&tansu, &db).await;
 
     // Dropped and created again: the publication takes the new table in at
@@ -487,14 +501,7 @@ async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_bac
     assert!(log.contains("exists again after it was gone"), "{log}");
 
     // Dropped and created again while pgcdc is stopped.
-    daemon.terminate(Duration::from_secs(60)).unwrap();
-    db.batch_execute(&format!(
-        "DROP TABLE t; {CREATE}; INSERT INTO t (id) VALUES (-300)"
-    ))
-    .await
-    .unwrap();
-    daemon.spawn().unwrap();
-    let records = until_topic_equals_table(&tansu, &db).await;
+    let records = created_again_while_stopped(&mut daemon, &db, &tansu, "(-300)").await;
     assert_eq!(truncates(&records), 3);
     assert!(daemon.is_running(), "{}", daemon.log_tail());
 }

@@ -403,17 +403,14 @@ async fn a_table_the_role_may_not_read_is_logged_with_postgresqls_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_initial_copy_reads_the_partitions_a_table_had_at_the_snapshot() {
     let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
-    db.batch_execute(
-        "CREATE TABLE m (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+    db.batch_execute(&format!(
+        "{PARTITIONED_M}
          CREATE TABLE m_ap (LIKE m INCLUDING ALL);
-         INSERT INTO m VALUES (1, 'eu'), (2, 'us');
          INSERT INTO m_ap VALUES (3, 'ap');
          CREATE PUBLICATION pgcdc FOR TABLE m WITH (publish_via_partition_root = true);
          CREATE ROLE reader LOGIN REPLICATION;
-         GRANT SELECT ON m, m_us TO reader;",
-    )
+         GRANT SELECT ON m, m_us TO reader;"
+    ))
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "")
@@ -458,19 +455,7 @@ async fn the_initial_copy_reads_the_partitions_a_table_had_at_the_snapshot() {
         "{}",
         daemon.log_tail()
     );
-    let keys: BTreeSet<String> = crate::support::read_all(&tansu, TOPIC)
-        .iter()
-        .filter(|r| table_of(r) == "public.m" && r.op() == "r")
-        .map(|r| r.key.as_ref().unwrap().to_string())
-        .collect();
-    let want: BTreeSet<String> = [
-        json!({"id": 1, "region": "eu"}),
-        json!({"id": 2, "region": "us"}),
-    ]
-    .iter()
-    .map(Value::to_string)
-    .collect();
-    assert_eq!(keys, want);
+    assert_copy_of_m_holds_its_rows(&tansu);
 }
 
 /// A partition detached with `DETACH PARTITION … CONCURRENTLY` while the
@@ -481,14 +466,7 @@ async fn the_initial_copy_reads_the_partitions_a_table_had_at_the_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_detached_concurrently_during_the_copy_keeps_its_rows_in_it() {
     let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
-    db.batch_execute(
-        "CREATE TABLE m (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
-         INSERT INTO m VALUES (1, 'eu'), (2, 'us');",
-    )
-    .await
-    .unwrap();
+    db.batch_execute(PARTITIONED_M).await.unwrap();
     // One row per chunk, one reader, each chunk followed by 3 s: row 2 (in
     // m_us) is read after the detach's first transaction committed.
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "")
@@ -518,7 +496,22 @@ async fn a_partition_detached_concurrently_during_the_copy_keeps_its_rows_in_it(
         .expect("the detach did not complete after the copy")
         .unwrap()
         .unwrap();
-    let keys: BTreeSet<String> = crate::support::read_all(&tansu, TOPIC)
+    assert_copy_of_m_holds_its_rows(&tansu);
+}
+
+/// A table `m` partitioned by region, `m_eu` holding (1, eu) and `m_us` (2, us).
+#[cfg(feature = "failpoints")]
+const PARTITIONED_M: &str =
+    "CREATE TABLE m (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+     CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+     CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+     INSERT INTO m VALUES (1, 'eu'), (2, 'us');";
+
+/// The initial copy of [`PARTITIONED_M`] on the topic holds exactly its two
+/// rows.
+#[cfg(feature = "failpoints")]
+fn assert_copy_of_m_holds_its_rows(tansu: &Tansu) {
+    let keys: BTreeSet<String> = crate::support::read_all(tansu, TOPIC)
         .iter()
         .filter(|r| table_of(r) == "public.m" && r.op() == "r")
         .map(|r| r.key.as_ref().unwrap().to_string())
