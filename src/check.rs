@@ -124,12 +124,13 @@ async fn check_replication(settings: &Settings) -> Result<String, AppError> {
     Ok(security.to_string())
 }
 
-/// How the publication's tables compare with `postgres.tables`.
+/// The result of a check that passes with or without a warning (an `ok`
+/// or a `WARN` line).
 enum Scope {
-    /// Nothing to report beyond this detail.
+    /// Nothing to warn about; this detail.
     Matches(String),
-    /// Tables missing (added at start) or extra (not emitted), or
-    /// operations not published.
+    /// Something to warn about: the publication differs from the
+    /// configuration (tables, operations), or the role may not read a table.
     Mismatch(String),
 }
 
