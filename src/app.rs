@@ -61,6 +61,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let (fatal, mut fatal_rx) = FatalReporter::channel();
     let budget_of = |actor| budget(&settings, actor, &fatal);
     let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), budget_of("checkpoint"));
+    let partitioning = crate::topics::pin_partitions(&settings, checkpoint.clone()).await?;
     let kafka = Arc::new(settings.kafka.clone());
     let (db, cp) = (settings.postgres.database.clone(), checkpoint.clone());
     let producer_budget = budget_of("kafka_producer");
@@ -68,6 +69,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     let heartbeat_every = Duration::from_secs(settings.wal.heartbeat_secs);
     let producer = Supervisor::start(move |_| {
         KafkaProducerActor::new(kafka, &db, cp, producer_budget)
+            .with_partitioning(partitioning.clone())
             .with_dead_letter_topic(&dead_letters)
             .with_heartbeats(heartbeat_every)
     });

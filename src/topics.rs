@@ -2,11 +2,15 @@
 //! min(3, brokers) copies, `min.insync.replicas` = 2 from 3 copies on, and
 //! a warning for every topic (created or found) that keeps fewer than 3.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
+use pgcdc_actors::checkpoint::CheckpointActor;
 use pgcdc_actors::error::ConfigError;
 use pgcdc_actors::es_writer::duration_secs;
-use pgcdc_actors::kafka_producer::{KafkaConfig, DURABLE_REPLICAS};
+use pgcdc_actors::kafka_producer::{KafkaConfig, Partitioning, DURABLE_REPLICAS};
 use pgcdc_actors::pg::parse_table_name;
 use rdkafka::admin::{
     AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
@@ -24,6 +28,8 @@ const MIN_INSYNC: &str = "min.insync.replicas";
 const CANARY_PARTITIONS: i32 = 1;
 /// How long a metadata or admin request may take at start.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the change topics' partition counts are read while running.
+const PARTITION_WATCH: Duration = Duration::from_secs(10);
 
 /// Create the topics events go to; existing ones are left alone. Topics
 /// with fewer than 3 copies are warned about.
@@ -82,6 +88,82 @@ async fn create_with(
     let es = &settings.elasticsearch;
     warn_long_retention(admin, &change_topics(settings), &es.gc_deletes, &opts).await;
     Ok(())
+}
+
+/// Pin each change topic's records to the partition count it had when
+/// pgcdc first wrote to it (kept in the checkpoint), before the first
+/// record; then read the counts every [`PARTITION_WATCH`] and say when
+/// partitions are added ([`Partitioning`]). A topic that does not exist yet
+/// is pinned once it does.
+pub async fn pin_partitions(
+    settings: &Settings,
+    checkpoint: Addr<CheckpointActor>,
+) -> Result<Arc<Partitioning>, AppError> {
+    let k = &settings.kafka;
+    let partitioning = Partitioning::new(k.partitioner());
+    let admin = Arc::new(admin(k)?);
+    let topics = change_topics(settings);
+    let mut seen = HashMap::new();
+    let observed = partition_counts(&admin, &topics).await.map_err(|e| {
+        upstream(
+            k,
+            &format!("cannot read the change topics' partitions: {e}"),
+        )
+    })?;
+    partitioning
+        .observe(observed, &checkpoint, &mut seen)
+        .await
+        .map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let watched = partitioning.clone();
+    actix::spawn(async move {
+        loop {
+            tokio::time::sleep(PARTITION_WATCH).await;
+            let observed = match partition_counts(&admin, &topics).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the change topics' partitions");
+                    continue;
+                }
+            };
+            // A checkpoint that fails is reported as fatal by its actor.
+            if watched
+                .observe(observed, &checkpoint, &mut seen)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    Ok(partitioning)
+}
+
+/// The partition count of each of `topics` that exists.
+async fn partition_counts(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>, rdkafka::error::KafkaError> {
+    let (admin, topics) = (admin.clone(), topics.to_vec());
+    let read = tokio::task::spawn_blocking(move || {
+        let mut counts = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)?;
+            let partitions = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+                .next();
+            if let Some(n) = partitions.filter(|n| *n > 0) {
+                counts.push((topic, i32::try_from(n).unwrap_or(i32::MAX)));
+            }
+        }
+        Ok::<_, rdkafka::error::KafkaError>(counts)
+    });
+    read.await
+        .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
 }
 
 /// Warn about each change topic whose records outlive the mirror's memory

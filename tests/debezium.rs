@@ -1,65 +1,19 @@
 //! Drop-in for Debezium's consumers: records land on the partitions the
-//! Java client would choose (checked against murmur2 computed here, from
-//! its definition, not with pgcdc's or librdkafka's code).
+//! Java client would choose (pgcdc's murmur2 is checked against the Java
+//! client's published values in its unit test).
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
+use pgcdc_actors::kafka_producer::java_partition;
 use pgcdc_actors::wire::header;
 use serde_json::{json, Map, Value};
 
 use crate::support::{config, pg_and_tansu, wait_slot_active, Broker, Record};
 
 const TOPIC: &str = "cdc-events";
-
-/// Kafka's murmur2 as the Java client defines it (`Utils.murmur2`): seed
-/// 0x9747b28c, m 0x5bd1e995, r 24, little-endian 4-byte blocks.
-fn murmur2(data: &[u8]) -> u32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h = SEED ^ data.len() as u32;
-    let blocks = data.chunks_exact(4);
-    let tail = blocks.remainder();
-    for b in blocks {
-        let mut k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M) ^ k;
-    }
-    if !tail.is_empty() {
-        for (i, byte) in tail.iter().enumerate().rev() {
-            h ^= u32::from(*byte) << (8 * i);
-        }
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^ (h >> 15)
-}
-
-/// The Java client's partition of `key` among `n`: the positive part of
-/// murmur2 (`hash & 0x7fffffff`) modulo `n`.
-fn java_partition(key: &[u8], n: u32) -> i32 {
-    ((murmur2(key) & 0x7fff_ffff) % n) as i32
-}
-
-#[test]
-fn the_reference_murmur2_matches_the_java_clients_published_values() {
-    // Values from the Java client's own unit test of Utils.murmur2.
-    for (text, expected) in [
-        ("21", -973_932_308),
-        ("foobar", -790_332_482),
-        ("a-little-bit-long-string", -985_981_536),
-        ("a-little-bit-longer-string", -1_486_304_829),
-        ("abc", 479_470_107),
-    ] {
-        assert_eq!(murmur2(text.as_bytes()) as i32, expected, "{text}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_land_on_the_partitions_the_java_client_would_choose() {
@@ -92,6 +46,83 @@ async fn keys_land_on_the_partitions_the_java_client_would_choose() {
         used.insert(r.partition);
     }
     assert_eq!(used.len(), 3, "60 keys should use every partition");
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+}
+
+/// Each key's partition in `records`; fails if a key is on two.
+fn partitions_by_key(records: &[Record]) -> BTreeMap<String, i32> {
+    let mut at = BTreeMap::new();
+    for r in records.iter().filter(|r| r.op() != "t") {
+        let key = String::from_utf8_lossy(r.key_bytes.as_deref().unwrap()).into_owned();
+        let first = *at.entry(key.clone()).or_insert(r.partition);
+        assert_eq!(r.partition, first, "key {key} moved");
+    }
+    at
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_to_the_topic_leave_every_row_on_its_partition() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute("CREATE TABLE accounts (id int PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    let port = crate::support::free_port();
+    let cfg = config(&pg, &tansu, &state, &["accounts"], "")
+        .replace("topic_partitions = 1\n", "topic_partitions = 3\n");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 60) g")
+        .await
+        .unwrap();
+    let read = |n: usize| {
+        crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |r| r.len() >= n)
+    };
+    let first = partitions_by_key(&read(60));
+    let java = |k: &String, n| java_partition(k.as_bytes(), n);
+    assert!(first.iter().all(|(k, p)| *p == java(k, 3)));
+    // Under six partitions most keys would move.
+    let moving = first.keys().filter(|k| java(k, 6) != java(k, 3));
+    assert!(moving.count() > 20);
+    let status = daemon.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
+
+    // tansu cannot add partitions to a topic: the topic is made again with
+    // six instead, which pgcdc sees as partitions added.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .create()
+        .unwrap();
+    let opts = AdminOptions::new();
+    let deleted = admin.delete_topics(&[TOPIC], &opts).await.unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let six = NewTopic::new(TOPIC, 6, TopicReplication::Fixed(1));
+    let created = admin.create_topics(&[six], &opts).await.unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let log = daemon.log_text();
+    assert!(log.contains("partitions were added to the topic"), "{log}");
+    let probe = crate::support::Probe::on(port);
+    let added = crate::support::sample(
+        &probe.metrics().await,
+        "pgcdc_kafka_partitions_added",
+        &[("topic", TOPIC)],
+    );
+    assert_eq!(added, Some(3.0));
+    db.batch_execute("UPDATE accounts SET n = 1; TRUNCATE accounts")
+        .await
+        .unwrap();
+    let all = read(61);
+    assert_eq!(partitions_by_key(&all), first);
+    let truncate = all.iter().find(|r| r.op() == "t").unwrap();
+    assert!(truncate.partition < 3, "{}", truncate.partition);
     let status = daemon.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log_text());
 }

@@ -464,6 +464,8 @@ async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_bac
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     until_topic_equals_table(&tansu, &db).await;
@@ -499,6 +501,13 @@ async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_bac
     assert_eq!(truncates(&records), 2, "one more reset");
     let log = daemon.log_text();
     assert!(log.contains("exists again after it was gone"), "{log}");
+    let metrics = crate::support::Probe::on(port).metrics().await;
+    let resets = |cause| {
+        let labels = [("table", "public.t"), ("cause", cause)];
+        crate::support::sample(&metrics, "pgcdc_table_resets_total", &labels)
+    };
+    assert_eq!(resets("created_again"), Some(1.0), "{metrics}");
+    assert_eq!(resets("back_after_gone"), Some(1.0), "{metrics}");
 
     // Dropped and created again while pgcdc is stopped.
     let records = created_again_while_stopped(&mut daemon, &db, &tansu, "(-300)").await;

@@ -136,6 +136,25 @@ pub struct PersistSlotIdentity {
 #[rtype(result = "Result<(), CheckpointError>")]
 pub struct PersistCopiedFrom(pub Vec<((String, String), String)>);
 
+/// Pin each change topic's records to a partition count: (topic, its
+/// partitions now). Replies with the count each is pinned to.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<PartitionPin>, CheckpointError>")]
+pub struct PinPartitions(pub Vec<(String, i32)>);
+
+/// The partitions a change topic has and those its records are spread over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPin {
+    /// The topic.
+    pub topic: String,
+    /// Its partitions now.
+    pub now: i32,
+    /// The count its records are spread over.
+    pub pinned: i32,
+    /// The count it was pinned to before; `None` the first time it is seen.
+    pub before: Option<i32>,
+}
+
 /// Stop reading the replication stream (graceful shutdown); replies once stopped.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -66,6 +66,11 @@ pub struct Metrics {
     /// Configured tables whose changes are not captured (dropped, or not
     /// published and not added back).
     pub tables_uncaptured: IntGauge,
+    /// Tables truncated and copied again because the table or what the
+    /// publication sends of it changed, per table and cause.
+    pub table_resets: IntCounterVec,
+    /// Partitions each change topic gained since pgcdc first wrote to it.
+    pub kafka_partitions_added: IntGaugeVec,
     /// Records beyond the ES sink group's committed offset, per topic and partition.
     pub es_sink_lag: IntGaugeVec,
     /// Partitions assigned to this ES sink.
@@ -325,6 +330,18 @@ impl Metrics {
                 &r,
                 "tables_uncaptured",
                 "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
+            ),
+            table_resets: counter_vec(
+                &r,
+                "table_resets_total",
+                "Tables truncated and copied again: created again, back after they were gone, added back to the publication, or the publication's column list or row filter changed",
+                &["table", "cause"],
+            ),
+            kafka_partitions_added: gauge_vec(
+                &r,
+                "kafka_partitions_added",
+                "Partitions the change topic gained since pgcdc first wrote to it: its change records stay on the partitions they had (unless kafka.properties sets another partitioner)",
+                &["topic"],
             ),
             es_sink_lag: gauge_vec(
                 &r,

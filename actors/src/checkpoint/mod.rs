@@ -23,7 +23,8 @@ pub use store::CheckpointStore;
 use crate::error::ExitCode;
 use crate::lsn::Lsn;
 use crate::messages::{
-    GetCheckpoint, LsnPersisted, PersistCopiedFrom, PersistLsn, PersistSlotIdentity,
+    GetCheckpoint, LsnPersisted, PartitionPin, PersistCopiedFrom, PersistLsn, PersistSlotIdentity,
+    PinPartitions,
 };
 use crate::supervision::RestartBudget;
 
@@ -181,6 +182,14 @@ impl Handler<PersistCopiedFrom> for CheckpointActor {
 
     fn handle(&mut self, msg: PersistCopiedFrom, _ctx: &mut Self::Context) -> Self::Result {
         self.store()?.put_copied_from(&msg.0)
+    }
+}
+
+impl Handler<PinPartitions> for CheckpointActor {
+    type Result = Result<Vec<PartitionPin>, CheckpointError>;
+
+    fn handle(&mut self, msg: PinPartitions, _ctx: &mut Self::Context) -> Self::Result {
+        self.store()?.pin_partitions(&msg.0)
     }
 }
 

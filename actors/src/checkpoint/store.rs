@@ -10,7 +10,7 @@ use rocksdb::{Options, WriteBatch, WriteOptions, DB};
 
 use crate::error::CheckpointError;
 use crate::lsn::Lsn;
-use crate::messages::{Checkpoint, SlotIdentity, TableProgress};
+use crate::messages::{Checkpoint, PartitionPin, SlotIdentity, TableProgress};
 
 /// Key of the confirmed commit LSN (8 bytes, big-endian).
 const KEY_LSN: &[u8] = b"confirmed_lsn";
@@ -22,6 +22,10 @@ const PREFIX_PROGRESS: &[u8] = b"progress\0";
 /// Prefix of the keys of what each table's mirror was copied from:
 /// `copied_from\0<schema>\0<table>`, its fingerprint as the value.
 const PREFIX_COPIED_FROM: &[u8] = b"copied_from\0";
+
+/// Prefix of the partition count each change topic's records are spread
+/// over: `partitions\0<topic>`, the count as 4 bytes, big-endian.
+const PREFIX_PARTITIONS: &[u8] = b"partitions\0";
 
 /// The key `table`'s entry is stored under, after `prefix`.
 fn table_key(prefix: &[u8], schema: &str, name: &str) -> Vec<u8> {
@@ -195,6 +199,51 @@ impl CheckpointStore {
         self.write_synced(batch)
     }
 
+    /// The partition count each of `observed` (topic, partitions now) is
+    /// pinned to: the stored one, else (a topic seen for the first time) its
+    /// count now. A topic with fewer partitions than its pin was deleted and
+    /// created again (Kafka cannot remove partitions), so it is pinned anew.
+    /// New pins are stored in one synced write.
+    pub fn pin_partitions(
+        &self,
+        observed: &[(String, i32)],
+    ) -> Result<Vec<PartitionPin>, CheckpointError> {
+        let mut batch = WriteBatch::default();
+        let mut pins = Vec::with_capacity(observed.len());
+        for (topic, now) in observed {
+            let mut key = PREFIX_PARTITIONS.to_vec();
+            key.extend_from_slice(topic.as_bytes());
+            let before = match self.db.get(&key).map_err(|e| self.store_err(e))? {
+                None => None,
+                Some(v) => Some(i32::from_be_bytes(v.as_slice().try_into().map_err(
+                    |_| {
+                        self.corrupt(
+                            "partitions",
+                            format!("{} bytes for {topic}, expected 4", v.len()),
+                        )
+                    },
+                )?)),
+            };
+            let pinned = match before {
+                Some(b) if b <= *now => b,
+                _ => {
+                    batch.put(key, now.to_be_bytes());
+                    *now
+                }
+            };
+            pins.push(PartitionPin {
+                topic: topic.clone(),
+                now: *now,
+                pinned,
+                before,
+            });
+        }
+        if !batch.is_empty() {
+            self.write_synced(batch)?;
+        }
+        Ok(pins)
+    }
+
     /// Store the slot identity, its starting LSN and the tables' starting
     /// progress in one synced write.
     pub fn put_identity(
@@ -265,6 +314,37 @@ mod tests {
             .map(|((_, t), f)| (t.as_str(), f.as_str()))
             .collect();
         assert_eq!(copied_from, [("a", "1 3|{OPEXPR}"), ("b", "")]);
+    }
+
+    #[test]
+    fn a_topic_keeps_the_partition_count_it_was_first_seen_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let pinned = |store: &CheckpointStore, observed: &[(&str, i32)]| {
+            let observed: Vec<_> = observed.iter().map(|(t, n)| (t.to_string(), *n)).collect();
+            let pins = store.pin_partitions(&observed).unwrap();
+            pins.iter()
+                .map(|p| (p.pinned, p.before))
+                .collect::<Vec<_>>()
+        };
+        {
+            let store = CheckpointStore::open(dir.path()).unwrap();
+            assert_eq!(
+                pinned(&store, &[("a", 3), ("b", 1)]),
+                [(3, None), (1, None)]
+            );
+            // Partitions added: the first count stays.
+            assert_eq!(pinned(&store, &[("a", 6)]), [(3, Some(3))]);
+        }
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        assert_eq!(
+            pinned(&store, &[("a", 6), ("b", 4)]),
+            [(3, Some(3)), (1, Some(1))]
+        );
+        // Fewer than the pin: the topic was created again, and is pinned anew.
+        assert_eq!(pinned(&store, &[("a", 2)]), [(2, Some(3))]);
+        assert_eq!(pinned(&store, &[("a", 6)]), [(2, Some(2))]);
+        // The pins are not part of the checkpoint's table entries.
+        assert_eq!(store.load().unwrap(), Checkpoint::default());
     }
 
     #[test]

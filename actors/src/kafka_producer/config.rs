@@ -379,6 +379,12 @@ impl KafkaConfig {
         }
     }
 
+    /// The `partitioner` set in `[kafka.properties]`; `None`: pgcdc's
+    /// default, the Java client's.
+    pub fn partitioner(&self) -> Option<&str> {
+        self.properties.get(PARTITIONER).map(String::as_str)
+    }
+
     /// The largest record the producer sends (`message.max.bytes`);
     /// `None` if the property is set to something that is not a number.
     pub fn max_message_bytes(&self) -> Option<usize> {

@@ -14,6 +14,7 @@ mod envelope;
 mod format;
 mod heartbeat;
 mod modes;
+mod partition;
 mod persist;
 mod polled;
 mod send;
@@ -31,6 +32,7 @@ pub use config::{
     DURABLE_REPLICAS,
 };
 pub use envelope::{EncodedRecord, Encoder};
+pub use partition::{java_partition, murmur2, Partitioning};
 pub(crate) use polled::{PolledProducer, Reply};
 
 use crate::checkpoint::CheckpointActor;
@@ -83,6 +85,8 @@ pub struct KafkaProducerActor {
     transactions: Option<TxTracker>,
     /// Heartbeat records and their interval, when `kafka.heartbeats` is on.
     heartbeats: Option<(Heartbeats, Duration)>,
+    /// The partition of each change record.
+    partitioning: Arc<Partitioning>,
 }
 
 impl KafkaProducerActor {
@@ -107,8 +111,15 @@ impl KafkaProducerActor {
             dead_letter_topic: None,
             transactions: config.transaction_topic().map(|t| TxTracker::new(&t)),
             heartbeats: None,
+            partitioning: Partitioning::new(config.partitioner()),
             config,
         }
+    }
+
+    /// Place change records by `partitioning`'s pinned partition counts.
+    pub fn with_partitioning(mut self, partitioning: Arc<Partitioning>) -> Self {
+        self.partitioning = partitioning;
+        self
     }
 
     /// Send descriptions of records above `message.max.bytes` to `topic`
@@ -296,6 +307,7 @@ impl Handler<PublishBatch> for KafkaProducerActor {
         let job = BatchJob {
             producer,
             config: self.config.clone(),
+            partitioning: self.partitioning.clone(),
             database: self.database.clone(),
             dead_letters: self.oversized_to(),
             now_ms: now,

@@ -22,6 +22,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::partition::{Partitioning, Pins};
 use super::transaction::TxPlan;
 use super::{EncodedRecord, Encoder, KafkaConfig};
 use crate::error::{OversizedRecord, ProducerError, SizeLimit};
@@ -167,6 +168,8 @@ pub(super) struct BatchJob {
     pub producer: Arc<Producer>,
     /// The `[kafka]` section.
     pub config: Arc<KafkaConfig>,
+    /// The partition of each change record.
+    pub partitioning: Arc<Partitioning>,
     /// The database name, for the envelopes.
     pub database: Arc<str>,
     /// Where records above `message.max.bytes` go; `None`: they are fatal.
@@ -197,6 +200,7 @@ impl BatchJob {
             now_ms: self.now_ms,
             dead_letters: self.dead_letters.as_deref(),
             limit: self.config.max_message_bytes().unwrap_or_default(),
+            place: Some((&*self.partitioning, self.partitioning.pins())),
         };
         let mut encoder = Encoder::new(&self.config, &self.database, self.now_ms);
         let mut records = Vec::with_capacity(2);
@@ -237,6 +241,7 @@ pub(super) async fn send_one(
         now_ms,
         dead_letters: None,
         limit: 0,
+        place: None,
     };
     out.record(record).await?;
     ack.wait().await
@@ -275,6 +280,9 @@ struct Enqueue<'a> {
     dead_letters: Option<&'a str>,
     /// The producer's `message.max.bytes`.
     limit: usize,
+    /// Where change records go among their topic's partitions (`None`:
+    /// librdkafka's partitioner places every record).
+    place: Option<(&'a Partitioning, Pins)>,
 }
 
 impl Enqueue<'_> {
@@ -347,6 +355,11 @@ impl Enqueue<'_> {
         }
         if let Some(v) = &r.value {
             record = record.payload(v.as_slice());
+        }
+        if let Some((partitioning, pins)) = &self.place {
+            if let Some(p) = partitioning.partition(pins, &r.topic, r.key.as_deref()) {
+                record = record.partition(p);
+            }
         }
         self.producer.send(record, QUEUE_FULL_WAIT, None).await
     }

@@ -147,7 +147,13 @@ impl ScopeWatch {
                     tracing::warn!(table = %name, publication = %self.pg.publication, "configured table is not in the publication (re-created, or removed from it): adding it back, then truncating its mirror and copying it again");
                     let (pg, key) = (&self.pg, &self.key);
                     match recapture(sql, pg, key, &table).await {
-                        Ok(()) => recaptured.push(table),
+                        Ok(()) => {
+                            let resets = &metrics().table_resets;
+                            resets
+                                .with_label_values(&[name.as_str(), "added_back"])
+                                .inc();
+                            recaptured.push(table)
+                        }
                         Err(e) => {
                             uncaptured += 1;
                             tracing::error!(table = %name, error = %e, fix = %add_table_sql(&pg.publication, &table), "could not add the table back to the publication: its changes are not captured");
@@ -193,8 +199,12 @@ impl ScopeWatch {
             let reset = was.filter(|_| !recaptured.contains(&table) && !gone.contains(&table));
             if let Some(was) = reset {
                 let name = format!("{}.{}", table.0, table.1);
-                let why = why_reset(was, &fingerprint);
+                let (cause, why) = why_reset(was, &fingerprint);
                 tracing::warn!(table = %name, publication = %self.pg.publication, "{why}: truncating its mirror and copying it again");
+                metrics()
+                    .table_resets
+                    .with_label_values(&[name.as_str(), cause])
+                    .inc();
                 let signal = Signal::signed(&self.key, &self.pg.slot, &table.0, &table.1, true);
                 let lsn = signal.write(sql).await?;
                 tracing::info!(table = %name, lsn = %lsn, "reset requested");
@@ -241,15 +251,22 @@ impl ScopeWatch {
 }
 
 /// Why a table whose fingerprint was `was` (empty: it was gone) and is
-/// `now` is copied again; a fingerprint starts with the table's OID.
-fn why_reset(was: &str, now: &str) -> &'static str {
+/// `now` is copied again: the `cause` label of `pgcdc_table_resets_total`
+/// and the log's words. A fingerprint starts with the table's OID.
+fn why_reset(was: &str, now: &str) -> (&'static str, &'static str) {
     let oid = |f: &str| f.split('|').next().unwrap_or_default().to_owned();
     if was.is_empty() {
-        "the table exists again after it was gone (its changes meanwhile were not captured)"
+        (
+            "back_after_gone",
+            "the table exists again after it was gone (its changes meanwhile were not captured)",
+        )
     } else if oid(was) != oid(now) {
-        "the table was created again"
+        ("created_again", "the table was created again")
     } else {
-        "the publication's column list or row filter for the table changed"
+        (
+            "publication_changed",
+            "the publication's column list or row filter for the table changed",
+        )
     }
 }
 
@@ -343,10 +360,21 @@ mod tests {
 
     #[test]
     fn a_reset_says_why() {
-        assert!(why_reset("", "16384").contains("exists again after it was gone"));
-        assert!(why_reset("16384", "16390").contains("created again"));
-        assert!(why_reset("16384|1 2", "16390|1 2").contains("created again"));
-        assert!(why_reset("16384|1 2", "16384|1 2 3").contains("column list or row filter"));
-        assert!(why_reset("16384", "16384|{OPEXPR}").contains("column list or row filter"));
+        let says = |was: &str, now: &str, cause: &str, words: &str| {
+            let (c, w) = why_reset(was, now);
+            assert_eq!(c, cause, "{was} -> {now}");
+            assert!(w.contains(words), "{w}");
+        };
+        says(
+            "",
+            "16384",
+            "back_after_gone",
+            "exists again after it was gone",
+        );
+        says("16384", "16390", "created_again", "created again");
+        says("16384|1 2", "16390|1 2", "created_again", "created again");
+        let changed = "column list or row filter";
+        says("16384|1 2", "16384|1 2 3", "publication_changed", changed);
+        says("16384", "16384|{OPEXPR}", "publication_changed", changed);
     }
 }
