@@ -135,16 +135,20 @@ enum Scope {
 }
 
 /// Compare the publication with the configured tables: partitions under
-/// their root, missing tables, tables that are published but not
+/// their root, partitions whose changes it sends as another table's, missing tables, tables that are published but not
 /// configured, operations it does not publish; which tables it sends only
 /// some columns or rows of (column lists, row filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;
-    let Some(state) = slot::inspect_publication(&sql, &pg.publication)
+    let state = slot::inspect_publication(&sql, &pg.publication)
         .await
-        .map_err(classified)?
-    else {
+        .map_err(classified)?;
+    let published = state.as_ref().map_or(&[][..], |s| &s.tables[..]);
+    slot::check_configured_partitions(&sql, &pg.publication, published, &tables)
+        .await
+        .map_err(classified)?;
+    let Some(state) = state else {
         return Ok(Scope::Matches(format!(
             "{:?} does not exist yet; created at start",
             pg.publication

@@ -315,6 +315,69 @@ async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_changes_are_sent_as_another_tables_is_refused() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);",
+    )
+    .await
+    .unwrap();
+    let state = dir.path().join("state");
+    // Both the root and its partition configured: the partition's changes
+    // are sent as the root's.
+    let cfg = config(&pg, &tansu, &state, &["m", "m_low"], "");
+    refused_naming_the_fix(dir.path(), &cfg, "Remove public.m_low from postgres.tables");
+    let out = one_shot(dir.path(), &cfg, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "FAIL  publication: postgresql is not ready: public.m_low is a partition of public.m,"
+        ),
+        "{text}"
+    );
+    let publications: i64 = db
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0, "refused before creating the publication");
+    // The partition configured, its root in the publication.
+    db.batch_execute(
+        "CREATE PUBLICATION pgcdc FOR TABLE m WITH (publish_via_partition_root = true)",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &state, &["m_low"], "");
+    refused_naming_the_fix(
+        dir.path(),
+        &cfg,
+        "Configure public.m instead of public.m_low, or take public.m out of the publication",
+    );
+    // The partition alone in the publication is captured as itself.
+    db.batch_execute("ALTER PUBLICATION pgcdc SET TABLE m_low; INSERT INTO m VALUES (7)")
+        .await
+        .unwrap();
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO m VALUES (8)").await.unwrap();
+    let records = crate::support::read_until(&tansu, "cdc-events", EXIT, |r| r.len() >= 2);
+    let seen: Vec<_> = records
+        .iter()
+        .map(|r| (r.op(), r.header(header::TABLE), r.after()["id"].as_i64()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("r", "public.m_low", Some(7)),
+            ("c", "public.m_low", Some(8))
+        ]
+    );
+    let status = daemon.terminate(EXIT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log_tail());
+}
+
 /// Start the daemon with `cfg`: it must exit 3 with `fix` in its log.
 fn refused_naming_the_fix(dir: &std::path::Path, cfg: &str, fix: &str) {
     let mut daemon = crate::support::daemon(dir, cfg, &[]);

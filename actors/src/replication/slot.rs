@@ -137,6 +137,56 @@ pub async fn check_partition_root(
     )))
 }
 
+/// Refuse a configured table that is a partition whose changes the
+/// publication sends under an ancestor's name (`publish_via_partition_root`):
+/// an ancestor that is configured too, or one the publication already
+/// publishes (`published`). Its own records would hold its initial copy
+/// and nothing after, or its changes would be dropped as another table's.
+pub async fn check_configured_partitions(
+    sql: &Client,
+    name: &str,
+    published: &[(String, String)],
+    tables: &[Arc<TableRef>],
+) -> Result<(), ReplicationError> {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect();
+    let rows = sql
+        .query(
+            "SELECT t.i, n.nspname::text, c.relname::text \
+               FROM unnest($1::text[]) WITH ORDINALITY AS t(q, i) \
+               JOIN pg_class l ON l.oid = t.q::regclass AND l.relispartition \
+               CROSS JOIN LATERAL pg_partition_ancestors(l.oid) WITH ORDINALITY AS a(relid, depth) \
+               JOIN pg_class c ON c.oid = a.relid \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE a.relid <> l.oid ORDER BY t.i, a.depth DESC",
+            &[&names],
+        )
+        .await?;
+    let configured = |s: &str, n: &str| tables.iter().any(|t| t.schema == s && t.name == n);
+    let is_published = |s: &str, n: &str| published.iter().any(|(ps, pn)| ps == s && pn == n);
+    for r in &rows {
+        let (i, schema, ancestor): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
+        let Some(leaf) = usize::try_from(i - 1).ok().and_then(|i| tables.get(i)) else {
+            continue;
+        };
+        let (leaf, root) = (
+            format!("{}.{}", leaf.schema, leaf.name),
+            format!("{schema}.{ancestor}"),
+        );
+        let why = if configured(&schema, &ancestor) {
+            format!("{leaf} is a partition of {root}, which postgres.tables names too: the publication sends {leaf}'s changes as {root}'s (publish_via_partition_root), so {leaf}'s own records would hold its initial copy and nothing after. Remove {leaf} from postgres.tables")
+        } else if is_published(&schema, &ancestor) {
+            format!("{leaf} is a partition of {root}, which publication {name:?} publishes: it sends {leaf}'s changes as {root}'s (publish_via_partition_root), which pgcdc does not capture. Configure {root} instead of {leaf}, or take {root} out of the publication")
+        } else {
+            continue;
+        };
+        return Err(ReplicationError::NotReady(why));
+    }
+    Ok(())
+}
+
 /// Create the publication (publishing partitions under their root table's
 /// name), or add the tables it lacks but those in `captured` (they were
 /// captured before: the stream's scope watch adds them back and copies them
@@ -156,6 +206,7 @@ pub async fn ensure_publication(
             .join(", ")
     };
     let Some(state) = inspect_publication(sql, name).await? else {
+        check_configured_partitions(sql, name, &[], tables).await?;
         let all: Vec<_> = tables.iter().collect();
         sql.batch_execute(&format!(
             "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
@@ -171,6 +222,7 @@ pub async fn ensure_publication(
         return Ok(());
     };
     check_partition_root(sql, name, &state, tables).await?;
+    check_configured_partitions(sql, name, &state.tables, tables).await?;
     if let Some(note) = state.unpublished_note(name) {
         tracing::warn!(publication = name, "the publication {note}");
     }
