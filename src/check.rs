@@ -45,7 +45,7 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
     );
     report("publication", rt.block_on(check_publication(&settings)));
     report("privileges", rt.block_on(check_privileges(&settings)));
-    report("kafka", check_kafka(&settings).map(Scope::Matches));
+    report("kafka", check_kafka(&settings));
     first_failure.map_or(Ok(()), Err)
 }
 
@@ -130,7 +130,8 @@ enum Scope {
     /// Nothing to warn about; this detail.
     Matches(String),
     /// Something to warn about: the publication differs from the
-    /// configuration (tables, operations), or the role may not read a table.
+    /// configuration (tables, operations), the role may not read a table,
+    /// or a change topic gained partitions.
     Mismatch(String),
 }
 
@@ -222,7 +223,9 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
     store.load().map_err(|e| AppError::LocalIo(e.to_string()))
 }
 
-fn check_kafka(settings: &Settings) -> Result<String, AppError> {
+/// Reach Kafka; warn about each change topic with partitions added since
+/// pgcdc first wrote to it (its records stay on the ones it had).
+fn check_kafka(settings: &Settings) -> Result<Scope, AppError> {
     let consumer: BaseConsumer = settings.kafka.client_config().create().map_err(|e| {
         let message = settings.kafka.properties.redact(&e.to_string());
         AppError::Config(vec![ConfigError::new("kafka", message)])
@@ -233,11 +236,37 @@ fn check_kafka(settings: &Settings) -> Result<String, AppError> {
             let message = settings.kafka.properties.redact(&e.to_string());
             AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
         })?;
-    Ok(format!(
+    let reached = format!(
         "{} brokers, {} topics",
         md.brokers().len(),
         md.topics().len()
-    ))
+    );
+    let dir = settings.checkpoint_dir();
+    if !dir.join("CURRENT").exists() {
+        return Ok(Scope::Matches(reached));
+    }
+    let store =
+        CheckpointStore::open_read_only(&dir).map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let pins = store
+        .partition_pins()
+        .map_err(|e| AppError::LocalIo(e.to_string()))?;
+    let added: Vec<String> = crate::topics::change_topics(settings)
+        .iter()
+        .filter_map(|topic| {
+            let t = md.topics().iter().find(|t| t.name() == topic)?;
+            let (now, pinned) = (t.partitions().len(), *pins.get(topic)?);
+            (now > pinned as usize).then(|| {
+                format!("{topic} has {now} partitions, its change records use the first {pinned}")
+            })
+        })
+        .collect();
+    Ok(match added.is_empty() {
+        true => Scope::Matches(reached),
+        false => Scope::Mismatch(format!(
+            "{reached}; partitions were added: {} (each row stays on its partition; to use them all, write to new topics)",
+            added.join("; ")
+        )),
+    })
 }
 
 /// Print the checkpoint, copy progress, the slot and (from a running

@@ -206,7 +206,7 @@ async fn warn_long_retention(
 }
 
 /// The change topics: one per table, or the single topic.
-fn change_topics(settings: &Settings) -> Vec<String> {
+pub(crate) fn change_topics(settings: &Settings) -> Vec<String> {
     let k = &settings.kafka;
     let mut names: Vec<String> = settings
         .postgres

@@ -105,6 +105,16 @@ async fn partitions_added_to_the_topic_leave_every_row_on_its_partition() {
     let created = admin.create_topics(&[six], &opts).await.unwrap();
     assert!(created.iter().all(Result::is_ok), "{created:?}");
 
+    let path = dir.path().join("one-shot.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = crate::support::pgcdc(&path, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let said = "cdc-events has 6 partitions, its change records use the first 3";
+    assert!(
+        text.contains("WARN  kafka:") && text.contains(said),
+        "{text}"
+    );
+
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     wait_slot_active(&db, &mut daemon, "pgcdc").await;
     let log = daemon.log_text();

@@ -514,3 +514,52 @@ async fn under_a_publication_for_all_tables_a_table_created_again_or_renamed_bac
     assert_eq!(truncates(&records), 3);
     assert!(daemon.is_running(), "{}", daemon.log_tail());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_option_changed_while_streaming_is_said_and_counted() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(CREATE).await.unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["t"], "");
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let unpublished = |n: f64| {
+        move |m: &str, _| {
+            crate::support::sample(m, "pgcdc_publication_unpublished_operations", &[]) == Some(n)
+        }
+    };
+    probe
+        .until("every operation published", &mut daemon, unpublished(0.0))
+        .await;
+
+    db.batch_execute("ALTER PUBLICATION pgcdc SET (publish = 'insert, update')")
+        .await
+        .unwrap();
+    daemon
+        .wait_log(
+            "the publication now does not publish delete, truncate",
+            READ,
+        )
+        .await
+        .unwrap();
+    probe
+        .until("two operations left out", &mut daemon, unpublished(2.0))
+        .await;
+
+    db.batch_execute("ALTER PUBLICATION pgcdc SET (publish = 'insert, update, delete, truncate')")
+        .await
+        .unwrap();
+    daemon
+        .wait_log("the publication publishes every operation again", READ)
+        .await
+        .unwrap();
+    probe
+        .until(
+            "every operation published again",
+            &mut daemon,
+            unpublished(0.0),
+        )
+        .await;
+}

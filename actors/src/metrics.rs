@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Configured tables whose changes are not captured (dropped, or not
     /// published and not added back).
     pub tables_uncaptured: IntGauge,
+    /// Operations the publication's `publish` option leaves out.
+    pub unpublished_operations: IntGauge,
     /// Tables truncated and copied again because the table or what the
     /// publication sends of it changed, per table and cause.
     pub table_resets: IntCounterVec,
@@ -330,6 +332,11 @@ impl Metrics {
                 &r,
                 "tables_uncaptured",
                 "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
+            ),
+            unpublished_operations: gauge(
+                &r,
+                "publication_unpublished_operations",
+                "Operations (insert, update, delete, truncate) the publication's publish option leaves out: their changes never reach Kafka",
             ),
             table_resets: counter_vec(
                 &r,

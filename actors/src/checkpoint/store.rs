@@ -244,6 +244,25 @@ impl CheckpointStore {
         Ok(pins)
     }
 
+    /// The partition count each change topic's records are pinned to.
+    pub fn partition_pins(&self) -> Result<BTreeMap<String, i32>, CheckpointError> {
+        let mut pins = BTreeMap::new();
+        for item in self.db.prefix_iterator(PREFIX_PARTITIONS) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let Some(topic) = k.strip_prefix(PREFIX_PARTITIONS) else {
+                break;
+            };
+            let count = v.as_ref().try_into().map(i32::from_be_bytes);
+            let (Ok(topic), Ok(count)) = (std::str::from_utf8(topic), count) else {
+                return Err(
+                    self.corrupt("partitions", "an entry is not a topic and a count".into())
+                );
+            };
+            pins.insert(topic.to_owned(), count);
+        }
+        Ok(pins)
+    }
+
     /// Store the slot identity, its starting LSN and the tables' starting
     /// progress in one synced write.
     pub fn put_identity(
@@ -345,6 +364,8 @@ mod tests {
         assert_eq!(pinned(&store, &[("a", 6)]), [(2, Some(2))]);
         // The pins are not part of the checkpoint's table entries.
         assert_eq!(store.load().unwrap(), Checkpoint::default());
+        let pins = store.partition_pins().unwrap();
+        assert_eq!(pins, BTreeMap::from([("a".into(), 2), ("b".into(), 1)]));
     }
 
     #[test]

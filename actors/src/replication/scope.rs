@@ -75,6 +75,9 @@ pub(super) struct ScopeWatch {
     /// The fingerprints of what each mirror was copied from (the table and
     /// its column list and row filter), once read from the checkpoint.
     copied_from: Option<BTreeMap<(String, String), String>>,
+    /// The operations the publication's `publish` option left out at the
+    /// last pass (the session's start logged them).
+    unpublished: Option<Vec<&'static str>>,
 }
 
 impl ScopeWatch {
@@ -97,6 +100,7 @@ impl ScopeWatch {
             gone: HashMap::new(),
             checkpoint,
             copied_from: None,
+            unpublished: None,
         }
     }
 
@@ -163,7 +167,33 @@ impl ScopeWatch {
             }
         }
         metrics().tables_uncaptured.set(uncaptured);
+        self.follow_publish_option().await?;
         self.follow_published(published, recaptured, gone).await
+    }
+
+    /// Say when the operations the publication's `publish` option leaves
+    /// out change while streaming (the session's start said what they were);
+    /// `pgcdc_publication_unpublished_operations` counts them.
+    async fn follow_publish_option(&mut self) -> Result<(), PgError> {
+        let Some(sql) = &self.sql else {
+            return Ok(());
+        };
+        let name = &self.pg.publication;
+        let Some((_, now)) = super::slot::publish_options(sql, name).await? else {
+            return Ok(());
+        };
+        metrics().unpublished_operations.set(now.len() as i64);
+        let was = self.unpublished.replace(now.clone());
+        match (was, super::slot::unpublished_note(name, &now)) {
+            (Some(was), Some(note)) if was != now => {
+                tracing::warn!(publication = %name, "the publication now {note}")
+            }
+            (Some(was), None) if !was.is_empty() => {
+                tracing::info!(publication = %name, "the publication publishes every operation again; changes made while it did not stay missing from the mirror (pgcdc snapshot --table copies a table again)")
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Reset each of `published` that is not the table, or not sent as,
@@ -192,6 +222,12 @@ impl ScopeWatch {
         let now = catalog::published_fingerprints(sql, &self.pg.publication, &tables).await?;
         let mut changed = Vec::new();
         for (table, fingerprint) in tables.into_iter().zip(now) {
+            // Gone as this pass saw it, even if it is back by now: renamed
+            // away and straight back, its changes meanwhile are missing.
+            let fingerprint = match gone.contains(&table) {
+                true => String::new(),
+                false => fingerprint,
+            };
             let was = copied_from.get(&table);
             if was == Some(&fingerprint) {
                 continue;

@@ -28,18 +28,23 @@ pub struct PublicationState {
     pub unpublished: Vec<&'static str>,
 }
 
+/// What not publishing `unpublished` operations means for the mirror, with
+/// the SQL that publishes them all; `None` if none is left out.
+pub fn unpublished_note(name: &str, unpublished: &[&str]) -> Option<String> {
+    if unpublished.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "does not publish {} (its publish option), so those changes never reach Kafka and the mirror keeps the rows they change in PostgreSQL; run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') unless that is meant",
+        unpublished.join(", "),
+        quote_ident(name)
+    ))
+}
+
 impl PublicationState {
-    /// What not publishing some operations means for the mirror, with the
-    /// SQL that publishes them all; `None` if it publishes every operation.
+    /// [`unpublished_note`] for this publication.
     pub fn unpublished_note(&self, name: &str) -> Option<String> {
-        if self.unpublished.is_empty() {
-            return None;
-        }
-        Some(format!(
-            "does not publish {} (its publish option), so those changes never reach Kafka and the mirror keeps the rows they change in PostgreSQL; run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') unless that is meant",
-            self.unpublished.join(", "),
-            quote_ident(name)
-        ))
+        unpublished_note(name, &self.unpublished)
     }
 
     /// The configured tables the publication lacks.
@@ -66,32 +71,44 @@ impl PublicationState {
     }
 }
 
-/// The publication `name`, if it exists.
-pub async fn inspect_publication(
+/// Publication `name`'s `publish_via_partition_root` and the operations
+/// its `publish` option leaves out, if it exists.
+pub async fn publish_options(
     sql: &Client,
     name: &str,
-) -> Result<Option<PublicationState>, ReplicationError> {
-    let Some(row) = sql
+) -> Result<Option<(bool, Vec<&'static str>)>, tokio_postgres::Error> {
+    let row = sql
         .query_opt(
             "SELECT pubviaroot, pubinsert, pubupdate, pubdelete, pubtruncate \
                FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
-        .await?
-    else {
+        .await?;
+    let ops = ["insert", "update", "delete", "truncate"];
+    Ok(row.map(|row| {
+        let unpublished = (0..ops.len())
+            .filter(|i| !row.get::<_, bool>(i + 1))
+            .map(|i| ops[i])
+            .collect();
+        (row.get(0), unpublished)
+    }))
+}
+
+/// The publication `name`, if it exists.
+pub async fn inspect_publication(
+    sql: &Client,
+    name: &str,
+) -> Result<Option<PublicationState>, ReplicationError> {
+    let Some((via_root, unpublished)) = publish_options(sql, name).await? else {
         return Ok(None);
     };
     let rows = sql
         .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
         .await?;
-    let ops = ["insert", "update", "delete", "truncate"];
     Ok(Some(PublicationState {
-        via_root: row.get(0),
+        via_root,
         tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-        unpublished: (0..ops.len())
-            .filter(|i| !row.get::<_, bool>(i + 1))
-            .map(|i| ops[i])
-            .collect(),
+        unpublished,
     }))
 }
 
