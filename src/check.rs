@@ -136,9 +136,10 @@ enum Scope {
 }
 
 /// Compare the publication with the configured tables: partitions under
-/// their root, partitions whose changes it sends as another table's, missing tables, tables that are published but not
-/// configured, operations it does not publish; which tables it sends only
-/// some columns or rows of (column lists, row filters).
+/// their root, partitions whose changes it sends as another table's,
+/// missing tables, tables that are published but not configured,
+/// operations it does not publish; which tables it sends only some columns
+/// or rows of (column lists, row filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;
@@ -213,14 +214,22 @@ async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     })
 }
 
-fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
+/// The checkpoint store, read-only; `None` if pgcdc never started here.
+fn open_checkpoint(settings: &Settings) -> Result<Option<CheckpointStore>, AppError> {
     let dir = settings.checkpoint_dir();
     if !dir.join("CURRENT").exists() {
-        return Ok(Checkpoint::default());
+        return Ok(None);
     }
     let store =
         CheckpointStore::open_read_only(&dir).map_err(|e| AppError::LocalIo(e.to_string()))?;
-    store.load().map_err(|e| AppError::LocalIo(e.to_string()))
+    Ok(Some(store))
+}
+
+fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
+    match open_checkpoint(settings)? {
+        Some(store) => store.load().map_err(|e| AppError::LocalIo(e.to_string())),
+        None => Ok(Checkpoint::default()),
+    }
 }
 
 /// Reach Kafka; warn about each change topic with partitions added since
@@ -241,12 +250,9 @@ fn check_kafka(settings: &Settings) -> Result<Scope, AppError> {
         md.brokers().len(),
         md.topics().len()
     );
-    let dir = settings.checkpoint_dir();
-    if !dir.join("CURRENT").exists() {
+    let Some(store) = open_checkpoint(settings)? else {
         return Ok(Scope::Matches(reached));
-    }
-    let store =
-        CheckpointStore::open_read_only(&dir).map_err(|e| AppError::LocalIo(e.to_string()))?;
+    };
     let pins = store
         .partition_pins()
         .map_err(|e| AppError::LocalIo(e.to_string()))?;
@@ -256,14 +262,14 @@ fn check_kafka(settings: &Settings) -> Result<Scope, AppError> {
             let t = md.topics().iter().find(|t| t.name() == topic)?;
             let (now, pinned) = (t.partitions().len(), *pins.get(topic)?);
             (now > pinned as usize).then(|| {
-                format!("{topic} has {now} partitions, its change records use the first {pinned}")
+                format!("{topic} has {now} partitions, {pinned} when pgcdc first wrote to it")
             })
         })
         .collect();
     Ok(match added.is_empty() {
         true => Scope::Matches(reached),
         false => Scope::Mismatch(format!(
-            "{reached}; partitions were added: {} (each row stays on its partition; to use them all, write to new topics)",
+            "{reached}; partitions were added: {} (see docs/events.md, added partitions)",
             added.join("; ")
         )),
     })

@@ -109,7 +109,7 @@ async fn partitions_added_to_the_topic_leave_every_row_on_its_partition() {
     std::fs::write(&path, &cfg).unwrap();
     let out = crate::support::pgcdc(&path, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    let said = "cdc-events has 6 partitions, its change records use the first 3";
+    let said = "cdc-events has 6 partitions, 3 when pgcdc first wrote to it";
     assert!(
         text.contains("WARN  kafka:") && text.contains(said),
         "{text}"
