@@ -534,32 +534,25 @@ async fn a_publish_option_changed_while_streaming_is_said_and_counted() {
         .until("every operation published", &mut daemon, unpublished(0.0))
         .await;
 
-    db.batch_execute("ALTER PUBLICATION pgcdc SET (publish = 'insert, update')")
-        .await
-        .unwrap();
-    daemon
-        .wait_log(
+    // Each change of the option: what is said, and how many operations are left out.
+    for (publish, said, left_out) in [
+        (
+            "insert, update",
             "the publication now does not publish delete, truncate",
-            READ,
-        )
+            2.0,
+        ),
+        (
+            "insert, update, delete, truncate",
+            "the publication publishes every operation again",
+            0.0,
+        ),
+    ] {
+        db.batch_execute(&format!(
+            "ALTER PUBLICATION pgcdc SET (publish = '{publish}')"
+        ))
         .await
         .unwrap();
-    probe
-        .until("two operations left out", &mut daemon, unpublished(2.0))
-        .await;
-
-    db.batch_execute("ALTER PUBLICATION pgcdc SET (publish = 'insert, update, delete, truncate')")
-        .await
-        .unwrap();
-    daemon
-        .wait_log("the publication publishes every operation again", READ)
-        .await
-        .unwrap();
-    probe
-        .until(
-            "every operation published again",
-            &mut daemon,
-            unpublished(0.0),
-        )
-        .await;
+        daemon.wait_log(said, READ).await.unwrap();
+        probe.until(said, &mut daemon, unpublished(left_out)).await;
+    }
 }

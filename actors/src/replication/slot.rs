@@ -112,15 +112,20 @@ pub async fn inspect_publication(
     }))
 }
 
+/// The tables' quoted `schema.name`s, for a `$1::text[]` cast to regclass.
+fn quoted_names(tables: &[Arc<TableRef>]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect()
+}
+
 /// The configured tables that are partitioned (`schema.name`).
 async fn partitioned(
     sql: &Client,
     tables: &[Arc<TableRef>],
 ) -> Result<Vec<String>, ReplicationError> {
-    let names: Vec<String> = tables
-        .iter()
-        .map(|t| qualified(&t.schema, &t.name))
-        .collect();
+    let names = quoted_names(tables);
     let rows = sql
         .query(
             "SELECT t.q FROM unnest($1::text[]) AS t(q) \
@@ -165,10 +170,7 @@ pub async fn check_configured_partitions(
     published: &[(String, String)],
     tables: &[Arc<TableRef>],
 ) -> Result<(), ReplicationError> {
-    let names: Vec<String> = tables
-        .iter()
-        .map(|t| qualified(&t.schema, &t.name))
-        .collect();
+    let names = quoted_names(tables);
     let rows = sql
         .query(
             "SELECT t.i, n.nspname::text, c.relname::text \
