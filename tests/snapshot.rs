@@ -599,6 +599,124 @@ async fn kill_9_during_the_snapshot_resumes_after_the_last_acknowledged_chunk() 
     );
 }
 
+/// PostgreSQL writes a commit into the WAL a moment before other sessions
+/// see it, and a commit waiting for a synchronous standby stays invisible
+/// for as long as it waits, while the stream already carries it. A backfill
+/// chunk read then saw the row's older image and put it after the newer
+/// change on Kafka, for good. The chunk must be read again until the
+/// commit is visible, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_invisible() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE sync (id int PRIMARY KEY, v text);
+         INSERT INTO sync SELECT g, 'old' FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["sync"], "");
+    let daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    daemon
+        .wait_log("table copy fully acknowledged", Duration::from_secs(120))
+        .await
+        .unwrap();
+
+    // Commits wait for a standby that never comes, except where synchronous_commit is local (pgcdc's).
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "ALTER SYSTEM SET synchronous_commit = 'local'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    let writer = pg.client().await.unwrap();
+    wait::poll(
+        "the writer to see the standby names",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let row = writer
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await
+                .unwrap();
+            let names: String = row.get(0);
+            Poll::when(names == "nobody", (), || {
+                format!("synchronous_standby_names = {names:?}")
+            })
+        },
+    )
+    .await
+    .unwrap();
+    writer
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let update = tokio::spawn(async move {
+        writer
+            .batch_execute("UPDATE sync SET v = 'new' WHERE id = 7")
+            .await
+    });
+    let id7 = |r: &Record| r.key == Some(json!({"id": 7}));
+    crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
+        rs.iter()
+            .any(|r| id7(r) && r.op() == "u" && r.after()["v"] == json!("new"))
+    });
+    let v: String = db
+        .query_one("SELECT v FROM sync WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        v, "old",
+        "the update must still be invisible (waiting for the standby)"
+    );
+
+    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.sync"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon
+        .wait_log("was not yet visible to its read", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        !daemon.log_text().contains("backfill copied"),
+        "{}",
+        daemon.log_tail()
+    );
+
+    // The wait ends (cancelled: the transaction stays committed) and the update becomes visible.
+    for sql in [
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "ALTER SYSTEM RESET synchronous_commit",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    update.await.unwrap().unwrap();
+    daemon
+        .wait_log("backfill copied", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let records = crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
+        rs.iter().filter(|r| r.op() == "r").count() >= 200
+    });
+    let last = records.iter().rev().find(|r| id7(r)).unwrap();
+    assert_eq!(
+        (last.op(), &last.after()["v"]),
+        ("r", &json!("new")),
+        "the backfill's image of id 7 must be the visible one"
+    );
+    let stale: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.op() == "r" && r.after()["v"] != json!("old") && !id7(r))
+        .collect();
+    assert!(stale.is_empty(), "{stale:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
     let (pg, tansu, es, dir, db) = with_items(10000).await;

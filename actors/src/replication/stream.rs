@@ -268,7 +268,10 @@ impl Stream {
                 final_lsn,
                 xid,
                 commit_time_micros,
-            } => asm.begin(xid, final_lsn.into(), commit_time_micros),
+            } => {
+                windows.began(xid, final_lsn.into());
+                asm.begin(xid, final_lsn.into(), commit_time_micros);
+            }
             ReplicationEvent::XLogData {
                 wal_start,
                 wal_end,

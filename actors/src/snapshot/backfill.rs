@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use actix::Addr;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::copy::reader;
 use super::shape::Shape;
-use super::watermark::{ChunkOutcome, Mark, Watermarks, WATERMARK_PREFIX};
+use super::watermark::{ChunkOutcome, ChunkRead, Mark, Watermarks, WATERMARK_PREFIX};
 use super::{SnapshotConfig, SnapshotError};
 use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::event::{TableRef, TxMeta};
@@ -90,6 +90,7 @@ impl Backfill {
             commit_lsn: Lsn::ZERO,
             commit_time_us: 0,
         };
+        let mut unsettled = Unsettled::default();
         for r in 0..progress.ranges.len() {
             while !progress.ranges[r].done {
                 let Some((id, outcome)) =
@@ -102,7 +103,7 @@ impl Backfill {
                 let chunk = async {
                     self.mark(sql, id, false).await?;
                     let q = shape.chunk_query(&progress.ranges[r], self.cfg.chunk_rows);
-                    let rows = sql.simple_query(&q).await?;
+                    let (rows, unseen) = read_in_snapshot(sql, &q).await?;
                     fail::fail_point!(crate::wire::failpoint::SNAPSHOT_CHUNK);
                     let keyed = shape.events(&rows, placeholder, Lsn::ZERO, &mut 0);
                     let range = &mut progress.ranges[r];
@@ -111,8 +112,16 @@ impl Backfill {
                         range.after = Some(k.clone());
                     }
                     progress.rows += keyed.len() as u64;
-                    let events = keyed.into_iter().map(|(_, e)| e).collect();
-                    self.marks.fill(id, events, Some(progress.clone()));
+                    let rows = keyed.into_iter().map(|(_, e)| e).collect();
+                    let progress = Some(progress.clone());
+                    self.marks.fill(
+                        id,
+                        ChunkRead {
+                            rows,
+                            progress,
+                            unseen,
+                        },
+                    );
                     self.mark(sql, id, true).await
                 };
                 if let Err(e) = chunk.await {
@@ -120,8 +129,12 @@ impl Backfill {
                     return Err(e);
                 }
                 match outcome.await {
-                    Ok(ChunkOutcome::Emitted) => {}
+                    Ok(ChunkOutcome::Emitted) => unsettled = Unsettled::default(),
                     Ok(ChunkOutcome::Retry) => progress = before,
+                    Ok(ChunkOutcome::NotYetVisible(xid)) => {
+                        progress = before;
+                        unsettled.wait(&shape.qualified, xid).await;
+                    }
                     Err(_) => return Ok(None),
                 }
             }
@@ -132,6 +145,60 @@ impl Backfill {
     /// Write a low or high watermark into the WAL.
     async fn mark(&self, sql: &Client, id: u64, high: bool) -> Result<(), SnapshotError> {
         write_mark(sql, &self.marks, &self.pg.slot, id, high).await
+    }
+}
+
+/// Run the chunk query `query` in a snapshot of its own; its rows and the
+/// transactions in progress in that snapshot (which it did not see).
+pub(super) async fn read_in_snapshot(
+    sql: &Client,
+    query: &str,
+) -> Result<(Vec<SimpleQueryMessage>, Vec<u32>), tokio_postgres::Error> {
+    let batch = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT txid_current_snapshot()::text; {query}; COMMIT"
+    );
+    let mut rows = match sql.simple_query(&batch).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = sql.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    let first = rows
+        .iter()
+        .position(|m| matches!(m, SimpleQueryMessage::Row(_)));
+    let unseen = match first.map(|i| rows.remove(i)) {
+        Some(SimpleQueryMessage::Row(r)) => in_progress(r.get(0).unwrap_or_default()),
+        _ => Vec::new(),
+    };
+    Ok((rows, unseen))
+}
+
+/// The in-progress transactions of a snapshot written as `xmin:xmax:xip,…`
+/// (epoch-extended ids, reduced to the 32 bits the stream carries).
+fn in_progress(snapshot: &str) -> Vec<u32> {
+    let xip = snapshot.splitn(3, ':').nth(2).unwrap_or_default();
+    xip.split(',')
+        .filter_map(|x| x.trim().parse::<u64>().ok())
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Chunks read again because a transaction that committed before their
+/// low mark was not yet visible: said, and paced.
+#[derive(Default)]
+pub(super) struct Unsettled {
+    tries: u32,
+}
+
+impl Unsettled {
+    /// Log and wait before the next read: 50 ms, doubling up to 5 s.
+    pub(super) async fn wait(&mut self, table: &str, xid: u32) {
+        self.tries += 1;
+        let pause = std::time::Duration::from_millis(50 << self.tries.min(7))
+            .min(std::time::Duration::from_secs(5));
+        tracing::warn!(table, xid, tries = self.tries, "backfill chunk read again: transaction {xid} committed before the chunk's low mark but was not yet visible to its read (a commit waiting for a synchronous standby stays invisible)");
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -151,4 +218,17 @@ pub(super) async fn write_mark(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_progress;
+
+    #[test]
+    fn a_snapshots_in_progress_transactions_are_read_as_stream_xids() {
+        assert_eq!(in_progress("100:104:100,102"), vec![100, 102]);
+        assert_eq!(in_progress("100:100:"), Vec::<u32>::new());
+        // Epoch-extended ids (epoch 1) reduce to the 32-bit xid decoding reports.
+        assert_eq!(in_progress("4294967396:4294967400:4294967398"), vec![102]);
+    }
 }

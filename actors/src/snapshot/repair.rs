@@ -14,9 +14,10 @@ use std::sync::Arc;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::backfill::write_mark;
+use super::backfill::{read_in_snapshot, Unsettled};
 use super::copy::reader;
 use super::shape::Shape;
-use super::watermark::{ChunkOutcome, Watermarks};
+use super::watermark::{ChunkOutcome, ChunkRead, Watermarks};
 use super::{SnapshotConfig, SnapshotError};
 use crate::checkpoint::KeyText;
 use crate::es_writer::doc_id;
@@ -67,14 +68,23 @@ impl Repair {
         keys: &[KeyText],
     ) -> Result<bool, SnapshotError> {
         let (schema, name) = (&self.table.schema, &self.table.name);
+        let mut unsettled = Unsettled::default();
         loop {
             let Some((id, outcome)) = self.marks.register(self.epoch, schema, name) else {
                 return Ok(false);
             };
             let chunk = async {
                 write_mark(sql, &self.marks, &self.pg.slot, id, false).await?;
-                let events = read_keys(sql, shape, keys).await?;
-                self.marks.fill(id, events, None);
+                let (rows, unseen) = read_keys(sql, shape, keys).await?;
+                let progress = None;
+                self.marks.fill(
+                    id,
+                    ChunkRead {
+                        rows,
+                        progress,
+                        unseen,
+                    },
+                );
                 write_mark(sql, &self.marks, &self.pg.slot, id, true).await
             };
             if let Err(e) = chunk.await {
@@ -84,19 +94,23 @@ impl Repair {
             match outcome.await {
                 Ok(ChunkOutcome::Emitted) => return Ok(true),
                 Ok(ChunkOutcome::Retry) => continue,
+                Ok(ChunkOutcome::NotYetVisible(xid)) => {
+                    unsettled.wait(&shape.qualified, xid).await;
+                }
                 Err(_) => return Ok(false),
             }
         }
     }
 }
 
-/// The rows of `keys` as reads, and a delete for each key without a row.
+/// The rows of `keys` as reads, and a delete for each key without a row;
+/// with the transactions the reads did not see.
 async fn read_keys(
     sql: &Client,
     shape: &Shape,
     keys: &[KeyText],
-) -> Result<Vec<ChangeEvent>, SnapshotError> {
-    let rows = rows_of(sql, shape, keys).await?;
+) -> Result<(Vec<ChangeEvent>, Vec<u32>), SnapshotError> {
+    let (rows, unseen) = rows_of(sql, shape, keys).await?;
     let placeholder = TxMeta::default();
     let mut events: Vec<ChangeEvent> = shape
         .events(&rows, placeholder, Lsn::ZERO, &mut 0)
@@ -113,26 +127,28 @@ async fn read_keys(
             events.push(delete(shape, key));
         }
     }
-    Ok(events)
+    Ok((events, unseen))
 }
 
-/// The rows of `keys`; a key PostgreSQL cannot read as its column's type
-/// (a stray document's) has none.
+/// The rows of `keys` and the transactions their reads did not see; a key
+/// PostgreSQL cannot read as its column's type (a stray document's) has none.
 async fn rows_of(
     sql: &Client,
     shape: &Shape,
     keys: &[KeyText],
-) -> Result<Vec<SimpleQueryMessage>, SnapshotError> {
-    match sql.simple_query(&shape.keys_query(keys)).await {
-        Ok(rows) => Ok(rows),
+) -> Result<(Vec<SimpleQueryMessage>, Vec<u32>), SnapshotError> {
+    match read_in_snapshot(sql, &shape.keys_query(keys)).await {
+        Ok(read) => Ok(read),
         Err(e) if e.as_db_error().is_some() && keys.len() > 1 => {
-            let mut rows = Vec::new();
+            let (mut rows, mut unseen) = (Vec::new(), Vec::new());
             for k in keys {
-                rows.extend(Box::pin(rows_of(sql, shape, std::slice::from_ref(k))).await?);
+                let (r, u) = Box::pin(rows_of(sql, shape, std::slice::from_ref(k))).await?;
+                rows.extend(r);
+                unseen.extend(u);
             }
-            Ok(rows)
+            Ok((rows, unseen))
         }
-        Err(e) if e.as_db_error().is_some() => Ok(Vec::new()),
+        Err(e) if e.as_db_error().is_some() => Ok((Vec::new(), Vec::new())),
         Err(e) => Err(e.into()),
     }
 }

@@ -14,8 +14,19 @@
 //! transaction, versioned with its commit LSN. A TRUNCATE between the marks
 //! drops the whole chunk. A chunk whose low mark this stream session did not
 //! see (it restarted in between) is not emitted: the actor reads it again.
+//!
+//! PostgreSQL writes a commit into the WAL a moment before other sessions
+//! can see it (much longer while synchronous replication waits for a
+//! standby). A transaction that committed just before the low mark can
+//! then be invisible to the chunk's read although the stream has already
+//! carried it, outside the window: the chunk would put the row's older
+//! image after its newer change. So each chunk is read in a snapshot whose
+//! in-progress transactions are kept with its rows, the stream remembers
+//! the commit LSN of the last [`REMEMBERED_COMMITS`] transactions, and a
+//! chunk whose read missed one that committed before its low mark is read
+//! again ([`ChunkOutcome::NotYetVisible`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -40,11 +51,29 @@ pub enum ChunkOutcome {
     Emitted,
     /// The stream did not see its low mark: read it again.
     Retry,
+    /// The read did not see this transaction, which committed before the
+    /// low mark: read it again once it is visible.
+    NotYetVisible(u32),
+}
+
+/// How many committed transactions the stream remembers (xid and commit
+/// LSN) to check that a chunk's read saw all that committed before its low mark.
+pub const REMEMBERED_COMMITS: usize = 1 << 16;
+
+/// A chunk's read: its rows, the table's progress once they are emitted,
+/// and the transactions in progress in the read's snapshot.
+pub struct ChunkRead {
+    /// The rows, as reads (and deletes, for a repair's missing keys).
+    pub rows: Vec<ChangeEvent>,
+    /// The table's progress once they are emitted (`None`: a repair).
+    pub progress: Option<TableProgress>,
+    /// Transactions the read's snapshot did not see (`txid_current_snapshot`'s xip).
+    pub unseen: Vec<u32>,
 }
 
 struct PendingChunk {
     table: (String, String),
-    rows: Option<(Vec<ChangeEvent>, Option<TableProgress>)>,
+    read: Option<ChunkRead>,
     outcome: oneshot::Sender<ChunkOutcome>,
 }
 
@@ -115,18 +144,17 @@ impl Watermarks {
             id,
             PendingChunk {
                 table: (schema.to_owned(), name.to_owned()),
-                rows: None,
+                read: None,
                 outcome: tx,
             },
         );
         Some((id, rx))
     }
 
-    /// The chunk's rows were read; `progress` is the table's progress once
-    /// they are emitted (`None`: a repair, which leaves the progress alone).
-    pub fn fill(&self, id: u64, rows: Vec<ChangeEvent>, progress: Option<TableProgress>) {
+    /// The chunk was read.
+    pub fn fill(&self, id: u64, read: ChunkRead) {
         if let Some(c) = self.lock().chunks.get_mut(&id) {
-            c.rows = Some((rows, progress));
+            c.read = Some(read);
         }
     }
 
@@ -149,6 +177,39 @@ struct Window {
     name: String,
     keys: HashSet<String>,
     truncated: bool,
+    /// The commit LSN of the low mark's transaction.
+    low: Lsn,
+}
+
+/// The transactions the stream saw commit last, oldest first.
+#[derive(Default)]
+struct Commits {
+    order: VecDeque<u32>,
+    at: HashMap<u32, Lsn>,
+    /// The commit LSN of the transaction being read.
+    current: Lsn,
+}
+
+impl Commits {
+    fn begin(&mut self, xid: u32, commit: Lsn) {
+        self.current = commit;
+        if self.at.insert(xid, commit).is_none() {
+            self.order.push_back(xid);
+        }
+        if self.order.len() > REMEMBERED_COMMITS {
+            if let Some(old) = self.order.pop_front() {
+                self.at.remove(&old);
+            }
+        }
+    }
+
+    /// A transaction of `unseen` that committed before `low`.
+    fn before(&self, unseen: &[u32], low: Lsn) -> Option<u32> {
+        unseen
+            .iter()
+            .copied()
+            .find(|x| self.at.get(x).is_some_and(|at| *at < low))
+    }
 }
 
 /// What the stream must do for a logical message.
@@ -200,6 +261,7 @@ pub struct Windows {
     /// again (a keyless copy would be checkpointed as a copy that can never
     /// finish).
     tables: HashMap<(String, String), Arc<TableRef>>,
+    commits: Commits,
 }
 
 fn key_text(e: &ChangeEvent) -> String {
@@ -225,7 +287,13 @@ impl Windows {
             marks,
             open: HashMap::new(),
             tables,
+            commits: Commits::default(),
         }
+    }
+
+    /// A transaction that committed at `commit` is being read.
+    pub fn began(&mut self, xid: u32, commit: Lsn) {
+        self.commits.begin(xid, commit);
     }
 
     /// Record the keys of streamed changes to tables with an open window.
@@ -351,6 +419,7 @@ impl Windows {
                 name,
                 keys: HashSet::new(),
                 truncated: false,
+                low: self.commits.current,
             };
             self.open.insert(id, window);
         }
@@ -361,10 +430,22 @@ impl Windows {
         let Some(chunk) = self.marks.take(id) else {
             return MessageAction::Ignore;
         };
-        let (Some(window), Some((rows, progress))) = (window, chunk.rows) else {
+        let (
+            Some(window),
+            Some(ChunkRead {
+                rows,
+                progress,
+                unseen,
+            }),
+        ) = (window, chunk.read)
+        else {
             let _ = chunk.outcome.send(ChunkOutcome::Retry);
             return MessageAction::Ignore;
         };
+        if let Some(xid) = self.commits.before(&unseen, window.low) {
+            let _ = chunk.outcome.send(ChunkOutcome::NotYetVisible(xid));
+            return MessageAction::Ignore;
+        }
         let read = rows.len();
         let rows: Vec<ChangeEvent> = if window.truncated {
             Vec::new()
@@ -425,10 +506,26 @@ mod tests {
     }
 
     fn chunk(marks: &Watermarks, ids: &[i64]) -> (u64, oneshot::Receiver<ChunkOutcome>) {
+        chunk_unseen(marks, ids, Vec::new())
+    }
+
+    fn chunk_unseen(
+        marks: &Watermarks,
+        ids: &[i64],
+        unseen: Vec<u32>,
+    ) -> (u64, oneshot::Receiver<ChunkOutcome>) {
         let epoch = marks.new_epoch();
         let (id, rx) = marks.register(epoch, "public", "t").unwrap();
         let rows = ids.iter().map(|i| event(Op::Read, *i)).collect();
-        marks.fill(id, rows, Some(TableProgress::fresh("public", "t")));
+        let progress = Some(TableProgress::fresh("public", "t"));
+        marks.fill(
+            id,
+            ChunkRead {
+                rows,
+                progress,
+                unseen,
+            },
+        );
         (id, rx)
     }
 
@@ -453,6 +550,48 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![json!(1), json!(3)]);
         assert_eq!(rx.try_recv().unwrap(), ChunkOutcome::Emitted);
+    }
+
+    #[test]
+    fn a_read_that_missed_a_commit_before_the_low_mark_is_read_again() {
+        let marks = marks();
+        let mut w = Windows::new("s", marks.clone(), &[]);
+        // 700 committed before the low mark, 701 between the marks, 702 later.
+        let (id, mut rx) = chunk_unseen(&marks, &[1, 2], vec![700, 701, 702]);
+        w.began(700, Lsn(10));
+        w.began(9, Lsn(20));
+        w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(19));
+        w.began(701, Lsn(30));
+        w.began(10, Lsn(40));
+        let action = w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(39));
+        assert!(matches!(action, MessageAction::Ignore), "{action:?}");
+        assert_eq!(rx.try_recv().unwrap(), ChunkOutcome::NotYetVisible(700));
+
+        // Unseen transactions that commit between the marks or later: emitted.
+        let (id, mut rx) = chunk_unseen(&marks, &[1, 2], vec![702, 703]);
+        w.began(11, Lsn(50));
+        w.on_message(WATERMARK_PREFIX, &mark(&marks, id, false), Lsn(49));
+        w.began(702, Lsn(60));
+        let action = w.on_message(WATERMARK_PREFIX, &mark(&marks, id, true), Lsn(59));
+        assert!(
+            matches!(action, MessageAction::Emit(ref rows, _) if rows.len() == 2),
+            "{action:?}"
+        );
+        assert_eq!(rx.try_recv().unwrap(), ChunkOutcome::Emitted);
+    }
+
+    #[test]
+    fn remembered_commits_are_bounded() {
+        let mut c = Commits::default();
+        for x in 0..(REMEMBERED_COMMITS as u32 + 10) {
+            c.begin(x, Lsn(u64::from(x) + 1));
+        }
+        assert_eq!(
+            (c.order.len(), c.at.len()),
+            (REMEMBERED_COMMITS, REMEMBERED_COMMITS)
+        );
+        assert_eq!(c.before(&[3], Lsn(u64::MAX)), None, "forgotten");
+        assert_eq!(c.before(&[20, 30], Lsn(u64::MAX)), Some(20));
     }
 
     #[test]
