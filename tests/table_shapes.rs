@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -313,6 +314,122 @@ async fn a_publication_without_partition_root_is_refused_for_a_partitioned_table
         &cfg,
         r#"ALTER PUBLICATION "pgcdc" SET (publish_via_partition_root = true)"#,
     );
+}
+
+/// `publish_via_partition_root` turned off while streaming: PostgreSQL then
+/// sends a partitioned table's changes under its partitions' names, which
+/// pgcdc does not capture. That must be said (ERROR naming the fix,
+/// `pgcdc_tables_uncaptured`, `/ready` 503) and a restart refused; once the
+/// option is on again (while streaming, or before the next start) the table
+/// is copied again, so that the changes made meanwhile reach the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_root_turned_off_while_streaming_is_said_and_healed_once_it_is_on() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE m_high PARTITION OF m FOR VALUES FROM (100) TO (200);
+         INSERT INTO m VALUES (1, 'a'), (150, 'b');",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let uncaptured = |n: f64, status: u16| {
+        move |m: &str, ready: u16| {
+            ready == status && crate::support::sample(m, "pgcdc_tables_uncaptured", &[]) == Some(n)
+        }
+    };
+    probe
+        .until("captured", &mut daemon, uncaptured(0.0, 200))
+        .await;
+    let mut want: BTreeMap<i64, Value> = BTreeMap::new();
+    want.insert(1, json!("a"));
+    want.insert(150, json!("b"));
+    let restored = [("table", "public.m"), ("cause", "partition_root_restored")];
+
+    // Off and on again while streaming; then off, a refused restart, on, a start.
+    for restart in [false, true] {
+        db.batch_execute(&format!(
+            "ALTER PUBLICATION pgcdc SET (publish_via_partition_root = false);
+             INSERT INTO m VALUES ({0}, 'while off'), ({1}, 'while off');
+             UPDATE m SET v = 'changed while off {0}' WHERE id = 1;",
+            2 + restart as i64,
+            160 + restart as i64
+        ))
+        .await
+        .unwrap();
+        want.insert(2 + restart as i64, json!("while off"));
+        want.insert(160 + restart as i64, json!("while off"));
+        want.insert(
+            1,
+            json!(format!("changed while off {}", 2 + restart as i64)),
+        );
+        probe
+            .until("uncaptured", &mut daemon, uncaptured(1.0, 503))
+            .await;
+        let log = daemon.log_text();
+        assert!(
+            log.contains("under its partitions' names (publish_via_partition_root is off)")
+                && log.contains(
+                    r#"ALTER PUBLICATION "pgcdc" SET (publish_via_partition_root = true)"#
+                ),
+            "{}",
+            daemon.log_tail()
+        );
+        if restart {
+            assert_eq!(daemon.terminate(EXIT).unwrap().code(), Some(0));
+            daemon.spawn().unwrap();
+            let status = daemon.wait_exit(EXIT).unwrap();
+            assert_eq!(
+                status.code(),
+                Some(SOURCE_NOT_READY),
+                "{}",
+                daemon.log_tail()
+            );
+        }
+        db.batch_execute("ALTER PUBLICATION pgcdc SET (publish_via_partition_root = true)")
+            .await
+            .unwrap();
+        if restart {
+            daemon.spawn().unwrap();
+        }
+        probe
+            .until("captured again", &mut daemon, uncaptured(0.0, 200))
+            .await;
+        let records = crate::support::read_until(&tansu, TOPIC, READ, |rs| fold(rs) == want);
+        assert!(
+            records.iter().any(|r| r.op() == "t"),
+            "copied again after a truncate"
+        );
+        // Counted by the process that copied it (the first, or the one started after).
+        let text = probe.metrics().await;
+        let resets = crate::support::sample(&text, "pgcdc_table_resets_total", &restored);
+        assert_eq!(resets, Some(1.0), "{text}");
+    }
+}
+
+/// The topic folded into `v` by `id`: the last image of each key, deletes
+/// remove it, a truncate removes every row before it.
+fn fold(records: &[Record]) -> BTreeMap<i64, Value> {
+    let mut rows = BTreeMap::new();
+    for r in records.iter().filter(|r| r.value.is_some()) {
+        let id = r.key.as_ref().and_then(|k| k["id"].as_i64()).unwrap_or(-1);
+        match r.op() {
+            "t" => rows.clear(),
+            "d" => {
+                rows.remove(&id);
+            }
+            _ => {
+                rows.insert(id, r.after()["v"].clone());
+            }
+        }
+    }
+    rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

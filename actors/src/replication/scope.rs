@@ -7,6 +7,10 @@
 //! - a configured table that no longer exists is logged at ERROR (again
 //!   every [`REMIND_EVERY`]) and counted in `pgcdc_tables_uncaptured`, which
 //!   turns `/ready` to 503, until it exists again;
+//! - a configured partitioned table whose changes the publication sends
+//!   under its partitions' names (`publish_via_partition_root` turned off)
+//!   is not captured either: logged and counted the same way, and copied
+//!   again once the option is on again;
 //! - a configured table that exists but is not published (re-created, or
 //!   removed from the publication by hand) is added back. Once every
 //!   transaction that began before the add has ended (their changes may not
@@ -60,7 +64,13 @@ enum State {
     Unpublished,
     /// Does not exist.
     Gone,
+    /// Partitioned, and its changes are sent under its partitions' names.
+    AsPartitions,
 }
+
+/// What a mirror is copied from while its partitioned table's changes are
+/// sent under its partitions' names (a fingerprint never takes this form).
+pub(super) const AS_PARTITIONS: &str = "as-partitions";
 
 /// The watch over one stream session's tables.
 pub(super) struct ScopeWatch {
@@ -68,8 +78,9 @@ pub(super) struct ScopeWatch {
     tables: Vec<(String, String)>,
     key: MessageKey,
     sql: Option<Client>,
-    /// Tables found gone, and when that was last reported.
-    gone: HashMap<(String, String), Instant>,
+    /// Tables found uncaptured (gone, or sent as their partitions), and
+    /// when that was last reported.
+    uncaptured: HashMap<(String, String), Instant>,
     /// Where what each mirror was copied from is kept.
     checkpoint: Addr<CheckpointActor>,
     /// The fingerprints of what each mirror was copied from (the table and
@@ -97,7 +108,7 @@ impl ScopeWatch {
             tables,
             key,
             sql: None,
-            gone: HashMap::new(),
+            uncaptured: HashMap::new(),
             checkpoint,
             copied_from: None,
             unpublished: None,
@@ -119,35 +130,46 @@ impl ScopeWatch {
         if self.sql.is_none() {
             self.sql = Some(crate::pg::connect(&self.pg).await?);
         }
+        let via_root = self.follow_publish_option().await?;
         let Some(sql) = self.sql.as_mut() else {
             return Ok(());
         };
-        let states = table_states(sql, &self.pg.publication, &self.tables).await?;
+        let states = table_states(sql, &self.pg.publication, &self.tables, via_root).await?;
         let mut uncaptured = 0;
-        let (mut published, mut recaptured, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut published, mut recaptured, mut lost) = (Vec::new(), Vec::new(), Vec::new());
         for (table, state) in states {
             let name = format!("{}.{}", table.0, table.1);
+            let due = self
+                .uncaptured
+                .get(&table)
+                .is_none_or(|t| t.elapsed() >= REMIND_EVERY);
             match state {
                 State::Published => {
-                    if self.gone.remove(&table).is_some() {
+                    if self.uncaptured.remove(&table).is_some() {
                         tracing::info!(table = %name, "configured table exists and is captured again");
                     }
                     published.push(table);
                 }
                 State::Gone => {
                     uncaptured += 1;
-                    let due = self
-                        .gone
-                        .get(&table)
-                        .is_none_or(|t| t.elapsed() >= REMIND_EVERY);
                     if due {
                         tracing::error!(table = %name, "configured table no longer exists (dropped or renamed): its mirror keeps the rows it had; pgcdc copies the table again when it exists again, or remove it from postgres.tables");
-                        self.gone.insert(table.clone(), Instant::now());
+                        self.uncaptured.insert(table.clone(), Instant::now());
                     }
-                    gone.push(table);
+                    lost.push((table, ""));
+                }
+                State::AsPartitions => {
+                    uncaptured += 1;
+                    if due {
+                        let publication = quote_ident(&self.pg.publication);
+                        let fix = format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)");
+                        tracing::error!(table = %name, publication = %self.pg.publication, fix = %fix, "the publication sends this partitioned table's changes under its partitions' names (publish_via_partition_root is off): they are not captured; once it is on again pgcdc truncates the table's mirror and copies it again");
+                        self.uncaptured.insert(table.clone(), Instant::now());
+                    }
+                    lost.push((table, AS_PARTITIONS));
                 }
                 State::Unpublished => {
-                    self.gone.remove(&table);
+                    self.uncaptured.remove(&table);
                     tracing::warn!(table = %name, publication = %self.pg.publication, "configured table is not in the publication (re-created, or removed from it): adding it back, then truncating its mirror and copying it again");
                     let (pg, key) = (&self.pg, &self.key);
                     match recapture(sql, pg, key, &table).await {
@@ -167,20 +189,20 @@ impl ScopeWatch {
             }
         }
         metrics().tables_uncaptured.set(uncaptured);
-        self.follow_publish_option().await?;
-        self.follow_published(published, recaptured, gone).await
+        self.follow_published(published, recaptured, lost).await
     }
 
     /// Say when the operations the publication's `publish` option leaves
     /// out change while streaming (the session's start said what they were);
-    /// `pgcdc_publication_unpublished_operations` counts them.
-    async fn follow_publish_option(&mut self) -> Result<(), PgError> {
+    /// `pgcdc_publication_unpublished_operations` counts them. Returns the
+    /// publication's `publish_via_partition_root` (`true` if it is missing).
+    async fn follow_publish_option(&mut self) -> Result<bool, PgError> {
         let Some(sql) = &self.sql else {
-            return Ok(());
+            return Ok(true);
         };
         let name = &self.pg.publication;
-        let Some((_, now)) = super::slot::publish_options(sql, name).await? else {
-            return Ok(());
+        let Some((via_root, now)) = super::slot::publish_options(sql, name).await? else {
+            return Ok(true);
         };
         metrics().unpublished_operations.set(now.len() as i64);
         let was = self.unpublished.replace(now.clone());
@@ -193,20 +215,21 @@ impl ScopeWatch {
             }
             _ => {}
         }
-        Ok(())
+        Ok(via_root)
     }
 
     /// Reset each of `published` that is not the table, or not sent as,
     /// its mirror was copied from: another table under its name (created
-    /// again), back after it was gone (renamed away and back: its changes
-    /// meanwhile were not captured), or another column list or row filter.
-    /// Note what `recaptured` (reset already) are copied from now, and that
-    /// `gone` are gone.
+    /// again), captured again after it was not (renamed away and back, or
+    /// sent as its partitions: its changes meanwhile were not captured), or
+    /// another column list or row filter. Note what `recaptured` (reset
+    /// already) are copied from now, and what `lost` are not captured as
+    /// (`""`: gone, or [`AS_PARTITIONS`]).
     async fn follow_published(
         &mut self,
         published: Vec<(String, String)>,
         recaptured: Vec<(String, String)>,
-        gone: Vec<(String, String)>,
+        lost: Vec<((String, String), &'static str)>,
     ) -> Result<(), PgError> {
         if self.copied_from().await.is_none() {
             return Ok(());
@@ -217,22 +240,20 @@ impl ScopeWatch {
         let tables: Vec<_> = published
             .into_iter()
             .chain(recaptured.clone())
-            .chain(gone.clone())
+            .chain(lost.iter().map(|(t, _)| t.clone()))
             .collect();
         let now = catalog::published_fingerprints(sql, &self.pg.publication, &tables).await?;
         let mut changed = Vec::new();
         for (table, fingerprint) in tables.into_iter().zip(now) {
-            // Gone as this pass saw it, even if it is back by now: renamed
-            // away and straight back, its changes meanwhile are missing.
-            let fingerprint = match gone.contains(&table) {
-                true => String::new(),
-                false => fingerprint,
-            };
+            // Uncaptured as this pass saw it, even if it is back by now
+            // (renamed away and straight back): its changes meanwhile are missing.
+            let marker = lost.iter().find(|(t, _)| *t == table).map(|(_, m)| *m);
+            let fingerprint = marker.map_or(fingerprint, str::to_owned);
             let was = copied_from.get(&table);
             if was == Some(&fingerprint) {
                 continue;
             }
-            let reset = was.filter(|_| !recaptured.contains(&table) && !gone.contains(&table));
+            let reset = was.filter(|_| !recaptured.contains(&table) && marker.is_none());
             if let Some(was) = reset {
                 let name = format!("{}.{}", table.0, table.1);
                 let (cause, why) = why_reset(was, &fingerprint);
@@ -286,15 +307,21 @@ impl ScopeWatch {
     }
 }
 
-/// Why a table whose fingerprint was `was` (empty: it was gone) and is
-/// `now` is copied again: the `cause` label of `pgcdc_table_resets_total`
-/// and the log's words. A fingerprint starts with the table's OID.
+/// Why a table whose fingerprint was `was` (empty: it was gone;
+/// [`AS_PARTITIONS`]: sent as its partitions) and is `now` is copied again:
+/// the `cause` label of `pgcdc_table_resets_total` and the log's words. A
+/// fingerprint starts with the table's OID.
 fn why_reset(was: &str, now: &str) -> (&'static str, &'static str) {
     let oid = |f: &str| f.split('|').next().unwrap_or_default().to_owned();
     if was.is_empty() {
         (
             "back_after_gone",
             "the table exists again after it was gone (its changes meanwhile were not captured)",
+        )
+    } else if was == AS_PARTITIONS {
+        (
+            "partition_root_restored",
+            "the publication sends the partitioned table's changes under its name again (publish_via_partition_root was off: its changes meanwhile were not captured)",
         )
     } else if oid(was) != oid(now) {
         ("created_again", "the table was created again")
@@ -306,11 +333,13 @@ fn why_reset(was: &str, now: &str) -> (&'static str, &'static str) {
     }
 }
 
-/// The state of each of `tables` against `publication`.
+/// The state of each of `tables` against `publication`, whose
+/// `publish_via_partition_root` is `via_root`.
 async fn table_states(
     sql: &Client,
     publication: &str,
     tables: &[(String, String)],
+    via_root: bool,
 ) -> Result<Vec<((String, String), State)>, PgError> {
     let (schemas, names): (Vec<&str>, Vec<&str>) =
         tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
@@ -318,7 +347,9 @@ async fn table_states(
         .query(
             "SELECT s, n, to_regclass(format('%I.%I', s, n)) IS NOT NULL, \
                     EXISTS (SELECT 1 FROM pg_publication_tables p \
-                             WHERE p.pubname = $1 AND p.schemaname = s AND p.tablename = n) \
+                             WHERE p.pubname = $1 AND p.schemaname = s AND p.tablename = n), \
+                    EXISTS (SELECT 1 FROM pg_class c \
+                             WHERE c.oid = to_regclass(format('%I.%I', s, n)) AND c.relkind = 'p') \
                FROM unnest($2::text[], $3::text[]) AS t(s, n)",
             &[&publication, &schemas, &names],
         )
@@ -326,8 +357,11 @@ async fn table_states(
     Ok(rows
         .iter()
         .map(|r| {
+            let partitioned = r.get::<_, bool>(4);
             let state = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
                 (_, true) => State::Published,
+                // Not listed: its partitions are, in its stead.
+                (true, false) if partitioned && !via_root => State::AsPartitions,
                 (true, false) => State::Unpublished,
                 (false, false) => State::Gone,
             };
@@ -406,6 +440,12 @@ mod tests {
             "16384",
             "back_after_gone",
             "exists again after it was gone",
+        );
+        says(
+            AS_PARTITIONS,
+            "16384",
+            "partition_root_restored",
+            "publish_via_partition_root was off",
         );
         says("16384", "16390", "created_again", "created again");
         says("16384|1 2", "16390|1 2", "created_again", "created again");

@@ -120,20 +120,38 @@ fn quoted_names(tables: &[Arc<TableRef>]) -> Vec<String> {
         .collect()
 }
 
-/// The configured tables that are partitioned (`schema.name`).
-async fn partitioned(
+/// The configured tables that are partitioned.
+async fn partitioned<'t>(
     sql: &Client,
-    tables: &[Arc<TableRef>],
-) -> Result<Vec<String>, ReplicationError> {
+    tables: &'t [Arc<TableRef>],
+) -> Result<Vec<&'t Arc<TableRef>>, ReplicationError> {
     let names = quoted_names(tables);
     let rows = sql
         .query(
-            "SELECT t.q FROM unnest($1::text[]) AS t(q) \
+            "SELECT t.i FROM unnest($1::text[]) WITH ORDINALITY AS t(q, i) \
                JOIN pg_class c ON c.oid = t.q::regclass WHERE c.relkind = 'p'",
             &[&names],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let at = |r: &tokio_postgres::Row| usize::try_from(r.get::<_, i64>(0) - 1).ok();
+    Ok(rows
+        .iter()
+        .filter_map(at)
+        .filter_map(|i| tables.get(i))
+        .collect())
+}
+
+/// The configured partitioned tables whose changes publication `name`
+/// sends under their partitions' names (`publish_via_partition_root` off).
+pub async fn sent_as_partitions<'t>(
+    sql: &Client,
+    name: &str,
+    tables: &'t [Arc<TableRef>],
+) -> Result<Vec<&'t Arc<TableRef>>, ReplicationError> {
+    match publish_options(sql, name).await? {
+        Some((false, _)) => partitioned(sql, tables).await,
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// Refuse a publication that would label a partitioned table's changes with
@@ -152,6 +170,10 @@ pub async fn check_partition_root(
     if roots.is_empty() {
         return Ok(());
     }
+    let roots: Vec<String> = roots
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect();
     Err(ReplicationError::NotReady(format!(
         "publication {name:?} publishes the changes of the partitioned table(s) {} under their partitions' names; run ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
         roots.join(", "),

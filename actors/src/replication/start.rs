@@ -49,7 +49,11 @@ impl Stream {
             .iter()
             .map(|p| (p.schema.clone(), p.name.clone()))
             .collect();
-        slot::ensure_publication(&sql, &cfg.publication, &tables, &captured).await?;
+        if let Err(e) = slot::ensure_publication(&sql, &cfg.publication, &tables, &captured).await {
+            self.note_sent_as_partitions(&sql, &tables, &checkpoint)
+                .await;
+            return Err(e);
+        }
         let identity = SlotIdentity {
             system_id: catalog::system_id(&sql).await?,
             database: cfg.database.clone(),
@@ -126,6 +130,37 @@ impl Stream {
             self.checkpoint.send(PersistCopiedFrom(unknown)).await??;
         }
         Ok(())
+    }
+
+    /// Refused because the publication sends configured partitioned tables
+    /// as their partitions: note that their mirrors, if any, miss what was
+    /// sent so since the last check, so they are copied again once it sends
+    /// them as themselves (the scope watch resets them).
+    async fn note_sent_as_partitions(
+        &self,
+        sql: &tokio_postgres::Client,
+        tables: &[Arc<TableRef>],
+        checkpoint: &Checkpoint,
+    ) {
+        let Ok(roots) = slot::sent_as_partitions(sql, &self.config.publication, tables).await
+        else {
+            return;
+        };
+        let lost: Vec<_> = roots
+            .into_iter()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .filter(|t| checkpoint.copied_from.contains_key(t))
+            .map(|t| (t, super::scope::AS_PARTITIONS.to_owned()))
+            .collect();
+        if !lost.is_empty() {
+            let stored = match self.checkpoint.send(PersistCopiedFrom(lost)).await {
+                Ok(stored) => stored.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(error = %e, "could not note the tables sent as their partitions");
+            }
+        }
     }
 
     /// A replication session streaming from `start`.
