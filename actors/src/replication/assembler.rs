@@ -61,6 +61,10 @@ pub struct Assembler {
     types: TypeMap,
     /// Unconfigured tables already warned about.
     ignored: HashSet<(String, String)>,
+    /// Unconfigured relations a change was seen for.
+    changed_ignored: HashSet<u32>,
+    /// Those first seen since the last [`Self::take_ignored`].
+    newly_ignored: Vec<u32>,
     tx: Option<TxMeta>,
     seq: u32,
 }
@@ -79,6 +83,8 @@ impl Assembler {
             relations: HashMap::new(),
             types: TypeMap::default(),
             ignored: HashSet::new(),
+            changed_ignored: HashSet::new(),
+            newly_ignored: Vec::new(),
             tx: None,
             seq: 0,
         }
@@ -126,6 +132,15 @@ impl Assembler {
         lsn: Lsn,
         out: &mut Vec<ChangeEvent>,
     ) -> Result<(), AssembleError> {
+        match &msg {
+            PgOutputMessage::Insert { relation_oid, .. }
+            | PgOutputMessage::Update { relation_oid, .. }
+            | PgOutputMessage::Delete { relation_oid, .. } => self.note_change(*relation_oid),
+            PgOutputMessage::Truncate { relation_oids, .. } => {
+                relation_oids.iter().for_each(|o| self.note_change(*o))
+            }
+            _ => {}
+        }
         match msg {
             PgOutputMessage::Begin {
                 final_lsn,
@@ -189,6 +204,21 @@ impl Assembler {
             PgOutputMessage::Origin { .. } | PgOutputMessage::Message { .. } => {}
         }
         Ok(())
+    }
+
+    /// Note a change of relation `oid` if it is not configured.
+    fn note_change(&mut self, oid: u32) {
+        let ignored = self.relations.get(&oid).is_some_and(|r| r.table.is_none());
+        if ignored && self.changed_ignored.insert(oid) {
+            self.newly_ignored.push(oid);
+        }
+    }
+
+    /// The OIDs of the unconfigured relations whose first change was seen
+    /// since the last call (Relation messages alone do not count: PostgreSQL
+    /// sends a partition's own with its root's).
+    pub fn take_ignored(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.newly_ignored)
     }
 
     /// Cache a relation with its key as this Relation message states it.

@@ -24,7 +24,7 @@ use crate::messages::{DrainProducer, PublishBatch};
 use crate::metrics::metrics;
 use crate::pg::types::TypeSource;
 use crate::pg::PostgresConfig;
-use crate::snapshot::watermark::{MessageAction, Watermarks, Windows};
+use crate::snapshot::watermark::{MessageAction, Signal, Watermarks, Windows};
 use crate::snapshot::{BackfillTable, RepairKeys, SnapshotActor, SnapshotConfig, StreamStarted};
 
 /// Largest batch buffer allocated up front: a large `max_batch_events`
@@ -297,6 +297,10 @@ impl Stream {
                 let from = out.batch.len();
                 asm.apply(msg, lsn, &mut out.batch)
                     .map_err(|source| ReplicationError::Assemble { lsn, source })?;
+                let ignored = asm.take_ignored();
+                if !ignored.is_empty() {
+                    self.copy_roots_again(&ignored, windows).await?;
+                }
                 drop(data); // the row's bytes, before the next message arrives
                 windows.observe(&out.batch[from..]);
                 out.added(from, bytes);
@@ -333,6 +337,52 @@ impl Stream {
                 self.on_message(action, Lsn::from(lsn), asm, out).await?;
             }
             ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Unconfigured relations were seen: any that is a partition of a
+    /// configured table came under its own name, so PostgreSQL decoded it
+    /// with `publish_via_partition_root` off (it was off when the change was
+    /// made, e.g. while pgcdc was stopped) and the table's records lack it.
+    /// Copy such tables again (a reset signal: truncate, backfill), once per
+    /// session; while the option is still off the scope watch says so and
+    /// copies them once it is on.
+    async fn copy_roots_again(
+        &self,
+        relations: &[u32],
+        windows: &mut Windows,
+    ) -> Result<(), ReplicationError> {
+        let sql = crate::pg::connect(&self.config).await?;
+        let publication = &self.config.publication;
+        if let Some((false, _)) = super::slot::publish_options(&sql, publication).await? {
+            return Ok(());
+        }
+        let rows = sql
+            .query(
+                "SELECT l.relname::text, n.nspname::text, r.relname::text \
+                   FROM unnest($1::oid[]) AS u(o) \
+                   JOIN pg_class l ON l.oid = u.o \
+                   JOIN pg_class r ON r.oid = pg_partition_root(u.o) AND r.oid <> u.o \
+                   JOIN pg_namespace n ON n.oid = r.relnamespace",
+                &[&relations],
+            )
+            .await?;
+        for row in rows {
+            let (leaf, root): (String, (String, String)) = (row.get(0), (row.get(1), row.get(2)));
+            if !windows.first_root_reset(&root) {
+                continue;
+            }
+            let name = format!("{}.{}", root.0, root.1);
+            tracing::error!(table = %name, partition = %leaf, "changes of a partition came under its own name, not as its table's (publish_via_partition_root was off when they were made): they are not captured; truncating the table's mirror and copying it again");
+            metrics()
+                .table_resets
+                .with_label_values(&[name.as_str(), "partition_root_restored"])
+                .inc();
+            let signal =
+                Signal::signed(self.marks.key(), &self.config.slot, &root.0, &root.1, true);
+            let lsn = signal.write(&sql).await?;
+            tracing::info!(table = %name, lsn = %lsn, "reset requested");
         }
         Ok(())
     }

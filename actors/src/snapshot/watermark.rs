@@ -262,6 +262,9 @@ pub struct Windows {
     /// finish).
     tables: HashMap<(String, String), Arc<TableRef>>,
     commits: Commits,
+    /// Partitioned tables whose partitions' changes were seen under the
+    /// partitions' names in this session (copied again once).
+    roots_reset: HashSet<(String, String)>,
 }
 
 fn key_text(e: &ChangeEvent) -> String {
@@ -288,7 +291,14 @@ impl Windows {
             open: HashMap::new(),
             tables,
             commits: Commits::default(),
+            roots_reset: HashSet::new(),
         }
+    }
+
+    /// Whether `table` is configured and not yet copied again in this
+    /// session because its partitions' changes came under their own names.
+    pub fn first_root_reset(&mut self, table: &(String, String)) -> bool {
+        self.tables.contains_key(table) && self.roots_reset.insert(table.clone())
     }
 
     /// A transaction that committed at `commit` is being read.

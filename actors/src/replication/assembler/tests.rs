@@ -320,6 +320,10 @@ fn unconfigured_tables_are_dropped_and_a_keyless_relation_has_no_key() {
     other.name = "audit".into();
     a.apply(PgOutputMessage::Relation(other), Lsn(2), &mut Vec::new())
         .unwrap();
+    assert!(
+        a.take_ignored().is_empty(),
+        "a Relation message alone is no change"
+    );
     let mut out = Vec::new();
     let new = tuple(&[Some("1"), None, None]);
     let insert = |oid| PgOutputMessage::Insert {
@@ -327,11 +331,13 @@ fn unconfigured_tables_are_dropped_and_a_keyless_relation_has_no_key() {
         new: new.clone(),
     };
     a.apply(insert(99), Lsn(3), &mut out).unwrap();
+    assert_eq!(a.take_ignored(), vec![99], "its first change is noted");
     let truncate = PgOutputMessage::Truncate {
         options: 0,
         relation_oids: vec![99, 16384],
     };
     a.apply(truncate, Lsn(4), &mut out).unwrap();
+    assert!(a.take_ignored().is_empty(), "once");
     assert_eq!(out.len(), 1, "only the configured table's truncate");
     assert_eq!(out[0].table.name, "users");
     let keyless = described(b'd', &[], None);
