@@ -192,7 +192,7 @@ pub(super) struct Unsettled {
 }
 
 impl Unsettled {
-    /// Log and wait before the next read: 50 ms, doubling up to 5 s.
+    /// Log and wait before the next read: 100 ms, doubling up to 5 s.
     pub(super) async fn wait(&mut self, table: &str, xid: u32) {
         self.tries += 1;
         let pause = std::time::Duration::from_millis(50 << self.tries.min(7))
