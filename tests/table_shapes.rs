@@ -15,7 +15,7 @@ use pgcdc_actors::snapshot::watermark::{Mark, MessageKey, Signal};
 use pgcdc_actors::wire::{header, message};
 use serde_json::{json, Value};
 
-use crate::support::{config, Record, Tansu};
+use crate::support::{config, Daemon, Record, Tansu};
 
 const TOPIC: &str = "cdc-events";
 /// How long a topic read may wait for the records a test expects.
@@ -388,13 +388,7 @@ async fn partition_root_turned_off_while_streaming_is_said_and_healed_once_it_is
         if phase == "refused" {
             assert_eq!(daemon.terminate(EXIT).unwrap().code(), Some(0));
             daemon.spawn().unwrap();
-            let status = daemon.wait_exit(EXIT).unwrap();
-            assert_eq!(
-                status.code(),
-                Some(SOURCE_NOT_READY),
-                "{}",
-                daemon.log_tail()
-            );
+            exits_not_ready(&mut daemon);
         }
         db.batch_execute("ALTER PUBLICATION pgcdc SET (publish_via_partition_root = true)")
             .await
@@ -500,9 +494,8 @@ async fn a_partition_whose_changes_are_sent_as_another_tables_is_refused() {
     assert_eq!(status.code(), Some(0), "{}", daemon.log_tail());
 }
 
-/// Start the daemon with `cfg`: it must exit 3 with `fix` in its log.
-fn refused_naming_the_fix(dir: &std::path::Path, cfg: &str, fix: &str) {
-    let mut daemon = crate::support::daemon(dir, cfg, &[]);
+/// The started daemon must exit 3.
+fn exits_not_ready(daemon: &mut Daemon) {
     let status = daemon.wait_exit(EXIT).unwrap();
     assert_eq!(
         status.code(),
@@ -510,6 +503,12 @@ fn refused_naming_the_fix(dir: &std::path::Path, cfg: &str, fix: &str) {
         "{}",
         daemon.log_tail()
     );
+}
+
+/// Start the daemon with `cfg`: it must exit 3 with `fix` in its log.
+fn refused_naming_the_fix(dir: &std::path::Path, cfg: &str, fix: &str) {
+    let mut daemon = crate::support::daemon(dir, cfg, &[]);
+    exits_not_ready(&mut daemon);
     assert!(daemon.log_text().contains(fix), "{}", daemon.log_tail());
 }
 

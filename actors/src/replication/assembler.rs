@@ -132,15 +132,6 @@ impl Assembler {
         lsn: Lsn,
         out: &mut Vec<ChangeEvent>,
     ) -> Result<(), AssembleError> {
-        match &msg {
-            PgOutputMessage::Insert { relation_oid, .. }
-            | PgOutputMessage::Update { relation_oid, .. }
-            | PgOutputMessage::Delete { relation_oid, .. } => self.note_change(*relation_oid),
-            PgOutputMessage::Truncate { relation_oids, .. } => {
-                relation_oids.iter().for_each(|o| self.note_change(*o))
-            }
-            _ => {}
-        }
         match msg {
             PgOutputMessage::Begin {
                 final_lsn,
@@ -153,6 +144,7 @@ impl Assembler {
             PgOutputMessage::Relation(rel) => self.relation(rel),
             PgOutputMessage::Insert { relation_oid, new } => {
                 let (rel, Some(table)) = self.lookup(relation_oid)? else {
+                    self.note_ignored(relation_oid);
                     return Ok(());
                 };
                 let (after, unchanged) = row(rel, new)?;
@@ -175,6 +167,7 @@ impl Assembler {
             } => self.update(relation_oid, old, new, lsn, out)?,
             PgOutputMessage::Delete { relation_oid, old } => {
                 let (rel, Some(table)) = self.lookup(relation_oid)? else {
+                    self.note_ignored(relation_oid);
                     return Ok(());
                 };
                 let before = old_row(rel, &table, old)?;
@@ -193,6 +186,7 @@ impl Assembler {
             PgOutputMessage::Truncate { relation_oids, .. } => {
                 for oid in relation_oids {
                     let (_, Some(table)) = self.lookup(oid)? else {
+                        self.note_ignored(oid);
                         continue;
                     };
                     self.push(out, Op::Truncate, table, None, None, None, Vec::new(), lsn)?;
@@ -206,10 +200,9 @@ impl Assembler {
         Ok(())
     }
 
-    /// Note a change of relation `oid` if it is not configured.
-    fn note_change(&mut self, oid: u32) {
-        let ignored = self.relations.get(&oid).is_some_and(|r| r.table.is_none());
-        if ignored && self.changed_ignored.insert(oid) {
+    /// Note a change of relation `oid`, which is not configured.
+    fn note_ignored(&mut self, oid: u32) {
+        if self.changed_ignored.insert(oid) {
             self.newly_ignored.push(oid);
         }
     }
@@ -293,6 +286,7 @@ impl Assembler {
         out: &mut Vec<ChangeEvent>,
     ) -> Result<(), AssembleError> {
         let (rel, Some(table)) = self.lookup(oid)? else {
+            self.note_ignored(oid);
             return Ok(());
         };
         let (mut after, mut unchanged) = row(rel, new)?;
