@@ -615,7 +615,10 @@ async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_in
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["sync"], "");
-    let daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     daemon
         .wait_log("table copy fully acknowledged", Duration::from_secs(120))
         .await
@@ -681,6 +684,14 @@ async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_in
         .wait_log("was not yet visible to its read", Duration::from_secs(60))
         .await
         .unwrap();
+    let read_again = |m: &str, _| {
+        let labels = [("table", "public.sync")];
+        let n = crate::support::sample(m, "pgcdc_backfill_chunks_read_again_total", &labels);
+        n >= Some(1.0)
+    };
+    probe
+        .until("a chunk read again", &mut daemon, read_again)
+        .await;
     assert!(
         !daemon.log_text().contains("backfill copied"),
         "{}",

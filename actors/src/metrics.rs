@@ -71,6 +71,9 @@ pub struct Metrics {
     /// Tables truncated and copied again because the table or what the
     /// publication sends of it changed, per table and cause.
     pub table_resets: IntCounterVec,
+    /// Backfill and repair chunks read again because a transaction that
+    /// committed before their low mark was not yet visible, per table.
+    pub chunks_read_again: IntCounterVec,
     /// Partitions each change topic gained since pgcdc first wrote to it.
     pub kafka_partitions_added: IntGaugeVec,
     /// Records beyond the ES sink group's committed offset, per topic and partition.
@@ -341,8 +344,14 @@ impl Metrics {
             table_resets: counter_vec(
                 &r,
                 "table_resets_total",
-                "Tables truncated and copied again: created again, back after they were gone, added back to the publication, or the publication's column list or row filter changed",
+                "Tables truncated and copied again: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, or a partitioned table's changes were sent under its partitions' names",
                 &["table", "cause"],
+            ),
+            chunks_read_again: counter_vec(
+                &r,
+                "backfill_chunks_read_again_total",
+                "Backfill and repair chunks read again because a transaction that committed before the chunk was not yet visible to its read (e.g. waiting for a synchronous standby)",
+                &["table"],
             ),
             kafka_partitions_added: gauge_vec(
                 &r,

@@ -133,7 +133,7 @@ impl Backfill {
                     Ok(ChunkOutcome::Retry) => progress = before,
                     Ok(ChunkOutcome::NotYetVisible(xid)) => {
                         progress = before;
-                        unsettled.wait(&shape.qualified, xid).await;
+                        unsettled.wait(&shape.table, xid).await;
                     }
                     Err(_) => return Ok(None),
                 }
@@ -193,11 +193,16 @@ pub(super) struct Unsettled {
 
 impl Unsettled {
     /// Log and wait before the next read: 100 ms, doubling up to 5 s.
-    pub(super) async fn wait(&mut self, table: &str, xid: u32) {
+    pub(super) async fn wait(&mut self, table: &TableRef, xid: u32) {
         self.tries += 1;
+        let table = format!("{}.{}", table.schema, table.name);
+        crate::metrics::metrics()
+            .chunks_read_again
+            .with_label_values(&[table.as_str()])
+            .inc();
         let pause = std::time::Duration::from_millis(50 << self.tries.min(7))
             .min(std::time::Duration::from_secs(5));
-        tracing::warn!(table, xid, tries = self.tries, "backfill chunk read again: transaction {xid} committed before the chunk's low mark but was not yet visible to its read (a commit waiting for a synchronous standby stays invisible)");
+        tracing::warn!(table = %table, xid, tries = self.tries, "backfill chunk read again: transaction {xid} committed before the chunk's low mark but was not yet visible to its read (a commit waiting for a synchronous standby stays invisible)");
         tokio::time::sleep(pause).await;
     }
 }

@@ -95,7 +95,7 @@ impl Repair {
                 Ok(ChunkOutcome::Emitted) => return Ok(true),
                 Ok(ChunkOutcome::Retry) => continue,
                 Ok(ChunkOutcome::NotYetVisible(xid)) => {
-                    unsettled.wait(&shape.qualified, xid).await;
+                    unsettled.wait(&shape.table, xid).await;
                 }
                 Err(_) => return Ok(false),
             }
