@@ -1,7 +1,8 @@
 //! Tables as users have them: row keys from the replica identity (USING
 //! INDEX, FULL, NOTHING refused), a key column renamed and the primary key
 //! changed while streaming, partitioned tables under their root's name
-//! (ATTACH/DETACH while streaming), a publication with a column list and
+//! (ATTACH/DETACH while streaming copy the table again where rows came
+//! or went without a change), a publication with a column list and
 //! a row filter, a publication with more tables than configured, backfill signals for tables that cannot be backfilled, and
 //! forged signals and watermarks.
 
@@ -201,40 +202,109 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
          CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
          CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
          INSERT INTO m VALUES (1, 'eu', 'a'), (2, 'us', 'b');
-         CREATE TABLE m_ap (LIKE m INCLUDING ALL);",
+         CREATE TABLE m_ap (LIKE m INCLUDING ALL);
+         INSERT INTO m_ap VALUES (50, 'ap', 'held before the attach');",
     )
     .await
     .unwrap();
     let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m"], "");
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let copies = |m: &str, cause: &str| {
+        let labels = [("table", "public.m"), ("cause", cause)];
+        crate::support::sample(m, "pgcdc_table_resets_total", &labels)
+    };
+    let attached = |m: &str| copies(m, "partition_attached");
+    let removed = |m: &str| copies(m, "partition_removed");
+
+    // Attached holding a row no change brought: copied again, no truncate.
     db.batch_execute(
         "INSERT INTO m VALUES (3, 'eu', 'c'), (4, 'us', 'd');
          UPDATE m_us SET v = 'bb' WHERE id = 2;
          ALTER TABLE m ATTACH PARTITION m_ap FOR VALUES IN ('ap');
-         INSERT INTO m VALUES (5, 'ap', 'e');
-         ALTER TABLE m DETACH PARTITION m_us;
+         INSERT INTO m VALUES (5, 'ap', 'e');",
+    )
+    .await
+    .unwrap();
+    let records = read_until_table(&tansu, &db).await;
+    assert!(records.iter().all(|r| r.op() != "t"), "no truncate");
+    assert_eq!(attached(&probe.metrics().await), Some(1.0));
+    assert!(daemon
+        .log_text()
+        .contains("partitions attached to the table hold rows no change brought (m_ap)"));
+    let stream: Vec<_> = changes(&records)
+        .into_iter()
+        .filter(|c| c.0 != "r")
+        .take(4)
+        .collect();
+    let key = |id: i64, region: &str| json!({"id": id, "region": region});
+    let want = [
+        change("c", "public.m", key(3, "eu")),
+        change("c", "public.m", key(4, "us")),
+        change("u", "public.m", key(2, "us")),
+        change("c", "public.m", key(5, "ap")),
+    ];
+    assert_eq!(stream, want, "changes under the root's name");
+
+    // Detached: its rows leave the mirror (truncate, copy again).
+    db.batch_execute(
+        "ALTER TABLE m DETACH PARTITION m_us;
          INSERT INTO m_us VALUES (6, 'us', 'not in m');
          DELETE FROM m WHERE id = 1;
          INSERT INTO m VALUES (7, 'eu', 'end');",
     )
     .await
     .unwrap();
-    let records = read_until_key(&tansu, "public.m", json!({"id": 7, "region": "eu"}));
-    let key = |id: i64, region: &str| json!({"id": id, "region": region});
-    let want = [
-        change("r", "public.m", key(1, "eu")),
-        change("r", "public.m", key(2, "us")),
-        change("c", "public.m", key(3, "eu")),
-        change("c", "public.m", key(4, "us")),
-        change("u", "public.m", key(2, "us")),
-        change("c", "public.m", key(5, "ap")),
-        change("d", "public.m", key(1, "eu")),
-        change("c", "public.m", key(7, "eu")),
-    ];
-    let mut got = changes(&records);
-    got[..2].sort_by_key(|c| c.2.to_string());
-    assert_eq!(got, want);
+    let records = read_until_table(&tansu, &db).await;
+    assert!(records.iter().any(|r| r.op() == "t"), "truncated");
+    assert!(removed(&probe.metrics().await) >= Some(1.0));
+
+    // Created empty: nothing to copy; its rows come as changes.
+    db.batch_execute("CREATE TABLE m_sa PARTITION OF m FOR VALUES IN ('sa')")
+        .await
+        .unwrap();
+    let empty = "partitions added to the table, empty: nothing to copy";
+    daemon.wait_log(empty, READ).await.unwrap();
+    db.batch_execute("INSERT INTO m VALUES (8, 'sa', 'f')")
+        .await
+        .unwrap();
+    read_until_table(&tansu, &db).await;
+    assert_eq!(
+        attached(&probe.metrics().await),
+        Some(1.0),
+        "not copied again"
+    );
+
+    // Attached while pgcdc is stopped: found at the next start (a new
+    // process, so its counter starts at 0).
+    assert_eq!(daemon.terminate(EXIT).unwrap().code(), Some(0));
+    db.batch_execute(
+        "CREATE TABLE m_af (LIKE m INCLUDING ALL);
+         INSERT INTO m_af VALUES (60, 'af', 'attached while stopped');
+         ALTER TABLE m ATTACH PARTITION m_af FOR VALUES IN ('af');",
+    )
+    .await
+    .unwrap();
+    daemon.spawn().unwrap();
+    read_until_table(&tansu, &db).await;
+    assert_eq!(attached(&probe.metrics().await), Some(1.0));
+}
+
+/// Read the topic until folding it gives the rows of `m` (`id` → `v`).
+async fn read_until_table(tansu: &Tansu, db: &tokio_postgres::Client) -> Vec<Record> {
+    let rows = db.query("SELECT id::int8, v FROM m", &[]).await.unwrap();
+    let want: BTreeMap<i64, Value> = rows
+        .iter()
+        .map(|r| (r.get(0), json!(r.get::<_, String>(1))))
+        .collect();
+    let records = crate::support::read_until(tansu, TOPIC, READ, |rs| fold(rs) == want);
+    assert!(records
+        .iter()
+        .all(|r| r.header(header::TABLE) == "public.m"));
+    records
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,8 +68,9 @@ pub struct Metrics {
     pub tables_uncaptured: IntGauge,
     /// Operations the publication's `publish` option leaves out.
     pub unpublished_operations: IntGauge,
-    /// Tables truncated and copied again because the table or what the
-    /// publication sends of it changed, per table and cause.
+    /// Tables copied again (most truncated first) because the table, its
+    /// partitions or what the publication sends of it changed, per table
+    /// and cause.
     pub table_resets: IntCounterVec,
     /// Backfill and repair chunks read again because a transaction that
     /// committed before their low mark was not yet visible, per table.
@@ -344,7 +345,7 @@ impl Metrics {
             table_resets: counter_vec(
                 &r,
                 "table_resets_total",
-                "Tables truncated and copied again: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, or a partitioned table's changes were sent under its partitions' names",
+                "Tables copied again, by cause; truncated first unless the cause is partition_attached: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, a partitioned table's changes were sent under its partitions' names, a partition was detached or dropped (partition_removed), or attached holding rows (partition_attached)",
                 &["table", "cause"],
             ),
             chunks_read_again: counter_vec(

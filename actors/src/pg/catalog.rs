@@ -216,7 +216,8 @@ pub async fn published(
 /// For each of `tables` (schema, name), what identifies the table and what
 /// `publication` sends of it: its OID (a table created again under the name
 /// has another), the attribute numbers of its column list and the parse
-/// tree of its row filter (so renaming a column changes nothing).
+/// tree of its row filter (so renaming a column changes nothing), and for a
+/// partitioned table the OIDs of its leaf partitions after [`PARTITIONS`].
 pub(crate) async fn published_fingerprints(
     sql: &Client,
     publication: &str,
@@ -231,7 +232,10 @@ pub(crate) async fn published_fingerprints(
         false => "nullif($1, $1)",
     };
     let query = format!(
-        "SELECT concat_ws('|', c.oid::text, {filters}) \
+        "SELECT concat_ws('|', c.oid::text, {filters}, \
+                CASE WHEN c.relkind = 'p' THEN '{PARTITIONS}' || coalesce( \
+                  (SELECT string_agg(p.relid::oid::text, ',' ORDER BY p.relid::oid) \
+                     FROM pg_partition_tree(c.oid) p WHERE p.isleaf), '') END) \
            FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(s, n, i) \
            LEFT JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', s, n)) \
           ORDER BY i"
@@ -239,6 +243,27 @@ pub(crate) async fn published_fingerprints(
     let (schemas, names): (Vec<&str>, Vec<&str>) =
         tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
     let rows = sql.query(&query, &[&publication, &schemas, &names]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What precedes the leaf partitions' OIDs (`1,2`) in a partitioned
+/// table's fingerprint ([`published_fingerprints`]).
+pub(crate) const PARTITIONS: &str = "parts:";
+
+/// Those of the partitions `oids` that hold rows (their heap is not
+/// empty), by name. A partition created by `CREATE TABLE … PARTITION OF`
+/// starts empty, while one attached holds the rows it had.
+pub(crate) async fn partitions_with_rows(
+    sql: &Client,
+    oids: &[u32],
+) -> Result<Vec<String>, PgError> {
+    let rows = sql
+        .query(
+            "SELECT p::regclass::text FROM unnest($1::oid[]) AS p \
+              WHERE coalesce(pg_relation_size(p), 0) > 0 ORDER BY 1",
+            &[&oids],
+        )
+        .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 

@@ -28,11 +28,16 @@
 //!     lack the changes made meanwhile;
 //!   - another column list or row filter, the mirror would keep columns no
 //!     longer sent, lack those sent now, and keep rows the filter no longer
-//!     passes (no change ever removes them) or lack rows it passes now.
+//!     passes (no change ever removes them) or lack rows it passes now;
+//!   - a partition detached or dropped, the mirror would keep its rows (no
+//!     change removes them from the table).
+//! - a partitioned table that gained a partition holding rows (attached,
+//!   not created empty) is copied again without a truncate: no change
+//!   brought those rows.
 //!
 //! A failed check is logged and retried at the next pass.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -253,18 +258,38 @@ impl ScopeWatch {
             if was == Some(&fingerprint) {
                 continue;
             }
-            let reset = was.filter(|_| !recaptured.contains(&table) && marker.is_none());
-            if let Some(was) = reset {
-                let name = format!("{}.{}", table.0, table.1);
-                let (cause, why) = why_reset(was, &fingerprint);
-                tracing::warn!(table = %name, publication = %self.pg.publication, "{why}: truncating its mirror and copying it again");
+            let seen = was.filter(|_| !recaptured.contains(&table) && marker.is_none());
+            let name = format!("{}.{}", table.0, table.1);
+            let (cause, why, reset) = match seen.map(|was| compare(was, &fingerprint)) {
+                None | Some(Difference::Unchanged) => (None, String::new(), false),
+                Some(Difference::Reset(cause, why)) => (Some(cause), why.to_owned(), true),
+                Some(Difference::Added(oids)) => {
+                    let held = catalog::partitions_with_rows(sql, &oids).await?;
+                    if held.is_empty() {
+                        tracing::info!(table = %name, partitions = oids.len(), "partitions added to the table, empty: nothing to copy");
+                        (None, String::new(), false)
+                    } else {
+                        let why = format!(
+                            "partitions attached to the table hold rows no change brought ({})",
+                            held.join(", ")
+                        );
+                        (Some("partition_attached"), why, false)
+                    }
+                }
+            };
+            if let Some(cause) = cause {
+                let what = match reset {
+                    true => "truncating its mirror and copying it again",
+                    false => "copying the table again",
+                };
+                tracing::warn!(table = %name, publication = %self.pg.publication, "{why}: {what}");
                 metrics()
                     .table_resets
                     .with_label_values(&[name.as_str(), cause])
                     .inc();
-                let signal = Signal::signed(&self.key, &self.pg.slot, &table.0, &table.1, true);
+                let signal = Signal::signed(&self.key, &self.pg.slot, &table.0, &table.1, reset);
                 let lsn = signal.write(sql).await?;
-                tracing::info!(table = %name, lsn = %lsn, "reset requested");
+                tracing::info!(table = %name, lsn = %lsn, reset, "copy requested");
             }
             changed.push((table, fingerprint));
         }
@@ -305,6 +330,47 @@ impl ScopeWatch {
         }
         self.copied_from.as_ref()
     }
+}
+
+/// How what a mirror was copied from differs from its table now.
+#[derive(Debug, PartialEq)]
+enum Difference {
+    /// Nothing the mirror depends on: the fingerprint was stored before
+    /// fingerprints named a partitioned table's partitions.
+    Unchanged,
+    /// The mirror holds what the table no longer has, or lacks what it
+    /// has: truncate and copy again (cause, words for the log).
+    Reset(&'static str, &'static str),
+    /// Partitions were added (attached or created; these OIDs): those
+    /// that hold rows brought them without a change.
+    Added(Vec<u32>),
+}
+
+/// How the fingerprint `was` differs from `now` ([`why_reset`] unless only
+/// the partitions differ).
+fn compare(was: &str, now: &str) -> Difference {
+    let split = |f: &'_ str| match f.rsplit_once(&format!("|{}", catalog::PARTITIONS)) {
+        Some((table, list)) => {
+            let oids: BTreeSet<u32> = list.split(',').filter_map(|o| o.parse().ok()).collect();
+            (table.to_owned(), Some(oids))
+        }
+        None => (f.to_owned(), None),
+    };
+    let ((table_was, parts_was), (table_now, parts_now)) = (split(was), split(now));
+    if table_was != table_now {
+        let (cause, why) = why_reset(was, now);
+        return Difference::Reset(cause, why);
+    }
+    let (Some(parts_was), Some(parts_now)) = (parts_was, parts_now) else {
+        return Difference::Unchanged;
+    };
+    if !parts_was.is_subset(&parts_now) {
+        return Difference::Reset(
+            "partition_removed",
+            "a partition of the table was detached or dropped: its rows are no longer the table's",
+        );
+    }
+    Difference::Added(parts_now.difference(&parts_was).copied().collect())
 }
 
 /// Why a table whose fingerprint was `was` (empty: it was gone;
@@ -452,5 +518,32 @@ mod tests {
         let changed = "column list or row filter";
         says("16384|1 2", "16384|1 2 3", "publication_changed", changed);
         says("16384", "16384|{OPEXPR}", "publication_changed", changed);
+    }
+
+    #[test]
+    fn partitions_added_are_copied_and_partitions_removed_reset_the_mirror() {
+        let removed = Difference::Reset(
+            "partition_removed",
+            "a partition of the table was detached or dropped: its rows are no longer the table's",
+        );
+        assert_eq!(
+            compare("16384|parts:1,2", "16384|parts:1,2,3"),
+            Difference::Added(vec![3])
+        );
+        assert_eq!(
+            compare("16384|parts:", "16384|parts:7"),
+            Difference::Added(vec![7])
+        );
+        assert_eq!(compare("16384|parts:1,2", "16384|parts:1"), removed);
+        assert_eq!(compare("16384|parts:1,2", "16384|parts:1,3"), removed);
+        // Stored before fingerprints named partitions: nothing to do.
+        assert_eq!(compare("16384", "16384|parts:1,2"), Difference::Unchanged);
+        let filtered = compare("16384|1 2|parts:1", "16384|1 2 3|parts:1,2");
+        assert!(matches!(
+            filtered,
+            Difference::Reset("publication_changed", _)
+        ));
+        let again = compare("16384|parts:1", "16390|parts:1");
+        assert!(matches!(again, Difference::Reset("created_again", _)));
     }
 }
