@@ -1,8 +1,8 @@
 //! Tables as users have them: row keys from the replica identity (USING
 //! INDEX, FULL, NOTHING refused), a key column renamed and the primary key
 //! changed while streaming, partitioned tables under their root's name
-//! (ATTACH/DETACH while streaming copy the table again where rows came
-//! or went without a change), a publication with a column list and
+//! (ATTACH/DETACH and a partition's own TRUNCATE copy the table again
+//! where rows came or went without a change), a publication with a column list and
 //! a row filter, a publication with more tables than configured, backfill signals for tables that cannot be backfilled, and
 //! forged signals and watermarks.
 
@@ -261,6 +261,14 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
     let records = read_until_table(&tansu, &db).await;
     assert!(records.iter().any(|r| r.op() == "t"), "truncated");
     assert!(removed(&probe.metrics().await) >= Some(1.0));
+
+    // Truncated by itself: PostgreSQL publishes no truncate under the root.
+    db.batch_execute("TRUNCATE m_eu; INSERT INTO m VALUES (9, 'eu', 'after')")
+        .await
+        .unwrap();
+    read_until_table(&tansu, &db).await;
+    let rewritten = copies(&probe.metrics().await, "partition_rewritten");
+    assert!(rewritten >= Some(1.0));
 
     // Created empty: nothing to copy; its rows come as changes.
     db.batch_execute("CREATE TABLE m_sa PARTITION OF m FOR VALUES IN ('sa')")

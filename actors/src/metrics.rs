@@ -345,7 +345,7 @@ impl Metrics {
             table_resets: counter_vec(
                 &r,
                 "table_resets_total",
-                "Tables copied again, by cause; truncated first unless the cause is partition_attached: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, a partitioned table's changes were sent under its partitions' names, a partition was detached or dropped (partition_removed), or attached holding rows (partition_attached)",
+                "Tables copied again, by cause; truncated first unless the cause is partition_attached: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, a partitioned table's changes were sent under its partitions' names, a partition was detached or dropped (partition_removed), truncated by itself or rewritten (partition_rewritten), or attached holding rows (partition_attached)",
                 &["table", "cause"],
             ),
             chunks_read_again: counter_vec(

@@ -217,7 +217,9 @@ pub async fn published(
 /// `publication` sends of it: its OID (a table created again under the name
 /// has another), the attribute numbers of its column list and the parse
 /// tree of its row filter (so renaming a column changes nothing), and for a
-/// partitioned table the OIDs of its leaf partitions after [`PARTITIONS`].
+/// partitioned table each leaf partition's OID and file node (`oid.node`)
+/// after [`PARTITIONS`]: a partition truncated by itself gets another file
+/// node, and its truncate is not published under the table's name.
 pub(crate) async fn published_fingerprints(
     sql: &Client,
     publication: &str,
@@ -234,8 +236,9 @@ pub(crate) async fn published_fingerprints(
     let query = format!(
         "SELECT concat_ws('|', c.oid::text, {filters}, \
                 CASE WHEN c.relkind = 'p' THEN '{PARTITIONS}' || coalesce( \
-                  (SELECT string_agg(p.relid::oid::text, ',' ORDER BY p.relid::oid) \
-                     FROM pg_partition_tree(c.oid) p WHERE p.isleaf), '') END) \
+                  (SELECT string_agg(l.oid::text || '.' || l.relfilenode::text, ',' ORDER BY l.oid) \
+                     FROM pg_partition_tree(c.oid) p JOIN pg_class l ON l.oid = p.relid \
+                    WHERE p.isleaf), '') END) \
            FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(s, n, i) \
            LEFT JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', s, n)) \
           ORDER BY i"
@@ -246,8 +249,8 @@ pub(crate) async fn published_fingerprints(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// What precedes the leaf partitions' OIDs (`1,2`) in a partitioned
-/// table's fingerprint ([`published_fingerprints`]).
+/// What precedes the leaf partitions (`oid.node,oid.node`) in a
+/// partitioned table's fingerprint ([`published_fingerprints`]).
 pub(crate) const PARTITIONS: &str = "parts:";
 
 /// Those of the partitions `oids` that hold rows (their heap is not

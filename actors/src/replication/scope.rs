@@ -29,15 +29,16 @@
 //!   - another column list or row filter, the mirror would keep columns no
 //!     longer sent, lack those sent now, and keep rows the filter no longer
 //!     passes (no change ever removes them) or lack rows it passes now;
-//!   - a partition detached or dropped, the mirror would keep its rows (no
-//!     change removes them from the table).
+//!   - a partition detached or dropped, or truncated by itself (that
+//!     truncate is not published under the table's name), the mirror would
+//!     keep its rows (no change removes them from the table).
 //! - a partitioned table that gained a partition holding rows (attached,
 //!   not created empty) is copied again without a truncate: no change
 //!   brought those rows.
 //!
 //! A failed check is logged and retried at the next pass.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -349,10 +350,15 @@ enum Difference {
 /// How the fingerprint `was` differs from `now` ([`why_reset`] unless only
 /// the partitions differ).
 fn compare(was: &str, now: &str) -> Difference {
+    // The table's part, and its leaf partitions: OID → file node.
     let split = |f: &'_ str| match f.rsplit_once(&format!("|{}", catalog::PARTITIONS)) {
         Some((table, list)) => {
-            let oids: BTreeSet<u32> = list.split(',').filter_map(|o| o.parse().ok()).collect();
-            (table.to_owned(), Some(oids))
+            let leaves: BTreeMap<u32, u32> = list
+                .split(',')
+                .filter_map(|leaf| leaf.split_once('.'))
+                .filter_map(|(oid, node)| Some((oid.parse().ok()?, node.parse().ok()?)))
+                .collect();
+            (table.to_owned(), Some(leaves))
         }
         None => (f.to_owned(), None),
     };
@@ -364,13 +370,20 @@ fn compare(was: &str, now: &str) -> Difference {
     let (Some(parts_was), Some(parts_now)) = (parts_was, parts_now) else {
         return Difference::Unchanged;
     };
-    if !parts_was.is_subset(&parts_now) {
+    if parts_was.keys().any(|oid| !parts_now.contains_key(oid)) {
         return Difference::Reset(
             "partition_removed",
             "a partition of the table was detached or dropped: its rows are no longer the table's",
         );
     }
-    Difference::Added(parts_now.difference(&parts_was).copied().collect())
+    if parts_was.iter().any(|(oid, node)| parts_now[oid] != *node) {
+        return Difference::Reset(
+            "partition_rewritten",
+            "a partition of the table was truncated by itself (PostgreSQL does not publish that under the table's name) or rewritten (VACUUM FULL, CLUSTER, a column type change)",
+        );
+    }
+    let added = parts_now.keys().filter(|oid| !parts_was.contains_key(oid));
+    Difference::Added(added.copied().collect())
 }
 
 /// Why a table whose fingerprint was `was` (empty: it was gone;
@@ -521,29 +534,30 @@ mod tests {
     }
 
     #[test]
-    fn partitions_added_are_copied_and_partitions_removed_reset_the_mirror() {
-        let removed = Difference::Reset(
-            "partition_removed",
-            "a partition of the table was detached or dropped: its rows are no longer the table's",
-        );
+    fn partitions_added_are_copied_and_partitions_removed_or_truncated_reset_the_mirror() {
+        let removed = |d: Difference| matches!(d, Difference::Reset("partition_removed", _));
+        let rewritten = |d: Difference| matches!(d, Difference::Reset("partition_rewritten", _));
+        let two = "16384|parts:1.11,2.12";
         assert_eq!(
-            compare("16384|parts:1,2", "16384|parts:1,2,3"),
+            compare(two, "16384|parts:1.11,2.12,3.13"),
             Difference::Added(vec![3])
         );
         assert_eq!(
-            compare("16384|parts:", "16384|parts:7"),
+            compare("16384|parts:", "16384|parts:7.17"),
             Difference::Added(vec![7])
         );
-        assert_eq!(compare("16384|parts:1,2", "16384|parts:1"), removed);
-        assert_eq!(compare("16384|parts:1,2", "16384|parts:1,3"), removed);
+        assert!(removed(compare(two, "16384|parts:1.11")));
+        assert!(removed(compare(two, "16384|parts:1.11,3.13")));
+        assert!(rewritten(compare(two, "16384|parts:1.11,2.20")));
+        assert!(rewritten(compare(two, "16384|parts:1.11,2.20,3.13")));
         // Stored before fingerprints named partitions: nothing to do.
-        assert_eq!(compare("16384", "16384|parts:1,2"), Difference::Unchanged);
-        let filtered = compare("16384|1 2|parts:1", "16384|1 2 3|parts:1,2");
+        assert_eq!(compare("16384", "16384|parts:1.11"), Difference::Unchanged);
+        let filtered = compare("16384|1 2|parts:1.11", "16384|1 2 3|parts:1.11,2.12");
         assert!(matches!(
             filtered,
             Difference::Reset("publication_changed", _)
         ));
-        let again = compare("16384|parts:1", "16390|parts:1");
+        let again = compare("16384|parts:1.11", "16390|parts:1.11");
         assert!(matches!(again, Difference::Reset("created_again", _)));
     }
 }
