@@ -138,8 +138,9 @@ enum Scope {
 /// Compare the publication with the configured tables: partitions under
 /// their root, partitions whose changes it sends as another table's,
 /// missing tables, tables that are published but not configured,
-/// operations it does not publish; which tables it sends only some columns
-/// or rows of (column lists, row filters).
+/// operations it does not publish, inheritance children sent as
+/// themselves; which tables it sends only some columns or rows of (column
+/// lists, row filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;
@@ -180,6 +181,12 @@ async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
             "has {}, which postgres.tables does not (their changes are not emitted)",
             extra.join(", ")
         ));
+    }
+    let children = catalog::inheritance_children(&sql, &tables)
+        .await
+        .map_err(classified)?;
+    for (parent, children) in children {
+        notes.push(format!("sends the changes of {parent}'s inheritance children ({children}) under their own names, so {parent}'s records hold only its own rows"));
     }
     let mut partial = Vec::new();
     for t in &tables {

@@ -339,6 +339,44 @@ pub(crate) async fn columns_with_defaults(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Those of `tables` that have inheritance children (`INHERITS`, not
+/// partitions), with their children, quoted. PostgreSQL publishes a
+/// child's changes under the child's name, even an UPDATE or DELETE
+/// through the parent, so a parent's records hold its own rows only.
+pub async fn inheritance_children(
+    sql: &Client,
+    tables: &[Arc<TableRef>],
+) -> Result<Vec<(String, String)>, PgError> {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect();
+    let rows = sql
+        .query(
+            "SELECT i.inhparent::regclass::text, \
+                    string_agg(i.inhrelid::regclass::text, ', ' ORDER BY i.inhrelid::regclass::text) \
+               FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+              WHERE p.relkind = 'r' AND i.inhparent = ANY($1::text[]::regclass[]) \
+              GROUP BY 1 ORDER BY 1",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Whether the table `qualified` is an ordinary table (not partitioned,
+/// not a view): its rows are read with `ONLY`, without those of
+/// inheritance children, which the stream does not send as its changes.
+pub(crate) async fn is_ordinary(sql: &Client, qualified: &str) -> Result<bool, PgError> {
+    let row = sql
+        .query_one(
+            "SELECT relkind = 'r' FROM pg_class WHERE oid = $1::text::regclass",
+            &[&qualified],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// The planner's row estimate of the table `qualified`; negative if the
 /// table was never analyzed.
 pub(crate) async fn row_estimate(sql: &Client, qualified: &str) -> Result<f64, PgError> {

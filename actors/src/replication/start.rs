@@ -40,6 +40,9 @@ impl Stream {
         crate::pg::sql_security(&sql, cfg).await?.log("sql");
         catalog::check_server(&sql).await?;
         let tables = catalog::resolve_tables(&sql, &cfg.tables).await?;
+        for (parent, children) in catalog::inheritance_children(&sql, &tables).await? {
+            tracing::warn!(table = %parent, children = %children, "the table has inheritance children: PostgreSQL publishes their changes under their own names, so its records and mirror hold only its own rows; add the children to postgres.tables to capture theirs");
+        }
         let checkpoint = self.checkpoint.send(GetCheckpoint).await??;
         // Tables captured before that left the publication (dropped and
         // created again while pgcdc was stopped) are the scope watch's to

@@ -27,9 +27,11 @@ pub(crate) struct Shape {
     pub table: Arc<TableRef>,
     /// `"schema"."name"`, quoted for SQL.
     pub(crate) qualified: String,
-    /// What row queries read: `qualified`, only the rows the publication's
-    /// row filter passes, or for the initial copy of a partitioned table
-    /// its partitions as the snapshot sees them ([`Self::pin_partitions`]).
+    /// What row queries read: `qualified` (with `ONLY` for an ordinary
+    /// table: not its inheritance children's rows), only the rows the
+    /// publication's row filter passes, or for the initial copy of a
+    /// partitioned table its partitions as the snapshot sees them
+    /// ([`Self::pin_partitions`]).
     pub(crate) from: String,
     /// The publication's row filter for the table, as SQL.
     filter: Option<String>,
@@ -61,12 +63,18 @@ impl Shape {
         if let Some(list) = &published.columns {
             found.retain(|c| list.contains(&c.name));
         }
+        // An ordinary table's own rows: its inheritance children's changes
+        // are published under their own names, never as the table's.
+        let only = match catalog::is_ordinary(sql, &qualified).await? {
+            true => format!("ONLY {qualified}"),
+            false => qualified.clone(),
+        };
         let from = match &published.filter {
             Some(f) => format!(
-                "(SELECT * FROM {qualified} WHERE ({f})) AS {}",
+                "(SELECT * FROM {only} WHERE ({f})) AS {}",
                 quote_ident(&table.name)
             ),
-            None => qualified.clone(),
+            None => only,
         };
         let encoding = sql.query_one("SHOW server_encoding", &[]).await?;
         let raw = encoding.get::<_, String>(0) == "SQL_ASCII";
