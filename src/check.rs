@@ -100,20 +100,30 @@ async fn resolved_tables(
     Ok((sql, tables))
 }
 
-/// Whether the role may read every configured table: streaming works
-/// without, the initial snapshot, backfills, repairs and verify do not.
+/// Whether the role may read every configured table, every row of it:
+/// streaming works without, the initial snapshot, backfills, repairs and
+/// verify do not.
 async fn check_privileges(settings: &Settings) -> Result<Scope, AppError> {
     let (sql, tables) = resolved_tables(settings).await?;
     let (role, unreadable) = catalog::unreadable_tables(&sql, &tables)
         .await
         .map_err(classified)?;
-    if unreadable.is_empty() {
-        return Ok(Scope::Matches(format!("{role} may read every table")));
+    let limited = catalog::rls_limited(&sql, &tables)
+        .await
+        .map_err(classified)?;
+    let mut notes = Vec::new();
+    if !unreadable.is_empty() {
+        let list = unreadable.join(", ");
+        notes.push(format!("{role} may not read {list}: the initial snapshot, backfills, repairs and verify would fail; run GRANT SELECT ON {list} TO {role}"));
     }
-    let list = unreadable.join(", ");
-    Ok(Scope::Mismatch(format!(
-        "{role} may not read {list}: the initial snapshot, backfills, repairs and verify would fail; run GRANT SELECT ON {list} TO {role}"
-    )))
+    if !limited.is_empty() {
+        let list = limited.join(", ");
+        notes.push(format!("row-level security filters the rows of {list} for {role}: the initial snapshot, backfills, repairs and verify would fail; run ALTER ROLE {role} BYPASSRLS"));
+    }
+    Ok(match notes.is_empty() {
+        true => Scope::Matches(format!("{role} may read every table")),
+        false => Scope::Mismatch(notes.join("; ")),
+    })
 }
 
 /// Open a replication session (nothing streams) and say what it negotiated.

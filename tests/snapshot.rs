@@ -830,3 +830,64 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
     assert_eq!(docs["4999"].1["v"], json!("changed"));
     assert_eq!(docs["1"].1, json!({"id": 1, "v": "a1"}));
 }
+
+/// Row-level security on a table, with a policy that filters rows for
+/// pgcdc's role: the copy fails loudly instead of copying only the rows the
+/// policy shows (the stream sends every row's changes); `pgcdc check` and
+/// the start say how to fix it, and once the role bypasses row-level
+/// security the copy holds every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_fails_the_copy_loudly_until_the_role_bypasses_it() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE secured (id int PRIMARY KEY, v text);
+         INSERT INTO secured VALUES (1, 'shown'), (20, 'filtered by the policy');
+         ALTER TABLE secured ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY low ON secured USING (id < 10);
+         CREATE PUBLICATION pgcdc FOR TABLE secured;
+         CREATE ROLE reader LOGIN REPLICATION;
+         GRANT SELECT ON secured TO reader;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["secured"], "")
+        .replace("user = \"postgres\"", "user = \"reader\"");
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let check = crate::support::pgcdc(&path, &["check"]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.lines().any(|l| l.starts_with("WARN  privileges")
+            && l.contains("row-level security filters the rows of secured")
+            && l.contains(r#"ALTER ROLE "reader" BYPASSRLS"#)),
+        "{out}"
+    );
+    let daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    daemon
+        .wait_log(
+            "query would be affected by row-level security policy",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(daemon
+        .log_text()
+        .contains("row-level security filters these tables' rows"));
+    let copied = |rs: &[Record]| -> BTreeSet<String> {
+        rs.iter()
+            .filter(|r| r.op() == "r")
+            .map(|r| r.key.as_ref().unwrap().to_string())
+            .collect()
+    };
+    assert!(copied(&crate::support::read_all(&tansu, TOPIC)).is_empty());
+    db.batch_execute("ALTER ROLE reader BYPASSRLS")
+        .await
+        .unwrap();
+    let both: BTreeSet<String> = [json!({"id": 1}), json!({"id": 20})]
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    crate::support::read_until(&tansu, TOPIC, Duration::from_secs(120), |rs| {
+        copied(rs) == both
+    });
+}

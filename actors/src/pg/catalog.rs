@@ -164,6 +164,28 @@ pub async fn unreadable_tables(
     Ok((quote_ident(&role), unreadable))
 }
 
+/// Those of `tables` whose rows row-level security filters for the current
+/// role (enabled on the table, and the role neither a superuser, nor
+/// `BYPASSRLS`, nor the owner of a table that does not force it), quoted.
+/// pgcdc's SQL sessions turn `row_security` off, so reading them fails.
+pub async fn rls_limited(sql: &Client, tables: &[Arc<TableRef>]) -> Result<Vec<String>, PgError> {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect();
+    let rows = sql
+        .query(
+            "SELECT c.oid::regclass::text FROM pg_class c, pg_roles r \
+              WHERE c.oid = ANY($1::text[]::regclass[]) AND r.rolname = current_user \
+                AND c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls \
+                AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')) \
+              ORDER BY 1",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// What a publication sends of one table besides its name (PostgreSQL 15
 /// and later): a column list and a row filter. Every read of the table's
 /// rows (the initial copy, backfills, repairs, verify, the ES sink's fill)

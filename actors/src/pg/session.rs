@@ -4,7 +4,10 @@
 //!
 //! The value renderer ([`super::values`]) expects these text forms (ISO dates,
 //! UTC, ISO 8601 intervals, round-trip floats, hex bytea, `C` money), and the literal
-//! quoting ([`super::quote`]) expects standard-conforming strings.
+//! quoting ([`super::quote`]) expects standard-conforming strings. SQL
+//! sessions also turn `row_security` off: a read that a row-level security
+//! policy would filter then fails instead of returning fewer rows (the
+//! stream sends every row's changes whatever the policies say).
 
 use tokio_postgres::Client;
 
@@ -12,7 +15,7 @@ use super::PgError;
 
 /// The settings as (name, value). Values contain no whitespace or quotes, so
 /// they need no escaping in either form.
-const SETTINGS: [(&str, &str); 7] = [
+const SETTINGS: [(&str, &str); 8] = [
     ("datestyle", "ISO,YMD"),
     ("timezone", "UTC"),
     ("intervalstyle", "iso_8601"),
@@ -21,11 +24,12 @@ const SETTINGS: [(&str, &str); 7] = [
     // money text without locale-specific symbols or separators: `-$1,000.00`.
     ("lc_monetary", "C"),
     ("standard_conforming_strings", "on"),
+    ("row_security", "off"),
 ];
 
 /// Settings the replication session does not need: it never parses a
-/// literal pgcdc built, so only SQL sessions get these.
-const SQL_ONLY: [&str; 1] = ["standard_conforming_strings"];
+/// literal pgcdc built nor reads a table, so only SQL sessions get these.
+const SQL_ONLY: [&str; 2] = ["standard_conforming_strings", "row_security"];
 
 /// The startup `options` of the replication session (`-c name=value …`).
 pub(crate) fn startup_options() -> String {

@@ -40,6 +40,10 @@ impl Stream {
         crate::pg::sql_security(&sql, cfg).await?.log("sql");
         catalog::check_server(&sql).await?;
         let tables = catalog::resolve_tables(&sql, &cfg.tables).await?;
+        let limited = catalog::rls_limited(&sql, &tables).await?;
+        if !limited.is_empty() {
+            tracing::warn!(tables = %limited.join(", "), role = %cfg.user, "row-level security filters these tables' rows for pgcdc's role: the initial snapshot, backfills, repairs and verify fail on them rather than copy only some rows; give the role BYPASSRLS (ALTER ROLE … BYPASSRLS) or connect as the tables' owner");
+        }
         for (parent, children) in catalog::inheritance_children(&sql, &tables).await? {
             tracing::warn!(table = %parent, children = %children, "the table has inheritance children: PostgreSQL publishes their changes under their own names, so its records and mirror hold only its own rows; add the children to postgres.tables to capture theirs");
         }
