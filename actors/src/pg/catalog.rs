@@ -164,15 +164,20 @@ pub async fn unreadable_tables(
     Ok((quote_ident(&role), unreadable))
 }
 
+/// `tables` as quoted `schema.name`, for a `regclass[]` parameter.
+fn qualified_names(tables: &[Arc<TableRef>]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect()
+}
+
 /// Those of `tables` whose rows row-level security filters for the current
 /// role (enabled on the table, and the role neither a superuser, nor
 /// `BYPASSRLS`, nor the owner of a table that does not force it), quoted.
 /// pgcdc's SQL sessions turn `row_security` off, so reading them fails.
 pub async fn rls_limited(sql: &Client, tables: &[Arc<TableRef>]) -> Result<Vec<String>, PgError> {
-    let names: Vec<String> = tables
-        .iter()
-        .map(|t| qualified(&t.schema, &t.name))
-        .collect();
+    let names = qualified_names(tables);
     let rows = sql
         .query(
             "SELECT c.oid::regclass::text FROM pg_class c, pg_roles r \
@@ -369,10 +374,7 @@ pub async fn inheritance_children(
     sql: &Client,
     tables: &[Arc<TableRef>],
 ) -> Result<Vec<(String, String)>, PgError> {
-    let names: Vec<String> = tables
-        .iter()
-        .map(|t| qualified(&t.schema, &t.name))
-        .collect();
+    let names = qualified_names(tables);
     let rows = sql
         .query(
             "SELECT i.inhparent::regclass::text, \
