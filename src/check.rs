@@ -149,7 +149,7 @@ enum Scope {
 /// their root, partitions whose changes it sends as another table's,
 /// missing tables, tables that are published but not configured,
 /// operations it does not publish, inheritance children sent as
-/// themselves; which tables it sends only some columns or rows of (column
+/// themselves, unlogged or foreign partitions; which tables it sends only some columns or rows of (column
 /// lists, row filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
@@ -197,6 +197,16 @@ async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
         .map_err(classified)?;
     for (parent, children) in children {
         notes.push(format!("sends the changes of {parent}'s inheritance children ({children}) under their own names, so {parent}'s records hold only its own rows"));
+    }
+    let names: Vec<_> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let undecoded = catalog::undecoded_partitions(&sql, &names)
+        .await
+        .map_err(classified)?;
+    for ((schema, name), partitions) in undecoded {
+        notes.push(format!("cannot send the changes of {schema}.{name}'s partitions {}: PostgreSQL decodes none of them (ALTER TABLE … SET LOGGED, or detach them)", partitions.join(", ")));
     }
     let mut partial = Vec::new();
     for t in &tables {

@@ -302,6 +302,109 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
     assert_eq!(attached(&probe.metrics().await), Some(1.0));
 }
 
+/// PostgreSQL decodes no change of an unlogged or a foreign partition's
+/// rows: while a partitioned table has one, pgcdc says the table is not
+/// captured (log, `pgcdc_tables_uncaptured`, `/ready`, `pgcdc check`), and
+/// once every partition is decoded again it copies the table again, so
+/// the changes missed meanwhile reach the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlogged_and_foreign_partitions_are_reported_uncaptured_then_copied_again() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    // A table with a unique index cannot have a foreign partition: `mf`
+    // is keyed by its whole row.
+    db.batch_execute(
+        "CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE UNLOGGED TABLE m_2 PARTITION OF m FOR VALUES FROM (100) TO (200);
+         INSERT INTO m VALUES (1, 'a'), (150, 'b');
+         CREATE TABLE mf (id int, v text) PARTITION BY RANGE (id);
+         ALTER TABLE mf REPLICA IDENTITY FULL;
+         CREATE TABLE mf_1 PARTITION OF mf FOR VALUES FROM (0) TO (100);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["m", "mf"], "");
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    daemon
+        .wait_log("partitions=m_2 (unlogged)", READ)
+        .await
+        .unwrap();
+    let undecoded = "PostgreSQL decodes no change of these partitions' rows";
+    assert!(daemon.log_text().contains(undecoded));
+    let uncaptured = |m: &str| crate::support::sample(m, "pgcdc_tables_uncaptured", &[]);
+    let resets = |m: &str, table: &str| {
+        let labels = [("table", table), ("cause", "partition_undecoded")];
+        crate::support::sample(m, "pgcdc_table_resets_total", &labels)
+    };
+    probe
+        .until("m counted uncaptured", &mut daemon, |m, ready| {
+            uncaptured(m) == Some(1.0) && ready == 503
+        })
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(why.contains("unlogged or foreign partitions"), "{why}");
+    let check = |dir: &Path, line: &str| {
+        let out = one_shot(dir, &cfg, &["check"]);
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let warned = out
+            .lines()
+            .any(|l| l.starts_with("WARN  publication") && l.contains(line));
+        assert!(warned, "{out}");
+    };
+    check(dir.path(), "public.m's partitions m_2 (unlogged):");
+
+    // The unlogged partition's changes never reach the stream; once it is
+    // logged the table is copied again and its mirror has them.
+    db.batch_execute(
+        "INSERT INTO m VALUES (2, 'logged'), (151, 'not decoded');
+         UPDATE m SET v = 'not decoded either' WHERE id = 150;",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("ALTER TABLE m_2 SET LOGGED")
+        .await
+        .unwrap();
+    let records = read_until_table(&tansu, &db).await;
+    assert!(records.iter().any(|r| r.op() == "t"), "truncated");
+    probe
+        .until("m captured again", &mut daemon, |m, _| {
+            uncaptured(m) == Some(0.0) && resets(m, "public.m") == Some(1.0)
+        })
+        .await;
+
+    // A foreign partition (a wrapper without a handler: no row is read
+    // from it), until it is detached.
+    db.batch_execute(
+        "CREATE FOREIGN DATA WRAPPER nowhere;
+         CREATE SERVER elsewhere FOREIGN DATA WRAPPER nowhere;
+         CREATE FOREIGN TABLE mf_f PARTITION OF mf FOR VALUES FROM (100) TO (200) SERVER elsewhere;",
+    )
+    .await
+    .unwrap();
+    daemon
+        .wait_log("partitions=mf_f (foreign table)", READ)
+        .await
+        .unwrap();
+    probe
+        .until("mf counted uncaptured", &mut daemon, |m, ready| {
+            uncaptured(m) == Some(1.0) && ready == 503
+        })
+        .await;
+    check(dir.path(), "public.mf's partitions mf_f (foreign table):");
+    db.batch_execute("ALTER TABLE mf DETACH PARTITION mf_f")
+        .await
+        .unwrap();
+    probe
+        .until("every table captured", &mut daemon, |m, ready| {
+            uncaptured(m) == Some(0.0) && ready == 200 && resets(m, "public.mf") == Some(1.0)
+        })
+        .await;
+}
+
 /// Read the topic until folding it gives the rows of `m` (`id` → `v`).
 async fn read_until_table(tansu: &Tansu, db: &tokio_postgres::Client) -> Vec<Record> {
     let rows = db.query("SELECT id::int8, v FROM m", &[]).await.unwrap();

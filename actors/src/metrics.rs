@@ -335,7 +335,7 @@ impl Metrics {
             tables_uncaptured: gauge(
                 &r,
                 "tables_uncaptured",
-                "Configured tables whose changes are not captured (dropped, or not published): their mirrors are not current",
+                "Configured tables whose changes are not all captured (dropped, not published, or partitioned with unlogged or foreign partitions): their mirrors are not current",
             ),
             unpublished_operations: gauge(
                 &r,
@@ -345,7 +345,7 @@ impl Metrics {
             table_resets: counter_vec(
                 &r,
                 "table_resets_total",
-                "Tables copied again, by cause; truncated first unless the cause is partition_attached: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, a partitioned table's changes were sent under its partitions' names, a partition was detached or dropped (partition_removed), truncated by itself or rewritten (partition_rewritten), or attached holding rows (partition_attached)",
+                "Tables copied again, by cause; truncated first unless the cause is partition_attached: created again, back after they were gone, added back to the publication, the publication's column list or row filter changed, a partitioned table's changes were sent under its partitions' names, a partition was detached or dropped (partition_removed), truncated by itself or rewritten (partition_rewritten), attached holding rows (partition_attached), or decoded again after some were unlogged or foreign tables (partition_undecoded)",
                 &["table", "cause"],
             ),
             chunks_read_again: counter_vec(
@@ -483,7 +483,7 @@ impl Metrics {
         let uncaptured = self.tables_uncaptured.get();
         if what != Readiness::Sink && uncaptured > 0 {
             return Err(format!(
-                "{uncaptured} configured table(s) not captured (dropped, or not in the publication; see the log)"
+                "{uncaptured} configured table(s) not captured (dropped, not in the publication, or with unlogged or foreign partitions; see the log)"
             ));
         }
         if what != Readiness::Sink && !self.ready(window) {

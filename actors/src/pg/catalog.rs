@@ -297,6 +297,36 @@ pub(crate) async fn partitions_with_rows(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// For each of `tables` (schema, name) that is partitioned, its leaf
+/// partitions whose changes PostgreSQL does not decode, quoted, each with
+/// why: an unlogged table writes no WAL for its rows, and a foreign
+/// table's rows live on another server.
+pub async fn undecoded_partitions(
+    sql: &Client,
+    tables: &[(String, String)],
+) -> Result<Vec<((String, String), Vec<String>)>, PgError> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
+    let rows = sql
+        .query(
+            "SELECT s, n, array_agg(l.oid::regclass::text || \
+                      CASE l.relkind WHEN 'f' THEN ' (foreign table)' ELSE ' (unlogged)' END \
+                      ORDER BY l.oid::regclass::text) \
+               FROM unnest($1::text[], $2::text[]) AS t(s, n) \
+               JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', s, n)) AND c.relkind = 'p' \
+              CROSS JOIN LATERAL pg_partition_tree(c.oid) p \
+               JOIN pg_class l ON l.oid = p.relid \
+              WHERE p.isleaf AND (l.relkind = 'f' OR l.relpersistence <> 'p') \
+              GROUP BY s, n",
+            &[&schemas, &names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
 /// The cluster's system identifier, to tell one server from another.
 pub async fn system_id(sql: &Client) -> Result<String, PgError> {
     let row = sql

@@ -11,6 +11,10 @@
 //!   under its partitions' names (`publish_via_partition_root` turned off)
 //!   is not captured either: logged and counted the same way, and copied
 //!   again once the option is on again;
+//! - a configured partitioned table with unlogged or foreign partitions,
+//!   whose changes PostgreSQL does not decode, is not fully captured:
+//!   logged and counted the same way, and copied again once every
+//!   partition is decoded (set logged, or detached);
 //! - a configured table that exists but is not published (re-created, or
 //!   removed from the publication by hand) is added back. Once every
 //!   transaction that began before the add has ended (their changes may not
@@ -62,7 +66,7 @@ const REMIND_EVERY: Duration = Duration::from_secs(60);
 const OLDER_POLL: Duration = Duration::from_millis(200);
 
 /// Where a configured table stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Exists and is published: captured.
     Published,
@@ -72,11 +76,18 @@ enum State {
     Gone,
     /// Partitioned, and its changes are sent under its partitions' names.
     AsPartitions,
+    /// Published, but these partitions' changes are not decoded (unlogged
+    /// or foreign tables, each named with why).
+    Undecoded(Vec<String>),
 }
 
 /// What a mirror is copied from while its partitioned table's changes are
 /// sent under its partitions' names (a fingerprint never takes this form).
 pub(super) const AS_PARTITIONS: &str = "as-partitions";
+
+/// What a mirror is copied from while some of its partitioned table's
+/// partitions are unlogged or foreign tables.
+const UNDECODED: &str = "undecoded-partitions";
 
 /// The watch over one stream session's tables.
 pub(super) struct ScopeWatch {
@@ -84,9 +95,10 @@ pub(super) struct ScopeWatch {
     tables: Vec<(String, String)>,
     key: MessageKey,
     sql: Option<Client>,
-    /// Tables found uncaptured (gone, or sent as their partitions), and
-    /// when that was last reported.
-    uncaptured: HashMap<(String, String), Instant>,
+    /// Tables found uncaptured (gone, sent as their partitions, or with
+    /// partitions not decoded), when that was last reported, and as what:
+    /// reported again every [`REMIND_EVERY`], or at once when it changes.
+    uncaptured: HashMap<(String, String), (Instant, State)>,
     /// Where what each mirror was copied from is kept.
     checkpoint: Addr<CheckpointActor>,
     /// The fingerprints of what each mirror was copied from (the table and
@@ -148,8 +160,8 @@ impl ScopeWatch {
             let due = self
                 .uncaptured
                 .get(&table)
-                .is_none_or(|t| t.elapsed() >= REMIND_EVERY);
-            match state {
+                .is_none_or(|(t, was)| t.elapsed() >= REMIND_EVERY || *was != state);
+            match &state {
                 State::Published => {
                     if self.uncaptured.remove(&table).is_some() {
                         tracing::info!(table = %name, "configured table exists and is captured again");
@@ -160,7 +172,8 @@ impl ScopeWatch {
                     uncaptured += 1;
                     if due {
                         tracing::error!(table = %name, "configured table no longer exists (dropped or renamed): its mirror keeps the rows it had; pgcdc copies the table again when it exists again, or remove it from postgres.tables");
-                        self.uncaptured.insert(table.clone(), Instant::now());
+                        self.uncaptured
+                            .insert(table.clone(), (Instant::now(), state.clone()));
                     }
                     lost.push((table, ""));
                 }
@@ -170,9 +183,19 @@ impl ScopeWatch {
                         let publication = quote_ident(&self.pg.publication);
                         let fix = format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)");
                         tracing::error!(table = %name, publication = %self.pg.publication, fix = %fix, "the publication sends this partitioned table's changes under its partitions' names (publish_via_partition_root is off): they are not captured; once it is on again pgcdc truncates the table's mirror and copies it again");
-                        self.uncaptured.insert(table.clone(), Instant::now());
+                        self.uncaptured
+                            .insert(table.clone(), (Instant::now(), state.clone()));
                     }
                     lost.push((table, AS_PARTITIONS));
+                }
+                State::Undecoded(partitions) => {
+                    uncaptured += 1;
+                    if due {
+                        tracing::error!(table = %name, partitions = %partitions.join(", "), "PostgreSQL decodes no change of these partitions' rows (an unlogged table writes no WAL for them; a foreign table's rows live on another server): the table is not fully captured and its mirror misses their changes; once every partition is logged (ALTER TABLE … SET LOGGED) or these are detached, pgcdc truncates the table's mirror and copies it again");
+                        self.uncaptured
+                            .insert(table.clone(), (Instant::now(), state.clone()));
+                    }
+                    lost.push((table, UNDECODED));
                 }
                 State::Unpublished => {
                     self.uncaptured.remove(&table);
@@ -402,6 +425,11 @@ fn why_reset(was: &str, now: &str) -> (&'static str, &'static str) {
             "partition_root_restored",
             "the publication sends the partitioned table's changes under its name again (publish_via_partition_root was off: its changes meanwhile were not captured)",
         )
+    } else if was == UNDECODED {
+        (
+            "partition_undecoded",
+            "every partition of the table is decoded again (an unlogged or foreign partition was set logged, detached or dropped: its changes meanwhile were not captured)",
+        )
     } else if oid(was) != oid(now) {
         ("created_again", "the table was created again")
     } else {
@@ -413,7 +441,8 @@ fn why_reset(was: &str, now: &str) -> (&'static str, &'static str) {
 }
 
 /// The state of each of `tables` against `publication`, whose
-/// `publish_via_partition_root` is `via_root`.
+/// `publish_via_partition_root` is `via_root`. A published table with
+/// unlogged or foreign partitions is [`State::Undecoded`].
 async fn table_states(
     sql: &Client,
     publication: &str,
@@ -433,7 +462,7 @@ async fn table_states(
             &[&publication, &schemas, &names],
         )
         .await?;
-    Ok(rows
+    let mut states: Vec<_> = rows
         .iter()
         .map(|r| {
             let partitioned = r.get::<_, bool>(4);
@@ -446,7 +475,15 @@ async fn table_states(
             };
             ((r.get(0), r.get(1)), state)
         })
-        .collect())
+        .collect();
+    let undecoded = catalog::undecoded_partitions(sql, tables).await?;
+    for (table, state) in &mut states {
+        let found = undecoded.iter().find(|(t, _)| t == table);
+        if let (State::Published, Some((_, partitions))) = (&state, found) {
+            *state = State::Undecoded(partitions.clone());
+        }
+    }
+    Ok(states)
 }
 
 fn add_table_sql(publication: &str, (schema, name): &(String, String)) -> String {
@@ -525,6 +562,12 @@ mod tests {
             "16384",
             "partition_root_restored",
             "publish_via_partition_root was off",
+        );
+        says(
+            UNDECODED,
+            "16384",
+            "partition_undecoded",
+            "unlogged or foreign partition",
         );
         says("16384", "16390", "created_again", "created again");
         says("16384|1 2", "16390|1 2", "created_again", "created again");
