@@ -3,7 +3,7 @@
 //! mapping cannot follow (a column added with a default, a column's type,
 //! the key) are met with a new index filled beside the old one, while a reader polls
 //! the alias every 50 ms and never sees a 404, a half-filled index or a row
-//! going back.
+//! going back; a mirror whose index is deleted is filled again.
 
 #![allow(clippy::unwrap_used)]
 
@@ -330,4 +330,93 @@ async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() 
         .log_text()
         .contains("mirror switched to its new index"));
     daemon.terminate(Duration::from_secs(30)).unwrap();
+}
+
+/// The concrete index the alias points at now.
+async fn serving(es: &SearchServer) -> String {
+    let now: Value = reqwest::get(format!("{}/{ALIAS}/_alias", es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&String> = now.as_object().unwrap().keys().collect();
+    assert_eq!(names.len(), 1, "{now}");
+    names[0].clone()
+}
+
+/// Delete the concrete index behind the alias (the alias goes with it).
+async fn delete_serving(es: &SearchServer) {
+    let index = serving(es).await;
+    let url = format!("{}/{index}", es.url);
+    let gone = reqwest::Client::new().delete(url).send().await.unwrap();
+    assert!(gone.status().is_success(), "{index}: {}", gone.status());
+}
+
+/// A mirror whose index is deleted (by hand, or by a retention policy),
+/// while the sink writes to it or while pgcdc is stopped: the changes to
+/// come would bring back only the rows they change. The sink's writes go
+/// through the alias with `require_alias`, so they do not create an index
+/// under the mirror's name; the sink notes each mirror it created, finds
+/// the mirror gone and fills it again from PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    let es = SearchServer::start().unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
+         INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
+    ))
+    .await
+    .unwrap();
+    let es_section = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nreindex_grace_secs = 1\n",
+        es.url
+    );
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.items",
+    };
+    let whole = Duration::from_secs(90);
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    let deleted = |m: &str| {
+        let labels = [("mirror", ALIAS)];
+        crate::support::sample(m, "pgcdc_es_mirrors_deleted_total", &labels)
+    };
+
+    // Deleted while the sink writes to it.
+    delete_serving(&es).await;
+    db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    assert!(daemon
+        .log_text()
+        .contains("the mirror's index was deleted while the sink wrote to it"));
+    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+
+    // Deleted while pgcdc is stopped (a new process: its counter starts at 0).
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
+    delete_serving(&es).await;
+    daemon.spawn().unwrap();
+    db.batch_execute("UPDATE items SET n = 2 WHERE id = 2")
+        .await
+        .unwrap();
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Mirror generations built for incompatible schema changes, by event
     /// (`started`, `swapped`, `abandoned`).
     pub es_reindexes: IntCounterVec,
+    /// Mirrors found with their index deleted, by mirror.
+    pub es_mirrors_deleted: IntCounterVec,
     /// Synced checkpoint writes (several acknowledged batches can share one).
     pub checkpoint_writes: IntCounter,
     /// Batches the stream handed to the producer.
@@ -273,6 +275,12 @@ impl Metrics {
                 "es_reindexes_total",
                 "Mirror generations built for incompatible schema changes, by event",
                 &["event"],
+            ),
+            es_mirrors_deleted: counter_vec(
+                &r,
+                "es_mirrors_deleted_total",
+                "Mirrors whose index was found deleted (while the sink wrote to it, or while it was stopped); each is copied again from PostgreSQL",
+                &["mirror"],
             ),
             es_refusals: counter_vec(
                 &r,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
-use super::bulk::index_body;
+use super::bulk::{floors_index_body, index_body};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::error::EsError;
@@ -26,6 +26,7 @@ use super::generation::{
 };
 use super::mapping;
 use super::retry::with_retry;
+use super::truncate::floors_index;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
 
@@ -60,6 +61,9 @@ pub(super) struct Mirror {
     /// The last shape followed (`pgcdc.types` text and key columns): a
     /// record of the same shape needs no comparison.
     followed: Option<(String, Vec<String>)>,
+    /// Why the mirror must be filled from PostgreSQL before it is whole
+    /// (its index was deleted), until the fill starts.
+    refill: Option<String>,
 }
 
 /// The record's table (schema, name), read only when a fill needs it.
@@ -84,6 +88,9 @@ pub(super) struct Route {
     pub also: Option<String>,
     /// The current generation is about to be replaced: a refusal is not a dead letter.
     pub best_effort: bool,
+    /// The mirror is a concrete index under its own name (from before
+    /// generations), not an alias.
+    pub concrete: bool,
     /// Write to this generation being filled instead of the current one.
     pub instead: Option<String>,
 }
@@ -121,6 +128,7 @@ impl Mirrors {
             let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
         }
+        self.refill(client, alias, rec).await?;
         let m = &self.mirrors[alias];
         let seen = m.followed.as_ref().is_some_and(|(types, key)| {
             Some(types.as_str()) == rec.types && rec.key.is_some_and(|k| k.keys().eq(key))
@@ -155,8 +163,46 @@ impl Mirrors {
                 best_effort: m.next.is_some(),
                 also,
                 instead: None,
+                concrete: m.current == alias,
             },
         })
+    }
+
+    /// Start filling a mirror whose index was deleted (from the record's
+    /// shape) into a new generation; tried again at later records until
+    /// it starts.
+    async fn refill(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        rec: &Incoming<'_>,
+    ) -> Result<(), EsError> {
+        let Some(why) = self.mirrors[alias].refill.clone() else {
+            return Ok(());
+        };
+        let shape = rec
+            .types
+            .zip(rec.key)
+            .and_then(|(t, k)| TableShape::of_record(t, k));
+        let Some(shape) = shape else {
+            return Ok(());
+        };
+        if self.rebuild(client, alias, rec, &shape, &why).await? {
+            let m = self.mirrors.get_mut(alias).expect("mirror opened");
+            m.refill = None;
+            m.followed = Some((rec.types.unwrap_or_default().to_owned(), shape.key));
+        }
+        Ok(())
+    }
+
+    /// Forget the mirror `alias` (its index was deleted), stopping a fill
+    /// in progress; the next record opens it again.
+    pub(super) fn forget(&mut self, alias: &str) {
+        if let Some(m) = self.mirrors.remove(alias) {
+            if let Some(next) = m.next {
+                next.fill.abort();
+            }
+        }
     }
 
     /// Remember that a transaction was applied to `alias`.
@@ -212,6 +258,9 @@ impl Mirrors {
                 tracing::warn!(index, "a mirror generation newer than the one serving exists (being filled elsewhere, or left by a crash); left alone");
             }
         }
+        let registry = floors_index(&self.es.index_prefix);
+        let noted = with_retry(&self.es, || client.mirror_noted(&registry, alias)).await?;
+        let mut refill = None;
         let current = current.map(|(_, index)| index);
         let current = match current {
             Some(c) => c,
@@ -221,6 +270,14 @@ impl Mirrors {
                 if own.contains_key(alias) {
                     alias.to_owned() // a mirror index from before generations
                 } else {
+                    if noted {
+                        tracing::error!(alias, "the mirror's index was deleted: its documents are gone, and the changes still to come would bring back only the rows they change; copying the table from PostgreSQL into a new index");
+                        metrics()
+                            .es_mirrors_deleted
+                            .with_label_values(&[alias])
+                            .inc();
+                        refill = Some("the mirror's index was deleted".to_owned());
+                    }
                     let index = generation_index(alias, last + 1);
                     let shape = rec
                         .types
@@ -237,6 +294,11 @@ impl Mirrors {
             }
         };
         let meta = self.check(client, &current).await?;
+        if !noted {
+            let body = floors_index_body(&self.es);
+            with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
+            with_retry(&self.es, || client.note_mirror(&registry, alias)).await?;
+        }
         Ok(Mirror {
             alias: alias.to_owned(),
             current,
@@ -247,6 +309,7 @@ impl Mirrors {
             recent_set: HashSet::new(),
             retry_after: None,
             followed: None,
+            refill,
         })
     }
 
@@ -374,7 +437,7 @@ impl Mirrors {
             return Ok(false);
         }
         let Some(pg) = self.pg.clone() else {
-            tracing::error!(alias, why, "incompatible schema change, and no PostgreSQL connection to copy the table into a new index: changes that do not fit the mapping are dead-lettered");
+            tracing::error!(alias, why, "no PostgreSQL connection to copy the table into a new index: the mirror stays as it is (after an incompatible schema change, changes that do not fit the mapping are dead-lettered)");
             m.retry_after = Some(Instant::now() + FILL_RETRY);
             return Ok(false);
         };
@@ -387,7 +450,7 @@ impl Mirrors {
         let body = generation_body(&es, rec.types, &meta);
         with_retry(&es, || client.delete_index(&index)).await?;
         with_retry(&es, || client.ensure_index(&index, &body)).await?;
-        tracing::warn!(alias, index, why, "incompatible schema change: filling a new index from PostgreSQL; the alias keeps serving the old one until it is complete");
+        tracing::warn!(alias, index, why, "filling a new index from PostgreSQL; the alias keeps serving the old one until it is complete");
         metrics().es_reindexes.with_label_values(&["started"]).inc();
         let fill = Fill {
             pg,

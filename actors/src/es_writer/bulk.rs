@@ -39,6 +39,10 @@ pub struct Action {
     /// A refusal is counted, not dead-lettered: the write goes to a
     /// generation about to be replaced whose mapping may not fit it.
     pub best_effort: bool,
+    /// Written through the mirror's alias with `require_alias`: if the
+    /// alias is gone (its index deleted), the write is refused instead of
+    /// creating an index under the mirror's name.
+    pub via_alias: bool,
 }
 
 impl Action {
@@ -71,15 +75,19 @@ impl Action {
     /// A delete of document `id` in `index`, applied only while the
     /// document is at version `at.0` or older.
     pub fn versioned_delete(index: &str, id: &str, at: Position, origin: usize) -> Action {
-        let meta = versioned_meta("delete", index, id, at.0);
+        let meta = versioned_meta("delete", index, id, at.0, false);
         action(index, id, at, origin, meta, None)
     }
 
-    /// The same write to another index (a generation being filled).
+    /// The same write to another index (a generation being filled, or a
+    /// mirror index from before generations), not through an alias.
     pub fn to_index(&self, index: &str) -> Action {
         let mut meta: Value = serde_json::from_str(&self.meta).unwrap_or(Value::Null);
         if let Some(line) = meta.as_object_mut().and_then(|m| m.values_mut().next()) {
             line["_index"] = json!(index);
+            if let Some(line) = line.as_object_mut() {
+                line.remove(REQUIRE_ALIAS);
+            }
         }
         Action {
             index: index.to_owned(),
@@ -87,6 +95,7 @@ impl Action {
             lane: lane_of(index, &self.id),
             also: None,
             best_effort: false,
+            via_alias: false,
             ..self.clone()
         }
     }
@@ -126,6 +135,10 @@ pub fn mirror_index(cfg: &EsConfig, schema: &str, table: &str) -> String {
 
 /// Status of a delete of a document that is not there: the goal is reached.
 const NOT_FOUND: u64 = 404;
+/// The error type of an item whose index (or alias) does not exist.
+const INDEX_NOT_FOUND: &str = "index_not_found_exception";
+/// The action-line flag that refuses a write unless its `_index` is an alias.
+const REQUIRE_ALIAS: &str = "require_alias";
 /// Status of a versioned write older than the document: a newer change is already there.
 const CONFLICT: u64 = 409;
 /// Status of an item the cluster is too busy for: retry.
@@ -192,12 +205,12 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
 fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> Option<Action> {
     let (lsn, seq) = (env.source.commit_lsn, env.source.seq);
     let (meta, doc) = match (&*env.op, &env.after) {
-        ("d", _) => (versioned_meta("delete", index, id, lsn), None),
+        ("d", _) => (versioned_meta("delete", index, id, lsn, true), None),
         ("c" | "u" | "r", Some(after)) => {
             let mut doc = after.clone();
             let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms, "xid": env.source.tx_id});
             doc.insert("_cdc".into(), cdc);
-            let meta = versioned_meta("index", index, id, lsn);
+            let meta = versioned_meta("index", index, id, lsn, true);
             let text = Value::Object(doc.clone()).to_string();
             // Unchanged TOAST columns were not sent: they are taken from the
             // stored document before the (still versioned) write.
@@ -208,6 +221,7 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
             return Some(Action {
                 merge,
                 tx: env.source.tx_id,
+                via_alias: true,
                 ..action(index, id, (lsn, seq), origin, meta, Some(text))
             });
         }
@@ -215,6 +229,7 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
     };
     Some(Action {
         tx: env.source.tx_id,
+        via_alias: true,
         ..action(index, id, (lsn, seq), origin, meta, doc)
     })
 }
@@ -241,9 +256,14 @@ fn action(
 }
 
 /// The metadata line of `action` on one document, versioned by commit LSN
-/// (`external_gte`: the changes of one transaction share a version).
-fn versioned_meta(action: &str, index: &str, id: &str, lsn: u64) -> String {
-    let meta = json!({"_index": index, "_id": id, "version": lsn, "version_type": "external_gte"});
+/// (`external_gte`: the changes of one transaction share a version);
+/// `via_alias`: refused unless `index` is an alias.
+fn versioned_meta(action: &str, index: &str, id: &str, lsn: u64, via_alias: bool) -> String {
+    let mut meta =
+        json!({"_index": index, "_id": id, "version": lsn, "version_type": "external_gte"});
+    if via_alias {
+        meta[REQUIRE_ALIAS] = json!(true);
+    }
     json!({ action: meta }).to_string()
 }
 
@@ -313,6 +333,10 @@ pub enum Outcome {
     Unanswered,
     /// Refused for good (mapping, parse errors): dead-letter it.
     Reject(String),
+    /// 404: the index or alias does not exist (deleted). A write through
+    /// a mirror's alias means the mirror is gone; a delete elsewhere
+    /// reached its goal.
+    NoIndex(String),
 }
 
 /// Classify every item of a `_bulk` response with `n` actions.
@@ -337,6 +361,7 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
             let reason = || body["error"].to_string();
             match status {
                 200..=299 => Outcome::Done,
+                NOT_FOUND if body["error"]["type"] == INDEX_NOT_FOUND => Outcome::NoIndex(reason()),
                 NOT_FOUND if action == "delete" => Outcome::Done,
                 CONFLICT => Outcome::Conflict,
                 NO_STATUS => Outcome::Unanswered,
@@ -445,7 +470,7 @@ mod tests {
         let l = lines(p);
         assert_eq!(
             l[0].0,
-            json!({"index": {"_index": "cdc_public_users", "_id": "7", "version": 500, "version_type": "external_gte"}})
+            json!({"index": {"_index": "cdc_public_users", "_id": "7", "version": 500, "version_type": "external_gte", "require_alias": true}})
         );
         assert_eq!(
             l[0].1,
@@ -466,6 +491,7 @@ mod tests {
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].0["delete"]["_id"], json!("[1,\"x\"]"));
         assert_eq!(l[0].0["delete"]["version"], json!(500));
+        assert_eq!(l[0].0["delete"]["require_alias"], json!(true));
         assert_eq!(
             l[1].0,
             json!({"index": {"_index": "cdc_public_users_history", "_id": "500-2"}})
@@ -525,14 +551,16 @@ mod tests {
         let resp = json!({"items": [
             {"index": {"status": 201}}, {"index": {"status": 409}}, {"index": {"status": 429, "error": "busy"}},
             {"delete": {"status": 404}}, {"index": {"status": 400, "error": {"type": "mapper_parsing_exception"}}},
-            {"index": {"status": 503}}]});
-        let o = outcomes(&resp, 6).unwrap();
+            {"index": {"status": 503}},
+            {"index": {"status": 404, "error": {"type": "index_not_found_exception"}}}]});
+        let o = outcomes(&resp, 7).unwrap();
         assert_eq!(o[0], Outcome::Done);
         assert_eq!(o[1], Outcome::Conflict);
         assert!(matches!(o[2], Outcome::Retry(_)));
         assert_eq!(o[3], Outcome::Done);
         assert!(matches!(&o[4], Outcome::Reject(r) if r.contains("mapper_parsing")));
         assert!(matches!(o[5], Outcome::Retry(_)));
+        assert!(matches!(&o[6], Outcome::NoIndex(r) if r.contains("index_not_found")));
         assert!(outcomes(&resp, 5).is_err());
     }
 

@@ -35,6 +35,12 @@ fn base_url(url: &str) -> &str {
     url.rsplit('@').next().unwrap_or_default()
 }
 
+/// The id of the document that notes a mirror's creation: `~` is never
+/// part of a mirror's name, so it is no mirror's floor.
+fn noted_id(alias: &str) -> String {
+    path_segment(&format!("created~{alias}"))
+}
+
 impl EsClient {
     /// Build the client (CA file, API key, timeouts) from `cfg`.
     pub fn new(cfg: &EsConfig) -> Result<Self, EsError> {
@@ -164,6 +170,27 @@ impl EsClient {
             }) => Ok(()),
             other => other.map(drop),
         }
+    }
+
+    /// Whether `registry` notes that the mirror `alias` was created (no
+    /// such document, or no such index: not noted).
+    pub async fn mirror_noted(&self, registry: &str, alias: &str) -> Result<bool, EsError> {
+        let path = format!("{}/_doc/{}", path_segment(registry), noted_id(alias));
+        let doc = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(doc.is_some_and(|d| d["found"] == json!(true)))
+    }
+
+    /// Note in `registry` that the mirror `alias` was created.
+    pub async fn note_mirror(&self, registry: &str, alias: &str) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?refresh=true",
+            path_segment(registry),
+            noted_id(alias)
+        );
+        let doc = json!({ "index": alias });
+        self.call(reqwest::Method::PUT, &path, Some(&doc))
+            .await
+            .map(drop)
     }
 
     /// The stored truncate floors of `mirrors`.

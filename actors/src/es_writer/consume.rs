@@ -31,6 +31,10 @@ use crate::kafka_producer::{KafkaConfig, Reply};
 use crate::lsn::Lsn;
 use crate::pg::PostgresConfig;
 
+/// How often one batch may find a mirror deleted and open it again before
+/// the sink restarts.
+const MIRROR_REOPENS: u32 = 3;
+
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
     /// Where to write.
@@ -78,7 +82,7 @@ impl Sink {
             if batch.is_empty() {
                 continue; // every record is to be read again (a seek back)
             }
-            self.write_batch(&mut c, &batch).await?;
+            self.write(&mut c, &batch).await?;
             fail::fail_point!(crate::wire::failpoint::ES_AFTER_BULK);
             commit(&c.consumer, &batch)?;
             self.written(&mut c, &batch);
@@ -163,6 +167,22 @@ impl Sink {
         m.sink_wrote();
     }
 
+    /// [`Self::write_batch`], again after opening a mirror found deleted
+    /// (the batch is not committed, and writes are versioned).
+    async fn write(&self, c: &mut Clients, batch: &[OwnedMessage]) -> Result<(), EsError> {
+        let mut reopened = 0;
+        loop {
+            match self.write_batch(c, batch).await {
+                Err(EsError::MirrorGone(alias)) if reopened < MIRROR_REOPENS => {
+                    reopened += 1;
+                    tracing::error!(alias = %alias, "the mirror's index was deleted while the sink wrote to it: opening the mirror again");
+                    c.mirrors.forget(&alias);
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// Write a batch: records in order, truncates as barriers (see
     /// [`truncate`](super::truncate)), poison to the dead-letter topic.
     async fn write_batch(&self, c: &mut Clients, batch: &[OwnedMessage]) -> Result<(), EsError> {
@@ -185,6 +205,8 @@ impl Sink {
                         }
                         if let Some(next) = &route.instead {
                             a = a.to_index(next);
+                        } else if route.concrete {
+                            a = a.to_index(&a.index.clone());
                         }
                         a.also = route.also;
                         a.best_effort = route.best_effort;

@@ -35,6 +35,11 @@ pub enum EsError {
     /// generation is dropped and built again later).
     #[error("filling a new mirror generation: {0}")]
     Fill(String),
+    /// A write through a mirror's alias found no such alias: the mirror's
+    /// index was deleted. The batch is written again once the mirror is
+    /// opened again (and refilled from PostgreSQL).
+    #[error("the mirror {0} no longer exists (its index was deleted)")]
+    MirrorGone(String),
     /// A whole request was refused.
     #[error("elasticsearch answered {status}: {body}")]
     Status {

@@ -222,7 +222,7 @@ impl Fill {
                 match outcome {
                     Outcome::Done | Outcome::Conflict => {}
                     Outcome::Retry(_) | Outcome::Unanswered => retry.push(action),
-                    Outcome::Reject(reason) => {
+                    Outcome::Reject(reason) | Outcome::NoIndex(reason) => {
                         metrics()
                             .es_refusals
                             .with_label_values(&["reindex_copy"])

@@ -8,6 +8,7 @@
 //! | 400 or another 4xx (whole request) | split likewise to find the record the server refuses; it is dead-lettered |
 //! | 200 with a body that is not a bulk response | retry [`UNREADABLE_RETRIES`] times, then split likewise |
 //! | an item without a status | retry it [`UNREADABLE_RETRIES`] times, then dead-letter it |
+//! | 404 `index_not_found_exception` for a write through a mirror's alias | [`EsError::MirrorGone`]: the mirror's index was deleted |
 //!
 //! Writes are versioned by commit LSN, so sending an action again is harmless.
 //! Each refusal is logged and counted in `pgcdc_es_bulk_refusals_total{reason}`.
@@ -153,6 +154,14 @@ impl Sender<'_> {
         let mut retry = Vec::new();
         let mut counts: HashMap<&str, u64> = HashMap::new();
         for (action, outcome) in pending.into_iter().zip(results) {
+            let outcome = match outcome {
+                Outcome::NoIndex(_) if action.via_alias => {
+                    return Err(EsError::MirrorGone(action.index));
+                }
+                Outcome::NoIndex(_) if action.is_delete() => Outcome::Done,
+                Outcome::NoIndex(reason) => Outcome::Reject(reason),
+                other => other,
+            };
             let label = match outcome {
                 Outcome::Done => "done",
                 Outcome::Conflict => "superseded",
@@ -179,7 +188,7 @@ impl Sender<'_> {
                     m.es_refusals.with_label_values(&["retiring_index"]).inc();
                     "refused_by_retiring_index"
                 }
-                Outcome::Reject(reason) => {
+                Outcome::Reject(reason) | Outcome::NoIndex(reason) => {
                     self.dead_letter(&action, &reason).await?;
                     "dead_lettered"
                 }
