@@ -358,7 +358,8 @@ async fn delete_serving(es: &SearchServer) {
 /// come would bring back only the rows they change. The sink's writes go
 /// through the alias with `require_alias`, so they do not create an index
 /// under the mirror's name; the sink notes each mirror it created, finds
-/// the mirror gone and fills it again from PostgreSQL.
+/// the mirror gone and fills it again from PostgreSQL (without its notes,
+/// because its group has read records before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     let (pg, tansu, dir, db) = pg_and_tansu().await;
@@ -413,6 +414,24 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     delete_serving(&es).await;
     daemon.spawn().unwrap();
     db.batch_execute("UPDATE items SET n = 2 WHERE id = 2")
+        .await
+        .unwrap();
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+
+    // Deleted with the sink's notes (as `DELETE cdc_*` would), while stopped.
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
+    delete_serving(&es).await;
+    let notes = format!("{}/cdc__truncations", es.url);
+    let gone = reqwest::Client::new().delete(notes).send().await.unwrap();
+    assert!(gone.status().is_success(), "{}", gone.status());
+    daemon.spawn().unwrap();
+    db.batch_execute("UPDATE items SET n = 3 WHERE id = 3")
         .await
         .unwrap();
     oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))

@@ -102,6 +102,11 @@ pub(super) struct Mirrors {
     mirrors: HashMap<String, Mirror>,
     /// Retired generations and when they may be deleted.
     retired: Vec<(String, Instant)>,
+    /// Whether the sink's group had read records before (committed
+    /// offsets at start, or a batch written since): with its notes of the
+    /// mirrors it created gone as well, a mirror that does not exist may
+    /// have been deleted.
+    resumed: bool,
 }
 
 impl Mirrors {
@@ -112,7 +117,32 @@ impl Mirrors {
             pg,
             mirrors: HashMap::new(),
             retired: Vec::new(),
+            resumed: false,
         }
+    }
+
+    /// At the sink's start: whether its group has `read_before` (else
+    /// the notes of the mirrors it creates are started, so that only their
+    /// loss later looks like [`Mirrors::resumed`]).
+    pub(super) async fn start(
+        &mut self,
+        client: &EsClient,
+        read_before: bool,
+    ) -> Result<(), EsError> {
+        self.resumed = read_before;
+        if !read_before {
+            let (registry, body) = (
+                floors_index(&self.es.index_prefix),
+                floors_index_body(&self.es),
+            );
+            with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
+        }
+        Ok(())
+    }
+
+    /// The sink wrote change records.
+    pub(super) fn wrote(&mut self) {
+        self.resumed = true;
     }
 
     /// Route a record's write to mirror `alias`: find or create the mirror,
@@ -260,6 +290,12 @@ impl Mirrors {
         }
         let registry = floors_index(&self.es.index_prefix);
         let noted = with_retry(&self.es, || client.mirror_noted(&registry, alias)).await?;
+        // No notes at all while the group resumes: deleted with the mirrors.
+        let lost = match noted {
+            Some(noted) => noted,
+            None => self.resumed,
+        };
+        let noted = noted == Some(true);
         let mut refill = None;
         let current = current.map(|(_, index)| index);
         let current = match current {
@@ -270,7 +306,7 @@ impl Mirrors {
                 if own.contains_key(alias) {
                     alias.to_owned() // a mirror index from before generations
                 } else {
-                    if noted {
+                    if lost {
                         tracing::error!(alias, "the mirror's index was deleted: its documents are gone, and the changes still to come would bring back only the rows they change; copying the table from PostgreSQL into a new index");
                         metrics()
                             .es_mirrors_deleted

@@ -172,12 +172,19 @@ impl EsClient {
         }
     }
 
-    /// Whether `registry` notes that the mirror `alias` was created (no
-    /// such document, or no such index: not noted).
-    pub async fn mirror_noted(&self, registry: &str, alias: &str) -> Result<bool, EsError> {
+    /// Whether `registry` notes that the mirror `alias` was created;
+    /// `None` if there is no such index.
+    pub async fn mirror_noted(&self, registry: &str, alias: &str) -> Result<Option<bool>, EsError> {
+        if !self
+            .aliases(&path_segment(registry))
+            .await?
+            .contains_key(registry)
+        {
+            return Ok(None);
+        }
         let path = format!("{}/_doc/{}", path_segment(registry), noted_id(alias));
         let doc = self.call(reqwest::Method::GET, &path, None).await?;
-        Ok(doc.is_some_and(|d| d["found"] == json!(true)))
+        Ok(Some(doc.is_some_and(|d| d["found"] == json!(true))))
     }
 
     /// Note in `registry` that the mirror `alias` was created.

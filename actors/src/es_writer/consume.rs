@@ -71,6 +71,8 @@ impl Sink {
     /// Consume, write and commit until an error ends the run.
     pub(super) async fn run(self) -> Result<(), EsError> {
         let mut c = self.connect()?;
+        let read_before = c.group.read_before(&c.consumer, &self.kafka).await;
+        c.mirrors.start(&c.es, read_before).await?;
         loop {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
                 c.group.changes_since_probe = false;
@@ -88,7 +90,10 @@ impl Sink {
             self.written(&mut c, &batch);
             observe_canaries(&mut c, Some(&batch));
             c.mirrors.settle(&c.es).await?;
-            c.group.changes_since_probe |= has_changes(&c, &batch);
+            if has_changes(&c, &batch) {
+                c.group.changes_since_probe = true;
+                c.mirrors.wrote();
+            }
             if c.group.probe_due() {
                 // Idle: only canary records came (they do not show the change partitions move).
                 let idle = !std::mem::take(&mut c.group.changes_since_probe);

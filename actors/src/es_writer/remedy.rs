@@ -4,6 +4,7 @@
 //! group again).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::EsConfig;
@@ -63,6 +64,18 @@ impl GroupWatch {
             probed: HashMap::new(),
             changes_since_probe: false,
         })
+    }
+
+    /// Whether the group has committed offsets past the log start of a
+    /// partition (it read records before); `false` if the broker does not say.
+    pub(super) async fn read_before(
+        &self,
+        consumer: &SinkConsumer,
+        kafka: &Arc<KafkaConfig>,
+    ) -> bool {
+        group::probe(&self.prober, consumer, kafka)
+            .await
+            .is_ok_and(|lags| lags.iter().any(|l| l.committed.is_some_and(|o| o > l.low)))
     }
 
     /// Whether the last probe is [`PROBE_EVERY`] old.
