@@ -3,7 +3,8 @@
 //! mapping cannot follow (a column added with a default, a column's type,
 //! the key) are met with a new index filled beside the old one, while a reader polls
 //! the alias every 50 ms and never sees a 404, a half-filled index or a row
-//! going back; a mirror whose index is deleted is filled again.
+//! going back; a mirror whose index is deleted is filled again, and one
+//! blocked for writes or closed is waited for.
 
 #![allow(clippy::unwrap_used)]
 
@@ -438,4 +439,84 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
         .await
         .unwrap();
     assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+}
+
+/// Set `index`'s settings.
+async fn put_settings(es: &SearchServer, index: &str, settings: Value) {
+    let url = format!("{}/{index}/_settings", es.url);
+    let put = reqwest::Client::new().put(url).json(&settings).send();
+    let answer = put.await.unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+}
+
+/// `POST <index>/<what>` (`_close`, `_open`).
+async fn post(es: &SearchServer, index: &str, what: &str) {
+    let url = format!("{}/{index}/{what}", es.url);
+    let answer = reqwest::Client::new().post(url).send().await.unwrap();
+    assert!(answer.status().is_success(), "{what}: {}", answer.status());
+}
+
+/// A mirror index with a write block, or closed, refuses every write
+/// until an operator lifts it: the sink retries (saying why) and parks
+/// nothing on the dead-letter topic, so the mirror is whole once it can
+/// be written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    let es = SearchServer::start().unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
+         INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
+    ))
+    .await
+    .unwrap();
+    let es_section = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        es.url
+    );
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.items",
+    };
+    let whole = Duration::from_secs(90);
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    let index = serving(&es).await;
+
+    // A write block.
+    put_settings(&es, &index, json!({"index.blocks.write": true})).await;
+    db.batch_execute("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2")
+        .await
+        .unwrap();
+    daemon
+        .wait_log("cluster_block_exception", whole)
+        .await
+        .unwrap();
+    put_settings(&es, &index, json!({"index.blocks.write": false})).await;
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+
+    // A closed index.
+    post(&es, &index, "_close").await;
+    db.batch_execute("UPDATE items SET n = 3 WHERE id = 3; DELETE FROM items WHERE id = 4")
+        .await
+        .unwrap();
+    daemon
+        .wait_log("index_closed_exception", whole)
+        .await
+        .unwrap();
+    post(&es, &index, "_open").await;
+    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
+        .await
+        .unwrap();
+    let dead = crate::support::sample(&probe.metrics().await, "pgcdc_dead_letters_total", &[]);
+    assert_eq!(dead, Some(0.0), "nothing dead-lettered");
 }

@@ -137,6 +137,10 @@ pub fn mirror_index(cfg: &EsConfig, schema: &str, table: &str) -> String {
 const NOT_FOUND: u64 = 404;
 /// The error type of an item whose index (or alias) does not exist.
 const INDEX_NOT_FOUND: &str = "index_not_found_exception";
+/// Error types of items refused until an operator acts (a write block,
+/// also the flood-stage disk block of older versions; a closed index):
+/// retried, never dead-lettered.
+const BLOCKED: [&str; 2] = ["cluster_block_exception", "index_closed_exception"];
 /// The action-line flag that refuses a write unless its `_index` is an alias.
 const REQUIRE_ALIAS: &str = "require_alias";
 /// Status of a versioned write older than the document: a newer change is already there.
@@ -361,6 +365,9 @@ pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
             let reason = || body["error"].to_string();
             match status {
                 200..=299 => Outcome::Done,
+                _ if BLOCKED.iter().any(|b| body["error"]["type"] == *b) => {
+                    Outcome::Retry(reason())
+                }
                 NOT_FOUND if body["error"]["type"] == INDEX_NOT_FOUND => Outcome::NoIndex(reason()),
                 NOT_FOUND if action == "delete" => Outcome::Done,
                 CONFLICT => Outcome::Conflict,
@@ -552,8 +559,10 @@ mod tests {
             {"index": {"status": 201}}, {"index": {"status": 409}}, {"index": {"status": 429, "error": "busy"}},
             {"delete": {"status": 404}}, {"index": {"status": 400, "error": {"type": "mapper_parsing_exception"}}},
             {"index": {"status": 503}},
-            {"index": {"status": 404, "error": {"type": "index_not_found_exception"}}}]});
-        let o = outcomes(&resp, 7).unwrap();
+            {"index": {"status": 404, "error": {"type": "index_not_found_exception"}}},
+            {"index": {"status": 403, "error": {"type": "cluster_block_exception"}}},
+            {"index": {"status": 400, "error": {"type": "index_closed_exception"}}}]});
+        let o = outcomes(&resp, 9).unwrap();
         assert_eq!(o[0], Outcome::Done);
         assert_eq!(o[1], Outcome::Conflict);
         assert!(matches!(o[2], Outcome::Retry(_)));
@@ -561,6 +570,8 @@ mod tests {
         assert!(matches!(&o[4], Outcome::Reject(r) if r.contains("mapper_parsing")));
         assert!(matches!(o[5], Outcome::Retry(_)));
         assert!(matches!(&o[6], Outcome::NoIndex(r) if r.contains("index_not_found")));
+        assert!(matches!(&o[7], Outcome::Retry(r) if r.contains("cluster_block")));
+        assert!(matches!(&o[8], Outcome::Retry(r) if r.contains("index_closed")));
         assert!(outcomes(&resp, 5).is_err());
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | answer | what the sink does |
 //! |---|---|
-//! | transport error, 429, 5xx (whole request or item) | retry with backoff, without limit |
+//! | transport error, 429, 5xx (whole request or item), an item refused by a write block or a closed index | retry with backoff, without limit |
 //! | 413 (request too large) | split the actions in halves and send each; a single action is dead-lettered |
 //! | 400 or another 4xx (whole request) | split likewise to find the record the server refuses; it is dead-lettered |
 //! | 200 with a body that is not a bulk response | retry [`UNREADABLE_RETRIES`] times, then split likewise |
@@ -109,13 +109,15 @@ impl Sender<'_> {
                     Err(()) => return Err(e),
                 },
             };
-            pending = self.settle(pending, results, &mut unanswered).await?;
+            let why;
+            (pending, why) = self.settle(pending, results, &mut unanswered).await?;
             if !pending.is_empty() {
                 attempt += 1;
                 tracing::warn!(
                     items = pending.len(),
                     attempt,
-                    "bulk items not written (429, 5xx or no status); retrying"
+                    error = why.as_deref().unwrap_or("no status"),
+                    "bulk items not written (429, 5xx, a write block or a closed index, or no status); retrying"
                 );
                 tokio::time::sleep(backoff(self.es, attempt)).await;
             }
@@ -143,15 +145,16 @@ impl Sender<'_> {
         Ok(None)
     }
 
-    /// Count the items' outcomes, dead-letter the refused ones; the actions to send again.
+    /// Count the items' outcomes, dead-letter the refused ones; the actions
+    /// to send again, and the first reason to.
     async fn settle(
         &self,
         pending: Vec<Action>,
         results: Vec<Outcome>,
         unanswered: &mut HashMap<(usize, bool), u32>,
-    ) -> Result<Vec<Action>, EsError> {
+    ) -> Result<(Vec<Action>, Option<String>), EsError> {
         let m = metrics();
-        let mut retry = Vec::new();
+        let (mut retry, mut why) = (Vec::new(), None);
         let mut counts: HashMap<&str, u64> = HashMap::new();
         for (action, outcome) in pending.into_iter().zip(results) {
             let outcome = match outcome {
@@ -159,13 +162,13 @@ impl Sender<'_> {
                     return Err(EsError::MirrorGone(action.index));
                 }
                 Outcome::NoIndex(_) if action.is_delete() => Outcome::Done,
-                Outcome::NoIndex(reason) => Outcome::Reject(reason),
                 other => other,
             };
             let label = match outcome {
                 Outcome::Done => "done",
                 Outcome::Conflict => "superseded",
-                Outcome::Retry(_) => {
+                Outcome::Retry(reason) => {
+                    why.get_or_insert(reason);
                     retry.push(action);
                     "retried"
                 }
@@ -184,7 +187,7 @@ impl Sender<'_> {
                         "dead_lettered"
                     }
                 }
-                Outcome::Reject(_) if action.best_effort => {
+                Outcome::Reject(_) | Outcome::NoIndex(_) if action.best_effort => {
                     m.es_refusals.with_label_values(&["retiring_index"]).inc();
                     "refused_by_retiring_index"
                 }
@@ -198,7 +201,7 @@ impl Sender<'_> {
         for (label, n) in counts {
             m.es_items.with_label_values(&[label]).inc_by(n);
         }
-        Ok(retry)
+        Ok((retry, why))
     }
 
     async fn dead_letter(&self, action: &Action, reason: &str) -> Result<(), EsError> {
