@@ -149,8 +149,9 @@ enum Scope {
 /// their root, partitions whose changes it sends as another table's,
 /// missing tables, tables that are published but not configured,
 /// operations it does not publish, inheritance children sent as
-/// themselves, unlogged or foreign partitions; which tables it sends only some columns or rows of (column
-/// lists, row filters).
+/// themselves, unlogged or foreign partitions (never decoded); which
+/// tables it sends only some columns or rows of (column lists, row
+/// filters).
 async fn check_publication(settings: &Settings) -> Result<Scope, AppError> {
     let pg = &settings.postgres;
     let (sql, tables) = resolved_tables(settings).await?;

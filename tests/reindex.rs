@@ -354,6 +354,60 @@ async fn delete_serving(es: &SearchServer) {
     assert!(gone.status().is_success(), "{index}: {}", gone.status());
 }
 
+/// How long a mirror may take to equal its table again.
+const MIRRORED: Duration = Duration::from_secs(90);
+
+/// `items` ([`ROWS`] rows) streamed by a daemon with the ES sink inside
+/// and its metrics on, once its mirror equals the table.
+struct Mirrored {
+    pg: crate::support::PgCluster,
+    _tansu: crate::support::Tansu,
+    _dir: tempfile::TempDir,
+    db: tokio_postgres::Client,
+    es: SearchServer,
+    probe: crate::support::Probe,
+    daemon: Daemon,
+}
+
+impl Mirrored {
+    async fn start() -> Mirrored {
+        let (pg, tansu, dir, db) = pg_and_tansu().await;
+        let es = SearchServer::start().unwrap();
+        db.batch_execute(&format!(
+            "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
+             INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
+        ))
+        .await
+        .unwrap();
+        let es_section = format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nreindex_grace_secs = 1\n",
+            es.url
+        );
+        let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+        let port = crate::support::free_port();
+        let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+        let probe = crate::support::Probe::on(port);
+        let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+        crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+        let want = Want::Verified {
+            pg: &pg,
+            table: "public.items",
+        };
+        oracle::mirror_equals(&es.url, ALIAS, want, MIRRORED, Some(&daemon))
+            .await
+            .unwrap();
+        Mirrored {
+            pg,
+            _tansu: tansu,
+            _dir: dir,
+            db,
+            es,
+            probe,
+            daemon,
+        }
+    }
+}
+
 /// A mirror whose index is deleted (by hand, or by a retention policy),
 /// while the sink writes to it or while pgcdc is stopped: the changes to
 /// come would bring back only the rows they change. The sink's writes go
@@ -363,39 +417,20 @@ async fn delete_serving(es: &SearchServer) {
 /// because its group has read records before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    let es = SearchServer::start().unwrap();
-    db.batch_execute(&format!(
-        "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
-         INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
-    ))
-    .await
-    .unwrap();
-    let es_section = format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nreindex_grace_secs = 1\n",
-        es.url
-    );
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
-    let port = crate::support::free_port();
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
-    let probe = crate::support::Probe::on(port);
-    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
-    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let m = Mirrored::start().await;
+    let (es, db, probe, whole) = (&m.es, &m.db, &m.probe, MIRRORED);
+    let mut daemon = m.daemon;
     let want = Want::Verified {
-        pg: &pg,
+        pg: &m.pg,
         table: "public.items",
     };
-    let whole = Duration::from_secs(90);
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
     let deleted = |m: &str| {
         let labels = [("mirror", ALIAS)];
         crate::support::sample(m, "pgcdc_es_mirrors_deleted_total", &labels)
     };
 
     // Deleted while the sink writes to it.
-    delete_serving(&es).await;
+    delete_serving(es).await;
     db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
         .await
         .unwrap();
@@ -412,7 +447,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
         daemon.terminate(Duration::from_secs(30)).unwrap().code(),
         Some(0)
     );
-    delete_serving(&es).await;
+    delete_serving(es).await;
     daemon.spawn().unwrap();
     db.batch_execute("UPDATE items SET n = 2 WHERE id = 2")
         .await
@@ -427,7 +462,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
         daemon.terminate(Duration::from_secs(30)).unwrap().code(),
         Some(0)
     );
-    delete_serving(&es).await;
+    delete_serving(es).await;
     let notes = format!("{}/cdc__truncations", es.url);
     let gone = reqwest::Client::new().delete(notes).send().await.unwrap();
     assert!(gone.status().is_success(), "{}", gone.status());
@@ -462,36 +497,17 @@ async fn post(es: &SearchServer, index: &str, what: &str) {
 /// be written again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
-    let (pg, tansu, dir, db) = pg_and_tansu().await;
-    let es = SearchServer::start().unwrap();
-    db.batch_execute(&format!(
-        "CREATE TABLE items (id int PRIMARY KEY, code int NOT NULL, n int8 NOT NULL DEFAULT 0, note text); \
-         INSERT INTO items SELECT i, i * 10, 0, 'row ' || i FROM generate_series(1, {ROWS}) i;"
-    ))
-    .await
-    .unwrap();
-    let es_section = format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-        es.url
-    );
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
-    let port = crate::support::free_port();
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
-    let probe = crate::support::Probe::on(port);
-    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
-    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let m = Mirrored::start().await;
+    let (es, db, probe, whole) = (&m.es, &m.db, &m.probe, MIRRORED);
+    let daemon = m.daemon;
     let want = Want::Verified {
-        pg: &pg,
+        pg: &m.pg,
         table: "public.items",
     };
-    let whole = Duration::from_secs(90);
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
-    let index = serving(&es).await;
+    let index = serving(es).await;
 
     // A write block.
-    put_settings(&es, &index, json!({"index.blocks.write": true})).await;
+    put_settings(es, &index, json!({"index.blocks.write": true})).await;
     db.batch_execute("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2")
         .await
         .unwrap();
@@ -499,13 +515,13 @@ async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
         .wait_log("cluster_block_exception", whole)
         .await
         .unwrap();
-    put_settings(&es, &index, json!({"index.blocks.write": false})).await;
+    put_settings(es, &index, json!({"index.blocks.write": false})).await;
     oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
         .await
         .unwrap();
 
     // A closed index.
-    post(&es, &index, "_close").await;
+    post(es, &index, "_close").await;
     db.batch_execute("UPDATE items SET n = 3 WHERE id = 3; DELETE FROM items WHERE id = 4")
         .await
         .unwrap();
@@ -513,7 +529,7 @@ async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
         .wait_log("index_closed_exception", whole)
         .await
         .unwrap();
-    post(&es, &index, "_open").await;
+    post(es, &index, "_open").await;
     oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
         .await
         .unwrap();
