@@ -389,14 +389,7 @@ impl Mirrored {
         let probe = crate::support::Probe::on(port);
         let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
         crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-        let want = Want::Verified {
-            pg: &pg,
-            table: "public.items",
-        };
-        oracle::mirror_equals(&es.url, ALIAS, want, MIRRORED, Some(&daemon))
-            .await
-            .unwrap();
-        Mirrored {
+        let m = Mirrored {
             pg,
             _tansu: tansu,
             _dir: dir,
@@ -404,7 +397,37 @@ impl Mirrored {
             es,
             probe,
             daemon,
-        }
+        };
+        m.wait_whole().await;
+        m
+    }
+
+    /// Run `sql`, then wait until the mirror equals the table again.
+    async fn change_and_wait(&self, sql: &str) {
+        self.db.batch_execute(sql).await.unwrap();
+        self.wait_whole().await;
+    }
+
+    /// Wait until the mirror equals the table.
+    async fn wait_whole(&self) {
+        let want = Want::Verified {
+            pg: &self.pg,
+            table: "public.items",
+        };
+        oracle::mirror_equals(&self.es.url, ALIAS, want, MIRRORED, Some(&self.daemon))
+            .await
+            .unwrap();
+    }
+
+    /// A sample of the daemon's metrics.
+    async fn sample(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        crate::support::sample(&self.probe.metrics().await, metric, labels)
+    }
+
+    /// Stop the daemon cleanly (exit code 0).
+    fn stop(&mut self) {
+        let stopped = self.daemon.terminate(Duration::from_secs(30)).unwrap();
+        assert_eq!(stopped.code(), Some(0));
     }
 }
 
@@ -417,63 +440,38 @@ impl Mirrored {
 /// because its group has read records before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
-    let m = Mirrored::start().await;
-    let (es, db, probe, whole) = (&m.es, &m.db, &m.probe, MIRRORED);
-    let mut daemon = m.daemon;
-    let want = Want::Verified {
-        pg: &m.pg,
-        table: "public.items",
-    };
-    let deleted = |m: &str| {
-        let labels = [("mirror", ALIAS)];
-        crate::support::sample(m, "pgcdc_es_mirrors_deleted_total", &labels)
-    };
+    let mut m = Mirrored::start().await;
+    let deleted = [("mirror", ALIAS)];
+    let deleted_total = "pgcdc_es_mirrors_deleted_total";
 
     // Deleted while the sink writes to it.
-    delete_serving(es).await;
-    db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
-        .await
-        .unwrap();
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
-    assert!(daemon
+    delete_serving(&m.es).await;
+    m.change_and_wait("UPDATE items SET n = 1 WHERE id = 1")
+        .await;
+    assert!(m
+        .daemon
         .log_text()
         .contains("the mirror's index was deleted while the sink wrote to it"));
-    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+    assert_eq!(m.sample(deleted_total, &deleted).await, Some(1.0));
 
     // Deleted while pgcdc is stopped (a new process: its counter starts at 0).
-    assert_eq!(
-        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
-        Some(0)
-    );
-    delete_serving(es).await;
-    daemon.spawn().unwrap();
-    db.batch_execute("UPDATE items SET n = 2 WHERE id = 2")
-        .await
-        .unwrap();
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
-    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+    m.stop();
+    delete_serving(&m.es).await;
+    m.daemon.spawn().unwrap();
+    m.change_and_wait("UPDATE items SET n = 2 WHERE id = 2")
+        .await;
+    assert_eq!(m.sample(deleted_total, &deleted).await, Some(1.0));
 
     // Deleted with the sink's notes (as `DELETE cdc_*` would), while stopped.
-    assert_eq!(
-        daemon.terminate(Duration::from_secs(30)).unwrap().code(),
-        Some(0)
-    );
-    delete_serving(es).await;
-    let notes = format!("{}/cdc__truncations", es.url);
+    m.stop();
+    delete_serving(&m.es).await;
+    let notes = format!("{}/cdc__truncations", m.es.url);
     let gone = reqwest::Client::new().delete(notes).send().await.unwrap();
     assert!(gone.status().is_success(), "{}", gone.status());
-    daemon.spawn().unwrap();
-    db.batch_execute("UPDATE items SET n = 3 WHERE id = 3")
-        .await
-        .unwrap();
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
-    assert_eq!(deleted(&probe.metrics().await), Some(1.0));
+    m.daemon.spawn().unwrap();
+    m.change_and_wait("UPDATE items SET n = 3 WHERE id = 3")
+        .await;
+    assert_eq!(m.sample(deleted_total, &deleted).await, Some(1.0));
 }
 
 /// Set `index`'s settings.
@@ -498,41 +496,32 @@ async fn post(es: &SearchServer, index: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
     let m = Mirrored::start().await;
-    let (es, db, probe, whole) = (&m.es, &m.db, &m.probe, MIRRORED);
-    let daemon = m.daemon;
-    let want = Want::Verified {
-        pg: &m.pg,
-        table: "public.items",
-    };
+    let (es, daemon) = (&m.es, &m.daemon);
     let index = serving(es).await;
 
     // A write block.
     put_settings(es, &index, json!({"index.blocks.write": true})).await;
-    db.batch_execute("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2")
+    m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2")
         .await
         .unwrap();
     daemon
-        .wait_log("cluster_block_exception", whole)
+        .wait_log("cluster_block_exception", MIRRORED)
         .await
         .unwrap();
     put_settings(es, &index, json!({"index.blocks.write": false})).await;
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
+    m.wait_whole().await;
 
     // A closed index.
     post(es, &index, "_close").await;
-    db.batch_execute("UPDATE items SET n = 3 WHERE id = 3; DELETE FROM items WHERE id = 4")
+    m.db.batch_execute("UPDATE items SET n = 3 WHERE id = 3; DELETE FROM items WHERE id = 4")
         .await
         .unwrap();
     daemon
-        .wait_log("index_closed_exception", whole)
+        .wait_log("index_closed_exception", MIRRORED)
         .await
         .unwrap();
     post(es, &index, "_open").await;
-    oracle::mirror_equals(&es.url, ALIAS, want, whole, Some(&daemon))
-        .await
-        .unwrap();
-    let dead = crate::support::sample(&probe.metrics().await, "pgcdc_dead_letters_total", &[]);
+    m.wait_whole().await;
+    let dead = m.sample("pgcdc_dead_letters_total", &[]).await;
     assert_eq!(dead, Some(0.0), "nothing dead-lettered");
 }
