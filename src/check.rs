@@ -9,7 +9,8 @@ use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::event::{KeySource, TableRef};
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::pg::{
-    catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, PgError,
+    catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, waits,
+    PgError,
 };
 use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{MessageKey, Signal};
@@ -43,6 +44,7 @@ pub fn run(settings: Settings) -> Result<(), AppError> {
         rt.block_on(check_replication(&settings))
             .map(Scope::Matches),
     );
+    report("slot", rt.block_on(check_slot(&settings)));
     report("publication", rt.block_on(check_publication(&settings)));
     report("privileges", rt.block_on(check_privileges(&settings)));
     report("kafka", check_kafka(&settings));
@@ -132,6 +134,35 @@ async fn check_replication(settings: &Settings) -> Result<String, AppError> {
         .await
         .map_err(classified)?;
     Ok(security.to_string())
+}
+
+/// Whether the slot exists; if not, the transactions its creation at the
+/// first start would wait for (PostgreSQL starts a logical slot only once
+/// every transaction holding a transaction ID has ended).
+async fn check_slot(settings: &Settings) -> Result<Scope, AppError> {
+    let pg = &settings.postgres;
+    let sql = pg_connect(pg).await.map_err(classified)?;
+    let existing = slot::inspect_slot(&sql, &pg.slot)
+        .await
+        .map_err(classified)?;
+    if existing.is_some() {
+        return Ok(Scope::Matches(format!("{} exists", pg.slot)));
+    }
+    let open = waits::transactions_holding_ids(&sql)
+        .await
+        .map_err(classified)?;
+    if open.is_empty() {
+        return Ok(Scope::Matches(format!(
+            "{} does not exist yet; pgcdc creates it at its first start",
+            pg.slot
+        )));
+    }
+    let named: Vec<String> = open.iter().map(ToString::to_string).collect();
+    Ok(Scope::Mismatch(format!(
+        "{} does not exist yet, and creating it at the first start waits until these transactions end: {}",
+        pg.slot,
+        named.join(", ")
+    )))
 }
 
 /// The result of a check that passes with or without a warning (an `ok`

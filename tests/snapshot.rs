@@ -891,3 +891,126 @@ async fn row_level_security_fails_the_copy_loudly_until_the_role_bypasses_it() {
         copied(rs) == both
     });
 }
+
+/// Creating the slot waits until every transaction holding a transaction ID
+/// has ended, and a backfill's read waits for a table lock; PostgreSQL tells
+/// the waiting session nothing. pgcdc names the sessions it waits for (log,
+/// `pgcdc_postgres_blocking_sessions`, `/ready`'s reason) and goes on once
+/// they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_waited_for() {
+    let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;
+         CREATE TABLE other (id int);
+         CREATE PUBLICATION pgcdc FOR TABLE items;",
+    )
+    .await
+    .unwrap();
+    let holder = pg.client().await.unwrap();
+    holder
+        .batch_execute("BEGIN; INSERT INTO other VALUES (1)")
+        .await
+        .unwrap();
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let port = crate::support::free_port();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let named = format!("pid {pid} (");
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let check = crate::support::pgcdc(&path, &["check"]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("WARN  slot: pgcdc does not exist yet")
+                && l.contains("waits until these transactions end")
+                && l.contains(&named)),
+        "{out}"
+    );
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    daemon
+        .wait_log(&named, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let line = |log: &str, what: &str| {
+        log.lines()
+            .find(|l| l.contains(&named) && l.contains(what))
+            .map(str::to_owned)
+    };
+    let warned = line(&daemon.log_text(), "the initial snapshot").unwrap();
+    assert!(
+        warned.contains("idle in transaction")
+            && warned.contains("pgcdc waits for its transaction to end")
+            && warned.contains("pg_terminate_backend"),
+        "{warned}"
+    );
+    let blocking = |m: &str| crate::support::sample(m, "pgcdc_postgres_blocking_sessions", &[]);
+    probe
+        .until("the blocker counted", &mut daemon, |m, ready| {
+            blocking(m) == Some(1.0) && ready == 503
+        })
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(why.contains(&named), "{why}");
+    let copied = |rs: &[Record]| rs.iter().filter(|r| r.op() == "r").count();
+    assert_eq!(copied(&crate::support::read_all(&tansu, TOPIC)), 0);
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
+        copied(rs) == 50
+    });
+    probe
+        .until("nothing blocks, ready", &mut daemon, |m, ready| {
+            blocking(m) == Some(0.0) && ready == 200
+        })
+        .await;
+    assert!(daemon
+        .log_text()
+        .contains("no PostgreSQL session blocks pgcdc's any more"));
+
+    // A backfill's read waits for a table lock held by an open transaction.
+    holder
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let waited = |log: &str| line(log, "a backfill").filter(|l| l.contains("a table lock"));
+    wait::until(
+        "the backfill's blocker named",
+        Duration::from_secs(60),
+        || std::future::ready(waited(&daemon.log_text()).is_some()),
+    )
+    .await
+    .unwrap();
+    assert!(!daemon.log_text().contains("backfill copied"));
+    probe
+        .until("the blocker counted", &mut daemon, |m, _| {
+            blocking(m) == Some(1.0)
+        })
+        .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    daemon
+        .wait_log("backfill copied", Duration::from_secs(60))
+        .await
+        .unwrap();
+    crate::support::read_until(&tansu, TOPIC, Duration::from_secs(60), |rs| {
+        copied(rs) == 100
+    });
+    probe
+        .until("nothing blocks", &mut daemon, |m, _| {
+            blocking(m) == Some(0.0)
+        })
+        .await;
+}

@@ -70,6 +70,11 @@ pub struct Metrics {
     pub tables_uncaptured: IntGauge,
     /// Operations the publication's `publish` option leaves out.
     pub unpublished_operations: IntGauge,
+    /// PostgreSQL sessions blocking a pgcdc session that waits on a lock
+    /// (a slot creation, a copy), as of the last look ([`crate::pg::waits`]).
+    pub postgres_blocking: IntGauge,
+    /// What keeps pgcdc waiting in PostgreSQL, while something does.
+    waiting: Mutex<Option<String>>,
     /// Tables copied again (most truncated first) because the table, its
     /// partitions or what the publication sends of it changed, per table
     /// and cause.
@@ -345,6 +350,12 @@ impl Metrics {
                 "tables_uncaptured",
                 "Configured tables whose changes are not all captured (dropped, not published, or partitioned with unlogged or foreign partitions): their mirrors are not current",
             ),
+            postgres_blocking: gauge(
+                &r,
+                "postgres_blocking_sessions",
+                "PostgreSQL sessions that block a pgcdc session waiting on a lock (creating its slot, copying a table): see the log for their pids",
+            ),
+            waiting: Mutex::default(),
             unpublished_operations: gauge(
                 &r,
                 "publication_unpublished_operations",
@@ -495,6 +506,9 @@ impl Metrics {
             ));
         }
         if what != Readiness::Sink && !self.ready(window) {
+            if let Some(why) = self.waiting.lock().ok().and_then(|w| w.clone()) {
+                return Err(why);
+            }
             return Err(format!(
                 "no confirmed progress in {}s and {} bytes behind",
                 window.as_secs(),
@@ -519,6 +533,14 @@ impl Metrics {
             ));
         }
         Ok(())
+    }
+
+    /// What keeps pgcdc waiting in PostgreSQL (`Some(why)`: `/ready` gives
+    /// it as its reason while not ready), or nothing any more.
+    pub fn postgres_waiting(&self, why: Option<String>) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = why;
+        }
     }
 
     /// The ES sink wrote and committed a batch.

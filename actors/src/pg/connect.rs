@@ -18,7 +18,7 @@ use crate::lsn::Lsn;
 
 /// `application_name` of every pgcdc connection, so operators can spot them
 /// in `pg_stat_activity` and `pg_stat_replication`.
-const APPLICATION_NAME: &str = "pgcdc";
+pub(super) const APPLICATION_NAME: &str = "pgcdc";
 /// Replication messages buffered between the client's socket worker and the
 /// stream task; the worker holds one more while it waits for room. The
 /// kernel's socket buffer absorbs bursts while a batch is handed over. This

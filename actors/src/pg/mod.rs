@@ -10,7 +10,8 @@
 //! - [`catalog`]: server checks and table, key and column lookups;
 //! - [`types`]: each column type's rendering rule, built-in or from `pg_type`;
 //! - [`values`]: text-format values to JSON, by `postgres-types`' [`Type`] and [`types::Rule`];
-//! - [`quote`]: identifier and literal quoting.
+//! - [`quote`]: identifier and literal quoting;
+//! - [`waits`]: naming the sessions that keep a slot creation or a copy waiting.
 //!
 //! # Dependency direction
 //!
@@ -23,7 +24,7 @@
 //! src/check.rs ────────────────┘  (plus replication::slot for the start decision)
 //! ```
 //!
-//! `pg` uses none of the actor modules. `snapshot` uses `pg` and never
+//! `pg` uses none of the actor modules (`waits` counts in [`crate::metrics`]). `snapshot` uses `pg` and never
 //! `replication`; `replication` uses both (it runs the initial copy and
 //! hands backfills to the snapshot actor). The WAL monitor and `pgcdc
 //! check` reach PostgreSQL through `pg` only.
@@ -39,6 +40,7 @@ pub(crate) mod session;
 pub mod tls;
 pub mod types;
 pub(crate) mod values;
+pub mod waits;
 
 pub use config::{parse_table_name, PostgresConfig};
 pub(crate) use connect::chain;

@@ -23,7 +23,7 @@ use crate::lsn::Lsn;
 use crate::messages::{DrainProducer, PublishBatch};
 use crate::metrics::metrics;
 use crate::pg::types::TypeSource;
-use crate::pg::PostgresConfig;
+use crate::pg::{waits, PostgresConfig};
 use crate::snapshot::watermark::{MessageAction, Signal, Watermarks, Windows};
 use crate::snapshot::{BackfillTable, RepairKeys, SnapshotActor, SnapshotConfig, StreamStarted};
 
@@ -127,7 +127,8 @@ impl Outbox {
 impl Stream {
     /// Prepare, then stream until stopped or failed.
     pub async fn run(mut self) -> Result<(), ReplicationError> {
-        let (plan, tables, identity, mut pending) = self.prepare().await?;
+        let (plan, tables, identity, mut pending) =
+            waits::reported(&self.config, "starting the stream", self.prepare()).await?;
         let limit = BatchLimit {
             events: self.config.max_batch_events,
             bytes: self.config.max_batch_bytes,
@@ -139,7 +140,11 @@ impl Stream {
                 pending.clear(); // the snapshot copies everything
                 let mut stop = self.stop.clone();
                 tokio::select! {
-                    client = self.initial_snapshot(&tables, identity, &mut out) => client?,
+                    client = waits::reported(
+                        &self.config,
+                        "the initial snapshot",
+                        self.initial_snapshot(&tables, identity, &mut out),
+                    ) => client?,
                     _ = stop.changed() => {
                         tracing::info!("stopped during the initial snapshot; it is taken again on the next start");
                         return Ok(());

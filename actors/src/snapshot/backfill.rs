@@ -15,7 +15,7 @@ use crate::checkpoint::{CheckpointActor, TableProgress};
 use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::messages::GetCheckpoint;
-use crate::pg::PostgresConfig;
+use crate::pg::{waits, PostgresConfig};
 
 /// One run of the copy work.
 pub(super) struct Backfill {
@@ -38,8 +38,15 @@ pub(super) struct Backfill {
 }
 
 impl Backfill {
-    /// Copy every pending and requested table, one after the other.
+    /// Copy every pending and requested table, one after the other, naming
+    /// the PostgreSQL sessions that keep a copy waiting.
     pub async fn run(self) -> Result<(), SnapshotError> {
+        let pg = self.pg.clone();
+        waits::reported(&pg, "a backfill", self.copy_all()).await
+    }
+
+    /// Copy every pending and requested table, one after the other.
+    async fn copy_all(self) -> Result<(), SnapshotError> {
         let mut work = match self.pending.clone() {
             Some(w) => w,
             None => {
