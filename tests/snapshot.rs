@@ -896,7 +896,9 @@ async fn row_level_security_fails_the_copy_loudly_until_the_role_bypasses_it() {
 /// has ended, and a backfill's read waits for a table lock; PostgreSQL tells
 /// the waiting session nothing. pgcdc names the sessions it waits for (log,
 /// `pgcdc_postgres_blocking_sessions`, `/ready`'s reason) and goes on once
-/// they end.
+/// they end, also when the database's statement, lock and idle timeouts are
+/// shorter than those waits and than the snapshot readers' idle time.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_waited_for() {
     let (pg, tansu, dir, db) = crate::support::pg_and_tansu().await;
@@ -904,13 +906,21 @@ async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_wait
         "CREATE TABLE items (id int PRIMARY KEY, v text);
          INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;
          CREATE TABLE other (id int);
-         CREATE PUBLICATION pgcdc FOR TABLE items;",
+         CREATE PUBLICATION pgcdc FOR TABLE items;
+         DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''100ms''', current_database());
+           EXECUTE format('ALTER DATABASE %I SET lock_timeout = ''100ms''', current_database());
+           EXECUTE format('ALTER DATABASE %I SET idle_in_transaction_session_timeout = ''300ms''',
+                          current_database());
+         END $$;",
     )
     .await
     .unwrap();
     let holder = pg.client().await.unwrap();
     holder
-        .batch_execute("BEGIN; INSERT INTO other VALUES (1)")
+        .batch_execute(
+            "SET idle_in_transaction_session_timeout = 0; BEGIN; INSERT INTO other VALUES (1)",
+        )
         .await
         .unwrap();
     let pid: i32 = holder
@@ -934,7 +944,12 @@ async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_wait
         "{out}"
     );
     let probe = crate::support::Probe::on(port);
-    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    // The snapshot readers stay idle in their transactions for 1 s.
+    let plan_later = format!(
+        "{}=sleep(1000)",
+        pgcdc_actors::wire::failpoint::SNAPSHOT_PLAN
+    );
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &plan_later)]);
     daemon
         .wait_log(&named, Duration::from_secs(60))
         .await
@@ -1013,4 +1028,9 @@ async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_wait
             blocking(m) == Some(0.0)
         })
         .await;
+    assert!(
+        !daemon.log_text().contains("timeout"),
+        "{}",
+        daemon.log_text()
+    );
 }

@@ -31,7 +31,8 @@ const REPLICATION_BUFFER: usize = 16;
 /// while bounding what a single message can make pgcdc allocate.
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// Open a SQL connection; the connection task runs in the background.
+/// Open a SQL connection with PostgreSQL's timeouts off (see `session`);
+/// the connection task runs in the background.
 pub async fn connect(cfg: &PostgresConfig) -> Result<Client, PgError> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&cfg.host)
@@ -69,6 +70,7 @@ where
 {
     let (client, conn) = pg.connect(tls).await?;
     tokio::spawn(drive(conn));
+    super::session::without_timeouts(&client).await?;
     Ok(client)
 }
 
