@@ -564,10 +564,97 @@ async fn a_sink_resuming_inside_a_batch_on_the_mock_broker_mirrors_all_of_it() {
     );
 }
 
+/// Records Kafka never delivered to the sink (deleted by retention before
+/// it read them, or compacted away; here a failpoint drops them from the
+/// sink's first batch) are not left missing: the sink reports the gap and
+/// fills the mirror again from PostgreSQL.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_postgres() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
+    )
+    .await
+    .unwrap();
+    let changes: Vec<Change> = (0..200)
+        .map(|id| Change {
+            id,
+            op: "c",
+            name: format!("name {id}"),
+            lsn: 1000 + id as u64,
+        })
+        .collect();
+    produce(&*r.broker, &changes).await;
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let lost = format!(
+        "{}=1*return->off",
+        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
+    );
+    let dir = r.dir.path().join("a");
+    let sink = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
+    sink.wait_log("kafka skipped offsets", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let table = Want::Verified {
+        pg: &r.pg,
+        table: "public.items",
+    };
+    let timeout = Duration::from_secs(60);
+    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&sink))
+        .await
+        .unwrap();
+    let log = sink.log_text();
+    assert!(
+        log.contains("kafka never delivered some records of topic cdc-events"),
+        "{log}"
+    );
+}
+
 /// 200 records as one batch, one more after it, the sink group's offset
 /// committed in the first batch's middle; start a sink. Whether it reported
 /// skipped offsets (else it mirrored every record from the offset on).
 async fn resume_inside_a_batch(r: &Rig) -> bool {
+    let changes = commit_inside_a_batch(r).await;
+    let want = expected(&changes[100..]);
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let every = Duration::from_millis(100);
+    wait::poll(
+        "the sink to mirror or report a skip",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let docs = r.es.documents("cdc_public_items").await.unwrap();
+            let log = sink.log_text();
+            if !docs.keys().all(|id| want.contains_key(id)) {
+                let ids: Vec<&String> = docs.keys().collect();
+                return Poll::Abort(format!(
+                    "the sink must start at the committed offset: {ids:?}"
+                ));
+            }
+            if log.contains("kafka skipped offsets") {
+                assert!(log.contains("expected=100 got=200"), "{log}");
+                return Poll::Ready(true);
+            }
+            Poll::when(docs == want, false, || {
+                format!(
+                    "{} of {} documents and no skip reported:\n{log}",
+                    docs.len(),
+                    want.len()
+                )
+            })
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// 200 records as one batch, one more after it, and the sink group's
+/// offset committed at 100, in the first batch's middle; the records.
+async fn commit_inside_a_batch(r: &Rig) -> Vec<Change> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let changes: Vec<Change> = (0..201)
@@ -613,39 +700,7 @@ async fn resume_inside_a_batch(r: &Rig) -> bool {
     tpl.add_partition_offset(TOPIC, 0, Offset::Offset(100))
         .unwrap();
     group.commit(&tpl, CommitMode::Sync).unwrap();
-
-    let want = expected(&changes[100..]);
-    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
-    let sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
-    let every = Duration::from_millis(100);
-    wait::poll(
-        "the sink to mirror or report a skip",
-        Duration::from_secs(60),
-        every,
-        || async {
-            let docs = r.es.documents("cdc_public_items").await.unwrap();
-            let log = sink.log_text();
-            if !docs.keys().all(|id| want.contains_key(id)) {
-                let ids: Vec<&String> = docs.keys().collect();
-                return Poll::Abort(format!(
-                    "the sink must start at the committed offset: {ids:?}"
-                ));
-            }
-            if log.contains("kafka skipped offsets") {
-                assert!(log.contains("expected=100 got=200"), "{log}");
-                return Poll::Ready(true);
-            }
-            Poll::when(docs == want, false, || {
-                format!(
-                    "{} of {} documents and no skip reported:\n{log}",
-                    docs.len(),
-                    want.len()
-                )
-            })
-        },
-    )
-    .await
-    .unwrap()
+    changes
 }
 
 /// Table names Elasticsearch forbids or would merge map to distinct valid

@@ -233,8 +233,12 @@ pub mod failpoint {
     /// The ES sink, when its consumer was assigned partitions; `return`
     /// drops the assignment, as a broker that assigned nothing would.
     pub const ES_ASSIGNED: &str = "es-assigned";
+    /// The ES sink, when a batch was read; `return` drops the records
+    /// between its first and its last, as a broker that never delivered
+    /// them would (retention, compaction).
+    pub const ES_RECORDS_LOST: &str = "es-records-lost";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -244,5 +248,6 @@ pub mod failpoint {
         SNAPSHOT_PLAN,
         WAL_MONITOR_PASS,
         ES_ASSIGNED,
+        ES_RECORDS_LOST,
     ];
 }

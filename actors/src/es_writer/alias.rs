@@ -71,6 +71,8 @@ pub(super) type TableOf<'a> = &'a dyn Fn() -> Option<(String, String)>;
 
 /// What routing needs of a record.
 pub(super) struct Incoming<'a> {
+    /// The topic it was read from.
+    pub topic: &'a str,
     /// Its `pgcdc.types` header.
     pub types: Option<&'a str>,
     /// Its key (column name → value).
@@ -107,6 +109,10 @@ pub(super) struct Mirrors {
     /// mirrors it created gone as well, a mirror that does not exist may
     /// have been deleted.
     resumed: bool,
+    /// Topics in which Kafka never delivered some records, and the mirrors
+    /// marked for a fill since: each other mirror a record of the topic
+    /// goes to is filled again from PostgreSQL.
+    gapped: HashMap<String, HashSet<String>>,
 }
 
 impl Mirrors {
@@ -118,6 +124,17 @@ impl Mirrors {
             mirrors: HashMap::new(),
             retired: Vec::new(),
             resumed: false,
+            gapped: HashMap::new(),
+        }
+    }
+
+    /// Kafka never delivered some records of `topics` (retention deleted
+    /// them before the sink read them, compaction, a broker's skip): any
+    /// mirror may lack changes, so each one a record of these topics goes
+    /// to from now on is filled again from PostgreSQL, once per gap.
+    pub(super) fn missed(&mut self, topics: Vec<String>) {
+        for topic in topics {
+            self.gapped.insert(topic, HashSet::new());
         }
     }
 
@@ -157,6 +174,15 @@ impl Mirrors {
         if !self.mirrors.contains_key(alias) {
             let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
+        }
+        if let Some(marked) = self.gapped.get_mut(rec.topic) {
+            if marked.insert(alias.to_owned()) {
+                let m = self.mirrors.get_mut(alias).expect("mirror opened");
+                m.refill = Some(format!(
+                    "kafka never delivered some records of topic {}",
+                    rec.topic
+                ));
+            }
         }
         self.refill(client, alias, rec).await?;
         let m = &self.mirrors[alias];

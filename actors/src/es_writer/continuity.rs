@@ -7,7 +7,8 @@
 //! record batch with the next batch). A jump at the first record after an
 //! assignment is healed by seeking back (see `heal`); a jump that cannot be
 //! healed means the mirror may miss changes, so it is logged as an error and
-//! counted; a backfill (`pgcdc snapshot --table`) repairs it.
+//! counted, and the sink fills the mirrors of the topic's tables again from
+//! PostgreSQL (see `alias`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -45,12 +46,12 @@ pub(super) struct Continuity {
 impl Continuity {
     /// Check `batch` against what came before: heal skips at the start of a
     /// partition (dropping records from `batch` and seeking back), then log
-    /// and count every gap left.
+    /// and count every gap left; the topics with such gaps.
     pub(super) async fn check(
         &mut self,
         consumer: &Arc<StreamConsumer<SinkContext>>,
         batch: &mut Vec<OwnedMessage>,
-    ) {
+    ) -> Vec<String> {
         let rebalances = consumer.context().rebalances();
         if rebalances != self.rebalances {
             self.next.clear();
@@ -59,7 +60,7 @@ impl Continuity {
         }
         let assigned = self.learn_committed(consumer, batch).await;
         self.heal(consumer, batch, &assigned).await;
-        self.report_gaps(batch);
+        self.report_gaps(batch)
     }
 
     /// Decide for every partition that was just assigned or is being healed;
@@ -127,10 +128,11 @@ impl Continuity {
         decisions
     }
 
-    /// Log and count the gaps in `batch`.
-    fn report_gaps(&mut self, batch: &[OwnedMessage]) {
+    /// Log and count the gaps in `batch`; the topics they are in.
+    fn report_gaps(&mut self, batch: &[OwnedMessage]) -> Vec<String> {
         let at = batch.iter().map(|m| (m.topic(), m.partition(), m.offset()));
-        for g in skipped_offsets(&mut self.next, at) {
+        let gaps = skipped_offsets(&mut self.next, at);
+        for g in &gaps {
             crate::metrics::metrics()
                 .es_skipped_offsets
                 .inc_by(g.skipped() as u64);
@@ -140,9 +142,10 @@ impl Continuity {
                 expected = g.expected,
                 got = g.got,
                 skipped = g.skipped(),
-                "es sink: kafka skipped offsets; the mirror may miss changes (backfill the table with `pgcdc snapshot --table`)"
+                "es sink: kafka skipped offsets; the mirror may miss changes: each mirror of the topic's tables is filled again from PostgreSQL at its next change (a table that does not change: `pgcdc snapshot --table`)"
             );
         }
+        gaps.into_iter().map(|g| g.topic).collect()
     }
 
     /// Look up the committed offset of every partition of `batch` not seen
