@@ -172,7 +172,8 @@ enum Scope {
     Matches(String),
     /// Something to warn about: the publication differs from the
     /// configuration (tables, operations), the role may not read a table,
-    /// or a change topic gained partitions.
+    /// a change topic gained partitions, or open transactions would hold
+    /// the slot's creation back.
     Mismatch(String),
 }
 

@@ -617,44 +617,6 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
 /// committed in the first batch's middle; start a sink. Whether it reported
 /// skipped offsets (else it mirrored every record from the offset on).
 async fn resume_inside_a_batch(r: &Rig) -> bool {
-    let changes = commit_inside_a_batch(r).await;
-    let want = expected(&changes[100..]);
-    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
-    let sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
-    let every = Duration::from_millis(100);
-    wait::poll(
-        "the sink to mirror or report a skip",
-        Duration::from_secs(60),
-        every,
-        || async {
-            let docs = r.es.documents("cdc_public_items").await.unwrap();
-            let log = sink.log_text();
-            if !docs.keys().all(|id| want.contains_key(id)) {
-                let ids: Vec<&String> = docs.keys().collect();
-                return Poll::Abort(format!(
-                    "the sink must start at the committed offset: {ids:?}"
-                ));
-            }
-            if log.contains("kafka skipped offsets") {
-                assert!(log.contains("expected=100 got=200"), "{log}");
-                return Poll::Ready(true);
-            }
-            Poll::when(docs == want, false, || {
-                format!(
-                    "{} of {} documents and no skip reported:\n{log}",
-                    docs.len(),
-                    want.len()
-                )
-            })
-        },
-    )
-    .await
-    .unwrap()
-}
-
-/// 200 records as one batch, one more after it, and the sink group's
-/// offset committed at 100, in the first batch's middle; the records.
-async fn commit_inside_a_batch(r: &Rig) -> Vec<Change> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let changes: Vec<Change> = (0..201)
@@ -700,7 +662,39 @@ async fn commit_inside_a_batch(r: &Rig) -> Vec<Change> {
     tpl.add_partition_offset(TOPIC, 0, Offset::Offset(100))
         .unwrap();
     group.commit(&tpl, CommitMode::Sync).unwrap();
-    changes
+
+    let want = expected(&changes[100..]);
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let every = Duration::from_millis(100);
+    wait::poll(
+        "the sink to mirror or report a skip",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let docs = r.es.documents("cdc_public_items").await.unwrap();
+            let log = sink.log_text();
+            if !docs.keys().all(|id| want.contains_key(id)) {
+                let ids: Vec<&String> = docs.keys().collect();
+                return Poll::Abort(format!(
+                    "the sink must start at the committed offset: {ids:?}"
+                ));
+            }
+            if log.contains("kafka skipped offsets") {
+                assert!(log.contains("expected=100 got=200"), "{log}");
+                return Poll::Ready(true);
+            }
+            Poll::when(docs == want, false, || {
+                format!(
+                    "{} of {} documents and no skip reported:\n{log}",
+                    docs.len(),
+                    want.len()
+                )
+            })
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Table names Elasticsearch forbids or would merge map to distinct valid

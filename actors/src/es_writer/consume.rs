@@ -403,7 +403,6 @@ impl Sink {
     }
 }
 
-/// Whether `batch` holds a record of a change topic (not only canaries).
 /// Whether the `es-records-lost` failpoint fires (tests: records a broker
 /// never delivers).
 fn records_lost() -> bool {
@@ -411,6 +410,7 @@ fn records_lost() -> bool {
     false
 }
 
+/// Whether `batch` holds a record of a change topic (not only canaries).
 fn has_changes(c: &Clients, batch: &[OwnedMessage]) -> bool {
     match &c.canaries {
         Some(k) => batch.iter().any(|m| !k.is_canary(m.topic())),

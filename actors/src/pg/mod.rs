@@ -24,10 +24,11 @@
 //! src/check.rs ────────────────┘  (plus replication::slot for the start decision)
 //! ```
 //!
-//! `pg` uses none of the actor modules (`waits` counts in [`crate::metrics`]). `snapshot` uses `pg` and never
-//! `replication`; `replication` uses both (it runs the initial copy and
-//! hands backfills to the snapshot actor). The WAL monitor and `pgcdc
-//! check` reach PostgreSQL through `pg` only.
+//! `pg` uses none of the actor modules (`waits` counts in
+//! [`crate::metrics`]). `snapshot` uses `pg` and never `replication`;
+//! `replication` uses both (it runs the initial copy and hands backfills to
+//! the snapshot actor). The WAL monitor and `pgcdc check` reach PostgreSQL
+//! through `pg` only.
 //!
 //! [`Type`]: tokio_postgres::types::Type
 
