@@ -23,7 +23,7 @@ use crate::checkpoint::KeyText;
 use crate::es_writer::doc_id;
 use crate::event::{ChangeEvent, Op, TableRef, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::PostgresConfig;
+use crate::pg::{waits, PostgresConfig};
 
 /// One repair request.
 pub(super) struct Repair {
@@ -42,8 +42,14 @@ pub(super) struct Repair {
 }
 
 impl Repair {
-    /// Copy every key, chunk by chunk, each chunk between its marks.
+    /// Copy every key, chunk by chunk, each chunk between its marks, naming
+    /// the PostgreSQL sessions that keep a read waiting.
     pub async fn run(self) -> Result<(), SnapshotError> {
+        waits::reported(&self.pg, "a repair", self.copy_keys()).await
+    }
+
+    /// Copy every key, chunk by chunk.
+    async fn copy_keys(&self) -> Result<(), SnapshotError> {
         let sql = reader(&self.pg).await?;
         let shape = Shape::load(&sql, &self.table, &self.pg.publication).await?;
         if shape.keyless() {

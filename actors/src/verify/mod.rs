@@ -61,7 +61,7 @@ use crate::error::{ErrorClass, ExitCode};
 use crate::es_writer::naming::mirror_index;
 use crate::es_writer::{EsClient, EsConfig, EsError};
 use crate::kafka_producer::KafkaConfig;
-use crate::pg::{PgError, PostgresConfig};
+use crate::pg::{waits, PgError, PostgresConfig};
 use crate::snapshot::shape::Shape;
 use crate::snapshot::SnapshotError;
 use mirror::{Mirror, Slice};
@@ -176,9 +176,11 @@ impl Verifier {
         self
     }
 
-    /// Verify `schema.table` against its mirror.
+    /// Verify `schema.table` against its mirror, naming the PostgreSQL
+    /// sessions that keep its read waiting.
     pub async fn table(&self, schema: &str, table: &str) -> Result<TableReport, VerifyError> {
-        self.run(schema, table, true).await
+        let what = format!("verifying {schema}.{table}");
+        waits::reported(&self.pg, &what, self.run(schema, table, true)).await
     }
 
     /// Compare `schema.table` with its mirror once, as they stand: every
