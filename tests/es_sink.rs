@@ -47,6 +47,18 @@ fn envelope(c: &Change) -> Value {
                       "lsn": c.lsn, "commit_lsn": c.lsn, "seq": 0, "txId": 1, "ts_ms": 1_700_000_000_000u64, "snapshot": false}})
 }
 
+/// `count` creates of ids 0.. named `name <id>`, at LSNs 1000 + id.
+fn creates(count: i64) -> Vec<Change> {
+    (0..count)
+        .map(|id| Change {
+            id,
+            op: "c",
+            name: format!("name {id}"),
+            lsn: 1000 + id as u64,
+        })
+        .collect()
+}
+
 /// A deterministic history over `keys` keys: creates, updates, deletes and re-creates.
 fn workload(keys: i64, changes: u64) -> Vec<Change> {
     let mut alive = BTreeMap::new();
@@ -579,14 +591,7 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
     )
     .await
     .unwrap();
-    let changes: Vec<Change> = (0..200)
-        .map(|id| Change {
-            id,
-            op: "c",
-            name: format!("name {id}"),
-            lsn: 1000 + id as u64,
-        })
-        .collect();
+    let changes = creates(200);
     produce(&*r.broker, &changes).await;
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
     let lost = format!(
@@ -619,14 +624,7 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
 async fn resume_inside_a_batch(r: &Rig) -> bool {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let changes: Vec<Change> = (0..201)
-        .map(|id| Change {
-            id,
-            op: "c",
-            name: format!("name {id}"),
-            lsn: 1000 + id as u64,
-        })
-        .collect();
+    let changes = creates(201);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", r.broker.brokers())
         .set("linger.ms", "500")

@@ -545,6 +545,18 @@ fn slow_copy() -> String {
     )
 }
 
+/// `pgcdc snapshot --table <table>` against `daemon`'s configuration,
+/// which must succeed; its output.
+fn request_backfill(daemon: &Daemon, table: &str) -> std::process::Output {
+    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", table]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The `rows_before` of the first "backfill started" line after `from` in the log.
 #[cfg(feature = "failpoints")]
 fn resumed_rows(log: &str) -> u64 {
@@ -682,12 +694,7 @@ async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_in
         "the update must still be invisible (waiting for the standby)"
     );
 
-    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.sync"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    request_backfill(&daemon, "public.sync");
     daemon
         .wait_log("was not yet visible to its read", Duration::from_secs(60))
         .await
@@ -760,12 +767,7 @@ async fn backfills_while_a_writer_changes_the_table_end_equal_to_postgres() {
         .unwrap();
 
     // Re-copy items on request while a writer keeps changing it.
-    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = request_backfill(&daemon, "public.items");
     assert!(String::from_utf8_lossy(&out.stdout).contains("requested backfill of public.items"));
     let bad = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.nope"]);
     assert_eq!(
@@ -995,12 +997,7 @@ async fn sessions_that_block_the_slot_creation_or_a_backfill_are_named_then_wait
         .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let out = crate::support::pgcdc(&daemon.config, &["snapshot", "--table", "public.items"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    request_backfill(&daemon, "public.items");
     let waited = |log: &str| line(log, "a backfill").filter(|l| l.contains("a table lock"));
     wait::until(
         "the backfill's blocker named",

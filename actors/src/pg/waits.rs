@@ -207,20 +207,24 @@ impl Watch<'_> {
                 work = self.what,
                 "no PostgreSQL session blocks pgcdc's any more"
             );
-            metrics().postgres_blocking.set(0);
-            metrics().postgres_waiting(None);
+            unreport();
         }
         self.logged.clear();
         self.logged_at = None;
     }
 }
 
+/// Clear what the watch reported: nothing blocks pgcdc's sessions.
+fn unreport() {
+    metrics().postgres_blocking.set(0);
+    metrics().postgres_waiting(None);
+}
+
 impl Drop for Watch<'_> {
     /// Cancelled while blocked: what it reported is no longer so.
     fn drop(&mut self) {
         if !self.logged.is_empty() {
-            metrics().postgres_blocking.set(0);
-            metrics().postgres_waiting(None);
+            unreport();
         }
     }
 }
