@@ -618,6 +618,109 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
     );
 }
 
+/// A gap found just before a crash is not forgotten: the first sink notes
+/// it, commits past it and is killed while its fill waits for a table lock;
+/// the next sink finds the note and fills the mirror at the table's next
+/// change, once.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
+    )
+    .await
+    .unwrap();
+    let changes = creates(202);
+    produce(&*r.broker, &changes[..200]).await;
+    let locker = r.pg.client().await.unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let lost = format!(
+        "{}=1*return->off",
+        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
+    );
+    let dir = r.dir.path().join("a");
+    let mut first = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
+    first
+        .wait_log(
+            "filling a new index from PostgreSQL",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    wait::until(
+        "the sink committed past the gap",
+        Duration::from_secs(30),
+        || async { sink_group_offset(&*r.broker) >= 200 },
+    )
+    .await
+    .unwrap();
+    first.kill9();
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    // The table's next change brings the fill.
+    db.batch_execute("INSERT INTO items VALUES (200, 'name 200', 1200)")
+        .await
+        .unwrap();
+    produce(&*r.broker, &changes[200..201]).await;
+    let dir = r.dir.path().join("b");
+    let second = crate::support::daemon_cmd(&dir, &cfg, &[], "es-sink");
+    let table = Want::Verified {
+        pg: &r.pg,
+        table: "public.items",
+    };
+    let timeout = Duration::from_secs(60);
+    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&second))
+        .await
+        .unwrap();
+    assert!(
+        second
+            .log_text()
+            .contains("kafka never delivered some records of topic cdc-events"),
+        "{}",
+        second.log_text()
+    );
+
+    // Filled once: a later change is only applied.
+    db.batch_execute("INSERT INTO items VALUES (201, 'name 201', 1201)")
+        .await
+        .unwrap();
+    produce(&*r.broker, &changes[201..]).await;
+    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&second))
+        .await
+        .unwrap();
+    let fills = second.log_text().matches("filling a new index").count();
+    assert_eq!(fills, 1, "{}", second.log_text());
+}
+
+/// The offset the sink's group committed on partition 0 of the change topic (-1: none).
+#[cfg(feature = "failpoints")]
+fn sink_group_offset(broker: &dyn Broker) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let group: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "pgcdc-es-sink")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(TOPIC, 0);
+    let committed = group.committed_offsets(tpl, Duration::from_secs(5));
+    let offset = committed
+        .ok()
+        .and_then(|t| t.find_partition(TOPIC, 0).map(|p| p.offset()));
+    match offset {
+        Some(Offset::Offset(o)) => o,
+        _ => -1,
+    }
+}
+
 /// 200 records as one batch, one more after it, the sink group's offset
 /// committed in the first batch's middle; start a sink. Whether it reported
 /// skipped offsets (else it mirrored every record from the offset on).

@@ -40,6 +40,8 @@ const FILL_RETRY: Duration = Duration::from_secs(30);
 struct Next {
     index: String,
     meta: GenerationMeta,
+    /// Why it is filled: kept for a fill tried again after it failed or was dropped.
+    why: String,
     fill: JoinHandle<Result<u64, EsError>>,
 }
 
@@ -62,8 +64,18 @@ pub(super) struct Mirror {
     /// record of the same shape needs no comparison.
     followed: Option<(String, Vec<String>)>,
     /// Why the mirror must be filled from PostgreSQL before it is whole
-    /// (its index was deleted), until the fill starts.
+    /// (its index was deleted, Kafka never delivered some records), until a
+    /// fill starts.
     refill: Option<String>,
+}
+
+impl Mirror {
+    /// Whether the generation serving, or the one being filled, holds every
+    /// change committed at or before `lsn`.
+    fn holds_up_to(&self, lsn: u64) -> bool {
+        let next = self.next.as_ref().map(|n| &n.meta);
+        self.meta.iter().chain(next).any(|m| m.holds_up_to(lsn))
+    }
 }
 
 /// The record's table (schema, name), read only when a fill needs it.
@@ -109,10 +121,14 @@ pub(super) struct Mirrors {
     /// mirrors it created gone as well, a mirror that does not exist may
     /// have been deleted.
     resumed: bool,
-    /// Topics in which Kafka never delivered some records, and the mirrors
-    /// marked for a fill since: each other mirror a record of the topic
-    /// goes to is filled again from PostgreSQL.
-    gapped: HashMap<String, HashSet<String>>,
+    /// By topic: the highest commit LSN of a batch in which Kafka was found
+    /// not to have delivered some records (0: none), as noted in the
+    /// registry. A mirror a record of the topic goes to is filled again
+    /// from PostgreSQL unless a generation holds every change up to it.
+    gaps: HashMap<String, u64>,
+    /// The highest commit LSN the sink has read: a fill started now holds
+    /// every change up to it.
+    read: u64,
 }
 
 impl Mirrors {
@@ -124,18 +140,52 @@ impl Mirrors {
             mirrors: HashMap::new(),
             retired: Vec::new(),
             resumed: false,
-            gapped: HashMap::new(),
+            gaps: HashMap::new(),
+            read: 0,
         }
     }
 
     /// Kafka never delivered some records of `topics` (retention deleted
-    /// them before the sink read them, compaction, a broker's skip): any
+    /// them before the sink read them, compaction, a broker's skip), all
+    /// committed at or before `lsn` (the batch's highest commit LSN): any
     /// mirror may lack changes, so each one a record of these topics goes
-    /// to from now on is filled again from PostgreSQL, once per gap.
-    pub(super) fn missed(&mut self, topics: Vec<String>) {
-        for topic in topics {
-            self.gapped.insert(topic, HashSet::new());
+    /// to is filled again from PostgreSQL. The gap is noted in the registry
+    /// before the batch's offsets are committed, so a sink that restarts
+    /// before the fills complete finds it again.
+    pub(super) async fn missed(
+        &mut self,
+        client: &EsClient,
+        topics: Vec<String>,
+        lsn: u64,
+    ) -> Result<(), EsError> {
+        if topics.is_empty() {
+            return Ok(());
         }
+        let lsn = lsn.max(1);
+        self.read = self.read.max(lsn);
+        let (registry, body) = (
+            floors_index(&self.es.index_prefix),
+            floors_index_body(&self.es),
+        );
+        with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
+        for topic in topics {
+            with_retry(&self.es, || client.note_gap(&registry, &topic, lsn)).await?;
+            let known = self.gaps.entry(topic).or_default();
+            *known = (*known).max(lsn);
+        }
+        Ok(())
+    }
+
+    /// The LSN of the last gap noted in `topic` (read from the registry the
+    /// first time); 0 if none.
+    async fn gap(&mut self, client: &EsClient, topic: &str) -> Result<u64, EsError> {
+        if let Some(lsn) = self.gaps.get(topic) {
+            return Ok(*lsn);
+        }
+        let registry = floors_index(&self.es.index_prefix);
+        let lsn = with_retry(&self.es, || client.gap(&registry, topic)).await?;
+        self.gaps.insert(topic.to_owned(), lsn);
+        Ok(lsn)
     }
 
     /// At the sink's start: whether its group has `read_before` (else
@@ -175,14 +225,14 @@ impl Mirrors {
             let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
         }
-        if let Some(marked) = self.gapped.get_mut(rec.topic) {
-            if marked.insert(alias.to_owned()) {
-                let m = self.mirrors.get_mut(alias).expect("mirror opened");
-                m.refill = Some(format!(
-                    "kafka never delivered some records of topic {}",
-                    rec.topic
-                ));
-            }
+        self.read = self.read.max(rec.at.0);
+        let gap = self.gap(client, rec.topic).await?;
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        if gap > 0 && m.refill.is_none() && !m.holds_up_to(gap) {
+            m.refill = Some(format!(
+                "kafka never delivered some records of topic {}",
+                rec.topic
+            ));
         }
         self.refill(client, alias, rec).await?;
         let m = &self.mirrors[alias];
@@ -224,9 +274,8 @@ impl Mirrors {
         })
     }
 
-    /// Start filling a mirror whose index was deleted (from the record's
-    /// shape) into a new generation; tried again at later records until
-    /// it starts.
+    /// Start filling a mirror marked for it (from the record's shape) into
+    /// a new generation; tried again at later records until it starts.
     async fn refill(
         &mut self,
         client: &EsClient,
@@ -245,7 +294,6 @@ impl Mirrors {
         };
         if self.rebuild(client, alias, rec, &shape, &why).await? {
             let m = self.mirrors.get_mut(alias).expect("mirror opened");
-            m.refill = None;
             m.followed = Some((rec.types.unwrap_or_default().to_owned(), shape.key));
         }
         Ok(())
@@ -482,7 +530,8 @@ impl Mirrors {
     }
 
     /// Start filling a new generation for `shape` (dropping one being
-    /// filled for an older shape).
+    /// filled for an older shape); a fill the mirror was marked for is
+    /// then under way.
     async fn rebuild(
         &mut self,
         client: &EsClient,
@@ -508,7 +557,8 @@ impl Mirrors {
         };
         m.last += 1;
         let index = generation_index(alias, m.last);
-        let meta = GenerationMeta::new(alias, shape.clone(), rec.at.0);
+        let mut meta = GenerationMeta::new(alias, shape.clone(), rec.at.0);
+        meta.filled = Some(self.read.max(rec.at.0));
         let body = generation_body(&es, rec.types, &meta);
         with_retry(&es, || client.delete_index(&index)).await?;
         with_retry(&es, || client.ensure_index(&index, &body)).await?;
@@ -527,8 +577,10 @@ impl Mirrors {
         m.next = Some(Next {
             index,
             meta,
+            why: why.to_owned(),
             fill: tokio::spawn(fill.run()),
         });
+        m.refill = None;
         Ok(true)
     }
 
@@ -546,6 +598,7 @@ impl Mirrors {
             return Ok(());
         };
         m.followed = None; // the next record starts a generation again
+        m.refill = Some(next.why);
         next.fill.abort();
         tracing::warn!(alias, index = %next.index, why, "dropping the new index being filled; it is built again from the next change");
         metrics()
@@ -580,6 +633,7 @@ impl Mirrors {
                         .inc();
                     m.retry_after = Some(Instant::now() + FILL_RETRY);
                     m.followed = None;
+                    m.refill = Some(next.why);
                     with_retry(&self.es, || client.delete_index(&next.index)).await?;
                 }
                 Err(e) => return Err(EsError::Fill(e.to_string())),

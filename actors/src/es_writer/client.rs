@@ -41,6 +41,12 @@ fn noted_id(alias: &str) -> String {
     path_segment(&format!("created~{alias}"))
 }
 
+/// The id of the document that notes a gap in `topic` (records Kafka never
+/// delivered); `~` keeps it apart from floors and creation notes.
+fn gap_id(topic: &str) -> String {
+    path_segment(&format!("gap~{topic}"))
+}
+
 impl EsClient {
     /// Build the client (CA file, API key, timeouts) from `cfg`.
     pub fn new(cfg: &EsConfig) -> Result<Self, EsError> {
@@ -198,6 +204,30 @@ impl EsClient {
         self.call(reqwest::Method::PUT, &path, Some(&doc))
             .await
             .map(drop)
+    }
+
+    /// Note in `registry` that Kafka never delivered some records of `topic`
+    /// committed before `lsn` (a lower note than stored is ignored).
+    pub async fn note_gap(&self, registry: &str, topic: &str, lsn: u64) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?version={lsn}&version_type=external&refresh=true",
+            path_segment(registry),
+            gap_id(topic)
+        );
+        let doc = json!({ "gap": topic, "lsn": lsn });
+        match self.call(reqwest::Method::PUT, &path, Some(&doc)).await {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// The LSN of `registry`'s note of a gap in `topic`; 0 if none.
+    pub async fn gap(&self, registry: &str, topic: &str) -> Result<u64, EsError> {
+        let path = format!("{}/_doc/{}", path_segment(registry), gap_id(topic));
+        let doc = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(doc.and_then(|d| d["_source"]["lsn"].as_u64()).unwrap_or(0))
     }
 
     /// The stored truncate floors of `mirrors`.

@@ -84,7 +84,10 @@ impl Sink {
                 batch.drain(1..batch.len() - 1);
             }
             let gapped = c.continuity.check(&c.consumer, &mut batch).await;
-            c.mirrors.missed(gapped);
+            if !gapped.is_empty() {
+                let lsn = batch.iter().filter_map(commit_lsn).max().unwrap_or(0);
+                c.mirrors.missed(&c.es, gapped, lsn).await?;
+            }
             if batch.is_empty() {
                 continue; // every record is to be read again (a seek back)
             }
@@ -401,6 +404,13 @@ impl Sink {
         };
         sender.send(pending).await
     }
+}
+
+/// The commit LSN of a change record (`None` for anything else).
+fn commit_lsn(msg: &OwnedMessage) -> Option<u64> {
+    let env: crate::wire::Envelope<'_, serde_json::Value> =
+        serde_json::from_slice(msg.payload()?).ok()?;
+    Some(env.source.commit_lsn)
 }
 
 /// Whether the `es-records-lost` failpoint fires (tests: records a broker

@@ -127,6 +127,11 @@ pub struct GenerationMeta {
     /// The commit LSN from which the shape holds.
     #[serde(default)]
     pub since: u64,
+    /// For a generation filled from PostgreSQL: a commit LSN up to which it
+    /// holds every change (the fill's snapshot was taken after the sink had
+    /// read the records up to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filled: Option<u64>,
 }
 
 impl GenerationMeta {
@@ -137,7 +142,14 @@ impl GenerationMeta {
             alias: alias.to_owned(),
             shape,
             since,
+            filled: None,
         }
+    }
+
+    /// Whether the generation holds every change committed at or before `lsn`
+    /// (it was filled from PostgreSQL after the sink read them).
+    pub fn holds_up_to(&self, lsn: u64) -> bool {
+        self.filled.is_some_and(|f| f >= lsn)
     }
 
     /// Read from an index's `mappings`; `None` for an index without a shape
@@ -216,9 +228,14 @@ mod tests {
 
     #[test]
     fn meta_round_trips_and_older_indices_have_none() {
-        let meta = GenerationMeta::new("a", shape(&[("id", "int4")], &["id"]), 42);
+        let mut meta = GenerationMeta::new("a", shape(&[("id", "int4")], &["id"]), 42);
         let mappings = json!({"_meta": meta.to_value()});
-        assert_eq!(GenerationMeta::read(&mappings), Some(meta));
+        assert_eq!(GenerationMeta::read(&mappings), Some(meta.clone()));
+        assert!(!meta.holds_up_to(1), "not filled from PostgreSQL");
+        meta.filled = Some(90);
+        let mappings = json!({"_meta": meta.to_value()});
+        assert_eq!(GenerationMeta::read(&mappings), Some(meta.clone()));
+        assert!(meta.holds_up_to(90) && !meta.holds_up_to(91));
         assert_eq!(
             GenerationMeta::read(&json!({"_meta": {"created_by": "pgcdc"}})),
             None
