@@ -579,7 +579,8 @@ async fn a_sink_resuming_inside_a_batch_on_the_mock_broker_mirrors_all_of_it() {
 /// Records Kafka never delivered to the sink (deleted by retention before
 /// it read them, or compacted away; here a failpoint drops them from the
 /// sink's first batch) are not left missing: the sink reports the gap and
-/// fills the mirror again from PostgreSQL.
+/// fills the mirrors again from PostgreSQL, also the mirror of a table
+/// whose only changes were lost.
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_postgres() {
@@ -587,35 +588,77 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
     let db = r.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
+         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;
+         CREATE TABLE other (id int PRIMARY KEY, name text, n int);
+         INSERT INTO other VALUES (0, 'new 0', 2000), (1, 'new 1', 2001);",
     )
     .await
     .unwrap();
-    let changes = creates(200);
-    produce(&*r.broker, &changes).await;
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    // `other`'s mirror as it was: then its only changes are lost.
+    let old = |id: i64, name: &str, lsn: u64| Change {
+        id,
+        op: "c",
+        name: format!("{name} {id}"),
+        lsn,
+    };
+    let before = [old(0, "old", 900), old(1, "old", 901)];
+    produce_other(&*r.broker, &before).await;
+    let mut sink = crate::support::daemon_cmd(&r.dir.path().join("a"), &cfg, &[], "es-sink");
+    let timeout = Duration::from_secs(60);
+    let want = expected(&before);
+    let mirror = "cdc_public_other";
+    oracle::mirror_equals(
+        &r.es.url,
+        mirror,
+        Want::Documents(&want),
+        timeout,
+        Some(&sink),
+    )
+    .await
+    .unwrap();
+    sink.terminate(timeout).unwrap();
+
+    let changes = creates(200);
+    produce(&*r.broker, &changes[..1]).await;
+    let updates = [old(0, "new", 2000), old(1, "new", 2001)].map(|c| Change { op: "u", ..c });
+    produce_other(&*r.broker, &updates).await;
+    produce(&*r.broker, &changes[1..]).await;
     let lost = format!(
         "{}=1*return->off",
         pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
     );
-    let dir = r.dir.path().join("a");
+    let dir = r.dir.path().join("b");
     let sink = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
-    sink.wait_log("kafka skipped offsets", Duration::from_secs(60))
+    sink.wait_log("kafka skipped offsets", timeout)
         .await
         .unwrap();
-    let table = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
-    let timeout = Duration::from_secs(60);
-    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&sink))
-        .await
-        .unwrap();
+    for (table, mirror) in [
+        ("public.items", "cdc_public_items"),
+        ("public.other", mirror),
+    ] {
+        let want = Want::Verified { pg: &r.pg, table };
+        oracle::mirror_equals(&r.es.url, mirror, want, timeout, Some(&sink))
+            .await
+            .unwrap();
+    }
     let log = sink.log_text();
     assert!(
         log.contains("kafka never delivered some records of topic cdc-events"),
         "{log}"
     );
+}
+
+/// Produce `changes` as changes of table `public.other` (same columns as `items`).
+#[cfg(feature = "failpoints")]
+async fn produce_other(broker: &dyn Broker, changes: &[Change]) {
+    let producer = producer(broker);
+    for c in changes {
+        let mut value = envelope(c);
+        value["source"]["table"] = json!("other");
+        let key = json!({"id": c.id}).to_string();
+        produce_raw(&producer, &key, Some(&value.to_string())).await;
+    }
 }
 
 /// A gap found just before a crash is not forgotten: the first sink notes

@@ -168,10 +168,50 @@ impl Mirrors {
             floors_index_body(&self.es),
         );
         with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
-        for topic in topics {
-            with_retry(&self.es, || client.note_gap(&registry, &topic, lsn)).await?;
-            let known = self.gaps.entry(topic).or_default();
+        for topic in &topics {
+            with_retry(&self.es, || client.note_gap(&registry, topic, lsn)).await?;
+            let known = self.gaps.entry(topic.clone()).or_default();
             *known = (*known).max(lsn);
+        }
+        self.fill_gapped(client, &topics).await
+    }
+
+    /// Start filling, from PostgreSQL, every mirror whose serving generation
+    /// was created from records of `topics` and lacks a gap noted there,
+    /// without waiting for its table's next change (a table that changes no
+    /// more would keep the missing changes). Mirrors from an older pgcdc,
+    /// whose generation does not name its topic and table, wait for it.
+    async fn fill_gapped(&mut self, client: &EsClient, topics: &[String]) -> Result<(), EsError> {
+        let pattern = format!("{}*", super::naming::path_segment(&self.es.index_prefix));
+        let indices = with_retry(&self.es, || client.aliases(&pattern)).await?;
+        let mappings = with_retry(&self.es, || client.index_info(&pattern, "_mapping")).await?;
+        for (index, info) in &indices {
+            let Some(meta) = GenerationMeta::read(&mappings[index]["mappings"]) else {
+                continue;
+            };
+            let serving = info["aliases"].get(&meta.alias).is_some();
+            if !serving || !topics.contains(&meta.topic) {
+                continue;
+            }
+            let Some(table) = meta.table.clone() else {
+                continue;
+            };
+            let types = serde_json::to_string(&meta.shape.columns).unwrap_or_default();
+            let key: Map<String, Value> = meta
+                .shape
+                .key
+                .iter()
+                .map(|k| (k.clone(), Value::Null))
+                .collect();
+            let table = move || Some(table.clone());
+            let rec = Incoming {
+                topic: &meta.topic,
+                types: Some(&types),
+                key: Some(&key),
+                at: (meta.since, 0),
+                table: &table,
+            };
+            self.route(client, &meta.alias, &rec).await?;
         }
         Ok(())
     }
@@ -394,7 +434,7 @@ impl Mirrors {
                         .zip(rec.key)
                         .and_then(|(t, k)| TableShape::of_record(t, k))
                         .unwrap_or_default();
-                    let meta = GenerationMeta::new(alias, shape, rec.at.0);
+                    let meta = generation_meta(alias, shape, rec);
                     let mut body = generation_body(&self.es, rec.types, &meta);
                     body["aliases"] = json!({ alias: {} });
                     with_retry(&self.es, || client.ensure_index(&index, &body)).await?;
@@ -557,7 +597,7 @@ impl Mirrors {
         };
         m.last += 1;
         let index = generation_index(alias, m.last);
-        let mut meta = GenerationMeta::new(alias, shape.clone(), rec.at.0);
+        let mut meta = generation_meta(alias, shape.clone(), rec);
         meta.filled = Some(self.read.max(rec.at.0));
         let body = generation_body(&es, rec.types, &meta);
         with_retry(&es, || client.delete_index(&index)).await?;
@@ -676,6 +716,14 @@ impl Mirrors {
         }
         Ok(())
     }
+}
+
+/// The `_meta` of a generation of `alias` for `shape`, created at `rec`.
+fn generation_meta(alias: &str, shape: TableShape, rec: &Incoming<'_>) -> GenerationMeta {
+    let mut meta = GenerationMeta::new(alias, shape, rec.at.0);
+    meta.topic = rec.topic.to_owned();
+    meta.table = (rec.table)();
+    meta
 }
 
 /// A generation's creation body: settings, mappings, and its `_meta`.

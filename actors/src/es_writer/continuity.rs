@@ -142,7 +142,7 @@ impl Continuity {
                 expected = g.expected,
                 got = g.got,
                 skipped = g.skipped(),
-                "es sink: kafka skipped offsets; the mirror may miss changes: each mirror of the topic's tables is filled again from PostgreSQL at its next change (a table that does not change: `pgcdc snapshot --table`)"
+                "es sink: kafka skipped offsets; the mirror may miss changes: every mirror of the topic's tables is filled again from PostgreSQL"
             );
         }
         gaps.into_iter().map(|g| g.topic).collect()

@@ -132,6 +132,13 @@ pub struct GenerationMeta {
     /// read the records up to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filled: Option<u64>,
+    /// The topic of the record that created it; empty if unknown (created
+    /// by an older pgcdc).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub topic: String,
+    /// Its table (schema, name), where the record that created it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<(String, String)>,
 }
 
 impl GenerationMeta {
@@ -143,6 +150,8 @@ impl GenerationMeta {
             shape,
             since,
             filled: None,
+            topic: String::new(),
+            table: None,
         }
     }
 
@@ -233,6 +242,8 @@ mod tests {
         assert_eq!(GenerationMeta::read(&mappings), Some(meta.clone()));
         assert!(!meta.holds_up_to(1), "not filled from PostgreSQL");
         meta.filled = Some(90);
+        meta.topic = "cdc-events".into();
+        meta.table = Some(("public".into(), "users".into()));
         let mappings = json!({"_meta": meta.to_value()});
         assert_eq!(GenerationMeta::read(&mappings), Some(meta.clone()));
         assert!(meta.holds_up_to(90) && !meta.holds_up_to(91));
