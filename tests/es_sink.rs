@@ -683,7 +683,10 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
         .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
+    let port = crate::support::free_port();
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let probe = crate::support::Probe::on(port);
     let lost = format!(
         "{}=1*return->off",
         pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
@@ -697,6 +700,20 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
         )
         .await
         .unwrap();
+    let lacking = |text: &str, n: u32| {
+        let line = format!("pgcdc_es_mirrors_lacking_changes {n}");
+        text.contains(&line)
+    };
+    probe
+        .until(
+            "not ready while the mirror lacks changes",
+            &mut first,
+            |text, ready| ready == 503 && lacking(text, 1),
+        )
+        .await;
+    let (_, why) = probe.ready().await;
+    let named = "cdc_public_items (kafka never delivered some records of topic cdc-events)";
+    assert!(why.contains(named), "{why}");
     wait::until(
         "the sink committed past the gap",
         Duration::from_secs(30),
@@ -713,7 +730,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
         .unwrap();
     produce(&*r.broker, &changes[200..201]).await;
     let dir = r.dir.path().join("b");
-    let second = crate::support::daemon_cmd(&dir, &cfg, &[], "es-sink");
+    let mut second = crate::support::daemon_cmd(&dir, &cfg, &[], "es-sink");
     let table = Want::Verified {
         pg: &r.pg,
         table: "public.items",
@@ -740,6 +757,11 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
         .unwrap();
     let fills = second.log_text().matches("filling a new index").count();
     assert_eq!(fills, 1, "{}", second.log_text());
+    probe
+        .until("ready once the fill is in", &mut second, |text, ready| {
+            ready == 200 && lacking(text, 0)
+        })
+        .await;
 }
 
 /// The offset the sink's group committed on partition 0 of the change topic (-1: none).

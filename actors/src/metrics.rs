@@ -103,6 +103,7 @@ pub struct Metrics {
     /// When the last continuous verification round ended (seconds since the epoch).
     pub verify_last_run: IntGauge,
     es_sink_stalled: IntGauge,
+    es_mirrors_lacking: IntGauge,
     sink: Mutex<SinkHealth>,
     lag_bytes: IntGauge,
     lag_seconds: IntGauge,
@@ -135,6 +136,9 @@ struct SinkHealth {
     caught_up_at: Option<SystemTime>,
     /// Why the sink is stalled, while it is.
     stalled: Option<String>,
+    /// Mirrors known to lack changes until their fill from PostgreSQL is
+    /// swapped in, and why.
+    lacking: std::collections::BTreeMap<String, String>,
 }
 
 /// When the stream last showed life.
@@ -428,6 +432,11 @@ impl Metrics {
                 "es_sink_stalled",
                 "1 while records wait on a partition whose committed offset stands still",
             ),
+            es_mirrors_lacking: gauge(
+                &r,
+                "es_mirrors_lacking_changes",
+                "Mirrors known to lack changes (index deleted, records Kafka never delivered) until their fill from PostgreSQL is swapped in",
+            ),
             sink: Mutex::default(),
             lag_bytes: gauge(
                 &r,
@@ -525,6 +534,17 @@ impl Metrics {
         if let Some(why) = &s.stalled {
             return Err(why.clone());
         }
+        if !s.lacking.is_empty() {
+            let list: Vec<String> = s
+                .lacking
+                .iter()
+                .map(|(m, why)| format!("{m} ({why})"))
+                .collect();
+            return Err(format!(
+                "es sink: mirrors lack changes until their fill from PostgreSQL completes: {}",
+                list.join(", ")
+            ));
+        }
         let live = recent(s.wrote_at, window) || recent(s.caught_up_at, window);
         if what == Readiness::Sink && !live {
             return Err(format!(
@@ -565,6 +585,18 @@ impl Metrics {
             s.stalled = why;
         }
         was
+    }
+
+    /// The ES sink's mirror `alias` lacks changes (`Some(why)`) until a
+    /// fill completes, or no longer (`None`).
+    pub fn sink_lacking(&self, alias: &str, why: Option<&str>) {
+        if let Ok(mut s) = self.sink.lock() {
+            match why {
+                Some(why) => s.lacking.insert(alias.to_owned(), why.to_owned()),
+                None => s.lacking.remove(alias),
+            };
+            self.es_mirrors_lacking.set(s.lacking.len() as i64);
+        }
     }
 
     /// The ES sink applied `table`'s changes up to commit LSN `lsn` (never moves back).
@@ -662,6 +694,18 @@ mod tests {
         m.sink_wrote();
         assert_eq!(m.readiness(window, Readiness::Sink), Ok(()));
         assert!(m.render().contains("pgcdc_es_sink_stalled 0"));
+        m.sink_lacking("cdc_public_a", Some("its index was deleted"));
+        m.sink_lacking("cdc_public_b", Some("kafka never delivered some records"));
+        let why = m.readiness(window, Readiness::Sink).unwrap_err();
+        assert!(
+            why.contains("cdc_public_a (its index was deleted), cdc_public_b (kafka"),
+            "{why}"
+        );
+        assert!(m.render().contains("pgcdc_es_mirrors_lacking_changes 2"));
+        m.sink_lacking("cdc_public_a", None);
+        m.sink_lacking("cdc_public_b", None);
+        assert_eq!(m.readiness(window, Readiness::Sink), Ok(()));
+        assert!(m.render().contains("pgcdc_es_mirrors_lacking_changes 0"));
     }
 
     #[test]

@@ -42,6 +42,9 @@ struct Next {
     meta: GenerationMeta,
     /// Why it is filled: kept for a fill tried again after it failed or was dropped.
     why: String,
+    /// Whether the mirror was known to lack changes when it started: once
+    /// swapped in, it no longer does.
+    heals: bool,
     fill: JoinHandle<Result<u64, EsError>>,
 }
 
@@ -67,6 +70,9 @@ pub(super) struct Mirror {
     /// (its index was deleted, Kafka never delivered some records), until a
     /// fill starts.
     refill: Option<String>,
+    /// Known to lack changes (its index was deleted, Kafka never delivered
+    /// some records) until a fill started since is swapped in.
+    lacking: bool,
 }
 
 impl Mirror {
@@ -269,10 +275,10 @@ impl Mirrors {
         let gap = self.gap(client, rec.topic).await?;
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         if gap > 0 && m.refill.is_none() && !m.holds_up_to(gap) {
-            m.refill = Some(format!(
-                "kafka never delivered some records of topic {}",
-                rec.topic
-            ));
+            let why = format!("kafka never delivered some records of topic {}", rec.topic);
+            metrics().sink_lacking(alias, Some(&why));
+            m.lacking = true;
+            m.refill = Some(why);
         }
         self.refill(client, alias, rec).await?;
         let m = &self.mirrors[alias];
@@ -343,6 +349,7 @@ impl Mirrors {
     /// in progress; the next record opens it again.
     pub(super) fn forget(&mut self, alias: &str) {
         if let Some(m) = self.mirrors.remove(alias) {
+            metrics().sink_lacking(alias, None); // the next record finds out again
             if let Some(next) = m.next {
                 next.fill.abort();
             }
@@ -426,7 +433,9 @@ impl Mirrors {
                             .es_mirrors_deleted
                             .with_label_values(&[alias])
                             .inc();
-                        refill = Some("the mirror's index was deleted".to_owned());
+                        let why = "the mirror's index was deleted";
+                        metrics().sink_lacking(alias, Some(why));
+                        refill = Some(why.to_owned());
                     }
                     let index = generation_index(alias, last + 1);
                     let shape = rec
@@ -459,6 +468,7 @@ impl Mirrors {
             recent_set: HashSet::new(),
             retry_after: None,
             followed: None,
+            lacking: refill.is_some(),
             refill,
         })
     }
@@ -618,6 +628,7 @@ impl Mirrors {
             index,
             meta,
             why: why.to_owned(),
+            heals: m.lacking,
             fill: tokio::spawn(fill.run()),
         });
         m.refill = None;
@@ -662,8 +673,14 @@ impl Mirrors {
             let next = m.next.take().expect("finished");
             match next.fill.await {
                 Ok(Ok(rows)) => {
+                    let heals = next.heals;
                     self.swap(client, &alias, next.index, next.meta, rows)
-                        .await?
+                        .await?;
+                    let m = self.mirrors.get_mut(&alias).expect("listed");
+                    if heals && m.refill.is_none() {
+                        m.lacking = false;
+                        metrics().sink_lacking(&alias, None);
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::error!(alias, index = %next.index, error = %e, "filling the new index failed; trying again later");
