@@ -662,9 +662,10 @@ async fn produce_other(broker: &dyn Broker, changes: &[Change]) {
 }
 
 /// A gap found just before a crash is not forgotten: the first sink notes
-/// it, commits past it and is killed while its fill waits for a table lock;
-/// the next sink finds the note and fills the mirror at the table's next
-/// change, once.
+/// it, commits past it, says the mirror lacks changes (`/ready`, gauge) and
+/// is killed while its fill waits for a table lock; the next sink finds the
+/// note at its start and fills the mirror without waiting for a change,
+/// once, and is then ready.
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
@@ -676,7 +677,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     )
     .await
     .unwrap();
-    let changes = creates(202);
+    let changes = creates(201);
     produce(&*r.broker, &changes[..200]).await;
     let locker = r.pg.client().await.unwrap();
     locker
@@ -724,11 +725,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     first.kill9();
     locker.batch_execute("ROLLBACK").await.unwrap();
 
-    // The table's next change brings the fill.
-    db.batch_execute("INSERT INTO items VALUES (200, 'name 200', 1200)")
-        .await
-        .unwrap();
-    produce(&*r.broker, &changes[200..201]).await;
+    // No change comes: the next sink fills from the note alone.
     let dir = r.dir.path().join("b");
     let mut second = crate::support::daemon_cmd(&dir, &cfg, &[], "es-sink");
     let table = Want::Verified {
@@ -748,10 +745,10 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     );
 
     // Filled once: a later change is only applied.
-    db.batch_execute("INSERT INTO items VALUES (201, 'name 201', 1201)")
+    db.batch_execute("INSERT INTO items VALUES (200, 'name 200', 1200)")
         .await
         .unwrap();
-    produce(&*r.broker, &changes[201..]).await;
+    produce(&*r.broker, &changes[200..]).await;
     oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&second))
         .await
         .unwrap();
@@ -762,6 +759,45 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
             ready == 200 && lacking(text, 0)
         })
         .await;
+}
+
+/// A new sink group on a topic whose oldest records are gone (deleted by
+/// retention; here a failpoint drops all but the last record of the first
+/// batch) cannot build the mirror from Kafka alone: the group committed
+/// nothing, so the first record must be at offset 0; it is not, and the
+/// mirror is filled from PostgreSQL.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
+    )
+    .await
+    .unwrap();
+    produce(&*r.broker, &creates(200)).await;
+    let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let lost = format!(
+        "{}=1*return(head)->off",
+        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
+    );
+    let dir = r.dir.path().join("a");
+    let sink = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
+    sink.wait_log("kafka skipped offsets", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let log = sink.log_text();
+    assert!(log.contains("expected=0"), "{log}");
+    let table = Want::Verified {
+        pg: &r.pg,
+        table: "public.items",
+    };
+    let timeout = Duration::from_secs(60);
+    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&sink))
+        .await
+        .unwrap();
 }
 
 /// The offset the sink's group committed on partition 0 of the change topic (-1: none).

@@ -235,7 +235,7 @@ pub mod failpoint {
     pub const ES_ASSIGNED: &str = "es-assigned";
     /// The ES sink, when a batch was read; `return` drops the records
     /// between its first and its last, as a broker that never delivered
-    /// them would (retention, compaction).
+    /// them would (retention, compaction); `return(head)` all but the last.
     pub const ES_RECORDS_LOST: &str = "es-records-lost";
     /// Every failpoint, for harnesses that list or configure them.
     pub const ALL: [&str; 10] = [

@@ -222,21 +222,11 @@ impl Mirrors {
         Ok(())
     }
 
-    /// The LSN of the last gap noted in `topic` (read from the registry the
-    /// first time); 0 if none.
-    async fn gap(&mut self, client: &EsClient, topic: &str) -> Result<u64, EsError> {
-        if let Some(lsn) = self.gaps.get(topic) {
-            return Ok(*lsn);
-        }
-        let registry = floors_index(&self.es.index_prefix);
-        let lsn = with_retry(&self.es, || client.gap(&registry, topic)).await?;
-        self.gaps.insert(topic.to_owned(), lsn);
-        Ok(lsn)
-    }
-
     /// At the sink's start: whether its group has `read_before` (else
     /// the notes of the mirrors it creates are started, so that only their
-    /// loss later looks like [`Mirrors::resumed`]).
+    /// loss later looks like [`Mirrors::resumed`]). Gaps noted before (by a
+    /// sink that stopped before its fills completed, or another process of
+    /// the group) are read, and the mirrors that lack them filled.
     pub(super) async fn start(
         &mut self,
         client: &EsClient,
@@ -250,7 +240,18 @@ impl Mirrors {
             );
             with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
         }
-        Ok(())
+        let registry = floors_index(&self.es.index_prefix);
+        let noted = with_retry(&self.es, || client.gaps(&registry)).await?;
+        let topics: Vec<String> = noted.iter().map(|(topic, _)| topic.clone()).collect();
+        for (topic, lsn) in noted {
+            // Noted after the sink read them: committed before a fill starts now.
+            self.read = self.read.max(lsn);
+            self.gaps.insert(topic, lsn);
+        }
+        if topics.is_empty() {
+            return Ok(());
+        }
+        self.fill_gapped(client, &topics).await
     }
 
     /// The sink wrote change records.
@@ -272,7 +273,7 @@ impl Mirrors {
             self.mirrors.insert(alias.to_owned(), mirror);
         }
         self.read = self.read.max(rec.at.0);
-        let gap = self.gap(client, rec.topic).await?;
+        let gap = self.gaps.get(rec.topic).copied().unwrap_or(0);
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         if gap > 0 && m.refill.is_none() && !m.holds_up_to(gap) {
             let why = format!("kafka never delivered some records of topic {}", rec.topic);

@@ -223,11 +223,21 @@ impl EsClient {
         }
     }
 
-    /// The LSN of `registry`'s note of a gap in `topic`; 0 if none.
-    pub async fn gap(&self, registry: &str, topic: &str) -> Result<u64, EsError> {
-        let path = format!("{}/_doc/{}", path_segment(registry), gap_id(topic));
-        let doc = self.call(reqwest::Method::GET, &path, None).await?;
-        Ok(doc.and_then(|d| d["_source"]["lsn"].as_u64()).unwrap_or(0))
+    /// Every gap noted in `registry`: topic, LSN.
+    pub async fn gaps(&self, registry: &str) -> Result<Vec<(String, u64)>, EsError> {
+        let body = json!({"size": 10_000, "query": {"exists": {"field": "gap"}}});
+        let path = format!("{}/_search", path_segment(registry));
+        let found = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        let hits = found.as_ref().and_then(|f| f["hits"]["hits"].as_array());
+        Ok(hits
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| {
+                let s = &h["_source"];
+                Some((s["gap"].as_str()?.to_owned(), s["lsn"].as_u64()?))
+            })
+            .collect())
     }
 
     /// The stored truncate floors of `mirrors`.

@@ -80,9 +80,7 @@ impl Sink {
                 c.mirrors.settle(&c.es).await?;
                 continue;
             };
-            if records_lost() && batch.len() > 2 {
-                batch.drain(1..batch.len() - 1);
-            }
+            lose_records(&mut batch);
             let gapped = c.continuity.check(&c.consumer, &mut batch).await;
             if !gapped.is_empty() {
                 let lsn = batch.iter().filter_map(commit_lsn).max().unwrap_or(0);
@@ -122,7 +120,7 @@ impl Sink {
         };
         Ok(Clients {
             consumer: super::group::join(&self.es, &self.kafka, self.canary_topic())?,
-            continuity: Continuity::default(),
+            continuity: Continuity::new(self.canary_topic()),
             group: GroupWatch::new(&self.es, &self.kafka)?,
             dlq,
             es: EsClient::new(&self.es)?,
@@ -413,11 +411,23 @@ fn commit_lsn(msg: &OwnedMessage) -> Option<u64> {
     Some(env.source.commit_lsn)
 }
 
-/// Whether the `es-records-lost` failpoint fires (tests: records a broker
-/// never delivers).
-fn records_lost() -> bool {
-    fail::fail_point!(crate::wire::failpoint::ES_RECORDS_LOST, |_| true);
-    false
+/// Drop what the `es-records-lost` failpoint says (tests: records a broker
+/// never delivers): with `return`, the records between the batch's first
+/// and last (retention, compaction while the sink was behind); with
+/// `return(head)`, all but the last (the oldest, deleted before the group
+/// read them).
+fn lose_records(batch: &mut Vec<OwnedMessage>) {
+    let lost = || -> Option<String> {
+        fail::fail_point!(crate::wire::failpoint::ES_RECORDS_LOST, |arg| Some(
+            arg.unwrap_or_default()
+        ));
+        None
+    };
+    match lost().as_deref() {
+        Some("head") if batch.len() > 1 => drop(batch.drain(..batch.len() - 1)),
+        Some(_) if batch.len() > 2 => drop(batch.drain(1..batch.len() - 1)),
+        _ => {}
+    }
 }
 
 /// Whether `batch` holds a record of a change topic (not only canaries).

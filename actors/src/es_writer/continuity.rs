@@ -1,6 +1,8 @@
 //! The offset-continuity check: every record of a partition must follow the
 //! previous one, and the first after a (re)assignment must be at the group's
-//! committed offset. pgcdc's topics have no gaps (no transactions, no
+//! committed offset, or at offset 0 where the group has committed none (a
+//! new group, or one whose offsets expired: records before the first one
+//! delivered were deleted before the group read them). pgcdc's topics have no gaps (no transactions, no
 //! compaction unless the operator set it). A jump means records were never
 //! delivered: deleted by retention before the sink read them, compacted away,
 //! or skipped by the broker (tansu 0.6 answers a fetch from the middle of a
@@ -35,6 +37,8 @@ type Assigned = (String, i32, i64);
 /// What the check knows of each partition since the last rebalance.
 #[derive(Default)]
 pub(super) struct Continuity {
+    /// The canary topic, whose gaps cost no change: not checked.
+    canary: Option<String>,
     /// The offset each partition's next record must have.
     next: NextOffsets,
     /// The rebalance count `next` belongs to.
@@ -44,6 +48,14 @@ pub(super) struct Continuity {
 }
 
 impl Continuity {
+    /// A check of every topic but the `canary` topic.
+    pub(super) fn new(canary: Option<&str>) -> Self {
+        Self {
+            canary: canary.map(str::to_owned),
+            ..Self::default()
+        }
+    }
+
     /// Check `batch` against what came before: heal skips at the start of a
     /// partition (dropping records from `batch` and seeking back), then log
     /// and count every gap left; the topics with such gaps.
@@ -130,7 +142,11 @@ impl Continuity {
 
     /// Log and count the gaps in `batch`; the topics they are in.
     fn report_gaps(&mut self, batch: &[OwnedMessage]) -> Vec<String> {
-        let at = batch.iter().map(|m| (m.topic(), m.partition(), m.offset()));
+        let canary = self.canary.as_deref();
+        let at = batch
+            .iter()
+            .filter(|m| Some(m.topic()) != canary)
+            .map(|m| (m.topic(), m.partition(), m.offset()));
         let gaps = skipped_offsets(&mut self.next, at);
         for g in &gaps {
             crate::metrics::metrics()
@@ -155,8 +171,10 @@ impl Continuity {
         consumer: &Arc<StreamConsumer<SinkContext>>,
         batch: &[OwnedMessage],
     ) -> Vec<Assigned> {
+        let canary = self.canary.as_deref();
         let unseen: HashSet<(&str, i32)> = batch
             .iter()
+            .filter(|m| Some(m.topic()) != canary)
             .map(|m| (m.topic(), m.partition()))
             .filter(|&(topic, partition)| {
                 self.next
@@ -179,7 +197,14 @@ impl Continuity {
         match committed {
             Ok(Ok(tpl)) => {
                 for e in tpl.elements() {
-                    if let Offset::Offset(o) = e.offset() {
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        // None committed: reading starts at the earliest
+                        // record, which must be the partition's first.
+                        Offset::Invalid => Some(0),
+                        _ => None,
+                    };
+                    if let Some(o) = committed {
                         self.next
                             .entry(e.topic().to_owned())
                             .or_default()

@@ -262,7 +262,7 @@ impl Sink {
     async fn replace_consumer(&self, c: &mut Clients) -> Result<(), EsError> {
         let new: SinkConsumer = group::consumer(&self.es, &self.kafka)?;
         group::leave(std::mem::replace(&mut c.consumer, new)).await;
-        c.continuity = Continuity::default();
+        c.continuity = Continuity::new(self.canary_topic());
         Ok(())
     }
 }
