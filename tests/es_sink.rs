@@ -763,9 +763,10 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
 
 /// A new sink group on a topic whose oldest records are gone (deleted by
 /// retention; here a failpoint drops all but the last record of the first
-/// batch) cannot build the mirror from Kafka alone: the group committed
+/// batch) cannot build the mirrors from Kafka alone: the group committed
 /// nothing, so the first record must be at offset 0; it is not, and the
-/// mirror is filled from PostgreSQL.
+/// mirrors are filled from PostgreSQL, also that of a configured table
+/// none of whose records is left.
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres() {
@@ -773,12 +774,18 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     let db = r.pg.client().await.unwrap();
     db.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
+         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;
+         CREATE TABLE quiet (id int PRIMARY KEY, label text);
+         INSERT INTO quiet VALUES (1, 'a'), (2, 'b');",
     )
     .await
     .unwrap();
     produce(&*r.broker, &creates(200)).await;
+    // `quiet`'s records are all gone: no record names it.
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
+    let both = "tables = [\"items\", \"quiet\"]";
+    let cfg = cfg.replace("tables = [\"items\"]", both);
+    assert!(cfg.contains(both), "{cfg}");
     let lost = format!(
         "{}=1*return(head)->off",
         pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
@@ -796,6 +803,13 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     };
     let timeout = Duration::from_secs(60);
     oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&sink))
+        .await
+        .unwrap();
+    let table = Want::Verified {
+        pg: &r.pg,
+        table: "public.quiet",
+    };
+    oracle::mirror_equals(&r.es.url, "cdc_public_quiet", table, timeout, Some(&sink))
         .await
         .unwrap();
 }

@@ -27,6 +27,7 @@ use super::generation::{
 use super::mapping;
 use super::retry::with_retry;
 use super::truncate::floors_index;
+use crate::kafka_producer::KafkaConfig;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
 
@@ -119,6 +120,8 @@ pub(super) struct Route {
 pub(super) struct Mirrors {
     es: Arc<EsConfig>,
     pg: Option<Arc<PostgresConfig>>,
+    /// Which topic a table's changes go to.
+    kafka: Arc<KafkaConfig>,
     mirrors: HashMap<String, Mirror>,
     /// Retired generations and when they may be deleted.
     retired: Vec<(String, Instant)>,
@@ -139,10 +142,15 @@ pub(super) struct Mirrors {
 
 impl Mirrors {
     /// No mirror known yet; `pg` is where fills copy from.
-    pub(super) fn new(es: Arc<EsConfig>, pg: Option<Arc<PostgresConfig>>) -> Self {
+    pub(super) fn new(
+        es: Arc<EsConfig>,
+        pg: Option<Arc<PostgresConfig>>,
+        kafka: Arc<KafkaConfig>,
+    ) -> Self {
         Self {
             es,
             pg,
+            kafka,
             mirrors: HashMap::new(),
             retired: Vec::new(),
             resumed: false,
@@ -185,12 +193,24 @@ impl Mirrors {
     /// Start filling, from PostgreSQL, every mirror whose serving generation
     /// was created from records of `topics` and lacks a gap noted there,
     /// without waiting for its table's next change (a table that changes no
-    /// more would keep the missing changes). Mirrors from an older pgcdc,
-    /// whose generation does not name its topic and table, wait for it.
+    /// more would keep the missing changes), and every configured table of
+    /// those topics that has no mirror. Mirrors from an older pgcdc, whose
+    /// generation does not name its topic and table, wait for a change.
     async fn fill_gapped(&mut self, client: &EsClient, topics: &[String]) -> Result<(), EsError> {
         let pattern = format!("{}*", super::naming::path_segment(&self.es.index_prefix));
         let indices = with_retry(&self.es, || client.aliases(&pattern)).await?;
         let mappings = with_retry(&self.es, || client.index_info(&pattern, "_mapping")).await?;
+        let mut mirrored: HashSet<&str> = HashSet::new();
+        for (index, info) in &indices {
+            mirrored.insert(index);
+            let aliases = info["aliases"].as_object();
+            mirrored.extend(
+                aliases
+                    .into_iter()
+                    .flat_map(|a| a.keys().map(String::as_str)),
+            );
+        }
+        let unmirrored = self.configured(topics, &mirrored);
         for (index, info) in &indices {
             let Some(meta) = GenerationMeta::read(&mappings[index]["mappings"]) else {
                 continue;
@@ -219,7 +239,78 @@ impl Mirrors {
             };
             self.route(client, &meta.alias, &rec).await?;
         }
+        for (schema, table) in unmirrored {
+            self.fill_new(client, &schema, &table).await?;
+        }
         Ok(())
+    }
+
+    /// The configured tables (`postgres.tables`) whose changes go to one of
+    /// `topics` and that have no mirror among `mirrored`.
+    fn configured(&self, topics: &[String], mirrored: &HashSet<&str>) -> Vec<(String, String)> {
+        let names = self
+            .pg
+            .as_ref()
+            .map(|pg| pg.tables.as_slice())
+            .unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|name| crate::pg::parse_table_name(name).ok())
+            .filter(|(schema, table)| {
+                let alias = super::bulk::mirror_index(&self.es, schema, table);
+                let topic = self.kafka.topic_for(schema, table);
+                !mirrored.contains(alias.as_str()) && topics.contains(&topic)
+            })
+            .collect()
+    }
+
+    /// Create the mirror of a table that has none and fill it from
+    /// PostgreSQL (its shape read from the catalog): its records may all be
+    /// among those Kafka never delivered.
+    async fn fill_new(
+        &mut self,
+        client: &EsClient,
+        schema: &str,
+        table: &str,
+    ) -> Result<(), EsError> {
+        let Some(pg) = self.pg.clone() else {
+            return Ok(());
+        };
+        let name = format!("{schema}.{table}");
+        let shape = async {
+            let sql = crate::pg::connect(&pg).await.map_err(|e| e.to_string())?;
+            let found = crate::pg::catalog::table_key(&sql, schema, table)
+                .await
+                .map_err(|e| e.to_string())?;
+            crate::snapshot::Shape::load(&sql, &found, &pg.publication)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let shape = match shape.await {
+            Ok(shape) => shape,
+            Err(e) => {
+                tracing::error!(table = %name, error = %e, "cannot read the table's shape to fill its mirror from PostgreSQL: it stays missing until the table's next change or `pgcdc snapshot --table`");
+                return Ok(());
+            }
+        };
+        let types = shape.table.column_types.clone();
+        let key: Map<String, Value> = shape
+            .key_names()
+            .into_iter()
+            .map(|k| (k.to_owned(), Value::Null))
+            .collect();
+        let alias = super::bulk::mirror_index(&self.es, schema, table);
+        let topic = self.kafka.topic_for(schema, table);
+        let owned = (schema.to_owned(), table.to_owned());
+        let of = move || Some(owned.clone());
+        let rec = Incoming {
+            topic: &topic,
+            types: Some(&types),
+            key: Some(&key),
+            at: (self.read, 0),
+            table: &of,
+        };
+        self.route(client, &alias, &rec).await.map(drop)
     }
 
     /// At the sink's start: whether its group has `read_before` (else

@@ -126,7 +126,7 @@ impl Sink {
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
             floors: Floors::default(),
-            mirrors: Mirrors::new(self.es.clone(), self.pg.clone()),
+            mirrors: Mirrors::new(self.es.clone(), self.pg.clone(), self.kafka.clone()),
             canaries: self.canary.clone().map(Canaries::new),
         })
     }
