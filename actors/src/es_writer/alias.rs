@@ -102,6 +102,18 @@ pub(super) struct Incoming<'a> {
     pub table: TableOf<'a>,
 }
 
+/// A table's shape known without a record of it (a generation's `_meta`,
+/// the catalog), for [`Mirrors::touch`].
+struct Known<'a> {
+    topic: &'a str,
+    /// As the `pgcdc.types` header.
+    types: &'a str,
+    key: &'a [String],
+    /// The commit LSN the shape holds from.
+    at: u64,
+    table: (String, String),
+}
+
 /// Where one record's write goes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Route {
@@ -223,21 +235,14 @@ impl Mirrors {
                 continue;
             };
             let types = serde_json::to_string(&meta.shape.columns).unwrap_or_default();
-            let key: Map<String, Value> = meta
-                .shape
-                .key
-                .iter()
-                .map(|k| (k.clone(), Value::Null))
-                .collect();
-            let table = move || Some(table.clone());
-            let rec = Incoming {
+            let known = Known {
                 topic: &meta.topic,
-                types: Some(&types),
-                key: Some(&key),
-                at: (meta.since, 0),
-                table: &table,
+                types: &types,
+                key: &meta.shape.key,
+                at: meta.since,
+                table,
             };
-            self.route(client, &meta.alias, &rec).await?;
+            self.touch(client, &meta.alias, known).await?;
         }
         for (schema, table) in unmirrored {
             self.fill_new(client, &schema, &table).await?;
@@ -293,24 +298,32 @@ impl Mirrors {
                 return Ok(());
             }
         };
-        let types = shape.table.column_types.clone();
-        let key: Map<String, Value> = shape
-            .key_names()
-            .into_iter()
-            .map(|k| (k.to_owned(), Value::Null))
-            .collect();
+        let key: Vec<String> = shape.key_names().into_iter().map(str::to_owned).collect();
         let alias = super::bulk::mirror_index(&self.es, schema, table);
         let topic = self.kafka.topic_for(schema, table);
-        let owned = (schema.to_owned(), table.to_owned());
-        let of = move || Some(owned.clone());
-        let rec = Incoming {
+        let known = Known {
             topic: &topic,
-            types: Some(&types),
-            key: Some(&key),
-            at: (self.read, 0),
-            table: &of,
+            types: &shape.table.column_types,
+            key: &key,
+            at: self.read,
+            table: (schema.to_owned(), table.to_owned()),
         };
-        self.route(client, &alias, &rec).await.map(drop)
+        self.touch(client, &alias, known).await
+    }
+
+    /// Route a record made up from a table's known shape, though no change
+    /// came: the mirror is opened, and the fill it is marked for started.
+    async fn touch(&mut self, client: &EsClient, alias: &str, k: Known<'_>) -> Result<(), EsError> {
+        let key: Map<String, Value> = k.key.iter().map(|c| (c.clone(), Value::Null)).collect();
+        let table = move || Some(k.table.clone());
+        let rec = Incoming {
+            topic: k.topic,
+            types: Some(k.types),
+            key: Some(&key),
+            at: (k.at, 0),
+            table: &table,
+        };
+        self.route(client, alias, &rec).await.map(drop)
     }
 
     /// At the sink's start: whether its group has `read_before` (else
