@@ -576,6 +576,11 @@ async fn a_sink_resuming_inside_a_batch_on_the_mock_broker_mirrors_all_of_it() {
     );
 }
 
+/// The table the gap tests fill from: the rows of [`creates`]`(200)`.
+#[cfg(feature = "failpoints")]
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+    INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;";
+
 /// Records Kafka never delivered to the sink (deleted by retention before
 /// it read them, or compacted away; here a failpoint drops them from the
 /// sink's first batch) are not left missing: the sink reports the gap and
@@ -586,12 +591,10 @@ async fn a_sink_resuming_inside_a_batch_on_the_mock_broker_mirrors_all_of_it() {
 async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_postgres() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;
-         CREATE TABLE other (id int PRIMARY KEY, name text, n int);
-         INSERT INTO other VALUES (0, 'new 0', 2000), (1, 'new 1', 2001);",
-    )
+    db.batch_execute(&format!(
+        "{ITEMS} CREATE TABLE other (id int PRIMARY KEY, name text, n int);
+         INSERT INTO other VALUES (0, 'new 0', 2000), (1, 'new 1', 2001);"
+    ))
     .await
     .unwrap();
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
@@ -624,10 +627,7 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
     let updates = [old(0, "new", 2000), old(1, "new", 2001)].map(|c| Change { op: "u", ..c });
     produce_other(&*r.broker, &updates).await;
     produce(&*r.broker, &changes[1..]).await;
-    let lost = format!(
-        "{}=1*return->off",
-        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
-    );
+    let lost = records_lost("return");
     let dir = r.dir.path().join("b");
     let sink = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
     sink.wait_log("kafka skipped offsets", timeout)
@@ -671,12 +671,7 @@ async fn produce_other(broker: &dyn Broker, changes: &[Change]) {
 async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;",
-    )
-    .await
-    .unwrap();
+    db.batch_execute(ITEMS).await.unwrap();
     let changes = creates(201);
     produce(&*r.broker, &changes[..200]).await;
     let locker = r.pg.client().await.unwrap();
@@ -688,10 +683,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     let cfg = sink_config(&r.pg, &*r.broker, r.dir.path(), &r.es.url, "");
     let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
     let probe = crate::support::Probe::on(port);
-    let lost = format!(
-        "{}=1*return->off",
-        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
-    );
+    let lost = records_lost("return");
     let dir = r.dir.path().join("a");
     let mut first = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
     first
@@ -772,12 +764,10 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
 async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    db.batch_execute(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, n int);
-         INSERT INTO items SELECT g, 'name ' || g, 1000 + g FROM generate_series(0, 199) g;
-         CREATE TABLE quiet (id int PRIMARY KEY, label text);
-         INSERT INTO quiet VALUES (1, 'a'), (2, 'b');",
-    )
+    db.batch_execute(&format!(
+        "{ITEMS} CREATE TABLE quiet (id int PRIMARY KEY, label text);
+         INSERT INTO quiet VALUES (1, 'a'), (2, 'b');"
+    ))
     .await
     .unwrap();
     produce(&*r.broker, &creates(200)).await;
@@ -786,10 +776,7 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     let both = "tables = [\"items\", \"quiet\"]";
     let cfg = cfg.replace("tables = [\"items\"]", both);
     assert!(cfg.contains(both), "{cfg}");
-    let lost = format!(
-        "{}=1*return(head)->off",
-        pgcdc_actors::wire::failpoint::ES_RECORDS_LOST
-    );
+    let lost = records_lost("return(head)");
     let dir = r.dir.path().join("a");
     let sink = crate::support::daemon_cmd(&dir, &cfg, &[("FAILPOINTS", &lost)], "es-sink");
     sink.wait_log("kafka skipped offsets", Duration::from_secs(60))
@@ -812,6 +799,14 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     oracle::mirror_equals(&r.es.url, "cdc_public_quiet", table, timeout, Some(&sink))
         .await
         .unwrap();
+}
+
+/// `FAILPOINTS` for a sink whose first batch loses records (`action`:
+/// `return`, `return(head)`; see `wire::failpoint::ES_RECORDS_LOST`).
+#[cfg(feature = "failpoints")]
+fn records_lost(action: &str) -> String {
+    let name = pgcdc_actors::wire::failpoint::ES_RECORDS_LOST;
+    format!("{name}=1*{action}->off")
 }
 
 /// The offset the sink's group committed on partition 0 of the change topic (-1: none).

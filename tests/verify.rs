@@ -196,6 +196,40 @@ async fn drift_is_reported_by_key_and_kind_and_repaired_under_a_concurrent_write
     .unwrap();
 }
 
+/// `pgcdc verify` kept waiting by a table lock names the session holding
+/// it (after 5 s), then compares once the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_session_whose_lock_keeps_it_waiting() {
+    let r = rig().await;
+    let locker = r.pg.client().await.unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let cfg = std::fs::read_to_string(&r.daemon.config).unwrap();
+    let dir = r._dir.path().join("verify");
+    let mut verify = crate::support::daemon_cmd(&dir, &cfg, &[], "verify");
+    verify
+        .wait_log(
+            "pgcdc waits for these PostgreSQL sessions",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let log = verify.log_text();
+    assert!(log.contains("verifying public.items"), "{log}");
+    assert!(log.contains(&format!("pid {pid} (")), "{log}");
+    assert!(log.contains("pgcdc waits for a table lock"), "{log}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let status = verify.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", verify.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_writer_causes_no_false_drift() {
     let r = rig().await;

@@ -207,7 +207,7 @@ impl EsClient {
     }
 
     /// Note in `registry` that Kafka never delivered some records of `topic`
-    /// committed before `lsn` (a lower note than stored is ignored).
+    /// committed at or before `lsn` (a lower note than stored is ignored).
     pub async fn note_gap(&self, registry: &str, topic: &str, lsn: u64) -> Result<(), EsError> {
         let path = format!(
             "{}/_doc/{}?version={lsn}&version_type=external&refresh=true",

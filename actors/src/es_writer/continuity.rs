@@ -2,8 +2,9 @@
 //! previous one, and the first after a (re)assignment must be at the group's
 //! committed offset, or at offset 0 where the group has committed none (a
 //! new group, or one whose offsets expired: records before the first one
-//! delivered were deleted before the group read them). pgcdc's topics have no gaps (no transactions, no
-//! compaction unless the operator set it). A jump means records were never
+//! delivered were deleted before the group read them). pgcdc's topics have
+//! no gaps (no transactions, no compaction unless the operator set it), and
+//! the canary topic is not checked. A jump means records were never
 //! delivered: deleted by retention before the sink read them, compacted away,
 //! or skipped by the broker (tansu 0.6 answers a fetch from the middle of a
 //! record batch with the next batch). A jump at the first record after an
