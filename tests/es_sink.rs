@@ -182,6 +182,15 @@ async fn assert_mirror(
         .unwrap();
 }
 
+/// Poll until mirror `index` equals the PostgreSQL table `table` (by `pgcdc
+/// verify`'s comparison); panics with the difference after `timeout`.
+async fn assert_mirrors_table(r: &Rig, table: &str, index: &str, timeout: Duration, sink: &Daemon) {
+    let want = Want::Verified { pg: &r.pg, table };
+    oracle::mirror_equals(&r.es.url, index, want, timeout, Some(sink))
+        .await
+        .unwrap();
+}
+
 struct Rig {
     pg: PgCluster,
     broker: Box<dyn Broker>,
@@ -637,10 +646,7 @@ async fn a_mirror_lacking_records_kafka_never_delivered_is_filled_again_from_pos
         ("public.items", "cdc_public_items"),
         ("public.other", mirror),
     ] {
-        let want = Want::Verified { pg: &r.pg, table };
-        oracle::mirror_equals(&r.es.url, mirror, want, timeout, Some(&sink))
-            .await
-            .unwrap();
+        assert_mirrors_table(&r, table, mirror, timeout, &sink).await;
     }
     let log = sink.log_text();
     assert!(
@@ -720,14 +726,8 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
     // No change comes: the next sink fills from the note alone.
     let dir = r.dir.path().join("b");
     let mut second = crate::support::daemon_cmd(&dir, &cfg, &[], "es-sink");
-    let table = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
     let timeout = Duration::from_secs(60);
-    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&second))
-        .await
-        .unwrap();
+    assert_mirrors_table(&r, "public.items", "cdc_public_items", timeout, &second).await;
     assert!(
         second
             .log_text()
@@ -741,9 +741,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
         .await
         .unwrap();
     produce(&*r.broker, &changes[200..]).await;
-    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&second))
-        .await
-        .unwrap();
+    assert_mirrors_table(&r, "public.items", "cdc_public_items", timeout, &second).await;
     let fills = second.log_text().matches("filling a new index").count();
     assert_eq!(fills, 1, "{}", second.log_text());
     probe
@@ -784,21 +782,9 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
         .unwrap();
     let log = sink.log_text();
     assert!(log.contains("expected=0"), "{log}");
-    let table = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
     let timeout = Duration::from_secs(60);
-    oracle::mirror_equals(&r.es.url, "cdc_public_items", table, timeout, Some(&sink))
-        .await
-        .unwrap();
-    let table = Want::Verified {
-        pg: &r.pg,
-        table: "public.quiet",
-    };
-    oracle::mirror_equals(&r.es.url, "cdc_public_quiet", table, timeout, Some(&sink))
-        .await
-        .unwrap();
+    assert_mirrors_table(&r, "public.items", "cdc_public_items", timeout, &sink).await;
+    assert_mirrors_table(&r, "public.quiet", "cdc_public_quiet", timeout, &sink).await;
 }
 
 /// `FAILPOINTS` for a sink whose first batch loses records (`action`:
@@ -809,16 +795,22 @@ fn records_lost(action: &str) -> String {
     format!("{name}=1*{action}->off")
 }
 
-/// The offset the sink's group committed on partition 0 of the change topic (-1: none).
-#[cfg(feature = "failpoints")]
-fn sink_group_offset(broker: &dyn Broker) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-    let group: BaseConsumer = ClientConfig::new()
+/// A client of the sink's consumer group (not a member), to read or set
+/// its committed offsets.
+fn sink_group(broker: &dyn Broker) -> rdkafka::consumer::BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", broker.brokers())
         .set("group.id", "pgcdc-es-sink")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// The offset the sink's group committed on partition 0 of the change topic (-1: none).
+#[cfg(feature = "failpoints")]
+fn sink_group_offset(broker: &dyn Broker) -> i64 {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let group = sink_group(broker);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(TOPIC, 0);
     let committed = group.committed_offsets(tpl, Duration::from_secs(5));
@@ -835,7 +827,7 @@ fn sink_group_offset(broker: &dyn Broker) -> i64 {
 /// committed in the first batch's middle; start a sink. Whether it reported
 /// skipped offsets (else it mirrored every record from the offset on).
 async fn resume_inside_a_batch(r: &Rig) -> bool {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::consumer::{CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let changes = creates(201);
     let producer: FutureProducer = ClientConfig::new()
@@ -864,11 +856,7 @@ async fn resume_inside_a_batch(r: &Rig) -> bool {
         s.await.unwrap().unwrap();
     }
     produce(&*r.broker, &changes[200..]).await;
-    let group: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", r.broker.brokers())
-        .set("group.id", "pgcdc-es-sink")
-        .create()
-        .unwrap();
+    let group = sink_group(&*r.broker);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(TOPIC, 0, Offset::Offset(100))
         .unwrap();
@@ -949,19 +937,7 @@ async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() 
         .collect();
     for (n, index) in names.iter().zip(&indices) {
         let table = format!("public.\"{n}\"");
-        let want = Want::Verified {
-            pg: &r.pg,
-            table: &table,
-        };
-        oracle::mirror_equals(
-            &r.es.url,
-            index,
-            want,
-            Duration::from_secs(90),
-            Some(&daemon),
-        )
-        .await
-        .unwrap();
+        assert_mirrors_table(&r, &table, index, Duration::from_secs(90), &daemon).await;
     }
     let bag = mirror_index("cdc_", "public", "bag");
     let rows: Vec<Value> = db
@@ -1178,19 +1154,7 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
         db.batch_execute(change).await.unwrap();
     }
     let index = "cdc_public_docs";
-    let want = Want::Verified {
-        pg: &r.pg,
-        table: "public.docs",
-    };
-    oracle::mirror_equals(
-        &r.es.url,
-        index,
-        want,
-        Duration::from_secs(90),
-        Some(&daemon),
-    )
-    .await
-    .unwrap();
+    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
 
     // The first UPDATE's records (unchanged blob) delivered again, then a sentinel row.
     let records = crate::support::read_all(&*r.broker, TOPIC);
@@ -1222,19 +1186,7 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
     db.batch_execute("INSERT INTO docs VALUES (99, 9, 'sentinel')")
         .await
         .unwrap();
-    let want = Want::Verified {
-        pg: &r.pg,
-        table: "public.docs",
-    };
-    oracle::mirror_equals(
-        &r.es.url,
-        index,
-        want,
-        Duration::from_secs(90),
-        Some(&daemon),
-    )
-    .await
-    .unwrap();
+    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
     let docs = r.es.documents(index).await.unwrap();
     assert!(!docs.contains_key("3"), "a deleted row came back");
     assert_eq!(docs["4"].1["n"], json!(2), "a document regressed");
@@ -1271,19 +1223,14 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
     db.batch_execute("INSERT INTO items VALUES (1); ALTER TABLE items ADD COLUMN qty int4; INSERT INTO items VALUES (2, 5); UPDATE items SET qty = 1 WHERE id = 1;")
         .await
         .unwrap();
-    let want = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
-    oracle::mirror_equals(
-        &r.es.url,
+    assert_mirrors_table(
+        &r,
+        "public.items",
         "cdc_public_items",
-        want,
         Duration::from_secs(60),
-        Some(&daemon),
+        &daemon,
     )
-    .await
-    .unwrap();
+    .await;
     let mapping: Value = reqwest::get(format!("{}/cdc_public_items/_mapping", r.es.url))
         .await
         .unwrap()
