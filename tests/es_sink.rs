@@ -756,7 +756,7 @@ async fn a_gap_found_before_a_crash_is_still_filled_after_it() {
 /// batch) cannot build the mirrors from Kafka alone: the group committed
 /// nothing, so the first record must be at offset 0; it is not, and the
 /// mirrors are filled from PostgreSQL, also that of a configured table
-/// none of whose records is left.
+/// none of whose records is left (tried again until the table can be read).
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres() {
@@ -764,7 +764,8 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     let db = r.pg.client().await.unwrap();
     db.batch_execute(&format!(
         "{ITEMS} CREATE TABLE quiet (id int PRIMARY KEY, label text);
-         INSERT INTO quiet VALUES (1, 'a'), (2, 'b');"
+         INSERT INTO quiet VALUES (1, 'a'), (2, 'b');
+         ALTER TABLE quiet RENAME TO quiet_away;"
     ))
     .await
     .unwrap();
@@ -784,6 +785,13 @@ async fn a_new_sink_on_a_topic_whose_oldest_records_are_gone_fills_from_postgres
     assert!(log.contains("expected=0"), "{log}");
     let timeout = Duration::from_secs(60);
     assert_mirrors_table(&r, "public.items", "cdc_public_items", timeout, &sink).await;
+    // `quiet` cannot be read yet (renamed away): its fill is tried again.
+    sink.wait_log("cannot read the table's shape", timeout)
+        .await
+        .unwrap();
+    db.batch_execute("ALTER TABLE quiet_away RENAME TO quiet")
+        .await
+        .unwrap();
     assert_mirrors_table(&r, "public.quiet", "cdc_public_quiet", timeout, &sink).await;
 }
 

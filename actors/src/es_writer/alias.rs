@@ -150,6 +150,10 @@ pub(super) struct Mirrors {
     /// The highest commit LSN the sink has read: a fill started now holds
     /// every change up to it.
     read: u64,
+    /// Configured tables without a mirror whose fill could not start (their
+    /// shape unreadable), and when to try again.
+    unfilled: Vec<(String, String)>,
+    unfilled_retry: Option<Instant>,
 }
 
 impl Mirrors {
@@ -168,6 +172,8 @@ impl Mirrors {
             resumed: false,
             gaps: HashMap::new(),
             read: 0,
+            unfilled: Vec::new(),
+            unfilled_retry: None,
         }
     }
 
@@ -291,15 +297,18 @@ impl Mirrors {
                 .await
                 .map_err(|e| e.to_string())
         };
+        let alias = super::bulk::mirror_index(&self.es, schema, table);
         let shape = match shape.await {
             Ok(shape) => shape,
             Err(e) => {
-                tracing::error!(table = %name, error = %e, "cannot read the table's shape to fill its mirror from PostgreSQL: it stays missing until the table's next change or `pgcdc snapshot --table`");
+                tracing::error!(table = %name, error = %e, "cannot read the table's shape to fill its mirror from PostgreSQL; trying again in 30 s");
+                metrics().sink_lacking(&alias, Some("its table's shape cannot be read to fill it"));
+                self.unfilled.push((schema.to_owned(), table.to_owned()));
+                self.unfilled_retry = Some(Instant::now() + FILL_RETRY);
                 return Ok(());
             }
         };
         let key: Vec<String> = shape.key_names().into_iter().map(str::to_owned).collect();
-        let alias = super::bulk::mirror_index(&self.es, schema, table);
         let topic = self.kafka.topic_for(schema, table);
         let known = Known {
             topic: &topic,
@@ -764,9 +773,17 @@ impl Mirrors {
         with_retry(&self.es, || client.delete_index(&next.index)).await
     }
 
-    /// Between batches: swap in every generation whose fill is complete,
-    /// drop failed fills, and delete retired generations whose grace passed.
+    /// Between batches: start the fills of tables without a mirror that
+    /// could not start before, swap in every generation whose fill is
+    /// complete, drop failed fills, and delete retired generations whose
+    /// grace passed.
     pub(super) async fn settle(&mut self, client: &EsClient) -> Result<(), EsError> {
+        if self.unfilled_retry.is_some_and(|t| t <= Instant::now()) {
+            self.unfilled_retry = None;
+            for (schema, table) in std::mem::take(&mut self.unfilled) {
+                self.fill_new(client, &schema, &table).await?;
+            }
+        }
         let done: Vec<String> = self
             .mirrors
             .values()
