@@ -512,3 +512,120 @@ async fn two_sinks_share_six_partitions_one_owner_at_a_time_through_a_kill_9() {
         sinks[1].log_text()
     );
 }
+
+/// Two `pgcdc es-sink` processes share a two-partition topic when `items`
+/// changes shape incompatibly. The process that reads the first changed
+/// record fills the new index; the other writes its partition's changes to
+/// that index too (it must not start a fill of its own), also those
+/// committed after the fill's snapshot (the failpoint holds the copy 4 s
+/// there). Once swapped in, the mirror equals the table.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sinks_fill_one_new_index_together_when_the_table_changes_shape() {
+    let rig = Rig::on(Box::new(Tansu::start().unwrap()), 2).await;
+    rig.db
+        .batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    let mut run = rig.start("run", &rig.config("run", 2, None, ""), "run", &[]);
+    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let hold = [("FAILPOINTS", "es-fill-copy=return(4000)")];
+    let ports = [crate::support::free_port(), crate::support::free_port()];
+    let sinks: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .zip(ports)
+        .map(|(name, port)| {
+            let cfg = rig.config(name, 2, Some(port), "");
+            rig.start(name, &cfg, "es-sink", &hold)
+        })
+        .collect();
+    for s in &sinks {
+        s.wait_log("es sink assigned partitions=\"cdc", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    rig.mirror_equals_table(Duration::from_secs(60), &sinks[1])
+        .await;
+
+    // One row changes after the column's type: one process sees the new shape.
+    rig.db
+        .batch_execute(
+            "ALTER TABLE items ALTER COLUMN n TYPE text USING n::text; \
+             UPDATE items SET name = 'first' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    wait::poll(
+        "a fill's snapshot",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let taken = sinks
+                .iter()
+                .any(|s| s.log_text().contains("snapshot taken: copying"));
+            Poll::when(taken, (), || "no fill has taken its snapshot".into())
+        },
+    )
+    .await
+    .unwrap();
+    // Changes on both partitions after the snapshot, while the copy is held.
+    rig.db
+        .batch_execute(
+            "UPDATE items SET name = 'during ' || id, n = 'n' || id; \
+             DELETE FROM items WHERE id % 10 = 0; \
+             INSERT INTO items SELECT g, 'late ' || g, g::text FROM generate_series(201, 260) g",
+        )
+        .await
+        .unwrap();
+    wait::poll(
+        "the new index swapped in",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let swapped = sinks
+                .iter()
+                .any(|s| s.log_text().contains("mirror switched to its new index"));
+            Poll::when(swapped, (), || "no process swapped a new index in".into())
+        },
+    )
+    .await
+    .unwrap();
+    rig.mirror_equals_table(Duration::from_secs(60), &sinks[1])
+        .await;
+
+    let mut started = 0.0;
+    for port in ports {
+        let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap();
+        started +=
+            sample(&text, "pgcdc_es_reindexes_total", &[("event", "started")]).unwrap_or(0.0);
+    }
+    let logs = || {
+        format!(
+            "sink a:\n{}\nsink b:\n{}",
+            sinks[0].log_text(),
+            sinks[1].log_text()
+        )
+    };
+    assert_eq!(started, 1.0, "one fill for both processes\n{}", logs());
+    assert!(
+        sinks.iter().any(|s| s
+            .log_text()
+            .contains("another sink process fills a new index of the mirror")),
+        "the other process followed the fill\n{}",
+        logs()
+    );
+    let mapping: serde_json::Value = reqwest::get(format!("{}/{INDEX}/_mapping", rig.es.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (index, m) = mapping.as_object().unwrap().iter().next().unwrap();
+    assert!(index.ends_with("~2"), "the new index serves: {index}");
+    assert_eq!(
+        m["mappings"]["properties"]["n"]["type"], "text",
+        "{mapping}"
+    );
+}

@@ -237,8 +237,11 @@ pub mod failpoint {
     /// between its first and its last, as a broker that never delivered
     /// them would (retention, compaction); `return(head)` all but the last.
     pub const ES_RECORDS_LOST: &str = "es-records-lost";
+    /// The ES sink's fill of a new mirror generation, once its snapshot is
+    /// taken: `return(ms)` waits that long before the rows are copied.
+    pub const ES_FILL_COPY: &str = "es-fill-copy";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -249,5 +252,6 @@ pub mod failpoint {
         WAL_MONITOR_PASS,
         ES_ASSIGNED,
         ES_RECORDS_LOST,
+        ES_FILL_COPY,
     ];
 }

@@ -17,16 +17,17 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
 use super::bulk::{floors_index_body, index_body};
-use super::client::EsClient;
+use super::client::{Beat, EsClient};
 use super::config::EsConfig;
 use super::error::EsError;
 use super::fill::Fill;
 use super::generation::{
-    compare, generation_index, generation_of, Change, GenerationMeta, TableShape,
+    compare, filling_alias, generation_index, generation_of, Change, GenerationMeta, TableShape,
 };
 use super::mapping;
 use super::retry::with_retry;
-use super::truncate::floors_index;
+use super::shared::{self, FILL_DEAD, VIEW_FRESH};
+use super::truncate::{floors_index, Position};
 use crate::kafka_producer::KafkaConfig;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
@@ -37,7 +38,8 @@ const RECENT_TRANSACTIONS: usize = 100_000;
 /// Wait before a failed fill is tried again.
 const FILL_RETRY: Duration = Duration::from_secs(30);
 
-/// A generation being filled.
+/// A generation being filled, by this sink process or another one of its
+/// group ([`shared`]).
 struct Next {
     index: String,
     meta: GenerationMeta,
@@ -46,7 +48,9 @@ struct Next {
     /// Whether the mirror was known to lack changes when it started: once
     /// swapped in, it no longer does.
     heals: bool,
-    fill: JoinHandle<Result<u64, EsError>>,
+    /// This process's fill: the rows copied and its last heartbeat. `None`:
+    /// another process fills it, this one writes its changes to it too.
+    fill: Option<JoinHandle<Result<(u64, Beat), EsError>>>,
 }
 
 /// One mirror: its alias, the generation serving it, the one being filled.
@@ -154,6 +158,14 @@ pub(super) struct Mirrors {
     /// shape unreadable), and when to try again.
     unfilled: Vec<(String, String)>,
     unfilled_retry: Option<Instant>,
+    /// When the generations and fill heartbeats were last looked at.
+    viewed: Option<Instant>,
+    /// Fill heartbeats seen: generation index → beat count, and when it
+    /// last changed.
+    beats: HashMap<String, (u64, Instant)>,
+    /// Generations whose fill another process gave up on: filled here
+    /// again at the next [`Mirrors::settle`].
+    orphans: Vec<GenerationMeta>,
 }
 
 impl Mirrors {
@@ -174,6 +186,9 @@ impl Mirrors {
             read: 0,
             unfilled: Vec::new(),
             unfilled_retry: None,
+            viewed: None,
+            beats: HashMap::new(),
+            orphans: Vec::new(),
         }
     }
 
@@ -234,21 +249,9 @@ impl Mirrors {
                 continue;
             };
             let serving = info["aliases"].get(&meta.alias).is_some();
-            if !serving || !topics.contains(&meta.topic) {
-                continue;
+            if serving && topics.contains(&meta.topic) {
+                self.touch_meta(client, &meta).await?;
             }
-            let Some(table) = meta.table.clone() else {
-                continue;
-            };
-            let types = serde_json::to_string(&meta.shape.columns).unwrap_or_default();
-            let known = Known {
-                topic: &meta.topic,
-                types: &types,
-                key: &meta.shape.key,
-                at: meta.since,
-                table,
-            };
-            self.touch(client, &meta.alias, known).await?;
         }
         for (schema, table) in unmirrored {
             self.fill_new(client, &schema, &table).await?;
@@ -320,6 +323,28 @@ impl Mirrors {
         self.touch(client, &alias, known).await
     }
 
+    /// [`Self::touch`] with the shape, topic and table a generation's
+    /// `_meta` records (nothing for a generation of an older pgcdc, which
+    /// names no table).
+    async fn touch_meta(
+        &mut self,
+        client: &EsClient,
+        meta: &GenerationMeta,
+    ) -> Result<(), EsError> {
+        let Some(table) = meta.table.clone() else {
+            return Ok(());
+        };
+        let types = serde_json::to_string(&meta.shape.columns).unwrap_or_default();
+        let known = Known {
+            topic: &meta.topic,
+            types: &types,
+            key: &meta.shape.key,
+            at: meta.since,
+            table,
+        };
+        self.touch(client, &meta.alias, known).await
+    }
+
     /// Route a record made up from a table's known shape, though no change
     /// came: the mirror is opened, and the fill it is marked for started.
     async fn touch(&mut self, client: &EsClient, alias: &str, k: Known<'_>) -> Result<(), EsError> {
@@ -384,15 +409,21 @@ impl Mirrors {
         if !self.mirrors.contains_key(alias) {
             let mirror = self.open(client, alias, rec).await?;
             self.mirrors.insert(alias.to_owned(), mirror);
+            self.observe_one(client, alias).await?;
         }
         self.read = self.read.max(rec.at.0);
         let gap = self.gaps.get(rec.topic).copied().unwrap_or(0);
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
-        if gap > 0 && m.refill.is_none() && !m.holds_up_to(gap) {
-            let why = format!("kafka never delivered some records of topic {}", rec.topic);
-            metrics().sink_lacking(alias, Some(&why));
+        let why = || format!("kafka never delivered some records of topic {}", rec.topic);
+        if gap > 0 && !m.lacking && !m.meta.as_ref().is_some_and(|g| g.holds_up_to(gap)) {
+            metrics().sink_lacking(alias, Some(&why()));
             m.lacking = true;
-            m.refill = Some(why);
+            if let Some(next) = m.next.as_mut().filter(|n| n.meta.holds_up_to(gap)) {
+                next.heals = true;
+            }
+        }
+        if gap > 0 && m.refill.is_none() && !m.holds_up_to(gap) {
+            m.refill = Some(why());
         }
         self.refill(client, alias, rec).await?;
         let m = &self.mirrors[alias];
@@ -464,8 +495,8 @@ impl Mirrors {
     pub(super) fn forget(&mut self, alias: &str) {
         if let Some(m) = self.mirrors.remove(alias) {
             metrics().sink_lacking(alias, None); // the next record finds out again
-            if let Some(next) = m.next {
-                next.fill.abort();
+            if let Some(fill) = m.next.and_then(|n| n.fill) {
+                fill.abort();
             }
         }
     }
@@ -694,8 +725,9 @@ impl Mirrors {
     }
 
     /// Start filling a new generation for `shape` (dropping one being
-    /// filled for an older shape); a fill the mirror was marked for is
-    /// then under way.
+    /// filled for an older shape), or follow a fill another sink process
+    /// has under way that fits; a fill the mirror was marked for is then
+    /// under way.
     async fn rebuild(
         &mut self,
         client: &EsClient,
@@ -704,6 +736,19 @@ impl Mirrors {
         shape: &TableShape,
         why: &str,
     ) -> Result<bool, EsError> {
+        self.observe_one(client, alias).await?;
+        let gap = self.gaps.get(rec.topic).copied().unwrap_or(0);
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        let lacking = m.lacking;
+        if let Some(next) = m.next.as_mut().filter(|n| n.fill.is_none()) {
+            let fits = !matches!(compare(&next.meta.shape, shape), Change::Incompatible(_));
+            if fits && (gap == 0 || next.meta.holds_up_to(gap)) {
+                next.heals |= lacking;
+                m.refill = None;
+                return Ok(true);
+            }
+            m.next = None; // replaced by the newer generation started here
+        }
         self.abandon(client, alias, "the table changed again")
             .await?;
         let es = self.es.clone();
@@ -719,11 +764,19 @@ impl Mirrors {
         let Some((schema, table)) = (rec.table)() else {
             return Ok(false);
         };
+        let registry = floors_index(&es.index_prefix);
+        let registry_body = floors_index_body(&es);
+        with_retry(&es, || client.ensure_index(&registry, &registry_body)).await?;
         m.last += 1;
         let index = generation_index(alias, m.last);
+        let Some(beat) = with_retry(&es, || client.first_beat(&registry, &index)).await? else {
+            return Ok(false); // another process takes this number: followed at the next look
+        };
         let mut meta = generation_meta(alias, shape.clone(), rec);
         meta.filled = Some(self.read.max(rec.at.0));
-        let body = generation_body(&es, rec.types, &meta);
+        let mut body = generation_body(&es, rec.types, &meta);
+        body["aliases"] = json!({ filling_alias(&index): {} });
+        // A leftover under the number this process now holds is no one's.
         with_retry(&es, || client.delete_index(&index)).await?;
         with_retry(&es, || client.ensure_index(&index, &body)).await?;
         tracing::warn!(alias, index, why, "filling a new index from PostgreSQL; the alias keeps serving the old one until it is complete");
@@ -743,13 +796,20 @@ impl Mirrors {
             meta,
             why: why.to_owned(),
             heals: m.lacking,
-            fill: tokio::spawn(fill.run()),
+            fill: Some(tokio::spawn(shared::run(
+                fill,
+                client.clone(),
+                registry,
+                beat,
+            ))),
         });
         m.refill = None;
         Ok(true)
     }
 
-    /// Drop the generation being filled for `alias`, if any.
+    /// Drop the generation this process fills for `alias`, if any. A
+    /// generation another process fills stays followed: a truncate reaches
+    /// it through the stored floor when it is swapped in.
     pub(super) async fn abandon(
         &mut self,
         client: &EsClient,
@@ -759,24 +819,253 @@ impl Mirrors {
         let Some(m) = self.mirrors.get_mut(alias) else {
             return Ok(());
         };
-        let Some(next) = m.next.take() else {
+        let Some(fill) = m.next.as_mut().and_then(|n| n.fill.take()) else {
             return Ok(());
         };
+        let next = m.next.take().expect("filled here");
         m.followed = None; // the next record starts a generation again
         m.refill = Some(next.why);
-        next.fill.abort();
+        fill.abort();
         tracing::warn!(alias, index = %next.index, why, "dropping the new index being filled; it is built again from the next change");
         metrics()
             .es_reindexes
             .with_label_values(&["abandoned"])
             .inc();
-        with_retry(&self.es, || client.delete_index(&next.index)).await
+        self.drop_generation(client, &next.index).await
+    }
+
+    /// Delete a generation this process filled, then its fill's heartbeat.
+    async fn drop_generation(&self, client: &EsClient, index: &str) -> Result<(), EsError> {
+        let registry = floors_index(&self.es.index_prefix);
+        with_retry(&self.es, || client.delete_index(index)).await?;
+        with_retry(&self.es, || client.end_beat(&registry, index, None)).await?;
+        Ok(())
+    }
+
+    /// Look at the generations and fill heartbeats when the last look is
+    /// [`VIEW_FRESH`] old: follow the fills other sink processes run, take
+    /// in the generations they swap in, and end the fills whose process
+    /// stopped. While `idle` (no batch to write), only to follow a fill.
+    pub(super) async fn observe(&mut self, client: &EsClient, idle: bool) -> Result<(), EsError> {
+        let following = || {
+            self.mirrors
+                .values()
+                .any(|m| m.next.as_ref().is_some_and(|n| n.fill.is_none()))
+        };
+        if self.viewed.is_some_and(|t| t.elapsed() < VIEW_FRESH) || (idle && !following()) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if !self.mirrors.is_empty() {
+            let pattern = format!("{}*", super::naming::path_segment(&self.es.index_prefix));
+            let aliases: Vec<String> = self.mirrors.keys().cloned().collect();
+            self.view(client, &pattern, &aliases).await?;
+        }
+        self.viewed = Some(started);
+        Ok(())
+    }
+
+    /// [`Self::observe`] of one mirror, at once.
+    async fn observe_one(&mut self, client: &EsClient, alias: &str) -> Result<(), EsError> {
+        let pattern = format!(
+            "{}{}*",
+            super::naming::path_segment(alias),
+            super::generation::GENERATION_SEPARATOR
+        );
+        self.view(client, &pattern, &[alias.to_owned()]).await
+    }
+
+    /// Look at the indices matching `pattern` and at the fill heartbeats,
+    /// for the mirrors `aliases`.
+    async fn view(
+        &mut self,
+        client: &EsClient,
+        pattern: &str,
+        aliases: &[String],
+    ) -> Result<(), EsError> {
+        let registry = floors_index(&self.es.index_prefix);
+        // Heartbeats first: a fill's process moves the alias before it ends
+        // the heartbeat, so a fill seen without one is seen swapped in.
+        let beats = with_retry(&self.es, || client.beats(&registry)).await?;
+        let indices = with_retry(&self.es, || client.aliases(pattern)).await?;
+        let now = Instant::now();
+        for (index, beat) in &beats {
+            let seen = self.beats.entry(index.clone()).or_insert((beat.n, now));
+            if seen.0 != beat.n {
+                *seen = (beat.n, now);
+            }
+        }
+        self.beats.retain(|index, _| beats.contains_key(index));
+        for alias in aliases {
+            self.observe_mirror(client, alias, &indices, &beats).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the fill of `index` looks stopped: no heartbeat of it has
+    /// changed for [`FILL_DEAD`] since this process first saw one.
+    fn stopped(&self, index: &str) -> bool {
+        self.beats
+            .get(index)
+            .is_none_or(|(_, at)| at.elapsed() >= FILL_DEAD)
+    }
+
+    /// [`Self::observe`] for the mirror `alias`.
+    async fn observe_mirror(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        indices: &Map<String, Value>,
+        beats: &HashMap<String, Beat>,
+    ) -> Result<(), EsError> {
+        let Some(m) = self.mirrors.get_mut(alias) else {
+            return Ok(());
+        };
+        let mut generations = Vec::new();
+        let mut serving = None;
+        for (index, info) in indices {
+            let Some(n) = generation_of(alias, index) else {
+                continue;
+            };
+            if info["aliases"].get(alias).is_some() {
+                serving = Some(index.clone());
+            }
+            m.last = m.last.max(n);
+            generations.push((n, index.clone()));
+        }
+        if let Some(serving) = serving.filter(|s| *s != m.current) {
+            self.switched(client, alias, &serving).await?;
+        }
+        let followed = self.mirrors[alias]
+            .next
+            .as_ref()
+            .filter(|n| n.fill.is_none())
+            .map(|n| n.index.clone());
+        if let Some(index) = followed {
+            let present = generations.iter().any(|(_, i)| *i == index);
+            let ended = !present || !beats.contains_key(&index);
+            if ended {
+                tracing::info!(
+                    alias,
+                    index,
+                    "the new index another sink process filled was dropped"
+                );
+            } else if self.stopped(&index) {
+                let registry = floors_index(&self.es.index_prefix);
+                let last = beats.get(&index).copied();
+                if with_retry(&self.es, || client.end_beat(&registry, &index, last)).await? {
+                    tracing::warn!(alias, index, "the sink process filling the mirror's new index stopped (its heartbeat did not change for {} s): dropping that index and filling the mirror again here", FILL_DEAD.as_secs());
+                    with_retry(&self.es, || client.delete_index(&index)).await?;
+                    metrics()
+                        .es_reindexes
+                        .with_label_values(&["abandoned"])
+                        .inc();
+                }
+            }
+            if ended || self.stopped(&index) {
+                let m = self.mirrors.get_mut(alias).expect("observed");
+                if let Some(next) = m.next.take() {
+                    m.followed = None;
+                    self.orphans.push(next.meta);
+                }
+            }
+        }
+        let m = &self.mirrors[alias];
+        let serving = generation_of(alias, &m.current);
+        let next_n = m.next.as_ref().and_then(|x| generation_of(alias, &x.index));
+        let newest = generations
+            .iter()
+            .filter(|(n, i)| serving.is_none_or(|s| *n > s) && beats.contains_key(i))
+            .filter(|(_, i)| !self.stopped(i))
+            .max_by_key(|(n, _)| *n)
+            .cloned();
+        let Some((n, index)) = newest else {
+            return Ok(());
+        };
+        if next_n.is_some_and(|x| x >= n) {
+            return Ok(());
+        }
+        self.abandon(client, alias, "another sink process fills a newer index")
+            .await?;
+        self.follow_fill(client, alias, index).await
+    }
+
+    /// Write every change of `alias` to the generation `index` that another
+    /// sink process fills, too.
+    async fn follow_fill(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        index: String,
+    ) -> Result<(), EsError> {
+        let mappings = with_retry(&self.es, || client.index_info(&index, "_mapping")).await?;
+        let Some(meta) = GenerationMeta::read(&mappings[&index]["mappings"]) else {
+            return Ok(());
+        };
+        let gap = self.gaps.get(&meta.topic).copied().unwrap_or(0);
+        let m = self.mirrors.get_mut(alias).expect("observed");
+        let fits = gap == 0 || meta.holds_up_to(gap);
+        if fits {
+            m.refill = None;
+        }
+        tracing::info!(
+            alias,
+            index,
+            "another sink process fills a new index of the mirror: writing each change to it too"
+        );
+        m.next = Some(Next {
+            index,
+            meta,
+            why: "filled by another sink process".into(),
+            heals: m.lacking && fits,
+            fill: None,
+        });
+        Ok(())
+    }
+
+    /// Another sink process pointed the alias at `serving`.
+    async fn switched(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        serving: &str,
+    ) -> Result<(), EsError> {
+        let m = self.mirrors.get_mut(alias).expect("observed");
+        tracing::info!(alias, from = %m.current, to = %serving, "another sink process switched the mirror to a new index");
+        m.followed = None;
+        let followed = m.next.take_if(|n| n.index == serving);
+        let (meta, heals) = match followed {
+            Some(next) => (Some(next.meta), next.heals),
+            None => (self.check(client, serving).await?, false),
+        };
+        let gap = meta
+            .as_ref()
+            .map_or(0, |g| self.gaps.get(&g.topic).copied().unwrap_or(0));
+        let holds = gap > 0 && meta.as_ref().is_some_and(|g| g.holds_up_to(gap));
+        let m = self.mirrors.get_mut(alias).expect("observed");
+        m.current = serving.to_owned();
+        m.meta = meta;
+        if (heals || holds) && m.refill.is_none() && m.lacking {
+            m.lacking = false;
+            metrics().sink_lacking(alias, None);
+        }
+        let older = m
+            .next
+            .as_ref()
+            .is_some_and(|n| generation_of(alias, &n.index) <= generation_of(alias, serving));
+        if older {
+            self.abandon(client, alias, "a newer index serves the mirror")
+                .await?;
+            let m = self.mirrors.get_mut(alias).expect("observed");
+            m.next = None; // a followed one
+        }
+        Ok(())
     }
 
     /// Between batches: start the fills of tables without a mirror that
-    /// could not start before, swap in every generation whose fill is
-    /// complete, drop failed fills, and delete retired generations whose
-    /// grace passed.
+    /// could not start before, and of generations whose fill another
+    /// process gave up on; swap in every generation whose fill is complete,
+    /// drop failed fills, and delete retired generations whose grace passed.
     pub(super) async fn settle(&mut self, client: &EsClient) -> Result<(), EsError> {
         if self.unfilled_retry.is_some_and(|t| t <= Instant::now()) {
             self.unfilled_retry = None;
@@ -784,38 +1073,63 @@ impl Mirrors {
                 self.fill_new(client, &schema, &table).await?;
             }
         }
+        for meta in std::mem::take(&mut self.orphans) {
+            self.touch_meta(client, &meta).await?;
+        }
         let done: Vec<String> = self
             .mirrors
             .values()
-            .filter(|m| m.next.as_ref().is_some_and(|n| n.fill.is_finished()))
+            .filter(|m| {
+                let fill = m.next.as_ref().and_then(|n| n.fill.as_ref());
+                fill.is_some_and(JoinHandle::is_finished)
+            })
             .map(|m| m.alias.clone())
             .collect();
+        let registry = floors_index(&self.es.index_prefix);
         for alias in done {
             let m = self.mirrors.get_mut(&alias).expect("listed");
-            let next = m.next.take().expect("finished");
-            match next.fill.await {
-                Ok(Ok(rows)) => {
+            let mut next = m.next.take().expect("finished");
+            let filled = match next.fill.take().expect("filled here").await {
+                Ok(filled) => filled,
+                Err(e) => return Err(EsError::Fill(e.to_string())),
+            };
+            let filled = match filled {
+                // Still this process's fill (no other one found it stopped).
+                Ok((rows, beat)) => {
+                    match with_retry(&self.es, || client.beat(&registry, &next.index, beat)).await?
+                    {
+                        Some(_) => Ok(rows),
+                        None => Err(EsError::Fill(
+                            "another sink process found the fill stopped and ended it".into(),
+                        )),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match filled {
+                Ok(rows) => {
                     let heals = next.heals;
-                    self.swap(client, &alias, next.index, next.meta, rows)
+                    let swapped = self
+                        .swap(client, &alias, next.index, next.meta, rows)
                         .await?;
                     let m = self.mirrors.get_mut(&alias).expect("listed");
-                    if heals && m.refill.is_none() {
+                    if swapped && heals && m.refill.is_none() {
                         m.lacking = false;
                         metrics().sink_lacking(&alias, None);
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::error!(alias, index = %next.index, error = %e, "filling the new index failed; trying again later");
                     metrics()
                         .es_reindexes
                         .with_label_values(&["abandoned"])
                         .inc();
+                    let m = self.mirrors.get_mut(&alias).expect("listed");
                     m.retry_after = Some(Instant::now() + FILL_RETRY);
                     m.followed = None;
                     m.refill = Some(next.why);
-                    with_retry(&self.es, || client.delete_index(&next.index)).await?;
+                    self.drop_generation(client, &next.index).await?;
                 }
-                Err(e) => return Err(EsError::Fill(e.to_string())),
             }
         }
         let now = Instant::now();
@@ -828,7 +1142,16 @@ impl Mirrors {
         Ok(())
     }
 
-    /// Point the alias at the filled generation in one atomic update.
+    /// The mirror `alias`'s stored truncate floor.
+    async fn floor(&self, client: &EsClient, alias: &str) -> Result<Option<Position>, EsError> {
+        let registry = floors_index(&self.es.index_prefix);
+        let names = [alias];
+        let floors = with_retry(&self.es, || client.floors(&registry, &names)).await?;
+        Ok(floors.into_iter().next().map(|(_, at)| at))
+    }
+
+    /// Point the alias at the filled generation in one atomic update, unless
+    /// a newer one serves already; whether it was swapped in.
     async fn swap(
         &mut self,
         client: &EsClient,
@@ -836,24 +1159,56 @@ impl Mirrors {
         index: String,
         meta: GenerationMeta,
         rows: u64,
-    ) -> Result<(), EsError> {
-        let m = self.mirrors.get_mut(alias).expect("mirror opened");
-        let legacy = m.current == alias;
-        let remove = match legacy {
-            true => json!({"remove_index": {"index": alias}}),
-            false => json!({"remove": {"index": m.current, "alias": alias}}),
+    ) -> Result<bool, EsError> {
+        // A truncate another process applied while the generation was
+        // filled: what the copy holds from before it goes.
+        let floor = self.floor(client, alias).await?;
+        if let Some(at) = floor {
+            with_retry(&self.es, || client.delete_below(&index, at)).await?;
+        }
+        let own_path = super::naming::path_segment(alias);
+        let holders = with_retry(&self.es, || client.aliases(&own_path)).await?;
+        let holder = holders.keys().next().cloned();
+        let mine = generation_of(alias, &index);
+        if let Some(newer) = holder
+            .as_ref()
+            .filter(|h| generation_of(alias, h).is_some_and(|n| Some(n) >= mine))
+        {
+            tracing::warn!(alias, index, serving = %newer, "a newer index serves the mirror already: dropping this one");
+            metrics()
+                .es_reindexes
+                .with_label_values(&["abandoned"])
+                .inc();
+            self.drop_generation(client, &index).await?;
+            let newer = newer.clone();
+            return self.switched(client, alias, &newer).await.map(|()| false);
+        }
+        let legacy = holder.as_deref() == Some(alias);
+        let mut actions = match (&holder, legacy) {
+            (Some(_), true) => vec![json!({"remove_index": {"index": alias}})],
+            (Some(h), false) => vec![json!({"remove": {"index": h, "alias": alias}})],
+            (None, _) => Vec::new(),
         };
-        let actions = json!([remove, {"add": {"index": index, "alias": alias}}]);
+        actions.push(json!({"add": {"index": index, "alias": alias}}));
+        let actions = Value::Array(actions);
         with_retry(&self.es, || client.update_aliases(actions.clone())).await?;
-        tracing::info!(alias, from = %m.current, to = %index, rows, "mirror switched to its new index");
+        let registry = floors_index(&self.es.index_prefix);
+        with_retry(&self.es, || client.end_beat(&registry, &index, None)).await?;
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        tracing::info!(alias, from = ?holder, to = %index, rows, "mirror switched to its new index");
         metrics().es_reindexes.with_label_values(&["swapped"]).inc();
-        let old = std::mem::replace(&mut m.current, index);
+        m.current = index.clone();
         m.meta = Some(meta);
-        if !legacy {
+        if let Some(old) = holder.filter(|_| !legacy) {
             let grace = Duration::from_secs(self.es.reindex_grace_secs);
             self.retired.push((old, Instant::now() + grace));
         }
-        Ok(())
+        // A truncate stored while the alias moved reached the old index only.
+        let now = self.floor(client, alias).await?;
+        if let Some(at) = now.filter(|at| Some(*at) != floor) {
+            with_retry(&self.es, || client.delete_below(&index, at)).await?;
+        }
+        Ok(true)
     }
 }
 

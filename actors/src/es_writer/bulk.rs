@@ -43,6 +43,10 @@ pub struct Action {
     /// alias is gone (its index deleted), the write is refused instead of
     /// creating an index under the mirror's name.
     pub via_alias: bool,
+    /// Written to a generation being filled, through its writer alias
+    /// ([`filling_alias`](super::generation::filling_alias)): if the
+    /// generation was dropped meanwhile, there is nothing left to write.
+    pub filling: bool,
 }
 
 impl Action {
@@ -98,6 +102,28 @@ impl Action {
             via_alias: false,
             ..self.clone()
         }
+    }
+}
+
+impl Action {
+    /// The same write to the generation `index` being filled, through its
+    /// writer alias, so a write after the generation was dropped is refused
+    /// instead of creating an index with guessed mappings under its name.
+    pub fn to_filling(&self, index: &str) -> Action {
+        let mut a = self.to_index(index);
+        let mut meta: Value = serde_json::from_str(&a.meta).unwrap_or(Value::Null);
+        let line = meta
+            .as_object_mut()
+            .and_then(|m| m.values_mut().next())
+            .and_then(Value::as_object_mut);
+        if let Some(line) = line {
+            let writer = super::generation::filling_alias(index);
+            line.insert("_index".into(), json!(writer));
+            line.insert(REQUIRE_ALIAS.into(), json!(true));
+        }
+        a.meta = meta.to_string();
+        a.filling = true;
+        a
     }
 }
 

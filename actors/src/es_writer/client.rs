@@ -47,6 +47,39 @@ fn gap_id(topic: &str) -> String {
     path_segment(&format!("gap~{topic}"))
 }
 
+/// The id of the document whose changes show that a sink process is
+/// still filling the generation `index` ([`shared`](super::shared)).
+fn filling_id(index: &str) -> String {
+    path_segment(&format!("filling~{index}"))
+}
+
+/// A fill's heartbeat document as last written: what a conditional write
+/// of the next beat must find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// How many beats were written.
+    pub n: u64,
+    seq_no: u64,
+    primary_term: u64,
+}
+
+impl Beat {
+    fn of(doc: &Value, n: u64) -> Option<Beat> {
+        Some(Beat {
+            n,
+            seq_no: doc["_seq_no"].as_u64()?,
+            primary_term: doc["_primary_term"].as_u64()?,
+        })
+    }
+
+    fn condition(&self) -> String {
+        format!(
+            "if_seq_no={}&if_primary_term={}",
+            self.seq_no, self.primary_term
+        )
+    }
+}
+
 impl EsClient {
     /// Build the client (CA file, API key, timeouts) from `cfg`.
     pub fn new(cfg: &EsConfig) -> Result<Self, EsError> {
@@ -236,6 +269,91 @@ impl EsClient {
             .filter_map(|h| {
                 let s = &h["_source"];
                 Some((s["gap"].as_str()?.to_owned(), s["lsn"].as_u64()?))
+            })
+            .collect())
+    }
+
+    /// Write the first heartbeat of a fill of `index` into `registry`;
+    /// `None` if one is there already (another sink process fills it).
+    pub async fn first_beat(&self, registry: &str, index: &str) -> Result<Option<Beat>, EsError> {
+        let path = format!(
+            "{}/_doc/{}?op_type=create&refresh=true",
+            path_segment(registry),
+            filling_id(index)
+        );
+        let doc = json!({ "filling": index, "beat": 0 });
+        match self.call(reqwest::Method::PUT, &path, Some(&doc)).await {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(None),
+            Ok(Some(resp)) => Ok(Beat::of(&resp, 0)),
+            other => other.map(|_| None),
+        }
+    }
+
+    /// Write the next heartbeat of the fill of `index`, on condition that
+    /// `last` is still the stored one; `None` if it is not (another sink
+    /// process found the fill stopped and ended it).
+    pub async fn beat(
+        &self,
+        registry: &str,
+        index: &str,
+        last: Beat,
+    ) -> Result<Option<Beat>, EsError> {
+        let path = format!(
+            "{}/_doc/{}?{}&refresh=true",
+            path_segment(registry),
+            filling_id(index),
+            last.condition()
+        );
+        let doc = json!({ "filling": index, "beat": last.n + 1 });
+        match self.call(reqwest::Method::PUT, &path, Some(&doc)).await {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(None),
+            Ok(Some(resp)) => Ok(Beat::of(&resp, last.n + 1)),
+            other => other.map(|_| None),
+        }
+    }
+
+    /// Delete the heartbeat of the fill of `index` (only if it is still
+    /// `last`, when given); whether it was deleted.
+    pub async fn end_beat(
+        &self,
+        registry: &str,
+        index: &str,
+        last: Option<Beat>,
+    ) -> Result<bool, EsError> {
+        let condition = last.map_or(String::new(), |b| format!("{}&", b.condition()));
+        let path = format!(
+            "{}/_doc/{}?{condition}refresh=true",
+            path_segment(registry),
+            filling_id(index),
+        );
+        match self.call(reqwest::Method::DELETE, &path, None).await {
+            Err(EsError::Status {
+                status: CONFLICT, ..
+            }) => Ok(false),
+            other => other.map(|d| d.is_some()),
+        }
+    }
+
+    /// The fills with a heartbeat in `registry`: generation index → its
+    /// heartbeat as stored now.
+    pub async fn beats(&self, registry: &str) -> Result<HashMap<String, Beat>, EsError> {
+        let body = json!({"size": 10_000, "seq_no_primary_term": true,
+                          "query": {"exists": {"field": "filling"}}});
+        let path = format!("{}/_search", path_segment(registry));
+        let found = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        let hits = found.as_ref().and_then(|f| f["hits"]["hits"].as_array());
+        Ok(hits
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| {
+                let s = &h["_source"];
+                let beat = Beat::of(h, s["beat"].as_u64()?)?;
+                Some((s["filling"].as_str()?.to_owned(), beat))
             })
             .collect())
     }

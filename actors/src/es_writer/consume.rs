@@ -77,9 +77,13 @@ impl Sink {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
                 c.group.changes_since_probe = false;
                 self.check_group(&mut c, true).await?;
+                c.mirrors.observe(&c.es, true).await?;
                 c.mirrors.settle(&c.es).await?;
                 continue;
             };
+            // Fills other processes of the group started are written to
+            // as well ([`shared`](super::shared)).
+            c.mirrors.observe(&c.es, false).await?;
             lose_records(&mut batch);
             let gapped = c.continuity.check(&c.consumer, &mut batch).await;
             if !gapped.is_empty() {
@@ -214,7 +218,7 @@ impl Sink {
                             c.mirrors.applied(&a.index, a.tx);
                         }
                         if let Some(next) = &route.instead {
-                            a = a.to_index(next);
+                            a = a.to_filling(next);
                         } else if route.concrete {
                             a = a.to_index(&a.index.clone());
                         }
@@ -349,7 +353,7 @@ impl Sink {
         self.merge(c, &mut pending).await?;
         let copies: Vec<Action> = pending
             .iter()
-            .filter_map(|a| a.also.as_deref().map(|next| a.to_index(next)))
+            .filter_map(|a| a.also.as_deref().map(|next| a.to_filling(next)))
             .collect();
         pending.extend(copies);
         let lanes = self.es.max_in_flight.max(1);

@@ -145,6 +145,8 @@ impl Fill {
             sql.batch_execute("ROLLBACK").await.map_err(q)?;
             return Ok((0, Vec::new(), true));
         }
+        tracing::debug!(index = %self.index, lsn = %Lsn(snap.lsn), "snapshot taken: copying the table into the new index");
+        pause_before_copy().await;
         let mut written = 0;
         let mut held = Vec::new();
         let mut after: Option<KeyText> = None;
@@ -197,7 +199,9 @@ impl Fill {
             "_cdc".into(),
             json!({"op": "r", "lsn": lsn, "seq": event.seq, "ts_ms": ts_ms}),
         );
-        let meta = json!({"index": {"_index": self.index, "_id": id, "version": lsn, "version_type": "external"}});
+        let writer = super::generation::filling_alias(&self.index);
+        let meta = json!({"index": {"_index": writer, "_id": id, "version": lsn,
+                                    "version_type": "external", "require_alias": true}});
         Some(Action {
             index: self.index.clone(),
             meta: meta.to_string(),
@@ -222,7 +226,13 @@ impl Fill {
                 match outcome {
                     Outcome::Done | Outcome::Conflict => {}
                     Outcome::Retry(_) | Outcome::Unanswered => retry.push(action),
-                    Outcome::Reject(reason) | Outcome::NoIndex(reason) => {
+                    Outcome::NoIndex(reason) => {
+                        return Err(EsError::Fill(format!(
+                            "the new index {} is gone ({reason})",
+                            self.index
+                        )));
+                    }
+                    Outcome::Reject(reason) => {
                         metrics()
                             .es_refusals
                             .with_label_values(&["reindex_copy"])
@@ -289,6 +299,21 @@ async fn wait_ended(sql: &Client, xids: &HashSet<String>) -> Result<(), EsError>
             return Ok(());
         }
         tokio::time::sleep(HELD_POLL).await;
+    }
+}
+
+/// The failpoint [`ES_FILL_COPY`](crate::wire::failpoint::ES_FILL_COPY).
+async fn pause_before_copy() {
+    #[cfg(feature = "failpoints")]
+    {
+        let pause = || -> Option<u64> {
+            fail::fail_point!(crate::wire::failpoint::ES_FILL_COPY, |ms| ms
+                .and_then(|m| m.parse().ok()));
+            None
+        };
+        if let Some(ms) = pause() {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 }
 

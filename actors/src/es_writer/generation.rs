@@ -33,6 +33,14 @@ pub fn generation_index(alias: &str, n: u64) -> String {
     format!("{alias}{GENERATION_SEPARATOR}{n}")
 }
 
+/// The alias every write to the generation `index` goes through while it
+/// is filled: a write (with `require_alias`) after the generation was
+/// dropped is refused instead of creating an index under its name. Its
+/// `~w` suffix is no generation number.
+pub fn filling_alias(index: &str) -> String {
+    format!("{index}{GENERATION_SEPARATOR}w")
+}
+
 /// The generation number of a concrete index of `alias`, if it is one.
 pub fn generation_of(alias: &str, index: &str) -> Option<u64> {
     index
@@ -203,6 +211,8 @@ mod tests {
             None
         );
         assert_eq!(generation_of("cdc_public_u", "cdc_public_users~3"), None);
+        let writer = filling_alias("cdc_public_users~3");
+        assert_eq!(generation_of("cdc_public_users", &writer), None);
         let mapped = super::super::naming::mirror_index("cdc_", "public", "users~3");
         assert!(!mapped.contains(GENERATION_SEPARATOR), "{mapped}");
     }

@@ -35,6 +35,7 @@ pub mod naming;
 mod remedy;
 mod retry;
 mod send;
+mod shared;
 mod stall;
 mod truncate;
 

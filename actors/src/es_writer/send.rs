@@ -158,6 +158,13 @@ impl Sender<'_> {
         let mut counts: HashMap<&str, u64> = HashMap::new();
         for (action, outcome) in pending.into_iter().zip(results) {
             let outcome = match outcome {
+                Outcome::NoIndex(_) if action.filling => {
+                    // The generation being filled was dropped (a newer one,
+                    // or its fill ended): whoever fills the mirror again
+                    // copies the row from PostgreSQL.
+                    *counts.entry("dropped_generation").or_default() += 1;
+                    continue;
+                }
                 Outcome::NoIndex(_) if action.via_alias => {
                     return Err(EsError::MirrorGone(action.index));
                 }

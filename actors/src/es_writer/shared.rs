@@ -1,0 +1,84 @@
+//! Fills shared by the sink processes of one group.
+//!
+//! A table's records are spread over the partitions of its topic, so with
+//! several sink processes in a group each applies some of a mirror's
+//! changes. A new generation filled from PostgreSQL by one process
+//! ([`fill`](super::fill)) must get every change committed after its
+//! snapshot, from every process. So:
+//! - the process that fills writes a heartbeat document `filling~<index>`
+//!   into `<index_prefix>_truncations` before it creates the generation,
+//!   then every [`BEAT_EVERY`];
+//! - every process looks at the mirrors' generations and heartbeats at
+//!   least every [`VIEW_FRESH`], and before it writes a batch read after
+//!   its last look went stale; a generation being filled elsewhere gets
+//!   each change it applies too, and a process that needs a fill follows
+//!   one under way instead of starting its own;
+//! - the fill takes its snapshot [`FILL_DELAY`] after the generation
+//!   exists: a process that wrote a change without knowing of the
+//!   generation had read it before then, so the snapshot holds it;
+//! - a followed fill whose heartbeat has not changed for [`FILL_DEAD`] (its
+//!   process died) is ended by the first process that sees it so, which
+//!   then fills the mirror itself. A fill whose heartbeat another process
+//!   ended is not swapped in.
+//!
+//! Only the process that filled a generation swaps it in, and the alias
+//! only moves to a newer generation.
+
+use std::time::Duration;
+
+use super::client::{Beat, EsClient};
+use super::error::EsError;
+use super::fill::Fill;
+
+/// Longest time a process writes changes without having looked at the
+/// generations being filled.
+pub(super) const VIEW_FRESH: Duration = Duration::from_secs(2);
+/// Wait between creating a generation and taking its fill's snapshot:
+/// longer than [`VIEW_FRESH`].
+pub(super) const FILL_DELAY: Duration = Duration::from_secs(3);
+/// How often a fill's heartbeat is written.
+pub(super) const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// A fill whose heartbeat has not changed for this long is taken as stopped.
+pub(super) const FILL_DEAD: Duration = Duration::from_secs(10);
+
+/// Run `fill` after [`FILL_DELAY`], writing its heartbeat meanwhile; the
+/// rows copied and the last heartbeat, or why it ended.
+pub(super) async fn run(
+    fill: Fill,
+    client: EsClient,
+    registry: String,
+    first: Beat,
+) -> Result<(u64, Beat), EsError> {
+    let index = fill.index.clone();
+    let last = std::sync::Mutex::new(first);
+    let beating = async {
+        loop {
+            tokio::time::sleep(BEAT_EVERY).await;
+            let prev = last.lock().map_or(first, |b| *b);
+            match client.beat(&registry, &index, prev).await {
+                Ok(Some(beat)) => {
+                    if let Ok(mut b) = last.lock() {
+                        *b = beat;
+                    }
+                }
+                Ok(None) => {
+                    return EsError::Fill(format!(
+                        "another sink process saw no heartbeat of the fill of {index} for {} s and ended it",
+                        FILL_DEAD.as_secs()
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(index, error = %e, "cannot write the fill's heartbeat; trying again")
+                }
+            }
+        }
+    };
+    let filling = async {
+        tokio::time::sleep(FILL_DELAY).await;
+        fill.run().await
+    };
+    tokio::select! {
+        rows = filling => rows.map(|rows| (rows, last.lock().map_or(first, |b| *b))),
+        ended = beating => Err(ended),
+    }
+}
