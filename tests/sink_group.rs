@@ -513,6 +513,102 @@ async fn two_sinks_share_six_partitions_one_owner_at_a_time_through_a_kill_9() {
     );
 }
 
+/// Two `pgcdc es-sink` processes on a two-partition topic, `items` (200
+/// rows) mirrored, with the fill's copy held `hold_ms` after its snapshot.
+/// `items.n` then changes type (int → text, a new index) and one row
+/// changes: one process starts a fill. Returns once its snapshot is taken,
+/// with the processes, their `/metrics` ports and which one fills.
+#[cfg(feature = "failpoints")]
+async fn two_sinks_mid_fill(rig: &Rig, hold_ms: u64) -> (Daemon, Vec<Daemon>, [u16; 2], usize) {
+    rig.db
+        .batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    let mut run = rig.start("run", &rig.config("run", 2, None, ""), "run", &[]);
+    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let hold = format!("es-fill-copy=return({hold_ms})");
+    let ports = [crate::support::free_port(), crate::support::free_port()];
+    let sinks: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .zip(ports)
+        .map(|(name, port)| {
+            let cfg = rig.config(name, 2, Some(port), "");
+            rig.start(name, &cfg, "es-sink", &[("FAILPOINTS", hold.as_str())])
+        })
+        .collect();
+    for s in &sinks {
+        s.wait_log("es sink assigned partitions=\"cdc", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    rig.mirror_equals_table(Duration::from_secs(60), &sinks[1])
+        .await;
+    rig.db
+        .batch_execute(
+            "ALTER TABLE items ALTER COLUMN n TYPE text USING n::text; \
+             UPDATE items SET name = 'first' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    let every = Duration::from_millis(100);
+    let owner = wait::poll(
+        "a fill's snapshot",
+        Duration::from_secs(60),
+        every,
+        || async {
+            let taken = sinks
+                .iter()
+                .position(|s| s.log_text().contains("snapshot taken: copying"));
+            match taken {
+                Some(owner) => Poll::Ready(owner),
+                None => Poll::Pending("no fill has taken its snapshot".into()),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    (run, sinks, ports, owner)
+}
+
+/// Rows changed on both partitions after a fill's snapshot.
+#[cfg(feature = "failpoints")]
+const DURING_FILL: &str = "UPDATE items SET name = 'during ' || id, n = 'n' || id; \
+     DELETE FROM items WHERE id % 10 = 0; \
+     INSERT INTO items SELECT g, 'late ' || g, g::text FROM generate_series(201, 260) g";
+
+/// Wait until a log of `sinks` says `text`.
+#[cfg(feature = "failpoints")]
+async fn any_log(sinks: &[Daemon], text: &str, timeout: Duration) {
+    let every = Duration::from_millis(200);
+    wait::poll(text, timeout, every, || async {
+        let found = sinks.iter().any(|s| s.log_text().contains(text));
+        Poll::when(found, (), || format!("no process logged `{text}`"))
+    })
+    .await
+    .unwrap();
+}
+
+/// The fills the process with `/metrics` on `port` started.
+#[cfg(feature = "failpoints")]
+async fn fills_started(port: u16) -> f64 {
+    let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap();
+    sample(&text, "pgcdc_es_reindexes_total", &[("event", "started")]).unwrap_or(0.0)
+}
+
+/// The mirror's serving index and the mapping type of `items.n` there.
+#[cfg(feature = "failpoints")]
+async fn serving(rig: &Rig) -> (String, serde_json::Value) {
+    let url = format!("{}/{INDEX}/_mapping", rig.es.url);
+    let mapping: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let (index, m) = mapping.as_object().unwrap().iter().next().unwrap();
+    (
+        index.clone(),
+        m["mappings"]["properties"]["n"]["type"].clone(),
+    )
+}
+
 /// Two `pgcdc es-sink` processes share a two-partition topic when `items`
 /// changes shape incompatibly. The process that reads the first changed
 /// record fills the new index; the other writes its partition's changes to
@@ -523,84 +619,17 @@ async fn two_sinks_share_six_partitions_one_owner_at_a_time_through_a_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sinks_fill_one_new_index_together_when_the_table_changes_shape() {
     let rig = Rig::on(Box::new(Tansu::start().unwrap()), 2).await;
-    rig.db
-        .batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 200) g")
-        .await
-        .unwrap();
-    let mut run = rig.start("run", &rig.config("run", 2, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
-    let hold = [("FAILPOINTS", "es-fill-copy=return(4000)")];
-    let ports = [crate::support::free_port(), crate::support::free_port()];
-    let sinks: Vec<Daemon> = ["a", "b"]
-        .iter()
-        .zip(ports)
-        .map(|(name, port)| {
-            let cfg = rig.config(name, 2, Some(port), "");
-            rig.start(name, &cfg, "es-sink", &hold)
-        })
-        .collect();
-    for s in &sinks {
-        s.wait_log("es sink assigned partitions=\"cdc", Duration::from_secs(60))
-            .await
-            .unwrap();
-    }
-    rig.mirror_equals_table(Duration::from_secs(60), &sinks[1])
-        .await;
-
-    // One row changes after the column's type: one process sees the new shape.
-    rig.db
-        .batch_execute(
-            "ALTER TABLE items ALTER COLUMN n TYPE text USING n::text; \
-             UPDATE items SET name = 'first' WHERE id = 1",
-        )
-        .await
-        .unwrap();
-    wait::poll(
-        "a fill's snapshot",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async {
-            let taken = sinks
-                .iter()
-                .any(|s| s.log_text().contains("snapshot taken: copying"));
-            Poll::when(taken, (), || "no fill has taken its snapshot".into())
-        },
-    )
-    .await
-    .unwrap();
-    // Changes on both partitions after the snapshot, while the copy is held.
-    rig.db
-        .batch_execute(
-            "UPDATE items SET name = 'during ' || id, n = 'n' || id; \
-             DELETE FROM items WHERE id % 10 = 0; \
-             INSERT INTO items SELECT g, 'late ' || g, g::text FROM generate_series(201, 260) g",
-        )
-        .await
-        .unwrap();
-    wait::poll(
-        "the new index swapped in",
+    let (_run, sinks, ports, _) = two_sinks_mid_fill(&rig, 4000).await;
+    rig.db.batch_execute(DURING_FILL).await.unwrap();
+    any_log(
+        &sinks,
+        "mirror switched to its new index",
         Duration::from_secs(120),
-        Duration::from_millis(200),
-        || async {
-            let swapped = sinks
-                .iter()
-                .any(|s| s.log_text().contains("mirror switched to its new index"));
-            Poll::when(swapped, (), || "no process swapped a new index in".into())
-        },
     )
-    .await
-    .unwrap();
+    .await;
     rig.mirror_equals_table(Duration::from_secs(60), &sinks[1])
         .await;
 
-    let mut started = 0.0;
-    for port in ports {
-        let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap();
-        started +=
-            sample(&text, "pgcdc_es_reindexes_total", &[("event", "started")]).unwrap_or(0.0);
-    }
     let logs = || {
         format!(
             "sink a:\n{}\nsink b:\n{}",
@@ -608,24 +637,56 @@ async fn two_sinks_fill_one_new_index_together_when_the_table_changes_shape() {
             sinks[1].log_text()
         )
     };
+    let started = fills_started(ports[0]).await + fills_started(ports[1]).await;
     assert_eq!(started, 1.0, "one fill for both processes\n{}", logs());
+    let followed = "another sink process fills a new index of the mirror";
     assert!(
-        sinks.iter().any(|s| s
-            .log_text()
-            .contains("another sink process fills a new index of the mirror")),
+        sinks.iter().any(|s| s.log_text().contains(followed)),
         "the other process followed the fill\n{}",
         logs()
     );
-    let mapping: serde_json::Value = reqwest::get(format!("{}/{INDEX}/_mapping", rig.es.url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (index, m) = mapping.as_object().unwrap().iter().next().unwrap();
+    let (index, n) = serving(&rig).await;
     assert!(index.ends_with("~2"), "the new index serves: {index}");
+    assert_eq!(n, "text");
+}
+
+/// The process filling the new index is killed with `kill -9` while its
+/// copy is held. The other one must find the fill stopped (no heartbeat
+/// for 10 s), drop its index, and fill the mirror itself; once the dead
+/// process's partition is its own too, the mirror equals the table.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_whose_sink_process_dies_is_taken_over_by_another() {
+    let rig = Rig::on(Box::new(Tansu::start().unwrap()), 2).await;
+    let (_run, mut sinks, ports, owner) = two_sinks_mid_fill(&rig, 15_000).await;
+    sinks[owner].kill9();
+    rig.db.batch_execute(DURING_FILL).await.unwrap();
+    let other = 1 - owner;
+    let survivor = std::slice::from_ref(&sinks[other]);
+    any_log(
+        survivor,
+        "filling the mirror again here",
+        Duration::from_secs(60),
+    )
+    .await;
+    any_log(
+        survivor,
+        "mirror switched to its new index",
+        Duration::from_secs(120),
+    )
+    .await;
+    rig.mirror_equals_table(Duration::from_secs(90), &sinks[other])
+        .await;
     assert_eq!(
-        m["mappings"]["properties"]["n"]["type"], "text",
-        "{mapping}"
+        fills_started(ports[other]).await,
+        1.0,
+        "{}",
+        sinks[other].log_text()
     );
+    let (index, n) = serving(&rig).await;
+    assert!(
+        index.ends_with("~3"),
+        "the survivor's index serves: {index}"
+    );
+    assert_eq!(n, "text");
 }

@@ -35,6 +35,8 @@ use crate::pg::PostgresConfig;
 /// Transactions remembered per mirror (to tell whether a copy's snapshot
 /// misses one the sink applied before the generation existed).
 const RECENT_TRANSACTIONS: usize = 100_000;
+/// Times a swap looks again after the alias moved under it.
+const MAX_MOVES: u32 = 3;
 /// Wait before a failed fill is tried again.
 const FILL_RETRY: Duration = Duration::from_secs(30);
 
@@ -1150,6 +1152,16 @@ impl Mirrors {
         Ok(floors.into_iter().next().map(|(_, at)| at))
     }
 
+    /// The indices the alias `alias` points at (or the concrete index under
+    /// its name, from before generations), oldest generation first.
+    async fn holders(&self, client: &EsClient, alias: &str) -> Result<Vec<String>, EsError> {
+        let own_path = super::naming::path_segment(alias);
+        let found = with_retry(&self.es, || client.aliases(&own_path)).await?;
+        let mut holders: Vec<String> = found.keys().cloned().collect();
+        holders.sort_by_key(|h| generation_of(alias, h));
+        Ok(holders)
+    }
+
     /// Point the alias at the filled generation in one atomic update, unless
     /// a newer one serves already; whether it was swapped in.
     async fn swap(
@@ -1166,32 +1178,56 @@ impl Mirrors {
         if let Some(at) = floor {
             with_retry(&self.es, || client.delete_below(&index, at)).await?;
         }
-        let own_path = super::naming::path_segment(alias);
-        let holders = with_retry(&self.es, || client.aliases(&own_path)).await?;
-        let holder = holders.keys().next().cloned();
         let mine = generation_of(alias, &index);
-        if let Some(newer) = holder
-            .as_ref()
-            .filter(|h| generation_of(alias, h).is_some_and(|n| Some(n) >= mine))
-        {
-            tracing::warn!(alias, index, serving = %newer, "a newer index serves the mirror already: dropping this one");
-            metrics()
-                .es_reindexes
-                .with_label_values(&["abandoned"])
-                .inc();
-            self.drop_generation(client, &index).await?;
-            let newer = newer.clone();
-            return self.switched(client, alias, &newer).await.map(|()| false);
+        let mut moves = 0;
+        let holder = loop {
+            let holders = self.holders(client, alias).await?;
+            let newest = holders.last().cloned();
+            if let Some(newer) = newest.filter(|h| generation_of(alias, h) >= mine) {
+                tracing::warn!(alias, index, serving = %newer, "a newer index serves the mirror already: dropping this one");
+                metrics()
+                    .es_reindexes
+                    .with_label_values(&["abandoned"])
+                    .inc();
+                self.drop_generation(client, &index).await?;
+                return self.switched(client, alias, &newer).await.map(|()| false);
+            }
+            let mut actions: Vec<Value> = holders
+                .iter()
+                .map(|h| match h == alias {
+                    true => json!({"remove_index": {"index": alias}}),
+                    false => json!({"remove": {"index": h, "alias": alias}}),
+                })
+                .collect();
+            actions.push(json!({"add": {"index": index, "alias": alias}}));
+            let actions = Value::Array(actions);
+            match with_retry(&self.es, || client.update_aliases(actions.clone())).await {
+                Ok(()) => break holders.last().cloned(),
+                // The alias moved meanwhile (another process swapped): look again.
+                Err(EsError::Status { status: 404, .. }) if moves < MAX_MOVES => moves += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        // A server that takes the removal of an alias another swap moved
+        // leaves it on both: the newest generation keeps it.
+        let holders = self.holders(client, alias).await?;
+        if holders.len() > 1 {
+            let (newest, older) = holders.split_last().expect("two");
+            let actions: Vec<Value> = older
+                .iter()
+                .map(|h| json!({"remove": {"index": h, "alias": alias}}))
+                .collect();
+            with_retry(&self.es, || {
+                client.update_aliases(Value::Array(actions.clone()))
+            })
+            .await?;
+            if *newest != index {
+                tracing::warn!(alias, index, serving = %newest, "a newer index serves the mirror already: dropping this one");
+                self.drop_generation(client, &index).await?;
+                return self.switched(client, alias, newest).await.map(|()| false);
+            }
         }
         let legacy = holder.as_deref() == Some(alias);
-        let mut actions = match (&holder, legacy) {
-            (Some(_), true) => vec![json!({"remove_index": {"index": alias}})],
-            (Some(h), false) => vec![json!({"remove": {"index": h, "alias": alias}})],
-            (None, _) => Vec::new(),
-        };
-        actions.push(json!({"add": {"index": index, "alias": alias}}));
-        let actions = Value::Array(actions);
-        with_retry(&self.es, || client.update_aliases(actions.clone())).await?;
         let registry = floors_index(&self.es.index_prefix);
         with_retry(&self.es, || client.end_beat(&registry, &index, None)).await?;
         let m = self.mirrors.get_mut(alias).expect("mirror opened");

@@ -382,11 +382,20 @@ impl EsClient {
     }
 
     /// Apply alias `actions` atomically (`POST _aliases`).
+    /// A 404 (an index or alias named in a removal is gone) is an error:
+    /// nothing was applied.
     pub async fn update_aliases(&self, actions: Value) -> Result<(), EsError> {
         let body = json!({ "actions": actions });
-        self.call(reqwest::Method::POST, "_aliases", Some(&body))
-            .await?;
-        Ok(())
+        match self
+            .call(reqwest::Method::POST, "_aliases", Some(&body))
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(EsError::Status {
+                status: NOT_FOUND,
+                body: "an index or alias the update removes is gone".into(),
+            }),
+        }
     }
 
     /// Delete `index` (gone already is fine).
