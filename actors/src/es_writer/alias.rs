@@ -2,7 +2,8 @@
 //! ([`generation`](super::generation)): finding a mirror's current
 //! generation, following compatible schema changes, building, filling and
 //! swapping in a new generation on an incompatible one, and dropping the
-//! old one after `elasticsearch.reindex_grace_secs`.
+//! old one after `elasticsearch.reindex_grace_secs`. With several sink
+//! processes in a group, one fill serves them all ([`shared`]).
 //!
 //! A mirror index from before generations (a concrete index under the
 //! mirror's name) is migrated the same way on its first record: a first

@@ -514,6 +514,29 @@ mod tests {
     }
 
     #[test]
+    fn a_write_to_a_generation_being_filled_goes_through_its_writer_alias() {
+        let Planned::Actions(a) = plan(
+            &cfg(false),
+            Some(br#"{"id":7}"#),
+            Some(&envelope("u", json!({"id": 7, "n": "x"}))),
+            0,
+        ) else {
+            panic!("an update plans actions");
+        };
+        let copy = a[0].to_filling("cdc_public_users~2");
+        assert!(copy.filling && !copy.via_alias && copy.also.is_none());
+        let meta: Value = serde_json::from_str(&copy.meta).unwrap();
+        assert_eq!(
+            meta,
+            json!({"index": {"_index": "cdc_public_users~2~w", "_id": "7", "version": 500, "version_type": "external_gte", "require_alias": true}})
+        );
+        assert_eq!(
+            (copy.index.as_str(), &copy.doc),
+            ("cdc_public_users~2", &a[0].doc)
+        );
+    }
+
+    #[test]
     fn deletes_are_versioned_and_history_is_appended() {
         let l = lines(plan(
             &cfg(true),
