@@ -48,8 +48,8 @@ struct Next {
     meta: GenerationMeta,
     /// Why it is filled: kept for a fill tried again after it failed or was dropped.
     why: String,
-    /// Whether the mirror was known to lack changes when it started: once
-    /// swapped in, it no longer does.
+    /// Whether it holds changes the serving generation is known to lack:
+    /// once swapped in, the mirror no longer lacks them.
     heals: bool,
     /// This process's fill: the rows copied and its last heartbeat. `None`:
     /// another process fills it, this one writes its changes to it too.
@@ -493,15 +493,18 @@ impl Mirrors {
         Ok(())
     }
 
-    /// Forget the mirror `alias` (its index was deleted), stopping a fill
-    /// in progress; the next record opens it again.
-    pub(super) fn forget(&mut self, alias: &str) {
-        if let Some(m) = self.mirrors.remove(alias) {
-            metrics().sink_lacking(alias, None); // the next record finds out again
-            if let Some(fill) = m.next.and_then(|n| n.fill) {
-                fill.abort();
-            }
-        }
+    /// Forget the mirror `alias` (its index was deleted), stopping and
+    /// dropping a fill this process runs; the next record opens it again.
+    pub(super) async fn forget(&mut self, client: &EsClient, alias: &str) -> Result<(), EsError> {
+        let Some(m) = self.mirrors.remove(alias) else {
+            return Ok(());
+        };
+        metrics().sink_lacking(alias, None); // the next record finds out again
+        let Some((index, fill)) = m.next.and_then(|n| Some((n.index, n.fill?))) else {
+            return Ok(());
+        };
+        fill.abort();
+        self.drop_generation(client, &index).await
     }
 
     /// Remember that a transaction was applied to `alias`.
@@ -862,9 +865,30 @@ impl Mirrors {
         if !self.mirrors.is_empty() {
             let pattern = format!("{}*", super::naming::path_segment(&self.es.index_prefix));
             let aliases: Vec<String> = self.mirrors.keys().cloned().collect();
-            self.view(client, &pattern, &aliases).await?;
+            let indices = self.view(client, &pattern, &aliases).await?;
+            self.end_orphaned_beats(client, &indices).await?;
         }
         self.viewed = Some(started);
+        Ok(())
+    }
+
+    /// End the stopped heartbeats of fills whose generation does not exist
+    /// (a process died between writing the first beat and creating the
+    /// index, or between deleting it and ending the beat).
+    async fn end_orphaned_beats(
+        &self,
+        client: &EsClient,
+        indices: &Map<String, Value>,
+    ) -> Result<(), EsError> {
+        let registry = floors_index(&self.es.index_prefix);
+        let gone: Vec<&String> = self
+            .beats
+            .keys()
+            .filter(|i| !indices.contains_key(*i) && self.stopped(i))
+            .collect();
+        for index in gone {
+            with_retry(&self.es, || client.end_beat(&registry, index, None)).await?;
+        }
         Ok(())
     }
 
@@ -875,17 +899,19 @@ impl Mirrors {
             super::naming::path_segment(alias),
             super::generation::GENERATION_SEPARATOR
         );
-        self.view(client, &pattern, &[alias.to_owned()]).await
+        self.view(client, &pattern, &[alias.to_owned()])
+            .await
+            .map(drop)
     }
 
     /// Look at the indices matching `pattern` and at the fill heartbeats,
-    /// for the mirrors `aliases`.
+    /// for the mirrors `aliases`; the indices.
     async fn view(
         &mut self,
         client: &EsClient,
         pattern: &str,
         aliases: &[String],
-    ) -> Result<(), EsError> {
+    ) -> Result<Map<String, Value>, EsError> {
         let registry = floors_index(&self.es.index_prefix);
         // Heartbeats first: a fill's process moves the alias before it ends
         // the heartbeat, so a fill seen without one is seen swapped in.
@@ -902,7 +928,7 @@ impl Mirrors {
         for alias in aliases {
             self.observe_mirror(client, alias, &indices, &beats).await?;
         }
-        Ok(())
+        Ok(indices)
     }
 
     /// Whether the fill of `index` looks stopped: no heartbeat of it has

@@ -190,7 +190,7 @@ impl Sink {
                 Err(EsError::MirrorGone(alias)) if reopened < MIRROR_REOPENS => {
                     reopened += 1;
                     tracing::error!(alias = %alias, "the mirror's index was deleted while the sink wrote to it: opening the mirror again");
-                    c.mirrors.forget(&alias);
+                    c.mirrors.forget(&c.es, &alias).await?;
                 }
                 done => return done,
             }
