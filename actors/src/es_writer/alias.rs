@@ -1189,6 +1189,24 @@ impl Mirrors {
         Ok(holders)
     }
 
+    /// The filled generation `index` came too late: `newer` serves the
+    /// mirror already. It is dropped, and `newer` taken in.
+    async fn outrun(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        index: &str,
+        newer: &str,
+    ) -> Result<(), EsError> {
+        tracing::warn!(alias, index, serving = %newer, "a newer index serves the mirror already: dropping this one");
+        metrics()
+            .es_reindexes
+            .with_label_values(&["abandoned"])
+            .inc();
+        self.drop_generation(client, index).await?;
+        self.switched(client, alias, newer).await
+    }
+
     /// Point the alias at the filled generation in one atomic update, unless
     /// a newer one serves already; whether it was swapped in.
     async fn swap(
@@ -1211,13 +1229,10 @@ impl Mirrors {
             let holders = self.holders(client, alias).await?;
             let newest = holders.last().cloned();
             if let Some(newer) = newest.filter(|h| generation_of(alias, h) >= mine) {
-                tracing::warn!(alias, index, serving = %newer, "a newer index serves the mirror already: dropping this one");
-                metrics()
-                    .es_reindexes
-                    .with_label_values(&["abandoned"])
-                    .inc();
-                self.drop_generation(client, &index).await?;
-                return self.switched(client, alias, &newer).await.map(|()| false);
+                return self
+                    .outrun(client, alias, &index, &newer)
+                    .await
+                    .map(|()| false);
             }
             let mut actions: Vec<Value> = holders
                 .iter()
@@ -1249,9 +1264,10 @@ impl Mirrors {
             })
             .await?;
             if *newest != index {
-                tracing::warn!(alias, index, serving = %newest, "a newer index serves the mirror already: dropping this one");
-                self.drop_generation(client, &index).await?;
-                return self.switched(client, alias, newest).await.map(|()| false);
+                return self
+                    .outrun(client, alias, &index, newest)
+                    .await
+                    .map(|()| false);
             }
         }
         let legacy = holder.as_deref() == Some(alias);
@@ -1272,6 +1288,19 @@ impl Mirrors {
             with_retry(&self.es, || client.delete_below(&index, at)).await?;
         }
         Ok(true)
+    }
+}
+
+impl Drop for Mirrors {
+    /// A run that ends stops the fills it started: no one would swap them in.
+    fn drop(&mut self) {
+        let fills = self
+            .mirrors
+            .values()
+            .filter_map(|m| m.next.as_ref()?.fill.as_ref());
+        for fill in fills {
+            fill.abort();
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub struct EsClient {
     base: String,
     username: Option<String>,
     password: String,
+    /// Names this client in the fill heartbeats it writes, so a write
+    /// retried after its answer was lost is known as its own.
+    owner: String,
 }
 
 /// `url` without credentials (validation refuses them; this keeps a log
@@ -51,6 +54,13 @@ fn gap_id(topic: &str) -> String {
 /// still filling the generation `index` ([`shared`](super::shared)).
 fn filling_id(index: &str) -> String {
     path_segment(&format!("filling~{index}"))
+}
+
+/// A random token naming one client in the heartbeats it writes.
+fn owner_token() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    format!("{:016x}", u64::from_le_bytes(b))
 }
 
 /// A fill's heartbeat document as last written: what a conditional write
@@ -118,6 +128,7 @@ impl EsClient {
             base: cfg.url.trim_end_matches('/').to_owned(),
             username: cfg.username.clone(),
             password: cfg.password.expose().to_owned(),
+            owner: owner_token(),
         })
     }
 
@@ -281,14 +292,26 @@ impl EsClient {
             path_segment(registry),
             filling_id(index)
         );
-        let doc = json!({ "filling": index, "beat": 0 });
+        let doc = json!({ "filling": index, "beat": 0, "owner": self.owner });
         match self.call(reqwest::Method::PUT, &path, Some(&doc)).await {
             Err(EsError::Status {
                 status: CONFLICT, ..
-            }) => Ok(None),
+            }) => self.own_beat(registry, index, 0).await,
             Ok(Some(resp)) => Ok(Beat::of(&resp, 0)),
             other => other.map(|_| None),
         }
+    }
+
+    /// The heartbeat of the fill of `index` if it is this client's beat
+    /// `n` (written by an attempt whose answer was lost).
+    async fn own_beat(&self, registry: &str, index: &str, n: u64) -> Result<Option<Beat>, EsError> {
+        let path = format!("{}/_doc/{}", path_segment(registry), filling_id(index));
+        let doc = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(doc.and_then(|d| {
+            let s = &d["_source"];
+            let own = s["owner"] == json!(self.owner) && s["beat"].as_u64() == Some(n);
+            own.then(|| Beat::of(&d, n)).flatten()
+        }))
     }
 
     /// Write the next heartbeat of the fill of `index`, on condition that
@@ -306,11 +329,11 @@ impl EsClient {
             filling_id(index),
             last.condition()
         );
-        let doc = json!({ "filling": index, "beat": last.n + 1 });
+        let doc = json!({ "filling": index, "beat": last.n + 1, "owner": self.owner });
         match self.call(reqwest::Method::PUT, &path, Some(&doc)).await {
             Err(EsError::Status {
                 status: CONFLICT, ..
-            }) => Ok(None),
+            }) => self.own_beat(registry, index, last.n + 1).await,
             Ok(Some(resp)) => Ok(Beat::of(&resp, last.n + 1)),
             other => other.map(|_| None),
         }
