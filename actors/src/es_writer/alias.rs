@@ -1128,9 +1128,7 @@ impl Mirrors {
                     match with_retry(&self.es, || client.beat(&registry, &next.index, beat)).await?
                     {
                         Some(_) => Ok(rows),
-                        None => Err(EsError::Fill(
-                            "another sink process found the fill stopped and ended it".into(),
-                        )),
+                        None => Err(shared::ended_elsewhere(&next.index)),
                     }
                 }
                 Err(e) => Err(e),

@@ -267,15 +267,21 @@ impl EsClient {
         }
     }
 
-    /// Every gap noted in `registry`: topic, LSN.
-    pub async fn gaps(&self, registry: &str) -> Result<Vec<(String, u64)>, EsError> {
-        let body = json!({"size": 10_000, "query": {"exists": {"field": "gap"}}});
+    /// The documents of `registry` that have a `field` (none if there is
+    /// no registry), with their sequence numbers.
+    async fn registry_notes(&self, registry: &str, field: &str) -> Result<Vec<Value>, EsError> {
+        let body = json!({"size": 10_000, "seq_no_primary_term": true,
+                          "query": {"exists": {"field": field}}});
         let path = format!("{}/_search", path_segment(registry));
         let found = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         let hits = found.as_ref().and_then(|f| f["hits"]["hits"].as_array());
-        Ok(hits
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        Ok(hits.cloned().unwrap_or_default())
+    }
+
+    /// Every gap noted in `registry`: topic, LSN.
+    pub async fn gaps(&self, registry: &str) -> Result<Vec<(String, u64)>, EsError> {
+        let notes = self.registry_notes(registry, "gap").await?;
+        Ok(notes
             .iter()
             .filter_map(|h| {
                 let s = &h["_source"];
@@ -364,14 +370,8 @@ impl EsClient {
     /// The fills with a heartbeat in `registry`: generation index → its
     /// heartbeat as stored now.
     pub async fn beats(&self, registry: &str) -> Result<HashMap<String, Beat>, EsError> {
-        let body = json!({"size": 10_000, "seq_no_primary_term": true,
-                          "query": {"exists": {"field": "filling"}}});
-        let path = format!("{}/_search", path_segment(registry));
-        let found = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
-        let hits = found.as_ref().and_then(|f| f["hits"]["hits"].as_array());
-        Ok(hits
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        let notes = self.registry_notes(registry, "filling").await?;
+        Ok(notes
             .iter()
             .filter_map(|h| {
                 let s = &h["_source"];

@@ -50,35 +50,29 @@ pub(super) async fn run(
     first: Beat,
 ) -> Result<(u64, Beat), EsError> {
     let index = fill.index.clone();
-    let last = std::sync::Mutex::new(first);
-    let beating = async {
-        loop {
-            tokio::time::sleep(BEAT_EVERY).await;
-            let prev = last.lock().map_or(first, |b| *b);
-            match client.beat(&registry, &index, prev).await {
-                Ok(Some(beat)) => {
-                    if let Ok(mut b) = last.lock() {
-                        *b = beat;
-                    }
-                }
-                Ok(None) => {
-                    return EsError::Fill(format!(
-                        "another sink process saw no heartbeat of the fill of {index} for {} s and ended it",
-                        FILL_DEAD.as_secs()
-                    ))
-                }
-                Err(e) => {
-                    tracing::warn!(index, error = %e, "cannot write the fill's heartbeat; trying again")
-                }
-            }
-        }
-    };
     let filling = async {
         tokio::time::sleep(FILL_DELAY).await;
         fill.run().await
     };
-    tokio::select! {
-        rows = filling => rows.map(|rows| (rows, last.lock().map_or(first, |b| *b))),
-        ended = beating => Err(ended),
+    tokio::pin!(filling);
+    let mut last = first;
+    loop {
+        tokio::select! {
+            rows = &mut filling => return rows.map(|rows| (rows, last)),
+            () = tokio::time::sleep(BEAT_EVERY) => match client.beat(&registry, &index, last).await {
+                Ok(Some(beat)) => last = beat,
+                Ok(None) => return Err(ended_elsewhere(&index)),
+                Err(e) => tracing::warn!(index, error = %e, "cannot write the fill's heartbeat; trying again"),
+            },
+        }
     }
+}
+
+/// The fill of `index` whose heartbeat another process ended, having seen
+/// it unchanged for [`FILL_DEAD`].
+pub(super) fn ended_elsewhere(index: &str) -> EsError {
+    EsError::Fill(format!(
+        "another sink process saw no heartbeat of the fill of {index} for {} s and ended it",
+        FILL_DEAD.as_secs()
+    ))
 }
