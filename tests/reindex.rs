@@ -474,6 +474,96 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     assert_eq!(m.sample(deleted_total, &deleted).await, Some(1.0));
 }
 
+/// A commit waiting for a synchronous standby is already on Kafka and
+/// applied to the mirror, yet invisible to every snapshot. Deleted now,
+/// the mirror is filled from PostgreSQL: the fill's snapshot must wait for
+/// that commit, or the row it inserted stays missing from the new index
+/// (the sink applied it to the deleted one only, and it does not change
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_waits_for_a_commit_applied_before_it_but_not_yet_visible() {
+    let m = Mirrored::start().await;
+    // Commits wait for a standby that never comes, except where synchronous_commit is local (pgcdc's).
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "ALTER SYSTEM SET synchronous_commit = 'local'",
+        "SELECT pg_reload_conf()",
+    ] {
+        m.db.batch_execute(sql).await.unwrap();
+    }
+    let stuck = m.pg.client().await.unwrap();
+    wait::poll(
+        "the writer to see the standby names",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let row = stuck
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await
+                .unwrap();
+            let names: String = row.get(0);
+            Poll::when(names == "nobody", (), || format!("{names:?}"))
+        },
+    )
+    .await
+    .unwrap();
+    stuck
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let commit = tokio::spawn(async move {
+        stuck
+            .batch_execute(
+                "BEGIN; INSERT INTO items VALUES (100001, 7, 0, 'late'); \
+                 UPDATE items SET n = 5 WHERE id = 7; COMMIT;",
+            )
+            .await
+    });
+    let url = format!("{}/{ALIAS}/_doc/100001", m.es.url);
+    wait::poll(
+        "the waiting commit applied to the mirror",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let code = crate::support::get(&url).await.map(|(code, _)| code);
+            Poll::when(code == Some(200), (), || format!("{code:?}"))
+        },
+    )
+    .await
+    .unwrap();
+
+    delete_serving(&m.es).await;
+    m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    m.daemon
+        .wait_log("the fill waits before its snapshot", MIRRORED)
+        .await
+        .unwrap();
+    let held_throughout = !commit.is_finished();
+    for sql in [
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "ALTER SYSTEM RESET synchronous_commit",
+        "SELECT pg_reload_conf()",
+    ] {
+        m.db.batch_execute(sql).await.unwrap();
+    }
+    // Cancelled while waiting: the commit stands.
+    commit.await.unwrap().unwrap();
+    assert!(
+        held_throughout,
+        "the commit became visible before the fill waited"
+    );
+    m.wait_whole().await;
+    let log = m.daemon.log_text();
+    assert!(
+        log.contains("those commits are visible now"),
+        "{}",
+        m.daemon.log_tail()
+    );
+}
+
 /// Set `index`'s settings.
 async fn put_settings(es: &SearchServer, index: &str, settings: Value) {
     let url = format!("{}/{index}/_settings", es.url);

@@ -10,7 +10,7 @@
 //! generation is filled beside it, then one atomic alias update removes the
 //! old index and points the mirror's name at the generation.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,6 @@ use super::truncate::{floors_index, Position};
 use crate::kafka_producer::KafkaConfig;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
-
-/// Transactions remembered per mirror (to tell whether a copy's snapshot
-/// misses one the sink applied before the generation existed).
-const RECENT_TRANSACTIONS: usize = 100_000;
 /// Times a swap looks again after the alias moved under it.
 const MAX_MOVES: u32 = 3;
 /// Wait before a failed fill is tried again.
@@ -67,8 +63,6 @@ pub(super) struct Mirror {
     next: Option<Next>,
     /// Highest generation number seen.
     last: u64,
-    recent: VecDeque<u32>,
-    recent_set: HashSet<u32>,
     /// No new fill before this instant (after a failed one).
     retry_after: Option<Instant>,
     /// The last shape followed (`pgcdc.types` text and key columns): a
@@ -507,22 +501,6 @@ impl Mirrors {
         self.drop_generation(client, &index).await
     }
 
-    /// Remember that a transaction was applied to `alias`.
-    pub(super) fn applied(&mut self, alias: &str, tx: u32) {
-        let Some(m) = self.mirrors.get_mut(alias) else {
-            return;
-        };
-        if tx == 0 || !m.recent_set.insert(tx) {
-            return;
-        }
-        m.recent.push_back(tx);
-        if m.recent.len() > RECENT_TRANSACTIONS {
-            if let Some(old) = m.recent.pop_front() {
-                m.recent_set.remove(&old);
-            }
-        }
-    }
-
     /// Find the mirror's current generation, or create the first one.
     async fn open(
         &self,
@@ -615,8 +593,6 @@ impl Mirrors {
             meta,
             next: None,
             last,
-            recent: VecDeque::new(),
-            recent_set: HashSet::new(),
             retry_after: None,
             followed: None,
             lacking: refill.is_some(),
@@ -795,7 +771,6 @@ impl Mirrors {
             table,
             index: index.clone(),
             key: shape.key.clone(),
-            applied_before: m.recent_set.clone(),
         };
         m.next = Some(Next {
             index,

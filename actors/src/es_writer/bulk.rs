@@ -31,8 +31,6 @@ pub struct Action {
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
-    /// The transaction id of the change (0 when unknown).
-    pub tx: u32,
     /// A mirror generation being filled that gets the same write
     /// ([`generation`](super::generation)).
     pub also: Option<String>,
@@ -250,7 +248,6 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
             });
             return Some(Action {
                 merge,
-                tx: env.source.tx_id,
                 via_alias: true,
                 ..action(index, id, (lsn, seq), origin, meta, Some(text))
             });
@@ -258,7 +255,6 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
         _ => return None,
     };
     Some(Action {
-        tx: env.source.tx_id,
         via_alias: true,
         ..action(index, id, (lsn, seq), origin, meta, doc)
     })

@@ -214,9 +214,6 @@ impl Sink {
                 Planned::Actions(actions) => {
                     for mut a in actions {
                         let route = self.ensure_index(c, &a, msg).await?;
-                        if !a.history {
-                            c.mirrors.applied(&a.index, a.tx);
-                        }
                         if let Some(next) = &route.instead {
                             a = a.to_filling(next);
                         } else if route.concrete {

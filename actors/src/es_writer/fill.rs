@@ -13,13 +13,17 @@
 //! - a delete leaves its version behind (`index.gc_deletes`), so a copied
 //!   row of a deleted key is refused.
 //!
-//! The one exception is a transaction the snapshot does not see although its
+//! The exception is a transaction the snapshot does not see although its
 //! commit record lies below `S` (it was still finishing, e.g. waiting for a
 //! synchronous standby). Rows it changed carry its xid in `xmax`: they are
 //! not copied in this pass but read again, in a new snapshot, once it ended.
-//! Rows it inserted are invisible to the snapshot; they reach the new
-//! generation through the sink, unless the sink applied that transaction
-//! before the generation existed: then the whole copy starts again.
+//! So that every such transaction is in the snapshot's list of running
+//! ones, the copy ends a transaction of its own between reading `S` and
+//! taking the snapshot: those listed from the snapshot's `xmax` on started
+//! after `S`. Rows it inserted are invisible to the snapshot; they reach the
+//! new generation through the sink, unless a sink process applied that
+//! transaction before it knew of the generation: the snapshot waits for
+//! those ([`shared::settle`](super::shared::settle)).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -66,8 +70,6 @@ pub(super) struct Fill {
     pub index: String,
     /// The generation's key columns (the catalog must agree).
     pub key: Vec<String>,
-    /// Transactions the sink applied before the generation existed.
-    pub applied_before: HashSet<u32>,
 }
 
 /// One snapshot's view: the position read before it, and the transactions it does not see.
@@ -100,16 +102,12 @@ impl Fill {
                 self.schema, self.table, shape.table.key_columns, self.key
             )));
         }
+        super::shared::settle(&sql, &self.index).await?;
         let mut held: Option<Vec<KeyText>> = None;
         let mut copied = 0;
         for _ in 0..MAX_PASSES {
-            let (rows, waiting, again) = self.pass(&sql, &shape, held.as_deref()).await?;
+            let (rows, waiting) = self.pass(&sql, &shape, held.as_deref()).await?;
             copied += rows;
-            if again {
-                tracing::info!(index = %self.index, "a transaction applied before the new index existed was not visible yet: copying again");
-                held = None;
-                continue;
-            }
             if waiting.is_empty() {
                 return Ok(copied);
             }
@@ -123,17 +121,23 @@ impl Fill {
         )))
     }
 
-    /// One snapshot: copy the table (or the `keys` rows); the rows written,
-    /// the rows held by running transactions (key, `xid8`), and whether the
-    /// copy must start again.
+    /// One snapshot: copy the table (or the `keys` rows); the rows written
+    /// and the rows held by running transactions (key, `xid8`).
     async fn pass(
         &self,
         sql: &Client,
         shape: &Shape,
         keys: Option<&[KeyText]>,
-    ) -> Result<(u64, Vec<(KeyText, String)>, bool), EsError> {
+    ) -> Result<(u64, Vec<(KeyText, String)>), EsError> {
         let q = |e| fill_error(crate::pg::PgError::from(e));
         let lsn = insert_position(sql).await?;
+        // Ends after every transaction that can commit below `lsn` began:
+        // the snapshot lists each of those still running.
+        sql.batch_execute(
+            "BEGIN READ WRITE; SET LOCAL synchronous_commit = off; SELECT pg_current_xact_id(); COMMIT",
+        )
+        .await
+        .map_err(q)?;
         sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q)?;
@@ -141,10 +145,6 @@ impl Fill {
             lsn,
             running: running(sql).await?,
         };
-        if snap.running.keys().any(|x| self.applied_before.contains(x)) {
-            sql.batch_execute("ROLLBACK").await.map_err(q)?;
-            return Ok((0, Vec::new(), true));
-        }
         tracing::debug!(index = %self.index, lsn = %Lsn(snap.lsn), "snapshot taken: copying the table into the new index");
         pause_before_copy().await;
         let mut written = 0;
@@ -186,7 +186,7 @@ impl Fill {
             }
         }
         sql.batch_execute("COMMIT").await.map_err(q)?;
-        Ok((written, held, false))
+        Ok((written, held))
     }
 
     /// The write of one copied row, versioned by the snapshot position.
@@ -283,8 +283,52 @@ async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
         .collect())
 }
 
+/// Transactions whose commit is in the WAL but not yet visible, waiting
+/// for a synchronous standby (`xid8` texts), and whether sessions of other
+/// roles were counted in without knowing (their waits are hidden from a
+/// role without `pg_read_all_stats`): their transactions could be such
+/// commits too. Empty while `synchronous_standby_names` is: no commit waits.
+pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), EsError> {
+    let q = |e| fill_error(crate::pg::PgError::from(e));
+    let row = sql
+        .query_one(
+            "SELECT current_setting('synchronous_standby_names') <> '', \
+                    pg_snapshot_xmax(pg_current_snapshot())::text",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    if !row.get::<_, bool>(0) {
+        return Ok((HashSet::new(), false));
+    }
+    let near: u64 = row.get::<_, String>(1).parse().unwrap_or_default();
+    let rows = sql
+        .query(
+            "SELECT l.transactionid::text, a.state IS NULL FROM pg_locks l \
+             JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
+               AND a.pid <> pg_backend_pid() AND (a.wait_event = 'SyncRep' OR a.state IS NULL)",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let hidden = rows.iter().any(|r| r.get::<_, bool>(1));
+    let xids = rows
+        .iter()
+        .filter_map(|r| Some(widen(r.get::<_, String>(0).parse().ok()?, near).to_string()))
+        .collect();
+    Ok((xids, hidden))
+}
+
+/// The full (`xid8`) id of the 32-bit transaction id `xid`, one of those
+/// within 2^31 of the 64-bit id `near` (every running transaction is).
+fn widen(xid: u32, near: u64) -> u64 {
+    let distance = i64::from(xid.wrapping_sub(near as u32) as i32);
+    (near as i64 + distance) as u64
+}
+
 /// Wait until none of `xids` (`xid8` texts) is running any more.
-async fn wait_ended(sql: &Client, xids: &HashSet<String>) -> Result<(), EsError> {
+pub(super) async fn wait_ended(sql: &Client, xids: &HashSet<String>) -> Result<(), EsError> {
     let xids: Vec<&String> = xids.iter().collect();
     loop {
         let row = sql
@@ -326,4 +370,18 @@ fn chrono_now_us() -> i64 {
 
 fn fill_error(e: impl std::fmt::Display) -> EsError {
     EsError::Fill(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::widen;
+
+    #[test]
+    fn a_32_bit_transaction_id_is_widened_to_the_epoch_near_it() {
+        let epoch = 5u64 << 32;
+        assert_eq!(widen(100, epoch + 90), epoch + 100, "above, same epoch");
+        assert_eq!(widen(80, epoch + 90), epoch + 80, "below, same epoch");
+        assert_eq!(widen(u32::MAX - 1, epoch + 3), epoch - 2, "before the wrap");
+        assert_eq!(widen(4, epoch - 10), epoch + 4, "after the wrap");
+    }
 }

@@ -15,7 +15,11 @@
 //!   one under way instead of starting its own;
 //! - the fill takes its snapshot [`FILL_DELAY`] after the generation
 //!   exists: a process that wrote a change without knowing of the
-//!   generation had read it before then, so the snapshot holds it;
+//!   generation had read it before then, so the snapshot holds it. A
+//!   commit PostgreSQL had written but not yet made visible
+//!   [`VIEW_FRESH`] after the generation existed (waiting for a
+//!   synchronous standby) may have been applied so: the snapshot waits
+//!   until it is visible ([`settle`]);
 //! - a followed fill whose heartbeat has not changed for [`FILL_DEAD`] (its
 //!   process died) is ended by the first process that sees it so, which
 //!   then fills the mirror itself. A fill whose heartbeat another process
@@ -26,9 +30,11 @@
 
 use std::time::Duration;
 
+use tokio_postgres::Client;
+
 use super::client::{Beat, EsClient};
 use super::error::EsError;
-use super::fill::Fill;
+use super::fill::{committing, wait_ended, Fill};
 
 /// Longest time a process writes changes without having looked at the
 /// generations being filled.
@@ -41,7 +47,7 @@ pub(super) const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// A fill whose heartbeat has not changed for this long is taken as stopped.
 pub(super) const FILL_DEAD: Duration = Duration::from_secs(10);
 
-/// Run `fill` after [`FILL_DELAY`], writing its heartbeat meanwhile; the
+/// Run `fill`, writing its heartbeat meanwhile; the
 /// rows copied and the last heartbeat, or why it ended.
 pub(super) async fn run(
     fill: Fill,
@@ -50,10 +56,7 @@ pub(super) async fn run(
     first: Beat,
 ) -> Result<(u64, Beat), EsError> {
     let index = fill.index.clone();
-    let filling = async {
-        tokio::time::sleep(FILL_DELAY).await;
-        fill.run().await
-    };
+    let filling = fill.run();
     tokio::pin!(filling);
     let mut last = first;
     loop {
@@ -75,4 +78,27 @@ pub(super) fn ended_elsewhere(index: &str) -> EsError {
         "another sink process saw no heartbeat of the fill of {index} for {} s and ended it",
         FILL_DEAD.as_secs()
     ))
+}
+
+/// Wait, from the moment the generation `index` exists, until a snapshot
+/// taken on `sql` holds every change a sink process may have applied
+/// without knowing of it: [`FILL_DELAY`], and until the commits that were
+/// in the WAL but invisible at [`VIEW_FRESH`] are visible.
+pub(super) async fn settle(sql: &Client, index: &str) -> Result<(), EsError> {
+    tokio::time::sleep(VIEW_FRESH).await;
+    let (unseen, hidden) = committing(sql).await?;
+    tokio::time::sleep(FILL_DELAY - VIEW_FRESH).await;
+    if hidden {
+        tracing::warn!(index, "this role cannot see whether other roles' commits wait for a synchronous standby: the fill waits for all their transactions to end before its snapshot (grant pg_read_all_stats to see them)");
+    }
+    if unseen.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(index, transactions = unseen.len(), "the fill waits before its snapshot for commits PostgreSQL wrote but does not show yet (waiting for a synchronous standby): a sink process may have applied them before it knew of the new index");
+    wait_ended(sql, &unseen).await?;
+    tracing::info!(
+        index,
+        "those commits are visible now: taking the fill's snapshot"
+    );
+    Ok(())
 }
