@@ -483,34 +483,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_waits_for_a_commit_applied_before_it_but_not_yet_visible() {
     let m = Mirrored::start().await;
-    // Commits wait for a standby that never comes, except where synchronous_commit is local (pgcdc's).
-    for sql in [
-        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
-        "ALTER SYSTEM SET synchronous_commit = 'local'",
-        "SELECT pg_reload_conf()",
-    ] {
-        m.db.batch_execute(sql).await.unwrap();
-    }
-    let stuck = m.pg.client().await.unwrap();
-    wait::poll(
-        "the writer to see the standby names",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || async {
-            let row = stuck
-                .query_one("SHOW synchronous_standby_names", &[])
-                .await
-                .unwrap();
-            let names: String = row.get(0);
-            Poll::when(names == "nobody", (), || format!("{names:?}"))
-        },
-    )
-    .await
-    .unwrap();
-    stuck
-        .batch_execute("SET synchronous_commit = on")
-        .await
-        .unwrap();
+    let stuck = crate::support::waiting_writer(&m.pg, &m.db).await;
     let commit = tokio::spawn(async move {
         stuck
             .batch_execute(
@@ -541,14 +514,7 @@ async fn a_fill_waits_for_a_commit_applied_before_it_but_not_yet_visible() {
         .await
         .unwrap();
     let held_throughout = !commit.is_finished();
-    for sql in [
-        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
-        "ALTER SYSTEM RESET synchronous_standby_names",
-        "ALTER SYSTEM RESET synchronous_commit",
-        "SELECT pg_reload_conf()",
-    ] {
-        m.db.batch_execute(sql).await.unwrap();
-    }
+    crate::support::release_commits(&m.db).await;
     // Cancelled while waiting: the commit stands.
     commit.await.unwrap().unwrap();
     assert!(

@@ -644,36 +644,7 @@ async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_in
         .await
         .unwrap();
 
-    // Commits wait for a standby that never comes, except where synchronous_commit is local (pgcdc's).
-    for sql in [
-        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
-        "ALTER SYSTEM SET synchronous_commit = 'local'",
-        "SELECT pg_reload_conf()",
-    ] {
-        db.batch_execute(sql).await.unwrap();
-    }
-    let writer = pg.client().await.unwrap();
-    wait::poll(
-        "the writer to see the standby names",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || async {
-            let row = writer
-                .query_one("SHOW synchronous_standby_names", &[])
-                .await
-                .unwrap();
-            let names: String = row.get(0);
-            Poll::when(names == "nobody", (), || {
-                format!("synchronous_standby_names = {names:?}")
-            })
-        },
-    )
-    .await
-    .unwrap();
-    writer
-        .batch_execute("SET synchronous_commit = on")
-        .await
-        .unwrap();
+    let writer = crate::support::waiting_writer(&pg, &db).await;
     let update = tokio::spawn(async move {
         writer
             .batch_execute("UPDATE sync SET v = 'new' WHERE id = 7")
@@ -714,14 +685,7 @@ async fn a_backfill_chunk_is_read_again_while_a_commit_before_its_low_mark_is_in
     );
 
     // The wait ends (cancelled: the transaction stays committed) and the update becomes visible.
-    for sql in [
-        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
-        "ALTER SYSTEM RESET synchronous_standby_names",
-        "ALTER SYSTEM RESET synchronous_commit",
-        "SELECT pg_reload_conf()",
-    ] {
-        db.batch_execute(sql).await.unwrap();
-    }
+    crate::support::release_commits(&db).await;
     update.await.unwrap().unwrap();
     daemon
         .wait_log("backfill copied", Duration::from_secs(60))

@@ -171,3 +171,55 @@ pub fn histogram_count(text: &str, metric: &str, labels: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A session of `pg` whose commits wait for a synchronous standby that
+/// never connects, while every other session (pgcdc's too) commits
+/// locally; [`release_commits`] ends the wait. `admin` changes the settings.
+pub async fn waiting_writer(
+    pg: &PgCluster,
+    admin: &tokio_postgres::Client,
+) -> tokio_postgres::Client {
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "ALTER SYSTEM SET synchronous_commit = 'local'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("commit settings");
+    }
+    let writer = pg.client().await.expect("writer session");
+    wait::poll(
+        "the writer to see the standby names",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let row = writer
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await
+                .expect("standby names");
+            let names: String = row.get(0);
+            wait::Poll::when(names == "nobody", (), || {
+                format!("synchronous_standby_names = {names:?}")
+            })
+        },
+    )
+    .await
+    .expect("standby names reloaded");
+    writer
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("synchronous_commit");
+    writer
+}
+
+/// End the waits [`waiting_writer`] set up (cancelled, a waiting commit
+/// stands and becomes visible) and restore the settings.
+pub async fn release_commits(admin: &tokio_postgres::Client) {
+    for sql in [
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "ALTER SYSTEM RESET synchronous_commit",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("commit settings");
+    }
+}
