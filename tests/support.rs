@@ -187,27 +187,58 @@ pub async fn waiting_writer(
         admin.batch_execute(sql).await.expect("commit settings");
     }
     let writer = pg.client().await.expect("writer session");
-    wait::poll(
-        "the writer to see the standby names",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || async {
-            let row = writer
-                .query_one("SHOW synchronous_standby_names", &[])
-                .await
-                .expect("standby names");
-            let names: String = row.get(0);
-            wait::Poll::when(names == "nobody", (), || {
-                format!("synchronous_standby_names = {names:?}")
-            })
-        },
-    )
-    .await
-    .expect("standby names reloaded");
     writer
         .batch_execute("SET synchronous_commit = on")
         .await
         .expect("synchronous_commit");
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("writer pid")
+        .get(0);
+    // A session reads the new names at its next statement, but its commits
+    // wait only once the checkpointer has read them too: commit a transaction
+    // that writes WAL (a temporary table's catalog rows, which pgcdc does not
+    // stream) until one waits, then cancel that wait (it stays committed).
+    wait::poll(
+        "a commit of the writer to wait for the standby",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let commit = writer.batch_execute(
+                "BEGIN; CREATE TEMP TABLE commit_probe (x int) ON COMMIT DROP; COMMIT",
+            );
+            tokio::pin!(commit);
+            loop {
+                tokio::select! {
+                    done = &mut commit => {
+                        done.expect("probe commit");
+                        return wait::Poll::Pending("a commit did not wait".into());
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {
+                        let waits: i64 = admin
+                            .query_one(
+                                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                                &[&pid],
+                            )
+                            .await
+                            .expect("writer's wait")
+                            .get(0);
+                        if waits == 1 {
+                            admin
+                                .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                                .await
+                                .expect("cancel the probe's wait");
+                            commit.await.expect("cancelled probe commit");
+                            return wait::Poll::Ready(());
+                        }
+                    }
+                }
+            }
+        },
+    )
+    .await
+    .expect("commits wait for the standby");
     writer
 }
 
