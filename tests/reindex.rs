@@ -444,9 +444,27 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     let deleted = [("mirror", ALIAS)];
     let deleted_total = "pgcdc_es_mirrors_deleted_total";
 
-    // Deleted while the sink writes to it.
+    // Deleted while the sink writes to it: not ready until filled again.
     delete_serving(&m.es).await;
-    m.change_and_wait("UPDATE items SET n = 1 WHERE id = 1")
+    m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let lacking =
+        |text: &str, n: u32| text.contains(&format!("pgcdc_es_mirrors_lacking_changes {n}"));
+    m.probe
+        .until(
+            "not ready while the mirror is filled again",
+            &mut m.daemon,
+            |text, ready| ready == 503 && lacking(text, 1),
+        )
+        .await;
+    m.wait_whole().await;
+    m.probe
+        .until(
+            "ready once the mirror is filled",
+            &mut m.daemon,
+            |text, ready| ready == 200 && lacking(text, 0),
+        )
         .await;
     assert!(m
         .daemon
@@ -482,16 +500,31 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
 /// again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_waits_for_a_commit_applied_before_it_but_not_yet_visible() {
+    fill_waits_for_a_held_commit(false).await;
+}
+
+/// The same with a `COMMIT PREPARED`: the session that waits holds none of
+/// the prepared transaction's locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_waits_for_a_commit_prepared_applied_before_it_but_not_yet_visible() {
+    fill_waits_for_a_held_commit(true).await;
+}
+
+async fn fill_waits_for_a_held_commit(prepared: bool) {
     let m = Mirrored::start().await;
     let stuck = crate::support::waiting_writer(&m.pg, &m.db).await;
-    let commit = tokio::spawn(async move {
-        stuck
-            .batch_execute(
-                "BEGIN; INSERT INTO items VALUES (100001, 7, 0, 'late'); \
-                 UPDATE items SET n = 5 WHERE id = 7; COMMIT;",
-            )
+    let changes =
+        "INSERT INTO items VALUES (100001, 7, 0, 'late'); UPDATE items SET n = 5 WHERE id = 7;";
+    let commit = if prepared {
+        // Prepared where commits do not wait; committed where they do.
+        m.db.batch_execute(&format!("BEGIN; {changes} PREPARE TRANSACTION 'late'"))
             .await
-    });
+            .unwrap();
+        "COMMIT PREPARED 'late'".to_string()
+    } else {
+        format!("BEGIN; {changes} COMMIT;")
+    };
+    let commit = tokio::spawn(async move { stuck.batch_execute(&commit).await });
     let url = format!("{}/{ALIAS}/_doc/100001", m.es.url);
     wait::poll(
         "the waiting commit applied to the mirror",

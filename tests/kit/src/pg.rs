@@ -19,10 +19,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a daemon gets to take its slot over with an active walsender.
 const SLOT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Settings every test cluster gets (replication, no fsync: tests need no durability).
+/// Settings every test cluster gets (replication, prepared transactions, no
+/// fsync: tests need no durability).
 const BASE_CONF: &str = "listen_addresses = '127.0.0.1'\nwal_level = logical\n\
      max_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\nsynchronous_commit = on\n\
-     wal_sender_timeout = 60s\nshared_buffers = 64MB\n";
+     wal_sender_timeout = 60s\nshared_buffers = 64MB\nmax_prepared_transactions = 10\n";
 
 /// Run a PostgreSQL program, as user `postgres` when we are root (initdb refuses root).
 fn pg_command(bindir: &Path, program: &str, args: &[&str]) -> Result<Output> {
