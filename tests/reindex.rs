@@ -371,6 +371,12 @@ struct Mirrored {
 
 impl Mirrored {
     async fn start() -> Mirrored {
+        Self::start_as(None).await
+    }
+
+    /// Started as `role` (a role made here, with `REPLICATION` and `SELECT`
+    /// on the table only) instead of the superuser.
+    async fn start_as(role: Option<&str>) -> Mirrored {
         let (pg, tansu, dir, db) = pg_and_tansu().await;
         let es = SearchServer::start().unwrap();
         db.batch_execute(&format!(
@@ -379,11 +385,22 @@ impl Mirrored {
         ))
         .await
         .unwrap();
+        if let Some(role) = role {
+            db.batch_execute(&format!(
+                "CREATE PUBLICATION pgcdc FOR TABLE items; \
+                 CREATE ROLE {role} LOGIN REPLICATION; GRANT SELECT ON items TO {role};"
+            ))
+            .await
+            .unwrap();
+        }
         let es_section = format!(
             "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nreindex_grace_secs = 1\n",
             es.url
         );
-        let cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+        let mut cfg = config(&pg, &tansu, &dir.path().join("state"), &["items"], "") + &es_section;
+        if let Some(role) = role {
+            cfg = cfg.replace("user = \"postgres\"", &format!("user = \"{role}\""));
+        }
         let port = crate::support::free_port();
         let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
         let probe = crate::support::Probe::on(port);
@@ -500,22 +517,41 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
 /// again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_waits_for_a_commit_applied_before_it_but_not_yet_visible() {
-    fill_waits_for_a_held_commit(false).await;
+    fill_waits_for_a_held_commit(Held::Commit).await;
 }
 
 /// The same with a `COMMIT PREPARED`: the session that waits holds none of
 /// the prepared transaction's locks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_waits_for_a_commit_prepared_applied_before_it_but_not_yet_visible() {
-    fill_waits_for_a_held_commit(true).await;
+    fill_waits_for_a_held_commit(Held::CommitPrepared).await;
 }
 
-async fn fill_waits_for_a_held_commit(prepared: bool) {
-    let m = Mirrored::start().await;
+/// The same when pgcdc's role lacks `pg_read_all_stats`: it cannot see
+/// that another role's commit waits, so it waits for that role's
+/// transactions, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_waits_for_another_roles_commit_it_cannot_see_waiting() {
+    fill_waits_for_a_held_commit(Held::OtherRole).await;
+}
+
+/// The commit that holds a fill up in [`fill_waits_for_a_held_commit`].
+#[derive(Clone, Copy, PartialEq)]
+enum Held {
+    /// A commit pgcdc's role (a superuser) sees waiting.
+    Commit,
+    /// A `COMMIT PREPARED`.
+    CommitPrepared,
+    /// A commit of a role whose waits pgcdc's role cannot see.
+    OtherRole,
+}
+
+async fn fill_waits_for_a_held_commit(held: Held) {
+    let m = Mirrored::start_as((held == Held::OtherRole).then_some("reader")).await;
     let stuck = crate::support::waiting_writer(&m.pg, &m.db).await;
     let changes =
         "INSERT INTO items VALUES (100001, 7, 0, 'late'); UPDATE items SET n = 5 WHERE id = 7;";
-    let commit = if prepared {
+    let commit = if held == Held::CommitPrepared {
         // Prepared where commits do not wait; committed where they do.
         m.db.batch_execute(&format!("BEGIN; {changes} PREPARE TRANSACTION 'late'"))
             .await
@@ -561,6 +597,8 @@ async fn fill_waits_for_a_held_commit(prepared: bool) {
         "{}",
         m.daemon.log_tail()
     );
+    let unseen = "this role cannot see whether other roles' commits wait";
+    assert_eq!(log.contains(unseen), held == Held::OtherRole, "{log}");
 }
 
 /// Set `index`'s settings.

@@ -191,21 +191,28 @@ pub async fn waiting_writer(
         .batch_execute("SET synchronous_commit = on")
         .await
         .expect("synchronous_commit");
-    let pid: i32 = writer
+    until_commits_wait(&writer, admin).await;
+    writer
+}
+
+/// Return once `session`'s commits wait for the synchronous standby named
+/// in settings just reloaded. A session reads new names at its next
+/// statement, but its commits wait only once the checkpointer has read them
+/// too: commit a transaction that writes WAL (a temporary table's catalog
+/// rows, which pgcdc does not stream) until one waits, then cancel that
+/// wait (it stays committed).
+pub async fn until_commits_wait(session: &tokio_postgres::Client, admin: &tokio_postgres::Client) {
+    let pid: i32 = session
         .query_one("SELECT pg_backend_pid()", &[])
         .await
-        .expect("writer pid")
+        .expect("session pid")
         .get(0);
-    // A session reads the new names at its next statement, but its commits
-    // wait only once the checkpointer has read them too: commit a transaction
-    // that writes WAL (a temporary table's catalog rows, which pgcdc does not
-    // stream) until one waits, then cancel that wait (it stays committed).
     wait::poll(
-        "a commit of the writer to wait for the standby",
+        "a commit of the session to wait for the standby",
         Duration::from_secs(30),
         Duration::from_millis(50),
         || async {
-            let commit = writer.batch_execute(
+            let commit = session.batch_execute(
                 "BEGIN; CREATE TEMP TABLE commit_probe (x int) ON COMMIT DROP; COMMIT",
             );
             tokio::pin!(commit);
@@ -222,7 +229,7 @@ pub async fn waiting_writer(
                                 &[&pid],
                             )
                             .await
-                            .expect("writer's wait")
+                            .expect("session's wait")
                             .get(0);
                         if waits == 1 {
                             admin
@@ -239,7 +246,6 @@ pub async fn waiting_writer(
     )
     .await
     .expect("commits wait for the standby");
-    writer
 }
 
 /// End the waits [`waiting_writer`] set up (cancelled, a waiting commit

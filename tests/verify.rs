@@ -411,6 +411,7 @@ async fn a_transaction_still_committing_is_newer_in_both_legs_never_drift() {
     // Its commit record is written, decoded, published and applied, but
     // it stays invisible to every snapshot until the standby answers.
     let stuck = r.pg.client().await.unwrap();
+    crate::support::until_commits_wait(&stuck, &admin).await;
     let commit = tokio::spawn(async move {
         stuck
             .batch_execute(
