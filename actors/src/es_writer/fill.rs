@@ -289,10 +289,11 @@ async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
 /// role without `pg_read_all_stats`): their transactions could be such
 /// commits too. Empty while `synchronous_standby_names` is: no commit waits.
 ///
-/// A session's own commit waits holding its transaction's lock. A `COMMIT
-/// PREPARED` waits in a session that holds no lock of the prepared
-/// transaction: that one is found by its name in the waiting statement
-/// (or counted in whenever some session's statements are hidden).
+/// Only sessions of this database can change its tables. A session's own
+/// commit waits holding its transaction's lock. A `COMMIT PREPARED` waits
+/// in a session that holds no lock of the prepared transaction: that one
+/// is found by its name in the waiting statement (or counted in whenever a
+/// session's statements are hidden).
 pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), EsError> {
     let q = |e| fill_error(crate::pg::PgError::from(e));
     let row = sql
@@ -309,15 +310,16 @@ pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), 
     let near: u64 = row.get::<_, String>(1).parse().unwrap_or_default();
     let rows = sql
         .query(
-            "SELECT l.transactionid::text, a.backend_type IS NULL FROM pg_locks l \
-             JOIN pg_stat_activity a ON a.pid = l.pid \
+            "WITH a AS (SELECT * FROM pg_stat_activity \
+                        WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                          AND (wait_event = 'SyncRep' OR backend_type IS NULL)) \
+             SELECT l.transactionid::text, a.backend_type IS NULL FROM pg_locks l \
+             JOIN a ON a.pid = l.pid \
              WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
-               AND a.pid <> pg_backend_pid() AND (a.wait_event = 'SyncRep' OR a.backend_type IS NULL) \
              UNION ALL \
              SELECT p.transaction::text, a.backend_type IS NULL FROM pg_prepared_xacts p \
-             JOIN pg_stat_activity a ON a.pid <> pg_backend_pid() \
-              AND (a.backend_type IS NULL \
-                   OR (a.wait_event = 'SyncRep' AND strpos(a.query, quote_literal(p.gid)) > 0))",
+             JOIN a ON p.database = current_database() \
+              AND (a.backend_type IS NULL OR strpos(a.query, quote_literal(p.gid)) > 0)",
             &[],
         )
         .await
