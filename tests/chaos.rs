@@ -97,3 +97,17 @@ fn chaos_es_errors_and_a_deleted_checkpoint_pass() {
         assert!(injections > 0, "a fault must have fired: {line}");
     }
 }
+
+/// A full disk under the checkpoint, three times: each time the daemon
+/// keeps running or exits with code 6, and it streams on once the space is
+/// back. Needs root (a tmpfs mount), else the scenario says SKIPPED.
+#[test]
+fn chaos_a_full_disk_three_times_exits_with_code_6_or_keeps_running() {
+    let scenarios = [Scenario::DiskFull];
+    let stdout = chaos(9138, &scenarios, 3, 10, BrokerKind::Tansu);
+    if pgcdc_testkit::is_root() {
+        passed(&stdout, "disk-full");
+    } else {
+        assert!(stdout.contains("SKIPPED"), "{stdout}");
+    }
+}

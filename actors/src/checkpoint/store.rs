@@ -53,6 +53,11 @@ impl CheckpointStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_paranoid_checks(true);
+        // RocksDB's own log file (`LOG`) only for fatal messages: pgcdc logs
+        // each error RocksDB returns. On a full disk a failed line in that
+        // file made the next one abort the process in a RocksDB built with
+        // assertions (Debian's librocksdb 7.8) instead of failing the write.
+        opts.set_log_level(rocksdb::LogLevel::Fatal);
         Self::wrap(path, DB::open(&opts, path))
     }
 

@@ -268,8 +268,24 @@ async fn disk_full(rng: &mut Rng, w: &mut World) -> Result<usize> {
         !w.daemon.is_running()
     })
     .await;
-    let exited = !w.daemon.is_running();
     std::fs::remove_file(&filler).context("remove the filler")?;
+    if w.daemon.is_running() {
+        // A write that failed just before the space came back may still be
+        // stopping the daemon. It kept running once the slot is confirmed
+        // past the WAL written now: a checkpoint written since.
+        let now = "SELECT (pg_current_wal_lsn() - '0/0')::bigint";
+        let now = w.db.query_one(now, &[]).await?.get::<_, i64>(0) as u64;
+        wait::until(
+            "pgcdc to exit or confirm the slot past the freed disk",
+            Duration::from_secs(60),
+            || async {
+                let confirmed = crate::pg::confirmed_flush(&w.db, SLOT).await;
+                !w.daemon.is_running() || confirmed.ok().flatten().unwrap_or(0) > now
+            },
+        )
+        .await?;
+    }
+    let exited = !w.daemon.is_running();
     if exited {
         let status = block_in_place(|| w.daemon.wait_exit(Duration::from_secs(5)))?;
         if status.code() != Some(EXIT_LOCAL_IO) {
