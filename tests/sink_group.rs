@@ -304,6 +304,44 @@ async fn a_standalone_sink_without_partitions_reports_the_stall_and_rejoins_its_
         .await;
 }
 
+/// A sink whose task crashes while it reads directly, outside a group that
+/// never works, reads directly again once restarted: it does not join the
+/// group again and wait for the stall to be found anew.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_restarted_while_reading_directly_goes_on_reading_directly() {
+    let rig = Rig::on(Box::new(crate::support::mock_broker()), 3).await;
+    let mut run = rig.start("run", &rig.config("run", 3, None, ""), "run", &[]);
+    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    rig.db
+        .batch_execute("INSERT INTO items SELECT g, 'x', g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    crate::support::read_until(&*rig.broker, TOPIC, Duration::from_secs(60), |r| {
+        r.len() >= 100
+    });
+    let port = crate::support::free_port();
+    let cfg = rig.config("sink", 3, Some(port), STALL_TIMEOUT);
+    // Every assignment is given up; the first bulk (read directly) panics.
+    let faults = ("FAILPOINTS", "es-assigned=return;es-after-bulk=1*panic");
+    let sink = rig.start("sink", &cfg, "es-sink", &[faults]);
+    let resumed = "es sink restarted while reading directly";
+    sink.wait_log(resumed, Duration::from_secs(90))
+        .await
+        .unwrap();
+    rig.mirror_equals_table(Duration::from_secs(30), &sink)
+        .await;
+    Endpoint::on(port)
+        .until("caught up, reading directly", &sink, |text, status, _| {
+            status == 200
+                && sample(text, "pgcdc_es_sink_reading_directly", &[]) == Some(1.0)
+                && sample(text, "pgcdc_es_sink_rejoins_total", &[]) == Some(1.0)
+        })
+        .await;
+    let log = sink.log_text();
+    assert!(log.contains("failpoint es-after-bulk panic"), "{log}");
+}
+
 /// In `pgcdc run` with the sink inside, `/ready` is 503 while the sink is
 /// stalled (replication itself is fine) and 200 once it rejoined.
 #[cfg(feature = "failpoints")]

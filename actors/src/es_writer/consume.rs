@@ -45,6 +45,8 @@ pub(super) struct Sink {
     pub(super) pg: Option<Arc<PostgresConfig>>,
     /// Canary records to read, if any.
     pub(super) canary: Option<Arc<CanaryWatch>>,
+    /// Where the remedies for a stall stood when the last run ended.
+    pub(super) escalation: super::remedy::KeptEscalation,
 }
 
 /// Clients and caches of one run.
@@ -73,6 +75,7 @@ impl Sink {
         let mut c = self.connect()?;
         let read_before = c.group.read_before(&c.consumer, &self.kafka).await;
         c.mirrors.start(&c.es, read_before).await?;
+        self.resume_direct(&mut c).await?;
         loop {
             let Some(mut batch) = self.collect(&c.consumer).await? else {
                 c.group.changes_since_probe = false;
@@ -125,7 +128,7 @@ impl Sink {
         Ok(Clients {
             consumer: super::group::join(&self.es, &self.kafka, self.canary_topic())?,
             continuity: Continuity::new(self.canary_topic()),
-            group: GroupWatch::new(&self.es, &self.kafka)?,
+            group: GroupWatch::new(&self.es, &self.kafka, &self.escalation)?,
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),

@@ -69,6 +69,8 @@ pub struct EsWriterActor {
     task: Option<tokio::task::AbortHandle>,
     /// Canary records to read (the search stage of freshness), if any.
     canary: Option<Arc<CanaryWatch>>,
+    /// Where the remedies for a stall stand, across restarts of the task.
+    escalation: remedy::KeptEscalation,
 }
 
 impl EsWriterActor {
@@ -88,6 +90,7 @@ impl EsWriterActor {
             budget,
             task: None,
             canary: None,
+            escalation: Default::default(),
         }
     }
 
@@ -107,6 +110,7 @@ impl Actor for EsWriterActor {
             kafka: self.kafka.clone(),
             pg: self.pg.clone(),
             canary: self.canary.clone(),
+            escalation: self.escalation.clone(),
         };
         let handle = spawn_after_backoff(&self.budget, sink.run());
         self.task = Some(handle.abort_handle());

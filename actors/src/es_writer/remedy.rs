@@ -28,6 +28,21 @@ pub(super) enum Membership {
     Direct(Instant),
 }
 
+/// How far the remedies for a stall went, kept across restarts of the
+/// sink's task: a sink that crashed while reading directly goes on reading
+/// directly, instead of joining a group that does not work and waiting
+/// for the stall to be found again.
+#[derive(Debug, Default)]
+pub(crate) struct Escalation {
+    /// Rejoins and spells of direct reading since the group last worked.
+    counts: (u32, u32),
+    /// The end of the spell of direct reading under way.
+    direct_until: Option<Instant>,
+}
+
+/// The [`Escalation`] a sink's task restarts from.
+pub(crate) type KeptEscalation = Arc<std::sync::Mutex<Escalation>>;
+
 /// What the sink keeps to watch its group.
 pub(super) struct GroupWatch {
     /// Looks up the group's progress.
@@ -48,22 +63,42 @@ pub(super) struct GroupWatch {
     /// Per partition, where the last probe found the group (its committed
     /// offset, or the log start if that is beyond it).
     probed: HashMap<(String, i32), i64>,
+    /// Where the remedies stand, for the next run after a restart.
+    kept: KeptEscalation,
 }
 
 impl GroupWatch {
     /// A watch for a sink that joins its group now.
-    pub(super) fn new(es: &EsConfig, kafka: &KafkaConfig) -> Result<Self, EsError> {
+    pub(super) fn new(
+        es: &EsConfig,
+        kafka: &KafkaConfig,
+        kept: &KeptEscalation,
+    ) -> Result<Self, EsError> {
         let bound = Duration::from_secs(es.stall_timeout_secs);
+        let mut stall = StallWatch::new(bound, Instant::now());
+        stall.resume(lock(kept).counts);
         Ok(Self {
             prober: group::prober(es, kafka)?,
-            stall: StallWatch::new(bound, Instant::now()),
+            stall,
             membership: Membership::Group,
             probed_at: Instant::now(),
             probe_failures: 0,
             positions: HashMap::new(),
             probed: HashMap::new(),
             changes_since_probe: false,
+            kept: kept.clone(),
         })
+    }
+
+    /// Keep where the remedies stand for a restarted task.
+    fn keep(&self) {
+        *lock(&self.kept) = Escalation {
+            counts: self.stall.escalation(),
+            direct_until: match self.membership {
+                Membership::Direct(until) => Some(until),
+                Membership::Group => None,
+            },
+        };
     }
 
     /// Whether the group has committed offsets past the log start of a
@@ -106,6 +141,33 @@ impl Sink {
     /// probe): update the lag metrics and readiness, report a stall and
     /// remedy it.
     pub(super) async fn check_group(&self, c: &mut Clients, idle: bool) -> Result<(), EsError> {
+        let checked = self.check(c, idle).await;
+        c.group.keep();
+        checked
+    }
+
+    /// A run that starts during a spell of direct reading (its task
+    /// restarted): read directly for the rest of the spell.
+    pub(super) async fn resume_direct(&self, c: &mut Clients) -> Result<(), EsError> {
+        let until = lock(&c.group.kept).direct_until;
+        let left = until.and_then(|u| u.checked_duration_since(Instant::now()));
+        crate::metrics::metrics().es_sink_direct.set(0);
+        let Some(left) = left else {
+            return Ok(());
+        };
+        let Some(partitions) = self.probe(c).await else {
+            return Ok(()); // in the group: a stall is found again
+        };
+        tracing::warn!(group = %self.es.consumer_group, left_secs = left.as_secs(), "es sink restarted while reading directly, outside its group: reading directly for the rest of the spell");
+        self.replace_consumer(c).await?;
+        group::read_directly(&c.consumer, &partitions)?;
+        c.group.membership = Membership::Direct(Instant::now() + left);
+        crate::metrics::metrics().es_sink_direct.set(1);
+        Ok(())
+    }
+
+    /// [`Self::check_group`], before keeping where the remedies stand.
+    async fn check(&self, c: &mut Clients, idle: bool) -> Result<(), EsError> {
         let now = Instant::now();
         c.group.probed_at = now;
         if let Membership::Direct(until) = c.group.membership {
@@ -265,4 +327,10 @@ impl Sink {
         c.continuity = Continuity::new(self.canary_topic());
         Ok(())
     }
+}
+
+/// `kept`, also after a panic while it was held.
+fn lock(kept: &KeptEscalation) -> std::sync::MutexGuard<'_, Escalation> {
+    kept.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -124,6 +124,16 @@ impl StallWatch {
         }
     }
 
+    /// The rejoins and spells of direct reading since the group last worked.
+    pub(super) fn escalation(&self) -> (u32, u32) {
+        (self.rejoins, self.spells)
+    }
+
+    /// Go on from the rejoins and spells an earlier watch counted.
+    pub(super) fn resume(&mut self, (rejoins, spells): (u32, u32)) {
+        (self.rejoins, self.spells) = (rejoins, spells);
+    }
+
     /// The sink committed `offset` (the next to read) on a partition itself:
     /// progress, even if a probe still reads the older committed offset.
     pub(super) fn committed(&mut self, topic: &str, partition: i32, offset: i64, now: Instant) {
