@@ -33,7 +33,7 @@ pub(super) enum Membership {
 /// directly, instead of joining a group that does not work and waiting
 /// for the stall to be found again.
 #[derive(Debug, Default)]
-pub(crate) struct Escalation {
+pub(super) struct Escalation {
     /// Rejoins and spells of direct reading since the group last worked.
     counts: (u32, u32),
     /// The end of the spell of direct reading under way.
@@ -41,7 +41,7 @@ pub(crate) struct Escalation {
 }
 
 /// The [`Escalation`] a sink's task restarts from.
-pub(crate) type KeptEscalation = Arc<std::sync::Mutex<Escalation>>;
+pub(super) type KeptEscalation = Arc<std::sync::Mutex<Escalation>>;
 
 /// What the sink keeps to watch its group.
 pub(super) struct GroupWatch {
@@ -149,19 +149,19 @@ impl Sink {
     /// A run that starts during a spell of direct reading (its task
     /// restarted): read directly for the rest of the spell.
     pub(super) async fn resume_direct(&self, c: &mut Clients) -> Result<(), EsError> {
-        let until = lock(&c.group.kept).direct_until;
-        let left = until.and_then(|u| u.checked_duration_since(Instant::now()));
         crate::metrics::metrics().es_sink_direct.set(0);
-        let Some(left) = left else {
+        let until = lock(&c.group.kept).direct_until;
+        let Some(until) = until.filter(|u| *u > Instant::now()) else {
             return Ok(());
         };
         let Some(partitions) = self.probe(c).await else {
             return Ok(()); // in the group: a stall is found again
         };
-        tracing::warn!(group = %self.es.consumer_group, left_secs = left.as_secs(), "es sink restarted while reading directly, outside its group: reading directly for the rest of the spell");
+        let left_secs = until.saturating_duration_since(Instant::now()).as_secs();
+        tracing::warn!(group = %self.es.consumer_group, left_secs, "es sink restarted while reading directly, outside its group: reading directly for the rest of the spell");
         self.replace_consumer(c).await?;
         group::read_directly(&c.consumer, &partitions)?;
-        c.group.membership = Membership::Direct(Instant::now() + left);
+        c.group.membership = Membership::Direct(until);
         crate::metrics::metrics().es_sink_direct.set(1);
         Ok(())
     }
