@@ -78,6 +78,13 @@ impl Rig {
         crate::support::daemon_cmd(&self.dir.path().join(name), cfg, envs, command)
     }
 
+    /// `pgcdc run` without the sink (`partitions` per topic), once its slot streams.
+    async fn streaming(&self, partitions: i32) -> Daemon {
+        let mut run = self.start("run", &self.config("run", partitions, None, ""), "run", &[]);
+        crate::support::wait_slot_active(&self.db, &mut run, "pgcdc").await;
+        run
+    }
+
     /// Wait until the mirror equals the table, within `timeout`.
     async fn mirror_equals_table(&self, timeout: Duration, daemon: &Daemon) {
         let want = Want::Verified {
@@ -233,8 +240,7 @@ const STALL_TIMEOUT: &str = "stall_timeout_secs = 5";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_sink_without_partitions_reports_the_stall_and_rejoins_its_group() {
     let rig = Rig::on(Box::new(crate::support::mock_broker()), 3).await;
-    let mut run = rig.start("run", &rig.config("run", 3, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let _run = rig.streaming(3).await;
     for t in 0..20 {
         let sql = format!(
             "INSERT INTO items SELECT g, 'x', g FROM generate_series({0} * 5 + 1, {0} * 5 + 5) g",
@@ -311,8 +317,7 @@ async fn a_standalone_sink_without_partitions_reports_the_stall_and_rejoins_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_restarted_while_reading_directly_goes_on_reading_directly() {
     let rig = Rig::on(Box::new(crate::support::mock_broker()), 3).await;
-    let mut run = rig.start("run", &rig.config("run", 3, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let _run = rig.streaming(3).await;
     rig.db
         .batch_execute("INSERT INTO items SELECT g, 'x', g FROM generate_series(1, 100) g")
         .await
@@ -380,8 +385,7 @@ async fn the_daemon_is_not_ready_while_its_sink_is_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_whose_group_never_forms_reads_directly_and_the_mirror_catches_up() {
     let rig = Rig::on(Box::new(Tansu::start().unwrap()), 3).await;
-    let mut run = rig.start("run", &rig.config("run", 3, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let _run = rig.streaming(3).await;
     let port = crate::support::free_port();
     let cfg = rig.config("sink", 3, Some(port), "");
     let mut sink = rig.start("sink", &cfg, "es-sink", &[]);
@@ -515,8 +519,7 @@ fn ownership_is_read_from_assignments_revocations_and_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sinks_share_six_partitions_one_owner_at_a_time_through_a_kill_9() {
     let rig = Rig::on(Box::new(Tansu::start().unwrap()), 6).await;
-    let mut run = rig.start("run", &rig.config("run", 6, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let _run = rig.streaming(6).await;
     let writer = Writer::start(&rig.pg).await;
     let mut sinks: Vec<Daemon> = ["a", "b"]
         .iter()
@@ -562,8 +565,7 @@ async fn two_sinks_mid_fill(rig: &Rig, hold_ms: u64) -> (Daemon, Vec<Daemon>, [u
         .batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 200) g")
         .await
         .unwrap();
-    let mut run = rig.start("run", &rig.config("run", 2, None, ""), "run", &[]);
-    crate::support::wait_slot_active(&rig.db, &mut run, "pgcdc").await;
+    let run = rig.streaming(2).await;
     let hold = format!("es-fill-copy=return({hold_ms})");
     let ports = [crate::support::free_port(), crate::support::free_port()];
     let sinks: Vec<Daemon> = ["a", "b"]
