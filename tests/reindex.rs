@@ -527,6 +527,14 @@ async fn a_fill_waits_for_a_commit_prepared_applied_before_it_but_not_yet_visibl
     fill_waits_for_a_held_commit(Held::CommitPrepared).await;
 }
 
+/// The same with a `COMMIT PREPARED` that spells the name otherwise than
+/// `quote_literal` does (here `E'…'` with an escape): it cannot be told
+/// which prepared transaction it commits, so the fill waits for them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_waits_for_a_commit_prepared_naming_it_with_an_escape() {
+    fill_waits_for_a_held_commit(Held::CommitPreparedEscaped).await;
+}
+
 /// The same when pgcdc's role lacks `pg_read_all_stats`: it cannot see
 /// that another role's commit waits, so it waits for that role's
 /// transactions, and says why.
@@ -542,6 +550,8 @@ enum Held {
     Commit,
     /// A `COMMIT PREPARED`.
     CommitPrepared,
+    /// A `COMMIT PREPARED E'…'`.
+    CommitPreparedEscaped,
     /// A commit of a role whose waits pgcdc's role cannot see.
     OtherRole,
 }
@@ -551,14 +561,19 @@ async fn fill_waits_for_a_held_commit(held: Held) {
     let stuck = crate::support::waiting_writer(&m.pg, &m.db).await;
     let changes =
         "INSERT INTO items VALUES (100001, 7, 0, 'late'); UPDATE items SET n = 5 WHERE id = 7;";
-    let commit = if held == Held::CommitPrepared {
-        // Prepared where commits do not wait; committed where they do.
-        m.db.batch_execute(&format!("BEGIN; {changes} PREPARE TRANSACTION 'late'"))
-            .await
-            .unwrap();
-        "COMMIT PREPARED 'late'".to_string()
-    } else {
-        format!("BEGIN; {changes} COMMIT;")
+    let commit = match held {
+        Held::CommitPrepared | Held::CommitPreparedEscaped => {
+            // Prepared where commits do not wait; committed where they do.
+            m.db.batch_execute(&format!("BEGIN; {changes} PREPARE TRANSACTION 'late'"))
+                .await
+                .unwrap();
+            if held == Held::CommitPrepared {
+                "COMMIT PREPARED 'late'".to_string()
+            } else {
+                r"commit prepared E'l\x61te'".to_string()
+            }
+        }
+        Held::Commit | Held::OtherRole => format!("BEGIN; {changes} COMMIT;"),
     };
     let commit = tokio::spawn(async move { stuck.batch_execute(&commit).await });
     let url = format!("{}/{ALIAS}/_doc/100001", m.es.url);

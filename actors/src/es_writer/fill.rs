@@ -292,8 +292,10 @@ async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
 /// Only sessions of this database can change its tables. A session's own
 /// commit waits holding its transaction's lock. A `COMMIT PREPARED` waits
 /// in a session that holds no lock of the prepared transaction: that one
-/// is found by its name in the waiting statement (or counted in whenever a
-/// session's statements are hidden).
+/// is found by its name, quoted plainly, in the waiting statement. Every
+/// prepared transaction is counted in while a waiting `COMMIT PREPARED`
+/// names none that way (its name spelled otherwise: `E'…'`, `$$…$$`), or
+/// while a session's statements are hidden.
 pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), EsError> {
     let q = |e| fill_error(crate::pg::PgError::from(e));
     let row = sql
@@ -319,7 +321,10 @@ pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), 
              UNION ALL \
              SELECT p.transaction::text, a.backend_type IS NULL FROM pg_prepared_xacts p \
              JOIN a ON p.database = current_database() \
-              AND (a.backend_type IS NULL OR strpos(a.query, quote_literal(p.gid)) > 0)",
+              AND (a.backend_type IS NULL OR strpos(a.query, quote_literal(p.gid)) > 0 \
+                   OR (a.query ~* '\\mcommit\\s+prepared\\M' AND NOT EXISTS \
+                       (SELECT FROM pg_prepared_xacts n \
+                        WHERE strpos(a.query, quote_literal(n.gid)) > 0)))",
             &[],
         )
         .await
