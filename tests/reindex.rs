@@ -371,12 +371,12 @@ struct Mirrored {
 
 impl Mirrored {
     async fn start() -> Mirrored {
-        Self::start_as(None).await
+        Self::start_with(None, &[]).await
     }
 
     /// Started as `role` (a role made here, with `REPLICATION` and `SELECT`
-    /// on the table only) instead of the superuser.
-    async fn start_as(role: Option<&str>) -> Mirrored {
+    /// on the table only) instead of the superuser, with `envs` set.
+    async fn start_with(role: Option<&str>, envs: &[(&str, &str)]) -> Mirrored {
         let (pg, tansu, dir, db) = pg_and_tansu().await;
         let es = SearchServer::start().unwrap();
         db.batch_execute(&format!(
@@ -404,7 +404,7 @@ impl Mirrored {
         let port = crate::support::free_port();
         let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
         let probe = crate::support::Probe::on(port);
-        let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+        let mut daemon = crate::support::daemon(dir.path(), &cfg, envs);
         crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
         let m = Mirrored {
             pg,
@@ -446,6 +446,28 @@ impl Mirrored {
         let stopped = self.daemon.terminate(Duration::from_secs(30)).unwrap();
         assert_eq!(stopped.code(), Some(0));
     }
+}
+
+/// A column added with a default while the sink cannot ask PostgreSQL
+/// whether older rows hold one (failpoint `es-column-defaults`, as when
+/// PostgreSQL is unreachable): a mapping alone would leave every older
+/// document without the value, so the sink fills a new index instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_when_its_default_cannot_be_looked_up_is_filled() {
+    let envs = [("FAILPOINTS", "es-column-defaults=return")];
+    let m = Mirrored::start_with(None, &envs).await;
+    m.change_and_wait(
+        "ALTER TABLE items ADD COLUMN flag bool NOT NULL DEFAULT true; \
+         UPDATE items SET n = n + 1 WHERE id = 4",
+    )
+    .await;
+    wait_alias(&m.es, "cdc_public_items~2", &m.daemon).await;
+    let log = m.daemon.log_text();
+    assert!(
+        log.contains("cannot tell whether added columns have defaults that older rows hold"),
+        "{}",
+        m.daemon.log_tail()
+    );
 }
 
 /// A mirror whose index is deleted (by hand, or by a retention policy),
@@ -557,7 +579,7 @@ enum Held {
 }
 
 async fn fill_waits_for_a_held_commit(held: Held) {
-    let m = Mirrored::start_as((held == Held::OtherRole).then_some("reader")).await;
+    let m = Mirrored::start_with((held == Held::OtherRole).then_some("reader"), &[]).await;
     let stuck = crate::support::waiting_writer(&m.pg, &m.db).await;
     let changes =
         "INSERT INTO items VALUES (100001, 7, 0, 'late'); UPDATE items SET n = 5 WHERE id = 7;";

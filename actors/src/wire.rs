@@ -240,8 +240,11 @@ pub mod failpoint {
     /// The ES sink's fill of a new mirror generation, once its snapshot is
     /// taken: `return(ms)` waits that long before the rows are copied.
     pub const ES_FILL_COPY: &str = "es-fill-copy";
+    /// The ES sink's look-up of whether columns a record adds have
+    /// defaults: `return` fails it, as an unreachable PostgreSQL would.
+    pub const ES_COLUMN_DEFAULTS: &str = "es-column-defaults";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -253,5 +256,6 @@ pub mod failpoint {
         ES_ASSIGNED,
         ES_RECORDS_LOST,
         ES_FILL_COPY,
+        ES_COLUMN_DEFAULTS,
     ];
 }

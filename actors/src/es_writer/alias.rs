@@ -654,13 +654,18 @@ impl Mirrors {
     }
 
     /// Added columns that older rows hold a value in (a default) need a
-    /// new generation: the documents written before lack it. `None` when
-    /// every added column is NULL in older rows, or PostgreSQL cannot say.
+    /// new generation: the documents written before lack it. So does an
+    /// added column when PostgreSQL cannot say (a needless fill rather than
+    /// documents missing a value). `None` when every added column is NULL
+    /// in older rows.
     async fn defaults(&self, added: &Map<String, Value>, table: TableOf<'_>) -> Option<Change> {
         let pg = self.pg.as_ref()?;
         let (schema, name) = table()?;
         let columns: Vec<String> = added.keys().cloned().collect();
         let found = async {
+            fail::fail_point!(crate::wire::failpoint::ES_COLUMN_DEFAULTS, |_| Err(
+                crate::pg::PgError::NotReady("failpoint es-column-defaults".into())
+            ));
             let sql = crate::pg::connect(pg).await?;
             crate::pg::catalog::columns_with_defaults(&sql, &schema, &name, &columns).await
         };
@@ -670,8 +675,10 @@ impl Mirrors {
                 "columns {with:?} added with a default that older rows hold"
             ))),
             Err(e) => {
-                tracing::warn!(table = %format!("{schema}.{name}"), error = %e, "cannot tell whether added columns have defaults: older documents lack them until their rows change");
-                None
+                tracing::warn!(table = %format!("{schema}.{name}"), columns = ?columns, error = %e, "cannot tell whether added columns have defaults that older rows hold: filling a new index from PostgreSQL");
+                Some(Change::Incompatible(format!(
+                    "columns {columns:?} added, and whether older rows hold a default is unknown"
+                )))
             }
         }
     }
