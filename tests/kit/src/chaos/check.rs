@@ -117,10 +117,16 @@ pub fn explain_mirror(wrong: &[String], scan: &TopicScan, brokers: &str) -> Stri
     )
 }
 
-/// Mirror documents whose `_version` is not the commit LSN of their row's last change.
-pub fn stale_versions(es: &Documents, kafka: &HashMap<String, u64>) -> usize {
+/// Mirror documents whose `_version` is not the commit LSN of their row's
+/// last change; with `filled`, older than it (a row a fill copied, and
+/// that did not change since, has the fill's snapshot position, which is
+/// newer).
+pub fn stale_versions(es: &Documents, kafka: &HashMap<String, u64>, filled: bool) -> usize {
     es.iter()
-        .filter(|(id, (v, _))| kafka.get(*id) != Some(v))
+        .filter(|(id, (v, _))| match kafka.get(*id) {
+            Some(k) if filled => v < k,
+            k => k != Some(v),
+        })
         .count()
 }
 
@@ -154,6 +160,7 @@ pub fn confirmed_but_missing(confirmed: u64, committed: &[Committed], seen: &See
 pub async fn versions_settle(
     es_url: &str,
     kafka: &HashMap<String, u64>,
+    filled: bool,
     timeout: Duration,
 ) -> Result<Documents, String> {
     let read = || async {
@@ -168,7 +175,7 @@ pub async fn versions_settle(
         || async {
             match read().await {
                 Ok(docs) => {
-                    let stale = stale_versions(&docs, kafka);
+                    let stale = stale_versions(&docs, kafka, filled);
                     Poll::when(stale == 0, docs, || format!("{stale} stale"))
                 }
                 Err(e) => Poll::Abort(e),
@@ -262,9 +269,14 @@ mod tests {
         assert_eq!(scan.last_at.get("1"), Some(&(1, 41)));
         let mut es = Documents::new();
         es.insert("1".into(), (900, Value::Null));
-        assert_eq!(stale_versions(&es, &scan.versions), 0);
+        assert_eq!(stale_versions(&es, &scan.versions, false), 0);
         es.insert("1".into(), (500, Value::Null));
         es.insert("2".into(), (7, Value::Null));
-        assert_eq!(stale_versions(&es, &scan.versions), 2);
+        assert_eq!(stale_versions(&es, &scan.versions, false), 2);
+        assert_eq!(stale_versions(&es, &scan.versions, true), 2);
+        // Copied by a fill at a newer snapshot position.
+        es.insert("1".into(), (1200, Value::Null));
+        assert_eq!(stale_versions(&es, &scan.versions, false), 2);
+        assert_eq!(stale_versions(&es, &scan.versions, true), 1);
     }
 }

@@ -55,6 +55,8 @@ pub enum Scenario {
     CheckpointMissing,
     /// Advance the slot past the checkpoint behind the stopped daemon: exit 5.
     SlotAdvanced,
+    /// Change the table's columns (the mirror takes a mapping or a new index filled from PostgreSQL), then kill -9 soon after.
+    SchemaChange,
 }
 
 impl Scenario {
@@ -239,7 +241,7 @@ mod tests {
         assert_eq!(
             names.join(","),
             "kill9,panic,pg-restart,walsender-kill,slot-dropped,proxy,es-errors,kafka-down,\
-             disk-full,checkpoint-corrupt,checkpoint-missing,slot-advanced"
+             disk-full,checkpoint-corrupt,checkpoint-missing,slot-advanced,schema-change"
         );
         for s in Scenario::value_variants() {
             let help = s

@@ -106,6 +106,7 @@ async fn drive(ctx: &Context<'_>, w: &mut World, o: &mut Outcome) -> Verdict {
         w.db = db;
     }
     let brokers = w.broker.brokers();
+    let filled = ctx.scenario == Scenario::SchemaChange;
     let want = Want::Verified {
         pg: &w.pg,
         table: "public.chaos_items",
@@ -116,7 +117,7 @@ async fn drive(ctx: &Context<'_>, w: &mut World, o: &mut Outcome) -> Verdict {
     if es.is_ok() {
         // Equal rows are not the end of the sink's work; wait for the versions too.
         if let Ok(scan) = block_in_place(|| check::read_topic(&brokers)) {
-            es = check::versions_settle(&w.es.url, &scan.versions, SETTLE).await;
+            es = check::versions_settle(&w.es.url, &scan.versions, filled, SETTLE).await;
         }
     }
     let status = block_in_place(|| w.daemon.terminate(STOP));
@@ -147,7 +148,7 @@ async fn drive(ctx: &Context<'_>, w: &mut World, o: &mut Outcome) -> Verdict {
     }
     match &es {
         Ok(docs) => {
-            let stale = check::stale_versions(docs, &kafka_versions);
+            let stale = check::stale_versions(docs, &kafka_versions, filled);
             checks.check(stale == 0, || {
                 format!("es: {stale} documents' _version is not their last commit lsn")
             });
