@@ -178,16 +178,18 @@ async fn kafka_down(rng: &mut Rng, w: &mut World) -> Result<usize> {
 /// documents lack a value their rows hold: a new generation filled from
 /// PostgreSQL), a nullable column added (a mapping), the first one's type
 /// changed from integer to text, rewriting every row without a change in
-/// the WAL (a new generation again). Then kill -9 within 3 s, often while
-/// the fill runs, and start again.
+/// the WAL, the second one renamed, the first one dropped (each of the last
+/// three a new generation). Then kill -9 within 3 s, often while the fill
+/// runs, and start again.
 async fn schema_change(i: usize, rng: &mut Rng, w: &mut World) -> Result<usize> {
-    let first = i - i % 3;
-    let ddl = match i % 3 {
-        0 => format!("ALTER TABLE chaos_items ADD COLUMN d{first} int NOT NULL DEFAULT {i}"),
-        1 => format!("ALTER TABLE chaos_items ADD COLUMN a{i} text"),
-        _ => format!(
-            "ALTER TABLE chaos_items ALTER COLUMN d{first} TYPE text USING 'was ' || d{first}"
-        ),
+    let t = "ALTER TABLE chaos_items";
+    let (d, a) = (format!("d{}", i - i % 5), format!("a{}", i - i % 5));
+    let ddl = match i % 5 {
+        0 => format!("{t} ADD COLUMN {d} int NOT NULL DEFAULT {i}"),
+        1 => format!("{t} ADD COLUMN {a} text"),
+        2 => format!("{t} ALTER COLUMN {d} TYPE text USING 'was ' || {d}"),
+        3 => format!("{t} RENAME COLUMN {a} TO r{a}"),
+        _ => format!("{t} DROP COLUMN {d}"),
     };
     w.db.batch_execute(&ddl).await?;
     tokio::time::sleep(Duration::from_millis(rng.below(3000))).await;
