@@ -1206,6 +1206,60 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
     );
 }
 
+/// A key change under the default replica identity reaches the sink as a
+/// delete and a create whose unchanged TOAST column carries no value, and
+/// no document holds one under the new key: the sink reads it from the row
+/// in PostgreSQL. Also when the same batch updates the new row again, and
+/// for a row deleted before the sink reads it (written without, then
+/// deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
+         INSERT INTO docs SELECT g, 0, (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i) FROM generate_series(1, 6) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["docs"],
+        "",
+    ) + &format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        r.es.url
+    );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "UPDATE docs SET id = id + 100 WHERE id <= 3;
+         UPDATE docs SET n = 5 WHERE id = 103;
+         UPDATE docs SET id = 200 WHERE id = 4; DELETE FROM docs WHERE id = 200;",
+    )
+    .await
+    .unwrap();
+    let index = "cdc_public_docs";
+    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
+
+    let records = crate::support::read_all(&*r.broker, TOPIC);
+    let moved = records
+        .iter()
+        .filter(|rec| rec.op() == "c" && rec.after()["id"].as_i64().is_some_and(|id| id > 100))
+        .filter(|rec| rec.value.as_ref().unwrap()["unchanged_toast"] == json!(["blob"]))
+        .count();
+    assert_eq!(moved, 4, "the creates of the new keys carry no blob");
+    let docs = r.es.documents(index).await.unwrap();
+    for id in ["101", "102", "103"] {
+        let blob = docs[id].1["blob"].as_str().map(str::len);
+        assert_eq!(blob, Some(9600), "document {id}");
+    }
+    assert_eq!(docs["103"].1["n"], json!(5));
+    assert!(!docs.contains_key("200"));
+}
+
 /// A column added while streaming is mapped from its PostgreSQL type before
 /// its first document; an existing mirror index that would forget deletes
 /// too soon is refused with the setting to change.

@@ -28,6 +28,10 @@ pub struct Action {
     pub history: bool,
     /// Unchanged TOAST columns to take from the stored document before sending.
     pub merge: Option<Box<Merge>>,
+    /// Unchanged TOAST columns no document held: `columns` are the ones
+    /// still missing from `doc`, to be read from PostgreSQL
+    /// ([`toast`](super::toast)).
+    pub lacking: Option<Box<Merge>>,
     /// Hash of index and document id: actions on one document share a lane,
     /// so they are sent in order even with several requests in flight.
     pub lane: u64,
@@ -132,6 +136,10 @@ pub struct Merge {
     pub columns: Vec<String>,
     /// The document as the change has it (with `_cdc`).
     pub doc: Map<String, Value>,
+    /// The row's table: schema and name.
+    pub table: (String, String),
+    /// The row's key, as the record key has it.
+    pub key: Map<String, Value>,
 }
 
 /// What one Kafka record asks of Elasticsearch.
@@ -217,7 +225,7 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
     };
     let id = doc_id(&key);
     let mut actions = Vec::with_capacity(2);
-    match current_action(&env, &index, &id, origin) {
+    match current_action(&env, &index, (&id, &key), origin) {
         Some(action) => actions.push(action),
         None => return Planned::Poison(format!("op {:?} without an after image", env.op)),
     }
@@ -230,7 +238,12 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
 /// The write that keeps the mirror index current: a versioned delete, a
 /// versioned index, or (unchanged TOAST columns) a merge; `None` when the op
 /// needs an after image and has none, or is unknown.
-fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> Option<Action> {
+fn current_action(
+    env: &ReadEnvelope,
+    index: &str,
+    (id, key): (&str, &Map<String, Value>),
+    origin: usize,
+) -> Option<Action> {
     let (lsn, seq) = (env.source.commit_lsn, env.source.seq);
     let (meta, doc) = match (&*env.op, &env.after) {
         ("d", _) => (versioned_meta("delete", index, id, lsn, true), None),
@@ -244,7 +257,14 @@ fn current_action(env: &ReadEnvelope, index: &str, id: &str, origin: usize) -> O
             // stored document before the (still versioned) write.
             let merge = (!env.unchanged_toast.is_empty()).then(|| {
                 let columns = env.unchanged_toast.to_vec();
-                Box::new(Merge { columns, doc })
+                let table = (env.source.schema.to_string(), env.source.table.to_string());
+                let key = key.clone();
+                Box::new(Merge {
+                    columns,
+                    doc,
+                    table,
+                    key,
+                })
             });
             return Some(Action {
                 merge,

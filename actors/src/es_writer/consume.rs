@@ -385,8 +385,28 @@ impl Sink {
         m.es_items
             .with_label_values(&["superseded"])
             .inc_by(r.superseded as u64);
-        if r.unknown > 0 {
-            tracing::warn!(documents = r.unknown, "updates with unchanged TOAST columns for documents not in the mirror: written without those columns (REPLICA IDENTITY FULL sends them)");
+        if r.lacking == 0 {
+            return Ok(());
+        }
+        let filled = match &self.pg {
+            Some(pg) => super::toast::fill(pg, pending)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no postgres settings".into()),
+        };
+        let (filled, error) = match filled {
+            Ok(n) => (n, None),
+            Err(e) => (0, Some(e)),
+        };
+        m.es_items
+            .with_label_values(&["toast_from_postgres"])
+            .inc_by(filled as u64);
+        let left = r.lacking - filled;
+        if left > 0 {
+            m.es_items
+                .with_label_values(&["toast_missing"])
+                .inc_by(left as u64);
+            tracing::warn!(documents = left, error, "changes with unchanged TOAST columns that no document holds, nor PostgreSQL now (row gone, or not readable): written without those columns (REPLICA IDENTITY FULL sends them)");
         }
         Ok(())
     }

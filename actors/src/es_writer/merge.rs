@@ -12,14 +12,15 @@
 //! - a document deleted since (its version kept for `gc_deletes`) refuses
 //!   the write with 409: a replay never brings a deleted row back;
 //! - a document that does not exist yet (its creation was before the
-//!   topic's retention, or on a key that changed) is written without the
-//!   columns, and that is logged.
+//!   topic's retention, or on a key that changed), or that lacks a column,
+//!   leaves the columns missing: the action is marked `lacking`, and they
+//!   are read from PostgreSQL before the write ([`toast`](super::toast)).
 
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-use super::bulk::Action;
+use super::bulk::{Action, Merge};
 use super::truncate::Position;
 
 /// A document: its index and id.
@@ -49,8 +50,8 @@ pub fn to_fetch(actions: &[Action]) -> Vec<DocRef> {
 pub struct Resolved {
     /// Dropped: the stored document is newer.
     pub superseded: usize,
-    /// Written without their unchanged columns: no document to take them from.
-    pub unknown: usize,
+    /// Left lacking some unchanged columns: no document held them.
+    pub lacking: usize,
 }
 
 /// The position of the change a stored document holds: its `_cdc` (commit
@@ -91,19 +92,32 @@ pub fn resolve(actions: &mut Vec<Action>, stored: &HashMap<DocRef, Stored>) -> R
                     None => None,
                 },
             };
-            let mut doc = merge.doc;
-            match from {
-                Some(source) => {
-                    for c in &merge.columns {
-                        if let Some(v) = source.get(c) {
-                            doc.insert(c.clone(), v.clone());
-                        }
+            let Merge {
+                columns,
+                mut doc,
+                table,
+                key: row_key,
+            } = *merge;
+            let mut missing = Vec::new();
+            for c in columns {
+                match from.as_ref().and_then(|source| source.get(&c)) {
+                    Some(v) => {
+                        doc.insert(c, v.clone());
                     }
+                    None => missing.push(c),
                 }
-                None => out.unknown += 1,
             }
             a.doc = Some(Value::Object(doc.clone()).to_string());
-            latest.insert(key, Some(doc));
+            latest.insert(key, Some(doc.clone()));
+            if !missing.is_empty() {
+                out.lacking += 1;
+                a.lacking = Some(Box::new(Merge {
+                    columns: missing,
+                    doc,
+                    table,
+                    key: row_key,
+                }));
+            }
         } else {
             latest.insert(key, a.source());
         }
@@ -175,14 +189,40 @@ mod tests {
     }
 
     #[test]
-    fn a_merge_without_a_document_is_written_without_the_column() {
-        let mut actions = vec![action(1, 20, "u", json!({"id": 1, "n": 2}), &["blob"])];
+    fn a_merge_without_a_document_is_marked_lacking_the_column() {
+        let mut actions = vec![
+            action(1, 20, "u", json!({"id": 1, "n": 2}), &["blob"]),
+            action(1, 30, "u", json!({"id": 1, "n": 3}), &["blob"]),
+        ];
         let r = resolve(&mut actions, &HashMap::new());
-        assert_eq!(r.unknown, 1);
-        assert!(doc(&actions[0]).get("blob").is_none());
+        assert_eq!(r.lacking, 2, "the second takes its document from the first");
+        for a in &actions {
+            assert!(doc(a).get("blob").is_none());
+            let lacking = a.lacking.as_ref().expect("lacking");
+            assert_eq!(lacking.columns, ["blob"]);
+            assert_eq!(lacking.key, *json!({"id": 1}).as_object().unwrap());
+            assert_eq!(lacking.table, ("public".into(), "t".into()));
+        }
         assert!(
             actions[0].meta.contains("\"version\":20"),
             "still versioned"
         );
+    }
+
+    #[test]
+    fn a_stored_document_without_the_column_leaves_it_lacking() {
+        let key = ("cdc_public_t".to_owned(), "1".to_owned());
+        let stored_doc = json!({"id": 1, "n": 1, "note": "x"})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let stored = HashMap::from([(key, (10, stored_doc))]);
+        let toast = ["blob", "note"];
+        let mut actions = vec![action(1, 20, "u", json!({"id": 1, "n": 2}), &toast)];
+        let r = resolve(&mut actions, &stored);
+        assert_eq!(r.lacking, 1);
+        assert_eq!(doc(&actions[0])["note"], json!("x"));
+        let lacking = actions[0].lacking.as_ref().expect("lacking");
+        assert_eq!(lacking.columns, ["blob"], "note was found");
     }
 }

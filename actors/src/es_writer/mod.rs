@@ -37,6 +37,7 @@ mod retry;
 mod send;
 mod shared;
 mod stall;
+mod toast;
 mod truncate;
 
 use std::sync::Arc;

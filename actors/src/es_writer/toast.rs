@@ -1,0 +1,136 @@
+//! Unchanged TOAST columns no document held ([`merge`](super::merge)),
+//! read from the row in PostgreSQL as it is now.
+//!
+//! Under the default replica identity a key change reaches the sink as a
+//! delete and a create whose unchanged TOAST columns carry no value, so the
+//! new key's document has nothing to take them from. A value read now is
+//! never older than the change being written: a later change that set the
+//! column carries it in full and is written after, with a higher version,
+//! and a later delete removes the document. A row not found (deleted or
+//! re-keyed since) is written without the columns, as are rows of a table
+//! whose key cannot be looked up.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::bulk::Action;
+use super::naming::doc_id;
+use crate::checkpoint::KeyText;
+use crate::event::{KeySource, TableRef, TxMeta};
+use crate::lsn::Lsn;
+use crate::pg::PostgresConfig;
+use crate::snapshot::{reader, Shape, SnapshotError};
+
+/// Keys per query.
+const CHUNK_KEYS: usize = 1000;
+
+/// Fill the `lacking` columns of `actions` from PostgreSQL; how many
+/// actions got all of theirs. Those left keep `lacking`.
+pub(super) async fn fill(
+    pg: &PostgresConfig,
+    actions: &mut [Action],
+) -> Result<usize, SnapshotError> {
+    let mut tables: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for (i, a) in actions.iter().enumerate() {
+        if let Some(l) = &a.lacking {
+            tables.entry(l.table.clone()).or_default().push(i);
+        }
+    }
+    if tables.is_empty() {
+        return Ok(0);
+    }
+    let sql = reader(pg).await?;
+    let mut filled = 0;
+    for ((schema, name), at) in tables {
+        let table = TableRef {
+            schema,
+            name,
+            key_columns: Vec::new(),
+            key_source: KeySource::default(),
+            column_types: String::new(),
+        };
+        let shape = Shape::load(&sql, &table, &pg.publication).await?;
+        if shape.keyless() {
+            continue;
+        }
+        let mut keys: Vec<KeyText> = at
+            .iter()
+            .filter_map(|&i| {
+                let l = actions[i].lacking.as_ref()?;
+                key_text(&shape.table.key_columns, &l.key)
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut rows: HashMap<String, Map<String, Value>> = HashMap::new();
+        for chunk in keys.chunks(CHUNK_KEYS) {
+            let found = sql.simple_query(&shape.keys_query(chunk)).await?;
+            let tx = TxMeta {
+                xid: 0,
+                commit_lsn: Lsn(0),
+                commit_time_us: 0,
+            };
+            for (_, event) in shape.events(&found, tx, Lsn(0), &mut 0) {
+                if let (Some(key), Some(after)) = (&event.key, &event.after) {
+                    rows.insert(doc_id(&key.to_map()), after.to_map().into_owned());
+                }
+            }
+        }
+        for i in at {
+            let a = &mut actions[i];
+            let Some(row) = rows.get(&a.id) else {
+                continue;
+            };
+            let Some(mut l) = a.lacking.take() else {
+                continue;
+            };
+            l.columns.retain(|c| match row.get(c) {
+                Some(v) => {
+                    l.doc.insert(c.clone(), v.clone());
+                    false
+                }
+                None => true,
+            });
+            a.doc = Some(Value::Object(l.doc.clone()).to_string());
+            match l.columns.is_empty() {
+                true => filled += 1,
+                false => a.lacking = Some(l),
+            }
+        }
+    }
+    Ok(filled)
+}
+
+/// The key's text in `columns`' order, as a key query takes it; `None`
+/// when a column is missing or null.
+fn key_text(columns: &[String], key: &Map<String, Value>) -> Option<KeyText> {
+    columns
+        .iter()
+        .map(|c| match key.get(c)? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            v => Some(v.to_string()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_texts_follow_the_key_columns_order() {
+        let key = json!({"b": "x'y", "a": 7, "c": true});
+        let key = key.as_object().unwrap();
+        let columns = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert_eq!(
+            key_text(&columns, key),
+            Some(vec!["7".into(), "x'y".into(), "true".into()])
+        );
+        assert_eq!(key_text(&["d".to_owned()], key), None);
+        let null = json!({"a": null});
+        assert_eq!(key_text(&["a".to_owned()], null.as_object().unwrap()), None);
+    }
+}
