@@ -55,7 +55,7 @@ pub enum Scenario {
     CheckpointMissing,
     /// Advance the slot past the checkpoint behind the stopped daemon: exit 5.
     SlotAdvanced,
-    /// Change the table's columns (the mirror takes a mapping or a new index filled from PostgreSQL), then kill -9 soon after.
+    /// Change the table's columns (the mirror takes a mapping or a new index filled from PostgreSQL), then kill -9 soon after; the workload also truncates the table.
     SchemaChange,
 }
 

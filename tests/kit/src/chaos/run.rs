@@ -86,6 +86,7 @@ async fn drive(ctx: &Context<'_>, w: &mut World, o: &mut Outcome) -> Verdict {
     let writer = tokio::spawn(workload::run(
         w.pg.url(),
         ctx.seed,
+        ctx.scenario == Scenario::SchemaChange,
         stop.clone(),
         journal.clone(),
     ));

@@ -1,6 +1,6 @@
 //! The workload: numbered transactions on `chaos_items` mixing inserts,
 //! updates, deletes, primary-key changes, multi-row and one large
-//! transaction. Every transaction writes its own number into `n`, so each
+//! transaction, and where asked a `TRUNCATE` every [`TRUNCATE_EVERY`]. Every transaction writes its own number into `n`, so each
 //! change it makes is recognisable on Kafka; ids are never reused, so a
 //! delete of an id happens at most once.
 
@@ -21,6 +21,8 @@ pub const DDL: &str = "CREATE TABLE chaos_items (id bigint PRIMARY KEY, n bigint
 pub const LARGE_TX_ROWS: i64 = 5_000;
 /// The transaction number of the large transaction.
 const LARGE_TX_AT: i64 = 25;
+/// Transactions from one `TRUNCATE` to the next, when the workload truncates.
+const TRUNCATE_EVERY: i64 = 600;
 /// How long the writer keeps trying to reconnect after an error.
 const RECONNECT: Duration = Duration::from_secs(60);
 
@@ -131,15 +133,21 @@ fn change_key(plan: &mut Plan, n: i64, old: i64, new: i64) {
     plan.added.push(new);
 }
 
-/// Plan transaction `n`; every row is touched at most once.
-fn plan(n: i64, model: &mut Model, rng: &mut Rng) -> Plan {
+/// Plan transaction `n`; every row is touched at most once. With
+/// `truncates`, every [`TRUNCATE_EVERY`]th (from the middle of the first
+/// span) empties the table, then inserts a row.
+fn plan(n: i64, model: &mut Model, rng: &mut Rng, truncates: bool) -> Plan {
     let mut p = Plan {
         sql: "BEGIN;".into(),
         expect: Vec::new(),
         added: Vec::new(),
         removed: Vec::new(),
     };
-    if n == LARGE_TX_AT {
+    if truncates && n % TRUNCATE_EVERY == TRUNCATE_EVERY / 2 {
+        p.sql.push_str("TRUNCATE chaos_items;");
+        p.removed = model.live.clone();
+        insert(&mut p, n, model.fresh_id());
+    } else if n == LARGE_TX_AT {
         let first = model.next_id + 1;
         model.next_id += LARGE_TX_ROWS;
         p.sql.push_str(&format!(
@@ -197,8 +205,15 @@ async fn recover(url: &str, model: &mut Model) -> Option<Client> {
     Some(client)
 }
 
-/// Commit numbered transactions until `stop` is set, recording each commit in `journal`.
-pub async fn run(url: String, seed: u64, stop: Arc<AtomicBool>, journal: Arc<Mutex<Journal>>) {
+/// Commit numbered transactions until `stop` is set, recording each commit
+/// in `journal`; with `truncates`, a `TRUNCATE` now and then.
+pub async fn run(
+    url: String,
+    seed: u64,
+    truncates: bool,
+    stop: Arc<AtomicBool>,
+    journal: Arc<Mutex<Journal>>,
+) {
     let mut rng = Rng::new(seed ^ 0x005e_ed0f_c4a0);
     let mut model = Model {
         live: Vec::new(),
@@ -210,7 +225,7 @@ pub async fn run(url: String, seed: u64, stop: Arc<AtomicBool>, journal: Arc<Mut
     let mut n = 0i64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
-        let p = plan(n, &mut model, &mut rng);
+        let p = plan(n, &mut model, &mut rng, truncates);
         if client.batch_execute(&p.sql).await.is_err() {
             lock(&journal).unknown += 1;
             let _ = client.batch_execute("ROLLBACK").await;
@@ -241,14 +256,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plans_touch_each_row_at_most_once() {
+    fn plans_touch_each_row_at_most_once_and_truncates_empty_the_model() {
         let mut rng = Rng::new(1);
         let mut model = Model {
             live: Vec::new(),
             next_id: 0,
         };
-        for n in 1..200 {
-            let p = plan(n, &mut model, &mut rng);
+        let mut truncated = Vec::new();
+        for n in 1..2000 {
+            let p = plan(n, &mut model, &mut rng, true);
             let mut ids: Vec<i64> = p
                 .expect
                 .iter()
@@ -262,6 +278,11 @@ mod tests {
             assert_eq!(ids.len(), len, "tx {n} touches a row twice: {}", p.sql);
             model.live.retain(|id| !p.removed.contains(id));
             model.live.extend(&p.added);
+            if p.sql.contains("TRUNCATE") {
+                truncated.push(n);
+                assert_eq!(model.live, p.added, "only the row inserted after it");
+            }
         }
+        assert_eq!(truncated, [300, 900, 1500]);
     }
 }
