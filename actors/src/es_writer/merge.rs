@@ -108,16 +108,16 @@ pub fn resolve(actions: &mut Vec<Action>, stored: &HashMap<DocRef, Stored>) -> R
                 }
             }
             a.doc = Some(Value::Object(doc.clone()).to_string());
-            latest.insert(key, Some(doc.clone()));
             if !missing.is_empty() {
                 out.lacking += 1;
                 a.lacking = Some(Box::new(Merge {
                     columns: missing,
-                    doc,
+                    doc: doc.clone(),
                     table,
                     key: row_key,
                 }));
             }
+            latest.insert(key, Some(doc));
         } else {
             latest.insert(key, a.source());
         }
