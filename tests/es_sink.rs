@@ -1209,48 +1209,55 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
 /// A key change under the default replica identity reaches the sink as a
 /// delete and a create whose unchanged TOAST column carries no value, and
 /// no document holds one under the new key: the sink reads it from the row
-/// in PostgreSQL. Also when the same batch updates the new row again, and
-/// for a row deleted before the sink reads it (written without, then
-/// deleted).
+/// in PostgreSQL. Also when the same batch updates the new row again, for
+/// a row deleted before the sink reads it (written without, then deleted),
+/// and for a composite text key of a unique index (REPLICA IDENTITY USING
+/// INDEX) with a quote in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    db.batch_execute(
+    let blob =
+        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
+    db.batch_execute(&format!(
         "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
-         INSERT INTO docs SELECT g, 0, (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i) FROM generate_series(1, 6) g;",
-    )
+         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 6) g;
+         CREATE TABLE tagged (region text NOT NULL, code text NOT NULL, blob text);
+         CREATE UNIQUE INDEX tagged_key ON tagged (region, code);
+         ALTER TABLE tagged REPLICA IDENTITY USING INDEX tagged_key;
+         INSERT INTO tagged SELECT 'eu', 'c' || g, {blob} FROM generate_series(1, 2) g;"
+    ))
     .await
     .unwrap();
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &["docs"],
-        "",
-    ) + &format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-        r.es.url
-    );
+    let state = r.dir.path().join("state");
+    let cfg = config(&r.pg, &*r.broker, &state, &["docs", "tagged"], "")
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+            r.es.url
+        );
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "UPDATE docs SET id = id + 100 WHERE id <= 3;
          UPDATE docs SET n = 5 WHERE id = 103;
-         UPDATE docs SET id = 200 WHERE id = 4; DELETE FROM docs WHERE id = 200;",
+         UPDATE docs SET id = 200 WHERE id = 4; DELETE FROM docs WHERE id = 200;
+         UPDATE tagged SET code = code || '''s' WHERE code = 'c1';",
     )
     .await
     .unwrap();
     let index = "cdc_public_docs";
-    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
+    let tagged = "cdc_public_tagged";
+    let wait = Duration::from_secs(90);
+    assert_mirrors_table(&r, "public.docs", index, wait, &daemon).await;
+    assert_mirrors_table(&r, "public.tagged", tagged, wait, &daemon).await;
 
     let records = crate::support::read_all(&*r.broker, TOPIC);
     let moved = records
         .iter()
-        .filter(|rec| rec.op() == "c" && rec.after()["id"].as_i64().is_some_and(|id| id > 100))
+        .filter(|rec| rec.op() == "c")
         .filter(|rec| rec.value.as_ref().unwrap()["unchanged_toast"] == json!(["blob"]))
         .count();
-    assert_eq!(moved, 4, "the creates of the new keys carry no blob");
+    assert_eq!(moved, 5, "the creates of the new keys carry no blob");
     let docs = r.es.documents(index).await.unwrap();
     for id in ["101", "102", "103"] {
         let blob = docs[id].1["blob"].as_str().map(str::len);
@@ -1258,6 +1265,13 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     }
     assert_eq!(docs["103"].1["n"], json!(5));
     assert!(!docs.contains_key("200"));
+    let docs = r.es.documents(tagged).await.unwrap();
+    let blobs: Vec<Option<usize>> = docs
+        .values()
+        .filter(|(_, d)| d["code"] == "c1's")
+        .map(|(_, d)| d["blob"].as_str().map(str::len))
+        .collect();
+    assert_eq!(blobs, [Some(9600)]);
 }
 
 /// A column added while streaming is mapped from its PostgreSQL type before

@@ -21,6 +21,7 @@ use crate::event::{KeySource, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::PostgresConfig;
 use crate::snapshot::{reader, Shape, SnapshotError};
+use crate::verify::keys::text;
 
 /// Keys per query.
 const CHUNK_KEYS: usize = 1000;
@@ -103,16 +104,10 @@ pub(super) async fn fill(
 }
 
 /// The key's text in `columns`' order, as a key query takes it; `None`
-/// when a column is missing or null.
+/// when a column is missing, or its value is not a string, number or
+/// boolean.
 fn key_text(columns: &[String], key: &Map<String, Value>) -> Option<KeyText> {
-    columns
-        .iter()
-        .map(|c| match key.get(c)? {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            v => Some(v.to_string()),
-        })
-        .collect()
+    columns.iter().map(|c| text(key.get(c)?)).collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ const HASHED: &str = "sha256:";
 
 /// The text of one key value as PostgreSQL reads it back: a string as is,
 /// a number or boolean as its JSON text; `None` for anything else.
-fn text(v: &Value) -> Option<String> {
+pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
@@ -19,8 +19,10 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// The key text of the document `id` with `source`, for a table keyed by
-/// `names`: a one-column key is the id itself; a wider key is the id's JSON
-/// array; a hashed id's key comes from the source's key columns. `None`
+/// `names` (in key order): a one-column key is the id itself; a wider key
+/// is the id's JSON array, whose values are in the order of the column
+/// names sorted (the id is made from a JSON object, whose keys are kept
+/// sorted); a hashed id's key comes from the source's key columns. `None`
 /// when neither says (such a document is reported, never repaired).
 pub(crate) fn key_of_doc(id: &str, source: &Map<String, Value>, names: &[&str]) -> Option<KeyText> {
     if !id.starts_with(HASHED) {
@@ -29,7 +31,15 @@ pub(crate) fn key_of_doc(id: &str, source: &Map<String, Value>, names: &[&str]) 
         }
         if let Ok(Value::Array(values)) = serde_json::from_str::<Value>(id) {
             if values.len() == names.len() {
-                return values.iter().map(text).collect();
+                let mut sorted: Vec<&str> = names.to_vec();
+                sorted.sort_unstable();
+                return names
+                    .iter()
+                    .map(|n| {
+                        let at = sorted.binary_search(n).ok()?;
+                        text(&values[at])
+                    })
+                    .collect();
             }
         }
     }
@@ -58,5 +68,19 @@ mod tests {
             Some(vec!["7".into(), "x".into()])
         );
         assert_eq!(key_of_doc("not json", &none, &["a", "b"]), None);
+    }
+
+    #[test]
+    fn a_wide_id_is_read_back_in_key_order_whatever_the_names_sort_to() {
+        let key = json!({"region": "eu", "code": "c1's"});
+        let id = crate::es_writer::doc_id(key.as_object().unwrap());
+        assert_eq!(
+            id, r#"["c1's","eu"]"#,
+            "the id lists the values by column name"
+        );
+        assert_eq!(
+            key_of_doc(&id, &Map::new(), &["region", "code"]),
+            Some(vec!["eu".into(), "c1's".into()])
+        );
     }
 }

@@ -36,7 +36,7 @@ pub mod continuous;
 mod fence;
 mod fold;
 mod kafka;
-mod keys;
+pub(crate) mod keys;
 mod mirror;
 mod passes;
 mod recheck;
