@@ -116,8 +116,9 @@ fn chaos_a_full_disk_three_times_exits_with_code_6_or_keeps_running() {
 /// within 3 s: a column added with a default, a type rewritten in place, a
 /// column renamed and one dropped (each a new index filled from
 /// PostgreSQL, some of them killed or replaced mid-fill), and a nullable
-/// column added. The mirror must end equal to the table, new columns and
-/// rewritten values included; about 60 s.
+/// column added; the workload truncates the table every 600 transactions.
+/// The mirror must end equal to the table, new columns and rewritten values
+/// included; about 60 s.
 #[test]
 fn chaos_schema_changes_with_kills_mid_fill_pass() {
     let stdout = chaos(5, &[Scenario::SchemaChange], 6, 30, BrokerKind::Tansu);
