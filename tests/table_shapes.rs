@@ -930,6 +930,8 @@ async fn a_composite_key_has_the_same_bytes_in_snapshot_and_stream() {
             .push((r.op().to_owned(), bytes, r.partition));
     }
     assert_eq!(by_row.len(), 21);
+    let changed = by_row.values().filter(|s| s.len() > 1).count();
+    assert_eq!(changed, 20, "every copied row also has its update");
     for (row, seen) in by_row.iter().filter(|(_, s)| s.len() > 1) {
         let ops: Vec<&str> = seen.iter().map(|(op, _, _)| op.as_str()).collect();
         assert_eq!(ops, ["r", "u"], "{row}");

@@ -69,6 +69,20 @@ pub struct TableRef {
     pub column_types: String,
 }
 
+impl TableRef {
+    /// `schema.name`, its key and column types not yet known (for
+    /// [`Shape::load`](crate::snapshot::Shape::load), which reads them).
+    pub fn named(schema: String, name: String) -> TableRef {
+        TableRef {
+            schema,
+            name,
+            key_columns: Vec::new(),
+            key_source: KeySource::default(),
+            column_types: String::new(),
+        }
+    }
+}
+
 /// Where and when a change was committed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TxMeta {

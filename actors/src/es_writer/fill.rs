@@ -39,7 +39,7 @@ use super::error::EsError;
 use super::naming::doc_id;
 use super::retry::with_retry;
 use crate::checkpoint::KeyText;
-use crate::event::{KeySource, TableRef, TxMeta};
+use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
@@ -83,13 +83,7 @@ impl Fill {
     /// Copy the table; the rows written.
     pub(super) async fn run(self) -> Result<u64, EsError> {
         let sql = reader(&self.pg).await.map_err(fill_error)?;
-        let table = TableRef {
-            schema: self.schema.clone(),
-            name: self.table.clone(),
-            key_columns: Vec::new(),
-            key_source: KeySource::default(),
-            column_types: String::new(),
-        };
+        let table = TableRef::named(self.schema.clone(), self.table.clone());
         let shape = Shape::load(&sql, &table, &self.pg.publication)
             .await
             .map_err(fill_error)?;

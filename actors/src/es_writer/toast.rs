@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::bulk::Action;
 use super::naming::doc_id;
 use crate::checkpoint::KeyText;
-use crate::event::{KeySource, TableRef, TxMeta};
+use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::PostgresConfig;
 use crate::snapshot::{reader, Shape, SnapshotError};
@@ -44,13 +44,7 @@ pub(super) async fn fill(
     let sql = reader(pg).await?;
     let mut filled = 0;
     for ((schema, name), at) in tables {
-        let table = TableRef {
-            schema,
-            name,
-            key_columns: Vec::new(),
-            key_source: KeySource::default(),
-            column_types: String::new(),
-        };
+        let table = TableRef::named(schema, name);
         let shape = Shape::load(&sql, &table, &pg.publication).await?;
         if shape.keyless() {
             continue;
@@ -65,13 +59,14 @@ pub(super) async fn fill(
         keys.sort();
         keys.dedup();
         let mut rows: HashMap<String, Map<String, Value>> = HashMap::new();
+        // The rows are only read for their values: no transaction of theirs.
+        let tx = TxMeta {
+            xid: 0,
+            commit_lsn: Lsn(0),
+            commit_time_us: 0,
+        };
         for chunk in keys.chunks(CHUNK_KEYS) {
             let found = sql.simple_query(&shape.keys_query(chunk)).await?;
-            let tx = TxMeta {
-                xid: 0,
-                commit_lsn: Lsn(0),
-                commit_time_us: 0,
-            };
             for (_, event) in shape.events(&found, tx, Lsn(0), &mut 0) {
                 if let (Some(key), Some(after)) = (&event.key, &event.after) {
                     rows.insert(doc_id(&key.to_map()), after.to_map().into_owned());

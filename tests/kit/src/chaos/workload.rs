@@ -1,8 +1,9 @@
 //! The workload: numbered transactions on `chaos_items` mixing inserts,
 //! updates, deletes, primary-key changes, multi-row and one large
-//! transaction, and where asked a `TRUNCATE` every [`TRUNCATE_EVERY`]. Every transaction writes its own number into `n`, so each
-//! change it makes is recognisable on Kafka; ids are never reused, so a
-//! delete of an id happens at most once.
+//! transaction, and where asked a `TRUNCATE` every [`TRUNCATE_EVERY`].
+//! Every transaction writes its own number into `n`, so each change it
+//! makes is recognisable on Kafka; ids are never reused, so a delete of an
+//! id happens at most once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
