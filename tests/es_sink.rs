@@ -1274,6 +1274,81 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     assert_eq!(blobs, [Some(9600)]);
 }
 
+/// Columns named like Elasticsearch's metadata fields (`_id`, `_source`,
+/// `_routing`) or the sink's `_cdc` are written under their shifted fields
+/// (`_id_`, …): through the stream, a merge of an unchanged TOAST column, a
+/// key change read from PostgreSQL, and a fill for a column added with a
+/// default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_named_like_metadata_fields_are_mirrored_under_shifted_fields() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let blob =
+        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
+    db.batch_execute(&format!(
+        "CREATE TABLE legacy (_id text PRIMARY KEY, _cdc text, _source text, n int);
+         INSERT INTO legacy SELECT 'm' || g, 'mine ' || g, {blob}, 0 FROM generate_series(1, 4) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["legacy"],
+        "",
+    ) + &format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        r.es.url
+    );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(&format!(
+        "INSERT INTO legacy SELECT 'm5', 'mine 5', {blob}, 0 FROM generate_series(5, 5) g;
+         UPDATE legacy SET n = 1, _cdc = 'changed' WHERE _id = 'm1';
+         UPDATE legacy SET _id = 'm2x' WHERE _id = 'm2';
+         DELETE FROM legacy WHERE _id = 'm3';"
+    ))
+    .await
+    .unwrap();
+    let index = "cdc_public_legacy";
+    let wait = Duration::from_secs(90);
+    assert_mirrors_table(&r, "public.legacy", index, wait, &daemon).await;
+    let rows = db
+        .query("SELECT _id, _cdc, length(_source), n FROM legacy", &[])
+        .await
+        .unwrap();
+    // `documents` also fails on a `_cdc` that is not the sink's (its LSN the version).
+    let docs = r.es.documents(index).await.unwrap();
+    assert_eq!(docs.len(), rows.len(), "{:?}", docs.keys());
+    for row in &rows {
+        let id: String = row.get(0);
+        let (_, doc) = &docs[&id];
+        assert_eq!(doc["_id_"], json!(id));
+        assert_eq!(
+            doc["_cdc_"],
+            json!(row.get::<_, String>(1)),
+            "document {id}"
+        );
+        let blob = doc["_source_"].as_str().map(str::len);
+        assert_eq!(blob, Some(row.get::<_, i32>(2) as usize), "document {id}");
+        assert_eq!(doc["n"], json!(row.get::<_, i32>(3)), "document {id}");
+    }
+
+    db.batch_execute("ALTER TABLE legacy ADD COLUMN _routing int NOT NULL DEFAULT 7")
+        .await
+        .unwrap();
+    db.batch_execute("UPDATE legacy SET n = 2 WHERE _id = 'm4'")
+        .await
+        .unwrap();
+    assert_mirrors_table(&r, "public.legacy", index, wait, &daemon).await;
+    let docs = r.es.documents(index).await.unwrap();
+    for (id, (_, doc)) in &docs {
+        assert_eq!(doc["_routing_"], json!(7), "document {id}");
+    }
+    assert_eq!(docs["m4"].1["n"], json!(2));
+}
+
 /// A column added while streaming is mapped from its PostgreSQL type before
 /// its first document; an existing mirror index that would forget deletes
 /// too soon is refused with the setting to change.

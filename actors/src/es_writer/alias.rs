@@ -705,7 +705,8 @@ impl Mirrors {
             }
             meta.shape = shape.clone();
             let value = meta.to_value();
-            with_retry(&self.es, || client.put_mapping(index, added, &value)).await?;
+            let properties = super::naming::fields(added.clone());
+            with_retry(&self.es, || client.put_mapping(index, &properties, &value)).await?;
             if !added.is_empty() {
                 tracing::info!(index, columns = ?added.keys().collect::<Vec<_>>(), "mapped new columns");
             }

@@ -5,7 +5,7 @@ use serde_json::error::Category;
 use serde_json::{json, Map, Value};
 
 use super::config::EsConfig;
-use super::naming::doc_id;
+use super::naming::{doc_id, field, fields};
 use super::truncate::Position;
 use crate::wire::Envelope;
 
@@ -248,7 +248,7 @@ fn current_action(
     let (meta, doc) = match (&*env.op, &env.after) {
         ("d", _) => (versioned_meta("delete", index, id, lsn, true), None),
         ("c" | "u" | "r", Some(after)) => {
-            let mut doc = after.clone();
+            let mut doc = fields(after.clone());
             let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms, "xid": env.source.tx_id});
             doc.insert("_cdc".into(), cdc);
             let meta = versioned_meta("index", index, id, lsn, true);
@@ -256,7 +256,11 @@ fn current_action(
             // Unchanged TOAST columns were not sent: they are taken from the
             // stored document before the (still versioned) write.
             let merge = (!env.unchanged_toast.is_empty()).then(|| {
-                let columns = env.unchanged_toast.to_vec();
+                let columns = env
+                    .unchanged_toast
+                    .iter()
+                    .map(|c| field(c).into_owned())
+                    .collect();
                 let table = (env.source.schema.to_string(), env.source.table.to_string());
                 let key = key.clone();
                 Box::new(Merge {
@@ -446,7 +450,10 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         .unwrap_or_default();
     let mut props: Map<String, Value> = columns
         .iter()
-        .map(|(c, t)| (c.clone(), field_mapping(t.as_str().unwrap_or(""))))
+        .map(|(c, t)| {
+            let mapping = field_mapping(t.as_str().unwrap_or(""));
+            (field(c).into_owned(), mapping)
+        })
         .collect();
     props.insert(
         "_cdc".into(),
@@ -527,6 +534,27 @@ mod tests {
                 json!({"id": 7, "n": "x", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9, "xid": 41}})
             )
         );
+    }
+
+    #[test]
+    fn columns_named_like_reserved_fields_are_written_under_shifted_fields() {
+        let row = json!({"id": 7, "_id": "m7", "_cdc": "mine", "_source": "crm"});
+        let l = lines(plan(
+            &cfg(false),
+            Some(br#"{"id":7}"#),
+            Some(&envelope("u", row)),
+            0,
+        ));
+        assert_eq!(
+            l[0].1,
+            Some(
+                json!({"id": 7, "_id_": "m7", "_cdc_": "mine", "_source_": "crm", "_cdc": {"op": "u", "lsn": 500, "seq": 2, "ts_ms": 9, "xid": 41}})
+            )
+        );
+        let body = index_body(&cfg(false), Some(r#"{"id":"int4","_id":"text"}"#), false);
+        let p = &body["mappings"]["properties"];
+        assert_eq!(p["_id_"]["fields"]["keyword"]["type"], json!("keyword"));
+        assert!(p.get("_id").is_none(), "{p}");
     }
 
     #[test]

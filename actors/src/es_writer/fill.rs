@@ -36,7 +36,7 @@ use super::bulk::{outcomes, render, Action, Outcome};
 use super::client::EsClient;
 use super::config::EsConfig;
 use super::error::EsError;
-use super::naming::doc_id;
+use super::naming::{doc_id, fields};
 use super::retry::with_retry;
 use crate::checkpoint::KeyText;
 use crate::event::{TableRef, TxMeta};
@@ -185,7 +185,7 @@ impl Fill {
 
     /// The write of one copied row, versioned by the snapshot position.
     fn action(&self, event: &crate::event::ChangeEvent, lsn: u64) -> Option<Action> {
-        let mut doc = event.after.as_ref()?.to_map().into_owned();
+        let mut doc = fields(event.after.as_ref()?.to_map().into_owned());
         let key = event.key.as_ref()?;
         let id = doc_id(&key.to_map());
         let ts_ms = event.tx.commit_time_us / 1000;

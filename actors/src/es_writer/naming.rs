@@ -14,6 +14,16 @@
 //! the key's values; an id longer than Elasticsearch's 512-byte limit (wide
 //! keys, or every column of a table without a primary key) becomes
 //! `sha256:` and the hex SHA-256 of that text.
+//!
+//! A document field is the column's name, except for a name Elasticsearch
+//! or OpenSearch keeps for itself (a document holding `_id`, `_source`,
+//! `_routing`… is refused; one holding `_doc_count` changes aggregation
+//! counts) or the sink's own `_cdc`: such a name, followed by any number
+//! of `_`, gets one more `_` (column `_id` is field `_id_`, column `_id_`
+//! is field `_id__`). Every other name is its own field, so the mapping
+//! is one to one and read back by [`column`].
+
+use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -27,6 +37,61 @@ const NAME_HASH_HEX: usize = 12;
 /// Room kept after a mapped mirror name for suffixes pgcdc appends
 /// (`_history`, version numbers).
 const SUFFIX_ROOM: usize = 24;
+
+/// Field names a document cannot hold as columns (see the module docs):
+/// the metadata fields of Elasticsearch 8 and OpenSearch 2, and `_cdc`.
+const RESERVED_FIELDS: &[&str] = &[
+    "_cdc",
+    "_data_stream_timestamp",
+    "_doc_count",
+    "_feature",
+    "_field_names",
+    "_id",
+    "_ignored",
+    "_ignored_source",
+    "_index",
+    "_nested_path",
+    "_primary_term",
+    "_routing",
+    "_seq_no",
+    "_source",
+    "_tier",
+    "_ts_routing_hash",
+    "_tsid",
+    "_version",
+];
+
+/// Whether `name` is a reserved field followed by any number of `_`.
+fn shifted(name: &str) -> bool {
+    name.starts_with('_') && RESERVED_FIELDS.contains(&name.trim_end_matches('_'))
+}
+
+/// The document field of `column` (see the module docs).
+pub fn field(column: &str) -> Cow<'_, str> {
+    match shifted(column) {
+        true => Cow::Owned(format!("{column}_")),
+        false => Cow::Borrowed(column),
+    }
+}
+
+/// The column of the document `field`; `None` for a reserved field
+/// itself (`_cdc`), which is no column's.
+pub fn column(field: &str) -> Option<&str> {
+    match shifted(field) {
+        true => field.strip_suffix('_').filter(|c| shifted(c)),
+        false => Some(field),
+    }
+}
+
+/// `row` (columns and values) with each column under its field.
+pub fn fields(row: Map<String, Value>) -> Map<String, Value> {
+    if !row.keys().any(|c| shifted(c)) {
+        return row;
+    }
+    row.into_iter()
+        .map(|(c, v)| (field(&c).into_owned(), v))
+        .collect()
+}
 
 fn sha256_hex(text: &str) -> String {
     Sha256::digest(text.as_bytes())
@@ -154,6 +219,33 @@ mod tests {
         let id = doc_id(&wide);
         assert!(id.starts_with("sha256:") && id.len() == 7 + 64, "{id}");
         assert_eq!(id, doc_id(&wide));
+    }
+
+    #[test]
+    fn reserved_columns_get_one_more_underscore_and_are_read_back() {
+        for (c, f) in [
+            ("id", "id"),
+            ("_private", "_private"),
+            ("_", "_"),
+            ("_id", "_id_"),
+            ("_id_", "_id__"),
+            ("_cdc", "_cdc_"),
+            ("_doc_count", "_doc_count_"),
+            ("id_", "id_"),
+        ] {
+            assert_eq!(field(c), f, "{c}");
+            assert_eq!(column(f), Some(c), "{f}");
+        }
+        assert_eq!(column("_cdc"), None, "the sink's own field");
+        assert_eq!(column("_source"), None);
+        let row = json!({"_id": 1, "_id_": 2, "n": 3})
+            .as_object()
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            Value::Object(fields(row)),
+            json!({"_id_": 1, "_id__": 2, "n": 3})
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{Map, Value};
 
 use super::bulk::Action;
-use super::naming::doc_id;
+use super::naming::{doc_id, fields};
 use crate::checkpoint::KeyText;
 use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
@@ -69,7 +69,7 @@ pub(super) async fn fill(
             let found = sql.simple_query(&shape.keys_query(chunk)).await?;
             for (_, event) in shape.events(&found, tx, Lsn(0), &mut 0) {
                 if let (Some(key), Some(after)) = (&event.key, &event.after) {
-                    rows.insert(doc_id(&key.to_map()), after.to_map().into_owned());
+                    rows.insert(doc_id(&key.to_map()), fields(after.to_map().into_owned()));
                 }
             }
         }

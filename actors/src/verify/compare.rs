@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::es_writer::naming::{column, field};
 use crate::lsn::Lsn;
 
 /// The field the sink adds to every mirror document (not a column).
@@ -152,12 +153,12 @@ pub fn compare(
     };
     let mut columns: Vec<String> = row
         .iter()
-        .filter(|(c, v)| doc.get(*c) != Some(*v))
+        .filter(|(c, v)| doc.get(field(c).as_ref()) != Some(*v))
         .map(|(c, _)| c.clone())
         .collect();
     columns.extend(
         doc.keys()
-            .filter(|c| *c != CDC_FIELD && !row.contains_key(*c))
+            .filter(|f| column(f).is_some_and(|c| !row.contains_key(c)))
             .cloned(),
     );
     match columns.is_empty() {
@@ -201,6 +202,21 @@ mod tests {
         assert_eq!(
             compare(None, Some(&doc), &Cut::at(Lsn(10))),
             Verdict::Differs(Kind::Extra, vec![])
+        );
+    }
+
+    #[test]
+    fn reserved_columns_are_compared_with_their_shifted_fields() {
+        let row = map(json!({"_id": "m1", "_cdc": "user data", "n": "a"}));
+        let doc = map(json!({"_id_": "m1", "_cdc_": "user data", "n": "a", "_cdc": {"lsn": 10}}));
+        assert_eq!(
+            compare(Some(&row), Some(&doc), &Cut::at(Lsn(10))),
+            Verdict::Equal
+        );
+        let stale = map(json!({"_id_": "m1", "n": "a", "_cdc": {"lsn": 10}}));
+        assert_eq!(
+            compare(Some(&row), Some(&stale), &Cut::at(Lsn(10))),
+            Verdict::Differs(Kind::Stale, vec!["_cdc".into()])
         );
     }
 

@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::checkpoint::KeyText;
+use crate::es_writer::naming::field;
 
 /// Prefix of a hashed (too long) document id: its key cannot be read back from it.
 const HASHED: &str = "sha256:";
@@ -45,7 +46,7 @@ pub(crate) fn key_of_doc(id: &str, source: &Map<String, Value>, names: &[&str]) 
     }
     names
         .iter()
-        .map(|n| source.get(*n).and_then(text))
+        .map(|n| source.get(field(n).as_ref()).and_then(text))
         .collect()
 }
 
@@ -68,6 +69,12 @@ mod tests {
             Some(vec!["7".into(), "x".into()])
         );
         assert_eq!(key_of_doc("not json", &none, &["a", "b"]), None);
+        let shifted = json!({"_id_": "m", "b": 1}).as_object().cloned().unwrap();
+        assert_eq!(
+            key_of_doc("sha256:00", &shifted, &["_id", "b"]),
+            Some(vec!["m".into(), "1".into()]),
+            "a reserved key column is read from its field"
+        );
     }
 
     #[test]
