@@ -1274,6 +1274,40 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     assert_eq!(blobs, [Some(9600)]);
 }
 
+/// Every type family of the type zoo (`types.rs`) is mirrored as it is
+/// rendered, copied and streamed: none is refused by its mapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_family_is_mirrored_without_a_refusal() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(crate::types::ZOO).await.unwrap();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["zoo"], "")
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+            r.es.url
+        );
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO zoo SELECT id + 10, dom, doms, dnum, mood, moods, moods2, place, places, nullf, m, mmin, h, ci, r, er, tr, b, vb, tsv, pt, bx, bxs, x, jb, d, tsz, f8s, ea, i2d, c FROM zoo;
+         UPDATE zoo SET jb = '[1, \"two\", {\"three\": 3}]', dnum = 'NaN' WHERE id = 1;
+         UPDATE zoo SET jb = '7' WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    let index = "cdc_public_zoo";
+    assert_mirrors_table(&r, "public.zoo", index, Duration::from_secs(90), &daemon).await;
+    let metrics = crate::support::Probe::on(port).metrics().await;
+    let dead = metrics
+        .lines()
+        .find(|l| l.starts_with("pgcdc_dead_letters_total"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(dead.is_empty() || dead.ends_with(" 0"), "{dead}");
+}
+
 /// Columns named like Elasticsearch's metadata fields (`_id`, `_source`,
 /// `_routing`) or the sink's `_cdc` are written under their shifted fields
 /// (`_id_`, …): through the stream, a merge of an unchanged TOAST column, a

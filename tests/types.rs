@@ -22,7 +22,7 @@ const READ: Duration = Duration::from_secs(120);
 const STOP: Duration = Duration::from_secs(30);
 
 /// The types, the table and two rows: edge values, then NULLs and empties.
-const ZOO: &str = r#"
+pub(crate) const ZOO: &str = r#"
 CREATE EXTENSION hstore; CREATE EXTENSION citext;
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
 CREATE DOMAIN money2 AS numeric(10,2);
@@ -143,6 +143,22 @@ async fn every_type_family_renders_by_its_rule_alike_in_snapshot_and_stream() {
     assert_eq!(
         jb,
         r#"{"big":123456789012345678901234567890,"f":1.50,"n":[null,0.1]}"#
+    );
+    // A type's name says its values' shape: a domain its base type's.
+    let types: Value =
+        serde_json::from_str(record(&records, "c", 3).header(header::TYPES)).unwrap();
+    let named = |c: &str| types[c].as_str().unwrap_or("absent").to_owned();
+    let names: Vec<String> = [
+        "dom", "doms", "dnum", "mood", "moods", "place", "places", "h", "ci", "pt", "id",
+    ]
+    .map(named)
+    .to_vec();
+    assert_eq!(
+        names,
+        [
+            "int4", "_int4", "numeric", "unknown", "_unknown", "record", "_record", "hstore",
+            "unknown", "unknown", "int4"
+        ]
     );
     let mut inserted = record(&records, "c", 3).after().clone();
     inserted["id"] = json!(1);

@@ -478,7 +478,8 @@ pub fn field_mapping(pg_type: &str) -> Value {
             json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": TEXT_KEYWORD_MAX}}})
         }
         "bytea" => json!({"type": "binary"}),
-        "json" | "jsonb" => json!({"type": "object", "enabled": false}),
+        // Objects of any shape: kept in `_source`, not indexed.
+        "json" | "jsonb" | "record" | "hstore" => json!({"type": "object", "enabled": false}),
         _ => json!({"type": "keyword", "ignore_above": KEYWORD_MAX}),
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use super::values::{known_array, known_scalar};
+use super::values::{known_array, known_scalar, type_name};
 use super::{PgError, PostgresConfig};
 
 /// Type resolution stops after this many levels of domains, arrays and
@@ -60,6 +60,33 @@ impl Rule {
             elem: Arc::new(Rule::Builtin(elem)),
             delim: b',',
         })
+    }
+
+    /// What `pgcdc.types` names a type without a built-in name that renders
+    /// by this rule: a domain as its base type, `hstore`, `record` for a
+    /// composite, `_` and its element's for an array, else `unknown`.
+    fn label(&self) -> String {
+        match self {
+            Rule::Builtin(oid) => type_name(*oid).unwrap_or(UNKNOWN).to_owned(),
+            Rule::Text => UNKNOWN.to_owned(),
+            Rule::Hstore => "hstore".to_owned(),
+            Rule::Composite(_) => "record".to_owned(),
+            Rule::Array { elem, .. } => format!("_{}", elem.label()),
+        }
+    }
+}
+
+/// The `pgcdc.types` name of a type no other name fits.
+const UNKNOWN: &str = "unknown";
+
+/// What `pgcdc.types` names a column of type `type_oid` rendered by
+/// `rule`: its built-in name (`int4`, `_text`, `point`), else by its
+/// rendering ([`Rule::label`]), so a reader of the header knows a value's
+/// shape: a domain over `integer` is `int4`, a composite `record`.
+pub fn label(type_oid: u32, rule: &Rule) -> String {
+    match type_name(type_oid) {
+        Some(name) => name.to_owned(),
+        None => rule.label(),
     }
 }
 

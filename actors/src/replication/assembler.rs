@@ -12,8 +12,7 @@ use super::decode::{OldTuple, PgOutputMessage, Relation, Tuple, TupleValue};
 use super::tuple::{columns, text_row};
 use crate::event::{ChangeEvent, Columns, KeySource, Op, Row, TableRef, TextRow, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::types::{Rule, TypeMap};
-use crate::pg::values::type_name;
+use crate::pg::types::{label, Rule, TypeMap};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub(crate) const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -237,15 +236,11 @@ impl Assembler {
                 tracing::info!(table = %format!("{}.{}", name.0, name.1), key = ?key_columns, "the table's key changed");
             }
         }
-        let types: Map<String, Value> = relation
-            .columns
-            .iter()
-            .map(|c| {
-                (
-                    c.name.clone(),
-                    Value::from(type_name(c.type_oid).unwrap_or("unknown")),
-                )
-            })
+        let rules: Vec<Rule> = (relation.columns.iter())
+            .map(|c| self.types.rule(c.type_oid))
+            .collect();
+        let types: Map<String, Value> = (relation.columns.iter().zip(&rules))
+            .map(|(c, rule)| (c.name.clone(), Value::from(label(c.type_oid, rule))))
             .collect();
         let table = Arc::new(TableRef {
             schema: name.0,
@@ -255,9 +250,6 @@ impl Assembler {
             column_types: Value::Object(types).to_string(),
         });
         let table = Some(table);
-        let rules: Vec<Rule> = (relation.columns.iter())
-            .map(|c| self.types.rule(c.type_oid))
-            .collect();
         let columns = Arc::new(columns(&relation, &rules));
         let info = RelationInfo {
             key: key_shape(&columns, &key_columns),

@@ -14,7 +14,7 @@ use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
 use crate::pg::types::{self, Rule, TypeMap};
-use crate::pg::values::{hex_bytes, render, type_name};
+use crate::pg::values::{hex_bytes, render};
 
 /// A table estimated below this many chunks is copied as one range: splitting
 /// it would not pay for the queries that find the split keys.
@@ -88,16 +88,16 @@ impl Shape {
             .collect::<Vec<_>>();
         let keyless =
             keyed.key_source == KeySource::WholeRow || key.len() != keyed.key_columns.len();
-        let names: Map<String, Value> = found
-            .iter()
-            .map(|c| {
-                let name = type_name(c.type_oid).unwrap_or("unknown");
-                (c.name.clone(), Value::from(name))
-            })
-            .collect();
         let mut known = TypeMap::default();
         let oids: Vec<u32> = found.iter().map(|c| c.type_oid).collect();
         types::resolve(sql, &oids, &mut known).await?;
+        let names: Map<String, Value> = found
+            .iter()
+            .map(|c| {
+                let name = types::label(c.type_oid, &known.rule(c.type_oid));
+                (c.name.clone(), Value::from(name))
+            })
+            .collect();
         let columns: Vec<(String, Rule)> = found
             .into_iter()
             .map(|c| (c.name, known.rule(c.type_oid)))
