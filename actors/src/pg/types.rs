@@ -361,6 +361,14 @@ mod tests {
         assert_eq!(map.rule(202), Rule::Hstore);
         assert_eq!(map.rule(203), Rule::Text);
         assert_eq!(map.rule(999), Rule::Text);
+        let labels: Vec<String> = [201, 202, 203, INT4].map(|o| label(o, &map.rule(o))).into();
+        assert_eq!(labels, ["record", "hstore", "unknown", "int4"]);
+        let places = Rule::Array {
+            elem: Arc::new(map.rule(201)),
+            delim: b',',
+        };
+        assert_eq!(label(999, &places), "_record");
+        assert_eq!(label(999, &Rule::Builtin(INT4)), "int4", "a domain");
     }
 
     #[test]
