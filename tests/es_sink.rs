@@ -1274,6 +1274,51 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     assert_eq!(blobs, [Some(9600)]);
 }
 
+/// While PostgreSQL cannot be read, a change whose unchanged TOAST column
+/// no document holds waits for it rather than being written without it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toast_column_read_waits_until_postgres_answers() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let blob =
+        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
+    db.batch_execute(&format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
+         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 3) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &["docs"],
+        "",
+    ) + &format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        r.es.url
+    );
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
+    let fail = format!("{}=3*return", pgcdc_actors::wire::failpoint::ES_TOAST_READ);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[("FAILPOINTS", &fail)]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("UPDATE docs SET id = id + 100")
+        .await
+        .unwrap();
+    let index = "cdc_public_docs";
+    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
+    let log = daemon.log_text();
+    let retries = log.matches("cannot read unchanged TOAST columns from PostgreSQL; retrying");
+    assert_eq!(retries.count(), 3, "one WARN per failed read");
+    let metrics = crate::support::Probe::on(port).metrics().await;
+    let outcome =
+        |o: &str| crate::support::sample(&metrics, "pgcdc_es_bulk_items_total", &[("outcome", o)]);
+    assert_eq!(outcome("toast_from_postgres"), Some(3.0));
+    assert_eq!(outcome("toast_missing").unwrap_or(0.0), 0.0);
+}
+
 /// Every type family of the type zoo (`types.rs`) is mirrored as it is
 /// rendered, copied and streamed: none is refused by its mapping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

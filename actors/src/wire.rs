@@ -243,8 +243,11 @@ pub mod failpoint {
     /// The ES sink's look-up of whether columns a record adds have
     /// defaults: `return` fails it, as an unreachable PostgreSQL would.
     pub const ES_COLUMN_DEFAULTS: &str = "es-column-defaults";
+    /// The ES sink's read of unchanged TOAST columns no document holds
+    /// from PostgreSQL: `return` fails it as an unreachable server would.
+    pub const ES_TOAST_READ: &str = "es-toast-read";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -257,5 +260,6 @@ pub mod failpoint {
         ES_RECORDS_LOST,
         ES_FILL_COPY,
         ES_COLUMN_DEFAULTS,
+        ES_TOAST_READ,
     ];
 }

@@ -24,8 +24,9 @@ use super::error::EsError;
 use super::group::SinkConsumer;
 use super::merge;
 use super::remedy::GroupWatch;
-use super::retry::with_retry;
+use super::retry::{backoff, with_retry};
 use super::send::Sender;
+use super::toast::ReadError;
 use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::{KafkaConfig, Reply};
 use crate::lsn::Lsn;
@@ -388,15 +389,22 @@ impl Sink {
         if r.lacking == 0 {
             return Ok(());
         }
-        let filled = match &self.pg {
-            Some(pg) => super::toast::fill(pg, pending)
-                .await
-                .map_err(|e| e.to_string()),
-            None => Err("no postgres settings".into()),
-        };
-        let (filled, error) = match filled {
-            Ok(n) => (n, None),
-            Err(e) => (0, Some(e)),
+        let (mut filled, mut attempt) = (0, 0);
+        let error = loop {
+            let Some(pg) = &self.pg else {
+                break Some("no postgres settings".to_owned());
+            };
+            match super::toast::fill(pg, pending, &mut filled).await {
+                Ok(()) => break None,
+                Err(ReadError::Refused(e)) => break Some(e),
+                // Written without them, the documents would stay wrong:
+                // wait for PostgreSQL as for Elasticsearch.
+                Err(ReadError::Unreachable(e)) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "cannot read unchanged TOAST columns from PostgreSQL; retrying");
+                    tokio::time::sleep(backoff(&self.es, attempt)).await;
+                }
+            }
         };
         m.es_items
             .with_label_values(&["toast_from_postgres"])

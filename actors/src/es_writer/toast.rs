@@ -8,7 +8,9 @@
 //! column carries it in full and is written after, with a higher version,
 //! and a later delete removes the document. A row not found (deleted or
 //! re-keyed since) is written without the columns, as are rows of a table
-//! whose key cannot be looked up.
+//! whose key cannot be looked up or that PostgreSQL refuses to read. While
+//! PostgreSQL cannot be reached, the batch waits and the read is tried
+//! again: written without them, the documents would stay wrong.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,19 +21,45 @@ use super::naming::{doc_id, fields};
 use crate::checkpoint::KeyText;
 use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
-use crate::pg::PostgresConfig;
+use crate::pg::{PgError, PostgresConfig};
 use crate::snapshot::{reader, Shape, SnapshotError};
 use crate::verify::keys::text;
 
 /// Keys per query.
 const CHUNK_KEYS: usize = 1000;
 
-/// Fill the `lacking` columns of `actions` from PostgreSQL; how many
-/// actions got all of theirs. Those left keep `lacking`.
+/// Why the columns could not be read.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// PostgreSQL could not be reached or the connection broke: worth
+    /// trying again.
+    Unreachable(String),
+    /// PostgreSQL answered with an error (a privilege, a dropped table).
+    Refused(String),
+}
+
+impl From<SnapshotError> for ReadError {
+    fn from(e: SnapshotError) -> Self {
+        let answered = match &e {
+            SnapshotError::Sql(s) | SnapshotError::Pg(PgError::Sql(s)) => s.as_db_error().is_some(),
+            SnapshotError::Pg(p) => !p.is_unreachable(),
+            _ => true,
+        };
+        match answered {
+            true => ReadError::Refused(e.to_string()),
+            false => ReadError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+/// Fill the `lacking` columns of `actions` from PostgreSQL, counting in
+/// `filled` the actions that got all of theirs. Those left keep `lacking`
+/// (after an error, every one not reached yet).
 pub(super) async fn fill(
     pg: &PostgresConfig,
     actions: &mut [Action],
-) -> Result<usize, SnapshotError> {
+    filled: &mut usize,
+) -> Result<(), ReadError> {
     let mut tables: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, a) in actions.iter().enumerate() {
         if let Some(l) = &a.lacking {
@@ -39,10 +67,12 @@ pub(super) async fn fill(
         }
     }
     if tables.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
+    fail::fail_point!(crate::wire::failpoint::ES_TOAST_READ, |_| Err(
+        ReadError::Unreachable("failpoint es-toast-read".into())
+    ));
     let sql = reader(pg).await?;
-    let mut filled = 0;
     for ((schema, name), at) in tables {
         let table = TableRef::named(schema, name);
         let shape = Shape::load(&sql, &table, &pg.publication).await?;
@@ -66,7 +96,8 @@ pub(super) async fn fill(
             commit_time_us: 0,
         };
         for chunk in keys.chunks(CHUNK_KEYS) {
-            let found = sql.simple_query(&shape.keys_query(chunk)).await?;
+            let found =
+                (sql.simple_query(&shape.keys_query(chunk)).await).map_err(SnapshotError::from)?;
             for (_, event) in shape.events(&found, tx, Lsn(0), &mut 0) {
                 if let (Some(key), Some(after)) = (&event.key, &event.after) {
                     rows.insert(doc_id(&key.to_map()), fields(after.to_map().into_owned()));
@@ -90,12 +121,12 @@ pub(super) async fn fill(
             });
             a.doc = Some(Value::Object(l.doc.clone()).to_string());
             match l.columns.is_empty() {
-                true => filled += 1,
+                true => *filled += 1,
                 false => a.lacking = Some(l),
             }
         }
     }
-    Ok(filled)
+    Ok(())
 }
 
 /// The key's text in `columns`' order, as a key query takes it; `None`
