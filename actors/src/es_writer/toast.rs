@@ -21,6 +21,7 @@ use super::naming::{doc_id, fields};
 use crate::checkpoint::KeyText;
 use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
+use crate::pg::types::Rule;
 use crate::pg::{PgError, PostgresConfig};
 use crate::snapshot::{reader, Shape, SnapshotError};
 use crate::verify::keys::text;
@@ -79,12 +80,10 @@ pub(super) async fn fill(
         if shape.keyless() {
             continue;
         }
+        let columns = shape.key_columns();
         let mut keys: Vec<KeyText> = at
             .iter()
-            .filter_map(|&i| {
-                let l = actions[i].lacking.as_ref()?;
-                key_text(&shape.table.key_columns, &l.key)
-            })
+            .filter_map(|&i| key_text(&columns, &actions[i].lacking.as_ref()?.key))
             .collect();
         keys.sort();
         keys.dedup();
@@ -130,10 +129,12 @@ pub(super) async fn fill(
 }
 
 /// The key's text in `columns`' order, as a key query takes it; `None`
-/// when a column is missing, or its value is not a string, number or
-/// boolean.
-fn key_text(columns: &[String], key: &Map<String, Value>) -> Option<KeyText> {
-    columns.iter().map(|c| text(key.get(c)?)).collect()
+/// when a column is missing, or its value has no text ([`text`]).
+fn key_text(columns: &[(&str, &Rule)], key: &Map<String, Value>) -> Option<KeyText> {
+    columns
+        .iter()
+        .map(|(c, rule)| text(rule, key.get(*c)?))
+        .collect()
 }
 
 #[cfg(test)]
@@ -145,13 +146,16 @@ mod tests {
     fn key_texts_follow_the_key_columns_order() {
         let key = json!({"b": "x'y", "a": 7, "c": true});
         let key = key.as_object().unwrap();
-        let columns = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let columns = [("a", &Rule::Text), ("b", &Rule::Text), ("c", &Rule::Text)];
         assert_eq!(
             key_text(&columns, key),
             Some(vec!["7".into(), "x'y".into(), "true".into()])
         );
-        assert_eq!(key_text(&["d".to_owned()], key), None);
+        assert_eq!(key_text(&[("d", &Rule::Text)], key), None);
         let null = json!({"a": null});
-        assert_eq!(key_text(&["a".to_owned()], null.as_object().unwrap()), None);
+        assert_eq!(
+            key_text(&[("a", &Rule::Text)], null.as_object().unwrap()),
+            None
+        );
     }
 }

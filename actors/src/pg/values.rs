@@ -308,6 +308,18 @@ fn bytea(s: &str) -> Option<Value> {
     hex_bytes(s).map(|bytes| Value::String(BASE64.encode(bytes)))
 }
 
+/// A bytea value as rendered (base64) → its hex text (`\x0aff`), as
+/// PostgreSQL reads it back; `None` if it is not base64.
+pub(crate) fn bytea_text(base64: &str) -> Option<String> {
+    let bytes = BASE64.decode(base64).ok()?;
+    let mut out = String::with_capacity(2 + 2 * bytes.len());
+    out.push_str("\\x");
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Some(out)
+}
+
 /// The bytes of hex bytea text (`\x0aff`); `None` if it is not hex format.
 pub(crate) fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     let hex = s.strip_prefix("\\x")?.as_bytes();

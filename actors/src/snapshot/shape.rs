@@ -346,6 +346,14 @@ impl Shape {
             .collect()
     }
 
+    /// The key's columns with the rules their values render by, in key order.
+    pub fn key_columns(&self) -> Vec<(&str, &Rule)> {
+        self.key
+            .iter()
+            .map(|(i, _)| (self.columns[*i].0.as_str(), &self.columns[*i].1))
+            .collect()
+    }
+
     /// A key as events carry it (column name to rendered value) from its
     /// key text: each value rendered by its column's rule, as a row's is.
     pub fn key_map(&self, key: &KeyText) -> Map<String, Value> {

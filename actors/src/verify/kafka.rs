@@ -216,7 +216,7 @@ impl Verifier {
         leg: &mut KafkaLeg,
         found: &mut Vec<(Kind, Finding)>,
     ) -> Result<(), VerifyError> {
-        let names = shape.key_names();
+        let names = shape.key_columns();
         let mut candidates: Vec<(String, Option<KeyText>)> = Vec::new();
         let keys: Vec<_> = left
             .keys

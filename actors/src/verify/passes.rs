@@ -138,7 +138,7 @@ impl Verifier {
         shape: &Shape,
         page: Vec<(String, Map<String, Value>)>,
     ) -> Result<(Part, u64), VerifyError> {
-        let names = shape.key_names();
+        let names = shape.key_columns();
         let keys: Vec<Option<KeyText>> = page
             .iter()
             .map(|(id, source)| key_of_doc(id, source, &names))
@@ -261,7 +261,7 @@ impl Verifier {
         ids: &[String],
         part: &mut Part,
     ) -> Result<(), VerifyError> {
-        let names = shape.key_names();
+        let names = shape.key_columns();
         let none = Map::new();
         let mut keys: Vec<Option<KeyText>> =
             ids.iter().map(|id| key_of_doc(id, &none, &names)).collect();
