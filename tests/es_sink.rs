@@ -1274,6 +1274,78 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     assert_eq!(blobs, [Some(9600)]);
 }
 
+/// A history index maps `before`, `after` and `key` by the column types, and
+/// columns added later when they appear: a text that first looks like a
+/// date, a json value of changing shape and an added column are never
+/// refused by a guessed mapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_documents_of_any_values_are_kept_and_searchable() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, note text, j jsonb)")
+        .await
+        .unwrap();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["notes"], "")
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nhistory = true\n",
+            r.es.url
+        );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        r#"INSERT INTO notes VALUES (1, '2024-01-01', '{"a": 1}');
+           UPDATE notes SET note = 'hello', j = '{"a": "text"}';
+           UPDATE notes SET j = '[1, 2]';
+           ALTER TABLE notes ADD COLUMN tag text;
+           UPDATE notes SET tag = 'blue';
+           INSERT INTO notes VALUES (2, 'x', '7', 'green');
+           DELETE FROM notes WHERE id = 2;"#,
+    )
+    .await
+    .unwrap();
+    let index = "cdc_public_notes";
+    assert_mirrors_table(&r, "public.notes", index, Duration::from_secs(90), &daemon).await;
+    let history = format!("{index}_history");
+    let count = |query: Value| {
+        let url = format!("{}/{history}/_search", r.es.url);
+        async move {
+            let body = json!({"query": query, "size": 0, "track_total_hits": true});
+            let answer: Value = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["hits"]["total"]["value"].as_u64()
+        }
+    };
+    pgcdc_testkit::wait::poll(
+        "a history document per change",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let refresh = format!("{}/{history}/_refresh", r.es.url);
+            let _ = reqwest::Client::new().post(refresh).send().await;
+            let n = count(json!({"match_all": {}})).await;
+            pgcdc_testkit::wait::Poll::when(n == Some(6), (), || format!("{n:?} documents"))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(json!({"match": {"after.note": "hello"}})).await,
+        Some(3)
+    );
+    assert_eq!(
+        count(json!({"term": {"after.tag.keyword": "blue"}})).await,
+        Some(1)
+    );
+    assert_eq!(count(json!({"term": {"key.id": 2}})).await, Some(2));
+}
+
 /// While PostgreSQL cannot be read, a change whose unchanged TOAST column
 /// no document holds waits for it rather than being written without it.
 #[cfg(feature = "failpoints")]

@@ -442,18 +442,15 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         "number_of_replicas": cfg.number_of_replicas,
     }});
     if history {
-        return json!({"settings": settings, "mappings": {"properties": {
-            "@timestamp": {"type": "date"}, "op": {"type": "keyword"}}}});
+        let mut props = history_properties(types);
+        props.insert("@timestamp".into(), json!({"type": "date"}));
+        props.insert("op".into(), json!({"type": "keyword"}));
+        let mappings = json!({"date_detection": false, "properties": props});
+        return json!({"settings": settings, "mappings": mappings});
     }
-    let columns: Map<String, Value> = types
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or_default();
-    let mut props: Map<String, Value> = columns
-        .iter()
-        .map(|(c, t)| {
-            let mapping = field_mapping(t.as_str().unwrap_or(""));
-            (field(c).into_owned(), mapping)
-        })
+    let mut props: Map<String, Value> = column_mappings(types)
+        .into_iter()
+        .map(|(c, mapping)| (field(&c).into_owned(), mapping))
         .collect();
     props.insert(
         "_cdc".into(),
@@ -461,6 +458,29 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
     );
     let meta = json!({"created_by": super::mapping::CREATED_BY});
     json!({"settings": settings, "mappings": {"_meta": meta, "properties": props}})
+}
+
+/// The mapping of each column of a `pgcdc.types` text.
+fn column_mappings(types: Option<&str>) -> Map<String, Value> {
+    let columns: Map<String, Value> = types
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    columns
+        .iter()
+        .map(|(c, t)| (c.clone(), field_mapping(t.as_str().unwrap_or(""))))
+        .collect()
+}
+
+/// A history index's `before`, `after` and `key`, mapped by the column
+/// types like a mirror; a column not mapped yet is kept in `_source`
+/// without being guessed at (no dynamic mapping that a later value of
+/// another shape would be refused by).
+pub fn history_properties(types: Option<&str>) -> Map<String, Value> {
+    let row = json!({"type": "object", "dynamic": false, "properties": column_mappings(types)});
+    ["before", "after", "key"]
+        .into_iter()
+        .map(|f| (f.to_owned(), row.clone()))
+        .collect()
 }
 
 /// The mapping of one PostgreSQL type (array types map like their element).
@@ -682,6 +702,14 @@ mod tests {
         assert_eq!(p["at"]["type"], json!("date"));
         assert_eq!(p["tags"]["type"], json!("text"));
         assert_eq!(body["settings"]["index"]["gc_deletes"], json!("30d"));
+        let history = index_body(&cfg(false), Some(r#"{"id":"int4","j":"jsonb"}"#), true);
+        let m = &history["mappings"];
+        assert_eq!(m["date_detection"], json!(false));
+        for row in ["before", "after", "key"] {
+            assert_eq!(m["properties"][row]["dynamic"], json!(false), "{row}");
+            assert_eq!(m["properties"][row]["properties"]["id"]["type"], json!("integer"));
+            assert_eq!(m["properties"][row]["properties"]["j"]["enabled"], json!(false));
+        }
     }
 
     #[test]

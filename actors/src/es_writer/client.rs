@@ -435,7 +435,7 @@ impl EsClient {
         Ok(info.unwrap_or(Value::Null))
     }
 
-    /// Add `properties` to `index`'s mapping, and set its `_meta`.
+    /// Add `properties` to `index`'s mapping, and set its `_meta` (unless null).
     pub async fn put_mapping(
         &self,
         index: &str,
@@ -443,7 +443,10 @@ impl EsClient {
         meta: &Value,
     ) -> Result<(), EsError> {
         let path = format!("{}/_mapping", path_segment(index));
-        let body = json!({ "properties": properties, "_meta": meta });
+        let mut body = json!({ "properties": properties });
+        if !meta.is_null() {
+            body["_meta"] = meta.clone();
+        }
         self.call(reqwest::Method::PUT, &path, Some(&body)).await?;
         Ok(())
     }

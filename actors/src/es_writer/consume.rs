@@ -14,7 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::alias::{Incoming, Mirrors, Route};
-use super::bulk::{floors_index_body, index_body, plan, Action, Planned};
+use super::bulk::{floors_index_body, history_properties, index_body, plan, Action, Planned};
 use super::canary::{Canaries, CanaryWatch};
 use super::client::EsClient;
 use super::config::EsConfig;
@@ -62,6 +62,8 @@ pub(super) struct Clients {
     es: EsClient,
     /// Indices known to exist (history indices, the floors index).
     indices: HashSet<String>,
+    /// The column types each history index was last mapped for.
+    history_types: HashMap<String, Option<String>>,
     /// Truncate floors known, by mirror index.
     floors: Floors,
     /// The mirrors and their generations.
@@ -133,6 +135,7 @@ impl Sink {
             dlq,
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
+            history_types: HashMap::new(),
             floors: Floors::default(),
             mirrors: Mirrors::new(self.es.clone(), self.pg.clone(), self.kafka.clone()),
             canaries: self.canary.clone().map(Canaries::new),
@@ -296,9 +299,38 @@ impl Sink {
         Ok(())
     }
 
+    /// Create history index `index` for columns `types`, or map the columns
+    /// it lacks (each time the columns change, and once per process).
+    async fn map_history(
+        &self,
+        c: &Clients,
+        index: &str,
+        types: Option<&str>,
+    ) -> Result<(), EsError> {
+        let body = index_body(&self.es, types, true);
+        with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
+        let properties = history_properties(types);
+        let mapped = with_retry(&self.es, || async {
+            match c
+                .es
+                .put_mapping(index, &properties, &serde_json::Value::Null)
+                .await
+            {
+                Err(e) if !e.retryable() => Ok(Err(e)),
+                other => other.map(Ok),
+            }
+        });
+        if let Err(e) = mapped.await? {
+            // A column whose type changed keeps its first mapping: values
+            // that do not fit it are kept in `_source`, not indexed.
+            tracing::warn!(index, error = %e, "history index keeps its earlier column mappings");
+        }
+        Ok(())
+    }
+
     /// Make sure the action's index exists: a history index is created
-    /// once; a mirror follows the record's shape ([`Mirrors`]). Where the
-    /// write goes.
+    /// once and maps columns added later; a mirror follows the record's
+    /// shape ([`Mirrors`]). Where the write goes.
     async fn ensure_index(
         &self,
         c: &mut Clients,
@@ -308,10 +340,11 @@ impl Sink {
         let index = action.index.as_str();
         let types = header(msg, crate::wire::header::TYPES);
         if action.history {
-            if !c.indices.contains(index) {
-                let body = index_body(&self.es, types.as_deref(), true);
-                with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
-                c.indices.insert(index.to_owned());
+            let types = types.as_deref();
+            if c.history_types.get(index).map(Option::as_deref) != Some(types) {
+                self.map_history(c, index, types).await?;
+                let types = types.map(str::to_owned);
+                c.history_types.insert(index.to_owned(), types);
             }
             return Ok(Route::default());
         }
