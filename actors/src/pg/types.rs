@@ -80,7 +80,7 @@ impl Rule {
 const UNKNOWN: &str = "unknown";
 
 /// What `pgcdc.types` names a column of type `type_oid` rendered by
-/// `rule`: its built-in name (`int4`, `_text`, `point`), else by its
+/// `rule`: its built-in name (`int4`, `_text`, `timestamptz`), else by its
 /// rendering ([`Rule::label`]), so a reader of the header knows a value's
 /// shape: a domain over `integer` is `int4`, a composite `record`.
 pub fn label(type_oid: u32, rule: &Rule) -> String {

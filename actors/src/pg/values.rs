@@ -30,7 +30,8 @@ use super::types::Rule;
 mod record;
 
 /// The built-in scalar types pgcdc names and converts by their own rule;
-/// every other type is named `unknown` and rendered as its text.
+/// every other type is rendered as its text (or by its own rule, see
+/// [`super::types`]) and named by [`super::types::label`].
 const SCALARS: &[Type] = &[
     Type::BOOL,
     Type::BYTEA,
