@@ -707,8 +707,14 @@ mod tests {
         assert_eq!(m["date_detection"], json!(false));
         for row in ["before", "after", "key"] {
             assert_eq!(m["properties"][row]["dynamic"], json!(false), "{row}");
-            assert_eq!(m["properties"][row]["properties"]["id"]["type"], json!("integer"));
-            assert_eq!(m["properties"][row]["properties"]["j"]["enabled"], json!(false));
+            assert_eq!(
+                m["properties"][row]["properties"]["id"]["type"],
+                json!("integer")
+            );
+            assert_eq!(
+                m["properties"][row]["properties"]["j"]["enabled"],
+                json!(false)
+            );
         }
     }
 

@@ -26,7 +26,7 @@ use super::merge;
 use super::remedy::GroupWatch;
 use super::retry::{backoff, with_retry};
 use super::send::Sender;
-use super::toast::ReadError;
+use super::toast::{Read, ReadError};
 use super::truncate::{self, floors_index, Floors, Position, Written};
 use crate::kafka_producer::{KafkaConfig, Reply};
 use crate::lsn::Lsn;
@@ -422,12 +422,12 @@ impl Sink {
         if r.lacking == 0 {
             return Ok(());
         }
-        let (mut filled, mut attempt) = (0, 0);
+        let (mut read, mut attempt) = (Read::default(), 0);
         let error = loop {
             let Some(pg) = &self.pg else {
                 break Some("no postgres settings".to_owned());
             };
-            match super::toast::fill(pg, pending, &mut filled).await {
+            match super::toast::fill(pg, pending, &mut read).await {
                 Ok(()) => break None,
                 Err(ReadError::Refused(e)) => break Some(e),
                 // Written without them, the documents would stay wrong:
@@ -441,13 +441,16 @@ impl Sink {
         };
         m.es_items
             .with_label_values(&["toast_from_postgres"])
-            .inc_by(filled as u64);
-        let left = r.lacking - filled;
+            .inc_by(read.filled as u64);
+        m.es_items
+            .with_label_values(&["toast_row_gone"])
+            .inc_by(read.gone as u64);
+        let left = r.lacking - read.filled - read.gone;
         if left > 0 {
             m.es_items
                 .with_label_values(&["toast_missing"])
                 .inc_by(left as u64);
-            tracing::warn!(documents = left, error, "changes with unchanged TOAST columns that no document holds, nor PostgreSQL now (row gone, or not readable): written without those columns (REPLICA IDENTITY FULL sends them)");
+            tracing::warn!(documents = left, error, "changes with unchanged TOAST columns that no document holds could not be read from PostgreSQL: written without those columns until the row changes them (REPLICA IDENTITY FULL sends them)");
         }
         Ok(())
     }

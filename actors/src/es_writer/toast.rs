@@ -53,13 +53,23 @@ impl From<SnapshotError> for ReadError {
     }
 }
 
+/// What became of the actions looked up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Read {
+    /// Got every lacking column.
+    pub filled: usize,
+    /// No row under their key now: written without the columns (a later
+    /// change removes the document).
+    pub gone: usize,
+}
+
 /// Fill the `lacking` columns of `actions` from PostgreSQL, counting in
-/// `filled` the actions that got all of theirs. Those left keep `lacking`
-/// (after an error, every one not reached yet).
+/// `read` what became of them. Those left keep `lacking` (after an error,
+/// every one not reached yet).
 pub(super) async fn fill(
     pg: &PostgresConfig,
     actions: &mut [Action],
-    filled: &mut usize,
+    read: &mut Read,
 ) -> Result<(), ReadError> {
     let mut tables: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, a) in actions.iter().enumerate() {
@@ -81,10 +91,11 @@ pub(super) async fn fill(
             continue;
         }
         let columns = shape.key_columns();
-        let mut keys: Vec<KeyText> = at
+        let looked: Vec<(usize, KeyText)> = at
             .iter()
-            .filter_map(|&i| key_text(&columns, &actions[i].lacking.as_ref()?.key))
+            .filter_map(|&i| Some((i, key_text(&columns, &actions[i].lacking.as_ref()?.key)?)))
             .collect();
+        let mut keys: Vec<KeyText> = looked.iter().map(|(_, k)| k.clone()).collect();
         keys.sort();
         keys.dedup();
         let mut rows: HashMap<String, Map<String, Value>> = HashMap::new();
@@ -103,12 +114,13 @@ pub(super) async fn fill(
                 }
             }
         }
-        for i in at {
+        for (i, _) in looked {
             let a = &mut actions[i];
-            let Some(row) = rows.get(&a.id) else {
+            let Some(mut l) = a.lacking.take() else {
                 continue;
             };
-            let Some(mut l) = a.lacking.take() else {
+            let Some(row) = rows.get(&a.id) else {
+                read.gone += 1;
                 continue;
             };
             l.columns.retain(|c| match row.get(c) {
@@ -120,7 +132,7 @@ pub(super) async fn fill(
             });
             a.doc = Some(Value::Object(l.doc.clone()).to_string());
             match l.columns.is_empty() {
-                true => *filled += 1,
+                true => read.filled += 1,
                 false => a.lacking = Some(l),
             }
         }
