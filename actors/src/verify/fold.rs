@@ -198,10 +198,14 @@ fn after_of_value(format: Format, value: Value) -> Option<(Map<String, Value>, V
     }
 }
 
-/// A hash of `row` without the `omitted` columns, independent of column order.
+/// A hash of `row` without the `omitted` columns, independent of column
+/// order. NULLs are left out: a record written before a nullable column was
+/// added lacks it, and holds what the row holds.
 pub(crate) fn row_hash(row: &Map<String, Value>, omitted: &[String]) -> u64 {
-    let mut columns: Vec<(&String, &Value)> =
-        row.iter().filter(|(c, _)| !omitted.contains(c)).collect();
+    let mut columns: Vec<(&String, &Value)> = row
+        .iter()
+        .filter(|(c, v)| !omitted.contains(c) && !v.is_null())
+        .collect();
     columns.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = DefaultHasher::new();
     for (c, v) in columns {
@@ -360,6 +364,18 @@ mod tests {
         other.insert("n".into(), json!("b"));
         assert_eq!(
             judge(Some(&other), Some(&same), &Cut::at(Lsn(10))),
+            Some(Kind::Stale)
+        );
+        let mut added = row.clone();
+        added.insert("added".into(), Value::Null);
+        assert_eq!(
+            judge(Some(&added), Some(&same), &Cut::at(Lsn(10))),
+            None,
+            "a nullable column added after the record"
+        );
+        added.insert("added".into(), json!(0));
+        assert_eq!(
+            judge(Some(&added), Some(&same), &Cut::at(Lsn(10))),
             Some(Kind::Stale)
         );
         let toast = Last {
