@@ -1274,6 +1274,50 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     assert_eq!(blobs, [Some(9600)]);
 }
 
+/// A table wider than Elasticsearch's default total fields limit (1,000)
+/// is mirrored, and so are columns added to it later, in the mirror and
+/// its history index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_wider_than_the_default_field_limit_is_mirrored() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let columns: Vec<String> = (0..600).map(|i| format!("c{i} text")).collect();
+    db.batch_execute(&format!(
+        "CREATE TABLE wide (id int PRIMARY KEY, {});
+         INSERT INTO wide (id, c0, c599) SELECT g, 'a' || g, 'z' || g FROM generate_series(1, 3) g;",
+        columns.join(", ")
+    ))
+    .await
+    .unwrap();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["wide"], "")
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nhistory = true\n",
+            r.es.url
+        );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO wide (id, c1) VALUES (4, 'streamed')")
+        .await
+        .unwrap();
+    let index = "cdc_public_wide";
+    let wait = Duration::from_secs(90);
+    assert_mirrors_table(&r, "public.wide", index, wait, &daemon).await;
+    let added: Vec<String> = (0..300).map(|i| format!("ADD COLUMN d{i} int")).collect();
+    db.batch_execute(&format!(
+        "ALTER TABLE wide {}; UPDATE wide SET d0 = 1, d299 = 2 WHERE id = 2;",
+        added.join(", ")
+    ))
+    .await
+    .unwrap();
+    assert_mirrors_table(&r, "public.wide", index, wait, &daemon).await;
+    let history = r.es.documents(&format!("{index}_history")).await.unwrap();
+    assert_eq!(
+        history.len(),
+        5,
+        "three copied rows, an insert and an update"
+    );
+}
+
 /// A history index maps `before`, `after` and `key` by the column types, and
 /// columns added later when they appear: a text that first looks like a
 /// date, a json value of changing shape and an added column are never

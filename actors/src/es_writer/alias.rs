@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
-use super::bulk::{floors_index_body, index_body};
+use super::bulk::{floors_index_body, index_body, mapping_settings};
 use super::client::{Beat, EsClient};
 use super::config::EsConfig;
 use super::error::EsError;
@@ -691,6 +691,8 @@ impl Mirrors {
         shape: &TableShape,
         added: &Map<String, Value>,
     ) -> Result<(), EsError> {
+        let types = serde_json::to_string(&shape.columns).unwrap_or_default();
+        let settings = mapping_settings(&self.es, Some(&types), false);
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         let mut targets: Vec<(&str, &mut GenerationMeta)> = Vec::new();
         if let Some(meta) = m.meta.as_mut() {
@@ -705,6 +707,9 @@ impl Mirrors {
             }
             meta.shape = shape.clone();
             let value = meta.to_value();
+            if let Some(settings) = &settings {
+                with_retry(&self.es, || client.put_settings(index, settings)).await?;
+            }
             let properties = super::naming::fields(added.clone());
             with_retry(&self.es, || client.put_mapping(index, &properties, &value)).await?;
             if !added.is_empty() {

@@ -445,6 +445,7 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         let mut props = history_properties(types);
         props.insert("@timestamp".into(), json!({"type": "date"}));
         props.insert("op".into(), json!({"type": "keyword"}));
+        let settings = with_fields_limit(settings, &props);
         let mappings = json!({"date_detection": false, "properties": props});
         return json!({"settings": settings, "mappings": mappings});
     }
@@ -456,8 +457,51 @@ pub fn index_body(cfg: &EsConfig, types: Option<&str>, history: bool) -> Value {
         "_cdc".into(),
         json!({"properties": {"op": {"type": "keyword"}, "lsn": {"type": "long"}, "seq": {"type": "long"}, "ts_ms": {"type": "date"}, "xid": {"type": "long"}}}),
     );
+    let settings = with_fields_limit(settings, &props);
     let meta = json!({"created_by": super::mapping::CREATED_BY});
     json!({"settings": settings, "mappings": {"_meta": meta, "properties": props}})
+}
+
+/// Elasticsearch's default `index.mapping.total_fields.limit`.
+const FIELDS_LIMIT_DEFAULT: usize = 1000;
+/// Room left under the limit for columns added later (their mapping
+/// raises it again when it would not fit).
+const FIELDS_ROOM: usize = 200;
+
+/// The fields a mapping's `properties` count towards the total fields
+/// limit: each property, its multi-fields and an object's properties.
+fn field_count(props: &Map<String, Value>) -> usize {
+    props
+        .values()
+        .map(|p| {
+            let nested = |k: &str| p[k].as_object().map_or(0, field_count);
+            1 + nested("fields") + nested("properties")
+        })
+        .sum()
+}
+
+/// The total fields limit an index with `props` needs (a wide table: more
+/// than Elasticsearch's default leaves room for), if above the default.
+pub fn fields_limit(props: &Map<String, Value>) -> Option<usize> {
+    let needed = field_count(props) + FIELDS_ROOM;
+    (needed > FIELDS_LIMIT_DEFAULT).then_some(needed)
+}
+
+/// The `index.mapping` settings an index for `types` needs (a raised
+/// total fields limit), to apply before mapping added columns; `None`
+/// when the default fits.
+pub fn mapping_settings(cfg: &EsConfig, types: Option<&str>, history: bool) -> Option<Value> {
+    let body = index_body(cfg, types, history);
+    let mapping = &body["settings"]["index"]["mapping"];
+    (!mapping.is_null()).then(|| json!({"index": {"mapping": mapping}}))
+}
+
+/// `settings` with the total fields limit `props` need.
+fn with_fields_limit(mut settings: Value, props: &Map<String, Value>) -> Value {
+    if let Some(limit) = fields_limit(props) {
+        settings["index"]["mapping"] = json!({"total_fields": {"limit": limit}});
+    }
+    settings
 }
 
 /// The mapping of each column of a `pgcdc.types` text.
@@ -702,6 +746,19 @@ mod tests {
         assert_eq!(p["at"]["type"], json!("date"));
         assert_eq!(p["tags"]["type"], json!("text"));
         assert_eq!(body["settings"]["index"]["gc_deletes"], json!("30d"));
+        assert!(
+            body["settings"]["index"].get("mapping").is_none(),
+            "the default fits"
+        );
+        let wide: Map<String, Value> = (0..500).map(|i| (format!("c{i}"), json!("text"))).collect();
+        let wide = Value::Object(wide).to_string();
+        let body = index_body(&cfg(false), Some(&wide), false);
+        let limit = &body["settings"]["index"]["mapping"]["total_fields"]["limit"];
+        assert_eq!(
+            limit,
+            &json!(1000 + 6 + FIELDS_ROOM),
+            "500 texts and keywords, _cdc and its 5"
+        );
         let history = index_body(&cfg(false), Some(r#"{"id":"int4","j":"jsonb"}"#), true);
         let m = &history["mappings"];
         assert_eq!(m["date_detection"], json!(false));

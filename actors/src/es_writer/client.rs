@@ -435,6 +435,14 @@ impl EsClient {
         Ok(info.unwrap_or(Value::Null))
     }
 
+    /// Update `index`'s dynamic `settings`.
+    pub async fn put_settings(&self, index: &str, settings: &Value) -> Result<(), EsError> {
+        let path = format!("{}/_settings", path_segment(index));
+        self.call(reqwest::Method::PUT, &path, Some(settings))
+            .await?;
+        Ok(())
+    }
+
     /// Add `properties` to `index`'s mapping, and set its `_meta` (unless null).
     pub async fn put_mapping(
         &self,
