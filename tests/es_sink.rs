@@ -1524,6 +1524,53 @@ async fn keys_of_any_type_are_mirrored_and_verified_equal() {
     assert_eq!(code, Some(0), "the pass after the repair is equal: {text}");
 }
 
+/// Names and values real schemas have: a quoted mixed-case schema and
+/// table, column names with spaces, quotes, non-ASCII and 63 characters, a
+/// padded char key, money, interval, time, and texts, arrays and a
+/// tsvector longer than any keyword Elasticsearch indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusual_names_and_long_values_are_mirrored() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        r#"CREATE SCHEMA "Sales";
+           CREATE TABLE "Sales"."Order" ("Order Id" char(6) PRIMARY KEY, "Total €" money, "wi""th" text,
+              "a_very_long_column_name_that_is_exactly_sixty_three_characters_" int,
+              big text, tsv tsvector, iv interval, t time, tags text[]);
+           INSERT INTO "Sales"."Order" VALUES ('a1', 12.5, 'q', 1, repeat('x', 40000),
+              to_tsvector(repeat('word ', 3000) || 'end'), '1 day 2 hours', '13:14:15', ARRAY[repeat('y', 40000)]);"#,
+    )
+    .await
+    .unwrap();
+    let cfg = config(
+        &r.pg,
+        &*r.broker,
+        &r.dir.path().join("state"),
+        &[r#""Sales"."Order""#],
+        "",
+    ) + &format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        r.es.url
+    );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        r#"INSERT INTO "Sales"."Order" SELECT 'b' || g, g, 'w', g, repeat('z', 50000), NULL, '-3 days', '00:00', NULL FROM generate_series(1, 3) g;
+           UPDATE "Sales"."Order" SET "Total €" = 99 WHERE "Order Id" = 'a1';"#,
+    )
+    .await
+    .unwrap();
+    let index = pgcdc_actors::es_writer::naming::mirror_index("cdc_", "Sales", "Order");
+    assert_mirrors_table(
+        &r,
+        r#""Sales"."Order""#,
+        &index,
+        Duration::from_secs(90),
+        &daemon,
+    )
+    .await;
+}
+
 /// Every type family of the type zoo (`types.rs`) is mirrored as it is
 /// rendered, copied and streamed: none is refused by its mapping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
