@@ -1571,6 +1571,41 @@ async fn unusual_names_and_long_values_are_mirrored() {
     .await;
 }
 
+/// A partitioned table with a TOASTed column: a row moved to another
+/// partition, a key change (its unchanged column read from PostgreSQL
+/// through the root) and an update keep the mirror equal to the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_with_toast_columns_is_mirrored_through_row_moves() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let blob =
+        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
+    db.batch_execute(&format!(
+        "CREATE TABLE p (id int, region text, n int, blob text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+         CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
+         INSERT INTO p SELECT g, 'eu', 0, {blob} FROM generate_series(1, 4) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["p"], "")
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+            r.es.url
+        );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "UPDATE p SET region = 'us' WHERE id = 1;
+         UPDATE p SET id = id + 10 WHERE id = 2;
+         UPDATE p SET n = 5 WHERE id = 3;",
+    )
+    .await
+    .unwrap();
+    let wait = Duration::from_secs(90);
+    assert_mirrors_table(&r, "public.p", "cdc_public_p", wait, &daemon).await;
+}
+
 /// Every type family of the type zoo (`types.rs`) is mirrored as it is
 /// rendered, copied and streamed: none is refused by its mapping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,6 +249,12 @@ async fn a_partitioned_table_is_captured_under_its_root_through_attach_and_detac
         change("c", "public.m", key(5, "ap")),
     ];
     assert_eq!(stream, want, "changes under the root's name");
+    assert!(
+        !daemon
+            .log_text()
+            .contains("the publication has a table that postgres.tables does not"),
+        "no warning for the partitions PostgreSQL describes with their root"
+    );
 
     // Detached: its rows leave the mirror (truncate, copy again).
     db.batch_execute(

@@ -199,10 +199,20 @@ impl Assembler {
         Ok(())
     }
 
-    /// Note a change of relation `oid`, which is not configured.
+    /// Note a change of relation `oid`, which is not configured: said once
+    /// per table (not at its Relation message, which PostgreSQL also sends
+    /// for a partition whose changes it publishes under its root's name).
     fn note_ignored(&mut self, oid: u32) {
-        if self.changed_ignored.insert(oid) {
-            self.newly_ignored.push(oid);
+        if !self.changed_ignored.insert(oid) {
+            return;
+        }
+        self.newly_ignored.push(oid);
+        let Some(info) = self.relations.get(&oid) else {
+            return;
+        };
+        let name = (info.relation.namespace.clone(), info.relation.name.clone());
+        if self.ignored.insert(name.clone()) {
+            tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
         }
     }
 
@@ -217,9 +227,6 @@ impl Assembler {
     fn relation(&mut self, relation: Relation) {
         let name = (relation.namespace.clone(), relation.name.clone());
         let Some(start) = self.known.get(&name) else {
-            if self.ignored.insert(name.clone()) {
-                tracing::warn!(table = %format!("{}.{}", name.0, name.1), "the publication has a table that postgres.tables does not (or a configured table was renamed): its changes are not emitted");
-            }
             let info = RelationInfo {
                 columns: Arc::new(columns(&relation, &[])),
                 key: None,
