@@ -169,6 +169,17 @@ fn sink_config(pg: &PgCluster, broker: &dyn Broker, dir: &Path, url: &str, extra
     )
 }
 
+/// A daemon config for `tables` (state in the rig's directory) that runs
+/// the ES sink in the daemon against the rig's search server, with
+/// `es_extra` added to its `[elasticsearch]` section.
+fn in_daemon(r: &Rig, tables: &[&str], es_extra: &str) -> String {
+    let base = config(&r.pg, &*r.broker, &r.dir.path().join("state"), tables, "");
+    format!(
+        "{base}\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n{es_extra}",
+        r.es.url
+    )
+}
+
 /// Poll until the mirror equals `want`; panics with the difference after `timeout`.
 async fn assert_mirror(
     es: &SearchServer,
@@ -476,8 +487,11 @@ async fn whole_pipeline_mirror_equals_postgres_row_for_row() {
     )
     .await
     .unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["items", "gone"], "")
-        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\nhistory = true\n", r.es.url);
+    let cfg = in_daemon(
+        &r,
+        &["items", "gone"],
+        "flush_interval_ms = 50\nhistory = true\n",
+    );
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -929,8 +943,7 @@ async fn any_table_name_gets_its_own_valid_index_and_long_keys_get_hashed_ids() 
     let mut tables: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
     tables.push("bag".into());
     let listed: Vec<&str> = tables.iter().map(String::as_str).collect();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &listed, "")
-        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let cfg = in_daemon(&r, &listed, "flush_interval_ms = 50\n");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -1150,8 +1163,7 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
     )
     .await
     .unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["docs"], "")
-        + &format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
+    let cfg = in_daemon(&r, &["docs"], "flush_interval_ms = 50\n");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     for change in [
@@ -1229,12 +1241,7 @@ async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     ))
     .await
     .unwrap();
-    let state = r.dir.path().join("state");
-    let cfg = config(&r.pg, &*r.broker, &state, &["docs", "tagged"], "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &["docs", "tagged"], "");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -1289,11 +1296,7 @@ async fn a_table_wider_than_the_default_field_limit_is_mirrored() {
     ))
     .await
     .unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["wide"], "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nhistory = true\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &["wide"], "history = true\n");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("INSERT INTO wide (id, c1) VALUES (4, 'streamed')")
@@ -1329,11 +1332,7 @@ async fn history_documents_of_any_values_are_kept_and_searchable() {
     db.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, note text, j jsonb)")
         .await
         .unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["notes"], "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nhistory = true\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &["notes"], "history = true\n");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -1406,16 +1405,7 @@ async fn a_toast_column_read_waits_until_postgres_answers() {
     ))
     .await
     .unwrap();
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &["docs"],
-        "",
-    ) + &format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-        r.es.url
-    );
+    let cfg = in_daemon(&r, &["docs"], "");
     let port = crate::support::free_port();
     let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
     let fail = format!("{}=3*return", pgcdc_actors::wire::failpoint::ES_TOAST_READ);
@@ -1479,11 +1469,7 @@ async fn keys_of_any_type_are_mirrored_and_verified_equal() {
     .await
     .unwrap();
     tables.push("kc");
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &tables, "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &tables, "");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     for t in &tables {
@@ -1542,16 +1528,7 @@ async fn unusual_names_and_long_values_are_mirrored() {
     )
     .await
     .unwrap();
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &[r#""Sales"."Order""#],
-        "",
-    ) + &format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-        r.es.url
-    );
+    let cfg = in_daemon(&r, &[r#""Sales"."Order""#], "");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -1588,11 +1565,7 @@ async fn a_partitioned_table_with_toast_columns_is_mirrored_through_row_moves() 
     ))
     .await
     .unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["p"], "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &["p"], "");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(
@@ -1613,11 +1586,7 @@ async fn every_type_family_is_mirrored_without_a_refusal() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
     db.batch_execute(crate::types::ZOO).await.unwrap();
-    let cfg = config(&r.pg, &*r.broker, &r.dir.path().join("state"), &["zoo"], "")
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-            r.es.url
-        );
+    let cfg = in_daemon(&r, &["zoo"], "");
     let port = crate::support::free_port();
     let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
@@ -1657,16 +1626,7 @@ async fn columns_named_like_metadata_fields_are_mirrored_under_shifted_fields() 
     ))
     .await
     .unwrap();
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &["legacy"],
-        "",
-    ) + &format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
-        r.es.url
-    );
+    let cfg = in_daemon(&r, &["legacy"], "");
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(&format!(
@@ -1727,14 +1687,8 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
     )
     .await
     .unwrap();
-    let es_section = format!("\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n", r.es.url);
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &["items"],
-        "",
-    ) + &es_section;
+    let fast = "flush_interval_ms = 50\n";
+    let cfg = in_daemon(&r, &["items"], fast);
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("INSERT INTO items VALUES (1); ALTER TABLE items ADD COLUMN qty int4; INSERT INTO items VALUES (2, 5); UPDATE items SET qty = 1 WHERE id = 1;")
@@ -1768,13 +1722,7 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
         .send()
         .await
         .unwrap();
-    let cfg = config(
-        &r.pg,
-        &*r.broker,
-        &r.dir.path().join("state"),
-        &["items", "legacy"],
-        "",
-    ) + &es_section;
+    let cfg = in_daemon(&r, &["items", "legacy"], fast);
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute("INSERT INTO legacy VALUES (1)")
