@@ -692,7 +692,7 @@ impl Mirrors {
         added: &Map<String, Value>,
     ) -> Result<(), EsError> {
         let types = serde_json::to_string(&shape.columns).unwrap_or_default();
-        let settings = mapping_settings(&self.es, Some(&types), false);
+        let settings = mapping_settings(&index_body(&self.es, Some(&types), false));
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         let mut targets: Vec<(&str, &mut GenerationMeta)> = Vec::new();
         if let Some(meta) = m.meta.as_mut() {

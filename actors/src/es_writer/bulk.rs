@@ -487,11 +487,10 @@ pub fn fields_limit(props: &Map<String, Value>) -> Option<usize> {
     (needed > FIELDS_LIMIT_DEFAULT).then_some(needed)
 }
 
-/// The `index.mapping` settings an index for `types` needs (a raised
+/// The `index.mapping` settings of an index creation `body` (a raised
 /// total fields limit), to apply before mapping added columns; `None`
 /// when the default fits.
-pub fn mapping_settings(cfg: &EsConfig, types: Option<&str>, history: bool) -> Option<Value> {
-    let body = index_body(cfg, types, history);
+pub fn mapping_settings(body: &Value) -> Option<Value> {
     let mapping = &body["settings"]["index"]["mapping"];
     (!mapping.is_null()).then(|| json!({"index": {"mapping": mapping}}))
 }
@@ -519,7 +518,7 @@ fn column_mappings(types: Option<&str>) -> Map<String, Value> {
 /// types like a mirror; a column not mapped yet is kept in `_source`
 /// without being guessed at (no dynamic mapping that a later value of
 /// another shape would be refused by).
-pub fn history_properties(types: Option<&str>) -> Map<String, Value> {
+fn history_properties(types: Option<&str>) -> Map<String, Value> {
     let row = json!({"type": "object", "dynamic": false, "properties": column_mappings(types)});
     ["before", "after", "key"]
         .into_iter()

@@ -14,9 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::alias::{Incoming, Mirrors, Route};
-use super::bulk::{
-    floors_index_body, history_properties, index_body, mapping_settings, plan, Action, Planned,
-};
+use super::bulk::{floors_index_body, index_body, mapping_settings, plan, Action, Planned};
 use super::canary::{Canaries, CanaryWatch};
 use super::client::EsClient;
 use super::config::EsConfig;
@@ -311,10 +309,13 @@ impl Sink {
     ) -> Result<(), EsError> {
         let body = index_body(&self.es, types, true);
         with_retry(&self.es, || c.es.ensure_index(index, &body)).await?;
-        if let Some(settings) = mapping_settings(&self.es, types, true) {
+        if let Some(settings) = mapping_settings(&body) {
             with_retry(&self.es, || c.es.put_settings(index, &settings)).await?;
         }
-        let properties = history_properties(types);
+        let properties = body["mappings"]["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let mapped = with_retry(&self.es, || async {
             match c
                 .es
