@@ -828,7 +828,6 @@ fn sink_group(broker: &dyn Broker) -> rdkafka::consumer::BaseConsumer {
 }
 
 /// The offset the sink's group committed on partition 0 of the change topic (-1: none).
-#[cfg(feature = "failpoints")]
 fn sink_group_offset(broker: &dyn Broker) -> i64 {
     use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
@@ -1737,4 +1736,99 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
         "{}",
         daemon.log_tail()
     );
+}
+
+/// A table whose mirror Elasticsearch refuses (columns `a` and `a.b`: it
+/// cannot map both) does not hold up the other mirrors. It is reported
+/// until it is filled: at the start of a sink after a kill -9, though its
+/// records were committed and no change comes, once the table is fixed;
+/// and in the running sink when a later schema change is refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_filled_once_accepted() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(
+        r#"CREATE TABLE good (id int PRIMARY KEY, v text);
+           CREATE TABLE bad (id int PRIMARY KEY, a int, "a.b" int);
+           INSERT INTO good VALUES (1, 'x');
+           INSERT INTO bad VALUES (1, 1, 2);"#,
+    )
+    .await
+    .unwrap();
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&in_daemon(&r, &["good", "bad"], ""), port);
+    let probe = crate::support::Probe::on(port);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("INSERT INTO bad VALUES (2, 1, 2); INSERT INTO good VALUES (2, 'y');")
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(60);
+    let (good, bad) = ("cdc_public_good", "cdc_public_bad");
+    assert_mirrors_table(&r, "public.good", good, timeout, &daemon).await;
+    let refused = |text: &str| {
+        crate::support::sample(text, "pgcdc_es_mirrors_refused_total", &[("mirror", bad)])
+            .is_some_and(|n| n >= 1.0)
+    };
+    probe
+        .until("the refused mirror reported", &mut daemon, |text, ready| {
+            ready == 503 && refused(text)
+        })
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(
+        why.contains(bad) && why.contains("Elasticsearch refuses its index"),
+        "{why}"
+    );
+    assert!(!why.contains(good), "{why}");
+    wait::until(
+        "the sink committed past the refused records",
+        timeout,
+        || async { sink_group_offset(&*r.broker) >= 4 },
+    )
+    .await
+    .unwrap();
+    daemon.kill9();
+
+    // Fixed while no sink runs, and no change of it comes: filled from the note.
+    db.batch_execute(r#"ALTER TABLE bad RENAME COLUMN "a.b" TO a_b"#)
+        .await
+        .unwrap();
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
+    assert_mirrors_table(&r, "public.bad", bad, timeout, &daemon).await;
+    probe
+        .until("ready once it is filled", &mut daemon, |_, ready| {
+            ready == 200
+        })
+        .await;
+
+    // A column Elasticsearch cannot map next to `id`: its changes are
+    // skipped, the others go on, and once it is dropped the mirror is filled.
+    db.batch_execute(
+        r#"ALTER TABLE bad ADD COLUMN "id.x" int;
+           INSERT INTO bad VALUES (3, 3, 3, 3);
+           INSERT INTO good VALUES (3, 'z');"#,
+    )
+    .await
+    .unwrap();
+    assert_mirrors_table(&r, "public.good", good, timeout, &daemon).await;
+    probe
+        .until("the refused mapping reported", &mut daemon, |_, ready| {
+            ready == 503
+        })
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(
+        why.contains(bad) && why.contains("Elasticsearch refuses its index"),
+        "{why}"
+    );
+    db.batch_execute(r#"ALTER TABLE bad DROP COLUMN "id.x"; UPDATE bad SET a = 9 WHERE id = 1;"#)
+        .await
+        .unwrap();
+    assert_mirrors_table(&r, "public.bad", bad, Duration::from_secs(120), &daemon).await;
+    probe
+        .until("ready once it is filled again", &mut daemon, |_, ready| {
+            ready == 200
+        })
+        .await;
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub es_reindexes: IntCounterVec,
     /// Mirrors found with their index deleted, by mirror.
     pub es_mirrors_deleted: IntCounterVec,
+    /// Times Elasticsearch refused a mirror's index or mapping, by mirror.
+    pub es_mirrors_refused: IntCounterVec,
     /// Synced checkpoint writes (several acknowledged batches can share one).
     pub checkpoint_writes: IntCounter,
     /// Batches the stream handed to the producer.
@@ -289,6 +291,12 @@ impl Metrics {
                 &r,
                 "es_mirrors_deleted_total",
                 "Mirrors whose index was found deleted (while the sink wrote to it, or while it was stopped); each is copied again from PostgreSQL",
+                &["mirror"],
+            ),
+            es_mirrors_refused: counter_vec(
+                &r,
+                "es_mirrors_refused_total",
+                "Times Elasticsearch refused a mirror's index or mapping (tried again every 30 s); the mirror's changes are skipped meanwhile and it is filled from PostgreSQL once accepted",
                 &["mirror"],
             ),
             es_refusals: counter_vec(

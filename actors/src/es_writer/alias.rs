@@ -34,8 +34,10 @@ use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
 /// Times a swap looks again after the alias moved under it.
 const MAX_MOVES: u32 = 3;
-/// Wait before a failed fill is tried again.
+/// Wait before a failed fill, or a mirror Elasticsearch refused, is tried again.
 const FILL_RETRY: Duration = Duration::from_secs(30);
+/// Why a mirror Elasticsearch accepts again is filled from PostgreSQL.
+const SKIPPED: &str = "its changes were skipped while Elasticsearch refused its index";
 
 /// A generation being filled, by this sink process or another one of its
 /// group ([`shared`]).
@@ -75,6 +77,9 @@ pub(super) struct Mirror {
     /// Known to lack changes (its index was deleted, Kafka never delivered
     /// some records) until a fill started since is swapped in.
     lacking: bool,
+    /// Noted in the registry as lacking records skipped while
+    /// Elasticsearch refused its index: the note goes once it is filled.
+    skipped: bool,
 }
 
 impl Mirror {
@@ -120,6 +125,9 @@ struct Known<'a> {
 pub(super) struct Route {
     /// Also write to this generation being filled.
     pub also: Option<String>,
+    /// Elasticsearch refuses the mirror's index: the write is skipped,
+    /// and the mirror filled from PostgreSQL once it accepts it.
+    pub skip: bool,
     /// The current generation is about to be replaced: a refusal is not a dead letter.
     pub best_effort: bool,
     /// The mirror is a concrete index under its own name (from before
@@ -163,6 +171,13 @@ pub(super) struct Mirrors {
     /// Generations whose fill another process gave up on: filled here
     /// again at the next [`Mirrors::settle`].
     orphans: Vec<GenerationMeta>,
+    /// Mirrors whose index or mapping Elasticsearch refuses: when to try
+    /// again, and their table (tried then without waiting for a change);
+    /// their records are skipped meanwhile.
+    refused: HashMap<String, (Instant, Option<(String, String)>)>,
+    /// Mirrors not open here that lack skipped records (noted in the
+    /// registry): filled from PostgreSQL when they open (why).
+    skipped: HashMap<String, String>,
 }
 
 impl Mirrors {
@@ -186,6 +201,8 @@ impl Mirrors {
             viewed: None,
             beats: HashMap::new(),
             orphans: Vec::new(),
+            refused: HashMap::new(),
+            skipped: HashMap::new(),
         }
     }
 
@@ -277,7 +294,8 @@ impl Mirrors {
 
     /// Create the mirror of a table that has none and fill it from
     /// PostgreSQL (its shape read from the catalog): its records may all be
-    /// among those Kafka never delivered.
+    /// among those Kafka never delivered. For a mirror Elasticsearch
+    /// refused, the same tries it again without waiting for a change.
     async fn fill_new(
         &mut self,
         client: &EsClient,
@@ -376,6 +394,14 @@ impl Mirrors {
             with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
         }
         let registry = floors_index(&self.es.index_prefix);
+        // Noted before a restart: filled now, without waiting for a change.
+        for s in with_retry(&self.es, || client.skipped(&registry)).await? {
+            metrics().sink_lacking(&s.alias, Some(&s.why));
+            self.skipped.insert(s.alias, s.why);
+            if let Some((schema, table)) = s.table {
+                self.fill_new(client, &schema, &table).await?;
+            }
+        }
         let noted = with_retry(&self.es, || client.gaps(&registry)).await?;
         let topics: Vec<String> = noted.iter().map(|(topic, _)| topic.clone()).collect();
         for (topic, lsn) in noted {
@@ -396,15 +422,123 @@ impl Mirrors {
 
     /// Route a record's write to mirror `alias`: find or create the mirror,
     /// follow the record's shape (`shape`, from commit LSN `lsn`), and say
-    /// where the write goes.
+    /// where the write goes. A mirror whose index or mapping Elasticsearch
+    /// refuses ([`EsError::refused`]) does not hold up the others: its
+    /// writes are skipped, it is tried again every 30 s, and once
+    /// Elasticsearch accepts it, it is filled from PostgreSQL.
     pub(super) async fn route(
         &mut self,
         client: &EsClient,
         alias: &str,
         rec: &Incoming<'_>,
     ) -> Result<Route, EsError> {
+        let skip = Route {
+            skip: true,
+            ..Route::default()
+        };
+        if self
+            .refused
+            .get(alias)
+            .is_some_and(|(t, _)| Instant::now() < *t)
+        {
+            return Ok(skip);
+        }
+        match self.route_open(client, alias, rec).await {
+            Err(e) => match e.refused() {
+                Some(why) => {
+                    self.refuse(client, alias, why, (rec.table)()).await?;
+                    Ok(skip)
+                }
+                None => Err(e),
+            },
+            Ok(route) => {
+                if self.refused.remove(alias).is_some() {
+                    tracing::info!(alias, "Elasticsearch accepts the mirror's index again");
+                    metrics().sink_lacking(alias, Some(SKIPPED));
+                }
+                Ok(route)
+            }
+        }
+    }
+
+    /// Elasticsearch refuses mirror `alias`'s index or mapping (`why`):
+    /// its writes are skipped until it is tried again, and it is noted as
+    /// lacking them (in the registry before the batch's offsets are
+    /// committed, so a restart still fills it).
+    async fn refuse(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        why: String,
+        table: Option<(String, String)>,
+    ) -> Result<(), EsError> {
+        let retry = (Instant::now() + FILL_RETRY, table);
+        let again = self.refused.insert(alias.to_owned(), retry).is_some();
+        let why = format!("Elasticsearch refuses its index ({why}); its changes are skipped and it is filled from PostgreSQL once Elasticsearch accepts it, tried every 30 s");
+        if again {
+            tracing::warn!(alias, why, "Elasticsearch still refuses the mirror's index");
+        } else {
+            tracing::error!(
+                alias,
+                why,
+                "Elasticsearch refuses the mirror's index: the other mirrors go on"
+            );
+        }
+        metrics().sink_lacking(alias, Some(&why));
+        metrics()
+            .es_mirrors_refused
+            .with_label_values(&[alias])
+            .inc();
+        let registry = floors_index(&self.es.index_prefix);
+        let body = floors_index_body(&self.es);
+        with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
+        let table = self.refused[alias].1.as_ref();
+        with_retry(&self.es, || {
+            client.note_skipped(&registry, alias, &why, table)
+        })
+        .await?;
+        match self.mirrors.get_mut(alias) {
+            Some(m) => {
+                m.refill.get_or_insert_with(|| SKIPPED.to_owned());
+                m.lacking = true;
+                m.skipped = true;
+            }
+            None => {
+                self.skipped.insert(alias.to_owned(), why);
+            }
+        }
+        Ok(())
+    }
+
+    /// The mirror `alias`, filled since it lacked records skipped while
+    /// Elasticsearch refused it, no longer lacks changes.
+    async fn healed(&mut self, client: &EsClient, alias: &str) -> Result<(), EsError> {
+        let m = self.mirrors.get_mut(alias).expect("mirror opened");
+        m.lacking = false;
+        metrics().sink_lacking(alias, None);
+        if std::mem::take(&mut m.skipped) {
+            let registry = floors_index(&self.es.index_prefix);
+            with_retry(&self.es, || client.forget_skipped(&registry, alias)).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::route`] of a mirror Elasticsearch does not refuse (as far as
+    /// is known).
+    async fn route_open(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        rec: &Incoming<'_>,
+    ) -> Result<Route, EsError> {
         if !self.mirrors.contains_key(alias) {
-            let mirror = self.open(client, alias, rec).await?;
+            let mut mirror = self.open(client, alias, rec).await?;
+            if self.skipped.remove(alias).is_some() {
+                metrics().sink_lacking(alias, Some(SKIPPED));
+                mirror.refill.get_or_insert_with(|| SKIPPED.to_owned());
+                mirror.lacking = true;
+                mirror.skipped = true;
+            }
             self.mirrors.insert(alias.to_owned(), mirror);
             self.observe_one(client, alias).await?;
         }
@@ -458,6 +592,7 @@ impl Mirrors {
                 also,
                 instead: None,
                 concrete: m.current == alias,
+                skip: false,
             },
         })
     }
@@ -597,6 +732,7 @@ impl Mirrors {
             followed: None,
             lacking: refill.is_some(),
             refill,
+            skipped: false,
         })
     }
 
@@ -1063,9 +1199,9 @@ impl Mirrors {
         m.current = serving.to_owned();
         m.meta = meta;
         if (heals || holds) && m.refill.is_none() && m.lacking {
-            m.lacking = false;
-            metrics().sink_lacking(alias, None);
+            self.healed(client, alias).await?;
         }
+        let m = self.mirrors.get_mut(alias).expect("observed");
         let older = m
             .next
             .as_ref()
@@ -1092,6 +1228,16 @@ impl Mirrors {
         }
         for meta in std::mem::take(&mut self.orphans) {
             self.touch_meta(client, &meta).await?;
+        }
+        let now = Instant::now();
+        let refused: Vec<(String, String)> = self
+            .refused
+            .values()
+            .filter(|(t, _)| *t <= now)
+            .filter_map(|(_, table)| table.clone())
+            .collect();
+        for (schema, table) in refused {
+            self.fill_new(client, &schema, &table).await?;
         }
         let done: Vec<String> = self
             .mirrors
@@ -1127,10 +1273,9 @@ impl Mirrors {
                     let swapped = self
                         .swap(client, &alias, next.index, next.meta, rows)
                         .await?;
-                    let m = self.mirrors.get_mut(&alias).expect("listed");
+                    let m = &self.mirrors[&alias];
                     if swapped && heals && m.refill.is_none() {
-                        m.lacking = false;
-                        metrics().sink_lacking(&alias, None);
+                        self.healed(client, &alias).await?;
                     }
                 }
                 Err(e) => {

@@ -50,6 +50,27 @@ fn gap_id(topic: &str) -> String {
     path_segment(&format!("gap~{topic}"))
 }
 
+/// A mirror that lacks records skipped while Elasticsearch refused its
+/// index ([`EsClient::note_skipped`]).
+#[derive(Debug, serde::Deserialize)]
+pub struct Skipped {
+    /// The mirror's alias.
+    #[serde(rename = "skipped")]
+    pub alias: String,
+    /// Why they were skipped.
+    #[serde(default)]
+    pub why: String,
+    /// Its table (schema, name), if known.
+    #[serde(default)]
+    pub table: Option<(String, String)>,
+}
+
+/// The id of the document that notes that mirror `alias` lacks records
+/// the sink skipped while Elasticsearch refused its index.
+fn skipped_id(alias: &str) -> String {
+    path_segment(&format!("skipped~{alias}"))
+}
+
 /// The id of the document whose changes show that a sink process is
 /// still filling the generation `index` ([`shared`](super::shared)).
 fn filling_id(index: &str) -> String {
@@ -265,6 +286,49 @@ impl EsClient {
             }) => Ok(()),
             other => other.map(drop),
         }
+    }
+
+    /// Note in `registry` that mirror `alias` of `table` (schema, name)
+    /// lacks records skipped while Elasticsearch refused its index (`why`):
+    /// it is filled from PostgreSQL once it opens, by whichever process
+    /// opens it next.
+    pub async fn note_skipped(
+        &self,
+        registry: &str,
+        alias: &str,
+        why: &str,
+        table: Option<&(String, String)>,
+    ) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?refresh=true",
+            path_segment(registry),
+            skipped_id(alias)
+        );
+        let doc = json!({ "skipped": alias, "why": why, "table": table });
+        self.call(reqwest::Method::PUT, &path, Some(&doc))
+            .await
+            .map(drop)
+    }
+
+    /// Remove the note of [`Self::note_skipped`]: the mirror was filled.
+    pub async fn forget_skipped(&self, registry: &str, alias: &str) -> Result<(), EsError> {
+        let path = format!(
+            "{}/_doc/{}?refresh=true",
+            path_segment(registry),
+            skipped_id(alias)
+        );
+        self.call(reqwest::Method::DELETE, &path, None)
+            .await
+            .map(drop)
+    }
+
+    /// The mirrors noted by [`Self::note_skipped`].
+    pub async fn skipped(&self, registry: &str) -> Result<Vec<Skipped>, EsError> {
+        let notes = self.registry_notes(registry, "skipped").await?;
+        Ok(notes
+            .iter()
+            .filter_map(|h| serde_json::from_value(h["_source"].clone()).ok())
+            .collect())
     }
 
     /// The documents of `registry` that have a `field` (none if there is

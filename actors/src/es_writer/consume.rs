@@ -221,6 +221,13 @@ impl Sink {
                 Planned::Actions(actions) => {
                     for mut a in actions {
                         let route = self.ensure_index(c, &a, msg).await?;
+                        if route.skip {
+                            crate::metrics::metrics()
+                                .es_items
+                                .with_label_values(&["skipped_refused_mirror"])
+                                .inc();
+                            continue;
+                        }
                         if let Some(next) = &route.instead {
                             a = a.to_filling(next);
                         } else if route.concrete {

@@ -6,6 +6,12 @@ use crate::error::{ErrorClass, ExitCode};
 const UNAUTHORIZED: u16 = 401;
 /// HTTP status of a request refused for missing rights.
 const FORBIDDEN: u16 = 403;
+/// HTTP status of a missing index or document.
+const NOT_FOUND: u16 = 404;
+/// HTTP status of a request that timed out waiting.
+const REQUEST_TIMEOUT: u16 = 408;
+/// HTTP status of a version conflict.
+const CONFLICT: u16 = 409;
 /// HTTP status of "too many requests": the cluster asks us to slow down.
 const TOO_MANY_REQUESTS: u16 = 429;
 /// First HTTP status of a server-side failure (5xx), worth retrying.
@@ -71,6 +77,42 @@ impl EsError {
         )
     }
 
+    /// Elasticsearch refuses the request itself (a 4xx other than
+    /// credentials, a missing index, a timeout, a conflict or overload: a
+    /// mapping it cannot parse, a shard limit reached, a template's bad
+    /// setting): sending it again changes nothing until someone changes
+    /// the cluster or the table.
+    pub(super) fn refused(&self) -> Option<String> {
+        let EsError::Status { status, body } = self else {
+            return None;
+        };
+        let other = [
+            UNAUTHORIZED,
+            FORBIDDEN,
+            NOT_FOUND,
+            REQUEST_TIMEOUT,
+            CONFLICT,
+            TOO_MANY_REQUESTS,
+        ];
+        if !(400..SERVER_ERROR).contains(status) || other.contains(status) {
+            return None;
+        }
+        let reason = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|b| {
+                let cause = &b["error"]["root_cause"][0];
+                let reason = cause["reason"].as_str().or(b["error"]["reason"].as_str())?;
+                Some(match cause["type"].as_str() {
+                    Some(kind) => format!("{kind}: {reason}"),
+                    None => reason.to_owned(),
+                })
+            });
+        Some(format!(
+            "elasticsearch answered {status}: {}",
+            reason.as_deref().unwrap_or(body)
+        ))
+    }
+
     /// Whether retrying the same request can help.
     pub(super) fn retryable(&self) -> bool {
         match self {
@@ -101,6 +143,19 @@ mod tests {
         assert_eq!(status(503).class(), ErrorClass::Transient);
         assert!(status(429).retryable() && status(502).retryable());
         assert!(!status(400).retryable() && !status(403).retryable());
+        assert!(status(400).refused().is_some() && status(413).refused().is_some());
+        for s in [401, 403, 404, 408, 409, 429, 500, 503] {
+            assert_eq!(status(s).refused(), None, "{s}");
+        }
+        let body = r#"{"error":{"root_cause":[{"type":"mapper_parsing_exception","reason":"bad [a]"}],"type":"x","reason":"y"},"status":400}"#;
+        let refused = EsError::Status {
+            status: 400,
+            body: body.into(),
+        };
+        assert_eq!(
+            refused.refused().as_deref(),
+            Some("elasticsearch answered 400: mapper_parsing_exception: bad [a]")
+        );
         assert_eq!(
             EsError::Config("x".into()).class(),
             ErrorClass::Fatal(ExitCode::Config)
