@@ -178,8 +178,9 @@ fn canary_watch(settings: &Settings, key: Option<&MessageKey>) -> Option<Arc<Can
 
 /// Run only the ES sink (`pgcdc es-sink`) until SIGTERM/SIGINT or a fatal report.
 pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
-    if let Some(e) = settings.sink_format_error() {
-        return Err(AppError::Config(vec![e]));
+    let errors = settings.sink_errors();
+    if !errors.is_empty() {
+        return Err(AppError::Config(errors));
     }
     let system = actix::System::new();
     let result = system.block_on(async {

@@ -339,7 +339,52 @@ impl Settings {
             ));
         }
         if self.elasticsearch.run_in_daemon {
-            errors.extend(self.sink_format_error());
+            errors.extend(self.sink_errors());
+        }
+    }
+
+    /// Why the Elasticsearch sink cannot run with these settings, checked
+    /// where it runs (`elasticsearch.run_in_daemon`, `pgcdc es-sink`).
+    pub fn sink_errors(&self) -> Vec<ConfigError> {
+        let mut errors: Vec<ConfigError> = self.sink_format_error().into_iter().collect();
+        self.validate_index_names(&mut errors);
+        errors
+    }
+
+    /// Two configured tables whose changes would land in one Elasticsearch
+    /// index: mirror names join schema and table with `_` (`a.b_c` and
+    /// `a_b.c` are both `cdc_a_b_c`), and with `elasticsearch.history` a
+    /// table's history index is named like the mirror of the table with
+    /// `_history` appended to its name.
+    fn validate_index_names(&self, errors: &mut Vec<ConfigError>) {
+        let mut seen: std::collections::HashMap<String, String> = Default::default();
+        let tables = self
+            .postgres
+            .tables
+            .iter()
+            .filter_map(|t| pgcdc_actors::pg::parse_table_name(t).ok());
+        for (schema, table) in tables {
+            let mirror = pgcdc_actors::es_writer::naming::mirror_index(
+                &self.elasticsearch.index_prefix,
+                &schema,
+                &table,
+            );
+            let name = format!("{schema}.{table}");
+            let mut indices = vec![(mirror.clone(), format!("the mirror of {name}"))];
+            if self.elasticsearch.history {
+                indices.push((
+                    format!("{mirror}_history"),
+                    format!("the history index of {name}"),
+                ));
+            }
+            for (index, what) in indices {
+                if let Some(other) = seen.insert(index.clone(), what.clone()) {
+                    errors.push(ConfigError::new(
+                        "postgres.tables",
+                        format!("{other} and {what} would both be the Elasticsearch index {index:?}, mixing their documents: list only one of the two tables, or turn elasticsearch.history off where that is the clash"),
+                    ));
+                }
+            }
         }
     }
 
@@ -394,6 +439,29 @@ mod tests {
         assert_eq!(s.postgres.tables, ["public.users"]);
         let d = Settings::load(Some(&dir.join("docker.toml")), &Overrides::default()).unwrap();
         assert_eq!(d.kafka.brokers, "kafka:9092");
+    }
+
+    #[test]
+    fn tables_whose_indices_would_be_one_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| Settings::load(Some(&write(&dir, text)), &Overrides::default());
+        let clash = "[postgres]\ntables = [\"a.b_c\", \"a_b.c\"]\n";
+        let kafka_only = load(clash).expect("no sink: no clash");
+        let e: Vec<String> = kafka_only
+            .sink_errors()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            e[0].contains("a.b_c") && e[0].contains("a_b.c") && e[0].contains("cdc_a_b_c"),
+            "{e:?}"
+        );
+        let pair = "[postgres]\ntables = [\"t\", \"t_history\"]\n";
+        let sink = "[elasticsearch]\nrun_in_daemon = true\n";
+        load(&format!("{pair}{sink}")).expect("no history index: no clash");
+        let e = errors(load(&format!("{pair}{sink}history = true\n")));
+        assert!(e[0].contains("the history index of public.t"), "{e:?}");
+        assert!(e[0].contains("the mirror of public.t_history"), "{e:?}");
     }
 
     #[test]
