@@ -1430,6 +1430,56 @@ async fn a_toast_column_read_waits_until_postgres_answers() {
     assert_eq!(outcome("toast_missing").unwrap_or(0.0), 0.0);
 }
 
+/// When PostgreSQL refuses the read of unchanged TOAST columns (here a
+/// failpoint), the documents written without them are not left so: the
+/// mirror is reported and filled again from PostgreSQL.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_written_without_toast_columns_postgres_refused_are_filled_again() {
+    let r = rig().await;
+    let db = r.pg.client().await.unwrap();
+    let blob =
+        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
+    db.batch_execute(&format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
+         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 4) g;"
+    ))
+    .await
+    .unwrap();
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&in_daemon(&r, &["docs"], ""), port);
+    let fail = format!(
+        "{}=1*return(refused)",
+        pgcdc_actors::wire::failpoint::ES_TOAST_READ
+    );
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[("FAILPOINTS", &fail)]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute("UPDATE docs SET id = id + 100 WHERE id <= 3")
+        .await
+        .unwrap();
+    let index = "cdc_public_docs";
+    assert_mirrors_table(&r, "public.docs", index, Duration::from_secs(90), &daemon).await;
+    let probe = crate::support::Probe::on(port);
+    probe
+        .until("ready once the fill is in", &mut daemon, |_, ready| {
+            ready == 200
+        })
+        .await;
+    let metrics = probe.metrics().await;
+    let missing = crate::support::sample(
+        &metrics,
+        "pgcdc_es_bulk_items_total",
+        &[("outcome", "toast_missing")],
+    );
+    assert_eq!(missing, Some(3.0), "{metrics}");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("filling a new index from PostgreSQL")
+            && log.contains("documents were written without unchanged TOAST columns"),
+        "{log}"
+    );
+}
+
 /// Tables keyed by types whose JSON form differs from their text (bytea,
 /// timestamptz, float, numeric, uuid, an array, a composite key of them)
 /// are mirrored, and `pgcdc verify` finds them equal.

@@ -244,7 +244,8 @@ pub mod failpoint {
     /// defaults: `return` fails it, as an unreachable PostgreSQL would.
     pub const ES_COLUMN_DEFAULTS: &str = "es-column-defaults";
     /// The ES sink's read of unchanged TOAST columns no document holds
-    /// from PostgreSQL: `return` fails it as an unreachable server would.
+    /// from PostgreSQL: `return` fails it as an unreachable server would,
+    /// `return(refused)` as a server refusing the read.
     pub const ES_TOAST_READ: &str = "es-toast-read";
     /// Every failpoint, for harnesses that list or configure them.
     pub const ALL: [&str; 13] = [

@@ -77,9 +77,9 @@ pub(super) struct Mirror {
     /// Known to lack changes (its index was deleted, Kafka never delivered
     /// some records) until a fill started since is swapped in.
     lacking: bool,
-    /// Noted in the registry as lacking records skipped while
-    /// Elasticsearch refused its index: the note goes once it is filled.
-    skipped: bool,
+    /// Noted in the registry as lacking changes
+    /// ([`EsClient::note_lacking`]): the note goes once it is filled.
+    noted: bool,
 }
 
 impl Mirror {
@@ -175,9 +175,9 @@ pub(super) struct Mirrors {
     /// again, and their table (tried then without waiting for a change);
     /// their records are skipped meanwhile.
     refused: HashMap<String, (Instant, Option<(String, String)>)>,
-    /// Mirrors not open here that lack skipped records (noted in the
-    /// registry): filled from PostgreSQL when they open (why).
-    skipped: HashMap<String, String>,
+    /// Mirrors not open here noted in the registry as lacking changes:
+    /// filled from PostgreSQL when they open (why).
+    noted: HashMap<String, String>,
 }
 
 impl Mirrors {
@@ -202,7 +202,7 @@ impl Mirrors {
             beats: HashMap::new(),
             orphans: Vec::new(),
             refused: HashMap::new(),
-            skipped: HashMap::new(),
+            noted: HashMap::new(),
         }
     }
 
@@ -395,9 +395,9 @@ impl Mirrors {
         }
         let registry = floors_index(&self.es.index_prefix);
         // Noted before a restart: filled now, without waiting for a change.
-        for s in with_retry(&self.es, || client.skipped(&registry)).await? {
+        for s in with_retry(&self.es, || client.lacking(&registry)).await? {
             metrics().sink_lacking(&s.alias, Some(&s.why));
-            self.skipped.insert(s.alias, s.why);
+            self.noted.insert(s.alias, s.why);
             if let Some((schema, table)) = s.table {
                 self.fill_new(client, &schema, &table).await?;
             }
@@ -462,9 +462,8 @@ impl Mirrors {
     }
 
     /// Elasticsearch refuses mirror `alias`'s index or mapping (`why`):
-    /// its writes are skipped until it is tried again, and it is noted as
-    /// lacking them (in the registry before the batch's offsets are
-    /// committed, so a restart still fills it).
+    /// its writes are skipped until it is tried again, and it
+    /// [`lacks`](Self::lacks) them.
     async fn refuse(
         &mut self,
         client: &EsClient,
@@ -484,41 +483,71 @@ impl Mirrors {
                 "Elasticsearch refuses the mirror's index: the other mirrors go on"
             );
         }
-        metrics().sink_lacking(alias, Some(&why));
         metrics()
             .es_mirrors_refused
             .with_label_values(&[alias])
             .inc();
+        let table = self.refused[alias].1.clone();
+        self.lacks(client, alias, &why, SKIPPED, table).await
+    }
+
+    /// Mirror `alias` of `table` lacks changes only a fill from PostgreSQL
+    /// brings (`refill`; `why`: what `/ready` says now): reported until a
+    /// fill is swapped in, and noted in the registry before the batch's
+    /// offsets are committed, so a restart still fills it.
+    async fn lacks(
+        &mut self,
+        client: &EsClient,
+        alias: &str,
+        why: &str,
+        refill: &str,
+        table: Option<(String, String)>,
+    ) -> Result<(), EsError> {
+        metrics().sink_lacking(alias, Some(why));
         let registry = floors_index(&self.es.index_prefix);
         let body = floors_index_body(&self.es);
         with_retry(&self.es, || client.ensure_index(&registry, &body)).await?;
-        let table = self.refused[alias].1.as_ref();
+        let table = table.as_ref();
         with_retry(&self.es, || {
-            client.note_skipped(&registry, alias, &why, table)
+            client.note_lacking(&registry, alias, refill, table)
         })
         .await?;
         match self.mirrors.get_mut(alias) {
             Some(m) => {
-                m.refill.get_or_insert_with(|| SKIPPED.to_owned());
+                m.refill.get_or_insert_with(|| refill.to_owned());
                 m.lacking = true;
-                m.skipped = true;
+                m.noted = true;
             }
             None => {
-                self.skipped.insert(alias.to_owned(), why);
+                self.noted.insert(alias.to_owned(), refill.to_owned());
             }
         }
         Ok(())
     }
 
-    /// The mirror `alias`, filled since it lacked records skipped while
-    /// Elasticsearch refused it, no longer lacks changes.
+    /// Documents of `table`'s mirror were written without unchanged TOAST
+    /// columns PostgreSQL did not give: the mirror is filled again from
+    /// PostgreSQL, at once.
+    pub(super) async fn incomplete(
+        &mut self,
+        client: &EsClient,
+        table: (String, String),
+    ) -> Result<(), EsError> {
+        let alias = super::bulk::mirror_index(&self.es, &table.0, &table.1);
+        let why = "documents were written without unchanged TOAST columns PostgreSQL did not give";
+        self.lacks(client, &alias, why, why, Some(table.clone()))
+            .await?;
+        self.fill_new(client, &table.0, &table.1).await
+    }
+
+    /// The mirror `alias`, filled since it lacked changes, no longer does.
     async fn healed(&mut self, client: &EsClient, alias: &str) -> Result<(), EsError> {
         let m = self.mirrors.get_mut(alias).expect("mirror opened");
         m.lacking = false;
         metrics().sink_lacking(alias, None);
-        if std::mem::take(&mut m.skipped) {
+        if std::mem::take(&mut m.noted) {
             let registry = floors_index(&self.es.index_prefix);
-            with_retry(&self.es, || client.forget_skipped(&registry, alias)).await?;
+            with_retry(&self.es, || client.forget_lacking(&registry, alias)).await?;
         }
         Ok(())
     }
@@ -533,11 +562,11 @@ impl Mirrors {
     ) -> Result<Route, EsError> {
         if !self.mirrors.contains_key(alias) {
             let mut mirror = self.open(client, alias, rec).await?;
-            if self.skipped.remove(alias).is_some() {
-                metrics().sink_lacking(alias, Some(SKIPPED));
-                mirror.refill.get_or_insert_with(|| SKIPPED.to_owned());
+            if let Some(why) = self.noted.remove(alias) {
+                metrics().sink_lacking(alias, Some(&why));
+                mirror.refill.get_or_insert(why);
                 mirror.lacking = true;
-                mirror.skipped = true;
+                mirror.noted = true;
             }
             self.mirrors.insert(alias.to_owned(), mirror);
             self.observe_one(client, alias).await?;
@@ -598,16 +627,22 @@ impl Mirrors {
     }
 
     /// Start filling a mirror marked for it (from the record's shape) into
-    /// a new generation; tried again at later records until it starts.
+    /// a new generation; tried again at later records until it starts. A
+    /// fill this process runs is swapped in first (restarted at each
+    /// record, it might never end): the mirror stays marked, and lacking.
     async fn refill(
         &mut self,
         client: &EsClient,
         alias: &str,
         rec: &Incoming<'_>,
     ) -> Result<(), EsError> {
-        let Some(why) = self.mirrors[alias].refill.clone() else {
+        let m = &self.mirrors[alias];
+        let Some(why) = m.refill.clone() else {
             return Ok(());
         };
+        if m.next.as_ref().is_some_and(|n| n.fill.is_some()) {
+            return Ok(());
+        }
         let shape = rec
             .types
             .zip(rec.key)
@@ -732,7 +767,7 @@ impl Mirrors {
             followed: None,
             lacking: refill.is_some(),
             refill,
-            skipped: false,
+            noted: false,
         })
     }
 

@@ -50,14 +50,14 @@ fn gap_id(topic: &str) -> String {
     path_segment(&format!("gap~{topic}"))
 }
 
-/// A mirror that lacks records skipped while Elasticsearch refused its
-/// index ([`EsClient::note_skipped`]).
+/// A mirror that lacks changes only a fill from PostgreSQL brings
+/// ([`EsClient::note_lacking`]).
 #[derive(Debug, serde::Deserialize)]
-pub struct Skipped {
+pub struct Lacking {
     /// The mirror's alias.
-    #[serde(rename = "skipped")]
+    #[serde(rename = "lacking")]
     pub alias: String,
-    /// Why they were skipped.
+    /// Why it lacks them.
     #[serde(default)]
     pub why: String,
     /// Its table (schema, name), if known.
@@ -65,10 +65,10 @@ pub struct Skipped {
     pub table: Option<(String, String)>,
 }
 
-/// The id of the document that notes that mirror `alias` lacks records
-/// the sink skipped while Elasticsearch refused its index.
-fn skipped_id(alias: &str) -> String {
-    path_segment(&format!("skipped~{alias}"))
+/// The id of the document that notes that mirror `alias` lacks changes
+/// only a fill from PostgreSQL brings.
+fn lacking_id(alias: &str) -> String {
+    path_segment(&format!("lacking~{alias}"))
 }
 
 /// The id of the document whose changes show that a sink process is
@@ -289,10 +289,9 @@ impl EsClient {
     }
 
     /// Note in `registry` that mirror `alias` of `table` (schema, name)
-    /// lacks records skipped while Elasticsearch refused its index (`why`):
-    /// it is filled from PostgreSQL once it opens, by whichever process
-    /// opens it next.
-    pub async fn note_skipped(
+    /// lacks changes only a fill from PostgreSQL brings (`why`): it is
+    /// filled by whichever process opens it next.
+    pub async fn note_lacking(
         &self,
         registry: &str,
         alias: &str,
@@ -302,29 +301,29 @@ impl EsClient {
         let path = format!(
             "{}/_doc/{}?refresh=true",
             path_segment(registry),
-            skipped_id(alias)
+            lacking_id(alias)
         );
-        let doc = json!({ "skipped": alias, "why": why, "table": table });
+        let doc = json!({ "lacking": alias, "why": why, "table": table });
         self.call(reqwest::Method::PUT, &path, Some(&doc))
             .await
             .map(drop)
     }
 
-    /// Remove the note of [`Self::note_skipped`]: the mirror was filled.
-    pub async fn forget_skipped(&self, registry: &str, alias: &str) -> Result<(), EsError> {
+    /// Remove the note of [`Self::note_lacking`]: the mirror was filled.
+    pub async fn forget_lacking(&self, registry: &str, alias: &str) -> Result<(), EsError> {
         let path = format!(
             "{}/_doc/{}?refresh=true",
             path_segment(registry),
-            skipped_id(alias)
+            lacking_id(alias)
         );
         self.call(reqwest::Method::DELETE, &path, None)
             .await
             .map(drop)
     }
 
-    /// The mirrors noted by [`Self::note_skipped`].
-    pub async fn skipped(&self, registry: &str) -> Result<Vec<Skipped>, EsError> {
-        let notes = self.registry_notes(registry, "skipped").await?;
+    /// The mirrors noted by [`Self::note_lacking`].
+    pub async fn lacking(&self, registry: &str) -> Result<Vec<Lacking>, EsError> {
+        let notes = self.registry_notes(registry, "lacking").await?;
         Ok(notes
             .iter()
             .filter_map(|h| serde_json::from_value(h["_source"].clone()).ok())

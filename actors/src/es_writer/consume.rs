@@ -70,6 +70,9 @@ pub(super) struct Clients {
     mirrors: Mirrors,
     /// Canaries read and not yet searchable.
     canaries: Option<Canaries>,
+    /// Tables whose mirror documents this batch wrote without unchanged
+    /// TOAST columns PostgreSQL did not give: their mirrors are filled again.
+    incomplete: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 impl Sink {
@@ -139,6 +142,7 @@ impl Sink {
             floors: Floors::default(),
             mirrors: Mirrors::new(self.es.clone(), self.pg.clone(), self.kafka.clone()),
             canaries: self.canary.clone().map(Canaries::new),
+            incomplete: Default::default(),
         })
     }
 
@@ -257,7 +261,12 @@ impl Sink {
             }
         }
         self.flush(c, pending, batch).await?;
-        self.sweep(c, &written, batch).await
+        self.sweep(c, &written, batch).await?;
+        let incomplete = std::mem::take(&mut *c.incomplete.lock().expect("not poisoned"));
+        for table in incomplete {
+            c.mirrors.incomplete(&c.es, table).await?;
+        }
+        Ok(())
     }
 
     /// Store the truncate's floor, then delete what is below it.
@@ -463,7 +472,11 @@ impl Sink {
             m.es_items
                 .with_label_values(&["toast_missing"])
                 .inc_by(left as u64);
-            tracing::warn!(documents = left, error, "changes with unchanged TOAST columns that no document holds could not be read from PostgreSQL: written without those columns until the row changes them (REPLICA IDENTITY FULL sends them)");
+            tracing::warn!(documents = left, error, "changes with unchanged TOAST columns that no document holds could not be read from PostgreSQL: written without those columns, and the mirror is filled again from PostgreSQL (REPLICA IDENTITY FULL sends them)");
+            let tables = pending
+                .iter()
+                .filter_map(|a| Some(a.lacking.as_ref()?.table.clone()));
+            c.incomplete.lock().expect("not poisoned").extend(tables);
         }
         Ok(())
     }

@@ -80,9 +80,13 @@ pub(super) async fn fill(
     if tables.is_empty() {
         return Ok(());
     }
-    fail::fail_point!(crate::wire::failpoint::ES_TOAST_READ, |_| Err(
-        ReadError::Unreachable("failpoint es-toast-read".into())
-    ));
+    fail::fail_point!(crate::wire::failpoint::ES_TOAST_READ, |arg| {
+        let why = "failpoint es-toast-read".to_owned();
+        Err(match arg.as_deref() {
+            Some("refused") => ReadError::Refused(why),
+            _ => ReadError::Unreachable(why),
+        })
+    });
     let sql = reader(pg).await?;
     for ((schema, name), at) in tables {
         let table = TableRef::named(schema, name);
