@@ -1793,6 +1793,7 @@ async fn new_columns_get_explicit_mappings_and_unsafe_existing_indices_are_refus
 /// until it is filled: at the start of a sink after a kill -9, though its
 /// records were committed and no change comes, once the table is fixed;
 /// and in the running sink when a later schema change is refused again.
+/// Its history documents, which no fill makes again, are dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_filled_once_accepted() {
     let r = rig().await;
@@ -1806,7 +1807,8 @@ async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_fille
     .await
     .unwrap();
     let port = crate::support::free_port();
-    let cfg = pgcdc_testkit::config::with_metrics(&in_daemon(&r, &["good", "bad"], ""), port);
+    let cfg = in_daemon(&r, &["good", "bad"], "history = true\n");
+    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
     let probe = crate::support::Probe::on(port);
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
@@ -1831,6 +1833,19 @@ async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_fille
         "{why}"
     );
     assert!(!why.contains(good), "{why}");
+    let (dead, reasons) = dead_letters(&*r.broker, 2);
+    assert!(
+        reasons.iter().all(|r| r.contains("history index refused")),
+        "{reasons:?}"
+    );
+    let mut keys: Vec<String> = dead
+        .iter()
+        .filter_map(|d| Some(d.key.as_ref()?.to_string()))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, [r#"{"id":1}"#, r#"{"id":2}"#]);
+    let history = r.es.documents("cdc_public_good_history").await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
     wait::until(
         "the sink committed past the refused records",
         timeout,

@@ -40,7 +40,8 @@ pub struct Metrics {
     pub es_reindexes: IntCounterVec,
     /// Mirrors found with their index deleted, by mirror.
     pub es_mirrors_deleted: IntCounterVec,
-    /// Times Elasticsearch refused a mirror's index or mapping, by mirror.
+    /// Times Elasticsearch refused a mirror's (or history) index or
+    /// mapping, by mirror or history index.
     pub es_mirrors_refused: IntCounterVec,
     /// Synced checkpoint writes (several acknowledged batches can share one).
     pub checkpoint_writes: IntCounter,
@@ -296,7 +297,7 @@ impl Metrics {
             es_mirrors_refused: counter_vec(
                 &r,
                 "es_mirrors_refused_total",
-                "Times Elasticsearch refused a mirror's index or mapping (tried again every 30 s); the mirror's changes are skipped meanwhile and it is filled from PostgreSQL once accepted",
+                "Times Elasticsearch refused a mirror's or history index's creation or mapping (tried again every 30 s): a mirror's changes are skipped meanwhile and it is filled from PostgreSQL once accepted; a history index's documents are dead-lettered",
                 &["mirror"],
             ),
             es_refusals: counter_vec(

@@ -35,6 +35,8 @@ use crate::pg::PostgresConfig;
 /// How often one batch may find a mirror deleted and open it again before
 /// the sink restarts.
 const MIRROR_REOPENS: u32 = 3;
+/// Wait before a history index Elasticsearch refused is tried again.
+const HISTORY_RETRY: Duration = Duration::from_secs(30);
 
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
@@ -64,6 +66,9 @@ pub(super) struct Clients {
     indices: HashSet<String>,
     /// The column types each history index was last mapped for.
     history_types: HashMap<String, Option<String>>,
+    /// History indices Elasticsearch refuses to create or map, and when to
+    /// try again; their documents are dead-lettered meanwhile.
+    history_refused: HashMap<String, Instant>,
     /// Truncate floors known, by mirror index.
     floors: Floors,
     /// The mirrors and their generations.
@@ -139,6 +144,7 @@ impl Sink {
             es: EsClient::new(&self.es)?,
             indices: HashSet::new(),
             history_types: HashMap::new(),
+            history_refused: HashMap::new(),
             floors: Floors::default(),
             mirrors: Mirrors::new(self.es.clone(), self.pg.clone(), self.kafka.clone()),
             canaries: self.canary.clone().map(Canaries::new),
@@ -226,10 +232,13 @@ impl Sink {
                     for mut a in actions {
                         let route = self.ensure_index(c, &a, msg).await?;
                         if route.skip {
-                            crate::metrics::metrics()
-                                .es_items
-                                .with_label_values(&["skipped_refused_mirror"])
-                                .inc();
+                            // A history document is dead-lettered instead.
+                            if !a.history {
+                                crate::metrics::metrics()
+                                    .es_items
+                                    .with_label_values(&["skipped_refused_mirror"])
+                                    .inc();
+                            }
                             continue;
                         }
                         if let Some(next) = &route.instead {
@@ -363,12 +372,47 @@ impl Sink {
         let types = header(msg, crate::wire::header::TYPES);
         if action.history {
             let types = types.as_deref();
-            if c.history_types.get(index).map(Option::as_deref) != Some(types) {
-                self.map_history(c, index, types).await?;
-                let types = types.map(str::to_owned);
-                c.history_types.insert(index.to_owned(), types);
-            }
-            return Ok(Route::default());
+            let refused = c
+                .history_refused
+                .get(index)
+                .is_some_and(|t| Instant::now() < *t);
+            let mapped = match refused {
+                true => Err(None),
+                false if c.history_types.get(index).map(Option::as_deref) == Some(types) => Ok(()),
+                false => match self.map_history(c, index, types).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(Some(e.refused().ok_or(e)?)),
+                },
+            };
+            let skip = Route {
+                skip: true,
+                ..Route::default()
+            };
+            return match mapped {
+                Ok(()) => {
+                    c.history_refused.remove(index);
+                    let types = types.map(str::to_owned);
+                    c.history_types.insert(index.to_owned(), types);
+                    Ok(Route::default())
+                }
+                // A change's history document cannot be made again later: kept in the dead-letter topic.
+                Err(why) => {
+                    if let Some(why) = why {
+                        tracing::error!(index, why, "Elasticsearch refuses the history index: its documents are dead-lettered until it accepts it (tried again every 30 s)");
+                        crate::metrics::metrics()
+                            .es_mirrors_refused
+                            .with_label_values(&[index])
+                            .inc();
+                        c.history_refused
+                            .insert(index.to_owned(), Instant::now() + HISTORY_RETRY);
+                    }
+                    crate::metrics::metrics().dead_letters.inc();
+                    c.dlq
+                        .send(msg, "history index refused by Elasticsearch")
+                        .await?;
+                    Ok(skip)
+                }
+            };
         }
         if !c.indices.contains(index) {
             let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
