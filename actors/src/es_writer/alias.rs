@@ -1273,6 +1273,11 @@ impl Mirrors {
             .collect();
         for (schema, table) in refused {
             self.fill_new(client, &schema, &table).await?;
+            // Not tried (its shape unreadable): not again before the next wait.
+            let alias = super::bulk::mirror_index(&self.es, &schema, &table);
+            if let Some((t, _)) = self.refused.get_mut(&alias) {
+                *t = (*t).max(now + FILL_RETRY);
+            }
         }
         let done: Vec<String> = self
             .mirrors
@@ -1309,8 +1314,12 @@ impl Mirrors {
                         .swap(client, &alias, next.index, next.meta, rows)
                         .await?;
                     let m = &self.mirrors[&alias];
+                    let again = m.meta.as_ref().and_then(|g| g.table.clone());
                     if swapped && heals && m.refill.is_none() {
                         self.healed(client, &alias).await?;
+                    } else if let Some((schema, table)) = again.filter(|_| m.refill.is_some()) {
+                        // Marked while this fill ran: the next one starts now.
+                        self.fill_new(client, &schema, &table).await?;
                     }
                 }
                 Err(e) => {

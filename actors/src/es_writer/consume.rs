@@ -372,47 +372,38 @@ impl Sink {
         let types = header(msg, crate::wire::header::TYPES);
         if action.history {
             let types = types.as_deref();
-            let refused = c
-                .history_refused
-                .get(index)
-                .is_some_and(|t| Instant::now() < *t);
-            let mapped = match refused {
-                true => Err(None),
-                false if c.history_types.get(index).map(Option::as_deref) == Some(types) => Ok(()),
-                false => match self.map_history(c, index, types).await {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(Some(e.refused().ok_or(e)?)),
-                },
-            };
-            let skip = Route {
-                skip: true,
-                ..Route::default()
-            };
-            return match mapped {
-                Ok(()) => {
-                    c.history_refused.remove(index);
-                    let types = types.map(str::to_owned);
-                    c.history_types.insert(index.to_owned(), types);
-                    Ok(Route::default())
-                }
-                // A change's history document cannot be made again later: kept in the dead-letter topic.
-                Err(why) => {
-                    if let Some(why) = why {
+            let refused = c.history_refused.get(index);
+            let waiting = refused.is_some_and(|t| Instant::now() < *t);
+            let changed = c.history_types.get(index).map(Option::as_deref) != Some(types);
+            if (changed || refused.is_some()) && !waiting {
+                match self.map_history(c, index, types).await {
+                    Ok(()) => {
+                        c.history_refused.remove(index);
+                        let types = types.map(str::to_owned);
+                        c.history_types.insert(index.to_owned(), types);
+                    }
+                    Err(e) => {
+                        let why = e.refused().ok_or(e)?;
                         tracing::error!(index, why, "Elasticsearch refuses the history index: its documents are dead-lettered until it accepts it (tried again every 30 s)");
-                        crate::metrics::metrics()
-                            .es_mirrors_refused
-                            .with_label_values(&[index])
-                            .inc();
+                        let m = crate::metrics::metrics();
+                        m.es_mirrors_refused.with_label_values(&[index]).inc();
                         c.history_refused
                             .insert(index.to_owned(), Instant::now() + HISTORY_RETRY);
                     }
-                    crate::metrics::metrics().dead_letters.inc();
-                    c.dlq
-                        .send(msg, "history index refused by Elasticsearch")
-                        .await?;
-                    Ok(skip)
                 }
-            };
+            }
+            if !c.history_refused.contains_key(index) {
+                return Ok(Route::default());
+            }
+            // A change's history document cannot be made again later: kept in the dead-letter topic.
+            crate::metrics::metrics().dead_letters.inc();
+            c.dlq
+                .send(msg, "history index refused by Elasticsearch")
+                .await?;
+            return Ok(Route {
+                skip: true,
+                ..Route::default()
+            });
         }
         if !c.indices.contains(index) {
             let (floors, one) = (floors_index(&self.es.index_prefix), [index]);
