@@ -1398,6 +1398,9 @@ impl Mirrors {
         if let Some(at) = floor {
             with_retry(&self.es, || client.delete_below(&index, at)).await?;
         }
+        // Searches through the alias must not see it behind the old
+        // index, which its own refresh may have shown the latest writes.
+        with_retry(&self.es, || client.refresh(&index)).await?;
         let mine = generation_of(alias, &index);
         let mut moves = 0;
         let holder = loop {

@@ -215,13 +215,20 @@ impl EsClient {
     /// Delete every document of `index` below the truncate at `at`, after a
     /// refresh, so every write made so far is seen.
     pub async fn delete_below(&self, index: &str, at: Position) -> Result<(), EsError> {
+        self.refresh(index).await?;
         let index = path_segment(index);
-        self.call(reqwest::Method::POST, &format!("{index}/_refresh"), None)
-            .await?;
         let path = format!("{index}/_delete_by_query?refresh=true&conflicts=proceed");
         self.call(reqwest::Method::POST, &path, Some(&below_query(at)))
             .await?;
         Ok(())
+    }
+
+    /// Make every write to `index` so far visible to searches.
+    pub async fn refresh(&self, index: &str) -> Result<(), EsError> {
+        let path = format!("{}/_refresh", path_segment(index));
+        self.call(reqwest::Method::POST, &path, None)
+            .await
+            .map(drop)
     }
 
     /// Store the truncate floor of `mirror` (a lower one than stored is ignored).
