@@ -25,6 +25,11 @@ use wait::Poll;
 
 const TOPIC: &str = "cdc-events";
 const TYPES: &str = r#"{"id":"int4","name":"text","n":"int4"}"#;
+/// SQL for a text of random hex for row `g` of a `generate_series(…) g`:
+/// it compresses to well over the 2 kB TOAST threshold, so it is stored
+/// out of line.
+const TOASTED: &str =
+    "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
 
 /// One synthetic change: key id, op, name, commit LSN.
 #[derive(Clone, Debug)]
@@ -1155,11 +1160,10 @@ async fn a_truncate_on_one_partition_is_not_undone_by_older_records_on_others() 
 async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    // Random hex: compresses to well over the 2 kB TOAST threshold, so it is stored out of line.
-    db.batch_execute(
+    db.batch_execute(&format!(
         "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
-         INSERT INTO docs SELECT g, 0, (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i) FROM generate_series(1, 10) g;",
-    )
+         INSERT INTO docs SELECT g, 0, {TOASTED} FROM generate_series(1, 10) g;"
+    ))
     .await
     .unwrap();
     let cfg = in_daemon(&r, &["docs"], "flush_interval_ms = 50\n");
@@ -1228,15 +1232,13 @@ async fn unchanged_toast_merges_are_versioned_and_survive_a_replay() {
 async fn a_key_change_keeps_an_unchanged_toast_column_from_postgres() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    let blob =
-        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
     db.batch_execute(&format!(
         "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
-         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 6) g;
+         INSERT INTO docs SELECT g, 0, {TOASTED} FROM generate_series(1, 6) g;
          CREATE TABLE tagged (region text NOT NULL, code text NOT NULL, blob text);
          CREATE UNIQUE INDEX tagged_key ON tagged (region, code);
          ALTER TABLE tagged REPLICA IDENTITY USING INDEX tagged_key;
-         INSERT INTO tagged SELECT 'eu', 'c' || g, {blob} FROM generate_series(1, 2) g;"
+         INSERT INTO tagged SELECT 'eu', 'c' || g, {TOASTED} FROM generate_series(1, 2) g;"
     ))
     .await
     .unwrap();
@@ -1388,6 +1390,26 @@ async fn history_documents_of_any_values_are_kept_and_searchable() {
     assert_eq!(count(json!({"term": {"key.id": 2}})).await, Some(2));
 }
 
+/// Table `docs (id, n, blob)` with four rows of TOASTed blobs, and a daemon
+/// streaming it into the rig's search server, its metrics on the port
+/// returned, with the TOAST read's failpoint set to `action`.
+#[cfg(feature = "failpoints")]
+async fn toasted_docs(r: &Rig, action: &str) -> (tokio_postgres::Client, Daemon, u16) {
+    let db = r.pg.client().await.unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
+         INSERT INTO docs SELECT g, 0, {TOASTED} FROM generate_series(1, 4) g;"
+    ))
+    .await
+    .unwrap();
+    let port = crate::support::free_port();
+    let cfg = pgcdc_testkit::config::with_metrics(&in_daemon(r, &["docs"], ""), port);
+    let fail = format!("{}={action}", pgcdc_actors::wire::failpoint::ES_TOAST_READ);
+    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[("FAILPOINTS", &fail)]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    (db, daemon, port)
+}
+
 /// While PostgreSQL cannot be read, a change whose unchanged TOAST column
 /// no document holds waits for it rather than being written without it; a
 /// row gone by then is counted as such, not as missing.
@@ -1395,21 +1417,7 @@ async fn history_documents_of_any_values_are_kept_and_searchable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_toast_column_read_waits_until_postgres_answers() {
     let r = rig().await;
-    let db = r.pg.client().await.unwrap();
-    let blob =
-        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
-    db.batch_execute(&format!(
-        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
-         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 4) g;"
-    ))
-    .await
-    .unwrap();
-    let cfg = in_daemon(&r, &["docs"], "");
-    let port = crate::support::free_port();
-    let cfg = pgcdc_testkit::config::with_metrics(&cfg, port);
-    let fail = format!("{}=3*return", pgcdc_actors::wire::failpoint::ES_TOAST_READ);
-    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[("FAILPOINTS", &fail)]);
-    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let (db, daemon, port) = toasted_docs(&r, "3*return").await;
     // One transaction: the read comes after its commit.
     db.batch_execute(
         "UPDATE docs SET id = id + 100 WHERE id <= 3;
@@ -1437,23 +1445,7 @@ async fn a_toast_column_read_waits_until_postgres_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_written_without_toast_columns_postgres_refused_are_filled_again() {
     let r = rig().await;
-    let db = r.pg.client().await.unwrap();
-    let blob =
-        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
-    db.batch_execute(&format!(
-        "CREATE TABLE docs (id int PRIMARY KEY, n int, blob text);
-         INSERT INTO docs SELECT g, 0, {blob} FROM generate_series(1, 4) g;"
-    ))
-    .await
-    .unwrap();
-    let port = crate::support::free_port();
-    let cfg = pgcdc_testkit::config::with_metrics(&in_daemon(&r, &["docs"], ""), port);
-    let fail = format!(
-        "{}=1*return(refused)",
-        pgcdc_actors::wire::failpoint::ES_TOAST_READ
-    );
-    let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[("FAILPOINTS", &fail)]);
-    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    let (db, mut daemon, port) = toasted_docs(&r, "1*return(refused)").await;
     db.batch_execute("UPDATE docs SET id = id + 100 WHERE id <= 3")
         .await
         .unwrap();
@@ -1604,13 +1596,11 @@ async fn unusual_names_and_long_values_are_mirrored() {
 async fn a_partitioned_table_with_toast_columns_is_mirrored_through_row_moves() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    let blob =
-        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
     db.batch_execute(&format!(
         "CREATE TABLE p (id int, region text, n int, blob text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
          CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
          CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
-         INSERT INTO p SELECT g, 'eu', 0, {blob} FROM generate_series(1, 4) g;"
+         INSERT INTO p SELECT g, 'eu', 0, {TOASTED} FROM generate_series(1, 4) g;"
     ))
     .await
     .unwrap();
@@ -1667,11 +1657,9 @@ async fn every_type_family_is_mirrored_without_a_refusal() {
 async fn columns_named_like_metadata_fields_are_mirrored_under_shifted_fields() {
     let r = rig().await;
     let db = r.pg.client().await.unwrap();
-    let blob =
-        "(SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 300) i)";
     db.batch_execute(&format!(
         "CREATE TABLE legacy (_id text PRIMARY KEY, _cdc text, _source text, n int);
-         INSERT INTO legacy SELECT 'm' || g, 'mine ' || g, {blob}, 0 FROM generate_series(1, 4) g;"
+         INSERT INTO legacy SELECT 'm' || g, 'mine ' || g, {TOASTED}, 0 FROM generate_series(1, 4) g;"
     ))
     .await
     .unwrap();
@@ -1679,7 +1667,7 @@ async fn columns_named_like_metadata_fields_are_mirrored_under_shifted_fields() 
     let mut daemon = crate::support::daemon(r.dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
     db.batch_execute(&format!(
-        "INSERT INTO legacy SELECT 'm5', 'mine 5', {blob}, 0 FROM generate_series(5, 5) g;
+        "INSERT INTO legacy SELECT 'm5', 'mine 5', {TOASTED}, 0 FROM generate_series(5, 5) g;
          UPDATE legacy SET n = 1, _cdc = 'changed' WHERE _id = 'm1';
          UPDATE legacy SET _id = 'm2x' WHERE _id = 'm2';
          DELETE FROM legacy WHERE _id = 'm3';"
