@@ -312,15 +312,23 @@ async fn disk_full(rng: &mut Rng, w: &mut World) -> Result<usize> {
         // past the WAL written now: a checkpoint written since.
         let now = "SELECT (pg_current_wal_lsn() - '0/0')::bigint";
         let now = w.db.query_one(now, &[]).await?.get::<_, i64>(0) as u64;
+        let seen = std::sync::Mutex::new(String::new());
         wait::until(
             "pgcdc to exit or confirm the slot past the freed disk",
             Duration::from_secs(60),
             || async {
                 let confirmed = crate::pg::confirmed_flush(&w.db, SLOT).await;
+                *crate::lock(&seen) = format!("{confirmed:x?}");
                 !w.daemon.is_running() || confirmed.ok().flatten().unwrap_or(0) > now
             },
         )
-        .await?;
+        .await
+        .with_context(|| {
+            format!(
+                "WAL written was at {now:x}, the slot confirmed {}",
+                crate::lock(&seen)
+            )
+        })?;
     }
     let exited = !w.daemon.is_running();
     if exited {

@@ -211,6 +211,16 @@ pub fn run(mut opts: ChaosOptions, out: &mut dyn Write) -> i32 {
         outcomes.push(outcome);
     }
     let _ = write!(out, "{}", report::table(&outcomes));
+    // Last, so a CI log cut to its end still shows why.
+    for o in &outcomes {
+        if let Some(tail) = &o.log_tail {
+            let _ = writeln!(
+                out,
+                "\n{} failed; the end of pgcdc's log:\n{tail}",
+                o.scenario
+            );
+        }
+    }
     i32::from(outcomes.iter().any(|o| o.verdict.failed()))
 }
 

@@ -45,6 +45,8 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// The end of the daemon's log, for a failed scenario.
+    pub log_tail: Option<String>,
 }
 
 /// The table header.
@@ -84,6 +86,7 @@ mod tests {
             duplicates: 40,
             verdict: Verdict::Fail("kafka: 2 transactions missing".into()),
             seconds: 31.5,
+            log_tail: None,
         };
         let t = table(&[o]);
         assert!(t.starts_with(HEADER));

@@ -48,6 +48,7 @@ pub(crate) async fn scenario(ctx: Context<'_>) -> Outcome {
         duplicates: 0,
         verdict: Verdict::Pass,
         seconds: 0.0,
+        log_tail: None,
     };
     if ctx.scenario == Scenario::Panic && !ctx.failpoints {
         outcome.verdict = Verdict::Skipped("pgcdc was built without --features failpoints".into());
@@ -58,6 +59,7 @@ pub(crate) async fn scenario(ctx: Context<'_>) -> Outcome {
             let v = drive(&ctx, &mut w, &mut outcome).await;
             if v.failed() {
                 keep_log(&w, &outcome.scenario, ctx.run_seed);
+                outcome.log_tail = Some(w.daemon.log_tail());
             }
             v
         }
