@@ -327,6 +327,9 @@ async fn bulk_429_500_dropped_connections_and_partial_failures_lose_nothing() {
     assert!(sink.log_text().contains("retrying"), "no retry was logged");
 }
 
+/// Records that are not JSON, or that Elasticsearch refuses, go to the
+/// dead-letter topic and the rest continue; a row whose update is refused
+/// loses its older document (the mirror never shows it as current).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     let r = rig().await;
@@ -337,9 +340,18 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_continue() {
     let good = workload(10, 30);
     produce(&*r.broker, &good[..15]).await;
     produce_raw(&producer, "{\"id\":500}", Some("this is not json")).await;
-    let mut bad = envelope(&Change {
+    // A row whose update Elasticsearch refuses: its older document must
+    // not stay in the mirror as if it were current.
+    let first = envelope(&Change {
         id: 501,
         op: "c",
+        name: "first".into(),
+        lsn: 4000,
+    });
+    produce_raw(&producer, "{\"id\":501}", Some(&first.to_string())).await;
+    let mut bad = envelope(&Change {
+        id: 501,
+        op: "u",
         name: String::new(),
         lsn: 5000,
     });
@@ -1820,6 +1832,10 @@ async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_fille
         why.contains(bad) && why.contains("Elasticsearch refuses its index"),
         "{why}"
     );
+    assert!(
+        why.contains("cdc_public_bad_history") && why.contains("refuses the history index"),
+        "{why}"
+    );
     assert!(!why.contains(good), "{why}");
     let (dead, reasons) = dead_letters(&*r.broker, 2);
     assert!(
@@ -1854,6 +1870,44 @@ async fn a_mirror_elasticsearch_refuses_does_not_hold_up_the_others_and_is_fille
             ready == 200
         })
         .await;
+
+    // Refused again while the sink runs, and fixed with no change after
+    // the fix: both indices are tried again and accepted on their own.
+    db.batch_execute(
+        r#"ALTER TABLE bad RENAME COLUMN a_b TO "a.b";
+           INSERT INTO bad VALUES (4, 4, 4);"#,
+    )
+    .await
+    .unwrap();
+    probe
+        .until(
+            "the history index refused again",
+            &mut daemon,
+            |_, ready| ready == 503,
+        )
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(why.contains("cdc_public_bad_history"), "{why}");
+    let (dead, reasons) = dead_letters(&*r.broker, 3);
+    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert_eq!(
+        dead[2].key.as_ref().map(ToString::to_string).as_deref(),
+        Some(r#"{"id":4}"#)
+    );
+    assert!(reasons[2].contains("history index refused"), "{reasons:?}");
+    db.batch_execute(r#"ALTER TABLE bad RENAME COLUMN "a.b" TO a_b"#)
+        .await
+        .unwrap();
+    assert_mirrors_table(&r, "public.bad", bad, Duration::from_secs(120), &daemon).await;
+    probe
+        .until("ready once both are accepted", &mut daemon, |_, ready| {
+            ready == 200
+        })
+        .await;
+    let history = reqwest::get(format!("{}/cdc_public_bad_history", r.es.url))
+        .await
+        .unwrap();
+    assert_eq!(history.status(), 200, "the history index was not created");
 
     // A column Elasticsearch cannot map next to `id`: its changes are
     // skipped, the others go on, and once it is dropped the mirror is filled.

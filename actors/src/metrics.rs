@@ -139,8 +139,8 @@ struct SinkHealth {
     caught_up_at: Option<SystemTime>,
     /// Why the sink is stalled, while it is.
     stalled: Option<String>,
-    /// Mirrors known to lack changes until their fill from PostgreSQL is
-    /// swapped in, and why.
+    /// Indices known to lack changes (mirrors until their fill from
+    /// PostgreSQL is swapped in, refused history indices), and why.
     lacking: std::collections::BTreeMap<String, String>,
 }
 
@@ -444,7 +444,7 @@ impl Metrics {
             es_mirrors_lacking: gauge(
                 &r,
                 "es_mirrors_lacking_changes",
-                "Mirrors known to lack changes (index deleted, records Kafka never delivered) until their fill from PostgreSQL is swapped in",
+                "Indices known to lack changes: mirrors (index deleted, records Kafka never delivered) until their fill from PostgreSQL is swapped in, history indices Elasticsearch refuses until it accepts them",
             ),
             sink: Mutex::default(),
             lag_bytes: gauge(
@@ -550,7 +550,7 @@ impl Metrics {
                 .map(|(m, why)| format!("{m} ({why})"))
                 .collect();
             return Err(format!(
-                "es sink: mirrors lack changes until their fill from PostgreSQL completes: {}",
+                "es sink: indices lack changes: {}",
                 list.join(", ")
             ));
         }

@@ -306,17 +306,8 @@ impl Mirrors {
             return Ok(());
         };
         let name = format!("{schema}.{table}");
-        let shape = async {
-            let sql = crate::pg::connect(&pg).await.map_err(|e| e.to_string())?;
-            let found = crate::pg::catalog::table_key(&sql, schema, table)
-                .await
-                .map_err(|e| e.to_string())?;
-            crate::snapshot::Shape::load(&sql, &found, &pg.publication)
-                .await
-                .map_err(|e| e.to_string())
-        };
         let alias = super::bulk::mirror_index(&self.es, schema, table);
-        let shape = match shape.await {
+        let shape = match super::fill::table_shape(&pg, schema, table).await {
             Ok(shape) => shape,
             Err(e) => {
                 tracing::error!(table = %name, error = %e, "cannot read the table's shape to fill its mirror from PostgreSQL; trying again in 30 s");

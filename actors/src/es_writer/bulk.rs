@@ -85,6 +85,19 @@ impl Action {
         action(index, id, at, origin, meta, None)
     }
 
+    /// For a document write Elasticsearch refused for good: a delete of the
+    /// document at the write's version, so the mirror does not keep the
+    /// row's older version as if it were current. `None` for deletes,
+    /// history entries and writes to a retiring generation.
+    pub fn withdrawal(&self) -> Option<Action> {
+        if self.is_delete() || self.history || self.best_effort {
+            return None;
+        }
+        let mut delete = Action::versioned_delete(&self.index, &self.id, self.at, self.origin);
+        delete.filling = self.filling;
+        Some(delete)
+    }
+
     /// The same write to another index (a generation being filled, or a
     /// mirror index from before generations), not through an alias.
     pub fn to_index(&self, index: &str) -> Action {

@@ -38,6 +38,17 @@ const MIRROR_REOPENS: u32 = 3;
 /// Wait before a history index Elasticsearch refused is tried again.
 const HISTORY_RETRY: Duration = Duration::from_secs(30);
 
+/// A history index Elasticsearch refuses to create or map.
+struct RefusedHistory {
+    /// When to try again.
+    retry_at: Instant,
+    /// The column types of the last record for it.
+    types: Option<String>,
+    /// Its table: a retry maps the table's current columns, read from
+    /// PostgreSQL, so a table fixed without a change after it is seen too.
+    table: Option<(String, String)>,
+}
+
 /// The consuming loop, detached from the actor so panics surface as `JoinError`s.
 pub(super) struct Sink {
     /// Where to write.
@@ -66,9 +77,9 @@ pub(super) struct Clients {
     indices: HashSet<String>,
     /// The column types each history index was last mapped for.
     history_types: HashMap<String, Option<String>>,
-    /// History indices Elasticsearch refuses to create or map, and when to
-    /// try again; their documents are dead-lettered meanwhile.
-    history_refused: HashMap<String, Instant>,
+    /// History indices Elasticsearch refuses to create or map; their
+    /// documents are dead-lettered meanwhile.
+    history_refused: HashMap<String, RefusedHistory>,
     /// Truncate floors known, by mirror index.
     floors: Floors,
     /// The mirrors and their generations.
@@ -93,6 +104,7 @@ impl Sink {
                 self.check_group(&mut c, true).await?;
                 c.mirrors.observe(&c.es, true).await?;
                 c.mirrors.settle(&c.es).await?;
+                self.retry_history(&mut c).await?;
                 continue;
             };
             // Fills other processes of the group started are written to
@@ -113,6 +125,7 @@ impl Sink {
             self.written(&mut c, &batch);
             observe_canaries(&mut c, Some(&batch));
             c.mirrors.settle(&c.es).await?;
+            self.retry_history(&mut c).await?;
             if has_changes(&c, &batch) {
                 c.group.changes_since_probe = true;
                 c.mirrors.wrote();
@@ -359,6 +372,56 @@ impl Sink {
         Ok(())
     }
 
+    /// Try the history indices Elasticsearch refused again once their wait
+    /// is over, mapped for their table's current columns where PostgreSQL
+    /// tells them (else for their last record's).
+    async fn retry_history(&self, c: &mut Clients) -> Result<(), EsError> {
+        let now = Instant::now();
+        let due: Vec<String> = c
+            .history_refused
+            .iter()
+            .filter(|(_, r)| r.retry_at <= now)
+            .map(|(i, _)| i.clone())
+            .collect();
+        for index in due {
+            let Some(refused) = c.history_refused.get(&index) else {
+                continue;
+            };
+            let types = match (&self.pg, &refused.table) {
+                (Some(pg), Some((schema, table))) => {
+                    let shape = super::fill::table_shape(pg, schema, table).await;
+                    shape.ok().map(|s| s.table.column_types.clone())
+                }
+                _ => None,
+            }
+            .or_else(|| refused.types.clone());
+            match self.map_history(c, &index, types.as_deref()).await {
+                Ok(()) => {
+                    tracing::info!(
+                        index,
+                        "Elasticsearch accepts the history index: its documents are written again"
+                    );
+                    c.history_refused.remove(&index);
+                    c.history_types.insert(index.clone(), types);
+                    crate::metrics::metrics().sink_lacking(&index, None);
+                }
+                Err(e) => {
+                    let why = e.refused().ok_or(e)?;
+                    tracing::warn!(
+                        index,
+                        why,
+                        "Elasticsearch still refuses the history index (tried again in 30 s)"
+                    );
+                    crate::metrics::metrics().sink_lacking(&index, Some(&history_refused(&why)));
+                    if let Some(r) = c.history_refused.get_mut(&index) {
+                        r.retry_at = Instant::now() + HISTORY_RETRY;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Make sure the action's index exists: a history index is created
     /// once and maps columns added later; a mirror follows the record's
     /// shape ([`Mirrors`]). Where the write goes.
@@ -371,15 +434,13 @@ impl Sink {
         let index = action.index.as_str();
         let types = header(msg, crate::wire::header::TYPES);
         if action.history {
-            let types = types.as_deref();
-            let refused = c.history_refused.get(index);
-            let waiting = refused.is_some_and(|t| Instant::now() < *t);
-            let changed = c.history_types.get(index).map(Option::as_deref) != Some(types);
-            if (changed || refused.is_some()) && !waiting {
-                match self.map_history(c, index, types).await {
+            if let Some(refused) = c.history_refused.get_mut(index) {
+                // Tried again by `retry_history`, with the latest columns.
+                refused.types = types.map(Cow::into_owned);
+            } else if c.history_types.get(index).map(Option::as_deref) != Some(types.as_deref()) {
+                match self.map_history(c, index, types.as_deref()).await {
                     Ok(()) => {
-                        c.history_refused.remove(index);
-                        let types = types.map(str::to_owned);
+                        let types = types.map(Cow::into_owned);
                         c.history_types.insert(index.to_owned(), types);
                     }
                     Err(e) => {
@@ -387,8 +448,13 @@ impl Sink {
                         tracing::error!(index, why, "Elasticsearch refuses the history index: its documents are dead-lettered until it accepts it (tried again every 30 s)");
                         let m = crate::metrics::metrics();
                         m.es_mirrors_refused.with_label_values(&[index]).inc();
-                        c.history_refused
-                            .insert(index.to_owned(), Instant::now() + HISTORY_RETRY);
+                        m.sink_lacking(index, Some(&history_refused(&why)));
+                        let refused = RefusedHistory {
+                            retry_at: Instant::now() + HISTORY_RETRY,
+                            types: types.map(Cow::into_owned),
+                            table: record_table(msg),
+                        };
+                        c.history_refused.insert(index.to_owned(), refused);
                     }
                 }
             }
@@ -414,14 +480,7 @@ impl Sink {
         }
         let key: Option<serde_json::Map<String, serde_json::Value>> =
             msg.key().and_then(|k| serde_json::from_slice(k).ok());
-        let table = || {
-            let env: crate::wire::Envelope<'_, serde_json::Value> =
-                serde_json::from_slice(msg.payload()?).ok()?;
-            Some((
-                env.source.schema.into_owned(),
-                env.source.table.into_owned(),
-            ))
-        };
+        let table = || record_table(msg);
         let rec = Incoming {
             topic: msg.topic(),
             types: types.as_deref(),
@@ -534,6 +593,21 @@ impl Sink {
 }
 
 /// The commit LSN of a change record (`None` for anything else).
+/// What `/ready` says of a history index Elasticsearch refuses.
+fn history_refused(why: &str) -> String {
+    format!("Elasticsearch refuses the history index, its documents are dead-lettered: {why}")
+}
+
+/// The table a change record names.
+fn record_table(msg: &OwnedMessage) -> Option<(String, String)> {
+    let env: crate::wire::Envelope<'_, serde_json::Value> =
+        serde_json::from_slice(msg.payload()?).ok()?;
+    Some((
+        env.source.schema.into_owned(),
+        env.source.table.into_owned(),
+    ))
+}
+
 fn commit_lsn(msg: &OwnedMessage) -> Option<u64> {
     let env: crate::wire::Envelope<'_, serde_json::Value> =
         serde_json::from_slice(msg.payload()?).ok()?;

@@ -290,6 +290,21 @@ async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
 /// prepared transaction is counted in while a waiting `COMMIT PREPARED`
 /// names none that way (its name spelled otherwise: `E'…'`, `$$…$$`), or
 /// while a session's statements are hidden.
+/// `schema.table`'s shape now, as a fill reads it (the columns published, the key).
+pub(super) async fn table_shape(
+    pg: &PostgresConfig,
+    schema: &str,
+    table: &str,
+) -> Result<Shape, String> {
+    let sql = crate::pg::connect(pg).await.map_err(|e| e.to_string())?;
+    let found = crate::pg::catalog::table_key(&sql, schema, table)
+        .await
+        .map_err(|e| e.to_string())?;
+    Shape::load(&sql, &found, &pg.publication)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), EsError> {
     let q = |e| fill_error(crate::pg::PgError::from(e));
     let row = sql

@@ -111,12 +111,13 @@ impl Sender<'_> {
             };
             let why;
             (pending, why) = self.settle(pending, results, &mut unanswered).await?;
-            if !pending.is_empty() {
+            // Without a reason, only the deletes of refused writes are left: sent at once.
+            if let Some(why) = why {
                 attempt += 1;
                 tracing::warn!(
                     items = pending.len(),
                     attempt,
-                    error = why.as_deref().unwrap_or("no status"),
+                    error = why,
                     "bulk items not written (429, 5xx, a write block or a closed index, or no status); retrying"
                 );
                 tokio::time::sleep(backoff(self.es, attempt)).await;
@@ -141,12 +142,17 @@ impl Sender<'_> {
         if let Some(a) = actions.pop() {
             tracing::warn!(reason, error = %e, index = %a.index, "elasticsearch refused a single action; dead-lettering its record");
             self.dead_letter(&a, &format!("{reason}: {e}")).await?;
+            if let Some(delete) = a.withdrawal() {
+                return Ok(Some((vec![delete], Vec::new())));
+            }
         }
         Ok(None)
     }
 
     /// Count the items' outcomes, dead-letter the refused ones; the actions
-    /// to send again, and the first reason to.
+    /// to send next (those to try again, and the deletes withdrawing the
+    /// documents of refused writes, in order), and the first reason to try
+    /// again, if any.
     async fn settle(
         &self,
         pending: Vec<Action>,
@@ -185,12 +191,14 @@ impl Sender<'_> {
                         .or_default();
                     *tries += 1;
                     if *tries < UNREADABLE_RETRIES {
+                        why.get_or_insert_with(|| "no status".to_owned());
                         retry.push(action);
                         "retried"
                     } else {
                         m.es_refusals.with_label_values(&["no_status"]).inc();
                         self.dead_letter(&action, "bulk item without a status, repeatedly")
                             .await?;
+                        retry.extend(action.withdrawal());
                         "dead_lettered"
                     }
                 }
@@ -200,6 +208,7 @@ impl Sender<'_> {
                 }
                 Outcome::Reject(reason) | Outcome::NoIndex(reason) => {
                     self.dead_letter(&action, &reason).await?;
+                    retry.extend(action.withdrawal());
                     "dead_lettered"
                 }
             };
