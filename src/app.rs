@@ -34,6 +34,12 @@ use crate::settings::Settings;
 /// Longest stop after a fatal report: what Kafka acknowledges by then is
 /// checkpointed, the rest is sent again on the next start.
 const FATAL_STOP_MAX: Duration = Duration::from_secs(5);
+/// Longest wind-down once the outcome is known (the actors and their
+/// clients dropped: a Kafka consumer leaving its group can wait minutes on
+/// a broker holding a join): then the process ends with the outcome's exit
+/// code anyway. The checkpoint is synced and the sink's offsets committed
+/// by then; what is left undone is read or sent again on the next start.
+const TEARDOWN_MAX: Duration = Duration::from_secs(10);
 
 /// Why the daemon stops.
 enum Stop {
@@ -47,8 +53,32 @@ enum Stop {
 pub fn run(settings: Settings) -> Result<(), AppError> {
     let system = actix::System::new();
     let result = system.block_on(run_async(settings));
-    System::current().stop();
+    wind_down(&result);
     result
+}
+
+/// Stop the actor system, and end the process with `result`'s exit code
+/// should dropping it (on return) take longer than [`TEARDOWN_MAX`].
+fn wind_down(result: &Result<(), AppError>) {
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.exit_code().code(), |()| 0);
+    let watch = std::thread::Builder::new()
+        .name("teardown watch".into())
+        .spawn(move || {
+            std::thread::sleep(TEARDOWN_MAX);
+            tracing::warn!(
+                timeout_secs = TEARDOWN_MAX.as_secs(),
+                exit_code = code,
+                "closing the clients did not finish in time; exiting without waiting for them"
+            );
+            std::process::exit(code);
+        });
+    if let Err(e) = watch {
+        tracing::warn!(error = %e, "no watch on the wind-down: the exit waits for every client to close");
+    }
+    fail::fail_point!(pgcdc_actors::wire::failpoint::TEARDOWN);
+    System::current().stop();
 }
 
 async fn run_async(settings: Settings) -> Result<(), AppError> {
@@ -197,7 +227,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
             Stop::Fatal(f) => Err(AppError::Fatal(f)),
         }
     });
-    System::current().stop();
+    wind_down(&result);
     result
 }
 

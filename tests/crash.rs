@@ -268,6 +268,31 @@ async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
     assert!(daemon.log_text().contains("keeps crashing"));
 }
 
+/// Whatever holds up the end once the outcome is known (a Kafka client
+/// whose close waits on the broker), the process ends within seconds with
+/// the outcome's exit code: after a fatal report, and after SIGTERM.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wind_down_that_hangs_still_ends_the_process_with_its_exit_code() {
+    let (pg, tansu, dir, db) = setup().await;
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
+        .replace("max_restarts = 20", "max_restarts = 2");
+    let hang = format!("{}=sleep(600000)", failpoint::TEARDOWN);
+    let crashing = format!("{}=panic;{hang}", failpoint::PRODUCER_AFTER_ACK);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &crashing)]);
+    let status = daemon.wait_exit(Duration::from_secs(90)).unwrap();
+    assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
+    assert!(daemon
+        .log_text()
+        .contains("closing the clients did not finish in time"));
+
+    daemon.set_env("FAILPOINTS", Some(&hang));
+    daemon.spawn().unwrap();
+    wait_active(&db, &mut daemon).await;
+    let status = daemon.terminate(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_postgres_ends_with_the_upstream_code_after_retries() {
     let pg = PgCluster::start().unwrap();

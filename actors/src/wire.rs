@@ -247,8 +247,12 @@ pub mod failpoint {
     /// from PostgreSQL: `return` fails it as an unreachable server would,
     /// `return(refused)` as a server refusing the read.
     pub const ES_TOAST_READ: &str = "es-toast-read";
+    /// The daemon's end, once its outcome is known and before its clients
+    /// close: `sleep(ms)` holds it there, as a Kafka client whose close
+    /// waits on the broker would.
+    pub const TEARDOWN: &str = "teardown";
     /// Every failpoint, for harnesses that list or configure them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         REPLICATION_PUBLISH,
         PRODUCER_AFTER_ACK,
         CHECKPOINT_BEFORE_CONFIRM,
@@ -262,5 +266,6 @@ pub mod failpoint {
         ES_FILL_COPY,
         ES_COLUMN_DEFAULTS,
         ES_TOAST_READ,
+        TEARDOWN,
     ];
 }
