@@ -142,6 +142,8 @@ struct SinkHealth {
     /// Indices known to lack changes (mirrors until their fill from
     /// PostgreSQL is swapped in, refused history indices), and why.
     lacking: std::collections::BTreeMap<String, String>,
+    /// Those of `lacking` that are history indices.
+    history: std::collections::BTreeSet<String>,
 }
 
 /// When the stream last showed life.
@@ -608,6 +610,35 @@ impl Metrics {
         }
     }
 
+    /// Elasticsearch refuses the ES sink's history index `index`
+    /// (`Some(why)`), or no longer (`None`).
+    pub fn sink_history_refused(&self, index: &str, why: Option<&str>) {
+        if let Ok(mut s) = self.sink.lock() {
+            match why {
+                Some(why) => {
+                    s.history.insert(index.to_owned());
+                    s.lacking.insert(index.to_owned(), why.to_owned());
+                }
+                None => {
+                    s.history.remove(index);
+                    s.lacking.remove(index);
+                }
+            }
+            self.es_mirrors_lacking.set(s.lacking.len() as i64);
+        }
+    }
+
+    /// A run of the ES sink starts: it knows of no refused history index
+    /// until a record meets one again.
+    pub fn sink_history_forgotten(&self) {
+        if let Ok(mut s) = self.sink.lock() {
+            for index in std::mem::take(&mut s.history) {
+                s.lacking.remove(&index);
+            }
+            self.es_mirrors_lacking.set(s.lacking.len() as i64);
+        }
+    }
+
     /// The ES sink applied `table`'s changes up to commit LSN `lsn` (never moves back).
     pub fn sink_applied(&self, table: &str, lsn: Lsn) {
         let gauge = self.es_applied_lsn.with_label_values(&[table]);
@@ -712,6 +743,14 @@ mod tests {
         );
         assert!(m.render().contains("pgcdc_es_mirrors_lacking_changes 2"));
         m.sink_lacking("cdc_public_a", None);
+        m.sink_history_refused("cdc_public_a_history", Some("refused"));
+        // A new run of the sink forgets refused history indices, not mirrors.
+        m.sink_history_forgotten();
+        let why = m.readiness(window, Readiness::Sink).unwrap_err();
+        assert!(
+            !why.contains("history") && why.contains("cdc_public_b"),
+            "{why}"
+        );
         m.sink_lacking("cdc_public_b", None);
         assert_eq!(m.readiness(window, Readiness::Sink), Ok(()));
         assert!(m.render().contains("pgcdc_es_mirrors_lacking_changes 0"));

@@ -145,6 +145,7 @@ impl Sink {
 
     /// Join the group, and build the dead-letter producer and the ES client.
     fn connect(&self) -> Result<Clients, EsError> {
+        crate::metrics::metrics().sink_history_forgotten();
         let dlq = DeadLetters {
             producer: self.kafka.client_config().create_with_context(Reply)?,
             topic: self.es.dead_letter_topic.clone(),
@@ -403,7 +404,7 @@ impl Sink {
                     );
                     c.history_refused.remove(&index);
                     c.history_types.insert(index.clone(), types);
-                    crate::metrics::metrics().sink_lacking(&index, None);
+                    crate::metrics::metrics().sink_history_refused(&index, None);
                 }
                 Err(e) => {
                     let why = e.refused().ok_or(e)?;
@@ -412,7 +413,8 @@ impl Sink {
                         why,
                         "Elasticsearch still refuses the history index (tried again in 30 s)"
                     );
-                    crate::metrics::metrics().sink_lacking(&index, Some(&history_refused(&why)));
+                    let why = history_refused(&why);
+                    crate::metrics::metrics().sink_history_refused(&index, Some(&why));
                     if let Some(r) = c.history_refused.get_mut(&index) {
                         r.retry_at = Instant::now() + HISTORY_RETRY;
                     }
@@ -448,7 +450,7 @@ impl Sink {
                         tracing::error!(index, why, "Elasticsearch refuses the history index: its documents are dead-lettered until it accepts it (tried again every 30 s)");
                         let m = crate::metrics::metrics();
                         m.es_mirrors_refused.with_label_values(&[index]).inc();
-                        m.sink_lacking(index, Some(&history_refused(&why)));
+                        m.sink_history_refused(index, Some(&history_refused(&why)));
                         let refused = RefusedHistory {
                             retry_at: Instant::now() + HISTORY_RETRY,
                             types: types.map(Cow::into_owned),
@@ -592,7 +594,6 @@ impl Sink {
     }
 }
 
-/// The commit LSN of a change record (`None` for anything else).
 /// What `/ready` says of a history index Elasticsearch refuses.
 fn history_refused(why: &str) -> String {
     format!("Elasticsearch refuses the history index, its documents are dead-lettered: {why}")
@@ -608,6 +609,7 @@ fn record_table(msg: &OwnedMessage) -> Option<(String, String)> {
     ))
 }
 
+/// The commit LSN of a change record (`None` for anything else).
 fn commit_lsn(msg: &OwnedMessage) -> Option<u64> {
     let env: crate::wire::Envelope<'_, serde_json::Value> =
         serde_json::from_slice(msg.payload()?).ok()?;

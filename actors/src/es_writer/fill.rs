@@ -277,19 +277,6 @@ async fn running(sql: &Client) -> Result<HashMap<u32, String>, EsError> {
         .collect())
 }
 
-/// Transactions whose commit is in the WAL but not yet visible, waiting
-/// for a synchronous standby (`xid8` texts), and whether sessions of other
-/// roles were counted in without knowing (their waits are hidden from a
-/// role without `pg_read_all_stats`): their transactions could be such
-/// commits too. Empty while `synchronous_standby_names` is: no commit waits.
-///
-/// Only sessions of this database can change its tables. A session's own
-/// commit waits holding its transaction's lock. A `COMMIT PREPARED` waits
-/// in a session that holds no lock of the prepared transaction: that one
-/// is found by its name, quoted plainly, in the waiting statement. Every
-/// prepared transaction is counted in while a waiting `COMMIT PREPARED`
-/// names none that way (its name spelled otherwise: `E'…'`, `$$…$$`), or
-/// while a session's statements are hidden.
 /// `schema.table`'s shape now, as a fill reads it (the columns published, the key).
 pub(super) async fn table_shape(
     pg: &PostgresConfig,
@@ -305,6 +292,19 @@ pub(super) async fn table_shape(
         .map_err(|e| e.to_string())
 }
 
+/// Transactions whose commit is in the WAL but not yet visible, waiting
+/// for a synchronous standby (`xid8` texts), and whether sessions of other
+/// roles were counted in without knowing (their waits are hidden from a
+/// role without `pg_read_all_stats`): their transactions could be such
+/// commits too. Empty while `synchronous_standby_names` is: no commit waits.
+///
+/// Only sessions of this database can change its tables. A session's own
+/// commit waits holding its transaction's lock. A `COMMIT PREPARED` waits
+/// in a session that holds no lock of the prepared transaction: that one
+/// is found by its name, quoted plainly, in the waiting statement. Every
+/// prepared transaction is counted in while a waiting `COMMIT PREPARED`
+/// names none that way (its name spelled otherwise: `E'…'`, `$$…$$`), or
+/// while a session's statements are hidden.
 pub(super) async fn committing(sql: &Client) -> Result<(HashSet<String>, bool), EsError> {
     let q = |e| fill_error(crate::pg::PgError::from(e));
     let row = sql
