@@ -248,24 +248,40 @@ async fn panic_in_checkpoint_restarts_it_without_loss() {
     panic_in_actor_is_restarted(failpoint::CHECKPOINT_BEFORE_CONFIRM).await;
 }
 
+/// A daemon (restart budget 2) whose producer panics at every
+/// acknowledged batch, with `more` failpoints armed; it must end with code
+/// 7 within `timeout`. The first acknowledged batch (the end of the initial
+/// snapshot) trips it, at every restart.
+#[cfg(feature = "failpoints")]
+async fn keeps_crashing(more: &str, timeout: Duration) -> Crashed {
+    let (pg, tansu, dir, db) = setup().await;
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
+        .replace("max_restarts = 20", "max_restarts = 2");
+    let failpoints = format!("{}=panic{more}", failpoint::PRODUCER_AFTER_ACK);
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &failpoints)]);
+    let status = daemon.wait_exit(timeout).unwrap();
+    assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("keeps crashing"));
+    Crashed {
+        daemon,
+        db,
+        _services: (pg, tansu, dir),
+    }
+}
+
+/// What [`keeps_crashing`] leaves: the exited daemon, and the services it
+/// ran against, kept up for a restart.
+#[cfg(feature = "failpoints")]
+struct Crashed {
+    daemon: Daemon,
+    db: Client,
+    _services: (PgCluster, Tansu, tempfile::TempDir),
+}
+
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
-    let (pg, tansu, dir, _db) = setup().await;
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
-        .replace("max_restarts = 20", "max_restarts = 2");
-    let mut daemon = crate::support::daemon(
-        dir.path(),
-        &cfg,
-        &[(
-            "FAILPOINTS",
-            &format!("{}=panic", failpoint::PRODUCER_AFTER_ACK),
-        )],
-    );
-    // The first acknowledged batch (the end of the initial snapshot) trips it, at every restart.
-    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
-    assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
-    assert!(daemon.log_text().contains("keeps crashing"));
+    keeps_crashing("", Duration::from_secs(60)).await;
 }
 
 /// Whatever holds up the end once the outcome is known (a Kafka client
@@ -274,14 +290,9 @@ async fn an_actor_that_keeps_crashing_ends_the_process_with_code_7() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wind_down_that_hangs_still_ends_the_process_with_its_exit_code() {
-    let (pg, tansu, dir, db) = setup().await;
-    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["numbered"], "")
-        .replace("max_restarts = 20", "max_restarts = 2");
     let hang = format!("{}=sleep(600000)", failpoint::TEARDOWN);
-    let crashing = format!("{}=panic;{hang}", failpoint::PRODUCER_AFTER_ACK);
-    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[("FAILPOINTS", &crashing)]);
-    let status = daemon.wait_exit(Duration::from_secs(90)).unwrap();
-    assert_eq!(status.code(), Some(7), "{}", daemon.log_text());
+    let crashed = keeps_crashing(&format!(";{hang}"), Duration::from_secs(90)).await;
+    let (mut daemon, db) = (crashed.daemon, crashed.db);
     assert!(daemon
         .log_text()
         .contains("closing the clients did not finish in time"));

@@ -1385,13 +1385,14 @@ impl Mirrors {
     ) -> Result<bool, EsError> {
         // A truncate another process applied while the generation was
         // filled: what the copy holds from before it goes.
+        // Either way the generation ends refreshed (the deletes refresh it):
+        // searches through the alias must not see it behind the old index,
+        // which its own refresh may have shown the latest writes.
         let floor = self.floor(client, alias).await?;
-        if let Some(at) = floor {
-            with_retry(&self.es, || client.delete_below(&index, at)).await?;
+        match floor {
+            Some(at) => with_retry(&self.es, || client.delete_below(&index, at)).await?,
+            None => with_retry(&self.es, || client.refresh(&index)).await?,
         }
-        // Searches through the alias must not see it behind the old
-        // index, which its own refresh may have shown the latest writes.
-        with_retry(&self.es, || client.refresh(&index)).await?;
         let mine = generation_of(alias, &index);
         let mut moves = 0;
         let holder = loop {
