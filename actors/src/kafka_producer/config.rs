@@ -127,10 +127,10 @@ const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
 /// hundred bytes each): 50,000 streamed no faster on loopback and cost
 /// about 30-50 MiB more peak RSS in the pipeline benchmark.
 const DEFAULT_MAX_INFLIGHT_RECORDS: usize = 10_000;
-/// Default `max_inflight_bytes` (256 MiB): far above what ordinary rows
-/// reach at `max_inflight_records`, while a handful of huge values is enough
-/// to pause WAL reading instead of filling memory.
-const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// Default `max_inflight_bytes` (64 MiB): above what ordinary rows reach at
+/// `max_inflight_records`, while one huge value is enough to pause WAL
+/// reading instead of filling memory.
+const DEFAULT_MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// The librdkafka property choosing the partition of a keyed record.
 const PARTITIONER: &str = "partitioner";
 /// Default `partitioner`: murmur2 of the key bytes, positive part modulo the
@@ -202,8 +202,9 @@ pub struct KafkaConfig {
     /// Records queued or in flight before reading the WAL pauses (the memory bound).
     pub max_inflight_records: usize,
     /// Bytes of record values queued or in flight in librdkafka before
-    /// reading the WAL pauses (the memory bound for wide rows). At least
-    /// `message.max.bytes`, so any record that Kafka accepts fits.
+    /// reading the WAL pauses (the memory bound for wide rows). Raised to
+    /// `message.max.bytes` when that is larger, so any record that Kafka
+    /// accepts fits.
     pub max_inflight_bytes: usize,
     /// `fail` (stop, exit 4) or `dead_letter` (describe it on the
     /// dead-letter topic and go on) for a record above `message.max.bytes`.
@@ -354,7 +355,8 @@ impl KafkaConfig {
         self.validate_sizes(errors);
     }
 
-    /// `message.max.bytes` must be a number and fit in `max_inflight_bytes`.
+    /// `message.max.bytes` must be a number; librdkafka's queue limit is
+    /// pgcdc's to set.
     fn validate_sizes(&self, errors: &mut Vec<ConfigError>) {
         if self.properties.contains_key(QUEUE_MAX_KBYTES) {
             errors.push(ConfigError::new(
@@ -362,19 +364,10 @@ impl KafkaConfig {
                 "set by pgcdc from kafka.max_inflight_bytes",
             ));
         }
-        let Some(limit) = self.max_message_bytes() else {
+        if self.max_message_bytes().is_none() {
             errors.push(ConfigError::new(
                 format!("kafka.properties.{MESSAGE_MAX_BYTES}"),
                 "must be a whole number of bytes",
-            ));
-            return;
-        };
-        if self.max_inflight_bytes < limit {
-            errors.push(ConfigError::new(
-                "kafka.max_inflight_bytes",
-                format!(
-                    "must be at least kafka.properties.{MESSAGE_MAX_BYTES} ({limit}) so that one record fits"
-                ),
             ));
         }
     }
@@ -394,6 +387,15 @@ impl KafkaConfig {
         }
     }
 
+    /// Bytes of records librdkafka may hold: `max_inflight_bytes`, or
+    /// `message.max.bytes` when that is larger, so one record always fits.
+    pub fn queue_bytes(&self) -> usize {
+        let one_record = self
+            .max_message_bytes()
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+        self.max_inflight_bytes.max(one_record)
+    }
+
     /// The librdkafka client configuration for the producer.
     pub fn client_config(&self) -> rdkafka::ClientConfig {
         let mut cfg = rdkafka::ClientConfig::new();
@@ -401,10 +403,7 @@ impl KafkaConfig {
             cfg.set(k, v);
         }
         let queue = (self.max_inflight_records * 2 + QUEUE_SLACK).to_string();
-        let kbytes = self
-            .max_inflight_bytes
-            .div_ceil(1024)
-            .min(i32::MAX as usize);
+        let kbytes = self.queue_bytes().div_ceil(1024).min(i32::MAX as usize);
         cfg.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -484,21 +483,26 @@ mod tests {
     }
 
     #[test]
-    fn one_record_must_fit_in_the_inflight_bytes() {
+    fn librdkafka_holds_one_record_of_the_largest_size_at_least() {
         let keys = |c: &KafkaConfig| {
             let mut errors = Vec::new();
             c.validate(&mut errors);
             errors.into_iter().map(|e| e.key).collect::<Vec<_>>()
         };
-        let mut c = KafkaConfig {
-            max_inflight_bytes: 500_000,
-            ..Default::default()
-        };
-        assert_eq!(keys(&c), ["kafka.max_inflight_bytes"]);
-        c.properties
-            .insert(MESSAGE_MAX_BYTES.into(), "400000".into());
+        let kbytes = |c: &KafkaConfig| c.client_config().get(QUEUE_MAX_KBYTES).map(String::from);
+        let mut c = KafkaConfig::default();
+        assert_eq!(kbytes(&c).as_deref(), Some("65536"));
+        c.max_inflight_bytes = 500_000;
         assert!(keys(&c).is_empty());
-        assert_eq!(c.max_message_bytes(), Some(400_000));
+        assert_eq!(
+            kbytes(&c).as_deref(),
+            Some("977"),
+            "message.max.bytes, 1,000,000"
+        );
+        c.properties
+            .insert(MESSAGE_MAX_BYTES.into(), "100000000".into());
+        assert_eq!(c.max_message_bytes(), Some(100_000_000));
+        assert_eq!(kbytes(&c).as_deref(), Some("97657"));
         c.properties.insert(MESSAGE_MAX_BYTES.into(), "big".into());
         c.properties.insert(QUEUE_MAX_KBYTES.into(), "1".into());
         assert_eq!(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::oneshot;
 
@@ -65,6 +65,13 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Wait, checking every `retry`, until librdkafka holds no record.
+    pub async fn emptied(&self, retry: Duration) {
+        while self.producer.in_flight_count() > 0 {
+            tokio::time::sleep(retry).await;
+        }
     }
 
     /// Hand `record` to librdkafka (see [`BaseProducer::send`]). While its

@@ -206,7 +206,13 @@ impl BatchJob {
         let mut records = Vec::with_capacity(2);
         let mut tx = self.tx;
         let total = self.events.len();
+        let huge = self.config.queue_bytes() / 2;
         for (i, event) in self.events.into_iter().enumerate() {
+            if event.row_bytes() > huge {
+                // Its record cannot sit beside another of its size: encode
+                // it once librdkafka has room, not while it holds the last.
+                self.producer.emptied(QUEUE_FULL_WAIT).await;
+            }
             records.extend(tx.marks_before(i));
             encoder.event(&event, tx.block(i), &mut records);
             drop(event); // its row, before the encoded copy goes to librdkafka
