@@ -97,6 +97,15 @@ async fn values_of_64_mib_stream_intact_in_bounded_memory() {
     // Huge pages would make memory resident in 2 MiB steps (src/main.rs).
     let thp = d.status_field("THP_enabled");
     assert_eq!(thp.as_deref(), Some("0"), "the daemon runs without THP");
+    // Freed values go back to the kernel after 100 ms (src/main.rs).
+    let pid = d.pid().expect("daemon running");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"MIMALLOC_PURGE_DELAY=100"),
+        "the daemon runs with MIMALLOC_PURGE_DELAY=100"
+    );
     d.sample_rss();
     let peak_mib = d.peak_rss_kb / 1024;
     eprintln!("peak rss streaming {LARGE_VALUES} values of 64 MiB: {peak_mib} MiB");
