@@ -15,8 +15,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// it gives it back to the kernel, and pgcdc's value for it, in ms.
 /// mimalloc's own (1,000) keeps a freed 64 MiB value resident for a second,
 /// so values read faster than that add up: in the pipeline benchmark ten
-/// 64 MiB values peaked at 232-328 MiB with it and at 238 MiB in both runs
-/// with 100, with no more CPU per row.
+/// 64 MiB values peaked at 232-328 MiB with it and at 236-264 MiB in four
+/// runs with 100, with no more CPU per row.
 const PURGE_DELAY: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "100");
 
 /// Start pgcdc again in this process (same pid, arguments and environment)
