@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use pgcdc_actors::checkpoint::{Checkpoint, CheckpointStore, SlotIdentity};
 use pgcdc_actors::event::{KeySource, TableRef};
+use pgcdc_actors::kafka_producer::{metadata_or_refusal, prober};
 use pgcdc_actors::lsn::Lsn;
 use pgcdc_actors::pg::{
     catalog, connect as pg_connect, connect_replication, parse_table_name, sql_security, waits,
@@ -14,7 +15,6 @@ use pgcdc_actors::pg::{
 };
 use pgcdc_actors::replication::{slot, ReplicationError};
 use pgcdc_actors::snapshot::watermark::{MessageKey, Signal};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::error::{AppError, ExitCode};
 use crate::settings::Settings;
@@ -295,16 +295,14 @@ fn read_checkpoint(settings: &Settings) -> Result<Checkpoint, AppError> {
 /// Reach Kafka; warn about each change topic with partitions added since
 /// pgcdc first wrote to it (its records stay on the ones it had).
 fn check_kafka(settings: &Settings) -> Result<Scope, AppError> {
-    let consumer: BaseConsumer = settings.kafka.client_config().create().map_err(|e| {
+    let prober = prober(&settings.kafka, "pgcdc-check").map_err(|e| {
         let message = settings.kafka.properties.redact(&e.to_string());
         AppError::Config(vec![ConfigError::new("kafka", message)])
     })?;
-    let md = consumer
-        .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|e| {
-            let message = settings.kafka.properties.redact(&e.to_string());
-            AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
-        })?;
+    let md = metadata_or_refusal(&prober, Duration::from_secs(10)).map_err(|e| {
+        let message = settings.kafka.properties.redact(&e);
+        AppError::Upstream(format!("{}: {message}", settings.kafka.brokers))
+    })?;
     let reached = format!(
         "{} brokers, {} topics",
         md.brokers().len(),

@@ -23,14 +23,23 @@ const PURGE_DELAY: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "100");
 /// with [`PURGE_DELAY`] set, unless the environment sets it already:
 /// mimalloc reads its options only when the process is loaded. Returns only
 /// if that fails, with why; pgcdc then runs with mimalloc's default.
+///
+/// It starts the binary by its own path, so the process keeps its name
+/// (`ps`, `top`, `pkill pgcdc`), which the kernel takes from that path;
+/// only when the file is gone (replaced by an upgrade) does it fall back to
+/// `/proc/self/exe`, and the process is then named `exe`.
 fn with_purge_delay() -> Option<std::io::Error> {
     use std::os::unix::process::CommandExt;
     if std::env::var_os(PURGE_DELAY.0).is_some() {
         return None;
     }
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| "/proc/self/exe".into());
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
-    let error = std::process::Command::new("/proc/self/exe")
+    let error = std::process::Command::new(exe)
         .arg0(argv0)
         .args(args)
         .env(PURGE_DELAY.0, PURGE_DELAY.1)

@@ -10,7 +10,9 @@ use actix::Addr;
 use pgcdc_actors::checkpoint::CheckpointActor;
 use pgcdc_actors::error::ConfigError;
 use pgcdc_actors::es_writer::duration_secs;
-use pgcdc_actors::kafka_producer::{KafkaConfig, Partitioning, DURABLE_REPLICAS};
+use pgcdc_actors::kafka_producer::{
+    metadata_or_refusal, prober, KafkaConfig, Partitioning, DURABLE_REPLICAS,
+};
 use pgcdc_actors::pg::parse_table_name;
 use rdkafka::admin::{
     AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
@@ -49,9 +51,8 @@ async fn create_with(
 ) -> Result<(), AppError> {
     let k = &settings.kafka;
     let names = topic_names(settings);
-    let brokers = admin
-        .inner()
-        .fetch_metadata(None, REQUEST_TIMEOUT)
+    let prober = prober(k, "pgcdc-admin").map_err(|e| upstream(k, &e.to_string()))?;
+    let brokers = metadata_or_refusal(&prober, REQUEST_TIMEOUT)
         .map_err(|e| upstream(k, &format!("cannot read metadata: {e}")))?
         .brokers()
         .len();
@@ -261,12 +262,7 @@ fn topic_names(settings: &Settings) -> Vec<String> {
 
 /// An admin client with the user's properties.
 fn admin(k: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, AppError> {
-    let mut config = rdkafka::ClientConfig::new();
-    for (key, v) in &k.properties {
-        config.set(key, v);
-    }
-    config.set("bootstrap.servers", &k.brokers);
-    config.create().map_err(|e| {
+    k.client_base("pgcdc-admin").create().map_err(|e| {
         let message = k.properties.redact(&e.to_string());
         AppError::Config(vec![ConfigError::new("kafka.properties", message)])
     })

@@ -73,4 +73,6 @@ async fn events_reach_kafka_over_tls_verified_against_the_ca() {
     let out = pgcdc(&path, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL  kafka"), "{text}");
+    assert!(text.contains("the broker refused the connection"), "{text}");
+    assert!(text.contains("certificate verify failed"), "{text}");
 }

@@ -106,6 +106,9 @@ async fn values_of_64_mib_stream_intact_in_bounded_memory() {
             .any(|v| v == b"MIMALLOC_PURGE_DELAY=100"),
         "the daemon runs with MIMALLOC_PURGE_DELAY=100"
     );
+    // ... and keeps its name, which `ps` and `pkill pgcdc` go by.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "pgcdc", "the daemon's process name");
     d.sample_rss();
     let peak_mib = d.peak_rss_kb / 1024;
     eprintln!("peak rss streaming {LARGE_VALUES} values of 64 MiB: {peak_mib} MiB");

@@ -10,6 +10,7 @@ mod es_tls;
 mod freshness;
 mod golden;
 mod independent_consumer;
+mod kafka_sasl;
 mod kafka_tls;
 mod large_values;
 mod observe;

@@ -57,13 +57,7 @@ pub fn spawn_publisher(
 ) -> Result<(), KafkaError> {
     let mut producer = kafka.client_config();
     producer.set("client.id", "pgcdc-canary");
-    let mut lookup = rdkafka::ClientConfig::new();
-    for (k, v) in &kafka.properties {
-        lookup.set(k, v);
-    }
-    lookup
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("client.id", "pgcdc-canary-offsets");
+    let lookup = kafka.client_base("pgcdc-canary-offsets");
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
     let p = Publisher {
         topic: record::topic(&kafka.topic_prefix),

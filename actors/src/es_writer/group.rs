@@ -45,17 +45,19 @@ pub(super) fn join(
 
 /// A consumer in the sink's group, not subscribed yet (not a member yet).
 pub(super) fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
-    let mut cc = rdkafka::ClientConfig::new();
-    cc.set("session.timeout.ms", SESSION_TIMEOUT_MS)
-        .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
-    for (k, v) in &kafka.properties {
-        cc.set(k, v);
+    let mut cc = kafka.client_base("pgcdc-es-sink");
+    let timeouts = [
+        ("session.timeout.ms", SESSION_TIMEOUT_MS),
+        ("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS),
+    ];
+    for (k, v) in timeouts {
+        if !kafka.properties.contains_key(k) {
+            cc.set(k, v);
+        }
     }
-    cc.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &es.consumer_group)
+    cc.set("group.id", &es.consumer_group)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("client.id", "pgcdc-es-sink");
+        .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer<SinkContext> = cc.create_with_context(SinkContext::default())?;
     Ok(Arc::new(consumer))
 }
@@ -142,14 +144,9 @@ pub(super) type Prober = Arc<BaseConsumer>;
 
 /// A [`Prober`] for the sink's group.
 pub(super) fn prober(es: &EsConfig, kafka: &KafkaConfig) -> Result<Prober, EsError> {
-    let mut cc = rdkafka::ClientConfig::new();
-    for (k, v) in &kafka.properties {
-        cc.set(k, v);
-    }
-    cc.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &es.consumer_group)
-        .set("enable.auto.commit", "false")
-        .set("client.id", "pgcdc-es-sink-probe");
+    let mut cc = kafka.client_base("pgcdc-es-sink-probe");
+    cc.set("group.id", &es.consumer_group)
+        .set("enable.auto.commit", "false");
     Ok(Arc::new(cc.create()?))
 }
 

@@ -396,21 +396,29 @@ impl KafkaConfig {
         self.max_inflight_bytes.max(one_record)
     }
 
-    /// The librdkafka client configuration for the producer.
-    pub fn client_config(&self) -> rdkafka::ClientConfig {
+    /// What every Kafka client pgcdc opens is configured from: the user's
+    /// `kafka.properties` (security settings such as TLS and SASL among
+    /// them), the brokers, and `client_id`.
+    pub fn client_base(&self, client_id: &str) -> rdkafka::ClientConfig {
         let mut cfg = rdkafka::ClientConfig::new();
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id);
+        cfg
+    }
+
+    /// The librdkafka client configuration for the producer.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut cfg = self.client_base("pgcdc");
         let queue = (self.max_inflight_records * 2 + QUEUE_SLACK).to_string();
         let kbytes = self.queue_bytes().div_ceil(1024).min(i32::MAX as usize);
-        cfg.set("bootstrap.servers", &self.brokers)
-            .set("enable.idempotence", "true")
+        cfg.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
             .set("queue.buffering.max.messages", queue)
-            .set(QUEUE_MAX_KBYTES, kbytes.to_string())
-            .set("client.id", "pgcdc");
+            .set(QUEUE_MAX_KBYTES, kbytes.to_string());
         for (names, value) in DEFAULTS {
             if !names.iter().any(|k| self.properties.contains_key(*k)) {
                 cfg.set(names[0], value);

@@ -17,6 +17,7 @@ mod modes;
 mod partition;
 mod persist;
 mod polled;
+mod refusal;
 mod send;
 mod transaction;
 
@@ -34,6 +35,7 @@ pub use config::{
 pub use envelope::{EncodedRecord, Encoder};
 pub use partition::{java_partition, murmur2, Partitioning};
 pub(crate) use polled::{PolledProducer, Reply};
+pub use refusal::{metadata_or_refusal, prober, Prober};
 
 use crate::checkpoint::CheckpointActor;
 use crate::error::{ErrorClass, ExitCode};

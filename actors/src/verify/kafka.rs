@@ -340,18 +340,13 @@ fn read_topic(
 
 /// A consumer of the configured cluster for direct assignments.
 fn consumer(kafka: &KafkaConfig) -> Result<BaseConsumer, VerifyError> {
-    let mut cc = rdkafka::ClientConfig::new();
-    for (k, v) in &kafka.properties {
-        cc.set(k, v);
-    }
+    let mut cc = kafka.client_base("pgcdc-verify");
     // librdkafka wants a group id even for a direct assignment; it joins
     // no group and commits nothing with it.
-    cc.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", "pgcdc-verify")
+    cc.set("group.id", "pgcdc-verify")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("client.id", "pgcdc-verify");
+        .set("enable.partition.eof", "false");
     Ok(cc.create()?)
 }
 

@@ -7,7 +7,9 @@
 //!   [`search::SearchServer`], the pgcdc process ([`daemon::Daemon`]) and a
 //!   small filesystem ([`tmpfs::TmpfsMount`]);
 //! - fault proxies: [`proxy::tcp::TcpProxy`] (cut, delay) and
-//!   [`proxy::bulk::BulkFaultProxy`] (`_bulk` errors);
+//!   [`proxy::bulk::BulkFaultProxy`] (`_bulk` errors); fronts for brokers
+//!   without TLS or SASL ([`proxy::tls::TlsTerminator`],
+//!   [`proxy::sasl::SaslFront`]);
 //! - the one bounded poll ([`wait`]), the mirror oracle ([`oracle`]), the
 //!   slot watcher ([`slot`]) and the topic reader ([`kafka::TopicReader`]);
 //! - the chaos harness ([`chaos`], binary `pgcdc-chaos`) and the

@@ -1,6 +1,7 @@
 //! Proxies between the daemon and a service: fault injection, and TLS
-//! termination for services without TLS of their own.
+//! termination and SASL authentication for services without them.
 
 pub mod bulk;
+pub mod sasl;
 pub mod tcp;
 pub mod tls;

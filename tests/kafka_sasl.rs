@@ -1,0 +1,156 @@
+//! Kafka with SASL/PLAIN: tansu behind a front that demands it (tansu's
+//! memory engine keeps no accounts). Every Kafka client pgcdc opens (the
+//! producer, the topic admin, the sink's consumer and probe, the canary's
+//! producer and offset lookup, `check` and `verify`) authenticates; a
+//! wrong password is refused and said so.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use pgcdc_testkit::oracle::{self, Want};
+use pgcdc_testkit::proxy::sasl::SaslFront;
+
+use crate::support::{
+    config, free_port, pgcdc, Broker, PgCluster, SearchServer, Tansu, TopicReader,
+};
+
+const USER: &str = "pgcdc";
+const PASSWORD: &str = "sasl-secret";
+const WRONG: &str = "wrong-sasl-secret";
+
+/// `[kafka.properties]` for SASL/PLAIN with `password`.
+fn sasl_properties(password: &str) -> String {
+    format!(
+        "[kafka.properties]\n\"security.protocol\" = \"sasl_plaintext\"\n\
+         \"sasl.mechanism\" = \"PLAIN\"\n\"sasl.username\" = \"{USER}\"\n\
+         \"sasl.password\" = \"{password}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kafka_client_authenticates_with_sasl_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_port = listener.local_addr().unwrap().port();
+    let tansu = Tansu::start_with(free_port(), front_port).unwrap();
+    let front = SaslFront::start(listener, USER, PASSWORD, tansu.port).unwrap();
+    let pg = PgCluster::start().unwrap();
+    let db = pg.client().await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t VALUES (1, 'copied'), (2, 'copied');",
+    )
+    .await
+    .unwrap();
+    let es = SearchServer::start().unwrap();
+    let state = dir.path().join("state");
+    let cfg = config(&pg, &tansu, &state, &["public.t"], &sasl_properties(PASSWORD))
+        + &format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
+            es.url
+        );
+    let path = dir.path().join("pgcdc.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = pgcdc(&path, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ok    kafka: 1 brokers"), "{text}");
+
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    db.batch_execute(
+        "INSERT INTO t VALUES (3, 'streamed'); UPDATE t SET v = 'changed' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.t",
+    };
+    oracle::mirror_equals(
+        &es.url,
+        "cdc_public_t",
+        want,
+        Duration::from_secs(90),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
+    let props = [
+        ("security.protocol", "sasl_plaintext"),
+        ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", USER),
+        ("sasl.password", PASSWORD),
+    ];
+    let reader = TopicReader::with_properties(&tansu.brokers(), &props).unwrap();
+    let records = reader
+        .read_until("cdc-events", Duration::from_secs(60), |r| {
+            r.iter().any(|r| r.after()["v"] == "changed")
+        })
+        .unwrap();
+    assert!(records.iter().any(|r| r.after()["v"] == "streamed"));
+    let out = daemon.run(&["verify", "--kafka"]).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify --kafka over SASL:\n{report}"
+    );
+
+    let log = front.log();
+    let unauthenticated: Vec<_> = log
+        .refused
+        .iter()
+        .filter(|(_, why)| why.contains("authenticat"))
+        .collect();
+    assert!(unauthenticated.is_empty(), "refused: {unauthenticated:?}");
+    for client in [
+        "pgcdc",
+        "pgcdc-admin",
+        "pgcdc-check",
+        "pgcdc-es-sink",
+        "pgcdc-es-sink-probe",
+        "pgcdc-canary",
+        "pgcdc-canary-offsets",
+        "pgcdc-verify",
+    ] {
+        assert!(
+            log.authenticated.iter().any(|c| c == client),
+            "{client} never authenticated: {log:?}"
+        );
+    }
+    daemon.terminate(Duration::from_secs(30)).unwrap();
+
+    // A wrong password: refused by the front, and `check` says so.
+    let wrong = config(&pg, &tansu, &state, &["public.t"], &sasl_properties(WRONG));
+    std::fs::write(&path, &wrong).unwrap();
+    let out = pgcdc(&path, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAIL  kafka"), "{text}");
+    assert!(
+        front
+            .log()
+            .refused
+            .iter()
+            .any(|(c, why)| c == "pgcdc-check" && why.contains("wrong user name or password")),
+        "{:?}",
+        front.log()
+    );
+    assert!(text.contains("the broker refused the connection"), "{text}");
+    assert!(text.contains("Invalid username or password"), "{text}");
+
+    // ... and `run` stops at once (exit 4), naming the refusal, instead of
+    // waiting out the broker for 30 s.
+    let mut refused = crate::support::daemon(dir.path(), &wrong, &[]);
+    let started = std::time::Instant::now();
+    let status = refused.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(4), "{}", refused.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    let log = refused.log_text();
+    assert!(log.contains("SASL authentication error"), "{log}");
+    assert!(!log.contains(WRONG), "the password stays out of the log");
+}
