@@ -2,7 +2,9 @@
 //! memory engine keeps no accounts). Every Kafka client pgcdc opens (the
 //! producer, the topic admin, the sink's consumer and probe, the canary's
 //! producer and offset lookup, `check` and `verify`) authenticates; a
-//! wrong password is refused and said so.
+//! password the broker stops accepting while pgcdc runs is logged and
+//! healed once accepted again; a wrong one at start is refused and named
+//! at once.
 
 #![allow(clippy::unwrap_used)]
 
@@ -119,6 +121,36 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
             "{client} never authenticated: {log:?}"
         );
     }
+
+    // The broker stops accepting the password while pgcdc runs: the
+    // reconnections are refused and the log says why (ERROR); once it is
+    // accepted again, the change made meanwhile reaches the mirror.
+    front.change_password(USER, "changed");
+    db.batch_execute("INSERT INTO t VALUES (4, 'while refused')")
+        .await
+        .unwrap();
+    daemon
+        .wait_log(
+            "ERROR librdkafka: librdkafka: FAIL",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(daemon.log_text().contains("SASL authentication error"));
+    front.change_password(USER, PASSWORD);
+    let want = Want::Verified {
+        pg: &pg,
+        table: "public.t",
+    };
+    oracle::mirror_equals(
+        &es.url,
+        "cdc_public_t",
+        want,
+        Duration::from_secs(90),
+        Some(&daemon),
+    )
+    .await
+    .unwrap();
     daemon.terminate(Duration::from_secs(30)).unwrap();
 
     // A wrong password: refused by the front, and `check` says so.

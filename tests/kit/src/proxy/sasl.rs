@@ -37,6 +37,9 @@ pub struct SaslFront {
     /// The port it listens on (127.0.0.1).
     pub port: u16,
     log: Arc<Mutex<SaslLog>>,
+    token: Arc<Mutex<Vec<u8>>>,
+    /// The copy tasks of authenticated connections.
+    open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -53,34 +56,69 @@ impl SaslFront {
         let port = listener.local_addr()?.port();
         let listener = TcpListener::from_std(listener)?;
         let log = Arc::new(Mutex::new(SaslLog::default()));
-        let token = Arc::new(format!("\0{user}\0{password}").into_bytes());
-        let seen = log.clone();
+        let token = Arc::new(Mutex::new(plain_token(user, password)));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (seen, wanted, copies) = (log.clone(), token.clone(), open.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                let (token, seen) = (token.clone(), seen.clone());
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (seen, wanted, copies) = (seen.clone(), wanted.clone(), copies.clone());
                 tokio::spawn(async move {
-                    let (client, outcome) = serve(conn, &token, upstream).await;
-                    let mut log = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut client = String::new();
+                    let outcome = authenticate(&mut conn, &wanted, upstream, &mut client).await;
+                    let mut log = locked(&seen);
                     match outcome {
-                        Ok(()) => log.authenticated.push(client),
+                        Ok(mut broker) => {
+                            log.authenticated.push(client);
+                            locked(&copies).push(tokio::spawn(async move {
+                                let _ = tokio::io::copy_bidirectional(&mut conn, &mut broker).await;
+                            }));
+                        }
                         Err(why) => log.refused.push((client, why)),
                     }
                 });
             }
         });
-        Ok(Self { port, log, accept })
+        Ok(Self {
+            port,
+            log,
+            token,
+            open,
+            accept,
+        })
+    }
+
+    /// Accept only `password` from now on and close every authenticated
+    /// connection: as when an account's password is changed and the broker
+    /// restarts.
+    pub fn change_password(&self, user: &str, password: &str) {
+        *locked(&self.token) = plain_token(user, password);
+        for copy in locked(&self.open).drain(..) {
+            copy.abort();
+        }
     }
 
     /// What it saw so far.
     pub fn log(&self) -> SaslLog {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        locked(&self.log).clone()
     }
 }
 
 impl Drop for SaslFront {
     fn drop(&mut self) {
         self.accept.abort();
+        for copy in locked(&self.open).drain(..) {
+            copy.abort();
+        }
     }
+}
+
+/// The PLAIN token of `user` and `password`.
+fn plain_token(user: &str, password: &str) -> Vec<u8> {
+    format!("\0{user}\0{password}").into_bytes()
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One request frame's header fields the front needs, and where its body
@@ -247,27 +285,11 @@ fn authenticate_answer(req: &Request, failure: Option<&str>) -> Vec<u8> {
     out
 }
 
-/// Authenticate one connection, then copy both ways. Returns the client
-/// id and whether it authenticated (why not, if it did not).
-async fn serve(mut conn: TcpStream, token: &[u8], upstream: u16) -> (String, Result<(), String>) {
-    let mut client = String::new();
-    let outcome = authenticate(&mut conn, token, upstream, &mut client).await;
-    match outcome {
-        Ok(mut broker) => {
-            tokio::spawn(async move {
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut broker).await;
-            });
-            (client, Ok(()))
-        }
-        Err(why) => (client, Err(why)),
-    }
-}
-
 /// The handshake: `ApiVersions` forwarded, `SaslHandshake` and
 /// `SaslAuthenticate` answered; the broker connection once authenticated.
 async fn authenticate(
     conn: &mut TcpStream,
-    token: &[u8],
+    token: &Mutex<Vec<u8>>,
     upstream: u16,
     client: &mut String,
 ) -> Result<TcpStream, String> {
@@ -297,7 +319,8 @@ async fn authenticate(
                 mechanism = true;
             }
             SASL_AUTHENTICATE if mechanism => {
-                if auth_bytes(&req, &b)? == token {
+                let wanted = locked(token).clone();
+                if auth_bytes(&req, &b)? == wanted {
                     send(conn, &authenticate_answer(&req, None)).await?;
                     return Ok(broker);
                 }
