@@ -83,8 +83,9 @@ fn wind_down(result: &Result<(), AppError>) {
 
 async fn run_async(settings: Settings) -> Result<(), AppError> {
     settings.create_state_dir()?;
+    let brokers = crate::topics::reach(&settings)?;
     if settings.kafka.create_topics {
-        crate::topics::create_topics(&settings).await?;
+        crate::topics::create_topics(&settings, brokers).await?;
     }
     let sink = settings.elasticsearch.run_in_daemon;
     serve_metrics(&settings, Readiness::Pipeline { sink }).await?;
@@ -214,8 +215,9 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
     }
     let system = actix::System::new();
     let result = system.block_on(async {
+        let brokers = crate::topics::reach(&settings)?;
         if settings.kafka.create_topics {
-            crate::topics::create_topics(&settings).await?;
+            crate::topics::create_topics(&settings, brokers).await?;
         }
         serve_metrics(&settings, Readiness::Sink).await?;
         let (fatal, mut fatal_rx) = FatalReporter::channel();

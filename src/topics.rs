@@ -33,11 +33,27 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the change topics' partition counts are read while running.
 const PARTITION_WATCH: Duration = Duration::from_secs(10);
 
-/// Create the topics events go to; existing ones are left alone. Topics
-/// with fewer than 3 copies are warned about.
-pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
+/// Read the cluster's metadata (its broker count) before anything else
+/// uses Kafka: a broker that refuses pgcdc (SASL, TLS) stops the start at
+/// once, naming librdkafka's reason, instead of looking unreachable.
+pub fn reach(settings: &Settings) -> Result<usize, AppError> {
+    let k = &settings.kafka;
+    let prober = prober(k, "pgcdc-start").map_err(|e| upstream(k, &e.to_string()))?;
+    let metadata = metadata_or_refusal(&prober, REQUEST_TIMEOUT);
+    // Dropped aside, as the admin client is (see `create_topics`).
+    std::thread::spawn(move || drop(prober));
+    Ok(metadata
+        .map_err(|e| upstream(k, &format!("cannot read metadata: {e}")))?
+        .brokers()
+        .len())
+}
+
+/// Create the topics events go to on a cluster of `brokers` brokers;
+/// existing ones are left alone. Topics with fewer than 3 copies are warned
+/// about.
+pub async fn create_topics(settings: &Settings, brokers: usize) -> Result<(), AppError> {
     let admin = admin(&settings.kafka)?;
-    let created = create_with(&admin, settings).await;
+    let created = create_with(&admin, settings, brokers).await;
     // Dropping the client joins its poll thread, which wakes only every
     // 100 ms: a tenth of a second of every start, spent elsewhere.
     std::thread::spawn(move || drop(admin));
@@ -48,14 +64,10 @@ pub async fn create_topics(settings: &Settings) -> Result<(), AppError> {
 async fn create_with(
     admin: &AdminClient<DefaultClientContext>,
     settings: &Settings,
+    brokers: usize,
 ) -> Result<(), AppError> {
     let k = &settings.kafka;
     let names = topic_names(settings);
-    let prober = prober(k, "pgcdc-admin").map_err(|e| upstream(k, &e.to_string()))?;
-    let brokers = metadata_or_refusal(&prober, REQUEST_TIMEOUT)
-        .map_err(|e| upstream(k, &format!("cannot read metadata: {e}")))?
-        .brokers()
-        .len();
     let factor = k.replication_factor(brokers);
     let min_insync = KafkaConfig::min_insync_replicas(factor).map(|n| n.to_string());
     let canary = canary_topic(settings);

@@ -47,11 +47,17 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
     .unwrap();
     let es = SearchServer::start().unwrap();
     let state = dir.path().join("state");
-    let cfg = config(&pg, &tansu, &state, &["public.t"], &sasl_properties(PASSWORD))
-        + &format!(
-            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
-            es.url
-        );
+    let search = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
+        es.url
+    );
+    let cfg = config(
+        &pg,
+        &tansu,
+        &state,
+        &["public.t"],
+        &sasl_properties(PASSWORD),
+    ) + &search;
     let path = dir.path().join("pgcdc.toml");
     std::fs::write(&path, &cfg).unwrap();
     let out = pgcdc(&path, &["check"]);
@@ -108,6 +114,7 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
     assert!(unauthenticated.is_empty(), "refused: {unauthenticated:?}");
     for client in [
         "pgcdc",
+        "pgcdc-start",
         "pgcdc-admin",
         "pgcdc-check",
         "pgcdc-es-sink",
@@ -185,4 +192,18 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
     let log = refused.log_text();
     assert!(log.contains("SASL authentication error"), "{log}");
     assert!(!log.contains(WRONG), "the password stays out of the log");
+
+    // The same from the sink alone, with no topics to create.
+    let sink_cfg = wrong.replace("[kafka]\n", "[kafka]\ncreate_topics = false\n") + &search;
+    let sink_dir = dir.path().join("sink");
+    let mut sink = crate::support::daemon_cmd(&sink_dir, &sink_cfg, &[], "es-sink");
+    let started = std::time::Instant::now();
+    let status = sink.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(4), "{}", sink.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(sink.log_text().contains("SASL authentication error"));
 }
