@@ -30,34 +30,77 @@ fn sasl_properties(password: &str) -> String {
     )
 }
 
+/// tansu behind a [`SaslFront`] accepting [`USER`] with [`PASSWORD`],
+/// PostgreSQL with table `t` (two rows), a search server.
+struct Rig {
+    dir: tempfile::TempDir,
+    tansu: Tansu,
+    front: SaslFront,
+    pg: PgCluster,
+    db: tokio_postgres::Client,
+    es: SearchServer,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_port = listener.local_addr().unwrap().port();
+        let tansu = Tansu::start_with(free_port(), front_port).unwrap();
+        let front = SaslFront::start(listener, USER, PASSWORD, tansu.port).unwrap();
+        let pg = PgCluster::start().unwrap();
+        let db = pg.client().await.unwrap();
+        db.batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t VALUES (1, 'copied'), (2, 'copied');",
+        )
+        .await
+        .unwrap();
+        let es = SearchServer::start().unwrap();
+        Rig {
+            dir,
+            tansu,
+            front,
+            pg,
+            db,
+            es,
+        }
+    }
+
+    /// The configuration with the sink in the daemon, logging in with
+    /// `password`.
+    fn config(&self, password: &str) -> String {
+        let state = self.dir.path().join("state");
+        let kafka = sasl_properties(password);
+        config(&self.pg, &self.tansu, &state, &["public.t"], &kafka) + &self.search()
+    }
+
+    fn search(&self) -> String {
+        format!(
+            "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
+            self.es.url
+        )
+    }
+
+    /// Wait until the mirror of `t` equals the table.
+    async fn mirrored(&self, daemon: &crate::support::Daemon) {
+        let want = Want::Verified {
+            pg: &self.pg,
+            table: "public.t",
+        };
+        let index = "cdc_public_t";
+        let within = Duration::from_secs(90);
+        oracle::mirror_equals(&self.es.url, index, want, within, Some(daemon))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_kafka_client_authenticates_with_sasl_plain() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let front_port = listener.local_addr().unwrap().port();
-    let tansu = Tansu::start_with(free_port(), front_port).unwrap();
-    let front = SaslFront::start(listener, USER, PASSWORD, tansu.port).unwrap();
-    let pg = PgCluster::start().unwrap();
-    let db = pg.client().await.unwrap();
-    db.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t VALUES (1, 'copied'), (2, 'copied');",
-    )
-    .await
-    .unwrap();
-    let es = SearchServer::start().unwrap();
-    let state = dir.path().join("state");
-    let search = format!(
-        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\nflush_interval_ms = 50\n",
-        es.url
-    );
-    let cfg = config(
-        &pg,
-        &tansu,
-        &state,
-        &["public.t"],
-        &sasl_properties(PASSWORD),
-    ) + &search;
+async fn every_kafka_client_authenticates_and_a_refusal_while_running_heals() {
+    let rig = Rig::start().await;
+    let (dir, db, front) = (&rig.dir, &rig.db, &rig.front);
+    let cfg = rig.config(PASSWORD);
     let path = dir.path().join("pgcdc.toml");
     std::fs::write(&path, &cfg).unwrap();
     let out = pgcdc(&path, &["check"]);
@@ -65,32 +108,20 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
     assert!(text.contains("ok    kafka: 1 brokers"), "{text}");
 
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
-    crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
+    crate::support::wait_slot_active(db, &mut daemon, "pgcdc").await;
     db.batch_execute(
         "INSERT INTO t VALUES (3, 'streamed'); UPDATE t SET v = 'changed' WHERE id = 1",
     )
     .await
     .unwrap();
-    let want = Want::Verified {
-        pg: &pg,
-        table: "public.t",
-    };
-    oracle::mirror_equals(
-        &es.url,
-        "cdc_public_t",
-        want,
-        Duration::from_secs(90),
-        Some(&daemon),
-    )
-    .await
-    .unwrap();
+    rig.mirrored(&daemon).await;
     let props = [
         ("security.protocol", "sasl_plaintext"),
         ("sasl.mechanism", "PLAIN"),
         ("sasl.username", USER),
         ("sasl.password", PASSWORD),
     ];
-    let reader = TopicReader::with_properties(&tansu.brokers(), &props).unwrap();
+    let reader = TopicReader::with_properties(&rig.tansu.brokers(), &props).unwrap();
     let records = reader
         .read_until("cdc-events", Duration::from_secs(60), |r| {
             r.iter().any(|r| r.after()["v"] == "changed")
@@ -145,24 +176,18 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
         .unwrap();
     assert!(daemon.log_text().contains("SASL authentication error"));
     front.change_password(USER, PASSWORD);
-    let want = Want::Verified {
-        pg: &pg,
-        table: "public.t",
-    };
-    oracle::mirror_equals(
-        &es.url,
-        "cdc_public_t",
-        want,
-        Duration::from_secs(90),
-        Some(&daemon),
-    )
-    .await
-    .unwrap();
+    rig.mirrored(&daemon).await;
     daemon.terminate(Duration::from_secs(30)).unwrap();
+}
 
-    // A wrong password: refused by the front, and `check` says so.
-    let wrong = config(&pg, &tansu, &state, &["public.t"], &sasl_properties(WRONG));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_kafka_password_is_named_at_once_by_check_run_and_the_sink() {
+    let rig = Rig::start().await;
+    let front = &rig.front;
+    let wrong = rig.config(WRONG);
+    let path = rig.dir.path().join("pgcdc.toml");
     std::fs::write(&path, &wrong).unwrap();
+    // Refused by the front, and `check` names the refusal ...
     let out = pgcdc(&path, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL  kafka"), "{text}");
@@ -180,7 +205,7 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
 
     // ... and `run` stops at once (exit 4), naming the refusal, instead of
     // waiting out the broker for 30 s.
-    let mut refused = crate::support::daemon(dir.path(), &wrong, &[]);
+    let mut refused = crate::support::daemon(rig.dir.path(), &wrong, &[]);
     let started = std::time::Instant::now();
     let status = refused.wait_exit(Duration::from_secs(60)).unwrap();
     assert_eq!(status.code(), Some(4), "{}", refused.log_text());
@@ -194,8 +219,8 @@ async fn every_kafka_client_authenticates_with_sasl_plain() {
     assert!(!log.contains(WRONG), "the password stays out of the log");
 
     // The same from the sink alone, with no topics to create.
-    let sink_cfg = wrong.replace("[kafka]\n", "[kafka]\ncreate_topics = false\n") + &search;
-    let sink_dir = dir.path().join("sink");
+    let sink_cfg = wrong.replace("[kafka]\n", "[kafka]\ncreate_topics = false\n");
+    let sink_dir = rig.dir.path().join("sink");
     let mut sink = crate::support::daemon_cmd(&sink_dir, &sink_cfg, &[], "es-sink");
     let started = std::time::Instant::now();
     let status = sink.wait_exit(Duration::from_secs(60)).unwrap();
