@@ -38,7 +38,7 @@ const PARTITION_WATCH: Duration = Duration::from_secs(10);
 /// once, naming librdkafka's reason, instead of looking unreachable.
 pub fn reach(settings: &Settings) -> Result<usize, AppError> {
     let k = &settings.kafka;
-    let prober = prober(k, "pgcdc-start").map_err(|e| upstream(k, &e.to_string()))?;
+    let prober = prober(k, "pgcdc-start").map_err(|e| not_created(k, &e))?;
     let metadata = metadata_or_refusal(&prober, REQUEST_TIMEOUT);
     // Dropped aside, as the admin client is (see `create_topics`).
     std::thread::spawn(move || drop(prober));
@@ -274,10 +274,16 @@ fn topic_names(settings: &Settings) -> Vec<String> {
 
 /// An admin client with the user's properties.
 fn admin(k: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, AppError> {
-    k.client_base("pgcdc-admin").create().map_err(|e| {
-        let message = k.properties.redact(&e.to_string());
-        AppError::Config(vec![ConfigError::new("kafka.properties", message)])
-    })
+    k.client_base("pgcdc-admin")
+        .create()
+        .map_err(|e| not_created(k, &e))
+}
+
+/// A client librdkafka would not create: a property it does not know, or a
+/// value it refuses.
+fn not_created(k: &KafkaConfig, e: &rdkafka::error::KafkaError) -> AppError {
+    let message = k.properties.redact(&e.to_string());
+    AppError::Config(vec![ConfigError::new("kafka.properties", message)])
 }
 
 /// Warn about each of `names` whose partitions keep fewer than 3 copies.

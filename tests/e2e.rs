@@ -480,6 +480,27 @@ fn bad_configuration_fails_naming_the_key() {
         err.contains("postgres.tables") && err.contains("kafka.topic_partitions"),
         "{err}"
     );
+
+    // A property librdkafka does not know: the first client pgcdc makes
+    // names it (before any broker is asked).
+    std::fs::write(
+        &path,
+        "[postgres]\ntables = [\"t\"]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+         [kafka.properties]\n\"no.such.property\" = \"1\"\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcdc"))
+        .args(["--config", path.to_str().unwrap(), "run", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("kafka.properties") && err.contains("no.such.property"),
+        "{err}"
+    );
 }
 
 /// `pgcdc check` with configuration `cfg` (written into the stack's directory).
