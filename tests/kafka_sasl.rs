@@ -8,13 +8,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgcdc_testkit::oracle::{self, Want};
 use pgcdc_testkit::proxy::sasl::SaslFront;
 
 use crate::support::{
-    config, free_port, pgcdc, Broker, PgCluster, SearchServer, Tansu, TopicReader,
+    config, free_port, pgcdc, Broker, Daemon, PgCluster, SearchServer, Tansu, TopicReader,
 };
 
 const USER: &str = "pgcdc";
@@ -83,7 +83,7 @@ impl Rig {
     }
 
     /// Wait until the mirror of `t` equals the table.
-    async fn mirrored(&self, daemon: &crate::support::Daemon) {
+    async fn mirrored(&self, daemon: &Daemon) {
         let want = Want::Verified {
             pg: &self.pg,
             table: "public.t",
@@ -101,11 +101,7 @@ async fn every_kafka_client_authenticates_and_a_refusal_while_running_heals() {
     let rig = Rig::start().await;
     let (dir, db, front) = (&rig.dir, &rig.db, &rig.front);
     let cfg = rig.config(PASSWORD);
-    let path = dir.path().join("pgcdc.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let out = pgcdc(&path, &["check"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ok    kafka: 1 brokers"), "{text}");
+    crate::support::check_reaches_kafka(dir.path(), &cfg);
 
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(db, &mut daemon, "pgcdc").await;
@@ -205,30 +201,27 @@ async fn a_wrong_kafka_password_is_named_at_once_by_check_run_and_the_sink() {
 
     // ... and `run` stops at once (exit 4), naming the refusal, instead of
     // waiting out the broker for 30 s.
+    let started = Instant::now();
     let mut refused = crate::support::daemon(rig.dir.path(), &wrong, &[]);
-    let started = std::time::Instant::now();
-    let status = refused.wait_exit(Duration::from_secs(60)).unwrap();
-    assert_eq!(status.code(), Some(4), "{}", refused.log_text());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
-    let log = refused.log_text();
-    assert!(log.contains("SASL authentication error"), "{log}");
-    assert!(!log.contains(WRONG), "the password stays out of the log");
+    exits_at_once_naming_the_refusal(&mut refused, started);
 
     // The same from the sink alone, with no topics to create.
     let sink_cfg = wrong.replace("[kafka]\n", "[kafka]\ncreate_topics = false\n");
     let sink_dir = rig.dir.path().join("sink");
+    let started = Instant::now();
     let mut sink = crate::support::daemon_cmd(&sink_dir, &sink_cfg, &[], "es-sink");
-    let started = std::time::Instant::now();
-    let status = sink.wait_exit(Duration::from_secs(60)).unwrap();
-    assert_eq!(status.code(), Some(4), "{}", sink.log_text());
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(sink.log_text().contains("SASL authentication error"));
+    exits_at_once_naming_the_refusal(&mut sink, started);
+}
+
+/// `daemon`, started at `started` with the wrong password, exits 4 within
+/// 20 s (not after the 30 s wait for an unreachable broker), its log naming
+/// the refusal and not the password.
+fn exits_at_once_naming_the_refusal(daemon: &mut Daemon, started: Instant) {
+    let status = daemon.wait_exit(Duration::from_secs(60)).unwrap();
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(4), "{log}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(log.contains("SASL authentication error"), "{log}");
+    assert!(!log.contains(WRONG), "the password stays out of the log");
 }

@@ -38,11 +38,7 @@ async fn events_reach_kafka_over_tls_verified_against_the_ca() {
         .unwrap();
     let state = dir.path().join("state");
     let cfg = config(&pg, &tansu, &state, &["t"], &tls_properties(&ca_file));
-    let path = dir.path().join("pgcdc.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let out = pgcdc(&path, &["check"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ok    kafka: 1 brokers"), "{text}");
+    let path = crate::support::check_reaches_kafka(dir.path(), &cfg);
 
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;

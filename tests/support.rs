@@ -44,6 +44,17 @@ pub fn pgcdc(config: &Path, args: &[&str]) -> Output {
     pgcdc_testkit::daemon::pgcdc(Path::new(PGCDC), config, args).expect("run pgcdc")
 }
 
+/// Write `cfg` as `dir/pgcdc.toml` and assert that `pgcdc check` reaches
+/// the one broker; the file's path.
+pub fn check_reaches_kafka(dir: &Path, cfg: &str) -> PathBuf {
+    let path = dir.join("pgcdc.toml");
+    std::fs::write(&path, cfg).expect("write pgcdc.toml");
+    let out = pgcdc(&path, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ok    kafka: 1 brokers"), "{text}");
+    path
+}
+
 /// The `kafka-mock` binary (built beside `pgcdc` by `cargo test --workspace`).
 pub fn kafka_mock() -> PathBuf {
     Path::new(PGCDC).with_file_name("kafka-mock")
