@@ -89,6 +89,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
     }
     let sink = settings.elasticsearch.run_in_daemon;
     serve_metrics(&settings, Readiness::Pipeline { sink }).await?;
+    actix::spawn(crate::topics::heal_refusals(settings.kafka.clone()));
     let (fatal, mut fatal_rx) = FatalReporter::channel();
     let budget_of = |actor| budget(&settings, actor, &fatal);
     let checkpoint = CheckpointActor::start(settings.checkpoint_dir(), budget_of("checkpoint"));
@@ -220,6 +221,7 @@ pub fn run_es_sink(settings: Settings) -> Result<(), AppError> {
             crate::topics::create_topics(&settings, brokers).await?;
         }
         serve_metrics(&settings, Readiness::Sink).await?;
+        actix::spawn(crate::topics::heal_refusals(settings.kafka.clone()));
         let (fatal, mut fatal_rx) = FatalReporter::channel();
         let _sink = start_es_sink(&settings, &fatal, canary_watch(&settings, None));
         let stop = wait_for_stop(&mut fatal_rx).await;

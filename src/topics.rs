@@ -30,6 +30,8 @@ const MIN_INSYNC: &str = "min.insync.replicas";
 const CANARY_PARTITIONS: i32 = 1;
 /// How long a metadata or admin request may take at start.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a refused client's configuration is tried again ([`heal_refusals`]).
+const REFUSAL_RECHECK: Duration = Duration::from_secs(5);
 /// How often the change topics' partition counts are read while running.
 const PARTITION_WATCH: Duration = Duration::from_secs(10);
 
@@ -46,6 +48,35 @@ pub fn reach(settings: &Settings) -> Result<usize, AppError> {
         .map_err(|e| upstream(k, &format!("cannot read metadata: {e}")))?
         .brokers()
         .len())
+}
+
+/// While a broker refuses one of pgcdc's running Kafka clients (a changed
+/// password, an expired certificate), read the cluster's metadata every
+/// [`REFUSAL_RECHECK`] through a new client of the same configuration.
+/// Once one gets through, the brokers accept pgcdc again: `/ready` stops
+/// naming the refusal (librdkafka's own clients reconnect by themselves).
+pub async fn heal_refusals(kafka: KafkaConfig) {
+    let kafka = Arc::new(kafka);
+    let m = pgcdc_actors::metrics::metrics();
+    loop {
+        tokio::time::sleep(REFUSAL_RECHECK).await;
+        if !m.kafka_refusing() {
+            continue;
+        }
+        let k = kafka.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let prober = prober(&k, "pgcdc-refusal-check").map_err(|e| e.to_string())?;
+            metadata_or_refusal(&prober, REFUSAL_RECHECK).map(drop)
+        });
+        match read.await {
+            Ok(Ok(())) => {
+                tracing::info!("the kafka brokers accept pgcdc again");
+                m.kafka_accepted();
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "kafka still refuses pgcdc"),
+            Err(e) => tracing::warn!(error = %e, "kafka refusal check failed"),
+        }
+    }
 }
 
 /// Create the topics events go to on a cluster of `brokers` brokers;

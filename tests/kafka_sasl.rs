@@ -2,9 +2,9 @@
 //! memory engine keeps no accounts). Every Kafka client pgcdc opens (the
 //! producer, the topic admin, the sink's consumer and probe, the canary's
 //! producer and offset lookup, `check` and `verify`) authenticates; a
-//! password the broker stops accepting while pgcdc runs is logged and
-//! healed once accepted again; a wrong one at start is refused and named
-//! at once.
+//! password the broker stops accepting while pgcdc runs is logged, makes
+//! `/ready` 503 naming it, and heals once accepted again; a wrong one at
+//! start is refused and named at once.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 use pgcdc_testkit::oracle::{self, Want};
 use pgcdc_testkit::proxy::sasl::SaslFront;
 
+use pgcdc_testkit::config::with_metrics;
+
 use crate::support::{
-    config, free_port, pgcdc, Broker, Daemon, PgCluster, SearchServer, Tansu, TopicReader,
+    config, free_port, pgcdc, sample, Broker, Daemon, PgCluster, Probe, SearchServer, Tansu,
+    TopicReader,
 };
 
 const USER: &str = "pgcdc";
@@ -100,7 +103,8 @@ impl Rig {
 async fn every_kafka_client_authenticates_and_a_refusal_while_running_heals() {
     let rig = Rig::start().await;
     let (dir, db, front) = (&rig.dir, &rig.db, &rig.front);
-    let cfg = rig.config(PASSWORD);
+    let port = free_port();
+    let cfg = with_metrics(&rig.config(PASSWORD), port);
     crate::support::check_reaches_kafka(dir.path(), &cfg);
 
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
@@ -157,22 +161,54 @@ async fn every_kafka_client_authenticates_and_a_refusal_while_running_heals() {
     }
 
     // The broker stops accepting the password while pgcdc runs: the
-    // reconnections are refused and the log says why (ERROR); once it is
-    // accepted again, the change made meanwhile reaches the mirror.
+    // reconnections are refused, the log says why (ERROR), and `/ready` is
+    // 503 naming the refusal; once it is accepted again, `/ready` is 200
+    // and the change made meanwhile reaches the mirror.
+    let probe = Probe::on(port);
+    let refusals = |text: &str| sample(text, "pgcdc_kafka_refusals_total", &[("client", "pgcdc")]);
+    probe
+        .until("ready, nothing refused", &mut daemon, |text, ready| {
+            ready == 200 && refusals(text).is_none()
+        })
+        .await;
     front.change_password(USER, "changed");
     db.batch_execute("INSERT INTO t VALUES (4, 'while refused')")
         .await
         .unwrap();
-    daemon
-        .wait_log(
-            "ERROR librdkafka: librdkafka: FAIL",
-            Duration::from_secs(60),
+    probe
+        .until(
+            "the producer's refusal counted",
+            &mut daemon,
+            |text, ready| ready == 503 && refusals(text).is_some_and(|n| n >= 1.0),
         )
-        .await
-        .unwrap();
-    assert!(daemon.log_text().contains("SASL authentication error"));
+        .await;
+    let (status, why) = probe.ready().await;
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why.contains("the kafka broker refuses pgcdc's client")
+            && why.contains("SASL authentication error"),
+        "{why}"
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR librdkafka") && l.contains("SASL authentication error")),
+        "{log}"
+    );
     front.change_password(USER, PASSWORD);
     rig.mirrored(&daemon).await;
+    probe
+        .until(
+            "ready again, no client refused",
+            &mut daemon,
+            |text, ready| {
+                ready == 200 && sample(text, "pgcdc_kafka_clients_refused", &[]) == Some(0.0)
+            },
+        )
+        .await;
+    assert!(daemon
+        .log_text()
+        .contains("the kafka brokers accept pgcdc again"));
     daemon.terminate(Duration::from_secs(30)).unwrap();
 }
 

@@ -29,6 +29,13 @@ pub struct Metrics {
     pub events_out: IntCounterVec,
     /// Kafka delivery errors.
     pub kafka_errors: IntCounter,
+    /// Times a broker refused one of pgcdc's running Kafka clients (failed
+    /// SASL authentication or TLS handshake), per client.
+    kafka_refusals: IntCounterVec,
+    /// Running Kafka clients a broker refuses, with librdkafka's reason,
+    /// until the brokers accept pgcdc again ([`Metrics::kafka_refused`]).
+    kafka_refused: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    kafka_clients_refused: IntGauge,
     /// Elasticsearch bulk items, per outcome (done, superseded, retried, dead_lettered).
     pub es_items: IntCounterVec,
     /// Records parked on the dead-letter topic.
@@ -259,6 +266,18 @@ impl Metrics {
                 &["table", "op"],
             ),
             kafka_errors: counter(&r, "kafka_errors_total", "Kafka delivery errors"),
+            kafka_refusals: counter_vec(
+                &r,
+                "kafka_refusals_total",
+                "Times a broker refused a running Kafka client of pgcdc (SASL authentication or TLS handshake failed)",
+                &["client"],
+            ),
+            kafka_refused: Mutex::default(),
+            kafka_clients_refused: gauge(
+                &r,
+                "kafka_clients_refused",
+                "Running Kafka clients of pgcdc a broker refuses, until a new client of the same configuration gets through",
+            ),
             es_items: counter_vec(
                 &r,
                 "es_bulk_items_total",
@@ -525,6 +544,7 @@ impl Metrics {
                 "{uncaptured} configured table(s) not captured (dropped, not in the publication, or with unlogged or foreign partitions; see the log)"
             ));
         }
+        self.kafka_through()?;
         if what != Readiness::Sink && !self.ready(window) {
             if let Some(why) = self.waiting.lock().ok().and_then(|w| w.clone()) {
                 return Err(why);
@@ -564,6 +584,43 @@ impl Metrics {
             ));
         }
         Ok(())
+    }
+
+    /// A broker refused the running Kafka client `client` (`why`: librdkafka's
+    /// line); `/ready` is 503 naming it until [`Metrics::kafka_accepted`].
+    pub fn kafka_refused(&self, client: &'static str, why: &str) {
+        self.kafka_refusals.with_label_values(&[client]).inc();
+        if let Ok(mut refused) = self.kafka_refused.lock() {
+            refused.insert(client, why.to_owned());
+            self.kafka_clients_refused.set(refused.len() as i64);
+        }
+    }
+
+    /// Whether a broker refuses any running Kafka client.
+    pub fn kafka_refusing(&self) -> bool {
+        self.kafka_refused.lock().is_ok_and(|r| !r.is_empty())
+    }
+
+    /// The brokers accept pgcdc's credentials again: no client is refused.
+    pub fn kafka_accepted(&self) {
+        if let Ok(mut refused) = self.kafka_refused.lock() {
+            refused.clear();
+            self.kafka_clients_refused.set(0);
+        }
+    }
+
+    /// `Err` naming the first refused Kafka client while any is.
+    fn kafka_through(&self) -> Result<(), String> {
+        let refused = self
+            .kafka_refused
+            .lock()
+            .map_err(|_| "kafka refusals unreadable")?;
+        match refused.iter().next() {
+            Some((client, why)) => Err(format!(
+                "the kafka broker refuses pgcdc's client {client}: {why}"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// What keeps pgcdc waiting in PostgreSQL (`Some(why)`: `/ready` gives
@@ -714,6 +771,38 @@ mod tests {
             text.contains("pgcdc_lsn{position=\"confirmed\"} 1000"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_refused_kafka_client_makes_both_readinesses_503_until_kafka_accepts_pgcdc() {
+        let m = Metrics::new();
+        let window = Duration::from_secs(30);
+        m.server_wal_end(Lsn(1000));
+        m.confirmed(Lsn(1000), Some(now_us()));
+        m.sink_caught_up();
+        let pipeline = Readiness::Pipeline { sink: true };
+        assert_eq!(m.readiness(window, pipeline), Ok(()));
+        assert!(!m.kafka_refusing());
+        m.kafka_refused("pgcdc-es-sink", "SASL authentication error: sink");
+        m.kafka_refused("pgcdc", "SASL authentication error: producer");
+        m.kafka_refused("pgcdc", "SASL authentication error: again");
+        assert!(m.kafka_refusing());
+        for what in [pipeline, Readiness::Sink] {
+            assert_eq!(
+                m.readiness(window, what),
+                Err("the kafka broker refuses pgcdc's client pgcdc: SASL authentication error: again".into())
+            );
+        }
+        let text = m.render();
+        assert!(text.contains("pgcdc_kafka_clients_refused 2"), "{text}");
+        assert!(
+            text.contains("pgcdc_kafka_refusals_total{client=\"pgcdc\"} 2"),
+            "{text}"
+        );
+        m.kafka_accepted();
+        assert!(!m.kafka_refusing());
+        assert_eq!(m.readiness(window, pipeline), Ok(()));
+        assert!(m.render().contains("pgcdc_kafka_clients_refused 0"));
     }
 
     #[test]

@@ -20,6 +20,8 @@ use crate::lsn::Lsn;
 use crate::metrics::metrics;
 use crate::snapshot::watermark::MessageKey;
 
+/// The canary producer's `client.id`, and its name in refusals.
+const CLIENT: &str = "pgcdc-canary";
 /// Confirmed canaries waiting for their record, at most (more are dropped:
 /// Kafka is not answering, and the ones queued already show it).
 const QUEUE_MAX: usize = 64;
@@ -56,12 +58,12 @@ pub fn spawn_publisher(
     slot: &str,
 ) -> Result<(), KafkaError> {
     let mut producer = kafka.client_config();
-    producer.set("client.id", "pgcdc-canary");
+    producer.set("client.id", CLIENT);
     let lookup = kafka.client_base("pgcdc-canary-offsets");
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
     let p = Publisher {
         topic: record::topic(&kafka.topic_prefix),
-        producer: producer.create_with_context(Reply)?,
+        producer: producer.create_with_context(Reply(CLIENT))?,
         lookup: Arc::new(lookup.create()?),
         kafka,
         key,

@@ -32,6 +32,9 @@ use crate::kafka_producer::{KafkaConfig, Reply};
 use crate::lsn::Lsn;
 use crate::pg::PostgresConfig;
 
+/// The dead-letter producer's `client.id`, and its name in refusals.
+const DEAD_LETTERS_CLIENT: &str = "pgcdc-es-dead-letters";
+
 /// How often one batch may find a mirror deleted and open it again before
 /// the sink restarts.
 const MIRROR_REOPENS: u32 = 3;
@@ -147,7 +150,11 @@ impl Sink {
     fn connect(&self) -> Result<Clients, EsError> {
         crate::metrics::metrics().sink_history_forgotten();
         let dlq = DeadLetters {
-            producer: self.kafka.client_config().create_with_context(Reply)?,
+            producer: self
+                .kafka
+                .client_config()
+                .set("client.id", DEAD_LETTERS_CLIENT)
+                .create_with_context(Reply(DEAD_LETTERS_CLIENT))?,
             topic: self.es.dead_letter_topic.clone(),
         };
         Ok(Clients {

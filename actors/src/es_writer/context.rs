@@ -1,10 +1,13 @@
 //! The sink's Kafka consumer context: logs assignments and failed offset
-//! commits, and counts rebalances for the continuity check.
+//! commits, counts rebalances for the continuity check, and reports a
+//! broker's refusals (`/ready`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::TopicPartitionList;
 
 /// Logs the sink's partition assignments and failed offset commits: which
@@ -22,7 +25,18 @@ impl SinkContext {
     }
 }
 
-impl ClientContext for SinkContext {}
+/// The sink's consumer's `client.id`, and its name in refusals.
+pub(super) const CLIENT: &str = "pgcdc-es-sink";
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::kafka_producer::running_log(CLIENT, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::kafka_producer::running_error(CLIENT, &error, reason);
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -45,7 +45,7 @@ pub(super) fn join(
 
 /// A consumer in the sink's group, not subscribed yet (not a member yet).
 pub(super) fn consumer(es: &EsConfig, kafka: &KafkaConfig) -> Result<SinkConsumer, EsError> {
-    let mut cc = kafka.client_base("pgcdc-es-sink");
+    let mut cc = kafka.client_base(super::context::CLIENT);
     let timeouts = [
         ("session.timeout.ms", SESSION_TIMEOUT_MS),
         ("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS),

@@ -36,6 +36,7 @@ pub use envelope::{EncodedRecord, Encoder};
 pub use partition::{java_partition, murmur2, Partitioning};
 pub(crate) use polled::{PolledProducer, Reply};
 pub use refusal::{metadata_or_refusal, prober, Prober};
+pub(crate) use refusal::{running_error, running_log};
 
 use crate::checkpoint::CheckpointActor;
 use crate::error::{ErrorClass, ExitCode};

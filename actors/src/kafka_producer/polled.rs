@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
@@ -110,10 +110,19 @@ impl<C: ProducerContext + 'static> Drop for PolledProducer<C> {
 }
 
 /// Delivery reports to a channel per record, for records sent one at a
-/// time and awaited (canaries, dead letters).
-pub struct Reply;
+/// time and awaited (canaries, dead letters), by the client it names in
+/// refusals.
+pub struct Reply(pub &'static str);
 
-impl ClientContext for Reply {}
+impl ClientContext for Reply {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        super::running_log(self.0, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::running_error(self.0, &error, reason);
+    }
+}
 
 impl ProducerContext for Reply {
     type DeliveryOpaque = Box<oneshot::Sender<KafkaResult<()>>>;
@@ -198,10 +207,13 @@ mod tests {
         const BASELINE: &str = "producer pollin";
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", "");
-        let producer = PolledProducer::with_thread_name(&config, Reply, NAME).expect("producer");
-        let baseline =
-            rdkafka::producer::ThreadedProducer::<Reply>::from_config_and_context(&config, Reply)
-                .expect("baseline producer");
+        let producer =
+            PolledProducer::with_thread_name(&config, Reply("test"), NAME).expect("producer");
+        let baseline = rdkafka::producer::ThreadedProducer::<Reply>::from_config_and_context(
+            &config,
+            Reply("test"),
+        )
+        .expect("baseline producer");
         let before = (thread_cpu_ns(NAME), thread_cpu_ns(BASELINE));
         // Not a wait for anything: the window whose CPU time is measured.
         std::thread::sleep(Duration::from_secs(2));

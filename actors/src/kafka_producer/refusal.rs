@@ -51,31 +51,69 @@ fn is_refusal(message: &str) -> bool {
     m.contains("authentication") || m.contains("ssl handshake failed")
 }
 
+/// Log one librdkafka line in pgcdc's log; whether it says a broker
+/// refused the client.
+fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
+    use RDKafkaLogLevel::{Alert, Critical, Debug, Emerg, Error, Info, Notice, Warning};
+    match level {
+        Emerg | Alert | Critical | Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}");
+            return is_refusal(message);
+        }
+        Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+        Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+    false
+}
+
+/// Whether a librdkafka error event is a refusal.
+fn is_refused(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+    )
+}
+
 impl ClientContext for RefusalWatch {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        use RDKafkaLogLevel::{Alert, Critical, Emerg, Error, Warning};
-        match level {
-            Emerg | Alert | Critical | Error => {
-                if is_refusal(message) {
-                    self.keep(message);
-                }
-                tracing::error!(target: "librdkafka", facility, "{message}");
-            }
-            Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        if log_line(level, facility, message) {
+            self.keep(message);
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let code = error.rdkafka_error_code();
-        if matches!(
-            code,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-        ) {
+        if is_refused(&error) {
             self.keep(reason);
         }
         tracing::warn!(target: "librdkafka", %error, "{reason}");
     }
+}
+
+/// [`ClientContext::log`] of a client that runs with the pipeline (the
+/// producer, the canary's, the sink's consumer), named `client`:
+/// librdkafka's lines go to pgcdc's log, and a refusal also to the
+/// metrics, which makes `/ready` 503 until the client gets through again
+/// ([`crate::metrics::Metrics::kafka_through`]). librdkafka keeps
+/// reconnecting meanwhile.
+pub(crate) fn running_log(
+    client: &'static str,
+    level: RDKafkaLogLevel,
+    facility: &str,
+    message: &str,
+) {
+    if log_line(level, facility, message) {
+        crate::metrics::metrics().kafka_refused(client, message);
+    }
+}
+
+/// [`ClientContext::error`] of a client that runs with the pipeline (see
+/// [`running_log`]).
+pub(crate) fn running_error(client: &'static str, error: &KafkaError, reason: &str) {
+    if is_refused(error) {
+        crate::metrics::metrics().kafka_refused(client, reason);
+    }
+    tracing::error!(target: "librdkafka", %error, "{reason}");
 }
 
 /// A [`Prober`] sends nothing.

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext};
@@ -93,7 +94,18 @@ impl BatchAck {
 /// callback, on the producer's polling thread).
 pub(super) struct AckContext;
 
-impl ClientContext for AckContext {}
+/// The producer's name in refusals.
+const CLIENT: &str = "pgcdc";
+
+impl ClientContext for AckContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        super::running_log(CLIENT, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::running_error(CLIENT, &error, reason);
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = Arc<BatchAck>;
