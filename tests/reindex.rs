@@ -654,26 +654,45 @@ async fn post(es: &SearchServer, index: &str, what: &str) {
 }
 
 /// A mirror index with a write block, or closed, refuses every write
-/// until an operator lifts it: the sink retries (saying why) and parks
-/// nothing on the dead-letter topic, so the mirror is whole once it can
-/// be written again.
+/// until an operator lifts it: the sink retries (saying why), `/ready` is
+/// 503 naming it once nothing was written for `metrics.ready_window_secs`,
+/// and nothing is parked on the dead-letter topic, so the mirror is whole
+/// once it can be written again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
-    let m = Mirrored::start().await;
-    let (es, daemon) = (&m.es, &m.daemon);
-    let index = serving(es).await;
+    let mut m = Mirrored::start().await;
+    let index = serving(&m.es).await;
 
-    // A write block.
-    put_settings(es, &index, json!({"index.blocks.write": true})).await;
+    // A write block: not ready (naming it) after the default window of 60 s.
+    put_settings(&m.es, &index, json!({"index.blocks.write": true})).await;
     m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1; DELETE FROM items WHERE id = 2")
         .await
         .unwrap();
-    daemon
+    m.daemon
         .wait_log("cluster_block_exception", MIRRORED)
         .await
         .unwrap();
-    put_settings(es, &index, json!({"index.blocks.write": false})).await;
+    let within = Duration::from_secs(120);
+    m.probe
+        .until_within(
+            "not ready while blocked",
+            within,
+            &mut m.daemon,
+            |_, ready| ready == 503,
+        )
+        .await;
+    let (_, why) = m.probe.ready().await;
+    assert!(
+        why.contains("es sink: no batch written and not caught up in 60s")
+            && why.contains("cluster_block_exception"),
+        "{why}"
+    );
+    put_settings(&m.es, &index, json!({"index.blocks.write": false})).await;
     m.wait_whole().await;
+    m.probe
+        .until("ready once written", &mut m.daemon, |_, ready| ready == 200)
+        .await;
+    let (es, daemon) = (&m.es, &m.daemon);
 
     // A closed index.
     post(es, &index, "_close").await;

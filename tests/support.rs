@@ -154,8 +154,20 @@ impl Probe {
     /// Poll until `cond(metrics text, /ready status)` holds (an endpoint
     /// not listening yet is waited for).
     pub async fn until(&self, what: &str, daemon: &mut Daemon, cond: impl Fn(&str, u16) -> bool) {
+        self.until_within(what, Duration::from_secs(60), daemon, cond)
+            .await;
+    }
+
+    /// [`Probe::until`], waiting up to `within`.
+    pub async fn until_within(
+        &self,
+        what: &str,
+        within: Duration,
+        daemon: &mut Daemon,
+        cond: impl Fn(&str, u16) -> bool,
+    ) {
         let every = Duration::from_millis(200);
-        wait::poll(what, Duration::from_secs(60), every, || async {
+        wait::poll(what, within, every, || async {
             let text = get(&format!("{}/metrics", self.base)).await;
             let ready = get(&format!("{}/ready", self.base)).await;
             let (Some((_, text)), Some((ready, _))) = (text, ready) else {

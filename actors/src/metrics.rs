@@ -128,7 +128,8 @@ pub struct Metrics {
 /// What the process's readiness is judged on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// `pgcdc run`: replication progress; with `sink`, also an ES sink that is not stalled.
+    /// `pgcdc run`: replication progress; with `sink`, also an ES sink that
+    /// is not stalled and writes (or is caught up) once it ran a window.
     Pipeline {
         /// Whether the ES sink runs in this process.
         sink: bool,
@@ -144,6 +145,11 @@ struct SinkHealth {
     wrote_at: Option<SystemTime>,
     /// The last probe that found no record waiting.
     caught_up_at: Option<SystemTime>,
+    /// When the sink first started in this process.
+    started_at: Option<SystemTime>,
+    /// Why Elasticsearch did not take the batch being sent, while the sink
+    /// retries it.
+    retrying: Option<String>,
     /// Why the sink is stalled, while it is.
     stalled: Option<String>,
     /// Indices known to lack changes (mirrors until their fill from
@@ -576,10 +582,19 @@ impl Metrics {
                 list.join(", ")
             ));
         }
-        let live = recent(s.wrote_at, window) || recent(s.caught_up_at, window);
-        if what == Readiness::Sink && !live {
+        // In `pgcdc run`, a sink that started less than a window ago is
+        // given that window; a standalone sink is judged on the sink alone.
+        let live = recent(s.wrote_at, window)
+            || recent(s.caught_up_at, window)
+            || (what != Readiness::Sink && recent(s.started_at, window));
+        if !live {
+            let why = s
+                .retrying
+                .as_ref()
+                .map(|why| format!(" (elasticsearch: {why})"))
+                .unwrap_or_default();
             return Err(format!(
-                "es sink: no batch written and not caught up in {}s",
+                "es sink: no batch written and not caught up in {}s{why}",
                 window.as_secs()
             ));
         }
@@ -635,6 +650,33 @@ impl Metrics {
     pub fn sink_wrote(&self) {
         if let Ok(mut s) = self.sink.lock() {
             s.wrote_at = Some(SystemTime::now());
+            s.retrying = None;
+        }
+    }
+
+    /// The ES sink started (its first start in this process counts).
+    pub fn sink_started(&self) {
+        if let Ok(mut s) = self.sink.lock() {
+            s.started_at.get_or_insert_with(SystemTime::now);
+        }
+    }
+
+    /// Elasticsearch did not take the batch the ES sink sends, for `why`:
+    /// the sink tries again; `/ready` names it once nothing was written for
+    /// a window.
+    pub fn sink_retrying(&self, why: &str) {
+        const SHOWN: usize = 300;
+        let mut why = why.to_owned();
+        if why.len() > SHOWN {
+            let cut = (0..=SHOWN)
+                .rev()
+                .find(|&i| why.is_char_boundary(i))
+                .unwrap_or(0);
+            why.truncate(cut);
+            why.push('…');
+        }
+        if let Ok(mut s) = self.sink.lock() {
+            s.retrying = Some(why);
         }
     }
 
@@ -861,11 +903,35 @@ mod tests {
             Err("stalled".into())
         );
         m.sink_stalled(None);
+        m.sink_started();
         assert_eq!(
             m.readiness(window, Readiness::Pipeline { sink: true }),
             Ok(()),
-            "a sink that has written nothing yet is no reason"
+            "a sink that started less than a window ago and wrote nothing yet is no reason"
         );
+        // A window later, still nothing written (Elasticsearch refuses the batch).
+        m.sink_retrying("cluster_block_exception: index blocked");
+        if let Ok(mut s) = m.sink.lock() {
+            s.started_at = SystemTime::now().checked_sub(window * 2);
+        }
+        assert_eq!(
+            m.readiness(window, Readiness::Pipeline { sink: true }),
+            Err("es sink: no batch written and not caught up in 30s (elasticsearch: cluster_block_exception: index blocked)".into())
+        );
+        m.sink_started();
+        assert!(
+            m.readiness(window, Readiness::Pipeline { sink: true })
+                .is_err(),
+            "a restart of the sink is no new grace"
+        );
+        m.sink_wrote();
+        assert_eq!(
+            m.readiness(window, Readiness::Pipeline { sink: true }),
+            Ok(())
+        );
+        m.sink_retrying(&"x".repeat(1000));
+        let why = m.sink.lock().map(|s| s.retrying.clone()).ok().flatten();
+        assert!(why.is_some_and(|w| w.len() < 310), "a long reason is cut");
         let lost = Metrics::new();
         assert!(lost
             .readiness(window, Readiness::Pipeline { sink: true })

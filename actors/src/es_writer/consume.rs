@@ -97,6 +97,7 @@ pub(super) struct Clients {
 impl Sink {
     /// Consume, write and commit until an error ends the run.
     pub(super) async fn run(self) -> Result<(), EsError> {
+        crate::metrics::metrics().sink_started();
         let mut c = self.connect()?;
         let read_before = c.group.read_before(&c.consumer, &self.kafka).await;
         c.mirrors.start(&c.es, read_before).await?;

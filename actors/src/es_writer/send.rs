@@ -101,6 +101,7 @@ impl Sender<'_> {
                 Err(e) => match on_failure(&e, attempt) {
                     Ok(Next::Retry) => {
                         attempt += 1;
+                        metrics().sink_retrying(&e.to_string());
                         tracing::warn!(error = %e, attempt, "elasticsearch bulk request failed; retrying");
                         tokio::time::sleep(backoff(self.es, attempt)).await;
                         continue;
@@ -114,6 +115,7 @@ impl Sender<'_> {
             // Without a reason, only the deletes of refused writes are left: sent at once.
             if let Some(why) = why {
                 attempt += 1;
+                metrics().sink_retrying(&why);
                 tracing::warn!(
                     items = pending.len(),
                     attempt,
