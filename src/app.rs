@@ -117,7 +117,7 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
         .map_err(|e| AppError::LocalIo(format!("{}: {e}", key_path.display())))?;
     start_canary(&settings, &pg, &key);
     let watch = canary_watch(&settings, Some(&key));
-    start_continuous_verify(&settings)?;
+    start_continuous_verify(&settings, &key)?;
     let marks = Watermarks::new(key);
     let (pg2, snap2, m, cp) = (
         pg.clone(),
@@ -148,14 +148,14 @@ async fn run_async(settings: Settings) -> Result<(), AppError> {
 }
 
 /// Verify samples of the configured tables if `verify.interval_secs` asks for it.
-fn start_continuous_verify(settings: &Settings) -> Result<(), AppError> {
+fn start_continuous_verify(settings: &Settings, key: &MessageKey) -> Result<(), AppError> {
     let tables = crate::check::configured_tables(settings, &settings.postgres.tables)?;
     pgcdc_actors::verify::continuous::spawn(
         Arc::new(settings.postgres.clone()),
         Arc::new(settings.elasticsearch.clone()),
         Arc::new(settings.kafka.clone()),
         settings.verify.clone(),
-        tables,
+        (tables, key.clone()),
     );
     Ok(())
 }

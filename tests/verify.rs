@@ -13,7 +13,7 @@ use std::time::Duration;
 use pgcdc_testkit::oracle::{self, Want};
 use serde_json::{json, Value};
 
-use crate::support::{config, Daemon, PgCluster, SearchServer, Tansu};
+use crate::support::{config, Daemon, PgCluster, Probe, SearchServer, Tansu};
 use pgcdc_testkit::Broker;
 
 /// The mirror of `public.items`.
@@ -447,61 +447,122 @@ async fn a_transaction_still_committing_is_newer_in_both_legs_never_drift() {
     assert_eq!(reports[0]["kafka"]["newer"]["count"], 0, "{text}");
 }
 
+/// Continuous verification with `verify.repair = false`: drift is counted,
+/// logged and named by `/ready` (503) until a round finds none, here after
+/// `pgcdc verify --repair`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn continuous_verification_counts_a_stray_document_on_metrics() {
+async fn continuous_verification_without_repair_names_drift_until_repaired() {
     let port = crate::support::free_port();
-    let r = rig_with("\n[verify]\ninterval_secs = 1\nsample = 1.0\n", Some(port)).await;
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let count = |text: &str, result: &str| {
-        let labels = [("table", "public.items"), ("result", result)];
-        crate::support::sample(text, "pgcdc_verify_rows_total", &labels)
-    };
+    let extra = "\n[verify]\ninterval_secs = 1\nsample = 1.0\nrepair = false\n";
+    let mut r = rig_with(extra, Some(port)).await;
+    let probe = Probe::on(port);
     // Rounds run and find the mirror equal.
-    let text = wait_metrics(&url, |t| {
-        count(t, "equal").is_some_and(|n| n >= ROWS as f64)
-    })
-    .await;
-    assert_eq!(count(&text, "extra").unwrap_or(0.0), 0.0, "{text}");
+    probe
+        .until("rounds find the mirror equal", &mut r.daemon, |t, ready| {
+            ready == 200 && count(t, "equal").is_some_and(|n| n >= ROWS as f64)
+        })
+        .await;
+    assert_eq!(count(&probe.metrics().await, "extra").unwrap_or(0.0), 0.0);
     tamper(&r.es.url).await;
-    let text = wait_metrics(&url, |t| count(t, "extra").is_some_and(|n| n > 0.0)).await;
-    let drift = crate::support::sample(
-        &text,
-        "pgcdc_verify_drift_rows",
-        &[("table", "public.items")],
+    probe
+        .until("drift found", &mut r.daemon, |t, ready| {
+            ready == 503 && count(t, "extra").is_some_and(|n| n > 0.0)
+        })
+        .await;
+    let (_, why) = probe.ready().await;
+    assert!(
+        why.contains("continuous verification found the mirror drifted: public.items (1 missing, 1 extra, 1 stale; run pgcdc verify --repair)"),
+        "{why}"
     );
-    assert_eq!(drift, Some(3.0), "missing 5, stale 6, extra 100000: {text}");
+    let text = probe.metrics().await;
+    assert_eq!(
+        drift_rows(&text),
+        Some(3.0),
+        "missing 5, stale 6, extra 100000: {text}"
+    );
     assert!(count(&text, "missing").unwrap_or(0.0) > 0.0, "{text}");
     assert!(
         crate::support::sample(&text, "pgcdc_verify_last_run_timestamp_seconds", &[])
             .unwrap_or(0.0)
             > 0.0
     );
-    r.daemon
-        .wait_log(
-            "continuous verification found drift",
-            Duration::from_secs(10),
+    assert_eq!(repaired(&text), None, "nothing repaired: {text}");
+    assert!(r
+        .daemon
+        .log_text()
+        .contains("continuous verification found drift"));
+
+    let (code, _, text) = verify(&r.daemon, &["--repair"]);
+    assert_eq!(code, 0, "{text}");
+    probe
+        .until(
+            "ready once a round finds no drift",
+            &mut r.daemon,
+            |t, ready| ready == 200 && drift_rows(t) == Some(0.0),
         )
-        .await
-        .unwrap();
-    assert!(r.daemon.is_running(), "{}", r.daemon.log_tail());
+        .await;
 }
 
-/// The metrics text at `url` once `done` holds of it (60 s at most).
-async fn wait_metrics(url: &str, done: impl Fn(&str) -> bool) -> String {
-    let poll = || async {
-        match crate::support::get(url).await {
-            Some((200, text)) if done(&text) => pgcdc_testkit::wait::Poll::Ready(text),
-            other => pgcdc_testkit::wait::Poll::Pending(format!("{other:?}")),
-        }
+/// Continuous verification (default `verify.repair`): the drift it finds
+/// is copied again by the daemon, the mirror equals the table again, and
+/// `/ready` is 200 once it is repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_verification_repairs_the_drift_it_finds() {
+    let port = crate::support::free_port();
+    let extra = "\n[verify]\ninterval_secs = 1\nsample = 1.0\n";
+    let mut r = rig_with(extra, Some(port)).await;
+    let probe = Probe::on(port);
+    probe
+        .until("rounds find the mirror equal", &mut r.daemon, |t, _| {
+            count(t, "equal").is_some_and(|n| n >= ROWS as f64)
+        })
+        .await;
+    tamper(&r.es.url).await;
+    probe
+        .until("the drift repaired", &mut r.daemon, |t, ready| {
+            ready == 200 && repaired(t).is_some_and(|n| n >= 3.0) && drift_rows(t) == Some(0.0)
+        })
+        .await;
+    let want = Want::Verified {
+        pg: &r.pg,
+        table: "public.items",
     };
-    pgcdc_testkit::wait::poll(
-        "verify metrics",
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-        poll,
+    oracle::mirror_equals(
+        &r.es.url,
+        INDEX,
+        want,
+        Duration::from_secs(30),
+        Some(&r.daemon),
     )
     .await
-    .unwrap()
+    .unwrap();
+    let log = r.daemon.log_text();
+    assert!(log.contains("continuous verification found drift"), "{log}");
+    assert!(
+        log.contains("continuous verification: drift repaired"),
+        "{log}"
+    );
+}
+
+/// `pgcdc_verify_rows_total` of `public.items` for `result` in `text`.
+fn count(text: &str, result: &str) -> Option<f64> {
+    let labels = [("table", "public.items"), ("result", result)];
+    crate::support::sample(text, "pgcdc_verify_rows_total", &labels)
+}
+
+/// `pgcdc_verify_drift_rows` of `public.items` in `text`.
+fn drift_rows(text: &str) -> Option<f64> {
+    crate::support::sample(
+        text,
+        "pgcdc_verify_drift_rows",
+        &[("table", "public.items")],
+    )
+}
+
+/// `pgcdc_verify_repaired_rows_total` of `public.items` in `text`.
+fn repaired(text: &str) -> Option<f64> {
+    let labels = [("table", "public.items")];
+    crate::support::sample(text, "pgcdc_verify_repaired_rows_total", &labels)
 }
 
 /// Change the `name` of the documents of `ids` behind pgcdc's back.

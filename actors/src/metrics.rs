@@ -112,6 +112,12 @@ pub struct Metrics {
     pub verify_drift: IntGaugeVec,
     /// When the last continuous verification round ended (seconds since the epoch).
     pub verify_last_run: IntGauge,
+    /// Drifted rows the continuous verification had copied again and saw
+    /// repaired in the mirror, per table.
+    pub verify_repaired: IntCounterVec,
+    /// Tables whose mirror the continuous verification found drifted, and
+    /// what it found, until repaired or found without drift.
+    verify_drifted: Mutex<std::collections::BTreeMap<String, String>>,
     es_sink_stalled: IntGauge,
     es_mirrors_lacking: IntGauge,
     sink: Mutex<SinkHealth>,
@@ -458,6 +464,13 @@ impl Metrics {
                 "Drifted rows (missing, extra, stale) found by the last continuous verification of a table",
                 &["table"],
             ),
+            verify_repaired: counter_vec(
+                &r,
+                "verify_repaired_rows_total",
+                "Drifted rows the continuous verification had copied again and saw repaired in the mirror",
+                &["table"],
+            ),
+            verify_drifted: Mutex::default(),
             verify_last_run: gauge(
                 &r,
                 "verify_last_run_timestamp_seconds",
@@ -562,6 +575,7 @@ impl Metrics {
             ));
         }
         self.freshness.check()?;
+        self.verified()?;
         if what == (Readiness::Pipeline { sink: false }) {
             return Ok(());
         }
@@ -636,6 +650,33 @@ impl Metrics {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The continuous verification found `table`'s mirror drifted
+    /// (`Some(what)`: the counts; `/ready` names it) or no longer (`None`).
+    pub fn verify_drifted(&self, table: &str, what: Option<String>) {
+        if let Ok(mut d) = self.verify_drifted.lock() {
+            match what {
+                Some(what) => d.insert(table.to_owned(), what),
+                None => d.remove(table),
+            };
+        }
+    }
+
+    /// `Err` naming the tables whose mirror drifted, while any did.
+    fn verified(&self) -> Result<(), String> {
+        let d = self
+            .verify_drifted
+            .lock()
+            .map_err(|_| "verify results unreadable")?;
+        if d.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = d.iter().map(|(t, what)| format!("{t} ({what})")).collect();
+        Err(format!(
+            "continuous verification found the mirror drifted: {}",
+            list.join(", ")
+        ))
     }
 
     /// What keeps pgcdc waiting in PostgreSQL (`Some(why)`: `/ready` gives
@@ -845,6 +886,33 @@ mod tests {
         assert!(!m.kafka_refusing());
         assert_eq!(m.readiness(window, pipeline), Ok(()));
         assert!(m.render().contains("pgcdc_kafka_clients_refused 0"));
+    }
+
+    #[test]
+    fn a_drifted_mirror_is_named_until_its_table_is_cleared() {
+        let m = Metrics::new();
+        let window = Duration::from_secs(30);
+        m.server_wal_end(Lsn(10));
+        m.confirmed(Lsn(10), None);
+        let pipeline = Readiness::Pipeline { sink: false };
+        m.verify_drifted(
+            "public.b",
+            Some("0 missing, 1 extra, 0 stale; being repaired".into()),
+        );
+        m.verify_drifted(
+            "public.a",
+            Some("1 missing, 0 extra, 0 stale; being repaired".into()),
+        );
+        assert_eq!(
+            m.readiness(window, pipeline),
+            Err("continuous verification found the mirror drifted: public.a (1 missing, 0 extra, 0 stale; being repaired), public.b (0 missing, 1 extra, 0 stale; being repaired)".into())
+        );
+        m.verify_drifted("public.a", None);
+        assert!(m
+            .readiness(window, pipeline)
+            .is_err_and(|e| e.contains("public.b") && !e.contains("public.a")));
+        m.verify_drifted("public.b", None);
+        assert_eq!(m.readiness(window, pipeline), Ok(()));
     }
 
     #[test]

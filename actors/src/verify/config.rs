@@ -46,6 +46,9 @@ pub struct VerifyConfig {
     /// Fraction (0 < f ≤ 1) of each table's key ranges (and of its mirror's
     /// slices) a continuous verification compares.
     pub sample: f64,
+    /// Whether the continuous verification has the daemon copy the drifted
+    /// rows it finds again, as `pgcdc verify --repair` does.
+    pub repair: bool,
 }
 
 impl Default for VerifyConfig {
@@ -57,6 +60,7 @@ impl Default for VerifyConfig {
             parallelism: DEFAULT_PARALLELISM,
             interval_secs: 0,
             sample: DEFAULT_SAMPLE,
+            repair: true,
         }
     }
 }
@@ -123,6 +127,7 @@ mod tests {
             parallelism: 0,
             interval_secs: 0,
             sample: 0.0,
+            repair: false,
         }
         .validate(&mut errors);
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
