@@ -563,7 +563,7 @@ impl Metrics {
                 "{uncaptured} configured table(s) not captured (dropped, not in the publication, or with unlogged or foreign partitions; see the log)"
             ));
         }
-        self.kafka_through()?;
+        self.kafka_accepting()?;
         if what != Readiness::Sink && !self.ready(window) {
             if let Some(why) = self.waiting.lock().ok().and_then(|w| w.clone()) {
                 return Err(why);
@@ -639,7 +639,7 @@ impl Metrics {
     }
 
     /// `Err` naming the first refused Kafka client while any is.
-    fn kafka_through(&self) -> Result<(), String> {
+    fn kafka_accepting(&self) -> Result<(), String> {
         let refused = self
             .kafka_refused
             .lock()

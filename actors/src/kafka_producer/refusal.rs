@@ -93,9 +93,9 @@ impl ClientContext for RefusalWatch {
 /// [`ClientContext::log`] of a client that runs with the pipeline (the
 /// producer, the canary's, the sink's consumer), named `client`:
 /// librdkafka's lines go to pgcdc's log, and a refusal also to the
-/// metrics, which makes `/ready` 503 until the client gets through again
-/// ([`crate::metrics::Metrics::kafka_through`]). librdkafka keeps
-/// reconnecting meanwhile.
+/// metrics, which makes `/ready` 503 until a new client of the same
+/// configuration gets through ([`crate::metrics::Metrics::kafka_accepted`]).
+/// librdkafka keeps reconnecting meanwhile.
 pub(crate) fn running_log(
     client: &'static str,
     level: RDKafkaLogLevel,
