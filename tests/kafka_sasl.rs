@@ -10,10 +10,9 @@
 
 use std::time::{Duration, Instant};
 
+use pgcdc_testkit::config::with_metrics;
 use pgcdc_testkit::oracle::{self, Want};
 use pgcdc_testkit::proxy::sasl::SaslFront;
-
-use pgcdc_testkit::config::with_metrics;
 
 use crate::support::{
     config, free_port, pgcdc, sample, Broker, Daemon, PgCluster, Probe, SearchServer, Tansu,
