@@ -55,19 +55,27 @@ async fn rig_with(extra: &str, metrics_port: Option<u16>) -> Rig {
     };
     let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
     crate::support::wait_slot_active(&db, &mut daemon, "pgcdc").await;
-    let want = Want::Verified {
-        pg: &pg,
-        table: "public.items",
-    };
-    oracle::mirror_equals(&es.url, INDEX, want, Duration::from_secs(90), Some(&daemon))
-        .await
-        .unwrap();
-    Rig {
+    let rig = Rig {
         pg,
         _broker: broker,
         es,
         _dir: dir,
         daemon,
+    };
+    rig.mirrored(Duration::from_secs(90)).await;
+    rig
+}
+
+impl Rig {
+    /// Wait up to `within` until the mirror equals the table.
+    async fn mirrored(&self, within: Duration) {
+        let want = Want::Verified {
+            pg: &self.pg,
+            table: "public.items",
+        };
+        oracle::mirror_equals(&self.es.url, INDEX, want, within, Some(&self.daemon))
+            .await
+            .unwrap();
     }
 }
 
@@ -181,19 +189,7 @@ async fn drift_is_reported_by_key_and_kind_and_repaired_under_a_concurrent_write
     assert!(writes.await.unwrap() > 0);
     let (code, _, text) = verify(&r.daemon, &[]);
     assert_eq!(code, 0, "{text}");
-    let want = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
-    oracle::mirror_equals(
-        &r.es.url,
-        INDEX,
-        want,
-        Duration::from_secs(60),
-        Some(&r.daemon),
-    )
-    .await
-    .unwrap();
+    r.mirrored(Duration::from_secs(60)).await;
 }
 
 /// `pgcdc verify` kept waiting by a table lock names the session holding
@@ -523,19 +519,7 @@ async fn continuous_verification_repairs_the_drift_it_finds() {
             ready == 200 && repaired(t).is_some_and(|n| n >= 3.0) && drift_rows(t) == Some(0.0)
         })
         .await;
-    let want = Want::Verified {
-        pg: &r.pg,
-        table: "public.items",
-    };
-    oracle::mirror_equals(
-        &r.es.url,
-        INDEX,
-        want,
-        Duration::from_secs(30),
-        Some(&r.daemon),
-    )
-    .await
-    .unwrap();
+    r.mirrored(Duration::from_secs(30)).await;
     let log = r.daemon.log_text();
     assert!(log.contains("continuous verification found drift"), "{log}");
     assert!(

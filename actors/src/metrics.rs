@@ -707,17 +707,12 @@ impl Metrics {
     /// a window.
     pub fn sink_retrying(&self, why: &str) {
         const SHOWN: usize = 300;
-        let mut why = why.to_owned();
-        if why.len() > SHOWN {
-            let cut = (0..=SHOWN)
-                .rev()
-                .find(|&i| why.is_char_boundary(i))
-                .unwrap_or(0);
-            why.truncate(cut);
-            why.push('…');
+        let mut shown: String = why.chars().take(SHOWN).collect();
+        if shown.len() < why.len() {
+            shown.push('…');
         }
         if let Ok(mut s) = self.sink.lock() {
-            s.retrying = Some(why);
+            s.retrying = Some(shown);
         }
     }
 
@@ -856,12 +851,18 @@ mod tests {
         );
     }
 
+    /// Metrics whose stream just confirmed everything the server has.
+    fn confirmed_progress() -> Metrics {
+        let m = Metrics::new();
+        m.server_wal_end(Lsn(10));
+        m.confirmed(Lsn(10), None);
+        m
+    }
+
     #[test]
     fn a_refused_kafka_client_makes_both_readinesses_503_until_kafka_accepts_pgcdc() {
-        let m = Metrics::new();
+        let m = confirmed_progress();
         let window = Duration::from_secs(30);
-        m.server_wal_end(Lsn(1000));
-        m.confirmed(Lsn(1000), Some(now_us()));
         m.sink_caught_up();
         let pipeline = Readiness::Pipeline { sink: true };
         assert_eq!(m.readiness(window, pipeline), Ok(()));
@@ -890,10 +891,8 @@ mod tests {
 
     #[test]
     fn a_drifted_mirror_is_named_until_its_table_is_cleared() {
-        let m = Metrics::new();
+        let m = confirmed_progress();
         let window = Duration::from_secs(30);
-        m.server_wal_end(Lsn(10));
-        m.confirmed(Lsn(10), None);
         let pipeline = Readiness::Pipeline { sink: false };
         m.verify_drifted(
             "public.b",
@@ -957,10 +956,8 @@ mod tests {
 
     #[test]
     fn the_pipeline_is_not_ready_while_its_sink_is_stalled() {
-        let m = Metrics::new();
+        let m = confirmed_progress();
         let window = Duration::from_secs(30);
-        m.server_wal_end(Lsn(10));
-        m.confirmed(Lsn(10), None);
         m.sink_stalled(Some("stalled".into()));
         assert_eq!(
             m.readiness(window, Readiness::Pipeline { sink: false }),
