@@ -38,6 +38,9 @@ const DEAD_LETTERS_CLIENT: &str = "pgcdc-es-dead-letters";
 /// How often one batch may find a mirror deleted and open it again before
 /// the sink restarts.
 const MIRROR_REOPENS: u32 = 3;
+/// A record the consumer hands over sooner than this after being asked was
+/// already waiting for the sink.
+const WAITING: Duration = Duration::from_millis(1);
 /// Wait before a history index Elasticsearch refused is tried again.
 const HISTORY_RETRY: Duration = Duration::from_secs(30);
 
@@ -102,8 +105,11 @@ impl Sink {
         let read_before = c.group.read_before(&c.consumer, &self.kafka).await;
         c.mirrors.start(&c.es, read_before).await?;
         self.resume_direct(&mut c).await?;
+        let mut stopped_reading = Instant::now();
         loop {
-            let Some(mut batch) = self.collect(&c.consumer).await? else {
+            let collected = self.collect(&c.consumer, stopped_reading).await?;
+            stopped_reading = Instant::now();
+            let Some(mut batch) = collected else {
                 c.group.changes_since_probe = false;
                 self.check_group(&mut c, true).await?;
                 c.mirrors.observe(&c.es, true).await?;
@@ -175,14 +181,24 @@ impl Sink {
     }
 
     /// Wait for one record, then gather more until the batch is full or the
-    /// flush interval passes; `None` when no record came for [`super::remedy::PROBE_EVERY`].
-    async fn collect(&self, consumer: &SinkConsumer) -> Result<Option<Vec<OwnedMessage>>, EsError> {
+    /// flush interval passed since the first arrived; `None` when no record
+    /// came for [`super::remedy::PROBE_EVERY`]. `stopped_reading` is when
+    /// the sink last stopped reading to write: a first record that waited
+    /// through that write does not wait a whole interval more
+    /// ([`first_arrival`]).
+    async fn collect(
+        &self,
+        consumer: &SinkConsumer,
+        stopped_reading: Instant,
+    ) -> Result<Option<Vec<OwnedMessage>>, EsError> {
+        let asked = Instant::now();
         let Ok(first) = tokio::time::timeout(super::remedy::PROBE_EVERY, consumer.recv()).await
         else {
             return Ok(None);
         };
         let first = first?.detach();
-        let deadline = Instant::now() + Duration::from_millis(self.es.flush_interval_ms);
+        let arrived = first_arrival(asked, Instant::now(), stopped_reading);
+        let deadline = arrived + Duration::from_millis(self.es.flush_interval_ms);
         let mut bytes = first.payload().map_or(0, <[u8]>::len);
         let mut batch = vec![first];
         while batch.len() < self.es.bulk_max_actions && bytes < self.es.bulk_max_bytes {
@@ -624,6 +640,17 @@ fn commit_lsn(msg: &OwnedMessage) -> Option<u64> {
     Some(env.source.commit_lsn)
 }
 
+/// When a batch's first record arrived, as far as the sink can tell: handed
+/// over at once (`answered` within [`WAITING`] of `asked`), it was waiting,
+/// and it came after the sink stopped reading (`stopped_reading`); else
+/// when it was handed over.
+fn first_arrival(asked: Instant, answered: Instant, stopped_reading: Instant) -> Instant {
+    match answered.saturating_duration_since(asked) < WAITING {
+        true => stopped_reading,
+        false => answered,
+    }
+}
+
 /// Drop what the `es-records-lost` failpoint says (tests: records a broker
 /// never delivers): with `return`, the records between the batch's first
 /// and last (retention, compaction while the sink was behind); with
@@ -686,4 +713,24 @@ fn commit(consumer: &SinkConsumer, batch: &[OwnedMessage]) -> Result<(), EsError
     // trip. A commit that fails only means these records are written again.
     consumer.commit(&tpl, CommitMode::Async)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_that_waited_through_a_write_counts_its_wait_from_when_reading_stopped() {
+        let stopped_reading = Instant::now();
+        let asked = stopped_reading + Duration::from_millis(300);
+        // Already queued: handed over at once, its wait began before the write.
+        let at_once = asked + Duration::from_micros(20);
+        assert_eq!(
+            first_arrival(asked, at_once, stopped_reading),
+            stopped_reading
+        );
+        // Waited for: it arrived when it was handed over.
+        let later = asked + Duration::from_millis(40);
+        assert_eq!(first_arrival(asked, later, stopped_reading), later);
+    }
 }
