@@ -16,6 +16,12 @@
 //!   query, which sees only refreshed documents) and takes the time from
 //!   the probe's commit returning to the first answer holding it.
 //!
+//! - the search server alone (the baseline of searchable): then, documents
+//!   shaped like the mirror's, due at the rate reached, sent straight to a
+//!   fresh index as the sink sends them with its defaults (a `_bulk` of
+//!   what is due every 200 ms), probes asked for the same way, each timed
+//!   from its place in the schedule: the floor the search server sets.
+//!
 //! Prints p50, p99 and the maximum of each next to their targets
 //! (acknowledged p99 ≤ 100 ms, searchable p99 ≤ 1 s) and pgcdc's CPU per
 //! transaction. `LATENCY_BENCH_SEARCH=0` leaves the sink and the search
@@ -52,6 +58,10 @@ const SLOT: Duration = Duration::from_millis(10);
 const TOPIC: &str = "cdc-events";
 /// The mirror.
 const INDEX: &str = "cdc_public_lat";
+/// The index of the search server's own baseline.
+const BASELINE_INDEX: &str = "baseline_lat";
+/// The sink's default `flush_interval_ms`.
+const FLUSH: Duration = Duration::from_millis(200);
 
 /// The `q` quantile of sorted `xs` (nearest rank); 0 for none.
 fn quantile(xs: &[f64], q: f64) -> f64 {
@@ -157,6 +167,7 @@ fn read_kafka(brokers: &str, ready: std::sync::mpsc::Sender<()>, done: &AtomicBo
 /// `done` and none is left; the latency of each, seconds.
 async fn poll_search(
     url: &str,
+    index: &str,
     probes: &Mutex<HashMap<u64, Instant>>,
     done: &AtomicBool,
 ) -> Vec<f64> {
@@ -180,7 +191,7 @@ async fn poll_search(
         }
         let body = json!({"size": ids.len(), "_source": false, "query": {"ids": {"values": ids}}});
         let Ok(resp) = http
-            .post(format!("{url}/{INDEX}/_search"))
+            .post(format!("{url}/{index}/_search"))
             .json(&body)
             .send()
             .await
@@ -205,6 +216,66 @@ async fn poll_search(
             }
         }
     }
+}
+
+/// The search server alone, the baseline of commit → searchable: documents
+/// shaped like the mirror's, due at `rate` per second for `secs` seconds,
+/// sent straight to `index` as the sink sends them with its defaults (a
+/// `_bulk` request of what is due every [`FLUSH`], the next once the last
+/// is answered); every `PROBE_EVERY`th document is a probe, due at its
+/// place in the schedule. The latency of each probe, seconds.
+async fn search_alone(url: &str, rate: u64, secs: u64) -> Vec<f64> {
+    let http = reqwest::Client::new();
+    let created = http
+        .put(format!("{url}/{BASELINE_INDEX}"))
+        .json(&json!({"settings": {"number_of_replicas": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        created.status().is_success(),
+        "{BASELINE_INDEX}: {created:?}"
+    );
+    let probes = Arc::new(Mutex::new(HashMap::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (url, probes, done) = (url.to_owned(), probes.clone(), done.clone());
+        tokio::spawn(async move { poll_search(&url, BASELINE_INDEX, &probes, &done).await })
+    };
+    let started = Instant::now();
+    let total = rate * secs;
+    let mut sent = 0u64;
+    while sent < total {
+        tokio::time::sleep(FLUSH).await;
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        let mut body = String::new();
+        for id in sent + 1..=due {
+            if id % PROBE_EVERY == 0 {
+                let at = started + Duration::from_secs_f64(id as f64 / rate as f64);
+                probes.lock().unwrap().insert(id, at);
+            }
+            let action = json!({"index": {"_index": BASELINE_INDEX, "_id": id.to_string(),
+                "version": id, "version_type": "external_gte"}});
+            let doc = json!({"id": id, "v": "x", "_cdc": {"op": "c", "lsn": id, "seq": 0, "ts_ms": 0, "xid": id}});
+            body.push_str(&format!("{action}\n{doc}\n"));
+        }
+        sent = due;
+        if body.is_empty() {
+            continue;
+        }
+        let answer = http
+            .post(format!("{url}/_bulk"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "_bulk: {answer:?}");
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut latencies = poller.await.unwrap();
+    latencies.sort_by(f64::total_cmp);
+    latencies
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +357,7 @@ async fn main() {
     is_ready.recv_timeout(Duration::from_secs(60)).unwrap();
     let search = url.map(|url| {
         let (probes, done) = (probes.clone(), done.clone());
-        tokio::spawn(async move { poll_search(&url, &probes, &done).await })
+        tokio::spawn(async move { poll_search(&url, INDEX, &probes, &done).await })
     });
     eprintln!("bench: {rate} single-row commits/s for {secs} s");
     let started = Instant::now();
@@ -333,6 +404,11 @@ async fn main() {
     );
     kafka.sort_by(f64::total_cmp);
     search.sort_by(f64::total_cmp);
+    // The baseline, with pgcdc, PostgreSQL's writes and the Kafka reader done.
+    let alone = match &es {
+        Some(es) => search_alone(&es.url, achieved.round() as u64, secs).await,
+        None => Vec::new(),
+    };
 
     println!();
     println!("{written} single-row commits at {achieved:.0}/s (asked {rate}/s), one run on this machine:");
@@ -352,8 +428,9 @@ async fn main() {
     let legs = [
         ("commit -> read from kafka", &kafka),
         ("commit -> searchable (probes)", &search),
+        ("search server alone (probes)", &alone),
     ];
-    for (what, xs) in &legs[..if with_search { 2 } else { 1 }] {
+    for (what, xs) in &legs[..if with_search { 3 } else { 1 }] {
         println!(
             "{what:<34} {:>8} {:>9.1} {:>9.1} {:>9.1}",
             xs.len(),
@@ -390,9 +467,15 @@ async fn main() {
             "{search_p99:.0} ms (p50 {:.0})",
             quantile(&search, 0.5) * 1e3
         ),
-        &at,
+        &format!(
+            "{at}; search server alone: p99 {:.0} ms",
+            quantile(&alone, 0.99) * 1e3
+        ),
         search_p99,
         Target::AtMost(1000.0),
     );
-    assert!(!search.is_empty(), "no probe was measured");
+    assert!(
+        !search.is_empty() && !alone.is_empty(),
+        "no probe was measured"
+    );
 }
