@@ -15,7 +15,6 @@
 //!   search server every `POLL` for the probes not seen yet (an `ids`
 //!   query, which sees only refreshed documents) and takes the time from
 //!   the probe's commit returning to the first answer holding it.
-//!
 //! - the search server alone (the baseline of searchable): then, documents
 //!   shaped like the mirror's, due at the rate reached, sent straight to a
 //!   fresh index as the sink sends them with its defaults (a `_bulk` of
