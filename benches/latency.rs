@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pgcdc_actors::es_writer::EsConfig;
 use pgcdc_testkit::bench::{self, Target};
 use pgcdc_testkit::config::daemon_config as config;
 use pgcdc_testkit::daemon::now_us;
@@ -59,8 +60,6 @@ const TOPIC: &str = "cdc-events";
 const INDEX: &str = "cdc_public_lat";
 /// The index of the search server's own baseline.
 const BASELINE_INDEX: &str = "baseline_lat";
-/// The sink's default `flush_interval_ms`.
-const FLUSH: Duration = Duration::from_millis(200);
 
 /// The `q` quantile of sorted `xs` (nearest rank); 0 for none.
 fn quantile(xs: &[f64], q: f64) -> f64 {
@@ -220,8 +219,8 @@ async fn poll_search(
 /// The search server alone, the baseline of commit → searchable: documents
 /// shaped like the mirror's, due at `rate` per second for `secs` seconds,
 /// sent straight to `index` as the sink sends them with its defaults (a
-/// `_bulk` request of what is due every [`FLUSH`], the next once the last
-/// is answered); every `PROBE_EVERY`th document is a probe, due at its
+/// `_bulk` request of what is due every `flush_interval_ms`, the next once
+/// the last is answered); every `PROBE_EVERY`th document is a probe, due at its
 /// place in the schedule. The latency of each probe, seconds.
 async fn search_alone(url: &str, rate: u64, secs: u64) -> Vec<f64> {
     let http = reqwest::Client::new();
@@ -241,11 +240,12 @@ async fn search_alone(url: &str, rate: u64, secs: u64) -> Vec<f64> {
         let (url, probes, done) = (url.to_owned(), probes.clone(), done.clone());
         tokio::spawn(async move { poll_search(&url, BASELINE_INDEX, &probes, &done).await })
     };
+    let flush = Duration::from_millis(EsConfig::default().flush_interval_ms);
     let started = Instant::now();
     let total = rate * secs;
     let mut sent = 0u64;
     while sent < total {
-        tokio::time::sleep(FLUSH).await;
+        tokio::time::sleep(flush).await;
         let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         let mut body = String::new();
         for id in sent + 1..=due {
