@@ -469,6 +469,84 @@ mod tests {
         assert!(matches!(ok.wait().now_or_never(), Some(Ok(()))));
     }
 
+    /// An insert into `public.t` whose row holds `len` bytes of text.
+    fn insert(id: u64, len: usize) -> ChangeEvent {
+        let table = Arc::new(crate::event::TableRef {
+            schema: "public".into(),
+            name: "t".into(),
+            key_columns: vec!["id".into()],
+            key_source: Default::default(),
+            column_types: String::new(),
+        });
+        let row = |v: serde_json::Value| v.as_object().cloned().map(Into::into);
+        let tx = crate::event::TxMeta {
+            xid: 1,
+            commit_lsn: crate::lsn::Lsn(100),
+            commit_time_us: 0,
+        };
+        ChangeEvent {
+            op: crate::event::Op::Create,
+            table,
+            key: row(json!({ "id": id })),
+            before: None,
+            after: row(json!({ "id": id, "body": "x".repeat(len) })),
+            unchanged_toast: vec![],
+            lsn: tx.commit_lsn,
+            seq: id as u32,
+            tx,
+            snapshot: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_above_half_the_queue_is_handed_over_once_librdkafka_holds_no_record() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("cdc-events", 1, 1).unwrap();
+        // Each answer takes this long, so the small record's
+        // acknowledgement comes well after both could be handed over.
+        cluster
+            .broker_round_trip_time(1, Duration::from_millis(100))
+            .unwrap();
+        let config = Arc::new(KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            max_inflight_bytes: 1 << 20,
+            ..Default::default()
+        });
+        let huge = config.queue_bytes() / 2;
+        let (small, big) = (insert(1, 100), insert(2, huge + 1000));
+        assert!(small.row_bytes() < huge && big.row_bytes() > huge);
+        // Held here too: the job drops its handle when it returns, and
+        // dropping the last one purges what librdkafka holds.
+        let producer: Arc<Producer> = Arc::new(
+            config
+                .client_config()
+                .create_with_context(AckContext)
+                .unwrap(),
+        );
+        let job = BatchJob {
+            producer: producer.clone(),
+            config,
+            partitioning: Partitioning::new(None),
+            database: "db".into(),
+            dead_letters: None,
+            now_ms: 0,
+            session: 1,
+            events: vec![small, big],
+            rows: None,
+            records: 2,
+            tx: TxPlan::default(),
+        };
+        let ack = job.enqueue().await.unwrap();
+        // Both fit librdkafka's queue together: only the rule held the
+        // large one back until the small one was acknowledged.
+        assert_eq!(
+            ack.remaining.load(Ordering::Acquire),
+            1,
+            "the large change was handed over before the small one's acknowledgement"
+        );
+        ack.wait().await.unwrap();
+    }
+
     fn record(key: &[u8], value_len: usize) -> EncodedRecord {
         EncodedRecord {
             topic: "cdc-events".into(),
