@@ -213,6 +213,65 @@ async fn a_backlog_of_wide_rows_is_read_ahead_only_a_few_rows_while_kafka_stalls
     assert_eq!(status.code(), Some(0), "{}", d.log_tail());
 }
 
+/// Rows of [`SNAPSHOT_KIB`] KiB the initial snapshot copies: all of them
+/// fit one chunk of the default `snapshot.chunk_rows` (2,500).
+const SNAPSHOT_ROWS: i32 = 600;
+/// Size of each of those rows: its record stays below librdkafka's default
+/// `message.max.bytes`.
+const SNAPSHOT_KIB: i32 = 512;
+/// The daemon's peak while it copies those 300 MiB with the default
+/// settings.
+const SNAPSHOT_PEAK_MAX_MIB: u64 = 250;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_snapshot_of_wide_rows_holds_chunks_bounded_by_bytes() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    db.batch_execute(CREATE).await.unwrap();
+    let repeat = SNAPSHOT_KIB << 5; // 32-character md5 texts
+    db.execute(
+        "INSERT INTO docs SELECT i, repeat(md5(i::text), $2) FROM generate_series(1, $1::int) i",
+        &[&SNAPSHOT_ROWS, &repeat],
+    )
+    .await
+    .unwrap();
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["docs"], "");
+    let mut d = daemon(dir.path(), &cfg, &[]);
+
+    let mut seen = Vec::new();
+    for_each_record(
+        &tansu.brokers(),
+        TOPIC,
+        SNAPSHOT_ROWS as usize,
+        STREAM,
+        &d,
+        |value| {
+            let id = value["after"]["id"].as_i64().unwrap() as i32;
+            let body = value["after"]["body"].as_str().unwrap();
+            assert_eq!(
+                body.len(),
+                1024 * SNAPSHOT_KIB as usize,
+                "length of row {id}"
+            );
+            assert_eq!(value["op"], json!("r"), "row {id}");
+            seen.push(id);
+        },
+    );
+    assert_eq!(
+        seen,
+        (1..=SNAPSHOT_ROWS).collect::<Vec<_>>(),
+        "in key order"
+    );
+    d.sample_rss();
+    let peak_mib = d.peak_rss_kb / 1024;
+    eprintln!("peak rss copying {SNAPSHOT_ROWS} rows of {SNAPSHOT_KIB} KiB: {peak_mib} MiB");
+    assert!(
+        peak_mib < SNAPSHOT_PEAK_MAX_MIB,
+        "peak rss {peak_mib} MiB, more than {SNAPSHOT_PEAK_MAX_MIB} MiB"
+    );
+    let status = d.terminate(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log_tail());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_above_message_max_bytes_stops_pgcdc_naming_it_on_every_start() {
     let (_pg, tansu, _dir, db, mut d) = streaming("").await;

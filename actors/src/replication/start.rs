@@ -218,7 +218,7 @@ impl Stream {
         let in_flight = CHUNKS_IN_FLIGHT_PER_READER * self.snapshot.parallelism;
         let (tx, mut rx) = tokio::sync::mpsc::channel(in_flight);
         let copy = async {
-            let copied = readers.copy(&plan, self.snapshot.chunk_rows, at, tx).await;
+            let copied = readers.copy(&plan, &self.snapshot, at, tx).await;
             copied.map_err(ReplicationError::from)
         };
         let publish = async {

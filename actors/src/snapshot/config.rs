@@ -19,6 +19,13 @@ const DEFAULT_PARALLELISM: usize = 2;
 /// 173,000-185,000 with 5,000, 217,000-225,000 with 2,500 and
 /// 166,000-191,000 with 1,000 (more queries and steps).
 const DEFAULT_CHUNK_ROWS: usize = 2_500;
+/// Most bytes per chunk (1 GiB).
+const CHUNK_BYTES_MAX: usize = 1 << 30;
+/// Default bytes of row text per chunk (8 MiB): ordinary rows reach
+/// `chunk_rows` first (2,500 rows of 3 KiB), while a chunk of wide rows is
+/// cut at this size. The copy holds about eight chunks at once (those on
+/// their way and one per reader being read), so this bounds its memory.
+const DEFAULT_CHUNK_BYTES: usize = 8 << 20;
 
 /// Whether pgcdc copies existing rows before streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -40,6 +47,9 @@ pub struct SnapshotConfig {
     pub parallelism: usize,
     /// Rows per chunk: one keyset query, one progress step.
     pub chunk_rows: usize,
+    /// Bytes of row text (as PostgreSQL sends it) at which a chunk is cut
+    /// before `chunk_rows`: the rest of its query comes in further chunks.
+    pub chunk_bytes: usize,
 }
 
 impl Default for SnapshotConfig {
@@ -48,6 +58,7 @@ impl Default for SnapshotConfig {
             mode: SnapshotMode::Initial,
             parallelism: DEFAULT_PARALLELISM,
             chunk_rows: DEFAULT_CHUNK_ROWS,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }
 }
@@ -67,6 +78,12 @@ impl SnapshotConfig {
                 format!("must be between 1 and {CHUNK_ROWS_MAX}"),
             ));
         }
+        if !(1..=CHUNK_BYTES_MAX).contains(&self.chunk_bytes) {
+            errors.push(ConfigError::new(
+                "snapshot.chunk_bytes",
+                format!("must be between 1 and {CHUNK_BYTES_MAX}"),
+            ));
+        }
     }
 }
 
@@ -82,11 +99,13 @@ mod tests {
         SnapshotConfig {
             parallelism: 0,
             chunk_rows: 0,
+            chunk_bytes: 0,
             ..Default::default()
         }
         .validate(&mut errors);
-        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors.len(), 3, "{errors:?}");
         assert_eq!(errors[0].key, "snapshot.parallelism");
         assert_eq!(errors[1].key, "snapshot.chunk_rows");
+        assert_eq!(errors[2].key, "snapshot.chunk_bytes");
     }
 }

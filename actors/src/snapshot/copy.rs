@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use futures::TryStreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
@@ -98,7 +99,7 @@ impl SnapshotReaders {
     pub(crate) async fn copy(
         self,
         plan: &[(Shape, TableProgress)],
-        chunk_rows: usize,
+        cfg: &SnapshotConfig,
         at: Lsn,
         out: mpsc::Sender<CopiedChunk>,
     ) -> Result<u64, SnapshotError> {
@@ -126,8 +127,7 @@ impl SnapshotReaders {
                 {
                     let shape = &plan[t].0;
                     let range = plan[t].1.ranges[r].clone();
-                    rows += copy_range(&sql, shape, (t, r), range, chunk_rows, tx, &mut seq, &out)
-                        .await?;
+                    rows += copy_range(&sql, shape, (t, r), range, cfg, tx, &mut seq, &out).await?;
                 }
                 sql.batch_execute("COMMIT").await?;
                 Ok::<u64, SnapshotError>(rows)
@@ -139,13 +139,16 @@ impl SnapshotReaders {
 }
 
 /// Copy one key range in keyset chunks (a keyless table through a cursor).
+/// A query's rows are sent on as they arrive, in chunks cut at
+/// `cfg.chunk_bytes` of row text, so a query of wide rows is never held
+/// whole; while the chunks wait, PostgreSQL waits on the socket.
 #[allow(clippy::too_many_arguments)]
 async fn copy_range(
     sql: &Client,
     shape: &Shape,
     (table, range_ix): (usize, usize),
     mut range: KeyRange,
-    chunk_rows: usize,
+    cfg: &SnapshotConfig,
     tx: TxMeta,
     seq: &mut u32,
     out: &mpsc::Sender<CopiedChunk>,
@@ -159,22 +162,7 @@ async fn copy_range(
         ))
         .await?;
     }
-    loop {
-        let q = if shape.keyless() {
-            format!("FETCH {chunk_rows} FROM pgcdc_snapshot")
-        } else {
-            shape.chunk_query(&range, chunk_rows)
-        };
-        let rows: Vec<SimpleQueryRow> = sql
-            .simple_query(&q)
-            .await?
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(row),
-                _ => None,
-            })
-            .collect();
-        let done = rows.len() < chunk_rows;
+    let mut send = |rows: Vec<SimpleQueryRow>, range: &mut KeyRange, done: bool| {
         if !shape.keyless() {
             if let Some(row) = rows.last() {
                 range.after = Some(shape.key_of(row));
@@ -197,11 +185,40 @@ async fn copy_range(
             after: range.after.clone(),
             done,
         };
-        out.send(chunk)
-            .await
-            .map_err(|_| SnapshotError::CopyAbandoned)?;
-        // Tests slow the copy down here (`sleep(ms)`) to interrupt it midway.
-        fail::fail_point!(crate::wire::failpoint::SNAPSHOT_COPY_CHUNK);
+        async move {
+            out.send(chunk)
+                .await
+                .map_err(|_| SnapshotError::CopyAbandoned)?;
+            // Tests slow the copy down here (`sleep(ms)`) to interrupt it midway.
+            fail::fail_point!(crate::wire::failpoint::SNAPSHOT_COPY_CHUNK);
+            Ok::<(), SnapshotError>(())
+        }
+    };
+    loop {
+        let q = if shape.keyless() {
+            format!("FETCH {} FROM pgcdc_snapshot", cfg.chunk_rows)
+        } else {
+            shape.chunk_query(&range, cfg.chunk_rows)
+        };
+        let stream = sql.simple_query_raw(&q).await?;
+        futures::pin_mut!(stream);
+        let (mut rows, mut bytes, mut read) = (Vec::new(), 0, 0);
+        while let Some(message) = stream.try_next().await? {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            bytes += text_bytes(&row);
+            read += 1;
+            rows.push(row);
+            if bytes >= cfg.chunk_bytes {
+                send(std::mem::take(&mut rows), &mut range, false).await?;
+                bytes = 0;
+            }
+        }
+        let done = read < cfg.chunk_rows;
+        if done || !rows.is_empty() {
+            send(rows, &mut range, done).await?;
+        }
         if done {
             break;
         }
@@ -211,4 +228,11 @@ async fn copy_range(
     }
     tracing::debug!(table = %shape.qualified, range = range_ix, rows = copied, "key range copied");
     Ok(copied)
+}
+
+/// The bytes of a row's texts.
+fn text_bytes(row: &SimpleQueryRow) -> usize {
+    (0..row.len())
+        .map(|i| row.try_get(i).ok().flatten().map_or(0, str::len))
+        .sum()
 }

@@ -6,7 +6,8 @@
 //! the replication session moves on, so the copy and the stream meet exactly
 //! at the consistent point: no gap, no overlap. Large tables are split into
 //! primary-key ranges read in parallel; each range is read in keyset chunks of
-//! `chunk_rows` rows, so memory stays bounded whatever the table size. Rows are
+//! `chunk_rows` rows, passed on as they arrive in pieces cut at `chunk_bytes`,
+//! so memory stays bounded whatever the table or row size. Rows are
 //! `op=r` events versioned with the consistent point.
 //!
 //! **Progress.** Every chunk's rows travel to Kafka with the new progress of
