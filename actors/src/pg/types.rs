@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::values::{known_array, known_scalar, type_name};
@@ -73,6 +74,38 @@ impl Rule {
             Rule::Composite(_) => "record".to_owned(),
             Rule::Array { elem, .. } => format!("_{}", elem.label()),
         }
+    }
+}
+
+/// Built-in scalars whose text has at most [`FIXED_TEXT_MAX`] bytes.
+const FIXED_SIZE: [Type; 18] = [
+    Type::BOOL,
+    Type::CHAR,
+    Type::INT2,
+    Type::INT4,
+    Type::INT8,
+    Type::OID,
+    Type::XID,
+    Type::FLOAT4,
+    Type::FLOAT8,
+    Type::MONEY,
+    Type::DATE,
+    Type::TIME,
+    Type::TIMETZ,
+    Type::TIMESTAMP,
+    Type::TIMESTAMPTZ,
+    Type::INTERVAL,
+    Type::UUID,
+    Type::PG_LSN,
+];
+/// The longest text of a [`FIXED_SIZE`] value (an interval's, about 70).
+pub const FIXED_TEXT_MAX: usize = 80;
+
+impl Rule {
+    /// Whether every value of this rule's type has a short text of at most
+    /// [`FIXED_TEXT_MAX`] bytes (a fixed-size built-in scalar).
+    pub fn fixed_size(&self) -> bool {
+        matches!(self, Rule::Builtin(oid) if FIXED_SIZE.iter().any(|t| t.oid() == *oid))
     }
 }
 
@@ -293,6 +326,29 @@ mod tests {
         let mut map = TypeMap::default();
         map.extend(wanted, &rows.into_iter().collect());
         map
+    }
+
+    #[test]
+    fn fixed_size_types_are_the_short_built_in_scalars() {
+        for t in FIXED_SIZE {
+            assert!(Rule::Builtin(t.oid()).fixed_size(), "{t}");
+        }
+        let unbounded = [Type::TEXT, Type::NUMERIC, Type::BYTEA, Type::JSONB];
+        for t in unbounded {
+            assert!(!Rule::Builtin(t.oid()).fixed_size(), "{t}");
+        }
+        assert!(!Rule::Text.fixed_size());
+        let ints = Rule::builtin(Type::INT4_ARRAY.oid()).unwrap();
+        assert!(!ints.fixed_size(), "an array of a fixed-size type");
+        // The longest texts of the fixed-size types.
+        for text in [
+            "-178956970 years -8 mons -2147483648 days -2562047788:00:54.775807",
+            "294276-12-31 23:59:59.999999+00 BC",
+            "-$92,233,720,368,547,758.08",
+            "-1.7976931348623157e+308",
+        ] {
+            assert!(text.len() <= FIXED_TEXT_MAX, "{text}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::checkpoint::{KeyRange, KeyText, TableProgress};
 use crate::event::{CopiedRows, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::quote::quote_literal;
+use crate::pg::types::{Rule, FIXED_TEXT_MAX};
 use crate::pg::{session, PostgresConfig};
 
 /// A SQL connection for reading rows, with the session settings applied.
@@ -162,6 +163,7 @@ async fn copy_range(
         ))
         .await?;
     }
+    let size = RowSize::new(&shape.columns);
     let mut send = |rows: Vec<SimpleQueryRow>, range: &mut KeyRange, done: bool| {
         if !shape.keyless() {
             if let Some(row) = rows.last() {
@@ -207,7 +209,7 @@ async fn copy_range(
             let SimpleQueryMessage::Row(row) = message else {
                 continue;
             };
-            bytes += text_bytes(&row);
+            bytes += size.of(&row);
             read += 1;
             rows.push(row);
             if bytes >= cfg.chunk_bytes {
@@ -230,9 +232,29 @@ async fn copy_range(
     Ok(copied)
 }
 
-/// The bytes of a row's texts.
-fn text_bytes(row: &SimpleQueryRow) -> usize {
-    (0..row.len())
-        .map(|i| row.try_get(i).ok().flatten().map_or(0, str::len))
-        .sum()
+/// The bytes of a table's rows as text: each column of a fixed-size type
+/// counted at its longest text, the others as read.
+struct RowSize {
+    /// What the fixed-size columns count for together.
+    fixed: usize,
+    /// The other columns, whose texts are measured.
+    measured: Vec<usize>,
+}
+
+impl RowSize {
+    fn new(columns: &[(String, Rule)]) -> Self {
+        let fixed = columns.iter().filter(|(_, rule)| rule.fixed_size());
+        Self {
+            fixed: fixed.count() * FIXED_TEXT_MAX,
+            measured: (columns.iter().enumerate())
+                .filter(|(_, (_, rule))| !rule.fixed_size())
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
+    fn of(&self, row: &SimpleQueryRow) -> usize {
+        let text = |i: usize| row.try_get(i).ok().flatten().map_or(0, str::len);
+        self.fixed + self.measured.iter().map(|&i| text(i)).sum::<usize>()
+    }
 }
