@@ -333,9 +333,9 @@ async fn schema_changes_swap_in_a_filled_index_behind_the_alias_without_a_gap() 
     daemon.terminate(Duration::from_secs(30)).unwrap();
 }
 
-/// The concrete index the alias points at now.
-async fn serving(es: &SearchServer) -> String {
-    let now: Value = reqwest::get(format!("{}/{ALIAS}/_alias", es.url))
+/// The concrete index `alias` points at now.
+async fn serving(es: &SearchServer, alias: &str) -> String {
+    let now: Value = reqwest::get(format!("{}/{alias}/_alias", es.url))
         .await
         .unwrap()
         .json()
@@ -346,9 +346,9 @@ async fn serving(es: &SearchServer) -> String {
     names[0].clone()
 }
 
-/// Delete the concrete index behind the alias (the alias goes with it).
-async fn delete_serving(es: &SearchServer) {
-    let index = serving(es).await;
+/// Delete the concrete index behind `alias` (the alias goes with it).
+async fn delete_serving(es: &SearchServer, alias: &str) {
+    let index = serving(es, alias).await;
     let url = format!("{}/{index}", es.url);
     let gone = reqwest::Client::new().delete(url).send().await.unwrap();
     assert!(gone.status().is_success(), "{index}: {}", gone.status());
@@ -484,7 +484,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     let deleted_total = "pgcdc_es_mirrors_deleted_total";
 
     // Deleted while the sink writes to it: not ready until filled again.
-    delete_serving(&m.es).await;
+    delete_serving(&m.es, ALIAS).await;
     m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
         .await
         .unwrap();
@@ -513,7 +513,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
 
     // Deleted while pgcdc is stopped (a new process: its counter starts at 0).
     m.stop();
-    delete_serving(&m.es).await;
+    delete_serving(&m.es, ALIAS).await;
     m.daemon.spawn().unwrap();
     m.change_and_wait("UPDATE items SET n = 2 WHERE id = 2")
         .await;
@@ -521,7 +521,7 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
 
     // Deleted with the sink's notes (as `DELETE cdc_*` would), while stopped.
     m.stop();
-    delete_serving(&m.es).await;
+    delete_serving(&m.es, ALIAS).await;
     let notes = format!("{}/cdc__truncations", m.es.url);
     let gone = reqwest::Client::new().delete(notes).send().await.unwrap();
     assert!(gone.status().is_success(), "{}", gone.status());
@@ -529,6 +529,85 @@ async fn a_deleted_mirror_index_is_filled_again_from_postgres() {
     m.change_and_wait("UPDATE items SET n = 3 WHERE id = 3")
         .await;
     assert_eq!(m.sample(deleted_total, &deleted).await, Some(1.0));
+}
+
+/// Rows of the wide mirror: [`WIDE_ROWS`] rows of 512 KiB, 100 MiB, fewer
+/// than one fill query reads (1,000 rows). Their values are `jsonb`,
+/// mapped but not indexed: osmem-server indexes long texts slowly.
+const WIDE_ROWS: i32 = 200;
+/// The daemon's peak while it fills that mirror again: the fill reads and
+/// writes pieces of `bulk_max_bytes` (5 MiB) of row text.
+const WIDE_FILL_PEAK_MAX_MIB: u64 = 200;
+
+/// A mirror of wide rows filled again (its index deleted while pgcdc was
+/// stopped): the fill passes its query's rows on in pieces of bounded
+/// bytes, each one bulk request, instead of holding the whole query's rows,
+/// documents and request body at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_of_wide_rows_is_filled_in_pieces_bounded_by_bytes() {
+    let (pg, tansu, dir, db) = pg_and_tansu().await;
+    let es = SearchServer::start().unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb); \
+         INSERT INTO docs SELECT i, jsonb_build_object('t', repeat(md5(i::text), 16384)) \
+         FROM generate_series(1, {WIDE_ROWS}) i"
+    ))
+    .await
+    .unwrap();
+    let es_section = format!(
+        "\n[elasticsearch]\nrun_in_daemon = true\nurl = {:?}\nnumber_of_replicas = 0\n",
+        es.url
+    );
+    let cfg = config(&pg, &tansu, &dir.path().join("state"), &["docs"], "") + &es_section;
+    let mut daemon = crate::support::daemon(dir.path(), &cfg, &[]);
+    let alias = "cdc_public_docs";
+    wait_count(&es, alias, &daemon).await;
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
+
+    delete_serving(&es, alias).await;
+    daemon.peak_rss_kb = 0;
+    daemon.spawn().unwrap();
+    // The sink finds the mirror gone at its next change.
+    db.batch_execute("UPDATE docs SET body = body WHERE id = 1")
+        .await
+        .unwrap();
+    wait_count(&es, alias, &daemon).await;
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(60)).unwrap().code(),
+        Some(0)
+    );
+    let peak_mib = daemon.peak_rss_kb / 1024;
+    eprintln!("peak rss filling {WIDE_ROWS} rows of 512 KiB again: {peak_mib} MiB");
+    assert!(
+        peak_mib < WIDE_FILL_PEAK_MAX_MIB,
+        "peak rss {peak_mib} MiB, more than {WIDE_FILL_PEAK_MAX_MIB} MiB"
+    );
+}
+
+/// Wait until `alias` counts [`WIDE_ROWS`] documents.
+async fn wait_count(es: &SearchServer, alias: &str, daemon: &Daemon) {
+    let url = format!("{}/{alias}/_count", es.url);
+    wait::poll(
+        &format!("{WIDE_ROWS} documents in {alias}"),
+        MIRRORED,
+        Duration::from_millis(200),
+        || async {
+            let now: Value = match reqwest::get(&url).await {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            match now["count"].as_i64() {
+                Some(n) if n == i64::from(WIDE_ROWS) => Poll::Ready(()),
+                _ if !daemon.is_running() => Poll::Abort(daemon.log_tail()),
+                _ => Poll::Pending(format!("{now}\n{}", daemon.log_tail())),
+            }
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// A commit waiting for a synchronous standby is already on Kafka and
@@ -611,7 +690,7 @@ async fn fill_waits_for_a_held_commit(held: Held) {
     .await
     .unwrap();
 
-    delete_serving(&m.es).await;
+    delete_serving(&m.es, ALIAS).await;
     m.db.batch_execute("UPDATE items SET n = 1 WHERE id = 1")
         .await
         .unwrap();
@@ -661,7 +740,7 @@ async fn post(es: &SearchServer, index: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_or_closed_mirror_is_waited_for_not_dead_lettered() {
     let mut m = Mirrored::start().await;
-    let index = serving(&m.es).await;
+    let index = serving(&m.es, ALIAS).await;
 
     // A write block: not ready (naming it) after the default window of 60 s.
     put_settings(&m.es, &index, json!({"index.blocks.write": true})).await;

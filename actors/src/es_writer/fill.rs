@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::bulk::{outcomes, render, Action, Outcome};
 use super::client::EsClient;
@@ -43,9 +43,13 @@ use crate::event::{TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::metrics::metrics;
 use crate::pg::PostgresConfig;
+use crate::snapshot::shape::Pieces;
 use crate::snapshot::{reader, Shape};
 
-/// Rows read and written per request.
+/// Rows read per query. They are written as they arrive, a bulk request
+/// each time `elasticsearch.bulk_max_bytes` of row text was read, so a
+/// query of wide rows is neither held whole nor sent as one request larger
+/// than Elasticsearch takes.
 const CHUNK_ROWS: usize = 1000;
 /// Snapshots tried before rows held by transactions are given up on.
 const MAX_PASSES: usize = 8;
@@ -153,30 +157,36 @@ impl Fill {
                 },
                 None => shape.rows_after(after.as_ref(), CHUNK_ROWS, "xmax::text"),
             };
-            let rows = sql.simple_query(&query).await.map_err(q)?;
-            let tx = TxMeta {
-                xid: 0,
-                commit_lsn: Lsn(snap.lsn),
-                commit_time_us: chrono_now_us(),
-            };
+            let bound = self.es.bulk_max_bytes;
+            let mut pieces = Pieces::start(sql, &query, shape.row_size(), bound)
+                .await
+                .map_err(q)?;
             let mut seq = 0;
-            let events = shape.events(&rows, tx, Lsn(snap.lsn), &mut seq);
-            let xmax = crate::snapshot::shape::trailing_xids(&rows);
-            let mut actions = Vec::with_capacity(events.len());
-            for ((key, event), xmax) in events.iter().zip(xmax) {
-                if let Some(xid8) = snap.running.get(&xmax) {
-                    held.push((key.clone(), xid8.clone()));
-                    continue;
+            while let Some(piece) = pieces.next().await.map_err(q)? {
+                let rows: Vec<_> = piece.into_iter().map(SimpleQueryMessage::Row).collect();
+                let tx = TxMeta {
+                    xid: 0,
+                    commit_lsn: Lsn(snap.lsn),
+                    commit_time_us: chrono_now_us(),
+                };
+                let events = shape.events(&rows, tx, Lsn(snap.lsn), &mut seq);
+                let xmax = crate::snapshot::shape::trailing_xids(&rows);
+                let mut actions = Vec::with_capacity(events.len());
+                for ((key, event), xmax) in events.iter().zip(xmax) {
+                    if let Some(xid8) = snap.running.get(&xmax) {
+                        held.push((key.clone(), xid8.clone()));
+                        continue;
+                    }
+                    actions.extend(self.action(event, snap.lsn));
                 }
-                actions.extend(self.action(event, snap.lsn));
+                written += actions.len() as u64;
+                self.write(actions).await?;
+                if let Some((key, _)) = events.last() {
+                    after = Some(key.clone());
+                }
             }
-            written += actions.len() as u64;
-            self.write(actions).await?;
-            if remaining.is_none() {
-                if events.len() < CHUNK_ROWS {
-                    break;
-                }
-                after = events.last().map(|(k, _)| k.clone());
+            if remaining.is_none() && pieces.read() < CHUNK_ROWS {
+                break;
             }
         }
         sql.batch_execute("COMMIT").await.map_err(q)?;

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use actix::Addr;
+use futures::TryStreamExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::copy::reader;
-use super::shape::Shape;
+use super::shape::{RowSize, Shape};
 use super::watermark::{ChunkOutcome, ChunkRead, Mark, Watermarks, WATERMARK_PREFIX};
 use super::{SnapshotConfig, SnapshotError};
 use crate::checkpoint::{CheckpointActor, TableProgress};
@@ -98,6 +99,8 @@ impl Backfill {
             commit_time_us: 0,
         };
         let mut unsettled = Unsettled::default();
+        let size = shape.row_size();
+        let mut limit = self.cfg.chunk_rows;
         for r in 0..progress.ranges.len() {
             while !progress.ranges[r].done {
                 let Some((id, outcome)) =
@@ -109,12 +112,15 @@ impl Backfill {
                 let before = progress.clone();
                 let chunk = async {
                     self.mark(sql, id, false).await?;
-                    let q = shape.chunk_query(&progress.ranges[r], self.cfg.chunk_rows);
-                    let (rows, unseen) = read_in_snapshot(sql, &q).await?;
+                    let q = shape.chunk_query(&progress.ranges[r], limit);
+                    let bound = Some((&size, self.cfg.chunk_bytes));
+                    let SnapshotRead { rows, unseen, cut } =
+                        read_in_snapshot(sql, &q, bound).await?;
                     fail::fail_point!(crate::wire::failpoint::SNAPSHOT_CHUNK);
                     let keyed = shape.events(&rows, placeholder, Lsn::ZERO, &mut 0);
                     let range = &mut progress.ranges[r];
-                    range.done = keyed.len() < self.cfg.chunk_rows;
+                    range.done = !cut && keyed.len() < limit;
+                    limit = next_limit(limit, cut, keyed.len(), self.cfg.chunk_rows);
                     if let Some((k, _)) = keyed.last() {
                         range.after = Some(k.clone());
                     }
@@ -155,30 +161,71 @@ impl Backfill {
     }
 }
 
-/// Run the chunk query `query` in a snapshot of its own; its rows and the
-/// transactions in progress in that snapshot (which it did not see).
+/// What [`read_in_snapshot`] read.
+pub(super) struct SnapshotRead {
+    /// The rows kept.
+    pub rows: Vec<SimpleQueryMessage>,
+    /// The transactions in progress in the read's snapshot (it did not see them).
+    pub unseen: Vec<u32>,
+    /// Rows past the byte bound were read and dropped.
+    pub cut: bool,
+}
+
+/// Run the chunk query `query` in a snapshot of its own. With `bound`, the
+/// rows after those that reach its bytes (as `RowSize` counts them) are
+/// read and dropped, so a query of wide rows is never held whole.
 pub(super) async fn read_in_snapshot(
     sql: &Client,
     query: &str,
-) -> Result<(Vec<SimpleQueryMessage>, Vec<u32>), tokio_postgres::Error> {
+    bound: Option<(&RowSize, usize)>,
+) -> Result<SnapshotRead, tokio_postgres::Error> {
     let batch = format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT txid_current_snapshot()::text; {query}; COMMIT"
     );
-    let mut rows = match sql.simple_query(&batch).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            let _ = sql.batch_execute("ROLLBACK").await;
-            return Err(e);
+    let read = async {
+        let stream = sql.simple_query_raw(&batch).await?;
+        futures::pin_mut!(stream);
+        let mut read = SnapshotRead {
+            rows: Vec::new(),
+            unseen: Vec::new(),
+            cut: false,
+        };
+        let (mut first, mut bytes) = (true, 0);
+        while let Some(message) = stream.try_next().await? {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            if std::mem::take(&mut first) {
+                read.unseen = in_progress(row.get(0).unwrap_or_default());
+                continue;
+            }
+            if read.cut {
+                continue;
+            }
+            if let Some((size, most)) = bound {
+                bytes += size.of(&row);
+                read.cut = bytes >= most;
+            }
+            read.rows.push(SimpleQueryMessage::Row(row));
         }
+        Ok(read)
     };
-    let first = rows
-        .iter()
-        .position(|m| matches!(m, SimpleQueryMessage::Row(_)));
-    let unseen = match first.map(|i| rows.remove(i)) {
-        Some(SimpleQueryMessage::Row(r)) => in_progress(r.get(0).unwrap_or_default()),
-        _ => Vec::new(),
-    };
-    Ok((rows, unseen))
+    let read = read.await;
+    if read.is_err() {
+        let _ = sql.batch_execute("ROLLBACK").await;
+    }
+    read
+}
+
+/// The row limit of the chunk query after one that asked for `limit` rows
+/// and kept `kept`: as many as fitted the byte bound after a cut, twice as
+/// many (up to `chunk_rows`) after a full chunk below it.
+fn next_limit(limit: usize, cut: bool, kept: usize, chunk_rows: usize) -> usize {
+    match (cut, kept >= limit) {
+        (true, _) => kept.max(1),
+        (false, true) => limit.saturating_mul(2).min(chunk_rows),
+        (false, false) => limit,
+    }
 }
 
 /// The in-progress transactions of a snapshot written as `xmin:xmax:xip,…`
@@ -234,7 +281,18 @@ pub(super) async fn write_mark(
 
 #[cfg(test)]
 mod tests {
-    use super::in_progress;
+    use super::{in_progress, next_limit};
+
+    #[test]
+    fn a_cut_chunk_sets_the_next_limit_to_what_fitted_and_full_chunks_grow_it_back() {
+        assert_eq!(next_limit(2500, true, 16, 2500), 16);
+        assert_eq!(next_limit(16, true, 1, 2500), 1);
+        assert_eq!(next_limit(16, false, 16, 2500), 32);
+        assert_eq!(next_limit(2000, false, 2000, 2500), 2500);
+        assert_eq!(next_limit(2500, false, 2500, 2500), 2500);
+        // The range's last chunk: fewer rows than asked, nothing cut.
+        assert_eq!(next_limit(32, false, 5, 2500), 32);
+    }
 
     #[test]
     fn a_snapshots_in_progress_transactions_are_read_as_stream_xids() {

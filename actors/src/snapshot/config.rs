@@ -47,8 +47,8 @@ pub struct SnapshotConfig {
     pub parallelism: usize,
     /// Rows per chunk: one keyset query, one progress step.
     pub chunk_rows: usize,
-    /// Bytes of row text (as PostgreSQL sends it) at which a chunk is cut
-    /// before `chunk_rows`: the rest of its query comes in further chunks.
+    /// Bytes of row text (as PostgreSQL sends it) at which a chunk ends
+    /// before `chunk_rows`: the rest comes in further chunks.
     pub chunk_bytes: usize,
 }
 

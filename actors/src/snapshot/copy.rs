@@ -4,17 +4,15 @@
 
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryRow};
 
-use super::shape::{lock_partitioned, Shape};
+use super::shape::{lock_partitioned, Pieces, Shape};
 use super::{SnapshotConfig, SnapshotError};
 use crate::checkpoint::{KeyRange, KeyText, TableProgress};
 use crate::event::{CopiedRows, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::quote::quote_literal;
-use crate::pg::types::{Rule, FIXED_TEXT_MAX};
 use crate::pg::{session, PostgresConfig};
 
 /// A SQL connection for reading rows, with the session settings applied.
@@ -163,7 +161,6 @@ async fn copy_range(
         ))
         .await?;
     }
-    let size = RowSize::new(&shape.columns);
     let mut send = |rows: Vec<SimpleQueryRow>, range: &mut KeyRange, done: bool| {
         if !shape.keyless() {
             if let Some(row) = rows.last() {
@@ -202,25 +199,18 @@ async fn copy_range(
         } else {
             shape.chunk_query(&range, cfg.chunk_rows)
         };
-        let stream = sql.simple_query_raw(&q).await?;
-        futures::pin_mut!(stream);
-        let (mut rows, mut bytes, mut read) = (Vec::new(), 0, 0);
-        while let Some(message) = stream.try_next().await? {
-            let SimpleQueryMessage::Row(row) = message else {
-                continue;
-            };
-            bytes += size.of(&row);
-            read += 1;
-            rows.push(row);
-            if bytes >= cfg.chunk_bytes {
-                send(std::mem::take(&mut rows), &mut range, false).await?;
-                bytes = 0;
+        let mut pieces = Pieces::start(sql, &q, shape.row_size(), cfg.chunk_bytes).await?;
+        // One piece is held back: the query's last one ends the range if
+        // the query found fewer than `chunk_rows` rows.
+        let mut held = None;
+        while let Some(piece) = pieces.next().await? {
+            if let Some(rows) = held.replace(piece) {
+                send(rows, &mut range, false).await?;
             }
         }
-        let done = read < cfg.chunk_rows;
-        if done || !rows.is_empty() {
-            send(rows, &mut range, done).await?;
-        }
+        // Without rows, the query found fewer than `chunk_rows`.
+        let done = pieces.read() < cfg.chunk_rows;
+        send(held.unwrap_or_default(), &mut range, done).await?;
         if done {
             break;
         }
@@ -230,31 +220,4 @@ async fn copy_range(
     }
     tracing::debug!(table = %shape.qualified, range = range_ix, rows = copied, "key range copied");
     Ok(copied)
-}
-
-/// The bytes of a table's rows as text: each column of a fixed-size type
-/// counted at its longest text, the others as read.
-struct RowSize {
-    /// What the fixed-size columns count for together.
-    fixed: usize,
-    /// The other columns, whose texts are measured.
-    measured: Vec<usize>,
-}
-
-impl RowSize {
-    fn new(columns: &[(String, Rule)]) -> Self {
-        let fixed = columns.iter().filter(|(_, rule)| rule.fixed_size());
-        Self {
-            fixed: fixed.count() * FIXED_TEXT_MAX,
-            measured: (columns.iter().enumerate())
-                .filter(|(_, (_, rule))| !rule.fixed_size())
-                .map(|(i, _)| i)
-                .collect(),
-        }
-    }
-
-    fn of(&self, row: &SimpleQueryRow) -> usize {
-        let text = |i: usize| row.try_get(i).ok().flatten().map_or(0, str::len);
-        self.fixed + self.measured.iter().map(|&i| text(i)).sum::<usize>()
-    }
 }

@@ -143,8 +143,9 @@ async fn rows_of(
     shape: &Shape,
     keys: &[KeyText],
 ) -> Result<(Vec<SimpleQueryMessage>, Vec<u32>), SnapshotError> {
-    match read_in_snapshot(sql, &shape.keys_query(keys)).await {
-        Ok(read) => Ok(read),
+    // Every row of `keys` is kept: a key not read back counts as deleted.
+    match read_in_snapshot(sql, &shape.keys_query(keys), None).await {
+        Ok(read) => Ok((read.rows, read.unseen)),
         Err(e) if e.as_db_error().is_some() && keys.len() > 1 => {
             let (mut rows, mut unseen) = (Vec::new(), Vec::new());
             for k in keys {

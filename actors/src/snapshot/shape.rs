@@ -2,10 +2,12 @@
 //! built from it: keyset chunk queries, key-range splits, rows to events.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::TryStreamExt;
 use serde_json::{Map, Value};
-use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow, SimpleQueryStream};
 
 use super::SnapshotError;
 use crate::checkpoint::{KeyRange, KeyText};
@@ -13,7 +15,7 @@ use crate::event::{ChangeEvent, KeySource, Op, Row, TableRef, TxMeta};
 use crate::lsn::Lsn;
 use crate::pg::catalog;
 use crate::pg::quote::{qualified, quote_ident, quote_literal};
-use crate::pg::types::{self, Rule, TypeMap};
+use crate::pg::types::{self, Rule, TypeMap, FIXED_TEXT_MAX};
 use crate::pg::values::{hex_bytes, render};
 
 /// A table estimated below this many chunks is copied as one range: splitting
@@ -232,6 +234,11 @@ impl Shape {
     /// primary key): it can only be copied whole, in one pass, and not backfilled by key.
     pub fn keyless(&self) -> bool {
         self.keyless
+    }
+
+    /// How the chunk cuts count the bytes of this table's rows.
+    pub(crate) fn row_size(&self) -> RowSize {
+        RowSize::new(&self.columns)
     }
 
     fn key_list(&self) -> String {
@@ -554,6 +561,89 @@ pub(crate) fn cell(row: &SimpleQueryRow, i: usize, raw: bool) -> Option<Cow<'_, 
         }
     }
     Some(Cow::Borrowed(text.as_bytes()))
+}
+
+/// The bytes of a table's rows as text: each column of a fixed-size type
+/// counted at its longest text, the others as read.
+pub(crate) struct RowSize {
+    /// What the fixed-size columns count for together.
+    fixed: usize,
+    /// The other columns, whose texts are measured.
+    measured: Vec<usize>,
+}
+
+impl RowSize {
+    fn new(columns: &[(String, Rule)]) -> Self {
+        let fixed = columns.iter().filter(|(_, rule)| rule.fixed_size());
+        Self {
+            fixed: fixed.count() * FIXED_TEXT_MAX,
+            measured: (columns.iter().enumerate())
+                .filter(|(_, (_, rule))| !rule.fixed_size())
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
+    pub(crate) fn of(&self, row: &SimpleQueryRow) -> usize {
+        let text = |i: usize| row.try_get(i).ok().flatten().map_or(0, str::len);
+        self.fixed + self.measured.iter().map(|&i| text(i)).sum::<usize>()
+    }
+}
+
+/// A query's rows, handed out as they arrive in pieces that end at the row
+/// reaching `bound` bytes (as [`RowSize`] counts them). While a piece is
+/// being used, the rest waits in PostgreSQL's socket.
+pub(crate) struct Pieces {
+    stream: Pin<Box<SimpleQueryStream>>,
+    size: RowSize,
+    bound: usize,
+    /// Rows handed out so far.
+    read: usize,
+    /// The query ended (its stream may not be polled again).
+    ended: bool,
+}
+
+impl Pieces {
+    /// Send `query` (a single statement) and read its rows in pieces.
+    pub(crate) async fn start(
+        sql: &Client,
+        query: &str,
+        size: RowSize,
+        bound: usize,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let stream = Box::pin(sql.simple_query_raw(query).await?);
+        Ok(Self {
+            stream,
+            size,
+            bound,
+            read: 0,
+            ended: false,
+        })
+    }
+
+    /// The next piece; `None` once every row was handed out.
+    pub(crate) async fn next(
+        &mut self,
+    ) -> Result<Option<Vec<SimpleQueryRow>>, tokio_postgres::Error> {
+        let (mut rows, mut bytes) = (Vec::new(), 0);
+        while !self.ended && bytes < self.bound {
+            match self.stream.try_next().await? {
+                Some(SimpleQueryMessage::Row(row)) => {
+                    bytes += self.size.of(&row);
+                    rows.push(row);
+                }
+                Some(_) => {}
+                None => self.ended = true,
+            }
+        }
+        self.read += rows.len();
+        Ok((!rows.is_empty()).then_some(rows))
+    }
+
+    /// Rows handed out so far.
+    pub(crate) fn read(&self) -> usize {
+        self.read
+    }
 }
 
 /// The key ranges between consecutive `bounds`: from the start up to the
