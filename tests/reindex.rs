@@ -3,8 +3,9 @@
 //! mapping cannot follow (a column added with a default, a column's type,
 //! the key) are met with a new index filled beside the old one, while a reader polls
 //! the alias every 50 ms and never sees a 404, a half-filled index or a row
-//! going back; a mirror whose index is deleted is filled again, and one
-//! blocked for writes or closed is waited for.
+//! going back; a mirror whose index is deleted is filled again (a mirror of
+//! wide rows in requests bounded by bytes), and one blocked for writes or
+//! closed is waited for.
 
 #![allow(clippy::unwrap_used)]
 

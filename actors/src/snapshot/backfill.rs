@@ -167,7 +167,8 @@ pub(super) struct SnapshotRead {
     pub rows: Vec<SimpleQueryMessage>,
     /// The transactions in progress in the read's snapshot (it did not see them).
     pub unseen: Vec<u32>,
-    /// Rows past the byte bound were read and dropped.
+    /// The rows kept reached the byte bound: any after them were read and
+    /// dropped.
     pub cut: bool,
 }
 
