@@ -62,6 +62,11 @@ impl SearchServer {
         Ok(SearchServer { child, url })
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Freeze (`STOP`) or thaw (`CONT`) the server process.
     pub fn signal(&self, signal: &str) -> Result<()> {
         crate::signal(self.child.id(), signal)
