@@ -1,6 +1,7 @@
 //! Pure planning of Elasticsearch writes from change records, and
 //! classification of `_bulk` responses. No I/O here.
 
+use serde::Deserialize;
 use serde_json::error::Category;
 use serde_json::{json, Map, Value};
 
@@ -265,7 +266,7 @@ fn current_action(
             let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms, "xid": env.source.tx_id});
             doc.insert("_cdc".into(), cdc);
             let meta = versioned_meta("index", index, id, lsn, true);
-            let text = Value::Object(doc.clone()).to_string();
+            let text = serde_json::to_string(&doc).expect("a JSON map serializes");
             // Unchanged TOAST columns were not sent: they are taken from the
             // stored document before the (still versioned) write.
             let merge = (!env.unchanged_toast.is_empty()).then(|| {
@@ -402,32 +403,75 @@ pub enum Outcome {
     NoIndex(String),
 }
 
+/// A `_bulk` response as the sink reads it: each item's status and error.
+/// The rest of each item (index, id, version, shards) is skipped unkept:
+/// read into a [`Value`], a response of 1,000 items cost more CPU than
+/// rendering its request.
+#[derive(Debug, Deserialize)]
+pub struct BulkResponse {
+    items: Vec<BulkItem>,
+}
+
+/// One item of a `_bulk` response: the result under its action's name.
+#[derive(Debug, Deserialize)]
+struct BulkItem {
+    index: Option<ItemResult>,
+    create: Option<ItemResult>,
+    update: Option<ItemResult>,
+    delete: Option<ItemResult>,
+}
+
+/// What Elasticsearch says of one item.
+#[derive(Debug, Default, Deserialize)]
+struct ItemResult {
+    /// [`NO_STATUS`] when absent or not a number.
+    #[serde(default, deserialize_with = "lenient_status")]
+    status: u64,
+    #[serde(default)]
+    error: Value,
+}
+
+/// An item's status, or [`NO_STATUS`] for anything but an integer.
+fn lenient_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Value::deserialize(d)?.as_u64().unwrap_or(NO_STATUS))
+}
+
+impl BulkItem {
+    /// The item's action and result (none if it names no known action).
+    fn result(&self) -> (&'static str, Option<&ItemResult>) {
+        [
+            ("index", &self.index),
+            ("create", &self.create),
+            ("update", &self.update),
+            ("delete", &self.delete),
+        ]
+        .into_iter()
+        .find_map(|(action, r)| r.as_ref().map(|r| (action, Some(r))))
+        .unwrap_or(("", None))
+    }
+}
+
 /// Classify every item of a `_bulk` response with `n` actions.
-pub fn outcomes(resp: &Value, n: usize) -> Result<Vec<Outcome>, String> {
-    let items = resp["items"]
-        .as_array()
-        .ok_or("bulk response without items")?;
+pub fn outcomes(resp: &BulkResponse, n: usize) -> Result<Vec<Outcome>, String> {
+    let items = &resp.items;
     if items.len() != n {
         return Err(format!(
             "bulk response has {} items for {n} actions",
             items.len()
         ));
     }
+    let unanswered = ItemResult::default();
     Ok(items
         .iter()
         .map(|item| {
-            let (action, body) = item
-                .as_object()
-                .and_then(|o| o.iter().next())
-                .map_or(("", &Value::Null), |(k, v)| (k.as_str(), v));
-            let status = body["status"].as_u64().unwrap_or(0);
-            let reason = || body["error"].to_string();
-            match status {
+            let (action, result) = item.result();
+            let body = result.unwrap_or(&unanswered);
+            let reason = || body.error.to_string();
+            let kind = &body.error["type"];
+            match body.status {
                 200..=299 => Outcome::Done,
-                _ if BLOCKED.iter().any(|b| body["error"]["type"] == *b) => {
-                    Outcome::Retry(reason())
-                }
-                NOT_FOUND if body["error"]["type"] == INDEX_NOT_FOUND => Outcome::NoIndex(reason()),
+                _ if BLOCKED.iter().any(|b| kind == *b) => Outcome::Retry(reason()),
+                NOT_FOUND if kind == INDEX_NOT_FOUND => Outcome::NoIndex(reason()),
                 NOT_FOUND if action == "delete" => Outcome::Done,
                 CONFLICT => Outcome::Conflict,
                 NO_STATUS => Outcome::Unanswered,
@@ -732,6 +776,7 @@ mod tests {
             {"index": {"status": 404, "error": {"type": "index_not_found_exception"}}},
             {"index": {"status": 403, "error": {"type": "cluster_block_exception"}}},
             {"index": {"status": 400, "error": {"type": "index_closed_exception"}}}]});
+        let resp: BulkResponse = serde_json::from_value(resp).unwrap();
         let o = outcomes(&resp, 9).unwrap();
         assert_eq!(o[0], Outcome::Done);
         assert_eq!(o[1], Outcome::Conflict);
@@ -743,6 +788,20 @@ mod tests {
         assert!(matches!(&o[7], Outcome::Retry(r) if r.contains("cluster_block")));
         assert!(matches!(&o[8], Outcome::Retry(r) if r.contains("index_closed")));
         assert!(outcomes(&resp, 5).is_err());
+    }
+
+    #[test]
+    fn bulk_items_without_a_numeric_status_are_unanswered() {
+        let resp = json!({"took": 3, "errors": false, "items": [
+            {"index": {"_index": "cdc_public_users~1", "_id": "7", "_version": 500, "result": "created",
+                       "_shards": {"total": 1, "successful": 1, "failed": 0}, "_seq_no": 0, "_primary_term": 1, "status": 201}},
+            {"index": {"_id": "8"}}, {"index": {"status": "201"}}, {"frobnicate": {"status": 201}}, {}]});
+        let resp: BulkResponse = serde_json::from_value(resp).unwrap();
+        let o = outcomes(&resp, 5).unwrap();
+        assert_eq!(o[0], Outcome::Done);
+        assert!(o[1..].iter().all(|o| *o == Outcome::Unanswered), "{o:?}");
+        let no_items = serde_json::from_value::<BulkResponse>(json!({"took": 3, "errors": false}));
+        assert!(no_items.is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Map, Value};
 
+use super::bulk::BulkResponse;
 use super::config::EsConfig;
 use super::merge::{DocRef, Stored};
 use super::naming::path_segment;
@@ -161,8 +162,8 @@ impl EsClient {
         }
     }
 
-    /// POST `_bulk`; returns the parsed body, or the HTTP status for a whole-request failure.
-    pub async fn bulk(&self, body: String) -> Result<Value, EsError> {
+    /// POST `_bulk`; returns each item's status and error, or the HTTP status for a whole-request failure.
+    pub async fn bulk(&self, body: String) -> Result<BulkResponse, EsError> {
         let resp = self
             .request(reqwest::Method::POST, "_bulk")
             .header(CONTENT_TYPE, "application/x-ndjson")
