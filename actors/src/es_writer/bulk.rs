@@ -404,9 +404,9 @@ pub enum Outcome {
 }
 
 /// A `_bulk` response as the sink reads it: each item's status and error.
-/// The rest of each item (index, id, version, shards) is skipped unkept:
-/// read into a [`Value`], a response of 1,000 items cost more CPU than
-/// rendering its request.
+/// The rest of each item (index, id, version, shards) is skipped, not kept:
+/// parsed whole into a [`Value`], a response of 1,000 items cost the sink
+/// more CPU than rendering its request.
 #[derive(Debug, Deserialize)]
 pub struct BulkResponse {
     items: Vec<BulkItem>,
@@ -427,6 +427,7 @@ struct ItemResult {
     /// [`NO_STATUS`] when absent or not a number.
     #[serde(default, deserialize_with = "lenient_status")]
     status: u64,
+    /// Why the item failed; `null` if it did not.
     #[serde(default)]
     error: Value,
 }
