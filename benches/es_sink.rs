@@ -61,6 +61,26 @@ async fn count(http: &reqwest::Client, url: &str, index: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The highest commit LSN the sink's `/metrics` page says it applied to
+/// the bench table, once it is at least `at_least`; aborts if the sink exited.
+async fn applied_lsn(sink: &Daemon, metrics: &str, at_least: u64) -> Poll<u64> {
+    if !sink.is_running() {
+        return Poll::Abort(format!("sink exited:\n{}", sink.log_text()));
+    }
+    let page = match reqwest::get(metrics).await {
+        Ok(resp) => resp.text().await.unwrap_or_default(),
+        Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
+    };
+    let lsn = page
+        .lines()
+        .find_map(|l| l.strip_prefix("pgcdc_es_applied_lsn{table=\"public.bench\"}"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match lsn {
+        Some(lsn) if lsn >= at_least => Poll::Ready(lsn),
+        _ => Poll::Pending(format!("applied {lsn:?}, waiting for {at_least}")),
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events: u64 = std::env::var("ES_SINK_BENCH_EVENTS")
@@ -198,42 +218,20 @@ async fn main() {
     // at the first batch applied: the broker holds a new group's first
     // join a while (tansu half the session timeout, Kafka
     // `group.initial.rebalance.delay.ms`), which is not the sink's pace.
-    let applied = "pgcdc_es_applied_lsn{table=\"public.bench\"}";
-    let first_lsn: u64 = wait::poll(
+    let first_lsn = wait::poll(
         "the sink's first batch applied",
         TIMEOUT,
         wait::EVERY,
-        || async {
-            let page = match reqwest::get(&metrics).await {
-                Ok(resp) => resp.text().await.unwrap_or_default(),
-                Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
-            };
-            let lsn = page
-                .lines()
-                .find_map(|l| l.strip_prefix(applied))
-                .and_then(|v| v.trim().parse().ok());
-            Poll::when(lsn.is_some(), lsn.unwrap_or(0), || {
-                format!("no `{applied}` yet")
-            })
-        },
+        || applied_lsn(&sink, &metrics, 0),
     )
     .await
     .unwrap();
     let started = t0.elapsed().as_secs_f64();
     // Documents written by then (record i has commit LSN 1000 + i).
     let first_docs = first_lsn + 1 - 1000;
-    let last = format!("{applied} {}", 1000 + events - 1);
-    wait::poll("the sink's last record applied", TIMEOUT, every, || async {
-        if !sink.is_running() {
-            return Poll::Abort(format!("sink exited:\n{}", sink.log_text()));
-        }
-        let page = match reqwest::get(&metrics).await {
-            Ok(resp) => resp.text().await.unwrap_or_default(),
-            Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
-        };
-        Poll::when(page.lines().any(|l| l == last), (), || {
-            format!("no `{last}` yet")
-        })
+    let last = 1000 + events - 1;
+    wait::poll("the sink's last record applied", TIMEOUT, every, || {
+        applied_lsn(&sink, &metrics, last)
     })
     .await
     .unwrap();

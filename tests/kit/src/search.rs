@@ -69,7 +69,7 @@ impl SearchServer {
 
     /// Freeze (`STOP`) or thaw (`CONT`) the server process.
     pub fn signal(&self, signal: &str) -> Result<()> {
-        crate::signal(self.child.id(), signal)
+        crate::signal(self.pid(), signal)
     }
 
     /// Every document of `index` (none if it does not exist).
