@@ -346,6 +346,11 @@ async fn main() {
     let pid = daemon.pid().unwrap();
     let cpu_before = bench::cpu_secs(pid, false);
     let (pg_before, tansu_before) = (bench::pg_cpu_secs(&pg), bench::cpu_secs(tansu.pid(), false));
+    let search_cpu = || {
+        es.as_ref()
+            .map_or(0.0, |es| bench::cpu_secs(es.pid(), false))
+    };
+    let search_before = search_cpu();
     let probes = Arc::new(Mutex::new(HashMap::new()));
     let done = Arc::new(AtomicBool::new(false));
     let (ready, is_ready) = std::sync::mpsc::channel();
@@ -373,6 +378,7 @@ async fn main() {
     let cpu = bench::cpu_secs(pid, false) - cpu_before;
     let pg_cpu = bench::pg_cpu_secs(&pg) - pg_before;
     let tansu_cpu = bench::cpu_secs(tansu.pid(), false) - tansu_before;
+    let search_cpu = search_cpu() - search_before;
     let elapsed = started.elapsed().as_secs_f64();
     // pgcdc's own figure, once every row written is acknowledged.
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
@@ -442,7 +448,7 @@ async fn main() {
         "pgcdc CPU µs per transaction: {:.1}",
         cpu * 1e6 / written as f64
     );
-    println!("CPU seconds meanwhile: pgcdc {cpu:.1}, PostgreSQL (writer's backend included) {pg_cpu:.1}, tansu {tansu_cpu:.1} in {elapsed:.1} s");
+    println!("CPU seconds meanwhile: pgcdc {cpu:.1}, PostgreSQL (writer's backend included) {pg_cpu:.1}, tansu {tansu_cpu:.1}, osmem-server {search_cpu:.1} in {elapsed:.1} s");
     let at = format!("{achieved:.0} commits/s");
     bench::figure(
         "p99 commit -> Kafka ack (ms)",
