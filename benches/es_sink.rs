@@ -71,10 +71,8 @@ async fn applied_lsn(sink: &Daemon, metrics: &str, at_least: u64) -> Poll<u64> {
         Ok(resp) => resp.text().await.unwrap_or_default(),
         Err(e) => return Poll::Pending(format!("{metrics}: {e}")),
     };
-    let lsn = page
-        .lines()
-        .find_map(|l| l.strip_prefix("pgcdc_es_applied_lsn{table=\"public.bench\"}"))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let lsn =
+        bench::sample(&page, "pgcdc_es_applied_lsn{table=\"public.bench\"}").map(|v| v as u64);
     match lsn {
         Some(lsn) if lsn >= at_least => Poll::Ready(lsn),
         _ => Poll::Pending(format!("applied {lsn:?}, waiting for {at_least}")),

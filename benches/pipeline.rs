@@ -91,7 +91,7 @@ async fn drain_with_pgcdc(
                 Ok(r) => r.text().await.unwrap_or_default(),
                 Err(e) => return Poll::Pending(format!("{page}: {e}")),
             };
-            let at = counter(&text, CHECKPOINTED) as i64;
+            let at = bench::sample(&text, CHECKPOINTED).unwrap_or(0.0) as i64;
             Poll::when(at >= end, text, || format!("checkpointed {at} of {end}"))
         },
     )
@@ -176,13 +176,6 @@ fn cpu_split(d: &Drained) -> String {
     )
 }
 
-/// The value of counter `name` in a Prometheus text page.
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The table of both drains: (rate, seconds) of `pg_recvlogical` and of pgcdc.
 fn print_rates(unit: &str, recv: (f64, f64), pgcdc: (f64, f64)) {
     println!("{:<44} {:>12} {:>10}", "", unit, "seconds");
@@ -237,7 +230,7 @@ async fn small_transactions(
     let end_at = async { end_num };
     let drained = drain_with_pgcdc((pg, tansu), dir.path(), &cfg, db, "small", end_at).await;
     let (secs, cpu) = (drained.secs, drained.cpu_secs);
-    let writes = counter(&drained.metrics, "pgcdc_checkpoint_writes_total");
+    let writes = bench::sample(&drained.metrics, "pgcdc_checkpoint_writes_total").unwrap_or(0.0);
     let recv_second = recvlogical(pg, recv, "small_recv2", "small", &end);
     let recv_secs = recv_first.min(recv_second);
     let (rate, recv_rate) = (SMALL_TXS as f64 / secs, SMALL_TXS as f64 / recv_secs);

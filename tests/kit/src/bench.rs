@@ -50,6 +50,13 @@ pub fn figure(figure: &str, pgcdc: &str, baseline: &str, judged: f64, target: Ta
     println!("BENCH\t{figure}\t{pgcdc}\t{baseline}\t{judged:.2}\t{target}\t{met}");
 }
 
+/// The value of sample `name` (with its labels, as `/metrics` writes them:
+/// `pgcdc_lsn{position="confirmed"}`) in the `/metrics` page `text`.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// The `q` quantile of the label-less Prometheus histogram `metric` in the
 /// `/metrics` page `text`, as the upper bound of the first bucket that holds
 /// it (so at most that), and the number of observations; `None` without
@@ -184,4 +191,18 @@ pub fn pg_children(pg: &PgCluster) -> Vec<u32> {
             (ppid == parent).then_some(pid)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_read_by_its_whole_name_and_labels() {
+        let page = "pgcdc_lsn{position=\"received\"} 7\npgcdc_lsn{position=\"confirmed\"} 5\npgcdc_checkpoint_writes_total_x 9\npgcdc_checkpoint_writes_total 3\n";
+        assert_eq!(sample(page, "pgcdc_lsn{position=\"confirmed\"}"), Some(5.0));
+        assert_eq!(sample(page, "pgcdc_checkpoint_writes_total"), Some(3.0));
+        assert_eq!(sample(page, "pgcdc_lsn"), None);
+        assert_eq!(sample(page, "pgcdc_missing"), None);
+    }
 }
