@@ -238,31 +238,31 @@ pub fn plan(cfg: &EsConfig, key: Option<&[u8]>, value: Option<&[u8]>, origin: us
         return Planned::Poison("record key is not a json object of the primary key".into());
     };
     let id = doc_id(&key);
-    let mut actions = Vec::with_capacity(2);
-    match current_action(&env, &index, (&id, &key), origin) {
-        Some(action) => actions.push(action),
-        None => return Planned::Poison(format!("op {:?} without an after image", env.op)),
+    // The history entry first: the mirror's write takes the row out of `env`.
+    let history = cfg
+        .history
+        .then(|| history_action(&env, &index, key.clone(), origin));
+    match current_action(env, &index, (&id, &key), origin) {
+        Ok(current) => Planned::Actions([current].into_iter().chain(history).collect()),
+        Err(reason) => Planned::Poison(reason),
     }
-    if cfg.history {
-        actions.push(history_action(&env, &index, key, origin));
-    }
-    Planned::Actions(actions)
 }
 
 /// The write that keeps the mirror index current: a versioned delete, a
-/// versioned index, or (unchanged TOAST columns) a merge; `None` when the op
-/// needs an after image and has none, or is unknown.
+/// versioned index, or (unchanged TOAST columns) a merge; why not (a dead
+/// letter's reason) when the op needs an after image and has none, or is
+/// unknown.
 fn current_action(
-    env: &ReadEnvelope,
+    mut env: ReadEnvelope,
     index: &str,
     (id, key): (&str, &Map<String, Value>),
     origin: usize,
-) -> Option<Action> {
+) -> Result<Action, String> {
     let (lsn, seq) = (env.source.commit_lsn, env.source.seq);
-    let (meta, doc) = match (&*env.op, &env.after) {
+    let (meta, doc) = match (&*env.op, env.after.take()) {
         ("d", _) => (versioned_meta("delete", index, id, lsn, true), None),
         ("c" | "u" | "r", Some(after)) => {
-            let mut doc = fields(after.clone());
+            let mut doc = fields(after);
             let cdc = json!({"op": env.op, "lsn": lsn, "seq": seq, "ts_ms": env.source.ts_ms, "xid": env.source.tx_id});
             doc.insert("_cdc".into(), cdc);
             let meta = versioned_meta("index", index, id, lsn, true);
@@ -284,15 +284,15 @@ fn current_action(
                     key,
                 })
             });
-            return Some(Action {
+            return Ok(Action {
                 merge,
                 via_alias: true,
                 ..action(index, id, (lsn, seq), origin, meta, Some(text))
             });
         }
-        _ => return None,
+        _ => return Err(format!("op {:?} without an after image", env.op)),
     };
-    Some(Action {
+    Ok(Action {
         via_alias: true,
         ..action(index, id, (lsn, seq), origin, meta, doc)
     })
@@ -766,6 +766,20 @@ mod tests {
             plan(&cfg(false), None, Some(&envelope("c", json!({"id": 1}))), 0),
             Planned::Poison(_)
         ));
+        // An upsert without its row, or an unknown op, with or without history.
+        for (op, history) in [("u", false), ("c", true), ("x", false), ("x", true)] {
+            let p = plan(
+                &cfg(history),
+                Some(br#"{"id":7}"#),
+                Some(&envelope(op, Value::Null)),
+                0,
+            );
+            assert_eq!(
+                p,
+                Planned::Poison(format!("op {op:?} without an after image")),
+                "{op} {history}"
+            );
+        }
     }
 
     #[test]
