@@ -137,7 +137,7 @@ async fn main() {
     }
 
     // Baseline: pre-built NDJSON, equal-size bulk requests, one at a time.
-    let bodies: Vec<String> = (0..events)
+    let bodies: Vec<bytes::Bytes> = (0..events)
         .collect::<Vec<_>>()
         .chunks(BULK)
         .map(|chunk| {
@@ -150,7 +150,7 @@ async fn main() {
                 body.push_str(&mirror_doc(*i).to_string());
                 body.push('\n');
             }
-            body
+            body.into()
         })
         .collect();
 
@@ -166,11 +166,11 @@ async fn main() {
     let (plain, plain_server_cpu) = *plains.iter().min_by(|a, b| a.0.total_cmp(&b.0)).unwrap();
     let best = sinks
         .iter()
-        .max_by(|a, b| a.steady().total_cmp(&b.steady()))
+        .max_by(|a, b| a.steady.total_cmp(&b.steady))
         .unwrap();
 
     let plain_rate = events as f64 / plain;
-    let steady = best.steady();
+    let steady = best.steady;
     println!();
     println!(
         "{events} documents into osmem-server on this machine, {ROUNDS} runs of each side in turn:"
@@ -193,7 +193,7 @@ async fn main() {
             "{:<68} {:>10} {:>9.2}",
             "  of which start-up, until its first batch was written", "-", s.started
         );
-        line("  after its first batch", s.steady(), s.secs - s.started);
+        line("  after its first batch", s.steady, s.secs - s.started);
         println!(
             "  CPU seconds: plain run osmem-server {:.1}; sink run pgcdc {:.1}, osmem-server {:.1}, tansu {:.1}",
             p.1, s.cpu, s.server_cpu, s.tansu_cpu
@@ -219,7 +219,7 @@ async fn main() {
 
 /// Post `bodies` to a fresh server, one request at a time, until a count
 /// finds every document: the seconds it took and the server's CPU seconds.
-async fn plain_run(http: &reqwest::Client, bodies: &[String], events: u64) -> (f64, f64) {
+async fn plain_run(http: &reqwest::Client, bodies: &[bytes::Bytes], events: u64) -> (f64, f64) {
     let es = SearchServer::start().unwrap();
     // The mapping the sink gives its mirror index.
     let es_config = EsConfig {
@@ -258,22 +258,13 @@ struct SinkRun {
     secs: f64,
     /// From its start until its first batch was applied.
     started: f64,
-    /// Documents written by then.
-    first_docs: u64,
-    /// All documents.
-    events: u64,
+    /// The sink's pace once it writes: the documents after its first batch
+    /// over the time after it.
+    steady: f64,
     /// CPU seconds of the sink, the search server and tansu.
     cpu: f64,
     server_cpu: f64,
     tansu_cpu: f64,
-}
-
-impl SinkRun {
-    /// The sink's pace once it writes: the documents after its first batch
-    /// over the time after it.
-    fn steady(&self) -> f64 {
-        (self.events - self.first_docs) as f64 / (self.secs - self.started)
-    }
 }
 
 /// Run the sink (consumer group `bench-<round>`, so each run reads every
@@ -345,8 +336,7 @@ async fn sink_run(
     let run = SinkRun {
         secs,
         started,
-        first_docs,
-        events,
+        steady: (events - first_docs) as f64 / (secs - started),
         cpu,
         server_cpu: bench::cpu_secs(es.pid(), false) - server_cpu,
         tansu_cpu: bench::cpu_secs(tansu.pid(), false) - tansu_cpu,
